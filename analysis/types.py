@@ -1,0 +1,138 @@
+"""Value types of the analysis contract.
+
+These names are public and stable: benchmarks, the controller, the records and the reports
+all depend on them (see DESIGN.md, "The analysis contract"). Everything here is immutable
+and validated on construction, so a bad number is caught where it enters, with the name of
+the field, and never deep inside a test statistic.
+"""
+
+from __future__ import annotations
+
+import math
+from enum import StrEnum
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = ["ArmCounts", "Decision", "MetricResult", "Snapshot", "Verdict"]
+
+
+class Decision(StrEnum):
+    CONTINUE = "continue"
+    PASS = "pass"
+    FAIL = "fail"
+
+
+def _check_count(name: str, value: float) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"{name} must be a number, got a bool")
+    if math.isnan(value):
+        raise ValueError(f"{name} is NaN")
+    if math.isinf(value):
+        raise ValueError(f"{name} is infinite")
+    if value < 0:
+        raise ValueError(f"{name} is negative ({value})")
+    return float(value)
+
+
+class ArmCounts(BaseModel):
+    """Cumulative counters of one arm since the analysis began.
+
+    Counts are floats because Prometheus' `increase()` extrapolates and returns
+    non-integers; the tests treat them as counts all the same.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    requests: float
+    errors: float = 0.0
+    # Prometheus cumulative `le` buckets: upper bound in seconds -> requests at or below it.
+    latency_buckets: dict[float, float] = Field(default_factory=dict)
+
+    @field_validator("requests", "errors", mode="before")
+    @classmethod
+    def _finite_non_negative(cls, value: Any, info: Any) -> float:
+        if not isinstance(value, int | float):
+            raise ValueError(f"{info.field_name} must be a number, got {type(value).__name__}")
+        return _check_count(info.field_name, value)
+
+    @field_validator("latency_buckets", mode="before")
+    @classmethod
+    def _buckets(cls, value: Any) -> dict[float, float]:
+        if not isinstance(value, dict):
+            raise ValueError("latency_buckets must be a mapping of le -> count")
+        out: dict[float, float] = {}
+        for le, count in value.items():
+            bound = float(le)
+            if math.isnan(bound) or bound < 0:
+                raise ValueError(f"latency_buckets has an invalid bound le={le!r}")
+            if not isinstance(count, int | float):
+                raise ValueError(f"latency_buckets[le={le}] must be a number")
+            out[bound] = _check_count(f"latency_buckets[le={le}]", count)
+        return dict(sorted(out.items()))
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ArmCounts:
+        if self.errors > self.requests:
+            raise ValueError(f"errors ({self.errors}) > requests ({self.requests})")
+        return self
+
+
+class Snapshot(BaseModel):
+    """What both arms have counted since the analysis began, at `elapsed_s` seconds."""
+
+    model_config = ConfigDict(frozen=True)
+
+    elapsed_s: float
+    primary: ArmCounts
+    canary: ArmCounts
+
+    @field_validator("elapsed_s", mode="before")
+    @classmethod
+    def _elapsed(cls, value: Any) -> float:
+        if not isinstance(value, int | float):
+            raise ValueError("elapsed_s must be a number")
+        return _check_count("elapsed_s", value)
+
+
+class MetricResult(BaseModel):
+    """One metric's state after an observation: the numbers a report needs.
+
+    `estimate`, `lower` and `upper` are on the ratio scale canary/primary (1.0 means equal),
+    except where `scale` says otherwise. `lower`/`upper` form an anytime-valid confidence
+    sequence at the metric's share of alpha; None until there is data to bound anything.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str  # e.g. "errors", "latency_p50", "latency_p99"
+    decision: Decision
+    critical: bool
+    test: str  # the test used, readable: "conditional Poisson mixture SPRT"
+    scale: str = "ratio"  # what estimate/lower/upper measure
+    estimate: float | None = None
+    lower: float | None = None
+    upper: float | None = None
+    tolerance: float  # the metric passes while upper <= 1 + tolerance, fails once lower > 1 + tolerance
+    alpha: float  # this metric's share of the analysis alpha
+    e_value_fail: float = 1.0  # evidence for a regression; fail at >= 1/alpha
+    e_value_pass: float = 1.0  # evidence for "within tolerance"; pass at >= 1/alpha
+    samples_primary: float = 0.0  # the units the test counts (requests, or events)
+    samples_canary: float = 0.0
+    events_primary: float = 0.0  # errors, or requests slower than the threshold
+    events_canary: float = 0.0
+    threshold_s: float | None = None  # latency metrics: the bucket bound compared
+    reason: str = ""
+    extra: dict[str, float] = Field(default_factory=dict)
+
+
+class Verdict(BaseModel):
+    """The analysis' answer to one observation."""
+
+    model_config = ConfigDict(frozen=True)
+
+    decision: Decision
+    reasons: list[str]  # one readable line per metric, plus notes (e.g. counter resets)
+    metrics: dict[str, MetricResult]
+    elapsed_s: float
+    notes: list[str] = Field(default_factory=list)
