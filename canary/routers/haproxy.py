@@ -1,0 +1,202 @@
+"""HAProxy as a TrafficRouter, over the runtime API on its admin unix socket.
+
+This is how services on hosts or VMs are split (topology 3), and how the demo splits.
+The runtime API is used in its non-interactive form: one connection per command, the server
+answers and closes. That avoids prompt parsing and leaves no half-read stream behind after
+a timeout.
+
+- `set weight <backend>/<server> <w>` on both servers: primary 100-p, canary p. The server
+  whose new weight is larger is set first, so the backend never has every server at weight
+  0 between the two commands (weight 0 is valid: drained, no new requests).
+- `show servers state <backend>` is read back; columns are found by name from its header,
+  after the format version line, because HAProxy adds columns between versions.
+- HAProxy answers an accepted command with a bare newline. Anything else is its error
+  message, raised as RouterRejected carrying that text. A missing socket, a refused
+  connection or a timeout is RouterUnreachable.
+- After each accepted weight, `show servers state` is written to the server-state file
+  (`server-state-file` + `load-server-state-from-file global`), so a reload keeps weights.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from pathlib import Path
+
+from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
+
+__all__ = ["HAProxyRouter", "parse_servers_state", "runtime_command", "save_server_state"]
+
+_MAX_ANSWER = 16 * 1024 * 1024
+
+
+async def runtime_command(socket_path: str | Path, command: str, *, timeout_s: float = 5.0) -> str:
+    """Send one command to HAProxy's runtime API and return its whole answer.
+
+    Raises RouterUnreachable when the socket is missing, refuses, or does not answer in time.
+    """
+    if "\n" in command or ";" in command:
+        # A newline or ';' would smuggle a second command into the same connection.
+        raise ValueError(f"one runtime command at a time, without ';' or newlines: {command!r}")
+    path = str(socket_path)
+    try:
+        async with asyncio.timeout(timeout_s):
+            reader, writer = await asyncio.open_unix_connection(path, limit=_MAX_ANSWER)
+            try:
+                writer.write(command.encode() + b"\n")
+                await writer.drain()
+                data = await reader.read(-1)
+            finally:
+                writer.close()
+                with contextlib.suppress(OSError):
+                    await writer.wait_closed()
+    except TimeoutError as exc:
+        raise RouterUnreachable(
+            f"HAProxy admin socket {path}: no answer to {command!r} within {timeout_s:g}s"
+        ) from exc
+    except FileNotFoundError as exc:
+        raise RouterUnreachable(f"HAProxy admin socket {path} does not exist") from exc
+    except OSError as exc:
+        raise RouterUnreachable(f"HAProxy admin socket {path}: {exc.strerror or exc}") from exc
+    return data.decode(errors="replace")
+
+
+def parse_servers_state(text: str) -> list[dict[str, str]]:
+    """Rows of `show servers state`, as dicts keyed by the header's column names.
+
+    The answer is a format version line ("1"), a header line starting with "# " that names
+    the columns, then one space-separated row per server.
+    """
+    lines = [line for line in text.splitlines() if line.strip()]
+    if len(lines) < 2 or not lines[1].startswith("#"):
+        raise ValueError(f"not a 'show servers state' answer: {text[:200]!r}")
+    if lines[0].strip() != "1":
+        raise ValueError(f"unknown 'show servers state' format version {lines[0].strip()!r}")
+    columns = lines[1].lstrip("#").split()
+    rows = []
+    for line in lines[2:]:
+        if line.startswith("#"):
+            continue
+        fields = line.split()
+        if len(fields) < len(columns):
+            raise ValueError(f"short 'show servers state' row: {line!r}")
+        rows.append(dict(zip(columns, fields, strict=False)))
+    return rows
+
+
+async def save_server_state(
+    socket_path: str | Path, state_file: str | Path, *, timeout_s: float = 5.0
+) -> None:
+    """Write `show servers state` (all backends) to the server-state file, atomically."""
+    answer = await runtime_command(socket_path, "show servers state", timeout_s=timeout_s)
+    try:
+        parse_servers_state(answer)
+    except ValueError as exc:
+        raise RouterRejected("show servers state", answer) from exc
+    await asyncio.to_thread(_write_atomically, Path(state_file), answer)
+
+
+def _write_atomically(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class HAProxyRouter:
+    """Splits a backend between two servers by weight: primary 100-p, canary p."""
+
+    def __init__(
+        self,
+        socket_path: str | Path,
+        backend: str,
+        primary_server: str,
+        canary_server: str,
+        *,
+        name: str | None = None,
+        state_file: str | Path | None = None,
+        timeout_s: float = 5.0,
+    ) -> None:
+        for label, value in (
+            ("backend", backend),
+            ("primary_server", primary_server),
+            ("canary_server", canary_server),
+        ):
+            if not value or any(c.isspace() or c in "/;" for c in value):
+                raise ValueError(
+                    f"HAProxyRouter {label} must be a non-empty name without spaces, '/' or ';', got {value!r}"
+                )
+        if primary_server == canary_server:
+            raise ValueError(f"primary_server and canary_server are both {primary_server!r}")
+        if timeout_s <= 0:
+            raise ValueError(f"timeout_s must be positive, got {timeout_s}")
+        self.socket_path = Path(socket_path)
+        self.backend = backend
+        self.primary_server = primary_server
+        self.canary_server = canary_server
+        self.name = name or f"haproxy:{backend}"
+        self.state_file = Path(state_file) if state_file is not None else None
+        self.timeout_s = timeout_s
+
+    def __repr__(self) -> str:
+        return (
+            f"HAProxyRouter({str(self.socket_path)!r}, {self.backend!r}, "
+            f"{self.primary_server!r}, {self.canary_server!r})"
+        )
+
+    async def _accepted(self, command: str) -> None:
+        answer = await runtime_command(self.socket_path, command, timeout_s=self.timeout_s)
+        if answer.strip():
+            raise RouterRejected(command, answer)
+
+    async def set_weight(self, canary_percent: int) -> None:
+        """Set primary to 100-p and canary to p; then save the state file, if any."""
+        if isinstance(canary_percent, bool) or not isinstance(canary_percent, int):
+            raise TypeError(f"canary_percent must be an int, got {canary_percent!r}")
+        if not 0 <= canary_percent <= 100:
+            raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
+        settings = [
+            (self.primary_server, 100 - canary_percent),
+            (self.canary_server, canary_percent),
+        ]
+        # Larger first: whichever order the old weights were in, one server stays >= 50.
+        settings.sort(key=lambda s: s[1], reverse=True)
+        for server, weight in settings:
+            await self._accepted(f"set weight {self.backend}/{server} {weight}")
+        if self.state_file is not None:
+            await self.save_state(self.state_file)
+
+    async def weights(self) -> dict[str, int]:
+        """Current weights (srv_uweight) of the backend's servers, by server name."""
+        command = f"show servers state {self.backend}"
+        answer = await runtime_command(self.socket_path, command, timeout_s=self.timeout_s)
+        try:
+            rows = parse_servers_state(answer)
+        except ValueError as exc:
+            raise RouterRejected(command, answer) from exc
+        try:
+            return {row["srv_name"]: int(row["srv_uweight"]) for row in rows}
+        except (KeyError, ValueError) as exc:
+            raise RouterRejected(command, f"unexpected columns or values: {answer}") from exc
+
+    async def get_weight(self) -> int:
+        """The canary's share in percent: round(100 * w_canary / (w_canary + w_primary))."""
+        weights = await self.weights()
+        missing = [s for s in (self.primary_server, self.canary_server) if s not in weights]
+        if missing:
+            raise RouterRejected(
+                f"show servers state {self.backend}",
+                f"no server {', '.join(missing)} in backend {self.backend} "
+                f"(has: {', '.join(sorted(weights)) or 'none'})",
+            )
+        primary, canary = weights[self.primary_server], weights[self.canary_server]
+        if primary + canary == 0:
+            raise RouterError(
+                f"backend {self.backend}: both {self.primary_server} and {self.canary_server} "
+                "are at weight 0, so no traffic is split at all"
+            )
+        return round(100 * canary / (primary + canary))
+
+    async def save_state(self, path: str | Path) -> None:
+        """Write `show servers state` to `path` (the server-state file) for reloads."""
+        await save_server_state(self.socket_path, path, timeout_s=self.timeout_s)
