@@ -1,0 +1,178 @@
+"""The demo's processes: two service versions, HAProxy in front, Prometheus, a load generator.
+
+Everything listens on 127.0.0.1 on free ports and runs under canary.procs' supervision, so
+each child is stopped by the PID we started, whichever way the demo ends (normal exit,
+Ctrl-C, SIGTERM, or a setup error half way through). The stack is an async context manager
+built on AsyncExitStack: whatever was started is stopped, in reverse order, and nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+
+from canary.demo.loadgen import LoadGenerator
+from canary.procs import (
+    HAProxyConfig,
+    HAProxyProcess,
+    HttpReady,
+    ManagedProcess,
+    PrometheusProcess,
+    free_port,
+)
+
+__all__ = ["ServiceSpec", "Stack", "StackSettings"]
+
+LOOPBACK = "127.0.0.1"
+BACKEND = "app"
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceSpec:
+    """How one version of the demo service behaves."""
+
+    error_rate: float
+    latency_ms: float
+    latency_jitter: float
+    seed: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StackSettings:
+    primary: ServiceSpec
+    canary: ServiceSpec
+    rate: float = 200.0
+    scrape_interval_s: float = 1.0
+
+
+class Stack:
+    """Starts the demo's processes on enter; stops every one of them on exit."""
+
+    def __init__(self, settings: StackSettings, *, workdir: Path) -> None:
+        self.settings = settings
+        self.workdir = workdir
+        self.processes: list[ManagedProcess] = []
+        self.primary_addr = ""
+        self.canary_addr = ""
+        self.haproxy: HAProxyProcess | None = None
+        self.prometheus: PrometheusProcess | None = None
+        self.loadgen: LoadGenerator | None = None
+        self._exit = contextlib.AsyncExitStack()
+        self._loadgen_task: asyncio.Task[None] | None = None
+
+    @property
+    def socket_path(self) -> Path:
+        return self.workdir / "haproxy.sock"
+
+    @property
+    def state_file(self) -> Path:
+        return self.workdir / "haproxy.state"
+
+    def pids(self) -> list[int]:
+        """PIDs of every child started so far (for checks that none outlives the demo)."""
+        return [p.pid for p in self.processes if p.pid is not None]
+
+    async def _start(self, process: ManagedProcess) -> None:
+        # Registered before starting: a process that fails readiness is stopped all the same.
+        self.processes.append(process)
+        self._exit.push_async_callback(process.stop)
+        await process.start()
+
+    def _service(self, version: str, spec: ServiceSpec, port: int) -> ManagedProcess:
+        argv = [
+            sys.executable,
+            "-m",
+            "canary.demo.service",
+            "--port",
+            str(port),
+            "--version",
+            version,
+            "--error-rate",
+            repr(spec.error_rate),
+            "--latency-ms",
+            repr(spec.latency_ms),
+            "--latency-jitter",
+            repr(spec.latency_jitter),
+        ]
+        if spec.seed is not None:
+            argv += ["--seed", str(spec.seed)]
+        return ManagedProcess(
+            argv,
+            log_path=self.workdir / f"service-{version}.log",
+            ready=HttpReady(f"http://{LOOPBACK}:{port}/healthz"),
+            stop_grace=3.0,
+            name=f"service-{version}",
+        )
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._start_all()
+        except BaseException:
+            await self._exit.aclose()
+            raise
+        return self
+
+    async def _start_all(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        primary_port, canary_port = free_port(), free_port()
+        self.primary_addr = f"{LOOPBACK}:{primary_port}"
+        self.canary_addr = f"{LOOPBACK}:{canary_port}"
+        await asyncio.gather(
+            self._start(self._service("primary", self.settings.primary, primary_port)),
+            self._start(self._service("canary", self.settings.canary, canary_port)),
+        )
+        self.haproxy = HAProxyProcess(
+            HAProxyConfig(
+                frontend_port=free_port(),
+                primary_addr=self.primary_addr,
+                canary_addr=self.canary_addr,
+                socket_path=self.socket_path,
+                state_file=self.state_file,
+                backend=BACKEND,
+                primary_weight=100,
+                canary_weight=0,
+            ),
+            workdir=self.workdir,
+        )
+        self.prometheus = PrometheusProcess(
+            [self.primary_addr, self.canary_addr],
+            workdir=self.workdir / "prometheus",
+            scrape_interval_s=self.settings.scrape_interval_s,
+        )
+        await asyncio.gather(self._start(self.haproxy), self._start(self.prometheus))
+        self.loadgen = LoadGenerator(self.haproxy.url, rate=self.settings.rate)
+        self._loadgen_task = asyncio.create_task(self.loadgen.run(), name="loadgen")
+        self._exit.push_async_callback(self._stop_loadgen)
+
+    async def _stop_loadgen(self) -> None:
+        task = self._loadgen_task
+        if task is None:
+            return
+        if self.loadgen is not None:
+            self.loadgen.stop()
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout=2.0)
+        except TimeoutError:
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    def loadgen_failed(self) -> BaseException | None:
+        """The load generator's exception if it died (it should not)."""
+        task = self._loadgen_task
+        if task is None or not task.done() or task.cancelled():
+            return None
+        return task.exception()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self._exit.aclose()
