@@ -1,0 +1,838 @@
+"""The Kubernetes seam: the only module that imports kubernetes_asyncio.
+
+Everything the controller asks of a cluster goes through `Kube`, a thin typed adapter over
+the real client. It exists so that the rest of the code sees plain JSON dicts and a small
+exception tree, never the generated models or `ApiException`, and so that three API-server
+rules live in one place:
+
+- optimistic concurrency: writes may carry the resourceVersion they were computed from,
+  and a stale one is a `Conflict`, never a silent overwrite;
+- the API server sheds load with 429 + Retry-After and fails transiently with 5xx: calls
+  are retried with bounded, jittered backoff that never retries sooner than Retry-After;
+- watches resume from the last resourceVersion seen, and re-list on 410 Gone, since the
+  events in between are lost and only a fresh list tells the truth.
+
+`API_CALLS` lists every (group, resource, verb) the adapter can issue; each call checks
+itself against it, and tests assert the manifests' RBAC grants exactly this set.
+
+Exception tree::
+
+    KubeError                   anything the API server did not do
+    ├── NotFound                404: no such object
+    ├── Conflict                409: stale resourceVersion, or the name already exists
+    ├── Gone                    410: a watch's resourceVersion is too old (re-list)
+    ├── Unavailable             429 / 5xx / no connection, still failing after the retries
+    └── Rejected                any other error answer; `.status` and the server's message
+
+Leader election (`LeaderElector`) follows client-go's: a coordination.k8s.io/v1 Lease whose
+holder renews it; others take it over only after seeing it unchanged for a whole
+leaseDurationSeconds on their own clock; every write is guarded by resourceVersion, and a
+leader that cannot renew steps down after `renew_deadline_s`, before anyone else may
+take over.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, Literal, TypeVar
+
+import aiohttp
+from kubernetes_asyncio import client as k8s
+from kubernetes_asyncio import config as k8s_config
+
+__all__ = [
+    "API_CALLS",
+    "ApiCall",
+    "Conflict",
+    "Gone",
+    "Kube",
+    "KubeError",
+    "LeaderElector",
+    "NotFound",
+    "ObjectRef",
+    "Rejected",
+    "Relist",
+    "RetryPolicy",
+    "Unavailable",
+    "WatchEvent",
+    "with_retries",
+]
+
+log = logging.getLogger(__name__)
+
+JSON = dict[str, Any]
+T = TypeVar("T")
+
+
+# -- errors ------------------------------------------------------------------------------
+
+
+class KubeError(Exception):
+    """The API server did not do what was asked."""
+
+    status: int = 0
+
+
+class NotFound(KubeError):
+    status = 404
+
+
+class Conflict(KubeError):
+    """A stale resourceVersion, or a create whose name already exists."""
+
+    status = 409
+
+
+class Gone(KubeError):
+    status = 410
+
+
+class Unavailable(KubeError):
+    """Still 429, 5xx or unreachable after every retry."""
+
+
+class Rejected(KubeError):
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Transient(Exception):
+    """A failure worth retrying; `retry_after` is the server's Retry-After in seconds."""
+
+    def __init__(self, message: str, *, status: int = 0, retry_after: float | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry_after = retry_after
+
+
+_TRANSIENT_STATUSES = frozenset({429, 500, 502, 503, 504})
+
+
+# -- retries -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Bounded exponential backoff with jitter; never sooner than a Retry-After."""
+
+    attempts: int = 5
+    initial_delay_s: float = 0.2
+    max_delay_s: float = 10.0
+    # A server asking for a longer pause than this gets an Unavailable instead of a wait.
+    max_retry_after_s: float = 60.0
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1:
+            raise ValueError(f"RetryPolicy.attempts must be >= 1, got {self.attempts}")
+        if not 0 < self.initial_delay_s <= self.max_delay_s:
+            raise ValueError(
+                "RetryPolicy needs 0 < initial_delay_s <= max_delay_s, got "
+                f"{self.initial_delay_s} and {self.max_delay_s}"
+            )
+
+    def backoff(self, attempt: int) -> float:
+        """Delay before retry number `attempt` (1-based), with equal jitter."""
+        base = min(self.max_delay_s, self.initial_delay_s * 2 ** (attempt - 1))
+        return float(base / 2 + random.uniform(0, base / 2))
+
+
+async def with_retries(call: Callable[[], Awaitable[T]], *, policy: RetryPolicy, what: str) -> T:
+    """Run `call`, retrying `_Transient` failures under `policy`; raise Unavailable at the end."""
+    for attempt in range(1, policy.attempts + 1):
+        try:
+            return await call()
+        except _Transient as exc:
+            if attempt == policy.attempts:
+                raise Unavailable(f"{what}: {exc} (gave up after {attempt} attempts)") from exc
+            delay = policy.backoff(attempt)
+            if exc.retry_after is not None:
+                if exc.retry_after > policy.max_retry_after_s:
+                    raise Unavailable(
+                        f"{what}: {exc}; server asks to retry after {exc.retry_after:g}s, "
+                        f"more than the {policy.max_retry_after_s:g}s allowed"
+                    ) from exc
+                delay = max(delay, exc.retry_after)
+            log.debug("%s: %s; retry %d in %.2fs", what, exc, attempt, delay)
+            await asyncio.sleep(delay)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+# -- the calls the adapter makes (RBAC is derived from and tested against this) ---------
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class ApiCall:
+    group: str  # "" is the core API group, as in RBAC rules
+    resource: str
+    verb: str
+
+
+def _calls(group: str, resource: str, *verbs: str) -> set[ApiCall]:
+    return {ApiCall(group, resource, verb) for verb in verbs}
+
+
+API_CALLS: frozenset[ApiCall] = frozenset(
+    _calls("apps", "deployments", "get", "list", "watch", "create", "patch")
+    | _calls("", "services", "get", "create", "patch")
+    | _calls("", "configmaps", "get", "create", "update")
+    | _calls("", "events", "create")
+    | _calls("networking.k8s.io", "ingresses", "get", "create", "patch")
+    | _calls("gateway.networking.k8s.io", "httproutes", "get", "patch")
+    | _calls("coordination.k8s.io", "leases", "get", "create", "update")
+)
+
+_MERGE_PATCH = "application/merge-patch+json"
+
+
+# -- watch values ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WatchEvent:
+    type: Literal["ADDED", "MODIFIED", "DELETED"]
+    object: JSON
+
+
+@dataclass(frozen=True, slots=True)
+class Relist:
+    """The whole current state: sent first, and again after a 410 Gone. Objects absent
+    here are gone, whether or not their DELETED event was ever seen."""
+
+    objects: list[JSON]
+    resource_version: str
+
+
+@dataclass(frozen=True, slots=True)
+class ObjectRef:
+    """What an Event is about."""
+
+    api_version: str
+    kind: str
+    namespace: str
+    name: str
+    uid: str = ""
+
+    @classmethod
+    def deployment(cls, obj: JSON) -> ObjectRef:
+        meta = obj.get("metadata", {})
+        return cls("apps/v1", "Deployment", meta["namespace"], meta["name"], meta.get("uid", ""))
+
+
+def _now_micro() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _now_seconds() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _guarded(patch: JSON, resource_version: str | None) -> JSON:
+    """A merge patch that the API server applies only at `resource_version`."""
+    if resource_version is None:
+        return patch
+    meta = dict(patch.get("metadata") or {})
+    meta["resourceVersion"] = resource_version
+    return {**patch, "metadata": meta}
+
+
+# -- the adapter -------------------------------------------------------------------------
+
+
+class Kube:
+    """Typed access to the few API calls canary needs. Build with `await Kube.connect()`."""
+
+    def __init__(self, api_client: Any, *, retry: RetryPolicy | None = None) -> None:
+        self._api = api_client
+        self.retry = retry or RetryPolicy()
+        self._apps = k8s.AppsV1Api(api_client)
+        self._core = k8s.CoreV1Api(api_client)
+        self._net = k8s.NetworkingV1Api(api_client)
+        self._coord = k8s.CoordinationV1Api(api_client)
+        self._custom = k8s.CustomObjectsApi(api_client)
+
+    @classmethod
+    async def connect(
+        cls,
+        *,
+        kubeconfig: str | None = None,
+        context: str | None = None,
+        retry: RetryPolicy | None = None,
+    ) -> Kube:
+        """Like kubectl: `kubeconfig` (else $KUBECONFIG, else ~/.kube/config) and `context`
+        (else current-context); inside a pod with neither given, the service account."""
+        if kubeconfig is None and context is None and "KUBERNETES_SERVICE_HOST" in os.environ:
+            configuration = k8s.Configuration()
+            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            return cls(k8s.ApiClient(configuration), retry=retry)
+        try:
+            api_client = await k8s_config.new_client_from_config(
+                config_file=kubeconfig, context=context, persist_config=False
+            )
+        except (k8s_config.ConfigException, OSError) as exc:
+            where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
+            raise KubeError(f"kubeconfig {where} (context {context or 'current'}): {exc}") from exc
+        return cls(api_client, retry=retry)
+
+    async def close(self) -> None:
+        await self._api.close()
+
+    async def __aenter__(self) -> Kube:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- the one HTTP seam ---------------------------------------------------------------
+
+    async def _call(
+        self, call: ApiCall, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
+    ) -> JSON:
+        if call not in API_CALLS:  # keeps API_CALLS, and so the RBAC, honest
+            raise AssertionError(f"{call} is missing from API_CALLS")
+        what = f"{call.verb} {call.resource}" + (f" {args[0]}" if args else "")
+
+        async def once() -> JSON:
+            try:
+                resp = await fn(*args, _preload_content=False, **kwargs)
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise _Transient(f"no answer: {exc!r}") from exc
+            async with resp:
+                body = await resp.read()
+                return _decode(resp.status, resp.headers.get("Retry-After"), body, what)
+
+        return await with_retries(once, policy=self.retry, what=what)
+
+    # -- Deployments ---------------------------------------------------------------------
+
+    async def get_deployment(self, namespace: str, name: str) -> JSON:
+        return await self._call(
+            ApiCall("apps", "deployments", "get"),
+            self._apps.read_namespaced_deployment,
+            name,
+            namespace,
+        )
+
+    async def list_deployments(self, namespace: str | None = None) -> Relist:
+        if namespace is None:
+            body = await self._call(
+                ApiCall("apps", "deployments", "list"),
+                self._apps.list_deployment_for_all_namespaces,
+            )
+        else:
+            body = await self._call(
+                ApiCall("apps", "deployments", "list"),
+                self._apps.list_namespaced_deployment,
+                namespace,
+            )
+        return Relist(list(body.get("items") or []), str(body["metadata"]["resourceVersion"]))
+
+    async def create_deployment(self, namespace: str, body: JSON) -> JSON:
+        return await self._call(
+            ApiCall("apps", "deployments", "create"),
+            self._apps.create_namespaced_deployment,
+            namespace,
+            body,
+        )
+
+    async def patch_deployment(
+        self, namespace: str, name: str, patch: JSON, *, resource_version: str | None = None
+    ) -> JSON:
+        """Merge-patch a Deployment; with `resource_version`, raise Conflict if it is stale."""
+        return await self._call(
+            ApiCall("apps", "deployments", "patch"),
+            self._apps.patch_namespaced_deployment,
+            name,
+            namespace,
+            _guarded(patch, resource_version),
+            _content_type=_MERGE_PATCH,
+        )
+
+    async def scale_deployment(self, namespace: str, name: str, replicas: int) -> JSON:
+        if replicas < 0:
+            raise ValueError(f"replicas must be >= 0, got {replicas}")
+        return await self.patch_deployment(namespace, name, {"spec": {"replicas": replicas}})
+
+    async def watch_deployments(
+        self, namespace: str | None = None, *, timeout_s: int = 300
+    ) -> AsyncIterator[Relist | WatchEvent]:
+        """A Relist first, then events, forever: resumes from the last resourceVersion
+        after the server ends a stream, and re-lists (a new Relist) after 410 Gone."""
+        if timeout_s < 1:
+            raise ValueError(f"timeout_s must be >= 1, got {timeout_s}")
+        if namespace is None:
+            watch_fn: Callable[..., Awaitable[Any]] = self._apps.list_deployment_for_all_namespaces
+            args: tuple[str, ...] = ()
+        else:
+            watch_fn, args = self._apps.list_namespaced_deployment, (namespace,)
+        resource_version: str | None = None
+        while True:
+            if resource_version is None:
+                relist = await self.list_deployments(namespace)
+                resource_version = relist.resource_version
+                yield relist
+            try:
+                async for event in self._watch_once(watch_fn, args, resource_version, timeout_s):
+                    resource_version = event.object["metadata"]["resourceVersion"]
+                    yield event
+            except Gone:
+                log.info(
+                    "watch deployments: resourceVersion %s is gone, re-listing", resource_version
+                )
+                resource_version = None
+
+    async def _watch_once(
+        self,
+        fn: Callable[..., Awaitable[Any]],
+        args: tuple[str, ...],
+        resource_version: str,
+        timeout_s: int,
+    ) -> AsyncIterator[WatchEvent]:
+        call = ApiCall("apps", "deployments", "watch")
+        if call not in API_CALLS:
+            raise AssertionError(f"{call} is missing from API_CALLS")
+
+        async def open_stream() -> Any:
+            try:
+                resp = await fn(
+                    *args,
+                    watch=True,
+                    resource_version=resource_version,
+                    timeout_seconds=timeout_s,
+                    allow_watch_bookmarks=False,
+                    _preload_content=False,
+                    # A silent, half-dead connection must not hang the watch forever.
+                    _request_timeout=aiohttp.ClientTimeout(sock_read=timeout_s + 15),
+                )
+            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                raise _Transient(f"no answer: {exc!r}") from exc
+            if resp.status != 200:
+                async with resp:
+                    _decode(
+                        resp.status, resp.headers.get("Retry-After"), await resp.read(), "watch"
+                    )
+            return resp
+
+        resp = await with_retries(open_stream, policy=self.retry, what="watch deployments")
+        async with resp:
+            while True:
+                try:
+                    line = await resp.content.readline()
+                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
+                    return  # the caller reconnects from the last resourceVersion
+                if not line:
+                    return
+                if not line.strip():
+                    continue
+                event = json.loads(line)
+                kind = event.get("type")
+                if kind == "ERROR":
+                    status = event.get("object") or {}
+                    code = int(status.get("code") or 0)
+                    message = status.get("message") or "watch error"
+                    if code == 410:
+                        raise Gone(message)
+                    raise _error(code, message)
+                if kind in ("ADDED", "MODIFIED", "DELETED"):
+                    yield WatchEvent(kind, event["object"])
+                # BOOKMARK and unknown types carry nothing for us.
+
+    # -- Services ------------------------------------------------------------------------
+
+    async def get_service(self, namespace: str, name: str) -> JSON:
+        return await self._call(
+            ApiCall("", "services", "get"), self._core.read_namespaced_service, name, namespace
+        )
+
+    async def create_service(self, namespace: str, body: JSON) -> JSON:
+        return await self._call(
+            ApiCall("", "services", "create"), self._core.create_namespaced_service, namespace, body
+        )
+
+    async def patch_service(
+        self, namespace: str, name: str, patch: JSON, *, resource_version: str | None = None
+    ) -> JSON:
+        return await self._call(
+            ApiCall("", "services", "patch"),
+            self._core.patch_namespaced_service,
+            name,
+            namespace,
+            _guarded(patch, resource_version),
+            _content_type=_MERGE_PATCH,
+        )
+
+    # -- Ingresses -----------------------------------------------------------------------
+
+    async def get_ingress(self, namespace: str, name: str) -> JSON:
+        return await self._call(
+            ApiCall("networking.k8s.io", "ingresses", "get"),
+            self._net.read_namespaced_ingress,
+            name,
+            namespace,
+        )
+
+    async def create_ingress(self, namespace: str, body: JSON) -> JSON:
+        return await self._call(
+            ApiCall("networking.k8s.io", "ingresses", "create"),
+            self._net.create_namespaced_ingress,
+            namespace,
+            body,
+        )
+
+    async def patch_ingress(
+        self, namespace: str, name: str, patch: JSON, *, resource_version: str | None = None
+    ) -> JSON:
+        return await self._call(
+            ApiCall("networking.k8s.io", "ingresses", "patch"),
+            self._net.patch_namespaced_ingress,
+            name,
+            namespace,
+            _guarded(patch, resource_version),
+            _content_type=_MERGE_PATCH,
+        )
+
+    # -- Gateway API HTTPRoutes (a CRD: no generated model) -------------------------------
+
+    async def get_httproute(self, namespace: str, name: str) -> JSON:
+        return await self._call(
+            ApiCall("gateway.networking.k8s.io", "httproutes", "get"),
+            self._custom.get_namespaced_custom_object,
+            "gateway.networking.k8s.io",
+            "v1",
+            namespace,
+            "httproutes",
+            name,
+        )
+
+    async def patch_httproute(
+        self, namespace: str, name: str, patch: JSON, *, resource_version: str | None = None
+    ) -> JSON:
+        return await self._call(
+            ApiCall("gateway.networking.k8s.io", "httproutes", "patch"),
+            self._custom.patch_namespaced_custom_object,
+            "gateway.networking.k8s.io",
+            "v1",
+            namespace,
+            "httproutes",
+            name,
+            _guarded(patch, resource_version),
+            _content_type=_MERGE_PATCH,
+        )
+
+    # -- ConfigMaps ----------------------------------------------------------------------
+
+    async def get_configmap(self, namespace: str, name: str) -> JSON:
+        return await self._call(
+            ApiCall("", "configmaps", "get"), self._core.read_namespaced_config_map, name, namespace
+        )
+
+    async def put_configmap(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, str],
+        *,
+        resource_version: str | None = None,
+    ) -> JSON:
+        """Create the ConfigMap when `resource_version` is None (Conflict if it exists),
+        else replace its data, guarded by `resource_version`."""
+        body: JSON = {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": namespace},
+            "data": dict(data),
+        }
+        if resource_version is None:
+            return await self._call(
+                ApiCall("", "configmaps", "create"),
+                self._core.create_namespaced_config_map,
+                namespace,
+                body,
+            )
+        body["metadata"]["resourceVersion"] = resource_version
+        return await self._call(
+            ApiCall("", "configmaps", "update"),
+            self._core.replace_namespaced_config_map,
+            name,
+            namespace,
+            body,
+        )
+
+    # -- Events --------------------------------------------------------------------------
+
+    async def emit_event(
+        self,
+        ref: ObjectRef,
+        *,
+        type: Literal["Normal", "Warning"],
+        reason: str,
+        message: str,
+        component: str = "canary",
+    ) -> JSON:
+        """Record a core/v1 Event about `ref`, as `kubectl describe` shows them."""
+        now = _now_seconds()
+        body: JSON = {
+            "apiVersion": "v1",
+            "kind": "Event",
+            "metadata": {
+                "name": f"{ref.name}.{time.time_ns():x}",
+                "namespace": ref.namespace,
+            },
+            "involvedObject": {
+                "apiVersion": ref.api_version,
+                "kind": ref.kind,
+                "namespace": ref.namespace,
+                "name": ref.name,
+                "uid": ref.uid,
+            },
+            "type": type,
+            "reason": reason,
+            # The API server rejects messages over 1 KiB.
+            "message": message[:1024],
+            "source": {"component": component},
+            "reportingComponent": component,
+            "reportingInstance": os.environ.get("HOSTNAME", component),
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
+        return await self._call(
+            ApiCall("", "events", "create"), self._core.create_namespaced_event, ref.namespace, body
+        )
+
+    # -- Leases --------------------------------------------------------------------------
+
+    async def get_lease(self, namespace: str, name: str) -> JSON:
+        return await self._call(
+            ApiCall("coordination.k8s.io", "leases", "get"),
+            self._coord.read_namespaced_lease,
+            name,
+            namespace,
+        )
+
+    async def create_lease(self, namespace: str, body: JSON) -> JSON:
+        return await self._call(
+            ApiCall("coordination.k8s.io", "leases", "create"),
+            self._coord.create_namespaced_lease,
+            namespace,
+            body,
+        )
+
+    async def replace_lease(self, namespace: str, name: str, body: JSON) -> JSON:
+        """Replace a Lease; `body.metadata.resourceVersion` makes it conditional."""
+        return await self._call(
+            ApiCall("coordination.k8s.io", "leases", "update"),
+            self._coord.replace_namespaced_lease,
+            name,
+            namespace,
+            body,
+        )
+
+
+def _error(status: int, message: str) -> KubeError:
+    if status == 404:
+        return NotFound(message)
+    if status == 409:
+        return Conflict(message)
+    if status == 410:
+        return Gone(message)
+    return Rejected(status, message)
+
+
+def _decode(status: int, retry_after: str | None, body: bytes, what: str) -> JSON:
+    """A response as JSON, or the matching error (transient ones are retried)."""
+    if 200 <= status < 300:
+        try:
+            decoded = json.loads(body)
+        except ValueError as exc:
+            raise Rejected(status, f"{what}: answer is not JSON: {body[:200]!r}") from exc
+        if not isinstance(decoded, dict):
+            raise Rejected(status, f"{what}: answer is not a JSON object")
+        return decoded
+    try:
+        message = str(json.loads(body).get("message") or "")
+    except (ValueError, AttributeError):
+        message = body[:200].decode(errors="replace")
+    text = f"{what}: HTTP {status}: {message}".rstrip(": ")
+    if status in _TRANSIENT_STATUSES:
+        delay: float | None = None
+        if retry_after is not None:
+            try:
+                delay = max(0.0, float(retry_after))
+            except ValueError:
+                delay = None  # an HTTP date: fall back to our own backoff
+        raise _Transient(text, status=status, retry_after=delay)
+    raise _error(status, text)
+
+
+# -- leader election ---------------------------------------------------------------------
+
+
+@dataclass
+class LeaderElector:
+    """Leader election on a coordination.k8s.io/v1 Lease; `is_leader` is the only truth.
+
+    `is_leader` turns False by itself `renew_deadline_s` after the start of the last
+    successful renewal, whether or not the loop is running, so a stalled leader stops
+    acting before another candidate can take over (which takes a whole
+    `lease_duration_s` of seeing the Lease unchanged).
+    """
+
+    kube: Kube
+    namespace: str
+    name: str
+    identity: str
+    lease_duration_s: int = 15
+    renew_deadline_s: float = 10.0
+    retry_period_s: float = 2.0
+    on_change: Callable[[bool], None] | None = None
+    clock: Callable[[], float] = time.monotonic
+    _leader_until: float = field(default=0.0, init=False)
+    _leading: bool = field(default=False, init=False)
+    _observed_rv: str | None = field(default=None, init=False)
+    _observed_at: float = field(default=0.0, init=False)
+    _lease: JSON | None = field(default=None, init=False)
+
+    def __post_init__(self) -> None:
+        if self.lease_duration_s < 1:
+            raise ValueError(f"lease_duration_s must be >= 1, got {self.lease_duration_s}")
+        if not 0 < self.retry_period_s < self.renew_deadline_s < self.lease_duration_s:
+            raise ValueError(
+                "leader election needs 0 < retry_period_s < renew_deadline_s < lease_duration_s, "
+                f"got {self.retry_period_s}, {self.renew_deadline_s}, {self.lease_duration_s}"
+            )
+        if not self.identity:
+            raise ValueError("identity must not be empty")
+
+    @property
+    def is_leader(self) -> bool:
+        return self._leading and self.clock() < self._leader_until
+
+    def _set_leading(self, leading: bool) -> None:
+        if leading != self._leading:
+            self._leading = leading
+            log.info(
+                "lease %s/%s: %s %s leadership",
+                self.namespace,
+                self.name,
+                self.identity,
+                "acquired" if leading else "lost",
+            )
+            if self.on_change is not None:
+                self.on_change(leading)
+
+    async def run(self, stop: asyncio.Event) -> None:
+        """Acquire and renew until `stop` is set, then release the Lease."""
+        try:
+            while not stop.is_set():
+                started = self.clock()
+                try:
+                    renewed = await self.try_acquire_or_renew()
+                except KubeError as exc:
+                    log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
+                    renewed = False
+                if renewed:
+                    self._leader_until = started + self.renew_deadline_s
+                    self._set_leading(True)
+                elif not self.is_leader:
+                    self._set_leading(False)
+                wake = self.clock() + self.retry_period_s
+                if self._leading:
+                    wake = min(wake, self._leader_until)
+                try:
+                    await asyncio.wait_for(stop.wait(), max(0.0, wake - self.clock()))
+                except TimeoutError:
+                    pass
+                if self._leading and not self.is_leader:
+                    self._set_leading(False)
+        finally:
+            was_leader = self.is_leader
+            self._set_leading(False)
+            if was_leader and stop.is_set():
+                await self.release()
+
+    async def try_acquire_or_renew(self) -> bool:
+        """One round: True if this candidate holds the Lease now (written just now)."""
+        try:
+            lease = await self.kube.get_lease(self.namespace, self.name)
+        except NotFound:
+            try:
+                self._lease = await self.kube.create_lease(self.namespace, self._body(None, None))
+            except Conflict:
+                return False  # another candidate created it first
+            return True
+        meta, spec = lease.get("metadata", {}), lease.get("spec") or {}
+        now = self.clock()
+        if meta.get("resourceVersion") != self._observed_rv:
+            self._observed_rv, self._observed_at = meta.get("resourceVersion"), now
+        holder = spec.get("holderIdentity") or ""
+        duration = float(spec.get("leaseDurationSeconds") or self.lease_duration_s)
+        if holder and holder != self.identity and now - self._observed_at < duration:
+            return False
+        try:
+            self._lease = await self.kube.replace_lease(
+                self.namespace, self.name, self._body(lease, meta.get("resourceVersion"))
+            )
+        except Conflict:
+            return False  # someone else wrote it since we read it
+        return True
+
+    def _body(self, current: JSON | None, resource_version: str | None) -> JSON:
+        spec = dict((current or {}).get("spec") or {})
+        now = _now_micro()
+        if spec.get("holderIdentity") != self.identity:
+            spec["acquireTime"] = now
+            spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (
+                current is not None
+            )
+        spec.update(
+            holderIdentity=self.identity,
+            leaseDurationSeconds=self.lease_duration_s,
+            renewTime=now,
+        )
+        meta: JSON = {"name": self.name, "namespace": self.namespace}
+        if resource_version is not None:
+            meta["resourceVersion"] = resource_version
+        return {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": meta,
+            "spec": spec,
+        }
+
+    async def release(self) -> None:
+        """Give the Lease up so that another candidate need not wait for it to expire."""
+        self._set_leading(False)
+        self._leader_until = 0.0
+        if (
+            self._lease is None
+            or (self._lease.get("spec") or {}).get("holderIdentity") != self.identity
+        ):
+            return
+        meta = self._lease["metadata"]
+        spec = dict(self._lease.get("spec") or {})
+        spec.update(holderIdentity="", renewTime=_now_micro(), leaseDurationSeconds=1)
+        body = {
+            "apiVersion": "coordination.k8s.io/v1",
+            "kind": "Lease",
+            "metadata": {
+                "name": self.name,
+                "namespace": self.namespace,
+                "resourceVersion": meta.get("resourceVersion"),
+            },
+            "spec": spec,
+        }
+        try:
+            self._lease = await self.kube.replace_lease(self.namespace, self.name, body)
+        except KubeError as exc:
+            log.info(
+                "lease %s/%s: release failed (it will expire): %s", self.namespace, self.name, exc
+            )
