@@ -174,7 +174,8 @@ class RolloutStatus(BaseModel):
     promoted: bool = False  # the template has been copied to the primary
     outcome: Literal["promoted", "rolled_back", "aborted"] | None = None
     last_decision: str | None = None
-    message: str = ""
+    reason: str = ""  # why the rollout is in its current stage
+    message: str = ""  # what it is doing now (waiting, holding, retrying)
     history: tuple[Transition, ...] = ()
 
     @property
@@ -363,7 +364,7 @@ def _move(
 ) -> tuple[RolloutStatus, RecordTransition]:
     """Change stage (and anything in `update`), keeping the transition in the history."""
     before = status.phase
-    new = status.model_copy(update={"stage": stage, "message": reason, **update})
+    new = status.model_copy(update={"stage": stage, "reason": reason, "message": reason, **update})
     if not paused:
         new = new.model_copy(update={"paused_at": None, "paused_by": None})
     after = new.phase
@@ -644,9 +645,7 @@ def _new_revision(
     reason = event.reason or f"new revision {event.revision}"
     if status.active:
         reason = f"{reason}: restarting the analysis (was {status.phase.value} at {status.weight}%)"
-    base = status.model_copy(
-        update={"revision": event.revision, "paused_at": None, "paused_by": None}
-    )
+    base = status.model_copy(update={"revision": event.revision})  # _start unpauses
     if status.done:
         base = RolloutStatus(revision=event.revision, history=status.history, weight=status.weight)
     return _start(spec, base, now, reason)
@@ -673,7 +672,7 @@ def _weight_verified(
         )
     if status.stage == "RollingBack" and event.weight == 0:
         outcome = status.outcome if status.outcome in ("rolled_back", "aborted") else "rolled_back"
-        reason = status.message or "rolled back"
+        reason = status.reason or "rolled back"
         return _finish(new, "Failed", now, reason, (ScaleCanary(up=False),), outcome=outcome)
     return Outcome(new)
 
