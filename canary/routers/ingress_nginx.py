@@ -1,0 +1,196 @@
+"""ingress-nginx router: a canary Ingress beside the user's, weighted by annotation.
+
+ingress-nginx splits traffic when a second Ingress for the same host and path carries
+`nginx.ingress.kubernetes.io/canary: "true"` and `canary-weight: N` (percent). As in
+Flagger, the user's Ingress stays theirs and untouched; we own `<ingress>-canary`, a copy
+of its rules with the primary Service swapped for the canary Service, and rewrite it from
+the user's Ingress on every write so that edits to hosts or paths follow.
+
+The weight counts as applied only once read back from the API server (set_and_verify), and
+the read-back also checks that the canary Ingress still routes to the canary Service.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+from canary.kube import Conflict, Kube, KubeError, NotFound, Unavailable
+from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
+
+__all__ = ["CANARY_ANNOTATION", "WEIGHT_ANNOTATION", "IngressNginxRouter"]
+
+CANARY_ANNOTATION = "nginx.ingress.kubernetes.io/canary"
+WEIGHT_ANNOTATION = "nginx.ingress.kubernetes.io/canary-weight"
+_NGINX_CANARY_PREFIX = "nginx.ingress.kubernetes.io/canary"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "canary"}
+
+JSON = dict[str, Any]
+
+
+def _router_error(command: str, exc: KubeError) -> RouterError:
+    if isinstance(exc, Unavailable):
+        return RouterUnreachable(f"{command}: {exc}")
+    return RouterRejected(command, str(exc))
+
+
+def _backends(spec: JSON) -> list[JSON]:
+    """Every `backend.service` in an Ingress spec (default backend and rule paths)."""
+    found: list[JSON] = []
+    default = (spec.get("defaultBackend") or {}).get("service")
+    if default is not None:
+        found.append(default)
+    for rule in spec.get("rules") or []:
+        for path in (rule.get("http") or {}).get("paths") or []:
+            service = (path.get("backend") or {}).get("service")
+            if service is not None:
+                found.append(service)
+    return found
+
+
+class IngressNginxRouter:
+    """Canary percent = the canary Ingress' `canary-weight`; no canary Ingress means 0."""
+
+    name = "ingress-nginx"
+
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        namespace: str,
+        ingress: str,
+        primary_service: str,
+        canary_service: str,
+        canary_ingress: str | None = None,
+    ) -> None:
+        self.kube = kube
+        self.namespace = namespace
+        self.ingress = ingress
+        self.primary_service = primary_service
+        self.canary_service = canary_service
+        self.canary_ingress = canary_ingress or f"{ingress}-canary"
+
+    def _where(self, name: str) -> str:
+        return f"Ingress {self.namespace}/{name}"
+
+    def desired(self, user: JSON, weight: int) -> JSON:
+        """The canary Ingress for `user`'s Ingress at `weight` percent."""
+        spec = copy.deepcopy(user.get("spec") or {})
+        swapped = 0
+        for service in _backends(spec):
+            if service.get("name") == self.primary_service:
+                service["name"] = self.canary_service
+                swapped += 1
+        if swapped == 0:
+            raise RouterRejected(
+                f"set weight {weight}",
+                f"{self._where(self.ingress)} has no backend for Service "
+                f"{self.primary_service!r}, so there is nothing to split",
+            )
+        # ingress-nginx allows one canary per host/path, and TLS stays on the main Ingress.
+        spec.pop("tls", None)
+        user_meta = user.get("metadata") or {}
+        annotations = {
+            k: v
+            for k, v in (user_meta.get("annotations") or {}).items()
+            if not k.startswith(_NGINX_CANARY_PREFIX) and not k.startswith("kubectl.kubernetes.io/")
+        }
+        annotations[CANARY_ANNOTATION] = "true"
+        annotations[WEIGHT_ANNOTATION] = str(weight)
+        metadata: JSON = {
+            "name": self.canary_ingress,
+            "namespace": self.namespace,
+            "labels": dict(MANAGED_BY),
+            "annotations": annotations,
+        }
+        if user_meta.get("uid"):
+            # Deleting the user's Ingress takes ours with it.
+            metadata["ownerReferences"] = [
+                {
+                    "apiVersion": "networking.k8s.io/v1",
+                    "kind": "Ingress",
+                    "name": self.ingress,
+                    "uid": user_meta["uid"],
+                }
+            ]
+        return {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": metadata,
+            "spec": spec,
+        }
+
+    async def set_weight(self, canary_percent: int) -> None:
+        if not 0 <= canary_percent <= 100:
+            raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
+        command = f"set {self._where(self.canary_ingress)} canary-weight {canary_percent}"
+        # One retry on Conflict: someone wrote in between our read and our write.
+        for attempt in (1, 2):
+            try:
+                user = await self.kube.get_ingress(self.namespace, self.ingress)
+                body = self.desired(user, canary_percent)
+                try:
+                    current = await self.kube.get_ingress(self.namespace, self.canary_ingress)
+                except NotFound:
+                    await self.kube.create_ingress(self.namespace, body)
+                    return
+                self._check_ours(current)
+                old_annotations = (current.get("metadata") or {}).get("annotations") or {}
+                # A merge patch keeps keys it does not name: drop ones no longer wanted.
+                annotations: dict[str, str | None] = {k: None for k in old_annotations}
+                annotations.update(body["metadata"]["annotations"])
+                await self.kube.patch_ingress(
+                    self.namespace,
+                    self.canary_ingress,
+                    {
+                        "metadata": {"annotations": annotations, "labels": MANAGED_BY},
+                        "spec": body["spec"],
+                    },
+                    resource_version=current["metadata"]["resourceVersion"],
+                )
+                return
+            except Conflict as exc:
+                if attempt == 2:
+                    raise _router_error(command, exc) from exc
+            except NotFound as exc:
+                raise RouterRejected(
+                    command, f"{self._where(self.ingress)} not found: {exc}"
+                ) from exc
+            except KubeError as exc:
+                raise _router_error(command, exc) from exc
+
+    def _check_ours(self, current: JSON) -> None:
+        labels = (current.get("metadata") or {}).get("labels") or {}
+        if labels.get("app.kubernetes.io/managed-by") != "canary":
+            raise RouterRejected(
+                "set weight",
+                f"{self._where(self.canary_ingress)} exists and is not managed by canary "
+                "(label app.kubernetes.io/managed-by=canary); refusing to overwrite it",
+            )
+
+    async def get_weight(self) -> int:
+        command = f"read {self._where(self.canary_ingress)}"
+        try:
+            current = await self.kube.get_ingress(self.namespace, self.canary_ingress)
+        except NotFound:
+            return 0
+        except KubeError as exc:
+            raise _router_error(command, exc) from exc
+        annotations = (current.get("metadata") or {}).get("annotations") or {}
+        if annotations.get(CANARY_ANNOTATION) != "true":
+            return 0  # ingress-nginx treats it as a normal Ingress: the canary gets nothing
+        raw = annotations.get(WEIGHT_ANNOTATION, "0")
+        try:
+            weight = int(raw)
+        except ValueError:
+            raise RouterRejected(command, f"{WEIGHT_ANNOTATION} is {raw!r}, not a number") from None
+        if not 0 <= weight <= 100:
+            raise RouterRejected(command, f"{WEIGHT_ANNOTATION} is {weight}, outside 0..100")
+        names = {service.get("name") for service in _backends(current.get("spec") or {})}
+        if names != {self.canary_service}:
+            raise RouterRejected(
+                command,
+                f"routes to Services {sorted(str(n) for n in names)}, "
+                f"expected only {self.canary_service!r}",
+            )
+        return weight
