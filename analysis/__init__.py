@@ -1,5 +1,31 @@
-"""Anytime-valid canary analysis: pure numpy/scipy, no I/O, no asyncio."""
+"""Anytime-valid canary analysis: pure numpy/scipy, no I/O, no asyncio.
 
+The contract (DESIGN.md, "The analysis contract")::
+
+    from analysis import Analyzer, AnalysisConfig, Snapshot, ArmCounts
+    verdict = Analyzer(AnalysisConfig()).observe(Snapshot(...))
+    verdict.decision, verdict.reasons, verdict.metrics
+
+Modules: counts.py (the conditional count test and rate bounds), latency.py (histogram
+buckets -> slow-request counts), judge.py (metrics -> decision and reasons), config.py
+(validated settings), planner.py (expected time to a decision), analyzer.py (the glue).
+"""
+
+from analysis.analyzer import Analyzer
+from analysis.config import AnalysisConfig, MetricConfig
+from analysis.planner import MetricPlan, Plan, plan
 from analysis.types import ArmCounts, Decision, MetricResult, Snapshot, Verdict
 
-__all__ = ["ArmCounts", "Decision", "MetricResult", "Snapshot", "Verdict"]
+__all__ = [
+    "AnalysisConfig",
+    "Analyzer",
+    "ArmCounts",
+    "Decision",
+    "MetricConfig",
+    "MetricPlan",
+    "MetricResult",
+    "Plan",
+    "Snapshot",
+    "Verdict",
+    "plan",
+]

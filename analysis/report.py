@@ -481,7 +481,7 @@ def _num(value: float | None, digits: int = 3) -> str:
 def _duration(seconds: float | None) -> str:
     if seconds is None:
         return "—"
-    seconds = max(seconds, 0.0)
+    seconds = max(float(seconds), 0.0)
     if seconds < 60:
         return f"{seconds:.0f}s" if seconds >= 10 or seconds.is_integer() else f"{seconds:.1f}s"
     minutes, secs = divmod(round(seconds), 60)

@@ -69,7 +69,17 @@ class ArmCounts(BaseModel):
             if not isinstance(count, int | float):
                 raise ValueError(f"latency_buckets[le={le}] must be a number")
             out[bound] = _check_count(f"latency_buckets[le={le}]", count)
-        return dict(sorted(out.items()))
+        ordered = dict(sorted(out.items()))
+        # Cumulative buckets never decrease with le; a histogram that does is not one.
+        prev_le, prev_count = None, 0.0
+        for le, count in ordered.items():
+            if count < prev_count:
+                raise ValueError(
+                    f"latency_buckets are not cumulative: le={le} has {count} < "
+                    f"{prev_count} at le={prev_le}"
+                )
+            prev_le, prev_count = le, count
+        return ordered
 
     @model_validator(mode="after")
     def _consistent(self) -> ArmCounts:
@@ -113,10 +123,15 @@ class MetricResult(BaseModel):
     estimate: float | None = None
     lower: float | None = None
     upper: float | None = None
-    tolerance: float  # the metric passes while upper <= 1 + tolerance, fails once lower > 1 + tolerance
-    alpha: float  # this metric's share of the analysis alpha
+    # Pass needs evidence that the ratio is below 1 + tolerance (or the absolute excess of the
+    # canary's rate below abs_tolerance); fail needs evidence that it is above fail_ratio.
+    tolerance: float
+    alpha: float  # this metric's share of the analysis alpha (the fail test's level)
+    fail_ratio: float = 1.0
+    abs_tolerance: float = 0.0
+    pass_alpha: float = 0.05  # the pass test's level
     e_value_fail: float = 1.0  # evidence for a regression; fail at >= 1/alpha
-    e_value_pass: float = 1.0  # evidence for "within tolerance"; pass at >= 1/alpha
+    e_value_pass: float = 1.0  # evidence for "within tolerance" (ratio route, running max)
     samples_primary: float = 0.0  # the units the test counts (requests, or events)
     samples_canary: float = 0.0
     events_primary: float = 0.0  # errors, or requests slower than the threshold

@@ -1,0 +1,329 @@
+"""Anytime-valid tests on counts: errors, and requests slower than a latency threshold.
+
+The test (Lindon & Malek's conditional count test, as Netflix uses it for canaries). Within one
+observation interval the canary served dn_c requests and the primary dn_p; k = de_c + de_p
+events (errors, or slow requests) happened. If each arm's events are Poisson with rates
+proportional to the requests it served, with theta = canary rate / primary rate, then
+
+    de_c | k  ~  Binomial(k, q),   q = rho*theta / (1 + rho*theta),   rho = dn_c / dn_p.
+
+Conditioning on k and on the split that was *observed* is what makes the test robust: a burst
+of traffic or an incident that raises both arms' rates changes k and rho but not how q depends
+on theta, so it cancels. The log-likelihood of theta is kept on a fixed grid (a numpy vector),
+so each observation costs O(grid) whatever its length; aggregating intervals (a slower
+cadence) sums the same sufficient statistics, so the decisions barely depend on cadence.
+
+Fail e-process: a mixture, over a few thetas above `fail_theta`, of likelihood ratios against
+`fail_theta`. The binomial family has a monotone likelihood ratio, so each ratio is a
+nonnegative supermartingale under every theta <= fail_theta, and so is the mixture; by Ville's
+inequality P(it ever reaches 1/alpha) <= alpha, at any cadence and any number of looks.
+
+Pass e-process: the mirror image, a mixture over thetas below `pass_theta` against
+`pass_theta`: evidence that the canary is within tolerance.
+
+Not rare events. For p50 latency half the requests are "events"; then the exact conditional
+law of de_c given k is (noncentral) hypergeometric, not binomial. At theta = 1 the central
+hypergeometric is dominated in convex order by the binomial with the same mean (Hoeffding,
+1963), and every likelihood ratio here is a convex function of de_c, so the fail e-process stays
+a (conservative) supermartingale. The pass e-process is exact in the rare-event (Poisson) limit
+and approximately valid otherwise; a false pass is the cheaper error (see config.py).
+
+Absolute tolerance. For rare events (errors near 0%, the slowest 1%) a ratio bound needs more
+events than a canary ever sees, so a metric also passes when the canary's rate minus the
+primary's is bounded below `abs_tolerance`: each arm gets an anytime-valid confidence sequence
+for its own rate (a Beta(1/2, 1/2) mixture, Krichevsky-Trofimov, inverted on a grid) and the
+difference of the bounds is compared. The pass alpha is split: half to the ratio route, a
+quarter to each arm's bound.
+
+Counter resets. Counts arrive cumulative. If any of the four counters goes backwards (a pod
+restart, or extrapolation jitter in Prometheus' increase()), that interval is skipped: the test
+re-bases on the new values and says so. It never sees a negative increment. An interval in
+which an arm served no requests carries no information about theta; it is held back and merged
+into the next one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+from scipy.special import betaln
+
+__all__ = [
+    "FAIL_PRIOR",
+    "THETA_GRID",
+    "CountState",
+    "CountTest",
+    "fail_points",
+    "pass_points",
+    "rate_bounds",
+]
+
+FloatArray = npt.NDArray[np.float64]
+
+# Grid for the likelihood of theta (the confidence sequence reads it): 1/64 .. 64, ~6% steps.
+THETA_GRID: FloatArray = np.exp(np.linspace(math.log(1 / 64), math.log(64), 145))
+
+# Fail prior: multiples of fail_theta and their weights. Concentrated on a doubling, the
+# regression canaries are tuned for (the test is then within a few percent of Wald's SPRT for
+# 1 vs 2), with the rest spread up to a crash, where evidence is overwhelming anyway.
+FAIL_PRIOR: tuple[tuple[float, float], ...] = (
+    (1.5, 0.1),
+    (2.0, 0.6),
+    (3.0, 0.1),
+    (6.0, 0.1),
+    (30.0, 0.1),
+)
+
+
+def fail_points(fail_theta: float) -> list[tuple[float, float]]:
+    """The fail mixture: (theta, weight) pairs, all above fail_theta."""
+    return [(fail_theta * m, w) for m, w in FAIL_PRIOR]
+
+
+def pass_points(pass_theta: float) -> list[tuple[float, float]]:
+    """The pass mixture: (theta, weight) pairs, all below pass_theta (> 1).
+
+    Half the weight on theta = 1, the arms equal (what a good canary looks like), the rest on
+    a canary a little worse (halfway to the tolerance) or better.
+    """
+    return [(1.0, 0.5), ((1.0 + pass_theta) / 2.0, 0.2), (0.6, 0.2), (0.3, 0.1)]
+
+
+# Rate grid for the one-arm confidence sequences: 1e-6 .. 1 on a log scale, ~5% steps.
+_RATE_GRID: FloatArray = np.concatenate(
+    [np.exp(np.linspace(math.log(1e-6), math.log(0.999), 280)), [1.0]]
+)
+_LOG_RATE = np.log(_RATE_GRID)
+_LOG1M_RATE = np.log1p(-np.minimum(_RATE_GRID, 1.0 - 1e-12))
+_KT_PRIOR = betaln(0.5, 0.5)
+
+
+def rate_bounds(events: float, n: float, alpha: float) -> tuple[float, float]:
+    """Anytime-valid (lower, upper) bounds on one arm's event rate from events out of n.
+
+    The Krichevsky-Trofimov mixture over Bernoulli rates divided by the likelihood at p is a
+    nonnegative martingale under p; the set of grid rates where it stays below 1/alpha is a
+    confidence sequence. Bounds snap outward to the grid, so they only get more conservative.
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    events = min(max(events, 0.0), n)
+    log_mix = float(betaln(0.5 + events, 0.5 + n - events)) - _KT_PRIOR
+    loglik = events * _LOG_RATE + (n - events) * _LOG1M_RATE
+    inside = np.nonzero(log_mix - loglik < math.log(1.0 / alpha))[0]
+    if inside.size == 0:  # numerically impossible unless the grid is too coarse
+        return 0.0, 1.0
+    lo_i, hi_i = int(inside[0]), int(inside[-1])
+    lower = 0.0 if lo_i == 0 else float(_RATE_GRID[lo_i - 1])
+    upper = float(_RATE_GRID[min(hi_i + 1, _RATE_GRID.size - 1)])
+    return lower, upper
+
+
+@dataclass(frozen=True, slots=True)
+class CountState:
+    """What one count test knows after an update: the numbers a MetricResult carries."""
+
+    e_fail: float
+    e_pass_ratio: float
+    samples_primary: float
+    samples_canary: float
+    events_primary: float
+    events_canary: float
+    estimate: float | None  # canary rate / primary rate since the test began
+    lower: float | None  # confidence sequence on the ratio, at the test's alpha
+    upper: float | None
+    rate_primary: float | None
+    rate_canary: float | None
+    abs_excess_upper: float | None  # anytime-valid upper bound on canary rate - primary rate
+    passed_abs: bool
+
+
+class CountTest:
+    """One metric's conditional count test; feed it cumulative counts, it never awaits.
+
+    `update` takes the cumulative (requests, events) of both arms since some fixed origin; only
+    increments between consecutive updates are used, so the origin does not matter.
+    """
+
+    __slots__ = (
+        "_abs_tolerance",
+        "_alpha",
+        "_cs_log_w",
+        "_e_pass_ratio",
+        "_grid",
+        "_log_grid",
+        "_loglik",
+        "_n_cs",
+        "_pass_alpha",
+        "_prev",
+        "_sl_fail",
+        "_sl_pass",
+        "_totals",
+        "_w_fail",
+        "_w_pass",
+        "fail_theta",
+        "pass_theta",
+    )
+
+    def __init__(
+        self,
+        *,
+        alpha: float,
+        pass_alpha: float,
+        fail_theta: float = 1.0,
+        pass_theta: float = 1.5,
+        abs_tolerance: float = 0.0,
+    ) -> None:
+        if not 0.0 < alpha < 1.0:
+            raise ValueError(f"alpha must be in (0, 1), got {alpha}")
+        if not 0.0 < pass_alpha < 1.0:
+            raise ValueError(f"pass_alpha must be in (0, 1), got {pass_alpha}")
+        if not 0.0 < fail_theta < pass_theta:
+            raise ValueError(f"need 0 < fail_theta ({fail_theta}) < pass_theta ({pass_theta})")
+        self.fail_theta = fail_theta
+        self.pass_theta = pass_theta
+        self._alpha = alpha
+        self._pass_alpha = pass_alpha
+        self._abs_tolerance = abs_tolerance
+        # One vector holds every theta the test needs: the CS grid, the two nulls, the priors.
+        if pass_theta <= 1.0:
+            raise ValueError(f"pass_theta must be above 1, got {pass_theta}")
+        fails, passes = fail_points(fail_theta), pass_points(pass_theta)
+        fail_pts = [t for t, _ in fails]
+        pass_pts = [t for t, _ in passes]
+        self._n_cs = THETA_GRID.size
+        grid = np.concatenate([THETA_GRID, [fail_theta, pass_theta], fail_pts, pass_pts])
+        self._grid = grid
+        self._log_grid = np.log(grid)
+        n = self._n_cs
+        self._sl_fail = slice(n + 2, n + 2 + len(fail_pts))
+        self._sl_pass = slice(n + 2 + len(fail_pts), grid.size)
+        self._w_fail = np.log(np.array([w for _, w in fails]))
+        self._w_pass = np.log(np.array([w for _, w in passes]))
+        # CS mixture: uniform over the log-theta grid (a flat prior on log theta).
+        self._cs_log_w = -math.log(n)
+        self._loglik = np.zeros(grid.size)
+        self._prev: tuple[float, float, float, float] | None = None
+        self._totals = [0.0, 0.0, 0.0, 0.0]  # n_c, e_c, n_p, e_p since the test began
+        self._e_pass_ratio = 0.0  # running max of log e_pass (a pass is a stopping event)
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    def update(self, n_c: float, e_c: float, n_p: float, e_p: float) -> list[str]:
+        """Consume cumulative counts; returns notes (counter resets, clamped increments)."""
+        notes: list[str] = []
+        prev = self._prev
+        if prev is None:
+            # The first look is the origin. Counts before it are not tested: for latency, they
+            # chose the threshold and would bias the test.
+            self._prev = (n_c, e_c, n_p, e_p)
+            return notes
+        dn_c, de_c, dn_p, de_p = n_c - prev[0], e_c - prev[1], n_p - prev[2], e_p - prev[3]
+        if dn_c < 0 or de_c < 0 or dn_p < 0 or de_p < 0:
+            self._prev = (n_c, e_c, n_p, e_p)
+            notes.append("a counter went backwards (restart?): that interval was skipped")
+            return notes
+        if dn_c <= 0 or dn_p <= 0:
+            return notes  # no split to condition on yet: merged into the next interval
+        if de_c > dn_c or de_p > dn_p:
+            de_c, de_p = min(de_c, dn_c), min(de_p, dn_p)
+            notes.append("more events than requests in an interval: events clamped")
+        self._prev = (n_c, e_c, n_p, e_p)
+        t = self._totals
+        t[0] += dn_c
+        t[1] += de_c
+        t[2] += dn_p
+        t[3] += de_p
+        k = de_c + de_p
+        if k > 0:
+            rho_theta = (dn_c / dn_p) * self._grid
+            # log q = log(rho theta) - log1p(rho theta); log(1 - q) = -log1p(rho theta)
+            self._loglik += de_c * np.log(rho_theta) - k * np.log1p(rho_theta)
+        lp = self._log_e_pass_now()
+        if lp > self._e_pass_ratio:
+            self._e_pass_ratio = lp
+        return notes
+
+    def _log_e_fail(self) -> float:
+        ll = self._loglik
+        null = ll[self._n_cs]
+        return _logsumexp(self._w_fail + ll[self._sl_fail] - null)
+
+    def _log_e_pass_now(self) -> float:
+        ll = self._loglik
+        null = ll[self._n_cs + 1]
+        return _logsumexp(self._w_pass + ll[self._sl_pass] - null)
+
+    def state(self) -> CountState:
+        """The test's numbers now; cheap (O(grid))."""
+        n_c, e_c, n_p, e_p = self._totals
+        rate_c = e_c / n_c if n_c > 0 else None
+        rate_p = e_p / n_p if n_p > 0 else None
+        estimate: float | None = None
+        if rate_c is not None and rate_p is not None:
+            if rate_p > 0:
+                estimate = rate_c / rate_p
+            elif rate_c == 0:
+                estimate = 1.0 if e_c + e_p > 0 else None
+            else:
+                estimate = math.inf
+        lower = upper = None
+        if e_c + e_p > 0:
+            lower, upper = self._ratio_cs()
+        abs_upper: float | None = None
+        passed_abs = False
+        if n_c > 0 and n_p > 0:
+            quarter = self._pass_alpha / 4.0
+            _, c_hi = rate_bounds(e_c, n_c, quarter)
+            p_lo, _ = rate_bounds(e_p, n_p, quarter)
+            abs_upper = c_hi - p_lo
+            passed_abs = abs_upper < self._abs_tolerance
+        return CountState(
+            e_fail=_exp(self._log_e_fail()),
+            e_pass_ratio=_exp(self._e_pass_ratio),
+            samples_primary=n_p,
+            samples_canary=n_c,
+            events_primary=e_p,
+            events_canary=e_c,
+            estimate=estimate,
+            lower=lower,
+            upper=upper,
+            rate_primary=rate_p,
+            rate_canary=rate_c,
+            abs_excess_upper=abs_upper,
+            passed_abs=passed_abs,
+        )
+
+    def pass_ratio_reached(self) -> bool:
+        return self._e_pass_ratio >= math.log(2.0 / self._pass_alpha)
+
+    def fail_reached(self) -> bool:
+        return self._log_e_fail() >= math.log(1.0 / self._alpha)
+
+    def _ratio_cs(self) -> tuple[float, float]:
+        """Thetas on the grid not rejected by the flat mixture at level alpha (snapped out)."""
+        ll = self._loglik[: self._n_cs]
+        log_mix = self._cs_log_w + _logsumexp(ll)
+        inside = np.nonzero(log_mix - ll < math.log(1.0 / self._alpha))[0]
+        if inside.size == 0:
+            return 0.0, math.inf
+        lo_i, hi_i = int(inside[0]), int(inside[-1])
+        lower = 0.0 if lo_i == 0 else float(THETA_GRID[lo_i - 1])
+        upper = math.inf if hi_i == self._n_cs - 1 else float(THETA_GRID[hi_i + 1])
+        return lower, upper
+
+
+def _logsumexp(x: FloatArray) -> float:
+    m = float(np.max(x))
+    if not math.isfinite(m):
+        return m
+    return m + math.log(float(np.sum(np.exp(x - m))))
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 700.0 else math.inf

@@ -1,0 +1,104 @@
+"""From per-metric evidence to one decision, with a readable line per metric. Pure functions.
+
+The rules, in order:
+
+* **fail** as soon as any *critical* metric's fail e-process reaches 1/alpha_metric (the
+  alphas of the critical metrics sum to the analysis' alpha, so a false rollback has
+  probability <= alpha overall);
+* **pass** only when *every* metric has positive evidence of being within tolerance and both
+  arms have at least `min_samples` of that metric's samples;
+* otherwise **continue**. No data, too little data, or a NaN anywhere is never a pass: the
+  checks are written so that a NaN compares false and falls through to "continue".
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+from analysis.types import Decision, MetricResult
+
+__all__ = ["combine", "decide_metric", "reason_line", "reasons"]
+
+
+def decide_metric(
+    *,
+    has_data: bool,
+    e_fail: float,
+    alpha: float,
+    pass_reached: bool,
+    samples_primary: float,
+    samples_canary: float,
+    min_samples: float,
+) -> Decision:
+    """One metric's decision from its evidence."""
+    if not has_data:
+        return Decision.CONTINUE
+    if e_fail >= 1.0 / alpha:  # NaN >= x is False
+        return Decision.FAIL
+    enough = samples_primary >= min_samples and samples_canary >= min_samples
+    if pass_reached and enough:
+        return Decision.PASS
+    return Decision.CONTINUE
+
+
+def combine(metrics: Mapping[str, MetricResult]) -> Decision:
+    """The analysis' decision: any critical fail fails; all passing passes; else continue."""
+    if any(m.critical and m.decision is Decision.FAIL for m in metrics.values()):
+        return Decision.FAIL
+    if metrics and all(m.decision is Decision.PASS for m in metrics.values()):
+        return Decision.PASS
+    return Decision.CONTINUE
+
+
+def _num(x: float | None, digits: int = 3) -> str:
+    if x is None or math.isnan(x):
+        return "n/a"
+    if math.isinf(x):
+        return "inf" if x > 0 else "-inf"
+    return f"{x:.{digits}g}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{100 * x:.3g}%"
+
+
+def _e(x: float) -> str:
+    if math.isinf(x):
+        return "inf"
+    return f"{x:.3g}" if x < 1e4 else f"{x:.1e}"
+
+
+def reason_line(m: MetricResult, *, no_data: str | None = None) -> str:
+    """One line: what was compared, the estimate, the bound, the test, the decision."""
+    what = "error rate" if m.threshold_s is None else f"share slower than {m.threshold_s:g} s"
+    head = f"{m.name}: "
+    if no_data is not None:
+        return f"{head}no data ({no_data}): CONTINUE"
+    rate_c = m.extra.get("rate_canary")
+    rate_p = m.extra.get("rate_primary")
+    level = f"{100 * (1 - m.alpha):.4g}%"
+    parts = [
+        f"{head}{what}: canary {_pct(rate_c)} vs primary {_pct(rate_p)} "
+        f"(ratio {_num(m.estimate)}, {level} CS [{_num(m.lower)}, {_num(m.upper)}]; "
+        f"fail above {m.fail_ratio:g}, pass below {1 + m.tolerance:g}"
+        + (f" or excess < {_pct(m.abs_tolerance)}" if m.abs_tolerance > 0 else "")
+        + ")",
+        f"{m.test}: e_fail={_e(m.e_value_fail)} "
+        f"{'>=' if m.e_value_fail >= 1 / m.alpha else '<'} {_e(1 / m.alpha)}, "
+        f"e_pass={_e(m.e_value_pass)}",
+    ]
+    excess = m.extra.get("abs_excess_upper")
+    if excess is not None:
+        parts[-1] += f", excess bound {_pct(excess)}"
+    parts[-1] += (
+        f"; samples canary {m.samples_canary:.0f} / primary {m.samples_primary:.0f}, "
+        f"events {m.events_canary:.0f} / {m.events_primary:.0f}"
+    )
+    tag = m.decision.value.upper() + ("" if m.critical else " (not critical)")
+    return " — ".join(parts) + f": {tag}"
+
+
+def reasons(metrics: Mapping[str, MetricResult], notes: Sequence[str]) -> list[str]:
+    """The verdict's reasons: each metric's line, then the notes of this observation."""
+    return [m.reason for m in metrics.values()] + [f"note: {n}" for n in notes]
