@@ -6,8 +6,9 @@ answers and closes. That avoids prompt parsing and leaves no half-read stream be
 a timeout.
 
 - `set weight <backend>/<server> <w>` on both servers: primary 100-p, canary p. The server
-  whose new weight is larger is set first, so the backend never has every server at weight
-  0 between the two commands (weight 0 is valid: drained, no new requests).
+  whose weight rises is set first, so the backend never has every server at weight 0
+  between the two commands (weight 0 is valid: drained, no new requests), and roundrobin
+  follows the new split at once instead of after a burst (see set_weight).
 - `show servers state <backend>` is read back; columns are found by name from its header,
   after the format version line, because HAProxy adds columns between versions.
 - HAProxy answers an accepted command with a bare newline. Anything else is its error
@@ -155,14 +156,19 @@ class HAProxyRouter:
             raise TypeError(f"canary_percent must be an int, got {canary_percent!r}")
         if not 0 <= canary_percent <= 100:
             raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
-        settings = [
-            (self.primary_server, 100 - canary_percent),
-            (self.canary_server, canary_percent),
-        ]
-        # Larger first: whichever order the old weights were in, one server stays >= 50.
-        settings.sort(key=lambda s: s[1], reverse=True)
-        for server, weight in settings:
-            await self._accepted(f"set weight {self.backend}/{server} {weight}")
+        targets = {self.primary_server: 100 - canary_percent, self.canary_server: canary_percent}
+        try:
+            current = await self.weights()
+        except RouterRejected:
+            current = {}  # e.g. unknown backend: `set weight` below says so in HAProxy's words
+        # Raise before lowering. The backend never has every server at weight 0 between the
+        # two commands, and roundrobin's scheduler takes the change smoothly: lowering first
+        # let the raised server take a burst of ~2 x the total weight in requests (measured
+        # with HAProxy 2.6). An unknown current weight counts as 0 (larger target first).
+        order = sorted(targets, key=lambda srv: targets[srv] - current.get(srv, 0), reverse=True)
+        for server in order:
+            if current.get(server) != targets[server]:
+                await self._accepted(f"set weight {self.backend}/{server} {targets[server]}")
         if self.state_file is not None:
             await self.save_state(self.state_file)
 
