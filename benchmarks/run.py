@@ -518,6 +518,14 @@ def render(
     )
     add("")
     add(
+        "Reading the Flagger rows: the documented success-rate threshold (99%) sits exactly at the "
+        "simulated baseline error rate (1%), so in A/A about half of the 1-minute checks fail and "
+        "5 failures come quickly; a looser threshold would trade those false rollbacks for slower "
+        "or no detection of the 1% -> 2% regression. The p99 <= 500 ms check cannot see a +30% "
+        "median (p99 ~ 0.26 s) and only sometimes the tail regression."
+    )
+    add("")
+    add(
         "Reading the Kayenta rows: with per-minute values the judge runs at minute 2 on 2 points per "
         "arm. A 98% interval is not achievable there, and Kayenta's R-derived interval then falls back "
         "to the range of the pairwise differences, so 'all canary points above all baseline points' "
@@ -696,9 +704,15 @@ def targets(
             _pct(power),
             power >= 0.95,
         )
-    m = summaries["aa_20canary"]["analyzer"]
-    share = sum(t <= PASS_WITHIN_S for t in m.time_pass) / m.runs
-    row("A/A at 20 canary req/s: pass within 10 min in >= 95% of runs", _pct(share), share >= 0.95)
+    # 20 canary req/s twice: beside a 9x larger primary (10%), and at an even split (50%).
+    for name in ("aa_200rps", "aa_20canary"):
+        m = summaries[name]["analyzer"]
+        share = sum(t <= PASS_WITHIN_S for t in m.time_pass) / m.runs
+        row(
+            f"A/A at 20 canary req/s ({name}): pass within 10 min in >= 95% of runs",
+            _pct(share),
+            share >= 0.95,
+        )
     row("observe() median <= 200 us", f"{median_us:.1f} us", median_us <= 200.0)
     return out
 
