@@ -522,7 +522,8 @@ def render(
         "simulated baseline error rate (1%), so in A/A about half of the 1-minute checks fail and "
         "5 failures come quickly; a looser threshold would trade those false rollbacks for slower "
         "or no detection of the 1% -> 2% regression. The p99 <= 500 ms check cannot see a +30% "
-        "median (p99 ~ 0.26 s) and only sometimes the tail regression."
+        "median (p99 ~ 0.26 s) and only sometimes the tail regression: Flagger's 'power' on the "
+        "latency scenarios is mostly its A/A false-rollback rate from the success-rate check."
     )
     add("")
     add(
