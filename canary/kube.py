@@ -146,18 +146,19 @@ class RetryPolicy:
 
 
 async def with_retries(call: Callable[[], Awaitable[T]], *, policy: RetryPolicy, what: str) -> T:
-    """Run `call`, retrying `_Transient` failures under `policy`; raise Unavailable at the end."""
+    """Run `call`, retrying `_Transient` failures under `policy`; raise Unavailable at the end.
+    `what` names the call in log lines; the failures' messages name it already."""
     for attempt in range(1, policy.attempts + 1):
         try:
             return await call()
         except _Transient as exc:
             if attempt == policy.attempts:
-                raise Unavailable(f"{what}: {exc} (gave up after {attempt} attempts)") from exc
+                raise Unavailable(f"{exc} (gave up after {attempt} attempts)") from exc
             delay = policy.backoff(attempt)
             if exc.retry_after is not None:
                 if exc.retry_after > policy.max_retry_after_s:
                     raise Unavailable(
-                        f"{what}: {exc}; server asks to retry after {exc.retry_after:g}s, "
+                        f"{exc}; server asks to retry after {exc.retry_after:g}s, "
                         f"more than the {policy.max_retry_after_s:g}s allowed"
                     ) from exc
                 delay = max(delay, exc.retry_after)
@@ -304,7 +305,7 @@ class Kube:
             try:
                 resp = await fn(*args, _preload_content=False, **kwargs)
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                raise _Transient(f"no answer: {exc!r}") from exc
+                raise _Transient(f"{what}: no answer: {exc!r}") from exc
             async with resp:
                 body = await resp.read()
                 return _decode(resp.status, resp.headers.get("Retry-After"), body, what)
@@ -413,7 +414,7 @@ class Kube:
                     _request_timeout=aiohttp.ClientTimeout(sock_read=timeout_s + 15),
                 )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                raise _Transient(f"no answer: {exc!r}") from exc
+                raise _Transient(f"watch deployments: no answer: {exc!r}") from exc
             if resp.status != 200:
                 async with resp:
                     _decode(
@@ -713,10 +714,18 @@ class LeaderElector:
             raise ValueError("identity must not be empty")
 
     @property
+    def leader_until(self) -> float:
+        """The `clock()` time at which leadership lapses unless renewed; once it has
+        been lost, the time it ended."""
+        return self._leader_until
+
+    @property
     def is_leader(self) -> bool:
         return self._leading and self.clock() < self._leader_until
 
     def _set_leading(self, leading: bool) -> None:
+        if not leading:
+            self._leader_until = min(self._leader_until, self.clock())
         if leading != self._leading:
             self._leading = leading
             log.info(
@@ -739,7 +748,7 @@ class LeaderElector:
                 except KubeError as exc:
                     log.warning("lease %s/%s: %s", self.namespace, self.name, exc)
                     renewed = False
-                if renewed:
+                if renewed and self.clock() < started + self.renew_deadline_s:
                     self._leader_until = started + self.renew_deadline_s
                     self._set_leading(True)
                 elif not self.is_leader:
@@ -811,7 +820,6 @@ class LeaderElector:
     async def release(self) -> None:
         """Give the Lease up so that another candidate need not wait for it to expire."""
         self._set_leading(False)
-        self._leader_until = 0.0
         if (
             self._lease is None
             or (self._lease.get("spec") or {}).get("holderIdentity") != self.identity

@@ -62,6 +62,7 @@ class RecordedRequest:
     query: dict[str, str]
     token: str | None
     status: int = 0
+    body: Any = None  # the decoded JSON body of a write
 
 
 @dataclass
@@ -449,6 +450,7 @@ class KubeEmulator:
                     body = json.loads(await request.read())
                 except json.JSONDecodeError as exc:
                     raise _ApiError(400, f"body is not JSON: {exc}") from exc
+                rec.body = copy.deepcopy(body)
             code, payload = self._serve(rec, body, request.content_type)
         except _ApiError as exc:
             rec.status = exc.code
