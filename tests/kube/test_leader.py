@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -77,11 +78,11 @@ async def candidates(
 
 
 async def sample_until(
-    pair: tuple[Candidate, Candidate], condition: str, timeout: float = 8.0
+    pair: tuple[Candidate, Candidate], condition: str, within_s: float = 8.0
 ) -> list[tuple[bool, bool]]:
     """Sample both candidates' is_leader until `condition` ('a', 'b' or 'any') leads."""
     samples: list[tuple[bool, bool]] = []
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while time.monotonic() < deadline:
         state = (pair[0].elector.is_leader, pair[1].elector.is_leader)
         samples.append(state)
@@ -90,12 +91,12 @@ async def sample_until(
         ):
             return samples
         await asyncio.sleep(0.01)
-    raise AssertionError(f"{condition} did not become leader within {timeout}s")
+    raise AssertionError(f"{condition} did not become leader within {within_s}s")
 
 
 def assert_terms_disjoint(*candidates: Candidate) -> None:
     terms = sorted(t for c in candidates for t in c.terms)
-    for (_, end), (start, _) in zip(terms, terms[1:], strict=False):
+    for (_, end), (start, _) in itertools.pairwise(terms):
         assert start >= end, f"overlapping leadership terms: {terms}"
 
 
