@@ -399,6 +399,10 @@ def _tasks(options: Options) -> list[_Task]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     options = _parse(sys.argv[1:] if argv is None else argv)
+    # Import the engine once, before forking: every worker and the cost phase then run the
+    # same code even if analysis/ is edited while the benchmark runs.
+    _load_engine_factory(options.engine)
+    analysis_tree = _git_analysis_tree()
     started = time.monotonic()
     all_scenarios = scenarios()
     results: dict[str, dict[str, list[Outcome]]] = {
@@ -436,7 +440,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         ),
     )
     text = render(
-        options, all_scenarios, results, limits, cost, time.monotonic() - started, simulated_s
+        options,
+        all_scenarios,
+        results,
+        limits,
+        cost,
+        time.monotonic() - started,
+        simulated_s,
+        analysis_tree,
     )
     print(text)
     if options.out is not None:
@@ -457,10 +468,10 @@ def _collect(
 # Rendering
 
 
-def _git_head() -> str:
+def _git(*args: str) -> str:
     try:
         return subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
+            ["git", *args],
             capture_output=True,
             text=True,
             check=True,
@@ -468,6 +479,13 @@ def _git_head() -> str:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
+
+
+def _git_analysis_tree() -> str:
+    """The engine's exact code: git tree of analysis/ at HEAD, and whether it was modified."""
+    tree = _git("rev-parse", "--short", "HEAD:analysis")
+    dirty = _git("status", "--porcelain", "--", "../analysis")
+    return f"{tree} ({'MODIFIED in the working tree' if dirty else 'clean'})"
 
 
 def render(
@@ -478,6 +496,7 @@ def render(
     cost: tuple[float, float, int],
     elapsed_s: float,
     simulated_s: float,
+    analysis_tree: str,
 ) -> str:
     lines: list[str] = []
     add = lines.append
@@ -490,7 +509,10 @@ def render(
     )
     add("")
     add(f"- Command: `{command}`")
-    add(f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')} (git {_git_head()})")
+    add(
+        f"- Date: {datetime.now(UTC).strftime('%Y-%m-%d %H:%M UTC')}, git {_git('rev-parse', '--short', 'HEAD')}, "
+        f"analysis/ tree {analysis_tree}"
+    )
     add(
         f"- Machine: nproc {os.cpu_count()}, {platform.machine()}, Python {platform.python_version()}, "
         f"numpy {np.__version__}, scipy {scipy.__version__}"
