@@ -64,6 +64,9 @@ class MetricsProvider(Protocol):
 # non-negative steps after `since`; a drop is a counter reset, where the new value is the
 # increase. The baseline is the series' last sample at or before `since`; a series born after
 # `since` starts from 0. Then series are summed (and, for histograms, grouped by `le`).
+# As with Prometheus' own increase(), a reset is seen only as a drop between two scraped
+# samples: a counter that restarts and climbs past its old value before the next scrape
+# looks like a smaller increase. With 1 s scrapes and restarts taking longer, that is rare.
 
 # The demo service's metrics (canary/demo/service.py exports them with prometheus-client).
 REQUESTS_METRIC = "http_requests_total"
@@ -253,8 +256,9 @@ def _increase_since(series: Mapping[str, Any], since: float, selector: str) -> f
     total = 0.0
     for t, v in samples:
         if not math.isfinite(v):
+            shown = "NaN" if math.isnan(v) else str(v)
             raise _NoDataError(
-                f"{v} in {selector} (series {series.get('metric')}) at {t:.3f}: "
+                f"{shown} sample in {selector} (series {series.get('metric')}) at {t:.3f}: "
                 "not a count, no data"
             )
         if t <= since:
