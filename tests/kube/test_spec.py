@@ -1,0 +1,199 @@
+"""The annotation schema: good annotations parse; each bad one is named with its rule."""
+
+from __future__ import annotations
+
+import pytest
+
+from canary.spec import (
+    ANNOTATION_STATUS,
+    ANNOTATIONS,
+    PREFIX,
+    CanarySpec,
+    SpecError,
+    dump_problems,
+    markdown_table,
+    parse_annotations,
+    parse_duration,
+)
+
+BASE = {
+    "canary.dev/enabled": "true",
+    "canary.dev/router": "ingress-nginx",
+    "canary.dev/ingress": "app",
+}
+
+
+def test_no_annotations_means_not_enabled() -> None:
+    """A Deployment without canary annotations is simply not opted in."""
+    assert parse_annotations(None) == CanarySpec()
+    assert parse_annotations({"deployment.kubernetes.io/revision": "3"}).enabled is False
+
+
+def test_full_spec_parses() -> None:
+    """Every kind of annotation lands in the right field, with units converted."""
+    spec = parse_annotations(
+        {
+            "canary.dev/enabled": "true",
+            "canary.dev/steps": "5, 20,50%",
+            "canary.dev/min-step-duration": "1m30s",
+            "canary.dev/max-step-duration": "none",
+            "canary.dev/no-data-deadline": "5m",
+            "canary.dev/analysis.alpha": "0.01",
+            "canary.dev/analysis.error-tolerance": "20%",
+            "canary.dev/analysis.latency-tolerance": "0.1",
+            "canary.dev/analysis.critical": "errors",
+            "canary.dev/router": "gateway-api",
+            "canary.dev/httproute": "app-route",
+            "canary.dev/port": "8080",
+            "canary.dev/metrics": "custom",
+            "canary.dev/metrics.requests-query": 'sum(rate(x_total{service="{service}"}[1m]))',
+            "canary.dev/metrics.errors-query": 'sum(rate(x_total{code=~"5.."}[1m]))',
+            "canary.dev/webhook.pre-rollout": "http://tester.shop/smoke",
+            ANNOTATION_STATUS: '{"stage":"Progressing"}',  # the controller's, not input
+            "kubectl.kubernetes.io/last-applied-configuration": "{}",
+        }
+    )
+    assert spec.enabled and spec.steps == (5, 20, 50)
+    assert (spec.min_step_s, spec.max_step_s, spec.no_data_deadline_s) == (90.0, None, 300.0)
+    assert spec.analysis.overrides() == {
+        "alpha": 0.01,
+        "error_tolerance": 0.2,
+        "latency_tolerance": 0.1,
+        "critical": ("errors",),
+    }
+    assert spec.router is not None
+    assert (spec.router.kind, spec.router.target, spec.router.port) == (
+        "gateway-api",
+        "app-route",
+        8080,
+    )
+    assert spec.metrics.preset == "custom" and spec.metrics.requests_query
+    assert [(w.type, w.url) for w in spec.webhooks] == [("pre-rollout", "http://tester.shop/smoke")]
+    assert spec.rollout_kwargs()["promotion"] == "copy"
+
+
+@pytest.mark.parametrize(
+    ("annotations", "key", "rule"),
+    [
+        ({"canary.dev/steps": "10,5"}, "steps", "must be strictly increasing, got 10,5"),
+        ({"canary.dev/steps": "10,10"}, "steps", "must be strictly increasing"),
+        ({"canary.dev/steps": "0,10"}, "steps", "within 1..99"),
+        ({"canary.dev/steps": "10,100"}, "steps", "within 1..99 (100 is the promotion)"),
+        ({"canary.dev/steps": "ten"}, "steps", "whole percentages, got 'ten'"),
+        ({"canary.dev/steps": ""}, "steps", "at least one"),
+        ({"canary.dev/enabled": "yes please"}, "enabled", '"true" or "false"'),
+        ({"canary.dev/min-step-duration": "soon"}, "min-step-duration", "duration like 90s"),
+        ({"canary.dev/max-step-duration": "0s"}, "max-step-duration", "must be positive"),
+        (
+            {"canary.dev/min-step-duration": "10m", "canary.dev/max-step-duration": "5m"},
+            "max-step-duration",
+            "must be at least min-step-duration (600s)",
+        ),
+        ({"canary.dev/min-step-duration": "1h"}, "min-step-duration", "at least min-step"),
+        ({"canary.dev/no-data-deadline": "0"}, "no-data-deadline", "must be positive"),
+        ({"canary.dev/analysis.alpha": "0.7"}, "analysis.alpha", "within (0, 0.5)"),
+        ({"canary.dev/analysis.alpha": "low"}, "analysis.alpha", "must be a number"),
+        ({"canary.dev/analysis.error-tolerance": "-1"}, "analysis.error-tolerance", "within 0..10"),
+        (
+            {"canary.dev/analysis.critical": "errors,cpu"},
+            "analysis.critical",
+            "unknown metric 'cpu'",
+        ),
+        ({"canary.dev/router": "istio"}, "router", "one of ingress-nginx, gateway-api"),
+        ({"canary.dev/router": "ingress-nginx"}, "ingress", "is required with"),
+        ({"canary.dev/router": "gateway-api"}, "httproute", "is required with"),
+        (
+            {"canary.dev/router": "gateway-api", "canary.dev/ingress": "app"},
+            "ingress",
+            "does not apply to canary.dev/router: gateway-api",
+        ),
+        (
+            {"canary.dev/ingress": "app", "canary.dev/httproute": "app"},
+            "ingress",
+            "either canary.dev/ingress or canary.dev/httproute",
+        ),
+        ({"canary.dev/ingress": "App_1"}, "ingress", "Kubernetes object name"),
+        ({"canary.dev/port": "99999"}, "port", "1..65535"),
+        ({"canary.dev/metrics": "datadog"}, "metrics", "one of ingress-nginx, envoy"),
+        ({"canary.dev/metrics": "custom"}, "metrics.requests-query", "is required with"),
+        ({"canary.dev/metrics.errors-query": "up"}, "metrics.errors-query", "only applies to"),
+        (
+            {
+                "canary.dev/metrics": "custom",
+                "canary.dev/metrics.requests-query": "sum(x",
+                "canary.dev/metrics.errors-query": "y",
+            },
+            "metrics.requests-query",
+            "unbalanced brackets",
+        ),
+        ({"canary.dev/metrics.histogram": "9lives"}, "metrics.histogram", "Prometheus metric name"),
+        ({"canary.dev/webhook.rollback": "ftp://x"}, "webhook.rollback", "http:// or https:// URL"),
+        ({"canary.dev/step": "10"}, "step", "unknown annotation; did you mean canary.dev/steps?"),
+        ({"canary.dev/webhook.later": "http://x"}, "webhook.later", "unknown annotation"),
+    ],
+)
+def test_bad_annotation_names_key_and_rule(
+    annotations: dict[str, str], key: str, rule: str
+) -> None:
+    """Each bad annotation raises SpecError whose text is '<key>: <rule>'."""
+    merged = (
+        {**BASE, **annotations}
+        if key not in ("router", "ingress", "httproute")
+        else {
+            "canary.dev/enabled": "true",
+            **annotations,
+        }
+    )
+    with pytest.raises(SpecError) as caught:
+        parse_annotations(merged)
+    full_key = PREFIX + key
+    assert full_key in caught.value.problems, caught.value.problems
+    assert rule in caught.value.problems[full_key]
+    assert f"{full_key}: " in str(caught.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    """Several bad annotations are all named, so one fix-up round suffices."""
+    with pytest.raises(SpecError) as caught:
+        parse_annotations({**BASE, "canary.dev/steps": "9,3", "canary.dev/port": "x"})
+    assert set(caught.value.problems) == {"canary.dev/steps", "canary.dev/port"}
+    assert dump_problems(caught.value).startswith('{"canary.dev/port":')
+
+
+def test_enabled_needs_a_router() -> None:
+    """Opting in without saying how to split traffic is an error on canary.dev/router."""
+    with pytest.raises(SpecError, match=r"canary\.dev/router: is required"):
+        parse_annotations({"canary.dev/enabled": "true"})
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("90", 90.0), ("90s", 90.0), ("5m", 300.0), ("1h30m", 5400.0), ("1m30s", 90.0), ("0.5s", 0.5)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    """Go-style durations and plain seconds are accepted."""
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5x", "m", "-5", "1s1h", "inf"])
+def test_bad_durations(text: str) -> None:
+    """Anything else is refused with the expected form in the message."""
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(text)
+
+
+def test_table_defaults_are_the_model_defaults() -> None:
+    """The documented defaults parse to exactly what the model uses when a key is absent."""
+    defaults = CanarySpec().model_dump()
+    for annotation in ANNOTATIONS:
+        if not annotation.default or annotation.default.startswith("("):
+            continue
+        node = defaults
+        *parents, leaf = annotation.field.split(".")
+        for part in parents:
+            node = node[part]
+        if annotation.field == "router.port":
+            continue  # the router block exists only once a router is chosen
+        assert annotation.parse(annotation.default) == node[leaf], annotation.key
+    table = markdown_table()
+    assert all(f"`{a.key}`" in table for a in ANNOTATIONS)
