@@ -326,15 +326,18 @@ class ManagedProcess:
         proc = self._aproc
         if proc is None:
             return None
-        if proc.returncode is None:
-            _signal(proc.pid, signal.SIGTERM)
-            try:
-                await asyncio.wait_for(proc.wait(), timeout=self.stop_grace)
-            except TimeoutError:
-                _kill_group(proc.pid)
-                await proc.wait()
-        # Anything the child left behind in its group (e.g. HAProxy workers) goes too.
-        _kill_group(proc.pid)
+        try:
+            if proc.returncode is None:
+                _signal(proc.pid, signal.SIGTERM)
+                try:
+                    await asyncio.wait_for(proc.wait(), timeout=self.stop_grace)
+                except TimeoutError:
+                    _kill_group(proc.pid)
+                    await proc.wait()
+        finally:
+            # Anything left in the child's group (e.g. HAProxy workers) goes too, and so
+            # does the child itself if this stop was cancelled half-way (Ctrl-C).
+            _kill_group(proc.pid)
         return proc.returncode
 
     def signal(self, signum: int) -> None:
@@ -401,14 +404,16 @@ class ManagedProcess:
         proc = self._popen
         if proc is None:
             return None
-        if proc.poll() is None:
-            _signal(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=self.stop_grace)
-            except subprocess.TimeoutExpired:
-                _kill_group(proc.pid)
-                proc.wait()
-        _kill_group(proc.pid)
+        try:
+            if proc.poll() is None:
+                _signal(proc.pid, signal.SIGTERM)
+                try:
+                    proc.wait(timeout=self.stop_grace)
+                except subprocess.TimeoutExpired:
+                    _kill_group(proc.pid)
+                    proc.wait()
+        finally:
+            _kill_group(proc.pid)
         return proc.returncode
 
     def __enter__(self) -> Self:

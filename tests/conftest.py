@@ -8,7 +8,6 @@ installs them (scripts/setup --all), and a skipped real-server test proves nothi
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 import tempfile
@@ -67,22 +66,11 @@ class ProcessPool:
             raise RuntimeError("could not stop: " + "; ".join(errors))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 @pytest.fixture(scope="session", autouse=True)
 def _no_process_left_behind() -> Iterator[None]:
     """At the end of the session, fail if a pool-started process is still alive."""
     yield
     alive = [p for p in ProcessPool.started if p.pid is not None and p.returncode is None]
-    alive += [p for p in ProcessPool.started if p.pid is not None and _alive(p.pid)]
     if alive:
         for process in alive:
             process.stop_sync()
