@@ -50,6 +50,7 @@ from kubernetes_asyncio import config as k8s_config
 
 __all__ = [
     "API_CALLS",
+    "OWN_NAMESPACE_RESOURCES",
     "ApiCall",
     "Conflict",
     "Gone",
@@ -190,6 +191,10 @@ API_CALLS: frozenset[ApiCall] = frozenset(
     | _calls("gateway.networking.k8s.io", "httproutes", "get", "patch")
     | _calls("coordination.k8s.io", "leases", "get", "create", "update")
 )
+
+# Used only in the controller's own namespace (the Lease, its state ConfigMaps): the RBAC
+# grants them by a namespaced Role, not the ClusterRole.
+OWN_NAMESPACE_RESOURCES = frozenset({"leases", "configmaps"})
 
 _MERGE_PATCH = "application/merge-patch+json"
 
