@@ -9,6 +9,8 @@ the verdict's notes and reasons; the interval they span is skipped by every metr
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
+from typing import Any
 
 from analysis.config import AnalysisConfig, MetricConfig
 from analysis.counts import CountState, CountTest
@@ -20,6 +22,7 @@ __all__ = ["Analyzer"]
 
 _ERRORS_TEST = "conditional binomial mixture SPRT on error events"
 _LATENCY_TEST = "conditional binomial mixture SPRT on slow requests"
+_E_MAX = 1e300  # e-values are capped so that records stay valid JSON (no Infinity)
 
 
 def _backwards(name: str, prev: ArmCounts, cur: ArmCounts) -> list[str]:
@@ -99,7 +102,7 @@ class Analyzer:
         decision = combine(metrics)
         if decision is Decision.PASS and min(p.requests, c.requests) < self.config.min_samples:
             decision = Decision.CONTINUE  # defensive: per-metric checks already need samples
-        return Verdict.model_construct(
+        return Verdict(
             decision=decision,
             reasons=reasons(metrics, notes),
             metrics=metrics,
@@ -140,31 +143,36 @@ class Analyzer:
         estimate = st.estimate
         if estimate is not None and math.isinf(estimate):
             estimate = None  # primary has no events yet; the CS still bounds it
-        result = MetricResult.model_construct(
-            name=name,
-            decision=decision,
-            critical=cfg.critical,
-            test=_ERRORS_TEST if threshold_s is None else _LATENCY_TEST,
-            scale="ratio",
-            estimate=estimate,
-            lower=st.lower,
-            upper=st.upper,
-            tolerance=cfg.tolerance,
-            alpha=alpha,
-            fail_ratio=cfg.fail_ratio,
-            abs_tolerance=cfg.abs_tolerance,
-            pass_alpha=self.config.pass_alpha,
-            e_value_fail=st.e_fail,
-            e_value_pass=st.e_pass_ratio,
-            samples_primary=st.samples_primary,
-            samples_canary=st.samples_canary,
-            events_primary=st.events_primary,
-            events_canary=st.events_canary,
-            threshold_s=threshold_s,
-            reason="",
-            extra=extra,
-        )
-        line = reason_line(result, no_data=no_data if not has_data and no_data else None)
-        if not has_data and no_data is None:
+        upper = st.upper
+        if upper is not None and math.isinf(upper):
+            upper = None  # unbounded above (JSON has no infinity)
+        fields: dict[str, Any] = {
+            "name": name,
+            "decision": decision,
+            "critical": cfg.critical,
+            "test": _ERRORS_TEST if threshold_s is None else _LATENCY_TEST,
+            "scale": "ratio",
+            "estimate": estimate,
+            "lower": st.lower,
+            "upper": upper,
+            "tolerance": cfg.tolerance,
+            "alpha": alpha,
+            "fail_ratio": cfg.fail_ratio,
+            "abs_tolerance": cfg.abs_tolerance,
+            "pass_alpha": self.config.pass_alpha,
+            "e_value_fail": min(st.e_fail, _E_MAX),
+            "e_value_pass": min(st.e_pass_ratio, _E_MAX),
+            "samples_primary": st.samples_primary,
+            "samples_canary": st.samples_canary,
+            "events_primary": st.events_primary,
+            "events_canary": st.events_canary,
+            "threshold_s": threshold_s,
+            "extra": extra,
+        }
+        if has_data:
+            line = reason_line(SimpleNamespace(**fields))
+        elif no_data is not None:
+            line = f"{name}: no data ({no_data}): CONTINUE"
+        else:
             line = f"{name}: no data yet (both arms need requests since the test began): CONTINUE"
-        return result.model_copy(update={"reason": line})
+        return MetricResult(reason=line, **fields)

@@ -49,7 +49,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
-from scipy.special import betaln
 
 __all__ = [
     "FAIL_PRIOR",
@@ -59,6 +58,8 @@ __all__ = [
     "fail_points",
     "pass_points",
     "rate_bounds",
+    "rate_lower",
+    "rate_upper",
 ]
 
 FloatArray = npt.NDArray[np.float64]
@@ -92,34 +93,85 @@ def pass_points(pass_theta: float) -> list[tuple[float, float]]:
     return [(1.0, 0.5), ((1.0 + pass_theta) / 2.0, 0.2), (0.6, 0.2), (0.3, 0.1)]
 
 
-# Rate grid for the one-arm confidence sequences: 1e-6 .. 1 on a log scale, ~5% steps.
-_RATE_GRID: FloatArray = np.concatenate(
-    [np.exp(np.linspace(math.log(1e-6), math.log(0.999), 280)), [1.0]]
-)
-_LOG_RATE = np.log(_RATE_GRID)
-_LOG1M_RATE = np.log1p(-np.minimum(_RATE_GRID, 1.0 - 1e-12))
-_KT_PRIOR = betaln(0.5, 0.5)
+def _betaln(a: float, b: float) -> float:
+    return math.lgamma(a) + math.lgamma(b) - math.lgamma(a + b)
+
+
+_KT_PRIOR = _betaln(0.5, 0.5)
+
+
+def _kt_h(events: float, n: float, p: float, log_mix: float) -> tuple[float, float]:
+    """log(KT mixture / likelihood at p) and its derivative in p; convex in p."""
+    f = log_mix
+    d = 0.0
+    if events > 0:
+        f -= events * math.log(p)
+        d -= events / p
+    if n - events > 0:
+        f -= (n - events) * math.log1p(-p)
+        d += (n - events) / (1.0 - p)
+    return f, d
 
 
 def rate_bounds(events: float, n: float, alpha: float) -> tuple[float, float]:
     """Anytime-valid (lower, upper) bounds on one arm's event rate from events out of n.
 
-    The Krichevsky-Trofimov mixture over Bernoulli rates divided by the likelihood at p is a
-    nonnegative martingale under p; the set of grid rates where it stays below 1/alpha is a
-    confidence sequence. Bounds snap outward to the grid, so they only get more conservative.
+    The Krichevsky-Trofimov mixture (a Beta(1/2, 1/2) prior over Bernoulli rates) divided by
+    the likelihood at p is a nonnegative martingale under p; the rates where it stays below
+    1/alpha form a confidence sequence (Robbins' method of mixtures). Its log is convex in p,
+    so the set is an interval around the observed rate, and Newton's method started outside
+    it converges monotonically to each end from outside: the bounds err on the wide side.
     """
-    if n <= 0:
-        return 0.0, 1.0
+    return rate_lower(events, n, alpha), rate_upper(events, n, alpha)
+
+
+def _prepare(events: float, n: float, alpha: float) -> tuple[float, float, float, float]:
     events = min(max(events, 0.0), n)
-    log_mix = float(betaln(0.5 + events, 0.5 + n - events)) - _KT_PRIOR
-    loglik = events * _LOG_RATE + (n - events) * _LOG1M_RATE
-    inside = np.nonzero(log_mix - loglik < math.log(1.0 / alpha))[0]
-    if inside.size == 0:  # numerically impossible unless the grid is too coarse
-        return 0.0, 1.0
-    lo_i, hi_i = int(inside[0]), int(inside[-1])
-    lower = 0.0 if lo_i == 0 else float(_RATE_GRID[lo_i - 1])
-    upper = float(_RATE_GRID[min(hi_i + 1, _RATE_GRID.size - 1)])
-    return lower, upper
+    log_mix = _betaln(0.5 + events, 0.5 + n - events) - _KT_PRIOR - math.log(1.0 / alpha)
+    p_hat = events / n
+    # A generous normal-approximation half-width to start Newton from outside the set.
+    width = math.sqrt(p_hat * (1 - p_hat) / n) * (2.0 + math.sqrt(-2 * log_mix + 2)) + 2.0 / n
+    return events, log_mix, p_hat, width
+
+
+def rate_upper(events: float, n: float, alpha: float) -> float:
+    """The upper end of rate_bounds."""
+    if n <= 0 or events >= n:
+        return 1.0
+    events, log_mix, p_hat, width = _prepare(events, n, alpha)
+    p = min(p_hat + width, (1.0 + p_hat) / 2.0)
+    f, d = _kt_h(events, n, p, log_mix)
+    while f < 0:  # still inside: move right
+        if p >= 1.0 - 1e-12:
+            return 1.0
+        p = 1.0 - (1.0 - p) / 4.0
+        f, d = _kt_h(events, n, p, log_mix)
+    for _ in range(60):
+        if f < 1e-6:  # the log e-value is within 1e-6 of the edge
+            break
+        p -= f / d  # d > 0 right of the minimum
+        f, d = _kt_h(events, n, p, log_mix)
+    return p
+
+
+def rate_lower(events: float, n: float, alpha: float) -> float:
+    """The lower end of rate_bounds."""
+    if n <= 0 or events <= 0:
+        return 0.0
+    events, log_mix, p_hat, width = _prepare(events, n, alpha)
+    p = p_hat - width if p_hat - width > 0 else p_hat / 4.0
+    f, d = _kt_h(events, n, p, log_mix)
+    while f < 0:  # still inside: move left
+        p /= 4.0
+        if p < 1e-15:
+            return 0.0
+        f, d = _kt_h(events, n, p, log_mix)
+    for _ in range(60):
+        if f < 1e-6:
+            break
+        p -= f / d  # d < 0 left of the minimum
+        f, d = _kt_h(events, n, p, log_mix)
+    return p
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +203,7 @@ class CountTest:
     __slots__ = (
         "_abs_tolerance",
         "_alpha",
+        "_cached",
         "_cs_log_w",
         "_e_pass_ratio",
         "_grid",
@@ -209,6 +262,7 @@ class CountTest:
         self._prev: tuple[float, float, float, float] | None = None
         self._totals = [0.0, 0.0, 0.0, 0.0]  # n_c, e_c, n_p, e_p since the test began
         self._e_pass_ratio = 0.0  # running max of log e_pass (a pass is a stopping event)
+        self._cached: CountState | None = None  # state() until the next consumed increment
 
     @property
     def alpha(self) -> float:
@@ -234,6 +288,7 @@ class CountTest:
             de_c, de_p = min(de_c, dn_c), min(de_p, dn_p)
             notes.append("more events than requests in an interval: events clamped")
         self._prev = (n_c, e_c, n_p, e_p)
+        self._cached = None
         t = self._totals
         t[0] += dn_c
         t[1] += de_c
@@ -251,16 +306,16 @@ class CountTest:
 
     def _log_e_fail(self) -> float:
         ll = self._loglik
-        null = ll[self._n_cs]
-        return _logsumexp(self._w_fail + ll[self._sl_fail] - null)
+        return _small_logsumexp((self._w_fail + ll[self._sl_fail] - ll[self._n_cs]).tolist())
 
     def _log_e_pass_now(self) -> float:
         ll = self._loglik
-        null = ll[self._n_cs + 1]
-        return _logsumexp(self._w_pass + ll[self._sl_pass] - null)
+        return _small_logsumexp((self._w_pass + ll[self._sl_pass] - ll[self._n_cs + 1]).tolist())
 
     def state(self) -> CountState:
-        """The test's numbers now; cheap (O(grid))."""
+        """The test's numbers now; cheap (O(grid)), and cached until the next increment."""
+        if self._cached is not None:
+            return self._cached
         n_c, e_c, n_p, e_p = self._totals
         rate_c = e_c / n_c if n_c > 0 else None
         rate_p = e_p / n_p if n_p > 0 else None
@@ -279,11 +334,11 @@ class CountTest:
         passed_abs = False
         if n_c > 0 and n_p > 0:
             quarter = self._pass_alpha / 4.0
-            _, c_hi = rate_bounds(e_c, n_c, quarter)
-            p_lo, _ = rate_bounds(e_p, n_p, quarter)
+            c_hi = rate_upper(e_c, n_c, quarter)
+            p_lo = rate_lower(e_p, n_p, quarter)
             abs_upper = c_hi - p_lo
             passed_abs = abs_upper < self._abs_tolerance
-        return CountState(
+        self._cached = CountState(
             e_fail=_exp(self._log_e_fail()),
             e_pass_ratio=_exp(self._e_pass_ratio),
             samples_primary=n_p,
@@ -298,6 +353,7 @@ class CountTest:
             abs_excess_upper=abs_upper,
             passed_abs=passed_abs,
         )
+        return self._cached
 
     def pass_ratio_reached(self) -> bool:
         return self._e_pass_ratio >= math.log(2.0 / self._pass_alpha)
@@ -323,6 +379,14 @@ def _logsumexp(x: FloatArray) -> float:
     if not math.isfinite(m):
         return m
     return m + math.log(float(np.sum(np.exp(x - m))))
+
+
+def _small_logsumexp(x: list[float]) -> float:
+    # A handful of terms: plain floats beat numpy's per-call overhead.
+    m = max(x)
+    if not math.isfinite(m):
+        return m
+    return m + math.log(sum(math.exp(v - m) for v in x))
 
 
 def _exp(x: float) -> float:

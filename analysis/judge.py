@@ -13,12 +13,12 @@ The rules, in order:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 from analysis.types import Decision, MetricResult
 
-__all__ = ["combine", "decide_metric", "reason_line", "reasons"]
+__all__ = ["MetricLike", "combine", "decide_metric", "reason_line", "reasons"]
 
 
 def decide_metric(
@@ -51,12 +51,10 @@ def combine(metrics: Mapping[str, MetricResult]) -> Decision:
     return Decision.CONTINUE
 
 
-def _num(x: float | None, digits: int = 3) -> str:
-    if x is None or math.isnan(x):
+def _num(x: float | None) -> str:
+    if x is None:
         return "n/a"
-    if math.isinf(x):
-        return "inf" if x > 0 else "-inf"
-    return f"{x:.{digits}g}"
+    return f"{x:.3g}"
 
 
 def _pct(x: float | None) -> str:
@@ -64,39 +62,52 @@ def _pct(x: float | None) -> str:
 
 
 def _e(x: float) -> str:
-    if math.isinf(x):
-        return "inf"
     return f"{x:.3g}" if x < 1e4 else f"{x:.1e}"
 
 
-def reason_line(m: MetricResult, *, no_data: str | None = None) -> str:
+class MetricLike(Protocol):
+    """The fields of MetricResult that reason_line reads."""
+
+    name: str
+    decision: Decision
+    critical: bool
+    test: str
+    estimate: float | None
+    lower: float | None
+    upper: float | None
+    tolerance: float
+    alpha: float
+    fail_ratio: float
+    abs_tolerance: float
+    e_value_fail: float
+    e_value_pass: float
+    samples_primary: float
+    samples_canary: float
+    events_primary: float
+    events_canary: float
+    threshold_s: float | None
+    extra: dict[str, float]
+
+
+def reason_line(m: MetricLike) -> str:
     """One line: what was compared, the estimate, the bound, the test, the decision."""
     what = "error rate" if m.threshold_s is None else f"share slower than {m.threshold_s:g} s"
-    head = f"{m.name}: "
-    if no_data is not None:
-        return f"{head}no data ({no_data}): CONTINUE"
-    rate_c = m.extra.get("rate_canary")
-    rate_p = m.extra.get("rate_primary")
-    level = f"{100 * (1 - m.alpha):.4g}%"
-    parts = [
-        f"{head}{what}: canary {_pct(rate_c)} vs primary {_pct(rate_p)} "
-        f"(ratio {_num(m.estimate)}, {level} CS [{_num(m.lower)}, {_num(m.upper)}]; "
-        f"fail above {m.fail_ratio:g}, pass below {1 + m.tolerance:g}"
-        + (f" or excess < {_pct(m.abs_tolerance)}" if m.abs_tolerance > 0 else "")
-        + ")",
-        f"{m.test}: e_fail={_e(m.e_value_fail)} "
-        f"{'>=' if m.e_value_fail >= 1 / m.alpha else '<'} {_e(1 / m.alpha)}, "
-        f"e_pass={_e(m.e_value_pass)}",
-    ]
-    excess = m.extra.get("abs_excess_upper")
-    if excess is not None:
-        parts[-1] += f", excess bound {_pct(excess)}"
-    parts[-1] += (
-        f"; samples canary {m.samples_canary:.0f} / primary {m.samples_primary:.0f}, "
-        f"events {m.events_canary:.0f} / {m.events_primary:.0f}"
-    )
+    extra = m.extra
+    level = 1.0 / m.alpha
+    excess = extra.get("abs_excess_upper")
+    abs_part = f" or excess < {_pct(m.abs_tolerance)}" if m.abs_tolerance > 0 else ""
+    excess_part = "" if excess is None else f", excess bound {_pct(excess)}"
     tag = m.decision.value.upper() + ("" if m.critical else " (not critical)")
-    return " — ".join(parts) + f": {tag}"
+    return (
+        f"{m.name}: {what}: canary {_pct(extra.get('rate_canary'))} vs primary "
+        f"{_pct(extra.get('rate_primary'))} (ratio {_num(m.estimate)}, "
+        f"{100 * (1 - m.alpha):.4g}% CS [{_num(m.lower)}, {_num(m.upper)}]; "
+        f"fail above {m.fail_ratio:g}, pass below {1 + m.tolerance:g}{abs_part}) — "
+        f"{m.test}: e_fail={_e(m.e_value_fail)} {'>=' if m.e_value_fail >= level else '<'} "
+        f"{_e(level)}, e_pass={_e(m.e_value_pass)}{excess_part}; samples canary "
+        f"{m.samples_canary:.0f} / primary {m.samples_primary:.0f}, events "
+        f"{m.events_canary:.0f} / {m.events_primary:.0f}: {tag}"
+    )
 
 
 def reasons(metrics: Mapping[str, MetricResult], notes: Sequence[str]) -> list[str]:

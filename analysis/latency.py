@@ -58,10 +58,8 @@ class LatencyTest:
     def update(self, primary: ArmCounts, canary: ArmCounts) -> tuple[list[str], str | None]:
         """Feed one snapshot. Returns (notes, why there is no data yet or None)."""
         notes: list[str] = []
-        bounds = shared_bounds(primary, canary)
-        p_only = {b for b in primary.latency_buckets if math.isfinite(b)} - set(bounds)
-        c_only = {b for b in canary.latency_buckets if math.isfinite(b)} - set(bounds)
         if self.threshold_s is None:
+            bounds = shared_bounds(primary, canary)
             if not bounds:
                 return notes, "no latency bucket bound shared by both arms"
             total_p = arm_total(primary)
@@ -70,6 +68,8 @@ class LatencyTest:
                     f"waiting for {self._min_primary:.0f} primary requests to choose the "
                     f"p{self.quantile * 100:g} threshold (have {total_p:.0f})"
                 )
+            p_only = {b for b in primary.latency_buckets if math.isfinite(b)} - set(bounds)
+            c_only = {b for b in canary.latency_buckets if math.isfinite(b)} - set(bounds)
             if p_only or c_only:
                 notes.append(
                     f"bucket bounds differ between arms; using the {len(bounds)} shared ones "
@@ -91,11 +91,13 @@ class LatencyTest:
                 f"(primary's cumulative share {primary.latency_buckets[threshold] / total_p:.3f})"
             )
         thr = self.threshold_s
-        if thr not in primary.latency_buckets or thr not in canary.latency_buckets:
+        below_p = primary.latency_buckets.get(thr)
+        below_c = canary.latency_buckets.get(thr)
+        if below_p is None or below_c is None:
             notes.append(f"bucket le={thr:g} missing from an arm: snapshot skipped for this metric")
             return notes, None
         n_p, n_c = arm_total(primary), arm_total(canary)
-        slow_p = max(n_p - primary.latency_buckets[thr], 0.0)
-        slow_c = max(n_c - canary.latency_buckets[thr], 0.0)
+        slow_p = max(n_p - below_p, 0.0)
+        slow_c = max(n_c - below_c, 0.0)
         notes.extend(self.count.update(n_c, slow_c, n_p, slow_p))
         return notes, None

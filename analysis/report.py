@@ -192,22 +192,26 @@ class MetricPoint(_Out):
     estimate: float | None
     lower: float | None
     upper: float | None
+    abs_excess_upper: float | None
     e_value_fail: float
     e_value_pass: float
     decision: str
 
 
 class MetricSeries(_Out):
-    """A metric's confidence sequence over time, with the line it is judged against."""
+    """A metric's confidence sequence over time, with the lines it is judged against."""
 
     name: str
     scale: str
     test: str
     critical: bool
-    tolerance: float
-    threshold: float  # 1 + tolerance: fail once lower > it, pass once upper <= it
+    fail_ratio: float  # fail: evidence that the ratio is above this
+    pass_below: float  # 1 + tolerance; pass: evidence that the ratio is below this ...
+    abs_tolerance: float  # ... or that the canary's excess rate is below this
     alpha: float
-    evidence_bar: float  # 1 / alpha: an e-value at or above it decides
+    pass_alpha: float
+    fail_bar: float  # an e_value_fail at or above it fails the metric
+    pass_bar: float  # an e_value_pass at or above it passes the metric (ratio route)
     points: list[MetricPoint]
 
 
@@ -220,12 +224,20 @@ class MetricRow(_Out):
     estimate: float | None
     lower: float | None
     upper: float | None
-    tolerance: float
-    threshold: float
-    alpha: float
     confidence: float  # 1 - alpha, the coverage of [lower, upper]
+    rate_primary: float | None
+    rate_canary: float | None
+    fail_ratio: float
+    pass_below: float
+    tolerance: float
+    abs_tolerance: float
+    abs_excess_upper: float | None
+    alpha: float
+    pass_alpha: float
     e_value_fail: float
+    fail_bar: float
     e_value_pass: float
+    pass_bar: float
     samples_primary: float
     samples_canary: float
     events_primary: float
@@ -235,20 +247,32 @@ class MetricRow(_Out):
 
 
 class DecidingMetric(_Out):
+    """The metric that settled the verdict, at the tick it did, and by which route."""
+
     name: str
     decision: str
+    # fail: e_value_fail reached fail_bar (lower bound above fail_ratio);
+    # ratio: e_value_pass reached pass_bar (upper bound below 1 + tolerance);
+    # absolute: the bound on the canary's excess rate fell below abs_tolerance.
+    route: Literal["fail", "ratio", "absolute"]
     test: str
     scale: str
     estimate: float | None
-    bound_name: Literal["lower", "upper"]  # fail: lower bound above threshold; pass: upper below
-    bound: float | None
-    threshold: float
-    tolerance: float
-    confidence: float
+    lower: float | None
+    upper: float | None
+    confidence: float  # of [lower, upper]
+    # what the evidence showed: "ratio above 1", "ratio below 2", "excess below 1%"
+    claim: str
+    threshold: float  # the ratio (or, for the absolute route, the excess rate) in the claim
+    excess_bound: float | None  # the bound on the canary's excess rate, when there is one
+    rate_primary: float | None
+    rate_canary: float | None
     e_value: float
     evidence_bar: float
     samples_primary: float
     samples_canary: float
+    events_primary: float
+    events_canary: float
     reason: str
 
 
@@ -258,6 +282,7 @@ class Decided(_Out):
     by: Literal["analysis", "manual", "failover", "controller", "undecided"]
     summary: str
     at_s: float | None
+    elapsed_s: float | None = None  # analysis time of the deciding verdict
     metric: DecidingMetric | None = None
     also: list[str] = Field(default_factory=list)  # other metrics that agreed
     reasons: list[str] = Field(default_factory=list)  # the deciding verdict's reasons
@@ -402,8 +427,16 @@ def _arm_point(arm: ArmCounts | None) -> ArmPoint | None:
     )
 
 
-def _threshold(metric: MetricResult) -> float:
-    return 1.0 + metric.tolerance
+def _fail_bar(metric: MetricResult) -> float:
+    return 1.0 / metric.alpha if metric.alpha > 0 else math.inf
+
+
+def _pass_bar(metric: MetricResult) -> float:
+    # analysis/counts.py gives the ratio route half of pass_alpha (the other half bounds the
+    # arms' rates for the absolute route); an analyzer may state its bar in `extra`.
+    if "pass_bar" in metric.extra:
+        return metric.extra["pass_bar"]
+    return 2.0 / metric.pass_alpha if metric.pass_alpha > 0 else math.inf
 
 
 def _row(metric: MetricResult) -> MetricRow:
@@ -416,12 +449,20 @@ def _row(metric: MetricResult) -> MetricRow:
         estimate=_finite(metric.estimate),
         lower=_finite(metric.lower),
         upper=_finite(metric.upper),
-        tolerance=metric.tolerance,
-        threshold=_threshold(metric),
-        alpha=metric.alpha,
         confidence=1.0 - metric.alpha,
+        rate_primary=_finite(metric.extra.get("rate_primary")),
+        rate_canary=_finite(metric.extra.get("rate_canary")),
+        fail_ratio=metric.fail_ratio,
+        pass_below=1.0 + metric.tolerance,
+        tolerance=metric.tolerance,
+        abs_tolerance=metric.abs_tolerance,
+        abs_excess_upper=_finite(metric.extra.get("abs_excess_upper")),
+        alpha=metric.alpha,
+        pass_alpha=metric.pass_alpha,
         e_value_fail=metric.e_value_fail,
+        fail_bar=_fail_bar(metric),
         e_value_pass=metric.e_value_pass,
+        pass_bar=_pass_bar(metric),
         samples_primary=metric.samples_primary,
         samples_canary=metric.samples_canary,
         events_primary=metric.events_primary,
@@ -431,36 +472,59 @@ def _row(metric: MetricResult) -> MetricRow:
     )
 
 
-def _deciding(verdict: Verdict) -> tuple[DecidingMetric | None, list[str]]:
+def _deciding(
+    verdict: Verdict, previous: Verdict | None
+) -> tuple[DecidingMetric | None, list[str]]:
     """The metric that settled a pass/fail verdict, and the others that agreed.
 
-    A fail is settled by the strongest evidence of a regression (critical metrics first);
-    a pass needs every metric, so the one with the least evidence was the last to cross.
+    A fail is settled by the critical metric with the strongest evidence of a regression.
+    A pass needs every metric, so it was settled by the metric(s) that passed last: those
+    not yet passing at the previous verdict; among them, the one with the least evidence.
     """
     agreeing = [m for m in verdict.metrics.values() if m.decision == verdict.decision]
     if not agreeing:
         return None, []
+    route: Literal["fail", "ratio", "absolute"]
     if verdict.decision == Decision.FAIL:
-        chosen = max(agreeing, key=lambda m: (m.critical, m.e_value_fail))
-        e_value, bound_name, bound = chosen.e_value_fail, "lower", chosen.lower
+        chosen = max(agreeing, key=lambda m: (m.critical, m.e_value_fail / _fail_bar(m)))
+        route, threshold = "fail", chosen.fail_ratio
+        claim = f"ratio above {_num(threshold)}"
+        e_value, bar = chosen.e_value_fail, _fail_bar(chosen)
     else:
-        chosen = min(agreeing, key=lambda m: m.e_value_pass)
-        e_value, bound_name, bound = chosen.e_value_pass, "upper", chosen.upper
+        before = previous.metrics if previous is not None else {}
+        newly = [
+            m for m in agreeing if m.name not in before or before[m.name].decision != m.decision
+        ]
+        chosen = min(newly or agreeing, key=lambda m: m.e_value_pass / _pass_bar(m))
+        e_value, bar = chosen.e_value_pass, _pass_bar(chosen)
+        excess = chosen.extra.get("abs_excess_upper")
+        if e_value < bar and excess is not None and excess < chosen.abs_tolerance:
+            route, threshold = "absolute", chosen.abs_tolerance
+            claim = f"excess rate below {_pct(threshold)}"
+        else:
+            route, threshold = "ratio", 1.0 + chosen.tolerance
+            claim = f"ratio below {_num(threshold)}"
     metric = DecidingMetric(
         name=chosen.name,
         decision=str(chosen.decision),
+        route=route,
         test=chosen.test,
         scale=chosen.scale,
         estimate=_finite(chosen.estimate),
-        bound_name=bound_name,  # type: ignore[arg-type]
-        bound=_finite(bound),
-        threshold=_threshold(chosen),
-        tolerance=chosen.tolerance,
+        lower=_finite(chosen.lower),
+        upper=_finite(chosen.upper),
         confidence=1.0 - chosen.alpha,
+        claim=claim,
+        threshold=threshold,
+        excess_bound=_finite(chosen.extra.get("abs_excess_upper")),
+        rate_primary=_finite(chosen.extra.get("rate_primary")),
+        rate_canary=_finite(chosen.extra.get("rate_canary")),
         e_value=e_value,
-        evidence_bar=1.0 / chosen.alpha if chosen.alpha > 0 else math.inf,
+        evidence_bar=bar,
         samples_primary=chosen.samples_primary,
         samples_canary=chosen.samples_canary,
+        events_primary=chosen.events_primary,
+        events_canary=chosen.events_canary,
         reason=chosen.reason,
     )
     return metric, sorted(m.name for m in agreeing if m.name != chosen.name)
@@ -473,9 +537,9 @@ def _num(value: float | None, digits: int = 3) -> str:
         return "∞"
     if value != 0 and (abs(value) >= 1e6 or abs(value) < 1e-3):
         return f"{value:.{digits - 1}e}"
-    if abs(value) >= 1000 or float(value).is_integer():
+    if abs(value) >= 10 ** (digits - 1) or float(value).is_integer():
         return f"{round(value):,}"
-    return f"{value:,.{digits}g}" if abs(value) < 1 else f"{value:,.{max(digits - 1, 0)}f}"
+    return f"{value:.{digits}g}"
 
 
 def _duration(seconds: float | None) -> str:
@@ -492,13 +556,21 @@ def _duration(seconds: float | None) -> str:
 
 
 def _metric_sentence(metric: DecidingMetric) -> str:
-    comparison = ">" if metric.bound_name == "lower" else "≤"
-    what = "canary/primary ratio" if metric.scale == "ratio" else metric.scale
+    rates = ""
+    if metric.rate_canary is not None and metric.rate_primary is not None:
+        rates = f"canary {_pct(metric.rate_canary)} vs primary {_pct(metric.rate_primary)}, "
+    head = (
+        f"{metric.name}: {rates}ratio {_num(metric.estimate)} ({_conf(1 - metric.confidence)} "
+        f"CS [{_num(metric.lower)}, {_num(metric.upper)}])"
+    )
+    if metric.route == "absolute":
+        return (
+            f"{head}; the canary's excess rate is at most {_pct(metric.excess_bound)}, "
+            f"below the tolerance of {_pct(metric.threshold)} ({metric.test})"
+        )
     return (
-        f"{metric.name}: {what} {_num(metric.estimate)}, {metric.confidence:.0%} "
-        f"{metric.bound_name} bound {_num(metric.bound)} {comparison} threshold "
-        f"{_num(metric.threshold)}; e-value {_num(metric.e_value)} ≥ {_num(metric.evidence_bar)} "
-        f"({metric.test})"
+        f"{head}; evidence of a {metric.claim}: e-value {_num(metric.e_value)} ≥ "
+        f"{_num(metric.evidence_bar)} ({metric.test})"
     )
 
 
@@ -527,7 +599,8 @@ def build_report(entries: Iterable[Mapping[str, Any]], *, allow_incomplete: bool
     if not starts:
         raise ReportError(
             f"record has no start entry (its {len(parsed)} entries begin with a "
-            f"{type(parsed[0]).__name__.strip('_').lower()} entry): it was cut at the front"
+            f"{type(parsed[0]).__name__.strip('_').lower()} entry): it is not a rollout's "
+            "record, or it was cut at the front"
         )
     if len(starts) > 1:
         raise ReportError(
@@ -716,6 +789,23 @@ def _assemble(b: _Builder, incomplete_reason: str | None) -> Report:
         )
     if spans and end is not None:
         spans[-1] = spans[-1].model_copy(update={"to_s": max(spans[-1].to_s, b.rel(end.at))})
+    last_decision: str | None = None
+    for tick in b.ticks:
+        if tick.verdict is None or tick.verdict.decision == last_decision:
+            continue
+        if last_decision is not None or tick.verdict.decision != Decision.CONTINUE:
+            changed = [
+                m.name for m in tick.verdict.metrics.values() if m.decision == tick.verdict.decision
+            ]
+            timeline.append(
+                TimelineEvent(
+                    t_s=b.rel(tick.at),
+                    kind="verdict",
+                    text=f"analysis: {last_decision or 'continue'} → {tick.verdict.decision}"
+                    + (f" ({', '.join(changed)})" if changed else ""),
+                )
+            )
+        last_decision = tick.verdict.decision
     timeline.sort(key=lambda e: (e.t_s, e.kind != "start", e.kind == "end"))
 
     # Metric series, in the order the analyzer names them.
@@ -729,6 +819,7 @@ def _assemble(b: _Builder, incomplete_reason: str | None) -> Report:
                 estimate=_finite(metric.estimate),
                 lower=_finite(metric.lower),
                 upper=_finite(metric.upper),
+                abs_excess_upper=_finite(metric.extra.get("abs_excess_upper")),
                 e_value_fail=metric.e_value_fail,
                 e_value_pass=metric.e_value_pass,
                 decision=str(metric.decision),
@@ -743,10 +834,13 @@ def _assemble(b: _Builder, incomplete_reason: str | None) -> Report:
             scale=metric.scale,
             test=metric.test,
             critical=metric.critical,
-            tolerance=metric.tolerance,
-            threshold=_threshold(metric),
+            fail_ratio=metric.fail_ratio,
+            pass_below=1.0 + metric.tolerance,
+            abs_tolerance=metric.abs_tolerance,
             alpha=metric.alpha,
-            evidence_bar=1.0 / metric.alpha if metric.alpha > 0 else math.inf,
+            pass_alpha=metric.pass_alpha,
+            fail_bar=_fail_bar(metric),
+            pass_bar=_pass_bar(metric),
             points=points,
         )
         for name, (metric, points) in series.items()
@@ -757,17 +851,11 @@ def _assemble(b: _Builder, incomplete_reason: str | None) -> Report:
     metrics = [_row(m) for m in last_verdict.metrics.values()] if last_verdict else []
 
     decided = _decide(b, verdict_ticks, manual, failovers)
-    decisive = next(
-        (t for t in verdict_ticks if t.verdict is not None and t.verdict.decision != "continue"),
-        None,
-    )
     plan = Plan(
         expected_fail_s=_finite(start.plan.get("expected_fail_s")),
         expected_pass_s=_finite(start.plan.get("expected_pass_s")),
-        actual_decision=str(decisive.verdict.decision)
-        if decisive is not None and decisive.verdict is not None
-        else None,
-        actual_decision_s=decisive.elapsed_s if decisive is not None else None,
+        actual_decision=decided.metric.decision if decided.metric is not None else None,
+        actual_decision_s=decided.elapsed_s,
         duration_s=duration if end is not None else None,
     )
 
@@ -822,7 +910,8 @@ def _decide(
     wanted = {"promoted": Decision.PASS, "rolled_back": Decision.FAIL}.get(
         end.outcome if end else "", None
     )
-    # The verdict behind the outcome; for an unfinished record, the latest decisive one.
+    # The verdict behind the outcome: the first one that said so (pass and fail are stopping
+    # events, they stay); for an unfinished record, the first decisive one.
     candidates = [
         t
         for t in verdict_ticks
@@ -834,7 +923,7 @@ def _decide(
     if (
         end is not None
         and decisive_manual
-        and (not candidates or b.rel(candidates[-1].at) > decisive_manual[-1].t_s)
+        and (not candidates or b.rel(candidates[0].at) > decisive_manual[-1].t_s)
     ):
         action = decisive_manual[-1]
         return Decided(
@@ -844,9 +933,11 @@ def _decide(
             f"{action.command}" + (f" ({action.reason})" if action.reason else ""),
         )
     if candidates and (end is None or wanted is not None):
-        tick = candidates[-1]
+        tick = candidates[0]
         assert tick.verdict is not None
-        metric, also = _deciding(tick.verdict)
+        index = list(verdict_ticks).index(tick)
+        previous = verdict_ticks[index - 1].verdict if index > 0 else None
+        metric, also = _deciding(tick.verdict, previous)
         outcome = (
             end.outcome.replace("_", " ")
             if end is not None
@@ -858,6 +949,7 @@ def _decide(
         return Decided(
             by="analysis",
             at_s=b.rel(tick.at),
+            elapsed_s=tick.elapsed_s,
             summary=summary,
             metric=metric,
             also=also,
@@ -940,16 +1032,21 @@ def render_markdown(report: Report, *, report_url: str | None = None) -> str:
         ]
     if r.metrics:
         lines += [
-            "| metric | decision | estimate | CI | threshold | e-value fail / pass | "
-            "samples p / c | test |",
-            "|---|---|---:|---|---:|---:|---:|---|",
+            "| metric | decision | canary vs primary | ratio [CS] | fail above / pass below | "
+            "e-value fail (needs) | e-value pass (needs) | excess bound (tolerance) | "
+            "samples c / p | test |",
+            "|---|---|---|---|---|---:|---:|---|---:|---|",
         ]
         for m in r.metrics:
             lines.append(
                 f"| {_md_cell(m.name)}{' (critical)' if m.critical else ''} | {m.decision} | "
-                f"{_num(m.estimate)} | [{_num(m.lower)}, {_num(m.upper)}] @ {m.confidence:.0%} | "
-                f"{_num(m.threshold)} | {_num(m.e_value_fail)} / {_num(m.e_value_pass)} | "
-                f"{_num(m.samples_primary)} / {_num(m.samples_canary)} | {_md_cell(m.test)} |"
+                f"{_pct(m.rate_canary)} vs {_pct(m.rate_primary)} | {_num(m.estimate)} "
+                f"[{_num(m.lower)}, {_num(m.upper)}] @ {_conf(m.alpha)} | "
+                f"{_num(m.fail_ratio)} / {_num(m.pass_below)} | "
+                f"{_num(m.e_value_fail)} ({_num(m.fail_bar)}) | "
+                f"{_num(m.e_value_pass)} ({_num(m.pass_bar)}) | "
+                f"{_pct(m.abs_excess_upper)} ({_pct(m.abs_tolerance)}) | "
+                f"{_num(m.samples_canary)} / {_num(m.samples_primary)} | {_md_cell(m.test)} |"
             )
         lines.append("")
     lines += [
@@ -999,6 +1096,10 @@ def _pct(value: float | None) -> str:
     if value is None:
         return "—"
     return f"{value * 100:.3g}%"
+
+
+def _conf(alpha: float) -> str:
+    return f"{(1 - alpha) * 100:.4g}%"
 
 
 # --- HTML -------------------------------------------------------------------------------
@@ -1398,12 +1499,18 @@ def _charts(r: Report) -> list[str]:
                 vlines=vlines,
             )
         )
+    palette = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9"]
     for s in r.metric_series:
-        cap = max(2.0, s.threshold * 2.0) if s.scale == "ratio" else None
+        cap = max(2.0, s.pass_below * 2.0, s.fail_ratio * 1.5) if s.scale == "ratio" else None
+        hlines = [(s.pass_below, f"pass below {s.pass_below:.2f}", _PASS)]
+        if s.fail_ratio != s.pass_below:
+            hlines.append((s.fail_ratio, f"fail above {s.fail_ratio:.2f}", _FAIL))
+        if s.scale == "ratio" and 1.0 not in (s.fail_ratio, s.pass_below):
+            hlines.append((1.0, "equal", _GREY))
         charts.append(
             _svg_chart(
                 chart_id=f"chart-metric-{s.name}",
-                title=f"{s.name}: canary/primary {s.scale}, {1 - s.alpha:.0%} confidence band",
+                title=f"{s.name}: canary/primary {s.scale}, {_conf(s.alpha)} confidence band",
                 lines=[
                     _Line("estimate", _CANARY, [(p.t_s, p.estimate) for p in s.points]),
                 ],
@@ -1414,10 +1521,7 @@ def _charts(r: Report) -> list[str]:
                         [(p.t_s, p.lower, p.upper) for p in s.points],
                     )
                 ],
-                hlines=[
-                    (s.threshold, f"threshold {s.threshold:.2f}", _FAIL),
-                    *([(1.0, "equal", _GREY)] if s.scale == "ratio" else []),
-                ],
+                hlines=hlines,
                 x_max=x_max,
                 y_min=0.0 if s.scale == "ratio" else None,
                 y_cap=cap,
@@ -1425,29 +1529,63 @@ def _charts(r: Report) -> list[str]:
                 vlines=vlines,
             )
         )
+    absolute = [
+        s
+        for s in r.metric_series
+        if s.abs_tolerance > 0 and any(p.abs_excess_upper is not None for p in s.points)
+    ]
+    if absolute:
+        charts.append(
+            _svg_chart(
+                chart_id="chart-excess",
+                title="Bound on the canary's excess rate over the primary's (pass below tolerance)",
+                lines=[
+                    _Line(
+                        s.name,
+                        palette[i % len(palette)],
+                        [(p.t_s, p.abs_excess_upper) for p in s.points],
+                    )
+                    for i, s in enumerate(absolute)
+                ],
+                hlines=[
+                    (t, f"tolerance {_fmt_pct(t)}", _PASS)
+                    for t in sorted({s.abs_tolerance for s in absolute})
+                ],
+                x_max=x_max,
+                y_min=0.0,
+                y_cap=max(s.abs_tolerance for s in absolute) * 4,
+                y_format=_fmt_pct,
+                vlines=vlines,
+            )
+        )
     if r.metric_series:
         lines = []
-        palette = ["#0072b2", "#d55e00", "#009e73", "#cc79a7", "#e69f00", "#56b4e9"]
+        # Each e-value over the bar it must reach, so one line at 1 marks every decision.
+        floor = 1e-3
         for i, s in enumerate(r.metric_series):
             color = palette[i % len(palette)]
             lines.append(
-                _Line(f"{s.name} fail", color, [(p.t_s, p.e_value_fail) for p in s.points])
+                _Line(
+                    f"{s.name} regression",
+                    color,
+                    [(p.t_s, max(p.e_value_fail / s.fail_bar, floor)) for p in s.points],
+                )
             )
             lines.append(
                 _Line(
                     f"{s.name} pass",
                     color,
-                    [(p.t_s, p.e_value_pass) for p in s.points],
+                    [(p.t_s, max(p.e_value_pass / s.pass_bar, floor)) for p in s.points],
                     dashed=True,
                 )
             )
-        bar = min(s.evidence_bar for s in r.metric_series)
         charts.append(
             _svg_chart(
                 chart_id="chart-evidence",
-                title="Evidence: e-values for a regression (solid) and for a pass (dashed)",
+                title="Evidence as a share of what decides (1 = decided): "
+                "regression solid, pass dashed",
                 lines=lines,
-                hlines=[(bar, f"decides at {_fmt_evalue(bar)}", _FAIL)],
+                hlines=[(1.0, "decides", _FAIL)],
                 x_max=x_max,
                 y_format=_fmt_evalue,
                 log_y=True,
@@ -1525,15 +1663,25 @@ def render_html(report: Report, *, generated_note: str = "") -> str:
     out.append(f"<p>{_e(d.summary)}</p>")
     if d.metric is not None:
         m = d.metric
+        evidence = (
+            f"excess ≤ {_pct(m.excess_bound)}"
+            if m.route == "absolute"
+            else f"e-value {_num(m.e_value)}"
+        )
+        needed = _pct(m.threshold) if m.route == "absolute" else _num(m.evidence_bar)
         out.append(
-            "<table><tr><th>deciding metric</th><th>estimate</th>"
-            f"<th>{m.confidence:.0%} {_e(m.bound_name)} bound</th><th>threshold</th>"
-            "<th>e-value</th><th>needed</th><th>samples primary / canary</th><th>test</th></tr>"
-            f'<tr><td class="{_e(m.decision)}">{_e(m.name)}</td><td class="n">'
-            f'{_e(_num(m.estimate))}</td><td class="n">{_e(_num(m.bound))}</td>'
-            f'<td class="n">{_e(_num(m.threshold))}</td><td class="n" id="deciding-e-value">'
-            f'{_e(_num(m.e_value))}</td><td class="n">{_e(_num(m.evidence_bar))}</td>'
-            f'<td class="n">{_e(_num(m.samples_primary))} / {_e(_num(m.samples_canary))}</td>'
+            "<table><tr><th>deciding metric</th><th>canary vs primary</th><th>ratio</th>"
+            "<th>confidence sequence</th><th>shown</th><th>evidence</th><th>needed</th>"
+            "<th>events / samples canary</th><th>events / samples primary</th><th>test</th></tr>"
+            f'<tr><td class="{_e(m.decision)}">{_e(m.name)}</td>'
+            f'<td class="n">{_e(_pct(m.rate_canary))} vs {_e(_pct(m.rate_primary))}</td>'
+            f'<td class="n">{_e(_num(m.estimate))}</td>'
+            f'<td class="n">[{_e(_num(m.lower))}, {_e(_num(m.upper))}] '
+            f"@ {_e(_conf(1 - m.confidence))}</td><td>{_e(m.claim)}</td>"
+            f'<td class="n" id="deciding-evidence" data-e-value="{m.e_value!r}">'
+            f'{_e(evidence)}</td><td class="n">{_e(needed)}</td>'
+            f'<td class="n">{_e(_num(m.events_canary))} / {_e(_num(m.samples_canary))}</td>'
+            f'<td class="n">{_e(_num(m.events_primary))} / {_e(_num(m.samples_primary))}</td>'
             f"<td>{_e(m.test)}</td></tr></table>"
         )
         if d.also:
@@ -1550,36 +1698,40 @@ def render_html(report: Report, *, generated_note: str = "") -> str:
     if r.metrics:
         out.append(
             '<h2 id="metrics">Metrics at the last verdict</h2><table><tr>'
-            "<th>metric</th><th>decision</th><th>estimate</th><th>confidence interval</th>"
-            "<th>tolerance</th><th>threshold</th><th>e-value fail</th>"
-            "<th>e-value pass</th><th>samples p / c</th><th>events p / c</th>"
+            "<th>metric</th><th>decision</th><th>canary vs primary</th><th>ratio</th>"
+            "<th>confidence sequence</th><th>fail above</th><th>pass below</th>"
+            "<th>excess bound (tolerance)</th><th>e-value fail (needs)</th>"
+            "<th>e-value pass (needs)</th><th>samples c / p</th><th>events c / p</th>"
             "<th>test</th></tr>"
         )
         for row in r.metrics:
             out.append(
                 f"<tr><td>{_e(row.name)}{' <small>(critical)</small>' if row.critical else ''}"
                 + (
-                    f"<br><small>≤ {_e(_fmt_seconds(row.threshold_s))}</small>"
+                    f"<br><small>slower than {_e(_fmt_seconds(row.threshold_s))}</small>"
                     if row.threshold_s is not None
                     else ""
                 )
                 + f'</td><td class="{_e(row.decision)}">{_e(row.decision)}</td>'
+                f'<td class="n">{_e(_pct(row.rate_canary))} vs {_e(_pct(row.rate_primary))}</td>'
                 f'<td class="n">{_e(_num(row.estimate))}</td>'
                 f'<td class="n">[{_e(_num(row.lower))}, {_e(_num(row.upper))}] '
-                f"@ {row.confidence:.0%}</td>"
-                f'<td class="n">{_e(_num(row.tolerance))}</td>'
-                f'<td class="n">{_e(_num(row.threshold))}</td>'
-                f'<td class="n">{_e(_num(row.e_value_fail))}</td>'
-                f'<td class="n">{_e(_num(row.e_value_pass))}</td>'
-                f'<td class="n">{_e(_num(row.samples_primary))} / '
-                f"{_e(_num(row.samples_canary))}</td>"
-                f'<td class="n">{_e(_num(row.events_primary))} / '
-                f"{_e(_num(row.events_canary))}</td>"
+                f"@ {_e(_conf(row.alpha))}</td>"
+                f'<td class="n">{_e(_num(row.fail_ratio))}</td>'
+                f'<td class="n">{_e(_num(row.pass_below))}</td>'
+                f'<td class="n">{_e(_pct(row.abs_excess_upper))} '
+                f"({_e(_pct(row.abs_tolerance))})</td>"
+                f'<td class="n">{_e(_num(row.e_value_fail))} ({_e(_num(row.fail_bar))})</td>'
+                f'<td class="n">{_e(_num(row.e_value_pass))} ({_e(_num(row.pass_bar))})</td>'
+                f'<td class="n">{_e(_num(row.samples_canary))} / '
+                f"{_e(_num(row.samples_primary))}</td>"
+                f'<td class="n">{_e(_num(row.events_canary))} / '
+                f"{_e(_num(row.events_primary))}</td>"
                 f"<td>{_e(row.test)}</td></tr>"
             )
             if row.reason:
                 out.append(
-                    f'<tr><td></td><td colspan="10"><small>{_e(row.reason)}</small></td></tr>'
+                    f'<tr><td></td><td colspan="12"><small>{_e(row.reason)}</small></td></tr>'
                 )
         out.append("</table>")
 
