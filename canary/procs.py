@@ -647,6 +647,8 @@ class PrometheusProcess(ManagedProcess):
         self.port = port or free_port()
         workdir = Path(workdir)
         self.config_path = workdir / "prometheus.yml"
+        self.scrape_interval_s = scrape_interval_s
+        self.job = job
         self._config_text = render_prometheus_config(
             targets, scrape_interval_s=scrape_interval_s, job=job
         )
@@ -681,6 +683,27 @@ class PrometheusProcess(ManagedProcess):
     def start_sync(self) -> Self:
         self._write_config()
         return super().start_sync()
+
+    async def reload(self, targets: Sequence[str]) -> None:
+        """Scrape `targets` from now on: rewrite the config and POST /-/reload (lifecycle API)."""
+        if not self.running:
+            raise ProcessStateError("prometheus is not running; start it before reloading")
+        self._config_text = render_prometheus_config(
+            targets, scrape_interval_s=self.scrape_interval_s, job=self.job
+        )
+        await asyncio.to_thread(self._write_config)
+        await asyncio.to_thread(self._post_reload)
+
+    def _post_reload(self) -> None:
+        request = urllib.request.Request(f"{self.url}/-/reload", method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                resp.read()
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace").strip()
+            raise ProcessError(f"prometheus refused the reload ({exc.code}): {detail}") from exc
+        except OSError as exc:
+            raise ProcessError(f"prometheus reload failed: {exc}\n{self.log_tail()}") from exc
 
 
 if sys.platform == "win32":  # pragma: no cover - process groups are POSIX

@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from canary.procs import (
@@ -21,6 +22,7 @@ from canary.procs import (
     ManagedProcess,
     ProcessNotReady,
     ProcessStateError,
+    PrometheusProcess,
     TcpReady,
     UnixSocketReady,
     free_port,
@@ -220,3 +222,23 @@ def test_free_port_is_bindable_on_loopback() -> None:
     port = free_port()
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", port))
+
+
+async def test_prometheus_reload_switches_targets(tmp_path: Path, prometheus_binary: str) -> None:
+    """PrometheusProcess.reload rewrites the config and Prometheus loads the new targets."""
+    first, second = f"127.0.0.1:{free_port()}", f"127.0.0.1:{free_port()}"
+    async with PrometheusProcess([first], workdir=tmp_path, binary=prometheus_binary) as prometheus:
+        before = await loaded_config(prometheus.url)
+        await prometheus.reload([second])
+        after = await loaded_config(prometheus.url)
+    assert first in before and second not in before
+    assert second in after and first not in after
+    assert prometheus.pid is not None and gone(prometheus.pid)
+
+
+async def loaded_config(url: str) -> str:
+    """The configuration Prometheus runs with now, as it reports it."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{url}/api/v1/status/config") as resp:
+            body = await resp.json()
+    return str(body["data"]["yaml"])
