@@ -34,12 +34,13 @@ take over.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -277,13 +278,19 @@ class Kube:
         (else current-context); inside a pod with neither given, the service account."""
         if kubeconfig is None and context is None and "KUBERNETES_SERVICE_HOST" in os.environ:
             configuration = k8s.Configuration()
-            k8s_config.load_incluster_config(client_configuration=configuration)  # type: ignore[no-untyped-call]
+            # It reads the service account's files: off the event loop.
+            await asyncio.to_thread(
+                k8s_config.load_incluster_config, client_configuration=configuration
+            )
             return cls(k8s.ApiClient(configuration), retry=retry)
+        if kubeconfig is not None and not await asyncio.to_thread(os.path.isfile, kubeconfig):
+            raise KubeError(f"kubeconfig {kubeconfig} does not exist")
         try:
             api_client = await k8s_config.new_client_from_config(
                 config_file=kubeconfig, context=context, persist_config=False
             )
-        except (k8s_config.ConfigException, OSError) as exc:
+        except (k8s_config.ConfigException, OSError, TypeError, ValueError, KeyError) as exc:
+            # The loader reports a malformed file with whatever exception it tripped on.
             where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
             raise KubeError(f"kubeconfig {where} (context {context or 'current'}): {exc}") from exc
         return cls(api_client, retry=retry)
@@ -369,7 +376,7 @@ class Kube:
 
     async def watch_deployments(
         self, namespace: str | None = None, *, timeout_s: int = 300
-    ) -> AsyncIterator[Relist | WatchEvent]:
+    ) -> AsyncGenerator[Relist | WatchEvent, None]:
         """A Relist first, then events, forever: resumes from the last resourceVersion
         after the server ends a stream, and re-lists (a new Relist) after 410 Gone."""
         if timeout_s < 1:
@@ -380,20 +387,32 @@ class Kube:
         else:
             watch_fn, args = self._apps.list_namespaced_deployment, (namespace,)
         resource_version: str | None = None
+        empty_streams = 0
         while True:
             if resource_version is None:
                 relist = await self.list_deployments(namespace)
                 resource_version = relist.resource_version
                 yield relist
+            opened, events = time.monotonic(), 0
             try:
-                async for event in self._watch_once(watch_fn, args, resource_version, timeout_s):
-                    resource_version = event.object["metadata"]["resourceVersion"]
-                    yield event
+                stream = self._watch_once(watch_fn, args, resource_version, timeout_s)
+                async with contextlib.aclosing(stream):
+                    async for event in stream:
+                        events += 1
+                        resource_version = event.object["metadata"]["resourceVersion"]
+                        yield event
             except Gone:
                 log.info(
                     "watch deployments: resourceVersion %s is gone, re-listing", resource_version
                 )
                 resource_version = None
+                continue
+            # Streams cut at once and empty (a flapping proxy) must not become a busy loop.
+            if events == 0 and time.monotonic() - opened < 1.0:
+                empty_streams += 1
+                await asyncio.sleep(self.retry.backoff(min(empty_streams, 10)))
+            else:
+                empty_streams = 0
 
     async def _watch_once(
         self,
@@ -401,7 +420,7 @@ class Kube:
         args: tuple[str, ...],
         resource_version: str,
         timeout_s: int,
-    ) -> AsyncIterator[WatchEvent]:
+    ) -> AsyncGenerator[WatchEvent, None]:
         call = ApiCall("apps", "deployments", "watch")
         if call not in API_CALLS:
             raise AssertionError(f"{call} is missing from API_CALLS")

@@ -231,3 +231,21 @@ async def test_events_name_the_deployment(api: KubeEmulator, kube: Kube) -> None
     assert event["type"] == "Warning" and event["reason"] == "BadSpec"
     assert event["involvedObject"]["kind"] == "Deployment"
     assert event["involvedObject"]["uid"] == dep["metadata"]["uid"]
+
+
+async def test_missing_kubeconfig_is_named(tmp_path: Path) -> None:
+    """A kubeconfig path that does not exist is reported as such."""
+    with pytest.raises(KubeError, match=r"kubeconfig .*/absent does not exist"):
+        await Kube.connect(kubeconfig=str(tmp_path / "absent"))
+
+
+def test_only_kube_module_imports_the_client() -> None:
+    """kubernetes_asyncio is imported by canary/kube.py alone: one seam to the cluster."""
+    root = Path(__file__).resolve().parents[2]
+    importers = sorted(
+        str(path.relative_to(root))
+        for folder in ("canary", "analysis")
+        for path in (root / folder).rglob("*.py")
+        if "kubernetes_asyncio" in path.read_text()
+    )
+    assert importers == ["canary/kube.py"]
