@@ -104,6 +104,49 @@ async def test_weight_reads_back_and_splits_real_traffic(stack: Stack, percent: 
         assert abs(share - percent) <= 3, f"canary got {share:.1f}% of traffic at weight {percent}"
 
 
+async def test_split_follows_each_change_at_once(stack: Stack) -> None:
+    """Right after a change the next 200 requests already split as set (no scheduler burst).
+
+    Lowering one server before raising the other made HAProxy's roundrobin send ~200
+    requests in a row to the raised server (25 -> 50 gave the canary 75% of the next 400).
+    """
+    router = stack.router()
+    for before, after in [(25, 50), (50, 25), (5, 50), (100, 10), (10, 90), (90, 5)]:
+        await set_and_verify(router, before)
+        await count_split(stack.haproxy.url, 333)  # leave the scheduler mid-cycle
+        await set_and_verify(router, after)
+        seen = await count_split(stack.haproxy.url, 200)
+        share = 100 * seen["canary"] / 200
+        assert abs(share - after) <= 3, f"{before} -> {after}: canary got {share:.1f}%"
+
+
+async def test_weight_changes_under_load_lose_no_request(stack: Stack) -> None:
+    """Flipping weights between extremes while requests flow never leaves no server to serve."""
+    router = stack.router()
+    await set_and_verify(router, 0)
+    done = asyncio.Event()
+
+    async def flip() -> None:
+        try:
+            for percent in [100, 0, 100, 50, 0, 100, 0] * 3:
+                await router.set_weight(percent)
+                await asyncio.sleep(0.01)
+        finally:
+            done.set()
+
+    statuses: Counter[int] = Counter()
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10)) as session:
+        flipper = asyncio.create_task(flip())
+        try:
+            while not done.is_set():
+                async with session.get(stack.haproxy.url) as resp:
+                    statuses[resp.status] += 1
+        finally:
+            await flipper
+    assert set(statuses) == {200}, statuses
+    assert await router.get_weight() == 0
+
+
 async def test_each_weight_saves_the_state_file(stack: Stack) -> None:
     """After set_weight the server-state file holds the new weights."""
     router = stack.router()
