@@ -1218,9 +1218,22 @@ def _svg_chart(
     Values above `y_cap` are clipped to it (a note says so) so one early, wide confidence
     bound does not flatten the rest of the chart.
     """
-    width, height = 560, 230
-    left, right, top, bottom = 58, 12, 10, 44
-    plot_w, plot_h = width - left - right, height - top - bottom
+    width, plot_h = 560, 176
+    left, right, top = 58, 12, 10
+    plot_w = width - left - right
+    legend = [
+        *[(ln.label, ln.color, "dash" if ln.dashed else "line") for ln in lines],
+        *[(bd.label, bd.color, "band") for bd in bands],
+    ]
+    # Legend rows: wrap rather than run off the right edge.
+    legend_rows, row_x = 1, float(left)
+    for label, _, _ in legend:
+        item_w = 28 + 6.2 * len(label)
+        if row_x + item_w > width and row_x > left:
+            legend_rows, row_x = legend_rows + 1, float(left)
+        row_x += item_w
+    bottom = 30 + 14 * legend_rows
+    height = top + plot_h + bottom
 
     def tf(v: float) -> float:
         return math.log10(v) if log_y else v
@@ -1251,7 +1264,8 @@ def _svg_chart(
         lo, hi = math.floor(math.log10(lo)), math.ceil(math.log10(hi))
         if hi <= lo:
             hi = lo + 1
-        y_ticks = [float(v) for v in range(int(lo), int(hi) + 1)]
+        stride = max(1, math.ceil((hi - lo) / 6))
+        y_ticks = [float(v) for v in range(int(lo), int(hi) + 1, stride)]
     else:
         if hi == lo:
             hi = lo + (abs(lo) * 0.1 or 1.0)
@@ -1334,11 +1348,10 @@ def _svg_chart(
                 f'points="{" ".join(coords)}"/>'
             )
     legend_x = float(left)
-    legend_y = height - 8
-    for item_label, color, kind in [
-        *[(ln.label, ln.color, "dash" if ln.dashed else "line") for ln in lines],
-        *[(bd.label, bd.color, "band") for bd in bands],
-    ]:
+    legend_y = top + plot_h + 36
+    for item_label, color, kind in legend:
+        if legend_x + 28 + 6.2 * len(item_label) > width and legend_x > left:
+            legend_x, legend_y = float(left), legend_y + 14
         if kind == "band":
             parts.append(
                 f'<rect x="{legend_x}" y="{legend_y - 8}" width="16" height="8" '
@@ -1588,6 +1601,7 @@ def _charts(r: Report) -> list[str]:
                 hlines=[(1.0, "decides", _FAIL)],
                 x_max=x_max,
                 y_format=_fmt_evalue,
+                y_cap=1e3,
                 log_y=True,
                 vlines=vlines,
             )
