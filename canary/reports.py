@@ -312,7 +312,8 @@ def register_routes(
         return web.Response(text=_index_html(records[:_INDEX_LIMIT]), content_type="text/html")
 
     async def redirect(request: web.Request) -> web.Response:
-        raise web.HTTPFound(f"{prefix}/")
+        query = f"?{request.query_string}" if request.query_string else ""
+        raise web.HTTPFound(f"{prefix}/{query}")
 
     async def one(request: web.Request) -> web.Response:
         wanted = request.match_info["id"]
