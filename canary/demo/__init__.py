@@ -1,0 +1,499 @@
+"""`canary demo`: a whole canary rollout on this machine, with real parts, in about two minutes.
+
+A newcomer's first question is "does it work?", and the honest answer is to run the real
+thing: two versions of a small service (canary.demo.service) as separate processes, Debian's
+HAProxy splitting real requests between them, Debian's Prometheus scraping them every second,
+an open-loop load generator, and the controller's own RolloutRunner deciding with the
+analysis engine. Nothing is simulated; only the sizes are small.
+
+The demo's defaults are chosen so that both outcomes fit in three minutes at 200 requests/s:
+
+- steps 10, 25, 50 (then 100 on promotion), 10 s minimum each, a tick every second. The
+  production default starts at 5%, but 5% of 200 requests/s is 10 requests/s, and showing
+  that a canary is *as good as* the primary (a pass needs positive evidence) on so few
+  requests takes minutes, not seconds;
+- both versions share a 0.5% baseline error rate, so the error test has events to compare;
+- the error metric passes when the canary's rate is within 2 points of the primary's (or
+  twice it), looser than production, for the same reason. Failing is unaffected: the fail
+  test asks whether the canary is worse *at all*, so `--canary-error-rate 0.05` is rolled
+  back within seconds of the first canary requests.
+
+Exit status: 0 promoted, 1 rolled back (or aborted), 2 setup error, 130 interrupted.
+Every child process is stopped by PID on the way out, Ctrl-C and SIGTERM included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from analysis import AnalysisConfig, Analyzer, MetricConfig
+from canary.controller import RolloutRunner, TickReport
+from canary.demo.loadgen import LoadGenerator, SplitStats
+from canary.demo.progress import format_duration, format_tick, format_transition, short
+from canary.demo.stack import BACKEND, ServiceSpec, Stack, StackSettings
+from canary.metrics import PrometheusMetrics
+from canary.procs import ProcessError, find_binary
+from canary.rollout import Emit, RecordTransition, RolloutSpec, RolloutStatus, check_steps
+from canary.routers.haproxy import HAProxyRouter
+
+__all__ = [
+    "DEMO_ANALYSIS",
+    "DEMO_STEPS",
+    "DemoOptions",
+    "MeasuringRouter",
+    "main",
+    "parse_args",
+    "run_demo",
+]
+
+DEMO_STEPS = (10, 25, 50)
+DEMO_TARGET = "demo"
+# See the module docstring: a looser pass tolerance on errors, everything else as in production.
+DEMO_ANALYSIS = AnalysisConfig(errors=MetricConfig(tolerance=1.0, abs_tolerance=0.02))
+
+EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+@dataclass(frozen=True, slots=True)
+class DemoOptions:
+    rate: float = 200.0
+    steps: tuple[int, ...] = DEMO_STEPS
+    step_seconds: float = 10.0
+    max_step_seconds: float = 150.0
+    tick_seconds: float = 1.0
+    baseline_error_rate: float = 0.005
+    canary_error_rate: float = 0.0  # on top of the baseline
+    latency_ms: float = 50.0
+    canary_latency_ms: float | None = None  # None: same as latency_ms
+    latency_jitter: float = 0.3
+    seed: int = 1
+    record_dir: Path = Path("canary-records")
+    keep_workdir: bool = False
+
+
+@dataclass
+class _Window:
+    weight: int
+    since: float  # load generator clock, right after the router accepted the weight
+    until: float | None = None
+
+
+@dataclass
+class MeasuringRouter:
+    """Wraps the real router to note when each weight took, on the load generator's clock.
+
+    The split "since the weight took" then counts exactly the requests sent under it, which
+    is what "the split at each step is within 3 points of the weight" is about.
+    """
+
+    router: HAProxyRouter
+    loadgen: LoadGenerator
+    windows: list[_Window] = field(default_factory=list)
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        self.name = self.router.name
+
+    async def set_weight(self, canary_percent: int) -> None:
+        await self.router.set_weight(canary_percent)
+        now = self.loadgen.now()
+        if self.windows and self.windows[-1].until is None:
+            if self.windows[-1].weight == canary_percent:
+                return  # re-asserted, not changed: the window goes on
+            self.windows[-1].until = now
+        self.windows.append(_Window(canary_percent, now))
+
+    async def get_weight(self) -> int:
+        return await self.router.get_weight()
+
+    def current_split(self, weight: int) -> SplitStats | None:
+        """The split measured since `weight` last took (until the next weight, if any)."""
+        for window in reversed(self.windows):
+            if window.weight == weight:
+                return self.loadgen.stats(since=window.since, until=window.until)
+        return None
+
+    def split_per_window(self) -> list[tuple[int, SplitStats]]:
+        return [(w.weight, self.loadgen.stats(since=w.since, until=w.until)) for w in self.windows]
+
+
+def _fraction(flag: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not 0.0 <= value <= 1.0:
+            raise argparse.ArgumentTypeError(f"{flag} must be within 0..1, got {text}")
+        return value
+
+    return parse
+
+
+def _positive(flag: str) -> Any:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} must be a number, got {text!r}") from None
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"{flag} must be positive, got {text}")
+        return value
+
+    return parse
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+        return check_steps(values)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--steps {text!r}: {exc}") from None
+
+
+def build_parser(prog: str = "canary demo") -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Run a whole canary rollout on this machine: two versions of a sample "
+        "service, HAProxy, Prometheus and a load generator on 127.0.0.1. Exit status: 0 "
+        "promoted, 1 rolled back, 2 setup error, 130 interrupted.",
+    )
+    d = DemoOptions()
+    parser.add_argument(
+        "--canary-error-rate",
+        type=_fraction("--canary-error-rate"),
+        default=d.canary_error_rate,
+        help="extra share of 500s from the canary, on top of the baseline (e.g. 0.05)",
+    )
+    parser.add_argument(
+        "--canary-latency-ms",
+        type=_positive("--canary-latency-ms"),
+        default=None,
+        help="the canary's median latency (default: --latency-ms)",
+    )
+    parser.add_argument(
+        "--baseline-error-rate",
+        type=_fraction("--baseline-error-rate"),
+        default=d.baseline_error_rate,
+        help=f"share of 500s from both versions (default {d.baseline_error_rate})",
+    )
+    parser.add_argument(
+        "--latency-ms",
+        type=_positive("--latency-ms"),
+        default=d.latency_ms,
+        help=f"median latency of both versions (default {d.latency_ms:g})",
+    )
+    parser.add_argument(
+        "--latency-jitter",
+        type=float,
+        default=d.latency_jitter,
+        help=f"sigma of the log-normal latency (default {d.latency_jitter})",
+    )
+    parser.add_argument(
+        "--rate",
+        type=_positive("--rate"),
+        default=d.rate,
+        help=f"requests per second from the load generator (default {d.rate:g})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=_steps,
+        default=d.steps,
+        help=f"canary weights in percent (default {','.join(map(str, d.steps))})",
+    )
+    parser.add_argument(
+        "--step-seconds",
+        type=_positive("--step-seconds"),
+        default=d.step_seconds,
+        help=f"minimum time at each step (default {d.step_seconds:g})",
+    )
+    parser.add_argument(
+        "--max-step-seconds",
+        type=_positive("--max-step-seconds"),
+        default=d.max_step_seconds,
+        help=f"roll back if a step has not passed after this long (default {d.max_step_seconds:g})",
+    )
+    parser.add_argument(
+        "--tick-seconds",
+        type=_positive("--tick-seconds"),
+        default=d.tick_seconds,
+        help=f"how often the controller looks (default {d.tick_seconds:g})",
+    )
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the services' draws")
+    parser.add_argument(
+        "--record-dir",
+        type=Path,
+        default=d.record_dir,
+        help=f"where the analysis record is written (default {d.record_dir})",
+    )
+    parser.add_argument(
+        "--keep-workdir",
+        action="store_true",
+        help="keep the processes' configs and logs (a temporary directory) after the demo",
+    )
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None, prog: str = "canary demo") -> DemoOptions:
+    """Options from the command line; a bad flag exits 2 with a message naming it."""
+    parser = build_parser(prog)
+    args = parser.parse_args(argv)
+    if args.max_step_seconds < args.step_seconds:
+        parser.error(
+            f"--max-step-seconds ({args.max_step_seconds:g}) must be at least "
+            f"--step-seconds ({args.step_seconds:g})"
+        )
+    if not 0.0 <= args.latency_jitter <= 3.0:
+        parser.error(f"--latency-jitter must be within 0..3, got {args.latency_jitter}")
+    if args.baseline_error_rate + args.canary_error_rate > 1.0:
+        parser.error("--baseline-error-rate plus --canary-error-rate must not exceed 1")
+    return DemoOptions(
+        rate=args.rate,
+        steps=args.steps,
+        step_seconds=args.step_seconds,
+        max_step_seconds=args.max_step_seconds,
+        tick_seconds=args.tick_seconds,
+        baseline_error_rate=args.baseline_error_rate,
+        canary_error_rate=args.canary_error_rate,
+        latency_ms=args.latency_ms,
+        canary_latency_ms=args.canary_latency_ms,
+        latency_jitter=args.latency_jitter,
+        seed=args.seed,
+        record_dir=args.record_dir,
+        keep_workdir=args.keep_workdir,
+    )
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+def _shown(path: Path) -> str:
+    """A path as the user should type it: relative to the working directory when inside it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _canary_command() -> str:
+    """How to run `canary` from here: the venv's console script, else `python -m canary`."""
+    script = Path(sys.executable).parent / "canary"
+    if script.exists():
+        return _shown(script)
+    return f"{sys.executable} -m canary"
+
+
+def _describe(spec: ServiceSpec) -> str:
+    return f"{100 * spec.error_rate:.1f}% errors, {spec.latency_ms:g} ms median"
+
+
+class _Progress:
+    """The runner's observer: prints one line per tick, plus state changes and warnings."""
+
+    def __init__(self, router: MeasuringRouter, steps: int) -> None:
+        self.router = router
+        self.steps = steps
+
+    def __call__(self, report: TickReport) -> None:
+        entry = report.entry
+        _say(
+            format_tick(entry, steps=self.steps, split=self.router.current_split(entry.weight_set))
+        )
+        for action in report.actions:
+            if isinstance(action, RecordTransition):
+                _say(format_transition(action, elapsed_s=entry.elapsed_s))
+            elif isinstance(action, Emit) and action.level == "warning":
+                _say(f"{entry.elapsed_s:6.1f}s  !! {short(action.message)}")
+
+
+def _observed_share(router: MeasuringRouter) -> Any:
+    def hook(name: str, status: RolloutStatus) -> dict[str, Any]:
+        if not status.weight_verified:
+            return {}
+        split = router.current_split(status.weight)
+        if split is None or split.canary_share is None:
+            return {}
+        return {"observed_canary_share": split.canary_share}
+
+    return hook
+
+
+async def run_demo(options: DemoOptions, *, workdir: Path) -> tuple[int, Path | None]:
+    """Start everything, run one rollout, stop everything. Returns (exit status, record)."""
+    canary_latency = options.canary_latency_ms or options.latency_ms
+    primary = ServiceSpec(
+        options.baseline_error_rate, options.latency_ms, options.latency_jitter, options.seed
+    )
+    canary = ServiceSpec(
+        options.baseline_error_rate + options.canary_error_rate,
+        canary_latency,
+        options.latency_jitter,
+        options.seed + 1,
+    )
+    settings = StackSettings(primary=primary, canary=canary, rate=options.rate)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    record = options.record_dir / f"{DEMO_TARGET}-{stamp}.jsonl"
+    _say(f"canary demo: primary v1 ({_describe(primary)}), canary v2 ({_describe(canary)})")
+    _say(f"starting services, HAProxy and Prometheus on 127.0.0.1 (logs in {workdir}) ...")
+    async with Stack(settings, workdir=workdir) as stack:
+        assert stack.haproxy is not None and stack.prometheus is not None
+        assert stack.loadgen is not None
+        _say(
+            f"  primary {stack.primary_addr}  canary {stack.canary_addr}  "
+            f"haproxy {stack.haproxy.url}  prometheus {stack.prometheus.url}"
+        )
+        _say(f"  load generator: {options.rate:g} requests/s through HAProxy")
+        await stack.wait_for_metrics()
+        router = MeasuringRouter(
+            HAProxyRouter(
+                stack.socket_path,
+                BACKEND,
+                "primary",
+                "canary",
+                name="haproxy:demo",
+                state_file=stack.state_file,
+            ),
+            stack.loadgen,
+        )
+        spec = RolloutSpec(
+            steps=options.steps,
+            min_step_s=options.step_seconds,
+            max_step_s=options.max_step_seconds,
+            no_data_deadline_s=max(30.0, 10 * options.tick_seconds),
+            promotion="shift",
+        )
+        runner = RolloutRunner(
+            name=DEMO_TARGET,
+            spec=spec,
+            router=router,
+            metrics=PrometheusMetrics(stack.prometheus.url),
+            record_path=record,
+            tick_s=options.tick_seconds,
+            analyzer_factory=lambda: Analyzer(DEMO_ANALYSIS),
+            revision=stamp,
+            primary_version=f"v1 ({_describe(primary)})",
+            canary_version=f"v2 ({_describe(canary)})",
+            config={
+                "analysis": DEMO_ANALYSIS.model_dump(mode="json"),
+                "demo": {
+                    "rate": options.rate,
+                    "baseline_error_rate": options.baseline_error_rate,
+                    "canary_error_rate": options.canary_error_rate,
+                    "latency_ms": options.latency_ms,
+                    "canary_latency_ms": canary_latency,
+                    "seed": options.seed,
+                },
+            },
+            tick_hook=_observed_share(router),
+            observers=[_Progress(router, len(options.steps))],
+        )
+        steps = " -> ".join(f"{w}%" for w in (*options.steps, 100))
+        _say(
+            f"rollout: {steps}, at least {options.step_seconds:g}s per step, "
+            f"a tick every {options.tick_seconds:g}s; record {_shown(record)}"
+        )
+        started = time.monotonic()
+        status = await runner.run()
+        duration = time.monotonic() - started
+        windows = router.split_per_window()
+        if (failure := stack.loadgen_failed()) is not None:
+            _say(f"!! the load generator failed: {failure!r}")
+    _summary(status, duration, windows, record, options.record_dir)
+    return (EXIT_PROMOTED if status.outcome == "promoted" else EXIT_ROLLED_BACK), record
+
+
+def _summary(
+    status: RolloutStatus,
+    duration: float,
+    windows: list[tuple[int, SplitStats]],
+    record: Path,
+    record_dir: Path,
+) -> None:
+    outcome = {"promoted": "PROMOTED", "rolled_back": "ROLLED BACK", "aborted": "ABORTED"}.get(
+        status.outcome or "", status.phase.value
+    )
+    _say("")
+    _say(f"outcome:  {outcome} after {format_duration(duration)}: {short(status.message)}")
+    _say("split measured at the load generator, per weight, since it took:")
+    for weight, split in windows:
+        if split.completed == 0:
+            continue  # e.g. 100% at the very end: the demo stops right after promoting
+        share = "-" if split.canary_share is None else f"{100 * split.canary_share:5.1f}%"
+        _say(f"  weight {weight:>3}%: canary {share} of {split.completed} requests")
+    _say(f"record:   {_shown(record)}")
+    _say(
+        f"report:   {_canary_command()} report {DEMO_TARGET} --record-dir {_shown(record_dir)}"
+        "   (writes an HTML report next to the record and prints its path)"
+    )
+
+
+async def _main_async(options: DemoOptions, workdir: Path) -> int:
+    """Run the demo as a task that SIGINT/SIGTERM cancel, so every `finally` runs."""
+    loop = asyncio.get_running_loop()
+    task = asyncio.current_task()
+    assert task is not None
+    interrupted: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        if not interrupted:
+            _say(f"\n{signal.Signals(signum).name}: stopping the rollout and every process ...")
+            task.cancel()
+        interrupted.append(signum)  # later signals: already stopping, let cleanup finish
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, on_signal, signum)
+    try:
+        code, _ = await run_demo(options, workdir=workdir)
+        return code
+    except asyncio.CancelledError:
+        if interrupted:
+            _say("stopped: every process the demo started has been stopped")
+            return EXIT_INTERRUPTED
+        raise
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """`canary demo [flags]`: see the module docstring for the exit status."""
+    options = parse_args(argv)
+    # The progress lines show the controller's warnings already; keep its log for errors.
+    logging.getLogger("canary").setLevel(logging.ERROR)
+    try:
+        find_binary("haproxy", fallbacks=("/usr/sbin/haproxy",))
+        find_binary("prometheus", fallbacks=("/usr/bin/prometheus",))
+    except FileNotFoundError as exc:
+        print(f"canary demo: {exc}", file=sys.stderr)
+        return EXIT_SETUP
+    # Short path: HAProxy's admin socket lives here, and unix socket paths are limited.
+    workdir = Path(tempfile.mkdtemp(prefix="canary-demo-"))
+    code = EXIT_SETUP
+    try:
+        code = asyncio.run(_main_async(options, workdir))
+    except (ProcessError, OSError) as exc:
+        # A server that would not start (its log's tail is in the message), a busy port, ...
+        print(f"canary demo: error: {exc}", file=sys.stderr)
+        code = EXIT_SETUP
+    finally:
+        if options.keep_workdir or code == EXIT_SETUP:
+            print(f"configs and logs kept in {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+    return code
+
+
+if __name__ == "__main__":  # pragma: no cover - `python -m canary.demo` goes via __main__.py
+    sys.exit(main())

@@ -10,9 +10,16 @@ from __future__ import annotations
 
 from analysis import Decision, Verdict
 from canary.demo.loadgen import SplitStats
-from canary.records import TickEntry, TransitionEntry
+from canary.records import TickEntry
+from canary.rollout import RecordTransition
 
-__all__ = ["decisive_reason", "format_duration", "format_tick", "format_transition"]
+__all__ = [
+    "decisive_reason",
+    "format_duration",
+    "format_tick",
+    "format_transition",
+    "short",
+]
 
 
 def _rate(errors: float, requests: float) -> str:
@@ -20,18 +27,17 @@ def _rate(errors: float, requests: float) -> str:
 
 
 def decisive_reason(verdict: Verdict) -> str:
-    """The reason that explains the decision: a failing metric's, else the slowest to pass."""
-    if verdict.decision is Decision.FAIL:
-        for result in verdict.metrics.values():
-            if result.decision is Decision.FAIL and result.reason:
-                return f"{result.name}: {result.reason}"
-    if verdict.decision is Decision.CONTINUE:
-        for result in verdict.metrics.values():
-            if result.decision is Decision.CONTINUE and result.reason:
-                return f"{result.name}: {result.reason}"
-    if verdict.reasons:
-        return verdict.reasons[0]
-    return ""
+    """The reason that explains the decision: a failing metric's, else one still undecided,
+    shortened to its summary (the record keeps the whole text, test and e-values included)."""
+    chosen = ""
+    for wanted in (verdict.decision, Decision.CONTINUE):
+        found = [m.reason for m in verdict.metrics.values() if m.decision is wanted and m.reason]
+        if found:
+            chosen = found[0]
+            break
+    if not chosen and verdict.reasons:
+        chosen = verdict.reasons[0]
+    return short(chosen)
 
 
 def format_tick(tick: TickEntry, *, steps: int, split: SplitStats | None) -> str:
@@ -60,11 +66,16 @@ def format_tick(tick: TickEntry, *, steps: int, split: SplitStats | None) -> str
     )
 
 
-def format_transition(entry: TransitionEntry, *, elapsed_s: float) -> str:
+def short(reason: str) -> str:
+    """A reason's summary, before the test's details (" — ..."), for one terminal line."""
+    return reason.split(" — ")[0]
+
+
+def format_transition(entry: RecordTransition, *, elapsed_s: float) -> str:
     """A state change, set apart from the tick lines."""
     return (
         f"{elapsed_s:6.1f}s  == {entry.from_phase} -> {entry.to_phase} "
-        f"(weight {entry.weight}%): {entry.reason}"
+        f"(weight {entry.weight}%): {short(entry.reason)}"
     )
 
 

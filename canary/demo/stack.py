@@ -16,12 +16,15 @@ from pathlib import Path
 from types import TracebackType
 from typing import Self
 
+import aiohttp
+
 from canary.demo.loadgen import LoadGenerator
 from canary.procs import (
     HAProxyConfig,
     HAProxyProcess,
     HttpReady,
     ManagedProcess,
+    ProcessError,
     PrometheusProcess,
     free_port,
 )
@@ -161,6 +164,43 @@ class Stack:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+    async def wait_for_metrics(self, *, timeout_s: float = 30.0) -> None:
+        """Wait until Prometheus scrapes both services and has the primary's traffic.
+
+        Without this the rollout's first ticks would be "no data" only because the first
+        scrape has not happened yet; the analysis would cope, but the demo would mislead.
+        """
+        assert self.prometheus is not None
+        url = f"{self.prometheus.url}/api/v1/query"
+        checks = {
+            'count(up{job="canary"} == 1)': 2.0,
+            'count(http_requests_total{version="primary"})': 1.0,
+        }
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        timeout = aiohttp.ClientTimeout(total=2.0)
+        last = "no answer yet"
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            while asyncio.get_running_loop().time() < deadline:
+                try:
+                    ready = True
+                    for query, wanted in checks.items():
+                        async with session.get(url, params={"query": query}) as response:
+                            body = await response.json()
+                        result = body.get("data", {}).get("result", [])
+                        value = float(result[0]["value"][1]) if result else 0.0
+                        if value < wanted:
+                            ready, last = False, f"{query} is {value:g}, waiting for {wanted:g}"
+                            break
+                    if ready:
+                        return
+                except (aiohttp.ClientError, TimeoutError, ValueError, KeyError) as exc:
+                    last = f"{type(exc).__name__}: {exc}"
+                await asyncio.sleep(0.25)
+        raise ProcessError(
+            f"Prometheus at {self.prometheus.url} has no metrics from the services after "
+            f"{timeout_s:g}s ({last}); its log: {self.prometheus.log_path}"
+        )
 
     def loadgen_failed(self) -> BaseException | None:
         """The load generator's exception if it died (it should not)."""
