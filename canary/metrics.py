@@ -173,6 +173,10 @@ class PrometheusMetrics:
     def __repr__(self) -> str:
         return f"PrometheusMetrics({self.url!r})"
 
+    def close(self) -> None:
+        """Close the HTTP connection pool (idempotent)."""
+        self._client._session.close()
+
     async def fetch(self, *, since: float, now: float) -> MetricsResult:
         """Both arms' counts over (since, now]; NoData(reason) when they cannot be had."""
         if not (math.isfinite(since) and math.isfinite(now)):

@@ -18,6 +18,7 @@ from conftest import ProcessPool
 
 from canary.procs import HAProxyConfig, HAProxyProcess, free_port
 from canary.routers.base import (
+    RouterError,
     RouterRejected,
     RouterUnreachable,
     TrafficRouter,
@@ -154,6 +155,14 @@ async def test_each_weight_saves_the_state_file(stack: Stack) -> None:
     rows = parse_servers_state(stack.config.state_file.read_text())
     weights = {r["srv_name"]: r["srv_uweight"] for r in rows if r["be_name"] == "app"}
     assert weights == {"primary": "90", "canary": "10"}
+
+
+async def test_unwritable_state_file_is_a_router_error(stack: Stack, tmp_path: Path) -> None:
+    """A state file that cannot be written is a RouterError naming it; the weight still took."""
+    router = stack.router(state_file=tmp_path / "no-such-dir" / "state")
+    with pytest.raises(RouterError, match="no-such-dir/state not written"):
+        await router.set_weight(15)
+    assert await router.get_weight() == 15
 
 
 async def test_router_name_defaults_to_the_backend(stack: Stack) -> None:

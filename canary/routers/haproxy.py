@@ -95,7 +95,10 @@ async def save_server_state(
         parse_servers_state(answer)
     except ValueError as exc:
         raise RouterRejected("show servers state", answer) from exc
-    await asyncio.to_thread(_write_atomically, Path(state_file), answer)
+    try:
+        await asyncio.to_thread(_write_atomically, Path(state_file), answer)
+    except OSError as exc:
+        raise RouterError(f"server-state file {state_file} not written: {exc}") from exc
 
 
 def _write_atomically(path: Path, text: str) -> None:
