@@ -28,6 +28,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from analysis import AnalysisConfig, MetricConfig
+
 __all__ = [
     "ANNOTATIONS",
     "ANNOTATION_COMMAND",
@@ -83,13 +85,38 @@ class AnalysisSpec(BaseModel):
 
     alpha: float | None = Field(default=None, gt=0, lt=0.5)
     # Relative slack: the canary may be this much worse than the primary (0.1 = 10%).
-    error_tolerance: float | None = Field(default=None, ge=0)
-    latency_tolerance: float | None = Field(default=None, ge=0)
+    error_tolerance: float | None = Field(default=None, gt=0, le=100)
+    latency_tolerance: float | None = Field(default=None, gt=0, le=100)
+    quantiles: tuple[float, ...] | None = None
+    # Metric kinds whose failure alone rolls back: "errors", "latency" (every quantile).
     critical: tuple[str, ...] | None = None
 
     def overrides(self) -> dict[str, Any]:
-        """The settings given, for building the analysis configuration."""
+        """The settings given."""
         return self.model_dump(exclude_none=True)
+
+    def analysis_config(self) -> AnalysisConfig:
+        """The analysis' configuration: its defaults, with these settings applied.
+        Raises ValueError (pydantic's) when the combination is invalid."""
+        base = AnalysisConfig()
+        errors = base.errors.model_dump()
+        latency = base.latency.model_dump()
+        if self.error_tolerance is not None:
+            errors["tolerance"] = self.error_tolerance
+        if self.latency_tolerance is not None:
+            latency["tolerance"] = self.latency_tolerance
+        if self.critical is not None:
+            errors["critical"] = "errors" in self.critical
+            latency["critical"] = "latency" in self.critical
+        settings: dict[str, Any] = {
+            "errors": MetricConfig.model_validate(errors),
+            "latency": MetricConfig.model_validate(latency),
+        }
+        if self.alpha is not None:
+            settings["alpha"] = self.alpha
+        if self.quantiles is not None:
+            settings["quantiles"] = self.quantiles
+        return AnalysisConfig.model_validate({**base.model_dump(), **settings})
 
 
 class RouterSpec(BaseModel):
@@ -220,13 +247,30 @@ def _tolerance(text: str) -> float:
         number = float(value) * scale
     except ValueError:
         raise ValueError(f"must be a relative tolerance like 0.1 or 10%, got {text!r}") from None
-    if not math.isfinite(number) or number < 0 or number > 10:
-        raise ValueError(f"must be within 0..10 (0.1 = 10% worse allowed), got {text!r}")
+    if not math.isfinite(number) or not 0 < number <= 100:
+        raise ValueError(f"must be above 0 and at most 100 (0.1 = 10% worse allowed), got {text!r}")
     return number
+
+
+def _quantiles(text: str) -> tuple[float, ...]:
+    out: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            q = float(part[1:]) / 100 if part.lower().startswith("p") else float(part)
+        except ValueError:
+            raise ValueError(f"must be quantiles like p50,p99 or 0.5,0.99, got {part!r}") from None
+        if not 0 < q < 1:
+            raise ValueError(f"each quantile must be within (0, 1) (p1..p99.9), got {part!r}")
+        out.append(q)
+    if len(set(out)) != len(out):
+        raise ValueError(f"has duplicates: {text!r}")
+    return tuple(sorted(out))
 
 
 def _critical(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("must name at least one metric, or the analysis could never fail")
     for name in names:
         if name not in METRIC_NAMES:
             raise ValueError(f"unknown metric {name!r}; the metrics are {', '.join(METRIC_NAMES)}")
@@ -359,6 +403,13 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "how much slower the canary may be: 0.1 or 10%",
     ),
     _a(
+        "analysis.quantiles",
+        "analysis.quantiles",
+        _quantiles,
+        "(analysis default)",
+        "latency quantiles compared: p50,p99 or 0.5,0.99",
+    ),
+    _a(
         "analysis.critical",
         "analysis.critical",
         _critical,
@@ -481,7 +532,25 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
         _cross_check(raw, problems, target_from)
     if problems:
         raise SpecError(problems)
-    return _build(raw)
+    spec = _build(raw)
+    try:
+        spec.analysis.analysis_config()
+    except ValueError as exc:
+        # E.g. no metric left critical: the analysis could never fail.
+        given = [
+            a.key
+            for a in ANNOTATIONS
+            if a.field.startswith("analysis.") and a.key in (annotations or {})
+        ]
+        raise SpecError({", ".join(given) or PREFIX + "analysis": _first_line(exc)}) from exc
+    return spec
+
+
+def _first_line(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return "; ".join(str(e.get("msg", "invalid")) for e in errors())
+    return str(exc)
 
 
 def _cross_check(raw: dict[str, Any], problems: dict[str, str], target_from: str | None) -> None:

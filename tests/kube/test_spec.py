@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from analysis import AnalysisConfig
 from canary.spec import (
     ANNOTATION_STATUS,
     ANNOTATIONS,
@@ -42,6 +43,7 @@ def test_full_spec_parses() -> None:
             "canary.dev/analysis.error-tolerance": "20%",
             "canary.dev/analysis.latency-tolerance": "0.1",
             "canary.dev/analysis.critical": "errors",
+            "canary.dev/analysis.quantiles": "p50, 0.999",
             "canary.dev/router": "gateway-api",
             "canary.dev/httproute": "app-route",
             "canary.dev/port": "8080",
@@ -59,8 +61,13 @@ def test_full_spec_parses() -> None:
         "alpha": 0.01,
         "error_tolerance": 0.2,
         "latency_tolerance": 0.1,
+        "quantiles": (0.5, 0.999),
         "critical": ("errors",),
     }
+    config = spec.analysis.analysis_config()
+    assert config.alpha == 0.01 and config.quantiles == (0.5, 0.999)
+    assert (config.errors.tolerance, config.errors.critical) == (0.2, True)
+    assert (config.latency.tolerance, config.latency.critical) == (0.1, False)
     assert spec.router is not None
     assert (spec.router.kind, spec.router.target, spec.router.port) == (
         "gateway-api",
@@ -93,7 +100,10 @@ def test_full_spec_parses() -> None:
         ({"canary.dev/no-data-deadline": "0"}, "no-data-deadline", "must be positive"),
         ({"canary.dev/analysis.alpha": "0.7"}, "analysis.alpha", "within (0, 0.5)"),
         ({"canary.dev/analysis.alpha": "low"}, "analysis.alpha", "must be a number"),
-        ({"canary.dev/analysis.error-tolerance": "-1"}, "analysis.error-tolerance", "within 0..10"),
+        ({"canary.dev/analysis.error-tolerance": "0"}, "analysis.error-tolerance", "above 0"),
+        ({"canary.dev/analysis.quantiles": "p50,p100"}, "analysis.quantiles", "within (0, 1)"),
+        ({"canary.dev/analysis.quantiles": "median"}, "analysis.quantiles", "like p50,p99"),
+        ({"canary.dev/analysis.critical": " "}, "analysis.critical", "at least one metric"),
         (
             {"canary.dev/analysis.critical": "errors,cpu"},
             "analysis.critical",
@@ -158,6 +168,11 @@ def test_every_problem_is_reported_at_once() -> None:
         parse_annotations({**BASE, "canary.dev/steps": "9,3", "canary.dev/port": "x"})
     assert set(caught.value.problems) == {"canary.dev/steps", "canary.dev/port"}
     assert dump_problems(caught.value).startswith('{"canary.dev/port":')
+
+
+def test_no_analysis_annotations_mean_the_analysis_defaults() -> None:
+    """Without analysis annotations the analysis runs with its own production defaults."""
+    assert parse_annotations(BASE).analysis.analysis_config() == AnalysisConfig()
 
 
 def test_enabled_needs_a_router() -> None:
