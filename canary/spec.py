@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from analysis import AnalysisConfig, MetricConfig
+from canary.rollout import RolloutSpec
 
 __all__ = [
     "ANNOTATIONS",
@@ -169,15 +170,16 @@ class CanarySpec(BaseModel):
     metrics: MetricsSpec = MetricsSpec()
     webhooks: tuple[Webhook, ...] = ()
 
-    def rollout_kwargs(self) -> dict[str, Any]:
-        """The fields of the rollout machine's spec (Kubernetes promotes by copying)."""
-        return {
-            "steps": self.steps,
-            "min_step_s": self.min_step_s,
-            "max_step_s": self.max_step_s,
-            "no_data_deadline_s": self.no_data_deadline_s,
-            "promotion": "copy",
-        }
+    def rollout_spec(self) -> RolloutSpec:
+        """The rollout machine's spec; on Kubernetes the promotion copies the template to
+        app-primary (Flagger's model)."""
+        return RolloutSpec(
+            steps=self.steps,
+            min_step_s=self.min_step_s,
+            max_step_s=self.max_step_s,
+            no_data_deadline_s=self.no_data_deadline_s,
+            promotion="copy",
+        )
 
 
 # -- parsers: each raises ValueError with the rule, the key is added by the caller ------

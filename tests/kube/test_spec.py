@@ -76,7 +76,9 @@ def test_full_spec_parses() -> None:
     )
     assert spec.metrics.preset == "custom" and spec.metrics.requests_query
     assert [(w.type, w.url) for w in spec.webhooks] == [("pre-rollout", "http://tester.shop/smoke")]
-    assert spec.rollout_kwargs()["promotion"] == "copy"
+    rollout = spec.rollout_spec()
+    assert (rollout.steps, rollout.min_step_s, rollout.max_step_s) == ((5, 20, 50), 90.0, None)
+    assert rollout.promotion == "copy"
 
 
 @pytest.mark.parametrize(
@@ -212,3 +214,17 @@ def test_table_defaults_are_the_model_defaults() -> None:
         assert annotation.parse(annotation.default) == node[leaf], annotation.key
     table = markdown_table()
     assert all(f"`{a.key}`" in table for a in ANNOTATIONS)
+
+
+def test_defaults_agree_with_the_rollout_machine() -> None:
+    """An annotated Deployment with no tuning moves like a static target with no tuning."""
+    from canary.rollout import RolloutSpec
+
+    default = RolloutSpec()
+    got = CanarySpec().rollout_spec()
+    assert (got.steps, got.min_step_s, got.max_step_s, got.no_data_deadline_s) == (
+        default.steps,
+        default.min_step_s,
+        default.max_step_s,
+        default.no_data_deadline_s,
+    )
