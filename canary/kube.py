@@ -54,6 +54,7 @@ __all__ = [
     "OWN_NAMESPACE_RESOURCES",
     "ApiCall",
     "Conflict",
+    "EventRecorder",
     "Gone",
     "Kube",
     "KubeError",
@@ -696,6 +697,55 @@ def _decode(status: int, retry_after: str | None, body: bytes, what: str) -> JSO
                 delay = None  # an HTTP date: fall back to our own backoff
         raise _Transient(text, status=status, retry_after=delay)
     raise _error(status, text)
+
+
+# -- events, without the flood ------------------------------------------------------------
+
+
+class EventRecorder:
+    """Sends Events, but not the same one again and again.
+
+    A level-triggered controller sees a bad annotation on every reconcile; one Warning per
+    `repeat_after_s` says it as clearly as a hundred. An Event that cannot be sent is logged
+    and reported as False, never raised: Events explain, they must not stop a rollout.
+    """
+
+    def __init__(
+        self,
+        kube: Kube,
+        *,
+        component: str = "canary",
+        repeat_after_s: float = 600.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.kube = kube
+        self.component = component
+        self.repeat_after_s = repeat_after_s
+        self.clock = clock
+        self._sent: dict[tuple[str, str, str, str, str], float] = {}
+
+    async def record(
+        self, ref: ObjectRef, *, type: Literal["Normal", "Warning"], reason: str, message: str
+    ) -> bool:
+        """Send the Event unless an identical one went out within `repeat_after_s`."""
+        key = (ref.uid or f"{ref.namespace}/{ref.kind}/{ref.name}", ref.name, type, reason, message)
+        now = self.clock()
+        last = self._sent.get(key)
+        if last is not None and now - last < self.repeat_after_s:
+            return False
+        try:
+            await self.kube.emit_event(
+                ref, type=type, reason=reason, message=message, component=self.component
+            )
+        except KubeError as exc:
+            log.warning(
+                "event %s %s on %s/%s not sent: %s", type, reason, ref.namespace, ref.name, exc
+            )
+            return False
+        self._sent[key] = now
+        # Forget what can no longer suppress anything, so the map stays small.
+        self._sent = {k: t for k, t in self._sent.items() if now - t < self.repeat_after_s}
+        return True
 
 
 # -- leader election ---------------------------------------------------------------------

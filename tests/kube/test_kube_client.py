@@ -12,6 +12,7 @@ import pytest
 
 from canary.kube import (
     Conflict,
+    EventRecorder,
     Kube,
     KubeError,
     NotFound,
@@ -249,3 +250,21 @@ def test_only_kube_module_imports_the_client() -> None:
         if "kubernetes_asyncio" in path.read_text()
     )
     assert importers == ["canary/kube.py"]
+
+
+async def test_event_recorder_does_not_repeat_itself(api: KubeEmulator, kube: Kube) -> None:
+    """The same Warning on every reconcile becomes one Event; a new message is a new Event;
+    an API failure is reported as False, not raised."""
+    api.put(*APPS, deployment())
+    ref = ObjectRef.deployment(await kube.get_deployment("default", "app"))
+    recorder = EventRecorder(kube, repeat_after_s=600)
+    sent = [
+        await recorder.record(ref, type="Warning", reason="BadSpec", message="steps: bad")
+        for _ in range(3)
+    ]
+    assert sent == [True, False, False]
+    assert await recorder.record(ref, type="Warning", reason="BadSpec", message="port: bad")
+    api.inject(403, verb="create", resource="events")
+    assert not await recorder.record(ref, type="Normal", reason="Progressing", message="10%")
+    events = [o for k, o in api.objects.items() if k[2] == "events"]
+    assert sorted(e["message"] for e in events) == ["port: bad", "steps: bad"]
