@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
@@ -64,9 +65,11 @@ class MetricsProvider(Protocol):
 # non-negative steps after `since`; a drop is a counter reset, where the new value is the
 # increase. The baseline is the series' last sample at or before `since`; a series born after
 # `since` starts from 0. Then series are summed (and, for histograms, grouped by `le`).
-# As with Prometheus' own increase(), a reset is seen only as a drop between two scraped
-# samples: a counter that restarts and climbs past its old value before the next scrape
-# looks like a smaller increase. With 1 s scrapes and restarts taking longer, that is rare.
+# Prometheus' own increase() sees a reset only as a drop between two scraped samples, so a
+# counter that restarts and climbs past its old value before the next scrape looks like a
+# smaller increase: a crash-looping canary would hide errors exactly when it matters. So
+# where the exporter publishes `<name>_created` (the counter's birth time), a change of it
+# between two samples is a reset too (PromQueries.use_created).
 
 # The demo service's metrics (canary/demo/service.py exports them with prometheus-client).
 REQUESTS_METRIC = "http_requests_total"
@@ -92,6 +95,11 @@ class PromQueries(BaseModel):
     selector: str = ""
     primary_arm: str = "primary"
     canary_arm: str = "canary"
+    # Also read each counter's `<name>_created` series (prometheus-client and OpenMetrics
+    # export it): a changed creation time marks a reset even when the restarted counter
+    # climbed past its old value before the next scrape, which a drop alone cannot show.
+    # Fetched in the same query; where no such series exists, drops alone count.
+    use_created: bool = True
     # How far before `since` to look for each series' baseline sample. Longer than a few
     # scrape intervals, or a series that existed before `since` would be counted from 0.
     lookback_s: float = Field(default=300.0, gt=0)
@@ -203,12 +211,10 @@ class PrometheusMetrics:
                 raise _NoDataError(f"inconsistent counts for {role} ({arm}): {exc}") from exc
         return ArmsCounts(primary=arms["primary"], canary=arms["canary"])
 
-    def _series(self, selector: str, since: float, now: float) -> list[dict[str, Any]]:
+    def _query(self, query: str, now: float) -> list[dict[str, Any]]:
         from prometheus_api_client.exceptions import PrometheusApiClientException
         from requests import RequestException
 
-        window = math.ceil(now - since + self.queries.lookback_s)
-        query = f"{selector}[{window}s]"
         try:
             result = self._client.custom_query(query, params={"time": f"{now:.3f}"})
         except RequestException as exc:
@@ -222,6 +228,29 @@ class PrometheusMetrics:
         if not isinstance(result, list):
             raise _NoDataError(f"prometheus returned no range vector for {query}: {result!r:.200}")
         return result
+
+    def _series(self, selector: str, since: float, now: float) -> list[_Counter]:
+        """Raw samples of every series matching `selector` over (since - lookback, now]."""
+        window = math.ceil(now - since + self.queries.lookback_s)
+        split = _split_selector(selector) if self.queries.use_created else None
+        if split is None:
+            return [_Counter(s, None) for s in self._query(f"{selector}[{window}s]", now)]
+        name, matchers = split
+        created = _created_name(name)
+        both = "{" + f'__name__=~"{name}|{created}",' + matchers + "}"
+        result = self._query(f"{both}[{window}s]", now)
+        births: dict[frozenset[tuple[str, str]], dict[float, float]] = {}
+        counters = []
+        for s in result:
+            labels = s.get("metric", {})
+            if labels.get("__name__") == created:
+                try:
+                    births[_identity(labels)] = {float(t): float(v) for t, v in s["values"]}
+                except (KeyError, TypeError, ValueError):
+                    continue  # a broken _created series only costs the extra reset check
+            else:
+                counters.append(s)
+        return [_Counter(s, births.get(_identity(s.get("metric", {})))) for s in counters]
 
     def _total(self, selector: str, since: float, now: float, *, empty_ok: bool) -> float:
         series = self._series(selector, since, now)
@@ -237,10 +266,10 @@ class PrometheusMetrics:
             raise _NoDataError(f"empty result: no series match {selector} in Prometheus")
         out: dict[float, float] = {}
         for s in series:
-            le = s.get("metric", {}).get("le")
+            le = s.series.get("metric", {}).get("le")
             if le is None:
                 raise _NoDataError(
-                    f"series without an 'le' label for {selector}: {s.get('metric')}"
+                    f"series without an 'le' label for {selector}: {s.series.get('metric')}"
                 )
             try:
                 bound = float(le)
@@ -250,13 +279,46 @@ class PrometheusMetrics:
         return out
 
 
-def _increase_since(series: Mapping[str, Any], since: float, selector: str) -> float:
+_METRIC_NAME = re.compile(r"^[a-zA-Z_:][a-zA-Z0-9_:]*$")
+
+
+def _split_selector(selector: str) -> tuple[str, str] | None:
+    """'name{matchers}' -> (name, matchers); None for any other shape."""
+    name, brace, rest = selector.strip().partition("{")
+    name = name.strip()
+    if not brace or not rest.endswith("}") or not _METRIC_NAME.match(name):
+        return None
+    return name, rest[:-1]
+
+
+def _created_name(name: str) -> str:
+    """http_requests_total -> http_requests_created; x_seconds_bucket -> x_seconds_created."""
+    for suffix in ("_total", "_bucket", "_count", "_sum"):
+        if name.endswith(suffix):
+            return name[: -len(suffix)] + "_created"
+    return name + "_created"
+
+
+def _identity(labels: Mapping[str, str]) -> frozenset[tuple[str, str]]:
+    # A histogram's buckets share one _created series, which has no `le`.
+    return frozenset((k, v) for k, v in labels.items() if k not in ("__name__", "le"))
+
+
+@dataclass(frozen=True, slots=True)
+class _Counter:
+    series: Mapping[str, Any]  # one series of a range-vector result: {"metric", "values"}
+    births: Mapping[float, float] | None  # its _created samples by timestamp, if any
+
+
+def _increase_since(counter: _Counter, since: float, selector: str) -> float:
     """Sum of one counter's increases after `since`, resets included (see above)."""
+    series, births = counter.series, counter.births or {}
     try:
         samples = [(float(t), float(v)) for t, v in series["values"]]
     except (KeyError, TypeError, ValueError) as exc:
         raise _NoDataError(f"malformed samples for {selector}: {series!r:.200}") from exc
     previous = 0.0
+    born: float | None = None
     total = 0.0
     for t, v in samples:
         if not math.isfinite(v):
@@ -265,9 +327,13 @@ def _increase_since(series: Mapping[str, Any], since: float, selector: str) -> f
                 f"{shown} sample in {selector} (series {series.get('metric')}) at {t:.3f}: "
                 "not a count, no data"
             )
+        birth = births.get(t)
         if t <= since:
-            previous = v  # the baseline: last sample at or before `since`
+            previous, born = v, birth  # the baseline: last sample at or before `since`
             continue
-        total += v - previous if v >= previous else v
+        reborn = birth is not None and born is not None and birth != born
+        total += v if reborn or v < previous else v - previous
         previous = v
+        if birth is not None:
+            born = birth
     return total

@@ -151,18 +151,30 @@ async def test_counter_reset_is_counted_not_subtracted(env: Env, tmp_path: Path)
         assert isinstance(before, ArmsCounts), before
         assert (before.primary.requests, before.canary.requests) == (6, 5)
 
-        # A redeploy: the new process starts from zero. Each new total stays below the old
-        # one, so the drop is visible in the samples (see canary/metrics.py on resets).
+        # A redeploy: the new process starts from zero. The primary's new total stays below
+        # its old one (a visible drop); the canary's climbs past it before the next scrape
+        # (10 > 7), which only the changed `_created` time reveals.
         pool.stop(exporter)
         pool.support_server("exporter", port)
         await inc(port, "reset-p", n=4)
-        await inc(port, "reset-c", n=3)
+        await inc(port, "reset-c", n=10)
         await scraped(env, "reset-p", 4)
-        await scraped(env, "reset-c", 3)
-        after = await provider.fetch(since=since, now=time.time())
+        await scraped(env, "reset-c", 10)
+        now = time.time()
+        after = await provider.fetch(since=since, now=now)
         assert isinstance(after, ArmsCounts), after
-        assert (after.primary.requests, after.canary.requests) == (6 + 4, 5 + 3)
+        assert (after.primary.requests, after.canary.requests) == (6 + 4, 5 + 10)
         assert after.primary.latency_buckets[INF] == 10
+        assert after.canary.latency_buckets[INF] == 15
+
+        # Without `_created`, only drops are resets: the canary's reset is missed, as it
+        # would be by Prometheus' increase().
+        drops_only = PrometheusMetrics(
+            env.prometheus.url, queries=q.model_copy(update={"use_created": False})
+        )
+        blind = await drops_only.fetch(since=since, now=now)
+        assert isinstance(blind, ArmsCounts), blind
+        assert (blind.primary.requests, blind.canary.requests) == (6 + 4, 5 + (10 - 7))
     finally:
         pool.stop_all()
 
