@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
@@ -276,3 +277,34 @@ async def test_bad_arguments_raise(env: Env) -> None:
         PrometheusMetrics("127.0.0.1:9090")
     with pytest.raises(ValueError, match="before since"):
         await PrometheusMetrics(env.prometheus.url).fetch(since=10.0, now=5.0)
+
+
+# --- the counting rule, sample by sample ------------------------------------------------------
+
+
+def _counter(values: list[tuple[float, float]], births: dict[float, float] | None = None) -> Any:
+    from canary.metrics import _Counter
+
+    return _Counter({"metric": {}, "values": [[t, str(v)] for t, v in values]}, births)
+
+
+@pytest.mark.parametrize(
+    ("values", "births", "expected"),
+    [
+        ([(1, 5), (2, 5)], None, 0),  # nothing after since=2
+        ([(1, 5), (2, 7), (3, 9)], None, 2),  # the sample at since is the baseline
+        ([(3, 4), (4, 6)], None, 6),  # born after since: counted from 0
+        ([(1, 10), (3, 12), (4, 2), (5, 5)], None, 2 + 2 + 3),  # drop = reset
+        ([(1, 10), (3, 12), (4, 20)], {1: 100, 3: 100, 4: 200}, 2 + 20),  # reborn, no drop
+        ([(1, 10), (3, 12), (4, 20)], {1: 100, 4: 200}, 2 + 20),  # a missing birth is skipped
+        ([(1, 10), (3, 12), (4, 20)], {4: 200}, 2 + 8),  # nothing to compare with: a rise
+        ([(1, 10), (3, 12), (4, 20)], {1: 100, 3: 100, 4: 100}, 10),  # same birth: a rise
+    ],
+)
+def test_increase_since_table(
+    values: list[tuple[float, float]], births: dict[float, float] | None, expected: float
+) -> None:
+    """Increases after since=2: baseline, late birth, drops and changed _created are resets."""
+    from canary.metrics import _increase_since
+
+    assert _increase_since(_counter(values, births), 2.0, "x") == expected
