@@ -34,6 +34,7 @@ from aiohttp import web
 from analysis.report import Report, ReportError, build_report, render_html, render_json
 from analysis.report import render_markdown as _render_markdown
 from canary.notify import report_id
+from canary.record_store import looks_like_configmap, unpack_record
 from canary.records import EndEntry, RecordError, StartEntry, parse_lines, read_record
 
 __all__ = [
@@ -148,9 +149,13 @@ def resolve_record(name_or_path: str, *, record_dir: Path) -> Path:
 
 
 def load_report(path: Path, *, allow_incomplete: bool = True) -> Report:
-    """Read a record file and build its report. Raises ReportError with a clear message."""
+    """Read a record file (JSON lines, or a record ConfigMap as JSON) and build its report.
+    Raises ReportError with a clear message."""
     try:
-        entries = read_record(path)
+        configmap = None
+        if path.suffix == ".json":  # `kubectl get configmap canary-record-... -o json`
+            configmap = looks_like_configmap(path.read_text(encoding="utf-8"))
+        entries = unpack_record(configmap) if configmap is not None else read_record(path)
     except RecordError as exc:
         raise ReportError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:
