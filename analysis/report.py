@@ -666,7 +666,7 @@ def _assemble(b: _Builder, incomplete_reason: str | None) -> Report:
             for message in tick.verdict.notes:
                 if message not in seen_notes:
                     seen_notes.add(message)
-                    notes.append(ReportNote(t_s=b.rel(tick.at), level="warning", message=message))
+                    notes.append(ReportNote(t_s=b.rel(tick.at), level="info", message=message))
         if previous is not None:
             for arm in ("primary", "canary"):
                 before, now = getattr(previous, arm), getattr(tick, arm)

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from analysis import AnalysisConfig, Analyzer, ArmCounts, Snapshot
+from analysis import AnalysisConfig, Analyzer, ArmCounts, Snapshot, plan
 from canary.records import (
     EndEntry,
     FailoverEntry,
@@ -69,6 +69,12 @@ def simulate(scenario: Scenario) -> list[dict[str, Any]]:
     rng = np.random.default_rng(scenario.seed)
     analyzer = Analyzer(AnalysisConfig())
     rollout = f"demo/app@{scenario.seed:06x}"
+    # the planner's estimate at the first step, as the controller records it
+    estimate = plan(
+        rate_rps=scenario.rps,
+        canary_weight=scenario.steps[0] / 100,
+        baseline_error_rate=scenario.primary_error_rate,
+    )
     entries: list[Any] = [
         StartEntry(
             at=T0,
@@ -78,7 +84,10 @@ def simulate(scenario: Scenario) -> list[dict[str, Any]]:
             canary_version="v1.5.0",
             steps=list(scenario.steps),
             config={"tick_s": scenario.tick_s, "seed": scenario.seed},
-            plan={"expected_fail_s": 45.0, "expected_pass_s": 180.0},
+            plan={
+                "expected_fail_s": estimate.expected_fail_s,
+                "expected_pass_s": estimate.expected_pass_s,
+            },
         )
     ]
     p_probs = _bucket_probabilities(scenario.primary_latency_median_s)
