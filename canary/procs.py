@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -442,6 +443,10 @@ def _kill_group(pid: int) -> None:
 # --- HAProxy -------------------------------------------------------------------------------
 
 
+_HAPROXY_NAME = re.compile(r"^[A-Za-z0-9_.:-]+$")
+_SUN_PATH_MAX = 107  # sockaddr_un.sun_path is 108 bytes on Linux, with its NUL
+
+
 @dataclass(frozen=True, slots=True)
 class HAProxyConfig:
     """One frontend on loopback, one backend of two servers: the shape canary splits.
@@ -470,6 +475,21 @@ class HAProxyConfig:
                 raise ValueError(f"HAProxyConfig.{field} must be within 0..256, got {value}")
         if self.mode not in ("http", "tcp"):
             raise ValueError(f"HAProxyConfig.mode must be 'http' or 'tcp', got {self.mode!r}")
+        for field in ("backend", "primary_server", "canary_server"):
+            if not _HAPROXY_NAME.match(getattr(self, field)):
+                raise ValueError(
+                    f"HAProxyConfig.{field} must be letters, digits, '-', '_', '.' or ':', "
+                    f"got {getattr(self, field)!r}"
+                )
+        if self.primary_server == self.canary_server:
+            raise ValueError(
+                f"HAProxyConfig.primary_server and canary_server are both {self.primary_server!r}"
+            )
+        if len(os.fsencode(self.socket_path)) > _SUN_PATH_MAX:
+            raise ValueError(
+                f"HAProxyConfig.socket_path is {len(os.fsencode(self.socket_path))} bytes long; "
+                f"a unix socket path may have at most {_SUN_PATH_MAX}: {self.socket_path}"
+            )
         for field in ("primary_addr", "canary_addr"):
             host, sep, port = getattr(self, field).rpartition(":")
             if not sep or not port.isdigit() or not host:

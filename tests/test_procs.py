@@ -192,7 +192,15 @@ def test_haproxy_that_cannot_bind_fails_with_its_own_words(
 
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("primary_weight", 300), ("canary_weight", -1), ("canary_addr", "localhost"), ("mode", "udp")],
+    [
+        ("primary_weight", 300),
+        ("canary_weight", -1),
+        ("canary_addr", "localhost"),
+        ("mode", "udp"),
+        ("backend", "my app"),
+        ("canary_server", "primary"),
+        ("socket_path", Path("/tmp") / ("x" * 120)),
+    ],
 )
 def test_bad_haproxy_config_names_the_field(field: str, value: object, tmp_path: Path) -> None:
     """HAProxyConfig refuses bad values with the field's name in the message."""
