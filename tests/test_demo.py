@@ -11,6 +11,7 @@ import asyncio
 import os
 import random
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,6 +25,7 @@ import pytest
 
 from canary.demo.loadgen import LoadGenerator
 from canary.demo.service import VERSION_HEADER, ServiceSettings
+from canary.records import EndEntry, Entry, NoteEntry, TickEntry, TransitionEntry, read_record
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -197,3 +199,167 @@ async def test_loadgen_counts_unreachable_targets_as_failed() -> None:
     assert stats.failed > 0 and stats.completed == 0
     assert stats.canary_share is None
     assert gen.last_failure is not None
+
+
+# --- `canary demo` end to end ---------------------------------------------------------
+
+# Short steps and a little more traffic than the default, so each run takes well under a
+# minute; everything else (HAProxy, Prometheus, the analysis, the controller) is the real one.
+FAST = ["--rate", "300", "--steps", "25,50", "--step-seconds", "3", "--max-step-seconds", "60"]
+DEMO = [sys.executable, "-m", "canary.demo"]
+
+
+def child_pids(output: str) -> dict[str, int]:
+    """The PIDs the demo printed for the processes it started."""
+    match = re.search(r"processes \(pid\): (.*)", output)
+    assert match, f"the demo did not print its processes:\n{output}"
+    pids = {name: int(pid) for name, pid in re.findall(r"([\w-]+) (\d+)", match.group(1))}
+    assert set(pids) == {"service-primary", "service-canary", "haproxy", "prometheus"}
+    return pids
+
+
+def group_members(pgid: int) -> list[int]:
+    """Live processes in a process group (HAProxy's workers share the master's group)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] != "Z" and int(fields[2]) == pgid:
+            members.append(int(stat.parent.name))
+    return members
+
+
+def assert_all_stopped(pids: dict[str, int]) -> None:
+    for name, pid in pids.items():
+        assert not pid_alive(pid), f"{name} (pid {pid}) outlived the demo"
+        assert not group_members(pid), f"{name}'s process group {pid} outlived the demo"
+
+
+def run_demo(tmp_path: Path, *args: str) -> tuple[int, str, Path]:
+    """Run `python -m canary demo` to its end; returns (exit status, output, record dir)."""
+    record_dir = tmp_path / "records"
+    out = subprocess.run(
+        [*DEMO, *FAST, "--record-dir", str(record_dir), *args],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    return out.returncode, out.stdout + out.stderr, record_dir
+
+
+def read_only_record(record_dir: Path) -> list[Entry]:
+    records = list(record_dir.glob("*.jsonl"))
+    assert len(records) == 1, records
+    return read_record(records[0])
+
+
+def assert_split_follows_weights(entries: list[Entry]) -> set[int]:
+    """Every tick's split measured at the load generator (since its weight took) is within
+    3 points of the weight set. Returns the weights that were checked."""
+    checked = set()
+    for entry in entries:
+        if isinstance(entry, TickEntry) and entry.observed_canary_share is not None:
+            share = 100 * entry.observed_canary_share
+            assert abs(share - entry.weight_set) <= 3.0, (
+                f"at {entry.elapsed_s:.1f}s weight {entry.weight_set}% but {share:.1f}% measured"
+            )
+            checked.add(entry.weight_set)
+    return checked
+
+
+def test_demo_promotes_a_healthy_canary(tmp_path: Path) -> None:
+    """Same errors and latency: promoted, exit 0, split within 3 points at every step,
+    no process left, and the report command the demo prints renders the report."""
+    code, output, record_dir = run_demo(tmp_path)
+    assert code == 0, output
+    assert "outcome:  PROMOTED" in output
+    assert_all_stopped(child_pids(output))
+    entries = read_only_record(record_dir)
+    end = entries[-1]
+    assert isinstance(end, EndEntry) and end.outcome == "promoted", end
+    assert assert_split_follows_weights(entries) >= {25, 50}
+    ticks = [e for e in entries if isinstance(e, TickEntry)]
+    assert ticks[-1].verdict is not None and ticks[-1].verdict.decision == "pass"
+    assert ticks[-1].canary is not None and ticks[-1].canary.requests > 0
+
+    # The demo's last line says how to open the report; run exactly that.
+    match = re.search(r"^report:\s+(.*?)\s+\(", output, re.MULTILINE)
+    assert match, output
+    argv = shlex.split(match.group(1))
+    assert argv[1:] == ["report", "demo", "--record-dir", "records"]
+    report = subprocess.run(
+        [sys.executable, "-m", "canary", *argv[1:]],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert report.returncode == 0, report.stderr
+    html = Path(tmp_path, report.stdout.strip()).read_text()
+    assert re.search(r"<title>[^<]*\bpromoted\b[^<]*</title>", html), html[:500]
+    assert "<svg" in html
+
+
+def test_demo_rolls_back_a_canary_with_more_errors(tmp_path: Path) -> None:
+    """5 points more errors on the canary: rolled back, exit 1, weight back to 0, no process left."""
+    code, output, record_dir = run_demo(tmp_path, "--canary-error-rate", "0.05")
+    assert code == 1, output
+    assert "outcome:  ROLLED BACK" in output
+    assert_all_stopped(child_pids(output))
+    entries = read_only_record(record_dir)
+    end = entries[-1]
+    assert isinstance(end, EndEntry) and end.outcome == "rolled_back", end
+    assert "errors" in end.reason
+    assert assert_split_follows_weights(entries)
+    last = [e for e in entries if isinstance(e, TransitionEntry)][-1]
+    assert (last.to_phase, last.weight) == ("Failed", 0)
+    fail = [e for e in entries if isinstance(e, TickEntry) and e.verdict is not None][-1]
+    assert fail.verdict is not None and fail.verdict.decision == "fail"
+
+
+def test_demo_stops_every_child_on_sigint(tmp_path: Path) -> None:
+    """Ctrl-C in the middle of a rollout: exit 130, and every process it started is gone."""
+    proc = subprocess.Popen(
+        [*DEMO, *FAST, "--step-seconds", "30", "--record-dir", str(tmp_path / "records")],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if re.match(r"\s+\d+\.\d+s\s+Progressing", line):
+                break  # the rollout is under way
+        proc.send_signal(signal.SIGINT)
+        rest, _ = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = "".join(lines) + rest
+    assert proc.returncode == 130, output
+    assert_all_stopped(child_pids(output))
+    entries = read_only_record(tmp_path / "records")
+    assert not any(isinstance(e, EndEntry) for e in entries)  # interrupted, not over
+    assert isinstance(entries[-1], NoteEntry) and "stopped" in entries[-1].message
+
+
+def test_demo_rejects_bad_flags_naming_them(tmp_path: Path) -> None:
+    """Bad steps or rates exit 2 before anything starts, with a message naming the flag."""
+    for args, flag in (
+        (["--steps", "50,25"], "--steps"),
+        (["--canary-error-rate", "2"], "--canary-error-rate"),
+        (["--step-seconds", "10", "--max-step-seconds", "5"], "--max-step-seconds"),
+    ):
+        out = subprocess.run(
+            [*DEMO, *args], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        )
+        assert out.returncode == 2, out
+        assert flag in out.stderr
+        assert not (tmp_path / "canary-records").exists()

@@ -354,6 +354,8 @@ async def run_demo(options: DemoOptions, *, workdir: Path) -> tuple[int, Path | 
             f"  primary {stack.primary_addr}  canary {stack.canary_addr}  "
             f"haproxy {stack.haproxy.url}  prometheus {stack.prometheus.url}"
         )
+        pids = ", ".join(f"{p.name} {p.pid}" for p in stack.processes)
+        _say(f"  processes (pid): {pids}")
         _say(f"  load generator: {options.rate:g} requests/s through HAProxy")
         await stack.wait_for_metrics()
         router = MeasuringRouter(
