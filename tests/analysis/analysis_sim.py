@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import norm
 
-from analysis import ArmCounts, Snapshot
+from analysis import Analyzer, ArmCounts, Snapshot, Verdict
 
 BOUNDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
@@ -83,13 +83,14 @@ def snapshots(
         )
 
 
-def run_until(analyzer: object, snaps: Iterator[Snapshot]) -> tuple[str, float, object]:
+def run_until(analyzer: Analyzer, snaps: Iterator[Snapshot]) -> tuple[str, float, Verdict]:
     """Observe until a decision; returns (decision, elapsed_s, last verdict)."""
-    verdict = None
+    verdict: Verdict | None = None
     t = 0.0
     for snap in snaps:
-        verdict = analyzer.observe(snap)  # type: ignore[attr-defined]
+        verdict = analyzer.observe(snap)
         t = snap.elapsed_s
         if verdict.decision != "continue":
             return str(verdict.decision.value), t, verdict
+    assert verdict is not None, "no snapshots"
     return "continue", t, verdict

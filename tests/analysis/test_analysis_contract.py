@@ -98,7 +98,7 @@ def test_config_is_frozen() -> None:
     """Settings cannot change under a running analysis."""
     cfg = AnalysisConfig()
     with pytest.raises(ValidationError):
-        cfg.alpha = 0.5  # type: ignore[misc]
+        cfg.alpha = 0.5
 
 
 @pytest.mark.parametrize(

@@ -131,7 +131,7 @@ finite = st.floats(0, 1e6)
 )
 def test_bad_numbers_are_refused_by_name(field: str, bad: float) -> None:
     """Negative, NaN or infinite counts raise a ValueError that names the field."""
-    with pytest.raises(ValueError, match="requests|errors|latency_buckets"):
+    with pytest.raises(ValueError, match=r"requests|errors|latency_buckets"):
         if field == "requests":
             ArmCounts(requests=bad)
         elif field == "errors":
@@ -144,7 +144,5 @@ def test_bad_numbers_are_refused_by_name(field: str, bad: float) -> None:
 @given(finite, st.floats(0.5, 1e6))
 def test_errors_above_requests_refused(n: float, extra: float) -> None:
     """errors > requests is refused, naming both."""
-    if extra <= 0:
-        return
-    with pytest.raises(ValueError, match="errors .* > requests"):
+    with pytest.raises(ValueError, match=r"errors .* > requests"):
         ArmCounts(requests=n, errors=n + extra)
