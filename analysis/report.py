@@ -1136,6 +1136,7 @@ svg text { font: 11px system-ui, sans-serif; fill: #34495e; }
 table { border-collapse: collapse; width: 100%; background: #fff; font-size: 13px; }
 th, td { border: 1px solid #e5e8e8; padding: 4px 7px; text-align: left; vertical-align: top; }
 th { background: #eaeded; } td.n { text-align: right; font-variant-numeric: tabular-nums; }
+.wide { overflow-x: auto; }
 .pass { color: #1e8449; font-weight: 600; } .fail { color: #c0392b; font-weight: 600; }
 .continue { color: #566573; }
 ul.reasons { margin: 6px 0 0 18px; padding: 0; }
@@ -1146,7 +1147,9 @@ footer { color: #7f8c8d; font-size: 12px; margin-top: 24px; }
   main { max-width: none; padding: 0; }
   .banner { color: #000; border: 2px solid #000; background: none !important; }
   .charts { grid-template-columns: 1fr 1fr; }
-  figure, table, .cards { break-inside: avoid; }
+  figure, tr, .cards { break-inside: avoid; }
+  .wide { overflow: visible; } .wide table { font-size: 9px; }
+  td, th { overflow-wrap: anywhere; }
   h2 { break-after: avoid; }
   @page { margin: 12mm; }
 }
@@ -1711,7 +1714,7 @@ def render_html(report: Report, *, generated_note: str = "") -> str:
 
     if r.metrics:
         out.append(
-            '<h2 id="metrics">Metrics at the last verdict</h2><table><tr>'
+            '<h2 id="metrics">Metrics at the last verdict</h2><div class="wide"><table><tr>'
             "<th>metric</th><th>decision</th><th>canary vs primary</th><th>ratio</th>"
             "<th>confidence sequence</th><th>fail above</th><th>pass below</th>"
             "<th>excess bound (tolerance)</th><th>e-value fail (needs)</th>"
@@ -1747,7 +1750,7 @@ def render_html(report: Report, *, generated_note: str = "") -> str:
                 out.append(
                     f'<tr><td></td><td colspan="12"><small>{_e(row.reason)}</small></td></tr>'
                 )
-        out.append("</table>")
+        out.append("</table></div>")
 
     p = r.plan
     out.append(

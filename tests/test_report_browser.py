@@ -108,3 +108,16 @@ def test_chromium_screenshot_shows_a_rendered_page(page: Path, tmp_path: Path) -
     assert painted((0xC0, 0x39, 0x2B), 10) > 200  # the rolled-back banner
     assert painted((0x00, 0x72, 0xB2)) > 20  # primary's lines
     assert painted((0xD5, 0x5E, 0x00)) > 20  # canary's lines
+
+
+def test_chromium_prints_the_report_to_a_few_pages(page: Path, tmp_path: Path) -> None:
+    """Printing (print CSS) gives a real PDF of a few pages, not one page per chart."""
+    pdf = tmp_path / "report.pdf"
+    chromium(
+        ["--no-pdf-header-footer", f"--print-to-pdf={pdf}", page.as_uri()],
+        profile=tmp_path / "profile",
+    )
+    data = pdf.read_bytes()
+    assert data.startswith(b"%PDF-")
+    pages = len(re.findall(rb"/Type\s*/Page(?![s\w])", data))
+    assert 1 <= pages <= 6, pages
