@@ -40,6 +40,10 @@ class ArmCounts(BaseModel):
 
     Counts are floats because Prometheus' `increase()` extrapolates and returns
     non-integers; the tests treat them as counts all the same.
+
+    `latency_buckets` must be cumulative (non-decreasing in le). The `+Inf` bucket may differ
+    from `requests` (the histogram and the counter are scraped at different instants): latency
+    metrics then use the histogram's own total, the +Inf bucket (see analysis/latency.py).
     """
 
     model_config = ConfigDict(frozen=True)
@@ -110,7 +114,9 @@ class MetricResult(BaseModel):
 
     `estimate`, `lower` and `upper` are on the ratio scale canary/primary (1.0 means equal),
     except where `scale` says otherwise. `lower`/`upper` form an anytime-valid confidence
-    sequence at the metric's share of alpha; None until there is data to bound anything.
+    sequence at the metric's share of alpha; None until there is data to bound anything
+    (`upper` is also None while the ratio is unbounded above, e.g. no primary events yet).
+    E-values are capped at 1e300 so that a record stays valid JSON.
     """
 
     model_config = ConfigDict(frozen=True)
