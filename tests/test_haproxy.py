@@ -251,6 +251,26 @@ async def test_silent_socket_times_out_as_unreachable(sockdir: Path) -> None:
         await server.wait_closed()
 
 
+async def test_closing_without_an_answer_is_not_success(sockdir: Path) -> None:
+    """A socket that reads the command and closes without the newline: RouterUnreachable."""
+
+    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readline()
+        writer.close()
+
+    path = sockdir / "mute.sock"
+    server = await asyncio.start_unix_server(mute, path=str(path))
+    try:
+        router = HAProxyRouter(path, "app", "primary", "canary")
+        with pytest.raises(RouterUnreachable, match="closed without answering 'set weight"):
+            await router.set_weight(5)
+        with pytest.raises(RouterUnreachable, match="closed without answering 'show servers"):
+            await router.get_weight()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 # --- reloads --------------------------------------------------------------------------------
 
 

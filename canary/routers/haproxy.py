@@ -150,6 +150,11 @@ class HAProxyRouter:
 
     async def _accepted(self, command: str) -> None:
         answer = await runtime_command(self.socket_path, command, timeout_s=self.timeout_s)
+        if not answer:
+            # Not even the bare newline: no evidence the command was applied.
+            raise RouterUnreachable(
+                f"HAProxy admin socket {self.socket_path} closed without answering {command!r}"
+            )
         if answer.strip():
             raise RouterRejected(command, answer)
 
@@ -179,6 +184,10 @@ class HAProxyRouter:
         """Current weights (srv_uweight) of the backend's servers, by server name."""
         command = f"show servers state {self.backend}"
         answer = await runtime_command(self.socket_path, command, timeout_s=self.timeout_s)
+        if not answer:
+            raise RouterUnreachable(
+                f"HAProxy admin socket {self.socket_path} closed without answering {command!r}"
+            )
         try:
             rows = parse_servers_state(answer)
         except ValueError as exc:
