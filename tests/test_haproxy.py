@@ -252,18 +252,24 @@ async def test_silent_socket_times_out_as_unreachable(sockdir: Path) -> None:
 
 
 async def test_closing_without_an_answer_is_not_success(sockdir: Path) -> None:
-    """A socket that reads the command and closes without the newline: RouterUnreachable."""
+    """A socket that closes without even the bare newline: RouterUnreachable, not success."""
+    table = "1\n# be_name srv_name srv_uweight\napp primary 100\napp canary 0\n"
 
-    async def mute(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readline()
+    async def mute_on_set(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        command = (await reader.readline()).decode()
+        if command.startswith("show servers state") and answer_show:
+            writer.write(table.encode())
         writer.close()
 
     path = sockdir / "mute.sock"
-    server = await asyncio.start_unix_server(mute, path=str(path))
+    server = await asyncio.start_unix_server(mute_on_set, path=str(path))
     try:
         router = HAProxyRouter(path, "app", "primary", "canary")
+        answer_show = True
+        assert await router.get_weight() == 0
         with pytest.raises(RouterUnreachable, match="closed without answering 'set weight"):
             await router.set_weight(5)
+        answer_show = False
         with pytest.raises(RouterUnreachable, match="closed without answering 'show servers"):
             await router.get_weight()
     finally:
