@@ -84,8 +84,8 @@ class AnalysisConfig(BaseModel):
     # log(1/alpha_metric). Latency metrics share the rest equally.
     errors_alpha_share: float = Field(default=0.8, gt=0.0, lt=1.0)
     # The primary needs this many requests beyond the quantile before a latency threshold is
-    # frozen (e.g. 20 / (1 - 0.99) = 2000 requests for p99), so the bound is a stable choice.
-    threshold_min_tail: float = Field(default=20.0, ge=1.0)
+    # frozen (e.g. 10 / (1 - 0.99) = 1000 requests for p99), so the bound is a stable choice.
+    threshold_min_tail: float = Field(default=10.0, ge=1.0)
 
     @field_validator("quantiles", mode="before")
     @classmethod
