@@ -559,10 +559,14 @@ def _metric_sentence(metric: DecidingMetric) -> str:
     rates = ""
     if metric.rate_canary is not None and metric.rate_primary is not None:
         rates = f"canary {_pct(metric.rate_canary)} vs primary {_pct(metric.rate_primary)}, "
-    head = (
-        f"{metric.name}: {rates}ratio {_num(metric.estimate)} ({_conf(1 - metric.confidence)} "
-        f"CS [{_num(metric.lower)}, {_num(metric.upper)}])"
-    )
+    head = f"{metric.name}: {rates}"
+    if metric.estimate is not None or metric.lower is not None:
+        head += (
+            f"ratio {_num(metric.estimate)} ({_conf(1 - metric.confidence)} "
+            f"CS [{_num(metric.lower)}, {_num(metric.upper)}])"
+        )
+    else:
+        head += "no events in either arm yet"
     if metric.route == "absolute":
         return (
             f"{head}; the canary's excess rate is at most {_pct(metric.excess_bound)}, "

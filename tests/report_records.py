@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,3 +235,19 @@ def simulate(scenario: Scenario) -> list[dict[str, Any]]:
             )
         )
     return [json.loads(dump_entry(entry)) for entry in entries]
+
+
+_URL_ATTR = re.compile(
+    r"""\b(?:src|href|xlink:href|action|poster|data)\s*=\s*["']?([^"'\s>]*)""", re.I
+)
+
+
+def external_references(page: str) -> list[str]:
+    """Everything in a page that could make the browser fetch something."""
+    found = re.findall(r"https?://[^\s\"'<>)]*", page)
+    found += re.findall(r"(?<![:\w])//[\w.-]+\.[a-z]{2,}", page)  # protocol-relative URLs
+    found += re.findall(r"url\(\s*['\"]?(?!data:|#)[^)]*\)", page)
+    found += re.findall(r"@import[^;]*;", page)
+    found += [v for v in _URL_ATTR.findall(page) if v and not v.startswith(("#", "data:"))]
+    found += re.findall(r"<script[^>]*>", page)
+    return found

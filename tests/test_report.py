@@ -8,7 +8,7 @@ import re
 from typing import Any
 
 import pytest
-from report_records import Scenario, simulate
+from report_records import Scenario, external_references, simulate
 
 from analysis.report import (
     REPORT_SCHEMA,
@@ -47,22 +47,6 @@ def _ticks(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _deciding_tick(entries: list[dict[str, Any]], decision: str) -> dict[str, Any]:
     """The first verdict with this decision: pass and fail are stopping events."""
     return next(t for t in _ticks(entries) if t["verdict"]["decision"] == decision)
-
-
-_URL_ATTR = re.compile(
-    r"""\b(?:src|href|xlink:href|action|poster|data)\s*=\s*["']?([^"'\s>]*)""", re.I
-)
-
-
-def external_references(page: str) -> list[str]:
-    """Everything in a page that could make the browser fetch something."""
-    found = re.findall(r"https?://[^\s\"'<>)]*", page)
-    found += re.findall(r"(?<![:\w])//[\w.-]+\.[a-z]{2,}", page)  # protocol-relative URLs
-    found += re.findall(r"url\(\s*['\"]?(?!data:|#)[^)]*\)", page)
-    found += re.findall(r"@import[^;]*;", page)
-    found += [v for v in _URL_ATTR.findall(page) if v and not v.startswith(("#", "data:"))]
-    found += re.findall(r"<script[^>]*>", page)
-    return found
 
 
 # --- outcome, decision and numbers -------------------------------------------------------
