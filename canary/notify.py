@@ -22,6 +22,7 @@ Exception tree::
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
@@ -29,7 +30,7 @@ from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from canary.records import EndEntry, Entry, FailoverEntry, ManualEntry, StartEntry
 
@@ -42,6 +43,7 @@ __all__ = [
     "NotifierError",
     "WebhookConfig",
     "notification_for",
+    "parse_webhooks",
     "report_id",
     "report_url",
     "slack_payload",
@@ -129,6 +131,36 @@ class DeliveryResult(BaseModel):
     attempts: int
     status: int | None  # last HTTP status, None if no answer
     error: str | None
+
+
+def parse_webhooks(value: Any, *, source: str = "webhooks") -> list[WebhookConfig]:
+    """Webhooks from a config value or an annotation: a URL, a list of URLs or of webhook
+    objects, or that as JSON text. Errors name `source`, the item and the field."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("[", "{")):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{source}: not valid JSON: {exc.msg} at {exc.pos}") from None
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError(f"{source}: expected a URL or a list of webhooks, got {value!r}")
+    hooks: list[WebhookConfig] = []
+    for index, item in enumerate(value):
+        try:
+            hooks.append(
+                WebhookConfig.model_validate({"url": item} if isinstance(item, str) else item)
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            at = f"{source}[{index}]" + (f".{where}" if where else "")
+            raise ValueError(f"{at}: {first['msg']}") from None
+    return hooks
 
 
 def report_id(rollout: str) -> str:

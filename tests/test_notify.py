@@ -17,6 +17,7 @@ from canary.notify import (
     Notifier,
     NotifierError,
     WebhookConfig,
+    parse_webhooks,
     report_id,
     slack_payload,
 )
@@ -318,3 +319,30 @@ def test_webhook_config_defaults_to_every_event() -> None:
     actions."""
     hook = WebhookConfig(url="https://hooks.example/T/B/x")
     assert hook.events == {"promoted", "rolled_back", "failover", "manual"}
+
+
+def test_webhooks_parse_from_annotation_text() -> None:
+    """An annotation may hold one URL, a comma-separated list, or JSON webhook objects."""
+    assert [h.url for h in parse_webhooks("http://127.0.0.1:9/a, http://127.0.0.1:9/b")] == [
+        "http://127.0.0.1:9/a",
+        "http://127.0.0.1:9/b",
+    ]
+    [hook] = parse_webhooks('[{"url": "https://hooks.example/x", "events": ["failover"]}]')
+    assert hook.events == {"failover"}
+    assert parse_webhooks({"url": "http://127.0.0.1:9/"})[0].max_attempts == 4
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("[{bad", "canary.io/webhooks: not valid JSON"),
+        ('[{"url": "http://127.0.0.1/", "events": ["boom"]}]', r"canary.io/webhooks\[0\].events"),
+        ("http://127.0.0.1/, ftp://x/", r"canary.io/webhooks\[1\].url: .*absolute http"),
+        ("[42]", r"canary.io/webhooks\[0\]: "),
+        (42, "expected a URL or a list of webhooks"),
+    ],
+)
+def test_bad_webhook_annotations_name_the_item(value: object, message: str) -> None:
+    """Bad webhook settings say which annotation, which item and which field."""
+    with pytest.raises(ValueError, match=message):
+        parse_webhooks(value, source="canary.io/webhooks")
