@@ -17,14 +17,15 @@ engine uses (counts.rate_bounds) over a grid of times. The earlier route wins; a
 for min_samples on both arms, and latency metrics first wait for their threshold to freeze.
 The analysis passes when its slowest metric does.
 
-Latency metrics are planned with a slow-event base rate of 1 - quantile (the threshold bucket
-usually leaves fewer requests above it, so real pass times for high quantiles can be shorter
-and fail times for ratio regressions similar).
+Latency metrics are planned with a slow-event base rate of 1 - quantile unless the caller
+knows better (`slow_rates`): the threshold bucket usually leaves fewer requests above it, which
+changes the estimates for high quantiles a lot.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -115,12 +116,15 @@ def plan(
     baseline_error_rate: float,
     error_ratio: float = 2.0,
     slow_ratio: float = 2.0,
+    slow_rates: Mapping[str, float] | None = None,
     config: AnalysisConfig | None = None,
 ) -> Plan:
     """Expected time to detect `error_ratio` x the baseline error rate, and to pass in A/A.
 
     `canary_weight` is the canary's share of `rate_rps` in (0, 1); `slow_ratio` is the
-    regression assumed for each latency metric's slow events.
+    regression assumed for each latency metric's slow events. `slow_rates` maps latency metric
+    names to the primary's share of requests above that metric's threshold (by default
+    1 - quantile; once a threshold is frozen, MetricResult.extra["rate_primary"] is the real one).
     """
     cfg = config or AnalysisConfig()
     for field, value, ok in (
@@ -145,7 +149,10 @@ def plan(
             p, ratio, wait_s = baseline_error_rate, error_ratio, 0.0
         else:
             q = quantiles[name]
-            p, ratio = 1.0 - q, slow_ratio
+            p = (slow_rates or {}).get(name, 1.0 - q)
+            if not (math.isfinite(p) and 0.0 < p < 1.0):
+                raise ValueError(f"slow_rates[{name!r}]: {p!r} is not in (0, 1)")
+            ratio = slow_ratio
             wait_s = cfg.threshold_min_tail / (1.0 - q) / primary_rps
         pass_theta = 1.0 + m.tolerance
         fails, passes = fail_points(m.fail_ratio), pass_points(pass_theta)

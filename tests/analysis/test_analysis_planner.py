@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from analysis_sim import Arm, run_until, snapshots, stream
+from analysis_sim import BOUNDS, Arm, run_until, snapshots, stream
 
 from analysis import AnalysisConfig, Analyzer, plan
 from analysis.counts import CountTest
@@ -47,7 +47,12 @@ def test_expected_fail_time_matches_simulation(rate: float, weight: float, p: fl
 
 def test_expected_pass_time_matches_simulation() -> None:
     """Expected seconds to a pass in A/A are within a factor 2 of the simulated median."""
-    est = plan(rate_rps=40.0, canary_weight=0.5, baseline_error_rate=0.01)
+    # The share above each threshold bucket, as the engine will see it (p50: le=0.1 or 0.05)
+    probs = Arm(20).bucket_probs()
+    above = 1.0 - np.cumsum(probs)
+    slow = {"latency_p50": float(above[BOUNDS.index(0.05)]),
+            "latency_p99": float(above[BOUNDS.index(0.25)])}
+    est = plan(rate_rps=40.0, canary_weight=0.5, baseline_error_rate=0.01, slow_rates=slow)
     times = []
     for seed in range(8):
         p, c = stream(Arm(20), Arm(20), 1200, seed=500 + seed)
