@@ -111,7 +111,7 @@ class PromQueries(BaseModel):
             return None
         if "{arm}" not in value:
             raise ValueError(f"{info.field_name} must contain {{arm}}, got {value!r}")
-        if any(c in value for c in "[]()"):
+        if any(c in _unquoted(value) for c in "[]()"):
             raise ValueError(
                 f"{info.field_name} must be a series selector like "
                 f"'metric{{version=\"{{arm}}\"}}', without functions or ranges, got {value!r}"
@@ -131,7 +131,7 @@ class PromQueries(BaseModel):
     @field_validator("selector")
     @classmethod
     def _matchers(cls, value: str) -> str:
-        if any(c in value for c in "{}[]()"):
+        if any(c in _unquoted(value) for c in "{}[]()"):
             raise ValueError(
                 f"selector must be label matchers only, like 'job=\"demo\"', got {value!r}"
             )
@@ -140,6 +140,14 @@ class PromQueries(BaseModel):
     def render(self, template: str, arm: str) -> str:
         """The selector for one arm."""
         return template.replace("{arm}", arm).replace("{selector}", self.selector)
+
+
+_QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
+
+
+def _unquoted(text: str) -> str:
+    """`text` without its double-quoted strings (label values and regexes may hold anything)."""
+    return _QUOTED.sub('""', text)
 
 
 class _NoDataError(Exception):

@@ -109,6 +109,18 @@ async def test_counts_since_are_exact(env: Env) -> None:
     assert result.canary.errors == 0  # no 5xx series at all is zero errors, not "no data"
     assert result.canary.latency_buckets == {0.05: 0, 0.1: 3, 0.5: 3, 1.0: 3, INF: 3}
 
+    # Regex matchers may hold brackets and braces; the selector adds matchers.
+    regex = env.queries(
+        "exact",
+        errors='http_requests_total{version="{arm}",code=~"5[0-9]{2}|(599)",{selector}}',
+        selector='job=~"(canary|other)"',
+    )
+    again = await PrometheusMetrics(env.prometheus.url, queries=regex).fetch(
+        since=since, now=time.time()
+    )
+    assert isinstance(again, ArmsCounts), again
+    assert (again.primary.requests, again.primary.errors) == (8, 2)
+
 
 async def test_counts_grow_from_tick_to_tick(env: Env) -> None:
     """With `since` fixed, each later fetch counts at least as much, and exactly the new total."""
