@@ -66,6 +66,7 @@ __all__ = [
     "RetryPolicy",
     "Unavailable",
     "WatchEvent",
+    "deployment_rollout",
     "with_retries",
 ]
 
@@ -697,6 +698,41 @@ def _decode(status: int, retry_after: str | None, body: bytes, what: str) -> JSO
                 delay = None  # an HTTP date: fall back to our own backoff
         raise _Transient(text, status=status, retry_after=delay)
     raise _error(status, text)
+
+
+# -- reading Deployment status -----------------------------------------------------------
+
+
+RolloutState = Literal["done", "progressing", "failed"]
+
+
+def deployment_rollout(obj: JSON) -> tuple[RolloutState, str]:
+    """Whether a Deployment has finished rolling out, as `kubectl rollout status` judges it:
+    the controller has seen the latest spec, every replica is updated and available, and
+    no old replica remains. "failed" once its progress deadline is exceeded."""
+    meta, spec, status = obj.get("metadata") or {}, obj.get("spec") or {}, obj.get("status") or {}
+    name = meta.get("name", "?")
+    generation = int(meta.get("generation") or 0)
+    observed = int(status.get("observedGeneration") or 0)
+    if observed < generation:
+        return "progressing", f"{name}: waiting for the controller to see generation {generation}"
+    for condition in status.get("conditions") or []:
+        if (
+            condition.get("type") == "Progressing"
+            and condition.get("reason") == "ProgressDeadlineExceeded"
+        ):
+            return "failed", f"{name}: progress deadline exceeded: {condition.get('message', '')}"
+    wanted = int(spec.get("replicas", 1))
+    updated = int(status.get("updatedReplicas") or 0)
+    total = int(status.get("replicas") or 0)
+    available = int(status.get("availableReplicas") or 0)
+    if updated < wanted:
+        return "progressing", f"{name}: {updated} of {wanted} replicas updated"
+    if total > updated:
+        return "progressing", f"{name}: {total - updated} old replicas pending termination"
+    if available < updated:
+        return "progressing", f"{name}: {available} of {updated} updated replicas available"
+    return "done", f"{name}: {updated} replicas updated and available"
 
 
 # -- events, without the flood ------------------------------------------------------------

@@ -21,6 +21,7 @@ from canary.kube import (
     RetryPolicy,
     Unavailable,
     WatchEvent,
+    deployment_rollout,
 )
 from kube.conftest import FAST_RETRY, deployment
 from kube.emulator import KubeEmulator
@@ -268,3 +269,76 @@ async def test_event_recorder_does_not_repeat_itself(api: KubeEmulator, kube: Ku
     assert not await recorder.record(ref, type="Normal", reason="Progressing", message="10%")
     events = [o for k, o in api.objects.items() if k[2] == "events"]
     assert sorted(e["message"] for e in events) == ["port: bad", "steps: bad"]
+
+
+@pytest.mark.parametrize(
+    ("generation", "status", "state", "reason"),
+    [
+        (2, {"observedGeneration": 1}, "progressing", "generation 2"),
+        (
+            1,
+            {"observedGeneration": 1, "updatedReplicas": 1, "replicas": 2},
+            "progressing",
+            "1 of 2 replicas updated",
+        ),
+        (
+            1,
+            {"observedGeneration": 1, "updatedReplicas": 2, "replicas": 3},
+            "progressing",
+            "1 old replicas",
+        ),
+        (
+            1,
+            {"observedGeneration": 1, "updatedReplicas": 2, "replicas": 2, "availableReplicas": 1},
+            "progressing",
+            "1 of 2 updated replicas available",
+        ),
+        (
+            1,
+            {"observedGeneration": 1, "updatedReplicas": 2, "replicas": 2, "availableReplicas": 2},
+            "done",
+            "2 replicas",
+        ),
+        (
+            1,
+            {
+                "observedGeneration": 1,
+                "conditions": [
+                    {
+                        "type": "Progressing",
+                        "reason": "ProgressDeadlineExceeded",
+                        "message": "timeout",
+                    }
+                ],
+            },
+            "failed",
+            "progress deadline exceeded",
+        ),
+    ],
+)
+def test_deployment_rollout_state(
+    generation: int, status: dict[str, Any], state: str, reason: str
+) -> None:
+    """Rollout completion is judged as kubectl rollout status does."""
+    obj = deployment()
+    obj["metadata"]["generation"] = generation
+    obj["status"] = status
+    got_state, got_reason = deployment_rollout(obj)
+    assert got_state == state
+    assert reason in got_reason
+
+
+async def test_emulated_deployments_roll_out(api: KubeEmulator, kube: Kube) -> None:
+    """The emulator's stand-in Deployment controller completes each new generation."""
+    api.put(*APPS, deployment())
+    patched = await kube.patch_deployment(
+        "default",
+        "app",
+        {
+            "spec": {
+                "template": {"spec": {"containers": [{"name": "app", "image": "example/app:2"}]}}
+            }
+        },
+    )
+    assert patched["metadata"]["generation"] == 2
+    assert deployment_rollout(patched)[0] == "done"
