@@ -314,7 +314,11 @@ class _Progress:
         for action in report.actions:
             if isinstance(action, RecordTransition):
                 _say(format_transition(action, elapsed_s=entry.elapsed_s))
-            elif isinstance(action, Emit) and action.level == "warning":
+            elif (
+                isinstance(action, Emit)
+                and action.level == "warning"
+                and not action.message.startswith("rolling back")  # the transition says it
+            ):
                 _say(f"{entry.elapsed_s:6.1f}s  !! {short(action.message)}")
 
 
