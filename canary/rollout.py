@@ -472,8 +472,8 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
     failing_since = status.router_failing_since
     if tick.router_error is not None:
         failing_since = failing_since if failing_since is not None else now
-    elif tick.weight_read is not None:
-        failing_since = None
+    elif tick.weight_read is not None and tick.weight_read == status.weight:
+        failing_since = None  # a router that answers with the wrong weight is still failing
     decision = tick.decision
     update: dict[str, object] = {"router_failing_since": failing_since}
     if decision is not None:

@@ -205,6 +205,15 @@ TICKS: list[tuple[str, RolloutSpec, RolloutStatus, Event, float, Phase, list[str
         ["Transition(Progressing->RollingBack)", *ROLLBACK],
     ),
     (
+        "weight-that-never-reads-back-hits-deadline",
+        SPEC,
+        PROG0_NEW.model_copy(update={"router_failing_since": 0.0, "last_data_at": 59.0}),
+        Tick(Decision.PASS, "", weight_read=0),
+        60,
+        Phase.ROLLING_BACK,
+        ["Transition(Progressing->RollingBack)", *ROLLBACK],
+    ),
+    (
         "weight-drift-is-corrected",
         SPEC,
         PROG0,
