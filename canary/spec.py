@@ -26,9 +26,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from analysis import AnalysisConfig, MetricConfig
+from canary.metrics import PromQueries
 from canary.rollout import RolloutSpec
 
 __all__ = [
@@ -130,22 +131,68 @@ class RouterSpec(BaseModel):
 
 
 class MetricsSpec(BaseModel):
-    """Where the two arms' counts come from. Custom queries may use `{namespace}`,
-    `{service}` (the arm's Service: app-primary / app-canary) and `{interval}`."""
+    """Where the two arms' counts come from: a preset, or custom series selectors.
+
+    Arms are told apart by the Service that served the request (`app-primary` and
+    `app-canary`). Custom selectors are what `canary.metrics.PromQueries` takes: series
+    selectors, no functions (the provider computes exact increases itself), with `{arm}`
+    for the arm's Service name and `{namespace}` for the Deployment's namespace.
+    """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     preset: MetricsPreset = "app-histogram"
     histogram: str = "http_request_duration_seconds"
-    requests_query: str | None = None
-    errors_query: str | None = None
-    latency_query: str | None = None
+    requests: str | None = None
+    errors: str | None = None
+    latency_buckets: str | None = None
 
     @model_validator(mode="after")
-    def _custom_needs_queries(self) -> MetricsSpec:
-        if self.preset == "custom" and not (self.requests_query and self.errors_query):
-            raise ValueError("the custom preset needs requests and errors queries")
+    def _custom_needs_selectors(self) -> MetricsSpec:
+        if self.preset == "custom" and not (self.requests and self.errors):
+            raise ValueError("the custom preset needs requests and errors selectors")
         return self
+
+    def prom_queries(
+        self, *, namespace: str, primary_service: str, canary_service: str
+    ) -> PromQueries:
+        """The Prometheus provider's queries for a Deployment in `namespace`."""
+        ns = f'namespace="{namespace}"'
+        if self.preset == "custom":
+            assert self.requests is not None and self.errors is not None
+            requests, errors = self.requests, self.errors
+            latency = self.latency_buckets
+        elif self.preset == "app-histogram":
+            base = f'{{{ns},service="{{arm}}"'
+            requests = f"{self.histogram}_count{base}}}"
+            errors = f'{self.histogram}_count{base},code=~"5.."}}'
+            latency = f"{self.histogram}_bucket{base}}}"
+        elif self.preset == "ingress-nginx":
+            # As ingress-nginx exports them (scraped with honorLabels: true).
+            base = f'{{{ns},service="{{arm}}"'
+            requests = f"nginx_ingress_controller_requests{base}}}"
+            errors = f'nginx_ingress_controller_requests{base},status=~"5.."}}'
+            latency = f"nginx_ingress_controller_request_duration_seconds_bucket{base}}}"
+        else:  # envoy: upstream clusters named after the Service (Contour, Emissary, ...)
+            cluster = f'envoy_cluster_name=~".*{namespace}.*{{arm}}.*"'
+            requests = f"envoy_cluster_upstream_rq_xx{{{cluster}}}"
+            errors = f'envoy_cluster_upstream_rq_xx{{{cluster},envoy_response_code_class="5"}}'
+            # Envoy's request-time histogram is in milliseconds; the analysis wants seconds.
+            latency = None
+        fill = {"{namespace}": namespace}
+        return PromQueries(
+            requests=_fill(requests, fill),
+            errors=_fill(errors, fill),
+            latency_buckets=None if latency is None else _fill(latency, fill),
+            primary_arm=primary_service,
+            canary_arm=canary_service,
+        )
+
+
+def _fill(template: str, values: Mapping[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace(key, value)
+    return template
 
 
 class Webhook(BaseModel):
@@ -320,13 +367,19 @@ def _positive_duration(text: str) -> float:
     return seconds
 
 
-def _query(text: str) -> str:
-    value = text.strip()
-    if not value:
-        raise ValueError("must be a PromQL query, got an empty string")
-    if value.count("(") != value.count(")") or value.count("{") != value.count("}"):
-        raise ValueError(f"has unbalanced brackets: {value!r}")
-    return value
+def _selector(field: str) -> Callable[[str], str]:
+    """A parser that applies the Prometheus provider's own rules for `field`."""
+
+    def parse(text: str) -> str:
+        value = text.strip()
+        try:
+            PromQueries.model_validate({field: value})
+        except ValidationError as exc:
+            message = "; ".join(str(e.get("msg", "invalid")) for e in exc.errors())
+            raise ValueError(message.removeprefix("Value error, ")) from None
+        return value
+
+    return parse
 
 
 def _metric_name(text: str) -> str:
@@ -455,19 +508,25 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "the app's histogram, for `app-histogram`",
     ),
     _a(
-        "metrics.requests-query",
-        "metrics.requests_query",
-        _query,
+        "metrics.requests",
+        "metrics.requests",
+        _selector("requests"),
         "",
-        "PromQL per arm, for `custom`; may use {namespace} {service} {interval}",
+        'for `custom`: series selector counting requests, with {arm} (the Service) and {namespace}, e.g. `http_requests_total{namespace="{namespace}",service="{arm}"}`',
     ),
-    _a("metrics.errors-query", "metrics.errors_query", _query, "", "PromQL, for `custom`"),
     _a(
-        "metrics.latency-query",
-        "metrics.latency_query",
-        _query,
+        "metrics.errors",
+        "metrics.errors",
+        _selector("errors"),
         "",
-        "PromQL giving `le` buckets, for `custom` (optional)",
+        "for `custom`: series selector counting failed requests",
+    ),
+    _a(
+        "metrics.latency-buckets",
+        "metrics.latency_buckets",
+        _selector("latency_buckets"),
+        "",
+        "for `custom` (optional): series selector of a histogram's `_bucket` series, in seconds",
     ),
     *(
         _a(f"webhook.{kind}", f"webhooks.{kind}", _url, "", f"URL called at {kind}")
@@ -576,11 +635,11 @@ def _cross_check(raw: dict[str, Any], problems: dict[str, str], target_from: str
         )
     metrics = raw.get("metrics", {})
     if metrics.get("preset") == "custom":
-        for field, name in (("requests_query", "requests-query"), ("errors_query", "errors-query")):
+        for field in ("requests", "errors"):
             if field not in metrics:
-                problems[PREFIX + "metrics." + name] = f"is required with {PREFIX}metrics: custom"
+                problems[PREFIX + "metrics." + field] = f"is required with {PREFIX}metrics: custom"
     else:
-        for field in ("requests_query", "errors_query", "latency_query"):
+        for field in ("requests", "errors", "latency_buckets"):
             if field in metrics:
                 problems[_KEY_OF_FIELD["metrics." + field]] = (
                     f"only applies to {PREFIX}metrics: custom"

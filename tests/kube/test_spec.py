@@ -48,8 +48,8 @@ def test_full_spec_parses() -> None:
             "canary.dev/httproute": "app-route",
             "canary.dev/port": "8080",
             "canary.dev/metrics": "custom",
-            "canary.dev/metrics.requests-query": 'sum(rate(x_total{service="{service}"}[1m]))',
-            "canary.dev/metrics.errors-query": 'sum(rate(x_total{code=~"5.."}[1m]))',
+            "canary.dev/metrics.requests": 'x_total{namespace="{namespace}",svc="{arm}"}',
+            "canary.dev/metrics.errors": 'x_total{namespace="{namespace}",svc="{arm}",code=~"5.."}',
             "canary.dev/webhook.pre-rollout": "http://tester.shop/smoke",
             ANNOTATION_STATUS: '{"stage":"Progressing"}',  # the controller's, not input
             "kubectl.kubernetes.io/last-applied-configuration": "{}",
@@ -74,7 +74,14 @@ def test_full_spec_parses() -> None:
         "app-route",
         8080,
     )
-    assert spec.metrics.preset == "custom" and spec.metrics.requests_query
+    assert spec.metrics.preset == "custom"
+    queries = spec.metrics.prom_queries(
+        namespace="shop", primary_service="app-primary", canary_service="app-canary"
+    )
+    assert queries.render(queries.requests, queries.canary_arm) == (
+        'x_total{namespace="shop",svc="app-canary"}'
+    )
+    assert queries.latency_buckets is None
     assert [(w.type, w.url) for w in spec.webhooks] == [("pre-rollout", "http://tester.shop/smoke")]
     rollout = spec.rollout_spec()
     assert (rollout.steps, rollout.min_step_s, rollout.max_step_s) == ((5, 20, 50), 90.0, None)
@@ -127,16 +134,25 @@ def test_full_spec_parses() -> None:
         ({"canary.dev/ingress": "App_1"}, "ingress", "Kubernetes object name"),
         ({"canary.dev/port": "99999"}, "port", "1..65535"),
         ({"canary.dev/metrics": "datadog"}, "metrics", "one of ingress-nginx, envoy"),
-        ({"canary.dev/metrics": "custom"}, "metrics.requests-query", "is required with"),
-        ({"canary.dev/metrics.errors-query": "up"}, "metrics.errors-query", "only applies to"),
+        ({"canary.dev/metrics": "custom"}, "metrics.requests", "is required with"),
+        ({"canary.dev/metrics.errors": 'up{x="{arm}"}'}, "metrics.errors", "only applies to"),
         (
             {
                 "canary.dev/metrics": "custom",
-                "canary.dev/metrics.requests-query": "sum(x",
-                "canary.dev/metrics.errors-query": "y",
+                "canary.dev/metrics.requests": 'sum(rate(x{s="{arm}"}[1m]))',
+                "canary.dev/metrics.errors": 'y{s="{arm}"}',
             },
-            "metrics.requests-query",
-            "unbalanced brackets",
+            "metrics.requests",
+            "must be a series selector",
+        ),
+        (
+            {
+                "canary.dev/metrics": "custom",
+                "canary.dev/metrics.requests": "x_total",
+                "canary.dev/metrics.errors": 'y{s="{arm}"}',
+            },
+            "metrics.requests",
+            "must contain {arm}",
         ),
         ({"canary.dev/metrics.histogram": "9lives"}, "metrics.histogram", "Prometheus metric name"),
         ({"canary.dev/webhook.rollback": "ftp://x"}, "webhook.rollback", "http:// or https:// URL"),
@@ -170,6 +186,32 @@ def test_every_problem_is_reported_at_once() -> None:
         parse_annotations({**BASE, "canary.dev/steps": "9,3", "canary.dev/port": "x"})
     assert set(caught.value.problems) == {"canary.dev/steps", "canary.dev/port"}
     assert dump_problems(caught.value).startswith('{"canary.dev/port":')
+
+
+@pytest.mark.parametrize(
+    ("preset", "canary_requests"),
+    [
+        (
+            "app-histogram",
+            'http_request_duration_seconds_count{namespace="shop",service="app-canary"}',
+        ),
+        (
+            "ingress-nginx",
+            'nginx_ingress_controller_requests{namespace="shop",service="app-canary"}',
+        ),
+        ("envoy", 'envoy_cluster_upstream_rq_xx{envoy_cluster_name=~".*shop.*app-canary.*"}'),
+    ],
+)
+def test_metric_presets_become_provider_queries(preset: str, canary_requests: str) -> None:
+    """Each preset yields valid PromQueries whose arms are the two Services."""
+    spec = parse_annotations({**BASE, "canary.dev/metrics": preset})
+    queries = spec.metrics.prom_queries(
+        namespace="shop", primary_service="app-primary", canary_service="app-canary"
+    )
+    assert queries.render(queries.requests, queries.canary_arm) == canary_requests
+    primary_errors = queries.render(queries.errors, queries.primary_arm)
+    assert "app-primary" in primary_errors and "5" in primary_errors
+    assert (queries.latency_buckets is None) == (preset == "envoy")
 
 
 def test_no_analysis_annotations_mean_the_analysis_defaults() -> None:
