@@ -320,8 +320,9 @@ def test_demo_rolls_back_a_canary_with_more_errors(tmp_path: Path) -> None:
     assert fail.verdict is not None and fail.verdict.decision == "fail"
 
 
-def test_demo_stops_every_child_on_sigint(tmp_path: Path) -> None:
-    """Ctrl-C in the middle of a rollout: exit 130, and every process it started is gone."""
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_demo_stops_every_child_on_a_signal(tmp_path: Path, signum: signal.Signals) -> None:
+    """Ctrl-C or SIGTERM mid-rollout: exit 128+signal, and every process it started is gone."""
     proc = subprocess.Popen(
         [*DEMO, *FAST, "--step-seconds", "30", "--record-dir", str(tmp_path / "records")],
         cwd=tmp_path,
@@ -336,14 +337,14 @@ def test_demo_stops_every_child_on_sigint(tmp_path: Path) -> None:
             lines.append(line)
             if re.match(r"\s+\d+\.\d+s\s+Progressing", line):
                 break  # the rollout is under way
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         rest, _ = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
     output = "".join(lines) + rest
-    assert proc.returncode == 130, output
+    assert proc.returncode == 128 + signum, output
     assert_all_stopped(child_pids(output))
     entries = read_only_record(tmp_path / "records")
     assert not any(isinstance(e, EndEntry) for e in entries)  # interrupted, not over

@@ -18,7 +18,8 @@ The demo's defaults are chosen so that both outcomes fit in three minutes at 200
   test asks whether the canary is worse *at all*, so `--canary-error-rate 0.05` is rolled
   back within seconds of the first canary requests.
 
-Exit status: 0 promoted, 1 rolled back (or aborted), 2 setup error, 130 interrupted.
+Exit status: 0 promoted, 1 rolled back (or aborted), 2 setup error, 130 on Ctrl-C (143 on
+SIGTERM).
 Every child process is stopped by PID on the way out, Ctrl-C and SIGTERM included.
 """
 
@@ -62,7 +63,7 @@ DEMO_TARGET = "demo"
 # See the module docstring: a looser pass tolerance on errors, everything else as in production.
 DEMO_ANALYSIS = AnalysisConfig(errors=MetricConfig(tolerance=1.0, abs_tolerance=0.02))
 
-EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_SETUP, EXIT_INTERRUPTED = 0, 1, 2, 130
+EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_SETUP = 0, 1, 2  # interrupted: 128 + signal number
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,7 +168,7 @@ def build_parser(prog: str = "canary demo") -> argparse.ArgumentParser:
         prog=prog,
         description="Run a whole canary rollout on this machine: two versions of a sample "
         "service, HAProxy, Prometheus and a load generator on 127.0.0.1. Exit status: 0 "
-        "promoted, 1 rolled back, 2 setup error, 130 interrupted.",
+        "promoted, 1 rolled back, 2 setup error, 130 on Ctrl-C, 143 on SIGTERM.",
     )
     d = DemoOptions()
     parser.add_argument(
@@ -466,7 +467,7 @@ async def _main_async(options: DemoOptions, workdir: Path) -> int:
     except asyncio.CancelledError:
         if interrupted:
             _say("stopped: every process the demo started has been stopped")
-            return EXIT_INTERRUPTED
+            return 128 + interrupted[0]
         raise
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
