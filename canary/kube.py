@@ -259,9 +259,19 @@ def _guarded(patch: JSON, resource_version: str | None) -> JSON:
 class Kube:
     """Typed access to the few API calls canary needs. Build with `await Kube.connect()`."""
 
-    def __init__(self, api_client: Any, *, retry: RetryPolicy | None = None) -> None:
+    def __init__(
+        self,
+        api_client: Any,
+        *,
+        retry: RetryPolicy | None = None,
+        request_timeout_s: float = 30.0,
+    ) -> None:
+        if request_timeout_s <= 0:
+            raise ValueError(f"request_timeout_s must be positive, got {request_timeout_s}")
         self._api = api_client
         self.retry = retry or RetryPolicy()
+        # A hung API server costs one timeout per attempt, not a hung controller.
+        self.request_timeout_s = request_timeout_s
         self._apps = k8s.AppsV1Api(api_client)
         self._core = k8s.CoreV1Api(api_client)
         self._net = k8s.NetworkingV1Api(api_client)
@@ -275,6 +285,7 @@ class Kube:
         kubeconfig: str | None = None,
         context: str | None = None,
         retry: RetryPolicy | None = None,
+        request_timeout_s: float = 30.0,
     ) -> Kube:
         """Like kubectl: `kubeconfig` (else $KUBECONFIG, else ~/.kube/config) and `context`
         (else current-context); inside a pod with neither given, the service account."""
@@ -284,7 +295,9 @@ class Kube:
             await asyncio.to_thread(
                 k8s_config.load_incluster_config, client_configuration=configuration
             )
-            return cls(k8s.ApiClient(configuration), retry=retry)
+            return cls(
+                k8s.ApiClient(configuration), retry=retry, request_timeout_s=request_timeout_s
+            )
         if kubeconfig is not None and not await asyncio.to_thread(os.path.isfile, kubeconfig):
             raise KubeError(f"kubeconfig {kubeconfig} does not exist")
         try:
@@ -295,7 +308,7 @@ class Kube:
             # The loader reports a malformed file with whatever exception it tripped on.
             where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
             raise KubeError(f"kubeconfig {where} (context {context or 'current'}): {exc}") from exc
-        return cls(api_client, retry=retry)
+        return cls(api_client, retry=retry, request_timeout_s=request_timeout_s)
 
     async def close(self) -> None:
         await self._api.close()
@@ -317,12 +330,17 @@ class Kube:
 
         async def once() -> JSON:
             try:
-                resp = await fn(*args, _preload_content=False, **kwargs)
-            except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+                resp = await fn(
+                    *args,
+                    _preload_content=False,
+                    _request_timeout=self.request_timeout_s,
+                    **kwargs,
+                )
+                async with resp:
+                    body = await resp.read()
+            except (aiohttp.ClientError, TimeoutError) as exc:
                 raise _Transient(f"{what}: no answer: {exc!r}") from exc
-            async with resp:
-                body = await resp.read()
-                return _decode(resp.status, resp.headers.get("Retry-After"), body, what)
+            return _decode(resp.status, resp.headers.get("Retry-After"), body, what)
 
         return await with_retries(once, policy=self.retry, what=what)
 

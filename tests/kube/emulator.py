@@ -75,6 +75,9 @@ class Fault:
     resource: str | None = None
     token: str | None = None
     retry_after: int | None = None
+    # Answer only after this long (a hung server); the status is then served normally
+    # when `status` is 0.
+    delay_s: float = 0.0
 
     def matches(self, request: RecordedRequest) -> bool:
         return (
@@ -279,8 +282,10 @@ class KubeEmulator:
         resource: str | None = None,
         token: str | None = None,
         retry_after: int | None = None,
+        delay_s: float = 0.0,
     ) -> Fault:
-        fault = Fault(status, times, verb, resource, token, retry_after)
+        """Fail matching requests `times` times with `status` (0: serve them, after `delay_s`)."""
+        fault = Fault(status, times, verb, resource, token, retry_after, delay_s)
         self.faults.append(fault)
         return fault
 
@@ -429,6 +434,10 @@ class KubeEmulator:
         for fault in self.faults:
             if fault.matches(rec):
                 fault.times -= 1
+                if fault.delay_s:
+                    await asyncio.sleep(fault.delay_s)
+                if fault.status == 0:
+                    break
                 rec.status = fault.status
                 if rec.verb == "watch" and fault.status == 410:
                     return await self._stream(request, rec, gone=True)

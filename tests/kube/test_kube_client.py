@@ -342,3 +342,18 @@ async def test_emulated_deployments_roll_out(api: KubeEmulator, kube: Kube) -> N
     )
     assert patched["metadata"]["generation"] == 2
     assert deployment_rollout(patched)[0] == "done"
+
+
+async def test_a_hung_server_costs_one_timeout_per_attempt(
+    api: KubeEmulator, tmp_path: Path
+) -> None:
+    """A request the server never answers times out and is retried like any failure."""
+    config = api.write_kubeconfig(tmp_path / "kc")
+    async with await Kube.connect(
+        kubeconfig=str(config), retry=FAST_RETRY, request_timeout_s=0.3
+    ) as kube:
+        api.put(*APPS, deployment())
+        api.inject(0, delay_s=2.0, verb="get")  # the first get hangs
+        got = await kube.get_deployment("default", "app")
+    assert got["metadata"]["name"] == "app"
+    assert len(api.recorded(verb="get")) == 2
