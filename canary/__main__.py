@@ -1,0 +1,5 @@
+"""`python -m canary`: the same as the `canary` console script."""
+
+from canary.cli import main
+
+raise SystemExit(main())
