@@ -29,6 +29,13 @@ holder renews it; others take it over only after seeing it unchanged for a whole
 leaseDurationSeconds on their own clock; every write is guarded by resourceVersion, and a
 leader that cannot renew steps down after `renew_deadline_s`, before anyone else may
 take over.
+
+Also here: `EventRecorder` (Events without the flood of a level-triggered loop) and
+`deployment_rollout()` (whether a Deployment has finished rolling out, as kubectl judges).
+
+A caveat of retrying writes: a guarded write whose answer was lost (a 5xx from a proxy after
+the API server applied it) comes back as Conflict on the retry. Callers re-read and
+reconcile, as they must after any Conflict.
 """
 
 from __future__ import annotations
@@ -326,7 +333,7 @@ class Kube:
     ) -> JSON:
         if call not in API_CALLS:  # keeps API_CALLS, and so the RBAC, honest
             raise AssertionError(f"{call} is missing from API_CALLS")
-        what = f"{call.verb} {call.resource}" + (f" {args[0]}" if args else "")
+        what = f"{call.verb} {call.resource} {_target(call, args)}"
 
         async def once() -> JSON:
             try:
@@ -680,6 +687,17 @@ class Kube:
             namespace,
             body,
         )
+
+
+def _target(call: ApiCall, args: tuple[Any, ...]) -> str:
+    """namespace/name of a call, for messages, from the generated methods' argument order."""
+    if call.group == "gateway.networking.k8s.io":  # (group, version, namespace, plural, name)
+        return f"{args[2]}/{args[4]}"
+    if call.verb == "create":  # (namespace, body)
+        return f"{args[0]}/{(args[1].get('metadata') or {}).get('name', '')}"
+    if call.verb in ("list", "watch"):  # (namespace,) or all namespaces
+        return f"in {args[0]}" if args else "in all namespaces"
+    return f"{args[1]}/{args[0]}"  # (name, namespace, ...)
 
 
 def _error(status: int, message: str) -> KubeError:
