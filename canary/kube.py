@@ -595,7 +595,8 @@ class Kube:
         resource_version: str | None = None,
     ) -> JSON:
         """Create the ConfigMap when `resource_version` is None (Conflict if it exists),
-        else replace its data, guarded by `resource_version`."""
+        else replace its data, guarded by `resource_version`. The RBAC allows this in the
+        controller's own namespace only (OWN_NAMESPACE_RESOURCES)."""
         body: JSON = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
