@@ -240,6 +240,15 @@ def format_validation_error(error: ValidationError, *, source: str) -> str:
             message = "unknown key (typo?)"
         elif problem["type"] == "missing":
             message = "required key is missing"
+        elif problem["type"] in ("union_tag_invalid", "union_tag_not_found"):
+            context = problem.get("ctx") or {}
+            where = f"{where}.{context.get('discriminator', 'kind')}".replace("'", "")
+            if problem["type"] == "union_tag_not_found":
+                message = "required key is missing"
+            else:
+                message = (
+                    f"must be one of {context.get('expected_tags')}, got {context.get('tag')!r}"
+                )
         if message.startswith(f"{where}[") or message.startswith(f"{where}:"):
             lines.append(f"{source}: {message}")  # the validator already named the item
         else:
