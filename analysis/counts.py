@@ -64,19 +64,24 @@ __all__ = [
 
 FloatArray = npt.NDArray[np.float64]
 
-# Grid for the likelihood of theta (the confidence sequence reads it): 1/64 .. 64, ~6% steps.
-THETA_GRID: FloatArray = np.exp(np.linspace(math.log(1 / 64), math.log(64), 145))
+# Grid for the confidence sequence: 1/64 .. 64 in twelfths of an octave (2^(k/12), ~6% steps).
+# The prior multipliers below are whole steps too, so the grid can evaluate the fail mixture
+# against *every* grid theta by shifting indices, which is how the bounds are computed.
+_STEPS = 72
+THETA_GRID: FloatArray = 2.0 ** (np.arange(-_STEPS, _STEPS + 1) / 12.0)
 
 # Fail prior: multiples of fail_theta and their weights. Concentrated on a doubling, the
 # regression canaries are tuned for (the test is then within a few percent of Wald's SPRT for
 # 1 vs 2), with the rest spread up to a crash, where evidence is overwhelming anyway.
 FAIL_PRIOR: tuple[tuple[float, float], ...] = (
-    (1.5, 0.1),
+    (2 ** (7 / 12), 0.1),  # 1.50
     (2.0, 0.6),
-    (3.0, 0.1),
-    (6.0, 0.1),
-    (30.0, 0.1),
+    (2 ** (19 / 12), 0.1),  # 3.00
+    (2 ** (31 / 12), 0.1),  # 5.99
+    (2 ** (59 / 12), 0.1),  # 30.2
 )
+_SHIFTS = np.array([7, 12, 19, 31, 59])  # the same multipliers, in grid steps
+_EXT = int(_SHIFTS.max())  # the likelihood grid extends this far beyond the CS grid
 
 
 def fail_points(fail_theta: float) -> list[tuple[float, float]]:
@@ -203,10 +208,11 @@ class CountTest:
     __slots__ = (
         "_abs_tolerance",
         "_alpha",
+        "_base",
         "_cached",
-        "_cs_log_w",
         "_e_pass_ratio",
         "_grid",
+        "_idx",
         "_log_grid",
         "_loglik",
         "_n_cs",
@@ -216,6 +222,7 @@ class CountTest:
         "_sl_pass",
         "_totals",
         "_w_fail",
+        "_w_level",
         "_w_pass",
         "fail_theta",
         "pass_theta",
@@ -247,8 +254,11 @@ class CountTest:
         fails, passes = fail_points(fail_theta), pass_points(pass_theta)
         fail_pts = [t for t, _ in fails]
         pass_pts = [t for t, _ in passes]
-        self._n_cs = THETA_GRID.size
-        grid = np.concatenate([THETA_GRID, [fail_theta, pass_theta], fail_pts, pass_pts])
+        # Layout: the extended grid 2^(k/12), |k| <= 72 + _EXT, then the two nulls and the
+        # prior points (so one vector update serves the decisions and the bounds).
+        ext = 2.0 ** (np.arange(-_STEPS - _EXT, _STEPS + _EXT + 1) / 12.0)
+        self._n_cs = ext.size
+        grid = np.concatenate([ext, [fail_theta, pass_theta], fail_pts, pass_pts])
         self._grid = grid
         self._log_grid = np.log(grid)
         n = self._n_cs
@@ -256,8 +266,14 @@ class CountTest:
         self._sl_pass = slice(n + 2 + len(fail_pts), grid.size)
         self._w_fail = np.log(np.array([w for _, w in fails]))
         self._w_pass = np.log(np.array([w for _, w in passes]))
-        # CS mixture: uniform over the log-theta grid (a flat prior on log theta).
-        self._cs_log_w = -math.log(n)
+        # Bounds: for CS grid index i (position _EXT + i), the fail mixture against theta_i
+        # reads positions + shift; the mirrored mixture (for the upper bound) - shift.
+        base = np.arange(THETA_GRID.size) + _EXT
+        self._idx = np.concatenate([base[None, :] + _SHIFTS[:, None],
+                                    base[None, :] - _SHIFTS[:, None]])
+        self._base = base
+        # log w - log(1/alpha): "reject theta0" is then sum(exp(...)) >= 1
+        self._w_level = np.tile(self._w_fail - math.log(1.0 / alpha), 2)[:, None]
         self._loglik = np.zeros(grid.size)
         self._prev: tuple[float, float, float, float] | None = None
         self._totals = [0.0, 0.0, 0.0, 0.0]  # n_c, e_c, n_p, e_p since the test began
@@ -362,23 +378,25 @@ class CountTest:
         return self._log_e_fail() >= math.log(1.0 / self._alpha)
 
     def _ratio_cs(self) -> tuple[float, float]:
-        """Thetas on the grid not rejected by the flat mixture at level alpha (snapped out)."""
-        ll = self._loglik[: self._n_cs]
-        log_mix = self._cs_log_w + _logsumexp(ll)
-        inside = np.nonzero(log_mix - ll < math.log(1.0 / self._alpha))[0]
-        if inside.size == 0:
-            return 0.0, math.inf
-        lo_i, hi_i = int(inside[0]), int(inside[-1])
-        lower = 0.0 if lo_i == 0 else float(THETA_GRID[lo_i - 1])
-        upper = math.inf if hi_i == self._n_cs - 1 else float(THETA_GRID[hi_i + 1])
+        """One-sided anytime-valid bounds on theta, each at level alpha.
+
+        lower: the smallest grid theta0 that the fail mixture (the fail test's prior, moved to
+        theta0) has not rejected; at theta0 = fail_ratio this *is* the fail test, so a FAIL
+        always comes with lower > fail_ratio. upper: the mirror image (multipliers below
+        theta0). The log-likelihood is concave in log theta, so L(theta0*m) - L(theta0) falls
+        as theta0 grows: the rejected thetas are a prefix (lower) and a suffix (upper) of the
+        grid, and counting them finds the bounds. Bounds snap outward by one grid step.
+        """
+        ll = self._loglik
+        x = ll[self._idx] - ll[self._base] + self._w_level
+        np.minimum(x, 50.0, out=x)  # exp stays finite; the sum only needs to reach 1
+        np.exp(x, out=x)
+        n = THETA_GRID.size
+        rejected = x.reshape(2, len(FAIL_PRIOR), n).sum(axis=1) >= 1.0
+        below, above = (int(c) for c in np.count_nonzero(rejected, axis=1))
+        lower = 0.0 if below == 0 else float(THETA_GRID[below - 1])
+        upper = math.inf if above == 0 else float(THETA_GRID[min(n - above, n - 1)])
         return lower, upper
-
-
-def _logsumexp(x: FloatArray) -> float:
-    m = float(np.max(x))
-    if not math.isfinite(m):
-        return m
-    return m + math.log(float(np.sum(np.exp(x - m))))
 
 
 def _small_logsumexp(x: list[float]) -> float:

@@ -113,10 +113,12 @@ class MetricResult(BaseModel):
     """One metric's state after an observation: the numbers a report needs.
 
     `estimate`, `lower` and `upper` are on the ratio scale canary/primary (1.0 means equal),
-    except where `scale` says otherwise. `lower`/`upper` form an anytime-valid confidence
-    sequence at the metric's share of alpha; None until there is data to bound anything
-    (`upper` is also None while the ratio is unbounded above, e.g. no primary events yet).
-    E-values are capped at 1e300 so that a record stays valid JSON.
+    except where `scale` says otherwise. `lower` and `upper` are one-sided anytime-valid bounds,
+    each at the metric's `alpha`: every ratio <= `lower` is rejected by the fail test's mixture
+    (so a FAIL comes with lower >= fail_ratio), every ratio >= `upper` by its mirror image.
+    None until there is data to bound anything (`upper` is also None while the ratio is
+    unbounded above, e.g. no primary events yet). E-values are capped at 1e300 so that a
+    record stays valid JSON.
     """
 
     model_config = ConfigDict(frozen=True)
