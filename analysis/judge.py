@@ -9,6 +9,10 @@ The rules, in order:
   arms have at least `min_samples` of that metric's samples;
 * otherwise **continue**. No data, too little data, or a NaN anywhere is never a pass: the
   checks are written so that a NaN compares false and falls through to "continue".
+
+A non-critical metric never rolls back, but it still has to pass for the analysis to pass:
+"not critical" means "do not act on it alone", not "ignore it". If it fails, the rollout
+waits (for a human, or its deadline) rather than promoting over the evidence.
 """
 
 from __future__ import annotations
@@ -101,7 +105,7 @@ def reason_line(m: MetricLike) -> str:
     return (
         f"{m.name}: {what}: canary {_pct(extra.get('rate_canary'))} vs primary "
         f"{_pct(extra.get('rate_primary'))} (ratio {_num(m.estimate)}, "
-        f"{100 * (1 - m.alpha):.4g}% CS [{_num(m.lower)}, {_num(m.upper)}]; "
+        f"one-sided {100 * (1 - m.alpha):.4g}% bounds [{_num(m.lower)}, {_num(m.upper)}]; "
         f"fail above {m.fail_ratio:g}, pass below {1 + m.tolerance:g}{abs_part}) — "
         f"{m.test}: e_fail={_e(m.e_value_fail)} {'>=' if m.e_value_fail >= level else '<'} "
         f"{_e(level)}, e_pass={_e(m.e_value_pass)}{excess_part}; samples canary "

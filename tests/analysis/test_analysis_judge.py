@@ -80,6 +80,6 @@ def test_reason_line_reads_well() -> None:
         extra={"rate_canary": 0.021, "rate_primary": 0.01},
     )
     line = reason_line(m)
-    for part in ("errors:", "canary 2.1% vs primary 1%", "ratio 2.05", "99.2% CS [1.41, 3.02]",
+    for part in ("errors:", "canary 2.1% vs primary 1%", "ratio 2.05", "one-sided 99.2% bounds [1.41, 3.02]",
                  "conditional count test", "e_fail=143 >= 125", "FAIL"):
         assert part in line, (part, line)

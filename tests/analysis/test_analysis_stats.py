@@ -211,3 +211,20 @@ def test_arm_swap_flips_bounds_on_real_data() -> None:
     assert eb.estimate == pytest.approx(1 / ea.estimate)
     assert ea.lower is not None and eb.upper is not None and ea.upper is not None
     assert eb.upper == pytest.approx(1 / ea.lower) and eb.lower == pytest.approx(1 / ea.upper)
+
+
+def test_fail_and_lower_bound_agree() -> None:
+    """At every look, errors fail exactly when the lower bound reaches the fail ratio (1)."""
+    seen_fail = False
+    for seed in range(4):
+        p, c = stream(Arm(180), Arm(20, error_rate=0.018), 300, seed=40 + seed)
+        an = Analyzer()
+        for s in snapshots(p, c):
+            m = an.observe(s).metrics["errors"]
+            if m.lower is None:
+                continue
+            failing = m.e_value_fail >= 1 / m.alpha
+            assert failing == (m.lower >= 1.0), (m.e_value_fail, m.lower)
+            seen_fail |= failing
+            assert m.upper is None or m.lower <= (m.estimate or 0) <= m.upper or m.estimate is None
+    assert seen_fail
