@@ -9,6 +9,7 @@ fetch moves the clock 10 s on, so step timing is exact whatever the machine's sp
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 from pathlib import Path
@@ -326,3 +327,72 @@ async def test_states_and_telemetry_follow_the_rollout(tmp_path: Path) -> None:
         "canary_analysis_decisions_total", {"rollout": "app", "decision": "fail"}
     )
     assert fails is not None and fails >= 1
+
+
+# ---- the HTTP server around a controller ----------------------------------------------------
+
+
+async def test_server_routes_probes_state_and_commands(tmp_path: Path) -> None:
+    """The server answers probes, lists rollouts, maps command outcomes to 200/409/404/400,
+    serves extension routes and exposes the controller's metrics."""
+    import aiohttp
+    from aiohttp import web
+
+    from canary.server import Server, make_app
+
+    runner, _, _ = make_runner(
+        tmp_path, spec=SPEC.model_copy(update={"min_step_s": 10_000, "max_step_s": None})
+    )
+    controller = Controller([runner])
+
+    def extension(app: web.Application) -> None:
+        async def hello(request: web.Request) -> web.Response:
+            return web.Response(text="reports here")
+
+        app.router.add_get("/reports/", hello)
+
+    async with (
+        Server(make_app(controller, extensions=[extension])) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        base = server.url
+
+        async def call(method: str, path: str, **kwargs: object) -> tuple[int, str]:
+            async with http.request(method, base + path, **kwargs) as response:  # type: ignore[arg-type]
+                return response.status, await response.text()
+
+        assert (await call("GET", "/healthz"))[0] == 200
+        assert (await call("GET", "/readyz"))[0] == 503  # the controller has not started
+        task = asyncio.create_task(controller.run())
+        await controller.started.wait()
+        assert (await call("GET", "/readyz"))[0] == 200
+        assert await call("GET", "/reports/") == (200, "reports here")
+
+        status, body = await call("GET", "/rollouts")
+        assert status == 200 and [r["name"] for r in json.loads(body)["rollouts"]] == ["app"]
+        assert (await call("GET", "/rollouts/nope"))[0] == 404
+
+        status, body = await call(
+            "POST", "/rollouts/app/pause", json={"who": "alice", "reason": "why not"}
+        )
+        assert status == 200 and json.loads(body)["phase"] == "Paused"
+        status, body = await call("POST", "/rollouts/app/pause")
+        assert status == 409 and "already paused by alice" in json.loads(body)["message"]
+        status, body = await call("POST", "/rollouts/app/explode")
+        assert status == 400 and "unknown command 'explode'" in body
+        status, body = await call("POST", "/rollouts/nope/abort")
+        assert status == 404 and "no rollout named 'nope'" in body
+        status, body = await call("POST", "/rollouts/app/abort", data=b"not json")
+        assert status == 400 and "body is not JSON" in body
+        status, body = await call("POST", "/rollouts/app/abort", json={"who": 3})
+        assert status == 400 and "who must be a string" in body
+        status, body = await call("POST", "/rollouts/app/abort", json={"user": "x"})
+        assert status == 400 and "unknown body keys ['user']" in body
+
+        status, body = await call("GET", "/metrics")
+        assert status == 200 and 'canary_rollout_phase{phase="Paused",rollout="app"} 1.0' in body
+
+        status, body = await call("POST", "/rollouts/app/abort", json={"who": "alice"})
+        assert status == 200
+        final = await task
+        assert final["app"].outcome == "aborted"
