@@ -166,31 +166,27 @@ def test_cli_errors_are_one_line_not_tracebacks(
 
 
 def test_canary_report_command_runs(record_dir: Path, tmp_path: Path) -> None:
-    """The installed `canary report` entry point renders a record in a child process."""
+    """`canary report` through the main CLI renders a record in a child process."""
     out = tmp_path / "cli.md"
-    cmd = [
-        sys.executable,
-        "-m",
-        "canary",
-        "report",
-        "demo/app@aaa",
-        "--format",
-        "md",
-        "-o",
-        str(out),
-        "--record-dir",
-        str(record_dir),
-    ]
-    probe = subprocess.run(
-        [sys.executable, "-m", "canary", "report", "--help"],
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "canary",
+            "report",
+            "demo/app@aaa",
+            "--format",
+            "md",
+            "-o",
+            str(out),
+            "--record-dir",
+            str(record_dir),
+        ],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
-    if probe.returncode != 0:  # before the main CLI registers `report`, use the module
-        cmd = [sys.executable, "-m", "canary.reports", *cmd[4:]]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(out)
     assert out.read_text().startswith("### Canary demo/app: ✅ promoted")
