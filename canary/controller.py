@@ -232,6 +232,8 @@ class RolloutRunner:
     primary_version: str = ""
     canary_version: str = ""
     config: Mapping[str, Any] = field(default_factory=dict)
+    # The planner's estimate at start (StartEntry.plan), e.g. {"expected_fail_s": ...}.
+    plan: Mapping[str, float | None] = field(default_factory=dict)
     promoter: Callable[[str], Awaitable[None]] | None = None
     scaler: Callable[[bool], Awaitable[None]] | None = None
     tick_hook: Callable[[str, RolloutStatus], Mapping[str, Any]] | None = None
@@ -306,6 +308,7 @@ class RolloutRunner:
                     canary_version=self.canary_version,
                     steps=list(self.spec.steps),
                     config={**self.config, "rollout": self.spec.model_dump(mode="json")},
+                    plan=dict(self.plan),
                 )
             )
             await self._feed(NewRevision(revision, "rollout started"))
