@@ -139,13 +139,18 @@ def _prepare(events: float, n: float, alpha: float) -> tuple[float, float, float
     return events, log_mix, p_hat, width
 
 
-def rate_upper(events: float, n: float, alpha: float) -> float:
-    """The upper end of rate_bounds."""
+def rate_upper(events: float, n: float, alpha: float, *, start: float | None = None) -> float:
+    """The upper end of rate_bounds. `start`: a guess (the previous bound) to warm-start from."""
     if n <= 0 or events >= n:
         return 1.0
     events, log_mix, p_hat, width = _prepare(events, n, alpha)
-    p = min(p_hat + width, (1.0 + p_hat) / 2.0)
-    f, d = _kt_h(events, n, p, log_mix)
+    f = -1.0
+    if start is not None and p_hat < start < 1.0:
+        p = start  # usually still outside the set: Newton from there is monotone too
+        f, d = _kt_h(events, n, p, log_mix)
+    if f < 0:
+        p = min(p_hat + width, (1.0 + p_hat) / 2.0)
+        f, d = _kt_h(events, n, p, log_mix)
     while f < 0:  # still inside: move right
         if p >= 1.0 - 1e-12:
             return 1.0
@@ -159,13 +164,18 @@ def rate_upper(events: float, n: float, alpha: float) -> float:
     return p
 
 
-def rate_lower(events: float, n: float, alpha: float) -> float:
-    """The lower end of rate_bounds."""
+def rate_lower(events: float, n: float, alpha: float, *, start: float | None = None) -> float:
+    """The lower end of rate_bounds. `start`: a guess (the previous bound) to warm-start from."""
     if n <= 0 or events <= 0:
         return 0.0
     events, log_mix, p_hat, width = _prepare(events, n, alpha)
-    p = p_hat - width if p_hat - width > 0 else p_hat / 4.0
-    f, d = _kt_h(events, n, p, log_mix)
+    f = -1.0
+    if start is not None and 0.0 < start < p_hat:
+        p = start
+        f, d = _kt_h(events, n, p, log_mix)
+    if f < 0:
+        p = p_hat - width if p_hat - width > 0 else p_hat / 4.0
+        f, d = _kt_h(events, n, p, log_mix)
     while f < 0:  # still inside: move left
         p /= 4.0
         if p < 1e-15:
@@ -212,6 +222,7 @@ class CountTest:
         "_cached",
         "_e_pass_ratio",
         "_grid",
+        "_hint",
         "_idx",
         "_log_grid",
         "_loglik",
@@ -279,6 +290,7 @@ class CountTest:
         self._totals = [0.0, 0.0, 0.0, 0.0]  # n_c, e_c, n_p, e_p since the test began
         self._e_pass_ratio = 0.0  # running max of log e_pass (a pass is a stopping event)
         self._cached: CountState | None = None  # state() until the next consumed increment
+        self._hint: tuple[float | None, float | None] = (None, None)  # last rate bounds
 
     @property
     def alpha(self) -> float:
@@ -350,8 +362,9 @@ class CountTest:
         passed_abs = False
         if n_c > 0 and n_p > 0:
             quarter = self._pass_alpha / 4.0
-            c_hi = rate_upper(e_c, n_c, quarter)
-            p_lo = rate_lower(e_p, n_p, quarter)
+            c_hi = rate_upper(e_c, n_c, quarter, start=self._hint[0])
+            p_lo = rate_lower(e_p, n_p, quarter, start=self._hint[1])
+            self._hint = (c_hi, p_lo)
             abs_upper = c_hi - p_lo
             passed_abs = abs_upper < self._abs_tolerance
         self._cached = CountState(
