@@ -180,9 +180,16 @@ def _report_routes(record_dir: Path) -> list[Callable[[Any], None]]:
 
 async def _run(configs: Sequence[Any], host: str, port: int) -> int:
     from canary.controller import Controller, run_until_signalled
+    from canary.notify import Notifier
     from canary.server import Server, make_app
 
     runners = [build_runner(config) for config in configs]
+    # One notifier per target: each config names its own webhooks.
+    notifiers: list[Notifier] = []
+    for runner, config in zip(runners, configs, strict=True):
+        if config.webhooks:
+            notifiers.append(Notifier(config.webhooks))
+            runner.entry_observers.append(notifiers[-1].on_entry)
     controller = Controller(runners)
     app = make_app(controller, extensions=_report_routes(Path(configs[0].record_dir)))
     server = Server(app, host=host, port=port)
@@ -200,6 +207,8 @@ async def _run(configs: Sequence[Any], host: str, port: int) -> int:
         statuses = await run_until_signalled(controller)
     finally:
         await server.stop()
+        for notifier in notifiers:  # the last promotion/rollback gets a moment to go out
+            await notifier.aclose(grace_s=5.0)
     for runner in runners:
         status = statuses[runner.name]
         state = "stopped" if runner.stopped else status.outcome or status.phase.value

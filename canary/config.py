@@ -48,6 +48,7 @@ from pydantic import (
 )
 
 from canary.metrics import PromQueries
+from canary.notify import WebhookConfig
 from canary.rollout import DEFAULT_STEPS, RolloutSpec, check_steps
 
 __all__ = [
@@ -136,6 +137,8 @@ class TargetConfig(_Strict):
     # Free-form labels for the record and reports.
     primary_version: str = ""
     canary_version: str = ""
+    # Chat/incident webhooks told of promotion, rollback, failover and manual actions.
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
 
     @field_validator("name")
     @classmethod

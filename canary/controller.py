@@ -238,6 +238,8 @@ class RolloutRunner:
     scaler: Callable[[bool], Awaitable[None]] | None = None
     tick_hook: Callable[[str, RolloutStatus], Mapping[str, Any]] | None = None
     observers: list[Callable[[TickReport], None]] = field(default_factory=list)
+    # called with every entry once it is in the record (canary.notify.Notifier.on_entry)
+    entry_observers: list[Callable[[Any], object]] = field(default_factory=list)
     telemetry: Telemetry | None = None
     router_timeout_s: float = 10.0
     clock: Callable[[], float] = time.time
@@ -545,6 +547,11 @@ class RolloutRunner:
         except OSError as exc:  # a full disk must not strand traffic mid-rollout
             log.error("%s: cannot append to %s: %s", self.name, self.record_path, exc)
             self._count_error("record")
+        for observe in self.entry_observers:
+            try:
+                observe(entry)
+            except Exception:  # a notification must never stop a rollout
+                log.exception("%s: an entry observer failed", self.name)
 
     async def _note(self, level: str, message: str) -> None:
         await self._write(

@@ -346,3 +346,23 @@ def test_bad_webhook_annotations_name_the_item(value: object, message: str) -> N
     """Bad webhook settings say which annotation, which item and which field."""
     with pytest.raises(ValueError, match=message):
         parse_webhooks(value, source="canary.io/webhooks")
+
+
+def test_static_target_config_embeds_webhooks() -> None:
+    """A target config's `webhooks` are WebhookConfig values; a bad one names its path."""
+    from canary.config import ConfigError, parse_config
+
+    base = {
+        "name": "checkout",
+        "router": {"kind": "haproxy", "socket": "/tmp/h.sock", "backend": "checkout"},
+        "metrics": {"kind": "prometheus", "url": "http://127.0.0.1:9090"},
+    }
+    config = parse_config(
+        {**base, "webhooks": [{"url": "https://hooks.example/x", "events": ["rolled_back"]}]}
+    )
+    assert [(h.url, set(h.events)) for h in config.webhooks] == [
+        ("https://hooks.example/x", {"rolled_back"})
+    ]
+    assert parse_config(base).webhooks == []
+    with pytest.raises(ConfigError, match=r"webhooks\[0\]\.url|webhooks\.0\.url"):
+        parse_config({**base, "webhooks": [{"url": "hooks.example"}]})
