@@ -19,20 +19,28 @@ nonnegative supermartingale under every theta <= fail_theta, and so is the mixtu
 inequality P(it ever reaches 1/alpha) <= alpha, at any cadence and any number of looks.
 
 Pass e-process: the mirror image, a mixture over thetas below `pass_theta` against
-`pass_theta`: evidence that the canary is within tolerance.
+`pass_theta`: evidence that the canary is within tolerance. Its running maximum is kept: the
+first crossing of 2/pass_alpha is a stopping event of a valid test, so a pass stays reached.
+
+Bounds for reports. The fail mixture, moved from fail_theta to any theta0 on the grid, tests
+"ratio <= theta0"; the thetas it rejects are the lower confidence bound, and the mirrored
+mixture gives the upper one. At theta0 = fail_theta this is the fail test itself, so the
+bounds and the decision never disagree. The grid and the prior points are in twelfths of an
+octave, so moving the mixture is an index shift (O(grid) numpy work per look).
 
 Not rare events. For p50 latency half the requests are "events"; then the exact conditional
 law of de_c given k is (noncentral) hypergeometric, not binomial. At theta = 1 the central
 hypergeometric is dominated in convex order by the binomial with the same mean (Hoeffding,
 1963), and every likelihood ratio here is a convex function of de_c, so the fail e-process stays
-a (conservative) supermartingale. The pass e-process is exact in the rare-event (Poisson) limit
+a (conservative) supermartingale; below theta = 1 the noncentral law is stochastically smaller
+and the ratios are increasing in de_c, so the same holds. The pass e-process is exact in the rare-event (Poisson) limit
 and approximately valid otherwise; a false pass is the cheaper error (see config.py).
 
 Absolute tolerance. For rare events (errors near 0%, the slowest 1%) a ratio bound needs more
 events than a canary ever sees, so a metric also passes when the canary's rate minus the
 primary's is bounded below `abs_tolerance`: each arm gets an anytime-valid confidence sequence
-for its own rate (a Beta(1/2, 1/2) mixture, Krichevsky-Trofimov, inverted on a grid) and the
-difference of the bounds is compared. The pass alpha is split: half to the ratio route, a
+for its own rate (a Beta(1/2, 1/2) mixture, Krichevsky-Trofimov, inverted by Newton's method)
+and the difference of the bounds is compared. The pass alpha is split: half to the ratio route, a
 quarter to each arm's bound.
 
 Counter resets. Counts arrive cumulative. If any of the four counters goes backwards (a pod
@@ -254,14 +262,13 @@ class CountTest:
             raise ValueError(f"pass_alpha must be in (0, 1), got {pass_alpha}")
         if not 0.0 < fail_theta < pass_theta:
             raise ValueError(f"need 0 < fail_theta ({fail_theta}) < pass_theta ({pass_theta})")
+        if pass_theta <= 1.0:
+            raise ValueError(f"pass_theta must be above 1, got {pass_theta}")
         self.fail_theta = fail_theta
         self.pass_theta = pass_theta
         self._alpha = alpha
         self._pass_alpha = pass_alpha
         self._abs_tolerance = abs_tolerance
-        # One vector holds every theta the test needs: the CS grid, the two nulls, the priors.
-        if pass_theta <= 1.0:
-            raise ValueError(f"pass_theta must be above 1, got {pass_theta}")
         fails, passes = fail_points(fail_theta), pass_points(pass_theta)
         fail_pts = [t for t, _ in fails]
         pass_pts = [t for t, _ in passes]
@@ -324,9 +331,9 @@ class CountTest:
         t[3] += de_p
         k = de_c + de_p
         if k > 0:
-            rho_theta = (dn_c / dn_p) * self._grid
-            # log q = log(rho theta) - log1p(rho theta); log(1 - q) = -log1p(rho theta)
-            self._loglik += de_c * np.log(rho_theta) - k * np.log1p(rho_theta)
+            # log q = log(rho theta) - log1p(rho theta); log(1 - q) = -log1p(rho theta); the
+            # de_c*log(rho) term is the same for every theta and cancels in every ratio.
+            self._loglik += de_c * self._log_grid - k * np.log1p((dn_c / dn_p) * self._grid)
         lp = self._log_e_pass_now()
         if lp > self._e_pass_ratio:
             self._e_pass_ratio = lp
