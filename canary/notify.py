@@ -370,6 +370,9 @@ class Notifier:
                 status, error = None, f"no answer within {hook.timeout_s}s"
             except aiohttp.ClientError as exc:
                 status, error = None, f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # anything else is still a failed delivery, not a crash
+                log.exception("webhook %s: unexpected error", _redact(hook.url))
+                return self._result(hook, notification, attempt, None, f"{type(exc).__name__}")
             if attempt < hook.max_attempts:
                 backoff = hook.backoff_s * 2 ** (attempt - 1)
                 await asyncio.sleep(min(max(backoff, retry_after or 0.0), _MAX_BACKOFF_S))
