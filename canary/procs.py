@@ -45,6 +45,7 @@ __all__ = [
     "HAProxyProcess",
     "HttpReady",
     "ManagedProcess",
+    "MasterCliReady",
     "ProcessError",
     "ProcessNotReady",
     "ProcessStateError",
@@ -194,6 +195,56 @@ class UnixSocketReady:
         with contextlib.suppress(OSError):
             await writer.wait_closed()
         return True
+
+
+@dataclass(frozen=True, slots=True)
+class MasterCliReady:
+    """Ready once HAProxy's master CLI (-S) answers `show proc`.
+
+    A worker can serve before its master has entered the loop that handles SIGUSR2; a
+    reload signalled in that window is lost. An answer on the master CLI proves the loop.
+    """
+
+    path: Path
+
+    def describe(self) -> str:
+        return f"HAProxy master CLI {self.path} answering 'show proc'"
+
+    def probe(self) -> bool:
+        if not self.path.exists():
+            return False
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.settimeout(1.0)
+            try:
+                sock.connect(str(self.path))
+                sock.sendall(b"show proc\n")
+                # The master CLI keeps the connection open after answering: stop at the answer.
+                answer = b""
+                while b"master" not in answer and (chunk := sock.recv(65536)):
+                    answer += chunk
+            except OSError:
+                return False
+        return b"master" in answer
+
+    async def probe_async(self) -> bool:
+        if not self.path.exists():
+            return False
+        try:
+            async with asyncio.timeout(1.0):
+                reader, writer = await asyncio.open_unix_connection(str(self.path))
+                try:
+                    writer.write(b"show proc\n")
+                    await writer.drain()
+                    answer = b""
+                    while b"master" not in answer and (chunk := await reader.read(65536)):
+                        answer += chunk
+                finally:
+                    writer.close()
+                    with contextlib.suppress(OSError):
+                        await writer.wait_closed()
+        except (OSError, TimeoutError):
+            return False
+        return b"master" in answer
 
 
 # --- the supervised process ---------------------------------------------------------------
@@ -485,10 +536,12 @@ class HAProxyConfig:
             raise ValueError(
                 f"HAProxyConfig.primary_server and canary_server are both {self.primary_server!r}"
             )
-        if len(os.fsencode(self.socket_path)) > _SUN_PATH_MAX:
+        longest = self.master_socket_path  # the admin socket's path plus a suffix
+        if len(os.fsencode(longest)) > _SUN_PATH_MAX:
             raise ValueError(
-                f"HAProxyConfig.socket_path is {len(os.fsencode(self.socket_path))} bytes long; "
-                f"a unix socket path may have at most {_SUN_PATH_MAX}: {self.socket_path}"
+                f"HAProxyConfig.socket_path is too long: {longest} is "
+                f"{len(os.fsencode(longest))} bytes, a unix socket path may have at most "
+                f"{_SUN_PATH_MAX}"
             )
         for field in ("primary_addr", "canary_addr"):
             host, sep, port = getattr(self, field).rpartition(":")
@@ -496,6 +549,11 @@ class HAProxyConfig:
                 raise ValueError(
                     f"HAProxyConfig.{field} must be host:port, got {getattr(self, field)!r}"
                 )
+
+    @property
+    def master_socket_path(self) -> Path:
+        """The master CLI socket (-S), next to the admin socket."""
+        return Path(f"{self.socket_path}.master")
 
 
 def render_haproxy_config(cfg: HAProxyConfig) -> str:
@@ -533,7 +591,9 @@ class HAProxyProcess(ManagedProcess):
     """HAProxy in master-worker mode (-W), so a reload keeps the PID we supervise.
 
     Reload: dump `show servers state` to the state file, send SIGUSR2 to the master, and
-    wait until a new worker answers on the admin socket.
+    wait until a new worker answers on the admin socket. Ready (at start and after each
+    reload) also means the master CLI (-S) answers: a worker can serve before its master
+    handles SIGUSR2, and a reload signalled then was lost (seen under load).
     """
 
     def __init__(
@@ -548,9 +608,15 @@ class HAProxyProcess(ManagedProcess):
         self.config_path = Path(workdir) / "haproxy.cfg"
         haproxy = binary or find_binary("haproxy", fallbacks=("/usr/sbin/haproxy",))
         super().__init__(
-            [haproxy, "-W", "-db", "-f", str(self.config_path)],
+            [haproxy, "-W", "-db", "-S", str(cfg.master_socket_path), "-f", str(self.config_path)],
             log_path=Path(workdir) / "haproxy.log",
-            ready=_AllReady((TcpReady(cfg.frontend_port), UnixSocketReady(cfg.socket_path))),
+            ready=_AllReady(
+                (
+                    TcpReady(cfg.frontend_port),
+                    UnixSocketReady(cfg.socket_path),
+                    MasterCliReady(cfg.master_socket_path),
+                )
+            ),
             ready_timeout=ready_timeout,
             name="haproxy",
         )
@@ -588,15 +654,19 @@ class HAProxyProcess(ManagedProcess):
         if save_state:
             await save_server_state(sock, self.config.state_file)
         self.signal(signal.SIGUSR2)
+        master = MasterCliReady(self.config.master_socket_path)
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self.returncode is not None:
                 raise self._not_ready(f"exited with status {self.returncode} during reload")
             try:
-                if _worker_pid(await runtime_command(sock, "show info")) != old:
-                    return
+                new = _worker_pid(await runtime_command(sock, "show info"))
             except (RouterError, ProcessError):
-                pass  # the socket is briefly absent while the worker changes
+                new = old  # the socket is briefly absent while the worker changes
+            # The master re-executes itself on reload: wait for its loop too, or the next
+            # reload's signal could be lost.
+            if new != old and await master.probe_async():
+                return
             await asyncio.sleep(0.05)
         raise self._not_ready(f"no new worker {self.ready_timeout:g}s after reload")
 
