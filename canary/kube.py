@@ -200,6 +200,8 @@ API_CALLS: frozenset[ApiCall] = frozenset(
     | _calls("networking.k8s.io", "ingresses", "get", "create", "patch")
     | _calls("gateway.networking.k8s.io", "httproutes", "get", "patch")
     | _calls("coordination.k8s.io", "leases", "get", "create", "update")
+    # external-dns' DNSEndpoint CRD: Route 53 weighted records between two clusters.
+    | _calls("externaldns.k8s.io", "dnsendpoints", "get", "create", "patch")
 )
 
 # Used only in the controller's own namespace (the Lease, its state ConfigMaps): the RBAC
@@ -579,6 +581,45 @@ class Kube:
             _content_type=_MERGE_PATCH,
         )
 
+    # -- external-dns DNSEndpoints (a CRD: no generated model) ---------------------------
+
+    async def get_dnsendpoint(self, namespace: str, name: str) -> JSON:
+        return await self._call(
+            ApiCall("externaldns.k8s.io", "dnsendpoints", "get"),
+            self._custom.get_namespaced_custom_object,
+            "externaldns.k8s.io",
+            "v1alpha1",
+            namespace,
+            "dnsendpoints",
+            name,
+        )
+
+    async def create_dnsendpoint(self, namespace: str, body: JSON) -> JSON:
+        return await self._call(
+            ApiCall("externaldns.k8s.io", "dnsendpoints", "create"),
+            self._custom.create_namespaced_custom_object,
+            "externaldns.k8s.io",
+            "v1alpha1",
+            namespace,
+            "dnsendpoints",
+            body,
+        )
+
+    async def patch_dnsendpoint(
+        self, namespace: str, name: str, patch: JSON, *, resource_version: str | None = None
+    ) -> JSON:
+        return await self._call(
+            ApiCall("externaldns.k8s.io", "dnsendpoints", "patch"),
+            self._custom.patch_namespaced_custom_object,
+            "externaldns.k8s.io",
+            "v1alpha1",
+            namespace,
+            "dnsendpoints",
+            name,
+            _guarded(patch, resource_version),
+            _content_type=_MERGE_PATCH,
+        )
+
     # -- ConfigMaps ----------------------------------------------------------------------
 
     async def get_configmap(self, namespace: str, name: str) -> JSON:
@@ -692,8 +733,10 @@ class Kube:
 
 def _target(call: ApiCall, args: tuple[Any, ...]) -> str:
     """namespace/name of a call, for messages, from the generated methods' argument order."""
-    if call.group == "gateway.networking.k8s.io":  # (group, version, namespace, plural, name)
-        return f"{args[2]}/{args[4]}"
+    if call.group in ("gateway.networking.k8s.io", "externaldns.k8s.io"):
+        # custom objects: (group, version, namespace, plural, name or body)
+        name = args[4] if isinstance(args[4], str) else (args[4].get("metadata") or {}).get("name")
+        return f"{args[2]}/{name}"
     if call.verb == "create":  # (namespace, body)
         return f"{args[0]}/{(args[1].get('metadata') or {}).get('name', '')}"
     if call.verb in ("list", "watch"):  # (namespace,) or all namespaces

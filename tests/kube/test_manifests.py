@@ -112,6 +112,10 @@ async def test_api_calls_table_matches_the_requests_made(api: KubeEmulator, kube
     )
     await kube.get_httproute("shop", "app")
     await kube.patch_httproute("shop", "app", {"metadata": {"labels": {"a": "b"}}})
+    endpoint = {"metadata": {"name": "app"}, "spec": {"endpoints": []}}
+    await kube.create_dnsendpoint("shop", endpoint)
+    await kube.get_dnsendpoint("shop", "app")
+    await kube.patch_dnsendpoint("shop", "app", {"metadata": {"labels": {"a": "b"}}})
     created = await kube.put_configmap(NAMESPACE, "state", {"a": "1"})
     await kube.put_configmap(
         NAMESPACE, "state", {"a": "2"}, resource_version=created["metadata"]["resourceVersion"]
