@@ -10,9 +10,11 @@ is time resolution of the older part of the charts. The ticks a report explains 
 always kept: the first, the last `keep_recent`, every tick whose verdict changed, and every
 tick where the step or the weight changed. The record then says so in a note.
 
-Pure functions, no I/O: the controller passes the result to `Kube.put_configmap` (and a
-failure to write never fails the rollout: the caller logs and counts it). `canary report`
-reads a ConfigMap dumped with `kubectl get configmap NAME -o json`.
+The packing is pure. `ConfigMapRecordWriter` is the thin adapter that keeps one rollout's
+record in its ConfigMap through `canary.kube.Kube` (or anything with its two ConfigMap
+methods): it never raises, a failed write comes back as a message for the caller to log and
+count, and the next write retries with the whole record. `canary report` reads a ConfigMap
+dumped with `kubectl get configmap NAME -o json`, or `load_record_configmap` reads it live.
 
 Exception tree::
 
@@ -28,7 +30,7 @@ import binascii
 import gzip
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 from canary.records import (
     EndEntry,
@@ -44,9 +46,12 @@ from canary.records import (
 __all__ = [
     "MAX_CONFIGMAP_BYTES",
     "RECORD_KEY",
+    "ConfigMapApi",
+    "ConfigMapRecordWriter",
     "RecordTooLarge",
     "configmap_name",
     "downsample",
+    "load_record_configmap",
     "looks_like_configmap",
     "pack_record",
     "unpack_record",
@@ -173,3 +178,111 @@ def looks_like_configmap(text: str) -> Mapping[str, Any] | None:
     if isinstance(obj, dict) and obj.get("kind") == "ConfigMap":
         return obj
     return None
+
+
+class ConfigMapApi(Protocol):
+    """The two calls of canary.kube.Kube this adapter needs."""
+
+    async def get_configmap(self, namespace: str, name: str) -> dict[str, Any]: ...
+
+    async def put_configmap(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, str],
+        *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any]: ...
+
+
+class ConfigMapRecordWriter:
+    """Keeps one rollout's record in its own ConfigMap. Never raises for API errors.
+
+    Entries other than ticks are saved at once (a decision must not be lost); ticks at most
+    every `save_every_s` of record time, so a 10 s cadence does not rewrite a large object
+    each tick. `flush()` saves whatever is pending.
+    """
+
+    def __init__(
+        self,
+        api: ConfigMapApi,
+        *,
+        namespace: str,
+        rollout: str,
+        max_bytes: int = MAX_CONFIGMAP_BYTES,
+        save_every_s: float = 30.0,
+    ) -> None:
+        self.api = api
+        self.namespace = namespace
+        self.name = configmap_name(rollout)
+        self.max_bytes = max_bytes
+        self.save_every_s = save_every_s
+        self.entries: list[Entry] = []
+        self.last_error: str | None = None
+        self._resource_version: str | None = None
+        self._saved_at: float | None = None
+        self._dirty = False
+
+    async def append(self, entry: Entry) -> str | None:
+        """Add an entry and save when due. Returns why the save failed, or None."""
+        self.entries.append(entry)
+        self._dirty = True
+        due = (
+            not isinstance(entry, TickEntry)
+            or self._saved_at is None
+            or entry.at - self._saved_at >= self.save_every_s
+        )
+        return await self.flush() if due else None
+
+    async def flush(self) -> str | None:
+        """Save the record if anything is pending. Returns why it failed, or None."""
+        if not self._dirty or not self.entries:
+            return None
+        from canary.kube import Conflict, KubeError, NotFound  # the adapter's only seam
+
+        where = f"record ConfigMap {self.namespace}/{self.name}"
+        try:
+            data = pack_record(self.entries, max_bytes=self.max_bytes)
+        except RecordError as exc:
+            return self._failed(f"{where}: {exc}")
+        for _ in range(2):  # a conflict re-reads the version once: this record is ours
+            try:
+                result = await self.api.put_configmap(
+                    self.namespace, self.name, data, resource_version=self._resource_version
+                )
+            except Conflict:
+                try:
+                    current = await self.api.get_configmap(self.namespace, self.name)
+                    self._resource_version = current["metadata"]["resourceVersion"]
+                except NotFound:
+                    self._resource_version = None
+                except KubeError as exc:
+                    return self._failed(f"{where}: {exc}")
+                continue
+            except NotFound:  # deleted under us: create it again
+                self._resource_version = None
+                continue
+            except KubeError as exc:
+                return self._failed(f"{where}: {exc}")
+            self._resource_version = result.get("metadata", {}).get("resourceVersion")
+            self._saved_at = self.entries[-1].at
+            self._dirty = False
+            self.last_error = None
+            return None
+        return self._failed(f"{where}: kept changing while being written")
+
+    def _failed(self, message: str) -> str:
+        self.last_error = message
+        return message
+
+
+async def load_record_configmap(api: ConfigMapApi, *, namespace: str, rollout: str) -> list[Entry]:
+    """A rollout's record read from its ConfigMap. Raises RecordError naming it."""
+    from canary.kube import KubeError
+
+    name = configmap_name(rollout)
+    try:
+        configmap = await api.get_configmap(namespace, name)
+    except KubeError as exc:
+        raise RecordError(f"record ConfigMap {namespace}/{name}: {exc}") from None
+    return unpack_record(configmap)

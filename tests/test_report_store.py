@@ -5,17 +5,22 @@ from __future__ import annotations
 import itertools
 import json
 import re
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from kube.emulator import KubeEmulator
 from report_records import Scenario, simulate
 
 from analysis.report import build_report
+from canary.kube import Kube, RetryPolicy
 from canary.record_store import (
     RECORD_KEY,
+    ConfigMapRecordWriter,
     RecordTooLarge,
     configmap_name,
     downsample,
+    load_record_configmap,
     pack_record,
     unpack_record,
 )
@@ -141,3 +146,80 @@ def test_canary_report_reads_a_kubectl_configmap_dump(
     assert main([str(path), "--format", "json", "-o", "-"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["outcome"] == "rolled_back" and report["rollout"] == rolled_back[0].rollout
+
+
+# --- the ConfigMap adapter, against the API emulator with the real kubernetes-asyncio client
+
+
+@pytest.fixture
+async def kube(tmp_path: Path) -> AsyncIterator[tuple[KubeEmulator, Kube]]:
+    async with KubeEmulator() as emulator:
+        config = emulator.write_kubeconfig(tmp_path / "kubeconfig", token="t", context="test")
+        client = await Kube.connect(
+            kubeconfig=str(config),
+            context="test",
+            retry=RetryPolicy(attempts=2, initial_delay_s=0.01, max_delay_s=0.02),
+        )
+        try:
+            yield emulator, client
+        finally:
+            await client.close()
+
+
+async def test_writer_keeps_the_record_in_its_configmap(
+    kube: tuple[KubeEmulator, Kube], rolled_back: list[Entry]
+) -> None:
+    """Entries appended as a rollout goes are in the ConfigMap; non-tick entries are saved
+    at once, ticks at most every save_every_s; the report read back is the whole story."""
+    emulator, client = kube
+    rollout = rolled_back[0].rollout
+    writer = ConfigMapRecordWriter(
+        client, namespace="canary-system", rollout=rollout, save_every_s=20
+    )
+    for entry in rolled_back:
+        assert await writer.append(entry) is None
+    puts = emulator.recorded(resource="configmaps", verb="update") + emulator.recorded(
+        resource="configmaps", verb="create"
+    )
+    ticks = sum(isinstance(e, TickEntry) for e in rolled_back)
+    assert 0 < len(puts) < len(rolled_back) - ticks // 2  # not one write per tick
+    assert await writer.flush() is None
+    entries = await load_record_configmap(client, namespace="canary-system", rollout=rollout)
+    assert entries == rolled_back
+    assert build_report(_dicts(entries)).outcome == "rolled_back"
+
+
+async def test_writer_survives_conflicts_deletion_and_outages(
+    kube: tuple[KubeEmulator, Kube], rolled_back: list[Entry]
+) -> None:
+    """Someone else's write (a conflict) and a deleted ConfigMap are recovered from; an API
+    outage is returned as a message, never raised, and the next save catches up."""
+    emulator, client = kube
+    rollout = rolled_back[0].rollout
+    writer = ConfigMapRecordWriter(client, namespace="ns", rollout=rollout, save_every_s=0)
+    assert await writer.append(rolled_back[0]) is None
+    emulator.put(
+        "",
+        "v1",
+        "configmaps",
+        {"metadata": {"name": writer.name, "namespace": "ns"}, "data": {"meddled": "yes"}},
+    )
+    assert await writer.append(rolled_back[1]) is None  # conflict: re-read, write ours
+    emulator.delete("", "v1", "configmaps", "ns", writer.name)
+    assert await writer.append(rolled_back[2]) is None  # gone: created again
+    emulator.inject(503, times=10, resource="configmaps")
+    error = await writer.append(rolled_back[3])
+    assert error is not None and error.startswith(f"record ConfigMap ns/{writer.name}: ")
+    assert writer.last_error == error
+    emulator.faults.clear()
+    for entry in rolled_back[4:]:
+        assert await writer.append(entry) is None
+    stored = await load_record_configmap(client, namespace="ns", rollout=rollout)
+    assert stored == rolled_back
+
+
+async def test_missing_record_configmap_is_a_clear_error(kube: tuple[KubeEmulator, Kube]) -> None:
+    """Reading a rollout that has no record ConfigMap names the ConfigMap."""
+    _, client = kube
+    with pytest.raises(RecordError, match="record ConfigMap ns/canary-record-demo-app-1: "):
+        await load_record_configmap(client, namespace="ns", rollout="demo/app@1")
