@@ -205,8 +205,8 @@ async def test_loadgen_counts_unreachable_targets_as_failed() -> None:
 
 # Short steps and a little more traffic than the default, so each run takes well under a
 # minute; everything else (HAProxy, Prometheus, the analysis, the controller) is the real one.
-FAST = ["--rate", "300", "--steps", "25,50", "--step-seconds", "3", "--max-step-seconds", "60"]
-DEMO = [sys.executable, "-m", "canary.demo"]
+FAST = ["--rate", "300", "--steps", "25,50", "--step-seconds", "3", "--max-step-seconds", "120"]
+DEMO = [sys.executable, "-m", "canary", "demo"]
 
 
 def child_pids(output: str) -> dict[str, int]:

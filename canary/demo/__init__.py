@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from analysis import AnalysisConfig, Analyzer, MetricConfig
+from analysis import AnalysisConfig, Analyzer, MetricConfig, plan
 from canary.controller import RolloutRunner, TickReport
 from canary.demo.loadgen import LoadGenerator, SplitStats
 from canary.demo.progress import format_duration, format_tick, format_transition, short
@@ -323,6 +323,24 @@ class _Progress:
                 _say(f"{entry.elapsed_s:6.1f}s  !! {short(action.message)}")
 
 
+def _plan(options: DemoOptions) -> dict[str, float | None]:
+    """The planner's estimate at the first step, for the record (the report compares it with
+    what happened): the time to pass an equal canary, and to catch a 2x error regression."""
+    try:
+        estimate = plan(
+            rate_rps=options.rate,
+            canary_weight=options.steps[0] / 100,
+            baseline_error_rate=options.baseline_error_rate,
+            config=DEMO_ANALYSIS,
+        )
+    except ValueError:  # e.g. a zero baseline: nothing to estimate from
+        return {}
+    return {
+        "expected_fail_s": estimate.expected_fail_s,
+        "expected_pass_s": estimate.expected_pass_s,
+    }
+
+
 def _observed_share(router: MeasuringRouter) -> Any:
     def hook(name: str, status: RolloutStatus) -> dict[str, Any]:
         if not status.weight_verified:
@@ -403,6 +421,7 @@ async def run_demo(options: DemoOptions, *, workdir: Path) -> tuple[int, Path | 
                     "seed": options.seed,
                 },
             },
+            plan=_plan(options),
             tick_hook=_observed_share(router),
             observers=[_Progress(router, len(options.steps))],
         )
