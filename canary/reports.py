@@ -34,7 +34,7 @@ from aiohttp import web
 from analysis.report import Report, ReportError, build_report, render_html, render_json
 from analysis.report import render_markdown as _render_markdown
 from canary.notify import report_id
-from canary.record_store import looks_like_configmap, unpack_record
+from canary.record_store import load_record_configmap, looks_like_configmap, unpack_record
 from canary.records import EndEntry, RecordError, StartEntry, parse_lines, read_record
 
 __all__ = [
@@ -210,14 +210,25 @@ def _arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_RECORD_DIR,
         help=f"where records are (default: {DEFAULT_RECORD_DIR}, or $CANARY_RECORD_DIR)",
     )
+    cluster = parser.add_argument_group(
+        "in a cluster", "read the record of rollout NAME (its id) from its ConfigMap"
+    )
+    cluster.add_argument("-n", "--namespace", help="namespace of the record ConfigMaps")
+    cluster.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file")
+    cluster.add_argument("--context", help="kubeconfig context")
 
 
 def run(args: argparse.Namespace) -> int:
     """`canary report`: 0 on success, 1 with a one-line error otherwise."""
     fmt: Format = args.format
+    in_cluster = any(getattr(args, k, None) for k in ("namespace", "kubeconfig", "context"))
     try:
-        path = resolve_record(args.name, record_dir=args.record_dir)
-        report = load_report(path)
+        if in_cluster:
+            report = asyncio.run(_cluster_report(args))
+            path = Path.cwd() / f"{report_id(report.rollout)}.jsonl"  # output goes here
+        else:
+            path = resolve_record(args.name, record_dir=args.record_dir)
+            report = load_report(path)
         text = render(report, fmt)
     except ReportError as exc:
         print(f"canary report: error: {exc}", file=sys.stderr)
@@ -236,6 +247,24 @@ def run(args: argparse.Namespace) -> int:
         return 1
     print(out)
     return 0
+
+
+async def _cluster_report(args: argparse.Namespace) -> Report:
+    from canary.kube import Kube  # only cluster users pay for the client
+
+    namespace = args.namespace or "canary-system"
+    try:
+        kube = await Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
+    except Exception as exc:  # kubeconfig problems come in many types; all are the user's
+        raise ReportError(f"cannot use the cluster's kubeconfig: {exc}") from None
+    try:
+        entries = await load_record_configmap(kube, namespace=namespace, rollout=args.name)
+    except RecordError as exc:
+        raise ReportError(str(exc)) from None
+    finally:
+        await kube.close()
+    dicts = [entry.model_dump(mode="json", by_alias=True) for entry in entries]
+    return build_report(dicts)
 
 
 def _next_to(record: Path, fmt: Format) -> Path:

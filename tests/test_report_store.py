@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import re
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -223,3 +225,45 @@ async def test_missing_record_configmap_is_a_clear_error(kube: tuple[KubeEmulato
     _, client = kube
     with pytest.raises(RecordError, match="record ConfigMap ns/canary-record-demo-app-1: "):
         await load_record_configmap(client, namespace="ns", rollout="demo/app@1")
+
+
+async def test_canary_report_reads_a_record_from_the_cluster(
+    kube: tuple[KubeEmulator, Kube], rolled_back: list[Entry], tmp_path: Path
+) -> None:
+    """`canary report ROLLOUT -n NS --kubeconfig K` (a child process, the real client) renders
+    the record kept in the rollout's ConfigMap; an unknown rollout is a one-line error."""
+    _, client = kube
+    rollout = rolled_back[0].rollout
+    writer = ConfigMapRecordWriter(client, namespace="ns", rollout=rollout)
+    for entry in rolled_back:
+        await writer.append(entry)
+    assert await writer.flush() is None
+    cluster = ["-n", "ns", "--kubeconfig", str(tmp_path / "kubeconfig"), "--context", "test"]
+
+    async def canary_report(*args: str) -> tuple[int, str, str]:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "canary",
+            "report",
+            *args,
+            *cluster,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            cwd=tmp_path,
+        )
+        try:
+            out, err = await asyncio.wait_for(process.communicate(), timeout=60)
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+            raise
+        assert process.returncode is not None
+        return process.returncode, out.decode(), err.decode()
+
+    code, out, err = await canary_report(rollout, "--format", "md", "-o", "-")
+    assert code == 0, err
+    assert out.startswith("### Canary demo/app: ❌ rolled back")
+    code, out, err = await canary_report("demo/app@nope")
+    assert code == 1 and out == ""
+    assert err.startswith("canary report: error: record ConfigMap ns/canary-record-demo-app-nope")
