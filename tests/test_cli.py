@@ -297,3 +297,131 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
     assert not any(isinstance(e, EndEntry) for e in entries)
     last = entries[-1]
     assert isinstance(last, NoteEntry) and "controller stopped" in last.message
+
+
+# ---- canary run to the end: real HAProxy, real Prometheus, real analysis -----------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus_env(
+    module_procs: ProcessPool, tmp_path_factory: pytest.TempPathFactory, prometheus_binary: str
+) -> tuple[str, int]:
+    """A Prometheus scraping a test exporter every second: (its URL, the exporter's port)."""
+    from canary.procs import PrometheusProcess
+
+    exporter_port = free_port()
+    module_procs.support_server("exporter", exporter_port)
+    prometheus = PrometheusProcess(
+        [f"127.0.0.1:{exporter_port}"],
+        workdir=tmp_path_factory.mktemp("prometheus"),
+        scrape_interval_s=1.0,
+        binary=prometheus_binary,
+    )
+    module_procs.start(prometheus)
+    return prometheus.url, exporter_port
+
+
+class Traffic:
+    """Counts requests at the exporter from a thread: 2000/s per arm, fixed error shares."""
+
+    def __init__(self, port: int, primary: str, canary: str, canary_errors: int) -> None:
+        import threading
+
+        self.calls = [
+            (primary, 200, 198),
+            (primary, 500, 2),
+            (canary, 200, 200 - canary_errors),
+            (canary, 500, canary_errors),
+        ]
+        self.port = port
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            for version, code, n in self.calls:
+                if n:
+                    url = f"http://127.0.0.1:{self.port}/inc?version={version}&code={code}&n={n}&seconds=0.02"
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        response.read()
+
+    def __enter__(self) -> Traffic:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "canary_errors", "exit_code", "weight", "outcome"),
+    [("healthy", 2, 0, 100, "promoted"), ("broken", 40, 1, 0, "rolled_back")],
+)
+def test_run_promotes_a_good_canary_and_rolls_back_a_bad_one(
+    procs: ProcessPool,
+    workdir: Path,
+    sockdir: Path,
+    haproxy_binary: str,
+    prometheus_env: tuple[str, int],
+    case: str,
+    canary_errors: int,
+    exit_code: int,
+    weight: int,
+    outcome: str,
+) -> None:
+    """`canary run --config` ends on its own: exit 0 with 100% on the canary for a healthy
+    one, exit 1 with 0% for one with 10x the errors; the record ends with that outcome."""
+    import subprocess
+
+    prometheus_url, exporter_port = prometheus_env
+    haproxy = _haproxy(procs, workdir, sockdir, haproxy_binary)
+    config = workdir / "rollout.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "app",
+                "router": {"kind": "haproxy", "socket": str(haproxy.socket_path), "backend": "app"},
+                "metrics": {
+                    "kind": "prometheus",
+                    "url": prometheus_url,
+                    "queries": {"primary_arm": f"{case}-p", "canary_arm": f"{case}-c"},
+                },
+                "steps": [10, 50],
+                "min_step_s": 1,
+                "max_step_s": 60,
+                "tick_s": 0.5,
+                "no_data_deadline_s": 30,
+                "record_dir": "records",
+            }
+        )
+    )
+    with Traffic(exporter_port, f"{case}-p", f"{case}-c", canary_errors):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "canary",
+                "run",
+                "--config",
+                str(config),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == exit_code, done.stderr[-3000:]
+    assert f"canary: app: {outcome}:" in done.stderr
+    assert _haproxy_weights(haproxy) == {"canary": weight}
+    (record,) = (workdir / "records").glob("app-*.jsonl")
+    entries = read_record(record)
+    end = entries[-1]
+    assert isinstance(end, EndEntry) and end.outcome == outcome
+    judged = [e for e in entries if isinstance(e, TickEntry) and e.verdict is not None]
+    assert judged and judged[-1].canary is not None and judged[-1].canary.requests > 0
+    if outcome == "rolled_back":
+        assert "errors" in end.reason
