@@ -323,6 +323,10 @@ class RolloutRunner:
             self.stopped = True
             await self._stopped_note()
             raise
+        except Exception as exc:
+            # A bug, not an edge error (those are events): say so in the record, then crash.
+            await self._note("warning", f"controller error, rollout abandoned as it was: {exc!r}")
+            raise
         finally:
             # Commands that will never be handled get an answer instead of hanging.
             while not self._commands.empty():

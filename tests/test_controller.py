@@ -272,6 +272,8 @@ async def test_unknown_tick_hook_field_is_an_error(tmp_path: Path) -> None:
     runner.tick_hook = lambda name, status: {"observed_split": 0.05}
     with pytest.raises(ValueError, match=r"unknown TickEntry fields \['observed_split'\]"):
         await runner.run()
+    last = read_record(runner.record_path)[-1]
+    assert isinstance(last, NoteEntry) and "controller error" in last.message
 
 
 async def test_sigterm_stops_cleanly_leaving_weights_and_a_whole_record(tmp_path: Path) -> None:
