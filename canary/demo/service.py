@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import math
 import random
 import signal
@@ -118,12 +119,14 @@ def build_app(settings: ServiceSettings) -> web.Application:
     return app
 
 
-def parse_args(argv: Sequence[str] | None) -> tuple[ServiceSettings, int]:
+def parse_args(argv: Sequence[str] | None) -> tuple[ServiceSettings, int, str]:
     """Settings and port from the command line; bad values exit with a message naming the flag."""
     parser = argparse.ArgumentParser(
         prog="python -m canary.demo.service", description="One version of the demo service."
     )
-    parser.add_argument("--port", type=int, required=True, help="TCP port on 127.0.0.1")
+    parser.add_argument("--port", type=int, required=True, help="TCP port")
+    # Two "clusters" on one machine listen on distinct loopback addresses (127.0.0.10, ...).
+    parser.add_argument("--host", default="127.0.0.1", help="a loopback address to listen on")
     parser.add_argument("--version", required=True, choices=VERSIONS)
     parser.add_argument("--error-rate", type=float, default=0.0, help="share of 500s, 0..1")
     parser.add_argument("--latency-ms", type=float, default=20.0, help="median latency")
@@ -135,6 +138,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ServiceSettings, int]:
     if not 1 <= args.port <= 65535:
         parser.error(f"--port must be within 1..65535, got {args.port}")
     try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        parser.error(f"--host must be a loopback address, got {args.host!r}")
+    try:
         settings = ServiceSettings(
             version=args.version,
             error_rate=args.error_rate,
@@ -144,11 +153,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[ServiceSettings, int]:
         )
     except ValueError as exc:
         parser.error(f"--{str(exc).replace('_', '-')}")
-    return settings, args.port
+    return settings, args.port, args.host
 
 
-async def serve_until_signalled(settings: ServiceSettings, port: int) -> None:
-    """Serve on 127.0.0.1:port until SIGTERM or SIGINT, then close connections and return."""
+async def serve_until_signalled(
+    settings: ServiceSettings, port: int, host: str = "127.0.0.1"
+) -> None:
+    """Serve on host:port until SIGTERM or SIGINT, then close connections and return."""
     runner = web.AppRunner(build_app(settings), access_log=None, shutdown_timeout=0.5)
     await runner.setup()
     stop = asyncio.Event()
@@ -156,22 +167,20 @@ async def serve_until_signalled(settings: ServiceSettings, port: int) -> None:
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, stop.set)
     try:
-        site = web.TCPSite(runner, "127.0.0.1", port)
+        site = web.TCPSite(runner, host, port)
         await site.start()
-        print(f"service {settings.version} listening on 127.0.0.1:{port}", flush=True)
+        print(f"service {settings.version} listening on {host}:{port}", flush=True)
         await stop.wait()
     finally:
         await runner.cleanup()
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings, port = parse_args(argv)
+    settings, port, host = parse_args(argv)
     try:
-        asyncio.run(serve_until_signalled(settings, port))
+        asyncio.run(serve_until_signalled(settings, port, host))
     except OSError as exc:
-        print(
-            f"service {settings.version}: cannot listen on 127.0.0.1:{port}: {exc}", file=sys.stderr
-        )
+        print(f"service {settings.version}: cannot listen on {host}:{port}: {exc}", file=sys.stderr)
         return 2
     return 0
 
