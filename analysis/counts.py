@@ -12,6 +12,9 @@ of traffic or an incident that raises both arms' rates changes k and rho but not
 on theta, so it cancels. The log-likelihood of theta is kept on a fixed grid (a numpy vector),
 so each observation costs O(grid) whatever its length; aggregating intervals (a slower
 cadence) sums the same sufficient statistics, so the decisions barely depend on cadence.
+The one limit: within one interval the split is taken as constant. If the split swings a lot
+*and* an incident hits only part of a long interval, the interval's average split misattributes
+the incident's events; short intervals (the controller's ticks) keep this small.
 
 Fail e-process: a mixture, over a few thetas above `fail_theta`, of likelihood ratios against
 `fail_theta`. The binomial family has a monotone likelihood ratio, so each ratio is a

@@ -1647,7 +1647,7 @@ def render_html(report: Report, *, generated_note: str = "") -> str:
             f'<div class="warn" id="incomplete"><b>Incomplete record:</b> '
             f"{_e(r.incomplete_reason)}. This report shows what it has.</div>"
         )
-    if r.end_reason and r.decided.by != "controller":
+    if r.end_reason and r.decided.by not in ("controller", "analysis"):  # else said above
         out.append(f"<p><b>Controller:</b> {_e(r.end_reason)}</p>")
 
     cards = [
