@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import yaml
 from pydantic import (
@@ -47,6 +47,7 @@ from pydantic import (
     model_validator,
 )
 
+from analysis import AnalysisConfig
 from canary.metrics import PromQueries
 from canary.notify import WebhookConfig
 from canary.rollout import DEFAULT_STEPS, RolloutSpec, check_steps
@@ -130,9 +131,8 @@ class TargetConfig(_Strict):
     max_step_s: float | None = Field(default=900.0, gt=0)
     no_data_deadline_s: float = Field(default=120.0, gt=0)
     tick_s: float = Field(default=10.0, gt=0)
-    # Settings for analysis.AnalysisConfig (alpha, tolerances, critical metrics); checked
-    # against that model when the analysis package provides it.
-    analysis: dict[str, Any] = Field(default_factory=dict)
+    # Alpha, tolerances, critical metrics: analysis.AnalysisConfig, checked field by field.
+    analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
     record_dir: Path = Path("records")
     # Free-form labels for the record and reports.
     primary_version: str = ""
@@ -157,16 +157,6 @@ class TargetConfig(_Strict):
             raise ValueError(f"must be a list of percentages, got {value!r}")
         return check_steps(tuple(value))
 
-    @field_validator("analysis")
-    @classmethod
-    def _analysis(cls, value: dict[str, Any]) -> dict[str, Any]:
-        model = _analysis_config_model()
-        if model is not None:
-            # Raises ValidationError with the nested field names; kept as a plain dict so
-            # this file does not depend on the analysis model's shape.
-            model.model_validate(value)
-        return value
-
     @model_validator(mode="after")
     def _timing(self) -> TargetConfig:
         if self.max_step_s is not None and self.max_step_s < self.min_step_s:
@@ -185,12 +175,9 @@ class TargetConfig(_Strict):
             promotion="shift",  # static targets: the canary server keeps the traffic
         )
 
-    def analysis_config(self) -> Any:
-        """An analysis.AnalysisConfig built from `analysis`."""
-        model = _analysis_config_model()
-        if model is None:
-            raise ConfigError("the analysis package has no AnalysisConfig")
-        return model.model_validate(self.analysis)
+    def analysis_config(self) -> AnalysisConfig:
+        """The analysis settings in force (defaults filled in)."""
+        return self.analysis
 
     def resolved(self, base: Path) -> TargetConfig:
         """Relative paths made absolute against `base` (the config file's directory)."""
@@ -207,17 +194,6 @@ class TargetConfig(_Strict):
             }
         )
         return self.model_copy(update={"router": router, "record_dir": absolute(self.record_dir)})
-
-
-def _analysis_config_model() -> type[BaseModel] | None:
-    try:
-        import analysis
-    except ImportError:  # pragma: no cover - the package is ours
-        return None
-    model = getattr(analysis, "AnalysisConfig", None)
-    if isinstance(model, type) and issubclass(model, BaseModel):
-        return model
-    return None
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
