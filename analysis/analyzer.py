@@ -58,7 +58,6 @@ class Analyzer:
         self._failed: set[str] = set()
         self._skipped = 0
         self._last: Snapshot | None = None
-        self._observations = 0
 
     def _count_test(self, name: str) -> CountTest:
         m = self._settings[name]
@@ -80,13 +79,13 @@ class Analyzer:
             if back:
                 self._skipped += 1
                 notes.append(
-                    "counter reset (went backwards: " + "; ".join(back) + "): the interval "
-                    "since the previous snapshot was skipped, counting resumes from here"
+                    "counter reset (went backwards: " + "; ".join(back) + "): metrics reading "
+                    "those counters skip the interval since the previous snapshot and count "
+                    "again from here"
                 )
             if snapshot.elapsed_s < last.elapsed_s:
                 notes.append(f"elapsed_s went backwards ({last.elapsed_s:g} -> {snapshot.elapsed_s:g})")
         self._last = snapshot
-        self._observations += 1
         p, c = snapshot.primary, snapshot.canary
 
         metrics: dict[str, MetricResult] = {}
