@@ -279,6 +279,11 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
     assert 'canary_rollout_phase{phase="Progressing",rollout="app"} 1.0' in metrics
     assert 'canary_analysis_decisions_total{decision="no_data",rollout="app"}' in metrics
 
+    # canary.reports' routes are plugged into the same server
+    with urllib.request.urlopen(f"{url}/reports/?format=json", timeout=10) as response:
+        index = json.loads(response.read())
+    assert [r["target"] for r in index["reports"]] == ["app"]
+
     code = controller.stop_sync()  # SIGTERM by PID, then wait
     assert code == EXIT_STOPPED, controller.log_tail()
     assert _haproxy_weights(haproxy) == {"canary": 5}  # weights stay where they were
