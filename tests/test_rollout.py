@@ -5,6 +5,8 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from analysis import Decision
@@ -611,3 +613,73 @@ def test_spec_rejects_max_below_min() -> None:
     """max_step_s below min_step_s is rejected with both numbers."""
     with pytest.raises(ValidationError, match=r"at least min_step_s \(60\)"):
         RolloutSpec(min_step_s=60, max_step_s=30)
+
+
+# ---- invariants over random event sequences ---------------------------------------------------
+
+ALLOWED_WEIGHTS = {0, 100, *SPEC.steps}
+_decisions = st.sampled_from([Decision.PASS, Decision.CONTINUE, Decision.FAIL, None])
+_weights = st.sampled_from(sorted(ALLOWED_WEIGHTS))
+_events = st.one_of(
+    st.builds(
+        Tick,
+        _decisions,
+        st.just("r"),
+        st.one_of(st.none(), _weights),
+        st.one_of(st.none(), st.just("socket gone")),
+    ),
+    st.builds(
+        Command,
+        st.sampled_from(["promote", "abort", "pause", "resume"]),
+        st.sampled_from(["alice", "bob"]),
+    ),
+    st.builds(WeightVerified, _weights),
+    st.builds(WeightFailed, _weights, st.just("refused")),
+    st.builds(PromoteDone, st.booleans()),
+    st.builds(NewRevision, st.sampled_from(["r1", "r2"])),
+)
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    spec=st.sampled_from([SPEC, COPY, ENDLESS]),
+    script=st.lists(st.tuples(st.floats(0, 50), _events), max_size=60),
+)
+def test_invariants_hold_for_any_event_sequence(
+    spec: RolloutSpec, script: list[tuple[float, Event]]
+) -> None:
+    """Whatever happens: weights are only 0, a step or 100; steps advance one at a time;
+    an ended rollout stays ended until a new revision; the status survives JSON."""
+    status, now = INIT, 0.0
+    finished = 0
+    for gap, event in script:
+        now += gap
+        before = status
+        out = step(spec, status, event, now)
+        status = out.status
+        assert status.weight in ALLOWED_WEIGHTS
+        for action in out.actions:
+            if isinstance(action, SetWeight):
+                assert action.weight in ALLOWED_WEIGHTS
+                assert action.weight == status.weight  # only ever asks for what it wants
+            if isinstance(action, Promote):
+                assert status.stage == "Promoting" and status.weight == 100
+            if isinstance(action, Finish):
+                finished += 1
+                assert status.done
+        if isinstance(event, NewRevision):
+            finished = 0
+            continue
+        assert finished <= 1
+        if before.done:
+            assert status.phase is before.phase
+            assert not any(isinstance(a, SetWeight | Finish) for a in out.actions)
+        if before.stage == "Progressing" and status.stage == "Progressing":
+            assert before.step <= status.step <= before.step + 1
+            assert status.weight == spec.steps[status.step]
+        if status.stage == "Progressing" and status.step > before.step:
+            assert (
+                before.step_started_at is not None
+                and now - before.step_started_at >= spec.min_step_s
+            )
+        assert RolloutStatus.from_json(status.to_json()) == status
