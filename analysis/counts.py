@@ -93,6 +93,8 @@ FAIL_PRIOR: tuple[tuple[float, float], ...] = (
 )
 _SHIFTS = np.array([7, 12, 19, 31, 59])  # the same multipliers, in grid steps
 _EXT = int(_SHIFTS.max())  # the likelihood grid extends this far beyond the CS grid
+# Sums the fail-side rows and the mirrored rows of the bounds' matrix separately.
+_ROW_SUMS = np.kron(np.eye(2), np.ones(len(_SHIFTS)))
 
 
 def fail_points(fail_theta: float) -> list[tuple[float, float]]:
@@ -229,7 +231,6 @@ class CountTest:
     __slots__ = (
         "_abs_tolerance",
         "_alpha",
-        "_base",
         "_cached",
         "_e_pass_ratio",
         "_grid",
@@ -292,7 +293,6 @@ class CountTest:
         base = np.arange(THETA_GRID.size) + _EXT
         self._idx = np.concatenate([base[None, :] + _SHIFTS[:, None],
                                     base[None, :] - _SHIFTS[:, None]])
-        self._base = base
         # log w - log(1/alpha): "reject theta0" is then sum(exp(...)) >= 1
         self._w_level = np.tile(self._w_fail - math.log(1.0 / alpha), 2)[:, None]
         self._loglik = np.zeros(grid.size)
@@ -405,18 +405,21 @@ class CountTest:
 
         lower: the smallest grid theta0 that the fail mixture (the fail test's prior, moved to
         theta0) has not rejected; at theta0 = fail_ratio this *is* the fail test, so a FAIL
-        always comes with lower > fail_ratio. upper: the mirror image (multipliers below
+        always comes with lower >= fail_ratio (every ratio <= lower is rejected). upper: the mirror image (multipliers below
         theta0). The log-likelihood is concave in log theta, so L(theta0*m) - L(theta0) falls
         as theta0 grows: the rejected thetas are a prefix (lower) and a suffix (upper) of the
         grid, and counting them finds the bounds. Bounds snap outward by one grid step.
         """
         ll = self._loglik
-        x = ll[self._idx] - ll[self._base] + self._w_level
+        n = THETA_GRID.size
+        x = ll[self._idx]
+        x -= ll[_EXT : _EXT + n]  # the grid theta0 of each column (a view)
+        x += self._w_level
         np.minimum(x, 50.0, out=x)  # exp stays finite; the sum only needs to reach 1
         np.exp(x, out=x)
-        n = THETA_GRID.size
-        rejected = x.reshape(2, len(FAIL_PRIOR), n).sum(axis=1) >= 1.0
-        below, above = (int(c) for c in np.count_nonzero(rejected, axis=1))
+        rejected = (_ROW_SUMS @ x) >= 1.0  # mixture over the 5 prior points, per side
+        below = int(np.count_nonzero(rejected[0]))
+        above = int(np.count_nonzero(rejected[1]))
         lower = 0.0 if below == 0 else float(THETA_GRID[below - 1])
         upper = math.inf if above == 0 else float(THETA_GRID[min(n - above, n - 1)])
         return lower, upper
