@@ -5,6 +5,7 @@ Subcommands::
     canary run --config rollout.yaml [--config other.yaml] [--listen 127.0.0.1:9310]
     canary promote|abort|pause|resume NAME [--server URL] [--who W] [--reason R]
     canary status [NAME] [--server URL]
+    canary validate FILE...                check config files, print the effective settings
     canary demo [...]                      the local demo (canary.demo.main)
     canary report NAME|RECORD [...]        from canary.reports (a plugin, see below)
 
@@ -220,6 +221,21 @@ async def _run(configs: Sequence[Any], host: str, port: int) -> int:
     return EXIT_FAILED
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from canary.config import ConfigError, load_config
+
+    code = EXIT_OK
+    for path in args.config:
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            code = EXIT_BAD_CONFIG
+            continue
+        print(json.dumps({"file": str(path), **config.model_dump(mode="json")}, indent=2))
+    return code
+
+
 # ---- manual commands and status, through the server or a cluster --------------------------
 
 
@@ -384,6 +400,15 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"HTTP server for probes, /metrics, /rollouts and commands (default {DEFAULT_LISTEN})",
     )
     run.set_defaults(func=_cmd_run)
+
+    validate = subparsers.add_parser(
+        "validate",
+        help="check config files without running anything",
+        description="Load and validate config files; print each target's effective settings "
+        "as JSON. Exit 0 when all are valid, 2 otherwise (every problem is listed).",
+    )
+    validate.add_argument("config", metavar="FILE", nargs="+")
+    validate.set_defaults(func=_cmd_validate)
 
     for verb in MANUAL:
         manual = subparsers.add_parser(

@@ -403,6 +403,14 @@ class RolloutRunner:
             **extra,
         )
         self.last_tick = entry
+        log.debug(
+            "%s: tick %s at %d%% (read %s): %s",
+            self.name,
+            entry.phase,
+            entry.weight_set,
+            weight_read if router_error is None else router_error,
+            decision.value if decision is not None else f"no data ({no_data})",
+        )
         await self._write(entry)
         actions = await self._feed(Tick(decision, reason, weight_read, router_error))
         report = TickReport(self.name, self.status, entry, actions)

@@ -34,6 +34,7 @@ def test_parser_knows_every_subcommand() -> None:
         ["promote", "app", "--server", "http://127.0.0.1:1", "--reason", "ok"],
         ["abort", "app", "-n", "shop", "--context", "prod"],
         ["status"],
+        ["validate", "a.yaml"],
         ["report", "app", "--format", "md"],
     ):
         args = parser.parse_args(argv)
@@ -82,6 +83,25 @@ def test_bad_config_exits_2_and_names_the_field(
     assert main(["run", "--config", str(config)]) == EXIT_BAD_CONFIG
     err = capsys.readouterr().err
     assert f"{config}: steps[1]: must be greater than 10, got 5" in err
+
+
+def test_validate_prints_effective_settings_or_names_every_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`canary validate` prints a good file's settings with defaults filled in, and exits 2
+    naming the file and field of a bad one."""
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "name: app\nrouter: {kind: haproxy, socket: /s, backend: app}\n"
+        "metrics: {kind: prometheus, url: 'http://127.0.0.1:1'}\n"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text() + "tick_s: -1\n")
+    assert main(["validate", str(good)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["steps"] == [5, 10, 25, 50] and shown["analysis"]["alpha"] == 0.01
+    assert main(["validate", str(good), str(bad)]) == EXIT_BAD_CONFIG
+    assert f"{bad}: tick_s: Input should be greater than 0" in capsys.readouterr().err
 
 
 def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
