@@ -325,12 +325,16 @@ class _Progress:
 
 def _plan(options: DemoOptions) -> dict[str, float | None]:
     """The planner's estimate at the first step, for the record (the report compares it with
-    what happened): the time to pass an equal canary, and to catch a 2x error regression."""
+    what happened): the time to pass an equal canary, and to catch the canary's error
+    regression (the one asked for with --canary-error-rate, else twice the baseline)."""
+    baseline = options.baseline_error_rate
+    ratio = (baseline + options.canary_error_rate) / baseline if baseline > 0 else 2.0
     try:
         estimate = plan(
             rate_rps=options.rate,
             canary_weight=options.steps[0] / 100,
-            baseline_error_rate=options.baseline_error_rate,
+            baseline_error_rate=baseline,
+            error_ratio=ratio if ratio > 1 else 2.0,
             config=DEMO_ANALYSIS,
         )
     except ValueError:  # e.g. a zero baseline: nothing to estimate from
