@@ -667,7 +667,7 @@ def _weight_verified(
             new,
             "Succeeded",
             now,
-            "promoted; traffic back on the updated primary",
+            "template copied to the primary, which serves all traffic again",
             (ScaleCanary(up=False),),
         )
     if status.stage == "RollingBack" and event.weight == 0:
@@ -714,6 +714,6 @@ def _promote_done(
         return Outcome(new, (Emit("warning", f"promotion failed: {event.error}"),))
     new = status.model_copy(update={"promoted": True})
     if spec.promotion == "shift":
-        return _finish(new, "Succeeded", now, "promoted: the canary serves all traffic")
+        return _finish(new, "Succeeded", now, "the canary now serves all traffic")
     new = new.model_copy(update={"weight": 0, "weight_verified": False})
     return Outcome(new, (SetWeight(0),))
