@@ -6,7 +6,7 @@ Routes::
     GET  /readyz                           200 once the rollouts run, 503 before
     GET  /metrics                          the controller's Prometheus metrics (own registry)
     GET  /rollouts                         every rollout's state as JSON
-    GET  /rollouts/{name}                  one rollout's state
+    GET  /rollouts/{name}                  one rollout's state (a name may be namespace/name)
     POST /rollouts/{name}/{command}        promote | abort | pause | resume (static targets);
                                            JSON body {"who": ..., "reason": ...}, both optional
 
@@ -72,8 +72,9 @@ def make_app(source: RolloutSource, *, extensions: Iterable[Extension] = ()) -> 
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
     app.router.add_get("/rollouts", _rollouts)
-    app.router.add_get("/rollouts/{name}", _rollout)
-    app.router.add_post("/rollouts/{name}/{command}", _command)
+    # Names may hold a slash (Kubernetes "namespace/name"); the command is the last segment.
+    app.router.add_get("/rollouts/{name:.+}", _rollout)
+    app.router.add_post("/rollouts/{name:.+}/{command:[a-z]+}", _command)
     for extend in extensions:
         extend(app)
     return app

@@ -345,7 +345,9 @@ async def test_server_routes_probes_state_and_commands(tmp_path: Path) -> None:
     runner, _, _ = make_runner(
         tmp_path, spec=SPEC.model_copy(update={"min_step_s": 10_000, "max_step_s": None})
     )
-    controller = Controller([runner])
+    other, _, _ = make_runner(tmp_path / "shop", spec=runner.spec)
+    other.name = "shop/web"  # Kubernetes-style names hold a slash
+    controller = Controller([runner, other])
 
     def extension(app: web.Application) -> None:
         async def hello(request: web.Request) -> web.Response:
@@ -371,8 +373,13 @@ async def test_server_routes_probes_state_and_commands(tmp_path: Path) -> None:
         assert await call("GET", "/reports/") == (200, "reports here")
 
         status, body = await call("GET", "/rollouts")
-        assert status == 200 and [r["name"] for r in json.loads(body)["rollouts"]] == ["app"]
+        names = [r["name"] for r in json.loads(body)["rollouts"]]
+        assert status == 200 and names == ["app", "shop/web"]
         assert (await call("GET", "/rollouts/nope"))[0] == 404
+        status, body = await call("GET", "/rollouts/shop/web")
+        assert status == 200 and json.loads(body)["name"] == "shop/web"
+        status, body = await call("POST", "/rollouts/shop/web/abort")
+        assert status == 200 and json.loads(body)["name"] == "shop/web"
 
         status, body = await call(
             "POST", "/rollouts/app/pause", json={"who": "alice", "reason": "why not"}
@@ -397,4 +404,4 @@ async def test_server_routes_probes_state_and_commands(tmp_path: Path) -> None:
         status, body = await call("POST", "/rollouts/app/abort", json={"who": "alice"})
         assert status == 200
         final = await task
-        assert final["app"].outcome == "aborted"
+        assert final["app"].outcome == "aborted" and final["shop/web"].outcome == "aborted"
