@@ -393,8 +393,9 @@ class KubeRolloutRunner(RolloutRunner):
                     pending.answer.set_result(
                         CommandResult(False, self.status.phase.value, "the rollout is not running")
                     )
-        await self.worker.persist()
+        # The record first: once the status says "done", readers may look for it.
         await self.flush_record(force=True)
+        await self.worker.persist()
         return self.status
 
     def _start_record(self, revision: str) -> None:

@@ -1,0 +1,621 @@
+"""The Kubernetes reconciler end to end: the real kubernetes-asyncio client on the API
+emulator, metrics from a real Prometheus scraping per-version exporter processes (the demo
+service, run with sys.executable), and traffic split by the weight the controller wrote
+into the canary Ingress.
+
+Each namespace below is one scenario; Prometheus labels every exporter with the namespace and
+Service it stands for, so the `custom` metrics preset queries them as it would in a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from canary.kube import Kube
+from canary.kube_cli import send_command
+from canary.operator import KubeState, Operator, OperatorSettings
+from canary.procs import HttpReady, ManagedProcess, find_binary, free_port
+from canary.record_store import unpack_record
+from canary.records import EndEntry, NoteEntry, StartEntry, TickEntry
+from canary.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
+from kube.conftest import FAST_RETRY, deployment
+from kube.emulator import KubeEmulator
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOYMENTS = ("apps", "v1", "deployments")
+INGRESSES = ("networking.k8s.io", "v1", "ingresses")
+RECORDS_NS = "canary-system"
+GOOD = ("promote", "resume", "leader", "commands", "spec")
+BAD = ("rollback",)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# ---- real exporters and Prometheus (once per module) ------------------------------------
+
+
+def _service(version: str, error_rate: float, workdir: Path, tag: str) -> ManagedProcess:
+    port = free_port()
+    process = ManagedProcess(
+        [
+            sys.executable,
+            "-m",
+            "canary.demo.service",
+            "--port",
+            str(port),
+            "--version",
+            version,
+            "--error-rate",
+            str(error_rate),
+            "--latency-ms",
+            "2",
+            "--seed",
+            "7",
+        ],
+        log_path=workdir / f"{tag}.log",
+        ready=HttpReady(f"http://127.0.0.1:{port}/healthz"),
+        cwd=ROOT,
+        name=tag,
+    )
+    process.port = port  # type: ignore[attr-defined]
+    return process
+
+
+def _prometheus_config(primary: int, good: int, bad: int) -> str:
+    groups = []
+    for namespace in (*GOOD, *BAD):
+        canary = bad if namespace in BAD else good
+        for service, port in (("app-primary", primary), ("app-canary", canary)):
+            groups.append(
+                f'      - targets: ["127.0.0.1:{port}"]\n'
+                f'        labels: {{namespace: "{namespace}", service: "{service}"}}\n'
+            )
+    return (
+        "global:\n  scrape_interval: 500ms\n  evaluation_interval: 500ms\n"
+        "scrape_configs:\n  - job_name: apps\n    scrape_interval: 500ms\n"
+        "    scrape_timeout: 500ms\n    static_configs:\n" + "".join(groups)
+    )
+
+
+class Stack:
+    def __init__(self, prometheus_url: str, urls: dict[str, str]) -> None:
+        self.prometheus_url = prometheus_url
+        self.urls = urls  # primary, good, bad
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("operator-stack")
+    services = {
+        "primary": _service("primary", 0.0, workdir, "primary"),
+        "good": _service("canary", 0.0, workdir, "canary-good"),
+        "bad": _service("canary", 0.5, workdir, "canary-bad"),
+    }
+    started: list[ManagedProcess] = []
+    try:
+        for process in services.values():
+            started.append(process.start_sync())
+        ports = {k: p.port for k, p in services.items()}  # type: ignore[attr-defined]
+        config = workdir / "prometheus.yml"
+        config.write_text(_prometheus_config(ports["primary"], ports["good"], ports["bad"]))
+        prom_port = free_port()
+        prometheus = ManagedProcess(
+            [
+                find_binary("prometheus", fallbacks=("/usr/bin/prometheus",)),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--log.level=warn",
+            ],
+            log_path=workdir / "prometheus.log",
+            ready=HttpReady(f"http://127.0.0.1:{prom_port}/-/ready"),
+            ready_timeout=30,
+            name="prometheus",
+        )
+        started.append(prometheus.start_sync())
+        yield Stack(
+            f"http://127.0.0.1:{prom_port}",
+            {k: f"http://127.0.0.1:{port}/" for k, port in ports.items()},
+        )
+    finally:
+        for process in reversed(started):
+            process.stop_sync()
+
+
+def canary_weight(api: KubeEmulator, namespace: str) -> int:
+    """What an ingress-nginx controller would read from the canary Ingress."""
+    try:
+        ingress = api.get(*INGRESSES, namespace, "web-canary")
+    except KeyError:
+        return 0
+    annotations = ingress["metadata"].get("annotations") or {}
+    if annotations.get("nginx.ingress.kubernetes.io/canary") != "true":
+        return 0
+    return int(annotations.get("nginx.ingress.kubernetes.io/canary-weight", "0"))
+
+
+@contextlib.asynccontextmanager
+async def traffic(
+    api: KubeEmulator, stack: Stack, namespace: str, *, rate: float = 240.0
+) -> AsyncIterator[None]:
+    """Requests split between the two exporters by the canary Ingress' weight, as
+    ingress-nginx would split them (seeded)."""
+    rng = random.Random(11)
+    canary_url = stack.urls["bad" if namespace in BAD else "good"]
+    batch = 12
+
+    async def run() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+
+            async def one(url: str) -> None:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(url) as response:
+                        await response.read()
+
+            while True:
+                weight = canary_weight(api, namespace)
+                urls = [
+                    canary_url if rng.random() * 100 < weight else stack.urls["primary"]
+                    for _ in range(batch)
+                ]
+                await asyncio.gather(*(one(u) for u in urls), asyncio.sleep(batch / rate))
+
+    task = asyncio.create_task(run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# ---- the cluster -------------------------------------------------------------------------
+
+
+CUSTOM_METRICS = {
+    "canary.dev/metrics": "custom",
+    "canary.dev/metrics.requests": 'http_requests_total{namespace="{namespace}",service="{arm}"}',
+    "canary.dev/metrics.errors": (
+        'http_requests_total{namespace="{namespace}",service="{arm}",code=~"5.."}'
+    ),
+    "canary.dev/metrics.latency-buckets": (
+        'http_request_duration_seconds_bucket{namespace="{namespace}",service="{arm}"}'
+    ),
+}
+
+
+def annotations(**overrides: str) -> dict[str, str]:
+    base = {
+        "canary.dev/enabled": "true",
+        "canary.dev/router": "ingress-nginx",
+        "canary.dev/ingress": "web",
+        "canary.dev/steps": "30,60",
+        "canary.dev/min-step-duration": "1s",
+        "canary.dev/max-step-duration": "60s",
+        "canary.dev/no-data-deadline": "60s",
+        "canary.dev/analysis.quantiles": "p50",
+        "canary.dev/analysis.error-tolerance": "5",
+        "canary.dev/analysis.latency-tolerance": "1",
+        **CUSTOM_METRICS,
+    }
+    base.update({k.replace("__", "/").replace("_", "-"): v for k, v in overrides.items()})
+    return base
+
+
+def seed(api: KubeEmulator, namespace: str, notes: dict[str, str]) -> None:
+    """The user's Ingress `web` (to Service app-primary) and the annotated Deployment `app`."""
+    api.put(
+        *INGRESSES,
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": {"name": "web", "namespace": namespace},
+            "spec": {
+                "rules": [
+                    {
+                        "host": "app.example",
+                        "http": {
+                            "paths": [
+                                {
+                                    "path": "/",
+                                    "pathType": "Prefix",
+                                    "backend": {
+                                        "service": {"name": "app-primary", "port": {"number": 80}}
+                                    },
+                                }
+                            ]
+                        },
+                    }
+                ]
+            },
+        },
+    )
+    api.put(*DEPLOYMENTS, deployment("app", namespace, **notes))
+
+
+def new_version(api: KubeEmulator, namespace: str, image: str) -> None:
+    """The user (or CI) edits the pod template of `app`."""
+    obj = api.get(*DEPLOYMENTS, namespace, "app")
+    obj["spec"]["template"]["spec"]["containers"][0]["image"] = image
+    api.put(*DEPLOYMENTS, obj)
+
+
+def state(api: KubeEmulator, namespace: str) -> KubeState | None:
+    obj = api.get(*DEPLOYMENTS, namespace, "app")
+    return KubeState.from_annotation(obj["metadata"].get("annotations", {}).get(ANNOTATION_STATUS))
+
+
+async def until(check: Callable[[], Any], *, timeout_s: float = 60.0, what: str = "") -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.1)
+
+
+def weights_written(api: KubeEmulator, namespace: str, token: str | None = None) -> list[int]:
+    """Every canary-weight the controller wrote into the canary Ingress, in order."""
+    out = []
+    for r in api.recorded(resource="ingresses", namespace=namespace):
+        if r.verb not in ("create", "patch") or r.status >= 300 or r.body is None:
+            continue
+        if token is not None and r.token != token:
+            continue
+        value = (r.body.get("metadata", {}).get("annotations") or {}).get(
+            "nginx.ingress.kubernetes.io/canary-weight"
+        )
+        if value is not None:
+            out.append(int(value))
+    return out
+
+
+def events(api: KubeEmulator, namespace: str) -> list[dict[str, Any]]:
+    return [o for k, o in api.objects.items() if k[2] == "events" and k[3] == namespace]
+
+
+def record_entries(api: KubeEmulator, st: KubeState) -> list[Any]:
+    namespace, _, name = st.record.partition("/")
+    return unpack_record(api.get("", "v1", "configmaps", namespace, name))
+
+
+async def connect(api: KubeEmulator, tmp_path: Path, token: str) -> Kube:
+    config = api.write_kubeconfig(tmp_path / f"kc-{token}", token=token)
+    return await Kube.connect(kubeconfig=str(config), retry=FAST_RETRY)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    api: KubeEmulator,
+    tmp_path: Path,
+    stack: Stack,
+    namespace: str,
+    *,
+    token: str = "token-a",
+    **settings: Any,
+) -> AsyncIterator[tuple[Operator, asyncio.Task[None]]]:
+    """An Operator on its own client, watching `namespace`, stopped (cancelled) at the end."""
+    kube = await connect(api, tmp_path, token)
+    defaults: dict[str, Any] = {
+        "tick_s": 0.4,
+        "record_flush_s": 0.0,
+        "promote_poll_s": 0.05,
+        "identity": token,
+    }
+    operator = Operator(
+        kube,
+        OperatorSettings(
+            prometheus_url=stack.prometheus_url,
+            record_namespace=RECORDS_NS,
+            namespace=namespace,
+            **{**defaults, **settings},
+        ),
+    )
+    task = asyncio.create_task(operator.run())
+    try:
+        yield operator, task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await kube.close()
+
+
+def initialized(api: KubeEmulator, namespace: str) -> bool:
+    st = state(api, namespace)
+    return st is not None and bool(st.primary_revision)
+
+
+# ---- tests -------------------------------------------------------------------------------
+
+
+async def test_new_template_is_analysed_and_promoted(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A new pod template rolls out step by step on real metrics and is promoted: the
+    template reaches app-primary, the weight returns to 0, the canary scales to zero, and
+    the record ConfigMap holds the whole rollout, gzipped and thinned to its size limit."""
+    ns = "promote"
+    seed(api, ns, annotations())
+    async with running(api, tmp_path, stack, ns, record_max_bytes=6000):
+        await until(lambda: initialized(api, ns), what="initialization")
+        primary = api.get(*DEPLOYMENTS, ns, "app-primary")
+        assert primary["spec"]["template"]["spec"]["containers"][0]["image"] == "example/app:1"
+        assert primary["spec"]["selector"]["matchLabels"] == {"app": "app-primary"}
+        assert primary["metadata"]["ownerReferences"][0]["name"] == "app"
+        assert api.get(*DEPLOYMENTS, ns, "app")["spec"]["replicas"] == 0
+        assert api.get("", "v1", "services", ns, "app-canary")["spec"]["selector"] == {"app": "app"}
+        assert api.get("", "v1", "services", ns, "app-primary")["spec"]["selector"] == {
+            "app": "app-primary"
+        }
+        assert canary_weight(api, ns) == 0
+
+        async with traffic(api, stack, ns):
+            new_version(api, ns, "example/app:2")
+            st = await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
+                what="the rollout to end",
+            )
+    assert st.rollout.outcome == "promoted", st.rollout
+    primary = api.get(*DEPLOYMENTS, ns, "app-primary")
+    assert primary["spec"]["template"]["spec"]["containers"][0]["image"] == "example/app:2"
+    assert st.primary_revision == st.rollout.revision
+    assert canary_weight(api, ns) == 0
+    assert api.get(*DEPLOYMENTS, ns, "app")["spec"]["replicas"] == 0
+    assert weights_written(api, ns) == [0, 30, 60, 100, 0]
+
+    reasons = {(e["type"], e["reason"]) for e in events(api, ns)}
+    assert {("Normal", "Progressing"), ("Normal", "Promoting"), ("Normal", "Succeeded")} <= reasons
+    assert ("Normal", "Promoted") in reasons
+
+    configmap = api.get("", "v1", "configmaps", *st.record.split("/"))
+    assert len(json.dumps(configmap["data"])) <= 6000
+    entries = unpack_record(configmap)
+    assert isinstance(entries[0], StartEntry) and entries[0].rollout == st.rollout_id
+    assert isinstance(entries[-1], EndEntry) and entries[-1].outcome == "promoted"
+    ticks = [e for e in entries if isinstance(e, TickEntry)]
+    assert ticks and ticks[-1].verdict is not None
+    assert any(
+        isinstance(e, NoteEntry) and "downsampled" in e.message for e in entries
+    ), "a record larger than the limit is thinned, and says so"
+
+
+async def test_failing_canary_is_rolled_back_and_record_failures_are_reported(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A canary answering half its requests with 500s is rolled back (weight 0, scaled to
+    zero, primary untouched) even though every write of its record ConfigMap fails; the
+    failure is in the status and a Warning Event."""
+    ns = "rollback"
+    seed(api, ns, annotations())
+    async with running(api, tmp_path, stack, ns):
+        await until(lambda: initialized(api, ns), what="initialization")
+        api.inject(500, times=10_000, resource="configmaps")
+        async with traffic(api, stack, ns):
+            new_version(api, ns, "example/app:2")
+            st = await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
+                what="the rollout to end",
+            )
+    assert st.rollout.outcome == "rolled_back", st.rollout
+    assert "analysis failed" in st.rollout.reason
+    assert api.get(*DEPLOYMENTS, ns, "app-primary")["spec"]["template"]["spec"]["containers"][0][
+        "image"
+    ] == "example/app:1"
+    assert canary_weight(api, ns) == 0
+    assert api.get(*DEPLOYMENTS, ns, "app")["spec"]["replicas"] == 0
+    written = weights_written(api, ns)
+    assert written[:2] == [0, 30] and written[-1] == 0 and 100 not in written
+    assert "could not write record" in st.record_error
+    warnings = {e["reason"] for e in events(api, ns) if e["type"] == "Warning"}
+    assert {"RollingBack", "RecordWriteFailed", "RolledBack"} <= warnings
+
+
+async def test_killed_mid_rollout_resumes_same_step_without_weight_jump(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A controller cancelled mid-rollout is replaced by a new instance that resumes at the
+    same step with the recorded evidence: no weight written twice or moved back."""
+    ns = "resume"
+    seed(api, ns, annotations(**{"canary.dev/steps": "30,50,70"}))
+    async with traffic(api, stack, ns):
+        async with running(api, tmp_path, stack, ns, token="token-a"):
+            await until(lambda: initialized(api, ns), what="initialization")
+            new_version(api, ns, "example/app:2")
+            await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.step >= 1
+                and s.rollout.weight_verified,
+                what="the second step",
+            )
+        before = state(api, ns)
+        assert before is not None and before.rollout is not None and before.rollout.active
+        first = weights_written(api, ns, "token-a")
+        async with running(api, tmp_path, stack, ns, token="token-b"):
+            st = await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
+                what="the resumed rollout to end",
+            )
+    assert st.rollout.outcome == "promoted", st.rollout
+    assert st.rollout_id == before.rollout_id
+    second = weights_written(api, ns, "token-b")
+    assert first + second == [0, 30, 50, 70, 100, 0], (first, second)
+    assert first[-1] == before.rollout.weight
+    entries = record_entries(api, st)
+    notes = [e.message for e in entries if isinstance(e, NoteEntry)]
+    resumed = [n for n in notes if n.startswith("resumed by token-b")]
+    assert resumed and "rebuilt from 0 " not in resumed[0], notes
+    assert sum(isinstance(e, StartEntry) for e in entries) == 1
+
+
+async def test_only_the_leader_acts(api: KubeEmulator, tmp_path: Path, stack: Stack) -> None:
+    """Two instances with leader election: only the Lease holder writes; when it stops, the
+    other takes over and carries on."""
+    from canary.kube import LeaderElector
+
+    ns = "leader"
+    seed(api, ns, annotations())
+    clients = [await connect(api, tmp_path, t) for t in ("token-a", "token-b")]
+    operators = [
+        Operator(
+            kube,
+            OperatorSettings(
+                prometheus_url=stack.prometheus_url,
+                record_namespace=RECORDS_NS,
+                namespace=ns,
+                tick_s=0.4,
+                record_flush_s=0.0,
+                identity=ident,
+            ),
+            elector=LeaderElector(
+                kube,
+                namespace=RECORDS_NS,
+                name="canary-leader",
+                identity=ident,
+                lease_duration_s=1,
+                renew_deadline_s=0.6,
+                retry_period_s=0.1,
+            ),
+        )
+        for kube, ident in zip(clients, ("a", "b"), strict=True)
+    ]
+    stops = [asyncio.Event(), asyncio.Event()]
+    tasks = [asyncio.create_task(op.run(stop)) for op, stop in zip(operators, stops, strict=True)]
+    try:
+        await until(lambda: initialized(api, ns), what="initialization")
+        leader = 0 if operators[0].acting() else 1
+        other = 1 - leader
+        assert not operators[other].acting()
+        tokens = ("token-a", "token-b")
+
+        def writers() -> set[str | None]:
+            return {
+                r.token
+                for r in api.requests
+                if r.verb in ("create", "patch", "update") and r.resource != "leases"
+            }
+
+        assert writers() == {tokens[leader]}
+        new_version(api, ns, "example/app:2")
+        await until(
+            lambda: (s := state(api, ns)) and s.rollout and s.rollout.active, what="a rollout"
+        )
+        assert writers() == {tokens[leader]}
+
+        stops[leader].set()
+        await asyncio.wait_for(tasks[leader], 10)
+        cutoff = len(api.requests)
+        await until(lambda: operators[other].acting(), what="the take-over", timeout_s=10)
+        await until(
+            lambda: any(
+                r.token == tokens[other] and r.verb == "patch" and r.resource == "deployments"
+                for r in api.requests[cutoff:]
+            ),
+            what="the new leader to write the status",
+            timeout_s=10,
+        )
+        late = {
+            r.token
+            for r in api.requests[cutoff:]
+            if r.verb in ("create", "patch", "update") and r.resource != "leases"
+        }
+        assert late == {tokens[other]}
+        st = state(api, ns)
+        assert st is not None and st.rollout is not None and st.rollout.active
+    finally:
+        for stop in stops:
+            stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for kube in clients:
+            await kube.close()
+
+
+async def test_bad_annotations_warn_leave_traffic_and_are_picked_up_once_fixed(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A bad annotation gives a Warning Event and the spec-error annotation naming the key
+    and rule, with no traffic object touched; fixing it is picked up without a restart."""
+    ns = "spec"
+    seed(api, ns, annotations(**{"canary.dev/steps": "10,5"}))
+    async with running(api, tmp_path, stack, ns):
+
+        def spec_error() -> str | None:
+            obj = api.get(*DEPLOYMENTS, ns, "app")
+            return obj["metadata"]["annotations"].get(ANNOTATION_SPEC_ERROR)
+
+        error = json.loads(await until(spec_error, what="the spec-error annotation"))
+        assert "canary.dev/steps" in error and "strictly increasing" in error["canary.dev/steps"]
+        await until(lambda: events(api, ns), what="an event")
+        (warning,) = [e for e in events(api, ns) if e["reason"] == "InvalidSpec"]
+        assert warning["type"] == "Warning" and "canary.dev/steps" in warning["message"]
+        touched = [
+            r
+            for r in api.requests
+            if r.namespace == ns and r.verb in ("create", "patch", "update")
+            and r.resource in ("ingresses", "services")
+            or (r.resource == "deployments" and r.verb == "create")
+        ]
+        assert touched == []
+        assert state(api, ns) is None
+
+        obj = api.get(*DEPLOYMENTS, ns, "app")
+        obj["metadata"]["annotations"]["canary.dev/steps"] = "10,20"
+        api.put(*DEPLOYMENTS, obj)
+        await until(lambda: initialized(api, ns), what="initialization after the fix")
+        assert spec_error() is None
+        assert canary_weight(api, ns) == 0
+
+
+async def test_manual_commands_only_touch_annotations(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """pause, resume and abort from the CLI are annotations answered in the status; the
+    CLI never sends the spec, and a command the rollout refuses says why."""
+    ns = "commands"
+    seed(api, ns, annotations())
+    async with running(api, tmp_path, stack, ns):
+        await until(lambda: initialized(api, ns), what="initialization")
+        cli = await connect(api, tmp_path, "token-cli")
+        try:
+            code, message = await send_command(cli, ns, "app", "pause", who="alice", wait_s=5)
+            assert code == 1 and "no rollout is in progress" in message, message
+            new_version(api, ns, "example/app:2")
+            await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.weight_verified,
+                what="the first step",
+            )
+            code, message = await send_command(cli, ns, "app", "pause", who="alice", wait_s=10)
+            assert code == 0 and "Paused" in message, message
+            code, message = await send_command(cli, ns, "app", "resume", who="alice", wait_s=10)
+            assert code == 0 and "Progressing" in message, message
+            code, message = await send_command(
+                cli, ns, "app", "abort", who="alice", reason="bad feeling", wait_s=10
+            )
+            assert code == 0, message
+            st = await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
+                what="the abort",
+            )
+            assert st.rollout.outcome == "aborted"
+            code, message = await send_command(cli, ns, "app", "promote", who="alice", wait_s=10)
+            assert code == 1 and "refused" in message, message
+        finally:
+            await cli.close()
+    cli_writes = [r for r in api.requests if r.token == "token-cli" and r.verb != "get"]
+    assert cli_writes and all(r.verb == "patch" and r.resource == "deployments" for r in cli_writes)
+    assert all(set(r.body) == {"metadata"} for r in cli_writes)
+    assert all(set(r.body["metadata"]) == {"annotations"} for r in cli_writes)
+    entries = record_entries(api, st)
+    manual = [(e.command, e.who) for e in entries if e.kind == "manual"]
+    assert manual == [("pause", "alice"), ("resume", "alice"), ("abort", "alice")]
