@@ -61,7 +61,7 @@ EXIT_UNKNOWN = 4  # commands: no such rollout
 
 DEFAULT_LISTEN = "127.0.0.1:9310"
 SERVER_ENV = "CANARY_SERVER"
-PLUGINS: tuple[str, ...] = ("canary.reports", "canary.kube_cli")
+PLUGINS: tuple[str, ...] = ("canary.reports", "canary.kube_cli", "canary.multicluster")
 CLUSTER_MODULE = "canary.kube_cli"
 # name -> (module, function, help): the module's function gets the raw remaining argv.
 FORWARDED: dict[str, tuple[str, str, str]] = {

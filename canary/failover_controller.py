@@ -81,6 +81,7 @@ class FailoverController:
         rollout_active: Callable[[], bool] = lambda: False,
         on_abort_rollout: Callable[[str], Awaitable[None]] | None = None,
         on_revert_standby: Callable[[str], Awaitable[None]] | None = None,
+        on_entry: Callable[[FailoverEntry | NoteEntry], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
@@ -94,6 +95,8 @@ class FailoverController:
         self._rollout_active = rollout_active
         self._on_abort_rollout = on_abort_rollout
         self._on_revert_standby = on_revert_standby
+        # Told of every record entry, e.g. to send it as a Kubernetes Event.
+        self._on_entry = on_entry
         self._clock = clock
         self._lock = asyncio.Lock()  # probes and manual commands never interleave
         self.state = load_state(state_path)
@@ -208,6 +211,11 @@ class FailoverController:
                 handle.flush()
 
         await asyncio.to_thread(write)
+        if self._on_entry is not None:
+            try:
+                await self._on_entry(entry)
+            except Exception:  # Events explain; they must never stop a failover
+                log.exception("%s: on_entry hook failed", self.name)
 
 
 async def stop(task: asyncio.Task[None]) -> None:

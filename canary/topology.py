@@ -220,8 +220,6 @@ class HealthConfig(_Strict):
     path: str = "/healthz"
     port: int = Field(default=80, ge=1, le=65535)
     scheme: Literal["http", "https"] = "http"
-    # The Host header: the service's DNS name, as the ingress routes on it.
-    host_header: bool = True
     timeout_s: float = Field(default=2.0, gt=0)
     interval_s: float = Field(default=5.0, gt=0)
     # Above this 5xx ratio (over the last minute, from the cluster's Prometheus) the cluster
