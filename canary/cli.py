@@ -39,6 +39,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 __all__ = [
     "CLUSTER_MODULE",
@@ -307,7 +308,7 @@ def _cmd_manual(args: argparse.Namespace) -> int:
     answer = _request(
         args,
         "POST",
-        f"/rollouts/{args.name}/{args.command}",
+        f"/rollouts/{quote(args.name, safe='/')}/{args.command}",
         {"who": args.who, "reason": args.reason},
     )
     if answer is None:
@@ -328,7 +329,7 @@ def _cmd_manual(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     if _cluster(args):
         return _cluster_call(args, "status")
-    path = f"/rollouts/{args.name}" if args.name else "/rollouts"
+    path = f"/rollouts/{quote(args.name, safe='/')}" if args.name else "/rollouts"
     answer = _request(args, "GET", path, None)
     if answer is None:
         return EXIT_STOPPED
