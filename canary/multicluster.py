@@ -327,7 +327,11 @@ class CrossClusterRollouts:
     async def _steady(self) -> None:
         """Level-triggered: between rollouts the canary cluster gets its steady share."""
         wanted = self.service.steady_canary_percent
-        if await self.router.get_weight() != wanted and not self.failed_over():
+        try:
+            current: int | None = await self.router.get_weight()
+        except RouterError:  # e.g. no record yet: writing one is the fix
+            current = None
+        if current != wanted and not self.failed_over():
             await set_and_verify(self.router, wanted)
             await self._note(
                 "info", f"steady-state weights restored: {wanted}% to the canary cluster"

@@ -1,0 +1,303 @@
+"""Cross-cluster rollouts end to end: two emulated clusters, real PowerDNS, real Prometheus.
+
+Each "cluster" is an API emulator (driven by the real kubernetes-asyncio client) plus a real
+service process on its own loopback entry point (127.0.0.10 / 127.0.0.20, same port), scraped
+by a real Prometheus. A load generator resolves the service's name through the real
+pdns_server every TTL and sends its requests to the answer, so the traffic that moves is real.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from conftest import ProcessPool
+from kube.emulator import KubeEmulator
+from pdns_server import API_KEY, PdnsServer, pdns
+
+from canary.demo.dnsload import DnsLoadGenerator
+from canary.kube import Kube, RetryPolicy
+from canary.multicluster import (
+    ENABLED_ANNOTATION,
+    MultiClusterController,
+    build_controller,
+    merge_replace,
+    template_revision,
+)
+from canary.procs import HttpReady, ManagedProcess, PrometheusProcess, free_port
+from canary.records import read_record
+from canary.topology import Topology, parse_topology
+
+__all__ = ["pdns"]
+
+PRIMARY_IP, CANARY_IP = "127.0.0.10", "127.0.0.20"
+NS = "shop"
+FAST = RetryPolicy(attempts=2, initial_delay_s=0.01, max_delay_s=0.05)
+
+
+def deployment(image: str, *, annotated: bool) -> dict[str, Any]:
+    annotations = {ENABLED_ANNOTATION: "true"} if annotated else {}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "shop", "namespace": NS, "annotations": annotations},
+        "spec": {
+            "replicas": 2,
+            "selector": {"matchLabels": {"app": "shop"}},
+            "template": {
+                "metadata": {"labels": {"app": "shop"}},
+                "spec": {"containers": [{"name": "shop", "image": image}]},
+            },
+        },
+    }
+
+
+@dataclass
+class Clusters:
+    port: int
+    prometheus: PrometheusProcess
+
+
+def start_clusters(procs: ProcessPool, tmp_path: Path, *, canary_error_rate: float) -> Clusters:
+    """The two entry points (one service version each) and a Prometheus scraping both."""
+    port = free_port()
+    for version, ip, errors in (
+        ("primary", PRIMARY_IP, 0.0),
+        ("canary", CANARY_IP, canary_error_rate),
+    ):
+        argv = [sys.executable, "-m", "canary.demo.service", "--host", ip, "--port", str(port)]
+        argv += ["--version", version, "--error-rate", str(errors), "--latency-ms", "5"]
+        argv += ["--seed", "7"]
+        procs.start(
+            ManagedProcess(
+                argv,
+                log_path=tmp_path / f"{version}.log",
+                ready=HttpReady(f"http://{ip}:{port}/healthz"),
+                name=f"service-{version}",
+            )
+        )
+    prometheus = PrometheusProcess(
+        [f"{PRIMARY_IP}:{port}", f"{CANARY_IP}:{port}"],
+        workdir=tmp_path / "prometheus",
+        scrape_interval_s=0.5,
+    )
+    procs.start(prometheus)
+    return Clusters(port, prometheus)
+
+
+def topology(pdns: PdnsServer, clusters: Clusters, tmp_path: Path, *, name: str) -> Topology:
+    def cluster(cluster_name: str, ip: str) -> dict[str, Any]:
+        return {
+            "name": cluster_name,
+            "entry_point": ip,
+            "prometheus": {
+                "url": clusters.prometheus.url,
+                "selector": f'instance="{ip}:{clusters.port}"',
+            },
+        }
+
+    return parse_topology(
+        {
+            "clusters": {
+                "primary": cluster("eu-1", PRIMARY_IP),
+                "canary": cluster("eu-2", CANARY_IP),
+            },
+            "state_dir": str(tmp_path / "state"),
+            "record_dir": str(tmp_path / "records"),
+            "services": [
+                {
+                    "name": "shop",
+                    "dns_name": f"{name}.{pdns.zone}",
+                    "namespace": NS,
+                    "deployment": "shop",
+                    "router": {
+                        "kind": "powerdns",
+                        "api_url": pdns.api_url,
+                        "zone": pdns.zone,
+                        "ttl": 1,
+                        "dns_server": "127.0.0.1",
+                        "dns_port": pdns.dns_port,
+                    },
+                    "steady_canary_percent": 10,
+                    "steps": [50],
+                    "min_step_s": 3,
+                    "max_step_s": 60,
+                    "no_data_deadline_s": 30,
+                    "tick_s": 0.5,
+                    "analysis": {"errors": {"tolerance": 1.0, "abs_tolerance": 0.02}},
+                    "health": {"port": clusters.port, "interval_s": 0.2, "timeout_s": 0.5},
+                    "failover": {"failures_to_failover": 3, "healthy_s_to_failback": 1},
+                }
+            ],
+        }
+    )
+
+
+@dataclass
+class Env:
+    primary_api: KubeEmulator
+    canary_api: KubeEmulator
+    controller: MultiClusterController
+    loadgen: DnsLoadGenerator
+    topology: Topology
+
+
+@contextlib.asynccontextmanager
+async def running(
+    pdns: PdnsServer, clusters: Clusters, tmp_path: Path, *, name: str
+) -> AsyncIterator[Env]:
+    topo = topology(pdns, clusters, tmp_path, name=name)
+    async with KubeEmulator() as primary_api, KubeEmulator() as canary_api:
+        primary_api.put("apps", "v1", "deployments", deployment("shop:1", annotated=False))
+        canary_api.put("apps", "v1", "deployments", deployment("shop:1", annotated=True))
+        kubes = []
+        for label, api in (("primary", primary_api), ("canary", canary_api)):
+            path = api.write_kubeconfig(tmp_path / f"{label}.kubeconfig", context=label)
+            kubes.append(await Kube.connect(kubeconfig=str(path), context=label, retry=FAST))
+        session = aiohttp.ClientSession()
+        loadgen = DnsLoadGenerator(
+            "127.0.0.1", pdns.dns_port, topo.services[0].dns_name, clusters.port, rate=200
+        )
+        controller = build_controller(
+            topo, session, primary=kubes[0], canary=kubes[1], probe_interval_s=0.2, poll_s=0.3
+        )
+        tasks = [asyncio.create_task(controller.run()), asyncio.create_task(loadgen.run())]
+        try:
+            yield Env(primary_api, canary_api, controller, loadgen, topo)
+        finally:
+            controller.stop()
+            loadgen.stop()
+            for task in tasks:
+                task.cancel()
+            for task in tasks:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await session.close()
+            for kube in kubes:
+                await kube.close()
+            for service in controller.services.values():
+                if service.rollouts is not None:
+                    service.rollouts.metrics.close()
+
+
+async def wait_for(predicate: Any, timeout_s: float, what: str) -> None:
+    try:
+        async with asyncio.timeout(timeout_s):
+            # polling: the state changes inside the controller's tasks
+            while not await predicate():  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+    except TimeoutError:
+        raise AssertionError(f"timed out after {timeout_s}s waiting for {what}") from None
+
+
+def image(api: KubeEmulator) -> str:
+    dep = api.get("apps", "v1", "deployments", NS, "shop")
+    return str(dep["spec"]["template"]["spec"]["containers"][0]["image"])
+
+
+def event_reasons(api: KubeEmulator) -> list[str]:
+    return (
+        [e["reason"] for e in api.objects_of("", "events")]
+        if hasattr(api, "objects_of")
+        else [obj["reason"] for key, obj in api.objects.items() if key[2] == "events"]
+    )
+
+
+@pytest.fixture
+def work(tmp_path: Path, procs: ProcessPool, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    monkeypatch.setenv("PDNS_API_KEY", API_KEY)
+    yield tmp_path
+
+
+async def test_a_new_template_in_the_canary_cluster_is_promoted_to_the_primary_cluster(
+    pdns: PdnsServer, work: Path, procs: ProcessPool
+) -> None:
+    """A good new template: DNS weight moves to the canary cluster, passes, lands in the primary cluster, weights return to steady."""
+    clusters = start_clusters(procs, work, canary_error_rate=0.0)
+    async with running(pdns, clusters, work, name="promote") as env:
+        service = env.controller.services["shop"]
+        router = service.failover.router
+        rollouts = service.rollouts
+        assert rollouts is not None
+        await wait_for(lambda: _weight_is(router, 10), 10, "the steady 10%")
+        started = env.loadgen.clock()
+        new = deployment("shop:2", annotated=True)
+        env.canary_api.put("apps", "v1", "deployments", new)
+        await wait_for(lambda: _finished(rollouts), 90, "the rollout to end")
+        assert rollouts.finished[0][1] == "promoted", rollouts.state()
+        assert image(env.primary_api) == "shop:2"  # the template went to the primary cluster
+        await wait_for(lambda: _weight_is(router, 10), 10, "the steady 10% again")
+        # the traffic really moved: clients that resolved during the 50% step went to the canary
+        share = env.loadgen.share(CANARY_IP, started)
+        assert share is not None and share > 0.2, share
+        reasons = event_reasons(env.canary_api)
+        assert "RolloutStarted" in reasons and "Promoted" in reasons
+        assert rollouts.runner is not None
+        record = read_record(rollouts.runner.record_path)
+        assert record[0].kind == "start" and record[-1].kind == "end"
+        assert record[-1].outcome == "promoted"
+        assert record[0].canary_version == "shop:2" and record[0].primary_version == "shop:1"
+
+
+async def test_a_failing_template_is_rolled_back_and_the_canary_cluster_reverted(
+    pdns: PdnsServer, work: Path, procs: ProcessPool
+) -> None:
+    """A canary cluster answering 30% errors: weight to 0, its Deployment back on the primary's template, the primary untouched."""
+    clusters = start_clusters(procs, work, canary_error_rate=0.3)
+    async with running(pdns, clusters, work, name="rollback") as env:
+        service = env.controller.services["shop"]
+        router = service.failover.router
+        rollouts = service.rollouts
+        assert rollouts is not None
+        await wait_for(lambda: _weight_is(router, 10), 10, "the steady 10%")
+        env.canary_api.put("apps", "v1", "deployments", deployment("shop:bad", annotated=True))
+        await wait_for(lambda: _finished(rollouts), 60, "the rollout to end")
+        assert rollouts.finished[0][1] == "rolled_back", rollouts.state()
+        await wait_for(lambda: _image_is(env.canary_api, "shop:1"), 10, "the revert")
+        assert image(env.primary_api) == "shop:1"
+        assert env.primary_api.recorded(verb="patch", resource="deployments") == []
+        await wait_for(lambda: _weight_is(router, 10), 10, "the steady 10% again")
+        reasons = event_reasons(env.canary_api)
+        assert "RolledBack" in reasons and "Reverted" in reasons
+        # the same template is not rolled out again: the canary runs the primary's now
+        await asyncio.sleep(1.0)
+        assert len(rollouts.finished) == 1
+        notes = read_record(env.topology.record_dir / "shop-clusters.jsonl")
+        assert any("reverted to the last promoted template" in n.message for n in notes)  # type: ignore[union-attr]
+
+
+async def _weight_is(router: Any, weight: int) -> bool:
+    try:
+        return bool(await router.get_weight() == weight)
+    except Exception:
+        return False
+
+
+async def _finished(rollouts: Any) -> bool:
+    return bool(rollouts.finished)
+
+
+async def _image_is(api: KubeEmulator, wanted: str) -> bool:
+    return image(api) == wanted
+
+
+def test_merge_replace_turns_old_into_new() -> None:
+    """The merge patch nulls keys that are gone and replaces changed ones, so applying it gives `new`."""
+    old = {"metadata": {"labels": {"a": "1", "b": "2"}}, "spec": {"containers": [{"image": "x:1"}]}}
+    new = {"metadata": {"labels": {"a": "1"}}, "spec": {"containers": [{"image": "x:2"}]}}
+    patch = merge_replace(old, new)
+    assert patch == {
+        "metadata": {"labels": {"b": None}},
+        "spec": {"containers": [{"image": "x:2"}]},
+    }
+    from kube.emulator import merge_patch
+
+    assert merge_patch(old, patch) == new
+    assert template_revision(new) == template_revision({**new}) != template_revision(old)
