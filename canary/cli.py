@@ -20,6 +20,10 @@ Why it is built this way:
   over HTTP. With `--kubeconfig`, `--context` or `-n/--namespace` they are for a cluster
   instead, and go to `CLUSTER_MODULE`'s `manual_command(args)` / `status(args)`.
 
+`canary run` saves each rollout's status next to its record (`<record_dir>/<name>.status.json`)
+and, when restarted after SIGTERM or a crash, resumes an unfinished rollout at the same step
+(`--fresh` starts over instead).
+
 Exit status of `canary run`: 0 every rollout promoted, 1 any rolled back or aborted,
 2 bad config or arguments, 3 stopped (SIGTERM/SIGINT) before the end. The manual commands:
 0 accepted, 1 refused by the rollout, 2 bad arguments, 3 server unreachable, 4 unknown rollout.
@@ -112,7 +116,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"canary run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     try:
-        return asyncio.run(_run(configs, host, port))
+        return asyncio.run(_run(configs, host, port, fresh=args.fresh))
     except _BadTarget as exc:
         print(f"canary run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -122,7 +126,7 @@ class _BadTarget(Exception):
     """A config that validated but could not be turned into a router or metrics provider."""
 
 
-def build_runner(config: Any, *, stamp: str | None = None) -> Any:
+def build_runner(config: Any, *, stamp: str | None = None, fresh: bool = False) -> Any:
     """A RolloutRunner for a static target (real HAProxy router, real Prometheus metrics)."""
     from analysis import Analyzer
     from canary.controller import RolloutRunner
@@ -152,6 +156,9 @@ def build_runner(config: Any, *, stamp: str | None = None) -> Any:
         router=router,
         metrics=metrics,
         record_path=Path(config.record_dir) / f"{config.name}-{stamp}.jsonl",
+        # An unfinished rollout saved here is resumed (same record, same step) unless fresh.
+        status_path=Path(config.record_dir) / f"{config.name}.status.json",
+        resume_saved=not fresh,
         tick_s=config.tick_s,
         analyzer_factory=lambda: Analyzer(analysis_config),
         revision=config.canary_version or stamp,
@@ -180,12 +187,12 @@ def _report_routes(record_dir: Path) -> list[Callable[[Any], None]]:
     return [lambda app: register(app, record_dir=record_dir)]
 
 
-async def _run(configs: Sequence[Any], host: str, port: int) -> int:
+async def _run(configs: Sequence[Any], host: str, port: int, *, fresh: bool = False) -> int:
     from canary.controller import Controller, run_until_signalled
     from canary.notify import Notifier
     from canary.server import Server, make_app
 
-    runners = [build_runner(config) for config in configs]
+    runners = [build_runner(config, fresh=fresh) for config in configs]
     # One notifier per target: each config names its own webhooks.
     notifiers: list[Notifier] = []
     for runner, config in zip(runners, configs, strict=True):
@@ -202,10 +209,6 @@ async def _run(configs: Sequence[Any], host: str, port: int) -> int:
     try:
         log.info("serving on %s", server.url)
         print(f"canary: serving on {server.url}", file=sys.stderr, flush=True)
-        for runner in runners:
-            print(
-                f"canary: {runner.name}: record {runner.record_path}", file=sys.stderr, flush=True
-            )
         statuses = await run_until_signalled(controller)
     finally:
         await server.stop()
@@ -215,6 +218,7 @@ async def _run(configs: Sequence[Any], host: str, port: int) -> int:
         status = statuses[runner.name]
         state = "stopped" if runner.stopped else status.outcome or status.phase.value
         print(f"canary: {runner.name}: {state}: {status.message}", file=sys.stderr)
+        print(f"canary: {runner.name}: record {runner.record_path}", file=sys.stderr)
     if any(runner.stopped for runner in runners):
         return EXIT_STOPPED
     if all(status.outcome == "promoted" for status in statuses.values()):
@@ -399,6 +403,11 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="HOST:PORT",
         default=DEFAULT_LISTEN,
         help=f"HTTP server for probes, /metrics, /rollouts and commands (default {DEFAULT_LISTEN})",
+    )
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start new rollouts even where an unfinished one was saved (default: resume it)",
     )
     run.set_defaults(func=_cmd_run)
 

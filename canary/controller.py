@@ -13,10 +13,13 @@ task, so the status is only ever changed in one place and each command gets an a
 
 Stopping (SIGTERM/SIGINT, `Controller.stop()`): ticking stops, every task is cancelled and
 awaited, weights stay where they are, and the record gets a note saying the controller
-stopped (no `end` entry: the rollout is not over). Static targets cannot resume the analysis
-after a restart: the evidence lives in the Analyzer, and the counts it was fed are only in the
-record; a restarted `canary run` starts a new rollout from the first step. The Kubernetes
-controller persists `RolloutStatus` (rollout.py) and resumes from it.
+stopped (no `end` entry: the rollout is not over).
+
+Resuming: with `status_path` set, the runner saves its `RolloutStatus` (atomically, before
+carrying out any action) and a restarted runner continues the unfinished rollout: same record,
+same step, no step taken twice, the weight re-asserted rather than moved. The analysis
+evidence is not saved; it is rebuilt by replaying the record's ticks into a fresh Analyzer,
+which gives back exactly the same evidence because the counts are cumulative from the start.
 
 Record writes go through a small writer that appends and flushes one whole line at a time in
 a worker thread, under a lock, so a crash or a cancellation leaves whole lines only.
@@ -26,7 +29,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -48,6 +53,7 @@ from canary.records import (
     TickEntry,
     TransitionEntry,
     dump_entry,
+    read_record,
 )
 from canary.rollout import (
     Action,
@@ -243,6 +249,10 @@ class RolloutRunner:
     telemetry: Telemetry | None = None
     router_timeout_s: float = 10.0
     clock: Callable[[], float] = time.time
+    # Where the status is saved (before every action) so a restarted runner resumes the same
+    # rollout: same record, same step, evidence replayed from the record. None: no saving.
+    status_path: Path | None = None
+    resume_saved: bool = True  # False: start a new rollout even if a saved one is unfinished
 
     def __post_init__(self) -> None:
         if self.tick_s <= 0:
@@ -301,19 +311,20 @@ class RolloutRunner:
         )
         self._rollout_id = f"{self.name}@{revision}"
         try:
-            await self._writer.append(
-                StartEntry(
-                    at=self._started_at,
-                    rollout=self._rollout_id,
-                    target=self.name,
-                    primary_version=self.primary_version,
-                    canary_version=self.canary_version,
-                    steps=list(self.spec.steps),
-                    config={**self.config, "rollout": self.spec.model_dump(mode="json")},
-                    plan=dict(self.plan),
+            if not await self._resume():
+                await self._writer.append(
+                    StartEntry(
+                        at=self._started_at,
+                        rollout=self._rollout_id,
+                        target=self.name,
+                        primary_version=self.primary_version,
+                        canary_version=self.canary_version,
+                        steps=list(self.spec.steps),
+                        config={**self.config, "rollout": self.spec.model_dump(mode="json")},
+                        plan=dict(self.plan),
+                    )
                 )
-            )
-            await self._feed(NewRevision(revision, "rollout started"))
+                await self._feed(NewRevision(revision, "rollout started"))
             while not self.status.done:
                 await self._wait_or_command()
                 if self.status.done:
@@ -468,9 +479,12 @@ class RolloutRunner:
         queue: deque[Event] = deque([event])
         while queue:
             outcome = step(self.spec, self.status, queue.popleft(), self.clock())
+            changed = outcome.status != self.status
             self.status = outcome.status
             if self.telemetry is not None:
                 self.telemetry.show(self.name, self.status)
+            if changed:
+                await self._save()  # before any action: a crash mid-action resumes safely
             for action in outcome.actions:
                 done.append(action)
                 if len(done) > _MAX_ACTIONS_PER_EVENT:
@@ -550,6 +564,91 @@ class RolloutRunner:
                     )
                 )
         return None
+
+    # ---- saved status and resuming -------------------------------------------------------
+
+    def _save_blocking(self, path: Path, text: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)  # atomic: a crash leaves the old status or the new one
+
+    async def _save(self) -> None:
+        if self.status_path is None:
+            return
+        saved = {
+            "rollout": self._rollout_id,
+            "record": str(self.record_path),
+            "started_at": self._started_at,
+            "status": json.loads(self.status.to_json()),
+        }
+        try:
+            await asyncio.to_thread(
+                self._save_blocking, self.status_path, json.dumps(saved, separators=(",", ":"))
+            )
+        except OSError as exc:
+            log.error("%s: cannot save the status to %s: %s", self.name, self.status_path, exc)
+            self._count_error("status")
+
+    def _load_blocking(self) -> tuple[dict[str, Any], list[Any]] | None:
+        if self.status_path is None or not self.resume_saved or not self.status_path.exists():
+            return None
+        saved = json.loads(self.status_path.read_text(encoding="utf-8"))
+        status = RolloutStatus.model_validate(saved["status"])
+        if not status.active:
+            return None  # over (or never started): the next run is a new rollout
+        record = Path(saved["record"])
+        return saved, read_record(record)
+
+    async def _resume(self) -> bool:
+        """Continue a saved, unfinished rollout: same record, same step, evidence replayed.
+        False when there is nothing to resume (or it cannot be read: then say so and start)."""
+        try:
+            loaded = await asyncio.to_thread(self._load_blocking)
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            log.warning("%s: cannot resume from %s: %s", self.name, self.status_path, exc)
+            return False
+        if loaded is None:
+            return False
+        saved, entries = loaded
+        self.status = RolloutStatus.model_validate(saved["status"])
+        self._rollout_id = str(saved["rollout"])
+        self.record_path = Path(saved["record"])
+        self._writer = RecordWriter(self.record_path)
+        self._started_at = float(
+            saved.get("started_at") or self.status.started_at or self._started_at
+        )
+        replayed = self._replay_record(entries)
+        status = self.status
+        await self._note(
+            "info",
+            f"resumed during {status.phase.value} at step {status.step} ({status.weight}% wanted); "
+            f"{replayed} ticks of evidence replayed into a fresh analysis",
+        )
+        if self.telemetry is not None:
+            self.telemetry.show(self.name, status)
+        return True
+
+    def _replay_record(self, entries: list[Any]) -> int:
+        """Feed the record's ticks since the analysis began to a fresh Analyzer: counts are
+        cumulative from that start, so the evidence comes back exactly as it was."""
+        since = self.status.analysis_started_at
+        self._analyzer = self.analyzer_factory()
+        replayed = 0
+        for entry in entries:
+            if (
+                isinstance(entry, TickEntry)
+                and entry.rollout == self._rollout_id
+                and since is not None
+                and entry.at >= since
+                and entry.primary is not None
+                and entry.canary is not None
+            ):
+                self._analyzer.observe(
+                    Snapshot(elapsed_s=entry.elapsed_s, primary=entry.primary, canary=entry.canary)
+                )
+                replayed += 1
+        return replayed
 
     # ---- record -----------------------------------------------------------------------
 

@@ -323,6 +323,25 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
     last = entries[-1]
     assert isinstance(last, NoteEntry) and "controller stopped" in last.message
 
+    # Started again, it resumes the same rollout in the same record at the same step.
+    again = procs.start(
+        ManagedProcess(
+            controller.argv,
+            log_path=workdir / "canary-run-2.log",
+            ready=HttpReady(f"{url}/readyz"),
+            name="canary-run-2",
+        )
+    )
+    state = _wait_for(first_step_verified, "the resumed rollout ticking")
+    assert state["record"] == str(records[0]) and state["step"] == 0 and state["weight"] == 5
+    assert again.stop_sync() == EXIT_STOPPED, again.log_tail()
+    assert list((workdir / "records").glob("app-*.jsonl")) == records
+    entries = read_record(records[0])
+    assert sum(isinstance(e, StartEntry) for e in entries) == 1
+    notes = [e.message for e in entries if isinstance(e, NoteEntry)]
+    assert any(n.startswith("resumed during Progressing at step 0 (5% wanted)") for n in notes)
+    assert _haproxy_weights(haproxy) == {"canary": 5}
+
 
 # ---- canary run to the end: real HAProxy, real Prometheus, real analysis -----------------------
 

@@ -405,3 +405,106 @@ async def test_server_routes_probes_state_and_commands(tmp_path: Path) -> None:
         assert status == 200
         final = await task
         assert final["app"].outcome == "aborted" and final["shop/web"].outcome == "aborted"
+
+
+# ---- saving the status and resuming -------------------------------------------------------------
+
+
+def _again(first: RolloutRunner, *, record_path: Path, resume_saved: bool = True) -> RolloutRunner:
+    """A new runner for the same target, as a restarted process would build it."""
+    return RolloutRunner(
+        name=first.name,
+        spec=first.spec,
+        router=first.router,
+        metrics=first.metrics,
+        record_path=record_path,
+        tick_s=TICK_S,
+        analyzer_factory=first.analyzer_factory,
+        canary_version="v2",
+        clock=first.clock,
+        status_path=first.status_path,
+        resume_saved=resume_saved,
+    )
+
+
+async def test_restarted_runner_resumes_the_same_step_and_record(tmp_path: Path) -> None:
+    """Stopped at step 3 (25%) and started again, a runner carries on in the same record from
+    25%: no step taken twice, no weight set again, the earlier ticks replayed as evidence."""
+    first, router, _ = make_runner(tmp_path)
+    first.status_path = tmp_path / "app.status.json"
+    controller = Controller([first])
+    reached = asyncio.Event()
+    first.observers.append(lambda report: reached.set() if report.status.step == 2 else None)
+    task = asyncio.create_task(controller.run())
+    await reached.wait()
+    controller.stop()
+    await task
+    assert first.stopped and first.status.step == 2 and router.weight == 25
+    assert router.sets == [5, 10, 25]
+    ticks_before = [
+        e
+        for e in read_record(first.record_path)
+        if isinstance(e, TickEntry) and e.canary is not None
+    ]
+
+    second = _again(first, record_path=tmp_path / "elsewhere.jsonl")
+    statuses = await Controller([second]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED
+    assert router.sets == [5, 10, 25, 50, 100]  # 25 was not set again: it read back fine
+    assert second.record_path == first.record_path and not (tmp_path / "elsewhere.jsonl").exists()
+    entries = read_record(first.record_path)
+    assert sum(isinstance(e, StartEntry) for e in entries) == 1
+    assert sum(isinstance(e, EndEntry) for e in entries) == 1
+    notes = [e.message for e in entries if isinstance(e, NoteEntry)]
+    assert any(n.startswith("controller stopped during Progressing at step 2") for n in notes)
+    assert (
+        f"resumed during Progressing at step 2 (25% wanted); {len(ticks_before)} ticks"
+        in " ".join(notes)
+    )
+    moves = [e.weight for e in entries if isinstance(e, TransitionEntry)]
+    assert moves == [5, 10, 25, 50, 100, 100]  # every step once, across both runs
+
+
+async def test_finished_or_refused_saved_status_starts_a_new_rollout(tmp_path: Path) -> None:
+    """A saved rollout that ended, or resume_saved=False, gives a new rollout with its own record."""
+    first, router, _ = make_runner(tmp_path)
+    first.status_path = tmp_path / "app.status.json"
+    await Controller([first]).run()
+    assert first.status.phase is Phase.SUCCEEDED
+    router.weight = 0
+    router.sets.clear()
+    second = _again(first, record_path=tmp_path / "next.jsonl")
+    second.spec = SPEC.model_copy(update={"steps": (5,)})
+    await Controller([second]).run()
+    assert second.record_path == tmp_path / "next.jsonl" and router.sets[0] == 5
+    assert isinstance(read_record(second.record_path)[0], StartEntry)
+
+
+async def test_fresh_start_ignores_an_unfinished_saved_rollout(tmp_path: Path) -> None:
+    """resume_saved=False starts over from the first step in a new record."""
+    first, router, _ = make_runner(tmp_path)
+    first.status_path = tmp_path / "app.status.json"
+    controller = Controller([first])
+    reached = asyncio.Event()
+    first.observers.append(lambda report: reached.set() if report.status.step == 1 else None)
+    task = asyncio.create_task(controller.run())
+    await reached.wait()
+    controller.stop()
+    await task
+    second = _again(first, record_path=tmp_path / "fresh.jsonl", resume_saved=False)
+    second.spec = SPEC.model_copy(update={"steps": (5,)})
+    await Controller([second]).run()
+    assert second.record_path == tmp_path / "fresh.jsonl"
+    assert router.sets[-2:] == [5, 100]
+
+
+async def test_unreadable_saved_status_is_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A corrupt status file is reported in the log and a new rollout starts."""
+    runner, _, _ = make_runner(tmp_path, spec=SPEC.model_copy(update={"steps": (5,)}))
+    runner.status_path = tmp_path / "app.status.json"
+    runner.status_path.write_text("{not json")
+    await Controller([runner]).run()
+    assert runner.status.phase is Phase.SUCCEEDED
+    assert "cannot resume from" in caplog.text
