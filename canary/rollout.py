@@ -497,10 +497,15 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
 
     origin = status.analysis_started_at if status.analysis_started_at is not None else now
     if failing_since is not None and now - failing_since >= spec.no_data_deadline_s:
+        detail = tick.router_error or (
+            f"it reports {tick.weight_read}% instead of {status.weight}%"
+            if tick.weight_read is not None
+            else f"{status.weight}% never read back"
+        )
         return _roll_back(
             status,
             now,
-            f"router failing for {now - failing_since:.0f}s (deadline {spec.no_data_deadline_s:g}s): {tick.router_error}",
+            f"router failing for {now - failing_since:.0f}s (deadline {spec.no_data_deadline_s:g}s): {detail}",
         )
     if decision is None:
         since = status.last_data_at if status.last_data_at is not None else origin

@@ -582,6 +582,15 @@ def test_rollback_retries_until_the_router_confirms_zero() -> None:
     ]
 
 
+def test_router_deadline_reason_says_what_failed() -> None:
+    """A rollback at the router deadline names the error, or the wrong weight it kept reading."""
+    failing = PROG0_NEW.model_copy(update={"router_failing_since": 0.0, "last_data_at": 59.0})
+    wrong = step(SPEC, failing, Tick(Decision.CONTINUE, "", weight_read=0), 60).status
+    assert wrong.reason == "router failing for 60s (deadline 60s): it reports 0% instead of 5%"
+    gone = step(SPEC, failing, Tick(Decision.CONTINUE, "", router_error="socket gone"), 60).status
+    assert gone.reason == "router failing for 60s (deadline 60s): socket gone"
+
+
 def test_history_is_truncated_but_status_stays_small() -> None:
     """Many restarts keep only the latest transitions in the persisted status."""
     status = PROG0
