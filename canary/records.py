@@ -57,6 +57,9 @@ class StartEntry(_Entry):
 
 
 class TickEntry(_Entry):
+    """One observation. phase/step/weight_set are the state it was observed in (the weight
+    the counts were taken under); the transitions its verdict caused follow it."""
+
     kind: Literal["tick"] = "tick"
     elapsed_s: float  # since the analysis began
     phase: str
