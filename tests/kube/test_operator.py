@@ -12,8 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import random
+import signal
+import subprocess
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +27,7 @@ import pytest
 
 from canary.kube import Kube
 from canary.kube_cli import send_command
-from canary.operator import KubeState, Operator, OperatorSettings
+from canary.operator import KubeState, Operator, OperatorSettings, template_hash
 from canary.procs import HttpReady, ManagedProcess, find_binary, free_port
 from canary.record_store import unpack_record
 from canary.records import EndEntry, NoteEntry, StartEntry, TickEntry
@@ -35,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ("apps", "v1", "deployments")
 INGRESSES = ("networking.k8s.io", "v1", "ingresses")
 RECORDS_NS = "canary-system"
-GOOD = ("promote", "resume", "leader", "commands", "spec")
+GOOD = ("promote", "resume", "leader", "commands", "spec", "supersede", "cli")
 BAD = ("rollback",)
 
 pytestmark = pytest.mark.timeout(120)
@@ -97,8 +101,8 @@ class Stack:
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     workdir = tmp_path_factory.mktemp("operator-stack")
     services = {
-        "primary": _service("primary", 0.0, workdir, "primary"),
-        "good": _service("canary", 0.0, workdir, "canary-good"),
+        "primary": _service("primary", 0.01, workdir, "primary"),
+        "good": _service("canary", 0.01, workdir, "canary-good"),
         "bad": _service("canary", 0.5, workdir, "canary-bad"),
     }
     started: list[ManagedProcess] = []
@@ -194,7 +198,7 @@ CUSTOM_METRICS = {
 }
 
 
-def annotations(**overrides: str) -> dict[str, str]:
+def notes_for(**overrides: str) -> dict[str, str]:
     base = {
         "canary.dev/enabled": "true",
         "canary.dev/router": "ingress-nginx",
@@ -208,7 +212,7 @@ def annotations(**overrides: str) -> dict[str, str]:
         "canary.dev/analysis.latency-tolerance": "1",
         **CUSTOM_METRICS,
     }
-    base.update({k.replace("__", "/").replace("_", "-"): v for k, v in overrides.items()})
+    base.update(overrides)
     return base
 
 
@@ -348,7 +352,7 @@ async def test_new_template_is_analysed_and_promoted(
     template reaches app-primary, the weight returns to 0, the canary scales to zero, and
     the record ConfigMap holds the whole rollout, gzipped and thinned to its size limit."""
     ns = "promote"
-    seed(api, ns, annotations())
+    seed(api, ns, notes_for())
     async with running(api, tmp_path, stack, ns, record_max_bytes=6000):
         await until(lambda: initialized(api, ns), what="initialization")
         primary = api.get(*DEPLOYMENTS, ns, "app-primary")
@@ -387,9 +391,9 @@ async def test_new_template_is_analysed_and_promoted(
     assert isinstance(entries[-1], EndEntry) and entries[-1].outcome == "promoted"
     ticks = [e for e in entries if isinstance(e, TickEntry)]
     assert ticks and ticks[-1].verdict is not None
-    assert any(
-        isinstance(e, NoteEntry) and "downsampled" in e.message for e in entries
-    ), "a record larger than the limit is thinned, and says so"
+    assert any(isinstance(e, NoteEntry) and "downsampled" in e.message for e in entries), (
+        "a record larger than the limit is thinned, and says so"
+    )
 
 
 async def test_failing_canary_is_rolled_back_and_record_failures_are_reported(
@@ -399,7 +403,7 @@ async def test_failing_canary_is_rolled_back_and_record_failures_are_reported(
     zero, primary untouched) even though every write of its record ConfigMap fails; the
     failure is in the status and a Warning Event."""
     ns = "rollback"
-    seed(api, ns, annotations())
+    seed(api, ns, notes_for())
     async with running(api, tmp_path, stack, ns):
         await until(lambda: initialized(api, ns), what="initialization")
         api.inject(500, times=10_000, resource="configmaps")
@@ -411,9 +415,12 @@ async def test_failing_canary_is_rolled_back_and_record_failures_are_reported(
             )
     assert st.rollout.outcome == "rolled_back", st.rollout
     assert "analysis failed" in st.rollout.reason
-    assert api.get(*DEPLOYMENTS, ns, "app-primary")["spec"]["template"]["spec"]["containers"][0][
-        "image"
-    ] == "example/app:1"
+    assert (
+        api.get(*DEPLOYMENTS, ns, "app-primary")["spec"]["template"]["spec"]["containers"][0][
+            "image"
+        ]
+        == "example/app:1"
+    )
     assert canary_weight(api, ns) == 0
     assert api.get(*DEPLOYMENTS, ns, "app")["spec"]["replicas"] == 0
     written = weights_written(api, ns)
@@ -429,14 +436,18 @@ async def test_killed_mid_rollout_resumes_same_step_without_weight_jump(
     """A controller cancelled mid-rollout is replaced by a new instance that resumes at the
     same step with the recorded evidence: no weight written twice or moved back."""
     ns = "resume"
-    seed(api, ns, annotations(**{"canary.dev/steps": "30,50,70"}))
+    seed(api, ns, notes_for(**{"canary.dev/steps": "30,50,70"}))
     async with traffic(api, stack, ns):
         async with running(api, tmp_path, stack, ns, token="token-a"):
             await until(lambda: initialized(api, ns), what="initialization")
             new_version(api, ns, "example/app:2")
             await until(
-                lambda: (s := state(api, ns)) and s.rollout and s.rollout.step >= 1
-                and s.rollout.weight_verified,
+                lambda: (
+                    (s := state(api, ns))
+                    and s.rollout
+                    and s.rollout.step >= 1
+                    and s.rollout.weight_verified
+                ),
                 what="the second step",
             )
         before = state(api, ns)
@@ -465,7 +476,7 @@ async def test_only_the_leader_acts(api: KubeEmulator, tmp_path: Path, stack: St
     from canary.kube import LeaderElector
 
     ns = "leader"
-    seed(api, ns, annotations())
+    seed(api, ns, notes_for())
     clients = [await connect(api, tmp_path, t) for t in ("token-a", "token-b")]
     operators = [
         Operator(
@@ -547,12 +558,13 @@ async def test_bad_annotations_warn_leave_traffic_and_are_picked_up_once_fixed(
     """A bad annotation gives a Warning Event and the spec-error annotation naming the key
     and rule, with no traffic object touched; fixing it is picked up without a restart."""
     ns = "spec"
-    seed(api, ns, annotations(**{"canary.dev/steps": "10,5"}))
+    seed(api, ns, notes_for(**{"canary.dev/steps": "10,5"}))
     async with running(api, tmp_path, stack, ns):
 
         def spec_error() -> str | None:
             obj = api.get(*DEPLOYMENTS, ns, "app")
-            return obj["metadata"]["annotations"].get(ANNOTATION_SPEC_ERROR)
+            value = obj["metadata"]["annotations"].get(ANNOTATION_SPEC_ERROR)
+            return str(value) if value is not None else None
 
         error = json.loads(await until(spec_error, what="the spec-error annotation"))
         assert "canary.dev/steps" in error and "strictly increasing" in error["canary.dev/steps"]
@@ -562,9 +574,9 @@ async def test_bad_annotations_warn_leave_traffic_and_are_picked_up_once_fixed(
         touched = [
             r
             for r in api.requests
-            if r.namespace == ns and r.verb in ("create", "patch", "update")
-            and r.resource in ("ingresses", "services")
-            or (r.resource == "deployments" and r.verb == "create")
+            if r.namespace == ns
+            and r.verb in ("create", "patch", "update")
+            and (r.resource in ("ingresses", "services") or r.verb == "create")
         ]
         assert touched == []
         assert state(api, ns) is None
@@ -583,7 +595,7 @@ async def test_manual_commands_only_touch_annotations(
     """pause, resume and abort from the CLI are annotations answered in the status; the
     CLI never sends the spec, and a command the rollout refuses says why."""
     ns = "commands"
-    seed(api, ns, annotations())
+    seed(api, ns, notes_for())
     async with running(api, tmp_path, stack, ns):
         await until(lambda: initialized(api, ns), what="initialization")
         cli = await connect(api, tmp_path, "token-cli")
@@ -619,3 +631,132 @@ async def test_manual_commands_only_touch_annotations(
     entries = record_entries(api, st)
     manual = [(e.command, e.who) for e in entries if e.kind == "manual"]
     assert manual == [("pause", "alice"), ("resume", "alice"), ("abort", "alice")]
+
+
+async def test_template_changed_mid_rollout_restarts_the_analysis(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A new template during a rollout ends the running record as superseded and starts a
+    new rollout of the newer template from the first step, with a record that says so."""
+    ns = "supersede"
+    seed(api, ns, notes_for())
+    async with running(api, tmp_path, stack, ns):
+        await until(lambda: initialized(api, ns), what="initialization")
+        new_version(api, ns, "example/app:2")
+        first = await until(
+            lambda: (s := state(api, ns)) and s.rollout and s.rollout.weight_verified and s,
+            what="the first rollout",
+        )
+        new_version(api, ns, "example/app:3")
+        newest = template_hash(api.get(*DEPLOYMENTS, ns, "app"))
+        second = await until(
+            lambda: (
+                (s := state(api, ns))
+                and s.rollout
+                and s.rollout.revision == newest
+                and s.rollout.weight_verified
+                and s
+            ),
+            what="the second rollout",
+        )
+    assert second.rollout.active and second.rollout.step == 0 and second.rollout.weight == 30
+    assert second.rollout_id != first.rollout_id and second.record != first.record
+    old = record_entries(api, first)
+    assert isinstance(old[-1], EndEntry) and old[-1].outcome == "superseded"
+    new = record_entries(api, second)
+    assert isinstance(new[0], StartEntry)
+    assert f"superseded {first.rollout_id}" in new[0].config["reason"]
+    assert any(e.kind == "transition" and "restarting the analysis" in e.reason for e in new), (
+        "the machine restarted the analysis"
+    )
+    assert any(e["reason"] == "Superseded" for e in events(api, ns))
+
+
+def _http(url: str) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+async def test_cli_runs_the_controller_and_reads_the_cluster(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """`canary kubernetes` serves probes, /metrics and /rollouts and stops on SIGTERM;
+    `canary status -n NS NAME` and a manual command work against the cluster."""
+    ns = "cli"
+    seed(api, ns, notes_for())
+    kubeconfig = api.write_kubeconfig(tmp_path / "kc-cli", token="token-cli")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CANARY_WAIT": "5"}
+    controller = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "canary",
+        "kubernetes",
+        f"--kubeconfig={kubeconfig}",
+        f"--namespace={ns}",
+        f"--listen=127.0.0.1:{port}",
+        f"--prometheus-url={stack.prometheus_url}",
+        f"--record-namespace={RECORDS_NS}",
+        "--tick=0.4",
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    async def get(path: str) -> tuple[int, str]:
+        return await asyncio.to_thread(_http, base + path)
+
+    async def canary(*argv: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "canary",
+            *argv,
+            f"--kubeconfig={kubeconfig}",
+            "-n",
+            ns,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        return int(proc.returncode or 0), out.decode()
+
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await get("/readyz"))[0] != 200:
+            assert controller.returncode is None, "the controller exited"
+            assert asyncio.get_running_loop().time() < deadline, "never ready"
+            await asyncio.sleep(0.1)
+        assert (await get("/healthz"))[0] == 200
+        await until(lambda: initialized(api, ns), what="initialization")
+        code, body = await get("/rollouts")
+        (view,) = json.loads(body)["rollouts"]
+        assert (view["namespace"], view["deployment"], view["phase"]) == (ns, "app", "Idle")
+        code, text = await get("/metrics")
+        assert code == 200 and "canary_errors" in text
+
+        code, out = await canary("status", "app")
+        assert code == 0 and f"{ns}/app: idle" in out, out
+        code, out = await canary("pause", "app", "--who", "bob")
+        assert code == 1 and "no rollout is in progress" in out, out
+        code, out = await canary("status", "missing")
+        assert code == 4 and "no Deployment" in out, out
+    finally:
+        if controller.returncode is None:
+            controller.send_signal(signal.SIGTERM)
+        try:
+            _, err = await asyncio.wait_for(controller.communicate(), 15)
+        except TimeoutError:
+            controller.kill()
+            await controller.wait()
+            raise
+    assert controller.returncode == 0, err.decode()[-2000:]
