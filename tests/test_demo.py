@@ -352,7 +352,7 @@ def test_demo_stops_every_child_on_a_signal(tmp_path: Path, signum: signal.Signa
 
 
 def test_demo_rejects_bad_flags_naming_them(tmp_path: Path) -> None:
-    """Bad steps or rates exit 2 before anything starts, with a message naming the flag."""
+    """Bad steps, rates or record directory exit 2 before anything starts, naming the flag."""
     for args, flag in (
         (["--steps", "50,25"], "--steps"),
         (["--canary-error-rate", "2"], "--canary-error-rate"),
@@ -364,3 +364,15 @@ def test_demo_rejects_bad_flags_naming_them(tmp_path: Path) -> None:
         assert out.returncode == 2, out
         assert flag in out.stderr
         assert not (tmp_path / "canary-records").exists()
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    out = subprocess.run(
+        [*DEMO, "--record-dir", str(blocker / "records")],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert out.returncode == 2, out
+    assert "--record-dir" in out.stderr and "cannot create it" in out.stderr
+    assert "processes (pid)" not in out.stdout  # refused before starting anything

@@ -508,6 +508,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"canary demo: {exc}", file=sys.stderr)
         return EXIT_SETUP
+    try:
+        options.record_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        # Checked first: a rollout whose record cannot be written would explain nothing.
+        print(
+            f"canary demo: --record-dir {options.record_dir}: cannot create it: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
+        return EXIT_SETUP
     # Short path: HAProxy's admin socket lives here, and unix socket paths are limited.
     workdir = Path(tempfile.mkdtemp(prefix="canary-demo-"))
     code = EXIT_SETUP
