@@ -33,7 +33,7 @@ import signal
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -129,7 +129,7 @@ class MeasuringRouter:
         return [(w.weight, self.loadgen.stats(since=w.since, until=w.until)) for w in self.windows]
 
 
-def _fraction(flag: str) -> Any:
+def _fraction(flag: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -142,7 +142,7 @@ def _fraction(flag: str) -> Any:
     return parse
 
 
-def _positive(flag: str) -> Any:
+def _positive(flag: str) -> Callable[[str], float]:
     def parse(text: str) -> float:
         try:
             value = float(text)
@@ -345,7 +345,9 @@ def _plan(options: DemoOptions) -> dict[str, float | None]:
     }
 
 
-def _observed_share(router: MeasuringRouter) -> Any:
+def _observed_share(
+    router: MeasuringRouter,
+) -> Callable[[str, RolloutStatus], dict[str, Any]]:
     def hook(name: str, status: RolloutStatus) -> dict[str, Any]:
         if not status.weight_verified:
             return {}
