@@ -61,7 +61,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from analysis import Analyzer, Snapshot
+from analysis import Analyzer
 from canary.controller import CommandResult, RolloutRunner, Telemetry, UnknownRollout
 from canary.kube import (
     Conflict,
@@ -356,7 +356,7 @@ class KubeRolloutRunner(RolloutRunner):
                 await self._feed(NewRevision(revision, "rollout started"))
             else:
                 self.status = resume
-                replayed = self._replay()
+                replayed = self._replay_record(self.entries)
                 await self._write(
                     NoteEntry(
                         at=self.clock(),
@@ -419,34 +419,10 @@ class KubeRolloutRunner(RolloutRunner):
             },
         )
 
-    def _replay(self) -> int:
-        """Feed the record's ticks since the analysis began to a fresh Analyzer; returns
-        how many ticks were replayed."""
-        since = self.status.analysis_started_at
-        if since is None:
-            return 0
-        analyzer = self.analyzer_factory()
-        replayed = 0
-        for entry in self.entries:
-            if (
-                isinstance(entry, TickEntry)
-                and entry.rollout == self.rollout_id
-                and entry.at >= since
-                and entry.primary is not None
-                and entry.canary is not None
-            ):
-                try:
-                    analyzer.observe(
-                        Snapshot(
-                            elapsed_s=entry.elapsed_s, primary=entry.primary, canary=entry.canary
-                        )
-                    )
-                except (ValueError, ArithmeticError):
-                    continue
-                replayed += 1
-        self._analyzer = analyzer
-        log.info("%s: analysis rebuilt from %d recorded ticks", self.name, replayed)
-        return replayed
+    async def _save(self) -> None:
+        # D's runner saves before carrying out any action: here that is the status
+        # annotation, so a weight is never applied before it is persisted as wanted.
+        await self.worker.persist()
 
     async def _confirm_weight(self) -> None:
         """After a restart, a weight written but not yet confirmed is confirmed by reading
@@ -489,8 +465,7 @@ class KubeRolloutRunner(RolloutRunner):
 
     async def _do(self, action: Action) -> Any:
         if isinstance(action, SetWeight | Promote):
-            # Write-ahead: the wanted weight is saved before it is applied.
-            await self.worker.persist()
+            self.worker.op.check_acting()  # the Lease may have lapsed since the last save
         answer = await super()._do(action)
         match action:
             case RecordTransition(before, after, _, weight, reason):

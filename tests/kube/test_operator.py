@@ -576,7 +576,10 @@ async def test_bad_annotations_warn_leave_traffic_and_are_picked_up_once_fixed(
             for r in api.requests
             if r.namespace == ns
             and r.verb in ("create", "patch", "update")
-            and (r.resource in ("ingresses", "services") or r.verb == "create")
+            and (
+                r.resource in ("ingresses", "services")
+                or (r.resource == "deployments" and r.verb == "create")
+            )
         ]
         assert touched == []
         assert state(api, ns) is None
