@@ -392,7 +392,8 @@ def build_parser() -> argparse.ArgumentParser:
         "run",
         help="roll out static targets described by config files",
         description="Roll out each target described by a config file, one task each, until "
-        "every rollout is promoted or rolled back. Exit 0 promoted, 1 rolled back, 2 bad "
+        "every rollout is promoted or rolled back. A rollout left unfinished by an earlier "
+        "run (SIGTERM, crash) is resumed at its step. Exit 0 promoted, 1 rolled back, 2 bad "
         "config, 3 stopped by SIGTERM/SIGINT.",
     )
     run.add_argument(
