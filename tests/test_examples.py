@@ -14,7 +14,7 @@ from canary.rollout import RolloutSpec
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "rollout.yaml"
 # Keys the example sets to something other than the default, as its comments say.
-NOT_DEFAULTS = {"name", "router", "metrics", "primary_version", "canary_version"}
+NOT_DEFAULTS = {"name", "router", "metrics", "webhooks", "primary_version", "canary_version"}
 
 
 def test_example_config_loads_with_the_documented_values() -> None:
@@ -27,6 +27,9 @@ def test_example_config_loads_with_the_documented_values() -> None:
     assert config.metrics.url == "http://127.0.0.1:9090"
     assert config.metrics.queries.selector == 'job="checkout"'
     assert config.record_dir == EXAMPLE.parent / "records"  # relative to the file
+    (hook,) = config.webhooks
+    assert hook.events == {"promoted", "rolled_back", "manual"}
+    assert hook.report_base_url == "https://canary.example.internal"
 
 
 def test_example_values_said_to_be_defaults_are_the_defaults() -> None:
