@@ -203,11 +203,7 @@ def image(api: KubeEmulator) -> str:
 
 
 def event_reasons(api: KubeEmulator) -> list[str]:
-    return (
-        [e["reason"] for e in api.objects_of("", "events")]
-        if hasattr(api, "objects_of")
-        else [obj["reason"] for key, obj in api.objects.items() if key[2] == "events"]
-    )
+    return [obj["reason"] for key, obj in api.objects.items() if key[2] == "events"]
 
 
 @pytest.fixture
