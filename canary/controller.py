@@ -703,6 +703,7 @@ class Controller:
                 runner.telemetry = self.telemetry
             self.runners[runner.name] = runner
         self._tasks: dict[str, asyncio.Task[RolloutStatus]] = {}
+        self._stop_requested = False  # a stop() that came before the tasks existed
         self.started = asyncio.Event()
 
     async def run(self) -> dict[str, RolloutStatus]:
@@ -712,17 +713,22 @@ class Controller:
             for name, runner in self.runners.items()
         }
         self.started.set()
+        if self._stop_requested:
+            self.stop()
         try:
             await asyncio.wait(self._tasks.values())
         finally:
             await self._cancel_all()
         for name, task in self._tasks.items():
-            if not task.cancelled() and task.exception() is not None:
+            if task.cancelled():
+                self.runners[name].stopped = True  # also when cancelled before it began
+            elif task.exception() is not None:
                 log.error("%s: the rollout task crashed", name, exc_info=task.exception())
         return {name: runner.status for name, runner in self.runners.items()}
 
     def stop(self) -> None:
         """Stop ticking: cancel every rollout task (run() awaits them)."""
+        self._stop_requested = True
         for task in self._tasks.values():
             task.cancel()
 

@@ -304,6 +304,16 @@ async def test_sigterm_stops_cleanly_leaving_weights_and_a_whole_record(tmp_path
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
+async def test_stop_before_run_still_stops(tmp_path: Path) -> None:
+    """A stop() that arrives before the tasks exist (a signal at startup) is not lost."""
+    runner, router, _ = make_runner(tmp_path)
+    controller = Controller([runner])
+    controller.stop()
+    statuses = await controller.run()
+    assert runner.stopped and statuses["app"].phase is Phase.INITIALIZING
+    assert router.sets == [] and not runner.record_path.exists()  # nothing was touched
+
+
 async def test_controller_rejects_duplicate_names(tmp_path: Path) -> None:
     """Two rollouts with one name are refused up front."""
     one, _, _ = make_runner(tmp_path / "a")
