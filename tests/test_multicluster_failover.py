@@ -250,7 +250,7 @@ async def test_cli_refuses_failover_to_an_unhealthy_standby_unless_forced(
         await wait_for(lambda: weight_is(env, 10), 10, "the steady 10%")
         await env.standby.down()
         await wait_for(lambda: _standby_unhealthy(env), 5, "the standby to look unhealthy")
-        code, out, err = await env.cli("failover", "--to", "standby", "--reason", "drill")
+        code, _, err = await env.cli("failover", "--to", "standby", "--reason", "drill")
         assert code == 1
         assert "REFUSED" in err and "unhealthy (use --force to override)" in err
         assert await env.service.failover.router.get_weight() == 10
