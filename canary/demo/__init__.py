@@ -440,8 +440,17 @@ async def run_demo(options: DemoOptions, *, workdir: Path) -> tuple[int, Path | 
         status = await runner.run()
         duration = time.monotonic() - started
         windows = router.split_per_window()
+        overall = stack.loadgen.stats()
         if (failure := stack.loadgen_failed()) is not None:
             _say(f"!! the load generator failed: {failure!r}")
+        if overall.failed or overall.dropped:
+            # Not errors of either version: no answer at all, or not sent (concurrency bound).
+            last = stack.loadgen.last_failure
+            _say(
+                f"!! load generator: {overall.failed} requests without an answer, "
+                f"{overall.dropped} not sent at the concurrency bound"
+                + (f"; last failure: {last}" if last else "")
+            )
     _summary(status, duration, windows, record, options.record_dir)
     return (EXIT_PROMOTED if status.outcome == "promoted" else EXIT_ROLLED_BACK), record
 
