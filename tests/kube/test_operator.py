@@ -366,6 +366,10 @@ async def test_new_template_is_analysed_and_promoted(
         }
         assert canary_weight(api, ns) == 0
 
+        # A stale write and a compacted watch on the way: re-read and retry, re-list.
+        api.inject(409, times=1, verb="patch", resource="deployments")
+        api.compact()
+        api.close_watches(gone=True)
         async with traffic(api, stack, ns):
             new_version(api, ns, "example/app:2")
             st = await until(
@@ -379,6 +383,22 @@ async def test_new_template_is_analysed_and_promoted(
     assert canary_weight(api, ns) == 0
     assert api.get(*DEPLOYMENTS, ns, "app")["spec"]["replicas"] == 0
     assert weights_written(api, ns) == [0, 30, 60, 100, 0]
+    status_patches = [
+        r
+        for r in api.recorded(verb="patch", resource="deployments", namespace=ns, name="app")
+        if ANNOTATION_STATUS in (r.body or {}).get("metadata", {}).get("annotations", {})
+    ]
+    (stale,) = api.recorded(verb="patch", resource="deployments", namespace=ns, status=409)
+    after = [
+        r
+        for r in api.requests[api.requests.index(stale) + 1 :]
+        if r.resource == "deployments" and r.name == "app" and r.verb in ("get", "patch")
+    ]
+    assert [r.verb for r in after[:2]] == ["get", "patch"] and after[1].status == 200
+    assert after[1] in status_patches, "the status write was retried after a re-read"
+    assert all(r.body["metadata"].get("resourceVersion") for r in status_patches)
+    relists = api.recorded(verb="list", resource="deployments", namespace=ns)
+    assert len(relists) >= 2, "410 Gone made the watch list again"
 
     reasons = {(e["type"], e["reason"]) for e in events(api, ns)}
     assert {("Normal", "Progressing"), ("Normal", "Promoting"), ("Normal", "Succeeded")} <= reasons
