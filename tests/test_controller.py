@@ -287,6 +287,8 @@ async def test_sigterm_stops_cleanly_leaving_weights_and_a_whole_record(tmp_path
     runners[0].observers.append(lambda report: seen.set())
     task = asyncio.create_task(run_until_signalled(controller))
     await seen.wait()
+    # never send SIGTERM to the test process without a handler: that would end the whole run
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
     os.kill(os.getpid(), signal.SIGTERM)
     statuses = await task
     assert all(s.phase is Phase.PROGRESSING and s.weight == 5 for s in statuses.values())
