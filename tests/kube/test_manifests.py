@@ -148,6 +148,16 @@ def test_controller_deployment_is_hardened() -> None:
     assert pod["securityContext"]["runAsNonRoot"] is True
     (container,) = pod["containers"]
     assert "--leader-elect" in container["args"]
+    # The args are the real CLI's: `canary kubernetes` parses them as written.
+    from canary.cli import build_parser
+
+    env = {"POD_NAMESPACE": NAMESPACE}
+    args = build_parser().parse_args(
+        [a.replace("$(POD_NAMESPACE)", env["POD_NAMESPACE"]) for a in container["args"]]
+    )
+    assert args.command == "kubernetes" and args.leader_elect
+    assert args.lease_namespace == args.record_namespace == NAMESPACE
+    assert args.prometheus_url.startswith("http")
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])
