@@ -421,7 +421,11 @@ class KubeRolloutRunner(RolloutRunner):
 
     async def _save(self) -> None:
         # D's runner saves before carrying out any action: here that is the status
-        # annotation, so a weight is never applied before it is persisted as wanted.
+        # annotation, so a weight is never applied before it is persisted as wanted. The end
+        # is saved only after its actions (scale down, end entry, record) are done: a
+        # controller killed in between resumes the last step and finishes it again.
+        if self.status.done:
+            return
         await self.worker.persist()
 
     async def _confirm_weight(self) -> None:

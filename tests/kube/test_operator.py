@@ -415,6 +415,26 @@ async def test_new_template_is_analysed_and_promoted(
         "a record larger than the limit is thinned, and says so"
     )
 
+    # `canary report ROLLOUT -n NS` reads this ConfigMap (F's cluster mode).
+    from canary.reports import main as report_main
+
+    out = tmp_path / "report.md"
+    code = await asyncio.to_thread(
+        report_main,
+        [
+            st.rollout_id,
+            "-n",
+            RECORDS_NS,
+            "--kubeconfig",
+            str(tmp_path / "kc-token-a"),
+            "--format",
+            "md",
+            "-o",
+            str(out),
+        ],
+    )
+    assert code == 0 and "promoted" in out.read_text().lower()
+
 
 async def test_failing_canary_is_rolled_back_and_record_failures_are_reported(
     api: KubeEmulator, tmp_path: Path, stack: Stack
