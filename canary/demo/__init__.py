@@ -405,11 +405,14 @@ async def run_demo(options: DemoOptions, *, workdir: Path) -> tuple[int, Path | 
             no_data_deadline_s=max(30.0, 10 * options.tick_seconds),
             promotion="shift",
         )
+        # Building the client imports prometheus-api-client and its dependencies: a few
+        # hundred ms that would stall the load generator if done on the event loop.
+        metrics = await asyncio.to_thread(PrometheusMetrics, stack.prometheus.url)
         runner = RolloutRunner(
             name=DEMO_TARGET,
             spec=spec,
             router=router,
-            metrics=PrometheusMetrics(stack.prometheus.url),
+            metrics=metrics,
             record_path=record,
             tick_s=options.tick_seconds,
             analyzer_factory=lambda: Analyzer(DEMO_ANALYSIS),
@@ -437,7 +440,10 @@ async def run_demo(options: DemoOptions, *, workdir: Path) -> tuple[int, Path | 
             f"a tick every {options.tick_seconds:g}s; record {_shown(record)}"
         )
         started = time.monotonic()
-        status = await runner.run()
+        try:
+            status = await runner.run()
+        finally:
+            metrics.close()
         duration = time.monotonic() - started
         windows = router.split_per_window()
         overall = stack.loadgen.stats()
