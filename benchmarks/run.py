@@ -42,7 +42,14 @@ from benchmarks.contenders import (
     sprt_one_sample,
     sprt_two_sample,
 )
-from benchmarks.simulate import BUCKET_BOUNDS, ArmProfile, RunStream, Scenario, simulate
+from benchmarks.simulate import (
+    BUCKET_BOUNDS,
+    ArmProfile,
+    RunStream,
+    Scenario,
+    histogram_quantile,
+    simulate,
+)
 
 ALPHA = 0.01
 SPRT_BETA = 0.2
@@ -403,8 +410,61 @@ def _tasks(options: Options) -> list[_Task]:
     return tasks
 
 
+def self_check() -> list[str]:
+    """Cheap checks that the simulator and the yardsticks measure what they claim.
+
+    Raises SystemExit naming the first check that fails; returns one line per check.
+    """
+    lines = []
+    scenario_list = scenarios()
+    for index, scenario in enumerate(scenario_list):
+        streams = [_stream_for(index, run) for run in range(3)]
+        seconds = sum(st.seconds for st in streams)
+        canary = sum(int(st.canary.requests.sum()) for st in streams)
+        errors = sum(int(st.canary.errors.sum()) for st in streams)
+        share = canary / max(1, canary + sum(int(st.primary.requests.sum()) for st in streams))
+        if not scenario.burst_every_s:
+            rate = canary / seconds
+            if abs(rate / scenario.canary_rps - 1) > 0.25:
+                raise SystemExit(
+                    f"self-check: {scenario.name} canary rate {rate:.2f}/s, configured {scenario.canary_rps:g}/s"
+                )
+        if abs(share - scenario.canary_weight) > 0.05:
+            raise SystemExit(
+                f"self-check: {scenario.name} canary share {share:.3f}, weight {scenario.canary_weight:g}"
+            )
+        if not scenario.incident and scenario.canary.error_rate >= 0.01 and canary >= 2000:
+            observed = errors / canary
+            if abs(observed / scenario.canary.error_rate - 1) > 0.25:
+                raise SystemExit(
+                    f"self-check: {scenario.name} canary error rate {observed:.4f}, configured {scenario.canary.error_rate:g}"
+                )
+        for st in streams:
+            for arm in (st.primary, st.canary):
+                if not np.array_equal(arm.buckets.sum(axis=1), arm.requests):
+                    raise SystemExit(
+                        f"self-check: {scenario.name} buckets do not add up to requests"
+                    )
+    lines.append(
+        f"simulated rates, splits, error rates and bucket totals match all {len(scenario_list)} scenarios"
+    )
+    # histogram_quantile on a log-normal with a known median, binned like the simulator.
+    rng = np.random.default_rng(7)
+    sample = 0.05 * np.exp(0.6 * rng.standard_normal(200_000))
+    counts = np.bincount(
+        np.searchsorted(np.array(BUCKET_BOUNDS[:-1]), sample), minlength=len(BUCKET_BOUNDS)
+    )
+    p50 = histogram_quantile(0.5, counts)
+    # The true median (0.05 s) is a bucket bound, where interpolation is exact up to sampling.
+    if abs(p50 / 0.05 - 1) > 0.02:
+        raise SystemExit(f"self-check: histogram_quantile(0.5) = {p50}, expected 0.05 within 2%")
+    lines.append(f"histogram_quantile(0.5) of a log-normal with median 0.05 s: {p50:.4f} s")
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     options = _parse(sys.argv[1:] if argv is None else argv)
+    checks = self_check()
     # Import the engine once, before forking: every worker and the cost phase then run the
     # same code even if analysis/ is edited while the benchmark runs.
     tree_before = _git_analysis_tree()
@@ -457,6 +517,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         time.monotonic() - started,
         simulated_s,
         analysis_tree,
+        checks,
     )
     print(text)
     if options.out is not None:
@@ -506,6 +567,7 @@ def render(
     elapsed_s: float,
     simulated_s: float,
     analysis_tree: str,
+    checks: Sequence[str] = (),
 ) -> str:
     lines: list[str] = []
     add = lines.append
@@ -678,6 +740,16 @@ def render(
     )
     add("")
 
+    add("## Self-checks")
+    add("")
+    for line in checks:
+        add(f"- {line}")
+    add(
+        f"- SPRT simulation vs Wald's approximation: ASN {limits[1].asn_simulated:.1f} vs "
+        f"{limits[1].asn_wald:.1f} error events (Wald ignores the overshoot, so it is lower), power "
+        f"{_pct(limits[1].power_simulated)} vs 1 - beta = {_pct(1 - SPRT_BETA)}"
+    )
+    add("")
     add("## Targets")
     add("")
     add("\n".join(targets(summaries, aa, analyzer_median, two_sample, med_us)))
