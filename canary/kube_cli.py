@@ -80,7 +80,7 @@ def _line(obj: dict[str, Any]) -> str:
         f"last decision {rollout.last_decision or '-'}: {rollout.message}"
     )
     if state.record:
-        text += f" [record configmap {state.record}]"
+        text += f" [rollout {state.rollout_id}, record configmap {state.record}]"
     if state.record_error:
         text += f" [record error: {state.record_error}]"
     return text

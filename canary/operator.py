@@ -222,6 +222,18 @@ def _enabled_key_present(obj: Mapping[str, Any]) -> bool:
     return ENABLED in _annotations(obj)
 
 
+def _container_port(obj: Mapping[str, Any], *, default: int) -> int | str:
+    """Where the pods listen: the port named `http`, else the first container port."""
+    containers = ((obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers")
+    ports = [p for c in containers or [] for p in c.get("ports") or []]
+    for port in ports:
+        if port.get("name") == "http":
+            return "http"
+    if ports and ports[0].get("containerPort"):
+        return int(ports[0]["containerPort"])
+    return default
+
+
 def _default_identity() -> str:
     return os.environ.get("POD_NAME") or socket.gethostname()
 
@@ -846,6 +858,7 @@ class DeploymentWorker:
             ((self.obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
         )
         primary_selector, _ = primary_template(self.obj)
+        target_port = _container_port(self.obj, default=port)
         for service, selector in (
             (f"{name}-primary", primary_selector),
             (f"{name}-canary", app_selector),
@@ -861,7 +874,7 @@ class DeploymentWorker:
                 },
                 "spec": {
                     "selector": selector,
-                    "ports": [{"name": "http", "port": port, "targetPort": port}],
+                    "ports": [{"name": "http", "port": port, "targetPort": target_port}],
                 },
             }
             try:

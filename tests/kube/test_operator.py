@@ -803,3 +803,31 @@ async def test_cli_runs_the_controller_and_reads_the_cluster(
             await controller.wait()
             raise
     assert controller.returncode == 0, err.decode()[-2000:]
+
+
+def test_readme_documents_every_annotation() -> None:
+    """The README's annotation table is canary.spec's, so the docs cannot drift."""
+    from canary.spec import markdown_table
+
+    assert markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_services_and_primary_follow_the_app() -> None:
+    """app-primary's labels are the app's selector labels suffixed -primary (so app-canary
+    never selects primary pods), and Services target the pods' own port."""
+    from canary.operator import _container_port, primary_template
+
+    app = deployment("shop")
+    app["spec"]["template"]["metadata"]["labels"]["tier"] = "web"
+    selector, template = primary_template(app)
+    assert selector == {"app": "shop-primary"}
+    assert template["metadata"]["labels"] == {"app": "shop-primary", "tier": "web"}
+    assert _container_port(app, default=80) == 80
+    app["spec"]["template"]["spec"]["containers"][0]["ports"] = [{"containerPort": 8080}]
+    assert _container_port(app, default=80) == 8080
+    app["spec"]["template"]["spec"]["containers"][0]["ports"].append(
+        {"name": "http", "containerPort": 9000}
+    )
+    assert _container_port(app, default=80) == "http"
+    with pytest.raises(ValueError, match=r"no spec\.selector\.matchLabels"):
+        primary_template({"metadata": {"name": "x"}, "spec": {}})
