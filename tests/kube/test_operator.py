@@ -38,8 +38,9 @@ from kube.emulator import KubeEmulator
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ("apps", "v1", "deployments")
 INGRESSES = ("networking.k8s.io", "v1", "ingresses")
+ROUTES = ("gateway.networking.k8s.io", "v1", "httproutes")
 RECORDS_NS = "canary-system"
-GOOD = ("promote", "resume", "leader", "commands", "spec", "supersede", "cli")
+GOOD = ("promote", "resume", "leader", "commands", "spec", "supersede", "cli", "gateway")
 BAD = ("rollback",)
 
 pytestmark = pytest.mark.timeout(120)
@@ -137,7 +138,15 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def canary_weight(api: KubeEmulator, namespace: str) -> int:
-    """What an ingress-nginx controller would read from the canary Ingress."""
+    """What the gateway would send to the canary: the HTTPRoute's backendRefs weights when
+    there is one, else what ingress-nginx reads from the canary Ingress."""
+    route = api.objects.get((*ROUTES, namespace, "web"))
+    if route is not None:
+        refs = {
+            r["name"]: int(r.get("weight", 1)) for r in route["spec"]["rules"][0]["backendRefs"]
+        }
+        total = refs.get("app-primary", 0) + refs.get("app-canary", 0)
+        return round(100 * refs.get("app-canary", 0) / total) if total else 0
     try:
         ingress = api.get(*INGRESSES, namespace, "web-canary")
     except KeyError:
@@ -831,3 +840,91 @@ def test_services_and_primary_follow_the_app() -> None:
     assert _container_port(app, default=80) == "http"
     with pytest.raises(ValueError, match=r"no spec\.selector\.matchLabels"):
         primary_template({"metadata": {"name": "x"}, "spec": {}})
+
+
+@contextlib.asynccontextmanager
+async def gateway_controller(api: KubeEmulator) -> AsyncIterator[None]:
+    """A stand-in gateway controller: accepts each new generation of every HTTPRoute and
+    says its backends resolve, in `status.parents[].conditions`."""
+
+    async def reconcile() -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            for key, obj in list(api.objects.items()):
+                if key[2] != "httproutes":
+                    continue
+                generation = obj["metadata"]["generation"]
+                parents = (obj.get("status") or {}).get("parents") or []
+                if parents and parents[0]["conditions"][0]["observedGeneration"] == generation:
+                    continue
+                route = api.get(*key)
+                route["status"] = {
+                    "parents": [
+                        {
+                            "parentRef": {"name": "public"},
+                            "controllerName": "example.com/gateway",
+                            "conditions": [
+                                {
+                                    "type": kind,
+                                    "status": "True",
+                                    "reason": kind,
+                                    "observedGeneration": generation,
+                                }
+                                for kind in ("Accepted", "ResolvedRefs")
+                            ],
+                        }
+                    ]
+                }
+                api.put(*key[:3], route)
+
+    task = asyncio.create_task(reconcile())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_gateway_api_rollout_is_promoted(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """With `canary.dev/router: gateway-api` the HTTPRoute's backendRefs weights carry the
+    rollout, each read back with Accepted and ResolvedRefs, and it is promoted."""
+    ns = "gateway"
+    notes = notes_for(**{"canary.dev/router": "gateway-api", "canary.dev/httproute": "web"})
+    del notes["canary.dev/ingress"]
+    api.put(*DEPLOYMENTS, deployment("app", ns, **notes))
+    api.put(
+        *ROUTES,
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": ns},
+            "spec": {
+                "parentRefs": [{"name": "public"}],
+                "rules": [{"backendRefs": [{"name": "app-primary", "port": 80}]}],
+            },
+        },
+    )
+    async with gateway_controller(api), running(api, tmp_path, stack, ns):
+        await until(lambda: initialized(api, ns), what="initialization")
+        async with traffic(api, stack, ns):
+            new_version(api, ns, "example/app:2")
+            st = await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
+                what="the rollout to end",
+            )
+    assert st.rollout.outcome == "promoted", st.rollout
+    written = [
+        {ref["name"]: ref["weight"] for ref in r.body["spec"]["rules"][0]["backendRefs"]}
+        for r in api.recorded(verb="patch", resource="httproutes", namespace=ns)
+        if r.token == "token-a" and r.status == 200
+    ]
+    assert [w["app-canary"] for w in written] == [0, 30, 60, 100, 0]
+    assert all(w["app-primary"] + w["app-canary"] == 100 for w in written)
+    assert (
+        api.get(*DEPLOYMENTS, ns, "app-primary")["spec"]["template"]["spec"]["containers"][0][
+            "image"
+        ]
+        == "example/app:2"
+    )
