@@ -23,7 +23,9 @@ from pathlib import Path
 
 import pytest
 
-from canary.demo.loadgen import LoadGenerator
+from analysis import ArmCounts, Decision, MetricResult, Verdict
+from canary.demo.loadgen import LoadGenerator, SplitStats
+from canary.demo.progress import decisive_reason, format_duration, format_tick
 from canary.demo.service import VERSION_HEADER, ServiceSettings
 from canary.records import EndEntry, Entry, NoteEntry, TickEntry, TransitionEntry, read_record
 
@@ -376,3 +378,81 @@ def test_demo_rejects_bad_flags_naming_them(tmp_path: Path) -> None:
     assert out.returncode == 2, out
     assert "--record-dir" in out.stderr and "cannot create it" in out.stderr
     assert "processes (pid)" not in out.stdout  # refused before starting anything
+
+
+# --- progress lines -------------------------------------------------------------------
+
+
+def _metric(name: str, decision: Decision, reason: str) -> MetricResult:
+    return MetricResult(
+        name=name,
+        decision=decision,
+        critical=True,
+        test="t",
+        tolerance=1.0,
+        alpha=0.01,
+        reason=reason,
+    )
+
+
+def test_progress_line_shows_weight_split_arms_and_the_deciding_reason() -> None:
+    """One tick line: weight set next to the measured split, per-arm rates, the failing
+    metric's reason shortened to its summary."""
+    verdict = Verdict(
+        decision=Decision.FAIL,
+        reasons=["errors: bad — details", "latency_p50: fine — details"],
+        metrics={
+            "latency_p50": _metric("latency_p50", Decision.PASS, "latency_p50: fine — x"),
+            "errors": _metric("errors", Decision.FAIL, "errors: canary 5% vs 0.5% — e=200"),
+        },
+        elapsed_s=12.0,
+    )
+    tick = TickEntry(
+        at=0.0,
+        rollout="demo@1",
+        elapsed_s=12.0,
+        phase="Progressing",
+        step=1,
+        weight_set=25,
+        weight_read=25,
+        primary=ArmCounts(requests=900, errors=9),
+        canary=ArmCounts(requests=300, errors=15),
+        verdict=verdict,
+    )
+    split = SplitStats(
+        since=0.0,
+        until=1.0,
+        completed=1200,
+        primary=901,
+        canary=299,
+        primary_errors=9,
+        canary_errors=15,
+        failed=0,
+        dropped=0,
+    )
+    line = format_tick(tick, steps=3, split=split)
+    assert "step 2/3" in line and "weight  25%" in line
+    assert "measured  24.9% of  1200" in line
+    assert "primary    900 req  1.00% err" in line and "canary    300 req  5.00% err" in line
+    assert line.endswith("fail: errors: canary 5% vs 0.5%")
+    assert decisive_reason(verdict) == "errors: canary 5% vs 0.5%"
+
+
+def test_progress_line_says_why_there_is_no_data() -> None:
+    """A tick without metrics shows the provider's reason instead of counts."""
+    tick = TickEntry(
+        at=0.0,
+        rollout="demo@1",
+        elapsed_s=1.0,
+        phase="Progressing",
+        step=0,
+        weight_set=10,
+        weight_read=10,
+        primary=None,
+        canary=None,
+        no_data_reason="empty result: no series",
+    )
+    line = format_tick(tick, steps=3, split=None)
+    assert "measured   -" in line and "primary      - req" in line
+    assert line.endswith("no data: empty result: no series")
+    assert (format_duration(58.34), format_duration(102)) == ("58.3s", "1m42s")
