@@ -520,8 +520,8 @@ async def test_killed_mid_rollout_resumes_same_step_without_weight_jump(
 
 
 async def test_only_the_leader_acts(api: KubeEmulator, tmp_path: Path, stack: Stack) -> None:
-    """Two instances with leader election: only the Lease holder writes; when it stops, the
-    other takes over and carries on."""
+    """Two instances with leader election: only the Lease holder writes; when it cannot renew
+    the Lease it stops acting before the other takes over and carries on the rollout."""
     from canary.kube import LeaderElector
 
     ns = "leader"
@@ -573,24 +573,30 @@ async def test_only_the_leader_acts(api: KubeEmulator, tmp_path: Path, stack: St
         )
         assert writers() == {tokens[leader]}
 
-        stops[leader].set()
-        await asyncio.wait_for(tasks[leader], 10)
-        cutoff = len(api.requests)
-        await until(lambda: operators[other].acting(), what="the take-over", timeout_s=10)
+        # The leader can no longer renew its Lease (its API calls for it fail): it must stop
+        # acting by itself before the other may take over, and the other then carries on.
+        api.inject(503, times=100_000, resource="leases", token=tokens[leader])
+        await until(lambda: operators[other].acting(), what="the take-over", timeout_s=15)
+        assert not operators[leader].acting() and not operators[leader].workers
         await until(
             lambda: any(
-                r.token == tokens[other] and r.verb == "patch" and r.resource == "deployments"
-                for r in api.requests[cutoff:]
+                r.token == tokens[other]
+                and r.verb in ("create", "patch", "update")
+                and r.resource != "leases"
+                for r in api.requests
             ),
-            what="the new leader to write the status",
+            what="the new leader to resume the rollout (its record gets a note)",
             timeout_s=10,
         )
-        late = {
-            r.token
-            for r in api.requests[cutoff:]
+        (worker,) = operators[other].workers.values()
+        assert worker.runner is not None and not worker.runner.status.done
+        writes = [
+            r
+            for r in api.requests
             if r.verb in ("create", "patch", "update") and r.resource != "leases"
-        }
-        assert late == {tokens[other]}
+        ]
+        first_other = min(r.at for r in writes if r.token == tokens[other])
+        assert max(r.at for r in writes if r.token == tokens[leader]) < first_other
         st = state(api, ns)
         assert st is not None and st.rollout is not None and st.rollout.active
     finally:
