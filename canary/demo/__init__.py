@@ -239,6 +239,12 @@ def build_parser(prog: str = "canary demo") -> argparse.ArgumentParser:
         help=f"where the analysis record is written (default {d.record_dir})",
     )
     parser.add_argument(
+        "--failover",
+        action="store_true",
+        help="instead: a primary-cluster outage and failback between two entry points behind "
+        "PowerDNS (see `canary demo --failover --help`)",
+    )
+    parser.add_argument(
         "--keep-workdir",
         action="store_true",
         help="keep the processes' configs and logs (a temporary directory) after the demo",
@@ -516,7 +522,12 @@ async def _main_async(options: DemoOptions, workdir: Path) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """`canary demo [flags]`: see the module docstring for the exit status."""
-    options = parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if "--failover" in arguments:  # the two-cluster outage demo has its own flags
+        from canary.demo.failover import main as failover_main
+
+        return failover_main([a for a in arguments if a != "--failover"])
+    options = parse_args(arguments)
     # The progress lines show the controller's warnings already; keep its log for errors.
     logging.getLogger("canary").setLevel(logging.ERROR)
     try:
