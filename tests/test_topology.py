@@ -124,3 +124,12 @@ def test_api_key_comes_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> 
         router.api_key()
     monkeypatch.setenv("PDNS_API_KEY", "k")
     assert router.api_key() == "k"
+
+
+def test_the_readme_topology_snippet_validates() -> None:
+    """The topology shown in the README's "Two clusters and failover" section is a valid file."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    section = readme.split("## Two clusters and failover", 1)[1]
+    snippet = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    topology = parse_topology(yaml.safe_load(snippet), source="README")
+    assert topology.service("shop").failover.failures_to_failover == 3
