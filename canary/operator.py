@@ -76,6 +76,7 @@ from canary.kube import (
     deployment_rollout,
 )
 from canary.metrics import PrometheusMetrics
+from canary.notify import Notifier, WebhookConfig
 from canary.record_store import (
     MAX_CONFIGMAP_BYTES,
     RecordTooLarge,
@@ -128,6 +129,13 @@ JSON = dict[str, Any]
 ENABLED = PREFIX + "enabled"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "canary"}
 _STATUS_ATTEMPTS = 5
+
+
+# Which rollout events each annotated webhook type is told of (canary.notify).
+_WEBHOOK_EVENTS: dict[str, frozenset[Any]] = {
+    "post-rollout": frozenset({"promoted", "rolled_back", "manual"}),
+    "rollback": frozenset({"rolled_back"}),
+}
 
 
 class NotLeader(Exception):
@@ -309,6 +317,11 @@ class KubeRolloutRunner(RolloutRunner):
         self.entries.append(entry)
         if not isinstance(entry, TickEntry):
             self._unflushed_important = True
+        for observe in self.entry_observers:
+            try:
+                observe(entry)
+            except Exception:  # a notification must never stop a rollout
+                log.exception("%s: an entry observer failed", self.name)
 
     async def flush_record(self, *, force: bool = False) -> None:
         """Write the record ConfigMap (throttled); failures are reported, never raised."""
@@ -525,6 +538,8 @@ class DeploymentWorker:
         self._metrics: PrometheusMetrics | None = None
         self.task: asyncio.Task[None] | None = None
         self.spec_error: str = ""
+        self.notifier: Notifier | None = None
+        self._webhooks: tuple[WebhookConfig, ...] = ()
 
     @property
     def name(self) -> str:
@@ -550,6 +565,24 @@ class DeploymentWorker:
         if self._metrics is not None:
             self._metrics.close()
             self._metrics = None
+        if self.notifier is not None:
+            await self.notifier.aclose(grace_s=2.0)
+            self.notifier = None
+
+    async def _notifier(self, spec: CanarySpec) -> Notifier | None:
+        """Slack-compatible notifications for the `post-rollout` (promoted, rolled back,
+        manual actions) and `rollback` webhooks; the gating webhook types are not called."""
+        hooks = tuple(
+            WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type])
+            for hook in spec.webhooks
+            if hook.type in _WEBHOOK_EVENTS
+        )
+        if hooks != self._webhooks:
+            if self.notifier is not None:
+                await self.notifier.aclose(grace_s=2.0)
+            self.notifier = Notifier(hooks) if hooks else None
+            self._webhooks = hooks
+        return self.notifier
 
     async def _loop(self) -> None:
         while True:
@@ -559,8 +592,10 @@ class DeploymentWorker:
                 await self.reconcile()
             except NotLeader:
                 return
-            except KubeError as exc:
-                log.warning("%s: reconcile failed, retrying: %s", self.name, exc)
+            except Exception as exc:  # an API error, or a bug: retried, never fatal
+                log.warning("%s: reconcile failed, retrying: %s", self.name, exc, exc_info=True)
+                with contextlib.suppress(Exception):
+                    await self.event("Warning", "ReconcileFailed", f"will retry: {exc}")
                 await asyncio.sleep(self.op.settings.tick_s)
                 self._changed.set()
 
@@ -790,6 +825,9 @@ class DeploymentWorker:
             scaler=scaler,
             telemetry=self.op.telemetry,
         )
+        notifier = await self._notifier(spec)
+        if notifier is not None:
+            runner.entry_observers.append(notifier.on_entry)
         self.runner = runner
         self._runner_task = asyncio.create_task(runner.run(), name=f"rollout:{self.name}")
         self._runner_task.add_done_callback(self._rollout_done)
@@ -1088,6 +1126,15 @@ class Operator:
             await worker.stop()
 
     async def _watch(self) -> None:
+        """Follow the Deployments; an API server that stays away is waited for, not fatal."""
+        while True:
+            try:
+                await self._follow()
+            except KubeError as exc:
+                log.warning("watch deployments failed, retrying: %s", exc)
+                await asyncio.sleep(self.settings.tick_s)
+
+    async def _follow(self) -> None:
         async for item in self.kube.watch_deployments(self.settings.namespace):
             if isinstance(item, Relist):
                 seen = {_key(obj): obj for obj in item.objects if _enabled_key_present(obj)}

@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 from canary.kube import Kube
 from canary.kube_cli import send_command
@@ -449,10 +450,22 @@ async def test_failing_canary_is_rolled_back_and_record_failures_are_reported(
     api: KubeEmulator, tmp_path: Path, stack: Stack
 ) -> None:
     """A canary answering half its requests with 500s is rolled back (weight 0, scaled to
-    zero, primary untouched) even though every write of its record ConfigMap fails; the
-    failure is in the status and a Warning Event."""
+    zero, primary untouched, the rollback webhook told) even though every write of its
+    record ConfigMap fails; that failure is in the status and a Warning Event."""
     ns = "rollback"
-    seed(api, ns, notes_for())
+    received: list[Any] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = web.AppRunner(app)
+    await receiver.setup()
+    port = free_port()
+    await web.TCPSite(receiver, "127.0.0.1", port).start()
+    seed(api, ns, notes_for(**{"canary.dev/webhook.rollback": f"http://127.0.0.1:{port}/hook"}))
     async with running(api, tmp_path, stack, ns):
         await until(lambda: initialized(api, ns), what="initialization")
         api.inject(500, times=10_000, resource="configmaps")
@@ -477,6 +490,12 @@ async def test_failing_canary_is_rolled_back_and_record_failures_are_reported(
     assert "could not write record" in st.record_error
     warnings = {e["reason"] for e in events(api, ns) if e["type"] == "Warning"}
     assert {"RollingBack", "RecordWriteFailed", "RolledBack"} <= warnings
+    try:
+        await until(lambda: received, what="the rollback webhook", timeout_s=10)
+    finally:
+        await receiver.cleanup()
+    (payload,) = received
+    assert "rolled back" in json.dumps(payload).lower() and f"{ns}/app" in json.dumps(payload)
 
 
 async def test_killed_mid_rollout_resumes_same_step_without_weight_jump(
