@@ -749,9 +749,10 @@ async def test_template_changed_mid_rollout_restarts_the_analysis(
     assert any(e["reason"] == "Superseded" for e in events(api, ns))
 
 
-def _http(url: str) -> tuple[int, str]:
+def _http(url: str, method: str = "GET") -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
+        request = urllib.request.Request(url, method=method)
+        with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -820,6 +821,10 @@ async def test_cli_runs_the_controller_and_reads_the_cluster(
         assert (view["namespace"], view["deployment"], view["phase"]) == (ns, "app", "Idle")
         code, text = await get("/metrics")
         assert code == 200 and "canary_errors" in text
+        code, body = await get(f"/rollouts/{ns}/app")
+        assert code == 200 and json.loads(body)["deployment"] == "app"
+        code, body = await asyncio.to_thread(_http, f"{base}/rollouts/{ns}/app/pause", "POST")
+        assert code == 409 and "no rollout is in progress" in body
 
         code, out = await canary("status", "app")
         assert code == 0 and f"{ns}/app: idle" in out, out
