@@ -836,9 +836,17 @@ class DeploymentWorker:
         if task.cancelled():
             return
         exc = task.exception()
-        if exc is not None and not isinstance(exc, NotLeader):
-            log.error("%s: the rollout task crashed", self.name, exc_info=exc)
-        self._changed.set()  # reconcile: maybe start the next rollout
+        if exc is None or isinstance(exc, NotLeader):
+            self._changed.set()  # reconcile: maybe start the next rollout
+            return
+        log.error(
+            "%s: the rollout task crashed; resuming in %gs",
+            self.name,
+            self.op.settings.tick_s,
+            exc_info=exc,
+        )
+        # Resumed from the saved status after a pause, so a crash cannot become a busy loop.
+        asyncio.get_running_loop().call_later(self.op.settings.tick_s, self._changed.set)
 
     async def _read_record(self, ref: str) -> list[Entry]:
         namespace, _, name = ref.partition("/")

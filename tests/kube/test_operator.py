@@ -958,3 +958,24 @@ async def test_gateway_api_rollout_is_promoted(
         ]
         == "example/app:2"
     )
+
+
+def test_status_lines_say_phase_step_weight_and_record() -> None:
+    """`canary status` shows a rollout's phase, step, weight and record, and a spec error."""
+    from canary.kube_cli import _line
+    from canary.rollout import RolloutStatus
+
+    st = KubeState(
+        primary_revision="aaa",
+        rollout=RolloutStatus(
+            stage="Progressing", revision="bbb", step=1, weight=25, message="pass; step 2/4"
+        ),
+        rollout_id="shop/app@bbb",
+        record="canary-system/canary-record-shop-app-bbb",
+    )
+    obj = deployment("app", "shop", **{ANNOTATION_STATUS: st.to_json()})
+    line = _line(obj)
+    assert line.startswith("shop/app: Progressing bbb step 2 weight 25% (verified)")
+    assert "rollout shop/app@bbb" in line and "canary-record-shop-app-bbb" in line
+    bad = deployment("app", "shop", **{ANNOTATION_SPEC_ERROR: '{"canary.dev/steps":"bad"}'})
+    assert "invalid annotations" in _line(bad) and "canary.dev/steps" in _line(bad)
