@@ -71,6 +71,7 @@ class FailoverState(BaseModel):
     standby_healthy: bool = True
     pinned_by: str | None = None  # who moved traffic by hand; blocks automatic failback
     changed_at: float | None = None
+    changed_by: str | None = None  # who made the last move: "controller" or a person
     reason: str = ""
 
 
@@ -303,6 +304,7 @@ def _move(
         update={
             "mode": to,
             "changed_at": now,
+            "changed_by": who,
             "reason": reason,
             "consecutive_failures": 0 if to is Mode.PRIMARY else state.consecutive_failures,
             # A human's failover pins the mode; a failback (either way) unpins it.

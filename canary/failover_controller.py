@@ -82,6 +82,7 @@ class FailoverController:
         on_abort_rollout: Callable[[str], Awaitable[None]] | None = None,
         on_revert_standby: Callable[[str], Awaitable[None]] | None = None,
         on_entry: Callable[[FailoverEntry | NoteEntry], Awaitable[None]] | None = None,
+        on_state: Callable[[FailoverState], Awaitable[None]] | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.name = name
@@ -97,6 +98,8 @@ class FailoverController:
         self._on_revert_standby = on_revert_standby
         # Told of every record entry, e.g. to send it as a Kubernetes Event.
         self._on_entry = on_entry
+        # Told of every persisted state, e.g. to mirror it where a restarted pod finds it.
+        self._on_state = on_state
         self._clock = clock
         self._lock = asyncio.Lock()  # probes and manual commands never interleave
         self.state = load_state(state_path)
@@ -143,6 +146,11 @@ class FailoverController:
         if outcome.state != self.state:
             await asyncio.to_thread(save_state, self.state_path, outcome.state)
             self.state = outcome.state
+            if self._on_state is not None:
+                try:
+                    await self._on_state(outcome.state)
+                except Exception:  # the file is the store of record; a mirror may lag
+                    log.exception("%s: mirroring the failover state failed", self.name)
         for action in outcome.actions:
             await self._execute(action, now)
         return outcome

@@ -51,8 +51,8 @@ from aiohttp import web
 
 from analysis import AnalysisConfig, Analyzer
 from canary.controller import AnalyzerLike, CommandResult, RecordWriter, RolloutRunner, Telemetry
-from canary.failover import FailoverCommand, Mode, Probe
-from canary.failover_controller import FailoverController, FailoverRefused
+from canary.failover import FailoverCommand, FailoverState, Mode, Probe
+from canary.failover_controller import FailoverController, FailoverRefused, save_state
 from canary.health import (
     CheckResult,
     EntryPointHealth,
@@ -60,7 +60,15 @@ from canary.health import (
     error_ratio_check,
     http_check,
 )
-from canary.kube import EventRecorder, Kube, KubeError, NotFound, ObjectRef, deployment_rollout
+from canary.kube import (
+    Conflict,
+    EventRecorder,
+    Kube,
+    KubeError,
+    NotFound,
+    ObjectRef,
+    deployment_rollout,
+)
 from canary.metrics import ArmsCounts, MetricsResult, NoData, PrometheusMetrics, PromQueries
 from canary.records import FailoverEntry, NoteEntry
 from canary.rollout import Command, RolloutStatus
@@ -83,6 +91,7 @@ __all__ = [
     "CrossClusterRollouts",
     "DeploymentPair",
     "MultiClusterController",
+    "StateMirror",
     "TwoClusterService",
     "add_parser",
     "build_router",
@@ -563,6 +572,45 @@ def health_monitor(
     )
 
 
+# ---- failover state, mirrored into a ConfigMap ------------------------------------------
+
+
+@dataclass
+class StateMirror:
+    """The failover state as a ConfigMap (data.state = JSON), so a restarted pod finds it."""
+
+    kube: Kube
+    namespace: str
+    name: str
+
+    async def load(self) -> FailoverState | None:
+        try:
+            configmap = await self.kube.get_configmap(self.namespace, self.name)
+        except NotFound:
+            return None
+        text = (configmap.get("data") or {}).get("state")
+        return None if not text else FailoverState.model_validate_json(text)
+
+    async def save(self, state: FailoverState) -> None:
+        for attempt in (1, 2):  # one retry: another writer between our read and write
+            try:
+                current = await self.kube.get_configmap(self.namespace, self.name)
+                version: str | None = current["metadata"]["resourceVersion"]
+            except NotFound:
+                version = None
+            try:
+                await self.kube.put_configmap(
+                    self.namespace,
+                    self.name,
+                    {"state": state.model_dump_json()},
+                    resource_version=version,
+                )
+                return
+            except Conflict:
+                if attempt == 2:
+                    raise
+
+
 # ---- one service in two clusters ----------------------------------------------------------
 
 
@@ -573,6 +621,7 @@ class TwoClusterService:
     service: ServiceConfig
     failover: FailoverController
     rollouts: CrossClusterRollouts | None
+    mirror: StateMirror | None = None
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -581,6 +630,7 @@ class TwoClusterService:
 
     async def run(self) -> None:
         """Both loops until cancelled; cancelling stops and awaits both."""
+        await self._resume_from_mirror()
         self._tasks = [asyncio.create_task(self.failover.run(), name=f"failover:{self.name}")]
         if self.rollouts is not None:
             self._tasks.append(
@@ -594,6 +644,21 @@ class TwoClusterService:
             for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+
+    async def _resume_from_mirror(self) -> None:
+        """A newer state in the ConfigMap than on disk (a pod restarted on an empty disk) wins."""
+        if self.mirror is None:
+            return
+        try:
+            mirrored = await self.mirror.load()
+        except KubeError as exc:
+            log.warning("%s: cannot read the mirrored failover state: %s", self.name, exc)
+            return
+        if mirrored is None or (mirrored.changed_at or 0) <= (self.failover.state.changed_at or 0):
+            return
+        await asyncio.to_thread(save_state, self.failover.state_path, mirrored)
+        self.failover.state = mirrored
+        log.info("%s: resumed failover state from ConfigMap: %s", self.name, mirrored.mode.value)
 
     async def command(self, to: Mode, *, who: str, reason: str, force: bool) -> JSON:
         try:
@@ -633,6 +698,7 @@ def wire(
     events: EventRecorder | None = None,
     event_ref: Callable[[], ObjectRef | None] = lambda: None,
     probe_interval_s: float | None = None,
+    mirror: StateMirror | None = None,
 ) -> TwoClusterService:
     """Connect a FailoverController and a CrossClusterRollouts for one service."""
     holder: list[FailoverController] = []
@@ -678,9 +744,10 @@ def wire(
         on_abort_rollout=rollouts.abort if rollouts is not None else no_op,
         on_revert_standby=rollouts.revert_standby if rollouts is not None else no_op,
         on_entry=on_entry,
+        on_state=mirror.save if mirror is not None else None,
     )
     holder.append(controller)
-    return TwoClusterService(service, controller, rollouts)
+    return TwoClusterService(service, controller, rollouts, mirror)
 
 
 # ---- the controller the HTTP server sees ---------------------------------------------------
@@ -872,6 +939,8 @@ def _cmd_move(args: argparse.Namespace) -> int:
         line = f"{service['name']}: on {state.get('mode')}"
         if state.get("pinned_by"):
             line += f" (pinned by {state['pinned_by']})"
+        elif state.get("changed_by"):
+            line += f" (last moved by {state['changed_by']})"
         if "accepted" in service:
             verdict = "done" if service["accepted"] else "REFUSED"
             line += f"; {verdict}: {service.get('message', '')}"
@@ -993,6 +1062,11 @@ def build_controller(
                 rollouts_factory=factory,
                 events=events,
                 probe_interval_s=probe_interval_s,
+                mirror=None
+                if topology.state_namespace is None
+                else StateMirror(
+                    canary, topology.state_namespace, f"canary-failover-{service.name}"
+                ),
             )
         )
     return MultiClusterController(services, telemetry=telemetry)

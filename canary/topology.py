@@ -333,6 +333,10 @@ class Topology(_Strict):
     clusters: Clusters
     services: list[ServiceConfig] = Field(min_length=1)
     state_dir: Path = Path("state")  # failover state files
+    # Also mirror each service's failover state into a ConfigMap in this namespace of the
+    # canary cluster (the one still up during an outage), so a controller pod that restarts
+    # on an empty disk resumes from it. None: the state files only.
+    state_namespace: str | None = None
     record_dir: Path = Path("records")
 
     @model_validator(mode="after")

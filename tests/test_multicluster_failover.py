@@ -62,7 +62,13 @@ def deployment(image: str) -> dict[str, Any]:
 
 
 def make_topology(
-    pdns: PdnsServer, tmp_path: Path, port: int, *, name: str, policy: dict[str, Any]
+    pdns: PdnsServer,
+    tmp_path: Path,
+    port: int,
+    *,
+    name: str,
+    policy: dict[str, Any],
+    state_dir: str = "state",
 ) -> Topology:
     dead = f"http://127.0.0.1:{free_port()}"  # no Prometheus: rollouts hold on "no data"
 
@@ -79,7 +85,8 @@ def make_topology(
                 "primary": cluster("eu-1", PRIMARY_IP),
                 "canary": cluster("eu-2", STANDBY_IP),
             },
-            "state_dir": str(tmp_path / "state"),
+            "state_dir": str(tmp_path / state_dir),
+            "state_namespace": "canary-system",
             "record_dir": str(tmp_path / "records"),
             "services": [
                 {
@@ -117,6 +124,14 @@ class Env:
     controller: MultiClusterController
     server: Server
     topology: Topology
+    kubes: list[Kube]
+    session: aiohttp.ClientSession
+    task: asyncio.Task[None]
+
+    async def stop_controller(self) -> None:
+        self.controller.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self.task
 
     async def cli(self, *args: str) -> tuple[int, str, str]:
         """Run `canary ARGS --server URL` as its own process."""
@@ -169,7 +184,18 @@ async def running(
         await server.start()
         task = asyncio.create_task(controller.run())
         try:
-            yield Env(primary, standby, primary_api, canary_api, controller, server, topology)
+            yield Env(
+                primary,
+                standby,
+                primary_api,
+                canary_api,
+                controller,
+                server,
+                topology,
+                kubes,
+                session,
+                task,
+            )
         finally:
             controller.stop()
             with contextlib.suppress(asyncio.CancelledError):
@@ -232,7 +258,7 @@ async def test_cli_failover_and_failback_are_idempotent_and_recorded(
         assert code == 0 and "shop: on standby (pinned by dana)" in out
         code, out, err = await env.cli("failback", "--reason", "done")
         assert code == 0, err
-        assert "shop: on primary; done: done" in out
+        assert "shop: on primary (last moved by dana); done: done" in out
         assert await env.service.failover.router.get_weight() == 10
         entries = read_record(env.topology.record_dir / "shop-clusters.jsonl")
         moves = [(e.direction, e.who, e.reason) for e in entries if e.kind == "failover"]  # type: ignore[union-attr]
@@ -325,21 +351,50 @@ async def test_primary_outage_mid_rollout_aborts_it_and_moves_clients_within_the
 async def test_restart_during_an_outage_stays_on_the_standby_and_says_so(
     pdns: PdnsServer, tmp_path: Path
 ) -> None:
-    """A new controller over the same state directory resumes on the standby: no failback, no weight flip, status shows it."""
+    """A new controller on an empty disk resumes on the standby from the ConfigMap mirror: no failback, no weight flip, status shows it."""
     async with running(pdns, tmp_path, name="restart") as env:
         await wait_for(lambda: weight_is(env, 10), 10, "the steady 10%")
         await env.primary.down()
         await wait_for(lambda: _on(env, Mode.STANDBY), 10, "the failover")
-    # the primary is back, but failback is manual by default
-    async with running(pdns, tmp_path, name="restart") as env:
-        weights = []
-        for _ in range(8):
-            weights.append(await env.service.failover.router.get_weight())
-            await asyncio.sleep(INTERVAL)
+        mirrored = env.canary_api.get(
+            "", "v1", "configmaps", "canary-system", "canary-failover-shop"
+        )
+        assert '"mode":"standby"' in mirrored["data"]["state"]
+        await env.stop_controller()
+        await env.primary.up()  # back while no controller runs; failback is manual by default
+        fresh = make_topology(
+            pdns, tmp_path, env.primary.port, name="restart", policy={}, state_dir="fresh-disk"
+        )
+        controller = build_controller(
+            fresh,
+            env.session,
+            primary=env.kubes[0],
+            canary=env.kubes[1],
+            probe_interval_s=INTERVAL,
+            poll_s=0.2,
+        )
+        task = asyncio.create_task(controller.run())
+        try:
+            await wait_for(lambda: _probed_by(controller), 5, "a probe")
+            weights = []
+            for _ in range(8):
+                weights.append(await controller.services["shop"].failover.router.get_weight())
+                await asyncio.sleep(INTERVAL)
+        finally:
+            controller.stop()
+            await task
+        service = controller.services["shop"]
         assert set(weights) == {100}
-        assert env.service.failover.moves == []
-        code, out, _ = await env.cli("failover", "--status")
-        assert code == 0 and "shop: on standby" in out
+        assert service.failover.state.mode is Mode.STANDBY and service.failover.moves == []
+        assert service.failover.state.primary_healthy_since is not None  # it saw the primary back
+        assert (tmp_path / "fresh-disk" / "shop.failover.json").exists()
+        for svc in controller.services.values():
+            if svc.rollouts is not None:
+                svc.rollouts.metrics.close()
+
+
+async def _probed_by(controller: MultiClusterController) -> bool:
+    return controller.services["shop"].failover.last_probe is not None
 
 
 async def _probed(env: Env) -> bool:
