@@ -370,9 +370,16 @@ class Topology(_Strict):
         clusters = Clusters(
             primary=fix_cluster(self.clusters.primary), canary=fix_cluster(self.clusters.canary)
         )
+        services = []
+        for service in self.services:
+            router = service.router
+            if isinstance(router, GlobalHAProxyRouterConfig) and not router.socket.is_absolute():
+                router = router.model_copy(update={"socket": base / router.socket})
+            services.append(service.model_copy(update={"router": router}))
         return self.model_copy(
             update={
                 "clusters": clusters,
+                "services": services,
                 "state_dir": absolute(self.state_dir) or self.state_dir,
                 "record_dir": absolute(self.record_dir) or self.record_dir,
             }

@@ -28,11 +28,20 @@ from canary.multicluster import (
     ENABLED_ANNOTATION,
     MultiClusterController,
     build_controller,
+    build_router,
     merge_replace,
     template_revision,
 )
-from canary.procs import HttpReady, ManagedProcess, PrometheusProcess, free_port
+from canary.procs import (
+    HAProxyConfig,
+    HAProxyProcess,
+    HttpReady,
+    ManagedProcess,
+    PrometheusProcess,
+    free_port,
+)
 from canary.records import read_record
+from canary.routers.base import set_and_verify
 from canary.topology import Topology, parse_topology
 
 __all__ = ["pdns"]
@@ -302,3 +311,41 @@ def test_merge_replace_turns_old_into_new() -> None:
 
     assert merge_patch(old, patch) == new
     assert template_revision(new) == template_revision({**new}) != template_revision(old)
+
+
+async def test_a_global_haproxy_in_front_of_both_entry_points_is_a_router_too(
+    tmp_path: Path, sockdir: Path, procs: ProcessPool, haproxy_binary: str
+) -> None:
+    """router kind haproxy drives a real HAProxy whose two servers are the clusters' entry points."""
+    port = free_port()
+    config = HAProxyConfig(
+        frontend_port=free_port(),
+        primary_addr=f"{PRIMARY_IP}:{port}",
+        canary_addr=f"{CANARY_IP}:{port}",
+        socket_path=sockdir / "lb.sock",
+        state_file=tmp_path / "lb.state",
+        backend="shop",
+    )
+    procs.start(HAProxyProcess(config, workdir=tmp_path, binary=haproxy_binary))
+    data = {
+        "clusters": {
+            side: {
+                "name": side,
+                "entry_point": ip,
+                "prometheus": {"url": "http://127.0.0.1:9090", "selector": f'cluster="{side}"'},
+            }
+            for side, ip in (("primary", PRIMARY_IP), ("canary", CANARY_IP))
+        },
+        "services": [
+            {
+                "name": "shop",
+                "dns_name": "shop.example.test",
+                "deployment": "shop",
+                "router": {"kind": "haproxy", "socket": "lb.sock", "backend": "shop"},
+            }
+        ],
+    }
+    topo = parse_topology(data, base=sockdir)  # the socket path is relative to the file
+    router = build_router(topo, topo.services[0], primary=None, canary=None)
+    assert await set_and_verify(router, 10) == 10
+    assert await set_and_verify(router, 100) == 100

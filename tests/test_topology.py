@@ -53,6 +53,7 @@ def test_the_example_validates_with_its_commented_values() -> None:
         failures_to_failover=3, healthy_s_to_failback=600, auto_failback=False
     )
     assert topology.state_dir == EXAMPLE.parent / "state"
+    assert topology.state_namespace == "canary-system"
     assert topology.service("search").router.kind == "external-dns"
     assert shop.rollout_spec().promotion == "copy"
 
