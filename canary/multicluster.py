@@ -283,6 +283,12 @@ class CrossClusterRollouts:
         self.runner: RolloutRunner | None = None
         self.finished: list[tuple[str, str | None]] = []  # (revision, outcome)
         self._to_revert: str | None = None  # a failed revision still running in the canary cluster
+        # The primary's template as last read: the last promoted one, known even when the
+        # primary cluster's API is down (which is when a failover reverts the standby).
+        self._promoted_template: JSON | None = None
+        self.abort_timeout_s = 5.0
+        self.revert_timeout_s = min(120.0, service.rollout_timeout_s)
+        self._pending: set[asyncio.Future[CommandResult]] = set()
         self._canary_ref: ObjectRef | None = None
 
     # ---- hooks for the failover controller ------------------------------------------------
@@ -295,18 +301,51 @@ class CrossClusterRollouts:
         runner = self.runner
         if runner is None or runner.status.done:
             return
-        result = await runner.command(Command("abort", "failover", reason))
         await self._event("Warning", "RolloutAborted", f"failover aborted the rollout: {reason}")
+        # The runner answers between ticks; one busy promoting (waiting on a primary cluster
+        # that is down) must not hold the failover up. The abort stays queued, and the
+        # failover controller re-asserts the standby's weight on every round meanwhile.
+        pending = asyncio.ensure_future(runner.command(Command("abort", "failover", reason)))
+        done, _ = await asyncio.wait({pending}, timeout=self.abort_timeout_s)
+        if not done:
+            pending.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._pending.add(pending)
+            pending.add_done_callback(self._pending.discard)
+            log.warning(
+                "%s: the rollout has not taken the abort yet; failing over anyway",
+                self.service.name,
+            )
+            return
+        result = pending.result()
         if not result.accepted:
             log.warning("%s: abort refused: %s", self.service.name, result.message)
 
     async def revert_standby(self, reason: str) -> None:
-        """Put the canary cluster back on the primary's (last promoted) template."""
-        await self._revert(reason)
+        """Put the canary cluster back on the last promoted template, within a bounded time:
+        past it the standby serves as it is (better than no service) and says so."""
+        try:
+            async with asyncio.timeout(self.revert_timeout_s):
+                await self._revert(reason)
+        except (TimeoutError, KubeError, RuntimeError) as exc:
+            message = (
+                f"could not revert the standby before failing over ({exc}); it serves as it is"
+            )
+            await self._note("warning", message)
+            await self._event("Warning", "RevertFailed", message)
 
     # ---- the loop ----------------------------------------------------------------------
 
     async def run(self) -> None:
+        try:
+            await self._loop()
+        finally:
+            for pending in self._pending:
+                pending.cancel()
+            for pending in list(self._pending):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await pending
+
+    async def _loop(self) -> None:
         while True:
             try:
                 await self._once()
@@ -314,6 +353,8 @@ class CrossClusterRollouts:
                 log.warning("%s: %s", self.service.name, exc)
             except RouterError as exc:
                 log.warning("%s: steady weight: %s", self.service.name, exc)
+            except (RuntimeError, TimeoutError) as exc:  # a Deployment that did not roll out
+                log.warning("%s: %s", self.service.name, exc)
             await asyncio.sleep(self.poll_s)
 
     async def _once(self) -> None:
@@ -324,6 +365,7 @@ class CrossClusterRollouts:
         annotations = (canary.get("metadata") or {}).get("annotations") or {}
         template = (canary.get("spec") or {}).get("template") or {}
         primary_template = (primary.get("spec") or {}).get("template") or {}
+        self._promoted_template = primary_template
         revision = template_revision(template)
         if template == primary_template or annotations.get(ENABLED_ANNOTATION) != "true":
             await self._steady()
@@ -415,8 +457,13 @@ class CrossClusterRollouts:
         await self._steady()
 
     async def _revert(self, reason: str) -> None:
-        primary = await self.pair.primary.get_deployment(self.pair.namespace, self.pair.name)
-        template = (primary.get("spec") or {}).get("template") or {}
+        try:
+            primary = await self.pair.primary.get_deployment(self.pair.namespace, self.pair.name)
+            template = (primary.get("spec") or {}).get("template") or {}
+        except KubeError:
+            if self._promoted_template is None:
+                raise
+            template = self._promoted_template  # the primary cluster is down: the last read
         await self.pair.apply_template(
             self.pair.canary,
             template,

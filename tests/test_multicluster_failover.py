@@ -319,6 +319,8 @@ async def test_primary_outage_mid_rollout_aborts_it_and_moves_clients_within_the
             await asyncio.sleep(1.5)
             assert loadgen.share(PRIMARY_IP, 0.0) not in (None, 0.0)  # both sides served
             outage = loadgen.clock()
+            # the whole primary cluster is down: its API too (the revert uses the last read)
+            env.primary_api.inject(503, times=10_000)
             await env.primary.down()
             await wait_for(lambda: _on(env, Mode.STANDBY), 15, "the failover")
             # every client re-resolves within one TTL; then a second of standby-only traffic
