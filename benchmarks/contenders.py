@@ -152,18 +152,33 @@ class KayentaConfig:
     iqr_factor: float = 3.0
 
 
+def _percentile_legacy(values: FloatArray, p: float) -> float:
+    """Apache Commons Math `StatUtils.percentile` (EstimationType.LEGACY), p in (0, 100]."""
+    v = np.sort(values)
+    n = v.size
+    pos = p * (n + 1) / 100.0
+    if pos < 1:
+        return float(v[0])
+    if pos >= n:
+        return float(v[-1])
+    k = math.floor(pos)
+    return float(v[k - 1] + (pos - k) * (v[k] - v[k - 1]))
+
+
 def _remove_outliers(values: FloatArray, factor: float) -> FloatArray:
-    # NetflixACAJudge.transformMetric: IQRDetector(factor = 3.0, reduceSensitivity = true).
-    # Our reading of reduceSensitivity: with a zero IQR nothing is called an outlier (the
-    # generous reading; otherwise every non-zero minute of a sparse error series is dropped).
-    if values.size < 4:
+    """NetflixACAJudge.transformMetric: IQRDetector(factor = 3.0, reduceSensitivity = true).
+
+    Source: spinnaker kayenta-judge .../detectors/IQRDetector.scala. With reduceSensitivity
+    the fences widen to the 1st and 99th percentiles; with the LEGACY estimator those are the
+    minimum and maximum below 99 values, so short series lose nothing.
+    """
+    if values.size == 0:
         return values
-    q1, q3 = np.percentile(values, [25.0, 75.0])
+    q1, q3 = _percentile_legacy(values, 25.0), _percentile_legacy(values, 75.0)
     iqr = q3 - q1
-    if iqr <= 0:
-        return values
-    keep = (values >= q1 - factor * iqr) & (values <= q3 + factor * iqr)
-    kept: FloatArray = values[keep]
+    lower = min(_percentile_legacy(values, 1.0), q1 - factor * iqr)
+    upper = max(_percentile_legacy(values, 99.0), q3 + factor * iqr)
+    kept: FloatArray = values[(values >= lower) & (values <= upper)]
     return kept
 
 
