@@ -403,8 +403,9 @@ class KubeRolloutRunner(RolloutRunner):
                     break
                 await self._supersede()
                 await self._tick()
+                # The record before the status: a status that says "done" has its record.
+                await self.flush_record(force=self.status.done)
                 await self.worker.persist()
-                await self.flush_record()
         except asyncio.CancelledError:
             self.stopped = True
             await self._stopped_note()
