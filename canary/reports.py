@@ -260,7 +260,16 @@ async def _cluster_report(args: argparse.Namespace) -> Report:
     try:
         entries = await load_record_configmap(kube, namespace=namespace, rollout=args.name)
     except RecordError as exc:
-        raise ReportError(str(exc)) from None
+        if "@" in args.name:
+            raise ReportError(str(exc)) from None
+        # NAME may be an annotated Deployment in -n: its status names its latest record.
+        from canary.kube import KubeError
+        from canary.kube_cli import fetch_record
+
+        try:
+            entries = unpack_record(await fetch_record(kube, namespace, args.name))
+        except (KubeError, RecordError) as second:
+            raise ReportError(f"{exc}; nor is it a Deployment with a record: {second}") from None
     finally:
         await kube.close()
     dicts = [entry.model_dump(mode="json", by_alias=True) for entry in entries]

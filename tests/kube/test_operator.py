@@ -444,6 +444,23 @@ async def test_new_template_is_analysed_and_promoted(
         ],
     )
     assert code == 0 and "promoted" in out.read_text().lower()
+    # ... and so does `canary report DEPLOYMENT -n APP_NAMESPACE`, through its status.
+    out.unlink()
+    code = await asyncio.to_thread(
+        report_main,
+        [
+            "app",
+            "-n",
+            ns,
+            "--kubeconfig",
+            str(tmp_path / "kc-token-a"),
+            "--format",
+            "md",
+            "-o",
+            str(out),
+        ],
+    )
+    assert code == 0 and "promoted" in out.read_text().lower()
 
 
 async def test_failing_canary_is_rolled_back_and_record_failures_are_reported(
