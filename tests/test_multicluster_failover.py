@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -20,6 +22,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 from kube.emulator import KubeEmulator
 from pdns_server import API_KEY, PdnsServer, free_port, pdns
 from test_failover_controller import EntryPoint
@@ -409,3 +412,88 @@ async def _standby_unhealthy(env: Env) -> bool:
 
 async def _on(env: Env, mode: Mode) -> bool:
     return bool(env.service.failover.state.mode is mode)
+
+
+async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigterm(
+    pdns: PdnsServer, tmp_path: Path
+) -> None:
+    """`canary clusters --topology FILE` connects to both clusters by kubeconfig, serves /failover, and exits 3 cleanly on SIGTERM."""
+    port, listen = free_port(), free_port()
+    primary, standby = EntryPoint(PRIMARY_IP, port), EntryPoint(STANDBY_IP, port)
+    await primary.up()
+    await standby.up()
+    try:
+        async with KubeEmulator() as primary_api, KubeEmulator() as canary_api:
+            primary_api.put("apps", "v1", "deployments", deployment("shop:1"))
+            canary_api.put("apps", "v1", "deployments", deployment("shop:1"))
+            data = make_topology(pdns, tmp_path, port, name="cli", policy={}).model_dump(
+                mode="json"
+            )
+            for side, api in (("primary", primary_api), ("canary", canary_api)):
+                path = api.write_kubeconfig(tmp_path / f"{side}.kubeconfig", context=side)
+                data["clusters"][side].update(kubeconfig=path.name, context=side)
+            (tmp_path / "topology.yaml").write_text(yaml.safe_dump(data))
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "canary",
+                "clusters",
+                "--topology",
+                str(tmp_path / "topology.yaml"),
+                "--listen",
+                f"127.0.0.1:{listen}",
+                stderr=asyncio.subprocess.PIPE,
+                env={**os.environ, "PDNS_API_KEY": API_KEY},
+            )
+            try:
+                url = f"http://127.0.0.1:{listen}"
+                async with aiohttp.ClientSession() as session:
+                    await wait_for(lambda: _failover_state(session, url), 20, "the server")
+                    state = await _failover_state(session, url)
+                assert state is not None and state["failover"]["mode"] == "primary"
+                assert state["dns_name"] == f"cli.{pdns.zone}"
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                _, err = await asyncio.wait_for(proc.communicate(), 20)
+            assert proc.returncode == 3, err.decode()
+            assert b"serving on" in err
+    finally:
+        await primary.down()
+        await standby.down()
+
+
+async def _failover_state(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
+    try:
+        async with session.get(f"{url}/failover") as response:
+            body = await response.json()
+    except aiohttp.ClientError:
+        return None
+    services = body.get("services") or []
+    return services[0] if services and services[0].get("last_probe") else None
+
+
+def test_canary_clusters_names_a_bad_topology_and_a_missing_key(tmp_path: Path) -> None:
+    """A bad field and an unset API key variable both exit 2 with the file, the field or the variable named."""
+    bad = tmp_path / "t.yaml"
+    bad.write_text("clusters: {}\nservices: []\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "canary", "clusters", "--topology", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        result.returncode == 2
+        and "t.yaml: clusters.primary: required key is missing" in result.stderr
+    )
+    good = make_topology(PdnsServer(1, "http://127.0.0.1:1"), tmp_path, 80, name="k", policy={})
+    bad.write_text(yaml.safe_dump(good.model_dump(mode="json")))
+    env = {k: v for k, v in os.environ.items() if k != "PDNS_API_KEY"}
+    result = subprocess.run(
+        [sys.executable, "-m", "canary", "clusters", "--topology", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert result.returncode == 2 and "$PDNS_API_KEY is not set" in result.stderr
