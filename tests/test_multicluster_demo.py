@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,27 @@ def test_failover_demo_rejects_bad_flags_by_name() -> None:
         timeout=60,
     )
     assert result.returncode == 2 and "--failures must be within 1..20, got 0" in result.stderr
+
+
+def test_failover_demo_stops_every_child_on_sigterm(tmp_path: Path) -> None:
+    """SIGTERM during the demo exits 143 and leaves none of the PIDs it printed running."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "canary", "demo", "--failover", "--record-dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=tmp_path,
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # "clusters: ... (pid N) ... PowerDNS pid M ..."
+        pids = [int(p) for p in re.findall(r"pid (\d+)", first)]
+        assert len(pids) == 3, first
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 143, out + err
+    assert [p for p in pids if _alive(p)] == []
