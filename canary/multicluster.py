@@ -373,6 +373,17 @@ class CrossClusterRollouts:
         if self._to_revert == revision:
             await self._after_failure(revision)  # a revert that failed earlier: again
             return
+        # Judge the new version only once all of its pods serve (else the analysis would
+        # compare a mix of old and new), and never move traffic to one that cannot roll out.
+        state, message = deployment_rollout(canary)
+        if state == "progressing":
+            return
+        if state == "failed":
+            await self._event("Warning", "RolloutFailed", f"{revision} did not roll out: {message}")
+            self.finished.append((revision, "rolled_back"))
+            self._to_revert = revision
+            await self._after_failure(revision)
+            return
         await self._rollout(revision, template, primary_template)
 
     async def _steady(self) -> None:

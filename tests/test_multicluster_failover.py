@@ -497,3 +497,41 @@ def test_canary_clusters_names_a_bad_topology_and_a_missing_key(tmp_path: Path) 
         env=env,
     )
     assert result.returncode == 2 and "$PDNS_API_KEY is not set" in result.stderr
+
+
+async def test_a_new_version_is_judged_only_once_rolled_out_and_one_that_cannot_is_reverted(
+    pdns: PdnsServer, tmp_path: Path
+) -> None:
+    """No traffic moves while the canary cluster's pods roll out; a progress deadline exceeded reverts it without a rollout."""
+    async with running(pdns, tmp_path, name="notready") as env:
+        rollouts = env.service.rollouts
+        await wait_for(lambda: weight_is(env, 10), 10, "the steady 10%")
+        env.canary_api.simulate_deployments = False  # pods of the new version still starting
+        env.canary_api.put("apps", "v1", "deployments", deployment("shop:2"))
+        await asyncio.sleep(1.0)
+        assert rollouts.runner is None and await weight_is(env, 10)
+        stuck = env.canary_api.get("apps", "v1", "deployments", NS, "shop")
+        stuck["status"] = {
+            "observedGeneration": stuck["metadata"]["generation"],
+            "conditions": [
+                {"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}
+            ],
+        }
+        env.canary_api.put("apps", "v1", "deployments", stuck)
+        env.canary_api.simulate_deployments = True  # the revert's pods start normally
+        await wait_for(lambda: _finished(rollouts), 10, "the failed version to be handled")
+        assert rollouts.finished[0][1] == "rolled_back" and rollouts.runner is None
+        # the Event follows the revert's rollout, so it also says the image is back
+        await wait_for(lambda: _has_event(env.canary_api, "Reverted"), 5, "the Reverted event")
+        dep = env.canary_api.get("apps", "v1", "deployments", NS, "shop")
+        assert dep["spec"]["template"]["spec"]["containers"][0]["image"] == "shop:1"
+        assert "RolloutFailed" in event_reasons(env.canary_api)
+        assert await weight_is(env, 10)
+
+
+async def _finished(rollouts: Any) -> bool:
+    return bool(rollouts.finished)
+
+
+async def _has_event(api: KubeEmulator, reason: str) -> bool:
+    return reason in event_reasons(api)
