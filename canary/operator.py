@@ -490,6 +490,7 @@ class KubeRolloutRunner(RolloutRunner):
         self._start_record(revision)
         self.canary_version = revision
         await self._write(self._start_entry(reason))
+        await self._note("info", f"this rollout {reason}; the analysis starts over")
         await self.worker.event("Normal", "Superseded", reason)
         await self._feed(NewRevision(revision, reason))
 

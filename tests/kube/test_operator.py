@@ -764,6 +764,14 @@ async def test_template_changed_mid_rollout_restarts_the_analysis(
         "the machine restarted the analysis"
     )
     assert any(e["reason"] == "Superseded" for e in events(api, ns))
+    # Both reports say so.
+    from analysis.report import build_report, render_markdown
+
+    for record in (old, new):
+        text = render_markdown(
+            build_report([e.model_dump(mode="json", by_alias=True) for e in record])
+        )
+        assert "superseded" in text.lower(), text[:2000]
 
 
 def _http(url: str, method: str = "GET") -> tuple[int, str]:
