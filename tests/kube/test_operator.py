@@ -41,7 +41,7 @@ DEPLOYMENTS = ("apps", "v1", "deployments")
 INGRESSES = ("networking.k8s.io", "v1", "ingresses")
 ROUTES = ("gateway.networking.k8s.io", "v1", "httproutes")
 RECORDS_NS = "canary-system"
-GOOD = ("promote", "resume", "leader", "commands", "spec", "supersede", "cli", "gateway")
+GOOD = ("promote", "resume", "leader", "commands", "spec", "supersede", "cli", "gateway", "faults")
 BAD = ("rollback",)
 
 pytestmark = pytest.mark.timeout(120)
@@ -1004,3 +1004,23 @@ def test_status_lines_say_phase_step_weight_and_record() -> None:
     assert "rollout shop/app@bbb" in line and "canary-record-shop-app-bbb" in line
     bad = deployment("app", "shop", **{ANNOTATION_SPEC_ERROR: '{"canary.dev/steps":"bad"}'})
     assert "invalid annotations" in _line(bad) and "canary.dev/steps" in _line(bad)
+
+
+async def test_router_failure_is_a_warning_and_the_weight_is_set_again(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """An API server failing the canary Ingress writes gives a Warning Event; the rollout
+    holds and sets the weight again on the next tick instead of failing."""
+    ns = "faults"
+    seed(api, ns, notes_for())
+    async with running(api, tmp_path, stack, ns):
+        await until(lambda: initialized(api, ns), what="initialization")
+        api.inject(500, times=4, verb="patch", resource="ingresses")  # one whole retried write
+        new_version(api, ns, "example/app:2")
+        st = await until(
+            lambda: (s := state(api, ns)) and s.rollout and s.rollout.weight_verified and s,
+            what="the first step, set again",
+        )
+    assert st.rollout.weight == 30 and canary_weight(api, ns) == 30
+    warnings = [e["message"] for e in events(api, ns) if e["type"] == "Warning"]
+    assert any("could not set 30%" in m for m in warnings), warnings
