@@ -552,6 +552,7 @@ def build_router(
             mode=config.mode,
             resource=config.resource,
             ttl=config.ttl,
+            placement=config.placement,
             name=f"external-dns:{service.dns_name}",
         )
     assert isinstance(config, GlobalHAProxyRouterConfig)

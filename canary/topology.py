@@ -182,11 +182,20 @@ class ExternalDNSRouterConfig(_Strict):
     # dnsendpoint: a DNSEndpoint object (externaldns.k8s.io/v1alpha1) in each cluster.
     mode: Literal["annotations", "dnsendpoint"] = "annotations"
     resource: Literal["service", "ingress"] = "service"  # annotations mode only
+    # dnsendpoint mode: "each" cluster publishes its own record, or the "canary" cluster
+    # publishes both (so a failover needs nothing from a primary cluster that is down).
+    placement: Literal["each", "canary"] = "each"
     object_name: str | None = None  # default: the service's deployment name
     set_identifiers: dict[str, str] = Field(
         default_factory=lambda: {"primary": "primary", "canary": "canary"}
     )
     ttl: int = Field(default=60, ge=1)
+
+    @model_validator(mode="after")
+    def _placement(self) -> ExternalDNSRouterConfig:
+        if self.placement == "canary" and self.mode != "dnsendpoint":
+            raise ValueError("placement: canary needs mode: dnsendpoint (one object, both records)")
+        return self
 
     @field_validator("set_identifiers")
     @classmethod

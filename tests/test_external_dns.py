@@ -136,7 +136,7 @@ async def test_missing_service_and_foreign_dnsendpoint_are_refused(
     )
     with pytest.raises(RouterRejected, match="not managed by canary"):
         await make_router(clusters, mode="dnsendpoint").set_weight(10)
-    assert clusters[0].api.recorded(verb="patch") == []
+    assert clusters[0].api.recorded(verb="patch", resource="dnsendpoints") == []
 
 
 async def test_an_unreachable_cluster_is_router_unreachable(
@@ -162,3 +162,53 @@ async def test_bad_arguments_name_what_is_wrong(clusters: tuple[Cluster, Cluster
     with pytest.raises(ValueError, match=r"within 0\.\.100, got 101"):
         await make_router(clusters).set_weight(101)
     assert issubclass(RouterRejected, RouterError)
+
+
+async def test_a_reachable_cluster_is_written_even_when_the_other_is_down(
+    clusters: tuple[Cluster, Cluster],
+) -> None:
+    """With the primary's API down, failing over still sets the canary cluster's weight, then reports the primary's error."""
+    for cluster in clusters:
+        cluster.api.put("", "v1", "services", service())
+    router = make_router(clusters)
+    await router.set_weight(10)
+    clusters[0].api.inject(503, times=100)
+    with pytest.raises(RouterUnreachable):
+        await router.set_weight(100)
+    canary = clusters[1].api.get("", "v1", "services", NS, "shop")["metadata"]["annotations"]
+    assert canary[WEIGHT_ANNOTATION] == "100"
+
+
+async def test_both_records_in_the_canary_cluster_need_nothing_from_the_primary(
+    clusters: tuple[Cluster, Cluster],
+) -> None:
+    """placement canary: one DNSEndpoint in the canary cluster holds both weighted records, so a failover works with the primary cluster down."""
+    primary, canary = clusters
+    router = ExternalDNSRouter(
+        primary=ClusterSide(primary.kube, entry_point="192.0.2.10", set_identifier="eu-1"),
+        canary=ClusterSide(canary.kube, entry_point="192.0.2.20", set_identifier="eu-2"),
+        namespace=NS,
+        object_name="shop",
+        dns_name="shop.example.com",
+        mode="dnsendpoint",
+        placement="canary",
+    )
+    assert await set_and_verify(router, 10) == 10
+    primary.api.inject(503, times=100)  # the primary cluster is down
+    assert await set_and_verify(router, 100) == 100
+    obj = canary.api.get("externaldns.k8s.io", "v1alpha1", "dnsendpoints", NS, "shop")
+    weights = {
+        e["setIdentifier"]: (e["targets"], e["providerSpecific"][0]["value"])
+        for e in obj["spec"]["endpoints"]
+    }
+    assert weights == {"eu-1": (["192.0.2.10"], "0"), "eu-2": (["192.0.2.20"], "100")}
+    assert primary.api.recorded(resource="dnsendpoints") == []
+    with pytest.raises(ValueError, match="placement canary needs mode dnsendpoint"):
+        ExternalDNSRouter(
+            primary=router.primary,
+            canary=router.canary,
+            namespace=NS,
+            object_name="shop",
+            dns_name="shop.example.com",
+            placement="canary",
+        )

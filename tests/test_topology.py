@@ -83,6 +83,11 @@ def test_minimal_file_gets_defaults() -> None:
             "services[0].health.path: must start with '/'",
         ),
         (("services", 0, "router", "api_key_env"), "A-B", "must be an environment variable name"),
+        (
+            ("services", 0, "router"),
+            {"kind": "external-dns", "placement": "canary"},
+            "placement: canary needs mode: dnsendpoint",
+        ),
     ],
 )
 def test_bad_values_are_errors_naming_the_field(

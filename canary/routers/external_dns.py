@@ -79,6 +79,7 @@ class ExternalDNSRouter:
         mode: Literal["annotations", "dnsendpoint"] = "annotations",
         resource: Literal["service", "ingress"] = "service",
         ttl: int = 60,
+        placement: Literal["each", "canary"] = "each",
         name: str = "external-dns",
     ) -> None:
         if primary.set_identifier == canary.set_identifier:
@@ -87,6 +88,10 @@ class ExternalDNSRouter:
             raise ValueError(f"mode must be annotations or dnsendpoint, got {mode!r}")
         if resource not in ("service", "ingress"):
             raise ValueError(f"resource must be service or ingress, got {resource!r}")
+        if placement not in ("each", "canary"):
+            raise ValueError(f"placement must be each or canary, got {placement!r}")
+        if placement == "canary" and mode != "dnsendpoint":
+            raise ValueError("placement canary needs mode dnsendpoint (one object, both records)")
         self.name = name
         self.primary, self.canary = primary, canary
         self.namespace = namespace
@@ -95,6 +100,7 @@ class ExternalDNSRouter:
         self.mode = mode
         self.resource = resource
         self.ttl = ttl
+        self.placement = placement
 
     def _where(self) -> str:
         kind = {"service": "Service", "ingress": "Ingress"}[self.resource]
@@ -106,20 +112,44 @@ class ExternalDNSRouter:
     async def set_weight(self, canary_percent: int) -> None:
         if isinstance(canary_percent, bool) or not 0 <= canary_percent <= 100:
             raise ValueError(f"canary_percent must be within 0..100, got {canary_percent!r}")
+        weights = {"primary": 100 - canary_percent, "canary": canary_percent}
+        if self.placement == "canary":
+            # Both records live in the canary cluster, whose external-dns publishes them:
+            # a failover then needs nothing from the primary cluster, which may be down.
+            command = f"set {self._where()} weights {weights} in {self.canary.set_identifier}"
+            body = self._body(
+                [
+                    self._entry(self.primary, weights["primary"]),
+                    self._entry(self.canary, canary_percent),
+                ]
+            )
+            try:
+                await self._write_endpoint(self.canary, body, command)
+            except KubeError as exc:
+                raise _router_error(command, exc) from exc
+            return
         # The side losing weight first: in between, the split errs toward where it is going.
-        sides = [(self.primary, 100 - canary_percent), (self.canary, canary_percent)]
+        # Every side is tried even when one fails, so a reachable cluster is never left behind
+        # an unreachable one; the first error is raised at the end.
+        sides = [(self.primary, weights["primary"]), (self.canary, canary_percent)]
         sides.sort(key=lambda side: side[1])
+        first: RouterError | None = None
         for side, weight in sides:
             command = f"set {self._where()} weight {weight} in {side.set_identifier}"
             try:
                 if self.mode == "annotations":
                     await self._annotate(side, weight)
                 else:
-                    await self._write_endpoint(side, weight, command)
+                    body = self._body([self._entry(side, weight)])
+                    await self._write_endpoint(side, body, command)
             except NotFound as exc:
-                raise RouterRejected(command, f"{self._where()} not found: {exc}") from exc
+                first = first or RouterRejected(command, f"{self._where()} not found: {exc}")
             except KubeError as exc:
-                raise _router_error(command, exc) from exc
+                first = first or _router_error(command, exc)
+            except RouterError as exc:
+                first = first or exc
+        if first is not None:
+            raise first
 
     async def _annotate(self, side: ClusterSide, weight: int) -> None:
         patch = {
@@ -136,8 +166,17 @@ class ExternalDNSRouter:
         else:
             await side.kube.patch_ingress(self.namespace, self.object_name, patch)
 
-    def endpoint(self, side: ClusterSide, weight: int) -> JSON:
-        """The DNSEndpoint canary keeps in `side`'s cluster."""
+    def _entry(self, side: ClusterSide, weight: int) -> JSON:
+        return {
+            "dnsName": self.dns_name,
+            "recordType": _record_type(side.entry_point),
+            "recordTTL": self.ttl,
+            "targets": [side.entry_point],
+            "setIdentifier": side.set_identifier,
+            "providerSpecific": [{"name": AWS_WEIGHT, "value": str(weight)}],
+        }
+
+    def _body(self, entries: list[JSON]) -> JSON:
         return {
             "apiVersion": "externaldns.k8s.io/v1alpha1",
             "kind": "DNSEndpoint",
@@ -146,22 +185,14 @@ class ExternalDNSRouter:
                 "namespace": self.namespace,
                 "labels": dict(MANAGED_BY),
             },
-            "spec": {
-                "endpoints": [
-                    {
-                        "dnsName": self.dns_name,
-                        "recordType": _record_type(side.entry_point),
-                        "recordTTL": self.ttl,
-                        "targets": [side.entry_point],
-                        "setIdentifier": side.set_identifier,
-                        "providerSpecific": [{"name": AWS_WEIGHT, "value": str(weight)}],
-                    }
-                ]
-            },
+            "spec": {"endpoints": entries},
         }
 
-    async def _write_endpoint(self, side: ClusterSide, weight: int, command: str) -> None:
-        body = self.endpoint(side, weight)
+    def endpoint(self, side: ClusterSide, weight: int) -> JSON:
+        """The DNSEndpoint canary keeps in `side`'s cluster (placement "each")."""
+        return self._body([self._entry(side, weight)])
+
+    async def _write_endpoint(self, side: ClusterSide, body: JSON, command: str) -> None:
         for attempt in (1, 2):  # one retry on Conflict: someone wrote in between
             try:
                 current = await side.kube.get_dnsendpoint(self.namespace, self.object_name)
@@ -204,9 +235,11 @@ class ExternalDNSRouter:
 
     async def _read(self, side: ClusterSide) -> int:
         command = f"read {self._where()} in {side.set_identifier}"
+        # placement "canary": both records are read from the canary cluster's object
+        kube = self.canary.kube if self.placement == "canary" else side.kube
         try:
             if self.mode == "dnsendpoint":
-                obj = await side.kube.get_dnsendpoint(self.namespace, self.object_name)
+                obj = await kube.get_dnsendpoint(self.namespace, self.object_name)
             elif self.resource == "service":
                 obj = await side.kube.get_service(self.namespace, self.object_name)
             else:
@@ -214,7 +247,7 @@ class ExternalDNSRouter:
         except KubeError as exc:
             raise _router_error(command, exc) from exc
         if self.mode == "dnsendpoint":
-            identifier, raw = self._from_endpoint(obj, command)
+            identifier, raw = self._from_endpoint(obj, command, side.set_identifier)
         else:
             annotations = (obj.get("metadata") or {}).get("annotations") or {}
             identifier = annotations.get(SET_IDENTIFIER_ANNOTATION)
@@ -234,17 +267,24 @@ class ExternalDNSRouter:
             raise RouterRejected(command, f"aws weight is {weight}, outside 0..255")
         return weight
 
-    def _from_endpoint(self, obj: JSON, command: str) -> tuple[str | None, str | None]:
+    def _from_endpoint(
+        self, obj: JSON, command: str, set_identifier: str
+    ) -> tuple[str | None, str | None]:
         endpoints = [
             e
             for e in (obj.get("spec") or {}).get("endpoints") or []
             if str(e.get("dnsName", "")).rstrip(".") == self.dns_name
         ]
-        if len(endpoints) != 1:
+        expected = 2 if self.placement == "canary" else 1
+        if len(endpoints) != expected:
             raise RouterRejected(
-                command, f"has {len(endpoints)} endpoints for {self.dns_name}, expected 1"
+                command, f"has {len(endpoints)} endpoints for {self.dns_name}, expected {expected}"
             )
-        endpoint = endpoints[0]
+        if self.placement == "canary":
+            mine = [e for e in endpoints if e.get("setIdentifier") == set_identifier]
+            endpoint = mine[0] if len(mine) == 1 else endpoints[0]
+        else:
+            endpoint = endpoints[0]
         weights = [
             p.get("value")
             for p in endpoint.get("providerSpecific") or []
