@@ -96,6 +96,7 @@ __all__ = [
     "add_parser",
     "build_router",
     "cluster_metrics",
+    "error_ratio_probe",
     "failover_routes",
     "merge_replace",
     "template_revision",
@@ -570,12 +571,13 @@ def build_router(
 # ---- health -------------------------------------------------------------------------------
 
 
-async def _error_ratio(
+async def error_ratio_probe(
     session: aiohttp.ClientSession, cluster: ClusterConfig, service: ServiceConfig, threshold: float
 ) -> CheckResult:
     """5xx share over the last minute from the cluster's Prometheus; no data says nothing."""
     queries = cluster_queries(service.metrics, cluster.prometheus)
-    expr = f"sum(rate({queries.errors}[1m])) / sum(rate({queries.requests}[1m]))"
+    # No 5xx series at all (a client library creates it on the first error) means 0 errors.
+    expr = f"(sum(rate({queries.errors}[1m])) or vector(0)) / sum(rate({queries.requests}[1m]))"
     try:
         async with (
             asyncio.timeout(service.health.timeout_s),
@@ -620,7 +622,7 @@ def health_monitor(
         ]
         threshold = health.error_ratio_threshold
         if threshold is not None:
-            checks.append(lambda: _error_ratio(session, cluster, service, threshold))
+            checks.append(lambda: error_ratio_probe(session, cluster, service, threshold))
         if health.check_api and kube is not None:
             checks.append(lambda: _api_check(kube, service))
         return EntryPointHealth(cluster.name, checks)

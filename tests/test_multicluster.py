@@ -29,6 +29,7 @@ from canary.multicluster import (
     MultiClusterController,
     build_controller,
     build_router,
+    error_ratio_probe,
     merge_replace,
     template_revision,
 )
@@ -279,6 +280,13 @@ async def test_a_failing_template_is_rolled_back_and_the_canary_cluster_reverted
         # the same template is not rolled out again: the canary runs the primary's now
         await asyncio.sleep(1.0)
         assert len(rollouts.finished) == 1
+        # the health check's error ratio (last minute, from each cluster's Prometheus) sees it too
+        async with aiohttp.ClientSession() as session:
+            clusters_, shop = env.topology.clusters, env.topology.services[0]
+            bad = await error_ratio_probe(session, clusters_.canary, shop, 0.2)
+            good = await error_ratio_probe(session, clusters_.primary, shop, 0.2)
+        assert bad.healthy is False and "> 20.00%" in bad.detail, bad
+        assert good.healthy is True, good
         notes = read_record(env.topology.record_dir / "shop-clusters.jsonl")
         assert any("reverted to the last promoted template" in n.message for n in notes)  # type: ignore[union-attr]
 
