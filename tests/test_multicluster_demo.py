@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from canary.records import read_record
 
 
@@ -20,10 +22,23 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def test_failover_demo_moves_traffic_within_the_bound_and_back(tmp_path: Path) -> None:
-    """The demo exits 0, prints each move's time within its printed bound, records both moves, and stops every child."""
+@pytest.mark.parametrize("failback", ["manual", "auto"])
+def test_failover_demo_moves_traffic_within_the_bound_and_back(
+    tmp_path: Path, failback: str
+) -> None:
+    """The demo exits 0, prints each move's time within its printed bound, records both moves (failback by hand or after M healthy seconds), and stops every child."""
+    flags = ["--auto-failback", "--healthy-seconds", "1"] if failback == "auto" else []
     result = subprocess.run(
-        [sys.executable, "-m", "canary", "demo", "--failover", "--record-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "canary",
+            "demo",
+            "--failover",
+            "--record-dir",
+            str(tmp_path),
+            *flags,
+        ],
         capture_output=True,
         text=True,
         timeout=120,
@@ -38,6 +53,7 @@ def test_failover_demo_moves_traffic_within_the_bound_and_back(tmp_path: Path) -
     (record,) = tmp_path.glob("failover-*.jsonl")
     moves = [(e.direction, e.who) for e in read_record(record) if e.kind == "failover"]  # type: ignore[union-attr]
     assert moves[0] == ("to-standby", "controller") and moves[1][0] == "to-primary"
+    assert (moves[1][1] == "controller") == (failback == "auto")
     pids = [int(p) for p in re.findall(r"pid (\d+)", out)]
     assert len(pids) >= 4  # PowerDNS, two services, the restarted primary
     assert [p for p in pids if _alive(p)] == []
