@@ -25,6 +25,9 @@ Manual failover is served over HTTP next to the rollouts (`/failover`, added thr
 server's extension hook) and driven by `canary failover` / `canary failback` (this module is a
 CLI plugin), so it is idempotent, refused when the target is unhealthy unless forced, and
 recorded with who, when and why in the record, the status and Kubernetes Events.
+
+A service's webhooks (canary/notify.py, one Notifier per service) are fed every failover entry
+and every entry of its rollouts' records, so chat hears of exactly what is recorded.
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import copy
+import functools
 import getpass
 import hashlib
 import json
@@ -70,6 +74,7 @@ from canary.kube import (
     deployment_rollout,
 )
 from canary.metrics import ArmsCounts, MetricsResult, NoData, PrometheusMetrics, PromQueries
+from canary.notify import Notifier
 from canary.records import FailoverEntry, NoteEntry
 from canary.rollout import Command, RolloutStatus
 from canary.routers.base import RouterError, TrafficRouter, set_and_verify
@@ -268,6 +273,7 @@ class CrossClusterRollouts:
         events: EventRecorder | None = None,
         poll_s: float | None = None,
         telemetry: Telemetry | None = None,
+        notifier: Notifier | None = None,
     ) -> None:
         self.service = service
         self.pair = pair
@@ -281,6 +287,7 @@ class CrossClusterRollouts:
         self.events = events
         self.poll_s = poll_s if poll_s is not None else service.tick_s
         self.telemetry = telemetry
+        self.notifier = notifier  # told of every entry of every rollout's record
         self.runner: RolloutRunner | None = None
         self.finished: list[tuple[str, str | None]] = []  # (revision, outcome)
         self._to_revert: str | None = None  # a failed revision still running in the canary cluster
@@ -432,6 +439,8 @@ class CrossClusterRollouts:
             promoter=promote,
             telemetry=self.telemetry,
         )
+        if self.notifier is not None:
+            runner.entry_observers.append(self.notifier.on_entry)
         self.runner = runner
         await self._event(
             "Normal",
@@ -683,6 +692,7 @@ class TwoClusterService:
     failover: FailoverController
     rollouts: CrossClusterRollouts | None
     mirror: StateMirror | None = None
+    notifier: Notifier | None = None  # closed when run() ends
     _tasks: list[asyncio.Task[None]] = field(default_factory=list)
 
     @property
@@ -705,6 +715,9 @@ class TwoClusterService:
             for task in self._tasks:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
+            if self.notifier is not None:
+                # The last failover or rollout end gets a moment to go out.
+                await self.notifier.aclose(grace_s=2.0)
 
     async def _resume_from_mirror(self) -> None:
         """A newer state in the ConfigMap than on disk (a pod restarted on an empty disk) wins."""
@@ -760,6 +773,7 @@ def wire(
     event_ref: Callable[[], ObjectRef | None] = lambda: None,
     probe_interval_s: float | None = None,
     mirror: StateMirror | None = None,
+    notifier: Notifier | None = None,
 ) -> TwoClusterService:
     """Connect a FailoverController and a CrossClusterRollouts for one service."""
     holder: list[FailoverController] = []
@@ -770,6 +784,8 @@ def wire(
     rollouts = rollouts_factory(failed_over) if rollouts_factory is not None else None
 
     async def on_entry(entry: FailoverEntry | NoteEntry) -> None:
+        if notifier is not None and isinstance(entry, FailoverEntry):
+            notifier.on_entry(entry)
         ref = event_ref() if rollouts is None else rollouts._canary_ref or event_ref()
         if events is None or ref is None:
             return
@@ -808,7 +824,7 @@ def wire(
         on_state=mirror.save if mirror is not None else None,
     )
     holder.append(controller)
-    return TwoClusterService(service, controller, rollouts, mirror)
+    return TwoClusterService(service, controller, rollouts, mirror, notifier)
 
 
 # ---- the controller the HTTP server sees ---------------------------------------------------
@@ -1036,6 +1052,7 @@ async def serve_topology(topology: Topology, *, host: str, port: int) -> None:
     """Connect to both clusters, run every service, serve HTTP, until SIGTERM/SIGINT."""
     import signal
 
+    from canary.reports import register_routes
     from canary.server import Server, make_app
 
     clusters = topology.clusters
@@ -1052,7 +1069,8 @@ async def serve_topology(topology: Topology, *, host: str, port: int) -> None:
     try:
         async with aiohttp.ClientSession() as session:
             controller = build_controller(topology, session, primary=primary, canary=canary)
-            app = make_app(controller, extensions=[failover_routes(controller)])
+            reports = functools.partial(register_routes, record_dir=topology.record_dir)
+            app = make_app(controller, extensions=[failover_routes(controller), reports])
             async with Server(app, host=host, port=port) as server:
                 print(f"canary: serving on {server.url}", file=sys.stderr, flush=True)
                 loop = asyncio.get_running_loop()
@@ -1092,6 +1110,8 @@ def build_controller(
             rollout_timeout_s=service.rollout_timeout_s,
         )
         monitor = health_monitor(topology, service, session, primary=primary, canary=canary)
+        # One notifier per service: each names its own webhooks.
+        notifier = Notifier(service.webhooks, session=session) if service.webhooks else None
 
         def factory(
             failed_over: Callable[[], bool],
@@ -1099,6 +1119,7 @@ def build_controller(
             router: TrafficRouter = router,
             metrics: ClusterPairMetrics = metrics,
             pair: DeploymentPair = pair,
+            notifier: Notifier | None = notifier,
         ) -> CrossClusterRollouts:
             return CrossClusterRollouts(
                 service=service,
@@ -1111,6 +1132,7 @@ def build_controller(
                 events=events,
                 poll_s=poll_s,
                 telemetry=telemetry,
+                notifier=notifier,
             )
 
         services.append(
@@ -1128,6 +1150,7 @@ def build_controller(
                 else StateMirror(
                     canary, topology.state_namespace, f"canary-failover-{service.name}"
                 ),
+                notifier=notifier,
             )
         )
     return MultiClusterController(services, telemetry=telemetry)

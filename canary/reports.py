@@ -330,7 +330,7 @@ def register_routes(
     app: web.Application, *, record_dir: Path | Callable[[], Path], prefix: str = "/reports"
 ) -> None:
     """Serve `{prefix}/` (index of recent rollouts, newest first) and `{prefix}/{id}` (the
-    HTML report; `?format=md|json` for the others). File reading and rendering run off the
+    HTML report; `?format=md|json` for the others; a target's name gives its newest). File reading and rendering run off the
     event loop."""
 
     def directory() -> Path:
@@ -367,7 +367,11 @@ def register_routes(
             )
 
         def build() -> str:
-            match = next((s for s in scan_records(directory()) if s.id == wanted), None)
+            records = scan_records(directory())
+            match = next((s for s in records if s.id == wanted), None)
+            if match is None:
+                # A failover's webhook links to its service: the newest rollout of it.
+                match = next((s for s in records if report_id(s.target) == wanted), None)
             if match is None:
                 raise RecordNotFound(f"no report {wanted!r}")
             return render(load_report(match.path), fmt)

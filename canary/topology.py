@@ -29,6 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from canary.config import ConfigError, format_validation_error
 from canary.failover import FailoverPolicy
+from canary.notify import WebhookConfig
 from canary.rollout import RolloutSpec, check_steps
 
 __all__ = [
@@ -285,6 +286,8 @@ class ServiceConfig(_Strict):
     tick_s: float = Field(default=10.0, gt=0)
     rollout_timeout_s: float = Field(default=600.0, gt=0)  # for the primary's Deployment
     analysis: dict[str, Any] = Field(default_factory=dict)
+    # Chat/incident webhooks told of promotions, rollbacks, failovers and manual actions.
+    webhooks: list[WebhookConfig] = Field(default_factory=list)
 
     @field_validator("name", "deployment")
     @classmethod

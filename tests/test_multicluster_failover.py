@@ -72,6 +72,7 @@ def make_topology(
     name: str,
     policy: dict[str, Any],
     state_dir: str = "state",
+    webhooks: list[dict[str, Any]] | None = None,
 ) -> Topology:
     dead = f"http://127.0.0.1:{free_port()}"  # no Prometheus: rollouts hold on "no data"
 
@@ -112,6 +113,7 @@ def make_topology(
                     "tick_s": 0.3,
                     "health": {"port": port, "interval_s": INTERVAL, "timeout_s": TIMEOUT},
                     "failover": {"failures_to_failover": N, "healthy_s_to_failback": 1, **policy},
+                    "webhooks": webhooks or [],
                 }
             ],
         }
@@ -160,13 +162,20 @@ class Env:
 
 @contextlib.asynccontextmanager
 async def running(
-    pdns: PdnsServer, tmp_path: Path, *, name: str, policy: dict[str, Any] | None = None
+    pdns: PdnsServer,
+    tmp_path: Path,
+    *,
+    name: str,
+    policy: dict[str, Any] | None = None,
+    webhooks: list[dict[str, Any]] | None = None,
 ) -> AsyncIterator[Env]:
     port = free_port()
     primary, standby = EntryPoint(PRIMARY_IP, port), EntryPoint(STANDBY_IP, port)
     await primary.up()
     await standby.up()
-    topology = make_topology(pdns, tmp_path, port, name=name, policy=policy or {})
+    topology = make_topology(
+        pdns, tmp_path, port, name=name, policy=policy or {}, webhooks=webhooks
+    )
     async with KubeEmulator() as primary_api, KubeEmulator() as canary_api:
         primary_api.put("apps", "v1", "deployments", deployment("shop:1"))
         canary_api.put("apps", "v1", "deployments", deployment("shop:1"))
