@@ -573,7 +573,7 @@ class DeploymentWorker:
 
     async def _notifier(self, spec: CanarySpec) -> Notifier | None:
         """Slack-compatible notifications for the `post-rollout` (promoted, rolled back,
-        manual actions) and `rollback` webhooks; the gating webhook types are not called."""
+        manual actions) and `rollback` webhooks (the only kinds canary.spec accepts)."""
         hooks = tuple(
             WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type])
             for hook in spec.webhooks

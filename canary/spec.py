@@ -61,10 +61,20 @@ RESERVED = frozenset({ANNOTATION_STATUS, ANNOTATION_SPEC_ERROR, ANNOTATION_COMMA
 
 RouterKind = Literal["ingress-nginx", "gateway-api"]
 MetricsPreset = Literal["ingress-nginx", "envoy", "app-histogram", "custom"]
-WebhookType = Literal[
-    "confirm-rollout", "pre-rollout", "rollout", "confirm-promotion", "post-rollout", "rollback"
-]
+# Only notification webhooks are called; the gating kinds Flagger has (a webhook that must
+# answer before a step may proceed) are refused by name rather than accepted and ignored.
+WebhookType = Literal["post-rollout", "rollback"]
 WEBHOOK_TYPES: tuple[str, ...] = typing.get_args(WebhookType)
+GATING_WEBHOOK_TYPES: tuple[str, ...] = (
+    "confirm-rollout",
+    "pre-rollout",
+    "rollout",
+    "confirm-promotion",
+)
+_WEBHOOK_RULES = {
+    "post-rollout": "URL told of promotions, rollbacks and manual actions (Slack-compatible JSON)",
+    "rollback": "URL told of rollbacks (Slack-compatible JSON)",
+}
 METRIC_NAMES = ("errors", "latency")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS-1123 subdomain
 
@@ -529,11 +539,12 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "for `custom` (optional): series selector of a histogram's `_bucket` series, in seconds",
     ),
     *(
-        _a(f"webhook.{kind}", f"webhooks.{kind}", _url, "", f"URL called at {kind}")
+        _a(f"webhook.{kind}", f"webhooks.{kind}", _url, "", _WEBHOOK_RULES[kind])
         for kind in WEBHOOK_TYPES
     ),
 )
 _BY_KEY = {a.key: a for a in ANNOTATIONS}
+_GATING_KEYS = frozenset(f"{PREFIX}webhook.{kind}" for kind in GATING_WEBHOOK_TYPES)
 _KEY_OF_FIELD = {a.field: a.key for a in ANNOTATIONS}
 
 
@@ -563,6 +574,11 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
     target_from: str | None = None  # which annotation named the router's target
     for key, value in sorted((annotations or {}).items()):
         if not key.startswith(PREFIX) or key in RESERVED:
+            continue
+        if key in _GATING_KEYS:
+            problems[key] = (
+                f"not supported yet (gating webhooks); supported: {', '.join(WEBHOOK_TYPES)}"
+            )
             continue
         known = _BY_KEY.get(key)
         if known is None:

@@ -50,7 +50,7 @@ def test_full_spec_parses() -> None:
             "canary.dev/metrics": "custom",
             "canary.dev/metrics.requests": 'x_total{namespace="{namespace}",svc="{arm}"}',
             "canary.dev/metrics.errors": 'x_total{namespace="{namespace}",svc="{arm}",code=~"5.."}',
-            "canary.dev/webhook.pre-rollout": "http://tester.shop/smoke",
+            "canary.dev/webhook.post-rollout": "http://chat.shop/hook",
             ANNOTATION_STATUS: '{"stage":"Progressing"}',  # the controller's, not input
             "kubectl.kubernetes.io/last-applied-configuration": "{}",
         }
@@ -82,7 +82,7 @@ def test_full_spec_parses() -> None:
         'x_total{namespace="shop",svc="app-canary"}'
     )
     assert queries.latency_buckets is None
-    assert [(w.type, w.url) for w in spec.webhooks] == [("pre-rollout", "http://tester.shop/smoke")]
+    assert [(w.type, w.url) for w in spec.webhooks] == [("post-rollout", "http://chat.shop/hook")]
     rollout = spec.rollout_spec()
     assert (rollout.steps, rollout.min_step_s, rollout.max_step_s) == ((5, 20, 50), 90.0, None)
     assert rollout.promotion == "copy"
@@ -158,6 +158,14 @@ def test_full_spec_parses() -> None:
         ({"canary.dev/webhook.rollback": "ftp://x"}, "webhook.rollback", "http:// or https:// URL"),
         ({"canary.dev/step": "10"}, "step", "unknown annotation; did you mean canary.dev/steps?"),
         ({"canary.dev/webhook.later": "http://x"}, "webhook.later", "unknown annotation"),
+        *(
+            (
+                {f"canary.dev/webhook.{kind}": "http://x"},
+                f"webhook.{kind}",
+                "not supported yet (gating webhooks); supported: post-rollout, rollback",
+            )
+            for kind in ("confirm-rollout", "pre-rollout", "rollout", "confirm-promotion")
+        ),
     ],
 )
 def test_bad_annotation_names_key_and_rule(
