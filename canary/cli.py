@@ -16,9 +16,14 @@ Why it is built this way:
   work plug in without editing the dispatch here. A plugin that is not there yet is skipped.
 - **Forwarded commands.** `canary demo ...` hands its raw arguments to `canary.demo.main`
   (imported only then), so the demo owns its flags and `canary` works without it.
-- **Static or cluster.** `promote|abort|pause|resume|status` talk to a running `canary run`
-  over HTTP. With `--kubeconfig`, `--context` or `-n/--namespace` they are for a cluster
-  instead, and go to `CLUSTER_MODULE`'s `manual_command(args)` / `status(args)`.
+- **Static or cluster, as kubectl would.** `promote|abort|pause|resume|status` talk either to
+  a running `canary run` over HTTP or to a cluster (`CLUSTER_MODULE`'s `manual_command(args)` /
+  `status(args)`). `target_mode` decides: `--server` means the static server; any of
+  `--kubeconfig`, `--context`, `-n/--namespace` means a cluster; with neither, `$CANARY_SERVER`
+  means the static server, and then, like kubectl's defaults, `$KUBECONFIG`, an existing
+  `~/.kube/config` or a pod's service account (`$KUBERNETES_SERVICE_HOST`) mean a cluster;
+  otherwise the static server at its default address. When that default choice cannot reach
+  anything, the error says which was chosen and why.
 
 `canary run` saves each rollout's status next to its record (`<record_dir>/<name>.status.json`)
 and, when restarted after SIGTERM or a crash, resumes an unfinished rollout at the same step
@@ -40,9 +45,9 @@ import logging
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import quote
 
 __all__ = [
@@ -53,9 +58,11 @@ __all__ = [
     "EXIT_OK",
     "EXIT_STOPPED",
     "PLUGINS",
+    "TargetMode",
     "build_parser",
     "main",
     "parse_listen",
+    "target_mode",
 ]
 
 EXIT_OK = 0
@@ -244,8 +251,55 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 # ---- manual commands and status, through the server or a cluster --------------------------
 
 
+TargetMode = Literal["server", "cluster"]
+_CLUSTER_FLAGS = (("kubeconfig", "--kubeconfig"), ("context", "--context"), ("namespace", "-n"))
+TARGET_RULE = (
+    "Where it goes: --server URL (or $CANARY_SERVER) is a running `canary run`; --kubeconfig, "
+    "--context or -n/--namespace is a cluster. With neither, as kubectl: a cluster when "
+    "$KUBECONFIG is set, ~/.kube/config exists or in a pod ($KUBERNETES_SERVICE_HOST), else "
+    f"the `canary run` at http://{DEFAULT_LISTEN}."
+)
+
+
+def target_mode(
+    args: argparse.Namespace, *, environ: Mapping[str, str] | None = None
+) -> tuple[TargetMode, str, bool]:
+    """(mode, why, chosen by default) for status and the manual commands.
+
+    Raises ValueError when --server and a cluster flag are both given."""
+    env = os.environ if environ is None else environ
+    flags = [flag for key, flag in _CLUSTER_FLAGS if getattr(args, key, None)]
+    if getattr(args, "server", None):
+        if flags:
+            raise ValueError(
+                f"--server and {', '.join(flags)} name different targets (a `canary run` "
+                "server, a cluster): give one"
+            )
+        return "server", "--server was given", False
+    if flags:
+        return "cluster", f"{', '.join(flags)} was given", False
+    if env.get(SERVER_ENV):
+        return "server", f"${SERVER_ENV} is set", True
+    if env.get("KUBECONFIG"):
+        return "cluster", "$KUBECONFIG is set", True
+    home = env.get("HOME")
+    config = (Path(home) if home else Path.home()) / ".kube" / "config"
+    if config.is_file():
+        return "cluster", f"{config} exists", True
+    if env.get("KUBERNETES_SERVICE_HOST"):
+        return "cluster", "running in a pod ($KUBERNETES_SERVICE_HOST is set)", True
+    return (
+        "server",
+        "no kubeconfig was found ($KUBECONFIG unset, no ~/.kube/config, not in a pod)",
+        True,
+    )
+
+
 def _cluster(args: argparse.Namespace) -> bool:
-    return any(getattr(args, key, None) for key in ("kubeconfig", "context", "namespace"))
+    """Decide the target once; the why is kept on args for error messages."""
+    mode, why, by_default = target_mode(args)
+    args.target_why = why if by_default else None
+    return mode == "cluster"
 
 
 def _cluster_call(args: argparse.Namespace, function: str) -> int:
@@ -295,16 +349,35 @@ def _request(
     try:
         return asyncio.run(_http(method, url, body))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        why = getattr(args, "target_why", None)
+        hint = (
+            f"; a `canary run` server was tried because {why}: for a cluster give "
+            "--kubeconfig, --context or -n"
+            if why
+            else ""
+        )
         print(
             f"canary {args.command}: error: cannot reach the controller at {_server_url(args)}: "
-            f"{exc or type(exc).__name__} (is `canary run` running? see --server)",
+            f"{exc or type(exc).__name__} (is `canary run` running? see --server){hint}",
             file=sys.stderr,
         )
         return None
 
 
+def _chosen(args: argparse.Namespace) -> bool | None:
+    """True for a cluster, False for the server, None (after saying why) for a conflict."""
+    try:
+        return _cluster(args)
+    except ValueError as exc:
+        print(f"canary {args.command}: error: {exc}", file=sys.stderr)
+        return None
+
+
 def _cmd_manual(args: argparse.Namespace) -> int:
-    if _cluster(args):
+    cluster = _chosen(args)
+    if cluster is None:
+        return EXIT_BAD_CONFIG
+    if cluster:
         return _cluster_call(args, "manual_command")
     if not args.name:
         print(f"canary {args.command}: error: NAME must not be empty", file=sys.stderr)
@@ -331,7 +404,10 @@ def _cmd_manual(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    if _cluster(args):
+    cluster = _chosen(args)
+    if cluster is None:
+        return EXIT_BAD_CONFIG
+    if cluster:
         return _cluster_call(args, "status")
     path = f"/rollouts/{quote(args.name, safe='/')}" if args.name else "/rollouts"
     answer = _request(args, "GET", path, None)
@@ -361,8 +437,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 
 def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("cluster (instead of --server; as kubectl's flags)")
-    group.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file")
+    group = parser.add_argument_group(
+        "cluster (instead of --server; as kubectl's flags)",
+        "Any of these means a cluster. With none of them and no --server: a cluster when "
+        "$KUBECONFIG is set, ~/.kube/config exists or in a pod, else the `canary run` server.",
+    )
+    group.add_argument(
+        "--kubeconfig", metavar="FILE", help="kubeconfig file (default $KUBECONFIG, ~/.kube/config)"
+    )
     group.add_argument("--context", help="kubeconfig context")
     group.add_argument("-n", "--namespace", help="namespace of the Deployment")
 
@@ -371,7 +453,8 @@ def _add_server_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--server",
         metavar="URL",
-        help=f"a running `canary run` (default ${SERVER_ENV} or http://{DEFAULT_LISTEN})",
+        help=f"a running `canary run` (default ${SERVER_ENV}, else http://{DEFAULT_LISTEN} "
+        "when no kubeconfig is found)",
     )
 
 
@@ -423,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     for verb in MANUAL:
         manual = subparsers.add_parser(
-            verb, help=f"{verb} a rollout", description=f"{verb.capitalize()} a rollout by name."
+            verb,
+            help=f"{verb} a rollout",
+            description=f"{verb.capitalize()} a rollout by name. {TARGET_RULE}",
         )
         manual.add_argument("name", metavar="NAME")
         manual.add_argument("--reason", default="", help="why (kept in the record)")
@@ -432,7 +517,9 @@ def build_parser() -> argparse.ArgumentParser:
         _add_cluster_flags(manual)
         manual.set_defaults(func=_cmd_manual)
 
-    status = subparsers.add_parser("status", help="show rollouts", description="Show rollouts.")
+    status = subparsers.add_parser(
+        "status", help="show rollouts", description=f"Show rollouts. {TARGET_RULE}"
+    )
     status.add_argument("name", metavar="NAME", nargs="?")
     status.add_argument("--json", action="store_true", help="print the raw JSON state")
     _add_server_flag(status)

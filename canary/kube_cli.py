@@ -12,6 +12,9 @@ commands must not import. cli.py plugs this module in (`PLUGINS`, `CLUSTER_MODUL
   annotation (never the spec, so GitOps tools do not revert it) and waits for the
   controller's answer in the status.
 
+cli.py sends status and the manual commands here by kubectl's rule (canary.cli.target_mode);
+when no flag chose the cluster, a failure says what did (`args.target_why`).
+
 Exit statuses follow cli.py: 0 ok/accepted, 1 refused, 2 bad arguments or kubeconfig,
 3 no answer from the controller (or the cluster unreachable), 4 no such Deployment.
 """
@@ -56,6 +59,14 @@ def _fail(command: str, message: str, code: int) -> int:
     return code
 
 
+def _why_cluster(args: argparse.Namespace) -> str:
+    """When no flag chose the cluster (canary.cli.target_mode), say what did."""
+    why = getattr(args, "target_why", None)
+    if not why:
+        return ""
+    return f" (a cluster was tried because {why}; for a `canary run` server give --server URL)"
+
+
 # ---- status ------------------------------------------------------------------------------
 
 
@@ -93,7 +104,9 @@ async def _status(args: argparse.Namespace) -> int:
                 obj = await kube.get_deployment(_namespace(args), args.name)
             except NotFound:
                 return _fail(
-                    "status", f"no Deployment {_namespace(args)}/{args.name}", EXIT_UNKNOWN
+                    "status",
+                    f"no Deployment {_namespace(args)}/{args.name}{_why_cluster(args)}",
+                    EXIT_UNKNOWN,
                 )
             objects = [obj]
         else:
@@ -130,7 +143,7 @@ def status(args: argparse.Namespace) -> int:
     try:
         return asyncio.run(_status(args))
     except KubeError as exc:
-        return _fail("status", str(exc), EXIT_NO_ANSWER)
+        return _fail("status", f"{exc}{_why_cluster(args)}", EXIT_NO_ANSWER)
 
 
 # ---- manual commands ------------------------------------------------------------------------
@@ -211,7 +224,9 @@ def manual_command(args: argparse.Namespace) -> int:
     try:
         code, message = asyncio.run(go())
     except KubeError as exc:
-        return _fail(args.command, str(exc), EXIT_NO_ANSWER)
+        return _fail(args.command, f"{exc}{_why_cluster(args)}", EXIT_NO_ANSWER)
+    if code == EXIT_UNKNOWN:
+        message += _why_cluster(args)
     print(message, file=sys.stdout if code == EXIT_OK else sys.stderr)
     return code
 
