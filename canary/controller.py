@@ -312,18 +312,18 @@ class RolloutRunner:
         self._rollout_id = f"{self.name}@{revision}"
         try:
             if not await self._resume():
-                await self._writer.append(
-                    StartEntry(
-                        at=self._started_at,
-                        rollout=self._rollout_id,
-                        target=self.name,
-                        primary_version=self.primary_version,
-                        canary_version=self.canary_version,
-                        steps=list(self.spec.steps),
-                        config={**self.config, "rollout": self.spec.model_dump(mode="json")},
-                        plan=dict(self.plan),
-                    )
+                start = StartEntry(
+                    at=self._started_at,
+                    rollout=self._rollout_id,
+                    target=self.name,
+                    primary_version=self.primary_version,
+                    canary_version=self.canary_version,
+                    steps=list(self.spec.steps),
+                    config={**self.config, "rollout": self.spec.model_dump(mode="json")},
+                    plan=dict(self.plan),
                 )
+                await self._writer.append(start)
+                self._observe(start)  # observers learn the target's name from it
                 await self._feed(NewRevision(revision, "rollout started"))
             while not self.status.done:
                 await self._wait_or_command()
@@ -658,6 +658,9 @@ class RolloutRunner:
         except OSError as exc:  # a full disk must not strand traffic mid-rollout
             log.error("%s: cannot append to %s: %s", self.name, self.record_path, exc)
             self._count_error("record")
+        self._observe(entry)
+
+    def _observe(self, entry: Any) -> None:
         for observe in self.entry_observers:
             try:
                 observe(entry)

@@ -10,12 +10,16 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp import web
 from pdns_server import API_KEY, PdnsServer, free_port, pdns
-from test_multicluster_failover import _probed, running, wait_for, weight_is
+from test_multicluster_failover import _probed, deployment, running, wait_for, weight_is
 
 from canary.config import ConfigError
+from canary.notify import report_id
+from canary.reports import register_routes
+from canary.server import Server
 from canary.topology import parse_topology
 
 __all__ = ["pdns"]
@@ -79,6 +83,38 @@ async def test_manual_failover_and_failback_each_send_a_failover_notification(
         assert "*By*\ndana" in fields
         buttons = [e["url"] for block in body["blocks"] for e in block.get("elements", [])]
         assert buttons == [f"{REPORTS}/reports/shop"]
+
+
+async def test_a_cross_cluster_rollout_aborted_by_hand_notifies_and_links_its_report(
+    pdns: PdnsServer, tmp_path: Any, receiver: tuple[str, list[dict[str, Any]]]
+) -> None:
+    """`canary abort` of a rollout held at 50% sends the manual action and the rollback, each linking to a report that the reports routes serve."""
+    url, received = receiver
+    hooks = [{"url": url, "report_base_url": REPORTS, "backoff_s": 0.1}]
+    async with running(pdns, tmp_path, name="abort", webhooks=hooks) as env:
+        await wait_for(lambda: weight_is(env, 10), 10, "the steady 10%")
+        env.canary_api.put("apps", "v1", "deployments", deployment("shop:2"))
+        await wait_for(lambda: weight_is(env, 50), 10, "the rollout's 50%")
+        code, out, err = await env.cli("abort", "shop", "--reason", "bad build")
+        assert code == 0, (out, err)
+
+        async def got(n: int) -> bool:
+            return len(received) >= n
+
+        await wait_for(lambda: got(2), 5, "the manual and rollback notifications")
+        rollout = env.service.rollouts.runner.state()["rollout"]
+    link = f"{REPORTS}/reports/{report_id(rollout)}"
+    texts = {body["text"].split(" ", 1)[1] for body in received}
+    assert f"shop: dana ran abort: bad build Report: {link}" in texts, texts
+    assert any(t.startswith("shop: aborted: ") and t.endswith(link) for t in texts), texts
+    # The links resolve where `canary clusters` serves reports: by id, and a failover's by name.
+    app = web.Application()
+    register_routes(app, record_dir=env.topology.record_dir)
+    async with Server(app) as server, aiohttp.ClientSession() as session:
+        for path in (f"/reports/{report_id(rollout)}", "/reports/shop"):
+            async with session.get(server.url + path) as response:
+                assert response.status == 200, (path, await response.text())
+                assert "bad build" in await response.text()
 
 
 def test_a_bad_webhook_in_a_topology_is_named() -> None:
