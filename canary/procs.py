@@ -1,4 +1,4 @@
-"""Process supervision for the servers canary runs on loopback: HAProxy, Prometheus, services.
+"""Supervision for the servers canary runs on loopback: HAProxy, Prometheus, PowerDNS, services.
 
 Tests, the demo and the benchmarks all start real servers, and every one of them must be
 stopped, by PID, however the run ends. One class does it for both worlds: `ManagedProcess`
@@ -25,10 +25,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -41,11 +43,13 @@ from types import TracebackType
 from typing import Protocol, Self
 
 __all__ = [
+    "POWERDNS_SQLITE3_SCHEMA",
     "HAProxyConfig",
     "HAProxyProcess",
     "HttpReady",
     "ManagedProcess",
     "MasterCliReady",
+    "PowerDNSProcess",
     "ProcessError",
     "ProcessNotReady",
     "ProcessStateError",
@@ -55,7 +59,9 @@ __all__ = [
     "UnixSocketReady",
     "find_binary",
     "free_port",
+    "free_udp_tcp_port",
     "render_haproxy_config",
+    "render_powerdns_config",
     "render_prometheus_config",
 ]
 
@@ -80,6 +86,21 @@ def free_port() -> int:
         sock.bind((LOOPBACK, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def free_udp_tcp_port() -> int:
+    """A port on 127.0.0.1 free for both UDP and TCP (a DNS server listens on both)."""
+    for _ in range(50):
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+            udp.bind((LOOPBACK, 0))
+            port = int(udp.getsockname()[1])
+        with socket.socket() as tcp:
+            try:
+                tcp.bind((LOOPBACK, port))
+            except OSError:
+                continue
+        return port
+    raise ProcessError(f"no port free for both UDP and TCP on {LOOPBACK}")
 
 
 def find_binary(name: str, *, fallbacks: Sequence[str] = ()) -> str:
@@ -794,6 +815,151 @@ class PrometheusProcess(ManagedProcess):
             raise ProcessError(f"prometheus refused the reload ({exc.code}): {detail}") from exc
         except OSError as exc:
             raise ProcessError(f"prometheus reload failed: {exc}\n{self.log_tail()}") from exc
+
+
+# --- PowerDNS ------------------------------------------------------------------------------
+
+
+POWERDNS_SQLITE3_SCHEMA = Path("/usr/share/doc/pdns-backend-sqlite3/schema.sqlite3.sql")
+
+
+def render_powerdns_config(
+    *, database: Path, dns_port: int, api_port: int, api_key: str, socket_dir: Path
+) -> str:
+    """pdns.conf text: gsqlite3 backend, HTTP API on loopback, LUA records, no caches.
+
+    No caches: every answer is computed afresh, so the split clients see is pickwrandom's own.
+    """
+    settings = {
+        "launch": "gsqlite3",
+        "gsqlite3-database": str(database),
+        "local-address": LOOPBACK,
+        "local-port": str(dns_port),
+        "api": "yes",
+        "api-key": api_key,
+        "webserver": "yes",
+        "webserver-address": LOOPBACK,
+        "webserver-port": str(api_port),
+        "webserver-allow-from": "127.0.0.0/8",
+        "enable-lua-records": "yes",
+        "cache-ttl": "0",
+        "query-cache-ttl": "0",
+        "negquery-cache-ttl": "0",
+        "zone-cache-refresh-interval": "0",
+        "socket-dir": str(socket_dir),
+        "guardian": "no",
+        "daemon": "no",
+        "disable-syslog": "yes",
+        "write-pid": "no",
+        "loglevel": "4",
+    }
+    return "".join(f"{key}={value}\n" for key, value in settings.items())
+
+
+class PowerDNSProcess(ManagedProcess):
+    """pdns_server on free loopback ports with its own sqlite database; ready when the API
+    port accepts connections. The database and config are written at start, not here."""
+
+    def __init__(
+        self,
+        *,
+        workdir: Path,
+        api_key: str,
+        binary: str | None = None,
+        schema: Path = POWERDNS_SQLITE3_SCHEMA,
+        ready_timeout: float = 20.0,
+    ) -> None:
+        self.workdir = Path(workdir)
+        self.api_key = api_key
+        self.schema = schema
+        self.dns_port = free_udp_tcp_port()
+        self.api_port = free_port()
+        self.database = self.workdir / "pdns.sqlite3"
+        pdns_server = binary or find_binary("pdns_server", fallbacks=("/usr/sbin/pdns_server",))
+        super().__init__(
+            [pdns_server, f"--config-dir={self.workdir}"],
+            log_path=self.workdir / "pdns.log",
+            ready=TcpReady(self.api_port),
+            ready_timeout=ready_timeout,
+            name="pdns_server",
+        )
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{LOOPBACK}:{self.api_port}"
+
+    def _write_config(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        try:
+            schema = self.schema.read_text()
+        except OSError as exc:
+            raise ProcessError(
+                f"the PowerDNS sqlite3 schema {self.schema} is unreadable ({exc}); "
+                "install pdns-backend-sqlite3 (scripts/setup --dns)"
+            ) from exc
+        with contextlib.closing(sqlite3.connect(self.database)) as conn, conn:
+            conn.executescript(schema)
+        (self.workdir / "pdns.conf").write_text(
+            render_powerdns_config(
+                database=self.database,
+                dns_port=self.dns_port,
+                api_port=self.api_port,
+                api_key=self.api_key,
+                socket_dir=self.workdir,
+            )
+        )
+
+    async def start(self) -> Self:
+        await asyncio.to_thread(self._write_config)
+        return await super().start()
+
+    def start_sync(self) -> Self:
+        self._write_config()
+        return super().start_sync()
+
+    def create_zone_sync(self, zone: str) -> None:
+        """Create the Native zone `zone` ("example.test.") with an SOA and an NS record."""
+        if not self.running:
+            raise ProcessStateError("pdns_server is not running; start it before adding zones")
+        soa = f"ns1.{zone} hostmaster.{zone} 1 10800 3600 604800 60"
+        body = {
+            "name": zone,
+            "kind": "Native",
+            "nameservers": [],
+            "rrsets": [
+                {
+                    "name": zone,
+                    "type": "SOA",
+                    "ttl": 60,
+                    "records": [{"content": soa, "disabled": False}],
+                },
+                {
+                    "name": zone,
+                    "type": "NS",
+                    "ttl": 60,
+                    "records": [{"content": f"ns1.{zone}", "disabled": False}],
+                },
+            ],
+        }
+        request = urllib.request.Request(
+            f"{self.api_url}/api/v1/servers/localhost/zones",
+            data=json.dumps(body).encode(),
+            headers={"X-API-Key": self.api_key, "Content-Type": "application/json"},
+            method="POST",
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=10) as resp:
+                status, text = resp.status, resp.read().decode(errors="replace")
+        except urllib.error.HTTPError as exc:
+            status, text = exc.code, exc.read().decode(errors="replace")
+        except OSError as exc:
+            raise ProcessError(f"PowerDNS API unreachable: {exc}\n{self.log_tail()}") from exc
+        if status != 201:
+            raise ProcessError(f"PowerDNS refused the zone {zone}: HTTP {status}: {text}")
+
+    async def create_zone(self, zone: str) -> None:
+        """Like create_zone_sync(), off the event loop (urllib is synchronous)."""
+        await asyncio.to_thread(self.create_zone_sync, zone)
 
 
 if sys.platform == "win32":  # pragma: no cover - process groups are POSIX

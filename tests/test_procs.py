@@ -1,7 +1,8 @@
 """ManagedProcess: real child processes started, probed, and stopped by PID, sync and async.
 
-The children are small Python programs run with sys.executable, plus HAProxy for the
-helpers that render its config. Each test checks the PIDs are gone afterwards.
+The children are small Python programs run with sys.executable, plus HAProxy, Prometheus and
+PowerDNS for the subclasses that render their configs. Each test checks the PIDs are gone
+afterwards.
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from canary.procs import (
     HAProxyConfig,
     HAProxyProcess,
     ManagedProcess,
+    PowerDNSProcess,
+    ProcessError,
     ProcessNotReady,
     ProcessStateError,
     PrometheusProcess,
     TcpReady,
     UnixSocketReady,
     free_port,
+    free_udp_tcp_port,
     render_prometheus_config,
 )
 
@@ -251,3 +255,35 @@ async def loaded_config(url: str) -> str:
         async with session.get(f"{url}/api/v1/status/config") as resp:
             body = await resp.json()
     return str(body["data"]["yaml"])
+
+
+def test_free_udp_tcp_port_is_bindable_for_both_on_loopback() -> None:
+    """free_udp_tcp_port gives a port that binds on 127.0.0.1 for UDP and for TCP."""
+    port = free_udp_tcp_port()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp, socket.socket() as tcp:
+        udp.bind(("127.0.0.1", port))
+        tcp.bind(("127.0.0.1", port))
+
+
+async def test_powerdns_serves_its_api_creates_zones_and_stops_by_pid(tmp_path: Path) -> None:
+    """PowerDNSProcess starts on its own sqlite database, lists a created zone, refuses it twice."""
+    async with PowerDNSProcess(workdir=tmp_path, api_key="k") as pdns:
+        await pdns.create_zone("procs.test.")
+        async with aiohttp.ClientSession(headers={"X-API-Key": "k"}) as session:
+            url = f"{pdns.api_url}/api/v1/servers/localhost/zones"
+            async with session.get(url) as resp:
+                zones = [zone["name"] for zone in await resp.json()]
+        with pytest.raises(ProcessError, match=r"refused the zone procs\.test\.: HTTP 409"):
+            await pdns.create_zone("procs.test.")
+    assert zones == ["procs.test."]
+    assert "enable-lua-records=yes" in (tmp_path / "pdns.conf").read_text()
+    assert pdns.pid is not None and gone(pdns.pid)
+
+
+def test_powerdns_without_its_schema_names_the_file(tmp_path: Path) -> None:
+    """A missing gsqlite3 schema file is an error naming it, before anything is started."""
+    missing = tmp_path / "no-schema.sql"
+    pdns = PowerDNSProcess(workdir=tmp_path / "pdns", api_key="k", schema=missing)
+    with pytest.raises(ProcessError, match=str(missing)):
+        pdns.start_sync()
+    assert pdns.pid is None

@@ -25,7 +25,6 @@ import getpass
 import os
 import shutil
 import signal
-import sqlite3
 import sys
 import tempfile
 import time
@@ -38,116 +37,28 @@ from canary.demo.dnsload import DnsLoadGenerator
 from canary.failover import FailoverCommand, FailoverPolicy, Mode
 from canary.failover_controller import FailoverController
 from canary.health import EntryPointHealth, HealthMonitor, http_check
-from canary.procs import HttpReady, ManagedProcess, ProcessError, TcpReady, find_binary, free_port
+from canary.procs import (
+    POWERDNS_SQLITE3_SCHEMA,
+    HttpReady,
+    ManagedProcess,
+    PowerDNSProcess,
+    ProcessError,
+    find_binary,
+    free_port,
+)
 from canary.routers.powerdns import PowerDNSRouter
 
-__all__ = ["FailoverDemoOptions", "PdnsProcess", "main", "parse_args", "run_failover_demo"]
+__all__ = ["FailoverDemoOptions", "main", "parse_args", "run_failover_demo"]
 
 PRIMARY_IP, STANDBY_IP = "127.0.0.10", "127.0.0.20"
 ZONE = "demo.test."
 NAME = "shop.demo.test."
-SCHEMA = Path("/usr/share/doc/pdns-backend-sqlite3/schema.sqlite3.sql")
 API_KEY = "canary-demo"
 EXIT_OK, EXIT_SLOW, EXIT_SETUP = 0, 1, 2
 
 
 def _say(line: str) -> None:
     print(line, flush=True)
-
-
-class PdnsProcess(ManagedProcess):
-    """pdns_server on loopback: sqlite backend, HTTP API, LUA records, no caches (answers are
-    computed afresh, so the split the clients see is pickwrandom's own)."""
-
-    def __init__(self, *, workdir: Path, binary: str) -> None:
-        self.workdir = workdir
-        self.dns_port = _free_udp_tcp_port()
-        self.api_port = free_port()
-        workdir.mkdir(parents=True, exist_ok=True)
-        db = workdir / "pdns.sqlite3"
-        with sqlite3.connect(db) as conn:
-            conn.executescript(SCHEMA.read_text())
-        settings = {
-            "launch": "gsqlite3",
-            "gsqlite3-database": str(db),
-            "local-address": "127.0.0.1",
-            "local-port": str(self.dns_port),
-            "api": "yes",
-            "api-key": API_KEY,
-            "webserver": "yes",
-            "webserver-address": "127.0.0.1",
-            "webserver-port": str(self.api_port),
-            "webserver-allow-from": "127.0.0.0/8",
-            "enable-lua-records": "yes",
-            "cache-ttl": "0",
-            "query-cache-ttl": "0",
-            "negquery-cache-ttl": "0",
-            "zone-cache-refresh-interval": "0",
-            "socket-dir": str(workdir),
-            "guardian": "no",
-            "daemon": "no",
-            "disable-syslog": "yes",
-            "write-pid": "no",
-            "loglevel": "4",
-        }
-        (workdir / "pdns.conf").write_text("".join(f"{k}={v}\n" for k, v in settings.items()))
-        super().__init__(
-            [binary, f"--config-dir={workdir}"],
-            log_path=workdir / "pdns.log",
-            ready=TcpReady(self.api_port),
-            name="pdns_server",
-        )
-
-    @property
-    def api_url(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    async def create_zone(self) -> None:
-        soa = "ns1.demo.test. hostmaster.demo.test. 1 10800 3600 604800 60"
-        zone = {
-            "name": ZONE,
-            "kind": "Native",
-            "nameservers": [],
-            "rrsets": [
-                {
-                    "name": ZONE,
-                    "type": "SOA",
-                    "ttl": 60,
-                    "records": [{"content": soa, "disabled": False}],
-                },
-                {
-                    "name": ZONE,
-                    "type": "NS",
-                    "ttl": 60,
-                    "records": [{"content": "ns1.demo.test.", "disabled": False}],
-                },
-            ],
-        }
-        url = f"{self.api_url}/api/v1/servers/localhost/zones"
-        async with (
-            aiohttp.ClientSession(headers={"X-API-Key": API_KEY}) as session,
-            session.post(url, json=zone) as response,
-        ):
-            if response.status != 201:
-                raise ProcessError(
-                    f"PowerDNS refused the demo zone: HTTP {response.status}: {await response.text()}"
-                )
-
-
-def _free_udp_tcp_port() -> int:
-    import socket
-
-    for _ in range(50):
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
-            udp.bind(("127.0.0.1", 0))
-            port = int(udp.getsockname()[1])
-        with socket.socket() as tcp:
-            try:
-                tcp.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-        return port
-    raise ProcessError("no port free for both UDP and TCP on 127.0.0.1")
 
 
 class FailoverDemoOptions(argparse.Namespace):
@@ -257,11 +168,10 @@ async def run_failover_demo(options: FailoverDemoOptions, *, workdir: Path) -> i
     bound = (options.failures + 1) * (interval + timeout) + options.ttl
     record = options.record_dir / f"failover-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}.jsonl"
     async with contextlib.AsyncExitStack() as stack:
-        # Writes its config and database: off the event loop.
-        pdns = await asyncio.to_thread(PdnsProcess, workdir=workdir / "pdns", binary=binary)
+        pdns = PowerDNSProcess(workdir=workdir / "pdns", api_key=API_KEY, binary=binary)
         stack.push_async_callback(pdns.stop)
         await pdns.start()
-        await pdns.create_zone()
+        await pdns.create_zone(ZONE)
         primary = _service("primary", PRIMARY_IP, port, workdir)
         standby = _service("canary", STANDBY_IP, port, workdir)
         for process in (primary, standby):
@@ -427,9 +337,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"canary demo --failover: {exc} (run scripts/setup --dns)", file=sys.stderr)
         return EXIT_SETUP
-    if not SCHEMA.exists():
+    if not POWERDNS_SQLITE3_SCHEMA.exists():
         print(
-            f"canary demo --failover: {SCHEMA} is missing (pdns-backend-sqlite3): "
+            f"canary demo --failover: {POWERDNS_SQLITE3_SCHEMA} is missing (pdns-backend-sqlite3): "
             "run scripts/setup --dns",
             file=sys.stderr,
         )
