@@ -60,6 +60,7 @@ __all__ = [
     "format_validation_error",
     "load_config",
     "parse_config",
+    "read_yaml_file",
 ]
 
 _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
@@ -248,9 +249,8 @@ def parse_config(data: object, *, source: str = "config", base: Path | None = No
     return config.resolved(base) if base is not None else config
 
 
-def load_config(path: str | Path) -> TargetConfig:
-    """Read and validate one YAML config file. Raises ConfigError naming the file and field."""
-    path = Path(path)
+def read_yaml_file(path: Path) -> object:
+    """The parsed YAML in `path`. Raises ConfigError naming the file (and line, column)."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -264,4 +264,10 @@ def load_config(path: str | Path) -> TargetConfig:
         raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
-    return parse_config(data, source=str(path), base=path.resolve().parent)
+    return data
+
+
+def load_config(path: str | Path) -> TargetConfig:
+    """Read and validate one YAML config file. Raises ConfigError naming the file and field."""
+    path = Path(path)
+    return parse_config(read_yaml_file(path), source=str(path), base=path.resolve().parent)

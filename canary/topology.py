@@ -24,10 +24,9 @@ import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from canary.config import ConfigError, format_validation_error
+from canary.config import ConfigError, format_validation_error, read_yaml_file
 from canary.failover import FailoverPolicy
 from canary.notify import WebhookConfig
 from canary.rollout import RolloutSpec, check_steps
@@ -416,18 +415,4 @@ def parse_topology(data: object, *, source: str = "topology", base: Path | None 
 def load_topology(path: str | Path) -> Topology:
     """Read and validate a topology file. Raises ConfigError naming the file and field."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        raise ConfigError(
-            f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}"
-        ) from None
-    if data is None:
-        raise ConfigError(f"{path}: the file is empty")
-    return parse_topology(data, source=str(path), base=path.resolve().parent)
+    return parse_topology(read_yaml_file(path), source=str(path), base=path.resolve().parent)
