@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +39,7 @@ from analysis import AnalysisConfig, Analyzer, MetricConfig, plan
 from canary.controller import RolloutRunner, TickReport
 from canary.demo.loadgen import LoadGenerator, SplitStats
 from canary.demo.progress import format_duration, format_tick, format_transition, short
+from canary.demo.running import EXIT_SETUP, run_in_workdir, say
 from canary.demo.stack import BACKEND, ServiceSpec, Stack, StackSettings
 from canary.metrics import PrometheusMetrics
 from canary.procs import ProcessError, find_binary
@@ -63,7 +61,7 @@ DEMO_TARGET = "demo"
 # See the module docstring: a looser pass tolerance on errors, everything else as in production.
 DEMO_ANALYSIS = AnalysisConfig(errors=MetricConfig(tolerance=1.0, abs_tolerance=0.02))
 
-EXIT_PROMOTED, EXIT_ROLLED_BACK, EXIT_SETUP = 0, 1, 2  # interrupted: 128 + signal number
+EXIT_PROMOTED, EXIT_ROLLED_BACK = 0, 1  # EXIT_SETUP 2; interrupted: 128 + signal number
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,10 +280,6 @@ def parse_args(argv: Sequence[str] | None, prog: str = "canary demo") -> DemoOpt
     )
 
 
-def _say(line: str) -> None:
-    print(line, flush=True)
-
-
 def _shown(path: Path) -> str:
     """A path as the user should type it: relative to the working directory when inside it."""
     try:
@@ -315,18 +309,16 @@ class _Progress:
 
     def __call__(self, report: TickReport) -> None:
         entry = report.entry
-        _say(
-            format_tick(entry, steps=self.steps, split=self.router.current_split(entry.weight_set))
-        )
+        say(format_tick(entry, steps=self.steps, split=self.router.current_split(entry.weight_set)))
         for action in report.actions:
             if isinstance(action, RecordTransition):
-                _say(format_transition(action, elapsed_s=entry.elapsed_s))
+                say(format_transition(action, elapsed_s=entry.elapsed_s))
             elif (
                 isinstance(action, Emit)
                 and action.level == "warning"
                 and not action.message.startswith("rolling back")  # the transition says it
             ):
-                _say(f"{entry.elapsed_s:6.1f}s  !! {short(action.message)}")
+                say(f"{entry.elapsed_s:6.1f}s  !! {short(action.message)}")
 
 
 def _plan(options: DemoOptions) -> dict[str, float | None]:
@@ -380,18 +372,18 @@ async def run_demo(options: DemoOptions, *, workdir: Path) -> tuple[int, Path | 
     settings = StackSettings(primary=primary, canary=canary, rate=options.rate)
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     record = options.record_dir / f"{DEMO_TARGET}-{stamp}.jsonl"
-    _say(f"canary demo: primary v1 ({_describe(primary)}), canary v2 ({_describe(canary)})")
-    _say(f"starting services, HAProxy and Prometheus on 127.0.0.1 (logs in {workdir}) ...")
+    say(f"canary demo: primary v1 ({_describe(primary)}), canary v2 ({_describe(canary)})")
+    say(f"starting services, HAProxy and Prometheus on 127.0.0.1 (logs in {workdir}) ...")
     async with Stack(settings, workdir=workdir) as stack:
         assert stack.haproxy is not None and stack.prometheus is not None
         assert stack.loadgen is not None
-        _say(
+        say(
             f"  primary {stack.primary_addr}  canary {stack.canary_addr}  "
             f"haproxy {stack.haproxy.url}  prometheus {stack.prometheus.url}"
         )
         pids = ", ".join(f"{p.name} {p.pid}" for p in stack.processes)
-        _say(f"  processes (pid): {pids}")
-        _say(f"  load generator: {options.rate:g} requests/s through HAProxy")
+        say(f"  processes (pid): {pids}")
+        say(f"  load generator: {options.rate:g} requests/s through HAProxy")
         await stack.wait_for_metrics()
         router = MeasuringRouter(
             HAProxyRouter(
@@ -441,7 +433,7 @@ async def run_demo(options: DemoOptions, *, workdir: Path) -> tuple[int, Path | 
             observers=[_Progress(router, len(options.steps))],
         )
         steps = " -> ".join(f"{w}%" for w in (*options.steps, 100))
-        _say(
+        say(
             f"rollout: {steps}, at least {options.step_seconds:g}s per step, "
             f"a tick every {options.tick_seconds:g}s; record {_shown(record)}"
         )
@@ -454,11 +446,11 @@ async def run_demo(options: DemoOptions, *, workdir: Path) -> tuple[int, Path | 
         windows = router.split_per_window()
         overall = stack.loadgen.stats()
         if (failure := stack.loadgen_failed()) is not None:
-            _say(f"!! the load generator failed: {failure!r}")
+            say(f"!! the load generator failed: {failure!r}")
         if overall.failed or overall.dropped:
             # Not errors of either version: no answer at all, or not sent (concurrency bound).
             last = stack.loadgen.last_failure
-            _say(
+            say(
                 f"!! load generator: {overall.failed} requests without an answer, "
                 f"{overall.dropped} not sent at the concurrency bound"
                 + (f"; last failure: {last}" if last else "")
@@ -477,47 +469,19 @@ def _summary(
     outcome = {"promoted": "PROMOTED", "rolled_back": "ROLLED BACK", "aborted": "ABORTED"}.get(
         status.outcome or "", status.phase.value
     )
-    _say("")
-    _say(f"outcome:  {outcome} after {format_duration(duration)}: {short(status.message)}")
-    _say("split measured at the load generator, per weight, since it took:")
+    say("")
+    say(f"outcome:  {outcome} after {format_duration(duration)}: {short(status.message)}")
+    say("split measured at the load generator, per weight, since it took:")
     for weight, split in windows:
         if split.completed == 0:
             continue  # e.g. 100% at the very end: the demo stops right after promoting
         share = "-" if split.canary_share is None else f"{100 * split.canary_share:5.1f}%"
-        _say(f"  weight {weight:>3}%: canary {share} of {split.completed} requests")
-    _say(f"record:   {_shown(record)}")
-    _say(
+        say(f"  weight {weight:>3}%: canary {share} of {split.completed} requests")
+    say(f"record:   {_shown(record)}")
+    say(
         f"report:   {_canary_command()} report {DEMO_TARGET} --record-dir {_shown(record_dir)}"
         "   (writes an HTML report next to the record and prints its path)"
     )
-
-
-async def _main_async(options: DemoOptions, workdir: Path) -> int:
-    """Run the demo as a task that SIGINT/SIGTERM cancel, so every `finally` runs."""
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    interrupted: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        if not interrupted:
-            _say(f"\n{signal.Signals(signum).name}: stopping the rollout and every process ...")
-            task.cancel()
-        interrupted.append(signum)  # later signals: already stopping, let cleanup finish
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        code, _ = await run_demo(options, workdir=workdir)
-        return code
-    except asyncio.CancelledError:
-        if interrupted:
-            _say("stopped: every process the demo started has been stopped")
-            return 128 + interrupted[0]
-        raise
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -547,19 +511,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return EXIT_SETUP
     # Short path: HAProxy's admin socket lives here, and unix socket paths are limited.
-    workdir = Path(tempfile.mkdtemp(prefix="canary-demo-"))
-    code = EXIT_SETUP
-    try:
-        code = asyncio.run(_main_async(options, workdir))
-    except (ProcessError, OSError) as exc:
+    return run_in_workdir(
+        lambda workdir: _run(options, workdir),
+        program="canary demo",
+        prefix="canary-demo-",
+        keep_workdir=options.keep_workdir,
         # A server that would not start (its log's tail is in the message), a busy port, ...
-        print(f"canary demo: error: {exc}", file=sys.stderr)
-        code = EXIT_SETUP
-    finally:
-        if options.keep_workdir or code == EXIT_SETUP:
-            print(f"configs and logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
+        errors=(ProcessError, OSError),
+        stopping="stopping the rollout and every process",
+        stopped="stopped: every process the demo started has been stopped",
+    )
+
+
+async def _run(options: DemoOptions, workdir: Path) -> int:
+    code, _ = await run_demo(options, workdir=workdir)
     return code
 
 

@@ -23,10 +23,7 @@ import asyncio
 import contextlib
 import getpass
 import os
-import shutil
-import signal
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -34,6 +31,7 @@ from pathlib import Path
 import aiohttp
 
 from canary.demo.dnsload import DnsLoadGenerator
+from canary.demo.running import EXIT_SETUP, run_in_workdir, say
 from canary.failover import FailoverCommand, FailoverPolicy, Mode
 from canary.failover_controller import FailoverController
 from canary.health import EntryPointHealth, HealthMonitor, http_check
@@ -54,11 +52,7 @@ PRIMARY_IP, STANDBY_IP = "127.0.0.10", "127.0.0.20"
 ZONE = "demo.test."
 NAME = "shop.demo.test."
 API_KEY = "canary-demo"
-EXIT_OK, EXIT_SLOW, EXIT_SETUP = 0, 1, 2
-
-
-def _say(line: str) -> None:
-    print(line, flush=True)
+EXIT_OK, EXIT_SLOW = 0, 1  # EXIT_SETUP 2
 
 
 class FailoverDemoOptions(argparse.Namespace):
@@ -177,7 +171,7 @@ async def run_failover_demo(options: FailoverDemoOptions, *, workdir: Path) -> i
         for process in (primary, standby):
             stack.push_async_callback(process.stop)
         await asyncio.gather(primary.start(), standby.start())
-        _say(
+        say(
             f"clusters: primary {PRIMARY_IP}:{port} (pid {primary.pid}), standby {STANDBY_IP}:{port} "
             f"(pid {standby.pid}); PowerDNS pid {pdns.pid} on 127.0.0.1:{pdns.dns_port}"
         )
@@ -225,11 +219,11 @@ async def run_failover_demo(options: FailoverDemoOptions, *, workdir: Path) -> i
                     await task
 
         stack.push_async_callback(stop_tasks)
-        _say(
+        say(
             f"DNS: {NAME} LUA pickwrandom, TTL {options.ttl}s, {100 - options.steady}/{options.steady}; "
             f"{options.rate:g} requests/s from 20 clients resolving through it"
         )
-        _say(
+        say(
             f"failover policy: {options.failures} failed probes every {interval:g}s; failback "
             + (
                 f"automatic after {options.healthy_seconds:g}s healthy"
@@ -240,7 +234,7 @@ async def run_failover_demo(options: FailoverDemoOptions, *, workdir: Path) -> i
         await asyncio.sleep(3.0)
         now = loadgen.clock()
         share = loadgen.share(STANDBY_IP, now - 2.0) or 0.0
-        _say(
+        say(
             f"steady state: standby serves {100 * share:.0f}% of requests (weight {options.steady}%)"
         )
 
@@ -248,18 +242,18 @@ async def run_failover_demo(options: FailoverDemoOptions, *, workdir: Path) -> i
         outage = loadgen.clock()
         outage_wall = time.time()
         await primary.stop()
-        _say("outage: the primary cluster's service is stopped")
+        say("outage: the primary cluster's service is stopped")
         await _wait(lambda: _moved_to(controller, Mode.STANDBY), bound + 10, "the failover")
         weight_s = controller.moves[-1][0] - outage_wall
-        _say(f"  controller moved the DNS weight to the standby after {weight_s:.2f}s")
+        say(f"  controller moved the DNS weight to the standby after {weight_s:.2f}s")
         await asyncio.sleep(options.ttl + 1.5)
         moved = loadgen.moved_at(STANDBY_IP, outage)
         failover_s = None if moved is None else moved - outage
         failed = loadgen.failed(outage)
         if failover_s is None:
-            _say("  !! clients have not all moved to the standby")
+            say("  !! clients have not all moved to the standby")
         else:
-            _say(
+            say(
                 f"  every client on the standby after {failover_s:.2f}s "
                 f"(bound: {options.failures + 1} probes x ({interval:g}s + {timeout:g}s timeout) "
                 f"+ TTL {options.ttl}s = {bound:.2f}s); {failed} requests failed meanwhile"
@@ -269,7 +263,7 @@ async def run_failover_demo(options: FailoverDemoOptions, *, workdir: Path) -> i
         primary = _service("primary", PRIMARY_IP, port, workdir)
         stack.push_async_callback(primary.stop)
         await primary.start()
-        _say(f"recovery: the primary cluster's service is back (pid {primary.pid})")
+        say(f"recovery: the primary cluster's service is back (pid {primary.pid})")
         await _wait(
             lambda: controller.state.primary_healthy_since is not None, 10, "a healthy probe"
         )
@@ -283,7 +277,7 @@ async def run_failover_demo(options: FailoverDemoOptions, *, workdir: Path) -> i
             )
         else:
             who = os.environ.get("USER") or getpass.getuser()
-            _say(f"  $ canary failback --as {who} --reason 'primary recovered (demo)'")
+            say(f"  $ canary failback --as {who} --reason 'primary recovered (demo)'")
             await controller.command(FailoverCommand(Mode.PRIMARY, who, "primary recovered (demo)"))
         failback_weight_s = controller.moves[-1][0] - back_wall
         await asyncio.sleep(options.ttl + 2.0)
@@ -291,42 +285,17 @@ async def run_failover_demo(options: FailoverDemoOptions, *, workdir: Path) -> i
         failback_s = None if not returned else returned[0] - back
         share = loadgen.share(STANDBY_IP, loadgen.clock() - 1.5) or 0.0
         if failback_s is None:
-            _say("  !! no client went back to the primary")
+            say("  !! no client went back to the primary")
         else:
-            _say(
+            say(
                 f"  weight back to {100 - options.steady}/{options.steady} after {failback_weight_s:.2f}s; "
                 f"first client back on the primary after {failback_s:.2f}s; standby now serves "
                 f"{100 * share:.0f}%"
             )
-        _say(f"record: {record}")
+        say(f"record: {record}")
         ok = failover_s is not None and failover_s <= bound + options.ttl and failback_s is not None
         return EXIT_OK if ok else EXIT_SLOW
     return EXIT_SETUP  # pragma: no cover - the context manager returns above
-
-
-async def _main_async(options: FailoverDemoOptions, workdir: Path) -> int:
-    loop = asyncio.get_running_loop()
-    task = asyncio.current_task()
-    assert task is not None
-    interrupted: list[int] = []
-
-    def on_signal(signum: int) -> None:
-        if not interrupted:
-            _say(f"\n{signal.Signals(signum).name}: stopping every process ...")
-            task.cancel()
-        interrupted.append(signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(signum, on_signal, signum)
-    try:
-        return await run_failover_demo(options, workdir=workdir)
-    except asyncio.CancelledError:
-        if interrupted:
-            return 128 + interrupted[0]
-        raise
-    finally:
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.remove_signal_handler(signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -344,16 +313,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return EXIT_SETUP
-    workdir = Path(tempfile.mkdtemp(prefix="canary-failover-"))
-    code = EXIT_SETUP
-    try:
-        code = asyncio.run(_main_async(options, workdir))
-    except (ProcessError, OSError, TimeoutError) as exc:
-        print(f"canary demo --failover: error: {exc}", file=sys.stderr)
-        code = EXIT_SETUP
-    finally:
-        if options.keep_workdir or code == EXIT_SETUP:
-            print(f"configs and logs kept in {workdir}", file=sys.stderr)
-        else:
-            shutil.rmtree(workdir, ignore_errors=True)
-    return code
+    return run_in_workdir(
+        lambda workdir: run_failover_demo(options, workdir=workdir),
+        program="canary demo --failover",
+        prefix="canary-failover-",
+        keep_workdir=options.keep_workdir,
+        errors=(ProcessError, OSError, TimeoutError),
+        stopping="stopping every process",
+    )
