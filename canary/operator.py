@@ -77,13 +77,7 @@ from canary.kube import (
 )
 from canary.metrics import PrometheusMetrics
 from canary.notify import Notifier, WebhookConfig
-from canary.record_store import (
-    MAX_CONFIGMAP_BYTES,
-    RecordTooLarge,
-    configmap_name,
-    pack_record,
-    unpack_record,
-)
+from canary.record_store import MAX_CONFIGMAP_BYTES, ConfigMapRecordWriter, unpack_record
 from canary.records import EndEntry, Entry, NoteEntry, RecordError, StartEntry, TickEntry
 from canary.rollout import (
     Action,
@@ -296,8 +290,7 @@ class KubeRolloutRunner(RolloutRunner):
         self.resume = resume
         self.entries: list[Entry] = entries
         self.pending_revision: str | None = None
-        self._record_rv: str | None = None
-        self._record_name = ""
+        self._record: ConfigMapRecordWriter | None = None  # the current record's ConfigMap
         self._flushed_at = 0.0
         self._unflushed_important = False
 
@@ -305,7 +298,8 @@ class KubeRolloutRunner(RolloutRunner):
 
     @property
     def record_ref(self) -> str:
-        return f"{self.worker.op.settings.record_namespace}/{self._record_name}"
+        name = self._record.name if self._record is not None else ""
+        return f"{self.worker.op.settings.record_namespace}/{name}"
 
     def state(self) -> dict[str, Any]:
         data = super().state()
@@ -330,35 +324,16 @@ class KubeRolloutRunner(RolloutRunner):
         due = now - self._flushed_at >= settings.record_flush_s
         if not (force or due or self._unflushed_important) or not self.entries:
             return
-        if not self.worker.op.acting():
+        if not self.worker.op.acting() or self._record is None:
             return
-        namespace = settings.record_namespace
-        try:
-            data = await asyncio.to_thread(
-                pack_record, list(self.entries), max_bytes=settings.record_max_bytes
-            )
-            for _ in range(3):
-                try:
-                    written = await self.worker.op.kube.put_configmap(
-                        namespace, self._record_name, data, resource_version=self._record_rv
-                    )
-                    break
-                except Conflict:
-                    # Created before (a restart), or written by an earlier attempt.
-                    current = await self.worker.op.kube.get_configmap(namespace, self._record_name)
-                    self._record_rv = current["metadata"]["resourceVersion"]
-            else:
-                raise KubeError(
-                    f"configmap {namespace}/{self._record_name}: conflict after retries"
-                )
-        except (KubeError, RecordTooLarge, RecordError) as exc:
+        error = await self._record.save()
+        if error is not None:
             self._count_error("record")
-            message = f"could not write record {namespace}/{self._record_name}: {exc}"
+            message = f"could not write {error}"
             log.warning("%s: %s", self.name, message)
             self.worker.record_error = message
             await self.worker.event("Warning", "RecordWriteFailed", message)
             return
-        self._record_rv = written["metadata"]["resourceVersion"]
         self._flushed_at = now
         self._unflushed_important = False
         if self.worker.record_error:
@@ -427,8 +402,14 @@ class KubeRolloutRunner(RolloutRunner):
     def _start_record(self, revision: str) -> None:
         namespace, name = self.worker.key
         self._rollout_id = f"{namespace}/{name}@{revision}"
-        self._record_name = configmap_name(self._rollout_id)
-        self._record_rv = None
+        settings = self.worker.op.settings
+        self._record = ConfigMapRecordWriter(
+            self.worker.op.kube,
+            namespace=settings.record_namespace,
+            rollout=self._rollout_id,
+            max_bytes=settings.record_max_bytes,
+        )
+        self._record.entries = self.entries  # one list: the runner appends, the writer saves
 
     def _start_entry(self, reason: str) -> StartEntry:
         return StartEntry(

@@ -13,7 +13,8 @@ tick where the step or the weight changed. The record then says so in a note.
 The packing is pure. `ConfigMapRecordWriter` is the thin adapter that keeps one rollout's
 record in its ConfigMap through `canary.kube.Kube` (or anything with its two ConfigMap
 methods): it never raises, a failed write comes back as a message for the caller to log and
-count, and the next write retries with the whole record. `canary report` reads a ConfigMap
+count, and the next write retries with the whole record. The operator keeps its rollouts'
+records through it too, calling `save()` at the moments its own ordering needs. `canary report` reads a ConfigMap
 dumped with `kubectl get configmap NAME -o json`, or `load_record_configmap` reads it live.
 
 Exception tree::
@@ -25,6 +26,7 @@ Exception tree::
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import gzip
@@ -238,19 +240,26 @@ class ConfigMapRecordWriter:
         """Save the record if anything is pending. Returns why it failed, or None."""
         if not self._dirty or not self.entries:
             return None
+        return await self.save()
+
+    async def save(self) -> str | None:
+        """Save the whole record now, pending or not. Returns why it failed, or None."""
         from canary.kube import Conflict, KubeError, NotFound  # the adapter's only seam
 
         where = f"record ConfigMap {self.namespace}/{self.name}"
         try:
-            data = pack_record(self.entries, max_bytes=self.max_bytes)
+            # Gzip of up to a MiB of record is CPU work: off the event loop.
+            data = await asyncio.to_thread(
+                pack_record, list(self.entries), max_bytes=self.max_bytes
+            )
         except RecordError as exc:
             return self._failed(f"{where}: {exc}")
-        for _ in range(2):  # a conflict re-reads the version once: this record is ours
+        for _ in range(3):  # a conflict re-reads the version: this record is ours
             try:
                 result = await self.api.put_configmap(
                     self.namespace, self.name, data, resource_version=self._resource_version
                 )
-            except Conflict:
+            except Conflict:  # created before (a restart), or written by an earlier attempt
                 try:
                     current = await self.api.get_configmap(self.namespace, self.name)
                     self._resource_version = current["metadata"]["resourceVersion"]
