@@ -14,8 +14,9 @@ The packing is pure. `ConfigMapRecordWriter` is the thin adapter that keeps one 
 record in its ConfigMap through `canary.kube.Kube` (or anything with its two ConfigMap
 methods): it never raises, a failed write comes back as a message for the caller to log and
 count, and the next write retries with the whole record. The operator keeps its rollouts'
-records through it too, calling `save()` at the moments its own ordering needs. `canary report` reads a ConfigMap
-dumped with `kubectl get configmap NAME -o json`, or `load_record_configmap` reads it live.
+records through it too, calling `save()` at the moments its own ordering needs. `canary
+report` reads a ConfigMap dumped with `kubectl get configmap NAME -o json`, or
+`load_record_configmap` reads it live.
 
 Exception tree::
 
