@@ -339,14 +339,17 @@ class RolloutRunner:
             await self._note("warning", f"controller error, rollout abandoned as it was: {exc!r}")
             raise
         finally:
-            # Commands that will never be handled get an answer instead of hanging.
-            while not self._commands.empty():
-                pending = self._commands.get_nowait()
-                if not pending.answer.done():
-                    pending.answer.set_result(
-                        CommandResult(False, self.status.phase.value, "the rollout is not running")
-                    )
+            self._refuse_pending_commands()
         return self.status
+
+    def _refuse_pending_commands(self) -> None:
+        """Commands that will never be handled get an answer instead of hanging."""
+        while not self._commands.empty():
+            pending = self._commands.get_nowait()
+            if not pending.answer.done():
+                pending.answer.set_result(
+                    CommandResult(False, self.status.phase.value, "the rollout is not running")
+                )
 
     # ---- the loop ---------------------------------------------------------------------
 

@@ -388,12 +388,7 @@ class KubeRolloutRunner(RolloutRunner):
                 await self.flush_record(force=True)
             raise
         finally:
-            while not self._commands.empty():
-                pending = self._commands.get_nowait()
-                if not pending.answer.done():
-                    pending.answer.set_result(
-                        CommandResult(False, self.status.phase.value, "the rollout is not running")
-                    )
+            self._refuse_pending_commands()
         # The record first: once the status says "done", readers may look for it.
         await self.flush_record(force=True)
         await self.worker.persist()
