@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import sys
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ from kube.emulator import KubeEmulator
 from pdns_server import API_KEY, PdnsServer, pdns
 
 from canary.demo.dnsload import DnsLoadGenerator
+from canary.demo.stack import service_process
 from canary.kube import Kube, RetryPolicy
 from canary.multicluster import (
     ENABLED_ANNOTATION,
@@ -36,8 +36,6 @@ from canary.multicluster import (
 from canary.procs import (
     HAProxyConfig,
     HAProxyProcess,
-    HttpReady,
-    ManagedProcess,
     PrometheusProcess,
     free_port,
 )
@@ -82,14 +80,15 @@ def start_clusters(procs: ProcessPool, tmp_path: Path, *, canary_error_rate: flo
         ("primary", PRIMARY_IP, 0.0),
         ("canary", CANARY_IP, canary_error_rate),
     ):
-        argv = [sys.executable, "-m", "canary.demo.service", "--host", ip, "--port", str(port)]
-        argv += ["--version", version, "--error-rate", str(errors), "--latency-ms", "5"]
-        argv += ["--seed", "7"]
         procs.start(
-            ManagedProcess(
-                argv,
+            service_process(
+                version,
+                host=ip,
+                port=port,
                 log_path=tmp_path / f"{version}.log",
-                ready=HttpReady(f"http://{ip}:{port}/healthz"),
+                error_rate=errors,
+                latency_ms=5,
+                seed=7,
                 name=f"service-{version}",
             )
         )

@@ -32,12 +32,12 @@ import aiohttp
 
 from canary.demo.dnsload import DnsLoadGenerator
 from canary.demo.running import EXIT_SETUP, run_in_workdir, say
+from canary.demo.stack import service_process
 from canary.failover import FailoverCommand, FailoverPolicy, Mode
 from canary.failover_controller import FailoverController
 from canary.health import EntryPointHealth, HealthMonitor, http_check
 from canary.procs import (
     POWERDNS_SQLITE3_SCHEMA,
-    HttpReady,
     ManagedProcess,
     PowerDNSProcess,
     ProcessError,
@@ -125,12 +125,12 @@ def parse_args(argv: Sequence[str] | None) -> FailoverDemoOptions:
 
 
 def _service(version: str, host: str, port: int, workdir: Path) -> ManagedProcess:
-    argv = [sys.executable, "-m", "canary.demo.service", "--host", host, "--port", str(port)]
-    argv += ["--version", version, "--latency-ms", "5", "--error-rate", "0"]
-    return ManagedProcess(
-        argv,
+    return service_process(
+        version,
+        host=host,
+        port=port,
         log_path=workdir / f"service-{version}.log",
-        ready=HttpReady(f"http://{host}:{port}/healthz"),
+        latency_ms=5,
         stop_grace=2.0,
         name=f"{version}-cluster",
     )

@@ -29,7 +29,7 @@ from canary.procs import (
     free_port,
 )
 
-__all__ = ["ServiceSpec", "Stack", "StackSettings"]
+__all__ = ["ServiceSpec", "Stack", "StackSettings", "service_process"]
 
 LOOPBACK = "127.0.0.1"
 BACKEND = "app"
@@ -43,6 +43,39 @@ class ServiceSpec:
     latency_ms: float
     latency_jitter: float
     seed: int | None = None
+
+
+def service_process(
+    version: str,
+    *,
+    port: int,
+    log_path: Path,
+    latency_ms: float,
+    host: str = LOOPBACK,
+    error_rate: float = 0.0,
+    latency_jitter: float | None = None,
+    seed: int | None = None,
+    stop_grace: float = 5.0,
+    name: str | None = None,
+    cwd: Path | None = None,
+) -> ManagedProcess:
+    """The demo service (canary.demo.service) under this interpreter, ready once /healthz
+    answers; not started yet."""
+    argv = [sys.executable, "-m", "canary.demo.service", "--host", host, "--port", str(port)]
+    argv += ["--version", version, "--error-rate", repr(error_rate)]
+    argv += ["--latency-ms", repr(latency_ms)]
+    if latency_jitter is not None:
+        argv += ["--latency-jitter", repr(latency_jitter)]
+    if seed is not None:
+        argv += ["--seed", str(seed)]
+    return ManagedProcess(
+        argv,
+        log_path=log_path,
+        ready=HttpReady(f"http://{host}:{port}/healthz"),
+        stop_grace=stop_grace,
+        name=name,
+        cwd=cwd,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,27 +120,14 @@ class Stack:
         await process.start()
 
     def _service(self, version: str, spec: ServiceSpec, port: int) -> ManagedProcess:
-        argv = [
-            sys.executable,
-            "-m",
-            "canary.demo.service",
-            "--port",
-            str(port),
-            "--version",
+        return service_process(
             version,
-            "--error-rate",
-            repr(spec.error_rate),
-            "--latency-ms",
-            repr(spec.latency_ms),
-            "--latency-jitter",
-            repr(spec.latency_jitter),
-        ]
-        if spec.seed is not None:
-            argv += ["--seed", str(spec.seed)]
-        return ManagedProcess(
-            argv,
+            port=port,
             log_path=self.workdir / f"service-{version}.log",
-            ready=HttpReady(f"http://{LOOPBACK}:{port}/healthz"),
+            error_rate=spec.error_rate,
+            latency_ms=spec.latency_ms,
+            latency_jitter=spec.latency_jitter,
+            seed=spec.seed,
             stop_grace=3.0,
             name=f"service-{version}",
         )

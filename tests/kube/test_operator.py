@@ -26,6 +26,7 @@ import aiohttp
 import pytest
 from aiohttp import web
 
+from canary.demo.stack import service_process
 from canary.kube import Kube
 from canary.kube_cli import send_command
 from canary.operator import KubeState, Operator, OperatorSettings, template_hash
@@ -52,26 +53,15 @@ pytestmark = pytest.mark.timeout(120)
 
 def _service(version: str, error_rate: float, workdir: Path, tag: str) -> ManagedProcess:
     port = free_port()
-    process = ManagedProcess(
-        [
-            sys.executable,
-            "-m",
-            "canary.demo.service",
-            "--port",
-            str(port),
-            "--version",
-            version,
-            "--error-rate",
-            str(error_rate),
-            "--latency-ms",
-            "2",
-            "--seed",
-            "7",
-        ],
+    process = service_process(
+        version,
+        port=port,
         log_path=workdir / f"{tag}.log",
-        ready=HttpReady(f"http://127.0.0.1:{port}/healthz"),
-        cwd=ROOT,
+        error_rate=error_rate,
+        latency_ms=2,
+        seed=7,
         name=tag,
+        cwd=ROOT,
     )
     process.port = port  # type: ignore[attr-defined]
     return process
