@@ -60,6 +60,7 @@ __all__ = [
     "format_validation_error",
     "load_config",
     "parse_config",
+    "parse_steps",
     "read_yaml_file",
 ]
 
@@ -68,6 +69,14 @@ _NAME = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,61}[a-z0-9])?$")
 
 class ConfigError(ValueError):
     """A config file that cannot be used; the message names the file and the field."""
+
+
+def parse_steps(value: object) -> tuple[int, ...]:
+    """A `steps` key: a list of percentages the rollout machine accepts (a field validator's
+    ValueError, so the message is placed under the key's path)."""
+    if not isinstance(value, list | tuple):
+        raise ValueError(f"must be a list of percentages, got {value!r}")
+    return check_steps(tuple(value))
 
 
 class _Strict(BaseModel):
@@ -154,9 +163,7 @@ class TargetConfig(_Strict):
     @field_validator("steps", mode="before")
     @classmethod
     def _steps(cls, value: object) -> tuple[int, ...]:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"must be a list of percentages, got {value!r}")
-        return check_steps(tuple(value))
+        return parse_steps(value)
 
     @model_validator(mode="after")
     def _timing(self) -> TargetConfig:

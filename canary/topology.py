@@ -26,10 +26,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from canary.config import ConfigError, format_validation_error, read_yaml_file
+from canary.config import ConfigError, format_validation_error, parse_steps, read_yaml_file
 from canary.failover import FailoverPolicy
 from canary.notify import WebhookConfig
-from canary.rollout import RolloutSpec, check_steps
+from canary.rollout import RolloutSpec
 
 __all__ = [
     "ClusterConfig",
@@ -303,9 +303,7 @@ class ServiceConfig(_Strict):
     @field_validator("steps", mode="before")
     @classmethod
     def _steps(cls, value: object) -> tuple[int, ...]:
-        if not isinstance(value, list | tuple):
-            raise ValueError(f"must be a list of percentages, got {value!r}")
-        return check_steps(tuple(value))
+        return parse_steps(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceConfig:
