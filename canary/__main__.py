@@ -1,5 +1,5 @@
 """`python -m canary`: the same as the `canary` console script."""
 
-from canary.cli import main
+from canary.cli.main import main
 
 raise SystemExit(main())

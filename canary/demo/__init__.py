@@ -36,15 +36,15 @@ from pathlib import Path
 from typing import Any
 
 from analysis import AnalysisConfig, Analyzer, MetricConfig, plan
-from canary.controller import RolloutRunner, TickReport
+from canary.core.rollout import Emit, RecordTransition, RolloutSpec, RolloutStatus, check_steps
 from canary.demo.loadgen import LoadGenerator, SplitStats
+from canary.demo.procs import ProcessError, find_binary
 from canary.demo.progress import format_duration, format_tick, format_transition, short
 from canary.demo.running import EXIT_SETUP, run_in_workdir, say
 from canary.demo.stack import BACKEND, ServiceSpec, Stack, StackSettings
-from canary.metrics import PrometheusMetrics
-from canary.procs import ProcessError, find_binary
-from canary.rollout import Emit, RecordTransition, RolloutSpec, RolloutStatus, check_steps
+from canary.metrics.prometheus import PrometheusMetrics
 from canary.routers.haproxy import HAProxyRouter
+from canary.runner.runner import RolloutRunner, TickReport
 
 __all__ = [
     "DEMO_ANALYSIS",

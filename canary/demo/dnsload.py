@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from canary.dns import DnsError, query
+from canary.clusters.dns import DnsError, query
 
 __all__ = ["DnsLoadGenerator", "Sent"]
 

@@ -30,13 +30,11 @@ from pathlib import Path
 
 import aiohttp
 
+from canary.clusters.failover_controller import FailoverController
+from canary.clusters.health import EntryPointHealth, HealthMonitor, http_check
+from canary.core.failover import FailoverCommand, FailoverPolicy, Mode
 from canary.demo.dnsload import DnsLoadGenerator
-from canary.demo.running import EXIT_SETUP, run_in_workdir, say
-from canary.demo.stack import service_process
-from canary.failover import FailoverCommand, FailoverPolicy, Mode
-from canary.failover_controller import FailoverController
-from canary.health import EntryPointHealth, HealthMonitor, http_check
-from canary.procs import (
+from canary.demo.procs import (
     POWERDNS_SQLITE3_SCHEMA,
     ManagedProcess,
     PowerDNSProcess,
@@ -44,6 +42,8 @@ from canary.procs import (
     find_binary,
     free_port,
 )
+from canary.demo.running import EXIT_SETUP, run_in_workdir, say
+from canary.demo.stack import service_process
 from canary.routers.powerdns import PowerDNSRouter
 
 __all__ = ["FailoverDemoOptions", "main", "parse_args", "run_failover_demo"]

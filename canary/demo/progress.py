@@ -9,9 +9,9 @@ job, and then the counts the analysis saw and what it decided, with its reason.
 from __future__ import annotations
 
 from analysis import Decision, Verdict
+from canary.core.records import TickEntry
+from canary.core.rollout import RecordTransition
 from canary.demo.loadgen import SplitStats
-from canary.records import TickEntry
-from canary.rollout import RecordTransition
 
 __all__ = [
     "decisive_reason",

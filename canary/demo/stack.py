@@ -1,6 +1,6 @@
 """The demo's processes: two service versions, HAProxy in front, Prometheus, a load generator.
 
-Everything listens on 127.0.0.1 on free ports and runs under canary.procs' supervision, so
+Everything listens on 127.0.0.1 on free ports and runs under canary.demo.procs' supervision, so
 each child is stopped by the PID we started, whichever way the demo ends (normal exit,
 Ctrl-C, SIGTERM, or a setup error half way through). The stack is an async context manager
 built on AsyncExitStack: whatever was started is stopped, in reverse order, and nothing else.
@@ -19,7 +19,7 @@ from typing import Self
 import aiohttp
 
 from canary.demo.loadgen import LoadGenerator
-from canary.procs import (
+from canary.demo.procs import (
     HAProxyConfig,
     HAProxyProcess,
     HttpReady,

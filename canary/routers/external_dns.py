@@ -21,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Literal
 
-from canary.kube import Conflict, Kube, KubeError, NotFound, Unavailable
+from canary.kubernetes.client import Conflict, Kube, KubeError, NotFound, Unavailable
 from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
 
 __all__ = [

@@ -19,7 +19,7 @@ import copy
 import time
 from typing import Any
 
-from canary.kube import Conflict, Kube, KubeError, Unavailable
+from canary.kubernetes.client import Conflict, Kube, KubeError, Unavailable
 from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
 
 __all__ = ["GatewayApiRouter", "RouteNotReady"]

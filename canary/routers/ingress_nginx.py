@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from canary.kube import Conflict, Kube, KubeError, NotFound, Unavailable
+from canary.kubernetes.client import Conflict, Kube, KubeError, NotFound, Unavailable
 from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
 
 __all__ = ["CANARY_ANNOTATION", "WEIGHT_ANNOTATION", "IngressNginxRouter"]

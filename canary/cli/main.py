@@ -1,0 +1,571 @@
+"""The `canary` command (also `python -m canary`).
+
+Subcommands::
+
+    canary run --config rollout.yaml [--config other.yaml] [--listen 127.0.0.1:9310]
+    canary promote|abort|pause|resume NAME [--server URL] [--who W] [--reason R]
+    canary status [NAME] [--server URL]
+    canary validate FILE...                check config files, print the effective settings
+    canary demo [...]                      the local demo (canary.demo.main)
+    canary report NAME|RECORD [...]        from canary.reports.pages (a plugin, see below)
+
+Why it is built this way:
+
+- **Plugins.** Each module in `PLUGINS` that exists and has `add_parser(subparsers)` adds its
+  own subcommands (setting `func=callable(args) -> int`), so the reports and the Kubernetes
+  work plug in without editing the dispatch here. A plugin that is not there yet is skipped.
+- **Forwarded commands.** `canary demo ...` hands its raw arguments to `canary.demo.main`
+  (imported only then), so the demo owns its flags and `canary` works without it.
+- **Static or cluster, as kubectl would.** `promote|abort|pause|resume|status` talk either to
+  a running `canary run` over HTTP or to a cluster (`CLUSTER_MODULE`'s `manual_command(args)` /
+  `status(args)`). `target_mode` decides: `--server` means the static server; any of
+  `--kubeconfig`, `--context`, `-n/--namespace` means a cluster; with neither, `$CANARY_SERVER`
+  means the static server, and then, like kubectl's defaults, `$KUBECONFIG`, an existing
+  `~/.kube/config` or a pod's service account (`$KUBERNETES_SERVICE_HOST`) mean a cluster;
+  otherwise the static server at its default address. When that default choice cannot reach
+  anything, the error says which was chosen and why.
+
+`canary run` saves each rollout's status next to its record (`<record_dir>/<name>.status.json`)
+and, when restarted after SIGTERM or a crash, resumes an unfinished rollout at the same step
+(`--fresh` starts over instead).
+
+Exit status of `canary run`: 0 every rollout promoted, 1 any rolled back or aborted,
+2 bad config or arguments, 3 stopped (SIGTERM/SIGINT) before the end. The manual commands:
+0 accepted, 1 refused by the rollout, 2 bad arguments, 3 server unreachable, 4 unknown rollout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import importlib
+import json
+import logging
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import quote
+
+__all__ = [
+    "CLUSTER_MODULE",
+    "DEFAULT_LISTEN",
+    "EXIT_BAD_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_STOPPED",
+    "PLUGINS",
+    "TargetMode",
+    "build_parser",
+    "main",
+    "parse_listen",
+    "target_mode",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # rolled back / aborted; a refused command
+EXIT_BAD_CONFIG = 2  # also argparse's own usage errors
+EXIT_STOPPED = 3  # run: stopped before the end; commands: server unreachable
+EXIT_UNKNOWN = 4  # commands: no such rollout
+
+DEFAULT_LISTEN = "127.0.0.1:9310"
+SERVER_ENV = "CANARY_SERVER"
+PLUGINS: tuple[str, ...] = ("canary.reports.pages", "canary.kubernetes.cli", "canary.clusters.multicluster")
+CLUSTER_MODULE = "canary.kubernetes.cli"
+# name -> (module, function, help): the module's function gets the raw remaining argv.
+FORWARDED: dict[str, tuple[str, str, str]] = {
+    "demo": (
+        "canary.demo",
+        "main",
+        "run a whole rollout on this machine (see `canary demo --help`)",
+    ),
+}
+MANUAL = ("promote", "abort", "pause", "resume")
+
+log = logging.getLogger("canary.cli.main")
+Handler = Callable[[argparse.Namespace], int]
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT). Raises ValueError naming what is wrong."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"--listen must be HOST:PORT, e.g. {DEFAULT_LISTEN}, got {text!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"--listen port must be a number, got {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--listen port must be within 0..65535, got {port}")
+    return host, port
+
+
+# ---- run ----------------------------------------------------------------------------------
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from canary.static.config import ConfigError, TargetConfig, load_config
+
+    configs: list[TargetConfig] = []
+    try:
+        for path in args.config:
+            configs.append(load_config(path))
+        names = [c.name for c in configs]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate is not None:
+            raise ConfigError(f"two config files name the target {duplicate!r}")
+        host, port = parse_listen(args.listen)
+    except (ConfigError, ValueError) as exc:
+        print(f"canary run: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    try:
+        return asyncio.run(_run(configs, host, port, fresh=args.fresh))
+    except _BadTarget as exc:
+        print(f"canary run: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+
+
+class _BadTarget(Exception):
+    """A config that validated but could not be turned into a router or metrics provider."""
+
+
+def build_runner(config: Any, *, stamp: str | None = None, fresh: bool = False) -> Any:
+    """A RolloutRunner for a static target (real HAProxy router, real Prometheus metrics)."""
+    from analysis import Analyzer
+    from canary.metrics.prometheus import PrometheusMetrics
+    from canary.routers.haproxy import HAProxyRouter
+    from canary.runner.runner import RolloutRunner
+
+    stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    try:
+        analysis_config = config.analysis_config()
+        router = HAProxyRouter(
+            config.router.socket,
+            config.router.backend,
+            config.router.primary_server,
+            config.router.canary_server,
+            name=f"haproxy:{config.router.backend}",
+            state_file=config.router.state_file,
+            timeout_s=config.router.timeout_s,
+        )
+        metrics = PrometheusMetrics(
+            config.metrics.url, queries=config.metrics.queries, timeout_s=config.metrics.timeout_s
+        )
+    except ValueError as exc:
+        raise _BadTarget(f"{config.name}: {exc}") from None
+    return RolloutRunner(
+        name=config.name,
+        spec=config.rollout_spec(),
+        router=router,
+        metrics=metrics,
+        record_path=Path(config.record_dir) / f"{config.name}-{stamp}.jsonl",
+        # An unfinished rollout saved here is resumed (same record, same step) unless fresh.
+        status_path=Path(config.record_dir) / f"{config.name}.status.json",
+        resume_saved=not fresh,
+        tick_s=config.tick_s,
+        analyzer_factory=lambda: Analyzer(analysis_config),
+        revision=config.canary_version or stamp,
+        primary_version=config.primary_version,
+        canary_version=config.canary_version,
+        config={
+            "analysis": analysis_config.model_dump(mode="json"),
+            "tick_s": config.tick_s,
+            "router": config.router.model_dump(mode="json"),
+            "metrics": {"url": config.metrics.url},
+        },
+    )
+
+
+def _report_routes(record_dir: Path) -> list[Callable[[Any], None]]:
+    """canary.reports.pages' /reports/ routes, when that module is there."""
+    try:
+        reports = importlib.import_module("canary.reports.pages")
+    except ModuleNotFoundError as exc:
+        if exc.name != "canary.reports.pages":
+            raise
+        return []
+    register = getattr(reports, "register_routes", None)
+    if register is None:
+        return []
+    return [lambda app: register(app, record_dir=record_dir)]
+
+
+async def _run(configs: Sequence[Any], host: str, port: int, *, fresh: bool = False) -> int:
+    from canary.notify.webhooks import Notifier
+    from canary.runner.runner import Controller, run_until_signalled
+    from canary.server.app import Server, make_app
+
+    runners = [build_runner(config, fresh=fresh) for config in configs]
+    # One notifier per target: each config names its own webhooks.
+    notifiers: list[Notifier] = []
+    for runner, config in zip(runners, configs, strict=True):
+        if config.webhooks:
+            notifiers.append(Notifier(config.webhooks))
+            runner.entry_observers.append(notifiers[-1].on_entry)
+    controller = Controller(runners)
+    app = make_app(controller, extensions=_report_routes(Path(configs[0].record_dir)))
+    server = Server(app, host=host, port=port)
+    try:
+        await server.start()
+    except OSError as exc:
+        raise _BadTarget(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    try:
+        log.info("serving on %s", server.url)
+        print(f"canary: serving on {server.url}", file=sys.stderr, flush=True)
+        statuses = await run_until_signalled(controller)
+    finally:
+        await server.stop()
+        for notifier in notifiers:  # the last promotion/rollback gets a moment to go out
+            await notifier.aclose(grace_s=5.0)
+    for runner in runners:
+        status = statuses[runner.name]
+        state = "stopped" if runner.stopped else status.outcome or status.phase.value
+        print(f"canary: {runner.name}: {state}: {status.message}", file=sys.stderr)
+        print(f"canary: {runner.name}: record {runner.record_path}", file=sys.stderr)
+    if any(runner.stopped for runner in runners):
+        return EXIT_STOPPED
+    if all(status.outcome == "promoted" for status in statuses.values()):
+        return EXIT_OK
+    return EXIT_FAILED
+
+
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from canary.static.config import ConfigError, load_config
+
+    code = EXIT_OK
+    for path in args.config:
+        try:
+            config = load_config(path)
+        except ConfigError as exc:
+            print(str(exc), file=sys.stderr)
+            code = EXIT_BAD_CONFIG
+            continue
+        print(json.dumps({"file": str(path), **config.model_dump(mode="json")}, indent=2))
+    return code
+
+
+# ---- manual commands and status, through the server or a cluster --------------------------
+
+
+TargetMode = Literal["server", "cluster"]
+_CLUSTER_FLAGS = (("kubeconfig", "--kubeconfig"), ("context", "--context"), ("namespace", "-n"))
+TARGET_RULE = (
+    "Where it goes: --server URL (or $CANARY_SERVER) is a running `canary run`; --kubeconfig, "
+    "--context or -n/--namespace is a cluster. With neither, as kubectl: a cluster when "
+    "$KUBECONFIG is set, ~/.kube/config exists or in a pod ($KUBERNETES_SERVICE_HOST), else "
+    f"the `canary run` at http://{DEFAULT_LISTEN}."
+)
+
+
+def target_mode(
+    args: argparse.Namespace, *, environ: Mapping[str, str] | None = None
+) -> tuple[TargetMode, str, bool]:
+    """(mode, why, chosen by default) for status and the manual commands.
+
+    Raises ValueError when --server and a cluster flag are both given."""
+    env = os.environ if environ is None else environ
+    flags = [flag for key, flag in _CLUSTER_FLAGS if getattr(args, key, None)]
+    if getattr(args, "server", None):
+        if flags:
+            raise ValueError(
+                f"--server and {', '.join(flags)} name different targets (a `canary run` "
+                "server, a cluster): give one"
+            )
+        return "server", "--server was given", False
+    if flags:
+        return "cluster", f"{', '.join(flags)} was given", False
+    if env.get(SERVER_ENV):
+        return "server", f"${SERVER_ENV} is set", True
+    if env.get("KUBECONFIG"):
+        return "cluster", "$KUBECONFIG is set", True
+    home = env.get("HOME")
+    config = (Path(home) if home else Path.home()) / ".kube" / "config"
+    if config.is_file():
+        return "cluster", f"{config} exists", True
+    if env.get("KUBERNETES_SERVICE_HOST"):
+        return "cluster", "running in a pod ($KUBERNETES_SERVICE_HOST is set)", True
+    return (
+        "server",
+        "no kubeconfig was found ($KUBECONFIG unset, no ~/.kube/config, not in a pod)",
+        True,
+    )
+
+
+def _cluster(args: argparse.Namespace) -> bool:
+    """Decide the target once; the why is kept on args for error messages."""
+    mode, why, by_default = target_mode(args)
+    args.target_why = why if by_default else None
+    return mode == "cluster"
+
+
+def _cluster_call(args: argparse.Namespace, function: str) -> int:
+    try:
+        module = importlib.import_module(CLUSTER_MODULE)
+    except ModuleNotFoundError as exc:
+        if exc.name != CLUSTER_MODULE:
+            raise
+        module = None
+    handler = getattr(module, function, None)
+    if handler is None:
+        print(
+            f"canary {args.command}: error: cluster commands are not available "
+            f"({CLUSTER_MODULE}.{function} is missing); use --server for static targets",
+            file=sys.stderr,
+        )
+        return EXIT_BAD_CONFIG
+    return int(handler(args))
+
+
+def _server_url(args: argparse.Namespace) -> str:
+    url: str = args.server or os.environ.get(SERVER_ENV) or f"http://{DEFAULT_LISTEN}"
+    return url.rstrip("/")
+
+
+async def _http(method: str, url: str, body: dict[str, str] | None) -> tuple[int, Any]:
+    import aiohttp
+
+    timeout = aiohttp.ClientTimeout(total=30)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.request(method, url, json=body) as response,
+    ):
+        text = await response.text()
+        try:
+            return response.status, json.loads(text)
+        except json.JSONDecodeError:
+            return response.status, {"error": text.strip()}
+
+
+def _request(
+    args: argparse.Namespace, method: str, path: str, body: dict[str, str] | None
+) -> tuple[int, Any] | None:
+    import aiohttp
+
+    url = _server_url(args) + path
+    try:
+        return asyncio.run(_http(method, url, body))
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        why = getattr(args, "target_why", None)
+        hint = (
+            f"; a `canary run` server was tried because {why}: for a cluster give "
+            "--kubeconfig, --context or -n"
+            if why
+            else ""
+        )
+        print(
+            f"canary {args.command}: error: cannot reach the controller at {_server_url(args)}: "
+            f"{exc or type(exc).__name__} (is `canary run` running? see --server){hint}",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _chosen(args: argparse.Namespace) -> bool | None:
+    """True for a cluster, False for the server, None (after saying why) for a conflict."""
+    try:
+        return _cluster(args)
+    except ValueError as exc:
+        print(f"canary {args.command}: error: {exc}", file=sys.stderr)
+        return None
+
+
+def _cmd_manual(args: argparse.Namespace) -> int:
+    cluster = _chosen(args)
+    if cluster is None:
+        return EXIT_BAD_CONFIG
+    if cluster:
+        return _cluster_call(args, "manual_command")
+    if not args.name:
+        print(f"canary {args.command}: error: NAME must not be empty", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    answer = _request(
+        args,
+        "POST",
+        f"/rollouts/{quote(args.name, safe='/')}/{args.command}",
+        {"who": args.who, "reason": args.reason},
+    )
+    if answer is None:
+        return EXIT_STOPPED
+    status, data = answer
+    if status == 200:
+        print(f"{args.name}: {args.command} accepted; now {data.get('phase')}")
+        return EXIT_OK
+    message = data.get("message") or data.get("error") or f"HTTP {status}"
+    print(f"canary {args.command}: {args.name}: {message}", file=sys.stderr)
+    if status == 404:
+        return EXIT_UNKNOWN
+    if status == 409:
+        return EXIT_FAILED
+    return EXIT_BAD_CONFIG
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    cluster = _chosen(args)
+    if cluster is None:
+        return EXIT_BAD_CONFIG
+    if cluster:
+        return _cluster_call(args, "status")
+    path = f"/rollouts/{quote(args.name, safe='/')}" if args.name else "/rollouts"
+    answer = _request(args, "GET", path, None)
+    if answer is None:
+        return EXIT_STOPPED
+    status, data = answer
+    if status == 404:
+        print(f"canary status: {data.get('error')}", file=sys.stderr)
+        return EXIT_UNKNOWN
+    if status != 200:
+        print(f"canary status: HTTP {status}: {data}", file=sys.stderr)
+        return EXIT_FAILED
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    for state in data["rollouts"] if "rollouts" in data else [data]:
+        steps = state.get("steps") or []
+        print(
+            f"{state['name']}: {state['phase']} step {state['step'] + 1}/{len(steps)} "
+            f"weight {state['weight']}% ({'verified' if state.get('weight_verified') else 'unverified'})"
+            f" last decision {state.get('last_decision') or '-'}: {state.get('message', '')}"
+        )
+    return EXIT_OK
+
+
+# ---- the parser ----------------------------------------------------------------------------
+
+
+def _add_cluster_flags(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "cluster (instead of --server; as kubectl's flags)",
+        "Any of these means a cluster. With none of them and no --server: a cluster when "
+        "$KUBECONFIG is set, ~/.kube/config exists or in a pod, else the `canary run` server.",
+    )
+    group.add_argument(
+        "--kubeconfig", metavar="FILE", help="kubeconfig file (default $KUBECONFIG, ~/.kube/config)"
+    )
+    group.add_argument("--context", help="kubeconfig context")
+    group.add_argument("-n", "--namespace", help="namespace of the Deployment")
+
+
+def _add_server_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--server",
+        metavar="URL",
+        help=f"a running `canary run` (default ${SERVER_ENV}, else http://{DEFAULT_LISTEN} "
+        "when no kubeconfig is found)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="canary",
+        description="Traffic-splitting canary controller with anytime-valid analysis.",
+    )
+    parser.add_argument(
+        "--log-level",
+        default="info",
+        choices=("debug", "info", "warning", "error"),
+        help="default: info",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = subparsers.add_parser(
+        "run",
+        help="roll out static targets described by config files",
+        description="Roll out each target described by a config file, one task each, until "
+        "every rollout is promoted or rolled back. A rollout left unfinished by an earlier "
+        "run (SIGTERM, crash) is resumed at its step. Exit 0 promoted, 1 rolled back, 2 bad "
+        "config, 3 stopped by SIGTERM/SIGINT.",
+    )
+    run.add_argument(
+        "--config", metavar="FILE", action="append", required=True, help="YAML file; repeatable"
+    )
+    run.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        default=DEFAULT_LISTEN,
+        help=f"HTTP server for probes, /metrics, /rollouts and commands (default {DEFAULT_LISTEN})",
+    )
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="start new rollouts even where an unfinished one was saved (default: resume it)",
+    )
+    run.set_defaults(func=_cmd_run)
+
+    validate = subparsers.add_parser(
+        "validate",
+        help="check config files without running anything",
+        description="Load and validate config files; print each target's effective settings "
+        "as JSON. Exit 0 when all are valid, 2 otherwise (every problem is listed).",
+    )
+    validate.add_argument("config", metavar="FILE", nargs="+")
+    validate.set_defaults(func=_cmd_validate)
+
+    for verb in MANUAL:
+        manual = subparsers.add_parser(
+            verb,
+            help=f"{verb} a rollout",
+            description=f"{verb.capitalize()} a rollout by name. {TARGET_RULE}",
+        )
+        manual.add_argument("name", metavar="NAME")
+        manual.add_argument("--reason", default="", help="why (kept in the record)")
+        manual.add_argument("--who", default=_user(), help="who (default: the current user)")
+        _add_server_flag(manual)
+        _add_cluster_flags(manual)
+        manual.set_defaults(func=_cmd_manual)
+
+    status = subparsers.add_parser(
+        "status", help="show rollouts", description=f"Show rollouts. {TARGET_RULE}"
+    )
+    status.add_argument("name", metavar="NAME", nargs="?")
+    status.add_argument("--json", action="store_true", help="print the raw JSON state")
+    _add_server_flag(status)
+    _add_cluster_flags(status)
+    status.set_defaults(func=_cmd_status)
+
+    for name, (_, _, text) in FORWARDED.items():
+        subparsers.add_parser(name, help=text, add_help=False)
+
+    for module_name in PLUGINS:
+        _plug(module_name, subparsers)
+    return parser
+
+
+def _plug(module_name: str, subparsers: Any) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            return  # not written yet, or not installed: no subcommand
+        raise
+    add_parser = getattr(module, "add_parser", None)
+    if add_parser is not None:
+        add_parser(subparsers)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return "cli"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `canary` console script and `python -m canary`."""
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    if arguments and arguments[0] in FORWARDED:
+        module_name, function, _ = FORWARDED[arguments[0]]
+        forward = getattr(importlib.import_module(module_name), function)
+        return int(forward(arguments[1:]))
+    parser = build_parser()
+    args = parser.parse_args(arguments)
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    handler: Handler = args.func
+    return int(handler(args))

@@ -1,0 +1,10 @@
+"""Kubernetes: annotated Deployments roll out by themselves (`canary kubernetes`).
+
+``client`` is the only module that imports kubernetes_asyncio (one HTTP seam, retries,
+watches, leader election, Events); ``spec`` reads the ``canary.dev/`` annotations;
+``record_store`` keeps records in ConfigMaps; ``operator`` is the supervisor that watches
+Deployments and starts one runner per rollout, with the Kubernetes adapters (status
+annotation store, app/app-primary workload); ``cli`` is the command-line glue. May import:
+``canary.core``, ``canary.runner``, ``canary.routers``, ``canary.metrics``,
+``canary.notify``, ``canary.server``, ``analysis``.
+"""

@@ -1,0 +1,350 @@
+"""`canary` against a cluster: the `kubernetes` subcommand, and status and manual commands.
+
+Why these live apart from cli.py: they need the Kubernetes client, which the static-target
+commands must not import. cli.py plugs this module in (`PLUGINS`, `CLUSTER_MODULE`).
+
+- `canary kubernetes [--kubeconfig F] [--context C] [--namespace NS | --all-namespaces]
+  [--leader-elect --lease-name N --lease-namespace NS] [--listen HOST:PORT]
+  --prometheus-url URL [--record-namespace NS]` runs the reconciler (canary.kubernetes.operator) with
+  the HTTP server (/healthz, /readyz, /metrics, /rollouts) until SIGTERM/SIGINT.
+- `canary status [-n NS] [NAME]` reads the status annotations.
+- `canary promote|abort|pause|resume NAME [-n NS]` writes the `canary.dev/command`
+  annotation (never the spec, so GitOps tools do not revert it) and waits for the
+  controller's answer in the status.
+
+cli.py sends status and the manual commands here by kubectl's rule (canary.cli.main.target_mode);
+when no flag chose the cluster, a failure says what did (`args.target_why`).
+
+Exit statuses follow cli.py: 0 ok/accepted, 1 refused, 2 bad arguments or kubeconfig,
+3 no answer from the controller (or the cluster unreachable), 4 no such Deployment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import uuid
+from typing import Any
+
+from canary.kubernetes.client import Kube, KubeError, NotFound
+from canary.kubernetes.operator import ENABLED, KubeState, ManualRequest
+from canary.kubernetes.spec import ANNOTATION_COMMAND, ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
+
+__all__ = ["add_parser", "fetch_record", "manual_command", "run_kubernetes", "status"]
+
+log = logging.getLogger("canary.kubernetes.cli")
+
+EXIT_OK, EXIT_FAILED, EXIT_BAD, EXIT_NO_ANSWER, EXIT_UNKNOWN = 0, 1, 2, 3, 4
+DEFAULT_WAIT_S = 30.0
+
+
+def _namespace(args: argparse.Namespace) -> str:
+    return str(getattr(args, "namespace", None) or "default")
+
+
+async def _connect(args: argparse.Namespace) -> Kube:
+    return await Kube.connect(
+        kubeconfig=getattr(args, "kubeconfig", None), context=getattr(args, "context", None)
+    )
+
+
+def _fail(command: str, message: str, code: int) -> int:
+    print(f"canary {command}: error: {message}", file=sys.stderr)
+    return code
+
+
+def _why_cluster(args: argparse.Namespace) -> str:
+    """When no flag chose the cluster (canary.cli.main.target_mode), say what did."""
+    why = getattr(args, "target_why", None)
+    if not why:
+        return ""
+    return f" (a cluster was tried because {why}; for a `canary run` server give --server URL)"
+
+
+# ---- status ------------------------------------------------------------------------------
+
+
+def _line(obj: dict[str, Any]) -> str:
+    meta = obj.get("metadata") or {}
+    annotations = meta.get("annotations") or {}
+    name = f"{meta.get('namespace')}/{meta.get('name')}"
+    if annotations.get(ANNOTATION_SPEC_ERROR):
+        return f"{name}: invalid annotations: {annotations[ANNOTATION_SPEC_ERROR]}"
+    try:
+        state = KubeState.from_annotation(annotations.get(ANNOTATION_STATUS))
+    except ValueError as exc:
+        return f"{name}: unreadable status: {exc}"
+    if state is None:
+        return f"{name}: not initialized yet"
+    rollout = state.rollout
+    if rollout is None:
+        return f"{name}: idle; primary at {state.primary_revision}"
+    text = (
+        f"{name}: {rollout.phase.value} {rollout.revision} step {rollout.step + 1} "
+        f"weight {rollout.weight}% ({'verified' if rollout.weight_verified else 'unverified'}) "
+        f"last decision {rollout.last_decision or '-'}: {rollout.message}"
+    )
+    if state.record:
+        text += f" [rollout {state.rollout_id}, record configmap {state.record}]"
+    if state.record_error:
+        text += f" [record error: {state.record_error}]"
+    return text
+
+
+async def _status(args: argparse.Namespace) -> int:
+    async with await _connect(args) as kube:
+        if args.name:
+            try:
+                obj = await kube.get_deployment(_namespace(args), args.name)
+            except NotFound:
+                return _fail(
+                    "status",
+                    f"no Deployment {_namespace(args)}/{args.name}{_why_cluster(args)}",
+                    EXIT_UNKNOWN,
+                )
+            objects = [obj]
+        else:
+            listed = await kube.list_deployments(_namespace(args))
+            objects = [o for o in listed.objects if ENABLED in _annotations(o)]
+    if getattr(args, "json", False):
+        print(json.dumps([_json_view(o) for o in objects], indent=2))
+    else:
+        for obj in objects:
+            print(_line(obj))
+    return EXIT_OK
+
+
+def _annotations(obj: dict[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("annotations") or {})
+
+
+def _json_view(obj: dict[str, Any]) -> dict[str, Any]:
+    meta = obj.get("metadata") or {}
+    annotations = _annotations(obj)
+    raw = annotations.get(ANNOTATION_STATUS)
+    return {
+        "namespace": meta.get("namespace"),
+        "name": meta.get("name"),
+        "status": json.loads(raw) if raw else None,
+        "spec_error": json.loads(annotations[ANNOTATION_SPEC_ERROR])
+        if annotations.get(ANNOTATION_SPEC_ERROR)
+        else None,
+    }
+
+
+def status(args: argparse.Namespace) -> int:
+    """`canary status` in cluster mode."""
+    try:
+        return asyncio.run(_status(args))
+    except KubeError as exc:
+        return _fail("status", f"{exc}{_why_cluster(args)}", EXIT_NO_ANSWER)
+
+
+# ---- manual commands ------------------------------------------------------------------------
+
+
+async def send_command(
+    kube: Kube,
+    namespace: str,
+    name: str,
+    command: str,
+    *,
+    who: str,
+    reason: str = "",
+    wait_s: float = DEFAULT_WAIT_S,
+    poll_s: float = 0.2,
+) -> tuple[int, str]:
+    """Write the command annotation and wait for the controller's answer.
+    Returns (exit status, message)."""
+    request = ManualRequest(
+        id=uuid.uuid4().hex[:12],
+        command=command,  # type: ignore[arg-type]
+        who=who,
+        reason=reason,
+        at=time.time(),
+    )
+    try:
+        await kube.get_deployment(namespace, name)
+    except NotFound:
+        return EXIT_UNKNOWN, f"no Deployment {namespace}/{name}"
+    # A merge patch of one annotation: the spec is never part of what is sent.
+    await kube.patch_deployment(
+        namespace,
+        name,
+        {"metadata": {"annotations": {ANNOTATION_COMMAND: request.model_dump_json()}}},
+    )
+    deadline = time.monotonic() + wait_s
+    while True:
+        obj = await kube.get_deployment(namespace, name)
+        try:
+            state = KubeState.from_annotation(_annotations(obj).get(ANNOTATION_STATUS))
+        except ValueError:
+            state = None
+        answer = state.command if state is not None else None
+        if answer is not None and answer.id == request.id:
+            phase = state.rollout.phase.value if state and state.rollout else "Idle"
+            if answer.accepted:
+                return EXIT_OK, f"{namespace}/{name}: {command} accepted; now {phase}"
+            return EXIT_FAILED, f"{namespace}/{name}: {command} refused: {answer.message}"
+        if time.monotonic() >= deadline:
+            return EXIT_NO_ANSWER, (
+                f"{namespace}/{name}: {command} is recorded in the {ANNOTATION_COMMAND} "
+                f"annotation, but the controller has not answered within {wait_s:g}s "
+                "(is `canary kubernetes` running and leading?)"
+            )
+        await asyncio.sleep(poll_s)
+
+
+def manual_command(args: argparse.Namespace) -> int:
+    """`canary promote|abort|pause|resume NAME` in cluster mode."""
+    wait = getattr(args, "wait", None) or os.environ.get("CANARY_WAIT") or DEFAULT_WAIT_S
+    try:
+        wait_s = float(wait)
+    except ValueError:
+        return _fail(args.command, f"CANARY_WAIT must be a number of seconds, got {wait!r}", 2)
+
+    async def go() -> tuple[int, str]:
+        async with await _connect(args) as kube:
+            return await send_command(
+                kube,
+                _namespace(args),
+                args.name,
+                args.command,
+                who=args.who,
+                reason=args.reason,
+                wait_s=wait_s,
+            )
+
+    try:
+        code, message = asyncio.run(go())
+    except KubeError as exc:
+        return _fail(args.command, f"{exc}{_why_cluster(args)}", EXIT_NO_ANSWER)
+    if code == EXIT_UNKNOWN:
+        message += _why_cluster(args)
+    print(message, file=sys.stdout if code == EXIT_OK else sys.stderr)
+    return code
+
+
+# ---- records ------------------------------------------------------------------------------
+
+
+async def fetch_record(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
+    """The record ConfigMap of Deployment namespace/name's current or last rollout."""
+    try:
+        obj = await kube.get_deployment(namespace, name)
+    except NotFound:
+        raise KubeError(f"no Deployment {namespace}/{name}") from None
+    state = KubeState.from_annotation(_annotations(obj).get(ANNOTATION_STATUS))
+    if state is None or not state.record:
+        raise KubeError(f"Deployment {namespace}/{name} has no rollout record yet")
+    record_namespace, _, configmap = state.record.partition("/")
+    return await kube.get_configmap(record_namespace, configmap)
+
+
+# ---- canary kubernetes --------------------------------------------------------------------
+
+
+async def run_kubernetes(args: argparse.Namespace) -> int:
+    from canary.cli.main import parse_listen
+    from canary.kubernetes.client import LeaderElector
+    from canary.kubernetes.operator import Operator, OperatorSettings
+    from canary.server.app import Server, make_app
+
+    try:
+        host, port = parse_listen(args.listen)
+        own_namespace = os.environ.get("POD_NAMESPACE") or "canary-system"
+        settings = OperatorSettings(
+            prometheus_url=args.prometheus_url,
+            record_namespace=args.record_namespace or own_namespace,
+            namespace=None if args.all_namespaces else (args.namespace or None),
+            tick_s=args.tick,
+            identity=args.identity or "",
+        )
+    except ValueError as exc:
+        return _fail("kubernetes", str(exc), EXIT_BAD)
+    try:
+        kube = await _connect(args)
+    except KubeError as exc:
+        return _fail("kubernetes", str(exc), EXIT_BAD)
+    async with kube:
+        elector = None
+        if args.leader_elect:
+            elector = LeaderElector(
+                kube,
+                namespace=args.lease_namespace or own_namespace,
+                name=args.lease_name,
+                identity=settings.identity or os.environ.get("POD_NAME") or os.uname().nodename,
+            )
+        operator = Operator(kube, settings, elector=elector)
+        server = Server(make_app(operator), host=host, port=port)
+        try:
+            await server.start()
+        except OSError as exc:
+            return _fail("kubernetes", f"cannot listen on {host}:{port}: {exc}", EXIT_BAD)
+        print(f"canary: serving on {server.url}", file=sys.stderr, flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await operator.run(stop)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+            await server.stop()
+    return EXIT_OK
+
+
+def _cmd_kubernetes(args: argparse.Namespace) -> int:
+    try:
+        return asyncio.run(run_kubernetes(args))
+    except KubeError as exc:
+        return _fail("kubernetes", str(exc), EXIT_NO_ANSWER)
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Register `canary kubernetes` on the main CLI."""
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "kubernetes",
+        help="run the controller for annotated Deployments in a cluster",
+        description="Watch Deployments annotated canary.dev/enabled and roll out each new pod "
+        "template as a canary. Serves /healthz, /readyz, /metrics and /rollouts. Stops "
+        "cleanly on SIGTERM/SIGINT (rollouts resume where they were on the next start).",
+    )
+    parser.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig (default: in-cluster)")
+    parser.add_argument("--context", help="kubeconfig context")
+    scope = parser.add_mutually_exclusive_group()
+    scope.add_argument("-n", "--namespace", help="watch only this namespace")
+    scope.add_argument(
+        "-A", "--all-namespaces", action="store_true", help="watch every namespace (default)"
+    )
+    parser.add_argument(
+        "--leader-elect", action="store_true", help="act only while holding the Lease"
+    )
+    parser.add_argument("--lease-name", default="canary-leader", help="default: canary-leader")
+    parser.add_argument("--lease-namespace", help="default: $POD_NAMESPACE, else canary-system")
+    parser.add_argument("--identity", help="Lease holder identity (default: $POD_NAME or host)")
+    parser.add_argument(
+        "--listen", metavar="HOST:PORT", default="0.0.0.0:8080", help="default: 0.0.0.0:8080"
+    )
+    parser.add_argument(
+        "--prometheus-url",
+        default=os.environ.get("PROMETHEUS_URL", "http://prometheus-operated.monitoring:9090"),
+        help="Prometheus to query (default: $PROMETHEUS_URL or "
+        "http://prometheus-operated.monitoring:9090)",
+    )
+    parser.add_argument(
+        "--record-namespace",
+        help="namespace of the record ConfigMaps (default: $POD_NAMESPACE, else canary-system)",
+    )
+    parser.add_argument(
+        "--tick", type=float, default=10.0, metavar="SECONDS", help="analysis interval (10)"
+    )
+    parser.set_defaults(func=_cmd_kubernetes)
+    return parser

@@ -1,0 +1,1176 @@
+"""The Kubernetes reconciler: annotated Deployments roll out by themselves.
+
+Why it is shaped like this: the pieces exist already, each tested on its own (the pure
+rollout machine, D's RolloutRunner, G's Kube adapter, routers, annotation schema, F's record
+store), so this module only joins them, and keeps four promises that only the join can keep.
+
+Ownership (Flagger's model). The user edits Deployment `app` (annotated `canary.dev/enabled`).
+On first sight the controller creates `app-primary` (a copy of `app`'s pod template, its
+selector labels suffixed `-primary`, owned by `app`), the Services `app-primary` and
+`app-canary`, the router at 0%, and scales `app` to zero. A new pod template on `app`
+(`template_hash`) starts a rollout: `app` is scaled up, weights move, the analysis runs. On
+pass the template is copied to `app-primary`, the controller waits until that rollout has
+completed (`kube.deployment_rollout`), the weight goes back to 0 and `app` scales to zero.
+On fail: weight 0, scale to zero. A template changed again mid-rollout ends the record with
+outcome `superseded` and starts a new record whose start entry says what it superseded.
+
+State survives restarts. `KubeState` (compact JSON in the `canary.dev/status` annotation)
+holds the rollout machine's whole `RolloutStatus`, the promoted revision, the record's
+ConfigMap and the last manual command answered. It is written with resourceVersion-guarded
+merge patches (Conflict: re-read, retry), once per reconcile (tick or command), and also just
+*before* each weight change (write-ahead), so a controller killed between writing a weight
+and saving its status cannot move the weight back on resume. A new instance resumes each
+active rollout: same step, same step timer, no step taken twice. The analysis evidence is
+rebuilt by replaying the cumulative counts of the record's ticks (since the analysis start)
+into a fresh Analyzer, then the next tick re-queries Prometheus from the same
+`analysis_started_at`, so nothing observed before the restart is lost (the analysis is
+cadence-invariant, so a downsampled record replays to the same evidence as far as it goes).
+
+Bad annotations are data: a Warning Event and the `canary.dev/spec-error` annotation (JSON:
+key -> rule) on the Deployment, traffic untouched; the next watch event with valid
+annotations clears it, no restart needed.
+
+One actor at a time: with leader election only the Lease holder reconciles; losing the
+Lease cancels every rollout task at once, and every write first checks `is_leader` (which
+lapses by itself at the renew deadline), so two replicas never act at once.
+
+Manual commands come from the CLI as the `canary.dev/command` annotation (JSON with an id);
+the answer is stored in the status. GitOps tools never see the spec change.
+
+Records: one ConfigMap per rollout in the controller's namespace (F's record_store: gzip +
+base64, thinned to fit). A failed write never fails the rollout: it is logged, counted
+(`canary_errors{kind="record"}`), shown in the status (`record_error`) and sent as a Warning
+Event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import hashlib
+import json
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from analysis import Analyzer
+from canary.core.records import EndEntry, Entry, NoteEntry, RecordError, StartEntry, TickEntry
+from canary.core.rollout import (
+    Action,
+    Command,
+    Emit,
+    Finish,
+    NewRevision,
+    Promote,
+    RecordTransition,
+    RolloutStatus,
+    SetWeight,
+    WeightVerified,
+)
+from canary.kubernetes.client import (
+    Conflict,
+    EventRecorder,
+    Kube,
+    KubeError,
+    LeaderElector,
+    NotFound,
+    ObjectRef,
+    Relist,
+    WatchEvent,
+    deployment_rollout,
+)
+from canary.kubernetes.record_store import MAX_CONFIGMAP_BYTES, ConfigMapRecordWriter, unpack_record
+from canary.kubernetes.spec import (
+    ANNOTATION_COMMAND,
+    ANNOTATION_SPEC_ERROR,
+    ANNOTATION_STATUS,
+    PREFIX,
+    CanarySpec,
+    SpecError,
+    dump_problems,
+    parse_annotations,
+)
+from canary.metrics.prometheus import PrometheusMetrics
+from canary.notify.webhooks import Notifier, WebhookConfig
+from canary.routers.base import RouterError, TrafficRouter
+from canary.routers.gateway_api import GatewayApiRouter
+from canary.routers.ingress_nginx import IngressNginxRouter
+from canary.runner.runner import CommandResult, RolloutRunner, Telemetry, UnknownRollout
+
+__all__ = [
+    "ENABLED",
+    "KubeRolloutRunner",
+    "KubeState",
+    "ManualRequest",
+    "NotLeader",
+    "Operator",
+    "OperatorSettings",
+    "primary_template",
+    "template_hash",
+]
+
+log = logging.getLogger("canary.kubernetes.operator")
+
+JSON = dict[str, Any]
+ENABLED = PREFIX + "enabled"
+MANAGED_BY = {"app.kubernetes.io/managed-by": "canary"}
+_STATUS_ATTEMPTS = 5
+
+
+# Which rollout events each annotated webhook type is told of (canary.notify.webhooks).
+_WEBHOOK_EVENTS: dict[str, frozenset[Any]] = {
+    "post-rollout": frozenset({"promoted", "rolled_back", "manual"}),
+    "rollback": frozenset({"rolled_back"}),
+}
+
+
+class NotLeader(Exception):
+    """This instance may not act (it lost, or never held, the Lease)."""
+
+
+# ---- persisted state -------------------------------------------------------------------
+
+
+class CommandAnswer(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    command: str
+    accepted: bool
+    message: str = ""
+
+
+class KubeState(BaseModel):
+    """Everything the controller keeps on a Deployment (the status annotation)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    primary_revision: str = ""  # template hash now on app-primary
+    replicas: int = 1  # the canary's size while it runs
+    rollout: RolloutStatus | None = None  # the current, or the last, rollout
+    rollout_id: str = ""
+    record: str = ""  # "namespace/configmap" of the rollout's record
+    record_error: str = ""  # the last failure to write it, "" once a write succeeds
+    command: CommandAnswer | None = None  # the last manual command answered
+
+    def to_json(self) -> str:
+        return self.model_dump_json(exclude_defaults=True)
+
+    @classmethod
+    def from_annotation(cls, text: str | None) -> KubeState | None:
+        if not text:
+            return None
+        return cls.model_validate_json(text)
+
+
+class ManualRequest(BaseModel):
+    """The `canary.dev/command` annotation, written by `canary promote|abort|pause|resume`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    command: Literal["promote", "abort", "pause", "resume"]
+    who: str = "cli"
+    reason: str = ""
+    at: float = 0.0
+
+
+# ---- pure helpers ----------------------------------------------------------------------
+
+
+def template_hash(deployment: Mapping[str, Any]) -> str:
+    """A short, stable hash of a Deployment's pod template: a new one is a new version."""
+    template = (deployment.get("spec") or {}).get("template") or {}
+    text = json.dumps(template, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:10]
+
+
+def _primary_labels(labels: Mapping[str, str], selector: Mapping[str, str]) -> dict[str, str]:
+    """Selector labels get `-primary`, so app-canary's selector never matches primary pods."""
+    return {k: (f"{v}-primary" if k in selector else v) for k, v in labels.items()}
+
+
+def primary_template(app: Mapping[str, Any]) -> tuple[dict[str, str], JSON]:
+    """(app-primary's selector, its pod template) copied from Deployment `app`."""
+    spec = app.get("spec") or {}
+    selector = dict((spec.get("selector") or {}).get("matchLabels") or {})
+    if not selector:
+        name = (app.get("metadata") or {}).get("name", "?")
+        raise ValueError(f"Deployment {name} has no spec.selector.matchLabels to derive from")
+    template = copy.deepcopy(spec.get("template") or {})
+    meta = template.setdefault("metadata", {})
+    meta["labels"] = _primary_labels(meta.get("labels") or {}, selector)
+    return _primary_labels(selector, selector), template
+
+
+def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or "default"), str(meta["name"])
+
+
+def _annotations(obj: Mapping[str, Any]) -> dict[str, str]:
+    return dict((obj.get("metadata") or {}).get("annotations") or {})
+
+
+def _enabled_key_present(obj: Mapping[str, Any]) -> bool:
+    return ENABLED in _annotations(obj)
+
+
+def _container_port(obj: Mapping[str, Any], *, default: int) -> int | str:
+    """Where the pods listen: the port named `http`, else the first container port."""
+    containers = ((obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers")
+    ports = [p for c in containers or [] for p in c.get("ports") or []]
+    for port in ports:
+        if port.get("name") == "http":
+            return "http"
+    if ports and ports[0].get("containerPort"):
+        return int(ports[0]["containerPort"])
+    return default
+
+
+def _default_identity() -> str:
+    return os.environ.get("POD_NAME") or socket.gethostname()
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """How the reconciler runs; the CLI's `canary kubernetes` flags."""
+
+    prometheus_url: str
+    record_namespace: str
+    namespace: str | None = None  # None: every namespace
+    tick_s: float = 10.0
+    record_flush_s: float = 30.0  # the record ConfigMap is rewritten at most this often...
+    # ...except on transitions and the end, which are written at once.
+    promote_timeout_s: float = 300.0  # how long one promotion attempt waits for app-primary
+    promote_poll_s: float = 1.0
+    identity: str = ""
+    metrics_timeout_s: float = 5.0
+    record_max_bytes: int = MAX_CONFIGMAP_BYTES  # the whole ConfigMap stays under 1 MiB
+
+    def __post_init__(self) -> None:
+        if self.tick_s <= 0:
+            raise ValueError(f"tick_s must be positive, got {self.tick_s}")
+        if self.record_flush_s < 0:
+            raise ValueError(f"record_flush_s must be >= 0, got {self.record_flush_s}")
+        if not self.prometheus_url.startswith(("http://", "https://")):
+            raise ValueError(
+                f"prometheus url must start with http:// or https://, got {self.prometheus_url!r}"
+            )
+        if not self.record_namespace:
+            raise ValueError("record_namespace must name the namespace for record ConfigMaps")
+
+
+# ---- the rollout runner, persisted in the cluster ---------------------------------------
+
+
+class KubeRolloutRunner(RolloutRunner):
+    """D's RolloutRunner with what a cluster needs: resume from a persisted status, the
+    status written before each weight change and after each tick, Events, the record in a
+    ConfigMap, and a pending new revision that supersedes the running one."""
+
+    def __init__(
+        self,
+        *,
+        worker: DeploymentWorker,
+        resume: RolloutStatus | None,
+        entries: list[Entry],
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.worker = worker
+        self.resume = resume
+        self.entries: list[Entry] = entries
+        self.pending_revision: str | None = None
+        self._record: ConfigMapRecordWriter | None = None  # the current record's ConfigMap
+        self._flushed_at = 0.0
+        self._unflushed_important = False
+
+    # ---- record ---------------------------------------------------------------------
+
+    @property
+    def record_ref(self) -> str:
+        name = self._record.name if self._record is not None else ""
+        return f"{self.worker.op.settings.record_namespace}/{name}"
+
+    def state(self) -> dict[str, Any]:
+        data = super().state()
+        data["record"] = f"configmap {self.record_ref}"
+        data["namespace"], data["deployment"] = self.worker.key
+        return data
+
+    async def _write(self, entry: Any) -> None:
+        self.entries.append(entry)
+        if not isinstance(entry, TickEntry):
+            self._unflushed_important = True
+        for observe in self.entry_observers:
+            try:
+                observe(entry)
+            except Exception:  # a notification must never stop a rollout
+                log.exception("%s: an entry observer failed", self.name)
+
+    async def flush_record(self, *, force: bool = False) -> None:
+        """Write the record ConfigMap (throttled); failures are reported, never raised."""
+        now = time.monotonic()
+        settings = self.worker.op.settings
+        due = now - self._flushed_at >= settings.record_flush_s
+        if not (force or due or self._unflushed_important) or not self.entries:
+            return
+        if not self.worker.op.acting() or self._record is None:
+            return
+        error = await self._record.save()
+        if error is not None:
+            self._count_error("record")
+            message = f"could not write {error}"
+            log.warning("%s: %s", self.name, message)
+            self.worker.record_error = message
+            await self.worker.event("Warning", "RecordWriteFailed", message)
+            return
+        self._flushed_at = now
+        self._unflushed_important = False
+        if self.worker.record_error:
+            self.worker.record_error = ""
+            await self.worker.event("Normal", "RecordWritten", f"record {self.record_ref} written")
+
+    # ---- the loop -------------------------------------------------------------------
+
+    async def run(self) -> RolloutStatus:
+        """Start (or resume) the rollout and run it to its end; cancel to stop it."""
+        resume = self.resume
+        self._started_at = (
+            resume.started_at if resume is not None and resume.started_at else self.clock()
+        )
+        revision = resume.revision if resume is not None else self.revision
+        self._start_record(revision)
+        try:
+            if resume is None:
+                await self._write(self._start_entry(self.config.get("reason", "")))
+                await self._feed(NewRevision(revision, "rollout started"))
+            else:
+                self.status = resume
+                replayed = self._replay_record(self.entries)
+                await self._write(
+                    NoteEntry(
+                        at=self.clock(),
+                        rollout=self.rollout_id,
+                        level="info",
+                        message=(
+                            f"resumed by {self.worker.op.settings.identity} during "
+                            f"{resume.phase.value} at step {resume.step} ({resume.weight}% wanted); "
+                            f"analysis rebuilt from {replayed} recorded ticks"
+                        ),
+                    )
+                )
+                await self._confirm_weight()
+            await self.worker.persist()
+            await self.flush_record(force=True)
+            while not self.status.done:
+                await self._wait_or_command()
+                if self.status.done:
+                    break
+                await self._supersede()
+                await self._tick()
+                # The record before the status: a status that says "done" has its record.
+                await self.flush_record(force=self.status.done)
+                await self.worker.persist()
+        except asyncio.CancelledError:
+            self.stopped = True
+            await self._stopped_note()
+            with contextlib.suppress(Exception):
+                await self.flush_record(force=True)
+            raise
+        finally:
+            self._refuse_pending_commands()
+        # The record first: once the status says "done", readers may look for it.
+        await self.flush_record(force=True)
+        await self.worker.persist()
+        return self.status
+
+    def _start_record(self, revision: str) -> None:
+        namespace, name = self.worker.key
+        self._rollout_id = f"{namespace}/{name}@{revision}"
+        settings = self.worker.op.settings
+        self._record = ConfigMapRecordWriter(
+            self.worker.op.kube,
+            namespace=settings.record_namespace,
+            rollout=self._rollout_id,
+            max_bytes=settings.record_max_bytes,
+        )
+        self._record.entries = self.entries  # one list: the runner appends, the writer saves
+
+    def _start_entry(self, reason: str) -> StartEntry:
+        return StartEntry(
+            at=self.clock(),
+            rollout=self.rollout_id,
+            target=self.name,
+            primary_version=self.primary_version,
+            canary_version=self.canary_version,
+            steps=list(self.spec.steps),
+            config={
+                **self.config,
+                "reason": reason,
+                "rollout": self.spec.model_dump(mode="json"),
+            },
+        )
+
+    async def _save(self) -> None:
+        # D's runner saves before carrying out any action: here that is the status
+        # annotation, so a weight is never applied before it is persisted as wanted. The end
+        # is saved only after its actions (scale down, end entry, record) are done: a
+        # controller killed in between resumes the last step and finishes it again.
+        if self.status.done:
+            return
+        await self.worker.persist()
+
+    async def _confirm_weight(self) -> None:
+        """After a restart, a weight written but not yet confirmed is confirmed by reading
+        it back (the same check set_and_verify makes); any other reading is left to the
+        next tick, which sets the wanted weight again."""
+        if self.status.weight_verified or self.status.done:
+            return
+        try:
+            async with asyncio.timeout(self.router_timeout_s):
+                read = await self.router.get_weight()
+        except (RouterError, TimeoutError):
+            return
+        if read == self.status.weight:
+            await self._feed(WeightVerified(read))
+
+    async def _supersede(self) -> None:
+        revision = self.pending_revision
+        self.pending_revision = None
+        if revision is None or revision == self.status.revision:
+            return
+        old = self.rollout_id
+        reason = f"superseded {old}: the pod template changed to {revision} during the rollout"
+        await self._write(
+            EndEntry(
+                at=self.clock(),
+                rollout=old,
+                outcome="superseded",
+                reason=f"the pod template changed to {revision} during the rollout",
+                duration_s=max(0.0, self.clock() - self._started_at),
+            )
+        )
+        await self.flush_record(force=True)
+        self.entries = []
+        self._started_at = self.clock()
+        self._start_record(revision)
+        self.canary_version = revision
+        await self._write(self._start_entry(reason))
+        await self._note("info", f"this rollout {reason}; the analysis starts over")
+        await self.worker.event("Normal", "Superseded", reason)
+        await self._feed(NewRevision(revision, reason))
+
+    async def _do(self, action: Action) -> Any:
+        if isinstance(action, SetWeight | Promote):
+            self.worker.op.check_acting()  # the Lease may have lapsed since the last save
+        answer = await super()._do(action)
+        match action:
+            case RecordTransition(before, after, _, weight, reason):
+                bad = after in ("RollingBack", "Failed")
+                await self.worker.event(
+                    "Warning" if bad else "Normal",
+                    after,
+                    f"{before} -> {after} at {weight}%: {reason}",
+                )
+            case Emit(level, message):
+                await self.worker.event(
+                    "Warning" if level == "warning" else "Normal", "Rollout", message
+                )
+            case Finish(outcome, reason):
+                await self.worker.event(
+                    "Normal" if outcome == "promoted" else "Warning",
+                    {"promoted": "Promoted", "rolled_back": "RolledBack"}.get(outcome, "Aborted"),
+                    reason,
+                )
+        return answer
+
+
+# ---- one Deployment ---------------------------------------------------------------------
+
+
+class DeploymentWorker:
+    """Reconciles one annotated Deployment: one task, woken by each watch event."""
+
+    def __init__(self, op: Operator, key: tuple[str, str]) -> None:
+        self.op = op
+        self.key = key
+        self.obj: JSON = {}
+        self.state: KubeState | None = None
+        self.runner: KubeRolloutRunner | None = None
+        self.record_error = ""
+        self._rv = ""
+        self._written = ""
+        self._lock = asyncio.Lock()
+        self._changed = asyncio.Event()
+        self._runner_task: asyncio.Task[RolloutStatus] | None = None
+        self._metrics: PrometheusMetrics | None = None
+        self.task: asyncio.Task[None] | None = None
+        self.spec_error: str = ""
+        self.notifier: Notifier | None = None
+        self._webhooks: tuple[WebhookConfig, ...] = ()
+
+    @property
+    def name(self) -> str:
+        return f"{self.key[0]}/{self.key[1]}"
+
+    def update(self, obj: JSON) -> None:
+        self.obj = obj
+        self._rv = obj["metadata"].get("resourceVersion", self._rv)
+        self._changed.set()
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self._loop(), name=f"deployment:{self.name}")
+
+    async def stop(self) -> None:
+        """Cancel the rollout and the worker; weights stay where they are."""
+        for task in (self._runner_task, self.task):
+            if task is not None:
+                task.cancel()
+        for task in (self._runner_task, self.task):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self.notifier is not None:
+            await self.notifier.aclose(grace_s=2.0)
+            self.notifier = None
+
+    async def _notifier(self, spec: CanarySpec) -> Notifier | None:
+        """Slack-compatible notifications for the `post-rollout` (promoted, rolled back,
+        manual actions) and `rollback` webhooks (the only kinds canary.kubernetes.spec accepts)."""
+        hooks = tuple(
+            WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type])
+            for hook in spec.webhooks
+            if hook.type in _WEBHOOK_EVENTS
+        )
+        if hooks != self._webhooks:
+            if self.notifier is not None:
+                await self.notifier.aclose(grace_s=2.0)
+            self.notifier = Notifier(hooks) if hooks else None
+            self._webhooks = hooks
+        return self.notifier
+
+    async def _loop(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            try:
+                await self.reconcile()
+            except NotLeader:
+                return
+            except Exception as exc:  # an API error, or a bug: retried, never fatal
+                log.warning("%s: reconcile failed, retrying: %s", self.name, exc, exc_info=True)
+                with contextlib.suppress(Exception):
+                    await self.event("Warning", "ReconcileFailed", f"will retry: {exc}")
+                await asyncio.sleep(self.op.settings.tick_s)
+                self._changed.set()
+
+    # ---- cluster writes -------------------------------------------------------------
+
+    async def event(self, type: Literal["Normal", "Warning"], reason: str, message: str) -> None:
+        if not self.op.acting() or not self.obj:
+            return
+        await self.op.events.record(
+            ObjectRef.deployment(self.obj), type=type, reason=reason, message=message
+        )
+
+    async def _patch_annotations(self, annotations: Mapping[str, str | None]) -> None:
+        """A merge patch of annotations only, guarded by resourceVersion; on Conflict the
+        object is read again and the patch retried."""
+        namespace, name = self.key
+        for attempt in range(_STATUS_ATTEMPTS):
+            self.op.check_acting()
+            try:
+                written = await self.op.kube.patch_deployment(
+                    namespace,
+                    name,
+                    {"metadata": {"annotations": dict(annotations)}},
+                    resource_version=self._rv or None,
+                )
+            except Conflict:
+                if attempt == _STATUS_ATTEMPTS - 1:
+                    raise
+                fresh = await self.op.kube.get_deployment(namespace, name)
+                self._rv = fresh["metadata"]["resourceVersion"]
+                continue
+            self._rv = written["metadata"]["resourceVersion"]
+            return
+
+    def current_state(self) -> KubeState:
+        state = self.state or KubeState()
+        runner = self.runner
+        update: dict[str, Any] = {"record_error": self.record_error}
+        if runner is not None:
+            status = runner.status
+            update.update(rollout=status, rollout_id=runner.rollout_id, record=runner.record_ref)
+            if status.done and status.outcome == "promoted":
+                update["primary_revision"] = status.revision
+        return state.model_copy(update=update)
+
+    async def persist(self) -> None:
+        """Write the state annotation if it changed (once per reconcile)."""
+        async with self._lock:
+            state = self.current_state()
+            text = state.to_json()
+            if text == self._written:
+                return
+            await self._patch_annotations({ANNOTATION_STATUS: text})
+            self.state = state
+            self._written = text
+
+    # ---- reconcile ------------------------------------------------------------------
+
+    async def reconcile(self) -> None:
+        obj = self.obj
+        self.op.check_acting()
+        annotations = _annotations(obj)
+        try:
+            spec = parse_annotations(annotations)
+        except SpecError as exc:
+            await self._bad_spec(exc)
+            return
+        if not spec.enabled:
+            return
+        if self.spec_error or ANNOTATION_SPEC_ERROR in annotations:
+            await self._patch_annotations({ANNOTATION_SPEC_ERROR: None})
+            if self.spec_error:
+                await self.event(
+                    "Normal", "SpecValid", "the canary.dev annotations are valid again"
+                )
+            self.spec_error = ""
+
+        if self.state is None:
+            try:
+                self.state = KubeState.from_annotation(annotations.get(ANNOTATION_STATUS))
+            except ValidationError as exc:
+                log.warning("%s: unreadable status annotation, starting over: %s", self.name, exc)
+                self.state = None
+            if self.state is not None:
+                self._written = self.state.to_json()
+        if self.state is None:
+            await self._initialize(spec)
+            return
+
+        await self._handle_command(annotations.get(ANNOTATION_COMMAND))
+
+        revision = template_hash(obj)
+        running = self._runner_task is not None and not self._runner_task.done()
+        if running:
+            assert self.runner is not None
+            if revision != self.runner.status.revision:
+                self.runner.pending_revision = revision
+            return
+        state = self.state
+        last = state.rollout
+        if last is not None and last.active:
+            await self._start_rollout(spec, revision=last.revision, resume=last)
+            if revision != last.revision:
+                assert self.runner is not None
+                self.runner.pending_revision = revision
+            return
+        if revision == state.primary_revision:
+            return
+        if last is not None and last.revision == revision:
+            return  # this version was rolled back: it waits for a new template
+        await self._start_rollout(spec, revision=revision, resume=None)
+
+    async def _bad_spec(self, exc: SpecError) -> None:
+        text = dump_problems(exc)
+        if _annotations(self.obj).get(ANNOTATION_SPEC_ERROR) != text:
+            await self._patch_annotations({ANNOTATION_SPEC_ERROR: text})
+        self.spec_error = text
+        await self.event("Warning", "InvalidSpec", f"traffic left as it is: {exc}")
+
+    async def _initialize(self, spec: CanarySpec) -> None:
+        """First sight: app-primary, the Services, the router at 0%, the canary at zero."""
+        replicas = int((self.obj.get("spec") or {}).get("replicas", 1) or 1)
+        await self._ensure_services(spec)
+        await self._copy_to_primary(replicas=replicas)
+        router = self._router(spec)
+        try:
+            await router.set_weight(0)
+        except RouterError as exc:
+            await self.event("Warning", "RouterFailed", f"cannot set the router to 0%: {exc}")
+            raise KubeError(str(exc)) from exc
+        await self._scale(0)
+        self.state = KubeState(primary_revision=template_hash(self.obj), replicas=replicas)
+        await self.persist()
+        await self.event(
+            "Normal",
+            "Initialized",
+            f"{self.key[1]}-primary serves all traffic; new pod templates on {self.key[1]} "
+            "roll out as canaries",
+        )
+
+    async def _handle_command(self, raw: str | None) -> None:
+        if not raw:
+            return
+        try:
+            request = ManualRequest.model_validate_json(raw)
+        except ValidationError as exc:
+            text = f"{ANNOTATION_COMMAND}: not a command: {exc.errors()[0].get('msg', exc)}"
+            answer = CommandAnswer(id="?", command="?", accepted=False, message=text)
+            if self.state is not None and self.state.command != answer:
+                self.state = self.state.model_copy(update={"command": answer})
+                await self.event("Warning", "InvalidCommand", text)
+                await self.persist()
+            return
+        if self.state is not None and self.state.command and self.state.command.id == request.id:
+            return  # answered already
+        running = self._runner_task is not None and not self._runner_task.done()
+        if running and self.runner is not None:
+            result = await self.runner.command(
+                Command(request.command, request.who, request.reason)
+            )
+        else:
+            result = CommandResult(False, "Idle", "no rollout is in progress")
+        answer = CommandAnswer(
+            id=request.id,
+            command=request.command,
+            accepted=result.accepted,
+            message=result.message,
+        )
+        assert self.state is not None
+        self.state = self.state.model_copy(update={"command": answer})
+        await self.persist()
+
+    async def _start_rollout(
+        self, spec: CanarySpec, *, revision: str, resume: RolloutStatus | None
+    ) -> None:
+        assert self.state is not None
+        namespace, name = self.key
+        await self._ensure_services(spec)
+        entries: list[Entry] = []
+        if resume is not None and self.state.record:
+            entries = await self._read_record(self.state.record)
+        settings = self.op.settings
+        router = self._router(spec)
+        if self._metrics is not None:
+            self._metrics.close()
+        self._metrics = PrometheusMetrics(
+            settings.prometheus_url,
+            queries=spec.metrics.prom_queries(
+                namespace=namespace,
+                primary_service=f"{name}-primary",
+                canary_service=f"{name}-canary",
+            ),
+            timeout_s=settings.metrics_timeout_s,
+        )
+        analysis_config = spec.analysis.analysis_config()
+        replicas = self.state.replicas
+
+        async def scaler(up: bool) -> None:
+            await self._scale(replicas if up else 0)
+
+        async def promoter(revision_: str) -> None:
+            await self._promote(revision_)
+
+        runner = KubeRolloutRunner(
+            worker=self,
+            resume=resume,
+            entries=entries,
+            name=self.name,
+            spec=spec.rollout_spec(),
+            router=router,
+            metrics=self._metrics,
+            record_path=_no_file(),
+            tick_s=settings.tick_s,
+            analyzer_factory=lambda: Analyzer(analysis_config),
+            revision=revision,
+            primary_version=self.state.primary_revision,
+            canary_version=revision,
+            config={
+                "analysis": analysis_config.model_dump(mode="json"),
+                "tick_s": settings.tick_s,
+                "router": spec.router.model_dump(mode="json") if spec.router else {},
+                "metrics": spec.metrics.model_dump(mode="json"),
+                "namespace": namespace,
+                "deployment": name,
+            },
+            promoter=promoter,
+            scaler=scaler,
+            telemetry=self.op.telemetry,
+        )
+        notifier = await self._notifier(spec)
+        if notifier is not None:
+            runner.entry_observers.append(notifier.on_entry)
+        self.runner = runner
+        self._runner_task = asyncio.create_task(runner.run(), name=f"rollout:{self.name}")
+        self._runner_task.add_done_callback(self._rollout_done)
+
+    def _rollout_done(self, task: asyncio.Task[RolloutStatus]) -> None:
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None or isinstance(exc, NotLeader):
+            self._changed.set()  # reconcile: maybe start the next rollout
+            return
+        log.error(
+            "%s: the rollout task crashed; resuming in %gs",
+            self.name,
+            self.op.settings.tick_s,
+            exc_info=exc,
+        )
+        # Resumed from the saved status after a pause, so a crash cannot become a busy loop.
+        asyncio.get_running_loop().call_later(self.op.settings.tick_s, self._changed.set)
+
+    async def _read_record(self, ref: str) -> list[Entry]:
+        namespace, _, name = ref.partition("/")
+        try:
+            configmap = await self.op.kube.get_configmap(namespace, name)
+            return await asyncio.to_thread(unpack_record, configmap)
+        except (KubeError, RecordError) as exc:
+            log.warning(
+                "%s: record %s unreadable, analysis restarts from Prometheus: %s",
+                self.name,
+                ref,
+                exc,
+            )
+            return []
+
+    def _router(self, spec: CanarySpec) -> TrafficRouter:
+        namespace, name = self.key
+        assert spec.router is not None  # parse_annotations requires it when enabled
+        if spec.router.kind == "ingress-nginx":
+            return IngressNginxRouter(
+                self.op.kube,
+                namespace=namespace,
+                ingress=spec.router.target,
+                primary_service=f"{name}-primary",
+                canary_service=f"{name}-canary",
+            )
+        return GatewayApiRouter(
+            self.op.kube,
+            namespace=namespace,
+            route=spec.router.target,
+            primary_service=f"{name}-primary",
+            canary_service=f"{name}-canary",
+            port=spec.router.port,
+        )
+
+    # ---- owned objects --------------------------------------------------------------
+
+    def _owner(self) -> list[JSON]:
+        meta = self.obj.get("metadata") or {}
+        return [
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": meta.get("name"),
+                "uid": meta.get("uid", ""),
+                "controller": True,
+                "blockOwnerDeletion": True,
+            }
+        ]
+
+    async def _ensure_services(self, spec: CanarySpec) -> None:
+        namespace, name = self.key
+        port = spec.router.port if spec.router else 80
+        app_selector = dict(
+            ((self.obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        )
+        primary_selector, _ = primary_template(self.obj)
+        target_port = _container_port(self.obj, default=port)
+        for service, selector in (
+            (f"{name}-primary", primary_selector),
+            (f"{name}-canary", app_selector),
+        ):
+            body: JSON = {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {
+                    "name": service,
+                    "namespace": namespace,
+                    "labels": dict(MANAGED_BY),
+                    "ownerReferences": self._owner(),
+                },
+                "spec": {
+                    "selector": selector,
+                    "ports": [{"name": "http", "port": port, "targetPort": target_port}],
+                },
+            }
+            try:
+                current = await self.op.kube.get_service(namespace, service)
+            except NotFound:
+                self.op.check_acting()
+                with contextlib.suppress(Conflict):
+                    await self.op.kube.create_service(namespace, body)
+                continue
+            if (current.get("spec") or {}).get("selector") != selector:
+                self.op.check_acting()
+                await self.op.kube.patch_service(
+                    namespace, service, {"spec": {"selector": selector}}
+                )
+
+    async def _copy_to_primary(self, *, replicas: int | None = None) -> JSON:
+        """Create app-primary, or give it `app`'s pod template (idempotent)."""
+        namespace, name = self.key
+        selector, template = primary_template(self.obj)
+        primary = f"{name}-primary"
+        self.op.check_acting()
+        try:
+            current = await self.op.kube.get_deployment(namespace, primary)
+        except NotFound:
+            body: JSON = {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {
+                    "name": primary,
+                    "namespace": namespace,
+                    "labels": dict(MANAGED_BY),
+                    "ownerReferences": self._owner(),
+                },
+                "spec": {
+                    "replicas": replicas if replicas is not None else 1,
+                    "selector": {"matchLabels": selector},
+                    "template": template,
+                },
+            }
+            return await self.op.kube.create_deployment(namespace, body)
+        if (current.get("spec") or {}).get("template") == template:
+            return current
+        return await self.op.kube.patch_deployment(
+            namespace, primary, {"spec": {"template": template}}
+        )
+
+    async def _promote(self, revision: str) -> None:
+        """Copy the template to app-primary and wait until that rollout has completed."""
+        if template_hash(self.obj) != revision:
+            raise RuntimeError(
+                f"{self.name} no longer has the template {revision}: not promoting a stale one"
+            )
+        namespace, name = self.key
+        await self._copy_to_primary()
+        deadline = time.monotonic() + self.op.settings.promote_timeout_s
+        while True:
+            current = await self.op.kube.get_deployment(namespace, f"{name}-primary")
+            state, message = deployment_rollout(current)
+            if state == "done":
+                await self.event("Normal", "PrimaryUpdated", message)
+                return
+            if state == "failed" or time.monotonic() >= deadline:
+                raise RuntimeError(f"{name}-primary has not rolled out: {message}")
+            await asyncio.sleep(self.op.settings.promote_poll_s)
+
+    async def _scale(self, replicas: int) -> None:
+        namespace, name = self.key
+        current = (self.obj.get("spec") or {}).get("replicas")
+        if current == replicas:
+            return
+        self.op.check_acting()
+        written = await self.op.kube.scale_deployment(namespace, name, replicas)
+        self._rv = written["metadata"]["resourceVersion"]
+
+    # ---- views ----------------------------------------------------------------------
+
+    def view(self) -> dict[str, Any]:
+        if self.runner is not None:
+            data = self.runner.state()
+        else:
+            state = self.state or KubeState()
+            status = state.rollout or RolloutStatus()
+            data = {
+                "name": self.name,
+                "rollout": state.rollout_id,
+                "phase": "Idle" if state.rollout is None else status.phase.value,
+                "step": status.step,
+                "steps": [],
+                "weight": status.weight,
+                "weight_verified": status.weight_verified,
+                "last_decision": status.last_decision,
+                "reason": status.reason,
+                "message": status.message,
+            }
+        data["namespace"], data["deployment"] = self.key
+        if self.spec_error:
+            data["spec_error"] = json.loads(self.spec_error)
+        if self.record_error:
+            data["record_error"] = self.record_error
+        return data
+
+
+def _no_file() -> Path:
+    # RolloutRunner wants a path; this runner keeps its record in a ConfigMap instead.
+    return Path(os.devnull)
+
+
+# ---- the operator -----------------------------------------------------------------------
+
+
+class Operator:
+    """Watches annotated Deployments and reconciles each in its own task, while leader.
+
+    Implements server.RolloutSource (`started`, `telemetry`, `states`, `command`), so the
+    HTTP server serves /healthz, /readyz, /metrics and /rollouts for it.
+    """
+
+    def __init__(
+        self,
+        kube: Kube,
+        settings: OperatorSettings,
+        *,
+        elector: LeaderElector | None = None,
+        telemetry: Telemetry | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if not settings.identity:
+            settings = replace(settings, identity=_default_identity())
+        self.kube = kube
+        self.settings = settings
+        self.elector = elector
+        self.telemetry = telemetry or Telemetry()
+        self.events = EventRecorder(kube, component="canary")
+        self.clock = clock
+        self.started = asyncio.Event()
+        self.objects: dict[tuple[str, str], JSON] = {}
+        self.workers: dict[tuple[str, str], DeploymentWorker] = {}
+        self._leading = elector is None
+
+    # ---- leadership -----------------------------------------------------------------
+
+    def acting(self) -> bool:
+        """May this instance write to the cluster now?"""
+        if self.elector is None:
+            return True
+        return self._leading and self.elector.is_leader
+
+    def check_acting(self) -> None:
+        if not self.acting():
+            raise NotLeader(f"{self.settings.identity} does not hold the lease")
+
+    # ---- the loop -------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event | None = None) -> None:
+        """Watch and reconcile until `stop` is set or the task is cancelled."""
+        stop = stop or asyncio.Event()
+        election: asyncio.Task[None] | None = None
+        elector_stop = asyncio.Event()
+        watch = asyncio.create_task(self._watch(), name="watch deployments")
+        if self.elector is not None:
+            election = asyncio.create_task(self.elector.run(elector_stop), name="leader election")
+        stopping = asyncio.create_task(stop.wait(), name="stop")
+        try:
+            while True:
+                done, _ = await asyncio.wait(
+                    {watch, stopping, *([election] if election else [])},
+                    timeout=0.1,
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                if stopping in done:
+                    break
+                if watch in done or (election is not None and election in done):
+                    failed = watch if watch in done else election
+                    assert failed is not None
+                    failed.result()  # raises what ended it
+                    raise RuntimeError(f"{failed.get_name()} ended")
+                await self._follow_leadership()
+        finally:
+            stopping.cancel()
+            watch.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await watch
+            await self._stop_workers()
+            self._leading = self.elector is None
+            if election is not None:
+                elector_stop.set()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asyncio.wait_for(election, 5)
+            with contextlib.suppress(asyncio.CancelledError):
+                await stopping
+
+    async def _follow_leadership(self) -> None:
+        if self.elector is None:
+            return
+        leading = self.elector.is_leader
+        if leading and not self._leading:
+            log.info(
+                "%s: leading: reconciling %d deployments", self.settings.identity, len(self.objects)
+            )
+            self._leading = True
+            for obj in list(self.objects.values()):
+                self._dispatch(obj)
+        elif not leading and self._leading:
+            log.warning("%s: lost the lease: stopping every rollout", self.settings.identity)
+            self._leading = False
+            await self._stop_workers()
+
+    async def _stop_workers(self) -> None:
+        workers, self.workers = list(self.workers.values()), {}
+        for worker in workers:
+            await worker.stop()
+
+    async def _watch(self) -> None:
+        """Follow the Deployments; an API server that stays away is waited for, not fatal."""
+        while True:
+            try:
+                await self._follow()
+            except KubeError as exc:
+                log.warning("watch deployments failed, retrying: %s", exc)
+                await asyncio.sleep(self.settings.tick_s)
+
+    async def _follow(self) -> None:
+        async for item in self.kube.watch_deployments(self.settings.namespace):
+            if isinstance(item, Relist):
+                seen = {_key(obj): obj for obj in item.objects if _enabled_key_present(obj)}
+                for key in [k for k in self.objects if k not in seen]:
+                    await self._forget(key)
+                for obj in seen.values():
+                    self.objects[_key(obj)] = obj
+                    self._dispatch(obj)
+                self.started.set()
+                continue
+            assert isinstance(item, WatchEvent)
+            key = _key(item.object)
+            if item.type == "DELETED" or not _enabled_key_present(item.object):
+                if key in self.objects:
+                    await self._forget(key)
+                continue
+            self.objects[key] = item.object
+            self._dispatch(item.object)
+
+    async def _forget(self, key: tuple[str, str]) -> None:
+        self.objects.pop(key, None)
+        worker = self.workers.pop(key, None)
+        if worker is not None:
+            await worker.stop()
+
+    def _dispatch(self, obj: JSON) -> None:
+        if not self.acting():
+            return
+        key = _key(obj)
+        worker = self.workers.get(key)
+        if worker is None:
+            worker = DeploymentWorker(self, key)
+            self.workers[key] = worker
+            worker.update(obj)
+            worker.start()
+        else:
+            worker.update(obj)
+
+    # ---- server.RolloutSource -------------------------------------------------------
+
+    def states(self) -> list[dict[str, Any]]:
+        return [worker.view() for worker in self.workers.values()]
+
+    async def command(self, name: str, command: Command) -> CommandResult:
+        """A command from the HTTP server: `name` is namespace/deployment."""
+        namespace, _, deployment = name.rpartition("/")
+        worker = self.workers.get((namespace or "default", deployment))
+        if worker is None:
+            raise UnknownRollout(name)
+        runner, task = worker.runner, worker._runner_task
+        if runner is None or task is None or task.done():
+            return CommandResult(False, worker.view()["phase"], "no rollout is in progress")
+        return await runner.command(command)

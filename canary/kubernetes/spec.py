@@ -1,0 +1,682 @@
+"""The annotation schema: how an application team opts a Deployment in, and tunes it.
+
+Annotations are strings typed by hand into YAML, so every one is parsed here, once, into
+a validated `CanarySpec`, and a bad one is reported with the annotation's own key and the
+rule it broke (``canary.dev/steps: must be strictly increasing, got 10,5``). The controller
+shows that text in a Warning Event and in the `canary.dev/spec-error` annotation and leaves
+traffic alone; a typo in a key (``canary.dev/step``) is an error too, with a suggestion,
+because an ignored annotation is a silent misconfiguration.
+
+`ANNOTATIONS` is the single table of keys, defaults and rules: the parser, the error
+messages and the README table (`markdown_table()`) all come from it.
+
+The controller's own annotations (status, errors, manual commands) share the prefix and are
+listed in `RESERVED`; they are never user input.
+"""
+
+from __future__ import annotations
+
+import difflib
+import itertools
+import json
+import math
+import re
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from analysis import AnalysisConfig, MetricConfig
+from canary.core.rollout import RolloutSpec
+from canary.metrics.prometheus import PromQueries
+
+__all__ = [
+    "ANNOTATIONS",
+    "ANNOTATION_COMMAND",
+    "ANNOTATION_SPEC_ERROR",
+    "ANNOTATION_STATUS",
+    "PREFIX",
+    "RESERVED",
+    "AnalysisSpec",
+    "CanarySpec",
+    "MetricsSpec",
+    "RouterSpec",
+    "SpecError",
+    "Webhook",
+    "dump_problems",
+    "markdown_table",
+    "parse_annotations",
+    "parse_duration",
+]
+
+PREFIX = "canary.dev/"
+# Written by the controller (compact JSON status, the last spec error) and by the CLI (a
+# manual command): kept apart from the spec so GitOps tools never revert them.
+ANNOTATION_STATUS = PREFIX + "status"
+ANNOTATION_SPEC_ERROR = PREFIX + "spec-error"
+ANNOTATION_COMMAND = PREFIX + "command"
+RESERVED = frozenset({ANNOTATION_STATUS, ANNOTATION_SPEC_ERROR, ANNOTATION_COMMAND})
+
+RouterKind = Literal["ingress-nginx", "gateway-api"]
+MetricsPreset = Literal["ingress-nginx", "envoy", "app-histogram", "custom"]
+# Only notification webhooks are called; the gating kinds Flagger has (a webhook that must
+# answer before a step may proceed) are refused by name rather than accepted and ignored.
+WebhookType = Literal["post-rollout", "rollback"]
+WEBHOOK_TYPES: tuple[str, ...] = typing.get_args(WebhookType)
+GATING_WEBHOOK_TYPES: tuple[str, ...] = (
+    "confirm-rollout",
+    "pre-rollout",
+    "rollout",
+    "confirm-promotion",
+)
+_WEBHOOK_RULES = {
+    "post-rollout": "URL told of promotions, rollbacks and manual actions (Slack-compatible JSON)",
+    "rollback": "URL told of rollbacks (Slack-compatible JSON)",
+}
+METRIC_NAMES = ("errors", "latency")
+_NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS-1123 subdomain
+
+
+class SpecError(ValueError):
+    """One or more bad annotations; `problems` maps each key to the rule it broke."""
+
+    def __init__(self, problems: Mapping[str, str]) -> None:
+        self.problems = dict(problems)
+        super().__init__("; ".join(f"{key}: {rule}" for key, rule in self.problems.items()))
+
+
+# -- value types -------------------------------------------------------------------------
+
+
+class AnalysisSpec(BaseModel):
+    """Analysis settings; None leaves the analysis' own default in place."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    alpha: float | None = Field(default=None, gt=0, lt=0.5)
+    # Relative slack: the canary may be this much worse than the primary (0.1 = 10%).
+    error_tolerance: float | None = Field(default=None, gt=0, le=100)
+    latency_tolerance: float | None = Field(default=None, gt=0, le=100)
+    quantiles: tuple[float, ...] | None = None
+    # Metric kinds whose failure alone rolls back: "errors", "latency" (every quantile).
+    critical: tuple[str, ...] | None = None
+
+    def overrides(self) -> dict[str, Any]:
+        """The settings given."""
+        return self.model_dump(exclude_none=True)
+
+    def analysis_config(self) -> AnalysisConfig:
+        """The analysis' configuration: its defaults, with these settings applied.
+        Raises ValueError (pydantic's) when the combination is invalid."""
+        base = AnalysisConfig()
+        errors = base.errors.model_dump()
+        latency = base.latency.model_dump()
+        if self.error_tolerance is not None:
+            errors["tolerance"] = self.error_tolerance
+        if self.latency_tolerance is not None:
+            latency["tolerance"] = self.latency_tolerance
+        if self.critical is not None:
+            errors["critical"] = "errors" in self.critical
+            latency["critical"] = "latency" in self.critical
+        settings: dict[str, Any] = {
+            "errors": MetricConfig.model_validate(errors),
+            "latency": MetricConfig.model_validate(latency),
+        }
+        if self.alpha is not None:
+            settings["alpha"] = self.alpha
+        if self.quantiles is not None:
+            settings["quantiles"] = self.quantiles
+        return AnalysisConfig.model_validate({**base.model_dump(), **settings})
+
+
+class RouterSpec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: RouterKind
+    # The user's Ingress (ingress-nginx) or the HTTPRoute (gateway-api).
+    target: str
+    port: int = Field(default=80, ge=1, le=65535)
+
+
+class MetricsSpec(BaseModel):
+    """Where the two arms' counts come from: a preset, or custom series selectors.
+
+    Arms are told apart by the Service that served the request (`app-primary` and
+    `app-canary`). Custom selectors are what `canary.metrics.prometheus.PromQueries` takes: series
+    selectors, no functions (the provider computes exact increases itself), with `{arm}`
+    for the arm's Service name and `{namespace}` for the Deployment's namespace.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    preset: MetricsPreset = "app-histogram"
+    histogram: str = "http_request_duration_seconds"
+    requests: str | None = None
+    errors: str | None = None
+    latency_buckets: str | None = None
+
+    @model_validator(mode="after")
+    def _custom_needs_selectors(self) -> MetricsSpec:
+        if self.preset == "custom" and not (self.requests and self.errors):
+            raise ValueError("the custom preset needs requests and errors selectors")
+        return self
+
+    def prom_queries(
+        self, *, namespace: str, primary_service: str, canary_service: str
+    ) -> PromQueries:
+        """The Prometheus provider's queries for a Deployment in `namespace`."""
+        ns = f'namespace="{namespace}"'
+        if self.preset == "custom":
+            assert self.requests is not None and self.errors is not None
+            requests, errors = self.requests, self.errors
+            latency = self.latency_buckets
+        elif self.preset == "app-histogram":
+            base = f'{{{ns},service="{{arm}}"'
+            requests = f"{self.histogram}_count{base}}}"
+            errors = f'{self.histogram}_count{base},code=~"5.."}}'
+            latency = f"{self.histogram}_bucket{base}}}"
+        elif self.preset == "ingress-nginx":
+            # As ingress-nginx exports them (scraped with honorLabels: true).
+            base = f'{{{ns},service="{{arm}}"'
+            requests = f"nginx_ingress_controller_requests{base}}}"
+            errors = f'nginx_ingress_controller_requests{base},status=~"5.."}}'
+            latency = f"nginx_ingress_controller_request_duration_seconds_bucket{base}}}"
+        else:  # envoy: upstream clusters named after the Service (Contour, Emissary, ...)
+            cluster = f'envoy_cluster_name=~".*{namespace}.*{{arm}}.*"'
+            requests = f"envoy_cluster_upstream_rq_xx{{{cluster}}}"
+            errors = f'envoy_cluster_upstream_rq_xx{{{cluster},envoy_response_code_class="5"}}'
+            # Envoy's request-time histogram is in milliseconds; the analysis wants seconds.
+            latency = None
+        fill = {"{namespace}": namespace}
+        return PromQueries(
+            requests=_fill(requests, fill),
+            errors=_fill(errors, fill),
+            latency_buckets=None if latency is None else _fill(latency, fill),
+            primary_arm=primary_service,
+            canary_arm=canary_service,
+        )
+
+
+def _fill(template: str, values: Mapping[str, str]) -> str:
+    for key, value in values.items():
+        template = template.replace(key, value)
+    return template
+
+
+class Webhook(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    type: WebhookType
+    url: str
+
+
+class CanarySpec(BaseModel):
+    """Everything the annotations say about one Deployment's rollouts."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    enabled: bool = False
+    steps: tuple[int, ...] = (5, 10, 25, 50)
+    min_step_s: float = Field(default=60.0, ge=0)
+    max_step_s: float | None = Field(default=900.0, gt=0)
+    no_data_deadline_s: float = Field(default=120.0, gt=0)
+    analysis: AnalysisSpec = AnalysisSpec()
+    router: RouterSpec | None = None
+    metrics: MetricsSpec = MetricsSpec()
+    webhooks: tuple[Webhook, ...] = ()
+
+    def rollout_spec(self) -> RolloutSpec:
+        """The rollout machine's spec; on Kubernetes the promotion copies the template to
+        app-primary (Flagger's model)."""
+        return RolloutSpec(
+            steps=self.steps,
+            min_step_s=self.min_step_s,
+            max_step_s=self.max_step_s,
+            no_data_deadline_s=self.no_data_deadline_s,
+            promotion="copy",
+        )
+
+
+# -- parsers: each raises ValueError with the rule, the key is added by the caller ------
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from "90", "90s", "5m", "1h30m" or "1m30s" (Go's common duration forms)."""
+    value = text.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        match = _DURATION.match(value)
+        if not value or match is None or not any(match.groups()):
+            raise ValueError(f"must be a duration like 90s, 5m or 1h30m, got {text!r}") from None
+        h, m, s = (float(g) if g else 0.0 for g in match.groups())
+        seconds = h * 3600 + m * 60 + s
+    if not math.isfinite(seconds) or seconds < 0:
+        raise ValueError(f"must be a non-negative duration, got {text!r}")
+    return seconds
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("true", "yes", "1", "on"):
+        return True
+    if value in ("false", "no", "0", "off"):
+        return False
+    raise ValueError(f'must be "true" or "false", got {text!r}')
+
+
+def _steps(text: str) -> tuple[int, ...]:
+    parts = [p.strip().rstrip("%") for p in text.split(",")]
+    if not parts or parts == [""]:
+        raise ValueError("must list at least one canary percentage, e.g. 5,10,25,50")
+    steps: list[int] = []
+    for part in parts:
+        if not part.isdigit():
+            raise ValueError(f"must be comma-separated whole percentages, got {part!r} in {text!r}")
+        steps.append(int(part))
+    for weight in steps:
+        if not 1 <= weight <= 99:
+            raise ValueError(f"each step must be within 1..99 (100 is the promotion), got {weight}")
+    if any(b <= a for a, b in itertools.pairwise(steps)):
+        raise ValueError(f"must be strictly increasing, got {','.join(map(str, steps))}")
+    return tuple(steps)
+
+
+def _probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be a number, got {text!r}") from None
+    if not 0 < value < 0.5:
+        raise ValueError(f"must be within (0, 0.5), got {text!r}")
+    return value
+
+
+def _tolerance(text: str) -> float:
+    value = text.strip()
+    scale = 1.0
+    if value.endswith("%"):
+        value, scale = value[:-1], 0.01
+    try:
+        number = float(value) * scale
+    except ValueError:
+        raise ValueError(f"must be a relative tolerance like 0.1 or 10%, got {text!r}") from None
+    if not math.isfinite(number) or not 0 < number <= 100:
+        raise ValueError(f"must be above 0 and at most 100 (0.1 = 10% worse allowed), got {text!r}")
+    return number
+
+
+def _quantiles(text: str) -> tuple[float, ...]:
+    out: list[float] = []
+    for part in (p.strip() for p in text.split(",")):
+        try:
+            q = float(part[1:]) / 100 if part.lower().startswith("p") else float(part)
+        except ValueError:
+            raise ValueError(f"must be quantiles like p50,p99 or 0.5,0.99, got {part!r}") from None
+        if not 0 < q < 1:
+            raise ValueError(f"each quantile must be within (0, 1) (p1..p99.9), got {part!r}")
+        out.append(q)
+    if len(set(out)) != len(out):
+        raise ValueError(f"has duplicates: {text!r}")
+    return tuple(sorted(out))
+
+
+def _critical(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if not names:
+        raise ValueError("must name at least one metric, or the analysis could never fail")
+    for name in names:
+        if name not in METRIC_NAMES:
+            raise ValueError(f"unknown metric {name!r}; the metrics are {', '.join(METRIC_NAMES)}")
+    return names
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = text.strip()
+        if value not in allowed:
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _name(text: str) -> str:
+    value = text.strip()
+    if not _NAME.match(value):
+        raise ValueError(
+            f"must be a Kubernetes object name (lower case, digits, '-', '.'), got {text!r}"
+        )
+    return value
+
+
+def _port(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
+        raise ValueError(f"must be a port number 1..65535, got {text!r}")
+    return int(text)
+
+
+def _max_duration(text: str) -> float | None:
+    if text.strip().lower() in ("none", "never", "forever"):
+        return None
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f'must be positive, or "none" to wait forever, got {text!r}')
+    return seconds
+
+
+def _positive_duration(text: str) -> float:
+    seconds = parse_duration(text)
+    if seconds <= 0:
+        raise ValueError(f"must be positive, got {text!r}")
+    return seconds
+
+
+def _selector(field: str) -> Callable[[str], str]:
+    """A parser that applies the Prometheus provider's own rules for `field`."""
+
+    def parse(text: str) -> str:
+        value = text.strip()
+        try:
+            PromQueries.model_validate({field: value})
+        except ValidationError as exc:
+            message = "; ".join(str(e.get("msg", "invalid")) for e in exc.errors())
+            raise ValueError(message.removeprefix("Value error, ")) from None
+        return value
+
+    return parse
+
+
+def _metric_name(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", value):
+        raise ValueError(f"must be a Prometheus metric name, got {text!r}")
+    return value.removesuffix("_bucket")
+
+
+def _url(text: str) -> str:
+    value = text.strip()
+    if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
+        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
+    return value
+
+
+# -- the table ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Annotation:
+    key: str
+    field: str  # dotted path into CanarySpec's input
+    parse: Callable[[str], Any]
+    default: str
+    rule: str
+
+
+def _a(name: str, field: str, parse: Callable[[str], Any], default: str, rule: str) -> Annotation:
+    return Annotation(PREFIX + name, field, parse, default, rule)
+
+
+ANNOTATIONS: tuple[Annotation, ...] = (
+    _a("enabled", "enabled", _bool, "false", "`true` opts the Deployment in"),
+    _a("steps", "steps", _steps, "5,10,25,50", "canary percentages, 1..99, strictly increasing"),
+    _a(
+        "min-step-duration",
+        "min_step_s",
+        parse_duration,
+        "60s",
+        "time at each step before it may advance (90s, 5m, 1h30m)",
+    ),
+    _a(
+        "max-step-duration",
+        "max_step_s",
+        _max_duration,
+        "15m",
+        "no pass within it rolls back; `none` waits forever",
+    ),
+    _a(
+        "no-data-deadline",
+        "no_data_deadline_s",
+        _positive_duration,
+        "2m",
+        "no metrics for this long rolls back",
+    ),
+    _a(
+        "analysis.alpha",
+        "analysis.alpha",
+        _probability,
+        "(analysis default)",
+        "false-rollback probability, however often we look; within (0, 0.5)",
+    ),
+    _a(
+        "analysis.error-tolerance",
+        "analysis.error_tolerance",
+        _tolerance,
+        "(analysis default)",
+        "how much worse the canary's error rate may be: 0.1 or 10%",
+    ),
+    _a(
+        "analysis.latency-tolerance",
+        "analysis.latency_tolerance",
+        _tolerance,
+        "(analysis default)",
+        "how much slower the canary may be: 0.1 or 10%",
+    ),
+    _a(
+        "analysis.quantiles",
+        "analysis.quantiles",
+        _quantiles,
+        "(analysis default)",
+        "latency quantiles compared: p50,p99 or 0.5,0.99",
+    ),
+    _a(
+        "analysis.critical",
+        "analysis.critical",
+        _critical,
+        "(analysis default)",
+        "metrics whose failure alone rolls back: errors, latency",
+    ),
+    _a(
+        "router",
+        "router.kind",
+        _choice("ingress-nginx", "gateway-api"),
+        "(required)",
+        "`ingress-nginx` or `gateway-api`",
+    ),
+    _a(
+        "ingress",
+        "router.target",
+        _name,
+        "(required for ingress-nginx)",
+        "the user's Ingress; a canary Ingress is created beside it",
+    ),
+    _a(
+        "httproute",
+        "router.target",
+        _name,
+        "(required for gateway-api)",
+        "the HTTPRoute whose backendRefs weights are set",
+    ),
+    _a("port", "router.port", _port, "80", "the Services' port"),
+    _a(
+        "metrics",
+        "metrics.preset",
+        _choice("ingress-nginx", "envoy", "app-histogram", "custom"),
+        "app-histogram",
+        "`ingress-nginx`, `envoy`, `app-histogram` or `custom`",
+    ),
+    _a(
+        "metrics.histogram",
+        "metrics.histogram",
+        _metric_name,
+        "http_request_duration_seconds",
+        "the app's histogram, for `app-histogram`",
+    ),
+    _a(
+        "metrics.requests",
+        "metrics.requests",
+        _selector("requests"),
+        "",
+        'for `custom`: series selector counting requests, with {arm} (the Service) and {namespace}, e.g. `http_requests_total{namespace="{namespace}",service="{arm}"}`',
+    ),
+    _a(
+        "metrics.errors",
+        "metrics.errors",
+        _selector("errors"),
+        "",
+        "for `custom`: series selector counting failed requests",
+    ),
+    _a(
+        "metrics.latency-buckets",
+        "metrics.latency_buckets",
+        _selector("latency_buckets"),
+        "",
+        "for `custom` (optional): series selector of a histogram's `_bucket` series, in seconds",
+    ),
+    *(
+        _a(f"webhook.{kind}", f"webhooks.{kind}", _url, "", _WEBHOOK_RULES[kind])
+        for kind in WEBHOOK_TYPES
+    ),
+)
+_BY_KEY = {a.key: a for a in ANNOTATIONS}
+_GATING_KEYS = frozenset(f"{PREFIX}webhook.{kind}" for kind in GATING_WEBHOOK_TYPES)
+_KEY_OF_FIELD = {a.field: a.key for a in ANNOTATIONS}
+
+
+def markdown_table() -> str:
+    """The README's annotation table."""
+    rows = ["| Annotation | Default | Meaning |", "|---|---|---|"]
+    for a in ANNOTATIONS:
+        default = f"`{a.default}`" if a.default and not a.default.startswith("(") else a.default
+        rows.append(f"| `{a.key}` | {default or '—'} | {a.rule} |")
+    return "\n".join(rows)
+
+
+def _set(tree: dict[str, Any], path: str, value: Any) -> None:
+    *parents, leaf = path.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+    tree[leaf] = value
+
+
+def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
+    """The spec the annotations describe (`enabled=False` when there are none).
+
+    Raises SpecError naming every bad key and the rule it broke.
+    """
+    problems: dict[str, str] = {}
+    raw: dict[str, Any] = {}
+    target_from: str | None = None  # which annotation named the router's target
+    for key, value in sorted((annotations or {}).items()):
+        if not key.startswith(PREFIX) or key in RESERVED:
+            continue
+        if key in _GATING_KEYS:
+            problems[key] = (
+                f"not supported yet (gating webhooks); supported: {', '.join(WEBHOOK_TYPES)}"
+            )
+            continue
+        known = _BY_KEY.get(key)
+        if known is None:
+            close = difflib.get_close_matches(key, list(_BY_KEY), n=1)
+            hint = f"; did you mean {close[0]}?" if close else ""
+            problems[key] = f"unknown annotation{hint}"
+            continue
+        if not isinstance(value, str):
+            problems[key] = f"must be a string, got {type(value).__name__}"
+            continue
+        try:
+            parsed = known.parse(value)
+        except ValueError as exc:
+            problems[key] = str(exc)
+            continue
+        if known.field.startswith("webhooks."):
+            raw.setdefault("webhooks", []).append(
+                {"type": known.field.split(".", 1)[1], "url": parsed}
+            )
+        else:
+            if known.field == "router.target":
+                if target_from is not None:
+                    problems[key] = f"give either {PREFIX}ingress or {PREFIX}httproute, not both"
+                    continue
+                target_from = key.removeprefix(PREFIX)
+            _set(raw, known.field, parsed)
+    if not problems:
+        _cross_check(raw, problems, target_from)
+    if problems:
+        raise SpecError(problems)
+    spec = _build(raw)
+    try:
+        spec.analysis.analysis_config()
+    except ValueError as exc:
+        # E.g. no metric left critical: the analysis could never fail.
+        given = [
+            a.key
+            for a in ANNOTATIONS
+            if a.field.startswith("analysis.") and a.key in (annotations or {})
+        ]
+        raise SpecError({", ".join(given) or PREFIX + "analysis": _first_line(exc)}) from exc
+    return spec
+
+
+def _first_line(exc: ValueError) -> str:
+    errors = getattr(exc, "errors", None)
+    if callable(errors):
+        return "; ".join(str(e.get("msg", "invalid")) for e in errors())
+    return str(exc)
+
+
+def _cross_check(raw: dict[str, Any], problems: dict[str, str], target_from: str | None) -> None:
+    router = raw.get("router", {})
+    kind = router.get("kind")
+    if raw.get("enabled") and kind is None:
+        problems[PREFIX + "router"] = "is required: ingress-nginx or gateway-api"
+    target_key = {"ingress-nginx": "ingress", "gateway-api": "httproute"}.get(kind or "")
+    if target_key is not None and "target" not in router:
+        problems[PREFIX + target_key] = f"is required with {PREFIX}router: {kind}"
+    if target_key is not None and target_from not in (None, target_key):
+        problems[PREFIX + str(target_from)] = f"does not apply to {PREFIX}router: {kind}"
+    if "target" in router and kind is None:
+        problems[PREFIX + "router"] = "is required when a target is given"
+    minimum = raw.get("min_step_s", 60.0)
+    maximum = raw.get("max_step_s", 900.0)
+    if maximum is not None and maximum < minimum:
+        key = PREFIX + ("max-step-duration" if "max_step_s" in raw else "min-step-duration")
+        problems[key] = (
+            f"max-step-duration ({maximum:g}s) must be at least min-step-duration ({minimum:g}s)"
+        )
+    metrics = raw.get("metrics", {})
+    if metrics.get("preset") == "custom":
+        for field in ("requests", "errors"):
+            if field not in metrics:
+                problems[PREFIX + "metrics." + field] = f"is required with {PREFIX}metrics: custom"
+    else:
+        for field in ("requests", "errors", "latency_buckets"):
+            if field in metrics:
+                problems[_KEY_OF_FIELD["metrics." + field]] = (
+                    f"only applies to {PREFIX}metrics: custom"
+                )
+
+
+def _build(raw: dict[str, Any]) -> CanarySpec:
+    try:
+        return CanarySpec.model_validate(raw)
+    except Exception as exc:  # pydantic's ValidationError: map its location back to a key
+        errors = getattr(exc, "errors", None)
+        if not callable(errors):
+            raise
+        problems: dict[str, str] = {}
+        for error in errors():
+            path = ".".join(str(p) for p in error.get("loc", ()))
+            key = _KEY_OF_FIELD.get(path, PREFIX + path)
+            problems[key] = str(error.get("msg", "invalid"))
+        raise SpecError(problems) from exc
+
+
+def dump_problems(error: SpecError) -> str:
+    """The compact JSON kept in the spec-error annotation."""
+    return json.dumps(error.problems, separators=(",", ":"), sort_keys=True)

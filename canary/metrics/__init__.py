@@ -1,0 +1,6 @@
+"""Metric sources: both arms' cumulative counts, for the analysis.
+
+``base`` holds the seam (``MetricSource``, ``ArmsCounts``, ``NoData``); ``prometheus`` the
+Prometheus adapter. Errors become ``NoData`` values, never exceptions. May import:
+``analysis`` types; never the runner or a supervisor.
+"""

@@ -1,0 +1,446 @@
+"""Webhook notifications: promotion, rollback, failover and manual actions, with a report link.
+
+Why: the controller acts on its own, so the people who own a service must hear about it where
+they already are (Slack, chat bridges, incident tools), with one click to the evidence. The
+payload is Slack-compatible (`{"text": ..., "blocks": [...]}`), which most chat tools accept.
+
+A notification must never hold up or fail a rollout. `Notifier.notify` only schedules a
+delivery task and returns; each delivery has a per-attempt timeout and a bounded number of
+attempts with exponential backoff (honouring Retry-After), and its outcome is kept as data
+(`Notifier.deliveries`) and logged, never raised. `aclose()` gives in-flight deliveries a
+grace period, then cancels and awaits every task it started.
+
+The controller feeds it record entries (`Notifier.on_entry`), so what is notified is exactly
+what is recorded. `WebhookConfig` is a plain pydantic model that the controller's config and
+the Kubernetes annotations embed.
+
+Exception tree::
+
+    NotifierError       misuse: notify() outside a running event loop, or after aclose()
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
+from urllib.parse import quote, urlsplit
+
+import aiohttp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from canary.core.records import EndEntry, Entry, FailoverEntry, ManualEntry, StartEntry
+
+__all__ = [
+    "EVENT_KINDS",
+    "DeliveryResult",
+    "EventKind",
+    "Notification",
+    "Notifier",
+    "NotifierError",
+    "WebhookConfig",
+    "notification_for",
+    "parse_webhooks",
+    "report_id",
+    "report_url",
+    "slack_payload",
+]
+
+log = logging.getLogger(__name__)
+
+EventKind = Literal["promoted", "rolled_back", "failover", "manual"]
+EVENT_KINDS: tuple[EventKind, ...] = ("promoted", "rolled_back", "failover", "manual")
+
+# Retry-After from a chat service can say "wait an hour"; a rollout notification that late
+# is noise, so waits are capped.
+_MAX_BACKOFF_S = 30.0
+
+
+class NotifierError(RuntimeError):
+    """The notifier was used where it cannot work."""
+
+
+class WebhookConfig(BaseModel):
+    """One webhook: where to post, which events, and where reports are served."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    url: str
+    events: frozenset[EventKind] = Field(default_factory=lambda: frozenset(EVENT_KINDS))
+    # e.g. "https://canary.example.internal": links become {base}/reports/{id}
+    report_base_url: str | None = None
+    timeout_s: float = Field(default=5.0, gt=0, le=120)
+    max_attempts: int = Field(default=4, ge=1, le=10)
+    backoff_s: float = Field(default=1.0, ge=0, le=_MAX_BACKOFF_S)
+
+    @field_validator("url", "report_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None, info: Any) -> str | None:
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(
+                f"{info.field_name} must be an absolute http:// or https:// URL, got {value!r}"
+            )
+        return value
+
+    @field_validator("events", mode="before")
+    @classmethod
+    def _known_events(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = [value]
+        if isinstance(value, list | tuple | set | frozenset):
+            unknown = sorted(str(v) for v in value if v not in EVENT_KINDS)
+            if unknown:
+                raise ValueError(
+                    f"events has unknown event(s) {', '.join(unknown)}; "
+                    f"known: {', '.join(EVENT_KINDS)}"
+                )
+            if not value:
+                raise ValueError("events is empty: the webhook would never fire")
+        return value
+
+
+class Notification(BaseModel):
+    """Something worth telling people about."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event: EventKind
+    rollout: str
+    target: str
+    title: str  # one line: "demo/app: rolled back"
+    text: str  # the why, one or two sentences
+    at: float  # unix seconds
+    fields: dict[str, str] = Field(default_factory=dict)
+
+
+class DeliveryResult(BaseModel):
+    """How one webhook delivery went: kept so failures are visible, never raised."""
+
+    model_config = ConfigDict(frozen=True)
+
+    url: str
+    event: EventKind
+    rollout: str
+    ok: bool
+    attempts: int
+    status: int | None  # last HTTP status, None if no answer
+    error: str | None
+
+
+def parse_webhooks(value: Any, *, source: str = "webhooks") -> list[WebhookConfig]:
+    """Webhooks from a config value or an annotation: a URL, a list of URLs or of webhook
+    objects, or that as JSON text. Errors name `source`, the item and the field."""
+    if isinstance(value, str):
+        text = value.strip()
+        if text.startswith(("[", "{")):
+            try:
+                value = json.loads(text)
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"{source}: not valid JSON: {exc.msg} at {exc.pos}") from None
+        else:
+            value = [part.strip() for part in text.split(",") if part.strip()]
+    if isinstance(value, dict):
+        value = [value]
+    if not isinstance(value, list):
+        raise ValueError(f"{source}: expected a URL or a list of webhooks, got {value!r}")
+    hooks: list[WebhookConfig] = []
+    for index, item in enumerate(value):
+        try:
+            hooks.append(
+                WebhookConfig.model_validate({"url": item} if isinstance(item, str) else item)
+            )
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            at = f"{source}[{index}]" + (f".{where}" if where else "")
+            raise ValueError(f"{at}: {first['msg']}") from None
+    return hooks
+
+
+def report_id(rollout: str) -> str:
+    """The id a rollout's report is served under: the rollout id made URL- and file-safe."""
+    safe = "".join(c if c.isalnum() or c in "._-" else "_" for c in rollout)
+    return safe.strip("._") or "rollout"
+
+
+def report_url(base_url: str | None, rollout: str) -> str | None:
+    if not base_url:
+        return None
+    return f"{base_url.rstrip('/')}/reports/{quote(report_id(rollout))}"
+
+
+def _mrkdwn(text: str) -> str:
+    # Slack's only required escapes; everything else is literal.
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+_ICONS: Mapping[EventKind, str] = {
+    "promoted": ":white_check_mark:",
+    "rolled_back": ":x:",
+    "failover": ":rotating_light:",
+    "manual": ":raised_hand:",
+}
+
+
+def slack_payload(notification: Notification, *, link: str | None) -> dict[str, Any]:
+    """Slack-compatible JSON: `text` for clients without blocks, `blocks` for the rest."""
+    n = notification
+    icon = _ICONS[n.event]
+    text = f"{icon} {n.title}: {n.text}"
+    if link:
+        text += f" Report: {link}"
+    blocks: list[dict[str, Any]] = [
+        {"type": "header", "text": {"type": "plain_text", "text": n.title[:150]}},
+        {"type": "section", "text": {"type": "mrkdwn", "text": f"{icon} {_mrkdwn(n.text)}"}},
+    ]
+    fields = {"Rollout": f"`{n.rollout}`", **{k: _mrkdwn(v) for k, v in n.fields.items()}}
+    blocks.append(
+        {
+            "type": "section",
+            "fields": [{"type": "mrkdwn", "text": f"*{k}*\n{v}"} for k, v in fields.items()][:10],
+        }
+    )
+    if link:
+        blocks.append(
+            {
+                "type": "actions",
+                "elements": [
+                    {
+                        "type": "button",
+                        "text": {"type": "plain_text", "text": "Open the report"},
+                        "url": link,
+                    }
+                ],
+            }
+        )
+    return {"text": text, "blocks": blocks}
+
+
+def notification_for(entry: Entry, *, target: str) -> Notification | None:
+    """The notification a record entry calls for, if any."""
+    if isinstance(entry, EndEntry):
+        if entry.outcome == "superseded":
+            return None
+        # An abort moves traffic back to the primary, as a rollback does.
+        event: EventKind = "promoted" if entry.outcome == "promoted" else "rolled_back"
+        words = entry.outcome.replace("_", " ")
+        return Notification(
+            event=event,
+            rollout=entry.rollout,
+            target=target,
+            title=f"{target}: {words}",
+            text=entry.reason,
+            at=entry.at,
+            fields={"Outcome": words, "Duration": f"{entry.duration_s:.0f}s"},
+        )
+    if isinstance(entry, FailoverEntry):
+        return Notification(
+            event="failover",
+            rollout=entry.rollout,
+            target=target,
+            title=f"{target}: failover {entry.direction}",
+            text=entry.reason,
+            at=entry.at,
+            fields={"By": entry.who, "Forced": "yes" if entry.forced else "no"},
+        )
+    if isinstance(entry, ManualEntry):
+        return Notification(
+            event="manual",
+            rollout=entry.rollout,
+            target=target,
+            title=f"{target}: {entry.who} ran {entry.command}",
+            text=entry.reason or f"manual {entry.command}",
+            at=entry.at,
+            fields={"By": entry.who, "Command": entry.command},
+        )
+    return None
+
+
+class Notifier:
+    """Delivers notifications to webhooks in tracked background tasks.
+
+    Use inside a running event loop; `await aclose()` (or `async with`) on shutdown.
+    """
+
+    def __init__(
+        self,
+        webhooks: Sequence[WebhookConfig],
+        *,
+        session: aiohttp.ClientSession | None = None,
+        max_results: int = 200,
+    ) -> None:
+        self._webhooks = tuple(webhooks)
+        self._session = session
+        self._owns_session = session is None
+        self._tasks: set[asyncio.Task[DeliveryResult]] = set()
+        self._targets: dict[str, str] = {}
+        self._closed = False
+        self._max_results = max_results
+        self.deliveries: list[DeliveryResult] = []
+
+    async def __aenter__(self) -> Notifier:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    @property
+    def pending(self) -> int:
+        return len(self._tasks)
+
+    def on_entry(self, entry: Entry) -> int:
+        """Feed every record entry here; notifies those that call for it. Returns the number
+        of deliveries scheduled."""
+        if isinstance(entry, StartEntry):
+            self._targets[entry.rollout] = entry.target
+            return 0
+        target = self._targets.get(entry.rollout, entry.rollout)
+        notification = notification_for(entry, target=target)
+        if isinstance(entry, EndEntry):
+            self._targets.pop(entry.rollout, None)
+        return self.notify(notification) if notification is not None else 0
+
+    def notify(self, notification: Notification) -> int:
+        """Schedule deliveries to every webhook subscribed to this event; never waits."""
+        if self._closed:
+            raise NotifierError("notify() after aclose(): the notifier is shut down")
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            raise NotifierError("notify() needs a running event loop") from None
+        scheduled = 0
+        for hook in self._webhooks:
+            if notification.event not in hook.events:
+                continue
+            payload = slack_payload(
+                notification, link=report_url(hook.report_base_url, notification.rollout)
+            )
+            task = asyncio.create_task(
+                self._deliver(hook, notification, payload),
+                name=f"webhook {notification.event} {notification.rollout}",
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._done)
+            scheduled += 1
+        return scheduled
+
+    def _done(self, task: asyncio.Task[DeliveryResult]) -> None:
+        self._tasks.discard(task)
+        if task.cancelled() or task.exception() is not None:
+            return
+        self.deliveries.append(task.result())
+        del self.deliveries[: -self._max_results]
+
+    async def _get_session(self) -> aiohttp.ClientSession:
+        if self._session is None:
+            self._session = aiohttp.ClientSession()
+        return self._session
+
+    async def _deliver(
+        self, hook: WebhookConfig, notification: Notification, payload: dict[str, Any]
+    ) -> DeliveryResult:
+        status: int | None = None
+        error: str | None = None
+        attempt = 0
+        for attempt in range(1, hook.max_attempts + 1):
+            retry_after: float | None = None
+            try:
+                session = await self._get_session()
+                async with session.post(
+                    hook.url,
+                    json=payload,
+                    timeout=aiohttp.ClientTimeout(total=hook.timeout_s),
+                ) as response:
+                    status = response.status
+                    body = (await response.text())[:200]
+                    if 200 <= status < 300:
+                        return self._result(hook, notification, attempt, status, None)
+                    error = f"HTTP {status}: {body.strip()}" if body.strip() else f"HTTP {status}"
+                    if status != 429 and status < 500:
+                        # The receiver refused the request itself; sending it again won't help.
+                        break
+                    retry_after = _retry_after(response.headers.get("Retry-After"))
+            except TimeoutError:
+                status, error = None, f"no answer within {hook.timeout_s}s"
+            except aiohttp.ClientError as exc:
+                status, error = None, f"{type(exc).__name__}: {exc}"
+            except Exception as exc:  # anything else is still a failed delivery, not a crash
+                log.exception("webhook %s: unexpected error", _redact(hook.url))
+                return self._result(hook, notification, attempt, None, f"{type(exc).__name__}")
+            if attempt < hook.max_attempts:
+                backoff = hook.backoff_s * 2 ** (attempt - 1)
+                await asyncio.sleep(min(max(backoff, retry_after or 0.0), _MAX_BACKOFF_S))
+        return self._result(hook, notification, attempt, status, error)
+
+    def _result(
+        self,
+        hook: WebhookConfig,
+        notification: Notification,
+        attempts: int,
+        status: int | None,
+        error: str | None,
+    ) -> DeliveryResult:
+        ok = error is None
+        if not ok:
+            log.warning(
+                "webhook %s for %s %s failed after %d attempt(s): %s",
+                _redact(hook.url),
+                notification.event,
+                notification.rollout,
+                attempts,
+                error,
+            )
+        return DeliveryResult(
+            url=_redact(hook.url),
+            event=notification.event,
+            rollout=notification.rollout,
+            ok=ok,
+            attempts=attempts,
+            status=status,
+            error=error,
+        )
+
+    async def wait(self, *, timeout_s: float) -> bool:
+        """Wait up to timeout_s for deliveries in flight; True if none is left."""
+        deadline = time.monotonic() + timeout_s
+        while self._tasks:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            await asyncio.wait(set(self._tasks), timeout=remaining)
+        return True
+
+    async def aclose(self, *, grace_s: float = 0.0) -> None:
+        """Give deliveries `grace_s` to finish, cancel the rest, await them all, and close
+        the HTTP session if this notifier opened it."""
+        self._closed = True
+        if grace_s > 0:
+            await self.wait(timeout_s=grace_s)
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        if self._session is not None and self._owns_session:
+            await self._session.close()
+            self._session = None
+
+
+def _retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        return None  # an HTTP date: rare for webhooks; the backoff applies
+
+
+def _redact(url: str) -> str:
+    # Slack-style webhook URLs carry their secret in the path; logs get only the host.
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.netloc}/…" if parts.path not in ("", "/") else url

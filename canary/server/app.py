@@ -1,0 +1,187 @@
+"""The controller's small HTTP server (aiohttp): probes, metrics, state and manual commands.
+
+Routes::
+
+    GET  /healthz                          200 while the process serves
+    GET  /readyz                           200 once the rollouts run, 503 before
+    GET  /metrics                          the controller's Prometheus metrics (own registry)
+    GET  /rollouts                         every rollout's state as JSON
+    GET  /rollouts/{name}                  one rollout's state (a name may be namespace/name)
+    POST /rollouts/{name}/{command}        promote | abort | pause | resume (static targets);
+                                           JSON body {"who": ..., "reason": ...}, both optional
+
+A command answers 200 when accepted, 409 when the machine refused it (with its reason),
+404 for an unknown rollout and 400 for an unknown command. Other parts add routes through
+`extensions` (e.g. canary.reports.pages' /reports/), so this module never needs to know them.
+
+The server only reads state and queues commands: the rollout task stays the one place where
+a status changes.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable
+from typing import Any, Protocol
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from canary.core.rollout import Command
+from canary.runner.runner import CommandResult, UnknownRollout
+
+__all__ = ["COMMANDS", "Extension", "RolloutSource", "Server", "make_app"]
+
+COMMANDS = ("promote", "abort", "pause", "resume")
+_MAX_TEXT = 500  # who/reason lengths: they end up in records and Events
+
+
+class _Ready(Protocol):
+    def is_set(self) -> bool: ...
+
+
+class _Telemetry(Protocol):
+    @property
+    def registry(self) -> CollectorRegistry: ...
+
+
+class RolloutSource(Protocol):
+    """What the server needs of a controller (static or Kubernetes)."""
+
+    @property
+    def started(self) -> _Ready: ...
+
+    @property
+    def telemetry(self) -> _Telemetry: ...
+
+    def states(self) -> list[dict[str, Any]]: ...
+
+    async def command(self, name: str, command: Command) -> CommandResult: ...
+
+
+Extension = Callable[[web.Application], None]
+
+_SOURCE: web.AppKey[RolloutSource] = web.AppKey("rollouts", RolloutSource)
+
+
+def make_app(source: RolloutSource, *, extensions: Iterable[Extension] = ()) -> web.Application:
+    """The aiohttp application; each extension may add routes (e.g. /reports/)."""
+    app = web.Application()
+    app[_SOURCE] = source
+    app.router.add_get("/healthz", _healthz)
+    app.router.add_get("/readyz", _readyz)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/rollouts", _rollouts)
+    # Names may hold a slash (Kubernetes "namespace/name"); the command is the last segment.
+    app.router.add_get("/rollouts/{name:.+}", _rollout)
+    app.router.add_post("/rollouts/{name:.+}/{command:[a-z]+}", _command)
+    for extend in extensions:
+        extend(app)
+    return app
+
+
+async def _healthz(request: web.Request) -> web.Response:
+    return web.Response(text="ok\n")
+
+
+async def _readyz(request: web.Request) -> web.Response:
+    if request.app[_SOURCE].started.is_set():
+        return web.Response(text="ready\n")
+    return web.Response(status=503, text="starting\n")
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    body = generate_latest(request.app[_SOURCE].telemetry.registry)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+async def _rollouts(request: web.Request) -> web.Response:
+    return web.json_response({"rollouts": request.app[_SOURCE].states()})
+
+
+async def _rollout(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    for state in request.app[_SOURCE].states():
+        if state.get("name") == name:
+            return web.json_response(state)
+    return _error(404, f"no rollout named {name!r}")
+
+
+async def _command(request: web.Request) -> web.Response:
+    name = request.match_info["name"]
+    verb = request.match_info["command"]
+    if verb not in COMMANDS:
+        return _error(400, f"unknown command {verb!r}; expected one of {', '.join(COMMANDS)}")
+    who, reason = "api", ""
+    if request.can_read_body:
+        try:
+            body = await request.json()
+        except json.JSONDecodeError as exc:
+            return _error(400, f"body is not JSON: {exc}")
+        if not isinstance(body, dict):
+            return _error(400, "body must be a JSON object with optional 'who' and 'reason'")
+        unknown = sorted(set(body) - {"who", "reason"})
+        if unknown:
+            return _error(400, f"unknown body keys {unknown}; expected 'who' and 'reason'")
+        for key in ("who", "reason"):
+            value = body.get(key)
+            if value is not None and (not isinstance(value, str) or len(value) > _MAX_TEXT):
+                return _error(400, f"{key} must be a string of at most {_MAX_TEXT} characters")
+        who = body.get("who") or who
+        reason = body.get("reason") or ""
+    try:
+        result = await request.app[_SOURCE].command(name, Command(verb, who, reason))  # type: ignore[arg-type]
+    except UnknownRollout:
+        return _error(404, f"no rollout named {name!r}")
+    payload = {
+        "name": name,
+        "command": verb,
+        "accepted": result.accepted,
+        "phase": result.phase,
+        "message": result.message,
+    }
+    return web.json_response(payload, status=200 if result.accepted else 409)
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+class Server:
+    """Runs the app on host:port (port 0: a free one); `url` says where it listens."""
+
+    def __init__(self, app: web.Application, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        self.app = app
+        self.host = host
+        self.port = port
+        self._runner: web.AppRunner | None = None
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    async def start(self) -> None:
+        runner = web.AppRunner(self.app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, self.host, self.port, reuse_address=True)
+        try:
+            await site.start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        self._runner = runner
+        if self.port == 0:
+            self.port = int(runner.addresses[0][1])
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()

@@ -1,0 +1,471 @@
+"""The `canary` command: argument parsing, config errors, and `canary run` against real HAProxy.
+
+The end-to-end test starts `python -m canary run` as a real process (with sys.executable)
+in front of a real HAProxy, drives it with `canary pause|resume|status` through its HTTP
+server, then sends SIGTERM and checks that the weight stayed and the record is whole.
+Prometheus is deliberately absent there (a closed port): the controller must hold at the
+first step on "no data" rather than crash or move.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from support.pool import ProcessPool
+
+from canary.cli.main import EXIT_BAD_CONFIG, EXIT_STOPPED, _user, build_parser, main, parse_listen
+from canary.core.records import EndEntry, ManualEntry, NoteEntry, StartEntry, TickEntry, read_record
+from canary.demo.procs import HAProxyConfig, HAProxyProcess, HttpReady, ManagedProcess, free_port
+
+
+def test_parser_knows_every_subcommand() -> None:
+    """run, the manual commands, status, demo and the report plugin are all registered."""
+    parser = build_parser()
+    for argv in (
+        ["run", "--config", "a.yaml", "--config", "b.yaml", "--listen", "127.0.0.1:0"],
+        ["promote", "app", "--server", "http://127.0.0.1:1", "--reason", "ok"],
+        ["abort", "app", "-n", "shop", "--context", "prod"],
+        ["status"],
+        ["validate", "a.yaml"],
+        ["report", "app", "--format", "md"],
+    ):
+        args = parser.parse_args(argv)
+        assert args.command == argv[0] and callable(args.func)
+    args = parser.parse_args(["run", "--config", "a.yaml", "--config", "b.yaml"])
+    assert args.config == ["a.yaml", "b.yaml"] and args.listen == "127.0.0.1:9310"
+
+
+def test_run_needs_a_config(capsys: pytest.CaptureFixture[str]) -> None:
+    """`canary run` without --config is a usage error (exit 2) naming the flag."""
+    with pytest.raises(SystemExit) as info:
+        main(["run"])
+    assert info.value.code == 2
+    assert "--config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("localhost", "--listen must be HOST:PORT"),
+        ("127.0.0.1:http", "--listen port must be a number, got 'http'"),
+        ("127.0.0.1:70000", "--listen port must be within 0..65535, got 70000"),
+    ],
+)
+def test_bad_listen_addresses_are_named(text: str, message: str) -> None:
+    """Bad --listen values raise errors saying what is wrong."""
+    with pytest.raises(ValueError) as info:
+        parse_listen(text)
+    assert message in str(info.value)
+
+
+def test_listen_accepts_ipv6_brackets() -> None:
+    """[::1]:9310 parses to the bare address and the port."""
+    assert parse_listen("[::1]:9310") == ("::1", 9310)
+
+
+def test_bad_config_exits_2_and_names_the_field(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A config with a bad step exits 2 with the file and field in the message, before any I/O."""
+    config = tmp_path / "rollout.yaml"
+    config.write_text(
+        "name: app\nrouter: {kind: haproxy, socket: /nope, backend: app}\n"
+        "metrics: {kind: prometheus, url: 'http://127.0.0.1:1'}\nsteps: [10, 5]\n"
+    )
+    assert main(["run", "--config", str(config)]) == EXIT_BAD_CONFIG
+    err = capsys.readouterr().err
+    assert f"{config}: steps[1]: must be greater than 10, got 5" in err
+
+
+def test_validate_prints_effective_settings_or_names_every_problem(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`canary validate` prints a good file's settings with defaults filled in, and exits 2
+    naming the file and field of a bad one."""
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "name: app\nrouter: {kind: haproxy, socket: /s, backend: app}\n"
+        "metrics: {kind: prometheus, url: 'http://127.0.0.1:1'}\n"
+    )
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(good.read_text() + "tick_s: -1\n")
+    assert main(["validate", str(good)]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["steps"] == [5, 10, 25, 50] and shown["analysis"]["alpha"] == 0.01
+    assert main(["validate", str(good), str(bad)]) == EXIT_BAD_CONFIG
+    assert f"{bad}: tick_s: Input should be greater than 0" in capsys.readouterr().err
+
+
+def test_missing_config_file_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A config path that does not exist exits 2 and names the path."""
+    assert main(["run", "--config", str(tmp_path / "gone.yaml")]) == EXIT_BAD_CONFIG
+    assert "gone.yaml: cannot read" in capsys.readouterr().err
+
+
+def test_duplicate_targets_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Two config files for one target name are refused."""
+    text = (
+        "name: app\nrouter: {kind: haproxy, socket: /nope, backend: app}\n"
+        "metrics: {kind: prometheus, url: 'http://127.0.0.1:1'}\n"
+    )
+    (tmp_path / "a.yaml").write_text(text)
+    (tmp_path / "b.yaml").write_text(text)
+    code = main(["run", "--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml")])
+    assert code == EXIT_BAD_CONFIG
+    assert "two config files name the target 'app'" in capsys.readouterr().err
+
+
+def test_manual_command_without_a_server_says_where_it_looked(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A command for a controller that is not running exits 3 and names the URL tried."""
+    url = f"http://127.0.0.1:{free_port()}"
+    assert main(["pause", "app", "--server", url]) == EXIT_STOPPED
+    assert f"cannot reach the controller at {url}" in capsys.readouterr().err
+
+
+def test_cluster_flags_go_to_the_cluster_module(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--namespace/--context route a command to the cluster module's manual_command(args)."""
+    import types
+
+    import canary.cli.main
+
+    calls: list[tuple[str, str, str]] = []
+
+    def manual_command(args: argparse.Namespace) -> int:
+        calls.append((args.command, args.name, args.namespace))
+        return 0
+
+    module = types.ModuleType("fake_cluster")
+    setattr(module, "manual_command", manual_command)  # noqa: B010
+    monkeypatch.setitem(sys.modules, "fake_cluster", module)
+    monkeypatch.setattr(canary.cli.main, "CLUSTER_MODULE", "fake_cluster")
+    assert main(["pause", "app", "-n", "shop"]) == 0
+    assert calls == [("pause", "app", "shop")]
+    # without a status() the module cannot serve `canary status`: said, not a traceback
+    assert main(["status", "--context", "prod"]) == EXIT_BAD_CONFIG
+    assert "fake_cluster.status is missing" in capsys.readouterr().err
+
+
+def test_cluster_flags_without_a_cluster_module(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With no cluster module installed, cluster flags give a clear error (exit 2)."""
+    import canary.cli.main
+
+    monkeypatch.setattr(canary.cli.main, "CLUSTER_MODULE", "canary_no_such_cluster_module")
+    assert main(["abort", "app", "--kubeconfig", "/k"]) == EXIT_BAD_CONFIG
+    assert "cluster commands are not available" in capsys.readouterr().err
+
+
+def test_python_dash_m_canary_runs_the_cli(tmp_path: Path) -> None:
+    """`python -m canary` is the same CLI (it prints usage and exits 2 without a command)."""
+    import subprocess
+
+    done = subprocess.run(
+        [sys.executable, "-m", "canary"], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2 and "usage: canary" in done.stderr
+
+
+# ---- canary run, end to end with a real HAProxy ----------------------------------------------
+
+
+def _get(url: str) -> Any:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+def _wait_for(predicate: Any, what: str, *, attempts: int = 300) -> Any:
+    for _ in range(attempts):
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"never saw {what}")
+
+
+def _haproxy(procs: ProcessPool, workdir: Path, sockdir: Path, binary: str) -> HAProxyConfig:
+    primary_port, canary_port = free_port(), free_port()
+    procs.support_server("name", primary_port, "primary")
+    procs.support_server("name", canary_port, "canary")
+    config = HAProxyConfig(
+        frontend_port=free_port(),
+        primary_addr=f"127.0.0.1:{primary_port}",
+        canary_addr=f"127.0.0.1:{canary_port}",
+        socket_path=sockdir / "admin.sock",
+        state_file=workdir / "server-state",
+    )
+    procs.start(HAProxyProcess(config, workdir=workdir, binary=binary))
+    return config
+
+
+def _haproxy_weights(config: HAProxyConfig) -> dict[str, int]:
+    import asyncio
+
+    from canary.routers.haproxy import HAProxyRouter
+
+    router = HAProxyRouter(config.socket_path, "app", "primary", "canary")
+    return {"canary": asyncio.run(router.get_weight())}
+
+
+@pytest.mark.slow
+def test_run_serves_commands_and_stops_cleanly_on_sigterm(
+    procs: ProcessPool,
+    workdir: Path,
+    sockdir: Path,
+    haproxy_binary: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`canary run` sets 5% on a real HAProxy, holds without metrics, obeys pause/resume over
+    HTTP, and on SIGTERM exits 3 leaving 5% in place and a whole record ending in a note."""
+    haproxy = _haproxy(procs, workdir, sockdir, haproxy_binary)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = workdir / "rollout.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "app",
+                "router": {
+                    "kind": "haproxy",
+                    "socket": str(haproxy.socket_path),
+                    "backend": "app",
+                    "state_file": str(haproxy.state_file),
+                },
+                # nothing listens there: every tick is "no data"
+                "metrics": {
+                    "kind": "prometheus",
+                    "url": f"http://127.0.0.1:{free_port()}",
+                    "timeout_s": 0.5,
+                },
+                "steps": [5, 20],
+                "min_step_s": 1,
+                "tick_s": 0.2,
+                "no_data_deadline_s": 600,
+                "record_dir": "records",
+                "canary_version": "v2",
+            }
+        )
+    )
+    controller = procs.start(
+        ManagedProcess(
+            [
+                sys.executable,
+                "-m",
+                "canary",
+                "run",
+                "--config",
+                str(config),
+                "--listen",
+                f"127.0.0.1:{port}",
+            ],
+            log_path=workdir / "canary-run.log",
+            ready=HttpReady(f"{url}/readyz"),
+            name="canary-run",
+        )
+    )
+
+    def first_step_verified() -> dict[str, Any] | None:
+        state: dict[str, Any] = _get(f"{url}/rollouts/app")
+        return state if state.get("weight_verified") and "weight_read" in state else None
+
+    state = _wait_for(first_step_verified, "the first step verified and a tick")
+    assert state["phase"] == "Progressing" and state["weight"] == 5 and state["weight_read"] == 5
+    assert _haproxy_weights(haproxy) == {"canary": 5}
+
+    assert main(["pause", "app", "--server", url, "--who", "alice", "--reason", "lunch"]) == 0
+    assert "pause accepted; now Paused" in capsys.readouterr().out
+    assert main(["pause", "app", "--server", url]) == 1  # refused: already paused
+    assert "already paused by alice" in capsys.readouterr().err
+    assert main(["status", "--server", url]) == 0
+    assert "app: Paused step 1/2 weight 5% (verified)" in capsys.readouterr().out
+    assert main(["resume", "app", "--server", url, "--who", "alice"]) == 0
+    assert main(["promote", "nope", "--server", url]) == 4
+    assert "no rollout named 'nope'" in capsys.readouterr().err
+
+    with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
+        metrics = response.read().decode()
+    assert 'canary_rollout_phase{phase="Progressing",rollout="app"} 1.0' in metrics
+    assert 'canary_analysis_decisions_total{decision="no_data",rollout="app"}' in metrics
+
+    # canary.reports.pages' routes are plugged into the same server
+    with urllib.request.urlopen(f"{url}/reports/?format=json", timeout=10) as response:
+        index = json.loads(response.read())
+    assert [r["target"] for r in index["reports"]] == ["app"]
+
+    code = controller.stop_sync()  # SIGTERM by PID, then wait
+    assert code == EXIT_STOPPED, controller.log_tail()
+    assert _haproxy_weights(haproxy) == {"canary": 5}  # weights stay where they were
+    records = list((workdir / "records").glob("app-*.jsonl"))
+    assert len(records) == 1
+    entries = read_record(records[0])  # every line parses: nothing torn
+    assert isinstance(entries[0], StartEntry) and entries[0].canary_version == "v2"
+    ticks = [e for e in entries if isinstance(e, TickEntry)]
+    assert ticks and all(t.no_data_reason and t.weight_set == 5 for t in ticks)
+    manual = [(e.command, e.who, e.reason) for e in entries if isinstance(e, ManualEntry)]
+    assert manual == [
+        ("pause", "alice", "lunch"),
+        ("pause", _user(), "refused"),
+        ("resume", "alice", ""),
+    ]
+    assert not any(isinstance(e, EndEntry) for e in entries)
+    last = entries[-1]
+    assert isinstance(last, NoteEntry) and "controller stopped" in last.message
+
+    # Started again, it resumes the same rollout in the same record at the same step.
+    again = procs.start(
+        ManagedProcess(
+            controller.argv,
+            log_path=workdir / "canary-run-2.log",
+            ready=HttpReady(f"{url}/readyz"),
+            name="canary-run-2",
+        )
+    )
+    state = _wait_for(first_step_verified, "the resumed rollout ticking")
+    assert state["record"] == str(records[0]) and state["step"] == 0 and state["weight"] == 5
+    assert again.stop_sync() == EXIT_STOPPED, again.log_tail()
+    assert list((workdir / "records").glob("app-*.jsonl")) == records
+    entries = read_record(records[0])
+    assert sum(isinstance(e, StartEntry) for e in entries) == 1
+    notes = [e.message for e in entries if isinstance(e, NoteEntry)]
+    assert any(n.startswith("resumed during Progressing at step 0 (5% wanted)") for n in notes)
+    assert _haproxy_weights(haproxy) == {"canary": 5}
+
+
+# ---- canary run to the end: real HAProxy, real Prometheus, real analysis -----------------------
+
+
+@pytest.fixture(scope="module")
+def prometheus_env(
+    module_procs: ProcessPool, tmp_path_factory: pytest.TempPathFactory, prometheus_binary: str
+) -> tuple[str, int]:
+    """A Prometheus scraping a test exporter every second: (its URL, the exporter's port)."""
+    from canary.demo.procs import PrometheusProcess
+
+    exporter_port = free_port()
+    module_procs.support_server("exporter", exporter_port)
+    prometheus = PrometheusProcess(
+        [f"127.0.0.1:{exporter_port}"],
+        workdir=tmp_path_factory.mktemp("prometheus"),
+        scrape_interval_s=1.0,
+        binary=prometheus_binary,
+    )
+    module_procs.start(prometheus)
+    return prometheus.url, exporter_port
+
+
+class Traffic:
+    """Counts requests at the exporter from a thread: 2000/s per arm, fixed error shares."""
+
+    def __init__(self, port: int, primary: str, canary: str, canary_errors: int) -> None:
+        import threading
+
+        self.calls = [
+            (primary, 200, 198),
+            (primary, 500, 2),
+            (canary, 200, 200 - canary_errors),
+            (canary, 500, canary_errors),
+        ]
+        self.port = port
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.wait(0.1):
+            for version, code, n in self.calls:
+                if n:
+                    url = f"http://127.0.0.1:{self.port}/inc?version={version}&code={code}&n={n}&seconds=0.02"
+                    with urllib.request.urlopen(url, timeout=5) as response:
+                        response.read()
+
+    def __enter__(self) -> Traffic:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(timeout=10)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("case", "canary_errors", "exit_code", "weight", "outcome"),
+    [("healthy", 2, 0, 100, "promoted"), ("broken", 40, 1, 0, "rolled_back")],
+)
+def test_run_promotes_a_good_canary_and_rolls_back_a_bad_one(
+    procs: ProcessPool,
+    workdir: Path,
+    sockdir: Path,
+    haproxy_binary: str,
+    prometheus_env: tuple[str, int],
+    case: str,
+    canary_errors: int,
+    exit_code: int,
+    weight: int,
+    outcome: str,
+) -> None:
+    """`canary run --config` ends on its own: exit 0 with 100% on the canary for a healthy
+    one, exit 1 with 0% for one with 10x the errors; the record ends with that outcome."""
+    import subprocess
+
+    prometheus_url, exporter_port = prometheus_env
+    haproxy = _haproxy(procs, workdir, sockdir, haproxy_binary)
+    config = workdir / "rollout.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "app",
+                "router": {"kind": "haproxy", "socket": str(haproxy.socket_path), "backend": "app"},
+                "metrics": {
+                    "kind": "prometheus",
+                    "url": prometheus_url,
+                    "queries": {"primary_arm": f"{case}-p", "canary_arm": f"{case}-c"},
+                },
+                "steps": [10, 50],
+                "min_step_s": 1,
+                "max_step_s": 60,
+                "tick_s": 0.5,
+                "no_data_deadline_s": 30,
+                "record_dir": "records",
+            }
+        )
+    )
+    with Traffic(exporter_port, f"{case}-p", f"{case}-c", canary_errors):
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "canary",
+                "run",
+                "--config",
+                str(config),
+                "--listen",
+                "127.0.0.1:0",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+    assert done.returncode == exit_code, done.stderr[-3000:]
+    assert f"canary: app: {outcome}:" in done.stderr
+    assert _haproxy_weights(haproxy) == {"canary": weight}
+    (record,) = (workdir / "records").glob("app-*.jsonl")
+    entries = read_record(record)
+    end = entries[-1]
+    assert isinstance(end, EndEntry) and end.outcome == outcome
+    judged = [e for e in entries if isinstance(e, TickEntry) and e.verdict is not None]
+    assert judged and judged[-1].canary is not None and judged[-1].canary.requests > 0
+    if outcome == "rolled_back":
+        assert "errors" in end.reason

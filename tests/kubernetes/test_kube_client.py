@@ -1,0 +1,359 @@
+"""canary.kubernetes.client against the emulated API server, through the real kubernetes-asyncio client."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.kube import FAST_RETRY, deployment
+from support.kube_emulator import KubeEmulator
+
+from canary.kubernetes.client import (
+    Conflict,
+    EventRecorder,
+    Kube,
+    KubeError,
+    NotFound,
+    ObjectRef,
+    Relist,
+    RetryPolicy,
+    Unavailable,
+    WatchEvent,
+    deployment_rollout,
+)
+
+APPS = ("apps", "v1", "deployments")
+
+
+async def next_item(stream: AsyncIterator[Relist | WatchEvent]) -> Relist | WatchEvent:
+    return await asyncio.wait_for(anext(stream), 5)
+
+
+def names(relist: Relist | WatchEvent) -> list[str]:
+    assert isinstance(relist, Relist)
+    return sorted(o["metadata"]["name"] for o in relist.objects)
+
+
+# -- resourceVersion ---------------------------------------------------------------------
+
+
+async def test_patch_with_stale_resource_version_is_a_conflict(
+    api: KubeEmulator, kube: Kube
+) -> None:
+    """A patch guarded by a resourceVersion that has moved on raises Conflict and changes nothing."""
+    api.put(*APPS, deployment())
+    seen = await kube.get_deployment("default", "app")
+    rv = seen["metadata"]["resourceVersion"]
+    patched = await kube.patch_deployment(
+        "default", "app", {"metadata": {"annotations": {"x": "1"}}}, resource_version=rv
+    )
+    assert patched["metadata"]["annotations"]["x"] == "1"
+    with pytest.raises(Conflict, match="has been modified"):
+        await kube.patch_deployment(
+            "default", "app", {"metadata": {"annotations": {"x": "2"}}}, resource_version=rv
+        )
+    assert api.get(*APPS, "default", "app")["metadata"]["annotations"]["x"] == "1"
+    assert api.recorded(verb="patch", status=409)
+
+
+async def test_unguarded_patch_applies_over_any_version(api: KubeEmulator, kube: Kube) -> None:
+    """Without a resourceVersion a merge patch always applies (scaling is last-writer-wins)."""
+    api.put(*APPS, deployment())
+    await kube.scale_deployment("default", "app", 0)
+    assert api.get(*APPS, "default", "app")["spec"]["replicas"] == 0
+
+
+async def test_configmap_create_then_guarded_replace(api: KubeEmulator, kube: Kube) -> None:
+    """put_configmap creates once (a second create conflicts) and replaces only at its version."""
+    created = await kube.put_configmap("default", "state", {"a": "1"})
+    with pytest.raises(Conflict, match="already exists"):
+        await kube.put_configmap("default", "state", {"a": "other"})
+    rv = created["metadata"]["resourceVersion"]
+    replaced = await kube.put_configmap("default", "state", {"a": "2"}, resource_version=rv)
+    with pytest.raises(Conflict):
+        await kube.put_configmap("default", "state", {"a": "3"}, resource_version=rv)
+    current = await kube.get_configmap("default", "state")
+    assert current["data"] == {"a": "2"}
+    assert current["metadata"]["resourceVersion"] == replaced["metadata"]["resourceVersion"]
+
+
+async def test_missing_object_is_not_found_and_not_retried(api: KubeEmulator, kube: Kube) -> None:
+    """A 404 is an answer, not a failure: NotFound at once, one request."""
+    with pytest.raises(NotFound, match="not found"):
+        await kube.get_deployment("default", "nope")
+    assert len(api.recorded(verb="get", resource="deployments")) == 1
+
+
+# -- retries -----------------------------------------------------------------------------
+
+
+async def test_429_is_retried_no_sooner_than_retry_after(api: KubeEmulator, kube: Kube) -> None:
+    """A 429 with Retry-After: 1 is retried, and the server sees the retry at least 1s later."""
+    api.put(*APPS, deployment())
+    api.inject(429, retry_after=1, verb="get")
+    got = await kube.get_deployment("default", "app")
+    assert got["metadata"]["name"] == "app"
+    first, second = api.recorded(verb="get", resource="deployments")
+    assert (first.status, second.status) == (429, 200)
+    # FAST_RETRY's own backoff is <= 0.05s: only Retry-After explains a 1s gap.
+    assert second.at - first.at >= 1.0
+
+
+async def test_5xx_is_retried_with_backoff(api: KubeEmulator, kube: Kube) -> None:
+    """Transient 500/503 answers are retried until the call succeeds."""
+    api.put(*APPS, deployment())
+    api.inject(503, times=1, verb="get")
+    api.inject(500, times=1, verb="get")
+    await kube.get_deployment("default", "app")
+    assert [r.status for r in api.recorded(verb="get")] == [503, 500, 200]
+
+
+async def test_retries_are_bounded(api: KubeEmulator, kube: Kube) -> None:
+    """A server that keeps failing yields Unavailable after exactly `attempts` requests."""
+    api.inject(503, times=100, verb="list")
+    with pytest.raises(Unavailable, match=r"HTTP 503.*gave up after 4 attempts"):
+        await kube.list_deployments()
+    assert len(api.recorded(verb="list")) == FAST_RETRY.attempts
+
+
+async def test_retry_after_beyond_the_limit_gives_up_at_once(
+    api: KubeEmulator, tmp_path: Path
+) -> None:
+    """A Retry-After longer than the policy allows is an Unavailable, not a long hang."""
+    config = api.write_kubeconfig(tmp_path / "kc")
+    policy = RetryPolicy(attempts=3, initial_delay_s=0.01, max_delay_s=0.05, max_retry_after_s=5)
+    async with await Kube.connect(kubeconfig=str(config), retry=policy) as kube:
+        api.inject(429, retry_after=3600, verb="get")
+        with pytest.raises(Unavailable, match="retry after 3600s"):
+            await kube.get_configmap("default", "x")
+    assert len(api.recorded(verb="get")) == 1
+
+
+async def test_unreachable_server_is_unavailable(tmp_path: Path) -> None:
+    """No server at all: connection errors are retried, then reported as Unavailable."""
+    emulator = KubeEmulator()
+    await emulator.start()
+    config = emulator.write_kubeconfig(tmp_path / "kc")
+    await emulator.stop()  # the port is closed now
+    async with await Kube.connect(kubeconfig=str(config), retry=FAST_RETRY) as kube:
+        with pytest.raises(Unavailable, match="no answer"):
+            await kube.get_deployment("default", "app")
+
+
+async def test_unknown_context_names_it(api: KubeEmulator, tmp_path: Path) -> None:
+    """Like kubectl --context: a context missing from the kubeconfig is a clear error."""
+    config = api.write_kubeconfig(tmp_path / "kc", context="real")
+    with pytest.raises(KubeError, match="context nope"):
+        await Kube.connect(kubeconfig=str(config), context="nope")
+
+
+# -- watches -----------------------------------------------------------------------------
+
+
+async def test_watch_resumes_from_last_resource_version(api: KubeEmulator, kube: Kube) -> None:
+    """When the server ends a watch, the next one starts at the last resourceVersion seen,
+    so no event is lost or repeated and no re-list is needed."""
+    api.put(*APPS, deployment("a"))
+    async with aclosing(kube.watch_deployments("default", timeout_s=30)) as stream:
+        assert names(await next_item(stream)) == ["a"]
+        api.put(*APPS, deployment("b"))
+        added = await next_item(stream)
+        assert isinstance(added, WatchEvent) and added.type == "ADDED"
+        seen_rv = added.object["metadata"]["resourceVersion"]
+        api.close_watches()
+        api.delete(*APPS, "default", "a")  # happens while no watch is open
+        deleted = await next_item(stream)
+        assert isinstance(deleted, WatchEvent)
+        assert (deleted.type, deleted.object["metadata"]["name"]) == ("DELETED", "a")
+    watches = api.recorded(verb="watch")
+    assert [w.query["resourceVersion"] for w in watches][-1] == seen_rv
+    assert len(api.recorded(verb="list")) == 1
+
+
+async def test_watch_relists_after_410_gone(api: KubeEmulator, kube: Kube) -> None:
+    """A resume from a compacted resourceVersion gets 410 Gone; the watch re-lists, and the
+    new Relist shows the truth, including a deletion whose event was never seen."""
+    api.put(*APPS, deployment("a"))
+    api.put(*APPS, deployment("b"))
+    async with aclosing(kube.watch_deployments("default", timeout_s=30)) as stream:
+        assert names(await next_item(stream)) == ["a", "b"]
+        # The consumer is slow: meanwhile b goes, c comes, and history is compacted.
+        api.delete(*APPS, "default", "b")
+        api.put(*APPS, deployment("c"))
+        api.compact()
+        relist = await next_item(stream)
+        assert names(relist) == ["a", "c"]
+        api.put(*APPS, deployment("d"))
+        event = await next_item(stream)
+        assert isinstance(event, WatchEvent) and event.object["metadata"]["name"] == "d"
+    assert len(api.recorded(verb="list")) == 2
+
+
+async def test_watch_relists_after_410_mid_stream(api: KubeEmulator, kube: Kube) -> None:
+    """An ERROR 410 event inside an open stream also leads to a re-list."""
+    api.put(*APPS, deployment("a"))
+    async with aclosing(kube.watch_deployments(None, timeout_s=30)) as stream:
+        assert names(await next_item(stream)) == ["a"]
+        api.put(*APPS, deployment("b"))
+        assert isinstance(await next_item(stream), WatchEvent)
+        api.close_watches(gone=True)
+        assert names(await next_item(stream)) == ["a", "b"]
+    assert len(api.recorded(verb="list")) == 2
+
+
+async def test_watch_open_is_retried_on_429(api: KubeEmulator, kube: Kube) -> None:
+    """Opening a watch is retried like any call."""
+    api.put(*APPS, deployment("a"))
+    api.inject(429, verb="watch", retry_after=0)
+    async with aclosing(kube.watch_deployments("default", timeout_s=30)) as stream:
+        await next_item(stream)
+        api.put(*APPS, deployment("b"))
+        event = await next_item(stream)
+        assert isinstance(event, WatchEvent) and event.object["metadata"]["name"] == "b"
+    assert [w.status for w in api.recorded(verb="watch")][:2] == [429, 200]
+
+
+# -- events ------------------------------------------------------------------------------
+
+
+async def test_events_name_the_deployment(api: KubeEmulator, kube: Kube) -> None:
+    """A Warning Event is recorded against the Deployment, as kubectl describe shows it."""
+    api.put(*APPS, deployment())
+    dep = await kube.get_deployment("default", "app")
+    await kube.emit_event(
+        ObjectRef.deployment(dep), type="Warning", reason="BadSpec", message="canary.dev/steps: x"
+    )
+    events: list[dict[str, Any]] = [o for k, o in api.objects.items() if k[2] == "events"]
+    assert len(events) == 1
+    event = events[0]
+    assert event["type"] == "Warning" and event["reason"] == "BadSpec"
+    assert event["involvedObject"]["kind"] == "Deployment"
+    assert event["involvedObject"]["uid"] == dep["metadata"]["uid"]
+
+
+async def test_missing_kubeconfig_is_named(tmp_path: Path) -> None:
+    """A kubeconfig path that does not exist is reported as such."""
+    with pytest.raises(KubeError, match=r"kubeconfig .*/absent does not exist"):
+        await Kube.connect(kubeconfig=str(tmp_path / "absent"))
+
+
+def test_only_kube_module_imports_the_client() -> None:
+    """kubernetes_asyncio is imported by canary/kube.py alone: one seam to the cluster."""
+    root = Path(__file__).resolve().parents[2]
+    importers = sorted(
+        str(path.relative_to(root))
+        for folder in ("canary", "analysis")
+        for path in (root / folder).rglob("*.py")
+        if "kubernetes_asyncio" in path.read_text()
+    )
+    assert importers == ["canary/kube.py"]
+
+
+async def test_event_recorder_does_not_repeat_itself(api: KubeEmulator, kube: Kube) -> None:
+    """The same Warning on every reconcile becomes one Event; a new message is a new Event;
+    an API failure is reported as False, not raised."""
+    api.put(*APPS, deployment())
+    ref = ObjectRef.deployment(await kube.get_deployment("default", "app"))
+    recorder = EventRecorder(kube, repeat_after_s=600)
+    sent = [
+        await recorder.record(ref, type="Warning", reason="BadSpec", message="steps: bad")
+        for _ in range(3)
+    ]
+    assert sent == [True, False, False]
+    assert await recorder.record(ref, type="Warning", reason="BadSpec", message="port: bad")
+    api.inject(403, verb="create", resource="events")
+    assert not await recorder.record(ref, type="Normal", reason="Progressing", message="10%")
+    events = [o for k, o in api.objects.items() if k[2] == "events"]
+    assert sorted(e["message"] for e in events) == ["port: bad", "steps: bad"]
+
+
+@pytest.mark.parametrize(
+    ("generation", "status", "state", "reason"),
+    [
+        (2, {"observedGeneration": 1}, "progressing", "generation 2"),
+        (
+            1,
+            {"observedGeneration": 1, "updatedReplicas": 1, "replicas": 2},
+            "progressing",
+            "1 of 2 replicas updated",
+        ),
+        (
+            1,
+            {"observedGeneration": 1, "updatedReplicas": 2, "replicas": 3},
+            "progressing",
+            "1 old replicas",
+        ),
+        (
+            1,
+            {"observedGeneration": 1, "updatedReplicas": 2, "replicas": 2, "availableReplicas": 1},
+            "progressing",
+            "1 of 2 updated replicas available",
+        ),
+        (
+            1,
+            {"observedGeneration": 1, "updatedReplicas": 2, "replicas": 2, "availableReplicas": 2},
+            "done",
+            "2 replicas",
+        ),
+        (
+            1,
+            {
+                "observedGeneration": 1,
+                "conditions": [
+                    {
+                        "type": "Progressing",
+                        "reason": "ProgressDeadlineExceeded",
+                        "message": "timeout",
+                    }
+                ],
+            },
+            "failed",
+            "progress deadline exceeded",
+        ),
+    ],
+)
+def test_deployment_rollout_state(
+    generation: int, status: dict[str, Any], state: str, reason: str
+) -> None:
+    """Rollout completion is judged as kubectl rollout status does."""
+    obj = deployment()
+    obj["metadata"]["generation"] = generation
+    obj["status"] = status
+    got_state, got_reason = deployment_rollout(obj)
+    assert got_state == state
+    assert reason in got_reason
+
+
+async def test_emulated_deployments_roll_out(api: KubeEmulator, kube: Kube) -> None:
+    """The emulator's stand-in Deployment controller completes each new generation."""
+    api.put(*APPS, deployment())
+    patched = await kube.patch_deployment(
+        "default",
+        "app",
+        {
+            "spec": {
+                "template": {"spec": {"containers": [{"name": "app", "image": "example/app:2"}]}}
+            }
+        },
+    )
+    assert patched["metadata"]["generation"] == 2
+    assert deployment_rollout(patched)[0] == "done"
+
+
+async def test_a_hung_server_costs_one_timeout_per_attempt(
+    api: KubeEmulator, tmp_path: Path
+) -> None:
+    """A request the server never answers times out and is retried like any failure."""
+    config = api.write_kubeconfig(tmp_path / "kc")
+    async with await Kube.connect(
+        kubeconfig=str(config), retry=FAST_RETRY, request_timeout_s=0.3
+    ) as kube:
+        api.put(*APPS, deployment())
+        api.inject(0, delay_s=2.0, verb="get")  # the first get hangs
+        got = await kube.get_deployment("default", "app")
+    assert got["metadata"]["name"] == "app"
+    assert len(api.recorded(verb="get")) == 2

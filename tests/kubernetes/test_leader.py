@@ -1,0 +1,190 @@
+"""Leader election on a Lease: two candidates in one event loop never lead at once."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from support.kube import FAST_RETRY
+from support.kube_emulator import KubeEmulator
+
+from canary.kubernetes.client import Kube, LeaderElector
+
+LEASES = ("coordination.k8s.io", "v1", "leases")
+
+
+class Candidate:
+    """An elector with its own client (and bearer token) and a log of its terms."""
+
+    def __init__(self, kube: Kube, identity: str, token: str) -> None:
+        self.token = token
+        self.terms: list[tuple[float, float]] = []
+        self._start: float | None = None
+        self.stop = asyncio.Event()
+        self.elector = LeaderElector(
+            kube,
+            namespace="canary-system",
+            name="canary-leader",
+            identity=identity,
+            lease_duration_s=1,
+            renew_deadline_s=0.6,
+            retry_period_s=0.1,
+            on_change=self._changed,
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    def _changed(self, leading: bool) -> None:
+        if leading:
+            self._start = time.monotonic()
+        else:
+            assert self._start is not None
+            # The term ended when is_leader turned False, which may precede this callback.
+            self.terms.append((self._start, self.elector.leader_until))
+            self._start = None
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.elector.run(self.stop))
+
+    async def finish(self) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 5)
+
+
+@pytest.fixture
+async def candidates(
+    api: KubeEmulator, tmp_path: Path
+) -> AsyncIterator[tuple[Candidate, Candidate]]:
+    clients = []
+    pair = []
+    for identity in ("a", "b"):
+        config = api.write_kubeconfig(tmp_path / f"kc-{identity}", token=f"token-{identity}")
+        kube = await Kube.connect(kubeconfig=str(config), retry=FAST_RETRY)
+        clients.append(kube)
+        pair.append(Candidate(kube, identity, f"token-{identity}"))
+    try:
+        yield pair[0], pair[1]
+    finally:
+        for c in pair:
+            if c.task is not None and not c.task.done():
+                c.task.cancel()
+                await asyncio.gather(c.task, return_exceptions=True)
+        for kube in clients:
+            await kube.close()
+
+
+async def sample_until(
+    pair: tuple[Candidate, Candidate], condition: str, within_s: float = 8.0
+) -> list[tuple[bool, bool]]:
+    """Sample both candidates' is_leader until `condition` ('a', 'b' or 'any') leads."""
+    samples: list[tuple[bool, bool]] = []
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        state = (pair[0].elector.is_leader, pair[1].elector.is_leader)
+        samples.append(state)
+        if (condition == "any" and any(state)) or (
+            condition in ("a", "b") and state[0 if condition == "a" else 1]
+        ):
+            return samples
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{condition} did not become leader within {within_s}s")
+
+
+def assert_terms_disjoint(*candidates: Candidate) -> None:
+    terms = sorted(t for c in candidates for t in c.terms)
+    for (_, end), (start, _) in itertools.pairwise(terms):
+        assert start >= end, f"overlapping leadership terms: {terms}"
+
+
+async def test_a_stalled_leader_steps_down_before_the_other_takes_over(
+    api: KubeEmulator, candidates: tuple[Candidate, Candidate]
+) -> None:
+    """The leader's renewals fail (503 for its token only): it stops leading, the other takes
+    over only after the Lease expires, and at no instant do both lead."""
+    a, b = candidates
+    a.start()
+    b.start()
+    samples = await sample_until(candidates, "any")
+    leader, follower = (a, b) if a.elector.is_leader else (b, a)
+    fault = api.inject(503, times=10_000, resource="leases", token=leader.token)
+    samples += await sample_until(candidates, "b" if follower is b else "a")
+    fault.times = 0  # the old leader recovers and competes again
+    for _ in range(50):
+        await asyncio.sleep(0.01)
+        samples.append((a.elector.is_leader, b.elector.is_leader))
+    await a.finish()
+    await b.finish()
+
+    assert not any(x and y for x, y in samples)
+    assert_terms_disjoint(a, b)
+    assert leader.terms and follower.terms
+    # The take-over waited for the whole lease: from the leader's last successful renewal.
+    last_renewal = max(
+        r.at
+        for r in api.recorded(resource="leases", token=leader.token)
+        if r.verb in ("create", "update") and r.status in (200, 201)
+    )
+    takeover = follower.terms[0][0]
+    assert takeover - last_renewal >= 1.0
+    lease = api.get(*LEASES, "canary-system", "canary-leader")
+    assert lease["spec"]["leaseTransitions"] >= 1
+
+
+async def test_release_hands_over_without_waiting_for_expiry(
+    api: KubeEmulator, candidates: tuple[Candidate, Candidate]
+) -> None:
+    """A leader that stops releases the Lease (empty holder), and the other acquires it."""
+    a, b = candidates
+    a.start()
+    await sample_until(candidates, "a")
+    b.start()
+    await asyncio.sleep(0.3)  # b is a candidate now, waiting on a's Lease
+    await a.finish()
+    assert not a.elector.is_leader
+    releases = [
+        r
+        for r in api.recorded(verb="update", resource="leases", token="token-a", status=200)
+        if r.body["spec"]["holderIdentity"] == ""
+    ]
+    assert len(releases) == 1
+    await sample_until(candidates, "b")
+    await b.finish()
+    assert_terms_disjoint(a, b)
+    holders = [
+        r.body["spec"]["holderIdentity"]
+        for r in api.recorded(resource="leases", status=200)
+        if r.verb in ("create", "update")
+    ]
+    assert holders[0] == "a" and "b" in holders
+
+
+async def test_concurrent_creation_has_one_winner(
+    api: KubeEmulator, candidates: tuple[Candidate, Candidate]
+) -> None:
+    """With no Lease yet, both candidates try to create it; exactly one succeeds."""
+    a, b = candidates
+    results = await asyncio.gather(
+        a.elector.try_acquire_or_renew(), b.elector.try_acquire_or_renew()
+    )
+    assert sorted(results) == [False, True]
+    creates = api.recorded(verb="create", resource="leases")
+    # The loser either lost the create race (409) or read the winner's Lease first.
+    assert sorted(r.status for r in creates) in ([201], [201, 409])
+
+
+def test_timings_must_be_ordered() -> None:
+    """retry < renew deadline < lease duration, or leadership could overlap."""
+    with pytest.raises(ValueError, match="retry_period_s < renew_deadline_s < lease_duration_s"):
+        LeaderElector(
+            None,  # type: ignore[arg-type]
+            namespace="n",
+            name="l",
+            identity="a",
+            lease_duration_s=1,
+            renew_deadline_s=2,
+            retry_period_s=0.1,
+        )

@@ -1,0 +1,1018 @@
+"""The Kubernetes reconciler end to end: the real kubernetes-asyncio client on the API
+emulator, metrics from a real Prometheus scraping per-version exporter processes (the demo
+service, run with sys.executable), and traffic split by the weight the controller wrote
+into the canary Ingress.
+
+Each namespace below is one scenario; Prometheus labels every exporter with the namespace and
+Service it stands for, so the `custom` metrics preset queries them as it would in a cluster.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+from aiohttp import web
+from support.kube import FAST_RETRY, deployment
+from support.kube_emulator import KubeEmulator
+
+from canary.core.records import EndEntry, NoteEntry, StartEntry, TickEntry
+from canary.demo.procs import HttpReady, ManagedProcess, find_binary, free_port
+from canary.demo.stack import service_process
+from canary.kubernetes.cli import send_command
+from canary.kubernetes.client import Kube
+from canary.kubernetes.operator import KubeState, Operator, OperatorSettings, template_hash
+from canary.kubernetes.record_store import unpack_record
+from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOYMENTS = ("apps", "v1", "deployments")
+INGRESSES = ("networking.k8s.io", "v1", "ingresses")
+ROUTES = ("gateway.networking.k8s.io", "v1", "httproutes")
+RECORDS_NS = "canary-system"
+GOOD = ("promote", "resume", "leader", "commands", "spec", "supersede", "cli", "gateway", "faults")
+BAD = ("rollback",)
+
+pytestmark = pytest.mark.timeout(120)
+
+
+# ---- real exporters and Prometheus (once per module) ------------------------------------
+
+
+def _service(version: str, error_rate: float, workdir: Path, tag: str) -> ManagedProcess:
+    port = free_port()
+    process = service_process(
+        version,
+        port=port,
+        log_path=workdir / f"{tag}.log",
+        error_rate=error_rate,
+        latency_ms=2,
+        seed=7,
+        name=tag,
+        cwd=ROOT,
+    )
+    process.port = port  # type: ignore[attr-defined]
+    return process
+
+
+def _prometheus_config(primary: int, good: int, bad: int) -> str:
+    groups = []
+    for namespace in (*GOOD, *BAD):
+        canary = bad if namespace in BAD else good
+        for service, port in (("app-primary", primary), ("app-canary", canary)):
+            groups.append(
+                f'      - targets: ["127.0.0.1:{port}"]\n'
+                f'        labels: {{namespace: "{namespace}", service: "{service}"}}\n'
+            )
+    return (
+        "global:\n  scrape_interval: 500ms\n  evaluation_interval: 500ms\n"
+        "scrape_configs:\n  - job_name: apps\n    scrape_interval: 500ms\n"
+        "    scrape_timeout: 500ms\n    static_configs:\n" + "".join(groups)
+    )
+
+
+class Stack:
+    def __init__(self, prometheus_url: str, urls: dict[str, str]) -> None:
+        self.prometheus_url = prometheus_url
+        self.urls = urls  # primary, good, bad
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    workdir = tmp_path_factory.mktemp("operator-stack")
+    services = {
+        "primary": _service("primary", 0.01, workdir, "primary"),
+        "good": _service("canary", 0.01, workdir, "canary-good"),
+        "bad": _service("canary", 0.5, workdir, "canary-bad"),
+    }
+    started: list[ManagedProcess] = []
+    try:
+        for process in services.values():
+            started.append(process.start_sync())
+        ports = {k: p.port for k, p in services.items()}  # type: ignore[attr-defined]
+        config = workdir / "prometheus.yml"
+        config.write_text(_prometheus_config(ports["primary"], ports["good"], ports["bad"]))
+        prom_port = free_port()
+        prometheus = ManagedProcess(
+            [
+                find_binary("prometheus", fallbacks=("/usr/bin/prometheus",)),
+                f"--config.file={config}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+                "--log.level=warn",
+            ],
+            log_path=workdir / "prometheus.log",
+            ready=HttpReady(f"http://127.0.0.1:{prom_port}/-/ready"),
+            ready_timeout=30,
+            name="prometheus",
+        )
+        started.append(prometheus.start_sync())
+        yield Stack(
+            f"http://127.0.0.1:{prom_port}",
+            {k: f"http://127.0.0.1:{port}/" for k, port in ports.items()},
+        )
+    finally:
+        for process in reversed(started):
+            process.stop_sync()
+
+
+def canary_weight(api: KubeEmulator, namespace: str) -> int:
+    """What the gateway would send to the canary: the HTTPRoute's backendRefs weights when
+    there is one, else what ingress-nginx reads from the canary Ingress."""
+    route = api.objects.get((*ROUTES, namespace, "web"))
+    if route is not None:
+        refs = {
+            r["name"]: int(r.get("weight", 1)) for r in route["spec"]["rules"][0]["backendRefs"]
+        }
+        total = refs.get("app-primary", 0) + refs.get("app-canary", 0)
+        return round(100 * refs.get("app-canary", 0) / total) if total else 0
+    try:
+        ingress = api.get(*INGRESSES, namespace, "web-canary")
+    except KeyError:
+        return 0
+    annotations = ingress["metadata"].get("annotations") or {}
+    if annotations.get("nginx.ingress.kubernetes.io/canary") != "true":
+        return 0
+    return int(annotations.get("nginx.ingress.kubernetes.io/canary-weight", "0"))
+
+
+@contextlib.asynccontextmanager
+async def traffic(
+    api: KubeEmulator, stack: Stack, namespace: str, *, rate: float = 240.0
+) -> AsyncIterator[None]:
+    """Requests split between the two exporters by the canary Ingress' weight, as
+    ingress-nginx would split them (seeded)."""
+    rng = random.Random(11)
+    canary_url = stack.urls["bad" if namespace in BAD else "good"]
+    batch = 12
+
+    async def run() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=5)) as session:
+
+            async def one(url: str) -> None:
+                with contextlib.suppress(aiohttp.ClientError, TimeoutError):
+                    async with session.get(url) as response:
+                        await response.read()
+
+            while True:
+                weight = canary_weight(api, namespace)
+                urls = [
+                    canary_url if rng.random() * 100 < weight else stack.urls["primary"]
+                    for _ in range(batch)
+                ]
+                await asyncio.gather(*(one(u) for u in urls), asyncio.sleep(batch / rate))
+
+    task = asyncio.create_task(run())
+    try:
+        yield
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+# ---- the cluster -------------------------------------------------------------------------
+
+
+CUSTOM_METRICS = {
+    "canary.dev/metrics": "custom",
+    "canary.dev/metrics.requests": 'http_requests_total{namespace="{namespace}",service="{arm}"}',
+    "canary.dev/metrics.errors": (
+        'http_requests_total{namespace="{namespace}",service="{arm}",code=~"5.."}'
+    ),
+    "canary.dev/metrics.latency-buckets": (
+        'http_request_duration_seconds_bucket{namespace="{namespace}",service="{arm}"}'
+    ),
+}
+
+
+def notes_for(**overrides: str) -> dict[str, str]:
+    base = {
+        "canary.dev/enabled": "true",
+        "canary.dev/router": "ingress-nginx",
+        "canary.dev/ingress": "web",
+        "canary.dev/steps": "30,60",
+        "canary.dev/min-step-duration": "1s",
+        # Generous: on a busy 2-core machine the exporters and Prometheus slow down, and a
+        # pass at 30% can take longer than a minute; a quiet machine passes in seconds.
+        "canary.dev/max-step-duration": "240s",
+        "canary.dev/no-data-deadline": "60s",
+        "canary.dev/analysis.quantiles": "p50",
+        "canary.dev/analysis.error-tolerance": "5",
+        "canary.dev/analysis.latency-tolerance": "1",
+        **CUSTOM_METRICS,
+    }
+    base.update(overrides)
+    return base
+
+
+def seed(api: KubeEmulator, namespace: str, notes: dict[str, str]) -> None:
+    """The user's Ingress `web` (to Service app-primary) and the annotated Deployment `app`."""
+    api.put(
+        *INGRESSES,
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": {"name": "web", "namespace": namespace},
+            "spec": {
+                "rules": [
+                    {
+                        "host": "app.example",
+                        "http": {
+                            "paths": [
+                                {
+                                    "path": "/",
+                                    "pathType": "Prefix",
+                                    "backend": {
+                                        "service": {"name": "app-primary", "port": {"number": 80}}
+                                    },
+                                }
+                            ]
+                        },
+                    }
+                ]
+            },
+        },
+    )
+    api.put(*DEPLOYMENTS, deployment("app", namespace, **notes))
+
+
+def new_version(api: KubeEmulator, namespace: str, image: str) -> None:
+    """The user (or CI) edits the pod template of `app`."""
+    obj = api.get(*DEPLOYMENTS, namespace, "app")
+    obj["spec"]["template"]["spec"]["containers"][0]["image"] = image
+    api.put(*DEPLOYMENTS, obj)
+
+
+def state(api: KubeEmulator, namespace: str) -> KubeState | None:
+    obj = api.get(*DEPLOYMENTS, namespace, "app")
+    return KubeState.from_annotation(obj["metadata"].get("annotations", {}).get(ANNOTATION_STATUS))
+
+
+async def until(check: Callable[[], Any], *, timeout_s: float = 240.0, what: str = "") -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while True:
+        value = check()
+        if value:
+            return value
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        await asyncio.sleep(0.1)
+
+
+def weights_written(api: KubeEmulator, namespace: str, token: str | None = None) -> list[int]:
+    """Every canary-weight the controller wrote into the canary Ingress, in order."""
+    out = []
+    for r in api.recorded(resource="ingresses", namespace=namespace):
+        if r.verb not in ("create", "patch") or r.status >= 300 or r.body is None:
+            continue
+        if token is not None and r.token != token:
+            continue
+        value = (r.body.get("metadata", {}).get("annotations") or {}).get(
+            "nginx.ingress.kubernetes.io/canary-weight"
+        )
+        if value is not None:
+            out.append(int(value))
+    return out
+
+
+def events(api: KubeEmulator, namespace: str) -> list[dict[str, Any]]:
+    return [o for k, o in api.objects.items() if k[2] == "events" and k[3] == namespace]
+
+
+def record_entries(api: KubeEmulator, st: KubeState) -> list[Any]:
+    namespace, _, name = st.record.partition("/")
+    return unpack_record(api.get("", "v1", "configmaps", namespace, name))
+
+
+async def connect(api: KubeEmulator, tmp_path: Path, token: str) -> Kube:
+    config = api.write_kubeconfig(tmp_path / f"kc-{token}", token=token)
+    return await Kube.connect(kubeconfig=str(config), retry=FAST_RETRY)
+
+
+@contextlib.asynccontextmanager
+async def running(
+    api: KubeEmulator,
+    tmp_path: Path,
+    stack: Stack,
+    namespace: str,
+    *,
+    token: str = "token-a",
+    **settings: Any,
+) -> AsyncIterator[tuple[Operator, asyncio.Task[None]]]:
+    """An Operator on its own client, watching `namespace`, stopped (cancelled) at the end."""
+    kube = await connect(api, tmp_path, token)
+    defaults: dict[str, Any] = {
+        "tick_s": 0.4,
+        "record_flush_s": 0.0,
+        "promote_poll_s": 0.05,
+        "identity": token,
+    }
+    operator = Operator(
+        kube,
+        OperatorSettings(
+            prometheus_url=stack.prometheus_url,
+            record_namespace=RECORDS_NS,
+            namespace=namespace,
+            **{**defaults, **settings},
+        ),
+    )
+    task = asyncio.create_task(operator.run())
+    try:
+        yield operator, task
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await kube.close()
+
+
+def initialized(api: KubeEmulator, namespace: str) -> bool:
+    st = state(api, namespace)
+    return st is not None and bool(st.primary_revision)
+
+
+# ---- tests -------------------------------------------------------------------------------
+
+
+async def test_new_template_is_analysed_and_promoted(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A new pod template rolls out step by step on real metrics and is promoted: the
+    template reaches app-primary, the weight returns to 0, the canary scales to zero, and
+    the record ConfigMap holds the whole rollout, gzipped and thinned to its size limit."""
+    ns = "promote"
+    seed(api, ns, notes_for())
+    async with running(api, tmp_path, stack, ns, record_max_bytes=6000):
+        await until(lambda: initialized(api, ns), what="initialization")
+        primary = api.get(*DEPLOYMENTS, ns, "app-primary")
+        assert primary["spec"]["template"]["spec"]["containers"][0]["image"] == "example/app:1"
+        assert primary["spec"]["selector"]["matchLabels"] == {"app": "app-primary"}
+        assert primary["metadata"]["ownerReferences"][0]["name"] == "app"
+        assert api.get(*DEPLOYMENTS, ns, "app")["spec"]["replicas"] == 0
+        assert api.get("", "v1", "services", ns, "app-canary")["spec"]["selector"] == {"app": "app"}
+        assert api.get("", "v1", "services", ns, "app-primary")["spec"]["selector"] == {
+            "app": "app-primary"
+        }
+        assert canary_weight(api, ns) == 0
+
+        # A stale write and a compacted watch on the way: re-read and retry, re-list.
+        api.inject(409, times=1, verb="patch", resource="deployments")
+        api.compact()
+        api.close_watches(gone=True)
+        async with traffic(api, stack, ns):
+            new_version(api, ns, "example/app:2")
+            st = await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
+                what="the rollout to end",
+            )
+    assert st.rollout.outcome == "promoted", st.rollout
+    primary = api.get(*DEPLOYMENTS, ns, "app-primary")
+    assert primary["spec"]["template"]["spec"]["containers"][0]["image"] == "example/app:2"
+    assert st.primary_revision == st.rollout.revision
+    assert canary_weight(api, ns) == 0
+    assert api.get(*DEPLOYMENTS, ns, "app")["spec"]["replicas"] == 0
+    assert weights_written(api, ns) == [0, 30, 60, 100, 0]
+    status_patches = [
+        r
+        for r in api.recorded(verb="patch", resource="deployments", namespace=ns, name="app")
+        if ANNOTATION_STATUS in (r.body or {}).get("metadata", {}).get("annotations", {})
+    ]
+    (stale,) = api.recorded(verb="patch", resource="deployments", namespace=ns, status=409)
+    after = [
+        r
+        for r in api.requests[api.requests.index(stale) + 1 :]
+        if r.resource == "deployments" and r.name == "app" and r.verb in ("get", "patch")
+    ]
+    assert [r.verb for r in after[:2]] == ["get", "patch"] and after[1].status == 200
+    assert after[1] in status_patches, "the status write was retried after a re-read"
+    assert all(r.body["metadata"].get("resourceVersion") for r in status_patches)
+    relists = api.recorded(verb="list", resource="deployments", namespace=ns)
+    assert len(relists) >= 2, "410 Gone made the watch list again"
+
+    reasons = {(e["type"], e["reason"]) for e in events(api, ns)}
+    assert {("Normal", "Progressing"), ("Normal", "Promoting"), ("Normal", "Succeeded")} <= reasons
+    assert ("Normal", "Promoted") in reasons
+
+    configmap = api.get("", "v1", "configmaps", *st.record.split("/"))
+    assert len(json.dumps(configmap["data"])) <= 6000
+    entries = unpack_record(configmap)
+    assert isinstance(entries[0], StartEntry) and entries[0].rollout == st.rollout_id
+    assert isinstance(entries[-1], EndEntry) and entries[-1].outcome == "promoted"
+    ticks = [e for e in entries if isinstance(e, TickEntry)]
+    assert ticks and ticks[-1].verdict is not None
+    assert any(isinstance(e, NoteEntry) and "downsampled" in e.message for e in entries), (
+        "a record larger than the limit is thinned, and says so"
+    )
+
+    # `canary report ROLLOUT -n NS` reads this ConfigMap (F's cluster mode).
+    from canary.reports.pages import main as report_main
+
+    out = tmp_path / "report.md"
+    code = await asyncio.to_thread(
+        report_main,
+        [
+            st.rollout_id,
+            "-n",
+            RECORDS_NS,
+            "--kubeconfig",
+            str(tmp_path / "kc-token-a"),
+            "--format",
+            "md",
+            "-o",
+            str(out),
+        ],
+    )
+    assert code == 0 and "promoted" in out.read_text().lower()
+    # ... and so does `canary report DEPLOYMENT -n APP_NAMESPACE`, through its status.
+    out.unlink()
+    code = await asyncio.to_thread(
+        report_main,
+        [
+            "app",
+            "-n",
+            ns,
+            "--kubeconfig",
+            str(tmp_path / "kc-token-a"),
+            "--format",
+            "md",
+            "-o",
+            str(out),
+        ],
+    )
+    assert code == 0 and "promoted" in out.read_text().lower()
+
+
+async def test_failing_canary_is_rolled_back_and_record_failures_are_reported(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A canary answering half its requests with 500s is rolled back (weight 0, scaled to
+    zero, primary untouched, the rollback webhook told) even though every write of its
+    record ConfigMap fails; that failure is in the status and a Warning Event."""
+    ns = "rollback"
+    received: list[Any] = []
+
+    async def hook(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/hook", hook)
+    receiver = web.AppRunner(app)
+    await receiver.setup()
+    port = free_port()
+    await web.TCPSite(receiver, "127.0.0.1", port).start()
+    seed(api, ns, notes_for(**{"canary.dev/webhook.rollback": f"http://127.0.0.1:{port}/hook"}))
+    async with running(api, tmp_path, stack, ns):
+        await until(lambda: initialized(api, ns), what="initialization")
+        api.inject(500, times=10_000, resource="configmaps")
+        async with traffic(api, stack, ns):
+            new_version(api, ns, "example/app:2")
+            st = await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
+                what="the rollout to end",
+            )
+    assert st.rollout.outcome == "rolled_back", st.rollout
+    assert "analysis failed" in st.rollout.reason
+    assert (
+        api.get(*DEPLOYMENTS, ns, "app-primary")["spec"]["template"]["spec"]["containers"][0][
+            "image"
+        ]
+        == "example/app:1"
+    )
+    assert canary_weight(api, ns) == 0
+    assert api.get(*DEPLOYMENTS, ns, "app")["spec"]["replicas"] == 0
+    written = weights_written(api, ns)
+    assert written[:2] == [0, 30] and written[-1] == 0 and 100 not in written
+    assert "could not write record" in st.record_error
+    warnings = {e["reason"] for e in events(api, ns) if e["type"] == "Warning"}
+    assert {"RollingBack", "RecordWriteFailed", "RolledBack"} <= warnings
+    try:
+        await until(lambda: received, what="the rollback webhook", timeout_s=10)
+    finally:
+        await receiver.cleanup()
+    (payload,) = received
+    assert "rolled back" in json.dumps(payload).lower() and f"{ns}/app" in json.dumps(payload)
+
+
+async def test_killed_mid_rollout_resumes_same_step_without_weight_jump(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A controller cancelled mid-rollout is replaced by a new instance that resumes at the
+    same step with the recorded evidence: no weight written twice or moved back."""
+    ns = "resume"
+    seed(api, ns, notes_for(**{"canary.dev/steps": "30,50,70"}))
+    async with traffic(api, stack, ns):
+        async with running(api, tmp_path, stack, ns, token="token-a"):
+            await until(lambda: initialized(api, ns), what="initialization")
+            new_version(api, ns, "example/app:2")
+            await until(
+                lambda: (
+                    (s := state(api, ns))
+                    and s.rollout
+                    and s.rollout.step >= 1
+                    and s.rollout.weight_verified
+                ),
+                what="the second step",
+            )
+        before = state(api, ns)
+        assert before is not None and before.rollout is not None and before.rollout.active
+        first = weights_written(api, ns, "token-a")
+        async with running(api, tmp_path, stack, ns, token="token-b"):
+            st = await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
+                what="the resumed rollout to end",
+            )
+    assert st.rollout.outcome == "promoted", st.rollout
+    assert st.rollout_id == before.rollout_id
+    second = weights_written(api, ns, "token-b")
+    assert first + second == [0, 30, 50, 70, 100, 0], (first, second)
+    assert first[-1] == before.rollout.weight
+    entries = record_entries(api, st)
+    notes = [e.message for e in entries if isinstance(e, NoteEntry)]
+    resumed = [n for n in notes if n.startswith("resumed by token-b")]
+    assert resumed and "rebuilt from 0 " not in resumed[0], notes
+    assert sum(isinstance(e, StartEntry) for e in entries) == 1
+
+
+async def test_only_the_leader_acts(api: KubeEmulator, tmp_path: Path, stack: Stack) -> None:
+    """Two instances with leader election: only the Lease holder writes; when it cannot renew
+    the Lease it stops acting before the other takes over and carries on the rollout."""
+    from canary.kubernetes.client import LeaderElector
+
+    ns = "leader"
+    seed(api, ns, notes_for())
+    clients = [await connect(api, tmp_path, t) for t in ("token-a", "token-b")]
+    operators = [
+        Operator(
+            kube,
+            OperatorSettings(
+                prometheus_url=stack.prometheus_url,
+                record_namespace=RECORDS_NS,
+                namespace=ns,
+                tick_s=0.4,
+                record_flush_s=0.0,
+                identity=ident,
+            ),
+            elector=LeaderElector(
+                kube,
+                namespace=RECORDS_NS,
+                name="canary-leader",
+                identity=ident,
+                lease_duration_s=1,
+                renew_deadline_s=0.6,
+                retry_period_s=0.1,
+            ),
+        )
+        for kube, ident in zip(clients, ("a", "b"), strict=True)
+    ]
+    stops = [asyncio.Event(), asyncio.Event()]
+    tasks = [asyncio.create_task(op.run(stop)) for op, stop in zip(operators, stops, strict=True)]
+    try:
+        await until(lambda: initialized(api, ns), what="initialization")
+        leader = 0 if operators[0].acting() else 1
+        other = 1 - leader
+        assert not operators[other].acting()
+        tokens = ("token-a", "token-b")
+
+        def writers() -> set[str | None]:
+            return {
+                r.token
+                for r in api.requests
+                if r.verb in ("create", "patch", "update") and r.resource != "leases"
+            }
+
+        assert writers() == {tokens[leader]}
+        new_version(api, ns, "example/app:2")
+        await until(
+            lambda: (s := state(api, ns)) and s.rollout and s.rollout.active, what="a rollout"
+        )
+        assert writers() == {tokens[leader]}
+
+        # The leader can no longer renew its Lease (its API calls for it fail): it must stop
+        # acting by itself before the other may take over, and the other then carries on.
+        api.inject(503, times=100_000, resource="leases", token=tokens[leader])
+        await until(lambda: operators[other].acting(), what="the take-over", timeout_s=15)
+        assert not operators[leader].acting() and not operators[leader].workers
+        await until(
+            lambda: any(
+                r.token == tokens[other]
+                and r.verb in ("create", "patch", "update")
+                and r.resource != "leases"
+                for r in api.requests
+            ),
+            what="the new leader to resume the rollout (its record gets a note)",
+            timeout_s=10,
+        )
+        (worker,) = operators[other].workers.values()
+        assert worker.runner is not None and not worker.runner.status.done
+        writes = [
+            r
+            for r in api.requests
+            if r.verb in ("create", "patch", "update") and r.resource != "leases"
+        ]
+        first_other = min(r.at for r in writes if r.token == tokens[other])
+        assert max(r.at for r in writes if r.token == tokens[leader]) < first_other
+        st = state(api, ns)
+        assert st is not None and st.rollout is not None and st.rollout.active
+    finally:
+        for stop in stops:
+            stop.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for kube in clients:
+            await kube.close()
+
+
+async def test_bad_annotations_warn_leave_traffic_and_are_picked_up_once_fixed(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A bad annotation gives a Warning Event and the spec-error annotation naming the key
+    and rule, with no traffic object touched; fixing it is picked up without a restart."""
+    ns = "spec"
+    seed(api, ns, notes_for(**{"canary.dev/steps": "10,5"}))
+    async with running(api, tmp_path, stack, ns):
+
+        def spec_error() -> str | None:
+            obj = api.get(*DEPLOYMENTS, ns, "app")
+            value = obj["metadata"]["annotations"].get(ANNOTATION_SPEC_ERROR)
+            return str(value) if value is not None else None
+
+        error = json.loads(await until(spec_error, what="the spec-error annotation"))
+        assert "canary.dev/steps" in error and "strictly increasing" in error["canary.dev/steps"]
+        await until(lambda: events(api, ns), what="an event")
+        (warning,) = [e for e in events(api, ns) if e["reason"] == "InvalidSpec"]
+        assert warning["type"] == "Warning" and "canary.dev/steps" in warning["message"]
+        touched = [
+            r
+            for r in api.requests
+            if r.namespace == ns
+            and r.verb in ("create", "patch", "update")
+            and (
+                r.resource in ("ingresses", "services")
+                or (r.resource == "deployments" and r.verb == "create")
+            )
+        ]
+        assert touched == []
+        assert state(api, ns) is None
+
+        obj = api.get(*DEPLOYMENTS, ns, "app")
+        obj["metadata"]["annotations"]["canary.dev/steps"] = "10,20"
+        api.put(*DEPLOYMENTS, obj)
+        await until(lambda: initialized(api, ns), what="initialization after the fix")
+        assert spec_error() is None
+        assert canary_weight(api, ns) == 0
+
+
+async def test_manual_commands_only_touch_annotations(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """pause, resume and abort from the CLI are annotations answered in the status; the
+    CLI never sends the spec, and a command the rollout refuses says why."""
+    ns = "commands"
+    seed(api, ns, notes_for())
+    async with running(api, tmp_path, stack, ns):
+        await until(lambda: initialized(api, ns), what="initialization")
+        cli = await connect(api, tmp_path, "token-cli")
+        try:
+            code, message = await send_command(cli, ns, "app", "pause", who="alice", wait_s=5)
+            assert code == 1 and "no rollout is in progress" in message, message
+            new_version(api, ns, "example/app:2")
+            await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.weight_verified,
+                what="the first step",
+            )
+            code, message = await send_command(cli, ns, "app", "pause", who="alice", wait_s=10)
+            assert code == 0 and "Paused" in message, message
+            code, message = await send_command(cli, ns, "app", "resume", who="alice", wait_s=10)
+            assert code == 0 and "Progressing" in message, message
+            code, message = await send_command(
+                cli, ns, "app", "abort", who="alice", reason="bad feeling", wait_s=10
+            )
+            assert code == 0, message
+            st = await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
+                what="the abort",
+            )
+            assert st.rollout.outcome == "aborted"
+            code, message = await send_command(cli, ns, "app", "promote", who="alice", wait_s=10)
+            assert code == 1 and "refused" in message, message
+        finally:
+            await cli.close()
+    cli_writes = [r for r in api.requests if r.token == "token-cli" and r.verb != "get"]
+    assert cli_writes and all(r.verb == "patch" and r.resource == "deployments" for r in cli_writes)
+    assert all(set(r.body) == {"metadata"} for r in cli_writes)
+    assert all(set(r.body["metadata"]) == {"annotations"} for r in cli_writes)
+    entries = record_entries(api, st)
+    manual = [(e.command, e.who) for e in entries if e.kind == "manual"]
+    assert manual == [("pause", "alice"), ("resume", "alice"), ("abort", "alice")]
+
+
+async def test_template_changed_mid_rollout_restarts_the_analysis(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A new template during a rollout ends the running record as superseded and starts a
+    new rollout of the newer template from the first step, with a record that says so."""
+    ns = "supersede"
+    seed(api, ns, notes_for())
+    async with running(api, tmp_path, stack, ns):
+        await until(lambda: initialized(api, ns), what="initialization")
+        new_version(api, ns, "example/app:2")
+        first = await until(
+            lambda: (s := state(api, ns)) and s.rollout and s.rollout.weight_verified and s,
+            what="the first rollout",
+        )
+        new_version(api, ns, "example/app:3")
+        newest = template_hash(api.get(*DEPLOYMENTS, ns, "app"))
+        second = await until(
+            lambda: (
+                (s := state(api, ns))
+                and s.rollout
+                and s.rollout.revision == newest
+                and s.rollout.weight_verified
+                and s
+            ),
+            what="the second rollout",
+        )
+    assert second.rollout.active and second.rollout.step == 0 and second.rollout.weight == 30
+    assert second.rollout_id != first.rollout_id and second.record != first.record
+    old = record_entries(api, first)
+    assert isinstance(old[-1], EndEntry) and old[-1].outcome == "superseded"
+    new = record_entries(api, second)
+    assert isinstance(new[0], StartEntry)
+    assert f"superseded {first.rollout_id}" in new[0].config["reason"]
+    assert any(e.kind == "transition" and "restarting the analysis" in e.reason for e in new), (
+        "the machine restarted the analysis"
+    )
+    assert any(e["reason"] == "Superseded" for e in events(api, ns))
+    # Both reports say so.
+    from canary.reports.report import build_report, render_markdown
+
+    for record in (old, new):
+        text = render_markdown(
+            build_report([e.model_dump(mode="json", by_alias=True) for e in record])
+        )
+        assert "superseded" in text.lower(), text[:2000]
+
+
+def _http(url: str, method: str = "GET") -> tuple[int, str]:
+    try:
+        request = urllib.request.Request(url, method=method)
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
+
+
+async def test_cli_runs_the_controller_and_reads_the_cluster(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """`canary kubernetes` serves probes, /metrics and /rollouts and stops on SIGTERM;
+    `canary status -n NS NAME` and a manual command work against the cluster."""
+    ns = "cli"
+    seed(api, ns, notes_for())
+    kubeconfig = api.write_kubeconfig(tmp_path / "kc-cli", token="token-cli")
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "CANARY_WAIT": "5"}
+    controller = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "canary",
+        "kubernetes",
+        f"--kubeconfig={kubeconfig}",
+        f"--namespace={ns}",
+        f"--listen=127.0.0.1:{port}",
+        f"--prometheus-url={stack.prometheus_url}",
+        f"--record-namespace={RECORDS_NS}",
+        "--tick=0.4",
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    base = f"http://127.0.0.1:{port}"
+
+    async def get(path: str) -> tuple[int, str]:
+        return await asyncio.to_thread(_http, base + path)
+
+    async def canary(*argv: str) -> tuple[int, str]:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "canary",
+            *argv,
+            f"--kubeconfig={kubeconfig}",
+            "-n",
+            ns,
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        out, _ = await proc.communicate()
+        return int(proc.returncode or 0), out.decode()
+
+    try:
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await get("/readyz"))[0] != 200:
+            assert controller.returncode is None, "the controller exited"
+            assert asyncio.get_running_loop().time() < deadline, "never ready"
+            await asyncio.sleep(0.1)
+        assert (await get("/healthz"))[0] == 200
+        await until(lambda: initialized(api, ns), what="initialization")
+        code, body = await get("/rollouts")
+        (view,) = json.loads(body)["rollouts"]
+        assert (view["namespace"], view["deployment"], view["phase"]) == (ns, "app", "Idle")
+        code, text = await get("/metrics")
+        assert code == 200 and "canary_errors" in text
+        code, body = await get(f"/rollouts/{ns}/app")
+        assert code == 200 and json.loads(body)["deployment"] == "app"
+        code, body = await asyncio.to_thread(_http, f"{base}/rollouts/{ns}/app/pause", "POST")
+        assert code == 409 and "no rollout is in progress" in body
+
+        code, out = await canary("status", "app")
+        assert code == 0 and f"{ns}/app: idle" in out, out
+        code, out = await canary("pause", "app", "--who", "bob")
+        assert code == 1 and "no rollout is in progress" in out, out
+        code, out = await canary("status", "missing")
+        assert code == 4 and "no Deployment" in out, out
+    finally:
+        if controller.returncode is None:
+            controller.send_signal(signal.SIGTERM)
+        try:
+            _, err = await asyncio.wait_for(controller.communicate(), 15)
+        except TimeoutError:
+            controller.kill()
+            await controller.wait()
+            raise
+    assert controller.returncode == 0, err.decode()[-2000:]
+
+
+def test_readme_documents_every_annotation() -> None:
+    """The README's annotation table is canary.kubernetes.spec's, so the docs cannot drift."""
+    from canary.kubernetes.spec import markdown_table
+
+    assert markdown_table() in (ROOT / "README.md").read_text()
+
+
+def test_services_and_primary_follow_the_app() -> None:
+    """app-primary's labels are the app's selector labels suffixed -primary (so app-canary
+    never selects primary pods), and Services target the pods' own port."""
+    from canary.kubernetes.operator import _container_port, primary_template
+
+    app = deployment("shop")
+    app["spec"]["template"]["metadata"]["labels"]["tier"] = "web"
+    selector, template = primary_template(app)
+    assert selector == {"app": "shop-primary"}
+    assert template["metadata"]["labels"] == {"app": "shop-primary", "tier": "web"}
+    assert _container_port(app, default=80) == 80
+    app["spec"]["template"]["spec"]["containers"][0]["ports"] = [{"containerPort": 8080}]
+    assert _container_port(app, default=80) == 8080
+    app["spec"]["template"]["spec"]["containers"][0]["ports"].append(
+        {"name": "http", "containerPort": 9000}
+    )
+    assert _container_port(app, default=80) == "http"
+    with pytest.raises(ValueError, match=r"no spec\.selector\.matchLabels"):
+        primary_template({"metadata": {"name": "x"}, "spec": {}})
+
+
+@contextlib.asynccontextmanager
+async def gateway_controller(api: KubeEmulator) -> AsyncIterator[None]:
+    """A stand-in gateway controller: accepts each new generation of every HTTPRoute and
+    says its backends resolve, in `status.parents[].conditions`."""
+
+    async def reconcile() -> None:
+        while True:
+            await asyncio.sleep(0.02)
+            for key, obj in list(api.objects.items()):
+                if key[2] != "httproutes":
+                    continue
+                generation = obj["metadata"]["generation"]
+                parents = (obj.get("status") or {}).get("parents") or []
+                if parents and parents[0]["conditions"][0]["observedGeneration"] == generation:
+                    continue
+                route = api.get(*key)
+                route["status"] = {
+                    "parents": [
+                        {
+                            "parentRef": {"name": "public"},
+                            "controllerName": "example.com/gateway",
+                            "conditions": [
+                                {
+                                    "type": kind,
+                                    "status": "True",
+                                    "reason": kind,
+                                    "observedGeneration": generation,
+                                }
+                                for kind in ("Accepted", "ResolvedRefs")
+                            ],
+                        }
+                    ]
+                }
+                api.put(*key[:3], route)
+
+    task = asyncio.create_task(reconcile())
+    try:
+        yield
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_gateway_api_rollout_is_promoted(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """With `canary.dev/router: gateway-api` the HTTPRoute's backendRefs weights carry the
+    rollout, each read back with Accepted and ResolvedRefs, and it is promoted."""
+    ns = "gateway"
+    notes = notes_for(**{"canary.dev/router": "gateway-api", "canary.dev/httproute": "web"})
+    del notes["canary.dev/ingress"]
+    api.put(*DEPLOYMENTS, deployment("app", ns, **notes))
+    api.put(
+        *ROUTES,
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": "web", "namespace": ns},
+            "spec": {
+                "parentRefs": [{"name": "public"}],
+                "rules": [{"backendRefs": [{"name": "app-primary", "port": 80}]}],
+            },
+        },
+    )
+    async with gateway_controller(api), running(api, tmp_path, stack, ns):
+        await until(lambda: initialized(api, ns), what="initialization")
+        async with traffic(api, stack, ns):
+            new_version(api, ns, "example/app:2")
+            st = await until(
+                lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
+                what="the rollout to end",
+            )
+    assert st.rollout.outcome == "promoted", st.rollout
+    written = [
+        {ref["name"]: ref["weight"] for ref in r.body["spec"]["rules"][0]["backendRefs"]}
+        for r in api.recorded(verb="patch", resource="httproutes", namespace=ns)
+        if r.token == "token-a" and r.status == 200
+    ]
+    assert [w["app-canary"] for w in written] == [0, 30, 60, 100, 0]
+    assert all(w["app-primary"] + w["app-canary"] == 100 for w in written)
+    assert (
+        api.get(*DEPLOYMENTS, ns, "app-primary")["spec"]["template"]["spec"]["containers"][0][
+            "image"
+        ]
+        == "example/app:2"
+    )
+
+
+def test_status_lines_say_phase_step_weight_and_record() -> None:
+    """`canary status` shows a rollout's phase, step, weight and record, and a spec error."""
+    from canary.core.rollout import RolloutStatus
+    from canary.kubernetes.cli import _line
+
+    st = KubeState(
+        primary_revision="aaa",
+        rollout=RolloutStatus(
+            stage="Progressing", revision="bbb", step=1, weight=25, message="pass; step 2/4"
+        ),
+        rollout_id="shop/app@bbb",
+        record="canary-system/canary-record-shop-app-bbb",
+    )
+    obj = deployment("app", "shop", **{ANNOTATION_STATUS: st.to_json()})
+    line = _line(obj)
+    assert line.startswith("shop/app: Progressing bbb step 2 weight 25% (verified)")
+    assert "rollout shop/app@bbb" in line and "canary-record-shop-app-bbb" in line
+    bad = deployment("app", "shop", **{ANNOTATION_SPEC_ERROR: '{"canary.dev/steps":"bad"}'})
+    assert "invalid annotations" in _line(bad) and "canary.dev/steps" in _line(bad)
+
+
+async def test_router_failure_is_a_warning_and_the_weight_is_set_again(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """An API server failing the canary Ingress writes gives a Warning Event; the rollout
+    holds and sets the weight again on the next tick instead of failing."""
+    ns = "faults"
+    seed(api, ns, notes_for())
+    async with running(api, tmp_path, stack, ns):
+        await until(lambda: initialized(api, ns), what="initialization")
+        api.inject(500, times=4, verb="patch", resource="ingresses")  # one whole retried write
+        new_version(api, ns, "example/app:2")
+        st = await until(
+            lambda: (s := state(api, ns)) and s.rollout and s.rollout.weight_verified and s,
+            what="the first step, set again",
+        )
+    assert st.rollout.weight == 30 and canary_weight(api, ns) == 30
+    warnings = [e["message"] for e in events(api, ns) if e["type"] == "Warning"]
+    assert any("could not set 30%" in m for m in warnings), warnings

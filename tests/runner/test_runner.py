@@ -1,0 +1,522 @@
+"""The controller loop: orchestration around the pure machine, with in-memory router and metrics.
+
+The router and metrics here are fakes implementing the protocols (the real HAProxy and
+Prometheus paths are tested in test_haproxy.py, test_prometheus.py and end to end by the
+demo). The analysis is the real Analyzer, fed seeded binomial counts. Time is virtual: each
+fetch moves the clock 10 s on, so step timing is exact whatever the machine's speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from analysis import AnalysisConfig, Analyzer, ArmCounts
+from canary.core.records import (
+    EndEntry,
+    ManualEntry,
+    NoteEntry,
+    StartEntry,
+    TickEntry,
+    TransitionEntry,
+    read_record,
+)
+from canary.core.rollout import Command, Phase, RolloutSpec
+from canary.metrics.prometheus import ArmsCounts, MetricsResult, NoData
+from canary.routers.base import RouterUnreachable
+from canary.runner.runner import (
+    Controller,
+    RolloutRunner,
+    TickReport,
+    run_until_signalled,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+SPEC = RolloutSpec(steps=(5, 10, 25, 50), min_step_s=20, max_step_s=600, no_data_deadline_s=40)
+TICK_S = 0.005  # real seconds between ticks; the virtual clock moves 10 s per fetch
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1_700_000_000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class FakeRouter:
+    """An in-memory TrafficRouter; `down` makes every call fail, `stuck` ignores set_weight."""
+
+    name = "fake"
+
+    def __init__(self, weight: int = 0) -> None:
+        self.weight = weight
+        self.down = False
+        self.stuck = False
+        self.sets: list[int] = []
+
+    async def set_weight(self, canary_percent: int) -> None:
+        if self.down:
+            raise RouterUnreachable("connection refused")
+        self.sets.append(canary_percent)
+        if not self.stuck:
+            self.weight = canary_percent
+
+    async def get_weight(self) -> int:
+        if self.down:
+            raise RouterUnreachable("connection refused")
+        return self.weight
+
+
+class FakeMetrics:
+    """Cumulative counts: 4000 requests per 10 s, split by the router's weight, seeded errors."""
+
+    def __init__(
+        self, router: FakeRouter, clock: Clock, *, canary_error_rate: float = 0.01, seed: int = 7
+    ) -> None:
+        self.router = router
+        self.clock = clock
+        self.canary_error_rate = canary_error_rate
+        self.rng = np.random.default_rng(seed)
+        self.no_data = False
+        self.totals = {"primary": [0.0, 0.0], "canary": [0.0, 0.0]}
+        self.sinces: list[float] = []
+
+    def _arm(self, name: str) -> ArmCounts:
+        requests, errors = self.totals[name]
+        # same latency distribution on both arms
+        buckets = {
+            0.05: requests * 0.5,
+            0.1: requests * 0.9,
+            0.5: requests * 0.995,
+            float("inf"): requests,
+        }
+        return ArmCounts(requests=requests, errors=errors, latency_buckets=buckets)
+
+    async def fetch(self, *, since: float, now: float) -> MetricsResult:
+        self.sinces.append(since)
+        self.clock.now += 10.0
+        if self.no_data:
+            return NoData("empty result: no series")
+        share = self.router.weight / 100
+        for arm, n, rate in (
+            ("primary", round(4000 * (1 - share)), 0.01),
+            ("canary", round(4000 * share), self.canary_error_rate),
+        ):
+            self.totals[arm][0] += n
+            self.totals[arm][1] += float(self.rng.binomial(n, rate))
+        return ArmsCounts(primary=self._arm("primary"), canary=self._arm("canary"))
+
+
+def make_runner(
+    tmp_path: Path,
+    *,
+    canary_error_rate: float = 0.01,
+    spec: RolloutSpec = SPEC,
+    router: FakeRouter | None = None,
+) -> tuple[RolloutRunner, FakeRouter, FakeMetrics]:
+    clock = Clock()
+    router = router or FakeRouter()
+    metrics = FakeMetrics(router, clock, canary_error_rate=canary_error_rate)
+    runner = RolloutRunner(
+        name="app",
+        spec=spec,
+        router=router,
+        metrics=metrics,
+        record_path=tmp_path / "app.jsonl",
+        tick_s=TICK_S,
+        analyzer_factory=lambda: Analyzer(AnalysisConfig()),
+        canary_version="v2",
+        clock=clock,
+    )
+    return runner, router, metrics
+
+
+def kinds(path: Path) -> list[str]:
+    return [entry.kind for entry in read_record(path)]
+
+
+async def test_healthy_canary_is_promoted_step_by_step(tmp_path: Path) -> None:
+    """A canary as good as the primary walks 5, 10, 25, 50 and is promoted at 100%."""
+    runner, router, metrics = make_runner(tmp_path)
+    statuses = await Controller([runner]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED
+    assert router.sets == [5, 10, 25, 50, 100]
+    assert router.weight == 100
+    # one analysis for the whole rollout: every fetch counts from the rollout's start
+    assert len(set(metrics.sinces)) == 1
+    entries = read_record(runner.record_path)
+    assert isinstance(entries[0], StartEntry) and entries[0].canary_version == "v2"
+    assert isinstance(entries[-1], EndEntry) and entries[-1].outcome == "promoted"
+    ticks = [e for e in entries if isinstance(e, TickEntry)]
+    assert ticks and all(t.verdict is not None and t.primary is not None for t in ticks)
+    assert all(t.weight_read == t.weight_set or t.phase != "Progressing" for t in ticks[1:])
+    moves = [e.to_phase for e in entries if isinstance(e, TransitionEntry)]
+    assert moves == ["Progressing"] * 4 + ["Promoting", "Succeeded"]
+
+
+async def test_bad_canary_is_rolled_back(tmp_path: Path) -> None:
+    """A canary with 10x the primary's error rate is rolled back to 0% and the record says why."""
+    runner, router, _ = make_runner(tmp_path, canary_error_rate=0.1)
+    statuses = await Controller([runner]).run()
+    assert statuses["app"].phase is Phase.FAILED
+    assert router.weight == 0 and router.sets[-1] == 0
+    entries = read_record(runner.record_path)
+    end = entries[-1]
+    assert isinstance(end, EndEntry) and end.outcome == "rolled_back"
+    assert "analysis failed" in end.reason and "errors" in end.reason
+    failing = [
+        e
+        for e in entries
+        if isinstance(e, TickEntry) and e.verdict and e.verdict.decision == "fail"
+    ]
+    assert failing and failing[0].canary is not None and failing[0].canary.errors > 0
+
+
+async def test_no_data_holds_then_rolls_back_at_the_deadline(tmp_path: Path) -> None:
+    """With no metrics the weight holds at 5% and the rollout rolls back once the deadline passes."""
+    runner, router, metrics = make_runner(tmp_path)
+    metrics.no_data = True
+    statuses = await Controller([runner]).run()
+    assert statuses["app"].phase is Phase.FAILED
+    assert router.sets == [5, 0]
+    entries = read_record(runner.record_path)
+    ticks = [e for e in entries if isinstance(e, TickEntry)]
+    assert all(t.no_data_reason == "empty result: no series" and t.canary is None for t in ticks)
+    assert [t.weight_set for t in ticks[:-1]] == [5] * (len(ticks) - 1)
+    end = entries[-1]
+    assert isinstance(end, EndEntry) and end.reason.startswith("no data for 40s")
+
+
+async def test_router_outage_is_ridden_out(tmp_path: Path) -> None:
+    """A router down for two ticks holds the rollout; once back, the rollout carries on and is promoted."""
+    runner, router, metrics = make_runner(tmp_path)
+    calls = 0
+    original = metrics.fetch
+
+    async def flaky(*, since: float, now: float) -> MetricsResult:
+        nonlocal calls
+        calls += 1
+        router.down = calls in (3, 4)
+        return await original(since=since, now=now)
+
+    metrics.fetch = flaky  # type: ignore[method-assign]
+    statuses = await Controller([runner]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED
+    ticks = [e for e in read_record(runner.record_path) if isinstance(e, TickEntry)]
+    assert any(t.weight_read is None for t in ticks)  # the outage is in the record
+
+
+async def test_weight_that_does_not_read_back_never_counts(tmp_path: Path) -> None:
+    """A router that accepts but ignores weights never starts a step; the rollout rolls back."""
+    router = FakeRouter()
+    router.stuck = True
+    runner, _, _ = make_runner(tmp_path, router=router)
+    statuses = await Controller([runner]).run()
+    status = statuses["app"]
+    # stuck at 0%, which is where a rollback wants to be: it ends, without ever advancing
+    assert status.phase is Phase.FAILED and status.step == 0
+    notes = [e.message for e in read_record(runner.record_path) if isinstance(e, NoteEntry)]
+    assert any("weight read back is 0%, expected 5%" in n for n in notes)
+    assert set(router.sets) <= {0, 5}
+
+
+async def test_manual_commands_reach_the_runner_and_are_recorded(tmp_path: Path) -> None:
+    """pause holds the step, a repeated pause is refused, and abort rolls back as 'aborted'."""
+    runner, router, _ = make_runner(
+        tmp_path, spec=SPEC.model_copy(update={"min_step_s": 10_000, "max_step_s": None})
+    )
+    controller = Controller([runner])
+    task = asyncio.create_task(controller.run())
+    await controller.started.wait()
+    paused = await controller.command("app", Command("pause", "alice", "looking at dashboards"))
+    assert paused.accepted and paused.phase == "Paused"
+    again = await controller.command("app", Command("pause", "bob"))
+    assert not again.accepted and "already paused by alice" in again.message
+    aborted = await controller.command("app", Command("abort", "alice", "bad dashboards"))
+    assert aborted.accepted
+    statuses = await task
+    assert statuses["app"].phase is Phase.FAILED and statuses["app"].outcome == "aborted"
+    assert router.weight == 0
+    entries = read_record(runner.record_path)
+    manual = [(e.command, e.who) for e in entries if isinstance(e, ManualEntry)]
+    assert manual == [("pause", "alice"), ("pause", "bob"), ("abort", "alice")]
+    end = entries[-1]
+    assert isinstance(end, EndEntry) and end.outcome == "aborted"
+    late = await controller.command("app", Command("resume", "alice"))
+    assert not late.accepted
+
+
+async def test_tick_hook_fields_and_observers(tmp_path: Path) -> None:
+    """The tick hook's measured split lands in each TickEntry, and observers see every tick."""
+    runner, _, _ = make_runner(tmp_path)
+    seen: list[TickReport] = []
+    runner.tick_hook = lambda name, status: {"observed_canary_share": status.weight / 100}
+    runner.observers.append(seen.append)
+    await Controller([runner]).run()
+    ticks = [e for e in read_record(runner.record_path) if isinstance(e, TickEntry)]
+    assert [t.observed_canary_share for t in ticks] == [r.entry.observed_canary_share for r in seen]
+    assert all(t.observed_canary_share == t.weight_set / 100 for t in ticks)
+
+
+async def test_unknown_tick_hook_field_is_an_error(tmp_path: Path) -> None:
+    """A hook that returns a field TickEntry does not have is reported by name."""
+    runner, _, _ = make_runner(tmp_path)
+    runner.tick_hook = lambda name, status: {"observed_split": 0.05}
+    with pytest.raises(ValueError, match=r"unknown TickEntry fields \['observed_split'\]"):
+        await runner.run()
+    last = read_record(runner.record_path)[-1]
+    assert isinstance(last, NoteEntry) and "controller error" in last.message
+
+
+async def test_sigterm_stops_cleanly_leaving_weights_and_a_whole_record(tmp_path: Path) -> None:
+    """SIGTERM stops ticking, cancels and awaits every task, keeps the weight and the record whole."""
+    slow = SPEC.model_copy(update={"min_step_s": 10_000, "max_step_s": None})
+    runners = [make_runner(tmp_path / str(n), spec=slow)[0] for n in range(3)]
+    for n, runner in enumerate(runners):
+        runner.name = f"app{n}"
+    controller = Controller(runners)
+    seen = asyncio.Event()
+    runners[0].observers.append(lambda report: seen.set())
+    task = asyncio.create_task(run_until_signalled(controller))
+    await seen.wait()
+    # never send SIGTERM to the test process without a handler: that would end the whole run
+    assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN, None)
+    os.kill(os.getpid(), signal.SIGTERM)
+    statuses = await task
+    assert all(s.phase is Phase.PROGRESSING and s.weight == 5 for s in statuses.values())
+    assert all(r.router.weight == 5 for r in runners)  # type: ignore[attr-defined]
+    assert all(r.stopped for r in runners)
+    assert [t for t in asyncio.all_tasks() if t is not asyncio.current_task()] == []
+    for runner in runners:
+        entries = read_record(runner.record_path)  # parses every line: nothing torn
+        assert not any(isinstance(e, EndEntry) for e in entries)
+        last = entries[-1]
+        assert (
+            isinstance(last, NoteEntry) and "controller stopped during Progressing" in last.message
+        )
+    # the handler is gone again: a later SIGTERM is not swallowed by a finished loop
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+async def test_stop_before_run_still_stops(tmp_path: Path) -> None:
+    """A stop() that arrives before the tasks exist (a signal at startup) is not lost."""
+    runner, router, _ = make_runner(tmp_path)
+    controller = Controller([runner])
+    controller.stop()
+    statuses = await controller.run()
+    assert runner.stopped and statuses["app"].phase is Phase.INITIALIZING
+    assert router.sets == [] and not runner.record_path.exists()  # nothing was touched
+
+
+async def test_controller_rejects_duplicate_names(tmp_path: Path) -> None:
+    """Two rollouts with one name are refused up front."""
+    one, _, _ = make_runner(tmp_path / "a")
+    two, _, _ = make_runner(tmp_path / "b")
+    with pytest.raises(ValueError, match="two rollouts are named 'app'"):
+        Controller([one, two])
+
+
+async def test_states_and_telemetry_follow_the_rollout(tmp_path: Path) -> None:
+    """/rollouts data and the Prometheus metrics show the final phase and weight."""
+    runner, _, _ = make_runner(tmp_path, canary_error_rate=0.1)
+    controller = Controller([runner])
+    await controller.run()
+    state = controller.states()[0]
+    assert state["phase"] == "Failed" and state["weight"] == 0 and state["name"] == "app"
+    registry = controller.telemetry.registry
+    assert (
+        registry.get_sample_value("canary_rollout_phase", {"rollout": "app", "phase": "Failed"})
+        == 1.0
+    )
+    assert registry.get_sample_value("canary_rollout_weight_percent", {"rollout": "app"}) == 0.0
+    fails = registry.get_sample_value(
+        "canary_analysis_decisions_total", {"rollout": "app", "decision": "fail"}
+    )
+    assert fails is not None and fails >= 1
+
+
+# ---- the HTTP server around a controller ----------------------------------------------------
+
+
+async def test_server_routes_probes_state_and_commands(tmp_path: Path) -> None:
+    """The server answers probes, lists rollouts, maps command outcomes to 200/409/404/400,
+    serves extension routes and exposes the controller's metrics."""
+    import aiohttp
+    from aiohttp import web
+
+    from canary.server.app import Server, make_app
+
+    runner, _, _ = make_runner(
+        tmp_path, spec=SPEC.model_copy(update={"min_step_s": 10_000, "max_step_s": None})
+    )
+    other, _, _ = make_runner(tmp_path / "shop", spec=runner.spec)
+    other.name = "shop/web"  # Kubernetes-style names hold a slash
+    controller = Controller([runner, other])
+
+    def extension(app: web.Application) -> None:
+        async def hello(request: web.Request) -> web.Response:
+            return web.Response(text="reports here")
+
+        app.router.add_get("/reports/", hello)
+
+    async with (
+        Server(make_app(controller, extensions=[extension])) as server,
+        aiohttp.ClientSession() as http,
+    ):
+        base = server.url
+
+        async def call(method: str, path: str, **kwargs: object) -> tuple[int, str]:
+            async with http.request(method, base + path, **kwargs) as response:  # type: ignore[arg-type]
+                return response.status, await response.text()
+
+        assert (await call("GET", "/healthz"))[0] == 200
+        assert (await call("GET", "/readyz"))[0] == 503  # the controller has not started
+        task = asyncio.create_task(controller.run())
+        await controller.started.wait()
+        assert (await call("GET", "/readyz"))[0] == 200
+        assert await call("GET", "/reports/") == (200, "reports here")
+
+        status, body = await call("GET", "/rollouts")
+        names = [r["name"] for r in json.loads(body)["rollouts"]]
+        assert status == 200 and names == ["app", "shop/web"]
+        assert (await call("GET", "/rollouts/nope"))[0] == 404
+        status, body = await call("GET", "/rollouts/shop/web")
+        assert status == 200 and json.loads(body)["name"] == "shop/web"
+        status, body = await call("POST", "/rollouts/shop/web/abort")
+        assert status == 200 and json.loads(body)["name"] == "shop/web"
+
+        status, body = await call(
+            "POST", "/rollouts/app/pause", json={"who": "alice", "reason": "why not"}
+        )
+        assert status == 200 and json.loads(body)["phase"] == "Paused"
+        status, body = await call("POST", "/rollouts/app/pause")
+        assert status == 409 and "already paused by alice" in json.loads(body)["message"]
+        status, body = await call("POST", "/rollouts/app/explode")
+        assert status == 400 and "unknown command 'explode'" in body
+        status, body = await call("POST", "/rollouts/nope/abort")
+        assert status == 404 and "no rollout named 'nope'" in body
+        status, body = await call("POST", "/rollouts/app/abort", data=b"not json")
+        assert status == 400 and "body is not JSON" in body
+        status, body = await call("POST", "/rollouts/app/abort", json={"who": 3})
+        assert status == 400 and "who must be a string" in body
+        status, body = await call("POST", "/rollouts/app/abort", json={"user": "x"})
+        assert status == 400 and "unknown body keys ['user']" in body
+
+        status, body = await call("GET", "/metrics")
+        assert status == 200 and 'canary_rollout_phase{phase="Paused",rollout="app"} 1.0' in body
+
+        status, body = await call("POST", "/rollouts/app/abort", json={"who": "alice"})
+        assert status == 200
+        final = await task
+        assert final["app"].outcome == "aborted" and final["shop/web"].outcome == "aborted"
+
+
+# ---- saving the status and resuming -------------------------------------------------------------
+
+
+def _again(first: RolloutRunner, *, record_path: Path, resume_saved: bool = True) -> RolloutRunner:
+    """A new runner for the same target, as a restarted process would build it."""
+    return RolloutRunner(
+        name=first.name,
+        spec=first.spec,
+        router=first.router,
+        metrics=first.metrics,
+        record_path=record_path,
+        tick_s=TICK_S,
+        analyzer_factory=first.analyzer_factory,
+        canary_version="v2",
+        clock=first.clock,
+        status_path=first.status_path,
+        resume_saved=resume_saved,
+    )
+
+
+async def test_restarted_runner_resumes_the_same_step_and_record(tmp_path: Path) -> None:
+    """Stopped at step 3 (25%) and started again, a runner carries on in the same record from
+    25%: no step taken twice, no weight set again, the earlier ticks replayed as evidence."""
+    first, router, _ = make_runner(tmp_path)
+    first.status_path = tmp_path / "app.status.json"
+    controller = Controller([first])
+    reached = asyncio.Event()
+    first.observers.append(lambda report: reached.set() if report.status.step == 2 else None)
+    task = asyncio.create_task(controller.run())
+    await reached.wait()
+    controller.stop()
+    await task
+    assert first.stopped and first.status.step == 2 and router.weight == 25
+    assert router.sets == [5, 10, 25]
+    ticks_before = [
+        e
+        for e in read_record(first.record_path)
+        if isinstance(e, TickEntry) and e.canary is not None
+    ]
+
+    second = _again(first, record_path=tmp_path / "elsewhere.jsonl")
+    statuses = await Controller([second]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED
+    assert router.sets == [5, 10, 25, 50, 100]  # 25 was not set again: it read back fine
+    assert second.record_path == first.record_path and not (tmp_path / "elsewhere.jsonl").exists()
+    entries = read_record(first.record_path)
+    assert sum(isinstance(e, StartEntry) for e in entries) == 1
+    assert sum(isinstance(e, EndEntry) for e in entries) == 1
+    notes = [e.message for e in entries if isinstance(e, NoteEntry)]
+    assert any(n.startswith("controller stopped during Progressing at step 2") for n in notes)
+    assert (
+        f"resumed during Progressing at step 2 (25% wanted); {len(ticks_before)} ticks"
+        in " ".join(notes)
+    )
+    moves = [e.weight for e in entries if isinstance(e, TransitionEntry)]
+    assert moves == [5, 10, 25, 50, 100, 100]  # every step once, across both runs
+
+
+async def test_finished_or_refused_saved_status_starts_a_new_rollout(tmp_path: Path) -> None:
+    """A saved rollout that ended, or resume_saved=False, gives a new rollout with its own record."""
+    first, router, _ = make_runner(tmp_path)
+    first.status_path = tmp_path / "app.status.json"
+    await Controller([first]).run()
+    assert first.status.phase is Phase.SUCCEEDED
+    router.weight = 0
+    router.sets.clear()
+    second = _again(first, record_path=tmp_path / "next.jsonl")
+    second.spec = SPEC.model_copy(update={"steps": (5,)})
+    await Controller([second]).run()
+    assert second.record_path == tmp_path / "next.jsonl" and router.sets[0] == 5
+    assert isinstance(read_record(second.record_path)[0], StartEntry)
+
+
+async def test_fresh_start_ignores_an_unfinished_saved_rollout(tmp_path: Path) -> None:
+    """resume_saved=False starts over from the first step in a new record."""
+    first, router, _ = make_runner(tmp_path)
+    first.status_path = tmp_path / "app.status.json"
+    controller = Controller([first])
+    reached = asyncio.Event()
+    first.observers.append(lambda report: reached.set() if report.status.step == 1 else None)
+    task = asyncio.create_task(controller.run())
+    await reached.wait()
+    controller.stop()
+    await task
+    second = _again(first, record_path=tmp_path / "fresh.jsonl", resume_saved=False)
+    second.spec = SPEC.model_copy(update={"steps": (5,)})
+    await Controller([second]).run()
+    assert second.record_path == tmp_path / "fresh.jsonl"
+    assert router.sets[-2:] == [5, 100]
+
+
+async def test_unreadable_saved_status_is_not_fatal(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A corrupt status file is reported in the log and a new rollout starts."""
+    runner, _, _ = make_runner(tmp_path, spec=SPEC.model_copy(update={"steps": (5,)}))
+    runner.status_path = tmp_path / "app.status.json"
+    runner.status_path.write_text("{not json")
+    await Controller([runner]).run()
+    assert runner.status.phase is Phase.SUCCEEDED
+    assert "cannot resume from" in caplog.text

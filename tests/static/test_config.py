@@ -1,0 +1,205 @@
+"""Static target configs: the example validates, and every error names the file and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from analysis import AnalysisConfig
+from canary.core.rollout import RolloutSpec
+from canary.static.config import ConfigError, TargetConfig, load_config, parse_config
+
+EXAMPLE = """\
+name: checkout
+router:
+  kind: haproxy
+  socket: run/admin.sock
+  backend: checkout
+  primary_server: primary
+  canary_server: canary
+metrics:
+  kind: prometheus
+  url: http://127.0.0.1:9090/
+  queries:
+    selector: 'job="checkout"'
+steps: [5, 10, 25, 50]
+min_step_s: 60
+max_step_s: 900
+no_data_deadline_s: 120
+tick_s: 10
+analysis:
+  alpha: 0.01
+  errors: {tolerance: 0.3}
+record_dir: records
+"""
+
+
+def write(tmp_path: Path, text: str, name: str = "rollout.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def example(**changes: Any) -> dict[str, Any]:
+    data: dict[str, Any] = yaml.safe_load(EXAMPLE)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = data
+        for key in parents:
+            node = node[key]
+        if value is ...:
+            del node[leaf]
+        else:
+            node[leaf] = value
+    return data
+
+
+def test_example_validates_and_resolves_paths(tmp_path: Path) -> None:
+    """The documented example loads; relative paths are taken from the file's directory."""
+    config = load_config(write(tmp_path, EXAMPLE))
+    assert config.name == "checkout"
+    assert config.router.socket == tmp_path / "run/admin.sock"
+    assert config.record_dir == tmp_path / "records"
+    assert config.metrics.url == "http://127.0.0.1:9090"
+    assert config.metrics.queries.selector == 'job="checkout"'
+    assert config.rollout_spec() == RolloutSpec(
+        steps=(5, 10, 25, 50),
+        min_step_s=60,
+        max_step_s=900,
+        no_data_deadline_s=120,
+        promotion="shift",
+    )
+    analysis = config.analysis_config()
+    assert isinstance(analysis, AnalysisConfig)
+    assert analysis.errors.tolerance == 0.3
+
+
+def test_module_docstring_example_validates(tmp_path: Path) -> None:
+    """The example in canary/config.py's docstring is a valid config."""
+    import canary.static.config
+
+    doc = canary.static.config.__doc__ or ""
+    text = doc.split("Example::", 1)[1]
+    lines = [line[4:] for line in text.splitlines() if line.startswith("    ")]
+    assert isinstance(load_config(write(tmp_path, "\n".join(lines))), TargetConfig)
+
+
+def test_defaults_fill_in_a_minimal_config() -> None:
+    """Only name, router and metrics are required; steps default to 5, 10, 25, 50."""
+    config = parse_config(
+        {
+            "name": "app",
+            "router": {"kind": "haproxy", "socket": "/s", "backend": "app"},
+            "metrics": {"kind": "prometheus", "url": "http://p:9090"},
+        }
+    )
+    assert config.steps == (5, 10, 25, 50)
+    assert config.tick_s == 10
+    assert config.router.primary_server == "primary" and config.router.canary_server == "canary"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (example(steps=[5, 30, 20]), "steps[2]: must be greater than 30, got 20"),
+        (example(steps=[5, 100]), "steps[1]: must be within 1..99"),
+        (example(steps="5,10"), "steps: must be a list of percentages"),
+        (example(min_setp_s=4), "min_setp_s: unknown key (typo?)"),
+        (example(router__sockett="x"), "router.sockett: unknown key (typo?)"),
+        (example(router__kind="nginx"), "router.kind: must be one of 'haproxy', got 'nginx'"),
+        (example(router__socket=...), "router.socket: required key is missing"),
+        (example(metrics__kind=...), "metrics.kind: required key is missing"),
+        (example(router__canary_server="primary"), "primary_server and canary_server must differ"),
+        (
+            example(router__backend="my app"),
+            "router.backend: must be a non-empty name without spaces",
+        ),
+        (
+            example(metrics__url="localhost:9090"),
+            "metrics.url: must start with http:// or https://",
+        ),
+        (example(metrics__queries__requests="rate(x[5m])"), "metrics.queries.requests"),
+        (example(name="Checkout"), "name: must be 1-63 lowercase letters"),
+        (example(name=...), "name: required key is missing"),
+        (example(tick_s=0), "tick_s: Input should be greater than 0"),
+        (
+            example(min_step_s=100, max_step_s=50),
+            "max_step_s (50) must be at least min_step_s (100)",
+        ),
+        (example(analysis__alpha=0.9), "analysis.alpha"),
+        (example(analysis__errors={"tolerance": 0.3, "tolerence": 1}), "analysis.errors.tolerence"),
+    ],
+    ids=[
+        "steps-not-increasing",
+        "step-100",
+        "steps-not-a-list",
+        "typo-top-level",
+        "typo-nested",
+        "unknown-router-kind",
+        "missing-socket",
+        "missing-metrics-kind",
+        "same-servers",
+        "space-in-backend",
+        "url-without-scheme",
+        "query-with-function",
+        "uppercase-name",
+        "missing-name",
+        "zero-tick",
+        "max-below-min",
+        "analysis-alpha",
+        "analysis-typo",
+    ],
+)
+def test_errors_name_the_file_and_field(tmp_path: Path, data: dict[str, Any], message: str) -> None:
+    """Each bad setting is reported with the file and the field path (and the rule)."""
+    path = write(tmp_path, yaml.safe_dump(data))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    text = str(info.value)
+    assert message in text
+    assert text.startswith(f"{path}: ")
+
+
+def test_every_problem_is_reported_at_once(tmp_path: Path) -> None:
+    """Several mistakes give one line each, not just the first."""
+    path = write(tmp_path, yaml.safe_dump(example(steps=[10, 5], tick_s=-1, colour="red")))
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    lines = str(info.value).splitlines()
+    assert len(lines) == 3
+    assert all(line.startswith(f"{path}: ") for line in lines)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "the file is empty"),
+        ("- a\n- b\n", "the top level must be a mapping of settings, got list"),
+        ("name: [unclosed\n", "not valid YAML (line 2, column 1)"),
+    ],
+    ids=["empty", "list", "broken-yaml"],
+)
+def test_unusable_files_are_explained(tmp_path: Path, text: str, message: str) -> None:
+    """Empty, non-mapping and unparsable files each get a clear error naming the file."""
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(str(path)) and message in str(info.value)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    """A config path that does not exist says so with the path."""
+    with pytest.raises(ConfigError, match=r"nope\.yaml: cannot read"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_absolute_paths_are_kept(tmp_path: Path) -> None:
+    """Absolute socket and record paths are used as written."""
+    path = write(
+        tmp_path, yaml.safe_dump(example(router__socket="/run/h.sock", record_dir="/var/rec"))
+    )
+    config = load_config(path)
+    assert config.router.socket == Path("/run/h.sock") and config.record_dir == Path("/var/rec")
