@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import sys
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -109,6 +108,7 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from canary.static.config import ConfigError, TargetConfig, load_config
+    from canary.static.targets import BadTarget
 
     configs: list[TargetConfig] = []
     try:
@@ -124,60 +124,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
     try:
         return asyncio.run(_run(configs, host, port, fresh=args.fresh))
-    except _BadTarget as exc:
+    except BadTarget as exc:
         print(f"canary run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
-
-
-class _BadTarget(Exception):
-    """A config that validated but could not be turned into a router or metrics provider."""
-
-
-def build_runner(config: Any, *, stamp: str | None = None, fresh: bool = False) -> Any:
-    """A RolloutRunner for a static target (real HAProxy router, real Prometheus metrics)."""
-    from analysis import Analyzer
-    from canary.metrics.prometheus import PrometheusMetrics
-    from canary.routers.haproxy import HAProxyRouter
-    from canary.runner.runner import RolloutRunner
-
-    stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    try:
-        analysis_config = config.analysis_config()
-        router = HAProxyRouter(
-            config.router.socket,
-            config.router.backend,
-            config.router.primary_server,
-            config.router.canary_server,
-            name=f"haproxy:{config.router.backend}",
-            state_file=config.router.state_file,
-            timeout_s=config.router.timeout_s,
-        )
-        metrics = PrometheusMetrics(
-            config.metrics.url, queries=config.metrics.queries, timeout_s=config.metrics.timeout_s
-        )
-    except ValueError as exc:
-        raise _BadTarget(f"{config.name}: {exc}") from None
-    return RolloutRunner(
-        name=config.name,
-        spec=config.rollout_spec(),
-        router=router,
-        metrics=metrics,
-        record_path=Path(config.record_dir) / f"{config.name}-{stamp}.jsonl",
-        # An unfinished rollout saved here is resumed (same record, same step) unless fresh.
-        status_path=Path(config.record_dir) / f"{config.name}.status.json",
-        resume_saved=not fresh,
-        tick_s=config.tick_s,
-        analyzer_factory=lambda: Analyzer(analysis_config),
-        revision=config.canary_version or stamp,
-        primary_version=config.primary_version,
-        canary_version=config.canary_version,
-        config={
-            "analysis": analysis_config.model_dump(mode="json"),
-            "tick_s": config.tick_s,
-            "router": config.router.model_dump(mode="json"),
-            "metrics": {"url": config.metrics.url},
-        },
-    )
 
 
 def _report_routes(record_dir: Path) -> list[Callable[[Any], None]]:
@@ -198,6 +147,7 @@ async def _run(configs: Sequence[Any], host: str, port: int, *, fresh: bool = Fa
     from canary.notify.webhooks import Notifier
     from canary.runner.runner import Controller, run_until_signalled
     from canary.server.app import Server, make_app
+    from canary.static.targets import BadTarget, build_runner
 
     runners = [build_runner(config, fresh=fresh) for config in configs]
     # One notifier per target: each config names its own webhooks.
@@ -212,7 +162,7 @@ async def _run(configs: Sequence[Any], host: str, port: int, *, fresh: bool = Fa
     try:
         await server.start()
     except OSError as exc:
-        raise _BadTarget(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+        raise BadTarget(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     try:
         log.info("serving on %s", server.url)
         print(f"canary: serving on {server.url}", file=sys.stderr, flush=True)
