@@ -145,7 +145,7 @@ def _report_routes(record_dir: Path) -> list[Callable[[Any], None]]:
 
 async def _run(configs: Sequence[Any], host: str, port: int, *, fresh: bool = False) -> int:
     from canary.notify.webhooks import Notifier
-    from canary.runner.runner import Controller, run_until_signalled
+    from canary.runner import Controller, run_until_signalled
     from canary.server.app import Server, make_app
     from canary.static.targets import BadTarget, build_runner
 

@@ -94,7 +94,7 @@ from canary.metrics.prometheus import (
 )
 from canary.notify.webhooks import Notifier
 from canary.routers.base import RouterError, TrafficRouter, set_and_verify
-from canary.runner.runner import AnalyzerLike, CommandResult, RecordWriter, RolloutRunner, Telemetry
+from canary.runner import AnalyzerLike, CommandResult, RecordWriter, RolloutRunner, Telemetry
 
 __all__ = [
     "ENABLED_ANNOTATION",
@@ -259,6 +259,27 @@ class DeploymentPair:
             await asyncio.sleep(self.poll_s)
 
 
+class PrimaryClusterWorkload:
+    """The runner's Workload for a cross-cluster rollout: promotion applies the canary
+    cluster's template to the primary cluster's Deployment (and waits, in apply_template,
+    until it has rolled out); the canary cluster's size is its own business."""
+
+    def __init__(self, pair: DeploymentPair, template: JSON) -> None:
+        self.pair = pair
+        self.template = template
+
+    async def promote(self, revision: str) -> None:
+        pair = self.pair
+        await pair.apply_template(
+            pair.primary,
+            self.template,
+            where=f"primary cluster Deployment {pair.namespace}/{pair.name}",
+        )
+
+    async def scale_canary(self, up: bool) -> None:
+        return None
+
+
 # ---- cross-cluster rollouts -------------------------------------------------------------
 
 
@@ -416,14 +437,6 @@ class CrossClusterRollouts:
     async def _rollout(self, revision: str, template: JSON, primary_template: JSON) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         name = self.service.name
-        pair = self.pair
-
-        async def promote(_: str) -> None:
-            await pair.apply_template(
-                pair.primary,
-                template,
-                where=f"primary cluster Deployment {pair.namespace}/{pair.name}",
-            )
 
         runner = RolloutRunner(
             name=name,
@@ -442,7 +455,7 @@ class CrossClusterRollouts:
                 "router": self.service.router.kind,
                 "analysis": self.service.analysis,
             },
-            promoter=promote,
+            workload=PrimaryClusterWorkload(self.pair, template),
             telemetry=self.telemetry,
         )
         if self.notifier is not None:
@@ -860,7 +873,7 @@ class MultiClusterController:
         return out
 
     async def command(self, name: str, command: Command) -> CommandResult:
-        from canary.runner.runner import UnknownRollout
+        from canary.runner import UnknownRollout
 
         service = self.services.get(name)
         if service is None:

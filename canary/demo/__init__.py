@@ -21,6 +21,9 @@ The demo's defaults are chosen so that both outcomes fit in three minutes at 200
 Exit status: 0 promoted, 1 rolled back (or aborted), 2 setup error, 130 on Ctrl-C (143 on
 SIGTERM).
 Every child process is stopped by PID on the way out, Ctrl-C and SIGTERM included.
+
+An entry point: may import any package (``procs`` starts the real servers for it and for the
+tests); no package outside ``canary.demo`` and ``canary.cli`` imports it.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from canary.demo.running import EXIT_SETUP, run_in_workdir, say
 from canary.demo.stack import BACKEND, ServiceSpec, Stack, StackSettings
 from canary.metrics.prometheus import PrometheusMetrics
 from canary.routers.haproxy import HAProxyRouter
-from canary.runner.runner import RolloutRunner, TickReport
+from canary.runner import RolloutRunner, TickReport
 
 __all__ = [
     "DEMO_ANALYSIS",

@@ -56,24 +56,14 @@ import socket
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from analysis import Analyzer
-from canary.core.records import EndEntry, Entry, NoteEntry, RecordError, StartEntry, TickEntry
 from canary.core.rollout import (
-    Action,
     Command,
-    Emit,
-    Finish,
-    NewRevision,
-    Promote,
-    RecordTransition,
     RolloutStatus,
-    SetWeight,
-    WeightVerified,
 )
 from canary.kubernetes.client import (
     Conflict,
@@ -87,7 +77,7 @@ from canary.kubernetes.client import (
     WatchEvent,
     deployment_rollout,
 )
-from canary.kubernetes.record_store import MAX_CONFIGMAP_BYTES, ConfigMapRecordWriter, unpack_record
+from canary.kubernetes.record_store import MAX_CONFIGMAP_BYTES, ConfigMapRecord
 from canary.kubernetes.spec import (
     ANNOTATION_COMMAND,
     ANNOTATION_SPEC_ERROR,
@@ -103,11 +93,19 @@ from canary.notify.webhooks import Notifier, WebhookConfig
 from canary.routers.base import RouterError, TrafficRouter
 from canary.routers.gateway_api import GatewayApiRouter
 from canary.routers.ingress_nginx import IngressNginxRouter
-from canary.runner.runner import CommandResult, RolloutRunner, Telemetry, UnknownRollout
+from canary.runner import (
+    CommandResult,
+    NotActing,
+    RolloutRunner,
+    SavedRollout,
+    Telemetry,
+    UnknownRollout,
+)
 
 __all__ = [
     "ENABLED",
-    "KubeRolloutRunner",
+    "AnnotationStore",
+    "AppWorkload",
     "KubeState",
     "ManualRequest",
     "NotLeader",
@@ -132,7 +130,7 @@ _WEBHOOK_EVENTS: dict[str, frozenset[Any]] = {
 }
 
 
-class NotLeader(Exception):
+class NotLeader(NotActing):
     """This instance may not act (it lost, or never held, the Lease)."""
 
 
@@ -269,230 +267,42 @@ class OperatorSettings:
             raise ValueError("record_namespace must name the namespace for record ConfigMaps")
 
 
-# ---- the rollout runner, persisted in the cluster ---------------------------------------
+# ---- the runner's Kubernetes adapters ----------------------------------------------------
 
 
-class KubeRolloutRunner(RolloutRunner):
-    """D's RolloutRunner with what a cluster needs: resume from a persisted status, the
-    status written before each weight change and after each tick, Events, the record in a
-    ConfigMap, and a pending new revision that supersedes the running one."""
+class AnnotationStore:
+    """The runner's StateStore: the `canary.dev/status` annotation of the Deployment.
 
-    def __init__(
-        self,
-        *,
-        worker: DeploymentWorker,
-        resume: RolloutStatus | None,
-        entries: list[Entry],
-        **kwargs: Any,
-    ) -> None:
-        super().__init__(**kwargs)
+    `load` gives the rollout that the annotation held when the worker started (read once, on
+    first sight); `save` writes the worker's whole KubeState, resourceVersion-guarded."""
+
+    def __init__(self, worker: DeploymentWorker, resume: SavedRollout | None) -> None:
         self.worker = worker
         self.resume = resume
-        self.entries: list[Entry] = entries
-        self.pending_revision: str | None = None
-        self._record: ConfigMapRecordWriter | None = None  # the current record's ConfigMap
-        self._flushed_at = 0.0
-        self._unflushed_important = False
 
-    # ---- record ---------------------------------------------------------------------
+    def __str__(self) -> str:
+        return f"the {ANNOTATION_STATUS} annotation of {self.worker.name}"
 
-    @property
-    def record_ref(self) -> str:
-        name = self._record.name if self._record is not None else ""
-        return f"{self.worker.op.settings.record_namespace}/{name}"
+    async def load(self) -> SavedRollout | None:
+        return self.resume
 
-    def state(self) -> dict[str, Any]:
-        data = super().state()
-        data["record"] = f"configmap {self.record_ref}"
-        data["namespace"], data["deployment"] = self.worker.key
-        return data
-
-    async def _write(self, entry: Any) -> None:
-        self.entries.append(entry)
-        if not isinstance(entry, TickEntry):
-            self._unflushed_important = True
-        for observe in self.entry_observers:
-            try:
-                observe(entry)
-            except Exception:  # a notification must never stop a rollout
-                log.exception("%s: an entry observer failed", self.name)
-
-    async def flush_record(self, *, force: bool = False) -> None:
-        """Write the record ConfigMap (throttled); failures are reported, never raised."""
-        now = time.monotonic()
-        settings = self.worker.op.settings
-        due = now - self._flushed_at >= settings.record_flush_s
-        if not (force or due or self._unflushed_important) or not self.entries:
-            return
-        if not self.worker.op.acting() or self._record is None:
-            return
-        error = await self._record.save()
-        if error is not None:
-            self._count_error("record")
-            message = f"could not write {error}"
-            log.warning("%s: %s", self.name, message)
-            self.worker.record_error = message
-            await self.worker.event("Warning", "RecordWriteFailed", message)
-            return
-        self._flushed_at = now
-        self._unflushed_important = False
-        if self.worker.record_error:
-            self.worker.record_error = ""
-            await self.worker.event("Normal", "RecordWritten", f"record {self.record_ref} written")
-
-    # ---- the loop -------------------------------------------------------------------
-
-    async def run(self) -> RolloutStatus:
-        """Start (or resume) the rollout and run it to its end; cancel to stop it."""
-        resume = self.resume
-        self._started_at = (
-            resume.started_at if resume is not None and resume.started_at else self.clock()
-        )
-        revision = resume.revision if resume is not None else self.revision
-        self._start_record(revision)
-        try:
-            if resume is None:
-                await self._write(self._start_entry(self.config.get("reason", "")))
-                await self._feed(NewRevision(revision, "rollout started"))
-            else:
-                self.status = resume
-                replayed = self._replay_record(self.entries)
-                await self._write(
-                    NoteEntry(
-                        at=self.clock(),
-                        rollout=self.rollout_id,
-                        level="info",
-                        message=(
-                            f"resumed by {self.worker.op.settings.identity} during "
-                            f"{resume.phase.value} at step {resume.step} ({resume.weight}% wanted); "
-                            f"analysis rebuilt from {replayed} recorded ticks"
-                        ),
-                    )
-                )
-                await self._confirm_weight()
-            await self.worker.persist()
-            await self.flush_record(force=True)
-            while not self.status.done:
-                await self._wait_or_command()
-                if self.status.done:
-                    break
-                await self._supersede()
-                await self._tick()
-                # The record before the status: a status that says "done" has its record.
-                await self.flush_record(force=self.status.done)
-                await self.worker.persist()
-        except asyncio.CancelledError:
-            self.stopped = True
-            await self._stopped_note()
-            with contextlib.suppress(Exception):
-                await self.flush_record(force=True)
-            raise
-        finally:
-            self._refuse_pending_commands()
-        # The record first: once the status says "done", readers may look for it.
-        await self.flush_record(force=True)
-        await self.worker.persist()
-        return self.status
-
-    def _start_record(self, revision: str) -> None:
-        namespace, name = self.worker.key
-        self._rollout_id = f"{namespace}/{name}@{revision}"
-        settings = self.worker.op.settings
-        self._record = ConfigMapRecordWriter(
-            self.worker.op.kube,
-            namespace=settings.record_namespace,
-            rollout=self._rollout_id,
-            max_bytes=settings.record_max_bytes,
-        )
-        self._record.entries = self.entries  # one list: the runner appends, the writer saves
-
-    def _start_entry(self, reason: str) -> StartEntry:
-        return StartEntry(
-            at=self.clock(),
-            rollout=self.rollout_id,
-            target=self.name,
-            primary_version=self.primary_version,
-            canary_version=self.canary_version,
-            steps=list(self.spec.steps),
-            config={
-                **self.config,
-                "reason": reason,
-                "rollout": self.spec.model_dump(mode="json"),
-            },
-        )
-
-    async def _save(self) -> None:
-        # D's runner saves before carrying out any action: here that is the status
-        # annotation, so a weight is never applied before it is persisted as wanted. The end
-        # is saved only after its actions (scale down, end entry, record) are done: a
-        # controller killed in between resumes the last step and finishes it again.
-        if self.status.done:
-            return
+    async def save(self, saved: SavedRollout) -> None:
         await self.worker.persist()
 
-    async def _confirm_weight(self) -> None:
-        """After a restart, a weight written but not yet confirmed is confirmed by reading
-        it back (the same check set_and_verify makes); any other reading is left to the
-        next tick, which sets the wanted weight again."""
-        if self.status.weight_verified or self.status.done:
-            return
-        try:
-            async with asyncio.timeout(self.router_timeout_s):
-                read = await self.router.get_weight()
-        except (RouterError, TimeoutError):
-            return
-        if read == self.status.weight:
-            await self._feed(WeightVerified(read))
 
-    async def _supersede(self) -> None:
-        revision = self.pending_revision
-        self.pending_revision = None
-        if revision is None or revision == self.status.revision:
-            return
-        old = self.rollout_id
-        reason = f"superseded {old}: the pod template changed to {revision} during the rollout"
-        await self._write(
-            EndEntry(
-                at=self.clock(),
-                rollout=old,
-                outcome="superseded",
-                reason=f"the pod template changed to {revision} during the rollout",
-                duration_s=max(0.0, self.clock() - self._started_at),
-            )
-        )
-        await self.flush_record(force=True)
-        self.entries = []
-        self._started_at = self.clock()
-        self._start_record(revision)
-        self.canary_version = revision
-        await self._write(self._start_entry(reason))
-        await self._note("info", f"this rollout {reason}; the analysis starts over")
-        await self.worker.event("Normal", "Superseded", reason)
-        await self._feed(NewRevision(revision, reason))
+class AppWorkload:
+    """The runner's Workload: promotion copies `app`'s template to `app-primary` and waits for
+    it to roll out; the canary is `app` itself, scaled to its size or to zero."""
 
-    async def _do(self, action: Action) -> Any:
-        if isinstance(action, SetWeight | Promote):
-            self.worker.op.check_acting()  # the Lease may have lapsed since the last save
-        answer = await super()._do(action)
-        match action:
-            case RecordTransition(before, after, _, weight, reason):
-                bad = after in ("RollingBack", "Failed")
-                await self.worker.event(
-                    "Warning" if bad else "Normal",
-                    after,
-                    f"{before} -> {after} at {weight}%: {reason}",
-                )
-            case Emit(level, message):
-                await self.worker.event(
-                    "Warning" if level == "warning" else "Normal", "Rollout", message
-                )
-            case Finish(outcome, reason):
-                await self.worker.event(
-                    "Normal" if outcome == "promoted" else "Warning",
-                    {"promoted": "Promoted", "rolled_back": "RolledBack"}.get(outcome, "Aborted"),
-                    reason,
-                )
-        return answer
+    def __init__(self, worker: DeploymentWorker, replicas: int) -> None:
+        self.worker = worker
+        self.replicas = replicas
+
+    async def promote(self, revision: str) -> None:
+        await self.worker._promote(revision)
+
+    async def scale_canary(self, up: bool) -> None:
+        await self.worker._scale(self.replicas if up else 0)
 
 
 # ---- one Deployment ---------------------------------------------------------------------
@@ -506,7 +316,7 @@ class DeploymentWorker:
         self.key = key
         self.obj: JSON = {}
         self.state: KubeState | None = None
-        self.runner: KubeRolloutRunner | None = None
+        self.runner: RolloutRunner | None = None
         self.record_error = ""
         self._rv = ""
         self._written = ""
@@ -579,6 +389,12 @@ class DeploymentWorker:
 
     # ---- cluster writes -------------------------------------------------------------
 
+    async def announce(
+        self, type: Literal["Normal", "Warning"], reason: str, message: str
+    ) -> None:
+        """The runner's Announcer: its transitions become Events on this Deployment."""
+        await self.event(type, reason, message)
+
     async def event(self, type: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         if not self.op.acting() or not self.obj:
             return
@@ -613,6 +429,8 @@ class DeploymentWorker:
         runner = self.runner
         update: dict[str, Any] = {"record_error": self.record_error}
         if runner is not None:
+            self.record_error = runner.record_error
+            update["record_error"] = runner.record_error
             status = runner.status
             update.update(rollout=status, rollout_id=runner.rollout_id, record=runner.record_ref)
             if status.done and status.outcome == "promoted":
@@ -669,8 +487,7 @@ class DeploymentWorker:
         running = self._runner_task is not None and not self._runner_task.done()
         if running:
             assert self.runner is not None
-            if revision != self.runner.status.revision:
-                self.runner.pending_revision = revision
+            self.runner.supersede(revision)
             return
         state = self.state
         last = state.rollout
@@ -678,7 +495,7 @@ class DeploymentWorker:
             await self._start_rollout(spec, revision=last.revision, resume=last)
             if revision != last.revision:
                 assert self.runner is not None
-                self.runner.pending_revision = revision
+                self.runner.supersede(revision)
             return
         if revision == state.primary_revision:
             return
@@ -752,9 +569,6 @@ class DeploymentWorker:
         assert self.state is not None
         namespace, name = self.key
         await self._ensure_services(spec)
-        entries: list[Entry] = []
-        if resume is not None and self.state.record:
-            entries = await self._read_record(self.state.record)
         settings = self.op.settings
         router = self._router(spec)
         if self._metrics is not None:
@@ -769,23 +583,32 @@ class DeploymentWorker:
             timeout_s=settings.metrics_timeout_s,
         )
         analysis_config = spec.analysis.analysis_config()
-        replicas = self.state.replicas
+        saved: SavedRollout | None = None
+        if resume is not None:
+            saved = SavedRollout(
+                rollout_id=self.state.rollout_id or f"{self.name}@{resume.revision}",
+                record=self.state.record,
+                started_at=resume.started_at or self.op.clock(),
+                status=resume,
+                record_error=self.record_error,
+            )
 
-        async def scaler(up: bool) -> None:
-            await self._scale(replicas if up else 0)
+        def open_record(rollout_id: str, *, ref: str | None = None) -> ConfigMapRecord:
+            return ConfigMapRecord(
+                self.op.kube,
+                namespace=settings.record_namespace,
+                rollout=rollout_id,
+                max_bytes=settings.record_max_bytes,
+                flush_s=settings.record_flush_s,
+                may_write=self.op.acting,
+                ref=ref,
+            )
 
-        async def promoter(revision_: str) -> None:
-            await self._promote(revision_)
-
-        runner = KubeRolloutRunner(
-            worker=self,
-            resume=resume,
-            entries=entries,
+        runner = RolloutRunner(
             name=self.name,
             spec=spec.rollout_spec(),
             router=router,
             metrics=self._metrics,
-            record_path=_no_file(),
             tick_s=settings.tick_s,
             analyzer_factory=lambda: Analyzer(analysis_config),
             revision=revision,
@@ -798,10 +621,17 @@ class DeploymentWorker:
                 "metrics": spec.metrics.model_dump(mode="json"),
                 "namespace": namespace,
                 "deployment": name,
+                "reason": "",
             },
-            promoter=promoter,
-            scaler=scaler,
+            workload=AppWorkload(self, self.state.replicas),
+            store=AnnotationStore(self, saved),
+            records=open_record,
+            announcer=self,
+            guard=self.op.check_acting,
+            identity=settings.identity,
+            labels={"namespace": namespace, "deployment": name},
             telemetry=self.op.telemetry,
+            clock=self.op.clock,
         )
         notifier = await self._notifier(spec)
         if notifier is not None:
@@ -825,20 +655,6 @@ class DeploymentWorker:
         )
         # Resumed from the saved status after a pause, so a crash cannot become a busy loop.
         asyncio.get_running_loop().call_later(self.op.settings.tick_s, self._changed.set)
-
-    async def _read_record(self, ref: str) -> list[Entry]:
-        namespace, _, name = ref.partition("/")
-        try:
-            configmap = await self.op.kube.get_configmap(namespace, name)
-            return await asyncio.to_thread(unpack_record, configmap)
-        except (KubeError, RecordError) as exc:
-            log.warning(
-                "%s: record %s unreadable, analysis restarts from Prometheus: %s",
-                self.name,
-                ref,
-                exc,
-            )
-            return []
 
     def _router(self, spec: CanarySpec) -> TrafficRouter:
         namespace, name = self.key
@@ -996,14 +812,10 @@ class DeploymentWorker:
         data["namespace"], data["deployment"] = self.key
         if self.spec_error:
             data["spec_error"] = json.loads(self.spec_error)
-        if self.record_error:
-            data["record_error"] = self.record_error
+        record_error = self.runner.record_error if self.runner is not None else self.record_error
+        if record_error:
+            data["record_error"] = record_error
         return data
-
-
-def _no_file() -> Path:
-    # RolloutRunner wants a path; this runner keeps its record in a ConfigMap instead.
-    return Path(os.devnull)
 
 
 # ---- the operator -----------------------------------------------------------------------

@@ -32,7 +32,9 @@ import base64
 import binascii
 import gzip
 import json
-from collections.abc import Mapping, Sequence
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
 from canary.core.records import (
@@ -45,11 +47,15 @@ from canary.core.records import (
     dump_entry,
     parse_lines,
 )
+from canary.runner.seams import RecordWriteError
+
+log = logging.getLogger("canary.kubernetes.record_store")
 
 __all__ = [
     "MAX_CONFIGMAP_BYTES",
     "RECORD_KEY",
     "ConfigMapApi",
+    "ConfigMapRecord",
     "ConfigMapRecordWriter",
     "RecordTooLarge",
     "configmap_name",
@@ -300,3 +306,85 @@ async def load_record_configmap(api: ConfigMapApi, *, namespace: str, rollout: s
     except KubeError as exc:
         raise RecordError(f"record ConfigMap {namespace}/{name}: {exc}") from None
     return unpack_record(configmap)
+
+
+class ConfigMapRecord:
+    """The runner's RecordSink on a ConfigMap (canary.runner.seams.RecordSink).
+
+    Entries are kept in memory and the ConfigMap is rewritten at most every `flush_s` (on
+    the monotonic clock), at once after any entry that is not a tick (a decision must not
+    wait), and whenever the runner forces it. Only while `may_write()`: a replica that lost
+    its Lease writes nothing. A failed write raises RecordWriteError; the runner counts it,
+    shows it in the status and sends a Warning Event.
+    """
+
+    def __init__(
+        self,
+        api: ConfigMapApi,
+        *,
+        namespace: str,
+        rollout: str,
+        max_bytes: int = MAX_CONFIGMAP_BYTES,
+        flush_s: float = 30.0,
+        may_write: Callable[[], bool] = lambda: True,
+        ref: str | None = None,
+    ) -> None:
+        self.writer = ConfigMapRecordWriter(
+            api, namespace=namespace, rollout=rollout, max_bytes=max_bytes
+        )
+        self.api = api
+        self.flush_s = flush_s
+        self.may_write = may_write
+        self._read_ref = ref  # the record a saved state names, read back on resume
+        self._flushed_at = 0.0
+        self._important = False
+
+    @property
+    def ref(self) -> str:
+        return f"{self.writer.namespace}/{self.writer.name}"
+
+    @property
+    def label(self) -> str:
+        return f"configmap {self.ref}"
+
+    @property
+    def entries(self) -> list[Entry]:
+        return self.writer.entries
+
+    async def append(self, entry: Entry) -> None:
+        self.writer.entries.append(entry)
+        if not isinstance(entry, TickEntry):
+            self._important = True
+
+    async def flush(self, *, force: bool = False) -> bool:
+        now = time.monotonic()
+        due = now - self._flushed_at >= self.flush_s
+        if not (force or due or self._important) or not self.writer.entries:
+            return False
+        if not self.may_write():
+            return False
+        error = await self.writer.save()
+        if error is not None:
+            raise RecordWriteError(error)
+        self._flushed_at = now
+        self._important = False
+        return True
+
+    async def read(self) -> list[Entry]:
+        """The saved record's entries (a resumed rollout carries on in the same list); an
+        unreadable one is logged and the analysis restarts from Prometheus."""
+        from canary.kubernetes.client import KubeError  # the adapter's only seam
+
+        if not self._read_ref:
+            return list(self.writer.entries)
+        namespace, _, name = self._read_ref.partition("/")
+        try:
+            configmap = await self.api.get_configmap(namespace, name)
+            entries = await asyncio.to_thread(unpack_record, configmap)
+        except (KubeError, RecordError) as exc:
+            log.warning(
+                "record %s unreadable, analysis restarts from Prometheus: %s", self._read_ref, exc
+            )
+            return []
+        self.writer.entries[:0] = entries
+        return entries

@@ -1,4 +1,4 @@
-"""The MetricsProvider seam and its Prometheus implementation.
+"""The Prometheus metric source (the seam itself is in canary.metrics.base).
 
 As in Flagger's metric providers, an unreachable server, an empty result or NaN is not an
 exception here: it is `NoData` with a reason, and the pure rollout machine decides what to
@@ -12,11 +12,12 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from analysis import ArmCounts
+from canary.metrics.base import ArmsCounts, MetricsProvider, MetricsResult, NoData
 
 __all__ = [
     "ARM_LABEL",
@@ -29,31 +30,6 @@ __all__ = [
     "PromQueries",
     "PrometheusMetrics",
 ]
-
-
-@dataclass(frozen=True, slots=True)
-class ArmsCounts:
-    """Both arms' cumulative counts since `since` (unix seconds)."""
-
-    primary: ArmCounts
-    canary: ArmCounts
-
-
-@dataclass(frozen=True, slots=True)
-class NoData:
-    """Why there are no numbers this time: "prometheus unreachable: ...", "empty result: ..."."""
-
-    reason: str
-
-
-MetricsResult = ArmsCounts | NoData
-
-
-@runtime_checkable
-class MetricsProvider(Protocol):
-    async def fetch(self, *, since: float, now: float) -> MetricsResult:
-        """Counts of each arm over [since, now], cumulative from `since`. Never raises for
-        an unreachable backend or a missing series: returns NoData instead."""
 
 
 # --- Prometheus ----------------------------------------------------------------------------

@@ -1,58 +1,55 @@
-"""The controller loop: one asyncio task per rollout, around the pure machine in rollout.py.
+"""The one rollout runner: one asyncio task per rollout, around the pure machine.
+
+Every mode (a static target, an annotated Deployment, a cross-cluster rollout) constructs
+this class; what differs comes in through the seams in canary.runner.seams (router, metric
+source, state store, record, workload, announcer). No subclass overrides its methods.
 
 Each `RolloutRunner` ticks every `tick_s`: it reads the weight back from the router, asks the
-metrics provider for both arms' counts since the analysis began, feeds them to its own
-Analyzer, hands the verdict (or "no data", or the router's error) to `rollout.step`, carries
-out the actions it returns and appends the whole tick to the rollout's analysis record.
-Everything that can go wrong at the edges (an unreachable router, a Prometheus without data,
-a weight that does not read back) becomes an event for the pure machine, never a crash; the
-machine decides whether to hold, retry or roll back.
+metric source for both arms' counts since the analysis began, feeds them to its own Analyzer,
+hands the verdict (or "no data", or the router's error) to `rollout.step`, carries out the
+actions it returns and appends the whole tick to the rollout's record. Everything that can go
+wrong at the edges (an unreachable router, a Prometheus without data, a weight that does not
+read back, a record that cannot be written) becomes an event for the pure machine or a
+counted, shown error, never a crash; the machine decides whether to hold, retry or roll back.
 
-Manual commands (from the HTTP server or the CLI) go through a queue into the runner's own
-task, so the status is only ever changed in one place and each command gets an answer.
+Manual commands (from the HTTP server, the CLI or a command annotation) go through a queue
+into the runner's own task, so the status is only ever changed in one place and each command
+gets an answer.
 
-Stopping (SIGTERM/SIGINT, `Controller.stop()`): ticking stops, every task is cancelled and
-awaited, weights stay where they are, and the record gets a note saying the controller
-stopped (no `end` entry: the rollout is not over).
-
-Resuming: with `status_path` set, the runner saves its `RolloutStatus` (atomically, before
-carrying out any action) and a restarted runner continues the unfinished rollout: same record,
-same step, no step taken twice, the weight re-asserted rather than moved. The analysis
+State and resuming: the status is saved through the StateStore whenever it changes, before
+any of the actions that change carries out (write-ahead), so a runner killed between writing
+a weight and saving its status cannot move the weight back on resume; a status that says
+"done" is saved only after its actions (scale down, end entry, record), so a runner killed in
+between finishes them again. A restarted runner continues the unfinished rollout the store
+returns: same record, same step, the weight read back rather than moved. The analysis
 evidence is not saved; it is rebuilt by replaying the record's ticks into a fresh Analyzer,
 which gives back exactly the same evidence because the counts are cumulative from the start.
 
-Record writes go through a small writer that appends and flushes one whole line at a time in
-a worker thread, under a lock, so a crash or a cancellation leaves whole lines only.
+A new revision during a rollout (`supersede`) ends the record with outcome `superseded` and
+starts a new record whose start entry says what it superseded.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import logging
-import os
-import signal
-import threading
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
-
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from typing import Any, Literal, Protocol
 
 from analysis import Snapshot, Verdict
 from canary.core.records import (
     EndEntry,
+    Entry,
     ManualEntry,
     NoteEntry,
     StartEntry,
     TickEntry,
     TransitionEntry,
-    dump_entry,
-    read_record,
 )
 from canary.core.rollout import (
     Action,
@@ -61,7 +58,6 @@ from canary.core.rollout import (
     Event,
     Finish,
     NewRevision,
-    Phase,
     Promote,
     PromoteDone,
     RecordManual,
@@ -76,27 +72,37 @@ from canary.core.rollout import (
     WeightVerified,
     step,
 )
-from canary.metrics.prometheus import ArmsCounts, MetricsProvider, NoData
+from canary.metrics.base import ArmsCounts, MetricsProvider, NoData
 from canary.routers.base import RouterError, TrafficRouter, set_and_verify
+from canary.runner.files import FileRecord, FileRecords, FileStateStore
+from canary.runner.seams import (
+    Announcer,
+    NotActing,
+    NoWorkload,
+    RecordOpener,
+    RecordSink,
+    RecordWriteError,
+    SavedRollout,
+    StateStore,
+    Workload,
+)
+from canary.runner.telemetry import Telemetry
 
 __all__ = [
     "AnalyzerLike",
     "CommandResult",
-    "Controller",
-    "RecordWriter",
     "RolloutRunner",
-    "Telemetry",
     "TickReport",
     "UnknownRollout",
-    "run_until_signalled",
 ]
 
-log = logging.getLogger("canary.runner.runner")
+log = logging.getLogger("canary.runner")
 
 # Bounds one event's chain of actions and answers; a real chain is a handful long.
 _MAX_ACTIONS_PER_EVENT = 64
 # TickEntry fields a tick hook may fill in.
 _HOOK_FIELDS = frozenset({"observed_canary_share"})
+_FINISH_REASONS = {"promoted": "Promoted", "rolled_back": "RolledBack"}
 
 
 class AnalyzerLike(Protocol):
@@ -126,77 +132,6 @@ class TickReport:
     actions: tuple[Action, ...]
 
 
-class RecordWriter:
-    """Appends entries to one JSON-lines record, a whole flushed line at a time."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()  # a cancelled await still lets its thread finish
-
-    def _append(self, line: str) -> None:
-        with self._lock:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(line + "\n")
-                handle.flush()
-
-    async def append(self, entry: Any) -> None:
-        await asyncio.to_thread(self._append, dump_entry(entry))
-
-
-class Telemetry:
-    """The controller's own Prometheus metrics, on a dedicated registry for /metrics."""
-
-    def __init__(self) -> None:
-        self.registry = CollectorRegistry()
-        self.phase = Gauge(
-            "canary_rollout_phase",
-            "1 for the phase each rollout is in, 0 for the others",
-            ["rollout", "phase"],
-            registry=self.registry,
-        )
-        self.weight = Gauge(
-            "canary_rollout_weight_percent",
-            "Canary traffic share wanted, in percent",
-            ["rollout"],
-            registry=self.registry,
-        )
-        self.weight_read = Gauge(
-            "canary_rollout_weight_read_percent",
-            "Canary traffic share last read back from the router, in percent",
-            ["rollout"],
-            registry=self.registry,
-        )
-        self.step = Gauge(
-            "canary_rollout_step", "Index of the current step", ["rollout"], registry=self.registry
-        )
-        self.decisions = Counter(
-            "canary_analysis_decisions",
-            "Analysis verdicts by decision (no_data when there were no metrics)",
-            ["rollout", "decision"],
-            registry=self.registry,
-        )
-        self.errors = Counter(
-            "canary_errors",
-            "Errors at the edges, by kind (router, metrics, analysis, promote, scale, record)",
-            ["rollout", "kind"],
-            registry=self.registry,
-        )
-        self.duration = Histogram(
-            "canary_rollout_duration_seconds",
-            "Duration of finished rollouts by outcome",
-            ["outcome"],
-            buckets=(30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf")),
-            registry=self.registry,
-        )
-
-    def show(self, name: str, status: RolloutStatus) -> None:
-        for phase in Phase:
-            self.phase.labels(name, phase.value).set(1.0 if status.phase is phase else 0.0)
-        self.weight.labels(name).set(status.weight)
-        self.step.labels(name).set(status.step)
-
-
 def _default_analyzer() -> AnalyzerLike:
     from analysis import AnalysisConfig, Analyzer
 
@@ -221,17 +156,22 @@ class _Pending:
 class RolloutRunner:
     """Runs one rollout to its end (or until cancelled).
 
-    `promoter` copies the template to the primary on promotion (None: nothing to copy, as for
-    static targets); `scaler` scales the canary up or down (None: nothing to scale).
-    `tick_hook(name, status)` returns extra TickEntry fields (the demo's measured split, as
-    `observed_canary_share`); `observers` are called with a TickReport after every tick.
+    The seams (canary.runner.seams): `router`, `metrics`, `records` (opens the record; by
+    default a JSON-lines file at `record_path`), `store` (persists the status; by default a
+    JSON file at `status_path`, or nothing when that is None), `workload` (promotes and scales;
+    by default nothing to deploy), `announcer` (hears of transitions; Kubernetes Events) and
+    `guard` (called before every action that changes traffic; raises to stop the runner, as a
+    controller that lost its Lease must). `tick_hook(name, status)` returns extra TickEntry
+    fields (the demo's measured split, as `observed_canary_share`); `observers` are called
+    with a TickReport after every tick; `entry_observers` with every record entry
+    (notifications).
     """
 
     name: str
     spec: RolloutSpec
     router: TrafficRouter
     metrics: MetricsProvider
-    record_path: Path
+    record_path: Path = Path("/dev/null")
     tick_s: float = 10.0
     analyzer_factory: Callable[[], AnalyzerLike] = _default_analyzer
     revision: str = ""
@@ -240,8 +180,7 @@ class RolloutRunner:
     config: Mapping[str, Any] = field(default_factory=dict)
     # The planner's estimate at start (StartEntry.plan), e.g. {"expected_fail_s": ...}.
     plan: Mapping[str, float | None] = field(default_factory=dict)
-    promoter: Callable[[str], Awaitable[None]] | None = None
-    scaler: Callable[[bool], Awaitable[None]] | None = None
+    workload: Workload = field(default_factory=NoWorkload)
     tick_hook: Callable[[str, RolloutStatus], Mapping[str, Any]] | None = None
     observers: list[Callable[[TickReport], None]] = field(default_factory=list)
     # called with every entry once it is in the record (canary.notify.webhooks.Notifier.on_entry)
@@ -251,8 +190,17 @@ class RolloutRunner:
     clock: Callable[[], float] = time.time
     # Where the status is saved (before every action) so a restarted runner resumes the same
     # rollout: same record, same step, evidence replayed from the record. None: no saving.
+    # Used only when no `store` is given.
     status_path: Path | None = None
     resume_saved: bool = True  # False: start a new rollout even if a saved one is unfinished
+    store: StateStore | None = None
+    records: RecordOpener | None = None
+    announcer: Announcer | None = None
+    guard: Callable[[], None] | None = None
+    # Who runs it, for the resume note ("resumed by pod-a"); "" for a single controller.
+    identity: str = ""
+    # Extra fields for state() (a Deployment's namespace and name).
+    labels: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.tick_s <= 0:
@@ -260,11 +208,13 @@ class RolloutRunner:
         self.status = RolloutStatus()
         self.stopped = False  # cancelled before the rollout ended
         self.last_tick: TickEntry | None = None
-        self._writer = RecordWriter(self.record_path)
+        self.record: RecordSink | None = None
+        self.record_error = ""  # the last failure to write the record, "" once one succeeds
         self._commands: asyncio.Queue[_Pending] = asyncio.Queue()
         self._analyzer: AnalyzerLike | None = None
         self._rollout_id = ""
         self._started_at = 0.0
+        self._pending_revision: str | None = None
 
     # ---- public -------------------------------------------------------------------------
 
@@ -272,11 +222,21 @@ class RolloutRunner:
     def rollout_id(self) -> str:
         return self._rollout_id
 
+    @property
+    def record_ref(self) -> str:
+        return self.record.ref if self.record is not None else ""
+
     async def command(self, command: Command) -> CommandResult:
         """Hand a manual command to the runner's task and wait for its answer."""
         answer: asyncio.Future[CommandResult] = asyncio.get_running_loop().create_future()
         await self._commands.put(_Pending(command, answer))
         return await answer
+
+    def supersede(self, revision: str) -> None:
+        """A new revision appeared mid-rollout: the next turn of the loop ends this record
+        (outcome `superseded`) and starts the new revision's rollout."""
+        if revision != self.status.revision:
+            self._pending_revision = revision
 
     def state(self) -> dict[str, Any]:
         """The current state as JSON-able data (for /rollouts)."""
@@ -284,7 +244,7 @@ class RolloutRunner:
         data: dict[str, Any] = {
             "name": self.name,
             "rollout": self._rollout_id,
-            "record": str(self.record_path),
+            "record": self.record.label if self.record is not None else str(self.record_path),
             "phase": status.phase.value,
             "step": status.step,
             "steps": list(self.spec.steps),
@@ -299,47 +259,61 @@ class RolloutRunner:
         if self.last_tick is not None:
             data["weight_read"] = self.last_tick.weight_read
             data["elapsed_s"] = self.last_tick.elapsed_s
+        if self.record_error:
+            data["record_error"] = self.record_error
+        data.update(self.labels)
         return data
 
     async def run(self) -> RolloutStatus:
-        """Run the rollout to its end. Cancel to stop it: weights stay where they are."""
+        """Start (or resume) the rollout and run it to its end. Cancel to stop it: weights
+        stay where they are."""
+        if self.store is None and self.status_path is not None:
+            self.store = FileStateStore(self.status_path, resume=self.resume_saved)
+        if self.records is None:
+            self.records = FileRecords(self.record_path)
         self._started_at = self.clock()
-        revision = (
-            self.revision
-            or self.canary_version
-            or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
-        )
-        self._rollout_id = f"{self.name}@{revision}"
         try:
             if not await self._resume():
-                start = StartEntry(
-                    at=self._started_at,
-                    rollout=self._rollout_id,
-                    target=self.name,
-                    primary_version=self.primary_version,
-                    canary_version=self.canary_version,
-                    steps=list(self.spec.steps),
-                    config={**self.config, "rollout": self.spec.model_dump(mode="json")},
-                    plan=dict(self.plan),
+                revision = (
+                    self.revision
+                    or self.canary_version
+                    or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
                 )
-                await self._writer.append(start)
-                self._observe(start)  # observers learn the target's name from it
+                self._open_record(revision)
+                await self._write(self._start_entry(self.config.get("reason")))
                 await self._feed(NewRevision(revision, "rollout started"))
+            await self._save(force=True)
+            await self._flush_record(force=True)
             while not self.status.done:
                 await self._wait_or_command()
                 if self.status.done:
                     break
+                await self._supersede()
                 await self._tick()
+                # The record before the status: a status that says "done" has its record.
+                await self._flush_record(force=self.status.done)
+                await self._save(force=True)
+        except NotActing:
+            raise  # not ours to act on any more (a lost Lease): write nothing, say nothing
         except asyncio.CancelledError:
             self.stopped = True
             await self._stopped_note()
+            with contextlib.suppress(Exception):
+                await self._flush_record(force=True)
             raise
         except Exception as exc:
             # A bug, not an edge error (those are events): say so in the record, then crash.
-            await self._note("warning", f"controller error, rollout abandoned as it was: {exc!r}")
+            with contextlib.suppress(Exception):
+                await self._note(
+                    "warning", f"controller error, rollout abandoned as it was: {exc!r}"
+                )
+                await self._flush_record(force=True)
             raise
         finally:
             self._refuse_pending_commands()
+        # The record first: once the status says "done", readers may look for it.
+        await self._flush_record(force=True)
+        await self._save(force=True)
         return self.status
 
     def _refuse_pending_commands(self) -> None:
@@ -486,8 +460,10 @@ class RolloutRunner:
             self.status = outcome.status
             if self.telemetry is not None:
                 self.telemetry.show(self.name, self.status)
-            if changed:
-                await self._save()  # before any action: a crash mid-action resumes safely
+            if changed and not self.status.done:
+                # Before any action: a crash mid-action resumes safely. The end is saved only
+                # after its actions (scale down, end entry, record) are done.
+                await self._save()
             for action in outcome.actions:
                 done.append(action)
                 if len(done) > _MAX_ACTIONS_PER_EVENT:
@@ -499,6 +475,8 @@ class RolloutRunner:
 
     async def _do(self, action: Action) -> Event | None:
         now = self.clock()
+        if isinstance(action, SetWeight | Promote) and self.guard is not None:
+            self.guard()  # e.g. the Lease may have lapsed since the last save
         match action:
             case SetWeight(weight):
                 try:
@@ -509,25 +487,22 @@ class RolloutRunner:
                     return WeightFailed(weight, str(exc) or type(exc).__name__)
                 return WeightVerified(weight)
             case Promote(revision):
-                if self.promoter is None:
-                    return PromoteDone(ok=True)
                 try:
-                    await self.promoter(revision)
+                    await self.workload.promote(revision)
                 except Exception as exc:
                     log.exception("%s: promotion failed", self.name)
                     self._count_error("promote")
                     return PromoteDone(ok=False, error=str(exc) or type(exc).__name__)
                 return PromoteDone(ok=True)
             case ScaleCanary(up):
-                if self.scaler is not None:
-                    try:
-                        await self.scaler(up)
-                    except Exception as exc:
-                        log.exception("%s: scaling the canary failed", self.name)
-                        self._count_error("scale")
-                        await self._note(
-                            "warning", f"scaling the canary {'up' if up else 'down'} failed: {exc}"
-                        )
+                try:
+                    await self.workload.scale_canary(up)
+                except Exception as exc:
+                    log.exception("%s: scaling the canary failed", self.name)
+                    self._count_error("scale")
+                    await self._note(
+                        "warning", f"scaling the canary {'up' if up else 'down'} failed: {exc}"
+                    )
             case ResetAnalysis():
                 self._analyzer = None  # a fresh one at the next observation
             case RecordTransition(before, after, index, weight, reason):
@@ -543,6 +518,12 @@ class RolloutRunner:
                         reason=reason,
                     )
                 )
+                bad = after in ("RollingBack", "Failed")
+                await self._announce(
+                    "Warning" if bad else "Normal",
+                    after,
+                    f"{before} -> {after} at {weight}%: {reason}",
+                )
             case RecordManual(command, who, reason, accepted):
                 text = reason if accepted else f"refused: {reason}".rstrip(": ")
                 await self._write(
@@ -553,6 +534,9 @@ class RolloutRunner:
             case Emit(level, message):
                 (log.warning if level == "warning" else log.info)("%s: %s", self.name, message)
                 await self._note(level, message)
+                await self._announce(
+                    "Warning" if level == "warning" else "Normal", "Rollout", message
+                )
             case Finish(outcome, reason):
                 duration = max(0.0, now - self._started_at)
                 if self.telemetry is not None:
@@ -566,73 +550,116 @@ class RolloutRunner:
                         duration_s=duration,
                     )
                 )
+                await self._announce(
+                    "Normal" if outcome == "promoted" else "Warning",
+                    _FINISH_REASONS.get(outcome, "Aborted"),
+                    reason,
+                )
         return None
+
+    # ---- a new revision mid-rollout ---------------------------------------------------
+
+    async def _supersede(self) -> None:
+        revision = self._pending_revision
+        self._pending_revision = None
+        if revision is None or revision == self.status.revision:
+            return
+        old = self.rollout_id
+        reason = f"superseded {old}: the pod template changed to {revision} during the rollout"
+        await self._write(
+            EndEntry(
+                at=self.clock(),
+                rollout=old,
+                outcome="superseded",
+                reason=f"the pod template changed to {revision} during the rollout",
+                duration_s=max(0.0, self.clock() - self._started_at),
+            )
+        )
+        await self._flush_record(force=True)
+        self._started_at = self.clock()
+        self._open_record(revision)
+        self.canary_version = revision
+        await self._write(self._start_entry(reason))
+        await self._note("info", f"this rollout {reason}; the analysis starts over")
+        await self._announce("Normal", "Superseded", reason)
+        await self._feed(NewRevision(revision, reason))
 
     # ---- saved status and resuming -------------------------------------------------------
 
-    def _save_blocking(self, path: Path, text: str) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)  # atomic: a crash leaves the old status or the new one
+    def _saved(self) -> SavedRollout:
+        return SavedRollout(
+            rollout_id=self._rollout_id,
+            record=self.record_ref,
+            started_at=self._started_at,
+            status=self.status,
+            record_error=self.record_error,
+        )
 
-    async def _save(self) -> None:
-        if self.status_path is None:
+    async def _save(self, *, force: bool = False) -> None:
+        """Persist the status (write-ahead while active; a done status only when `force`d,
+        after its actions). A store that fails is counted and logged, never fatal, except a
+        guard's exception (a lost Lease), which stops the runner."""
+        if self.store is None or (self.status.done and not force):
             return
-        saved = {
-            "rollout": self._rollout_id,
-            "record": str(self.record_path),
-            "started_at": self._started_at,
-            "status": json.loads(self.status.to_json()),
-        }
         try:
-            await asyncio.to_thread(
-                self._save_blocking, self.status_path, json.dumps(saved, separators=(",", ":"))
-            )
-        except OSError as exc:
-            log.error("%s: cannot save the status to %s: %s", self.name, self.status_path, exc)
+            await self.store.save(self._saved())
+        except (OSError, RecordWriteError) as exc:
+            log.error("%s: cannot save the status: %s", self.name, exc)
             self._count_error("status")
-
-    def _load_blocking(self) -> tuple[dict[str, Any], list[Any]] | None:
-        if self.status_path is None or not self.resume_saved or not self.status_path.exists():
-            return None
-        saved = json.loads(self.status_path.read_text(encoding="utf-8"))
-        status = RolloutStatus.model_validate(saved["status"])
-        if not status.active:
-            return None  # over (or never started): the next run is a new rollout
-        record = Path(saved["record"])
-        return saved, read_record(record)
 
     async def _resume(self) -> bool:
         """Continue a saved, unfinished rollout: same record, same step, evidence replayed.
         False when there is nothing to resume (or it cannot be read: then say so and start)."""
+        if self.store is None:
+            return False
         try:
-            loaded = await asyncio.to_thread(self._load_blocking)
+            saved = await self.store.load()
         except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("%s: cannot resume from %s: %s", self.name, self.status_path, exc)
+            log.warning("%s: cannot resume from %s: %s", self.name, self.store, exc)
             return False
-        if loaded is None:
+        if saved is None:
             return False
-        saved, entries = loaded
-        self.status = RolloutStatus.model_validate(saved["status"])
-        self._rollout_id = str(saved["rollout"])
-        self.record_path = Path(saved["record"])
-        self._writer = RecordWriter(self.record_path)
-        self._started_at = float(
-            saved.get("started_at") or self.status.started_at or self._started_at
-        )
+        assert self.records is not None
+        self.status = saved.status
+        self._rollout_id = saved.rollout_id
+        self.record = self.records(saved.rollout_id, ref=saved.record or None)
+        self.record_error = saved.record_error
+        if isinstance(self.record, FileRecord):
+            self.record_path = self.record.path  # the resumed rollout's file
+        self._started_at = saved.started_at or self.status.started_at or self._started_at
+        try:
+            entries = await self.record.read()
+        except (OSError, ValueError, RecordWriteError) as exc:
+            log.warning("%s: record %s unreadable, analysis restarts: %s", self.name, self.record.label, exc)
+            entries = []
         replayed = self._replay_record(entries)
         status = self.status
+        by = f" by {self.identity}" if self.identity else ""
         await self._note(
             "info",
-            f"resumed during {status.phase.value} at step {status.step} ({status.weight}% wanted); "
-            f"{replayed} ticks of evidence replayed into a fresh analysis",
+            f"resumed{by} during {status.phase.value} at step {status.step} ({status.weight}% "
+            f"wanted); {replayed} ticks of evidence replayed into a fresh analysis",
         )
         if self.telemetry is not None:
             self.telemetry.show(self.name, status)
+        await self._confirm_weight()
         return True
 
-    def _replay_record(self, entries: list[Any]) -> int:
+    async def _confirm_weight(self) -> None:
+        """After a restart, a weight written but not yet confirmed is confirmed by reading
+        it back (the same check set_and_verify makes); any other reading is left to the
+        next tick, which sets the wanted weight again."""
+        if self.status.weight_verified or self.status.done:
+            return
+        try:
+            async with asyncio.timeout(self.router_timeout_s):
+                read = await self.router.get_weight()
+        except (RouterError, TimeoutError):
+            return
+        if read == self.status.weight:
+            await self._feed(WeightVerified(read))
+
+    def _replay_record(self, entries: list[Entry]) -> int:
         """Feed the record's ticks since the analysis began to a fresh Analyzer: counts are
         cumulative from that start, so the evidence comes back exactly as it was."""
         since = self.status.analysis_started_at
@@ -655,13 +682,51 @@ class RolloutRunner:
 
     # ---- record -----------------------------------------------------------------------
 
-    async def _write(self, entry: Any) -> None:
-        try:
-            await self._writer.append(entry)
-        except OSError as exc:  # a full disk must not strand traffic mid-rollout
-            log.error("%s: cannot append to %s: %s", self.name, self.record_path, exc)
-            self._count_error("record")
+    def _open_record(self, revision: str) -> None:
+        assert self.records is not None
+        self._rollout_id = f"{self.name}@{revision}"
+        self.record = self.records(self._rollout_id)
+
+    def _start_entry(self, reason: str | None) -> StartEntry:
+        config = {**self.config, "rollout": self.spec.model_dump(mode="json")}
+        if reason is not None:
+            config["reason"] = reason
+        return StartEntry(
+            at=self._started_at,
+            rollout=self._rollout_id,
+            target=self.name,
+            primary_version=self.primary_version,
+            canary_version=self.canary_version,
+            steps=list(self.spec.steps),
+            config=config,
+            plan=dict(self.plan),
+        )
+
+    async def _write(self, entry: Entry) -> None:
+        if self.record is not None:
+            try:
+                await self.record.append(entry)
+            except (OSError, RecordWriteError) as exc:  # a full disk must not strand traffic
+                log.error("%s: cannot append to %s: %s", self.name, self.record.label, exc)
+                self._count_error("record")
         self._observe(entry)
+
+    async def _flush_record(self, *, force: bool = False) -> None:
+        """Store the record if due; failures are counted, shown and announced, never raised."""
+        if self.record is None:
+            return
+        try:
+            wrote = await self.record.flush(force=force)
+        except (OSError, RecordWriteError) as exc:
+            self._count_error("record")
+            message = f"could not write {exc}"
+            log.warning("%s: %s", self.name, message)
+            self.record_error = message
+            await self._announce("Warning", "RecordWriteFailed", message)
+            return
+        if wrote and self.record_error:
+            self.record_error = ""
+            await self._announce("Normal", "RecordWritten", f"record {self.record_ref} written")
 
     def _observe(self, entry: Any) -> None:
         for observe in self.entry_observers:
@@ -680,6 +745,12 @@ class RolloutRunner:
             )
         )
 
+    async def _announce(
+        self, type: Literal["Normal", "Warning"], reason: str, message: str
+    ) -> None:
+        if self.announcer is not None:
+            await self.announcer.announce(type, reason, message)
+
     async def _stopped_note(self) -> None:
         status = self.status
         message = (
@@ -692,86 +763,3 @@ class RolloutRunner:
     def _count_error(self, kind: str) -> None:
         if self.telemetry is not None:
             self.telemetry.errors.labels(self.name, kind).inc()
-
-
-class Controller:
-    """Runs many rollouts, one task each, and stops them all cleanly."""
-
-    def __init__(
-        self, runners: Iterable[RolloutRunner], *, telemetry: Telemetry | None = None
-    ) -> None:
-        self.runners: dict[str, RolloutRunner] = {}
-        self.telemetry = telemetry or Telemetry()
-        for runner in runners:
-            if runner.name in self.runners:
-                raise ValueError(f"two rollouts are named {runner.name!r}")
-            if runner.telemetry is None:
-                runner.telemetry = self.telemetry
-            self.runners[runner.name] = runner
-        self._tasks: dict[str, asyncio.Task[RolloutStatus]] = {}
-        self._stop_requested = False  # a stop() that came before the tasks existed
-        self.started = asyncio.Event()
-
-    async def run(self) -> dict[str, RolloutStatus]:
-        """Run every rollout to its end, or until stop(). Returns each one's last status."""
-        self._tasks = {
-            name: asyncio.create_task(runner.run(), name=f"rollout:{name}")
-            for name, runner in self.runners.items()
-        }
-        self.started.set()
-        if self._stop_requested:
-            self.stop()
-        try:
-            await asyncio.wait(self._tasks.values())
-        finally:
-            await self._cancel_all()
-        for name, task in self._tasks.items():
-            if task.cancelled():
-                self.runners[name].stopped = True  # also when cancelled before it began
-            elif task.exception() is not None:
-                log.error("%s: the rollout task crashed", name, exc_info=task.exception())
-        return {name: runner.status for name, runner in self.runners.items()}
-
-    def stop(self) -> None:
-        """Stop ticking: cancel every rollout task (run() awaits them)."""
-        self._stop_requested = True
-        for task in self._tasks.values():
-            task.cancel()
-
-    async def _cancel_all(self) -> None:
-        for task in self._tasks.values():
-            task.cancel()
-        for task in self._tasks.values():
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-
-    def runner(self, name: str) -> RolloutRunner:
-        try:
-            return self.runners[name]
-        except KeyError:
-            raise UnknownRollout(name) from None
-
-    async def command(self, name: str, command: Command) -> CommandResult:
-        runner = self.runner(name)
-        task = self._tasks.get(name)
-        if task is None or task.done():
-            return CommandResult(False, runner.status.phase.value, "the rollout is not running")
-        return await runner.command(command)
-
-    def states(self) -> list[dict[str, Any]]:
-        return [runner.state() for runner in self.runners.values()]
-
-
-async def run_until_signalled(
-    controller: Controller, *, signals: Iterable[signal.Signals] = (signal.SIGTERM, signal.SIGINT)
-) -> dict[str, RolloutStatus]:
-    """Run the controller; SIGTERM/SIGINT stop it cleanly instead of killing the process."""
-    loop = asyncio.get_running_loop()
-    installed = list(signals)
-    for sig in installed:
-        loop.add_signal_handler(sig, controller.stop)
-    try:
-        return await controller.run()
-    finally:
-        for sig in installed:
-            loop.remove_signal_handler(sig)

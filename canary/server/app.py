@@ -28,7 +28,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from canary.core.rollout import Command
-from canary.runner.runner import CommandResult, UnknownRollout
+from canary.runner import CommandResult, UnknownRollout
 
 __all__ = ["COMMANDS", "Extension", "RolloutSource", "Server", "make_app"]
 

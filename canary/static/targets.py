@@ -23,7 +23,7 @@ def build_runner(config: Any, *, stamp: str | None = None, fresh: bool = False) 
     from analysis import Analyzer
     from canary.metrics.prometheus import PrometheusMetrics
     from canary.routers.haproxy import HAProxyRouter
-    from canary.runner.runner import RolloutRunner
+    from canary.runner import RolloutRunner
 
     stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
     try:

@@ -30,7 +30,7 @@ from canary.core.records import (
 from canary.core.rollout import Command, Phase, RolloutSpec
 from canary.metrics.prometheus import ArmsCounts, MetricsResult, NoData
 from canary.routers.base import RouterUnreachable
-from canary.runner.runner import (
+from canary.runner import (
     Controller,
     RolloutRunner,
     TickReport,

@@ -1,0 +1,44 @@
+"""The metric-source seam: both arms' cumulative counts, or why there are none.
+
+As in Flagger's metric providers, an unreachable server, an empty result or NaN is not an
+exception: it is `NoData` with a reason, and the pure rollout machine decides what to do with
+it (hold, then roll back at a deadline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from analysis import ArmCounts
+
+__all__ = ["ArmsCounts", "MetricSource", "MetricsProvider", "MetricsResult", "NoData"]
+
+
+@dataclass(frozen=True, slots=True)
+class ArmsCounts:
+    """Both arms' cumulative counts since `since` (unix seconds)."""
+
+    primary: ArmCounts
+    canary: ArmCounts
+
+
+@dataclass(frozen=True, slots=True)
+class NoData:
+    """Why there are no numbers this time: "prometheus unreachable: ...", "empty result: ..."."""
+
+    reason: str
+
+
+MetricsResult = ArmsCounts | NoData
+
+
+@runtime_checkable
+class MetricsProvider(Protocol):
+    async def fetch(self, *, since: float, now: float) -> MetricsResult:
+        """Counts of each arm over [since, now], cumulative from `since`. Never raises for
+        an unreachable backend or a missing series: returns NoData instead."""
+
+
+# The architecture's name for the seam; MetricsProvider is the name the code grew up with.
+MetricSource = MetricsProvider

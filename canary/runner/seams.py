@@ -1,0 +1,129 @@
+"""The seams between the one rollout runner and the modes that use it.
+
+The runner (canary.runner.runner) is the same for a static target, an annotated Deployment
+and a cross-cluster rollout. What differs comes in through these small Protocols, each with
+one implementation per mode:
+
+    seam          static target (files)   Kubernetes                  two clusters
+    -----------   ---------------------   -------------------------   ---------------------
+    TrafficRouter HAProxy runtime API     ingress-nginx, Gateway API  PowerDNS, external-dns
+    MetricSource  Prometheus              Prometheus                  both clusters' Prometheus
+    StateStore    a JSON file             the status annotation       a JSON file
+    RecordOpener  JSON-lines files        one ConfigMap per rollout   JSON-lines files
+    Workload      nothing to deploy       app / app-primary           the primary cluster
+    Announcer     none                    Kubernetes Events           none (its own Events)
+
+Errors at these edges are data for the runner (a failed write is counted, recorded and
+shown); only a bug raises through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from canary.core.records import Entry
+from canary.core.rollout import RolloutStatus
+from canary.metrics.base import MetricSource
+from canary.routers.base import TrafficRouter
+
+__all__ = [
+    "Announcer",
+    "MetricSource",
+    "NoWorkload",
+    "NotActing",
+    "RecordOpener",
+    "RecordSink",
+    "RecordWriteError",
+    "SavedRollout",
+    "StateStore",
+    "TrafficRouter",
+    "Workload",
+]
+
+
+class NotActing(Exception):
+    """Raised by a runner's guard: this process may not act on the rollout any more (it lost
+    the Lease). The runner stops at once and writes nothing more."""
+
+
+class RecordWriteError(Exception):
+    """A record could not be written (disk full, API refused): counted and shown, not fatal."""
+
+
+@dataclass(frozen=True, slots=True)
+class SavedRollout:
+    """What a restarted runner needs to carry on: the machine's status and where the record is."""
+
+    rollout_id: str
+    record: str  # RecordSink.ref of the rollout's record
+    started_at: float
+    status: RolloutStatus
+    record_error: str = ""  # the last failure to write the record, "" once one succeeds
+
+
+class StateStore(Protocol):
+    """Where the runner's status is persisted, before every action that changes traffic."""
+
+    async def load(self) -> SavedRollout | None:
+        """The unfinished rollout to resume, or None to start a new one. Raises ValueError
+        (or OSError) when a saved state exists but cannot be read."""
+
+    async def save(self, saved: SavedRollout) -> None:
+        """Persist `saved`; raise on failure (the runner counts it and carries on)."""
+
+
+class RecordSink(Protocol):
+    """One rollout's analysis record."""
+
+    @property
+    def ref(self) -> str:
+        """Where the record is, as a supervisor finds it again (a path, `namespace/name`)."""
+
+    @property
+    def label(self) -> str:
+        """Where the record is, for people (`/var/lib/canary/app-….jsonl`, `configmap ns/x`)."""
+
+    async def append(self, entry: Entry) -> None:
+        """Add one entry; raise RecordWriteError (or OSError) when it cannot be stored."""
+
+    async def flush(self, *, force: bool = False) -> bool:
+        """Store what was appended, if due (a sink may batch); True when it wrote. Raise
+        RecordWriteError on failure."""
+
+    async def read(self) -> list[Entry]:
+        """The entries stored so far (to replay the evidence on resume)."""
+
+
+class RecordOpener(Protocol):
+    """Opens the record of a rollout: a new one, or (with `ref`) the one a saved state names."""
+
+    def __call__(self, rollout_id: str, *, ref: str | None = None) -> RecordSink: ...
+
+
+class Workload(Protocol):
+    """What is deployed: the runner asks it to promote the canary and to scale it."""
+
+    async def promote(self, revision: str) -> None:
+        """Make `revision` the primary; return once it serves. Raise on failure."""
+
+    async def scale_canary(self, up: bool) -> None:
+        """Give the canary its replicas (up) or none. Raise on failure."""
+
+
+class NoWorkload:
+    """Nothing to deploy (static targets): promotion and scaling are no-ops."""
+
+    async def promote(self, revision: str) -> None:
+        return None
+
+    async def scale_canary(self, up: bool) -> None:
+        return None
+
+
+class Announcer(Protocol):
+    """Who hears of transitions as they happen (Kubernetes Events on the Deployment)."""
+
+    async def announce(
+        self, type: Literal["Normal", "Warning"], reason: str, message: str
+    ) -> None: ...
