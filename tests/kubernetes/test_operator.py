@@ -543,7 +543,7 @@ async def test_killed_mid_rollout_resumes_same_step_without_weight_jump(
     entries = record_entries(api, st)
     notes = [e.message for e in entries if isinstance(e, NoteEntry)]
     resumed = [n for n in notes if n.startswith("resumed by token-b")]
-    assert resumed and "rebuilt from 0 " not in resumed[0], notes
+    assert resumed and "; 0 ticks of evidence" not in resumed[0], notes
     assert sum(isinstance(e, StartEntry) for e in entries) == 1
 
 
