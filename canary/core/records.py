@@ -4,7 +4,7 @@ One record per rollout, as JSON lines: the first line is a `start` entry, then `
 `transition`, `manual`, `failover`, `note` entries in time order, and an `end` entry once the
 rollout is over. Each line is one self-contained JSON object with a `kind` and a `schema`
 version, so a record cut short by a crash is still readable up to its last whole line.
-Reports (analysis/report.py) and `canary report` read only this format.
+Reports (canary/reports/) and `canary report` read only this format.
 """
 
 from __future__ import annotations

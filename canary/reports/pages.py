@@ -38,8 +38,8 @@ from canary.kubernetes.record_store import (
     unpack_record,
 )
 from canary.notify.webhooks import report_id
-from canary.reports.report import Report, ReportError, build_report, render_html, render_json
-from canary.reports.report import render_markdown as _render_markdown
+from canary.reports import Report, ReportError, build_report, render_html, render_json
+from canary.reports import render_markdown as _render_markdown
 
 __all__ = [
     "DEFAULT_RECORD_DIR",

@@ -757,7 +757,7 @@ async def test_template_changed_mid_rollout_restarts_the_analysis(
     )
     assert any(e["reason"] == "Superseded" for e in events(api, ns))
     # Both reports say so.
-    from canary.reports.report import build_report, render_markdown
+    from canary.reports import build_report, render_markdown
 
     for record in (old, new):
         text = render_markdown(

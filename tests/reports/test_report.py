@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 from support.report_records import Scenario, external_references, simulate
 
-from canary.reports.report import (
+from canary.reports import (
     REPORT_SCHEMA,
     Report,
     ReportError,

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 from support.report_records import Scenario, simulate
 
-from canary.reports.report import build_report, render_html
+from canary.reports import build_report, render_html
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 pytestmark = pytest.mark.skipif(

@@ -26,8 +26,8 @@ from canary.kubernetes.record_store import (
     pack_record,
     unpack_record,
 )
+from canary.reports import build_report
 from canary.reports.pages import main
-from canary.reports.report import build_report
 
 
 def _entries(scenario: Scenario) -> list[Entry]:
