@@ -1,4 +1,10 @@
-"""Traffic routers: the protocol lives in `base`, one module per backend beside it."""
+"""Traffic routers: where the weights go. The protocol lives in `base`, one module per backend
+beside it (HAProxy, ingress-nginx, Gateway API, PowerDNS, external-dns), as in Flagger's
+`pkg/router`.
+
+May import: ``canary.kubernetes.client`` (the cluster seam, for the Kubernetes-backed
+routers), the shared retry helper and the standard library; never the runner or a supervisor.
+"""
 
 from canary.routers.base import (
     RouterError,
