@@ -470,9 +470,11 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
 
     # Router health and data freshness are tracked in every active stage.
     failing_since = status.router_failing_since
-    if tick.router_error is not None:
+    wrong = tick.weight_read is not None and tick.weight_read != status.weight
+    if tick.router_error is not None or (wrong and status.weight_verified):
+        # Unreadable, or no longer what was verified: failing until it reads back right.
         failing_since = failing_since if failing_since is not None else now
-    elif tick.weight_read is not None and tick.weight_read == status.weight:
+    elif tick.weight_read is not None and not wrong:
         failing_since = None  # a router that answers with the wrong weight is still failing
     decision = tick.decision
     update: dict[str, object] = {"router_failing_since": failing_since}
@@ -485,8 +487,29 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
     if status.stage == "RollingBack":
         return Outcome(status, fix)
     if status.stage == "Promoting":
-        if not fix and status.weight_verified and not status.promoted and status.weight == 100:
+        router_ok = failing_since is None
+        failing_for = 0.0 if failing_since is None else now - failing_since
+        if (
+            not fix
+            and router_ok
+            and status.weight_verified
+            and not status.promoted
+            and status.weight == 100
+        ):
             return Outcome(status, (Promote(status.revision),))
+        if (
+            not router_ok
+            and not status.promoted
+            and failing_for >= spec.no_data_deadline_s
+        ):
+            # Not promoted yet and the router is gone: the canary's share cannot be known,
+            # so hand everything back to the primary rather than hold forever.
+            return _roll_back(
+                status,
+                now,
+                f"router failing for {failing_for:.0f}s while promoting "
+                f"(deadline {spec.no_data_deadline_s:g}s): {_router_detail(status, tick)}",
+            )
         return Outcome(status, fix)
 
     # Progressing (possibly paused).
@@ -497,15 +520,10 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
 
     origin = status.analysis_started_at if status.analysis_started_at is not None else now
     if failing_since is not None and now - failing_since >= spec.no_data_deadline_s:
-        detail = tick.router_error or (
-            f"it reports {tick.weight_read}% instead of {status.weight}%"
-            if tick.weight_read is not None
-            else f"{status.weight}% never read back"
-        )
         return _roll_back(
             status,
             now,
-            f"router failing for {now - failing_since:.0f}s (deadline {spec.no_data_deadline_s:g}s): {detail}",
+            f"router failing for {now - failing_since:.0f}s (deadline {spec.no_data_deadline_s:g}s): {_router_detail(status, tick)}",
         )
     if decision is None:
         since = status.last_data_at if status.last_data_at is not None else origin
@@ -525,6 +543,15 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
             update={"message": f"waiting for the router to confirm {status.weight}%"}
         )
         return Outcome(waiting, fix)
+    if failing_since is not None:
+        # The weight in place is not known: no step, promotion or pass counts until the
+        # router answers with the wanted weight again (then the deadline above rolls back).
+        held = status.model_copy(
+            update={
+                "message": f"holding at {status.weight}%: router failing ({_router_detail(status, tick)})"
+            }
+        )
+        return Outcome(held, fix)
 
     in_step = now - status.step_started_at
     if decision is Decision.PASS and in_step >= spec.min_step_s:
@@ -540,6 +567,14 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
         f"for {in_step:.0f}s (min {spec.min_step_s:g}s)"
     )
     return Outcome(status.model_copy(update={"message": wait}), fix)
+
+
+def _router_detail(status: RolloutStatus, tick: Tick) -> str:
+    return tick.router_error or (
+        f"it reports {tick.weight_read}% instead of {status.weight}%"
+        if tick.weight_read is not None
+        else f"{status.weight}% never read back"
+    )
 
 
 def _advance(
