@@ -214,6 +214,33 @@ async def test_router_outage_is_ridden_out(tmp_path: Path) -> None:
     assert any(t.weight_read is None for t in ticks)  # the outage is in the record
 
 
+async def test_router_dead_at_the_last_step_never_promotes(tmp_path: Path) -> None:
+    """The router dies at 50% with the analysis passing: nothing advances or promotes while
+    the weight cannot be read, and at the router deadline the rollout rolls back (and ends
+    once the router is back to confirm 0%)."""
+    runner, router, metrics = make_runner(tmp_path)
+    original = metrics.fetch
+
+    async def dies_at_last_step(*, since: float, now: float) -> MetricsResult:
+        if runner.status.phase is Phase.ROLLING_BACK:
+            router.down = False  # restarted: the rollback can confirm 0%
+        elif runner.status.weight == 50 and runner.status.weight_verified:
+            router.down = True  # HAProxy killed: reads and writes fail
+        return await original(since=since, now=now)
+
+    metrics.fetch = dies_at_last_step  # type: ignore[method-assign]
+    statuses = await Controller([runner]).run()
+    status = statuses["app"]
+    assert status.phase is Phase.FAILED and status.outcome == "rolled_back"
+    assert "router failing" in status.reason
+    assert 100 not in router.sets and router.sets == [5, 10, 25, 50, 0]
+    entries = read_record(runner.record_path)
+    ticks = [e for e in entries if isinstance(e, TickEntry)]
+    blind = [t for t in ticks if t.weight_read is None and t.phase == "Progressing"]
+    assert len(blind) >= 2 and all(t.weight_set == 50 and t.verdict for t in blind)
+    assert not any(isinstance(e, TransitionEntry) and e.to_phase == "Promoting" for e in entries)
+
+
 async def test_weight_that_does_not_read_back_never_counts(tmp_path: Path) -> None:
     """A router that accepts but ignores weights never starts a step; the rollout rolls back."""
     router = FakeRouter()
