@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -41,6 +40,7 @@ from canary.core.failover import (
 )
 from canary.core.records import FailoverEntry, NoteEntry, dump_entry
 from canary.routers import RouterError, TrafficRouter, set_and_verify
+from canary.runner.clock import MonotonicWallClock
 
 __all__ = ["FailoverController", "FailoverRefused", "load_state", "save_state"]
 
@@ -83,7 +83,7 @@ class FailoverController:
         on_revert_standby: Callable[[str], Awaitable[None]] | None = None,
         on_entry: Callable[[FailoverEntry | NoteEntry], Awaitable[None]] | None = None,
         on_state: Callable[[FailoverState], Awaitable[None]] | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         self.name = name
         self.policy = policy
@@ -100,7 +100,7 @@ class FailoverController:
         self._on_entry = on_entry
         # Told of every persisted state, e.g. to mirror it where a restarted pod finds it.
         self._on_state = on_state
-        self._clock = clock
+        self._clock = clock or MonotonicWallClock()  # hysteresis never jumps with the wall clock
         self._lock = asyncio.Lock()  # probes and manual commands never interleave
         self.state = load_state(state_path)
         self.last_probe: Probe | None = None

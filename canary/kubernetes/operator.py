@@ -101,6 +101,7 @@ from canary.runner import (
     Telemetry,
     UnknownRollout,
 )
+from canary.runner.clock import MonotonicWallClock
 
 __all__ = [
     "ENABLED",
@@ -835,7 +836,7 @@ class Operator:
         *,
         elector: LeaderElector | None = None,
         telemetry: Telemetry | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Callable[[], float] | None = None,
     ) -> None:
         if not settings.identity:
             settings = replace(settings, identity=_default_identity())
@@ -844,7 +845,7 @@ class Operator:
         self.elector = elector
         self.telemetry = telemetry or Telemetry()
         self.events = EventRecorder(kube, component="canary")
-        self.clock = clock
+        self.clock = clock or MonotonicWallClock()  # timers never jump with the wall clock
         self.started = asyncio.Event()
         self.objects: dict[tuple[str, str], JSON] = {}
         self.workers: dict[tuple[str, str], DeploymentWorker] = {}

@@ -74,6 +74,7 @@ from canary.core.rollout import (
 )
 from canary.metrics.base import ArmsCounts, MetricsProvider, NoData
 from canary.routers.base import RouterError, TrafficRouter, set_and_verify
+from canary.runner.clock import MonotonicWallClock
 from canary.runner.files import FileRecord, FileRecords, FileStateStore
 from canary.runner.seams import (
     Announcer,
@@ -187,7 +188,8 @@ class RolloutRunner:
     entry_observers: list[Callable[[Any], object]] = field(default_factory=list)
     telemetry: Telemetry | None = None
     router_timeout_s: float = 10.0
-    clock: Callable[[], float] = time.time
+    # Timers run on this clock; the default never jumps when the wall clock is stepped.
+    clock: Callable[[], float] = field(default_factory=MonotonicWallClock)
     # Where the status is saved (before every action) so a restarted runner resumes the same
     # rollout: same record, same step, evidence replayed from the record. None: no saving.
     # Used only when no `store` is given.
@@ -412,7 +414,9 @@ class RolloutRunner:
         self, since: float, now: float, elapsed: float
     ) -> tuple[ArmsCounts | None, Verdict | None, str | None]:
         try:
-            result = await self.metrics.fetch(since=since, now=now)
+            # Prometheus stamps samples with the wall clock: ask in its time.
+            offset = self.clock.wall_offset() if isinstance(self.clock, MonotonicWallClock) else 0.0
+            result = await self.metrics.fetch(since=since + offset, now=now + offset)
         except Exception as exc:  # the protocol says NoData, but a bug is data here too
             log.exception("%s: metrics provider raised", self.name)
             result = NoData(f"metrics provider error: {exc!r}")
