@@ -59,7 +59,7 @@ def make_router(
     primary, canary = clusters
     return ExternalDNSRouter(
         primary=ClusterSide(primary.kube, entry_point="192.0.2.10", set_identifier="eu-1"),
-        canary=ClusterSide(canary.kubernetes.client, entry_point="192.0.2.20", set_identifier="eu-2"),
+        canary=ClusterSide(canary.kube, entry_point="192.0.2.20", set_identifier="eu-2"),
         namespace=NS,
         object_name="shop",
         dns_name="shop.example.com",
@@ -186,7 +186,7 @@ async def test_both_records_in_the_canary_cluster_need_nothing_from_the_primary(
     primary, canary = clusters
     router = ExternalDNSRouter(
         primary=ClusterSide(primary.kube, entry_point="192.0.2.10", set_identifier="eu-1"),
-        canary=ClusterSide(canary.kubernetes.client, entry_point="192.0.2.20", set_identifier="eu-2"),
+        canary=ClusterSide(canary.kube, entry_point="192.0.2.20", set_identifier="eu-2"),
         namespace=NS,
         object_name="shop",
         dns_name="shop.example.com",
