@@ -17,5 +17,9 @@ it back):
     cli/         the `canary` command line
     demo/        `canary demo`: a whole rollout on one machine with real servers
 
+Beside the packages, two small modules that any of them may use and that import nothing
+else from canary: ``retry`` (the one retry helper, on stamina) and ``dnsquery`` (one DNS
+question to one server, on dnspython).
+
 Statistics live beside this package, in ``analysis/``.
 """

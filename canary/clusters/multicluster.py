@@ -93,6 +93,7 @@ from canary.metrics.prometheus import (
     PromQueries,
 )
 from canary.notify.webhooks import Notifier
+from canary.retry import ONCE_MORE, retrying
 from canary.routers.base import RouterError, TrafficRouter, set_and_verify
 from canary.runner import AnalyzerLike, CommandResult, RecordWriter, RolloutRunner, Telemetry
 
@@ -681,23 +682,23 @@ class StateMirror:
         return None if not text else FailoverState.model_validate_json(text)
 
     async def save(self, state: FailoverState) -> None:
-        for attempt in (1, 2):  # one retry: another writer between our read and write
+        async def write() -> None:
             try:
                 current = await self.kube.get_configmap(self.namespace, self.name)
                 version: str | None = current["metadata"]["resourceVersion"]
             except NotFound:
                 version = None
-            try:
-                await self.kube.put_configmap(
-                    self.namespace,
-                    self.name,
-                    {"state": state.model_dump_json()},
-                    resource_version=version,
-                )
-                return
-            except Conflict:
-                if attempt == 2:
-                    raise
+            await self.kube.put_configmap(
+                self.namespace,
+                self.name,
+                {"state": state.model_dump_json()},
+                resource_version=version,
+            )
+
+        # A Conflict: another writer between our read and our write; read again.
+        await retrying(
+            write, policy=ONCE_MORE, on=Conflict, what=f"save {self.namespace}/{self.name}"
+        )
 
 
 # ---- one service in two clusters ----------------------------------------------------------

@@ -3,8 +3,8 @@
 Traffic between two clusters is split by DNS weight, so what a user sees depends on what their
 resolver answered and for how long it keeps the answer (the TTL). This generator plays
 `clients` independent clients: each asks the authoritative server (our PowerDNS on loopback,
-through canary/dns.py) for the name, keeps the answer for its TTL, and sends its requests to
-that address. With pickwrandom every fresh answer is a weighted draw, so across clients the
+through canary/dnsquery.py) for the name, keeps the answer for its TTL, and sends its requests
+to that address. With pickwrandom every fresh answer is a weighted draw, so across clients the
 split follows the weights, and when a failover rewrites the record every client moves within
 one TTL of the write.
 
@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from canary.clusters.dns import DnsError, query
+from canary.dnsquery import DnsError, query
 
 __all__ = ["DnsLoadGenerator", "Sent"]
 

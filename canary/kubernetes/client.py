@@ -56,6 +56,8 @@ import aiohttp
 from kubernetes_asyncio import client as k8s
 from kubernetes_asyncio import config as k8s_config
 
+import canary.retry
+
 __all__ = [
     "API_CALLS",
     "OWN_NAMESPACE_RESOURCES",
@@ -155,27 +157,33 @@ class RetryPolicy:
         base = min(self.max_delay_s, self.initial_delay_s * 2 ** (attempt - 1))
         return float(base / 2 + random.uniform(0, base / 2))
 
+    def retry_policy(self) -> canary.retry.RetryPolicy:
+        """The same bounds for the shared retry helper: the wait before retry n lies within
+        [b/2, b] for b = min(max_delay_s, initial_delay_s * 2 ** (n - 1)), as `backoff`'s."""
+        return canary.retry.RetryPolicy(
+            attempts=self.attempts,
+            wait_initial_s=self.initial_delay_s / 2,
+            wait_max_s=self.max_delay_s,
+            wait_jitter_s=self.initial_delay_s / 2,
+            max_retry_after_s=self.max_retry_after_s,
+        )
+
 
 async def with_retries(call: Callable[[], Awaitable[T]], *, policy: RetryPolicy, what: str) -> T:
     """Run `call`, retrying `_Transient` failures under `policy`; raise Unavailable at the end.
     `what` names the call in log lines; the failures' messages name it already."""
-    for attempt in range(1, policy.attempts + 1):
-        try:
-            return await call()
-        except _Transient as exc:
-            if attempt == policy.attempts:
-                raise Unavailable(f"{exc} (gave up after {attempt} attempts)") from exc
-            delay = policy.backoff(attempt)
-            if exc.retry_after is not None:
-                if exc.retry_after > policy.max_retry_after_s:
-                    raise Unavailable(
-                        f"{exc}; server asks to retry after {exc.retry_after:g}s, "
-                        f"more than the {policy.max_retry_after_s:g}s allowed"
-                    ) from exc
-                delay = max(delay, exc.retry_after)
-            log.debug("%s: %s; retry %d in %.2fs", what, exc, attempt, delay)
-            await asyncio.sleep(delay)
-    raise AssertionError("unreachable")  # pragma: no cover
+    try:
+        return await canary.retry.retrying(
+            call,
+            policy=policy.retry_policy(),
+            on=_Transient,
+            retry_after=lambda exc: exc.retry_after,
+            what=what,
+        )
+    except canary.retry.RetryAfterTooLong as exc:
+        raise Unavailable(str(exc)) from exc.error
+    except _Transient as exc:
+        raise Unavailable(f"{exc} (gave up after {policy.attempts} attempts)") from exc
 
 
 # -- the calls the adapter makes (RBAC is derived from and tested against this) ---------

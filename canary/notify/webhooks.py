@@ -33,6 +33,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from canary.core.records import EndEntry, Entry, FailoverEntry, ManualEntry, StartEntry
+from canary.retry import RetryPolicy, retrying
 
 __all__ = [
     "EVENT_KINDS",
@@ -61,6 +62,16 @@ _MAX_BACKOFF_S = 30.0
 
 class NotifierError(RuntimeError):
     """The notifier was used where it cannot work."""
+
+
+class _Failed(Exception):
+    """One delivery attempt that failed in a way worth another: 429, 5xx, no answer."""
+
+    def __init__(self, status: int | None, error: str, *, retry_after: float | None = None) -> None:
+        super().__init__(error)
+        self.status = status
+        self.error = error
+        self.retry_after = retry_after
 
 
 class WebhookConfig(BaseModel):
@@ -345,11 +356,11 @@ class Notifier:
     async def _deliver(
         self, hook: WebhookConfig, notification: Notification, payload: dict[str, Any]
     ) -> DeliveryResult:
-        status: int | None = None
-        error: str | None = None
-        attempt = 0
-        for attempt in range(1, hook.max_attempts + 1):
-            retry_after: float | None = None
+        attempts = 0
+
+        async def attempt() -> DeliveryResult:
+            nonlocal attempts
+            attempts += 1
             try:
                 session = await self._get_session()
                 async with session.post(
@@ -360,23 +371,35 @@ class Notifier:
                     status = response.status
                     body = (await response.text())[:200]
                     if 200 <= status < 300:
-                        return self._result(hook, notification, attempt, status, None)
+                        return self._result(hook, notification, attempts, status, None)
                     error = f"HTTP {status}: {body.strip()}" if body.strip() else f"HTTP {status}"
                     if status != 429 and status < 500:
                         # The receiver refused the request itself; sending it again won't help.
-                        break
+                        return self._result(hook, notification, attempts, status, error)
                     retry_after = _retry_after(response.headers.get("Retry-After"))
             except TimeoutError:
-                status, error = None, f"no answer within {hook.timeout_s}s"
+                raise _Failed(None, f"no answer within {hook.timeout_s}s") from None
             except aiohttp.ClientError as exc:
-                status, error = None, f"{type(exc).__name__}: {exc}"
+                raise _Failed(None, f"{type(exc).__name__}: {exc}") from None
             except Exception as exc:  # anything else is still a failed delivery, not a crash
                 log.exception("webhook %s: unexpected error", _redact(hook.url))
-                return self._result(hook, notification, attempt, None, f"{type(exc).__name__}")
-            if attempt < hook.max_attempts:
-                backoff = hook.backoff_s * 2 ** (attempt - 1)
-                await asyncio.sleep(min(max(backoff, retry_after or 0.0), _MAX_BACKOFF_S))
-        return self._result(hook, notification, attempt, status, error)
+                return self._result(hook, notification, attempts, None, f"{type(exc).__name__}")
+            raise _Failed(status, error, retry_after=retry_after)
+
+        try:
+            return await retrying(
+                attempt,
+                policy=RetryPolicy(
+                    attempts=hook.max_attempts,
+                    wait_initial_s=hook.backoff_s,
+                    wait_max_s=_MAX_BACKOFF_S,
+                ),
+                on=_Failed,
+                retry_after=lambda failed: failed.retry_after,
+                what=f"webhook {_redact(hook.url)}",
+            )
+        except _Failed as failed:
+            return self._result(hook, notification, attempts, failed.status, failed.error)
 
     def _result(
         self,

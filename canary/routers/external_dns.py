@@ -22,6 +22,7 @@ import ipaddress
 from typing import Any, Literal
 
 from canary.kubernetes.client import Conflict, Kube, KubeError, NotFound, Unavailable
+from canary.retry import ONCE_MORE, retrying
 from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
 
 __all__ = [
@@ -193,17 +194,12 @@ class ExternalDNSRouter:
         return self._body([self._entry(side, weight)])
 
     async def _write_endpoint(self, side: ClusterSide, body: JSON, command: str) -> None:
-        for attempt in (1, 2):  # one retry on Conflict: someone wrote in between
+        async def write() -> None:
             try:
                 current = await side.kube.get_dnsendpoint(self.namespace, self.object_name)
             except NotFound:
-                try:
-                    await side.kube.create_dnsendpoint(self.namespace, body)
-                    return
-                except Conflict:
-                    if attempt == 2:
-                        raise
-                    continue
+                await side.kube.create_dnsendpoint(self.namespace, body)
+                return
             labels = (current.get("metadata") or {}).get("labels") or {}
             if labels.get("app.kubernetes.io/managed-by") != "canary":
                 raise RouterRejected(
@@ -211,17 +207,15 @@ class ExternalDNSRouter:
                     f"{self._where()} exists and is not managed by canary (label "
                     "app.kubernetes.io/managed-by=canary); refusing to overwrite it",
                 )
-            try:
-                await side.kube.patch_dnsendpoint(
-                    self.namespace,
-                    self.object_name,
-                    {"spec": body["spec"]},
-                    resource_version=current["metadata"]["resourceVersion"],
-                )
-                return
-            except Conflict:
-                if attempt == 2:
-                    raise
+            await side.kube.patch_dnsendpoint(
+                self.namespace,
+                self.object_name,
+                {"spec": body["spec"]},
+                resource_version=current["metadata"]["resourceVersion"],
+            )
+
+        # A Conflict: someone wrote (or created it) between our read and our write.
+        await retrying(write, policy=ONCE_MORE, on=Conflict, what=command)
 
     # ---- reading back -----------------------------------------------------------------
 

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from canary.kubernetes.client import Conflict, Kube, KubeError, Unavailable
+from canary.retry import ONCE_MORE, retrying
 from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
 
 __all__ = ["GatewayApiRouter", "RouteNotReady"]
@@ -104,25 +105,26 @@ class GatewayApiRouter:
         if not 0 <= canary_percent <= 100:
             raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
         command = f"set {self._where} canary weight {canary_percent}"
-        for attempt in (1, 2):
-            try:
-                route = await self.kube.get_httproute(self.namespace, self.route)
-                rules = self.weighted_rules(route, canary_percent)
-                if rules == (route.get("spec") or {}).get("rules"):
-                    return  # already there; nothing for the gateway to catch up with
-                written = await self.kube.patch_httproute(
-                    self.namespace,
-                    self.route,
-                    {"spec": {"rules": rules}},
-                    resource_version=route["metadata"]["resourceVersion"],
-                )
-                break
-            except Conflict as exc:
-                if attempt == 2:
-                    raise _router_error(command, exc) from exc
-            except KubeError as exc:
-                raise _router_error(command, exc) from exc
-        await self._settle(int(written["metadata"].get("generation") or 0))
+
+        async def write() -> JSON | None:
+            route = await self.kube.get_httproute(self.namespace, self.route)
+            rules = self.weighted_rules(route, canary_percent)
+            if rules == (route.get("spec") or {}).get("rules"):
+                return None  # already there; nothing for the gateway to catch up with
+            return await self.kube.patch_httproute(
+                self.namespace,
+                self.route,
+                {"spec": {"rules": rules}},
+                resource_version=route["metadata"]["resourceVersion"],
+            )
+
+        try:
+            # A Conflict: someone wrote between our read and our write; read again.
+            written = await retrying(write, policy=ONCE_MORE, on=Conflict, what=command)
+        except KubeError as exc:
+            raise _router_error(command, exc) from exc
+        if written is not None:
+            await self._settle(int(written["metadata"].get("generation") or 0))
 
     async def _settle(self, generation: int) -> None:
         """Wait until every parent's status has seen `generation` (or time runs out)."""

@@ -16,6 +16,7 @@ import copy
 from typing import Any
 
 from canary.kubernetes.client import Conflict, Kube, KubeError, NotFound, Unavailable
+from canary.retry import ONCE_MORE, retrying
 from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
 
 __all__ = ["CANARY_ANNOTATION", "WEIGHT_ANNOTATION", "IngressNginxRouter"]
@@ -124,40 +125,37 @@ class IngressNginxRouter:
         if not 0 <= canary_percent <= 100:
             raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
         command = f"set {self._where(self.canary_ingress)} canary-weight {canary_percent}"
-        # One retry on Conflict: someone wrote in between our read and our write.
-        for attempt in (1, 2):
+
+        async def write() -> None:
+            user = await self.kube.get_ingress(self.namespace, self.ingress)
+            body = self.desired(user, canary_percent)
             try:
-                user = await self.kube.get_ingress(self.namespace, self.ingress)
-                body = self.desired(user, canary_percent)
-                try:
-                    current = await self.kube.get_ingress(self.namespace, self.canary_ingress)
-                except NotFound:
-                    await self.kube.create_ingress(self.namespace, body)
-                    return
-                self._check_ours(current)
-                old_annotations = (current.get("metadata") or {}).get("annotations") or {}
-                # A merge patch keeps keys it does not name: drop ones no longer wanted.
-                annotations: dict[str, str | None] = {k: None for k in old_annotations}
-                annotations.update(body["metadata"]["annotations"])
-                await self.kube.patch_ingress(
-                    self.namespace,
-                    self.canary_ingress,
-                    {
-                        "metadata": {"annotations": annotations, "labels": MANAGED_BY},
-                        "spec": body["spec"],
-                    },
-                    resource_version=current["metadata"]["resourceVersion"],
-                )
+                current = await self.kube.get_ingress(self.namespace, self.canary_ingress)
+            except NotFound:
+                await self.kube.create_ingress(self.namespace, body)
                 return
-            except Conflict as exc:
-                if attempt == 2:
-                    raise _router_error(command, exc) from exc
-            except NotFound as exc:
-                raise RouterRejected(
-                    command, f"{self._where(self.ingress)} not found: {exc}"
-                ) from exc
-            except KubeError as exc:
-                raise _router_error(command, exc) from exc
+            self._check_ours(current)
+            old_annotations = (current.get("metadata") or {}).get("annotations") or {}
+            # A merge patch keeps keys it does not name: drop ones no longer wanted.
+            annotations: dict[str, str | None] = {k: None for k in old_annotations}
+            annotations.update(body["metadata"]["annotations"])
+            await self.kube.patch_ingress(
+                self.namespace,
+                self.canary_ingress,
+                {
+                    "metadata": {"annotations": annotations, "labels": MANAGED_BY},
+                    "spec": body["spec"],
+                },
+                resource_version=current["metadata"]["resourceVersion"],
+            )
+
+        try:
+            # A Conflict: someone wrote between our read and our write; read again.
+            await retrying(write, policy=ONCE_MORE, on=Conflict, what=command)
+        except NotFound as exc:
+            raise RouterRejected(command, f"{self._where(self.ingress)} not found: {exc}") from exc
+        except KubeError as exc:
+            raise _router_error(command, exc) from exc
 
     def _check_ours(self, current: JSON) -> None:
         labels = (current.get("metadata") or {}).get("labels") or {}

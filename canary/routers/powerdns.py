@@ -24,8 +24,8 @@ from typing import Any
 
 import aiohttp
 
-from canary.clusters.dns import DnsError
-from canary.clusters.dns import query as dns_query
+from canary.dnsquery import DnsError
+from canary.dnsquery import query as dns_query
 from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
 
 __all__ = ["PowerDNSRouter", "build_lua", "parse_lua"]

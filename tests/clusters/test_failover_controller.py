@@ -14,7 +14,6 @@ import pytest
 from aiohttp import web
 from support.pdns import API_KEY, PdnsServer, free_port, pdns
 
-from canary.clusters.dns import query
 from canary.clusters.failover_controller import (
     FailoverController,
     FailoverRefused,
@@ -24,6 +23,7 @@ from canary.clusters.failover_controller import (
 from canary.clusters.health import EntryPointHealth, HealthMonitor, http_check
 from canary.core.failover import FailoverCommand, FailoverPolicy, FailoverState, Mode, Probe
 from canary.core.records import read_record
+from canary.dnsquery import query
 from canary.routers.powerdns import PowerDNSRouter
 
 __all__ = ["pdns"]

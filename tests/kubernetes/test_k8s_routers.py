@@ -312,3 +312,39 @@ async def test_route_without_our_services_is_rejected(api: KubeEmulator, kube: K
     api.put(*ROUTES, route)
     with pytest.raises(RouterRejected, match="no rule with a backendRef"):
         await route_router(kube).set_weight(10)
+
+
+# -- a guarded write that meets another writer --------------------------------------------
+
+
+async def test_ingress_conflict_is_retried_once_after_a_re_read(
+    api: KubeEmulator, kube: Kube
+) -> None:
+    """A 409 on the guarded patch (someone wrote in between): read again, write again. A
+    second 409 in a row is reported, not retried again."""
+    api.put(*INGRESSES, user_ingress())
+    router = ingress_router(kube)
+    await router.set_weight(10)  # creates app-canary
+    api.inject(409, verb="patch", resource="ingresses")
+    await router.set_weight(20)
+    assert await router.get_weight() == 20
+    assert [r.status for r in api.recorded(verb="patch", resource="ingresses")] == [409, 200]
+    api.inject(409, times=2, verb="patch", resource="ingresses")
+    with pytest.raises(RouterRejected, match="HTTP 409"):
+        await router.set_weight(30)
+    assert len(api.recorded(verb="patch", resource="ingresses")) == 4
+
+
+async def test_httproute_conflict_is_retried_once_after_a_re_read(
+    api: KubeEmulator, kube: Kube, gateway: dict[str, Any]
+) -> None:
+    """A 409 on the HTTPRoute patch: read again, write again; a second 409 is reported."""
+    api.put(*ROUTES, http_route())
+    router = route_router(kube)
+    api.inject(409, verb="patch", resource="httproutes")
+    assert await set_and_verify(router, 20) == 20
+    assert [r.status for r in api.recorded(verb="patch", resource="httproutes")] == [409, 200]
+    api.inject(409, times=2, verb="patch", resource="httproutes")
+    with pytest.raises(RouterRejected, match="HTTP 409"):
+        await router.set_weight(40)
+    assert len(api.recorded(verb="patch", resource="httproutes")) == 4

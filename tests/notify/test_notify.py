@@ -32,6 +32,7 @@ class Receiver:
 
     url: str = ""
     statuses: list[int] = field(default_factory=list)  # consumed per request; then 200
+    retry_after: list[str] = field(default_factory=list)  # Retry-After headers, likewise
     hang: asyncio.Event | None = None  # when set: never answer until released
     received: list[dict[str, Any]] = field(default_factory=list)
     arrived: asyncio.Event = field(default_factory=asyncio.Event)
@@ -42,7 +43,8 @@ class Receiver:
         if self.hang is not None:
             await self.hang.wait()
         status = self.statuses.pop(0) if self.statuses else 200
-        return web.Response(status=status, text="nope" if status >= 400 else "ok")
+        headers = {"Retry-After": self.retry_after.pop(0)} if self.retry_after else None
+        return web.Response(status=status, text="nope" if status >= 400 else "ok", headers=headers)
 
 
 @pytest.fixture
@@ -213,6 +215,29 @@ async def test_retries_are_bounded(receiver: Receiver) -> None:
     assert not result.ok and result.attempts == 3
     assert result.status == 500 and result.error == "HTTP 500: nope"
     assert len(receiver.received) == 3
+
+
+async def test_retry_after_is_honoured_and_capped(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A 429's Retry-After sets the wait before the next post (not the 0.01 s backoff), and a
+    Retry-After of an hour waits only the 30 s cap. Waits are recorded here, not slept."""
+    waits: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def sleep(delay: float) -> None:
+        waits.append(delay)
+        await real_sleep(0)
+
+    monkeypatch.setattr(asyncio, "sleep", sleep)
+    receiver.statuses = [429, 503]
+    receiver.retry_after = ["2", "3600"]
+    async with Notifier([_hook(receiver.url, max_attempts=3)]) as notifier:
+        notifier.notify(_notification())
+        assert await notifier.wait(timeout_s=10)
+    [result] = notifier.deliveries
+    assert result.ok and result.attempts == 3
+    assert [w for w in waits if w > 0.1] == [2.0, 30.0]
 
 
 async def test_client_error_is_not_retried(receiver: Receiver) -> None:

@@ -212,3 +212,21 @@ async def test_both_records_in_the_canary_cluster_need_nothing_from_the_primary(
             dns_name="shop.example.com",
             placement="canary",
         )
+
+
+async def test_a_dnsendpoint_conflict_is_retried_once_after_a_re_read(
+    clusters: tuple[Cluster, Cluster],
+) -> None:
+    """A 409 on the guarded DNSEndpoint patch (someone wrote in between): read again, write
+    again. A second 409 in a row is reported as the router's error, not retried again."""
+    router = make_router(clusters, mode="dnsendpoint")
+    await set_and_verify(router, 25)  # creates both
+    canary_api = clusters[1].api
+    canary_api.inject(409, verb="patch", resource="dnsendpoints")
+    assert await set_and_verify(router, 50) == 50
+    patches = canary_api.recorded(verb="patch", resource="dnsendpoints")
+    assert [r.status for r in patches] == [409, 200]
+    canary_api.inject(409, times=2, verb="patch", resource="dnsendpoints")
+    with pytest.raises(RouterRejected, match="HTTP 409"):
+        await router.set_weight(75)
+    assert len(canary_api.recorded(verb="patch", resource="dnsendpoints")) == 4

@@ -9,7 +9,7 @@ import aiohttp
 import pytest
 from support.pdns import API_KEY, PdnsServer, free_port, pdns
 
-from canary.clusters.dns import query
+from canary.dnsquery import query
 from canary.routers import RouterError, RouterRejected, RouterUnreachable, set_and_verify
 from canary.routers.powerdns import PowerDNSRouter, build_lua, parse_lua
 
