@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from test_runner import SPEC, TICK_S, Clock, FakeMetrics, FakeRouter
@@ -70,5 +71,5 @@ async def test_rollout_keeps_its_pace_when_the_wall_clock_steps(tmp_path: Path) 
     times = [e.at for e in transitions]
     assert times == sorted(times)  # the record's times never go back
     steps = [e for e in transitions if e.to_phase == "Progressing"][1:]
-    gaps = [b.at - a.at for a, b in zip(steps, steps[1:], strict=False)]
+    gaps = [b.at - a.at for a, b in itertools.pairwise(steps)]
     assert all(SPEC.min_step_s <= gap <= SPEC.min_step_s + 30 for gap in gaps), gaps
