@@ -145,11 +145,21 @@ def _report_routes(record_dir: Path) -> list[Callable[[Any], None]]:
 
 async def _run(configs: Sequence[Any], host: str, port: int, *, fresh: bool = False) -> int:
     from canary.notify.webhooks import Notifier
-    from canary.runner import Controller, run_until_signalled
+    from canary.runner import Controller, ResumeError, StateLocked, run_until_signalled
     from canary.server.app import Server, make_app
     from canary.static.targets import BadTarget, build_runner
 
     runners = [build_runner(config, fresh=fresh) for config in configs]
+    # Refuse before anything moves: another controller holds a rollout, or a saved one
+    # cannot be read back (never a silent new rollout).
+    try:
+        for runner in runners:
+            await runner.prepare()
+    except (StateLocked, ResumeError) as exc:
+        for runner in runners:
+            if runner.store is not None:
+                await runner.store.release()
+        raise BadTarget(str(exc)) from None
     # One notifier per target: each config names its own webhooks.
     notifiers: list[Notifier] = []
     for runner, config in zip(runners, configs, strict=True):

@@ -284,6 +284,12 @@ class AnnotationStore:
     def __str__(self) -> str:
         return f"the {ANNOTATION_STATUS} annotation of {self.worker.name}"
 
+    async def acquire(self) -> None:
+        return None  # the Lease makes this replica the only one acting
+
+    async def release(self) -> None:
+        return None
+
     async def load(self) -> SavedRollout | None:
         return self.resume
 

@@ -83,6 +83,7 @@ from canary.runner.seams import (
     RecordOpener,
     RecordSink,
     RecordWriteError,
+    ResumeError,
     SavedRollout,
     StateStore,
     Workload,
@@ -103,6 +104,8 @@ log = logging.getLogger("canary.runner")
 _MAX_ACTIONS_PER_EVENT = 64
 # TickEntry fields a tick hook may fill in.
 _HOOK_FIELDS = frozenset({"observed_canary_share"})
+# A pause between looks longer than this (and than 3 ticks) is marked in the record.
+_GAP_NOTED_S = 5.0
 _FINISH_REASONS = {"promoted": "Promoted", "rolled_back": "RolledBack"}
 
 
@@ -217,6 +220,9 @@ class RolloutRunner:
         self._rollout_id = ""
         self._started_at = 0.0
         self._pending_revision: str | None = None
+        self._prepared = False
+        self._last_look: float | None = None  # monotonic time of the last tick
+        self._resumable: SavedRollout | None = None
 
     # ---- public -------------------------------------------------------------------------
 
@@ -266,13 +272,40 @@ class RolloutRunner:
         data.update(self.labels)
         return data
 
-    async def run(self) -> RolloutStatus:
-        """Start (or resume) the rollout and run it to its end. Cancel to stop it: weights
-        stay where they are."""
+    async def prepare(self) -> None:
+        """Take the rollout's lock and read what a restart resumes, before anything moves:
+        raises StateLocked (another controller runs it) or ResumeError (a saved rollout that
+        cannot be read back). run() calls it; a supervisor may call it first to refuse to
+        start. Idempotent."""
+        if self._prepared:
+            return
         if self.store is None and self.status_path is not None:
             self.store = FileStateStore(self.status_path, resume=self.resume_saved)
         if self.records is None:
             self.records = FileRecords(self.record_path)
+        if self.store is not None:
+            await self.store.acquire()
+            try:
+                self._resumable = await self.store.load()
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                await self.store.release()
+                raise ResumeError(
+                    f"{self.name}: cannot resume from {self.store}: {exc}; nothing was changed "
+                    "(start a new rollout on purpose with --fresh)"
+                ) from exc
+        self._prepared = True
+
+    async def run(self) -> RolloutStatus:
+        """Start (or resume) the rollout and run it to its end. Cancel to stop it: weights
+        stay where they are."""
+        await self.prepare()
+        try:
+            return await self._run()
+        finally:
+            if self.store is not None:
+                await self.store.release()
+
+    async def _run(self) -> RolloutStatus:
         self._started_at = self.clock()
         try:
             if not await self._resume():
@@ -355,6 +388,16 @@ class RolloutRunner:
 
     async def _tick(self) -> None:
         now = self.clock()
+        looked = time.monotonic()
+        gap = looked - self._last_look if self._last_look is not None else 0.0
+        self._last_look = looked
+        if gap > max(3 * self.tick_s, _GAP_NOTED_S):
+            # Marked in the record (and so in the report): the analysis did not look meanwhile.
+            await self._note(
+                "warning",
+                f"no look for {gap:.0f}s (one every {self.tick_s:g}s expected): the controller "
+                "was stalled or suspended",
+            )
         weight_read: int | None = None
         router_error: str | None = None
         try:
@@ -614,13 +657,7 @@ class RolloutRunner:
     async def _resume(self) -> bool:
         """Continue a saved, unfinished rollout: same record, same step, evidence replayed.
         False when there is nothing to resume (or it cannot be read: then say so and start)."""
-        if self.store is None:
-            return False
-        try:
-            saved = await self.store.load()
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            log.warning("%s: cannot resume from %s: %s", self.name, self.store, exc)
-            return False
+        saved = self._resumable
         if saved is None:
             return False
         assert self.records is not None
@@ -634,15 +671,20 @@ class RolloutRunner:
         try:
             entries = await self.record.read()
         except (OSError, ValueError, RecordWriteError) as exc:
-            log.warning("%s: record %s unreadable, analysis restarts: %s", self.name, self.record.label, exc)
-            entries = []
+            raise ResumeError(
+                f"{self.name}: the saved rollout's record {self.record.label} cannot be read: "
+                f"{exc}; nothing was changed (start a new rollout on purpose with --fresh)"
+            ) from exc
         replayed = self._replay_record(entries)
         status = self.status
         by = f" by {self.identity}" if self.identity else ""
+        last = max((e.at for e in entries if isinstance(e, TickEntry)), default=None)
+        gap = f"; no look for {self.clock() - last:.0f}s before" if last is not None else ""
         await self._note(
             "info",
-            f"resumed{by} during {status.phase.value} at step {status.step} ({status.weight}% "
-            f"wanted); {replayed} ticks of evidence replayed into a fresh analysis",
+            f"resumed{by} during {status.phase.value} at step {status.step} "
+            f"({status.weight}% wanted); {replayed} ticks of evidence replayed into a fresh "
+            f"analysis{gap}",
         )
         if self.telemetry is not None:
             self.telemetry.show(self.name, status)
@@ -713,6 +755,10 @@ class RolloutRunner:
             except (OSError, RecordWriteError) as exc:  # a full disk must not strand traffic
                 log.error("%s: cannot append to %s: %s", self.name, self.record.label, exc)
                 self._count_error("record")
+                self.record_error = f"could not append to {self.record.label}: {exc}"
+            else:
+                if self.record_error.startswith("could not append"):
+                    self.record_error = ""
         self._observe(entry)
 
     async def _flush_record(self, *, force: bool = False) -> None:

@@ -35,7 +35,9 @@ __all__ = [
     "RecordOpener",
     "RecordSink",
     "RecordWriteError",
+    "ResumeError",
     "SavedRollout",
+    "StateLocked",
     "StateStore",
     "TrafficRouter",
     "Workload",
@@ -45,6 +47,15 @@ __all__ = [
 class NotActing(Exception):
     """Raised by a runner's guard: this process may not act on the rollout any more (it lost
     the Lease). The runner stops at once and writes nothing more."""
+
+
+class StateLocked(Exception):
+    """Another controller runs this rollout (it holds the state's lock): refuse to start."""
+
+
+class ResumeError(Exception):
+    """A saved, unfinished rollout exists but cannot be read back: refuse to start rather
+    than begin a new rollout silently (`canary run --fresh` starts a new one on purpose)."""
 
 
 class RecordWriteError(Exception):
@@ -63,7 +74,15 @@ class SavedRollout:
 
 
 class StateStore(Protocol):
-    """Where the runner's status is persisted, before every action that changes traffic."""
+    """Where the runner's status is persisted, before every action that changes traffic.
+
+    `acquire` makes this process the rollout's only controller until `release` (a file lock;
+    in Kubernetes the Lease does it, so there it is a no-op) or raises StateLocked saying
+    who holds it."""
+
+    async def acquire(self) -> None: ...
+
+    async def release(self) -> None: ...
 
     async def load(self) -> SavedRollout | None:
         """The unfinished rollout to resume, or None to start a new one. Raises ValueError

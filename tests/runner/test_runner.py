@@ -32,6 +32,7 @@ from canary.metrics.prometheus import ArmsCounts, MetricsResult, NoData
 from canary.routers.base import RouterUnreachable
 from canary.runner import (
     Controller,
+    ResumeError,
     RolloutRunner,
     TickReport,
     run_until_signalled,
@@ -537,13 +538,19 @@ async def test_fresh_start_ignores_an_unfinished_saved_rollout(tmp_path: Path) -
     assert router.sets[-2:] == [5, 100]
 
 
-async def test_unreadable_saved_status_is_not_fatal(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """A corrupt status file is reported in the log and a new rollout starts."""
-    runner, _, _ = make_runner(tmp_path, spec=SPEC.model_copy(update={"steps": (5,)}))
+async def test_unreadable_saved_status_refuses_to_start(tmp_path: Path) -> None:
+    """A corrupt status file is a loud error naming the file, and nothing moves: never a
+    silent new rollout (issue 11). `resume_saved=False` (`--fresh`) starts one on purpose."""
+    runner, router, _ = make_runner(tmp_path, spec=SPEC.model_copy(update={"steps": (5,)}))
     runner.status_path = tmp_path / "app.status.json"
     runner.status_path.write_text("{not json")
-    await Controller([runner]).run()
-    assert runner.status.phase is Phase.SUCCEEDED
-    assert "cannot resume from" in caplog.text
+    with pytest.raises(ResumeError, match=r"app\.status\.json.*--fresh"):
+        await runner.run()
+    assert router.sets == [] and not runner.record_path.exists()
+    assert runner.status_path.read_text() == "{not json"
+
+    fresh, _, _ = make_runner(tmp_path, spec=SPEC.model_copy(update={"steps": (5,)}))
+    fresh.status_path = runner.status_path
+    fresh.resume_saved = False
+    await Controller([fresh]).run()
+    assert fresh.status.phase is Phase.SUCCEEDED

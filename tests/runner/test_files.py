@@ -1,0 +1,114 @@
+"""File-backed state and records: one controller per rollout, and records a full disk cannot tear."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_runner import make_runner
+
+from canary.core.records import RecordError, TickEntry, read_record
+from canary.core.rollout import Phase
+from canary.reports import build_report
+from canary.runner import Controller, FileStateStore, RecordWriter, StateLocked
+from canary.runner.files import cut_torn_tail
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_a_torn_last_line_is_cut_back_to_the_last_whole_line(tmp_path: Path) -> None:
+    """Only the bytes after the last newline go; whole lines and empty files are left alone."""
+    path = tmp_path / "r.jsonl"
+    path.write_bytes(b'{"a":1}\n{"b":2}\n{"c":')
+    assert cut_torn_tail(path) == 5 and path.read_bytes() == b'{"a":1}\n{"b":2}\n'
+    assert cut_torn_tail(path) == 0 and path.read_bytes() == b'{"a":1}\n{"b":2}\n'
+    path.write_bytes(b"no newline at all")
+    assert cut_torn_tail(path) == 17 and path.read_bytes() == b""
+    assert cut_torn_tail(path) == 0
+
+
+async def test_a_full_disk_mid_line_leaves_a_readable_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write that stops half-way (ENOSPC) is counted and shown; the next append cuts the
+    torn half first, so the rollout carries on, the record reads back whole, and its report
+    builds. (Before: the next entry was glued to the torn one and the record was unreadable.)"""
+    writes = 0
+    original = RecordWriter._write
+
+    def flaky(self: RecordWriter, handle: Any, data: bytes) -> None:
+        nonlocal writes
+        writes += 1
+        if writes in (6, 7):
+            handle.write(data[: len(data) // 2])
+            handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        original(self, handle, data)
+
+    monkeypatch.setattr(RecordWriter, "_write", flaky)
+    runner, _, _ = make_runner(tmp_path)
+    statuses = await Controller([runner]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED
+    assert runner.record_error == ""  # cleared by the appends that worked afterwards
+    entries = read_record(runner.record_path)
+    assert sum(isinstance(e, TickEntry) for e in entries) >= 10
+    text = runner.record_path.read_text()
+    assert text.endswith("\n") and all(line.startswith("{") for line in text.splitlines())
+    build_report([json.loads(line) for line in text.splitlines()])
+
+
+def test_a_glued_line_is_what_the_cut_prevents(tmp_path: Path) -> None:
+    """The failure mode itself: a torn line followed by a whole one is an unreadable record."""
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"kind":"no')  # torn by a full disk
+    with path.open("a") as handle:  # appended without the cut
+        handle.write('{"kind":"note"}\n{"kind":"note"}\n')
+    with pytest.raises(RecordError):
+        read_record(path)
+
+
+async def test_a_second_controller_on_the_same_rollout_is_refused(tmp_path: Path) -> None:
+    """Two runners on one status file: the second cannot take the lock and says who holds
+    it; once the first is done, the lock is free again."""
+    first, _, _ = make_runner(tmp_path)
+    first.status_path = tmp_path / "app.status.json"
+    await first.prepare()
+    second, _, _ = make_runner(tmp_path)
+    second.status_path = first.status_path
+    with pytest.raises(StateLocked, match=rf"pid {os.getpid()} on "):
+        await second.prepare()
+    statuses = await Controller([first]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED
+    third = FileStateStore(first.status_path)
+    await third.acquire()
+    await third.release()
+
+
+def test_canary_run_refuses_a_target_another_process_runs(tmp_path: Path) -> None:
+    """`canary run` on a target whose lock another process holds exits 2 naming the holder,
+    before it touches HAProxy (the socket here does not even exist)."""
+    config = tmp_path / "rollout.yaml"
+    text = (ROOT / "examples" / "rollout.yaml").read_text()
+    config.write_text(text.replace("record_dir: records", f"record_dir: {tmp_path / 'records'}"))
+    store = FileStateStore(tmp_path / "records" / "checkout.status.json")
+    store._acquire_blocking()
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "canary", "run", "--config", str(config), "--listen", "127.0.0.1:0"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            cwd=ROOT,
+        )
+    finally:
+        os.close(store._lock_fd)  # type: ignore[arg-type]
+    assert result.returncode == 2, result.stderr
+    assert f"in use by pid {os.getpid()}" in result.stderr and "one controller per rollout" in result.stderr
+    assert not list((tmp_path / "records").glob("*.jsonl"))
