@@ -95,7 +95,14 @@ from canary.metrics.prometheus import (
 from canary.notify.webhooks import Notifier
 from canary.retry import ONCE_MORE, retrying
 from canary.routers.base import RouterError, TrafficRouter, set_and_verify
-from canary.runner import AnalyzerLike, CommandResult, RecordWriter, RolloutRunner, Telemetry
+from canary.runner import (
+    AnalyzerLike,
+    CommandResult,
+    FileStateStore,
+    RecordWriter,
+    RolloutRunner,
+    Telemetry,
+)
 
 __all__ = [
     "ENABLED_ANNOTATION",
@@ -435,9 +442,31 @@ class CrossClusterRollouts:
                 "info", f"steady-state weights restored: {wanted}% to the canary cluster"
             )
 
+    async def _saved_state(self, revision: str) -> FileStateStore:
+        """The service's status file: resumed when it holds an unfinished rollout of this
+        very revision (a restarted controller carries on where it was); otherwise the
+        rollout starts anew, and says why when a saved state could not be read."""
+        path = self.record_dir / f"{self.service.name}.status.json"
+        store = FileStateStore(path)
+        try:
+            saved = await store.load()
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            saved = None
+            message = f"saved rollout state {path} unreadable ({exc}): {revision} starts anew"
+            await self._note("warning", message)
+            await self._event("Warning", "ResumeFailed", message)
+        store.resume = saved is not None and saved.status.revision == revision
+        if saved is not None and not store.resume:
+            await self._note(
+                "info",
+                f"the unfinished rollout of {saved.status.revision} is superseded by {revision}",
+            )
+        return store
+
     async def _rollout(self, revision: str, template: JSON, primary_template: JSON) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         name = self.service.name
+        store = await self._saved_state(revision)
 
         runner = RolloutRunner(
             name=name,
@@ -457,6 +486,7 @@ class CrossClusterRollouts:
                 "analysis": self.service.analysis,
             },
             workload=PrimaryClusterWorkload(self.pair, template),
+            store=store,
             telemetry=self.telemetry,
         )
         if self.notifier is not None:

@@ -164,13 +164,28 @@ class Env:
 
 
 @contextlib.asynccontextmanager
-async def running(
-    pdns: PdnsServer, clusters: Clusters, tmp_path: Path, *, name: str
-) -> AsyncIterator[Env]:
-    topo = topology(pdns, clusters, tmp_path, name=name)
+async def emulated_clusters() -> AsyncIterator[tuple[KubeEmulator, KubeEmulator]]:
     async with KubeEmulator() as primary_api, KubeEmulator() as canary_api:
         primary_api.put("apps", "v1", "deployments", deployment("shop:1", annotated=False))
         canary_api.put("apps", "v1", "deployments", deployment("shop:1", annotated=True))
+        yield primary_api, canary_api
+
+
+@contextlib.asynccontextmanager
+async def running(
+    pdns: PdnsServer,
+    clusters: Clusters,
+    tmp_path: Path,
+    *,
+    name: str,
+    apis: tuple[KubeEmulator, KubeEmulator] | None = None,
+) -> AsyncIterator[Env]:
+    """The controller over two emulated clusters (new ones, or `apis` kept from a run before)."""
+    topo = topology(pdns, clusters, tmp_path, name=name)
+    async with contextlib.AsyncExitStack() as stack:
+        if apis is None:
+            apis = await stack.enter_async_context(emulated_clusters())
+        primary_api, canary_api = apis
         kubes = []
         for label, api in (("primary", primary_api), ("canary", canary_api)):
             path = api.write_kubeconfig(tmp_path / f"{label}.kubeconfig", context=label)
@@ -303,6 +318,50 @@ async def _finished(rollouts: Any) -> bool:
 
 async def _image_is(api: KubeEmulator, wanted: str) -> bool:
     return image(api) == wanted
+
+
+async def test_a_restarted_controller_resumes_the_cross_cluster_rollout(
+    pdns: PdnsServer, work: Path, procs: ProcessPool
+) -> None:
+    """Stopped mid-rollout and started again on the same clusters and record directory, the
+    controller carries on at the same step in the same record, and the rollout is promoted:
+    no step taken twice, no weight jump back to the first step (issue 11, point 11)."""
+    clusters = start_clusters(procs, work, canary_error_rate=0.0)
+    async with emulated_clusters() as apis:
+        async with running(pdns, clusters, work, name="resume", apis=apis) as env:
+            rollouts = env.controller.services["shop"].rollouts
+            assert rollouts is not None
+            router = env.controller.services["shop"].failover.router
+            await wait_for(lambda: _weight_is(router, 10), 10, "the steady 10%")
+            apis[1].put("apps", "v1", "deployments", deployment("shop:2", annotated=True))
+
+            async def looking_at_50() -> bool:
+                runner = rollouts.runner
+                return (
+                    runner is not None
+                    and runner.status.weight == 50
+                    and runner.status.weight_verified
+                    and runner.last_tick is not None
+                    and runner.last_tick.canary is not None
+                )
+
+            await wait_for(looking_at_50, 60, "the rollout looking at 50%")
+            assert rollouts.runner is not None
+            first_record = rollouts.runner.record_path
+            step_before = rollouts.runner.status.step
+        async with running(pdns, clusters, work, name="resume", apis=apis) as env:
+            rollouts = env.controller.services["shop"].rollouts
+            assert rollouts is not None
+            await wait_for(lambda: _finished(rollouts), 90, "the resumed rollout to end")
+            assert rollouts.finished[0][1] == "promoted", rollouts.state()
+            assert rollouts.runner is not None and rollouts.runner.record_path == first_record
+            assert image(apis[0]) == "shop:2"
+    entries = read_record(first_record)
+    assert sum(e.kind == "start" for e in entries) == 1 and entries[-1].kind == "end"
+    notes = [e.message for e in entries if e.kind == "note"]  # type: ignore[union-attr]
+    assert any(n.startswith(f"resumed during Progressing at step {step_before}") for n in notes), notes
+    steps = [e.step for e in entries if e.kind == "transition" and e.to_phase == "Progressing"]  # type: ignore[union-attr]
+    assert steps == sorted(steps) and len(steps) == len(set(steps)), steps
 
 
 def test_merge_replace_turns_old_into_new() -> None:
