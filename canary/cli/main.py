@@ -18,7 +18,7 @@ Why it is built this way:
   (imported only then), so the demo owns its flags and `canary` works without it.
 - **Static or cluster, as kubectl would.** `promote|abort|pause|resume|status` talk either to
   a running `canary run` over HTTP or to a cluster (`CLUSTER_MODULE`'s `manual_command(args)` /
-  `status(args)`). `target_mode` decides: `--server` means the static server; any of
+  `status(args)`). `common.target_mode` decides: `--server` means the static server; any of
   `--kubeconfig`, `--context`, `-n/--namespace` means a cluster; with neither, `$CANARY_SERVER`
   means the static server, and then, like kubectl's defaults, `$KUBECONFIG`, an existing
   `~/.kube/config` or a pod's service account (`$KUBERNETES_SERVICE_HOST`) mean a cluster;
@@ -42,36 +42,28 @@ import getpass
 import importlib
 import json
 import logging
-import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
-__all__ = [
-    "CLUSTER_MODULE",
-    "DEFAULT_LISTEN",
-    "EXIT_BAD_CONFIG",
-    "EXIT_FAILED",
-    "EXIT_OK",
-    "EXIT_STOPPED",
-    "PLUGINS",
-    "TargetMode",
-    "build_parser",
-    "main",
-    "parse_listen",
-    "target_mode",
-]
+from canary.cli.common import (
+    DEFAULT_LISTEN,
+    EXIT_BAD_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_UNKNOWN,
+    SERVER_ENV,
+    TARGET_RULE,
+    parse_listen,
+    server_url,
+    target_mode,
+)
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # rolled back / aborted; a refused command
-EXIT_BAD_CONFIG = 2  # also argparse's own usage errors
-EXIT_STOPPED = 3  # run: stopped before the end; commands: server unreachable
-EXIT_UNKNOWN = 4  # commands: no such rollout
+__all__ = ["CLUSTER_MODULE", "PLUGINS", "build_parser", "main"]
 
-DEFAULT_LISTEN = "127.0.0.1:9310"
-SERVER_ENV = "CANARY_SERVER"
 PLUGINS: tuple[str, ...] = ("canary.reports.pages", "canary.kubernetes.cli", "canary.clusters.multicluster")
 CLUSTER_MODULE = "canary.kubernetes.cli"
 # name -> (module, function, help): the module's function gets the raw remaining argv.
@@ -86,21 +78,6 @@ MANUAL = ("promote", "abort", "pause", "resume")
 
 log = logging.getLogger("canary.cli.main")
 Handler = Callable[[argparse.Namespace], int]
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 as [::1]:PORT). Raises ValueError naming what is wrong."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"--listen must be HOST:PORT, e.g. {DEFAULT_LISTEN}, got {text!r}")
-    host = host.removeprefix("[").removesuffix("]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"--listen port must be a number, got {port_text!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--listen port must be within 0..65535, got {port}")
-    return host, port
 
 
 # ---- run ----------------------------------------------------------------------------------
@@ -201,50 +178,6 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 # ---- manual commands and status, through the server or a cluster --------------------------
 
 
-TargetMode = Literal["server", "cluster"]
-_CLUSTER_FLAGS = (("kubeconfig", "--kubeconfig"), ("context", "--context"), ("namespace", "-n"))
-TARGET_RULE = (
-    "Where it goes: --server URL (or $CANARY_SERVER) is a running `canary run`; --kubeconfig, "
-    "--context or -n/--namespace is a cluster. With neither, as kubectl: a cluster when "
-    "$KUBECONFIG is set, ~/.kube/config exists or in a pod ($KUBERNETES_SERVICE_HOST), else "
-    f"the `canary run` at http://{DEFAULT_LISTEN}."
-)
-
-
-def target_mode(
-    args: argparse.Namespace, *, environ: Mapping[str, str] | None = None
-) -> tuple[TargetMode, str, bool]:
-    """(mode, why, chosen by default) for status and the manual commands.
-
-    Raises ValueError when --server and a cluster flag are both given."""
-    env = os.environ if environ is None else environ
-    flags = [flag for key, flag in _CLUSTER_FLAGS if getattr(args, key, None)]
-    if getattr(args, "server", None):
-        if flags:
-            raise ValueError(
-                f"--server and {', '.join(flags)} name different targets (a `canary run` "
-                "server, a cluster): give one"
-            )
-        return "server", "--server was given", False
-    if flags:
-        return "cluster", f"{', '.join(flags)} was given", False
-    if env.get(SERVER_ENV):
-        return "server", f"${SERVER_ENV} is set", True
-    if env.get("KUBECONFIG"):
-        return "cluster", "$KUBECONFIG is set", True
-    home = env.get("HOME")
-    config = (Path(home) if home else Path.home()) / ".kube" / "config"
-    if config.is_file():
-        return "cluster", f"{config} exists", True
-    if env.get("KUBERNETES_SERVICE_HOST"):
-        return "cluster", "running in a pod ($KUBERNETES_SERVICE_HOST is set)", True
-    return (
-        "server",
-        "no kubeconfig was found ($KUBECONFIG unset, no ~/.kube/config, not in a pod)",
-        True,
-    )
-
-
 def _cluster(args: argparse.Namespace) -> bool:
     """Decide the target once; the why is kept on args for error messages."""
     mode, why, by_default = target_mode(args)
@@ -270,11 +203,6 @@ def _cluster_call(args: argparse.Namespace, function: str) -> int:
     return int(handler(args))
 
 
-def _server_url(args: argparse.Namespace) -> str:
-    url: str = args.server or os.environ.get(SERVER_ENV) or f"http://{DEFAULT_LISTEN}"
-    return url.rstrip("/")
-
-
 async def _http(method: str, url: str, body: dict[str, str] | None) -> tuple[int, Any]:
     import aiohttp
 
@@ -295,7 +223,7 @@ def _request(
 ) -> tuple[int, Any] | None:
     import aiohttp
 
-    url = _server_url(args) + path
+    url = server_url(args) + path
     try:
         return asyncio.run(_http(method, url, body))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -307,7 +235,7 @@ def _request(
             else ""
         )
         print(
-            f"canary {args.command}: error: cannot reach the controller at {_server_url(args)}: "
+            f"canary {args.command}: error: cannot reach the controller at {server_url(args)}: "
             f"{exc or type(exc).__name__} (is `canary run` running? see --server){hint}",
             file=sys.stderr,
         )

@@ -971,7 +971,7 @@ def _user() -> str:
 
 
 def _server_url(args: argparse.Namespace) -> str:
-    from canary.cli.main import DEFAULT_LISTEN, SERVER_ENV
+    from canary.cli.common import DEFAULT_LISTEN, SERVER_ENV
 
     url: str = args.server or os.environ.get(SERVER_ENV) or f"http://{DEFAULT_LISTEN}"
     return url.rstrip("/")
@@ -990,7 +990,7 @@ async def _post(url: str, body: JSON | None) -> tuple[int, Any]:
 
 
 def _cmd_move(args: argparse.Namespace) -> int:
-    from canary.cli.main import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_UNKNOWN
+    from canary.cli.common import EXIT_BAD_CONFIG, EXIT_FAILED, EXIT_OK, EXIT_STOPPED, EXIT_UNKNOWN
 
     base = _server_url(args)
     if args.command == "failover" and args.status:
@@ -1033,7 +1033,7 @@ def _cmd_move(args: argparse.Namespace) -> int:
 
 
 def _cmd_clusters(args: argparse.Namespace) -> int:
-    from canary.cli.main import EXIT_BAD_CONFIG, EXIT_STOPPED, parse_listen
+    from canary.cli.common import EXIT_BAD_CONFIG, EXIT_STOPPED, parse_listen
     from canary.clusters.topology import load_topology
     from canary.static.config import ConfigError
 
@@ -1164,7 +1164,7 @@ def build_controller(
 
 def add_parser(subparsers: Any) -> None:
     """`canary clusters`, `canary failover`, `canary failback` (a canary.cli.main plugin)."""
-    from canary.cli.main import DEFAULT_LISTEN, SERVER_ENV
+    from canary.cli.common import DEFAULT_LISTEN, SERVER_ENV
 
     run = subparsers.add_parser(
         "clusters",

@@ -12,7 +12,7 @@ commands must not import. cli.py plugs this module in (`PLUGINS`, `CLUSTER_MODUL
   annotation (never the spec, so GitOps tools do not revert it) and waits for the
   controller's answer in the status.
 
-cli.py sends status and the manual commands here by kubectl's rule (canary.cli.main.target_mode);
+cli.py sends status and the manual commands here by kubectl's rule (canary.cli.common.target_mode);
 when no flag chose the cluster, a failure says what did (`args.target_why`).
 
 Exit statuses follow cli.py: 0 ok/accepted, 1 refused, 2 bad arguments or kubeconfig,
@@ -60,7 +60,7 @@ def _fail(command: str, message: str, code: int) -> int:
 
 
 def _why_cluster(args: argparse.Namespace) -> str:
-    """When no flag chose the cluster (canary.cli.main.target_mode), say what did."""
+    """When no flag chose the cluster (canary.cli.common.target_mode), say what did."""
     why = getattr(args, "target_why", None)
     if not why:
         return ""
@@ -251,7 +251,7 @@ async def fetch_record(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
 
 
 async def run_kubernetes(args: argparse.Namespace) -> int:
-    from canary.cli.main import parse_listen
+    from canary.cli.common import parse_listen
     from canary.kubernetes.client import LeaderElector
     from canary.kubernetes.operator import Operator, OperatorSettings
     from canary.server.app import Server, make_app

@@ -21,7 +21,8 @@ import pytest
 import yaml
 from support.pool import ProcessPool
 
-from canary.cli.main import EXIT_BAD_CONFIG, EXIT_STOPPED, _user, build_parser, main, parse_listen
+from canary.cli.common import EXIT_BAD_CONFIG, EXIT_STOPPED, parse_listen
+from canary.cli.main import _user, build_parser, main
 from canary.core.records import EndEntry, ManualEntry, NoteEntry, StartEntry, TickEntry, read_record
 from canary.demo.procs import HAProxyConfig, HAProxyProcess, HttpReady, ManagedProcess, free_port
 
