@@ -267,8 +267,8 @@ async def _cluster_report(args: argparse.Namespace) -> Report:
         if "@" in args.name:
             raise ReportError(str(exc)) from None
         # NAME may be an annotated Deployment in -n: its status names its latest record.
-        from canary.kubernetes.cli import fetch_record
         from canary.kubernetes.client import KubeError
+        from canary.kubernetes.commands import fetch_record
 
         try:
             entries = unpack_record(await fetch_record(kube, namespace, args.name))

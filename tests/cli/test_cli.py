@@ -21,7 +21,14 @@ import pytest
 import yaml
 from support.pool import ProcessPool
 
-from canary.cli.common import EXIT_BAD_CONFIG, EXIT_STOPPED, parse_listen
+from canary.cli.common import (
+    EXIT_BAD_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_UNKNOWN,
+    parse_listen,
+)
 from canary.cli.main import _user, build_parser, main
 from canary.core.records import EndEntry, ManualEntry, NoteEntry, StartEntry, TickEntry, read_record
 from canary.demo.procs import HAProxyConfig, HAProxyProcess, HttpReady, ManagedProcess, free_port
@@ -167,6 +174,15 @@ def test_cluster_flags_without_a_cluster_module(
     monkeypatch.setattr(canary.cli.main, "CLUSTER_MODULE", "canary_no_such_cluster_module")
     assert main(["abort", "app", "--kubeconfig", "/k"]) == EXIT_BAD_CONFIG
     assert "cluster commands are not available" in capsys.readouterr().err
+
+
+def test_cluster_command_answers_are_the_exit_statuses() -> None:
+    """A cluster command's answer (canary.kubernetes.commands) is passed on as the exit status
+    the manual commands document: 0 accepted, 1 refused, 3 no answer, 4 no such Deployment."""
+    from canary.kubernetes import commands
+
+    answers = (commands.ACCEPTED, commands.REFUSED, commands.NO_ANSWER, commands.UNKNOWN)
+    assert answers == (EXIT_OK, EXIT_FAILED, EXIT_STOPPED, EXIT_UNKNOWN)
 
 
 def test_python_dash_m_canary_runs_the_cli(tmp_path: Path) -> None:
