@@ -64,7 +64,7 @@ from canary.cli.common import (
 
 __all__ = ["CLUSTER_MODULE", "PLUGINS", "build_parser", "main"]
 
-PLUGINS: tuple[str, ...] = ("canary.reports.pages", "canary.cli.kubernetes", "canary.cli.clusters")
+PLUGINS: tuple[str, ...] = ("canary.cli.report", "canary.cli.kubernetes", "canary.cli.clusters")
 CLUSTER_MODULE = "canary.cli.kubernetes"
 # name -> (module, function, help): the module's function gets the raw remaining argv.
 FORWARDED: dict[str, tuple[str, str, str]] = {

@@ -418,7 +418,7 @@ async def test_new_template_is_analysed_and_promoted(
     )
 
     # `canary report ROLLOUT -n NS` reads this ConfigMap (F's cluster mode).
-    from canary.reports.pages import main as report_main
+    from canary.cli.report import main as report_main
 
     out = tmp_path / "report.md"
     code = await asyncio.to_thread(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from support.report_records import external_references
 
-from canary.reports.pages import main
+from canary.cli.report import main
 from canary.reports.report import build_report, render_html, render_json, render_markdown
 
 DATA = Path(__file__).parent / "data"
