@@ -7,23 +7,28 @@ Subcommands::
     canary status [NAME] [--server URL]
     canary validate FILE...                check config files, print the effective settings
     canary demo [...]                      the local demo (canary.demo.main)
-    canary report NAME|RECORD [...]        from canary.reports.pages (a plugin, see below)
+    canary report NAME|RECORD [...]        canary.cli.report
+    canary kubernetes [...]                canary.cli.kubernetes
+    canary clusters|failover|failback ...  canary.cli.clusters
 
 Why it is built this way:
 
-- **Plugins.** Each module in `PLUGINS` that exists and has `add_parser(subparsers)` adds its
-  own subcommands (setting `func=callable(args) -> int`), so the reports and the Kubernetes
-  work plug in without editing the dispatch here. A plugin that is not there yet is skipped.
+- **Subcommand modules.** Each of `report`, `kubernetes` and `clusters` in this package has
+  `add_parser(subparsers)`, which adds its own subcommands (setting
+  `func=callable(args) -> int`); `build_parser` calls them. What they share (exit statuses,
+  `parse_listen`, the default address, where commands go) is in `common`, so none of them
+  imports this module back.
 - **Forwarded commands.** `canary demo ...` hands its raw arguments to `canary.demo.main`
   (imported only then), so the demo owns its flags and `canary` works without it.
 - **Static or cluster, as kubectl would.** `promote|abort|pause|resume|status` talk either to
-  a running `canary run` over HTTP or to a cluster (`CLUSTER_MODULE`'s `manual_command(args)` /
-  `status(args)`). `common.target_mode` decides: `--server` means the static server; any of
-  `--kubeconfig`, `--context`, `-n/--namespace` means a cluster; with neither, `$CANARY_SERVER`
-  means the static server, and then, like kubectl's defaults, `$KUBECONFIG`, an existing
-  `~/.kube/config` or a pod's service account (`$KUBERNETES_SERVICE_HOST`) mean a cluster;
-  otherwise the static server at its default address. When that default choice cannot reach
-  anything, the error says which was chosen and why.
+  a running `canary run` over HTTP or to a cluster (canary.cli.kubernetes's
+  `manual_command(args)` / `status(args)`). `common.target_mode` decides: `--server` means the
+  static server; any of `--kubeconfig`, `--context`, `-n/--namespace` means a cluster; with
+  neither, `$CANARY_SERVER` means the static server, and then, like kubectl's defaults,
+  `$KUBECONFIG`, an existing `~/.kube/config` or a pod's service account
+  (`$KUBERNETES_SERVICE_HOST`) mean a cluster; otherwise the static server at its default
+  address. When that default choice cannot reach anything, the error says which was chosen
+  and why.
 
 `canary run` saves each rollout's status next to its record (`<record_dir>/<name>.status.json`)
 and, when restarted after SIGTERM or a crash, resumes an unfinished rollout at the same step
@@ -62,10 +67,8 @@ from canary.cli.common import (
     target_mode,
 )
 
-__all__ = ["CLUSTER_MODULE", "PLUGINS", "build_parser", "main"]
+__all__ = ["build_parser", "main"]
 
-PLUGINS: tuple[str, ...] = ("canary.cli.report", "canary.cli.kubernetes", "canary.cli.clusters")
-CLUSTER_MODULE = "canary.cli.kubernetes"
 # name -> (module, function, help): the module's function gets the raw remaining argv.
 FORWARDED: dict[str, tuple[str, str, str]] = {
     "demo": (
@@ -107,17 +110,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report_routes(record_dir: Path) -> list[Callable[[Any], None]]:
-    """canary.reports.pages' /reports/ routes, when that module is there."""
-    try:
-        reports = importlib.import_module("canary.reports.pages")
-    except ModuleNotFoundError as exc:
-        if exc.name != "canary.reports.pages":
-            raise
-        return []
-    register = getattr(reports, "register_routes", None)
-    if register is None:
-        return []
-    return [lambda app: register(app, record_dir=record_dir)]
+    """canary.reports.pages' /reports/ routes."""
+    from canary.reports.pages import register_routes
+
+    return [lambda app: register_routes(app, record_dir=record_dir)]
 
 
 async def _run(configs: Sequence[Any], host: str, port: int, *, fresh: bool = False) -> int:
@@ -185,24 +181,6 @@ def _cluster(args: argparse.Namespace) -> bool:
     return mode == "cluster"
 
 
-def _cluster_call(args: argparse.Namespace, function: str) -> int:
-    try:
-        module = importlib.import_module(CLUSTER_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != CLUSTER_MODULE:
-            raise
-        module = None
-    handler = getattr(module, function, None)
-    if handler is None:
-        print(
-            f"canary {args.command}: error: cluster commands are not available "
-            f"({CLUSTER_MODULE}.{function} is missing); use --server for static targets",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_CONFIG
-    return int(handler(args))
-
-
 async def _http(method: str, url: str, body: dict[str, str] | None) -> tuple[int, Any]:
     import aiohttp
 
@@ -256,7 +234,9 @@ def _cmd_manual(args: argparse.Namespace) -> int:
     if cluster is None:
         return EXIT_BAD_CONFIG
     if cluster:
-        return _cluster_call(args, "manual_command")
+        from canary.cli import kubernetes
+
+        return kubernetes.manual_command(args)
     if not args.name:
         print(f"canary {args.command}: error: NAME must not be empty", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -286,7 +266,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if cluster is None:
         return EXIT_BAD_CONFIG
     if cluster:
-        return _cluster_call(args, "status")
+        from canary.cli import kubernetes
+
+        return kubernetes.status(args)
     path = f"/rollouts/{quote(args.name, safe='/')}" if args.name else "/rollouts"
     answer = _request(args, "GET", path, None)
     if answer is None:
@@ -407,21 +389,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, text) in FORWARDED.items():
         subparsers.add_parser(name, help=text, add_help=False)
 
-    for module_name in PLUGINS:
-        _plug(module_name, subparsers)
+    # Imported here, not at the top: `canary demo`, forwarded before any parser is built, does
+    # not pay for the Kubernetes client.
+    from canary.cli import clusters, kubernetes, report
+
+    report.add_parser(subparsers)
+    kubernetes.add_parser(subparsers)
+    clusters.add_parser(subparsers)
     return parser
-
-
-def _plug(module_name: str, subparsers: Any) -> None:
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return  # not written yet, or not installed: no subcommand
-        raise
-    add_parser = getattr(module, "add_parser", None)
-    if add_parser is not None:
-        add_parser(subparsers)
 
 
 def _user() -> str:
