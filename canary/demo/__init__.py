@@ -21,6 +21,9 @@ The demo's defaults are chosen so that both outcomes fit in three minutes at 200
 Exit status: 0 promoted, 1 rolled back (or aborted), 2 setup error, 130 on Ctrl-C (143 on
 SIGTERM).
 Every child process is stopped by PID on the way out, Ctrl-C and SIGTERM included.
+
+An entry point, like canary.cli: may import any package; only `canary demo` (canary.cli.main)
+imports it.
 """
 
 from __future__ import annotations

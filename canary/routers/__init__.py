@@ -1,4 +1,8 @@
-"""Traffic routers: the protocol lives in `base`, one module per backend beside it."""
+"""Traffic routers: the protocol lives in `base`, one module per backend beside it.
+
+May import: ``canary.kubernetes.client`` (the Kubernetes routers' one API seam) and
+``canary.clusters.dns`` (PowerDNS reads back its answers); never the runner or a supervisor.
+"""
 
 from canary.routers.base import (
     RouterError,
