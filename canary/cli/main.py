@@ -7,23 +7,28 @@ Subcommands::
     canary status [NAME] [--server URL]
     canary validate FILE...                check config files, print the effective settings
     canary demo [...]                      the local demo (canary.demo.main)
-    canary report NAME|RECORD [...]        from canary.reports.pages (a plugin, see below)
+    canary report NAME|RECORD [...]        canary.cli.report
+    canary kubernetes [...]                canary.cli.kubernetes
+    canary clusters|failover|failback ...  canary.cli.clusters
 
 Why it is built this way:
 
-- **Plugins.** Each module in `PLUGINS` that exists and has `add_parser(subparsers)` adds its
-  own subcommands (setting `func=callable(args) -> int`), so the reports and the Kubernetes
-  work plug in without editing the dispatch here. A plugin that is not there yet is skipped.
+- **Subcommand modules.** Each of `report`, `kubernetes` and `clusters` in this package has
+  `add_parser(subparsers)`, which adds its own subcommands (setting
+  `func=callable(args) -> int`); `build_parser` calls them. What they share (exit statuses,
+  `parse_listen`, the default address, where commands go) is in `common`, so none of them
+  imports this module back.
 - **Forwarded commands.** `canary demo ...` hands its raw arguments to `canary.demo.main`
   (imported only then), so the demo owns its flags and `canary` works without it.
 - **Static or cluster, as kubectl would.** `promote|abort|pause|resume|status` talk either to
-  a running `canary run` over HTTP or to a cluster (`CLUSTER_MODULE`'s `manual_command(args)` /
-  `status(args)`). `target_mode` decides: `--server` means the static server; any of
-  `--kubeconfig`, `--context`, `-n/--namespace` means a cluster; with neither, `$CANARY_SERVER`
-  means the static server, and then, like kubectl's defaults, `$KUBECONFIG`, an existing
-  `~/.kube/config` or a pod's service account (`$KUBERNETES_SERVICE_HOST`) mean a cluster;
-  otherwise the static server at its default address. When that default choice cannot reach
-  anything, the error says which was chosen and why.
+  a running `canary run` over HTTP or to a cluster (canary.cli.kubernetes's
+  `manual_command(args)` / `status(args)`). `common.target_mode` decides: `--server` means the
+  static server; any of `--kubeconfig`, `--context`, `-n/--namespace` means a cluster; with
+  neither, `$CANARY_SERVER` means the static server, and then, like kubectl's defaults,
+  `$KUBECONFIG`, an existing `~/.kube/config` or a pod's service account
+  (`$KUBERNETES_SERVICE_HOST`) mean a cluster; otherwise the static server at its default
+  address. When that default choice cannot reach anything, the error says which was chosen
+  and why.
 
 `canary run` saves each rollout's status next to its record (`<record_dir>/<name>.status.json`)
 and, when restarted after SIGTERM or a crash, resumes an unfinished rollout at the same step
@@ -42,38 +47,28 @@ import getpass
 import importlib
 import json
 import logging
-import os
 import sys
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote
 
-__all__ = [
-    "CLUSTER_MODULE",
-    "DEFAULT_LISTEN",
-    "EXIT_BAD_CONFIG",
-    "EXIT_FAILED",
-    "EXIT_OK",
-    "EXIT_STOPPED",
-    "PLUGINS",
-    "TargetMode",
-    "build_parser",
-    "main",
-    "parse_listen",
-    "target_mode",
-]
+from canary.cli.common import (
+    DEFAULT_LISTEN,
+    EXIT_BAD_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_UNKNOWN,
+    SERVER_ENV,
+    TARGET_RULE,
+    parse_listen,
+    server_url,
+    target_mode,
+)
 
-EXIT_OK = 0
-EXIT_FAILED = 1  # rolled back / aborted; a refused command
-EXIT_BAD_CONFIG = 2  # also argparse's own usage errors
-EXIT_STOPPED = 3  # run: stopped before the end; commands: server unreachable
-EXIT_UNKNOWN = 4  # commands: no such rollout
+__all__ = ["build_parser", "main"]
 
-DEFAULT_LISTEN = "127.0.0.1:9310"
-SERVER_ENV = "CANARY_SERVER"
-PLUGINS: tuple[str, ...] = ("canary.reports.pages", "canary.kubernetes.cli", "canary.clusters.multicluster")
-CLUSTER_MODULE = "canary.kubernetes.cli"
 # name -> (module, function, help): the module's function gets the raw remaining argv.
 FORWARDED: dict[str, tuple[str, str, str]] = {
     "demo": (
@@ -86,21 +81,6 @@ MANUAL = ("promote", "abort", "pause", "resume")
 
 log = logging.getLogger("canary.cli.main")
 Handler = Callable[[argparse.Namespace], int]
-
-
-def parse_listen(text: str) -> tuple[str, int]:
-    """HOST:PORT (IPv6 as [::1]:PORT). Raises ValueError naming what is wrong."""
-    host, sep, port_text = text.rpartition(":")
-    if not sep or not host:
-        raise ValueError(f"--listen must be HOST:PORT, e.g. {DEFAULT_LISTEN}, got {text!r}")
-    host = host.removeprefix("[").removesuffix("]")
-    try:
-        port = int(port_text)
-    except ValueError:
-        raise ValueError(f"--listen port must be a number, got {port_text!r}") from None
-    if not 0 <= port <= 65535:
-        raise ValueError(f"--listen port must be within 0..65535, got {port}")
-    return host, port
 
 
 # ---- run ----------------------------------------------------------------------------------
@@ -130,17 +110,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report_routes(record_dir: Path) -> list[Callable[[Any], None]]:
-    """canary.reports.pages' /reports/ routes, when that module is there."""
-    try:
-        reports = importlib.import_module("canary.reports.pages")
-    except ModuleNotFoundError as exc:
-        if exc.name != "canary.reports.pages":
-            raise
-        return []
-    register = getattr(reports, "register_routes", None)
-    if register is None:
-        return []
-    return [lambda app: register(app, record_dir=record_dir)]
+    """canary.reports.pages' /reports/ routes."""
+    from canary.reports.pages import register_routes
+
+    return [lambda app: register_routes(app, record_dir=record_dir)]
 
 
 async def _run(configs: Sequence[Any], host: str, port: int, *, fresh: bool = False) -> int:
@@ -211,78 +184,11 @@ def _cmd_validate(args: argparse.Namespace) -> int:
 # ---- manual commands and status, through the server or a cluster --------------------------
 
 
-TargetMode = Literal["server", "cluster"]
-_CLUSTER_FLAGS = (("kubeconfig", "--kubeconfig"), ("context", "--context"), ("namespace", "-n"))
-TARGET_RULE = (
-    "Where it goes: --server URL (or $CANARY_SERVER) is a running `canary run`; --kubeconfig, "
-    "--context or -n/--namespace is a cluster. With neither, as kubectl: a cluster when "
-    "$KUBECONFIG is set, ~/.kube/config exists or in a pod ($KUBERNETES_SERVICE_HOST), else "
-    f"the `canary run` at http://{DEFAULT_LISTEN}."
-)
-
-
-def target_mode(
-    args: argparse.Namespace, *, environ: Mapping[str, str] | None = None
-) -> tuple[TargetMode, str, bool]:
-    """(mode, why, chosen by default) for status and the manual commands.
-
-    Raises ValueError when --server and a cluster flag are both given."""
-    env = os.environ if environ is None else environ
-    flags = [flag for key, flag in _CLUSTER_FLAGS if getattr(args, key, None)]
-    if getattr(args, "server", None):
-        if flags:
-            raise ValueError(
-                f"--server and {', '.join(flags)} name different targets (a `canary run` "
-                "server, a cluster): give one"
-            )
-        return "server", "--server was given", False
-    if flags:
-        return "cluster", f"{', '.join(flags)} was given", False
-    if env.get(SERVER_ENV):
-        return "server", f"${SERVER_ENV} is set", True
-    if env.get("KUBECONFIG"):
-        return "cluster", "$KUBECONFIG is set", True
-    home = env.get("HOME")
-    config = (Path(home) if home else Path.home()) / ".kube" / "config"
-    if config.is_file():
-        return "cluster", f"{config} exists", True
-    if env.get("KUBERNETES_SERVICE_HOST"):
-        return "cluster", "running in a pod ($KUBERNETES_SERVICE_HOST is set)", True
-    return (
-        "server",
-        "no kubeconfig was found ($KUBECONFIG unset, no ~/.kube/config, not in a pod)",
-        True,
-    )
-
-
 def _cluster(args: argparse.Namespace) -> bool:
     """Decide the target once; the why is kept on args for error messages."""
     mode, why, by_default = target_mode(args)
     args.target_why = why if by_default else None
     return mode == "cluster"
-
-
-def _cluster_call(args: argparse.Namespace, function: str) -> int:
-    try:
-        module = importlib.import_module(CLUSTER_MODULE)
-    except ModuleNotFoundError as exc:
-        if exc.name != CLUSTER_MODULE:
-            raise
-        module = None
-    handler = getattr(module, function, None)
-    if handler is None:
-        print(
-            f"canary {args.command}: error: cluster commands are not available "
-            f"({CLUSTER_MODULE}.{function} is missing); use --server for static targets",
-            file=sys.stderr,
-        )
-        return EXIT_BAD_CONFIG
-    return int(handler(args))
-
-
-def _server_url(args: argparse.Namespace) -> str:
-    url: str = args.server or os.environ.get(SERVER_ENV) or f"http://{DEFAULT_LISTEN}"
-    return url.rstrip("/")
 
 
 async def _http(method: str, url: str, body: dict[str, str] | None) -> tuple[int, Any]:
@@ -305,7 +211,7 @@ def _request(
 ) -> tuple[int, Any] | None:
     import aiohttp
 
-    url = _server_url(args) + path
+    url = server_url(args) + path
     try:
         return asyncio.run(_http(method, url, body))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -317,7 +223,7 @@ def _request(
             else ""
         )
         print(
-            f"canary {args.command}: error: cannot reach the controller at {_server_url(args)}: "
+            f"canary {args.command}: error: cannot reach the controller at {server_url(args)}: "
             f"{exc or type(exc).__name__} (is `canary run` running? see --server){hint}",
             file=sys.stderr,
         )
@@ -338,7 +244,9 @@ def _cmd_manual(args: argparse.Namespace) -> int:
     if cluster is None:
         return EXIT_BAD_CONFIG
     if cluster:
-        return _cluster_call(args, "manual_command")
+        from canary.cli import kubernetes
+
+        return kubernetes.manual_command(args)
     if not args.name:
         print(f"canary {args.command}: error: NAME must not be empty", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -368,7 +276,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if cluster is None:
         return EXIT_BAD_CONFIG
     if cluster:
-        return _cluster_call(args, "status")
+        from canary.cli import kubernetes
+
+        return kubernetes.status(args)
     path = f"/rollouts/{quote(args.name, safe='/')}" if args.name else "/rollouts"
     answer = _request(args, "GET", path, None)
     if answer is None:
@@ -489,21 +399,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name, (_, _, text) in FORWARDED.items():
         subparsers.add_parser(name, help=text, add_help=False)
 
-    for module_name in PLUGINS:
-        _plug(module_name, subparsers)
+    # Imported here, not at the top: `canary demo`, forwarded before any parser is built, does
+    # not pay for the Kubernetes client.
+    from canary.cli import clusters, kubernetes, report
+
+    report.add_parser(subparsers)
+    kubernetes.add_parser(subparsers)
+    clusters.add_parser(subparsers)
     return parser
-
-
-def _plug(module_name: str, subparsers: Any) -> None:
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name == module_name:
-            return  # not written yet, or not installed: no subcommand
-        raise
-    add_parser = getattr(module, "add_parser", None)
-    if add_parser is not None:
-        add_parser(subparsers)
 
 
 def _user() -> str:

@@ -4,7 +4,8 @@
 watches, leader election, Events); ``spec`` reads the ``canary.dev/`` annotations;
 ``record_store`` keeps records in ConfigMaps; ``operator`` is the supervisor that watches
 Deployments and starts one runner per rollout, with the Kubernetes adapters (status
-annotation store, app/app-primary workload); ``cli`` is the command-line glue. May import:
+annotation store, app/app-primary workload); ``commands`` is a client's side of the
+annotations (send a manual command, find a rollout's record). May import:
 ``canary.core``, ``canary.runner``, ``canary.routers``, ``canary.metrics``,
 ``canary.notify``, ``canary.server``, ``analysis``.
 """

@@ -11,7 +11,7 @@ for exactly this). The modules, each importing only those listed above it:
     html         `Report` -> one self-contained HTML page with those charts
     markdown     `Report` -> a compact summary for PR comments and chat
     jsondoc      `Report` -> stable, versioned JSON
-    pages        record discovery, the `canary report` command and the /reports/ routes
+    pages        record discovery and the /reports/ routes (`canary report` is canary.cli.report)
 
 All but ``pages`` are pure, from record entries to text. Callers import the public names from
 here (``from canary.reports import build_report, render_html``); this ``__init__`` never

@@ -1,9 +1,9 @@
-"""Reports for people: `canary report` and the server's `/reports/` pages.
+"""Reports for people: the records behind `canary report`, and the server's `/reports/` pages.
 
-Why a separate module: analysis/report.py is pure (entries in, strings out) and must not know
-about files, the record schema's classes or HTTP. This is the glue around it: find a record
+Why a separate module: the rest of canary.reports is pure (entries in, strings out) and must
+not know about files, the record schema's classes or HTTP. This is the glue around it: find a record
 (by path, or by target name as the newest record for it), read it with canary.core.records, render
-it, write it next to the record or serve it.
+it, or serve it. The `canary report` command (canary.cli.report) writes it next to the record.
 
 Records are found by content, not by file name: every `*.jsonl` in the record directory whose
 first line is a start entry is a rollout, so whatever naming the writer uses, `canary report
@@ -12,17 +12,15 @@ the same id the webhook links use.
 
 Exception tree::
 
-    ReportError (canary.reports.report)   the record cannot be turned into a report
+    ReportError (canary.reports)          the record cannot be turned into a report
     └── RecordNotFound              no record matches the name or path given
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import html
 import os
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -32,35 +30,25 @@ from typing import Literal
 from aiohttp import web
 
 from canary.core.records import EndEntry, RecordError, StartEntry, parse_lines, read_record
-from canary.kubernetes.record_store import (
-    load_record_configmap,
-    looks_like_configmap,
-    unpack_record,
-)
+from canary.kubernetes.record_store import looks_like_configmap, unpack_record
 from canary.notify.webhooks import report_id
 from canary.reports import Report, ReportError, build_report, render_html, render_json
 from canary.reports import render_markdown as _render_markdown
 
 __all__ = [
-    "DEFAULT_RECORD_DIR",
     "FORMATS",
+    "Format",
     "RecordNotFound",
     "RecordSummary",
-    "add_parser",
     "load_report",
-    "main",
     "register_routes",
     "render",
     "resolve_record",
-    "run",
     "scan_records",
 ]
 
 Format = Literal["html", "md", "json"]
 FORMATS: tuple[Format, ...] = ("html", "md", "json")
-_SUFFIX: dict[Format, str] = {"html": ".html", "md": ".md", "json": ".report.json"}
-# The config's default (canary/config.py: record_dir), overridable for the CLI by env.
-DEFAULT_RECORD_DIR = Path(os.environ.get("CANARY_RECORD_DIR", "records"))
 # The index shows the newest rollouts; older records stay reachable by id.
 _INDEX_LIMIT = 200
 # The end entry is the last line; records are appended to, so look only at their tail.
@@ -181,116 +169,6 @@ def render(report: Report, fmt: Format, *, report_url: str | None = None) -> str
     raise ValueError(f"unknown report format {fmt!r}; expected one of {', '.join(FORMATS)}")
 
 
-# --- CLI ------------------------------------------------------------------------------------
-
-
-def add_parser(
-    subparsers: argparse._SubParsersAction[argparse.ArgumentParser],
-) -> argparse.ArgumentParser:
-    """Register `canary report` on the main CLI's subparsers."""
-    parser = subparsers.add_parser(
-        "report",
-        help="render the analysis report of a rollout",
-        description="Render a rollout's analysis report from its record. NAME is a target "
-        "(its newest rollout), a rollout id or a report id; RECORD is a record file.",
-    )
-    _arguments(parser)
-    parser.set_defaults(func=run)
-    return parser
-
-
-def _arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("name", metavar="NAME|RECORD", help="target name or record file")
-    parser.add_argument("--format", choices=FORMATS, default="html", help="default: html")
-    parser.add_argument(
-        "-o",
-        "--output",
-        metavar="FILE",
-        help="where to write; '-' for stdout (default: next to the record)",
-    )
-    parser.add_argument(
-        "--record-dir",
-        type=Path,
-        default=DEFAULT_RECORD_DIR,
-        help=f"where records are (default: {DEFAULT_RECORD_DIR}, or $CANARY_RECORD_DIR)",
-    )
-    cluster = parser.add_argument_group(
-        "in a cluster", "read the record of rollout NAME (its id) from its ConfigMap"
-    )
-    cluster.add_argument("-n", "--namespace", help="namespace of the record ConfigMaps")
-    cluster.add_argument("--kubeconfig", metavar="FILE", help="kubeconfig file")
-    cluster.add_argument("--context", help="kubeconfig context")
-
-
-def run(args: argparse.Namespace) -> int:
-    """`canary report`: 0 on success, 1 with a one-line error otherwise."""
-    fmt: Format = args.format
-    in_cluster = any(getattr(args, k, None) for k in ("namespace", "kubeconfig", "context"))
-    try:
-        if in_cluster:
-            report = asyncio.run(_cluster_report(args))
-            path = Path.cwd() / f"{report_id(report.rollout)}.jsonl"  # output goes here
-        else:
-            path = resolve_record(args.name, record_dir=args.record_dir)
-            report = load_report(path)
-        text = render(report, fmt)
-    except ReportError as exc:
-        print(f"canary report: error: {exc}", file=sys.stderr)
-        return 1
-    if report.incomplete_reason:
-        print(f"canary report: warning: {report.incomplete_reason}", file=sys.stderr)
-    if args.output == "-":
-        sys.stdout.write(text)
-        return 0
-    out = Path(args.output) if args.output else _next_to(path, fmt)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text, encoding="utf-8")
-    except OSError as exc:
-        print(f"canary report: error: cannot write {out}: {exc}", file=sys.stderr)
-        return 1
-    print(out)
-    return 0
-
-
-async def _cluster_report(args: argparse.Namespace) -> Report:
-    from canary.kubernetes.client import Kube  # only cluster users pay for the client
-
-    namespace = args.namespace or "canary-system"
-    try:
-        kube = await Kube.connect(kubeconfig=args.kubeconfig, context=args.context)
-    except Exception as exc:  # kubeconfig problems come in many types; all are the user's
-        raise ReportError(f"cannot use the cluster's kubeconfig: {exc}") from None
-    try:
-        entries = await load_record_configmap(kube, namespace=namespace, rollout=args.name)
-    except RecordError as exc:
-        if "@" in args.name:
-            raise ReportError(str(exc)) from None
-        # NAME may be an annotated Deployment in -n: its status names its latest record.
-        from canary.kubernetes.cli import fetch_record
-        from canary.kubernetes.client import KubeError
-
-        try:
-            entries = unpack_record(await fetch_record(kube, namespace, args.name))
-        except (KubeError, RecordError) as second:
-            raise ReportError(f"{exc}; nor is it a Deployment with a record: {second}") from None
-    finally:
-        await kube.close()
-    dicts = [entry.model_dump(mode="json", by_alias=True) for entry in entries]
-    return build_report(dicts)
-
-
-def _next_to(record: Path, fmt: Format) -> Path:
-    return record.with_name(record.name.removesuffix(".jsonl") + _SUFFIX[fmt])
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """`python -m canary.reports.pages ...`: the same as `canary report ...`."""
-    parser = argparse.ArgumentParser(prog="canary report")
-    _arguments(parser)
-    return run(parser.parse_args(argv))
-
-
 # --- HTTP -----------------------------------------------------------------------------------
 
 _INDEX_CSS = """
@@ -392,7 +270,3 @@ def register_routes(
     app.router.add_get(f"{prefix}/", index)
     app.router.add_get(prefix, redirect)
     app.router.add_get(prefix + "/{id}", one)
-
-
-if __name__ == "__main__":  # pragma: no cover - exercised through the CLI tests
-    sys.exit(main())

@@ -21,13 +21,22 @@ import pytest
 import yaml
 from support.pool import ProcessPool
 
-from canary.cli.main import EXIT_BAD_CONFIG, EXIT_STOPPED, _user, build_parser, main, parse_listen
+from canary.cli.common import (
+    EXIT_BAD_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_STOPPED,
+    EXIT_UNKNOWN,
+    parse_listen,
+)
+from canary.cli.main import _user, build_parser, main
 from canary.core.records import EndEntry, ManualEntry, NoteEntry, StartEntry, TickEntry, read_record
 from canary.demo.procs import HAProxyConfig, HAProxyProcess, HttpReady, ManagedProcess, free_port
 
 
 def test_parser_knows_every_subcommand() -> None:
-    """run, the manual commands, status, demo and the report plugin are all registered."""
+    """run, the manual commands, status, demo and the report, kubernetes and clusters
+    subcommands are all registered."""
     parser = build_parser()
     for argv in (
         ["run", "--config", "a.yaml", "--config", "b.yaml", "--listen", "127.0.0.1:0"],
@@ -36,6 +45,10 @@ def test_parser_knows_every_subcommand() -> None:
         ["status"],
         ["validate", "a.yaml"],
         ["report", "app", "--format", "md"],
+        ["kubernetes", "-A", "--leader-elect"],
+        ["clusters", "--topology", "t.yaml"],
+        ["failover", "--to", "standby", "--service", "app"],
+        ["failback", "--reason", "ok"],
     ):
         args = parser.parse_args(argv)
         assert args.command == argv[0] and callable(args.func)
@@ -132,40 +145,47 @@ def test_manual_command_without_a_server_says_where_it_looked(
     assert f"cannot reach the controller at {url}" in capsys.readouterr().err
 
 
-def test_cluster_flags_go_to_the_cluster_module(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """--namespace/--context route a command to the cluster module's manual_command(args)."""
-    import types
+def test_cluster_flags_go_to_the_cluster_commands(monkeypatch: pytest.MonkeyPatch) -> None:
+    """--namespace/--context route a manual command to canary.cli.kubernetes.manual_command(args)
+    and `canary status` to its status(args)."""
+    import canary.cli.kubernetes
 
-    import canary.cli.main
-
-    calls: list[tuple[str, str, str]] = []
+    calls: list[tuple[str, str | None, str | None]] = []
 
     def manual_command(args: argparse.Namespace) -> int:
         calls.append((args.command, args.name, args.namespace))
         return 0
 
-    module = types.ModuleType("fake_cluster")
-    setattr(module, "manual_command", manual_command)  # noqa: B010
-    monkeypatch.setitem(sys.modules, "fake_cluster", module)
-    monkeypatch.setattr(canary.cli.main, "CLUSTER_MODULE", "fake_cluster")
+    def status(args: argparse.Namespace) -> int:
+        calls.append((args.command, args.name, args.context))
+        return 4
+
+    monkeypatch.setattr(canary.cli.kubernetes, "manual_command", manual_command)
+    monkeypatch.setattr(canary.cli.kubernetes, "status", status)
     assert main(["pause", "app", "-n", "shop"]) == 0
-    assert calls == [("pause", "app", "shop")]
-    # without a status() the module cannot serve `canary status`: said, not a traceback
-    assert main(["status", "--context", "prod"]) == EXIT_BAD_CONFIG
-    assert "fake_cluster.status is missing" in capsys.readouterr().err
+    assert main(["status", "--context", "prod"]) == 4  # the cluster's exit status, passed on
+    assert calls == [("pause", "app", "shop"), ("status", None, "prod")]
 
 
-def test_cluster_flags_without_a_cluster_module(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+def test_cluster_flags_with_an_unusable_kubeconfig(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """With no cluster module installed, cluster flags give a clear error (exit 2)."""
-    import canary.cli.main
+    """Cluster flags never fall back to the static server: a kubeconfig that cannot be loaded
+    gives a one-line error (exit 3), not a traceback."""
+    missing = tmp_path / "no-such-kubeconfig"
+    assert main(["abort", "app", "--kubeconfig", str(missing)]) == EXIT_STOPPED
+    err = capsys.readouterr().err
+    assert err.startswith("canary abort: error: ") and err.count("\n") == 1, err
+    assert "Traceback" not in err and "cannot reach the controller" not in err
 
-    monkeypatch.setattr(canary.cli.main, "CLUSTER_MODULE", "canary_no_such_cluster_module")
-    assert main(["abort", "app", "--kubeconfig", "/k"]) == EXIT_BAD_CONFIG
-    assert "cluster commands are not available" in capsys.readouterr().err
+
+def test_cluster_command_answers_are_the_exit_statuses() -> None:
+    """A cluster command's answer (canary.kubernetes.commands) is passed on as the exit status
+    the manual commands document: 0 accepted, 1 refused, 3 no answer, 4 no such Deployment."""
+    from canary.kubernetes import commands
+
+    answers = (commands.ACCEPTED, commands.REFUSED, commands.NO_ANSWER, commands.UNKNOWN)
+    assert answers == (EXIT_OK, EXIT_FAILED, EXIT_STOPPED, EXIT_UNKNOWN)
 
 
 def test_python_dash_m_canary_runs_the_cli(tmp_path: Path) -> None:

@@ -19,7 +19,8 @@ import pytest
 from support.kube import deployment
 from support.kube_emulator import KubeEmulator
 
-from canary.cli.main import build_parser, main, target_mode
+from canary.cli.common import target_mode
+from canary.cli.main import build_parser, main
 from canary.demo.procs import free_port
 from canary.kubernetes.spec import ANNOTATION_COMMAND
 
@@ -84,12 +85,12 @@ def test_a_server_chosen_by_default_says_why_when_unreachable(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """With no kubeconfig anywhere, an unreachable default server's error says no kubeconfig was found and how to pick a cluster."""
-    import canary.cli.main
+    import canary.cli.common
 
     for name in ("KUBECONFIG", "CANARY_SERVER", "KUBERNETES_SERVICE_HOST"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
-    monkeypatch.setattr(canary.cli.main, "DEFAULT_LISTEN", f"127.0.0.1:{free_port()}")
+    monkeypatch.setattr(canary.cli.common, "DEFAULT_LISTEN", f"127.0.0.1:{free_port()}")
     assert main(["pause", "app"]) == 3
     err = capsys.readouterr().err
     assert "cannot reach the controller at http://127.0.0.1:" in err

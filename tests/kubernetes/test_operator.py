@@ -31,8 +31,8 @@ from support.kube_emulator import KubeEmulator
 from canary.core.records import EndEntry, NoteEntry, StartEntry, TickEntry
 from canary.demo.procs import HttpReady, ManagedProcess, find_binary, free_port
 from canary.demo.stack import service_process
-from canary.kubernetes.cli import send_command
 from canary.kubernetes.client import Kube
+from canary.kubernetes.commands import send_command
 from canary.kubernetes.operator import KubeState, Operator, OperatorSettings, template_hash
 from canary.kubernetes.record_store import unpack_record
 from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
@@ -418,7 +418,7 @@ async def test_new_template_is_analysed_and_promoted(
     )
 
     # `canary report ROLLOUT -n NS` reads this ConfigMap (F's cluster mode).
-    from canary.reports.pages import main as report_main
+    from canary.cli.report import main as report_main
 
     out = tmp_path / "report.md"
     code = await asyncio.to_thread(
@@ -979,8 +979,8 @@ async def test_gateway_api_rollout_is_promoted(
 
 def test_status_lines_say_phase_step_weight_and_record() -> None:
     """`canary status` shows a rollout's phase, step, weight and record, and a spec error."""
+    from canary.cli.kubernetes import _line
     from canary.core.rollout import RolloutStatus
-    from canary.kubernetes.cli import _line
 
     st = KubeState(
         primary_revision="aaa",

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from support.report_records import external_references
 
+from canary.cli.report import main
 from canary.reports import build_report, render_html, render_json, render_markdown
-from canary.reports.pages import main
 
 DATA = Path(__file__).parent / "data"
 

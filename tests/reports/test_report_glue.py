@@ -14,11 +14,11 @@ import pytest
 from aiohttp import web
 from support.report_records import Scenario, simulate
 
+from canary.cli.report import main
 from canary.notify.webhooks import report_id
 from canary.reports.pages import (
     RecordNotFound,
     load_report,
-    main,
     register_routes,
     resolve_record,
     scan_records,

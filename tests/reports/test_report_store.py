@@ -14,6 +14,7 @@ import pytest
 from support.kube_emulator import KubeEmulator
 from support.report_records import Scenario, simulate
 
+from canary.cli.report import main
 from canary.core.records import Entry, NoteEntry, RecordError, TickEntry, parse_lines
 from canary.kubernetes.client import Kube, RetryPolicy
 from canary.kubernetes.record_store import (
@@ -27,7 +28,6 @@ from canary.kubernetes.record_store import (
     unpack_record,
 )
 from canary.reports import build_report
-from canary.reports.pages import main
 
 
 def _entries(scenario: Scenario) -> list[Entry]:

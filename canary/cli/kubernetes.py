@@ -1,7 +1,8 @@
 """`canary` against a cluster: the `kubernetes` subcommand, and status and manual commands.
 
-Why these live apart from cli.py: they need the Kubernetes client, which the static-target
-commands must not import. cli.py plugs this module in (`PLUGINS`, `CLUSTER_MODULE`).
+Why these live apart from main.py: they need the Kubernetes client, which the static-target
+commands do not. main.py registers `canary kubernetes` here (`add_parser`) and sends status
+and the manual commands here (`status`, `manual_command`) when the target is a cluster.
 
 - `canary kubernetes [--kubeconfig F] [--context C] [--namespace NS | --all-namespaces]
   [--leader-elect --lease-name N --lease-namespace NS] [--listen HOST:PORT]
@@ -10,12 +11,12 @@ commands must not import. cli.py plugs this module in (`PLUGINS`, `CLUSTER_MODUL
 - `canary status [-n NS] [NAME]` reads the status annotations.
 - `canary promote|abort|pause|resume NAME [-n NS]` writes the `canary.dev/command`
   annotation (never the spec, so GitOps tools do not revert it) and waits for the
-  controller's answer in the status.
+  controller's answer in the status (canary.kubernetes.commands.send_command).
 
-cli.py sends status and the manual commands here by kubectl's rule (canary.cli.main.target_mode);
+main.py sends status and the manual commands here by kubectl's rule (canary.cli.common.target_mode);
 when no flag chose the cluster, a failure says what did (`args.target_why`).
 
-Exit statuses follow cli.py: 0 ok/accepted, 1 refused, 2 bad arguments or kubeconfig,
+Exit statuses follow main.py: 0 ok/accepted, 1 refused, 2 bad arguments or kubeconfig,
 3 no answer from the controller (or the cluster unreachable), 4 no such Deployment.
 """
 
@@ -28,20 +29,19 @@ import logging
 import os
 import signal
 import sys
-import time
-import uuid
 from typing import Any
 
+from canary.cli.common import EXIT_BAD_CONFIG as EXIT_BAD
+from canary.cli.common import EXIT_OK, EXIT_UNKNOWN, parse_listen
+from canary.cli.common import EXIT_STOPPED as EXIT_NO_ANSWER  # the controller did not answer
 from canary.kubernetes.client import Kube, KubeError, NotFound
-from canary.kubernetes.operator import ENABLED, KubeState, ManualRequest
-from canary.kubernetes.spec import ANNOTATION_COMMAND, ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
+from canary.kubernetes.commands import ACCEPTED, DEFAULT_WAIT_S, UNKNOWN, send_command
+from canary.kubernetes.operator import ENABLED, KubeState
+from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
 
-__all__ = ["add_parser", "fetch_record", "manual_command", "run_kubernetes", "status"]
+__all__ = ["add_parser", "manual_command", "run_kubernetes", "status"]
 
-log = logging.getLogger("canary.kubernetes.cli")
-
-EXIT_OK, EXIT_FAILED, EXIT_BAD, EXIT_NO_ANSWER, EXIT_UNKNOWN = 0, 1, 2, 3, 4
-DEFAULT_WAIT_S = 30.0
+log = logging.getLogger("canary.cli.kubernetes")
 
 
 def _namespace(args: argparse.Namespace) -> str:
@@ -60,7 +60,7 @@ def _fail(command: str, message: str, code: int) -> int:
 
 
 def _why_cluster(args: argparse.Namespace) -> str:
-    """When no flag chose the cluster (canary.cli.main.target_mode), say what did."""
+    """When no flag chose the cluster (canary.cli.common.target_mode), say what did."""
     why = getattr(args, "target_why", None)
     if not why:
         return ""
@@ -149,58 +149,6 @@ def status(args: argparse.Namespace) -> int:
 # ---- manual commands ------------------------------------------------------------------------
 
 
-async def send_command(
-    kube: Kube,
-    namespace: str,
-    name: str,
-    command: str,
-    *,
-    who: str,
-    reason: str = "",
-    wait_s: float = DEFAULT_WAIT_S,
-    poll_s: float = 0.2,
-) -> tuple[int, str]:
-    """Write the command annotation and wait for the controller's answer.
-    Returns (exit status, message)."""
-    request = ManualRequest(
-        id=uuid.uuid4().hex[:12],
-        command=command,  # type: ignore[arg-type]
-        who=who,
-        reason=reason,
-        at=time.time(),
-    )
-    try:
-        await kube.get_deployment(namespace, name)
-    except NotFound:
-        return EXIT_UNKNOWN, f"no Deployment {namespace}/{name}"
-    # A merge patch of one annotation: the spec is never part of what is sent.
-    await kube.patch_deployment(
-        namespace,
-        name,
-        {"metadata": {"annotations": {ANNOTATION_COMMAND: request.model_dump_json()}}},
-    )
-    deadline = time.monotonic() + wait_s
-    while True:
-        obj = await kube.get_deployment(namespace, name)
-        try:
-            state = KubeState.from_annotation(_annotations(obj).get(ANNOTATION_STATUS))
-        except ValueError:
-            state = None
-        answer = state.command if state is not None else None
-        if answer is not None and answer.id == request.id:
-            phase = state.rollout.phase.value if state and state.rollout else "Idle"
-            if answer.accepted:
-                return EXIT_OK, f"{namespace}/{name}: {command} accepted; now {phase}"
-            return EXIT_FAILED, f"{namespace}/{name}: {command} refused: {answer.message}"
-        if time.monotonic() >= deadline:
-            return EXIT_NO_ANSWER, (
-                f"{namespace}/{name}: {command} is recorded in the {ANNOTATION_COMMAND} "
-                f"annotation, but the controller has not answered within {wait_s:g}s "
-                "(is `canary kubernetes` running and leading?)"
-            )
-        await asyncio.sleep(poll_s)
-
-
 def manual_command(args: argparse.Namespace) -> int:
     """`canary promote|abort|pause|resume NAME` in cluster mode."""
     wait = getattr(args, "wait", None) or os.environ.get("CANARY_WAIT") or DEFAULT_WAIT_S
@@ -225,33 +173,16 @@ def manual_command(args: argparse.Namespace) -> int:
         code, message = asyncio.run(go())
     except KubeError as exc:
         return _fail(args.command, f"{exc}{_why_cluster(args)}", EXIT_NO_ANSWER)
-    if code == EXIT_UNKNOWN:
+    if code == UNKNOWN:
         message += _why_cluster(args)
-    print(message, file=sys.stdout if code == EXIT_OK else sys.stderr)
+    print(message, file=sys.stdout if code == ACCEPTED else sys.stderr)
     return code
-
-
-# ---- records ------------------------------------------------------------------------------
-
-
-async def fetch_record(kube: Kube, namespace: str, name: str) -> dict[str, Any]:
-    """The record ConfigMap of Deployment namespace/name's current or last rollout."""
-    try:
-        obj = await kube.get_deployment(namespace, name)
-    except NotFound:
-        raise KubeError(f"no Deployment {namespace}/{name}") from None
-    state = KubeState.from_annotation(_annotations(obj).get(ANNOTATION_STATUS))
-    if state is None or not state.record:
-        raise KubeError(f"Deployment {namespace}/{name} has no rollout record yet")
-    record_namespace, _, configmap = state.record.partition("/")
-    return await kube.get_configmap(record_namespace, configmap)
 
 
 # ---- canary kubernetes --------------------------------------------------------------------
 
 
 async def run_kubernetes(args: argparse.Namespace) -> int:
-    from canary.cli.main import parse_listen
     from canary.kubernetes.client import LeaderElector
     from canary.kubernetes.operator import Operator, OperatorSettings
     from canary.server.app import Server, make_app

@@ -1,0 +1,113 @@
+"""What the `canary` subcommands share: exit statuses, the default address, and where
+status and the manual commands go.
+
+Why a module of its own: the subcommand modules (``main``, ``kubernetes``, ``clusters``,
+``report``) all need these, and ``main`` imports the others; keeping them here means no
+subcommand module imports ``main`` back.
+
+Where it goes, as kubectl would (`target_mode`): `--server` means a running `canary run`; any
+of `--kubeconfig`, `--context`, `-n/--namespace` means a cluster; with neither,
+`$CANARY_SERVER` means the static server, and then, like kubectl's defaults, `$KUBECONFIG`,
+an existing `~/.kube/config` or a pod's service account (`$KUBERNETES_SERVICE_HOST`) mean a
+cluster; otherwise the static server at its default address.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "DEFAULT_LISTEN",
+    "EXIT_BAD_CONFIG",
+    "EXIT_FAILED",
+    "EXIT_OK",
+    "EXIT_STOPPED",
+    "EXIT_UNKNOWN",
+    "SERVER_ENV",
+    "TARGET_RULE",
+    "TargetMode",
+    "parse_listen",
+    "server_url",
+    "target_mode",
+]
+
+EXIT_OK = 0
+EXIT_FAILED = 1  # rolled back / aborted; a refused command
+EXIT_BAD_CONFIG = 2  # also argparse's own usage errors
+EXIT_STOPPED = 3  # run: stopped before the end; commands: server unreachable
+EXIT_UNKNOWN = 4  # commands: no such rollout
+
+DEFAULT_LISTEN = "127.0.0.1:9310"
+SERVER_ENV = "CANARY_SERVER"
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """HOST:PORT (IPv6 as [::1]:PORT). Raises ValueError naming what is wrong."""
+    host, sep, port_text = text.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"--listen must be HOST:PORT, e.g. {DEFAULT_LISTEN}, got {text!r}")
+    host = host.removeprefix("[").removesuffix("]")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"--listen port must be a number, got {port_text!r}") from None
+    if not 0 <= port <= 65535:
+        raise ValueError(f"--listen port must be within 0..65535, got {port}")
+    return host, port
+
+
+def server_url(args: argparse.Namespace) -> str:
+    """The running server a command talks to: --server, else $CANARY_SERVER, else the default."""
+    url: str = args.server or os.environ.get(SERVER_ENV) or f"http://{DEFAULT_LISTEN}"
+    return url.rstrip("/")
+
+
+# ---- status and the manual commands: a `canary run` server or a cluster --------------------
+
+
+TargetMode = Literal["server", "cluster"]
+_CLUSTER_FLAGS = (("kubeconfig", "--kubeconfig"), ("context", "--context"), ("namespace", "-n"))
+TARGET_RULE = (
+    "Where it goes: --server URL (or $CANARY_SERVER) is a running `canary run`; --kubeconfig, "
+    "--context or -n/--namespace is a cluster. With neither, as kubectl: a cluster when "
+    "$KUBECONFIG is set, ~/.kube/config exists or in a pod ($KUBERNETES_SERVICE_HOST), else "
+    f"the `canary run` at http://{DEFAULT_LISTEN}."
+)
+
+
+def target_mode(
+    args: argparse.Namespace, *, environ: Mapping[str, str] | None = None
+) -> tuple[TargetMode, str, bool]:
+    """(mode, why, chosen by default) for status and the manual commands.
+
+    Raises ValueError when --server and a cluster flag are both given."""
+    env = os.environ if environ is None else environ
+    flags = [flag for key, flag in _CLUSTER_FLAGS if getattr(args, key, None)]
+    if getattr(args, "server", None):
+        if flags:
+            raise ValueError(
+                f"--server and {', '.join(flags)} name different targets (a `canary run` "
+                "server, a cluster): give one"
+            )
+        return "server", "--server was given", False
+    if flags:
+        return "cluster", f"{', '.join(flags)} was given", False
+    if env.get(SERVER_ENV):
+        return "server", f"${SERVER_ENV} is set", True
+    if env.get("KUBECONFIG"):
+        return "cluster", "$KUBECONFIG is set", True
+    home = env.get("HOME")
+    config = (Path(home) if home else Path.home()) / ".kube" / "config"
+    if config.is_file():
+        return "cluster", f"{config} exists", True
+    if env.get("KUBERNETES_SERVICE_HOST"):
+        return "cluster", "running in a pod ($KUBERNETES_SERVICE_HOST is set)", True
+    return (
+        "server",
+        "no kubeconfig was found ($KUBECONFIG unset, no ~/.kube/config, not in a pod)",
+        True,
+    )
