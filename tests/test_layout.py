@@ -141,3 +141,14 @@ def test_every_package_says_what_it_owns() -> None:
         assert doc, f"{module} has no docstring"
         if module.count(".") == 1:
             assert "import" in doc, f"{module}'s docstring does not say what it may import"
+
+
+def test_readme_layout_is_generated_from_the_tree() -> None:
+    """The README's Project layout section is what scripts/readme_layout.py makes of the tree."""
+    import runpy
+
+    layout = runpy.run_path(str(ROOT / "scripts" / "readme_layout.py"))
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    assert layout["updated"](readme) == readme, "run scripts/readme_layout.py"
+    for package in ("core/", "runner/", "kubernetes/", "clusters/", "reports/", "cli/"):
+        assert f"\n  {package}" in layout["tree"](), package

@@ -1,5 +1,6 @@
-"""What the `canary` subcommands share: exit statuses, the default address, and where
-status and the manual commands go.
+"""What the `canary` subcommands share: exit statuses, the default address, the target rule.
+
+Where status and the manual commands go is decided here too.
 
 Why a module of its own: the subcommand modules (``main``, ``kubernetes``, ``clusters``,
 ``report``) all need these, and ``main`` imports the others; keeping them here means no

@@ -1,6 +1,6 @@
-"""Traffic routers: where the weights go. The protocol lives in `base`, one module per backend
-beside it (HAProxy, ingress-nginx, Gateway API, PowerDNS, external-dns), as in Flagger's
-`pkg/router`.
+"""Traffic routers: where the weights go, one module per backend behind the protocol in `base`.
+
+HAProxy, ingress-nginx, Gateway API, PowerDNS and external-dns, as in Flagger's `pkg/router`.
 
 May import: ``canary.kubernetes.client`` (the cluster seam, for the Kubernetes-backed
 routers), the shared retry helper and the standard library; never the runner or a supervisor.
