@@ -39,6 +39,7 @@ from canary.core.failover import (
     step,
 )
 from canary.core.records import FailoverEntry, NoteEntry, dump_entry
+from canary.executors import run_blocking
 from canary.routers import RouterError, TrafficRouter, set_and_verify
 from canary.runner.clock import MonotonicWallClock
 
@@ -144,7 +145,7 @@ class FailoverController:
         now = self._clock()
         outcome = step(self.policy, self.state, event, now, rollout_active=self._rollout_active())
         if outcome.state != self.state:
-            await asyncio.to_thread(save_state, self.state_path, outcome.state)
+            await run_blocking("state", save_state, self.state_path, outcome.state)
             self.state = outcome.state
             if self._on_state is not None:
                 try:
@@ -218,7 +219,7 @@ class FailoverController:
                 handle.write(line)
                 handle.flush()
 
-        await asyncio.to_thread(write)
+        await run_blocking("state", write)
         if self._on_entry is not None:
             try:
                 await self._on_entry(entry)

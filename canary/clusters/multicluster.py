@@ -71,6 +71,7 @@ from canary.clusters.topology import (
 from canary.core.failover import FailoverCommand, FailoverState, Mode, Probe
 from canary.core.records import FailoverEntry, NoteEntry
 from canary.core.rollout import Command, RolloutStatus
+from canary.executors import run_blocking
 from canary.kubernetes.client import (
     Conflict,
     EventRecorder,
@@ -775,7 +776,7 @@ class TwoClusterService:
             return
         if mirrored is None or (mirrored.changed_at or 0) <= (self.failover.state.changed_at or 0):
             return
-        await asyncio.to_thread(save_state, self.failover.state_path, mirrored)
+        await run_blocking("state", save_state, self.failover.state_path, mirrored)
         self.failover.state = mirrored
         log.info("%s: resumed failover state from ConfigMap: %s", self.name, mirrored.mode.value)
 

@@ -27,7 +27,6 @@ Exception tree::
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
 import gzip
@@ -47,6 +46,7 @@ from canary.core.records import (
     dump_entry,
     parse_lines,
 )
+from canary.executors import run_blocking
 from canary.runner.seams import RecordWriteError
 
 log = logging.getLogger("canary.kubernetes.record_store")
@@ -260,8 +260,8 @@ class ConfigMapRecordWriter:
         where = f"record ConfigMap {self.namespace}/{self.name}"
         try:
             # Gzip of up to a MiB of record is CPU work: off the event loop.
-            data = await asyncio.to_thread(
-                pack_record, list(self.entries), max_bytes=self.max_bytes
+            data = await run_blocking(
+                "packing", pack_record, list(self.entries), max_bytes=self.max_bytes
             )
         except RecordError as exc:
             return self._failed(f"{where}: {exc}")
@@ -380,7 +380,7 @@ class ConfigMapRecord:
         namespace, _, name = self._read_ref.partition("/")
         try:
             configmap = await self.api.get_configmap(namespace, name)
-            entries = await asyncio.to_thread(unpack_record, configmap)
+            entries = await run_blocking("packing", unpack_record, configmap)
         except (KubeError, RecordError) as exc:
             log.warning(
                 "record %s unreadable, analysis restarts from Prometheus: %s", self._read_ref, exc

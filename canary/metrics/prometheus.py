@@ -7,7 +7,6 @@ do with it (hold, then roll back at a deadline).
 
 from __future__ import annotations
 
-import asyncio
 import math
 import re
 from collections.abc import Mapping
@@ -17,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from analysis import ArmCounts
+from canary.executors import run_blocking
 from canary.metrics.base import ArmsCounts, MetricsProvider, MetricsResult, NoData
 
 __all__ = [
@@ -133,8 +133,8 @@ class _NoDataError(Exception):
 class PrometheusMetrics:
     """MetricsProvider over Prometheus' HTTP API, through prometheus-api-client.
 
-    The client is synchronous (requests), so every query runs in a worker thread via
-    asyncio.to_thread. An unreachable server, an HTTP error, an empty result or a NaN
+    The client is synchronous (requests), so every query runs in the bounded `prometheus`
+    pool of canary.executors (never asyncio's shared default pool). An unreachable server, an HTTP error, an empty result or a NaN
     becomes NoData with a reason; fetch() does not raise for them.
     """
 
@@ -176,7 +176,7 @@ class PrometheusMetrics:
         if now < since:
             raise ValueError(f"now ({now}) is before since ({since})")
         try:
-            return await asyncio.to_thread(self._fetch_blocking, since, now)
+            return await run_blocking("prometheus", self._fetch_blocking, since, now)
         except _NoDataError as exc:
             return NoData(str(exc))
 

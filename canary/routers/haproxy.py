@@ -25,6 +25,7 @@ import contextlib
 import os
 from pathlib import Path
 
+from canary.executors import run_blocking
 from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
 
 __all__ = ["HAProxyRouter", "parse_servers_state", "runtime_command", "save_server_state"]
@@ -96,7 +97,7 @@ async def save_server_state(
     except ValueError as exc:
         raise RouterRejected("show servers state", answer) from exc
     try:
-        await asyncio.to_thread(_write_atomically, Path(state_file), answer)
+        await run_blocking("files", _write_atomically, Path(state_file), answer)
     except OSError as exc:
         raise RouterError(f"server-state file {state_file} not written: {exc}") from exc
 

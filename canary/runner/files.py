@@ -11,7 +11,6 @@ only controller; it names the holder for the next one to quote.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import fcntl
 import json
@@ -25,6 +24,7 @@ from typing import Any
 
 from canary.core.records import Entry, dump_entry, read_record
 from canary.core.rollout import RolloutStatus
+from canary.executors import run_blocking
 from canary.runner.seams import SavedRollout, StateLocked
 
 __all__ = ["FileRecord", "FileRecords", "FileStateStore", "RecordWriter", "cut_torn_tail"]
@@ -85,7 +85,7 @@ class RecordWriter:
         handle.write(data)
 
     async def append(self, entry: Entry) -> None:
-        await asyncio.to_thread(self._append, dump_entry(entry))
+        await run_blocking("files", self._append, dump_entry(entry))
 
 
 class FileRecord:
@@ -110,7 +110,7 @@ class FileRecord:
         return False  # every append is stored already
 
     async def read(self) -> list[Entry]:
-        return await asyncio.to_thread(read_record, self.path)
+        return await run_blocking("files", read_record, self.path)
 
 
 class FileRecords:
@@ -184,7 +184,7 @@ class FileStateStore:
         )
 
     async def load(self) -> SavedRollout | None:
-        return await asyncio.to_thread(self._load_blocking)
+        return await run_blocking("files", self._load_blocking)
 
     def _save_blocking(self, text: str) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -204,5 +204,5 @@ class FileStateStore:
         )
         if text == self._written:
             return  # unchanged: no write
-        await asyncio.to_thread(self._save_blocking, text)
+        await run_blocking("files", self._save_blocking, text)
         self._written = text

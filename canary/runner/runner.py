@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -96,6 +97,7 @@ __all__ = [
     "RolloutRunner",
     "TickReport",
     "UnknownRollout",
+    "next_tick_at",
 ]
 
 log = logging.getLogger("canary.runner")
@@ -140,6 +142,16 @@ def _default_analyzer() -> AnalyzerLike:
     from analysis import AnalysisConfig, Analyzer
 
     return Analyzer(AnalysisConfig())
+
+
+def next_tick_at(previous: float | None, now: float, period: float, *, first: float) -> float:
+    """When the next tick is due: `first` after now for the first one, then one `period`
+    after the last scheduled tick (a fixed rate: the ticks' own cost does not add up), or now
+    when that time has already passed (a late tick is not followed by a burst)."""
+    if previous is None:
+        return now + first
+    due = previous + period
+    return now if due < now else due
 
 
 def _verdict_reason(verdict: Verdict) -> str:
@@ -222,6 +234,7 @@ class RolloutRunner:
         self._pending_revision: str | None = None
         self._prepared = False
         self._last_look: float | None = None  # monotonic time of the last tick
+        self._next_tick: float | None = None  # loop time of the next scheduled tick
         self._resumable: SavedRollout | None = None
 
     # ---- public -------------------------------------------------------------------------
@@ -363,8 +376,19 @@ class RolloutRunner:
     # ---- the loop ---------------------------------------------------------------------
 
     async def _wait_or_command(self) -> None:
-        """Sleep until the next tick, handling any manual command that arrives meanwhile."""
-        deadline = asyncio.get_running_loop().time() + self.tick_s
+        """Sleep until the next tick, handling any manual command that arrives meanwhile.
+
+        Ticks are at a fixed rate (the period does not drift by each tick's own cost); a tick
+        late by more than a period starts the schedule again from now rather than bursting.
+        The first one comes after a random part of a period, so many rollouts started
+        together do not all tick in the same millisecond."""
+        self._next_tick = next_tick_at(
+            self._next_tick,
+            asyncio.get_running_loop().time(),
+            self.tick_s,
+            first=random.uniform(0.0, self.tick_s),
+        )
+        deadline = self._next_tick
         while not self.status.done:
             remaining = deadline - asyncio.get_running_loop().time()
             if remaining <= 0:

@@ -13,6 +13,7 @@ from canary.core.rollout import Phase
 from canary.metrics.base import MetricsResult
 from canary.runner import Controller, RolloutRunner
 from canary.runner.clock import MonotonicWallClock
+from canary.runner.runner import next_tick_at
 
 
 def test_stepped_wall_clock_leaves_the_clock_steady() -> None:
@@ -73,3 +74,16 @@ async def test_rollout_keeps_its_pace_when_the_wall_clock_steps(tmp_path: Path) 
     steps = [e for e in transitions if e.to_phase == "Progressing"][1:]
     gaps = [b.at - a.at for a, b in itertools.pairwise(steps)]
     assert all(SPEC.min_step_s <= gap <= SPEC.min_step_s + 30 for gap in gaps), gaps
+
+
+def test_ticks_keep_a_fixed_rate_and_a_late_one_does_not_burst() -> None:
+    """The schedule: the first tick after the jitter, then every period after the last
+    scheduled one whatever each tick cost, and a tick late past its slot starts again from
+    now instead of firing a burst to catch up."""
+    first = next_tick_at(None, 100.0, 10.0, first=3.5)
+    assert first == 103.5
+    # a tick that took 4 s still leaves the next one at 113.5, not 117.5
+    assert next_tick_at(first, 107.5, 10.0, first=0) == 113.5
+    # stalled until 150: due at 113.5 long ago -> now, then every 10 s from there
+    late = next_tick_at(113.5, 150.0, 10.0, first=0)
+    assert late == 150.0 and next_tick_at(late, 151.0, 10.0, first=0) == 160.0
