@@ -49,6 +49,8 @@ from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import quote
 
+from canary.core.redact import install_log_redaction
+
 __all__ = [
     "CLUSTER_MODULE",
     "DEFAULT_LISTEN",
@@ -517,5 +519,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    install_log_redaction()  # no URL credentials or tokens in the log, whoever logs them
     handler: Handler = args.func
     return int(handler(args))
