@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import html
 import math
 import multiprocessing
@@ -354,6 +355,12 @@ def _render_file(path: Path, fmt: Format) -> str:
     return render(load_report(path), fmt)
 
 
+def _lower_priority() -> None:
+    """A render worker yields the CPU to the controller (and its ticks) when both want it."""
+    with contextlib.suppress(OSError):
+        os.nice(10)
+
+
 _Key = tuple[str, int, int, str]  # (path, mtime_ns, size, format)
 
 
@@ -366,8 +373,9 @@ class ReportPages:
     record delayed a 0.2 s tick by 6.5 s; benchmarks/report_stall.py). So:
 
     - renders run in this object's own pool of `max_renders` worker processes (spawned at
-      the first render; `processes=False`: threads, which still hold the GIL against the
-      event loop), and record scans in one thread of its own; never in the default pool;
+      the first render, at a lower CPU priority; `processes=False`: threads, which still
+      hold the GIL against the event loop), and record scans in one thread of its own;
+      never in the default pool;
     - at most `max_pending` renders run or wait; one more is answered 503 with Retry-After;
     - a record larger than `max_record_bytes` is refused (413) before it is read;
     - pages are cached by (path, mtime, size, format), and concurrent requests for the same
@@ -405,7 +413,9 @@ class ReportPages:
         if self.processes:
             # spawn: a fork of a process with running threads and an event loop is unsafe
             context = multiprocessing.get_context("spawn")
-            return ProcessPoolExecutor(self.max_renders, mp_context=context)
+            return ProcessPoolExecutor(
+                self.max_renders, mp_context=context, initializer=_lower_priority
+            )
         return ThreadPoolExecutor(self.max_renders, thread_name_prefix="canary-report")
 
     @property
