@@ -66,6 +66,7 @@ from canary.cli.common import (
     server_url,
     target_mode,
 )
+from canary.core.redact import install_log_redaction
 
 __all__ = ["build_parser", "main"]
 
@@ -430,5 +431,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    install_log_redaction()  # no URL credentials or tokens in the log, whoever logs them
     handler: Handler = args.func
     return int(handler(args))

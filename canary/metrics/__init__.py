@@ -2,5 +2,6 @@
 
 ``base`` holds the seam (``MetricSource``, ``ArmsCounts``, ``NoData``); ``prometheus`` the
 Prometheus adapter. Errors become ``NoData`` values, never exceptions. May import:
-``analysis`` types; never the runner or a supervisor.
+``analysis`` types and ``canary.core.redact`` (reasons never show credentials); never the
+runner or a supervisor.
 """

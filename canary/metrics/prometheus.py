@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from analysis import ArmCounts
+from canary.core.redact import redact_text, redact_url
 from canary.executors import run_blocking
 from canary.metrics.base import ArmsCounts, MetricsProvider, MetricsResult, NoData
 
@@ -146,7 +147,9 @@ class PrometheusMetrics:
         timeout_s: float = 5.0,
     ) -> None:
         if not url.startswith(("http://", "https://")):
-            raise ValueError(f"Prometheus url must start with http:// or https://, got {url!r}")
+            raise ValueError(
+                f"Prometheus url must start with http:// or https://, got {redact_url(url)!r}"
+            )
         if timeout_s <= 0:
             raise ValueError(f"timeout_s must be positive, got {timeout_s}")
         # Imported here, not at the top: the pure core imports this module for NoData and
@@ -155,6 +158,8 @@ class PrometheusMetrics:
         from urllib3.util.retry import Retry
 
         self.url = url.rstrip("/")
+        # What messages, reprs and reasons show: never the URL's credentials.
+        self.shown_url = redact_url(self.url)
         self.queries = queries or PromQueries()
         self.timeout_s = timeout_s
         # No retries: the controller's next tick is the retry, and a tick must stay short.
@@ -163,7 +168,7 @@ class PrometheusMetrics:
         )
 
     def __repr__(self) -> str:
-        return f"PrometheusMetrics({self.url!r})"
+        return f"PrometheusMetrics({self.shown_url!r})"
 
     def close(self) -> None:
         """Close the HTTP connection pool (idempotent)."""
@@ -178,7 +183,8 @@ class PrometheusMetrics:
         try:
             return await run_blocking("prometheus", self._fetch_blocking, since, now)
         except _NoDataError as exc:
-            return NoData(str(exc))
+            # A reason is recorded, shown and logged: no credentials, whatever the client said.
+            return NoData(redact_text(str(exc)))
 
     def _fetch_blocking(self, since: float, now: float) -> ArmsCounts:
         q = self.queries
@@ -203,7 +209,7 @@ class PrometheusMetrics:
             result = self._client.custom_query(query, params={"time": f"{now:.3f}"})
         except RequestException as exc:
             raise _NoDataError(
-                f"prometheus unreachable at {self.url}: {type(exc).__name__}: {exc}"
+                f"prometheus unreachable at {self.shown_url}: {type(exc).__name__}: {exc}"
             ) from exc
         except PrometheusApiClientException as exc:
             raise _NoDataError(f"prometheus error for {query}: {exc}") from exc

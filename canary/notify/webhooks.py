@@ -33,6 +33,7 @@ import aiohttp
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from canary.core.records import EndEntry, Entry, FailoverEntry, ManualEntry, StartEntry
+from canary.core.redact import redact_text, redact_url
 from canary.retry import RetryPolicy, retrying
 
 __all__ = [
@@ -95,7 +96,8 @@ class WebhookConfig(BaseModel):
         parts = urlsplit(value)
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError(
-                f"{info.field_name} must be an absolute http:// or https:// URL, got {value!r}"
+                f"{info.field_name} must be an absolute http:// or https:// URL, "
+                f"got {redact_url(value, keep_path=False)!r}"
             )
         return value
 
@@ -410,6 +412,8 @@ class Notifier:
         error: str | None,
     ) -> DeliveryResult:
         ok = error is None
+        if error is not None:
+            error = redact_text(error)  # a client error may quote the URL with its token
         if not ok:
             log.warning(
                 "webhook %s for %s %s failed after %d attempt(s): %s",
@@ -464,6 +468,6 @@ def _retry_after(value: str | None) -> float | None:
 
 
 def _redact(url: str) -> str:
-    # Slack-style webhook URLs carry their secret in the path; logs get only the host.
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}/…" if parts.path not in ("", "/") else url
+    # Slack-style webhook URLs carry their secret in the path (or userinfo, or query): logs
+    # and results get only the host.
+    return redact_url(url, keep_path=False)

@@ -17,7 +17,8 @@ All but ``pages`` are pure, from record entries to text. Callers import the publ
 here (``from canary.reports import build_report, render_html``); this ``__init__`` never
 imports ``pages``, which imports from it.
 
-May import: ``canary.core`` (the record schema), ``analysis`` types; never the runner or a
+May import: ``canary.core`` (the record schema; ``redact``, which ``build`` applies to every
+entry so no format shows a secret), ``analysis`` types; never the runner or a
 supervisor except through ``pages``.
 """
 

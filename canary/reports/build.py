@@ -5,6 +5,9 @@ The record (canary/core/records.py) already holds every tick; `build_report` tur
 per-tick and per-metric series, step spans, a timeline and notes (counter resets, ticks
 without data, a router that reads back another weight than was set).
 
+Secrets (URL credentials, tokens) in an entry are masked on the way in
+(canary.core.redact), so no format can show them, whatever the record holds.
+
 Pure: it takes record entries as plain JSON objects (what `canary.core.records.dump_entry`
 writes, one dict per line). The entry shapes are mirrored here as tolerant light models that
 ignore fields they do not know (the record schema may grow); they date from when this code
@@ -29,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analysis.types import ArmCounts, Decision, MetricResult, Verdict
+from canary.core.redact import redact
 from canary.reports.formatting import fmt_conf, fmt_duration, fmt_num, fmt_pct
 from canary.reports.model import (
     ArmPoint,
@@ -147,7 +151,8 @@ def _parse(entries: Iterable[Mapping[str, Any]]) -> list[_In]:
             known = ", ".join(_KINDS)
             raise ReportError(f"entry {index} has kind {kind!r}; expected one of {known}")
         try:
-            parsed.append(model.model_validate(dict(raw)))
+            # Records written before redaction (or by another writer) may hold credentials.
+            parsed.append(model.model_validate(redact(dict(raw))))
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(part) for part in first["loc"]) or "entry"

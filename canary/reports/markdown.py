@@ -1,6 +1,13 @@
-"""A report as a compact Markdown summary for PR comments and chat (`render_markdown`)."""
+"""A report as a compact Markdown summary for PR comments and chat (`render_markdown`).
+
+Markdown passes raw HTML through, and every text here comes from a record (reasons, notes,
+who ran a command, versions): each is written through `_md`, which escapes HTML and the
+characters that would start a link or a code span, so a record cannot inject markup.
+"""
 
 from __future__ import annotations
+
+import html
 
 from canary.reports.formatting import fmt_conf, fmt_duration, fmt_num, fmt_pct
 from canary.reports.model import Report
@@ -16,23 +23,37 @@ _OUTCOME_WORDS = {
 }
 
 
-def _md_cell(text: str) -> str:
-    return text.replace("|", "\\|").replace("\n", " ")
+def _md(text: object) -> str:
+    """Record text as inert Markdown: no HTML, no links, no code spans, one line."""
+    escaped = html.escape(str(text), quote=False)
+    for char in "\\`[]":
+        escaped = escaped.replace(char, "\\" + char)
+    return escaped.replace("\r", " ").replace("\n", " ")
+
+
+def _md_cell(text: object) -> str:
+    return _md(text).replace("|", "\\|")
+
+
+def _code(text: str) -> str:
+    """Record text in a code span (shown literally, so no escaping but of backticks)."""
+    return "`" + text.replace("`", "'").replace("\n", " ") + "`"
 
 
 def render_markdown(report: Report, *, report_url: str | None = None) -> str:
     """A compact Markdown summary for PR comments and chat."""
     r = report
     lines = [
-        f"### Canary {r.target}: {_OUTCOME_WORDS.get(r.outcome, r.outcome)}",
+        f"### Canary {_md(r.target)}: {_md(_OUTCOME_WORDS.get(r.outcome, r.outcome))}",
         "",
-        f"**{r.primary_version or '?'} → {r.canary_version or '?'}** · rollout `{r.rollout}` · "
+        f"**{_md(r.primary_version or '?')} → {_md(r.canary_version or '?')}** · "
+        f"rollout {_code(r.rollout)} · "
         f"duration {fmt_duration(r.duration_s)} · {r.tick_count} ticks",
         "",
     ]
     if r.incomplete_reason:
-        lines += [f"> ⚠️ Incomplete: {r.incomplete_reason}", ""]
-    lines += [f"**Decision:** {r.decided.summary}", ""]
+        lines += [f"> ⚠️ Incomplete: {_md(r.incomplete_reason)}", ""]
+    lines += [f"**Decision:** {_md(r.decided.summary)}", ""]
     if r.final_primary and r.final_canary:
         lines += [
             "| arm | requests | errors | error rate |",
@@ -52,7 +73,8 @@ def render_markdown(report: Report, *, report_url: str | None = None) -> str:
         ]
         for m in r.metrics:
             lines.append(
-                f"| {_md_cell(m.name)}{' (critical)' if m.critical else ''} | {m.decision} | "
+                f"| {_md_cell(m.name)}{' (critical)' if m.critical else ''} | "
+                f"{_md_cell(m.decision)} | "
                 f"{fmt_pct(m.rate_canary)} vs {fmt_pct(m.rate_primary)} | {fmt_num(m.estimate)} "
                 f"[{fmt_num(m.lower)}, {fmt_num(m.upper)}] @ {fmt_conf(m.alpha)} | "
                 f"{fmt_num(m.fail_ratio)} / {fmt_num(m.pass_below)} | "
@@ -78,16 +100,16 @@ def render_markdown(report: Report, *, report_url: str | None = None) -> str:
     if r.manual_actions:
         lines.append("**Manual actions:**")
         lines += [
-            f"- {fmt_duration(a.t_s)}: {a.who} ran `{a.command}`"
-            + (f" ({a.reason})" if a.reason else "")
+            f"- {fmt_duration(a.t_s)}: {_md(a.who)} ran {_code(a.command)}"
+            + (f" ({_md(a.reason)})" if a.reason else "")
             for a in r.manual_actions
         ]
         lines.append("")
     if r.failovers:
         lines.append("**Failovers:**")
         lines += [
-            f"- {fmt_duration(f.t_s)}: {f.direction} by {f.who}{' (forced)' if f.forced else ''}: "
-            f"{f.reason}"
+            f"- {fmt_duration(f.t_s)}: {_md(f.direction)} by {_md(f.who)}"
+            f"{' (forced)' if f.forced else ''}: {_md(f.reason)}"
             for f in r.failovers
         ]
         lines.append("")
@@ -96,7 +118,7 @@ def render_markdown(report: Report, *, report_url: str | None = None) -> str:
         lines += [
             f"- {'⚠️ ' if n.level == 'warning' else ''}"
             + (f"{fmt_duration(n.t_s)}: " if n.t_s is not None else "")
-            + n.message
+            + _md(n.message)
             for n in r.notes
         ]
         lines.append("")

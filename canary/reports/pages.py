@@ -19,9 +19,15 @@ Exception tree::
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import html
+import math
+import multiprocessing
 import os
+import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,9 +43,11 @@ from canary.reports import render_markdown as _render_markdown
 
 __all__ = [
     "FORMATS",
+    "REPORT_PAGES",
     "Format",
     "RecordNotFound",
     "RecordSummary",
+    "ReportPages",
     "load_report",
     "register_routes",
     "render",
@@ -208,18 +216,222 @@ def _when(unix: float) -> str:
     return datetime.fromtimestamp(unix, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
+class _Busy(Exception):
+    """Every render slot is taken: answer 503 with Retry-After."""
+
+    def __init__(self, retry_after_s: int) -> None:
+        super().__init__(retry_after_s)
+        self.retry_after_s = retry_after_s
+
+
+class _TooLarge(ReportError):
+    """The record is larger than a page may render."""
+
+
+def _render_file(path: Path, fmt: Format) -> str:
+    """Runs in the reports' own worker thread: read, build and render one record."""
+    return render(load_report(path), fmt)
+
+
+def _lower_priority() -> None:
+    """A render worker yields the CPU to the controller (and its ticks) when both want it."""
+    with contextlib.suppress(OSError):
+        os.nice(10)
+
+
+_Key = tuple[str, int, int, str]  # (path, mtime_ns, size, format)
+
+
+class ReportPages:
+    """The /reports/ routes' work, kept off the controller's path.
+
+    Why: rendering a large record holds a thread (and the GIL) for seconds, and the rollouts'
+    own I/O (record appends, Prometheus queries) runs in asyncio's default thread pool.
+    Renders that share that pool queue the ticks behind them (eight requests for a 4.5 MiB
+    record delayed a 0.2 s tick by 6.5 s; benchmarks/report_stall.py). So:
+
+    - renders run in this object's own pool of `max_renders` worker processes (spawned at
+      the first render, at a lower CPU priority; `processes=False`: threads, which still
+      hold the GIL against the event loop), and record scans in one thread of its own;
+      never in the default pool;
+    - at most `max_pending` renders run or wait; one more is answered 503 with Retry-After;
+    - a record larger than `max_record_bytes` is refused (413) before it is read;
+    - pages are cached by (path, mtime, size, format), and concurrent requests for the same
+      page share one render.
+    """
+
+    def __init__(
+        self,
+        record_dir: Path | Callable[[], Path],
+        *,
+        max_renders: int = 2,
+        max_pending: int = 8,
+        max_record_bytes: int = 16 * 2**20,
+        cache_bytes: int = 64 * 2**20,
+        processes: bool = True,
+    ) -> None:
+        if max_renders < 1 or max_pending < max_renders:
+            raise ValueError("need 1 <= max_renders <= max_pending")
+        self._record_dir = record_dir
+        self.max_pending = max_pending
+        self.max_renders = max_renders
+        self.max_record_bytes = max_record_bytes
+        self.cache_bytes = cache_bytes
+        self.processes = processes
+        self._renders = self._render_pool()
+        self._scans = ThreadPoolExecutor(1, thread_name_prefix="canary-report-scan")
+        self._pending = 0  # renders submitted and not finished (also if their client left)
+        self._inflight: dict[_Key, asyncio.Future[str]] = {}
+        self._cache: OrderedDict[_Key, str] = OrderedDict()
+        self._cached_bytes = 0
+        self._render_s = 1.0  # moving average of a render's duration, for Retry-After
+        self.renders_done = 0
+
+    def _render_pool(self) -> Executor:
+        if self.processes:
+            # spawn: a fork of a process with running threads and an event loop is unsafe
+            context = multiprocessing.get_context("spawn")
+            return ProcessPoolExecutor(
+                self.max_renders, mp_context=context, initializer=_lower_priority
+            )
+        return ThreadPoolExecutor(self.max_renders, thread_name_prefix="canary-report")
+
+    @property
+    def pending(self) -> int:
+        """Renders submitted and not finished."""
+        return self._pending
+
+    def directory(self) -> Path:
+        return self._record_dir() if callable(self._record_dir) else self._record_dir
+
+    async def scan(self) -> list[RecordSummary]:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._scans, scan_records, self.directory())
+
+    async def page(self, wanted: str, fmt: Format) -> str:
+        """The report `wanted` (a report id, or a target's name for its newest) in `fmt`.
+        Raises RecordNotFound, _TooLarge, ReportError or _Busy."""
+        loop = asyncio.get_running_loop()
+        path, mtime_ns, size = await loop.run_in_executor(self._scans, self._locate, wanted)
+        if size > self.max_record_bytes:
+            raise _TooLarge(
+                f"report {wanted!r}: its record is {size / 2**20:.1f} MiB, more than the "
+                f"{self.max_record_bytes / 2**20:.0f} MiB a page renders; render it with "
+                f"`canary report {path.name}` where the record is"
+            )
+        key: _Key = (str(path), mtime_ns, size, fmt)
+        if (text := self._cache.get(key)) is not None:
+            self._cache.move_to_end(key)
+            return text
+        future = self._inflight.get(key)
+        if future is None:
+            if self._pending >= self.max_pending:
+                waves = math.ceil((self._pending + 1) / self.max_renders)
+                raise _Busy(max(1, min(60, math.ceil(waves * self._render_s))))
+            future = self._submit(key, path, fmt)
+        # shield: a client that leaves does not cancel the render others may be waiting for
+        try:
+            return await asyncio.shield(future)
+        except BrokenExecutor:
+            raise ReportError(f"report {wanted!r}: the renderer died rendering it") from None
+
+    def _locate(self, wanted: str) -> tuple[Path, int, int]:
+        records = scan_records(self.directory())
+        match = next((s for s in records if s.id == wanted), None)
+        if match is None:
+            # A failover's webhook links to its service: the newest rollout of it.
+            match = next((s for s in records if report_id(s.target) == wanted), None)
+        if match is None:
+            raise RecordNotFound(f"no report {wanted!r}")
+        try:
+            stat = match.path.stat()
+        except OSError as exc:
+            raise RecordNotFound(f"report {wanted!r}: {exc.strerror}") from None
+        return match.path, stat.st_mtime_ns, stat.st_size
+
+    def _submit(self, key: _Key, path: Path, fmt: Format) -> asyncio.Future[str]:
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            future = loop.run_in_executor(self._renders, _render_file, path, fmt)
+        except BrokenExecutor:  # a worker died (e.g. out of memory): start afresh
+            self._renders.shutdown(wait=False, cancel_futures=True)
+            self._renders = self._render_pool()
+            future = loop.run_in_executor(self._renders, _render_file, path, fmt)
+        self._pending += 1
+        self._inflight[key] = future
+
+        def done(finished: asyncio.Future[str]) -> None:
+            self._pending -= 1
+            self._inflight.pop(key, None)
+            self.renders_done += 1
+            self._render_s = 0.7 * self._render_s + 0.3 * (time.monotonic() - started)
+            if not finished.cancelled() and finished.exception() is None:
+                self._remember(key, finished.result())
+
+        future.add_done_callback(done)
+        return future
+
+    def _remember(self, key: _Key, text: str) -> None:
+        if len(text) > self.cache_bytes // 4:
+            return
+        for old in [k for k in self._cache if k[:1] == key[:1] and k[3] == key[3]]:
+            self._cached_bytes -= len(self._cache.pop(old))  # an older version of the page
+        self._cache[key] = text
+        self._cached_bytes += len(text)
+        while self._cached_bytes > self.cache_bytes:
+            _, evicted = self._cache.popitem(last=False)
+            self._cached_bytes -= len(evicted)
+
+    async def close(self) -> None:
+        """Stop the workers: a render in progress is abandoned (its worker process is
+        terminated, by its handle), so shutting down never waits for one."""
+        # ProcessPoolExecutor keeps its workers by PID; Python 3.14 adds terminate_workers()
+        processes = list((getattr(self._renders, "_processes", None) or {}).values())
+        self._renders.shutdown(wait=False, cancel_futures=True)
+        self._scans.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        if processes:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: [process.join(5) for process in processes]
+            )
+
+
+REPORT_PAGES: web.AppKey[ReportPages] = web.AppKey("report_pages", ReportPages)
+
+
 def register_routes(
-    app: web.Application, *, record_dir: Path | Callable[[], Path], prefix: str = "/reports"
+    app: web.Application,
+    *,
+    record_dir: Path | Callable[[], Path],
+    prefix: str = "/reports",
+    max_renders: int = 2,
+    max_pending: int = 8,
+    max_record_bytes: int = 16 * 2**20,
+    processes: bool = True,
 ) -> None:
     """Serve `{prefix}/` (index of recent rollouts, newest first) and `{prefix}/{id}` (the
-    HTML report; `?format=md|json` for the others; a target's name gives its newest). File reading and rendering run off the
-    event loop."""
+    HTML report; `?format=md|json` for the others; a target's name gives its newest).
 
-    def directory() -> Path:
-        return record_dir() if callable(record_dir) else record_dir
+    Reading and rendering run in the routes' own threads (see ReportPages), never in the
+    event loop or its default pool: 503 with Retry-After past `max_pending` renders, 413 for
+    a record larger than `max_record_bytes`. The ReportPages is `app[REPORT_PAGES]`."""
+    pages = ReportPages(
+        record_dir,
+        max_renders=max_renders,
+        max_pending=max_pending,
+        max_record_bytes=max_record_bytes,
+        processes=processes,
+    )
+
+    async def close(_: web.Application) -> None:
+        await pages.close()
+
+    app.on_cleanup.append(close)
 
     async def index(request: web.Request) -> web.Response:
-        records = await asyncio.to_thread(scan_records, directory())
+        records = await pages.scan()
         if request.query.get("format") == "json":
             data = [
                 {
@@ -247,26 +459,26 @@ def register_routes(
             raise web.HTTPBadRequest(
                 text=f"format must be one of {', '.join(FORMATS)}, got {fmt!r}\n"
             )
-
-        def build() -> str:
-            records = scan_records(directory())
-            match = next((s for s in records if s.id == wanted), None)
-            if match is None:
-                # A failover's webhook links to its service: the newest rollout of it.
-                match = next((s for s in records if report_id(s.target) == wanted), None)
-            if match is None:
-                raise RecordNotFound(f"no report {wanted!r}")
-            return render(load_report(match.path), fmt)
-
         try:
-            text = await asyncio.to_thread(build)
+            text = await pages.page(wanted, fmt)
         except RecordNotFound as exc:
             raise web.HTTPNotFound(text=f"{exc}\n") from None
+        except _TooLarge as exc:
+            raise web.HTTPRequestEntityTooLarge(
+                max_size=pages.max_record_bytes, actual_size=0, text=f"{exc}\n"
+            ) from None
         except ReportError as exc:
             raise web.HTTPUnprocessableEntity(text=f"{exc}\n") from None
+        except _Busy as exc:
+            raise web.HTTPServiceUnavailable(
+                text=f"{pages.max_pending} reports are being rendered; try again in "
+                f"{exc.retry_after_s}s\n",
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from None
         content_type = {"html": "text/html", "md": "text/markdown", "json": "application/json"}
         return web.Response(text=text, content_type=content_type[fmt])
 
     app.router.add_get(f"{prefix}/", index)
     app.router.add_get(prefix, redirect)
     app.router.add_get(prefix + "/{id}", one)
+    app[REPORT_PAGES] = pages

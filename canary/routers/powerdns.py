@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 
+from canary.core.redact import redact_text, redact_url
 from canary.dnsquery import DnsError
 from canary.dnsquery import query as dns_query
 from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
@@ -120,7 +121,7 @@ class PowerDNSRouter:
         self._dns = (dns_server, dns_port) if dns_server else None
 
     async def _request(self, method: str, json: Any = None) -> Any:
-        what = f"{method} {self._zone_url}"
+        what = f"{method} {redact_url(self._zone_url)}"
         try:
             async with (
                 aiohttp.ClientSession(timeout=self._timeout, headers=self._headers) as session,
@@ -135,7 +136,8 @@ class PowerDNSRouter:
                     raise RouterRejected(what, f"HTTP {response.status}: {message}")
                 return await response.json(content_type=None) if text else None
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-            raise RouterUnreachable(f"PowerDNS API unreachable ({what}): {exc}") from exc
+            detail = redact_text(str(exc))
+            raise RouterUnreachable(f"PowerDNS API unreachable ({what}): {detail}") from exc
 
     async def set_weight(self, canary_percent: int) -> None:
         content = build_lua(self.primary_address, self.canary_address, canary_percent)

@@ -52,6 +52,7 @@ from canary.core.records import (
     TickEntry,
     TransitionEntry,
 )
+from canary.core.redact import redact
 from canary.core.rollout import (
     Action,
     Command,
@@ -768,7 +769,7 @@ class RolloutRunner:
             primary_version=self.primary_version,
             canary_version=self.canary_version,
             steps=list(self.spec.steps),
-            config=config,
+            config=redact(config),  # secrets never reach the record
             plan=dict(self.plan),
         )
 

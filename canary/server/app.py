@@ -15,7 +15,7 @@ A command answers 200 when accepted, 409 when the machine refused it (with its r
 `extensions` (e.g. canary.reports.pages' /reports/), so this module never needs to know them.
 
 The server only reads state and queues commands: the rollout task stays the one place where
-a status changes.
+a status changes. What it shows is redacted (canary.core.redact): no URL credentials or tokens.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from typing import Any, Protocol
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+from canary.core.redact import redact
 from canary.core.rollout import Command
 from canary.runner import CommandResult, UnknownRollout
 
@@ -95,13 +96,18 @@ async def _metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
+def _states(request: web.Request) -> list[dict[str, Any]]:
+    # Reasons and messages may quote a URL or an error: no credentials leave through here.
+    return [redact(state) for state in request.app[_SOURCE].states()]
+
+
 async def _rollouts(request: web.Request) -> web.Response:
-    return web.json_response({"rollouts": request.app[_SOURCE].states()})
+    return web.json_response({"rollouts": _states(request)})
 
 
 async def _rollout(request: web.Request) -> web.Response:
     name = request.match_info["name"]
-    for state in request.app[_SOURCE].states():
+    for state in _states(request):
         if state.get("name") == name:
             return web.json_response(state)
     return _error(404, f"no rollout named {name!r}")

@@ -21,6 +21,7 @@ class BadTarget(Exception):
 def build_runner(config: Any, *, stamp: str | None = None, fresh: bool = False) -> Any:
     """A RolloutRunner for a static target (real HAProxy router, real Prometheus metrics)."""
     from analysis import Analyzer
+    from canary.core.redact import redact_url
     from canary.metrics.prometheus import PrometheusMetrics
     from canary.routers.haproxy import HAProxyRouter
     from canary.runner import RolloutRunner
@@ -60,6 +61,6 @@ def build_runner(config: Any, *, stamp: str | None = None, fresh: bool = False) 
             "analysis": analysis_config.model_dump(mode="json"),
             "tick_s": config.tick_s,
             "router": config.router.model_dump(mode="json"),
-            "metrics": {"url": config.metrics.url},
+            "metrics": {"url": redact_url(config.metrics.url)},
         },
     )

@@ -23,6 +23,8 @@ LAYERS = {
     "jsondoc": {"formatting", "model"},
     "__init__": {"model", "build", "html", "markdown", "jsondoc"},
 }
+# Pure modules of other packages a renderer may use: redaction masks secrets on the way in.
+PURE_CANARY = {"canary.core.redact"}
 PURE_LIBRARIES = {
     "__future__",
     "analysis",
@@ -62,6 +64,8 @@ def test_report_modules_are_pure_and_layered() -> None:
     only the report modules below it."""
     for module, allowed in LAYERS.items():
         for name in _imports(PACKAGE / f"{module}.py"):
+            if name in PURE_CANARY:
+                continue
             if name.startswith("canary."):
                 assert name.startswith("canary.reports."), f"{module} imports {name}"
                 assert name.removeprefix("canary.reports.") in allowed, f"{module} imports {name}"
