@@ -345,14 +345,14 @@ async def test_a_restarted_controller_resumes_the_cross_cluster_rollout(
                     and runner.last_tick.canary is not None
                 )
 
-            await wait_for(looking_at_50, 60, "the rollout looking at 50%")
+            await wait_for(looking_at_50, 120, "the rollout looking at 50%")
             assert rollouts.runner is not None
             first_record = rollouts.runner.record_path
             step_before = rollouts.runner.status.step
         async with running(pdns, clusters, work, name="resume", apis=apis) as env:
             rollouts = env.controller.services["shop"].rollouts
             assert rollouts is not None
-            await wait_for(lambda: _finished(rollouts), 90, "the resumed rollout to end")
+            await wait_for(lambda: _finished(rollouts), 120, "the resumed rollout to end")
             assert rollouts.finished[0][1] == "promoted", rollouts.state()
             assert rollouts.runner is not None and rollouts.runner.record_path == first_record
             assert image(apis[0]) == "shop:2"
