@@ -237,6 +237,8 @@ class RolloutRunner:
         self._last_look: float | None = None  # monotonic time of the last tick
         self._next_tick: float | None = None  # loop time of the next scheduled tick
         self._resumable: SavedRollout | None = None
+        self._resumed_entries: list[Entry] = []
+        self._resumed_record: RecordSink | None = None
 
     # ---- public -------------------------------------------------------------------------
 
@@ -301,13 +303,29 @@ class RolloutRunner:
             await self.store.acquire()
             try:
                 self._resumable = await self.store.load()
-            except (OSError, ValueError, KeyError, TypeError) as exc:
+                if self._resumable is not None:
+                    self._resumed_entries = await self._read_saved_record(self._resumable)
+            except (OSError, ValueError, KeyError, TypeError, ResumeError) as exc:
                 await self.store.release()
+                if isinstance(exc, ResumeError):
+                    raise
                 raise ResumeError(
                     f"{self.name}: cannot resume from {self.store}: {exc}; nothing was changed "
                     "(start a new rollout on purpose with --fresh)"
                 ) from exc
         self._prepared = True
+
+    async def _read_saved_record(self, saved: SavedRollout) -> list[Entry]:
+        assert self.records is not None
+        record = self.records(saved.rollout_id, ref=saved.record or None)
+        self._resumed_record = record  # the same sink carries on (a ConfigMap keeps what it read)
+        try:
+            return await record.read()
+        except (OSError, ValueError, RecordWriteError) as exc:
+            raise ResumeError(
+                f"{self.name}: the saved rollout's record {record.label} cannot be read: "
+                f"{exc}; nothing was changed (start a new rollout on purpose with --fresh)"
+            ) from exc
 
     async def run(self) -> RolloutStatus:
         """Start (or resume) the rollout and run it to its end. Cancel to stop it: weights
@@ -680,26 +698,20 @@ class RolloutRunner:
             self._count_error("status")
 
     async def _resume(self) -> bool:
-        """Continue a saved, unfinished rollout: same record, same step, evidence replayed.
-        False when there is nothing to resume (or it cannot be read: then say so and start)."""
+        """Continue the saved, unfinished rollout that prepare() read: same record, same step,
+        evidence replayed. False when there is nothing to resume."""
         saved = self._resumable
         if saved is None:
             return False
-        assert self.records is not None
+        assert self._resumed_record is not None
         self.status = saved.status
         self._rollout_id = saved.rollout_id
-        self.record = self.records(saved.rollout_id, ref=saved.record or None)
+        self.record = self._resumed_record
         self.record_error = saved.record_error
         if isinstance(self.record, FileRecord):
             self.record_path = self.record.path  # the resumed rollout's file
         self._started_at = saved.started_at or self.status.started_at or self._started_at
-        try:
-            entries = await self.record.read()
-        except (OSError, ValueError, RecordWriteError) as exc:
-            raise ResumeError(
-                f"{self.name}: the saved rollout's record {self.record.label} cannot be read: "
-                f"{exc}; nothing was changed (start a new rollout on purpose with --fresh)"
-            ) from exc
+        entries = self._resumed_entries
         replayed = self._replay_record(entries)
         status = self.status
         by = f" by {self.identity}" if self.identity else ""

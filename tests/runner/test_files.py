@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import json
 import os
@@ -11,12 +12,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_runner import make_runner
+from test_runner import SPEC, make_runner
 
 from canary.core.records import RecordError, TickEntry, read_record
 from canary.core.rollout import Phase
 from canary.reports import build_report
-from canary.runner import Controller, FileStateStore, RecordWriter, StateLocked
+from canary.runner import Controller, FileStateStore, RecordWriter, ResumeError, StateLocked
 from canary.runner.files import cut_torn_tail
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -112,3 +113,26 @@ def test_canary_run_refuses_a_target_another_process_runs(tmp_path: Path) -> Non
     assert result.returncode == 2, result.stderr
     assert f"in use by pid {os.getpid()}" in result.stderr and "one controller per rollout" in result.stderr
     assert not list((tmp_path / "records").glob("*.jsonl"))
+
+
+async def test_a_saved_rollout_whose_record_is_unreadable_refuses_to_start(tmp_path: Path) -> None:
+    """A restart whose saved rollout points at a record that cannot be read is a loud error
+    naming the record, before anything moves, and the record is left as it was for people to
+    look at (never a silent new rollout)."""
+    first, _, _ = make_runner(tmp_path, spec=SPEC.model_copy(update={"steps": (5, 10)}))
+    first.status_path = tmp_path / "app.status.json"
+    reached = asyncio.Event()
+    first.observers.append(lambda report: reached.set() if report.status.step == 1 else None)
+    controller = Controller([first])
+    task = asyncio.create_task(controller.run())
+    await reached.wait()
+    controller.stop()
+    await task
+    broken = first.record_path.read_text().replace("\n", "", 1)  # two lines glued together
+    first.record_path.write_text(broken)
+
+    again, router, _ = make_runner(tmp_path)
+    again.status_path = first.status_path
+    with pytest.raises(ResumeError, match=r"app\.jsonl cannot be read"):
+        await again.run()
+    assert router.sets == [] and first.record_path.read_text() == broken
