@@ -47,13 +47,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
-import hashlib
 import json
 import logging
 import os
 import socket
-import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -71,11 +68,9 @@ from canary.kubernetes.client import (
     Kube,
     KubeError,
     LeaderElector,
-    NotFound,
     ObjectRef,
     Relist,
     WatchEvent,
-    deployment_rollout,
 )
 from canary.kubernetes.record_store import MAX_CONFIGMAP_BYTES, ConfigMapRecord
 from canary.kubernetes.spec import (
@@ -87,6 +82,11 @@ from canary.kubernetes.spec import (
     SpecError,
     dump_problems,
     parse_annotations,
+)
+from canary.kubernetes.workload import (
+    AppDeployments,
+    primary_template,
+    template_hash,
 )
 from canary.metrics.prometheus import PrometheusMetrics
 from canary.notify.webhooks import Notifier, WebhookConfig
@@ -106,7 +106,6 @@ from canary.runner.clock import MonotonicWallClock
 __all__ = [
     "ENABLED",
     "AnnotationStore",
-    "AppWorkload",
     "KubeState",
     "ManualRequest",
     "NotLeader",
@@ -120,7 +119,6 @@ log = logging.getLogger("canary.kubernetes.operator")
 
 JSON = dict[str, Any]
 ENABLED = PREFIX + "enabled"
-MANAGED_BY = {"app.kubernetes.io/managed-by": "canary"}
 _STATUS_ATTEMPTS = 5
 
 
@@ -185,31 +183,6 @@ class ManualRequest(BaseModel):
 # ---- pure helpers ----------------------------------------------------------------------
 
 
-def template_hash(deployment: Mapping[str, Any]) -> str:
-    """A short, stable hash of a Deployment's pod template: a new one is a new version."""
-    template = (deployment.get("spec") or {}).get("template") or {}
-    text = json.dumps(template, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256(text.encode()).hexdigest()[:10]
-
-
-def _primary_labels(labels: Mapping[str, str], selector: Mapping[str, str]) -> dict[str, str]:
-    """Selector labels get `-primary`, so app-canary's selector never matches primary pods."""
-    return {k: (f"{v}-primary" if k in selector else v) for k, v in labels.items()}
-
-
-def primary_template(app: Mapping[str, Any]) -> tuple[dict[str, str], JSON]:
-    """(app-primary's selector, its pod template) copied from Deployment `app`."""
-    spec = app.get("spec") or {}
-    selector = dict((spec.get("selector") or {}).get("matchLabels") or {})
-    if not selector:
-        name = (app.get("metadata") or {}).get("name", "?")
-        raise ValueError(f"Deployment {name} has no spec.selector.matchLabels to derive from")
-    template = copy.deepcopy(spec.get("template") or {})
-    meta = template.setdefault("metadata", {})
-    meta["labels"] = _primary_labels(meta.get("labels") or {}, selector)
-    return _primary_labels(selector, selector), template
-
-
 def _key(obj: Mapping[str, Any]) -> tuple[str, str]:
     meta = obj.get("metadata") or {}
     return str(meta.get("namespace") or "default"), str(meta["name"])
@@ -221,18 +194,6 @@ def _annotations(obj: Mapping[str, Any]) -> dict[str, str]:
 
 def _enabled_key_present(obj: Mapping[str, Any]) -> bool:
     return ENABLED in _annotations(obj)
-
-
-def _container_port(obj: Mapping[str, Any], *, default: int) -> int | str:
-    """Where the pods listen: the port named `http`, else the first container port."""
-    containers = ((obj.get("spec") or {}).get("template") or {}).get("spec", {}).get("containers")
-    ports = [p for c in containers or [] for p in c.get("ports") or []]
-    for port in ports:
-        if port.get("name") == "http":
-            return "http"
-    if ports and ports[0].get("containerPort"):
-        return int(ports[0]["containerPort"])
-    return default
 
 
 def _default_identity() -> str:
@@ -295,21 +256,6 @@ class AnnotationStore:
 
     async def save(self, saved: SavedRollout) -> None:
         await self.worker.persist()
-
-
-class AppWorkload:
-    """The runner's Workload: promotion copies `app`'s template to `app-primary` and waits for
-    it to roll out; the canary is `app` itself, scaled to its size or to zero."""
-
-    def __init__(self, worker: DeploymentWorker, replicas: int) -> None:
-        self.worker = worker
-        self.replicas = replicas
-
-    async def promote(self, revision: str) -> None:
-        await self.worker._promote(revision)
-
-    async def scale_canary(self, up: bool) -> None:
-        await self.worker._scale(self.replicas if up else 0)
 
 
 # ---- one Deployment ---------------------------------------------------------------------
@@ -520,15 +466,16 @@ class DeploymentWorker:
     async def _initialize(self, spec: CanarySpec) -> None:
         """First sight: app-primary, the Services, the router at 0%, the canary at zero."""
         replicas = int((self.obj.get("spec") or {}).get("replicas", 1) or 1)
-        await self._ensure_services(spec)
-        await self._copy_to_primary(replicas=replicas)
+        workload = self.workload(replicas)
+        await workload.ensure_services(spec)
+        await workload.copy_to_primary(replicas=replicas)
         router = self._router(spec)
         try:
             await router.set_weight(0)
         except RouterError as exc:
             await self.event("Warning", "RouterFailed", f"cannot set the router to 0%: {exc}")
             raise KubeError(str(exc)) from exc
-        await self._scale(0)
+        await workload.scale(0)
         self.state = KubeState(primary_revision=template_hash(self.obj), replicas=replicas)
         await self.persist()
         await self.event(
@@ -575,7 +522,8 @@ class DeploymentWorker:
     ) -> None:
         assert self.state is not None
         namespace, name = self.key
-        await self._ensure_services(spec)
+        workload = self.workload(self.state.replicas)
+        await workload.ensure_services(spec)
         settings = self.op.settings
         router = self._router(spec)
         if self._metrics is not None:
@@ -630,7 +578,7 @@ class DeploymentWorker:
                 "deployment": name,
                 "reason": "",
             },
-            workload=AppWorkload(self, self.state.replicas),
+            workload=workload,
             store=AnnotationStore(self, saved),
             records=open_record,
             announcer=self,
@@ -683,118 +631,24 @@ class DeploymentWorker:
             port=spec.router.port,
         )
 
-    # ---- owned objects --------------------------------------------------------------
+    def workload(self, replicas: int) -> AppDeployments:
+        """What is deployed for this Deployment (the runner's Workload)."""
 
-    def _owner(self) -> list[JSON]:
-        meta = self.obj.get("metadata") or {}
-        return [
-            {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "name": meta.get("name"),
-                "uid": meta.get("uid", ""),
-                "controller": True,
-                "blockOwnerDeletion": True,
-            }
-        ]
+        def written(obj: JSON) -> None:
+            self._rv = obj["metadata"]["resourceVersion"]
 
-    async def _ensure_services(self, spec: CanarySpec) -> None:
-        namespace, name = self.key
-        port = spec.router.port if spec.router else 80
-        app_selector = dict(
-            ((self.obj.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+        settings = self.op.settings
+        return AppDeployments(
+            self.op.kube,
+            self.key,
+            app=lambda: self.obj,
+            written=written,
+            check_acting=self.op.check_acting,
+            event=self.event,
+            replicas=replicas,
+            promote_timeout_s=settings.promote_timeout_s,
+            promote_poll_s=settings.promote_poll_s,
         )
-        primary_selector, _ = primary_template(self.obj)
-        target_port = _container_port(self.obj, default=port)
-        for service, selector in (
-            (f"{name}-primary", primary_selector),
-            (f"{name}-canary", app_selector),
-        ):
-            body: JSON = {
-                "apiVersion": "v1",
-                "kind": "Service",
-                "metadata": {
-                    "name": service,
-                    "namespace": namespace,
-                    "labels": dict(MANAGED_BY),
-                    "ownerReferences": self._owner(),
-                },
-                "spec": {
-                    "selector": selector,
-                    "ports": [{"name": "http", "port": port, "targetPort": target_port}],
-                },
-            }
-            try:
-                current = await self.op.kube.get_service(namespace, service)
-            except NotFound:
-                self.op.check_acting()
-                with contextlib.suppress(Conflict):
-                    await self.op.kube.create_service(namespace, body)
-                continue
-            if (current.get("spec") or {}).get("selector") != selector:
-                self.op.check_acting()
-                await self.op.kube.patch_service(
-                    namespace, service, {"spec": {"selector": selector}}
-                )
-
-    async def _copy_to_primary(self, *, replicas: int | None = None) -> JSON:
-        """Create app-primary, or give it `app`'s pod template (idempotent)."""
-        namespace, name = self.key
-        selector, template = primary_template(self.obj)
-        primary = f"{name}-primary"
-        self.op.check_acting()
-        try:
-            current = await self.op.kube.get_deployment(namespace, primary)
-        except NotFound:
-            body: JSON = {
-                "apiVersion": "apps/v1",
-                "kind": "Deployment",
-                "metadata": {
-                    "name": primary,
-                    "namespace": namespace,
-                    "labels": dict(MANAGED_BY),
-                    "ownerReferences": self._owner(),
-                },
-                "spec": {
-                    "replicas": replicas if replicas is not None else 1,
-                    "selector": {"matchLabels": selector},
-                    "template": template,
-                },
-            }
-            return await self.op.kube.create_deployment(namespace, body)
-        if (current.get("spec") or {}).get("template") == template:
-            return current
-        return await self.op.kube.patch_deployment(
-            namespace, primary, {"spec": {"template": template}}
-        )
-
-    async def _promote(self, revision: str) -> None:
-        """Copy the template to app-primary and wait until that rollout has completed."""
-        if template_hash(self.obj) != revision:
-            raise RuntimeError(
-                f"{self.name} no longer has the template {revision}: not promoting a stale one"
-            )
-        namespace, name = self.key
-        await self._copy_to_primary()
-        deadline = time.monotonic() + self.op.settings.promote_timeout_s
-        while True:
-            current = await self.op.kube.get_deployment(namespace, f"{name}-primary")
-            state, message = deployment_rollout(current)
-            if state == "done":
-                await self.event("Normal", "PrimaryUpdated", message)
-                return
-            if state == "failed" or time.monotonic() >= deadline:
-                raise RuntimeError(f"{name}-primary has not rolled out: {message}")
-            await asyncio.sleep(self.op.settings.promote_poll_s)
-
-    async def _scale(self, replicas: int) -> None:
-        namespace, name = self.key
-        current = (self.obj.get("spec") or {}).get("replicas")
-        if current == replicas:
-            return
-        self.op.check_acting()
-        written = await self.op.kube.scale_deployment(namespace, name, replicas)
-        self._rv = written["metadata"]["resourceVersion"]
 
     # ---- views ----------------------------------------------------------------------
 

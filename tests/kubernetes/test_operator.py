@@ -871,7 +871,7 @@ def test_readme_documents_every_annotation() -> None:
 def test_services_and_primary_follow_the_app() -> None:
     """app-primary's labels are the app's selector labels suffixed -primary (so app-canary
     never selects primary pods), and Services target the pods' own port."""
-    from canary.kubernetes.operator import _container_port, primary_template
+    from canary.kubernetes.workload import _container_port, primary_template
 
     app = deployment("shop")
     app["spec"]["template"]["metadata"]["labels"]["tier"] = "web"
