@@ -228,6 +228,8 @@ class RolloutRunner:
         self.last_tick: TickEntry | None = None
         self.record: RecordSink | None = None
         self.record_error = ""  # the last failure to write the record, "" once one succeeds
+        self.status_error = ""  # why the status cannot be saved (the rollout holds meanwhile)
+        self.unsaved = False  # the last event's change was not saved, so not carried out
         self._commands: asyncio.Queue[_Pending] = asyncio.Queue()
         self._analyzer: AnalyzerLike | None = None
         self._rollout_id = ""
@@ -285,6 +287,8 @@ class RolloutRunner:
             data["elapsed_s"] = self.last_tick.elapsed_s
         if self.record_error:
             data["record_error"] = self.record_error
+        if self.status_error:
+            data["status_error"] = self.status_error
         data.update(self.labels)
         return data
 
@@ -418,12 +422,15 @@ class RolloutRunner:
             except TimeoutError:
                 return
             before = self.status
+            self.unsaved = False
             actions = await self._feed(pending.command)
             refused = any(isinstance(a, RecordManual) and not a.accepted for a in actions)
             message = next(
                 (a.message for a in actions if isinstance(a, Emit) and refused),
                 self.status.reason if self.status is not before else "",
             )
+            if self.unsaved:
+                refused, message = True, f"{self.status_error}: nothing was changed"
             if not pending.answer.done():
                 pending.answer.set_result(
                     CommandResult(not refused, self.status.phase.value, message)
@@ -547,13 +554,16 @@ class RolloutRunner:
         while queue:
             outcome = step(self.spec, self.status, queue.popleft(), self.clock())
             changed = outcome.status != self.status
-            self.status = outcome.status
+            previous, self.status = self.status, outcome.status
+            if changed and not self.status.done and not await self._save():
+                # Write-ahead or nothing: a change that is not saved is not carried out (a
+                # restart would resume the old status and move traffic back). The rollout
+                # holds where it is; the machine decides again at the next look.
+                self.status = previous
+                self.unsaved = True
+                break
             if self.telemetry is not None:
                 self.telemetry.show(self.name, self.status)
-            if changed and not self.status.done:
-                # Before any action: a crash mid-action resumes safely. The end is saved only
-                # after its actions (scale down, end entry, record) are done.
-                await self._save()
             for action in outcome.actions:
                 done.append(action)
                 if len(done) > _MAX_ACTIONS_PER_EVENT:
@@ -685,17 +695,25 @@ class RolloutRunner:
             record_error=self.record_error,
         )
 
-    async def _save(self, *, force: bool = False) -> None:
+    async def _save(self, *, force: bool = False) -> bool:
         """Persist the status (write-ahead while active; a done status only when `force`d,
-        after its actions). A store that fails is counted and logged, never fatal, except a
-        guard's exception (a lost Lease), which stops the runner."""
+        after its actions). False when the store failed: counted, logged and shown
+        (`status_error`), never fatal, except a guard's exception (a lost Lease), which
+        stops the runner."""
         if self.store is None or (self.status.done and not force):
-            return
+            return True
         try:
             await self.store.save(self._saved())
         except (OSError, RecordWriteError) as exc:
-            log.error("%s: cannot save the status: %s", self.name, exc)
+            if not self.status_error:
+                log.error("%s: cannot save the status, holding: %s", self.name, exc)
+            self.status_error = f"cannot save the status to {self.store}: {exc}"
             self._count_error("status")
+            return False
+        if self.status_error:
+            log.info("%s: the status is saved again", self.name)
+            self.status_error = ""
+        return True
 
     async def _resume(self) -> bool:
         """Continue the saved, unfinished rollout that prepare() read: same record, same step,

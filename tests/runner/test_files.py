@@ -16,9 +16,11 @@ from test_runner import SPEC, make_runner
 
 from canary.core.records import RecordError, TickEntry, read_record
 from canary.core.rollout import Phase
+from canary.metrics.base import MetricsResult
 from canary.reports import build_report
 from canary.runner import Controller, FileStateStore, RecordWriter, ResumeError, StateLocked
 from canary.runner.files import cut_torn_tail
+from canary.runner.seams import SavedRollout
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,3 +138,62 @@ async def test_a_saved_rollout_whose_record_is_unreadable_refuses_to_start(tmp_p
     with pytest.raises(ResumeError, match=r"app\.jsonl cannot be read"):
         await again.run()
     assert router.sets == [] and first.record_path.read_text() == broken
+
+
+class FullDiskStore(FileStateStore):
+    """A status file on a disk that fills up: saves raise ENOSPC while `full`."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.full = False
+        self.failed = 0
+        self.many_failed = asyncio.Event()
+
+    async def save(self, saved: SavedRollout) -> None:
+        if self.full:
+            self.failed += 1
+            if self.failed >= 20:  # many looks, each deciding to step on, none saved
+                self.many_failed.set()
+            raise OSError(errno.ENOSPC, "No space left on device")
+        await super().save(saved)
+
+
+async def test_an_unsaved_status_is_not_carried_out_and_a_restart_moves_nothing_back(
+    tmp_path: Path,
+) -> None:
+    """Write-ahead or nothing: with the status file's disk full, no step is taken (the
+    rollout holds at its weight and says why); a restart then resumes exactly there, and
+    once the disk has room the rollout goes on. Over both runs the canary's weight only
+    grows. (Before: the steps went on unsaved, and the restart sent traffic back.)"""
+    status_path = tmp_path / "app.status.json"
+    first, router, metrics = make_runner(tmp_path)
+    store = FullDiskStore(status_path)
+    first.store = store
+    original = metrics.fetch
+    looks = 0
+
+    async def fill_the_disk(*, since: float, now: float) -> MetricsResult:
+        nonlocal looks
+        looks += 1
+        if first.status.step == 1 and first.status.weight_verified:
+            store.full = True
+        return await original(since=since, now=now)
+
+    metrics.fetch = fill_the_disk  # type: ignore[method-assign]
+    controller = Controller([first])
+    task = asyncio.create_task(controller.run())
+    waiter = asyncio.create_task(store.many_failed.wait())
+    await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    waiter.cancel()
+    assert store.many_failed.is_set(), f"went on unsaved: {router.sets}"
+    assert first.status.step == 1 and router.sets == [5, 10]
+    assert "No space left" in first.state()["status_error"]
+    controller.stop()
+    await task
+
+    second, _, _ = make_runner(tmp_path, router=router)
+    second.status_path = status_path  # the disk has room again
+    statuses = await Controller([second]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED
+    assert router.sets == [5, 10, 25, 50, 100], router.sets
+    assert router.sets == sorted(router.sets)
