@@ -370,10 +370,18 @@ async def test_restart_during_an_outage_stays_on_the_standby_and_says_so(
         await wait_for(lambda: weight_is(env, 10), 10, "the steady 10%")
         await env.primary.down()
         await wait_for(lambda: _on(env, Mode.STANDBY), 10, "the failover")
-        mirrored = env.canary_api.get(
-            "", "v1", "configmaps", "canary-system", "canary-failover-shop"
-        )
-        assert '"mode":"standby"' in mirrored["data"]["state"]
+
+        async def mirrored_standby() -> bool:
+            # The mirror is written after the state file: wait for it, do not race it.
+            try:
+                mirrored = env.canary_api.get(
+                    "", "v1", "configmaps", "canary-system", "canary-failover-shop"
+                )
+            except KeyError:
+                return False
+            return '"mode":"standby"' in mirrored["data"]["state"]
+
+        await wait_for(mirrored_standby, 10, "the standby mode mirrored to the ConfigMap")
         await env.stop_controller()
         await env.primary.up()  # back while no controller runs; failback is manual by default
         fresh = make_topology(
