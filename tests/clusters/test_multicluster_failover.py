@@ -39,6 +39,7 @@ from canary.core.records import read_record
 from canary.demo.dnsload import DnsLoadGenerator
 from canary.kubernetes.client import Kube, RetryPolicy
 from canary.server.app import Server, make_app
+from canary.server.auth import TokenAccess, create_token_file
 
 __all__ = ["pdns"]
 
@@ -149,7 +150,11 @@ class Env:
             self.server.url,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "USER": "dana"},
+            env={
+                **os.environ,
+                "USER": "dana",
+                "CANARY_TOKEN_FILE": str(self.topology.record_dir.parent / "canary.token"),
+            },
         )
         out, err = await proc.communicate()
         assert proc.returncode is not None
@@ -191,8 +196,13 @@ async def running(
             canary=kubes[1],
             probe_interval_s=INTERVAL,
             poll_s=0.2,
+            allow_webhook_hosts=("127.0.0.1",),  # the tests' receivers are on loopback
         )
-        server = Server(make_app(controller, extensions=[failover_routes(controller)]))
+        token_file = tmp_path / "canary.token"
+        access = TokenAccess(create_token_file(token_file))
+        server = Server(
+            make_app(controller, access=access, extensions=[failover_routes(controller)])
+        )
         await server.start()
         task = asyncio.create_task(controller.run())
         try:

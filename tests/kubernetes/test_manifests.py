@@ -140,6 +140,10 @@ async def test_api_calls_table_matches_the_requests_made(api: KubeEmulator, kube
     )
     assert await elector.try_acquire_or_renew()  # create
     assert await elector.try_acquire_or_renew()  # get + update
+    api.add_user("caller-token", "alice")
+    review = await kube.review_token("caller-token")
+    attributes = {"verb": "patch", "group": "apps", "resource": "deployments"}
+    await kube.review_access(review["status"]["user"], attributes)
 
     seen = {ApiCall(r.group, r.resource, r.verb) for r in api.requests}
     assert seen == set(API_CALLS)

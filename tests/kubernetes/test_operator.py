@@ -319,6 +319,7 @@ async def running(
         "record_flush_s": 0.0,
         "promote_poll_s": 0.05,
         "identity": token,
+        "allow_webhook_hosts": ("127.0.0.1",),  # the tests' webhook receivers are on loopback
     }
     operator = Operator(
         kube,
