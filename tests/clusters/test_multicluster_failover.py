@@ -452,6 +452,7 @@ async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigt
                 path = api.write_kubeconfig(tmp_path / f"{side}.kubeconfig", context=side)
                 data["clusters"][side].update(kubeconfig=path.name, context=side)
             (tmp_path / "topology.yaml").write_text(yaml.safe_dump(data))
+            token = create_token_file(tmp_path / "cli.token")
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -461,12 +462,20 @@ async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigt
                 str(tmp_path / "topology.yaml"),
                 "--listen",
                 f"127.0.0.1:{listen}",
+                "--token-file",
+                str(tmp_path / "cli.token"),
                 stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "PDNS_API_KEY": API_KEY},
             )
             try:
                 url = f"http://127.0.0.1:{listen}"
                 async with aiohttp.ClientSession() as session:
+                    await wait_for(lambda: _answers(session, url), 20, "the server")
+                    async with session.get(f"{url}/failover") as response:
+                        assert response.status == 401  # /failover needs the token too
+                async with aiohttp.ClientSession(
+                    headers={"Authorization": f"Bearer {token}"}
+                ) as session:
                     await wait_for(lambda: _failover_state(session, url), 20, "the server")
                     state = await _failover_state(session, url)
                 assert state is not None and state["failover"]["mode"] == "primary"
@@ -479,6 +488,14 @@ async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigt
     finally:
         await primary.down()
         await standby.down()
+
+
+async def _answers(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(f"{url}/healthz") as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
 
 
 async def _failover_state(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:
