@@ -57,7 +57,8 @@ class KubeAccess:
             raise Denied(401, "this route needs Authorization: Bearer <a token of this cluster>")
         scope = namespace if namespace is not None else (self.namespace or "")
         digest = hashlib.sha256(token.encode()).hexdigest()
-        key = (digest, verb, scope, name or "" if namespace is not None else "")
+        # A name counts only with its namespace: "app" alone names no one Deployment.
+        key = (digest, verb, scope, (name or "") if namespace is not None else "")
         now = time.monotonic()
         cached = self._cache.get(key)
         if cached is not None and cached[0] > now:

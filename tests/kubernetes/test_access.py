@@ -161,3 +161,18 @@ async def test_a_standby_replica_is_not_ready(api: KubeEmulator, kube: Kube) -> 
         Standby.is_leader = True
         async with http.get(server.url + "/readyz") as response:
             assert response.status == 200
+
+
+async def test_a_name_without_a_namespace_is_asked_about_the_watched_namespace(
+    api: KubeEmulator, kube: Kube
+) -> None:
+    """A route naming no namespace (e.g. the list) is a question about every Deployment in
+    the watched namespace, never about a same-named one elsewhere."""
+    api.add_user("tok-carol", "carol")
+    api.grant("carol", "get", namespace="shop")
+    access = KubeAccess(kube, namespace="shop")
+    identity = await access.authorize("tok-carol", verb="get", namespace=None, name="app")
+    assert identity.name == "carol" and identity.authoritative
+    [review] = api.recorded(resource="subjectaccessreviews")
+    attributes = review.body["spec"]["resourceAttributes"]
+    assert attributes["namespace"] == "shop" and "name" not in attributes
