@@ -6,6 +6,11 @@ weight, failover beside them) and serves it over HTTP, with the /failover routes
 /reports/ pages, until SIGTERM/SIGINT. `canary failover` / `canary failback` drive a running
 `canary clusters` over HTTP (`/failover`): idempotent, refused when the target is unhealthy
 unless forced, recorded with who and why.
+
+As with `canary run`, every route but the probes and /metrics needs the bearer token in
+`--token-file` (default `<record_dir>/canary.token`, created with mode 0600 when missing);
+`canary failover|failback` send it from `--token-file`, `$CANARY_TOKEN_FILE` or
+records/canary.token.
 """
 
 from __future__ import annotations
@@ -30,14 +35,19 @@ from canary.cli.common import (
     EXIT_STOPPED,
     EXIT_UNKNOWN,
     SERVER_ENV,
+    TOKEN_FILE_ENV,
+    client_token,
     parse_listen,
+    server_token,
     server_url,
+    token_hint,
 )
 from canary.clusters.multicluster import build_controller, failover_routes
 from canary.clusters.topology import PowerDNSRouterConfig, Topology, load_topology
 from canary.kubernetes.client import Kube, KubeError
 from canary.reports.pages import register_routes
 from canary.server.app import Server, make_app
+from canary.server.auth import TokenAccess
 from canary.static.config import ConfigError
 
 __all__ = ["add_parser", "serve_topology"]
@@ -52,10 +62,13 @@ def _user() -> str:
         return "cli"
 
 
-async def _post(url: str, body: JSON | None) -> tuple[int, Any]:
+async def _post(url: str, body: JSON | None, token: str | None = None) -> tuple[int, Any]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with (
         aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session,
-        session.request("POST" if body is not None else "GET", url, json=body) as response,
+        session.request(
+            "POST" if body is not None else "GET", url, json=body, headers=headers
+        ) as response,
     ):
         text = await response.text()
         try:
@@ -76,7 +89,7 @@ def _cmd_move(args: argparse.Namespace) -> int:
         url = f"{base}/failover" + (f"/{args.service}" if args.service else "")
         body = {"to": to, "who": args.who, "reason": args.reason, "force": args.force}
     try:
-        status, data = asyncio.run(_post(url, body))
+        status, data = asyncio.run(_post(url, body, client_token(args)))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         print(
             f"canary {args.command}: error: cannot reach the controller at {base}: "
@@ -88,7 +101,10 @@ def _cmd_move(args: argparse.Namespace) -> int:
         print(f"canary {args.command}: {data.get('error')}", file=sys.stderr)
         return EXIT_UNKNOWN
     if status not in (200, 409):
-        print(f"canary {args.command}: error: {data.get('error', status)}", file=sys.stderr)
+        print(
+            f"canary {args.command}: error: {data.get('error', status)}{token_hint(args, status)}",
+            file=sys.stderr,
+        )
         return EXIT_BAD_CONFIG
     for service in data.get("services", []):
         state = service.get("failover", {})
@@ -109,21 +125,38 @@ def _cmd_clusters(args: argparse.Namespace) -> int:
     try:
         topology = load_topology(args.topology)
         host, port = parse_listen(args.listen)
+        token_file, token = server_token(args.token_file, topology.record_dir)
         for service in topology.services:
             if isinstance(service.router, PowerDNSRouterConfig):
                 service.router.api_key()
     except (ConfigError, ValueError) as exc:
         print(f"canary clusters: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
+    print(f"canary: commands need the bearer token in {token_file}", file=sys.stderr, flush=True)
     try:
-        asyncio.run(serve_topology(topology, host=host, port=port))
+        asyncio.run(
+            serve_topology(
+                topology,
+                host=host,
+                port=port,
+                token=token,
+                allow_webhook_hosts=tuple(args.allow_webhook_host or ()),
+            )
+        )
     except KubeError as exc:
         print(f"canary clusters: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     return EXIT_STOPPED
 
 
-async def serve_topology(topology: Topology, *, host: str, port: int) -> None:
+async def serve_topology(
+    topology: Topology,
+    *,
+    host: str,
+    port: int,
+    token: str,
+    allow_webhook_hosts: tuple[str, ...] = (),
+) -> None:
     """Connect to both clusters, run every service, serve HTTP, until SIGTERM/SIGINT."""
     clusters = topology.clusters
     primary = await Kube.connect(
@@ -138,9 +171,19 @@ async def serve_topology(topology: Topology, *, host: str, port: int) -> None:
     )
     try:
         async with aiohttp.ClientSession() as session:
-            controller = build_controller(topology, session, primary=primary, canary=canary)
+            controller = build_controller(
+                topology,
+                session,
+                primary=primary,
+                canary=canary,
+                allow_webhook_hosts=allow_webhook_hosts,
+            )
             reports = functools.partial(register_routes, record_dir=topology.record_dir)
-            app = make_app(controller, extensions=[failover_routes(controller), reports])
+            app = make_app(
+                controller,
+                access=TokenAccess(token),
+                extensions=[failover_routes(controller), reports],
+            )
             async with Server(app, host=host, port=port) as server:
                 print(f"canary: serving on {server.url}", file=sys.stderr, flush=True)
                 loop = asyncio.get_running_loop()
@@ -167,6 +210,17 @@ def add_parser(subparsers: Any) -> None:
     )
     run.add_argument("--topology", metavar="FILE", required=True, help="the topology YAML")
     run.add_argument("--listen", metavar="HOST:PORT", default=DEFAULT_LISTEN)
+    run.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the bearer token the routes need (default <record_dir>/canary.token, created)",
+    )
+    run.add_argument(
+        "--allow-webhook-host",
+        metavar="HOST",
+        action="append",
+        help="a webhook host that may be loopback, link-local or the API server (repeatable)",
+    )
     run.set_defaults(func=_cmd_clusters)
 
     for verb in ("failover", "failback"):
@@ -192,5 +246,10 @@ def add_parser(subparsers: Any) -> None:
             "--server",
             metavar="URL",
             help=f"a running `canary clusters` (default ${SERVER_ENV} or http://{DEFAULT_LISTEN})",
+        )
+        parser.add_argument(
+            "--token-file",
+            metavar="FILE",
+            help=f"the server's bearer token (default ${TOKEN_FILE_ENV}, else records/canary.token)",
         )
         parser.set_defaults(func=_cmd_move)

@@ -30,10 +30,15 @@ __all__ = [
     "EXIT_UNKNOWN",
     "SERVER_ENV",
     "TARGET_RULE",
+    "TOKEN_FILE_ENV",
     "TargetMode",
+    "client_token",
+    "client_token_file",
     "parse_listen",
+    "server_token",
     "server_url",
     "target_mode",
+    "token_hint",
 ]
 
 EXIT_OK = 0
@@ -44,6 +49,7 @@ EXIT_UNKNOWN = 4  # commands: no such rollout
 
 DEFAULT_LISTEN = "127.0.0.1:9310"
 SERVER_ENV = "CANARY_SERVER"
+TOKEN_FILE_ENV = "CANARY_TOKEN_FILE"
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -112,3 +118,53 @@ def target_mode(
         "no kubeconfig was found ($KUBECONFIG unset, no ~/.kube/config, not in a pod)",
         True,
     )
+
+
+# ---- the bearer token of a `canary run` / `canary clusters` server -------------------------
+
+
+def server_token(token_file: str | None, record_dir: Path) -> tuple[Path, str]:
+    """(the token file, its token) for a server: `token_file` must exist; the default one,
+    `<record_dir>/canary.token`, is created (mode 0600) when missing. Raises ValueError naming
+    the file, never quoting it."""
+    from canary.server.auth import TOKEN_FILE_NAME, create_token_file, read_token_file
+
+    if token_file:
+        path = Path(token_file)
+        return path, read_token_file(path)
+    path = record_dir / TOKEN_FILE_NAME
+    if path.exists():
+        return path, read_token_file(path)
+    try:
+        return path, create_token_file(path)
+    except OSError as exc:
+        raise ValueError(f"cannot create the token file {path}: {exc.strerror or exc}") from None
+
+
+def client_token_file(args: argparse.Namespace) -> Path:
+    """Where a client command finds the server's token: --token-file, $CANARY_TOKEN_FILE,
+    else records/canary.token (the default record directory) under the current directory."""
+    from canary.server.auth import TOKEN_FILE_NAME
+
+    given = getattr(args, "token_file", None) or os.environ.get(TOKEN_FILE_ENV)
+    return Path(given) if given else Path("records") / TOKEN_FILE_NAME
+
+
+def client_token(args: argparse.Namespace) -> str | None:
+    """The token to send, or None (why is kept on args for `token_hint`)."""
+    from canary.server.auth import read_token_file
+
+    try:
+        return read_token_file(client_token_file(args))
+    except ValueError as exc:
+        args.token_problem = str(exc)
+        return None
+
+
+def token_hint(args: argparse.Namespace, status: int) -> str:
+    """For a 401/403 answer: where the token came from, and how to give it."""
+    if status not in (401, 403):
+        return ""
+    problem = getattr(args, "token_problem", None)
+    where = problem or f"the token was read from {client_token_file(args)}"
+    return f" ({where}; give the server's token file with --token-file or ${TOKEN_FILE_ENV})"

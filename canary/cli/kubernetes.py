@@ -6,8 +6,12 @@ and the manual commands here (`status`, `manual_command`) when the target is a c
 
 - `canary kubernetes [--kubeconfig F] [--context C] [--namespace NS | --all-namespaces]
   [--leader-elect --lease-name N --lease-namespace NS] [--listen HOST:PORT]
-  --prometheus-url URL [--record-namespace NS]` runs the reconciler (canary.kubernetes.operator) with
-  the HTTP server (/healthz, /readyz, /metrics, /rollouts) until SIGTERM/SIGINT.
+  --prometheus-url URL [--record-namespace NS] [--public-reads] [--allow-webhook-host H]`
+  runs the reconciler (canary.kubernetes.operator) with the HTTP server (/healthz, /readyz,
+  /metrics, /rollouts, commands) until SIGTERM/SIGINT. Every route but the probes and
+  /metrics needs a bearer token of the cluster, checked by TokenReview and
+  SubjectAccessReview (canary.kubernetes.access): `patch deployments` for a command, `get`
+  for a read. /readyz is 200 only on the leader, the one replica with rollouts to show.
 - `canary status [-n NS] [NAME]` reads the status annotations.
 - `canary promote|abort|pause|resume NAME [-n NS]` writes the `canary.dev/command`
   annotation (never the spec, so GitOps tools do not revert it) and waits for the
@@ -183,6 +187,7 @@ def manual_command(args: argparse.Namespace) -> int:
 
 
 async def run_kubernetes(args: argparse.Namespace) -> int:
+    from canary.kubernetes.access import KubeAccess
     from canary.kubernetes.client import LeaderElector
     from canary.kubernetes.operator import Operator, OperatorSettings
     from canary.server.app import Server, make_app
@@ -196,6 +201,7 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
             namespace=None if args.all_namespaces else (args.namespace or None),
             tick_s=args.tick,
             identity=args.identity or "",
+            allow_webhook_hosts=tuple(args.allow_webhook_host or ()),
         )
     except ValueError as exc:
         return _fail("kubernetes", str(exc), EXIT_BAD)
@@ -213,7 +219,13 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
                 identity=settings.identity or os.environ.get("POD_NAME") or os.uname().nodename,
             )
         operator = Operator(kube, settings, elector=elector)
-        server = Server(make_app(operator), host=host, port=port)
+        app = make_app(
+            operator,
+            access=KubeAccess(kube, namespace=settings.namespace),
+            public_reads=args.public_reads,
+            ready=operator.ready,
+        )
+        server = Server(app, host=host, port=port)
         try:
             await server.start()
         except OSError as exc:
@@ -276,6 +288,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--tick", type=float, default=10.0, metavar="SECONDS", help="analysis interval (10)"
+    )
+    parser.add_argument(
+        "--public-reads",
+        action="store_true",
+        help="serve /rollouts without a token (commands always need one: TokenReview and "
+        "SubjectAccessReview for patch on the Deployment)",
+    )
+    parser.add_argument(
+        "--allow-webhook-host",
+        metavar="HOST",
+        action="append",
+        help="a webhook host that may be loopback, link-local or the API server (repeatable)",
     )
     parser.set_defaults(func=_cmd_kubernetes)
     return parser

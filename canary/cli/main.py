@@ -3,8 +3,9 @@
 Subcommands::
 
     canary run --config rollout.yaml [--config other.yaml] [--listen 127.0.0.1:9310]
-    canary promote|abort|pause|resume NAME [--server URL] [--who W] [--reason R]
-    canary status [NAME] [--server URL]
+               [--token-file FILE] [--public-reads] [--allow-webhook-host HOST ...]
+    canary promote|abort|pause|resume NAME [--server URL] [--token-file F] [--who W] [--reason R]
+    canary status [NAME] [--server URL] [--token-file F]
     canary validate FILE...                check config files, print the effective settings
     canary demo [...]                      the local demo (canary.demo.main)
     canary report NAME|RECORD [...]        canary.cli.report
@@ -29,6 +30,12 @@ Why it is built this way:
   (`$KUBERNETES_SERVICE_HOST`) mean a cluster; otherwise the static server at its default
   address. When that default choice cannot reach anything, the error says which was chosen
   and why.
+
+**Commands need the token.** `canary run` guards commands and reads with a bearer token:
+`--token-file FILE`, else `<record_dir>/canary.token` (of the first config), created with mode
+0600 when missing; the path is printed at start. The client commands read the same file
+(`--token-file`, else `$CANARY_TOKEN_FILE`, else `records/canary.token` under the current
+directory). `--public-reads` opens /rollouts and /reports (never commands) without it.
 
 `canary run` saves each rollout's status next to its record (`<record_dir>/<name>.status.json`)
 and, when restarted after SIGTERM or a crash, resumes an unfinished rollout at the same step
@@ -62,9 +69,13 @@ from canary.cli.common import (
     EXIT_UNKNOWN,
     SERVER_ENV,
     TARGET_RULE,
+    TOKEN_FILE_ENV,
+    client_token,
     parse_listen,
+    server_token,
     server_url,
     target_mode,
+    token_hint,
 )
 from canary.core.redact import install_log_redaction
 
@@ -104,7 +115,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
         print(f"canary run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
     try:
-        return asyncio.run(_run(configs, host, port, fresh=args.fresh))
+        token_file, token = server_token(args.token_file, Path(configs[0].record_dir))
+    except ValueError as exc:
+        print(f"canary run: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_CONFIG
+    print(f"canary: commands need the bearer token in {token_file}", file=sys.stderr, flush=True)
+    try:
+        return asyncio.run(
+            _run(
+                configs,
+                host,
+                port,
+                fresh=args.fresh,
+                token=token,
+                public_reads=args.public_reads,
+                allow_webhook_hosts=tuple(args.allow_webhook_host or ()),
+            )
+        )
     except BadTarget as exc:
         print(f"canary run: error: {exc}", file=sys.stderr)
         return EXIT_BAD_CONFIG
@@ -117,10 +144,20 @@ def _report_routes(record_dir: Path) -> list[Callable[[Any], None]]:
     return [lambda app: register_routes(app, record_dir=record_dir)]
 
 
-async def _run(configs: Sequence[Any], host: str, port: int, *, fresh: bool = False) -> int:
+async def _run(
+    configs: Sequence[Any],
+    host: str,
+    port: int,
+    *,
+    fresh: bool = False,
+    token: str,
+    public_reads: bool = False,
+    allow_webhook_hosts: Sequence[str] = (),
+) -> int:
     from canary.notify.webhooks import Notifier
     from canary.runner import Controller, ResumeError, StateLocked, run_until_signalled
     from canary.server.app import Server, make_app
+    from canary.server.auth import TokenAccess
     from canary.static.targets import BadTarget, build_runner
 
     runners = [build_runner(config, fresh=fresh) for config in configs]
@@ -138,10 +175,15 @@ async def _run(configs: Sequence[Any], host: str, port: int, *, fresh: bool = Fa
     notifiers: list[Notifier] = []
     for runner, config in zip(runners, configs, strict=True):
         if config.webhooks:
-            notifiers.append(Notifier(config.webhooks))
+            notifiers.append(Notifier(config.webhooks, allow_hosts=allow_webhook_hosts))
             runner.entry_observers.append(notifiers[-1].on_entry)
     controller = Controller(runners)
-    app = make_app(controller, extensions=_report_routes(Path(configs[0].record_dir)))
+    app = make_app(
+        controller,
+        access=TokenAccess(token),
+        public_reads=public_reads,
+        extensions=_report_routes(Path(configs[0].record_dir)),
+    )
     server = Server(app, host=host, port=port)
     try:
         await server.start()
@@ -192,13 +234,16 @@ def _cluster(args: argparse.Namespace) -> bool:
     return mode == "cluster"
 
 
-async def _http(method: str, url: str, body: dict[str, str] | None) -> tuple[int, Any]:
+async def _http(
+    method: str, url: str, body: dict[str, str] | None, token: str | None = None
+) -> tuple[int, Any]:
     import aiohttp
 
     timeout = aiohttp.ClientTimeout(total=30)
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
     async with (
         aiohttp.ClientSession(timeout=timeout) as session,
-        session.request(method, url, json=body) as response,
+        session.request(method, url, json=body, headers=headers) as response,
     ):
         text = await response.text()
         try:
@@ -213,8 +258,9 @@ def _request(
     import aiohttp
 
     url = server_url(args) + path
+    token = client_token(args)
     try:
-        return asyncio.run(_http(method, url, body))
+        return asyncio.run(_http(method, url, body, token))
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         why = getattr(args, "target_why", None)
         hint = (
@@ -264,7 +310,9 @@ def _cmd_manual(args: argparse.Namespace) -> int:
         print(f"{args.name}: {args.command} accepted; now {data.get('phase')}")
         return EXIT_OK
     message = data.get("message") or data.get("error") or f"HTTP {status}"
-    print(f"canary {args.command}: {args.name}: {message}", file=sys.stderr)
+    print(
+        f"canary {args.command}: {args.name}: {message}{token_hint(args, status)}", file=sys.stderr
+    )
     if status == 404:
         return EXIT_UNKNOWN
     if status == 409:
@@ -289,7 +337,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"canary status: {data.get('error')}", file=sys.stderr)
         return EXIT_UNKNOWN
     if status != 200:
-        print(f"canary status: HTTP {status}: {data}", file=sys.stderr)
+        print(f"canary status: HTTP {status}: {data}{token_hint(args, status)}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:
         print(json.dumps(data, indent=2))
@@ -327,6 +375,11 @@ def _add_server_flag(parser: argparse.ArgumentParser) -> None:
         help=f"a running `canary run` (default ${SERVER_ENV}, else http://{DEFAULT_LISTEN} "
         "when no kubeconfig is found)",
     )
+    parser.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help=f"the server's bearer token (default ${TOKEN_FILE_ENV}, else records/canary.token)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -363,6 +416,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh",
         action="store_true",
         help="start new rollouts even where an unfinished one was saved (default: resume it)",
+    )
+    run.add_argument(
+        "--token-file",
+        metavar="FILE",
+        help="the bearer token that commands (and reads) need (default: <record_dir>/"
+        "canary.token of the first config, created with mode 0600 when missing)",
+    )
+    run.add_argument(
+        "--public-reads",
+        action="store_true",
+        help="serve /rollouts and /reports without the token (commands always need it)",
+    )
+    run.add_argument(
+        "--allow-webhook-host",
+        metavar="HOST",
+        action="append",
+        help="a webhook host that may be loopback, link-local or the API server (repeatable)",
     )
     run.set_defaults(func=_cmd_run)
 

@@ -41,7 +41,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,6 +100,7 @@ from canary.runner import (
     RolloutRunner,
     Telemetry,
 )
+from canary.server.app import authenticated_who
 
 __all__ = [
     "ENABLED_ANNOTATION",
@@ -983,7 +984,7 @@ def failover_routes(controller: MultiClusterController) -> Callable[[web.Applica
         results = [
             await service.command(
                 Mode(body["to"]),
-                who=body.get("who") or "api",
+                who=authenticated_who(request, body.get("who") or "api"),
                 reason=body.get("reason") or "",
                 force=bool(body.get("force", False)),
             )
@@ -1008,8 +1009,10 @@ def build_controller(
     canary: Kube,
     probe_interval_s: float | None = None,
     poll_s: float | None = None,
+    allow_webhook_hosts: Sequence[str] = (),
 ) -> MultiClusterController:
-    """Every service of the topology, wired: router, metrics, health, rollouts, failover."""
+    """Every service of the topology, wired: router, metrics, health, rollouts, failover.
+    `allow_webhook_hosts`: webhook hosts that may be loopback, link-local or the API server."""
     telemetry = Telemetry()
     events = EventRecorder(canary)
     services = []
@@ -1025,7 +1028,11 @@ def build_controller(
         )
         monitor = health_monitor(topology, service, session, primary=primary, canary=canary)
         # One notifier per service: each names its own webhooks.
-        notifier = Notifier(service.webhooks, session=session) if service.webhooks else None
+        notifier = (
+            Notifier(service.webhooks, allow_hosts=allow_webhook_hosts)
+            if service.webhooks
+            else None
+        )
 
         def factory(
             failed_over: Callable[[], bool],

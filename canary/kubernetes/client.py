@@ -210,6 +210,10 @@ API_CALLS: frozenset[ApiCall] = frozenset(
     | _calls("coordination.k8s.io", "leases", "get", "create", "update")
     # external-dns' DNSEndpoint CRD: Route 53 weighted records between two clusters.
     | _calls("externaldns.k8s.io", "dnsendpoints", "get", "create", "patch")
+    # Who is calling the HTTP server, and may they (canary.kubernetes.access), as
+    # kube-rbac-proxy asks: TokenReview, then SubjectAccessReview.
+    | _calls("authentication.k8s.io", "tokenreviews", "create")
+    | _calls("authorization.k8s.io", "subjectaccessreviews", "create")
 )
 
 # Used only in the controller's own namespace (the Lease, its state ConfigMaps): the RBAC
@@ -294,6 +298,8 @@ class Kube:
         self._net = k8s.NetworkingV1Api(api_client)
         self._coord = k8s.CoordinationV1Api(api_client)
         self._custom = k8s.CustomObjectsApi(api_client)
+        self._authn = k8s.AuthenticationV1Api(api_client)
+        self._authz = k8s.AuthorizationV1Api(api_client)
 
     @classmethod
     async def connect(
@@ -710,6 +716,44 @@ class Kube:
             ApiCall("", "events", "create"), self._core.create_namespaced_event, ref.namespace, body
         )
 
+    # -- reviews: who is calling, and may they ------------------------------------------
+
+    async def review_token(self, token: str) -> JSON:
+        """A TokenReview of a bearer token: its `status` (authenticated, user, error).
+        The token is sent only in the body; no message ever quotes it."""
+        return await self._call(
+            ApiCall("authentication.k8s.io", "tokenreviews", "create"),
+            self._authn.create_token_review,
+            {
+                "apiVersion": "authentication.k8s.io/v1",
+                "kind": "TokenReview",
+                "spec": {"token": token},
+            },
+        )
+
+    async def review_access(self, user: JSON, attributes: JSON) -> JSON:
+        """A SubjectAccessReview: may `user` (a TokenReview's status.user: username, uid,
+        groups, extra) do `attributes` (verb, group, resource, namespace, name)? Its
+        `status` (allowed, denied, reason)."""
+        spec: JSON = {
+            "user": user.get("username", ""),
+            "groups": list(user.get("groups") or []),
+            "resourceAttributes": attributes,
+        }
+        if user.get("uid"):
+            spec["uid"] = user["uid"]
+        if user.get("extra"):
+            spec["extra"] = user["extra"]
+        return await self._call(
+            ApiCall("authorization.k8s.io", "subjectaccessreviews", "create"),
+            self._authz.create_subject_access_review,
+            {
+                "apiVersion": "authorization.k8s.io/v1",
+                "kind": "SubjectAccessReview",
+                "spec": spec,
+            },
+        )
+
     # -- Leases --------------------------------------------------------------------------
 
     async def get_lease(self, namespace: str, name: str) -> JSON:
@@ -741,6 +785,8 @@ class Kube:
 
 def _target(call: ApiCall, args: tuple[Any, ...]) -> str:
     """namespace/name of a call, for messages, from the generated methods' argument order."""
+    if call.resource in ("tokenreviews", "subjectaccessreviews"):
+        return ""  # cluster-scoped, and the body holds a token: never quoted
     if call.group in ("gateway.networking.k8s.io", "externaldns.k8s.io"):
         # custom objects: (group, version, namespace, plural, name or body)
         name = args[4] if isinstance(args[4], str) else (args[4].get("metadata") or {}).get("name")

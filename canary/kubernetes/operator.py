@@ -215,6 +215,8 @@ class OperatorSettings:
     identity: str = ""
     metrics_timeout_s: float = 5.0
     record_max_bytes: int = MAX_CONFIGMAP_BYTES  # the whole ConfigMap stays under 1 MiB
+    # Webhook hosts (from annotations) that may be loopback, link-local or the API server.
+    allow_webhook_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.tick_s <= 0:
@@ -321,7 +323,8 @@ class DeploymentWorker:
         if hooks != self._webhooks:
             if self.notifier is not None:
                 await self.notifier.aclose(grace_s=2.0)
-            self.notifier = Notifier(hooks) if hooks else None
+            allow = self.op.settings.allow_webhook_hosts
+            self.notifier = Notifier(hooks, allow_hosts=allow) if hooks else None
             self._webhooks = hooks
         return self.notifier
 
@@ -833,6 +836,11 @@ class Operator:
             worker.update(obj)
 
     # ---- server.RolloutSource -------------------------------------------------------
+
+    def ready(self) -> bool:
+        """/readyz: only the replica that runs the rollouts is Ready, so the Service sends
+        /rollouts and commands to the leader alone (a standby has no workers to answer)."""
+        return self.started.is_set() and self.acting()
 
     def states(self) -> list[dict[str, Any]]:
         return [worker.view() for worker in self.workers.values()]

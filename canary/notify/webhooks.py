@@ -10,6 +10,15 @@ attempts with exponential backoff (honouring Retry-After), and its outcome is ke
 (`Notifier.deliveries`) and logged, never raised. `aclose()` gives in-flight deliveries a
 grace period, then cancels and awaits every task it started.
 
+Webhook URLs come from config files and, in Kubernetes, from annotations that anyone who may
+edit a Deployment writes, so a post is never a way into the controller's network: redirects
+are not followed (a 3xx is a failed delivery, recorded), and a host whose address (every
+one it resolves to, checked by the connector's own resolver, so a DNS answer cannot change
+between the check and the connection) is loopback, link-local (the cloud metadata address
+169.254.169.254), unspecified or the Kubernetes API server's ($KUBERNETES_SERVICE_HOST) is
+refused without a connection, unless the operator's allow-list (`allow_hosts`, the
+`--allow-webhook-host` flag) names the host.
+
 The controller feeds it record entries (`Notifier.on_entry`), so what is notified is exactly
 what is recorded. `WebhookConfig` is a plain pydantic model that the controller's config and
 the Kubernetes annotations embed.
@@ -22,14 +31,19 @@ Exception tree::
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import logging
+import os
+import socket
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, Literal
 from urllib.parse import quote, urlsplit
 
 import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.resolver import DefaultResolver
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from canary.core.records import EndEntry, Entry, FailoverEntry, ManualEntry, StartEntry
@@ -40,12 +54,15 @@ __all__ = [
     "EVENT_KINDS",
     "DeliveryResult",
     "EventKind",
+    "GuardedResolver",
     "Notification",
     "Notifier",
     "NotifierError",
+    "RefusedAddress",
     "WebhookConfig",
     "notification_for",
     "parse_webhooks",
+    "refusal",
     "report_id",
     "report_url",
     "slack_payload",
@@ -63,6 +80,81 @@ _MAX_BACKOFF_S = 30.0
 
 class NotifierError(RuntimeError):
     """The notifier was used where it cannot work."""
+
+
+class RefusedAddress(OSError):
+    """A webhook host resolves to an address canary does not post to (see the module doc)."""
+
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+def _api_server_addresses(environ: Mapping[str, str]) -> set[IPAddress]:
+    found: set[IPAddress] = set()
+    for key in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_PORT_443_TCP_ADDR"):
+        try:
+            found.add(ipaddress.ip_address(environ.get(key, "").strip("[]")))
+        except ValueError:
+            pass
+    return found
+
+
+def refusal(address: str, *, environ: Mapping[str, str] | None = None) -> str | None:
+    """Why a webhook may not be posted to `address` (an IP), or None when it may."""
+    try:
+        ip: IPAddress = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return f"{address!r} is not an IP address"
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return f"{ip} is a loopback address"
+    if ip.is_link_local:
+        return f"{ip} is a link-local address (e.g. the cloud metadata service)"
+    if ip.is_unspecified:
+        return f"{ip} is the unspecified address"
+    if ip in _api_server_addresses(os.environ if environ is None else environ):
+        return f"{ip} is the Kubernetes API server"
+    return None
+
+
+def _literal_refusal(host: str, allow: Collection[str]) -> str | None:
+    """For a host that is an IP literal (the resolver never sees those): why it is refused."""
+    bare = host.strip("[]")
+    try:
+        ipaddress.ip_address(bare.split("%", 1)[0])
+    except ValueError:
+        return None  # a name: the resolver checks what it resolves to
+    if bare.lower() in allow:
+        return None
+    return refusal(bare)
+
+
+class GuardedResolver(AbstractResolver):
+    """aiohttp's resolver, refusing a host when any address it resolves to is refused
+    (`refusal`), unless `allow` names the host. Used by the connector itself, so the checked
+    addresses are the ones connected to."""
+
+    def __init__(self, allow: Collection[str] = ()) -> None:
+        self._allow = frozenset(h.lower().strip("[]") for h in allow)
+        self._inner = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        results = await self._inner.resolve(host, port, family)
+        if host.lower().rstrip(".") in self._allow:
+            return results
+        for result in results:
+            why = refusal(result["host"])
+            if why is not None:
+                raise RefusedAddress(
+                    f"{host} resolves to {why}; not posted (see --allow-webhook-host)"
+                )
+        return results
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 class _Failed(Exception):
@@ -285,12 +377,14 @@ class Notifier:
         self,
         webhooks: Sequence[WebhookConfig],
         *,
-        session: aiohttp.ClientSession | None = None,
+        allow_hosts: Collection[str] = (),
         max_results: int = 200,
     ) -> None:
         self._webhooks = tuple(webhooks)
-        self._session = session
-        self._owns_session = session is None
+        # Hosts the operator allows to be loopback, link-local or the API server.
+        self._allow = frozenset(h.lower().strip("[]") for h in allow_hosts)
+        # Always our own session: its connector's resolver is the address check.
+        self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[DeliveryResult]] = set()
         self._targets: dict[str, str] = {}
         self._closed = False
@@ -352,7 +446,8 @@ class Notifier:
 
     async def _get_session(self) -> aiohttp.ClientSession:
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            connector = aiohttp.TCPConnector(resolver=GuardedResolver(self._allow))
+            self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
     async def _deliver(
@@ -363,17 +458,25 @@ class Notifier:
         async def attempt() -> DeliveryResult:
             nonlocal attempts
             attempts += 1
+            why = _literal_refusal(urlsplit(hook.url).hostname or "", self._allow)
+            if why is not None:  # an IP literal: refused without any connection
+                error = f"refused: {why}; not posted (see --allow-webhook-host)"
+                return self._result(hook, notification, attempts, None, error)
             try:
                 session = await self._get_session()
                 async with session.post(
                     hook.url,
                     json=payload,
                     timeout=aiohttp.ClientTimeout(total=hook.timeout_s),
+                    allow_redirects=False,  # a 307 would re-POST the payload elsewhere
                 ) as response:
                     status = response.status
                     body = (await response.text())[:200]
                     if 200 <= status < 300:
                         return self._result(hook, notification, attempts, status, None)
+                    if 300 <= status < 400:
+                        error = f"HTTP {status}: a redirect, not followed"
+                        return self._result(hook, notification, attempts, status, error)
                     error = f"HTTP {status}: {body.strip()}" if body.strip() else f"HTTP {status}"
                     if status != 429 and status < 500:
                         # The receiver refused the request itself; sending it again won't help.
@@ -381,6 +484,11 @@ class Notifier:
                     retry_after = _retry_after(response.headers.get("Retry-After"))
             except TimeoutError:
                 raise _Failed(None, f"no answer within {hook.timeout_s}s") from None
+            except aiohttp.ClientConnectorError as exc:
+                if isinstance(exc.os_error, RefusedAddress):  # no retry: it would be refused again
+                    error = f"refused: {exc.os_error}"
+                    return self._result(hook, notification, attempts, None, error)
+                raise _Failed(None, f"{type(exc).__name__}: {exc}") from None
             except aiohttp.ClientError as exc:
                 raise _Failed(None, f"{type(exc).__name__}: {exc}") from None
             except Exception as exc:  # anything else is still a failed delivery, not a crash
@@ -453,7 +561,7 @@ class Notifier:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        if self._session is not None and self._owns_session:
+        if self._session is not None:
             await self._session.close()
             self._session = None
 

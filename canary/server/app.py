@@ -3,7 +3,8 @@
 Routes::
 
     GET  /healthz                          200 while the process serves
-    GET  /readyz                           200 once the rollouts run, 503 before
+    GET  /readyz                           200 once this process runs the rollouts, 503 before
+                                           (and, in Kubernetes, while it is not the leader)
     GET  /metrics                          the controller's Prometheus metrics (own registry)
     GET  /rollouts                         every rollout's state as JSON
     GET  /rollouts/{name}                  one rollout's state (a name may be namespace/name)
@@ -16,12 +17,22 @@ A command answers 200 when accepted, 409 when the machine refused it (with its r
 
 The server only reads state and queues commands: the rollout task stays the one place where
 a status changes. What it shows is redacted (canary.core.redact): no URL credentials or tokens.
+
+Who may call (canary.server.auth): the probes and /metrics are open; every other route needs
+`Authorization: Bearer <token>`, decided by the mode's `Access` (a token file in static mode;
+TokenReview + SubjectAccessReview in Kubernetes): a command is verb `patch` on the rollout,
+a read is `get` (reads are open only with `public_reads`, never commands). Browsers are kept
+out whatever the token: a request whose `Origin` is not the server's own is refused (403),
+a POST must be `Content-Type: application/json` (415), and no CORS header is ever sent, so
+a cross-site form post cannot reach a command. 401 carries `WWW-Authenticate: Bearer`.
+When the identity is the cluster's (`Identity.authoritative`), it is the recorded `who`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterable
+import logging
+from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, Protocol
 
 from aiohttp import web
@@ -30,8 +41,20 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 from canary.core.redact import redact
 from canary.core.rollout import Command
 from canary.runner import CommandResult, UnknownRollout
+from canary.server.auth import Access, Denied, Identity
 
-__all__ = ["COMMANDS", "Extension", "RolloutSource", "Server", "make_app"]
+__all__ = [
+    "COMMANDS",
+    "IDENTITY",
+    "OPEN_PATHS",
+    "Extension",
+    "RolloutSource",
+    "Server",
+    "authenticated_who",
+    "make_app",
+]
+
+log = logging.getLogger(__name__)
 
 COMMANDS = ("promote", "abort", "pause", "resume")
 _MAX_TEXT = 500  # who/reason lengths: they end up in records and Events
@@ -63,12 +86,28 @@ class RolloutSource(Protocol):
 Extension = Callable[[web.Application], None]
 
 _SOURCE: web.AppKey[RolloutSource] = web.AppKey("rollouts", RolloutSource)
+_READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready", Callable[[], bool])  # type: ignore[arg-type]
+# The caller of a guarded route, set by the guard before the handler runs.
+IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity", Identity)
+# Open to anyone who reaches the port: the kubelet's probes and Prometheus.
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def make_app(source: RolloutSource, *, extensions: Iterable[Extension] = ()) -> web.Application:
-    """The aiohttp application; each extension may add routes (e.g. /reports/)."""
-    app = web.Application()
+def make_app(
+    source: RolloutSource,
+    *,
+    access: Access,
+    public_reads: bool = False,
+    ready: Callable[[], bool] | None = None,
+    extensions: Iterable[Extension] = (),
+) -> web.Application:
+    """The aiohttp application; each extension may add routes (e.g. /reports/), which the
+    guard covers like the built-in ones. `ready` (default: the source has started) is what
+    /readyz answers; `public_reads` lets GETs through without a token (commands never)."""
+    app = web.Application(middlewares=[_guard(access, public_reads=public_reads)])
     app[_SOURCE] = source
+    app[_READY] = ready or source.started.is_set
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -86,9 +125,48 @@ async def _healthz(request: web.Request) -> web.Response:
 
 
 async def _readyz(request: web.Request) -> web.Response:
-    if request.app[_SOURCE].started.is_set():
+    if request.app[_READY]():
         return web.Response(text="ready\n")
-    return web.Response(status=503, text="starting\n")
+    return web.Response(status=503, text="not ready: starting, or not the leader\n")
+
+
+def _guard(access: Access, *, public_reads: bool) -> Callable[..., Awaitable[web.StreamResponse]]:
+    @web.middleware
+    async def guard(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        if request.path in OPEN_PATHS or request.match_info.http_exception is not None:
+            return await handler(request)  # a probe, /metrics, or an unknown route (404/405)
+        origin = request.headers.get("Origin")
+        if origin is not None and origin != f"{request.scheme}://{request.host}":
+            return _error(403, "cross-origin requests are refused")
+        write = request.method not in ("GET", "HEAD")
+        if write and request.content_type != "application/json":
+            return _error(415, "a command needs Content-Type: application/json")
+        if not write and public_reads:
+            return await handler(request)
+        header = request.headers.get("Authorization", "")
+        scheme, _, token = header.partition(" ")
+        bearer = token.strip() if scheme.lower() == "bearer" else None
+        namespace, name = _target(request.match_info.get("name"))
+        try:
+            identity = await access.authorize(
+                bearer or None, verb="patch" if write else "get", namespace=namespace, name=name
+            )
+        except Denied as exc:
+            log.info("%s %s refused (%d): %s", request.method, request.path, exc.status, exc)
+            headers = {"WWW-Authenticate": 'Bearer realm="canary"'} if exc.status == 401 else None
+            return web.json_response({"error": exc.message}, status=exc.status, headers=headers)
+        request[IDENTITY] = identity
+        return await handler(request)
+
+    return guard
+
+
+def _target(name: str | None) -> tuple[str | None, str | None]:
+    """(namespace, name) of a rollout route's `name` ("namespace/name" in Kubernetes)."""
+    if not name:
+        return None, None
+    namespace, _, short = name.rpartition("/")
+    return namespace or None, short
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -135,6 +213,7 @@ async def _command(request: web.Request) -> web.Response:
                 return _error(400, f"{key} must be a string of at most {_MAX_TEXT} characters")
         who = body.get("who") or who
         reason = body.get("reason") or ""
+    who = authenticated_who(request, who)
     try:
         result = await request.app[_SOURCE].command(name, Command(verb, who, reason))  # type: ignore[arg-type]
     except UnknownRollout:
@@ -147,6 +226,15 @@ async def _command(request: web.Request) -> web.Response:
         "message": result.message,
     }
     return web.json_response(payload, status=200 if result.accepted else 409)
+
+
+def authenticated_who(request: web.Request, claimed: str) -> str:
+    """The `who` to record for a guarded request: the cluster's name for the caller when the
+    identity is authoritative (never the body's), else the caller's label."""
+    identity: Identity | None = request.get(IDENTITY)
+    if identity is not None and identity.authoritative:
+        return identity.name
+    return claimed
 
 
 def _error(status: int, message: str) -> web.Response:

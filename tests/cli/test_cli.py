@@ -201,8 +201,11 @@ def test_python_dash_m_canary_runs_the_cli(tmp_path: Path) -> None:
 # ---- canary run, end to end with a real HAProxy ----------------------------------------------
 
 
-def _get(url: str) -> Any:
-    with urllib.request.urlopen(url, timeout=5) as response:
+def _get(url: str, token: str | None = None) -> Any:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    with urllib.request.urlopen(
+        urllib.request.Request(url, headers=headers), timeout=5
+    ) as response:
         return json.loads(response.read())
 
 
@@ -278,6 +281,10 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
             }
         )
     )
+    from canary.server.auth import create_token_file
+
+    token_file = workdir / "canary.token"
+    token = create_token_file(token_file)
     controller = procs.start(
         ManagedProcess(
             [
@@ -289,6 +296,8 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
                 str(config),
                 "--listen",
                 f"127.0.0.1:{port}",
+                "--token-file",
+                str(token_file),
             ],
             log_path=workdir / "canary-run.log",
             ready=HttpReady(f"{url}/readyz"),
@@ -297,21 +306,46 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
     )
 
     def first_step_verified() -> dict[str, Any] | None:
-        state: dict[str, Any] = _get(f"{url}/rollouts/app")
+        state: dict[str, Any] = _get(f"{url}/rollouts/app", token)
         return state if state.get("weight_verified") and "weight_read" in state else None
 
     state = _wait_for(first_step_verified, "the first step verified and a tick")
     assert state["phase"] == "Progressing" and state["weight"] == 5 and state["weight_read"] == 5
     assert _haproxy_weights(haproxy) == {"canary": 5}
 
-    assert main(["pause", "app", "--server", url, "--who", "alice", "--reason", "lunch"]) == 0
+    assert (
+        main(
+            [
+                "pause",
+                "app",
+                "--server",
+                url,
+                "--token-file",
+                str(token_file),
+                "--who",
+                "alice",
+                "--reason",
+                "lunch",
+            ]
+        )
+        == 0
+    )
     assert "pause accepted; now Paused" in capsys.readouterr().out
-    assert main(["pause", "app", "--server", url]) == 1  # refused: already paused
+    assert (
+        main(["pause", "app", "--server", url, "--token-file", str(token_file)]) == 1
+    )  # refused: already paused
     assert "already paused by alice" in capsys.readouterr().err
-    assert main(["status", "--server", url]) == 0
+    # Without the server's token: refused (401), and the error says where a token was sought.
+    missing = workdir / "no.token"
+    assert main(["promote", "app", "--server", url, "--token-file", str(missing)]) == 2
+    assert f"cannot read the token file {missing}" in capsys.readouterr().err
+    assert main(["status", "--server", url, "--token-file", str(token_file)]) == 0
     assert "app: Paused step 1/2 weight 5% (verified)" in capsys.readouterr().out
-    assert main(["resume", "app", "--server", url, "--who", "alice"]) == 0
-    assert main(["promote", "nope", "--server", url]) == 4
+    assert (
+        main(["resume", "app", "--server", url, "--token-file", str(token_file), "--who", "alice"])
+        == 0
+    )
+    assert main(["promote", "nope", "--server", url, "--token-file", str(token_file)]) == 4
     assert "no rollout named 'nope'" in capsys.readouterr().err
 
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
@@ -319,9 +353,8 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
     assert 'canary_rollout_phase{phase="Progressing",rollout="app"} 1.0' in metrics
     assert 'canary_analysis_decisions_total{decision="no_data",rollout="app"}' in metrics
 
-    # canary.reports.pages' routes are plugged into the same server
-    with urllib.request.urlopen(f"{url}/reports/?format=json", timeout=10) as response:
-        index = json.loads(response.read())
+    # canary.reports.pages' routes are plugged into the same server, behind the same token
+    index = _get(f"{url}/reports/?format=json", token)
     assert [r["target"] for r in index["reports"]] == ["app"]
 
     code = controller.stop_sync()  # SIGTERM by PID, then wait

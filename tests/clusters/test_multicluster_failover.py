@@ -39,6 +39,7 @@ from canary.core.records import read_record
 from canary.demo.dnsload import DnsLoadGenerator
 from canary.kubernetes.client import Kube, RetryPolicy
 from canary.server.app import Server, make_app
+from canary.server.auth import TokenAccess, create_token_file
 
 __all__ = ["pdns"]
 
@@ -149,7 +150,11 @@ class Env:
             self.server.url,
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "USER": "dana"},
+            env={
+                **os.environ,
+                "USER": "dana",
+                "CANARY_TOKEN_FILE": str(self.topology.record_dir.parent / "canary.token"),
+            },
         )
         out, err = await proc.communicate()
         assert proc.returncode is not None
@@ -191,8 +196,13 @@ async def running(
             canary=kubes[1],
             probe_interval_s=INTERVAL,
             poll_s=0.2,
+            allow_webhook_hosts=("127.0.0.1",),  # the tests' receivers are on loopback
         )
-        server = Server(make_app(controller, extensions=[failover_routes(controller)]))
+        token_file = tmp_path / "canary.token"
+        access = TokenAccess(create_token_file(token_file))
+        server = Server(
+            make_app(controller, access=access, extensions=[failover_routes(controller)])
+        )
         await server.start()
         task = asyncio.create_task(controller.run())
         try:
@@ -450,6 +460,7 @@ async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigt
                 path = api.write_kubeconfig(tmp_path / f"{side}.kubeconfig", context=side)
                 data["clusters"][side].update(kubeconfig=path.name, context=side)
             (tmp_path / "topology.yaml").write_text(yaml.safe_dump(data))
+            token = create_token_file(tmp_path / "cli.token")
             proc = await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
@@ -459,12 +470,20 @@ async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigt
                 str(tmp_path / "topology.yaml"),
                 "--listen",
                 f"127.0.0.1:{listen}",
+                "--token-file",
+                str(tmp_path / "cli.token"),
                 stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "PDNS_API_KEY": API_KEY},
             )
             try:
                 url = f"http://127.0.0.1:{listen}"
                 async with aiohttp.ClientSession() as session:
+                    await wait_for(lambda: _answers(session, url), 20, "the server")
+                    async with session.get(f"{url}/failover") as response:
+                        assert response.status == 401  # /failover needs the token too
+                async with aiohttp.ClientSession(
+                    headers={"Authorization": f"Bearer {token}"}
+                ) as session:
                     await wait_for(lambda: _failover_state(session, url), 20, "the server")
                     state = await _failover_state(session, url)
                 assert state is not None and state["failover"]["mode"] == "primary"
@@ -477,6 +496,14 @@ async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigt
     finally:
         await primary.down()
         await standby.down()
+
+
+async def _answers(session: aiohttp.ClientSession, url: str) -> bool:
+    try:
+        async with session.get(f"{url}/healthz") as response:
+            return response.status == 200
+    except aiohttp.ClientError:
+        return False
 
 
 async def _failover_state(session: aiohttp.ClientSession, url: str) -> dict[str, Any] | None:

@@ -140,6 +140,10 @@ async def test_api_calls_table_matches_the_requests_made(api: KubeEmulator, kube
     )
     assert await elector.try_acquire_or_renew()  # create
     assert await elector.try_acquire_or_renew()  # get + update
+    api.add_user("caller-token", "alice")
+    review = await kube.review_token("caller-token")
+    attributes = {"verb": "patch", "group": "apps", "resource": "deployments"}
+    await kube.review_access(review["status"]["user"], attributes)
 
     seen = {ApiCall(r.group, r.resource, r.verb) for r in api.requests}
     assert seen == set(API_CALLS)
@@ -197,3 +201,31 @@ def test_example_apps_are_valid_and_consistent(name: str) -> None:
     assert target["metadata"]["namespace"] == app["metadata"]["namespace"]
     text = yaml.safe_dump(target)
     assert "app-primary" in text
+
+
+def test_network_policy_opens_the_port_and_the_few_ways_out() -> None:
+    """The NetworkPolicy selects the controller pods; lets the cluster reach port http (probes
+    and /metrics open, the rest behind bearer tokens); lets the controller reach DNS, the API
+    server, Prometheus and webhooks, never link-local addresses for webhooks. Only the leader
+    is Ready, so the controller is replaced all at once (Recreate) and has no PDB."""
+    (policy,) = docs("NetworkPolicy", "networkpolicy.yaml")
+    (dep,) = docs("Deployment", "deployment.yaml")
+    assert policy["metadata"]["namespace"] == NAMESPACE
+    assert policy["spec"]["podSelector"]["matchLabels"] == dep["spec"]["selector"]["matchLabels"]
+    assert set(policy["spec"]["policyTypes"]) == {"Ingress", "Egress"}
+    (container,) = dep["spec"]["template"]["spec"]["containers"]
+    port = container["ports"][0]["containerPort"]
+    assert [p["port"] for rule in policy["spec"]["ingress"] for p in rule["ports"]] == [port]
+    egress = {
+        (p["protocol"], p["port"]) for rule in policy["spec"]["egress"] for p in rule["ports"]
+    }
+    assert {("UDP", 53), ("TCP", 53), ("TCP", 443), ("TCP", 6443), ("TCP", 9090)} <= egress
+    blocks = [
+        peer["ipBlock"]
+        for rule in policy["spec"]["egress"]
+        for peer in rule.get("to", [])
+        if "ipBlock" in peer
+    ]
+    assert blocks and all("169.254.0.0/16" in block["except"] for block in blocks)
+    assert dep["spec"]["strategy"]["type"] == "Recreate"
+    assert not docs("PodDisruptionBudget")

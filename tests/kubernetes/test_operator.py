@@ -319,6 +319,7 @@ async def running(
         "record_flush_s": 0.0,
         "promote_poll_s": 0.05,
         "identity": token,
+        "allow_webhook_hosts": ("127.0.0.1",),  # the tests' webhook receivers are on loopback
     }
     operator = Operator(
         kube,
@@ -766,9 +767,12 @@ async def test_template_changed_mid_rollout_restarts_the_analysis(
         assert "superseded" in text.lower(), text[:2000]
 
 
-def _http(url: str, method: str = "GET") -> tuple[int, str]:
+def _http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, str]:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    if method == "POST":
+        headers["Content-Type"] = "application/json"
     try:
-        request = urllib.request.Request(url, method=method)
+        request = urllib.request.Request(url, method=method, headers=headers)
         with urllib.request.urlopen(request, timeout=5) as response:
             return response.status, response.read().decode()
     except urllib.error.HTTPError as exc:
@@ -785,6 +789,10 @@ async def test_cli_runs_the_controller_and_reads_the_cluster(
     ns = "cli"
     seed(api, ns, notes_for())
     kubeconfig = api.write_kubeconfig(tmp_path / "kc-cli", token="token-cli")
+    # A person's token for the HTTP routes, vouched for by the (emulated) cluster.
+    api.add_user("token-ops", "ops")
+    api.grant("ops", "get", namespace=ns)
+    api.grant("ops", "patch", namespace=ns)
     port = free_port()
     env = {**os.environ, "PYTHONPATH": str(ROOT), "CANARY_WAIT": "5"}
     controller = await asyncio.create_subprocess_exec(
@@ -806,7 +814,7 @@ async def test_cli_runs_the_controller_and_reads_the_cluster(
     base = f"http://127.0.0.1:{port}"
 
     async def get(path: str) -> tuple[int, str]:
-        return await asyncio.to_thread(_http, base + path)
+        return await asyncio.to_thread(_http, base + path, "GET", "token-ops")
 
     async def canary(*argv: str) -> tuple[int, str]:
         proc = await asyncio.create_subprocess_exec(
@@ -841,6 +849,10 @@ async def test_cli_runs_the_controller_and_reads_the_cluster(
         code, body = await get(f"/rollouts/{ns}/app")
         assert code == 200 and json.loads(body)["deployment"] == "app"
         code, body = await asyncio.to_thread(_http, f"{base}/rollouts/{ns}/app/pause", "POST")
+        assert code == 401  # no token
+        code, body = await asyncio.to_thread(
+            _http, f"{base}/rollouts/{ns}/app/pause", "POST", "token-ops"
+        )
         assert code == 409 and "no rollout is in progress" in body
 
         code, out = await canary("status", "app")

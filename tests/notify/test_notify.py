@@ -24,6 +24,7 @@ from canary.notify.webhooks import (
 )
 
 ROLLOUT = "demo/app@3f2a1c"
+LOOPBACK = ("127.0.0.1",)  # the receivers here are on loopback, which is refused by default
 
 
 @dataclass
@@ -102,7 +103,7 @@ def _notification(event: str = "promoted") -> Notification:
 
 async def test_rollback_payload_is_slack_shaped_with_report_link(receiver: Receiver) -> None:
     """A rollback posts Slack JSON with text, blocks and a button to the rollout's report."""
-    async with Notifier([_hook(receiver.url)]) as notifier:
+    async with Notifier(allow_hosts=LOOPBACK, webhooks=[_hook(receiver.url)]) as notifier:
         notifier.on_entry(_start())
         assert notifier.on_entry(_end()) == 1
         assert await notifier.wait(timeout_s=10)
@@ -143,7 +144,7 @@ def test_report_id_is_url_and_file_safe() -> None:
 async def test_manual_and_failover_entries_notify_with_the_target(receiver: Receiver) -> None:
     """Manual actions and failovers notify, titled with the target from the start entry;
     ticks do not."""
-    async with Notifier([_hook(receiver.url)]) as notifier:
+    async with Notifier(allow_hosts=LOOPBACK, webhooks=[_hook(receiver.url)]) as notifier:
         notifier.on_entry(_start())
         tick = TickEntry(
             at=101.0,
@@ -176,7 +177,9 @@ async def test_manual_and_failover_entries_notify_with_the_target(receiver: Rece
 
 async def test_webhook_gets_only_subscribed_events(receiver: Receiver) -> None:
     """A webhook subscribed to failovers only is not called for a promotion."""
-    async with Notifier([_hook(receiver.url, events=["failover"])]) as notifier:
+    async with Notifier(
+        allow_hosts=LOOPBACK, webhooks=[_hook(receiver.url, events=["failover"])]
+    ) as notifier:
         notifier.on_entry(_start())
         assert notifier.on_entry(_end("promoted")) == 0
         assert notifier.notify(_notification("failover")) == 1
@@ -186,7 +189,7 @@ async def test_webhook_gets_only_subscribed_events(receiver: Receiver) -> None:
 
 async def test_superseded_rollout_is_not_notified(receiver: Receiver) -> None:
     """A rollout superseded by a newer version ends quietly."""
-    async with Notifier([_hook(receiver.url)]) as notifier:
+    async with Notifier(allow_hosts=LOOPBACK, webhooks=[_hook(receiver.url)]) as notifier:
         assert notifier.on_entry(_end("superseded")) == 0
 
 
@@ -196,7 +199,9 @@ async def test_superseded_rollout_is_not_notified(receiver: Receiver) -> None:
 async def test_retries_on_500_then_succeeds(receiver: Receiver) -> None:
     """Two 500s then a 200: delivered on the third attempt, the same payload each time."""
     receiver.statuses = [500, 503]
-    async with Notifier([_hook(receiver.url, max_attempts=4)]) as notifier:
+    async with Notifier(
+        allow_hosts=LOOPBACK, webhooks=[_hook(receiver.url, max_attempts=4)]
+    ) as notifier:
         notifier.notify(_notification())
         assert await notifier.wait(timeout_s=10)
     [result] = notifier.deliveries
@@ -208,7 +213,9 @@ async def test_retries_on_500_then_succeeds(receiver: Receiver) -> None:
 async def test_retries_are_bounded(receiver: Receiver) -> None:
     """A receiver that always fails gets exactly max_attempts posts; the failure is data."""
     receiver.statuses = [500] * 10
-    async with Notifier([_hook(receiver.url, max_attempts=3)]) as notifier:
+    async with Notifier(
+        allow_hosts=LOOPBACK, webhooks=[_hook(receiver.url, max_attempts=3)]
+    ) as notifier:
         notifier.notify(_notification())
         assert await notifier.wait(timeout_s=10)
     [result] = notifier.deliveries
@@ -232,7 +239,9 @@ async def test_retry_after_is_honoured_and_capped(
     monkeypatch.setattr(asyncio, "sleep", sleep)
     receiver.statuses = [429, 503]
     receiver.retry_after = ["2", "3600"]
-    async with Notifier([_hook(receiver.url, max_attempts=3)]) as notifier:
+    async with Notifier(
+        allow_hosts=LOOPBACK, webhooks=[_hook(receiver.url, max_attempts=3)]
+    ) as notifier:
         notifier.notify(_notification())
         assert await notifier.wait(timeout_s=10)
     [result] = notifier.deliveries
@@ -243,7 +252,9 @@ async def test_retry_after_is_honoured_and_capped(
 async def test_client_error_is_not_retried(receiver: Receiver) -> None:
     """A 404 means the webhook is wrong; posting again would not help."""
     receiver.statuses = [404]
-    async with Notifier([_hook(receiver.url, max_attempts=5)]) as notifier:
+    async with Notifier(
+        allow_hosts=LOOPBACK, webhooks=[_hook(receiver.url, max_attempts=5)]
+    ) as notifier:
         notifier.notify(_notification())
         assert await notifier.wait(timeout_s=10)
     assert notifier.deliveries[0].attempts == 1
@@ -255,7 +266,9 @@ async def test_unreachable_webhook_is_retried_then_reported() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    async with Notifier([_hook(f"http://127.0.0.1:{port}/hook", max_attempts=2)]) as notifier:
+    async with Notifier(
+        allow_hosts=LOOPBACK, webhooks=[_hook(f"http://127.0.0.1:{port}/hook", max_attempts=2)]
+    ) as notifier:
         notifier.notify(_notification())
         assert await notifier.wait(timeout_s=10)
     [result] = notifier.deliveries
@@ -267,7 +280,7 @@ async def test_slow_webhook_times_out_per_attempt(receiver: Receiver) -> None:
     """A receiver that never answers costs each attempt its timeout, then gives up."""
     receiver.hang = asyncio.Event()
     hook = _hook(receiver.url, timeout_s=0.2, max_attempts=2)
-    async with Notifier([hook]) as notifier:
+    async with Notifier(allow_hosts=LOOPBACK, webhooks=[hook]) as notifier:
         notifier.notify(_notification())
         assert await notifier.wait(timeout_s=10)
     [result] = notifier.deliveries
@@ -282,7 +295,7 @@ async def test_notify_returns_before_the_webhook_is_called(receiver: Receiver) -
     """notify() only schedules: it returns before the receiver has seen anything, and the
     caller's loop keeps running while the receiver hangs."""
     receiver.hang = asyncio.Event()
-    notifier = Notifier([_hook(receiver.url, timeout_s=60)])
+    notifier = Notifier(allow_hosts=LOOPBACK, webhooks=[_hook(receiver.url, timeout_s=60)])
     try:
         assert notifier.notify(_notification()) == 1
         assert receiver.received == [] and notifier.pending == 1
@@ -300,7 +313,7 @@ async def test_notify_returns_before_the_webhook_is_called(receiver: Receiver) -
 async def test_aclose_cancels_and_awaits_in_flight_deliveries(receiver: Receiver) -> None:
     """Shutdown cancels a hanging delivery and awaits it; nothing is left running."""
     receiver.hang = asyncio.Event()
-    notifier = Notifier([_hook(receiver.url, timeout_s=60)])
+    notifier = Notifier(allow_hosts=LOOPBACK, webhooks=[_hook(receiver.url, timeout_s=60)])
     notifier.notify(_notification())
     await receiver.arrived.wait()
     tasks = set(notifier._tasks)
@@ -314,7 +327,9 @@ async def test_aclose_cancels_and_awaits_in_flight_deliveries(receiver: Receiver
 def test_notify_outside_an_event_loop_is_a_clear_error() -> None:
     """Scheduling needs a running loop; without one the error says so."""
     with pytest.raises(NotifierError, match="running event loop"):
-        Notifier([WebhookConfig(url="http://127.0.0.1:9/")]).notify(_notification())
+        Notifier(allow_hosts=LOOPBACK, webhooks=[WebhookConfig(url="http://127.0.0.1:9/")]).notify(
+            _notification()
+        )
 
 
 # --- config ------------------------------------------------------------------------------

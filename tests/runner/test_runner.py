@@ -381,7 +381,9 @@ async def test_server_routes_probes_state_and_commands(tmp_path: Path) -> None:
     from aiohttp import web
 
     from canary.server.app import Server, make_app
+    from canary.server.auth import TokenAccess
 
+    token = "t" * 32
     runner, _, _ = make_runner(
         tmp_path, spec=SPEC.model_copy(update={"min_step_s": 10_000, "max_step_s": None})
     )
@@ -396,8 +398,10 @@ async def test_server_routes_probes_state_and_commands(tmp_path: Path) -> None:
         app.router.add_get("/reports/", hello)
 
     async with (
-        Server(make_app(controller, extensions=[extension])) as server,
-        aiohttp.ClientSession() as http,
+        Server(make_app(controller, access=TokenAccess(token), extensions=[extension])) as server,
+        aiohttp.ClientSession(
+            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+        ) as http,
     ):
         base = server.url
 

@@ -19,6 +19,15 @@ says about those, for any group/version/resource:
 - optionally, a stand-in for the Deployment controller that marks every Deployment rolled
   out (status.observedGeneration, replicas, updatedReplicas, ...).
 
+- TokenReview and SubjectAccessReview (`add_user`, `grant`): tokens map to users and groups,
+  and a grant is (user or group, verb, group, resource, namespace or "" for cluster-wide), as
+  an RBAC rule would allow; enough to test that the controller's HTTP server asks the
+  cluster who a caller is and what they may do, and records the cluster's name for them.
+  Why the emulator and not a real API server here: these tests need users, tokens and
+  grants made up per test and a record of the reviews the controller asked for, in
+  milliseconds; a real control plane (coming in another branch) would check the same
+  calls end to end against real RBAC.
+
 Every request is recorded (time, verb, resource, token, status) so tests check what the
 client did, e.g. that a retry waited for Retry-After, from the server's side.
 """
@@ -223,6 +232,49 @@ class KubeEmulator:
         self._watchers: list[_Watcher] = []
         self._runner: web.AppRunner | None = None
         self.port = 0
+        # TokenReview: token -> the user it authenticates (username, uid, groups).
+        self.users: dict[str, JSON] = {}
+        # SubjectAccessReview: (user or group, verb, api group, resource, namespace; "" = all).
+        self.grants: set[tuple[str, str, str, str, str]] = set()
+
+    def add_user(self, token: str, username: str, groups: tuple[str, ...] = ()) -> None:
+        self.users[token] = {
+            "username": username,
+            "uid": uuid.uuid4().hex,
+            "groups": [*groups, "system:authenticated"],
+        }
+
+    def grant(
+        self,
+        subject: str,
+        verb: str,
+        *,
+        group: str = "apps",
+        resource: str = "deployments",
+        namespace: str = "",
+    ) -> None:
+        self.grants.add((subject, verb, group, resource, namespace))
+
+    def _review(self, resource: str, body: Any) -> JSON:
+        spec = (body or {}).get("spec") or {}
+        if resource == "tokenreviews":
+            user = self.users.get(str(spec.get("token", "")))
+            status: JSON = (
+                {"authenticated": True, "user": copy.deepcopy(user)}
+                if user is not None
+                else {"authenticated": False, "error": "invalid bearer token"}
+            )
+        else:
+            attrs = spec.get("resourceAttributes") or {}
+            subjects = {spec.get("user", ""), *(spec.get("groups") or [])}
+            allowed = any(
+                (subject, attrs.get("verb"), attrs.get("group", ""), attrs.get("resource"), ns)
+                in self.grants
+                for subject in subjects
+                for ns in {"", attrs.get("namespace", "")}
+            )
+            status = {"allowed": allowed} | ({} if allowed else {"reason": "no RBAC rule"})
+        return {**(body or {}), "status": status}
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -477,6 +529,8 @@ class KubeEmulator:
                 "metadata": {"resourceVersion": str(self._rv)},
                 "items": items,
             }
+        if rec.verb == "create" and r in ("tokenreviews", "subjectaccessreviews"):
+            return 201, self._review(r, body)  # answered, never stored
         if rec.verb == "create":
             if not isinstance(body, dict):
                 raise _ApiError(400, "create needs a JSON object")
