@@ -36,8 +36,12 @@ SECRET = "s3cret"
 USER = "prom-user"
 
 
+TOKEN = "no-secrets-test-token-0123456789"
+
+
 def _get(url: str) -> str:
-    with urllib.request.urlopen(url, timeout=30) as response:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
         return str(response.read().decode())
 
 
@@ -113,6 +117,9 @@ def test_prometheus_credentials_reach_no_record_page_or_log(
             }
         )
     )
+    token_file = workdir / "canary.token"
+    token_file.write_text(TOKEN + "\n")
+    token_file.chmod(0o600)
     controller = procs.start(
         ManagedProcess(
             [
@@ -126,6 +133,8 @@ def test_prometheus_credentials_reach_no_record_page_or_log(
                 str(config),
                 "--listen",
                 f"127.0.0.1:{port}",
+                "--token-file",
+                str(token_file),
             ],
             log_path=workdir / "canary-run.log",
             ready=HttpReady(f"{url}/readyz"),
