@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import random
 import time
 from collections import deque
@@ -147,12 +148,17 @@ def _default_analyzer() -> AnalyzerLike:
 
 def next_tick_at(previous: float | None, now: float, period: float, *, first: float) -> float:
     """When the next tick is due: `first` after now for the first one, then one `period`
-    after the last scheduled tick (a fixed rate: the ticks' own cost does not add up), or now
-    when that time has already passed (a late tick is not followed by a burst)."""
+    after the last scheduled tick (a fixed rate: the ticks' own cost does not add up). A tick
+    that ran past its slot is followed by the next slot on the same grid that is at least half
+    a period away: no burst to catch up, no drift, and never two looks back to back (a look
+    right after another sees too little traffic to say anything)."""
     if previous is None:
         return now + first
     due = previous + period
-    return now if due < now else due
+    if due >= now:
+        return due
+    due = previous + (math.floor((now - previous) / period) + 1) * period
+    return due + period if due - now < period / 2 else due
 
 
 def _verdict_reason(verdict: Verdict) -> str:
@@ -403,13 +409,14 @@ class RolloutRunner:
 
         Ticks are at a fixed rate (the period does not drift by each tick's own cost); a tick
         late by more than a period starts the schedule again from now rather than bursting.
-        The first one comes after a random part of a period, so many rollouts started
+        The first one comes after a random half to whole period, so many rollouts started
         together do not all tick in the same millisecond."""
         self._next_tick = next_tick_at(
             self._next_tick,
             asyncio.get_running_loop().time(),
             self.tick_s,
-            first=random.uniform(0.0, self.tick_s),
+            # Spread over half a period, never sooner: a first look needs traffic to see.
+            first=random.uniform(0.5 * self.tick_s, self.tick_s),
         )
         deadline = self._next_tick
         while not self.status.done:

@@ -78,12 +78,15 @@ async def test_rollout_keeps_its_pace_when_the_wall_clock_steps(tmp_path: Path) 
 
 def test_ticks_keep_a_fixed_rate_and_a_late_one_does_not_burst() -> None:
     """The schedule: the first tick after the jitter, then every period after the last
-    scheduled one whatever each tick cost, and a tick late past its slot starts again from
-    now instead of firing a burst to catch up."""
+    scheduled one whatever each tick cost; a tick that ran past its slot is followed by the
+    next slot on the same grid at least half a period away (no burst, no back-to-back looks)."""
     first = next_tick_at(None, 100.0, 10.0, first=3.5)
     assert first == 103.5
     # a tick that took 4 s still leaves the next one at 113.5, not 117.5
     assert next_tick_at(first, 107.5, 10.0, first=0) == 113.5
-    # stalled until 150: due at 113.5 long ago -> now, then every 10 s from there
-    late = next_tick_at(113.5, 150.0, 10.0, first=0)
-    assert late == 150.0 and next_tick_at(late, 151.0, 10.0, first=0) == 160.0
+    # stalled until 150: slots 113.5..143.5 are gone; 153.5 is 3.5 s away: too close -> 163.5
+    assert next_tick_at(113.5, 150.0, 10.0, first=0) == 163.5
+    # stalled until 145: 153.5 is 8.5 s away, on the grid
+    assert next_tick_at(113.5, 145.0, 10.0, first=0) == 153.5
+    # 3 s late on a 10 s period: the very next slot is 7 s away
+    assert next_tick_at(103.5, 116.5, 10.0, first=0) == 123.5
