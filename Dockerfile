@@ -29,7 +29,10 @@ RUN python3 -m venv /opt/canary \
 
 FROM ${PYTHON_IMAGE}
 COPY --from=build /opt/canary /opt/canary
+# HOME: uid 65532 has no passwd entry, and kubernetes_asyncio asks for a home directory when
+# imported; /tmp is the one writable place (an emptyDir in manifests/).
 ENV PATH=/opt/canary/bin:/usr/local/bin:/usr/bin:/bin \
+    HOME=/tmp \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 # The uid/gid manifests/deployment.yaml runs as (runAsNonRoot needs a numeric user).
