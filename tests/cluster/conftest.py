@@ -23,6 +23,16 @@ from support.control_plane import (
     start_control_plane,
 )
 
+HERE = Path(__file__).parent
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The first test here also starts the cluster (within its timeout): give these tests
+    more than the suite's default, which a busy 2-core machine could exceed."""
+    for item in items:
+        if HERE in item.path.parents:
+            item.add_marker(pytest.mark.timeout(900))
+
 
 @pytest.fixture(scope="session")
 def toolbox() -> Toolbox:

@@ -112,9 +112,9 @@ def find_toolbox() -> Toolbox:
     """The cached build for the pinned versions, or ControlPlaneUnavailable saying what to run."""
     root = cache_dir()
     missing = [name for name in BINARIES if not os.access(root / "bin" / name, os.X_OK)]
-    if not (root / "gateway-api").is_dir():
+    if not (root / "gateway-api" / ".complete").is_file():
         missing.append("gateway-api CRDs")
-    if not (root / "kwok-stages").is_dir():
+    if not (root / "kwok-stages" / ".complete").is_file():
         missing.append("kwok stages")
     if missing:
         raise ControlPlaneUnavailable(
