@@ -150,3 +150,15 @@ def test_the_server_grants_exactly_rbac_yaml(
     elsewhere = _rules_review(cluster, controller_kubeconfig, APP_NAMESPACE) - EVERYONE
     assert own == CLUSTER_WIDE | IN_OWN_NAMESPACE
     assert elsewhere == CLUSTER_WIDE
+
+
+def test_the_kubeconfig_authenticates_as_the_service_account(
+    cluster: ControlPlane, controller_kubeconfig: Path
+) -> None:
+    """The helper's kubeconfig carries a TokenRequest token that the apiserver maps to the
+    controller's ServiceAccount (not to an admin, which would make every check above moot)."""
+    result = cluster.kubectl("auth", "whoami", "-o", "json", kubeconfig=controller_kubeconfig)
+    user = json.loads(result.stdout)["status"]["userInfo"]
+    assert user["username"] == f"system:serviceaccount:{NAMESPACE}:canary"
+    assert "system:masters" not in user["groups"]
+    assert "system:serviceaccounts" in user["groups"]
