@@ -40,6 +40,17 @@ def test_fake_nodes_are_ready(cluster: ControlPlane) -> None:
     assert ready == set(FAKE_NODES)
 
 
+def test_fake_nodes_have_leases(cluster: ControlPlane) -> None:
+    """kwok renews a Lease per node, as a kubelet does; without them the controller-manager
+    marks the nodes NotReady after its grace period and taints them (pods stop scheduling)."""
+    cluster.kubectl(
+        "wait", "--for=create", "lease", *FAKE_NODES, "-n", "kube-node-lease", "--timeout=120s"
+    )
+    leases = cluster.get_json("leases", "-n", "kube-node-lease")["items"]
+    renewed = {lease["metadata"]["name"] for lease in leases if lease["spec"].get("renewTime")}
+    assert renewed >= set(FAKE_NODES)
+
+
 def test_deployment_rolls_out_on_kwok_nodes(cluster: ControlPlane) -> None:
     """A Deployment gets a ReplicaSet and three Running, Ready pods; status.availableReplicas=3."""
     cluster.kubectl("create", "namespace", "rollout")

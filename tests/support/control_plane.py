@@ -586,6 +586,8 @@ class ControlPlane:
                 f"--server-address={LOOPBACK}:{kwok_port}",
                 f"--node-ip={LOOPBACK}",
                 "--cidr=10.244.0.0/16",
+                # Node Leases renewed like a kubelet: nodes stay Ready without status heartbeats.
+                "--node-lease-duration-seconds=40",
             ],
         )
         _wait_until(kcm, "GET /healthz", lambda: _http_ok(kcm_port, "/healthz", context=insecure))
