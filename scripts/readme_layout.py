@@ -16,9 +16,10 @@ WIDTH = 26
 OTHER = {
     "benchmarks/": "detection speed and error rates against Wald's SPRT, Flagger-style "
     "thresholds and Kayenta-style tests (`python -m benchmarks.run`)",
+    "charts/canary/": "the manifests as a Helm chart (equal to manifests/ by default)",
     "examples/": "annotated configs: a static target, a two-cluster topology",
-    "manifests/": "Kubernetes manifests for the controller",
-    "scripts/": "setup, demo, test (what the Quickstart runs)",
+    "manifests/": "Kubernetes manifests for the controller; Dockerfile: its image",
+    "scripts/": "setup, demo, test (what the Quickstart runs); control-plane, image (CI)",
     "tests/": "the test suite, one folder per package; real servers on loopback",
 }
 
