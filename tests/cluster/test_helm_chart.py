@@ -124,14 +124,18 @@ def test_watch_namespace_narrows_the_app_permissions_to_a_role(
     toolbox: Toolbox, tmp_path: Path
 ) -> None:
     """watchNamespace passes --namespace and turns the ClusterRole into a Role there, with the
-    same rules."""
+    same rules on apps; only the token and access reviews, which are cluster-scoped, stay in
+    a ClusterRole of their own."""
     defaults = _render(toolbox, tmp_path)
     rendered = _render(toolbox, tmp_path, "--set", "watchNamespace=shop")
     assert "--namespace=shop" in _args(rendered)
-    assert not [k for k in rendered if k[1] in ("ClusterRole", "ClusterRoleBinding")]
+    cluster_wide = [k for k in rendered if k[1] in ("ClusterRole", "ClusterRoleBinding")]
+    assert [k[3] for k in cluster_wide] == ["canary-reviews", "canary-reviews"]
+    reviews = rendered[("rbac.authorization.k8s.io/v1", "ClusterRole", "", "canary-reviews")]
+    assert {r["resources"][0] for r in reviews["rules"]} == {"tokenreviews", "subjectaccessreviews"}
     cluster_role = next(o for k, o in defaults.items() if k[1] == "ClusterRole")
     role = rendered[("rbac.authorization.k8s.io/v1", "Role", "shop", "canary-apps")]
-    assert role["rules"] == cluster_role["rules"]
+    assert role["rules"] + reviews["rules"] == cluster_role["rules"]
     binding = rendered[("rbac.authorization.k8s.io/v1", "RoleBinding", "shop", "canary-apps")]
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "canary", "namespace": "canary-system"}

@@ -41,7 +41,7 @@ def test_manifests_pass_server_side_dry_run(cluster: ControlPlane) -> None:
         "role.rbac.authorization.k8s.io/canary",
         "rolebinding.rbac.authorization.k8s.io/canary",
         "deployment.apps/canary",
-        "poddisruptionbudget.policy/canary",
+        "networkpolicy.networking.k8s.io/canary",
         "service/canary-metrics",
     }
     assert {line.split()[0] for line in lines} == expected
