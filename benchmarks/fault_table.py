@@ -734,7 +734,7 @@ async def kube_table(args: argparse.Namespace, base: Path) -> list[Row]:
                     row.injected = (
                         ", ".join(
                             f"{f['status']} x{f['times']}"
-                            + (f" on {f.get('verb', '')} {f.get('resource', '')}".rstrip() if f.get("resource") or f.get("verb") else " on every request")
+                            + (" on " + " ".join(x for x in (f.get("verb"), f.get("resource")) if x) if f.get("resource") or f.get("verb") else " on every request")
                             + (f" Retry-After {f['retry_after']}" if f.get("retry_after") else "")
                             for f in scenario.faults
                         )
