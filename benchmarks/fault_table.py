@@ -353,34 +353,107 @@ async def read_write(world: StaticWorld) -> None:
 
 STATIC: list[Scenario] = [
     Scenario("none (baseline)", "nothing", lambda w: asyncio.sleep(0)),
-    Scenario("Prometheus down, back after 4 s", "Prometheus process stopped at 20%, a new one started 4 s later",
-             stop_prometheus, start_prometheus, 4.0),
-    Scenario("Prometheus down for good", "Prometheus process stopped at 20%", stop_prometheus,
-             start_prometheus, 30.0),
-    Scenario("router down, back after 4 s", "HAProxy stopped at 20%, restarted 4 s later (state file)",
-             stop_haproxy, start_haproxy, 4.0),
-    Scenario("router down for good", "HAProxy stopped at 20%, never restarted in the bound",
-             stop_haproxy, start_haproxy, 30.0, bound_s=25.0),
-    Scenario("router lying: reads 30 points high", "wrapper adds 30 to every read from 20% on",
-             lie, truth, 30.0, router="reads-wrong", bound_s=25.0),
-    Scenario("router lying: drops writes, reports them done",
-             "wrapper acknowledges writes without sending them from 20% on", lie, truth, 60.0,
-             router="drops-writes", bound_s=30.0),
-    Scenario("disk full", "64 KiB tmpfs (record + status) filled at 20%, never freed",
-             fill_disk, None, 0.0, disk="full"),
-    Scenario("disk full, then a restart", "64 KiB tmpfs filled at 20%; after the end, the disk "
-             "freed and a new runner started on the same status and record", fill_disk, None, 0.0,
-             disk="full", restart_after=True),
-    Scenario("disk full, freed after 3 s", "64 KiB tmpfs filled at 20%, filler deleted 3 s later",
-             fill_disk, free_disk, 3.0, disk="full"),
-    Scenario("read-only disk", "record tmpfs remounted ro at 20%, never rw again",
-             read_only, None, 0.0, disk="ro"),
-    Scenario("read-only disk, rw after 3 s", "record tmpfs remounted ro at 20%, rw 3 s later",
-             read_only, read_write, 3.0, disk="ro"),
-    Scenario("clock +1 h", "runner's wall clock stepped +3600 s at 20% (fake metrics)",
-             step_clock(3600.0), fake_metrics=True),
-    Scenario("clock -1 h", "runner's wall clock stepped -3600 s at 20% (fake metrics)",
-             step_clock(-3600.0), fake_metrics=True),
+    Scenario(
+        "Prometheus down, back after 4 s",
+        "Prometheus process stopped at 20%, a new one started 4 s later",
+        stop_prometheus,
+        start_prometheus,
+        4.0,
+    ),
+    Scenario(
+        "Prometheus down for good",
+        "Prometheus process stopped at 20%",
+        stop_prometheus,
+        start_prometheus,
+        30.0,
+    ),
+    Scenario(
+        "router down, back after 4 s",
+        "HAProxy stopped at 20%, restarted 4 s later (state file)",
+        stop_haproxy,
+        start_haproxy,
+        4.0,
+    ),
+    Scenario(
+        "router down for good",
+        "HAProxy stopped at 20%, never restarted in the bound",
+        stop_haproxy,
+        start_haproxy,
+        30.0,
+        bound_s=25.0,
+    ),
+    Scenario(
+        "router lying: reads 30 points high",
+        "wrapper adds 30 to every read from 20% on",
+        lie,
+        truth,
+        30.0,
+        router="reads-wrong",
+        bound_s=25.0,
+    ),
+    Scenario(
+        "router lying: drops writes, reports them done",
+        "wrapper acknowledges writes without sending them from 20% on",
+        lie,
+        truth,
+        60.0,
+        router="drops-writes",
+        bound_s=30.0,
+    ),
+    Scenario(
+        "disk full",
+        "64 KiB tmpfs (record + status) filled at 20%, never freed",
+        fill_disk,
+        None,
+        0.0,
+        disk="full",
+    ),
+    Scenario(
+        "disk full, then a restart",
+        "64 KiB tmpfs filled at 20%; after the end, the disk "
+        "freed and a new runner started on the same status and record",
+        fill_disk,
+        None,
+        0.0,
+        disk="full",
+        restart_after=True,
+    ),
+    Scenario(
+        "disk full, freed after 3 s",
+        "64 KiB tmpfs filled at 20%, filler deleted 3 s later",
+        fill_disk,
+        free_disk,
+        3.0,
+        disk="full",
+    ),
+    Scenario(
+        "read-only disk",
+        "record tmpfs remounted ro at 20%, never rw again",
+        read_only,
+        None,
+        0.0,
+        disk="ro",
+    ),
+    Scenario(
+        "read-only disk, rw after 3 s",
+        "record tmpfs remounted ro at 20%, rw 3 s later",
+        read_only,
+        read_write,
+        3.0,
+        disk="ro",
+    ),
+    Scenario(
+        "clock +1 h",
+        "runner's wall clock stepped +3600 s at 20% (fake metrics)",
+        step_clock(3600.0),
+        fake_metrics=True,
+    ),
+    Scenario(
+        "clock -1 h",
+        "runner's wall clock stepped -3600 s at 20% (fake metrics)",
+        step_clock(-3600.0),
+        fake_metrics=True,
+    ),
 ]
 
 
@@ -588,11 +661,20 @@ class KubeScenario:
 
 KUBE: list[KubeScenario] = [
     KubeScenario("none (baseline)", []),
-    KubeScenario("API 409 on Deployment writes", [dict(status=409, times=6, verb="patch", resource="deployments")]),
-    KubeScenario("API 429 (Retry-After 1) on everything", [dict(status=429, times=8, retry_after=1)]),
-    KubeScenario("API 500 on Ingress reads and writes", [dict(status=500, times=20, resource="ingresses")]),
+    KubeScenario(
+        "API 409 on Deployment writes",
+        [dict(status=409, times=6, verb="patch", resource="deployments")],
+    ),
+    KubeScenario(
+        "API 429 (Retry-After 1) on everything", [dict(status=429, times=8, retry_after=1)]
+    ),
+    KubeScenario(
+        "API 500 on Ingress reads and writes", [dict(status=500, times=20, resource="ingresses")]
+    ),
     KubeScenario("API 503 on everything, 40 requests", [dict(status=503, times=40)]),
-    KubeScenario("API 500 on record ConfigMaps", [dict(status=500, times=30, resource="configmaps")]),
+    KubeScenario(
+        "API 500 on record ConfigMaps", [dict(status=500, times=30, resource="configmaps")]
+    ),
     KubeScenario(
         "API 500 on Ingresses for good",
         [dict(status=500, times=100_000, resource="ingresses")],
@@ -627,8 +709,14 @@ async def kube_table(args: argparse.Namespace, base: Path) -> list[Row]:
     try:
         for version, port in ports.items():
             proc = service_process(
-                version, port=port, log_path=base / f"{version}.log", error_rate=0.005,
-                latency_ms=5, seed=args.seed, name=version, cwd=ROOT,
+                version,
+                port=port,
+                log_path=base / f"{version}.log",
+                error_rate=0.005,
+                latency_ms=5,
+                seed=args.seed,
+                name=version,
+                cwd=ROOT,
             )
             procs.append(proc)
             await proc.start()
@@ -714,7 +802,7 @@ async def kube_table(args: argparse.Namespace, base: Path) -> list[Row]:
 
                     def ours() -> Any:
                         st = kube_state(api)
-                        ok = st and st.rollout and st.rollout.revision == revision
+                        ok = st and st.rollout and st.rollout.revision == revision  # noqa: B023 (used in this iteration only)
                         return st if ok else None
 
                     while not (
@@ -734,7 +822,12 @@ async def kube_table(args: argparse.Namespace, base: Path) -> list[Row]:
                     row.injected = (
                         ", ".join(
                             f"{f['status']} x{f['times']}"
-                            + (" on " + " ".join(x for x in (f.get("verb"), f.get("resource")) if x) if f.get("resource") or f.get("verb") else " on every request")
+                            + (
+                                " on "
+                                + " ".join(x for x in (f.get("verb"), f.get("resource")) if x)
+                                if f.get("resource") or f.get("verb")
+                                else " on every request"
+                            )
                             + (f" Retry-After {f['retry_after']}" if f.get("retry_after") else "")
                             for f in scenario.faults
                         )
@@ -782,9 +875,7 @@ async def kube_table(args: argparse.Namespace, base: Path) -> list[Row]:
                     if not promoted and primary_image == image:
                         problems.append(f"not promoted but app-primary runs {primary_image}")
                     row.evidence = (
-                        "no: " + "; ".join(problems)
-                        if problems
-                        else "yes" if promoted else "n/a"
+                        "no: " + "; ".join(problems) if problems else "yes" if promoted else "n/a"
                     )
                     if not status.done:
                         # end this rollout on purpose before the next row
@@ -792,7 +883,15 @@ async def kube_table(args: argparse.Namespace, base: Path) -> list[Row]:
                         from canary.kubernetes.commands import send_command
 
                         with contextlib.suppress(Exception):
-                            await send_command(kube, NS, "app", "abort", who="fault-table", reason="end of row", wait_s=20)
+                            await send_command(
+                                kube,
+                                NS,
+                                "app",
+                                "abort",
+                                who="fault-table",
+                                reason="end of row",
+                                wait_s=20,
+                            )
                     rows.append(row)
                     print(_line(row), flush=True)
             finally:
@@ -824,8 +923,16 @@ def table(rows: list[Row]) -> str:
         "|---|---|---|---|---|---|---:|---|",
     ]
     for r in rows:
-        cells = [r.mode, r.fault, r.injected, r.outcome, r.evidence, r.record,
-                 "" if r.final_weight is None else f"{r.final_weight}%", r.detail]
+        cells = [
+            r.mode,
+            r.fault,
+            r.injected,
+            r.outcome,
+            r.evidence,
+            r.record,
+            "" if r.final_weight is None else f"{r.final_weight}%",
+            r.detail,
+        ]
         lines.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
     return "\n".join(lines)
 

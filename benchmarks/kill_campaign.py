@@ -68,7 +68,7 @@ class RunResult:
     starts: int = 0
     duration_s: float = 0.0
     violations: dict[str, list[str]] = field(
-        default_factory=lambda: {"a": [], "b": [], "c": []}
+        default_factory=lambda: {"a": [], "w": [], "b": [], "c": []}
     )
     info: list[str] = field(default_factory=list)
     # per controller process: (entries before its start, entries at its end, resumable at start)
@@ -113,9 +113,13 @@ def check_entries(result: RunResult, entries: list[Any], rollout_id: str | None)
                     f"{first.kind} {getattr(first, 'message', '')[:80]!r}, not a resumed note",
                 )
         elif not isinstance(first, StartEntry):
-            result.bad("c", f"controller {number + 1} found nothing to resume yet wrote {first.kind}")
+            result.bad(
+                "c", f"controller {number + 1} found nothing to resume yet wrote {first.kind}"
+            )
     transitions = [e for e in entries if isinstance(e, TransitionEntry)]
-    entered = [t.step for t in transitions if t.to_phase == "Progressing" and t.from_phase != "Paused"]
+    entered = [
+        t.step for t in transitions if t.to_phase == "Progressing" and t.from_phase != "Paused"
+    ]
     if len(entered) != len(set(entered)):
         result.bad("c", f"a step entered twice: Progressing steps {entered}")
     ends = [e for e in entries if isinstance(e, EndEntry)]
@@ -219,7 +223,7 @@ class Controller:
         if rng.random() < 0.25:
             return rng.uniform(0.05, 2.5)
         deadline = time.monotonic() + 30
-        while self.servings() <= before and self.running and time.monotonic() < deadline:
+        while self.servings() <= before and self.running and time.monotonic() < deadline:  # noqa: ASYNC110 (polls a log file)
             await asyncio.sleep(0.05)
         return rng.uniform(0.0, horizon)
 
@@ -356,7 +360,7 @@ async def static_run(
         result.bad("a", f"outcome {result.outcome} but router at {result.final_weight}%")
     problem = weight_path_ok(seen, result.outcome)
     if problem:
-        result.bad("a", problem)
+        result.bad("w", problem)
     if result.outcome == "promoted" and any(w < max(seen, default=0) for w in seen[-1:]):
         result.bad("a", f"promoted but polled weights end {seen[-5:]}")
     return result
@@ -375,7 +379,11 @@ def _count_entries(records_dir: Path) -> int:
 def _report(argv: list[str]) -> int:
     from canary.cli.report import main as report_main
 
-    with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink), contextlib.redirect_stderr(sink):
+    with (
+        open(os.devnull, "w") as sink,
+        contextlib.redirect_stdout(sink),
+        contextlib.redirect_stderr(sink),
+    ):
         return report_main(argv)
 
 
@@ -579,7 +587,9 @@ async def kube_campaign(args: argparse.Namespace, base: Path) -> list[RunResult]
                     while True:
                         weight = ingress_weight(api)
                         chosen = [
-                            urls["canary"] if traffic_rng.random() * 100 < weight else urls["primary"]
+                            urls["canary"]
+                            if traffic_rng.random() * 100 < weight
+                            else urls["primary"]
                             for _ in range(batch)
                         ]
                         await asyncio.gather(
@@ -730,12 +740,14 @@ async def kube_run(
     written = weights_written(api, mark)
     problem = weight_path_ok(written, result.outcome)
     if problem:
-        result.bad("a", problem)
+        result.bad("w", problem)
     repeats = sum(1 for i in range(1, len(written)) if written[i] == written[i - 1])
     if repeats:
         result.info.append(f"same weight written again {repeats}x: {written}")
     if result.outcome == "promoted":
-        image = api.get(*DEPLOYMENTS, NS, "app-primary")["spec"]["template"]["spec"]["containers"][0]["image"]
+        image = api.get(*DEPLOYMENTS, NS, "app-primary")["spec"]["template"]["spec"]["containers"][
+            0
+        ]["image"]
         if image != f"example/app:{index + 2}":
             result.bad("a", f"promoted but app-primary runs {image}")
     return result, ctl, generation
@@ -757,31 +769,61 @@ def _progress(result: RunResult) -> None:
 
 
 def summary(results: list[RunResult], args: argparse.Namespace, wall_s: float) -> str:
-    outcomes = collections.Counter(r.outcome for r in results)
-    count = {k: sum(1 for r in results if r.violations[k]) for k in "abc"}
     lines = [
         f"mode {args.mode}, seed {args.seed}, {len(results)} runs, wall {wall_s:.0f} s",
         "",
-        "| mode | runs | kills | kills mid-rollout | resumed notes | (a) weight != last recorded "
-        "| (b) record unreadable | (c) silent restart | outcomes |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---|",
-        f"| {args.mode} | {len(results)} | {sum(r.kills for r in results)} | "
-        f"{sum(r.kills_active for r in results)} | {sum(r.resumed_notes for r in results)} | "
-        f"{count['a']} | {count['b']} | {count['c']} | "
-        + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
-        + " |",
+        *table_rows({args.mode: results}),
     ]
+    return "\n".join(lines + violation_lines(results))
+
+
+def table_rows(by_mode: dict[str, list[RunResult]]) -> list[str]:
+    lines = [
+        "| mode | runs | kills | kills of an unfinished rollout | resumed notes "
+        "| (a) end weight != last recorded | (w) weight moved back | (b) record unreadable "
+        "| (c) silent restart | outcomes |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
+    for mode, results in by_mode.items():
+        outcomes = collections.Counter(r.outcome for r in results)
+        count = {k: sum(1 for r in results if r.violations.get(k)) for k in "awbc"}
+        lines.append(
+            f"| {mode} | {len(results)} | {sum(r.kills for r in results)} | "
+            f"{sum(r.kills_active for r in results)} | {sum(r.resumed_notes for r in results)} | "
+            f"{count['a']} | {count['w']} | {count['b']} | {count['c']} | "
+            + ", ".join(f"{k} {v}" for k, v in sorted(outcomes.items()))
+            + " |"
+        )
+    return lines
+
+
+def violation_lines(results: list[RunResult], label: str = "") -> list[str]:
+    lines: list[str] = []
     bad = [r for r in results if any(r.violations.values())]
     if bad:
-        lines += ["", "Violations:"]
+        lines += ["", f"Violations{label}:"]
         for r in bad:
             for kind, whys in r.violations.items():
                 for why in whys:
                     lines.append(f"- run {r.index} ({kind}): {why}")
     notes = [r for r in results if r.info]
     if notes:
-        lines += ["", "Notes:"] + [f"- run {r.index}: {'; '.join(r.info)}" for r in notes]
-    return "\n".join(lines)
+        lines += ["", f"Notes{label}:"] + [f"- run {r.index}: {'; '.join(r.info)}" for r in notes]
+    return lines
+
+
+def load_results(path: Path) -> list[RunResult]:
+    """Results written with --json (older files put the weight path under (a): moved to (w))."""
+    out = []
+    for data in json.loads(path.read_text()):
+        data["lives"] = [tuple(x) for x in data.get("lives", [])]
+        violations = {"a": [], "w": [], "b": [], "c": []}
+        for kind, whys in data.get("violations", {}).items():
+            for why in whys:
+                violations["w" if why.startswith("weight moved back") else kind].append(why)
+        data["violations"] = violations
+        out.append(RunResult(**data))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -799,7 +841,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-s", type=float, default=14 * 60, help="stop starting runs after")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="write per-run results here")
+    parser.add_argument(
+        "--summarize", nargs="+", metavar="MODE=FILE", help="print one table of --json files"
+    )
     args = parser.parse_args(argv)
+    if args.summarize:
+        by_mode: dict[str, list[RunResult]] = {}
+        details: list[str] = []
+        for item in args.summarize:
+            mode, _, name = item.partition("=")
+            loaded = load_results(Path(name))
+            by_mode.setdefault(mode, []).extend(loaded)
+            details += violation_lines(loaded, f" ({mode}, {Path(name).name})")
+        print("\n".join(table_rows(by_mode) + details))
+        return 0
     import tempfile
 
     base = args.workdir or Path(tempfile.mkdtemp(prefix=f"kill-{args.mode}-"))
@@ -812,9 +867,7 @@ def main(argv: list[str] | None = None) -> int:
     text = summary(results, args, wall)
     print(text, flush=True)
     if args.json:
-        args.json.write_text(
-            json.dumps([r.__dict__ for r in results], indent=1, default=str)
-        )
+        args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1, default=str))
     return 1 if any(any(r.violations.values()) for r in results) else 0
 
 
