@@ -917,6 +917,20 @@ def _line(row: Row) -> str:
     )
 
 
+def check_end(row: Row) -> None:
+    """A promotion must leave the real router where the promotion puts it (static: 100% to
+    the canary; Kubernetes: 0%, the template copied): a router that only says so (the lying
+    rows) promoted a canary that was never observed at the later steps."""
+    if not row.outcome.startswith("promoted") or row.final_weight is None:
+        return
+    wanted = 100 if row.mode == "static" else 0
+    if row.final_weight != wanted and not row.evidence.startswith("no"):
+        row.evidence = (
+            f"no: promoted while the router really serves {row.final_weight}% "
+            f"(the record's read-backs said {wanted}%)"
+        )
+
+
 def table(rows: list[Row]) -> str:
     lines = [
         "| mode | fault | injected | outcome | promoted only with evidence | record | router at end | why (status) |",
@@ -943,7 +957,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=[], help="rows whose name contains this")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--table", type=Path, help="only print the table of a rows.json")
     args = parser.parse_args(argv)
+    if args.table:
+        loaded = [Row(**r) for r in json.loads(args.table.read_text())]
+        for row in loaded:
+            check_end(row)
+        print(table(loaded))
+        return 0
     if os.geteuid() != 0 and args.mode != "kubernetes":
         print("the disk rows mount a tmpfs: run as root", file=sys.stderr)
     base = args.workdir or Path(tempfile.mkdtemp(prefix="faults-"))
@@ -956,6 +977,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode in ("kubernetes", "both"):
         (base / "kube").mkdir(exist_ok=True)
         rows += asyncio.run(kube_table(args, base / "kube"))
+    for row in rows:
+        check_end(row)
     print(f"\nwall {time.monotonic() - started:.0f} s\n")
     print(table(rows), flush=True)
     (base / "rows.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
