@@ -1,0 +1,76 @@
+"""A saved status must never name a record that holds no start entry yet.
+
+Found by benchmarks/kill_campaign.py --mode kubernetes (run 9 of seed 11): a controller
+SIGKILLed just after a new rollout's first status save left the status annotation naming a
+record ConfigMap that was never created, because the runner (canary/runner/runner.py,
+`_run`: `_write(start entry)` then `_feed(NewRevision)`, whose write-ahead `_save` comes
+before `_flush_record`) saves the status before a batching record sink has stored the start
+entry. The restarted controller could not read the record (404: "analysis restarts from
+Prometheus"), and every later write of it failed ("a record to store must begin with its
+start entry"): the whole rollout went unrecorded.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from test_runner import make_runner
+
+from canary.core.records import Entry, StartEntry
+from canary.runner import Controller
+from canary.runner.seams import SavedRollout
+
+
+class BatchedRecord:
+    """A RecordSink that stores entries only on flush, like the record ConfigMap."""
+
+    def __init__(self, stored: list[Entry]) -> None:
+        self.pending: list[Entry] = []
+        self.stored = stored
+
+    ref = "ns/record"
+    label = "configmap ns/record"
+
+    async def append(self, entry: Entry) -> None:
+        self.pending.append(entry)
+
+    async def flush(self, *, force: bool = False) -> bool:
+        wrote = bool(self.pending)
+        self.stored.extend(self.pending)
+        self.pending.clear()
+        return wrote
+
+    async def read(self) -> list[Entry]:
+        return list(self.stored)
+
+
+class WatchingStore:
+    """A StateStore noting, at each save, whether the named record holds its start entry."""
+
+    def __init__(self, stored: list[Entry]) -> None:
+        self.stored = stored
+        self.saves: list[tuple[str, bool]] = []
+
+    async def acquire(self) -> None: ...
+
+    async def release(self) -> None: ...
+
+    async def load(self) -> SavedRollout | None:
+        return None
+
+    async def save(self, saved: SavedRollout) -> None:
+        has_start = any(isinstance(e, StartEntry) for e in self.stored)
+        self.saves.append((saved.status.stage, has_start))
+
+
+async def test_every_saved_status_names_a_record_with_its_start(tmp_path: Path) -> None:
+    """From the first save on, a SIGKILL at any save leaves a record a restart can read."""
+    runner, _, _ = make_runner(tmp_path)
+    stored: list[Entry] = []
+    runner.records = lambda rollout_id, *, ref=None: BatchedRecord(stored)
+    store = WatchingStore(stored)
+    runner.store = store
+    await Controller([runner]).run()
+    assert store.saves
+    unstarted = [stage for stage, has_start in store.saves if not has_start]
+    assert not unstarted, f"statuses saved before the record held its start: {unstarted}"
