@@ -452,6 +452,8 @@ class CrossClusterRollouts:
             message = f"saved rollout state {path} unreadable ({exc}): {revision} starts anew"
             await self._note("warning", message)
             await self._event("Warning", "ResumeFailed", message)
+        if saved is not None and saved.status.done:
+            saved = None  # over: the supervisor only starts rollouts that are due
         store.resume = saved is not None and saved.status.revision == revision
         if saved is not None and not store.resume:
             await self._note(

@@ -247,6 +247,7 @@ class RolloutRunner:
         self._resumable: SavedRollout | None = None
         self._resumed_entries: list[Entry] = []
         self._resumed_record: RecordSink | None = None
+        self._finished: SavedRollout | None = None  # this revision's rollout, already over
 
     # ---- public -------------------------------------------------------------------------
 
@@ -313,6 +314,12 @@ class RolloutRunner:
             await self.store.acquire()
             try:
                 self._resumable = await self.store.load()
+                if self._resumable is not None and self._resumable.status.done:
+                    # Over: the same revision is not rolled out again (a restart after the
+                    # end, or `canary run` again); another revision starts a new rollout.
+                    if self._resumable.status.revision == self._wanted_revision():
+                        self._finished = self._resumable
+                    self._resumable = None
                 if self._resumable is not None:
                     self._resumed_entries = await self._read_saved_record(self._resumable)
             except (OSError, ValueError, KeyError, TypeError, ResumeError) as exc:
@@ -347,17 +354,32 @@ class RolloutRunner:
             if self.store is not None:
                 await self.store.release()
 
+    def _wanted_revision(self) -> str:
+        return self.revision or self.canary_version
+
     async def _run(self) -> RolloutStatus:
+        if self._finished is not None:
+            self.status = self._finished.status
+            self._rollout_id = self._finished.rollout_id
+            log.info(
+                "%s: %s already ended (%s): nothing to do; --fresh rolls it out again",
+                self.name,
+                self._rollout_id,
+                self.status.outcome,
+            )
+            return self.status
         self._started_at = self.clock()
         try:
             if not await self._resume():
                 revision = (
-                    self.revision
-                    or self.canary_version
+                    self._wanted_revision()
                     or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
                 )
                 self._open_record(revision)
                 await self._write(self._start_entry(self.config.get("reason")))
+                # Stored before any status names this record: a kill right after the first
+                # save must leave a record that a restart can read and carry on.
+                await self._flush_record(force=True)
                 await self._feed(NewRevision(revision, "rollout started"))
             await self._save(force=True)
             await self._flush_record(force=True)
@@ -688,6 +710,7 @@ class RolloutRunner:
         self.canary_version = revision
         await self._write(self._start_entry(reason))
         await self._note("info", f"this rollout {reason}; the analysis starts over")
+        await self._flush_record(force=True)  # before a status names the new record
         await self._announce("Normal", "Superseded", reason)
         await self._feed(NewRevision(revision, reason))
 
@@ -737,6 +760,13 @@ class RolloutRunner:
             self.record_path = self.record.path  # the resumed rollout's file
         self._started_at = saved.started_at or self.status.started_at or self._started_at
         entries = self._resumed_entries
+        if not any(isinstance(e, StartEntry) and e.rollout == saved.rollout_id for e in entries):
+            # The record was lost (a ConfigMap deleted, or never stored): start it again here,
+            # so what follows is recorded; the evidence before is gone with it.
+            await self._write(self._start_entry("record lost: restarted on resume"))
+            await self._note(
+                "warning", f"the record {self.record.label} was lost; it starts again here"
+            )
         replayed = self._replay_record(entries)
         status = self.status
         by = f" by {self.identity}" if self.identity else ""

@@ -85,8 +85,9 @@ class StateStore(Protocol):
     async def release(self) -> None: ...
 
     async def load(self) -> SavedRollout | None:
-        """The unfinished rollout to resume, or None to start a new one. Raises ValueError
-        (or OSError) when a saved state exists but cannot be read."""
+        """The last rollout saved (unfinished: to resume; finished: not to run its revision
+        again), or None. Raises ValueError (or OSError) when a saved state exists but cannot
+        be read."""
 
     async def save(self, saved: SavedRollout) -> None:
         """Persist `saved`; raise on failure (the runner counts it and carries on)."""

@@ -509,19 +509,36 @@ async def test_restarted_runner_resumes_the_same_step_and_record(tmp_path: Path)
     assert moves == [5, 10, 25, 50, 100, 100]  # every step once, across both runs
 
 
-async def test_finished_or_refused_saved_status_starts_a_new_rollout(tmp_path: Path) -> None:
-    """A saved rollout that ended, or resume_saved=False, gives a new rollout with its own record."""
+async def test_a_finished_rollout_is_not_run_again_but_a_new_revision_is(tmp_path: Path) -> None:
+    """A saved rollout that ended is not rolled out again for the same revision (a restart
+    after the end, or the same `canary run` again: before, the promoted canary went back to
+    the first step); another revision, or resume_saved=False, gives a new rollout with its
+    own record."""
     first, router, _ = make_runner(tmp_path)
     first.status_path = tmp_path / "app.status.json"
     await Controller([first]).run()
     assert first.status.phase is Phase.SUCCEEDED
-    router.weight = 0
     router.sets.clear()
-    second = _again(first, record_path=tmp_path / "next.jsonl")
-    second.spec = SPEC.model_copy(update={"steps": (5,)})
-    await Controller([second]).run()
-    assert second.record_path == tmp_path / "next.jsonl" and router.sets[0] == 5
-    assert isinstance(read_record(second.record_path)[0], StartEntry)
+
+    again = _again(first, record_path=tmp_path / "again.jsonl")
+    statuses = await Controller([again]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED and router.sets == []
+    assert not (tmp_path / "again.jsonl").exists()
+
+    router.weight = 0
+    newer = _again(first, record_path=tmp_path / "next.jsonl")
+    newer.canary_version = "v3"
+    newer.spec = SPEC.model_copy(update={"steps": (5,)})
+    await Controller([newer]).run()
+    assert newer.record_path == tmp_path / "next.jsonl" and router.sets[0] == 5
+    assert isinstance(read_record(newer.record_path)[0], StartEntry)
+
+    router.sets.clear()
+    fresh = _again(first, record_path=tmp_path / "fresh.jsonl", resume_saved=False)
+    fresh.canary_version = "v3"
+    fresh.spec = SPEC.model_copy(update={"steps": (5,)})
+    await Controller([fresh]).run()
+    assert router.sets[0] == 5 and (tmp_path / "fresh.jsonl").exists()
 
 
 async def test_fresh_start_ignores_an_unfinished_saved_rollout(tmp_path: Path) -> None:

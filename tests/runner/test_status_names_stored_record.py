@@ -74,3 +74,33 @@ async def test_every_saved_status_names_a_record_with_its_start(tmp_path: Path) 
     assert store.saves
     unstarted = [stage for stage, has_start in store.saves if not has_start]
     assert not unstarted, f"statuses saved before the record held its start: {unstarted}"
+
+
+async def test_a_resumed_rollout_whose_record_was_lost_records_again(tmp_path: Path) -> None:
+    """A saved, unfinished rollout whose record is gone (a deleted ConfigMap reads as
+    nothing) starts the record again with a start entry and says so, instead of failing
+    every later write: the rest of the rollout is recorded."""
+    first, _, _ = make_runner(tmp_path)
+    stored: list[Entry] = []
+    saved: list[SavedRollout] = []
+
+    class Keeping(WatchingStore):
+        async def save(self, state: SavedRollout) -> None:
+            saved.append(state)
+
+        async def load(self) -> SavedRollout | None:
+            return next((s for s in reversed(saved) if s.status.step == 1), None)
+
+    first.records = lambda rollout_id, *, ref=None: BatchedRecord(stored)
+    first.store = Keeping(stored)
+    await Controller([first]).run()
+
+    lost: list[Entry] = []
+    second, _, _ = make_runner(tmp_path)
+    second.records = lambda rollout_id, *, ref=None: BatchedRecord(lost)
+    second.store = Keeping(lost)
+    await Controller([second]).run()
+    assert isinstance(lost[0], StartEntry) and lost[0].rollout == saved[-1].rollout_id
+    notes = [e.message for e in lost if e.kind == "note"]  # type: ignore[union-attr]
+    assert any("was lost; it starts again here" in n for n in notes), notes
+    assert lost[-1].kind == "end"
