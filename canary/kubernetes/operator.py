@@ -98,6 +98,7 @@ from canary.runner import (
     NotActing,
     RolloutRunner,
     SavedRollout,
+    StateWriteError,
     Telemetry,
     UnknownRollout,
 )
@@ -257,7 +258,10 @@ class AnnotationStore:
         return self.resume
 
     async def save(self, saved: SavedRollout) -> None:
-        await self.worker.persist()
+        try:
+            await self.worker.persist()
+        except KubeError as exc:  # conflicts that would not settle, an API that stays away
+            raise StateWriteError(f"the status annotation of {self.worker.name}: {exc}") from exc
 
 
 # ---- one Deployment ---------------------------------------------------------------------

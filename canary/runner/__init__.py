@@ -28,6 +28,7 @@ from canary.runner.seams import (
     SavedRollout,
     StateLocked,
     StateStore,
+    StateWriteError,
     TrafficRouter,
     Workload,
 )
@@ -53,6 +54,7 @@ __all__ = [
     "SavedRollout",
     "StateLocked",
     "StateStore",
+    "StateWriteError",
     "Telemetry",
     "TickReport",
     "TrafficRouter",

@@ -89,6 +89,7 @@ from canary.runner.seams import (
     ResumeError,
     SavedRollout,
     StateStore,
+    StateWriteError,
     Workload,
 )
 from canary.runner.telemetry import Telemetry
@@ -734,7 +735,7 @@ class RolloutRunner:
             return True
         try:
             await self.store.save(self._saved())
-        except (OSError, RecordWriteError) as exc:
+        except (OSError, StateWriteError) as exc:
             if not self.status_error:
                 log.error("%s: cannot save the status, holding: %s", self.name, exc)
             self.status_error = f"cannot save the status to {self.store}: {exc}"

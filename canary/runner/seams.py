@@ -39,6 +39,7 @@ __all__ = [
     "SavedRollout",
     "StateLocked",
     "StateStore",
+    "StateWriteError",
     "TrafficRouter",
     "Workload",
 ]
@@ -56,6 +57,11 @@ class StateLocked(Exception):
 class ResumeError(Exception):
     """A saved, unfinished rollout exists but cannot be read back: refuse to start rather
     than begin a new rollout silently (`canary run --fresh` starts a new one on purpose)."""
+
+
+class StateWriteError(Exception):
+    """A status could not be saved (an API conflict that would not settle, a full disk): the
+    runner holds and tries again at the next look."""
 
 
 class RecordWriteError(Exception):
@@ -90,7 +96,8 @@ class StateStore(Protocol):
         be read."""
 
     async def save(self, saved: SavedRollout) -> None:
-        """Persist `saved`; raise on failure (the runner counts it and carries on)."""
+        """Persist `saved`; raise StateWriteError (or OSError) on failure: the runner then
+        carries out nothing of that change and holds."""
 
 
 class RecordSink(Protocol):
