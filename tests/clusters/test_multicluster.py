@@ -336,13 +336,13 @@ async def test_a_restarted_controller_resumes_the_cross_cluster_rollout(
             apis[1].put("apps", "v1", "deployments", deployment("shop:2", annotated=True))
 
             async def looking_at_50() -> bool:
+                # At 50% for at least min_step_s (3 s) before any pass: polled every 0.1 s.
                 runner = rollouts.runner
                 return (
                     runner is not None
                     and runner.status.weight == 50
                     and runner.status.weight_verified
-                    and runner.last_tick is not None
-                    and runner.last_tick.canary is not None
+                    and runner.status.phase.value == "Progressing"
                 )
 
             await wait_for(looking_at_50, 120, "the rollout looking at 50%")
