@@ -31,7 +31,7 @@ __all__ = ["AnalysisConfig", "MetricConfig"]
 class MetricConfig(BaseModel):
     """Tolerances of one metric. Rates are per request (errors) or per sample (slow requests)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     # Pass when canary/primary < 1 + tolerance (anytime-valid bound).
     tolerance: float = Field(default=0.5, gt=0.0, le=100.0)
@@ -65,7 +65,7 @@ def _default_latency() -> MetricConfig:
 class AnalysisConfig(BaseModel):
     """Everything the Analyzer needs; the defaults are the production settings."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     # False-rollback bound of the whole analysis.
     alpha: float = Field(default=0.01, gt=0.0, lt=0.5)
