@@ -287,7 +287,10 @@ def load_yaml(
     Returns None for an empty document. Raises InputError naming `source` (and the line)."""
     if "\x00" in text:
         raise InputError(f"{source}: a binary file, not text (a NUL character)")
-    loader = _BoundedLoader(text)
+    try:
+        loader = _BoundedLoader(text)  # the reader refuses control characters here
+    except yaml.YAMLError as exc:
+        raise InputError(f"{source}: not valid YAML: {clip(str(exc))}") from None
     loader.max_depth = max_depth
     try:
         node = loader.get_single_node()
