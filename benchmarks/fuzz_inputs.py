@@ -297,7 +297,8 @@ def mutated_documents(
         snippet = draw(st.sampled_from(HOSTILE_SNIPPETS))
         # replace one value (after a ': ') or append the snippet
         colons = [m.end() for m in re.finditer(rb": ", data)]
-        if colons and draw(st.booleans()):
+        replace: bool = draw(st.booleans())
+        if colons and replace:
             start = draw(st.sampled_from(colons))
             end = data.find(b"\n", start)
             data[start : end if end >= 0 else len(data)] = snippet
@@ -481,10 +482,10 @@ def annotation_sets(draw: st.DrawFn) -> tuple[dict[str, Any], bool]:
         PREFIX + "ingress": "web",
     }
     if draw(st.integers(0, 4)) == 0:
-        key, value = draw(st.sampled_from(ANNOTATION_BAD))
+        key, bad = draw(st.sampled_from(ANNOTATION_BAD))
         if key == PREFIX + "httproute":  # would clash with the base's ingress, fine but noisy
             key = PREFIX + "ingress"
-        return {**base, key: value}, True
+        return {**base, key: bad}, True
     if draw(st.booleans()):
         base = {}
     for _ in range(draw(st.integers(0, 8))):

@@ -274,7 +274,7 @@ def test_deadlines_must_be_finite_and_at_most_a_week(
     with pytest.raises(ConfigError, match=rf"services\[0\]\.{key}: "):
         load_topology(topology)
     with pytest.raises(ValueError, match=key):
-        RolloutSpec(**{key: value})
+        RolloutSpec.model_validate({key: value})
 
 
 @pytest.mark.parametrize(
