@@ -276,6 +276,36 @@ def _check_expansion(root: Node, *, max_nodes: int, max_depth: int) -> str | Non
     return None
 
 
+# libyaml (PyYAML's C parser) when it is there: parsing is then 5-10x faster. Its composer
+# recurses in C without Python's recursion limit, so the depth is checked on its events first.
+_CLoader: Any = getattr(yaml, "CSafeLoader", None)
+
+
+def _check_depth(text: str, max_depth: int) -> None:
+    """Raise a ComposerError when collections nest more than `max_depth` deep (libyaml's
+    events only: nothing is built)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_CLoader):
+        if isinstance(event, yaml.MappingStartEvent | yaml.SequenceStartEvent):
+            depth += 1
+            if depth > max_depth:
+                mark: Any = event.start_mark  # libyaml's Mark: the same line and column
+                raise yaml.composer.ComposerError(
+                    None, None, f"nested more than {max_depth} levels deep", mark
+                )
+        elif isinstance(event, yaml.MappingEndEvent | yaml.SequenceEndEvent):
+            depth -= 1
+
+
+def _where(exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
+
+
+def _problem(exc: yaml.YAMLError) -> str:
+    return clip(str(getattr(exc, "problem", None) or exc))
+
+
 def load_yaml(
     text: str,
     *,
@@ -288,10 +318,14 @@ def load_yaml(
     if "\x00" in text:
         raise InputError(f"{source}: a binary file, not text (a NUL character)")
     try:
-        loader = _BoundedLoader(text)  # the reader refuses control characters here
+        if _CLoader is not None:
+            _check_depth(text, max_depth)  # before libyaml's composer, which recurses in C
+            loader: Any = _CLoader(text)
+        else:
+            loader = _BoundedLoader(text)  # the reader refuses control characters here
+            loader.max_depth = max_depth
     except yaml.YAMLError as exc:
-        raise InputError(f"{source}: not valid YAML: {clip(str(exc))}") from None
-    loader.max_depth = max_depth
+        raise InputError(f"{source}: not valid YAML{_where(exc)}: {_problem(exc)}") from None
     try:
         node = loader.get_single_node()
         if node is None:
@@ -301,10 +335,7 @@ def load_yaml(
             raise InputError(f"{source}: refused: {problem}")
         return loader.construct_document(node)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise InputError(f"{source}: not valid YAML{where}: {clip(str(problem))}") from None
+        raise InputError(f"{source}: not valid YAML{_where(exc)}: {_problem(exc)}") from None
     except (ValueError, TypeError, OverflowError, RecursionError) as exc:
         if isinstance(exc, InputError):
             raise

@@ -412,3 +412,28 @@ def test_odd_record_configmaps_are_record_errors(data: dict[str, Any]) -> None:
     """A ConfigMap value that is not text, not UTF-8 or cut short is a RecordError."""
     with pytest.raises(RecordError):
         unpack_record({"metadata": {"name": "cm"}, "data": data})
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (BOMB, "aliases are expanded"),
+        ("steps: " + "[" * 10_000, "nested more than 32 levels deep"),
+        ("steps:\n  " + "- " * 10_000 + "x\n", "nested more than 32 levels deep"),
+        ("steps: &a [1, *a]\n", "an alias refers to a node that contains it"),
+        ("name: a\x02b\n", "not valid YAML"),
+    ],
+)
+def test_without_libyaml_the_same_bounds_hold(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, text: str, expected: str
+) -> None:
+    """Where PyYAML has no libyaml, the pure-Python loader refuses the same inputs."""
+    import canary.core.inputs
+
+    monkeypatch.setattr(canary.core.inputs, "_CLoader", None)
+    path = tmp_path / "rollout.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=expected):
+        load_config(path)
+    path.write_text(config_text())
+    assert load_config(path).name == "checkout"
