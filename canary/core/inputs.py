@@ -303,7 +303,7 @@ def _where(exc: yaml.YAMLError) -> str:
 
 
 def _problem(exc: yaml.YAMLError) -> str:
-    return clip(str(getattr(exc, "problem", None) or exc))
+    return clip(" ".join(str(getattr(exc, "problem", None) or exc).split()))
 
 
 def load_yaml(
