@@ -158,6 +158,9 @@ def parse_lines(lines: Iterable[str], *, source: str = "record") -> Iterator[Ent
             continue
         if pending is not None:
             raise RecordError(f"{source}:{pending[0]}: {pending[2]}")
+        if isinstance(line, _Undecodable):  # bad unless it is the (torn) last line
+            pending = (number, line, RecordError(line.problem))
+            continue
         if len(line) > MAX_RECORD_LINE_BYTES:
             raise RecordError(
                 f"{source}:{number}: a line of {len(line)} characters; entries are at most "
@@ -205,6 +208,13 @@ def read_record(path: Path) -> list[Entry]:
     return entries
 
 
+class _Undecodable(str):
+    """A line that is not UTF-8 text: an error in the middle of a record, a torn write (a
+    character cut in half) at its end."""
+
+    problem: str
+
+
 def _text_lines(handle: BinaryIO, *, source: str) -> Iterator[str]:
     """Lines of a binary file as text, each read at most MAX_RECORD_LINE_BYTES at a time."""
     number = 0
@@ -217,4 +227,6 @@ def _text_lines(handle: BinaryIO, *, source: str) -> Iterator[str]:
         try:
             yield decode_text(line, source=f"{source}:{number}")
         except InputError as exc:
-            raise RecordError(str(exc)) from None
+            undecodable = _Undecodable("?")
+            undecodable.problem = str(exc).removeprefix(f"{source}:{number}: ")
+            yield undecodable

@@ -437,3 +437,12 @@ def test_without_libyaml_the_same_bounds_hold(
         load_config(path)
     path.write_text(config_text())
     assert load_config(path).name == "checkout"
+
+
+def test_a_torn_multibyte_character_at_the_end_is_a_torn_line(tmp_path: Path) -> None:
+    """A record whose last line stops in the middle of a UTF-8 character (a crash mid-write)
+    is read up to its last whole line, as any other torn last line."""
+    path = tmp_path / "record.jsonl"
+    note = '{"schema":1,"kind":"note","at":2.0,"rollout":"demo/app@1","message":"café"}'
+    path.write_bytes((_start_line() + "\n").encode() + note.encode()[:-3])  # ends in 0xc3
+    assert [entry.kind for entry in read_record(path)] == ["start"]
