@@ -611,7 +611,6 @@ def _base_record() -> list[str]:
 
 
 RECORD_LINES = _base_record()
-_RECORD_PATHS = [[p for p in _paths(json.loads(line)) if p] for line in RECORD_LINES]
 
 
 def _gzip_bomb(unpacked_mib: int) -> str:
@@ -648,7 +647,8 @@ def record_texts(draw: st.DrawFn) -> tuple[bytes, bool]:
         for _ in range(draw(st.integers(1, 3))):
             index = draw(st.integers(0, len(lines) - 1))
             data = json.loads(lines[index])
-            path = draw(st.sampled_from(_RECORD_PATHS[index]))
+            # paths of the line as it is now: an earlier mutation may have replaced a subtree
+            path = draw(st.sampled_from([p for p in _paths(data) if p] or [("kind",)]))
             _set(data, path, draw(HOSTILE_VALUES))
             lines[index] = json.dumps(data, default=str).encode("utf-8", "surrogatepass")
     elif mode == "lines":
@@ -794,6 +794,10 @@ def _run_job(name: str, examples: int, measure: bool) -> Tally:
     return run_target(name, examples, measure=measure)
 
 
+def _run_job_args(job: tuple[str, int, bool]) -> Tally:
+    return _run_job(*job)
+
+
 def render(tallies: list[Tally], *, command: str, peak_rss: int) -> str:
     rows = [
         "| target | inputs | refused (documented error) | accepted | of which must-fail | "
@@ -847,13 +851,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--jobs", type=int, default=1, help="targets fuzzed in parallel")
     options = parser.parse_args(argv)
     jobs = [(name, options.examples, not options.no_tracemalloc) for name in options.targets]
-    if options.jobs > 1:
-        with multiprocessing.get_context("spawn").Pool(options.jobs) as pool:
-            results = pool.starmap(_run_job, jobs)
+    jobs.sort(key=lambda job: ("records", "topologies", "configs", "annotations").index(job[0]))
+    if options.jobs > 1:  # each target's figures are printed as soon as it is done
+        pool = multiprocessing.get_context("spawn").Pool(options.jobs)
+        results: Iterator[Tally] = pool.imap_unordered(_run_job_args, jobs)
     else:
-        results = [_run_job(*job) for job in jobs]
-    tallies = []
+        results = (_run_job(*job) for job in jobs)
+    done: dict[str, Tally] = {}
     for tally in results:
+        done[tally.name] = tally
         print(
             f"{tally.name}: {tally.tried} inputs, {tally.refused} refused, "
             f"{len(tally.tracebacks)} tracebacks, {len(tally.bad_accepted)} bad accepted, "
@@ -862,7 +868,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for line in (tally.tracebacks + tally.bad_accepted)[:5]:
             print("   ", line, file=sys.stderr)
-        tallies.append(tally)
+    tallies = sorted(done.values(), key=lambda t: TARGETS.index(t.name.split()[0]))
     peak_rss = 1024 * max(
         resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
         resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss,
