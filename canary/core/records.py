@@ -173,9 +173,15 @@ def parse_lines(lines: Iterable[str], *, source: str = "record") -> Iterator[Ent
             continue
         _check_version(data, where=f"{source}:{number}")
         try:
-            yield _ENTRY.validate_python(data)
+            entry = _ENTRY.validate_python(data)
         except ValidationError as exc:
             pending = (number, line, _short(exc))
+            continue
+        except (ValueError, TypeError, OverflowError) as exc:  # a validator's own error
+            # (e.g. ArmCounts given a 400-digit integer: OverflowError, found by fuzzing)
+            pending = (number, line, RecordError(f"{type(exc).__name__}: {excerpt(str(exc))}"))
+            continue
+        yield entry
     # a bad *last* line is a torn write; the entries before it stand
 
 

@@ -446,3 +446,25 @@ def test_a_torn_multibyte_character_at_the_end_is_a_torn_line(tmp_path: Path) ->
     note = '{"schema":1,"kind":"note","at":2.0,"rollout":"demo/app@1","message":"café"}'
     path.write_bytes((_start_line() + "\n").encode() + note.encode()[:-3])  # ends in 0xc3
     assert [entry.kind for entry in read_record(path)] == ["start"]
+
+
+def test_a_count_too_large_for_a_float_is_a_bad_line(tmp_path: Path) -> None:
+    """A tick whose count has 400 digits (an OverflowError inside the counts' validator,
+    found by fuzzing) is a RecordError naming the line, not a traceback."""
+    tick = {
+        "schema": 1,
+        "kind": "tick",
+        "at": 2.0,
+        "rollout": "demo/app@1",
+        "elapsed_s": 1.0,
+        "phase": "Progressing",
+        "step": 0,
+        "weight_set": 10,
+        "weight_read": 10,
+        "primary": {"requests": 10**400, "errors": 0, "latency_buckets": {}},
+        "canary": None,
+    }
+    path = tmp_path / "record.jsonl"
+    path.write_text(_start_line() + "\n" + json.dumps(tick) + "\n" + _start_line() + "\n")
+    with pytest.raises(RecordError, match=rf"{path}:2: OverflowError"):
+        read_record(path)
