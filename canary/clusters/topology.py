@@ -420,6 +420,8 @@ def parse_topology(data: object, *, source: str = "topology", base: Path | None 
         for tag in ("powerdns", "external-dns", "haproxy"):
             message = message.replace(f"router.{tag}.", "router.")
         raise ConfigError(message) from None
+    except (TypeError, OverflowError) as exc:  # a validator's own error, not pydantic's
+        raise ConfigError(f"{source}: {type(exc).__name__}: {str(exc)[:200]}") from None
     return topology.resolved(base) if base is not None else topology
 
 

@@ -273,6 +273,8 @@ def parse_config(data: object, *, source: str = "config", base: Path | None = No
         config = TargetConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source=source)) from None
+    except (TypeError, OverflowError) as exc:  # a validator's own error, not pydantic's
+        raise ConfigError(f"{source}: {type(exc).__name__}: {clip(str(exc))}") from None
     return config.resolved(base) if base is not None else config
 
 

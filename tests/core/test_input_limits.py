@@ -468,3 +468,12 @@ def test_a_count_too_large_for_a_float_is_a_bad_line(tmp_path: Path) -> None:
     path.write_text(_start_line() + "\n" + json.dumps(tick) + "\n" + _start_line() + "\n")
     with pytest.raises(RecordError, match=rf"{path}:2: OverflowError"):
         read_record(path)
+
+
+def test_a_quantile_too_large_for_a_float_is_a_config_error() -> None:
+    """A 4000-digit integer among the quantiles (an OverflowError before, found by fuzzing)
+    is a ConfigError naming the key."""
+    data = yaml.safe_load(config_text())
+    data["analysis"]["quantiles"] = [10**4000]
+    with pytest.raises(ConfigError, match=r"analysis\.quantiles"):
+        parse_config(data, source="rollout.yaml")
