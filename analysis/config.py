@@ -21,8 +21,6 @@ first decides.
 
 from __future__ import annotations
 
-import math
-
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["AnalysisConfig", "MetricConfig"]
@@ -31,7 +29,7 @@ __all__ = ["AnalysisConfig", "MetricConfig"]
 class MetricConfig(BaseModel):
     """Tolerances of one metric. Rates are per request (errors) or per sample (slow requests)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     # Pass when canary/primary < 1 + tolerance (anytime-valid bound).
     tolerance: float = Field(default=0.5, gt=0.0, le=100.0)
@@ -65,7 +63,7 @@ def _default_latency() -> MetricConfig:
 class AnalysisConfig(BaseModel):
     """Everything the Analyzer needs; the defaults are the production settings."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     # False-rollback bound of the whole analysis.
     alpha: float = Field(default=0.01, gt=0.0, lt=0.5)
@@ -96,7 +94,7 @@ class AnalysisConfig(BaseModel):
         for q in value:
             if isinstance(q, bool) or not isinstance(q, int | float):
                 raise ValueError(f"quantiles: {q!r} is not a number")
-            if math.isnan(q) or not 0.0 < q < 1.0:
+            if not 0.0 < q < 1.0:  # NaN fails too; no float() of a huge int
                 raise ValueError(f"quantiles: {q!r} is not in (0, 1)")
             out.append(float(q))
         if len(set(out)) != len(out):

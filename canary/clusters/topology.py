@@ -27,6 +27,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from canary.core.failover import FailoverPolicy
+from canary.core.inputs import MAX_DURATION_S, MAX_TIMEOUT_S, check_tick, excerpt
 from canary.core.rollout import RolloutSpec
 from canary.notify.webhooks import WebhookConfig
 from canary.static.config import ConfigError, format_validation_error, parse_steps, read_yaml_file
@@ -53,19 +54,22 @@ _QUOTED = re.compile(r'"(?:[^"\\]|\\.)*"')
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: `.inf` and `.nan` are YAML floats, and never a sane setting
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 def _matchers(value: str) -> str:
     """Label matchers only (`job="shop",cluster="eu-1"`): no braces, functions or ranges."""
     if any(c in _QUOTED.sub('""', value) for c in "{}[]()"):
-        raise ValueError(f"must be label matchers only, like 'cluster=\"eu-1\"', got {value!r}")
+        raise ValueError(
+            f"must be label matchers only, like 'cluster=\"eu-1\"', got {excerpt(value)}"
+        )
     return value.strip().strip(",")
 
 
 def _http_url(value: str) -> str:
     if not value.startswith(("http://", "https://")):
-        raise ValueError(f"must start with http:// or https://, got {value!r}")
+        raise ValueError(f"must start with http:// or https://, got {excerpt(value)}")
     return value.rstrip("/")
 
 
@@ -73,7 +77,7 @@ def _dns_label(value: str) -> str:
     if not _NAME.match(value):
         raise ValueError(
             f"must be 1-63 lowercase letters, digits or '-', starting and ending with a "
-            f"letter or digit, got {value!r}"
+            f"letter or digit, got {excerpt(value)}"
         )
     return value
 
@@ -83,7 +87,7 @@ class ClusterPrometheus(_Strict):
 
     url: str
     selector: str = ""  # e.g. cluster="eu-1" in a shared Prometheus
-    timeout_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0, le=MAX_TIMEOUT_S)
 
     @field_validator("url")
     @classmethod
@@ -115,7 +119,9 @@ class ClusterConfig(_Strict):
             ipaddress.ip_address(value)
         except ValueError:
             if not _DNS_NAME.match(value):
-                raise ValueError(f"must be an IP address or a DNS name, got {value!r}") from None
+                raise ValueError(
+                    f"must be an IP address or a DNS name, got {excerpt(value)}"
+                ) from None
         return value
 
 
@@ -164,7 +170,7 @@ class PowerDNSRouterConfig(_Strict):
     @classmethod
     def _env_name(cls, value: str) -> str:
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*$", value):
-            raise ValueError(f"must be an environment variable name, got {value!r}")
+            raise ValueError(f"must be an environment variable name, got {excerpt(value)}")
         return value
 
     def api_key(self) -> str:
@@ -229,8 +235,8 @@ class HealthConfig(_Strict):
     path: str = "/healthz"
     port: int = Field(default=80, ge=1, le=65535)
     scheme: Literal["http", "https"] = "http"
-    timeout_s: float = Field(default=2.0, gt=0)
-    interval_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=2.0, gt=0, le=MAX_TIMEOUT_S)
+    interval_s: float = Field(default=5.0, gt=0, le=MAX_TIMEOUT_S)
     # Above this 5xx ratio (over the last minute, from the cluster's Prometheus) the cluster
     # is unhealthy; None: no error-ratio check.
     error_ratio_threshold: float | None = Field(default=None, gt=0, le=1)
@@ -241,7 +247,7 @@ class HealthConfig(_Strict):
     @classmethod
     def _path(cls, value: str) -> str:
         if not value.startswith("/"):
-            raise ValueError(f"must start with '/', got {value!r}")
+            raise ValueError(f"must start with '/', got {excerpt(value)}")
         return value
 
 
@@ -257,7 +263,7 @@ class MetricsConfig(_Strict):
     @classmethod
     def _metric(cls, value: str | None) -> str | None:
         if value is not None and not _METRIC.match(value):
-            raise ValueError(f"must be a metric name, got {value!r}")
+            raise ValueError(f"must be a metric name, got {excerpt(value)}")
         return value
 
     @field_validator("selector", "errors_matcher")
@@ -279,11 +285,13 @@ class ServiceConfig(_Strict):
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
     # Above the steady share: the canary cluster already serves 10% between rollouts.
     steps: tuple[int, ...] = TWO_CLUSTER_STEPS
-    min_step_s: float = Field(default=60.0, ge=0)
-    max_step_s: float | None = Field(default=900.0, gt=0)
-    no_data_deadline_s: float = Field(default=120.0, gt=0)
+    # Finite and at most a week (`max_step_s: null` waits forever); ticks 0.05 s .. 1 h.
+    min_step_s: float = Field(default=60.0, ge=0, le=MAX_DURATION_S)
+    max_step_s: float | None = Field(default=900.0, gt=0, le=MAX_DURATION_S)
+    no_data_deadline_s: float = Field(default=120.0, gt=0, le=MAX_DURATION_S)
     tick_s: float = Field(default=10.0, gt=0)
-    rollout_timeout_s: float = Field(default=600.0, gt=0)  # for the primary's Deployment
+    # for the primary's Deployment
+    rollout_timeout_s: float = Field(default=600.0, gt=0, le=MAX_DURATION_S)
     analysis: dict[str, Any] = Field(default_factory=dict)
     # Chat/incident webhooks told of promotions, rollbacks, failovers and manual actions.
     webhooks: list[WebhookConfig] = Field(default_factory=list)
@@ -297,13 +305,18 @@ class ServiceConfig(_Strict):
     @classmethod
     def _dns(cls, value: str) -> str:
         if not _DNS_NAME.match(value):
-            raise ValueError(f"must be a fully qualified DNS name, got {value!r}")
+            raise ValueError(f"must be a fully qualified DNS name, got {excerpt(value)}")
         return value.rstrip(".") + "."
 
     @field_validator("steps", mode="before")
     @classmethod
     def _steps(cls, value: object) -> tuple[int, ...]:
         return parse_steps(value)
+
+    @field_validator("tick_s")
+    @classmethod
+    def _tick(cls, value: float) -> float:
+        return check_tick(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> ServiceConfig:
@@ -355,7 +368,7 @@ class Topology(_Strict):
             for index, service in enumerate(self.services):
                 value = getattr(service, attr)
                 if value in seen:
-                    raise ValueError(f"services[{index}].{attr}: {value!r} is used twice")
+                    raise ValueError(f"services[{index}].{attr}: {excerpt(value)} is used twice")
                 seen.add(value)
         return self
 
@@ -407,6 +420,8 @@ def parse_topology(data: object, *, source: str = "topology", base: Path | None 
         for tag in ("powerdns", "external-dns", "haproxy"):
             message = message.replace(f"router.{tag}.", "router.")
         raise ConfigError(message) from None
+    except (TypeError, OverflowError) as exc:  # a validator's own error, not pydantic's
+        raise ConfigError(f"{source}: {type(exc).__name__}: {str(exc)[:200]}") from None
     return topology.resolved(base) if base is not None else topology
 
 

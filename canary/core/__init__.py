@@ -1,7 +1,7 @@
 """The pure core: the rollout and failover state machines and the record schema.
 
 Nothing here awaits or does I/O: each machine is a function from (state, event, now) to
-(new state, actions), table-tested. May import: ``analysis`` and the standard library,
-pydantic. Never: aiohttp, kubernetes_asyncio, prometheus_api_client, or any other
-``canary`` package.
+(new state, actions), table-tested. ``inputs`` is the one bounded YAML/JSON reader every
+edge uses. May import: ``analysis`` and the standard library, pydantic, PyYAML. Never:
+aiohttp, kubernetes_asyncio, prometheus_api_client, or any other ``canary`` package.
 """

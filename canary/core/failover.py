@@ -26,6 +26,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from canary.core.inputs import MAX_DURATION_S
+
 __all__ = [
     "AbortRollout",
     "FailoverCommand",
@@ -50,10 +52,10 @@ class Mode(StrEnum):
 class FailoverPolicy(BaseModel):
     """Failover settings. Defaults: fail over after 3 bad probes, fail back by hand."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     failures_to_failover: int = Field(default=3, ge=1)
-    healthy_s_to_failback: float = Field(default=300.0, ge=0)
+    healthy_s_to_failback: float = Field(default=300.0, ge=0, le=MAX_DURATION_S)
     auto_failback: bool = False
     # When the standby was running a canary at failover time: serve it at once, or first
     # revert it to the last promoted version (slower, but users get the known-good build).

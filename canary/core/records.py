@@ -12,11 +12,19 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from analysis import ArmCounts, Verdict
+from canary.core.inputs import (
+    MAX_RECORD_BYTES,
+    MAX_RECORD_LINE_BYTES,
+    InputError,
+    decode_text,
+    excerpt,
+    load_json,
+)
 
 __all__ = [
     "SCHEMA_VERSION",
@@ -127,28 +135,104 @@ def dump_entry(entry: _Entry) -> str:
     return json.dumps(entry.model_dump(mode="json", by_alias=True), separators=(",", ":"))
 
 
+def _check_version(data: object, *, where: str) -> None:
+    """A whole line written by a newer canary is refused, never half-read."""
+    if not isinstance(data, dict) or "schema" not in data:
+        return  # schema 1 entries may omit it (the default); pydantic checks the rest
+    version = data["schema"]
+    if version != SCHEMA_VERSION or isinstance(version, bool):
+        raise RecordError(
+            f"{where}: record schema version {excerpt(version, 40)} is not supported: this "
+            f"canary reads version {SCHEMA_VERSION} (a record from a newer canary needs that "
+            "canary to read it)"
+        )
+
+
 def parse_lines(lines: Iterable[str], *, source: str = "record") -> Iterator[Entry]:
     """Entries of a record. A cut-off last line is skipped (the writer may have died
-    mid-line); any other bad line raises RecordError naming the line."""
+    mid-line); any other bad line raises RecordError naming the line, and so does a whole
+    line of an unknown schema version, wherever it is."""
     pending: tuple[int, str, Exception] | None = None
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         if pending is not None:
             raise RecordError(f"{source}:{pending[0]}: {pending[2]}")
+        if isinstance(line, _Undecodable):  # bad unless it is the (torn) last line
+            pending = (number, line, RecordError(line.problem))
+            continue
+        if len(line) > MAX_RECORD_LINE_BYTES:
+            raise RecordError(
+                f"{source}:{number}: a line of {len(line)} characters; entries are at most "
+                f"{MAX_RECORD_LINE_BYTES}"
+            )
         try:
-            yield _ENTRY.validate_python(json.loads(line))
-        except (json.JSONDecodeError, ValidationError) as exc:
-            pending = (number, line, exc)
+            data = load_json(line, source=f"{source}:{number}")
+        except InputError as exc:
+            pending = (number, line, RecordError(str(exc).removeprefix(f"{source}:{number}: ")))
+            continue
+        _check_version(data, where=f"{source}:{number}")
+        try:
+            entry = _ENTRY.validate_python(data)
+        except ValidationError as exc:
+            pending = (number, line, _short(exc))
+            continue
+        except (ValueError, TypeError, OverflowError) as exc:  # a validator's own error
+            # (e.g. ArmCounts given a 400-digit integer: OverflowError, found by fuzzing)
+            pending = (number, line, RecordError(f"{type(exc).__name__}: {excerpt(str(exc))}"))
+            continue
+        yield entry
     # a bad *last* line is a torn write; the entries before it stand
+
+
+def _short(exc: ValidationError) -> Exception:
+    """The first problems of a validation error, without the input it quotes in full."""
+    problems = [
+        f"{'.'.join(str(p) for p in e['loc']) or '(entry)'}: {e['msg']}" for e in exc.errors()
+    ]
+    more = f" (and {len(problems) - 3} more)" if len(problems) > 3 else ""
+    return RecordError(excerpt("; ".join(problems[:3]), 300).strip("'") + more)
 
 
 def read_record(path: Path) -> list[Entry]:
     """All entries of a record file. Raises RecordError for a missing or empty file."""
     if not path.exists():
         raise RecordError(f"{path}: no such record")
-    with path.open(encoding="utf-8") as handle:
-        entries = list(parse_lines(handle, source=str(path)))
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    if size > MAX_RECORD_BYTES:
+        raise RecordError(f"{path}: the record is larger than {MAX_RECORD_BYTES} bytes")
+    try:
+        with path.open("rb") as handle:
+            entries = list(parse_lines(_text_lines(handle, source=str(path)), source=str(path)))
+    except OSError as exc:
+        raise RecordError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if not entries:
         raise RecordError(f"{path}: the record is empty")
     return entries
+
+
+class _Undecodable(str):
+    """A line that is not UTF-8 text: an error in the middle of a record, a torn write (a
+    character cut in half) at its end."""
+
+    problem: str
+
+
+def _text_lines(handle: BinaryIO, *, source: str) -> Iterator[str]:
+    """Lines of a binary file as text, each read at most MAX_RECORD_LINE_BYTES at a time."""
+    number = 0
+    while line := handle.readline(MAX_RECORD_LINE_BYTES + 1):
+        number += 1
+        if len(line) > MAX_RECORD_LINE_BYTES:
+            raise RecordError(
+                f"{source}:{number}: a line longer than {MAX_RECORD_LINE_BYTES} bytes"
+            )
+        try:
+            yield decode_text(line, source=f"{source}:{number}")
+        except InputError as exc:
+            undecodable = _Undecodable("?")
+            undecodable.problem = str(exc).removeprefix(f"{source}:{number}: ")
+            yield undecodable

@@ -47,6 +47,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from analysis import Decision
+from canary.core.inputs import MAX_DURATION_S, excerpt
 
 __all__ = [
     "DEFAULT_STEPS",
@@ -103,7 +104,9 @@ def check_steps(steps: tuple[int, ...] | list[int]) -> tuple[int, ...]:
     previous = 0
     for index, weight in enumerate(steps):
         if isinstance(weight, bool) or not isinstance(weight, int):
-            raise ValueError(f"steps[{index}]: must be an integer percentage, got {weight!r}")
+            raise ValueError(
+                f"steps[{index}]: must be an integer percentage, got {excerpt(weight)}"
+            )
         if not 1 <= weight <= 99:
             raise ValueError(
                 f"steps[{index}]: must be within 1..99 (100 is the promotion), got {weight}"
@@ -120,9 +123,11 @@ class RolloutSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     steps: tuple[int, ...] = DEFAULT_STEPS
-    min_step_s: float = Field(default=60.0, ge=0)
-    max_step_s: float | None = Field(default=900.0, gt=0)
-    no_data_deadline_s: float = Field(default=120.0, gt=0)
+    # Finite and at most a week: an infinite deadline is a rollout that never ends
+    # (max_step_s None is how to wait forever at a step).
+    min_step_s: float = Field(default=60.0, ge=0, le=MAX_DURATION_S, allow_inf_nan=False)
+    max_step_s: float | None = Field(default=900.0, gt=0, le=MAX_DURATION_S, allow_inf_nan=False)
+    no_data_deadline_s: float = Field(default=120.0, gt=0, le=MAX_DURATION_S, allow_inf_nan=False)
     promotion: Literal["shift", "copy"] = "shift"
 
     @field_validator("steps", mode="before")

@@ -55,9 +55,10 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analysis import Analyzer
+from canary.core.inputs import MAX_ANNOTATION_BYTES, InputError, check_tick, clip, load_json
 from canary.core.rollout import (
     Command,
     RolloutStatus,
@@ -112,6 +113,7 @@ __all__ = [
     "NotLeader",
     "Operator",
     "OperatorSettings",
+    "parse_command",
     "primary_template",
     "template_hash",
 ]
@@ -170,15 +172,33 @@ class KubeState(BaseModel):
 
 
 class ManualRequest(BaseModel):
-    """The `canary.dev/command` annotation, written by `canary promote|abort|pause|resume`."""
+    """The `canary.dev/command` annotation, written by `canary promote|abort|pause|resume`.
+    Read with `parse_command`: bounded, and its errors quote no more than an excerpt."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
-    id: str
+    id: str = Field(max_length=200)
     command: Literal["promote", "abort", "pause", "resume"]
-    who: str = "cli"
-    reason: str = ""
+    who: str = Field(default="cli", max_length=256)
+    reason: str = Field(default="", max_length=2000)
     at: float = 0.0
+
+
+def parse_command(raw: str) -> ManualRequest:
+    """The request in a command annotation's value. Raises ValueError saying why, briefly."""
+    if len(raw) > MAX_ANNOTATION_BYTES:
+        raise ValueError(f"{len(raw)} characters; at most {MAX_ANNOTATION_BYTES} are read")
+    try:
+        data = load_json(raw, source=ANNOTATION_COMMAND)
+    except InputError as exc:
+        raise ValueError(str(exc).removeprefix(f"{ANNOTATION_COMMAND}: ")) from None
+    try:
+        return ManualRequest.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(p) for p in first.get("loc", ()))
+        message = f"{where}: {first.get('msg')}" if where else str(first.get("msg"))
+        raise ValueError(clip(message, 300)) from None
 
 
 # ---- pure helpers ----------------------------------------------------------------------
@@ -220,8 +240,10 @@ class OperatorSettings:
     allow_webhook_hosts: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.tick_s <= 0:
-            raise ValueError(f"tick_s must be positive, got {self.tick_s}")
+        try:
+            check_tick(self.tick_s)
+        except ValueError as exc:
+            raise ValueError(f"tick_s {exc}") from None
         if self.record_flush_s < 0:
             raise ValueError(f"record_flush_s must be >= 0, got {self.record_flush_s}")
         if not self.prometheus_url.startswith(("http://", "https://")):
@@ -496,9 +518,9 @@ class DeploymentWorker:
         if not raw:
             return
         try:
-            request = ManualRequest.model_validate_json(raw)
-        except ValidationError as exc:
-            text = f"{ANNOTATION_COMMAND}: not a command: {exc.errors()[0].get('msg', exc)}"
+            request = parse_command(raw)
+        except ValueError as exc:
+            text = f"{ANNOTATION_COMMAND}: not a command: {exc}"
             answer = CommandAnswer(id="?", command="?", accepted=False, message=text)
             if self.state is not None and self.state.command != answer:
                 self.state = self.state.model_copy(update={"command": answer})

@@ -30,12 +30,12 @@ from __future__ import annotations
 import base64
 import binascii
 import gzip
-import json
 import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
+from canary.core.inputs import InputError, decode_text, excerpt, gunzip_bounded, load_json
 from canary.core.records import (
     EndEntry,
     Entry,
@@ -69,6 +69,8 @@ __all__ = [
 RECORD_KEY = "record.jsonl.gz.b64"
 # 1 MiB is the API server's limit for the whole object; leave room for metadata.
 MAX_CONFIGMAP_BYTES = 1_000_000
+# What `unpack_record` accepts (a dump read from a file is not held to the API's limit).
+_MAX_PACKED_CHARS = 4 * MAX_CONFIGMAP_BYTES
 
 
 class RecordTooLarge(RecordError):
@@ -162,13 +164,24 @@ def unpack_record(configmap: Mapping[str, Any]) -> list[Entry]:
     """The entries of a ConfigMap written from `pack_record`: either the whole object (as
     `kubectl get configmap -o json` prints it) or its `data`."""
     data = configmap.get("data", configmap)
-    name = configmap.get("metadata", {}).get("name", "configmap")
+    metadata = configmap.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    name = excerpt(name, 80).strip("'") if isinstance(name, str) and name else "configmap"
     if not isinstance(data, Mapping) or RECORD_KEY not in data:
         raise RecordError(f"{name}: no {RECORD_KEY} key: not a canary record ConfigMap")
+    packed = data[RECORD_KEY]
+    if not isinstance(packed, str | bytes) or len(packed) > _MAX_PACKED_CHARS:
+        what = f"{len(packed)} characters" if isinstance(packed, str | bytes) else "not text"
+        raise RecordError(f"{name}: {RECORD_KEY} is not base64 gzip text of a record ({what})")
     try:
-        text = gzip.decompress(base64.b64decode(data[RECORD_KEY], validate=True)).decode("utf-8")
-    except (binascii.Error, OSError, EOFError, UnicodeDecodeError) as exc:
+        # Bounded: a gzip bomb of 1 MB would unpack to a gigabyte.
+        unpacked = gunzip_bounded(base64.b64decode(packed, validate=True), source=name)
+        text = decode_text(unpacked, source=name)
+    except binascii.Error as exc:
         raise RecordError(f"{name}: {RECORD_KEY} is not base64 gzip text: {exc}") from None
+    except InputError as exc:
+        message = str(exc).removeprefix(f"{name}: ")
+        raise RecordError(f"{name}: {RECORD_KEY} is not base64 gzip text: {message}") from None
     entries = list(parse_lines(text.splitlines(), source=name))
     if not entries:
         raise RecordError(f"{name}: the record is empty")
@@ -181,8 +194,8 @@ def looks_like_configmap(text: str) -> Mapping[str, Any] | None:
     if not stripped.startswith("{"):
         return None
     try:
-        obj = json.loads(stripped)
-    except json.JSONDecodeError:
+        obj = load_json(stripped, source="configmap")
+    except InputError:
         return None  # one JSON line of a record is also an object: not this
     if isinstance(obj, dict) and obj.get("kind") == "ConfigMap":
         return obj

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from analysis import AnalysisConfig, MetricConfig
+from canary.core.inputs import MAX_ANNOTATION_BYTES, MAX_DURATION_S, clip, excerpt
 from canary.core.rollout import RolloutSpec
 from canary.metrics.prometheus import PromQueries
 
@@ -79,12 +80,22 @@ METRIC_NAMES = ("errors", "latency")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS-1123 subdomain
 
 
+# At most this many problems are shown (in the message, the Event and the spec-error
+# annotation, which must stay well inside the API server's 256 KiB for all annotations).
+MAX_PROBLEMS_SHOWN = 20
+
+
 class SpecError(ValueError):
-    """One or more bad annotations; `problems` maps each key to the rule it broke."""
+    """One or more bad annotations; `problems` maps each key to the rule it broke. Keys and
+    rules are cut to a short excerpt: a rule may quote the value it refused."""
 
     def __init__(self, problems: Mapping[str, str]) -> None:
-        self.problems = dict(problems)
-        super().__init__("; ".join(f"{key}: {rule}" for key, rule in self.problems.items()))
+        self.problems = {clip(key, 120): clip(rule, 300) for key, rule in problems.items()}
+        shown = list(self.problems.items())[:MAX_PROBLEMS_SHOWN]
+        text = "; ".join(f"{key}: {rule}" for key, rule in shown)
+        if len(self.problems) > len(shown):
+            text += f"; and {len(self.problems) - len(shown)} more problems"
+        super().__init__(text)
 
 
 # -- value types -------------------------------------------------------------------------
@@ -93,7 +104,7 @@ class SpecError(ValueError):
 class AnalysisSpec(BaseModel):
     """Analysis settings; None leaves the analysis' own default in place."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     alpha: float | None = Field(default=None, gt=0, lt=0.5)
     # Relative slack: the canary may be this much worse than the primary (0.1 = 10%).
@@ -215,13 +226,14 @@ class Webhook(BaseModel):
 class CanarySpec(BaseModel):
     """Everything the annotations say about one Deployment's rollouts."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     enabled: bool = False
     steps: tuple[int, ...] = (5, 10, 25, 50)
-    min_step_s: float = Field(default=60.0, ge=0)
-    max_step_s: float | None = Field(default=900.0, gt=0)
-    no_data_deadline_s: float = Field(default=120.0, gt=0)
+    # Finite and at most a week (max-step-duration `none` waits forever).
+    min_step_s: float = Field(default=60.0, ge=0, le=MAX_DURATION_S)
+    max_step_s: float | None = Field(default=900.0, gt=0, le=MAX_DURATION_S)
+    no_data_deadline_s: float = Field(default=120.0, gt=0, le=MAX_DURATION_S)
     analysis: AnalysisSpec = AnalysisSpec()
     router: RouterSpec | None = None
     metrics: MetricsSpec = MetricsSpec()
@@ -246,18 +258,23 @@ _DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.
 
 
 def parse_duration(text: str) -> float:
-    """Seconds from "90", "90s", "5m", "1h30m" or "1m30s" (Go's common duration forms)."""
+    """Seconds from "90", "90s", "5m", "1h30m" or "1m30s" (Go's common duration forms),
+    at most a week (canary.core.inputs.MAX_DURATION_S)."""
     value = text.strip()
     try:
         seconds = float(value)
     except ValueError:
         match = _DURATION.match(value)
         if not value or match is None or not any(match.groups()):
-            raise ValueError(f"must be a duration like 90s, 5m or 1h30m, got {text!r}") from None
+            raise ValueError(
+                f"must be a duration like 90s, 5m or 1h30m, got {excerpt(text)}"
+            ) from None
         h, m, s = (float(g) if g else 0.0 for g in match.groups())
         seconds = h * 3600 + m * 60 + s
     if not math.isfinite(seconds) or seconds < 0:
-        raise ValueError(f"must be a non-negative duration, got {text!r}")
+        raise ValueError(f"must be a non-negative duration, got {excerpt(text)}")
+    if seconds > MAX_DURATION_S:
+        raise ValueError(f"must be at most a week (168h), got {excerpt(text)}")
     return seconds
 
 
@@ -267,7 +284,7 @@ def _bool(text: str) -> bool:
         return True
     if value in ("false", "no", "0", "off"):
         return False
-    raise ValueError(f'must be "true" or "false", got {text!r}')
+    raise ValueError(f'must be "true" or "false", got {excerpt(text)}')
 
 
 def _steps(text: str) -> tuple[int, ...]:
@@ -277,11 +294,15 @@ def _steps(text: str) -> tuple[int, ...]:
     steps: list[int] = []
     for part in parts:
         if not part.isdigit():
-            raise ValueError(f"must be comma-separated whole percentages, got {part!r} in {text!r}")
+            raise ValueError(
+                f"must be comma-separated whole percentages, got {excerpt(part)} in {excerpt(text)}"
+            )
         steps.append(int(part))
     for weight in steps:
         if not 1 <= weight <= 99:
-            raise ValueError(f"each step must be within 1..99 (100 is the promotion), got {weight}")
+            raise ValueError(
+                f"each step must be within 1..99 (100 is the promotion), got {excerpt(weight)}"
+            )
     if any(b <= a for a, b in itertools.pairwise(steps)):
         raise ValueError(f"must be strictly increasing, got {','.join(map(str, steps))}")
     return tuple(steps)
@@ -291,9 +312,9 @@ def _probability(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise ValueError(f"must be a number, got {text!r}") from None
+        raise ValueError(f"must be a number, got {excerpt(text)}") from None
     if not 0 < value < 0.5:
-        raise ValueError(f"must be within (0, 0.5), got {text!r}")
+        raise ValueError(f"must be within (0, 0.5), got {excerpt(text)}")
     return value
 
 
@@ -305,9 +326,13 @@ def _tolerance(text: str) -> float:
     try:
         number = float(value) * scale
     except ValueError:
-        raise ValueError(f"must be a relative tolerance like 0.1 or 10%, got {text!r}") from None
+        raise ValueError(
+            f"must be a relative tolerance like 0.1 or 10%, got {excerpt(text)}"
+        ) from None
     if not math.isfinite(number) or not 0 < number <= 100:
-        raise ValueError(f"must be above 0 and at most 100 (0.1 = 10% worse allowed), got {text!r}")
+        raise ValueError(
+            f"must be above 0 and at most 100 (0.1 = 10% worse allowed), got {excerpt(text)}"
+        )
     return number
 
 
@@ -317,12 +342,16 @@ def _quantiles(text: str) -> tuple[float, ...]:
         try:
             q = float(part[1:]) / 100 if part.lower().startswith("p") else float(part)
         except ValueError:
-            raise ValueError(f"must be quantiles like p50,p99 or 0.5,0.99, got {part!r}") from None
+            raise ValueError(
+                f"must be quantiles like p50,p99 or 0.5,0.99, got {excerpt(part)}"
+            ) from None
         if not 0 < q < 1:
-            raise ValueError(f"each quantile must be within (0, 1) (p1..p99.9), got {part!r}")
+            raise ValueError(
+                f"each quantile must be within (0, 1) (p1..p99.9), got {excerpt(part)}"
+            )
         out.append(q)
     if len(set(out)) != len(out):
-        raise ValueError(f"has duplicates: {text!r}")
+        raise ValueError(f"has duplicates: {excerpt(text)}")
     return tuple(sorted(out))
 
 
@@ -332,7 +361,9 @@ def _critical(text: str) -> tuple[str, ...]:
         raise ValueError("must name at least one metric, or the analysis could never fail")
     for name in names:
         if name not in METRIC_NAMES:
-            raise ValueError(f"unknown metric {name!r}; the metrics are {', '.join(METRIC_NAMES)}")
+            raise ValueError(
+                f"unknown metric {excerpt(name)}; the metrics are {', '.join(METRIC_NAMES)}"
+            )
     return names
 
 
@@ -340,7 +371,7 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         value = text.strip()
         if value not in allowed:
-            raise ValueError(f"must be one of {', '.join(allowed)}, got {text!r}")
+            raise ValueError(f"must be one of {', '.join(allowed)}, got {excerpt(text)}")
         return value
 
     return parse
@@ -350,14 +381,14 @@ def _name(text: str) -> str:
     value = text.strip()
     if not _NAME.match(value):
         raise ValueError(
-            f"must be a Kubernetes object name (lower case, digits, '-', '.'), got {text!r}"
+            f"must be a Kubernetes object name (lower case, digits, '-', '.'), got {excerpt(text)}"
         )
     return value
 
 
 def _port(text: str) -> int:
     if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
-        raise ValueError(f"must be a port number 1..65535, got {text!r}")
+        raise ValueError(f"must be a port number 1..65535, got {excerpt(text)}")
     return int(text)
 
 
@@ -366,14 +397,14 @@ def _max_duration(text: str) -> float | None:
         return None
     seconds = parse_duration(text)
     if seconds <= 0:
-        raise ValueError(f'must be positive, or "none" to wait forever, got {text!r}')
+        raise ValueError(f'must be positive, or "none" to wait forever, got {excerpt(text)}')
     return seconds
 
 
 def _positive_duration(text: str) -> float:
     seconds = parse_duration(text)
     if seconds <= 0:
-        raise ValueError(f"must be positive, got {text!r}")
+        raise ValueError(f"must be positive, got {excerpt(text)}")
     return seconds
 
 
@@ -395,14 +426,14 @@ def _selector(field: str) -> Callable[[str], str]:
 def _metric_name(text: str) -> str:
     value = text.strip()
     if not re.fullmatch(r"[a-zA-Z_:][a-zA-Z0-9_:]*", value):
-        raise ValueError(f"must be a Prometheus metric name, got {text!r}")
+        raise ValueError(f"must be a Prometheus metric name, got {excerpt(text)}")
     return value.removesuffix("_bucket")
 
 
 def _url(text: str) -> str:
     value = text.strip()
     if not re.fullmatch(r"https?://[^\s/]+(/\S*)?", value):
-        raise ValueError(f"must be an http:// or https:// URL, got {text!r}")
+        raise ValueError(f"must be an http:// or https:// URL, got {excerpt(text)}")
     return value
 
 
@@ -582,12 +613,18 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
             continue
         known = _BY_KEY.get(key)
         if known is None:
-            close = difflib.get_close_matches(key, list(_BY_KEY), n=1)
+            # (a key too long to be a typo of ours is not compared: difflib is quadratic)
+            close = difflib.get_close_matches(key, list(_BY_KEY), n=1) if len(key) < 100 else []
             hint = f"; did you mean {close[0]}?" if close else ""
             problems[key] = f"unknown annotation{hint}"
             continue
         if not isinstance(value, str):
             problems[key] = f"must be a string, got {type(value).__name__}"
+            continue
+        if len(value) > MAX_ANNOTATION_BYTES:
+            problems[key] = (
+                f"is {len(value)} characters long; at most {MAX_ANNOTATION_BYTES} are read"
+            )
             continue
         try:
             parsed = known.parse(value)
@@ -678,5 +715,8 @@ def _build(raw: dict[str, Any]) -> CanarySpec:
 
 
 def dump_problems(error: SpecError) -> str:
-    """The compact JSON kept in the spec-error annotation."""
-    return json.dumps(error.problems, separators=(",", ":"), sort_keys=True)
+    """The compact JSON kept in the spec-error annotation (at most MAX_PROBLEMS_SHOWN)."""
+    shown = dict(sorted(error.problems.items())[:MAX_PROBLEMS_SHOWN])
+    if len(error.problems) > len(shown):
+        shown[PREFIX + "…"] = f"and {len(error.problems) - len(shown)} more problems"
+    return json.dumps(shown, separators=(",", ":"), sort_keys=True)

@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from analysis import ArmCounts
+from canary.core.inputs import MAX_DURATION_S
 from canary.core.redact import redact_text, redact_url
 from canary.executors import run_blocking
 from canary.metrics.base import ArmsCounts, MetricsProvider, MetricsResult, NoData
@@ -63,7 +64,7 @@ class PromQueries(BaseModel):
     samples and computes the increases itself (see above).
     """
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     requests: str = REQUESTS_METRIC + "{" + ARM_LABEL + '="{arm}",{selector}}'
     errors: str = REQUESTS_METRIC + "{" + ARM_LABEL + '="{arm}",code=~"5..",{selector}}'
@@ -79,7 +80,7 @@ class PromQueries(BaseModel):
     use_created: bool = True
     # How far before `since` to look for each series' baseline sample. Longer than a few
     # scrape intervals, or a series that existed before `since` would be counted from 0.
-    lookback_s: float = Field(default=300.0, gt=0)
+    lookback_s: float = Field(default=300.0, gt=0, le=MAX_DURATION_S)
 
     @field_validator("requests", "errors", "latency_buckets")
     @classmethod

@@ -37,7 +37,6 @@ import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -48,6 +47,16 @@ from pydantic import (
 )
 
 from analysis import AnalysisConfig
+from canary.core.inputs import (
+    MAX_DURATION_S,
+    MAX_TIMEOUT_S,
+    InputError,
+    check_tick,
+    clip,
+    excerpt,
+    load_yaml,
+    read_text_file,
+)
 from canary.core.rollout import DEFAULT_STEPS, RolloutSpec, check_steps
 from canary.metrics.prometheus import PromQueries
 from canary.notify.webhooks import WebhookConfig
@@ -75,12 +84,13 @@ def parse_steps(value: object) -> tuple[int, ...]:
     """A `steps` key: a list of percentages the rollout machine accepts (a field validator's
     ValueError, so the message is placed under the key's path)."""
     if not isinstance(value, list | tuple):
-        raise ValueError(f"must be a list of percentages, got {value!r}")
+        raise ValueError(f"must be a list of percentages, got {excerpt(value)}")
     return check_steps(tuple(value))
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # allow_inf_nan=False: `.inf` and `.nan` are YAML floats, and never a sane setting
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class HAProxyRouterConfig(_Strict):
@@ -93,13 +103,15 @@ class HAProxyRouterConfig(_Strict):
     canary_server: str = "canary"
     # Where weights are saved so they survive a reload (`server-state-file`).
     state_file: Path | None = None
-    timeout_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0, le=MAX_TIMEOUT_S)
 
     @field_validator("backend", "primary_server", "canary_server")
     @classmethod
     def _haproxy_name(cls, value: str) -> str:
         if not value or any(c.isspace() or c in "/;" for c in value):
-            raise ValueError(f"must be a non-empty name without spaces, '/' or ';', got {value!r}")
+            raise ValueError(
+                f"must be a non-empty name without spaces, '/' or ';', got {excerpt(value)}"
+            )
         return value
 
     @model_validator(mode="after")
@@ -115,13 +127,13 @@ class PrometheusMetricsConfig(_Strict):
     kind: Literal["prometheus"]
     url: str
     queries: PromQueries = Field(default_factory=PromQueries)
-    timeout_s: float = Field(default=5.0, gt=0)
+    timeout_s: float = Field(default=5.0, gt=0, le=MAX_TIMEOUT_S)
 
     @field_validator("url")
     @classmethod
     def _http(cls, value: str) -> str:
         if not value.startswith(("http://", "https://")):
-            raise ValueError(f"must start with http:// or https://, got {value!r}")
+            raise ValueError(f"must start with http:// or https://, got {excerpt(value)}")
         return value.rstrip("/")
 
 
@@ -137,9 +149,10 @@ class TargetConfig(_Strict):
     router: RouterConfig
     metrics: MetricsConfig
     steps: tuple[int, ...] = DEFAULT_STEPS
-    min_step_s: float = Field(default=60.0, ge=0)
-    max_step_s: float | None = Field(default=900.0, gt=0)
-    no_data_deadline_s: float = Field(default=120.0, gt=0)
+    # Finite and at most a week (`max_step_s: null` waits forever); ticks 0.05 s .. 1 h.
+    min_step_s: float = Field(default=60.0, ge=0, le=MAX_DURATION_S)
+    max_step_s: float | None = Field(default=900.0, gt=0, le=MAX_DURATION_S)
+    no_data_deadline_s: float = Field(default=120.0, gt=0, le=MAX_DURATION_S)
     tick_s: float = Field(default=10.0, gt=0)
     # Alpha, tolerances, critical metrics: analysis.AnalysisConfig, checked field by field.
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
@@ -156,7 +169,7 @@ class TargetConfig(_Strict):
         if not _NAME.match(value):
             raise ValueError(
                 "must be 1-63 lowercase letters, digits, '.', '_' or '-', "
-                f"starting and ending with a letter or digit, got {value!r}"
+                f"starting and ending with a letter or digit, got {excerpt(value)}"
             )
         return value
 
@@ -164,6 +177,11 @@ class TargetConfig(_Strict):
     @classmethod
     def _steps(cls, value: object) -> tuple[int, ...]:
         return parse_steps(value)
+
+    @field_validator("tick_s")
+    @classmethod
+    def _tick(cls, value: float) -> float:
+        return check_tick(value)
 
     @model_validator(mode="after")
     def _timing(self) -> TargetConfig:
@@ -236,10 +254,12 @@ def format_validation_error(error: ValidationError, *, source: str) -> str:
                 message = (
                     f"must be one of {context.get('expected_tags')}, got {context.get('tag')!r}"
                 )
+        # A key or a message may quote a value of any size: at most an excerpt of each.
+        message = clip(message, 300)
         if message.startswith(f"{where}[") or message.startswith(f"{where}:"):
             lines.append(f"{source}: {message}")  # the validator already named the item
         else:
-            lines.append(f"{source}: {where}: {message}")
+            lines.append(f"{source}: {clip(where, 120)}: {message}")
     return "\n".join(lines)
 
 
@@ -253,22 +273,18 @@ def parse_config(data: object, *, source: str = "config", base: Path | None = No
         config = TargetConfig.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(format_validation_error(exc, source=source)) from None
+    except (TypeError, OverflowError) as exc:  # a validator's own error, not pydantic's
+        raise ConfigError(f"{source}: {type(exc).__name__}: {clip(str(exc))}") from None
     return config.resolved(base) if base is not None else config
 
 
 def read_yaml_file(path: Path) -> object:
-    """The parsed YAML in `path`. Raises ConfigError naming the file (and line, column)."""
+    """The parsed YAML in `path`, read within canary.core.inputs' bounds (size, nesting,
+    aliases, UTF-8). Raises ConfigError naming the file (and line, column)."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
+        data = load_yaml(read_text_file(path), source=str(path))
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
     if data is None:
         raise ConfigError(f"{path}: the file is empty")
     return data
