@@ -43,7 +43,7 @@ Three entry points, all pure:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import invgauss
@@ -391,12 +391,9 @@ class PassAdvice(BaseModel):
     message: str
 
 
-def _likely(canary_rps: float, primary_rps: float, kw: dict[str, object]) -> Plan:
-    return _plan_rates(canary_rps=canary_rps, primary_rps=primary_rps, **kw)  # type: ignore[arg-type]
-
-
-def _extra_needed(fits: _Fits, ceiling: float) -> float | None:
-    """Smallest extra load x in (0, ceiling] with fits(x), to 2%, assuming monotonicity."""
+def _extra_needed(fits: Callable[[float], bool], ceiling: float) -> float | None:
+    """Smallest extra load x in (0, ceiling] with fits(x), to 2% (more load never slows a
+    pass down in this model, so bisection finds it); None if even the ceiling does not fit."""
     if not fits(ceiling):
         return None
     lo, hi = 0.0, ceiling
@@ -407,28 +404,6 @@ def _extra_needed(fits: _Fits, ceiling: float) -> float | None:
         else:
             lo = mid
     return hi
-
-
-class _Fits:
-    def __init__(self, budget_s: float, plan_at: _PlanAt) -> None:
-        self.budget_s = budget_s
-        self.plan_at = plan_at
-
-    def __call__(self, extra: float) -> bool:
-        t = self.plan_at(extra).likely_pass_s
-        return t is not None and t <= self.budget_s
-
-
-class _PlanAt:
-    def __init__(self, base_c: float, base_p: float, weight: float | None, kw: dict[str, object]):
-        self.base_c, self.base_p, self.weight, self.kw = base_c, base_p, weight, kw
-
-    def __call__(self, extra: float) -> Plan:
-        if self.weight is None:  # all of it to the canary
-            return _likely(self.base_c + extra, self.base_p, self.kw)
-        return _likely(
-            self.base_c + extra * self.weight, self.base_p + extra * (1 - self.weight), self.kw
-        )
 
 
 def _duration(seconds: float | None) -> str:
@@ -466,26 +441,31 @@ def pass_advice(
     if not (math.isfinite(budget_s) and budget_s > 0):
         raise ValueError(f"budget_s: {budget_s!r} is out of range")
     cfg = config or AnalysisConfig()
-    kw: dict[str, object] = {
-        "baseline_error_rate": baseline_error_rate, "error_ratio": 2.0, "slow_ratio": 2.0,
-        "slow_rates": base.slow_rates, "cfg": cfg, "likely": likely,
-    }
-    slowest = [m for m in base.metrics if m.likely_pass_s is None] or sorted(
-        base.metrics, key=lambda m: m.likely_pass_s or 0.0
-    )[-1:]
-    limiting = slowest[0].name if slowest else None
+
+    def fits_with(extra_canary: float, extra_primary: float) -> bool:
+        t = _plan_rates(
+            canary_rps=base.canary_rps + extra_canary,
+            primary_rps=base.primary_rps + extra_primary,
+            baseline_error_rate=baseline_error_rate,
+            error_ratio=2.0,
+            slow_ratio=2.0,
+            slow_rates=base.slow_rates,
+            cfg=cfg,
+            likely=likely,
+        ).likely_pass_s
+        return t is not None and t <= budget_s
+
+    never_passing = [m for m in base.metrics if m.likely_pass_s is None]
+    limiting = (never_passing or sorted(base.metrics, key=lambda m: m.likely_pass_s or 0.0)[-1:])
+    limiting_metric = limiting[0].name if limiting else None
     fits = base.likely_pass_s is not None and base.likely_pass_s <= budget_s
-    if fits:
-        extra_c: float | None = 0.0
-        extra_e: float | None = 0.0
-    else:
+    extra_c: float | None = 0.0
+    extra_e: float | None = 0.0
+    if not fits:
         ceiling = 100.0 * rate_rps
-        extra_c = _extra_needed(
-            _Fits(budget_s, _PlanAt(base.canary_rps, base.primary_rps, None, kw)), ceiling
-        )
+        extra_c = _extra_needed(lambda x: fits_with(x, 0.0), ceiling)
         extra_e = _extra_needed(
-            _Fits(budget_s, _PlanAt(base.canary_rps, base.primary_rps, canary_weight, kw)),
-            ceiling,
+            lambda x: fits_with(x * canary_weight, x * (1.0 - canary_weight)), ceiling
         )
     pct = f"{100 * likely:.0f}%"
     if fits:
@@ -500,10 +480,13 @@ def pass_advice(
             helps.append(f"{extra_c:.3g} req/s of generated load on the canary")
         if extra_e is not None:
             helps.append(f"{extra_e:.3g} req/s more at the entry point")
+        needs = (
+            "may never pass" if base.likely_pass_s is None
+            else f"needs {_duration(base.likely_pass_s)} to pass in {pct} of rollouts"
+        )
         message = (
-            f"at {base.canary_rps:.3g} canary req/s a good canary needs "
-            f"{_duration(base.likely_pass_s)} to pass in {pct} of rollouts (mean "
-            f"{_duration(base.expected_pass_s)}; slowest metric {limiting}): longer than the "
+            f"at {base.canary_rps:.3g} canary req/s a good canary {needs} (mean "
+            f"{_duration(base.expected_pass_s)}; slowest metric {limiting_metric}): longer than the "
             f"{_duration(budget_s)} step, which would then roll back a good canary. "
             + (
                 "To fit: " + " or ".join(helps) + "."
@@ -519,7 +502,7 @@ def pass_advice(
         expected_pass_s=base.expected_pass_s,
         likely_pass_s=base.likely_pass_s,
         fits=fits,
-        limiting_metric=limiting,
+        limiting_metric=limiting_metric,
         extra_canary_rps=extra_c,
         extra_entry_rps=extra_e,
         message=message,
