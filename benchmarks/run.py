@@ -404,6 +404,10 @@ def _parse(argv: Sequence[str]) -> Options:
     parser.add_argument(
         "--cadence", type=int, default=1, help="seconds between engine observations (default 1)"
     )
+    parser.add_argument(
+        "--curve-runs", default="1000,400",
+        help="A/A,regression runs per point of the trade-off curve (default 1000,400)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke version: few runs, prints only")
     parser.add_argument(
         "--out",
@@ -418,6 +422,13 @@ def _parse(argv: Sequence[str]) -> Options:
     for name in ("runs", "power_runs", "jobs", "cadence"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        aa_curve, reg_curve = (int(x) for x in args.curve_runs.split(","))
+    except ValueError:
+        parser.error(f"--curve-runs must be two integers A,B, got {args.curve_runs!r}")
+    if min(aa_curve, reg_curve) < 1:
+        parser.error("--curve-runs must be >= 1")
+    curve_runs = (aa_curve, reg_curve)
     out = args.out
     if out is None and not args.quick:
         out = Path(__file__).resolve().parent / "RESULTS.md"
@@ -435,7 +446,7 @@ def _parse(argv: Sequence[str]) -> Options:
         out=out,
         engine=args.engine,
         sprt_runs=2000 if args.quick else 20000,
-        curve_runs=(100, 40) if args.quick else (1000, 400),
+        curve_runs=(100, 40) if args.quick else curve_runs,
         cost_calls=2000 if args.quick else 20000,
         argv=list(argv),
     )
