@@ -416,3 +416,21 @@ def section(*, runs_aa: int, runs_regression: int, seed: int, budget_s: float = 
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     return lines
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """python -m benchmarks.tradeoff [--runs-aa N] [--runs-regression N] [--seed S]"""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.tradeoff", description=__doc__)
+    parser.add_argument("--runs-aa", type=int, default=1000)
+    parser.add_argument("--runs-regression", type=int, default=400)
+    parser.add_argument("--seed", type=int, default=1)
+    args = parser.parse_args(argv)
+    print("\n".join(section(runs_aa=args.runs_aa, runs_regression=args.runs_regression,
+                            seed=args.seed)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
