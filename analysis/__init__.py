@@ -8,12 +8,13 @@ The contract (DESIGN.md, "The analysis contract")::
 
 Modules: counts.py (the conditional count test and rate bounds), latency.py (histogram
 buckets -> slow-request counts), judge.py (metrics -> decision and reasons), config.py
-(validated settings), planner.py (expected time to a decision), analyzer.py (the glue).
+(validated settings), planner.py (expected time to a decision, from assumed or observed rates, and whether a step
+is long enough to pass a good canary), analyzer.py (the glue).
 """
 
 from analysis.analyzer import Analyzer
 from analysis.config import AnalysisConfig, MetricConfig
-from analysis.planner import MetricPlan, Plan, plan
+from analysis.planner import MetricPlan, PassAdvice, Plan, pass_advice, plan, plan_from_counts
 from analysis.types import ArmCounts, Decision, MetricResult, Snapshot, Verdict
 
 __all__ = [
@@ -24,8 +25,11 @@ __all__ = [
     "MetricConfig",
     "MetricPlan",
     "MetricResult",
+    "PassAdvice",
     "Plan",
     "Snapshot",
     "Verdict",
+    "pass_advice",
     "plan",
+    "plan_from_counts",
 ]

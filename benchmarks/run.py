@@ -32,6 +32,7 @@ import numpy as np
 import scipy
 from scipy.stats import beta as beta_dist
 
+from benchmarks import planning, tradeoff
 from benchmarks.contenders import (
     FlaggerConfig,
     KayentaConfig,
@@ -54,9 +55,15 @@ from benchmarks.simulate import (
 ALPHA = 0.01
 SPRT_BETA = 0.2
 BASE_SEED = 20240611
-DECIDERS = ("analyzer", "flagger", "kayenta", "kayenta_10s")
+# analyzer_10s: the same engine looking every 10 s (a controller's default tick).
+DECIDERS = ("analyzer", "analyzer_10s", "flagger", "kayenta", "kayenta_10s")
 KAYENTA_10S = KayentaConfig(step_s=10)
-PASS_WITHIN_S = 600.0
+PASS_WITHIN_S = 900.0  # a step's default max_step_s: no pass by then rolls back
+PASS_10_MIN_S = 600.0
+# Regressions measured against Wald's limit: scenario -> (p0, ratio, target median / SPRT ASN,
+# target power within the run).
+SPRT_TARGETS = {"errors_2x": (0.01, 2.0, 1.4, 0.99), "errors_1_5x": (0.01, 1.5, 1.5, 0.95)}
+Limits = dict[str, tuple[SprtLimit, SprtLimit]]
 
 
 class _Verdict(Protocol):
@@ -147,6 +154,26 @@ def scenarios() -> list[Scenario]:
             ),
             regression=True,
         ),
+        # Issue 12's outside check: the split drawn per second from Poisson arrivals.
+        Scenario(
+            "errors_1_5x",
+            "errors 1% -> 1.5%, 200 req/s, split drawn per second (Binomial(arrivals, 10%))",
+            200.0,
+            0.10,
+            base,
+            ArmProfile(error_rate=0.015, latency_median_s=0.05, latency_sigma=0.6),
+            regression=True,
+            split="binomial",
+        ),
+        Scenario(
+            "aa_binomial",
+            "A/A, 200 req/s, split drawn per second (Binomial(arrivals, 10%)), 1% errors",
+            200.0,
+            0.10,
+            base,
+            base,
+            split="binomial",
+        ),
     ]
 
 
@@ -193,16 +220,20 @@ def analyzer_decide(
     cum = _cumulative(stream)
     pr, pe, pb = cum["primary"]
     cr, ce, cb = cum["canary"]
+    # The simulator's counts are valid by construction (self_check verifies them): building
+    # the snapshots without pydantic's validation halves the benchmark's run time, and
+    # observe() itself is the same either way.
+    arm, snap = ArmCounts.model_construct, Snapshot.model_construct
     for t in range(cadence_s, stream.seconds + 1, cadence_s):
         i = t - 1
-        snapshot = Snapshot(
+        snapshot = snap(
             elapsed_s=float(t),
-            primary=ArmCounts(
+            primary=arm(
                 requests=pr[i],
                 errors=pe[i],
                 latency_buckets=dict(zip(BUCKET_BOUNDS, pb[i], strict=True)),
             ),
-            canary=ArmCounts(
+            canary=arm(
                 requests=cr[i],
                 errors=ce[i],
                 latency_buckets=dict(zip(BUCKET_BOUNDS, cb[i], strict=True)),
@@ -258,6 +289,7 @@ def _work(task: _Task) -> list[dict[str, Outcome]]:
         results.append(
             {
                 "analyzer": analyzer_decide(factory(), stream, cadence_s=task.cadence_s),
+                "analyzer_10s": analyzer_decide(factory(), stream, cadence_s=10),
                 "flagger": flagger_decide(stream, FlaggerConfig()),
                 "kayenta": kayenta_decide(stream, KayentaConfig()),
                 "kayenta_10s": kayenta_decide(stream, KAYENTA_10S),
@@ -276,6 +308,18 @@ def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     lower = 0.0 if k == 0 else float(beta_dist.ppf(a / 2, k, n - k + 1))
     upper = 1.0 if k == n else float(beta_dist.ppf(1 - a / 2, k + 1, n - k))
     return lower, upper
+
+
+def median_ci(values: Sequence[float], level: float = 0.95) -> tuple[float, float]:
+    """Distribution-free interval for the median: order statistics whose ranks bracket n/2
+    with binomial probability >= level (runs without the event count as +inf)."""
+    from scipy.stats import binom
+
+    arr = np.sort(np.asarray(values, dtype=np.float64))
+    n = arr.size
+    lo = int(binom.ppf((1 - level) / 2, n, 0.5))  # 0-based rank of the lower end
+    hi = min(int(binom.ppf(1 - (1 - level) / 2, n, 0.5)), n - 1)
+    return float(arr[max(lo - 1, 0)]), float(arr[hi])
 
 
 def _quantile_or_inf(values: Sequence[float], q: float) -> float:
@@ -338,6 +382,7 @@ class Options:
     out: Path | None
     engine: str | None
     sprt_runs: int
+    curve_runs: tuple[int, int]  # A/A and regression runs per point of the trade-off curve
     cost_calls: int
     argv: list[str]
 
@@ -350,11 +395,18 @@ def _parse(argv: Sequence[str]) -> Options:
         "--runs", type=int, default=1000, help="runs per A/A scenario (default 1000)"
     )
     parser.add_argument(
-        "--power-runs", type=int, default=200, help="runs per regression scenario (default 200)"
+        "--power-runs", type=int, default=400, help="runs per regression scenario (default 400)"
     )
-    parser.add_argument("--jobs", type=int, default=2, help="worker processes (default 2)")
+    parser.add_argument(
+        "--jobs", type=int, default=1,
+        help="worker processes (default 1: the machine is shared; results do not depend on it)",
+    )
     parser.add_argument(
         "--cadence", type=int, default=1, help="seconds between engine observations (default 1)"
+    )
+    parser.add_argument(
+        "--curve-runs", default="1000,400",
+        help="A/A,regression runs per point of the trade-off curve (default 1000,400)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke version: few runs, prints only")
     parser.add_argument(
@@ -370,6 +422,13 @@ def _parse(argv: Sequence[str]) -> Options:
     for name in ("runs", "power_runs", "jobs", "cadence"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    try:
+        aa_curve, reg_curve = (int(x) for x in args.curve_runs.split(","))
+    except ValueError:
+        parser.error(f"--curve-runs must be two integers A,B, got {args.curve_runs!r}")
+    if min(aa_curve, reg_curve) < 1:
+        parser.error("--curve-runs must be >= 1")
+    curve_runs = (aa_curve, reg_curve)
     out = args.out
     if out is None and not args.quick:
         out = Path(__file__).resolve().parent / "RESULTS.md"
@@ -387,6 +446,7 @@ def _parse(argv: Sequence[str]) -> Options:
         out=out,
         engine=args.engine,
         sprt_runs=2000 if args.quick else 20000,
+        curve_runs=(100, 40) if args.quick else curve_runs,
         cost_calls=2000 if args.quick else 20000,
         argv=list(argv),
     )
@@ -515,26 +575,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                 _collect(results, all_scenarios[task.scenario_index].name, chunk)
     simulated_s = time.monotonic() - started
     cost = _measure_cost(options)
-    err = next(s for s in all_scenarios if s.name == "errors_2x")
-    limits = (
-        sprt_one_sample(
-            p0=0.01,
-            p1=0.02,
-            alpha=ALPHA,
-            beta=SPRT_BETA,
-            canary_rps=err.canary_rps,
-            runs=options.sprt_runs,
-        ),
-        sprt_two_sample(
-            p0=0.01,
-            ratio=2.0,
-            alpha=ALPHA,
-            beta=SPRT_BETA,
-            canary_rps=err.canary_rps,
-            primary_rps=err.primary_rps,
-            runs=options.sprt_runs,
-        ),
+    limits: Limits = {}
+    for name, (p0, ratio, _, _) in SPRT_TARGETS.items():
+        sc = next(s for s in all_scenarios if s.name == name)
+        limits[name] = (
+            sprt_one_sample(
+                p0=p0, p1=p0 * ratio, alpha=ALPHA, beta=SPRT_BETA, canary_rps=sc.canary_rps,
+                runs=options.sprt_runs,
+            ),
+            sprt_two_sample(
+                p0=p0, ratio=ratio, alpha=ALPHA, beta=SPRT_BETA, canary_rps=sc.canary_rps,
+                primary_rps=sc.primary_rps, runs=options.sprt_runs,
+            ),
+        )
+    curve_started = time.monotonic()
+    curve = tradeoff.section(
+        runs_aa=options.curve_runs[0], runs_regression=options.curve_runs[1], seed=BASE_SEED
     )
+    agree = [
+        tradeoff.check_against_engine(tradeoff.T20, ratio=r, runs=5 if options.quick else 20,
+                                      seed=BASE_SEED + int(10 * r))
+        for r in (1.0, 1.5, 2.0)
+    ]
+    checks = [
+        *checks,
+        "trade-off emulation vs analysis.counts.CountTest on the same draws (20 canary req/s, "
+        "A/A, 1.5x, 2x): " + ", ".join(f"{a}/{n}" for a, n in agree)
+        + " runs with the same decision at the same second",
+    ]
+    curve_s = time.monotonic() - curve_started
+    plans = planning.section(all_scenarios, results, _stream_for)
     text = render(
         options,
         all_scenarios,
@@ -545,6 +615,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         simulated_s,
         analysis_tree,
         checks,
+        curve=curve,
+        curve_s=curve_s,
+        plans=plans,
     )
     print(text)
     if options.out is not None:
@@ -589,12 +662,16 @@ def render(
     options: Options,
     all_scenarios: list[Scenario],
     results: dict[str, dict[str, list[Outcome]]],
-    limits: tuple[SprtLimit, SprtLimit],
+    limits: Limits,
     cost: Cost,
     elapsed_s: float,
     simulated_s: float,
     analysis_tree: str,
     checks: Sequence[str] = (),
+    *,
+    curve: Sequence[str] = (),
+    curve_s: float = 0.0,
+    plans: Sequence[str] = (),
 ) -> str:
     lines: list[str] = []
     add = lines.append
@@ -624,11 +701,13 @@ def render(
         f"SeedSequence([{BASE_SEED}, scenario, run]); the same stream goes to every decider"
     )
     add(
-        f"- Wall time: {elapsed_s:.0f} s ({simulated_s:.0f} s for the scenarios), --jobs {options.jobs}"
+        f"- Wall time: {elapsed_s:.0f} s ({simulated_s:.0f} s for the scenarios, {curve_s:.0f} s for "
+        f"the trade-off curve), --jobs {options.jobs}, under `nice -n 10`"
     )
     add("")
     add(
-        "Deciders: **analyzer** = this project's engine; **flagger** = Flagger's threshold analysis "
+        "Deciders: **analyzer** = this project's engine, observing every second; **analyzer_10s** = "
+        "the same engine observing every 10 s; **flagger** = Flagger's threshold analysis "
         "(canary alone, success rate >= 99% and p99 <= 500 ms per 1 m interval, rollback at 5 failed "
         "checks, promotion after 10 passing checks); **kayenta** = NetflixACAJudge (Mann-Whitney 98%, "
         "tolerance 0.25, on per-minute error rate, mean and p99 latency, re-judged every minute over the "
@@ -647,6 +726,12 @@ def render(
     )
     add("")
     add(
+        "Reading the analyzer_10s rows: the same statistic summed over 10 s intervals; only the "
+        "moment of the decision moves (up to one interval later), and the false-rollback bound "
+        "holds at any cadence."
+    )
+    add("")
+    add(
         "Reading the Kayenta rows: with per-minute values the judge runs at minute 2 on 2 points per "
         "arm. A 98% interval is not achievable there, and Kayenta's R-derived interval then falls back "
         "to the range of the pairwise differences, so 'all canary points above all baseline points' "
@@ -660,7 +745,7 @@ def render(
     )
     add("")
 
-    by_name = {s.name: s for s in all_scenarios}
+    {s.name: s for s in all_scenarios}
     aa = [s for s in all_scenarios if not s.regression]
     reg = [s for s in all_scenarios if s.regression]
     summaries = {
@@ -678,7 +763,7 @@ def render(
         for d in DECIDERS:
             m = summaries[s.name][d]
             lo, hi = m.fail_ci
-            within = sum(t <= PASS_WITHIN_S for t in m.time_pass) / m.runs
+            within = sum(t <= PASS_10_MIN_S for t in m.time_pass) / m.runs
             add(
                 f"| {s.name} | {d} | {m.runs} | {m.fails} | {_pct(m.fails / m.runs)} | "
                 f"[{_pct(lo)}, {_pct(hi)}] | {_pct(m.passes / m.runs)} | "
@@ -716,40 +801,111 @@ def render(
     )
     add("")
 
-    add("## The limit: Wald's SPRT on the 1% -> 2% error regression (alpha = 0.01, beta = 0.2)")
+    add(f"## The limit: Wald's SPRT on the error regressions (alpha = {ALPHA:g}, beta = {SPRT_BETA:g})")
     add("")
-    err = by_name["errors_2x"]
     add(
-        f"At {err.total_rps:g} req/s with {100 * err.canary_weight:g}% to the canary "
-        f"({err.canary_rps:g} canary req/s). ASN = average sample number under the regression."
+        "ASN = average sample number under the regression. The two-sample SPRT conditions on error "
+        "events, as our test does; the one-sample SPRT knows the baseline rate, which no canary "
+        "analysis does. Both are simple-vs-simple tests told the true regression in advance, with "
+        "beta = 0.2: no test with these error rates needs fewer samples on average."
     )
     add("")
     add(
-        "| limit | unit | ASN (Wald) | ASN (simulated) | median (simulated) | power (simulated) | "
+        "| scenario | limit | unit | ASN (Wald) | ASN (simulated) | median (simulated) | power (simulated) | "
         "ASN in canary req | ASN in s |"
     )
-    add("|---|---|---:|---:|---:|---:|---:|---:|")
-    for lim in limits:
-        add(
-            f"| {lim.name} | {lim.unit} | {lim.asn_wald:,.1f} | {lim.asn_simulated:,.1f} | "
-            f"{lim.median_simulated:,.0f} | {_pct(lim.power_simulated)} | "
-            f"{lim.in_canary_requests(lim.asn_simulated):,.0f} (Wald {lim.in_canary_requests(lim.asn_wald):,.0f}) | "
-            f"{lim.in_seconds(lim.asn_simulated):,.1f} (Wald {lim.in_seconds(lim.asn_wald):,.1f}) |"
-        )
+    add("|---|---|---|---:|---:|---:|---:|---:|---:|")
+    for name, pair in limits.items():
+        for lim in pair:
+            add(
+                f"| {name} | {lim.name} | {lim.unit} | {lim.asn_wald:,.1f} | {lim.asn_simulated:,.1f} | "
+                f"{lim.median_simulated:,.0f} | {_pct(lim.power_simulated)} | "
+                f"{lim.in_canary_requests(lim.asn_simulated):,.0f} (Wald {lim.in_canary_requests(lim.asn_wald):,.0f}) | "
+                f"{lim.in_seconds(lim.asn_simulated):,.1f} (Wald {lim.in_seconds(lim.asn_wald):,.1f}) |"
+            )
     add("")
     add(f"Simulated over {options.sprt_runs} sequences with fixed seeds.")
     add("")
-    analyzer_median = _quantile_or_inf(summaries["errors_2x"]["analyzer"].req_fail, 0.5)
-    two_sample = limits[1].in_canary_requests(limits[1].asn_simulated)
-    one_sample = limits[0].in_canary_requests(limits[0].asn_simulated)
     add(
-        "| decider | median canary req to rollback | / two-sample SPRT ASN | / one-sample SPRT ASN |"
+        "Where the remaining distance comes from (errors test, 2x): the SPRT stops at "
+        "log((1 - beta)/alpha) = 4.38 nats and also stops early in favour of H0 in 20% of runs, "
+        "while ours must reach log(1/alpha_errors) = 4.71 nats for any regression, plus "
+        "log(1/0.55) = 0.60 for the mixture's weight on 2x, with no early stop: ~5.3 nats. The "
+        "grid does not enter the decision (the prior points are exact; the grid only carries "
+        "the reported bounds). Looking once per second adds ~half a second of traffic after "
+        "the crossing (~10 canary requests); looking every 10 s adds ~5 s (analyzer_10s rows). "
+        "Moving weight from 2x to 1.5x would trade one target against the other (the 'Fail "
+        "prior' rows of the trade-off curve)."
     )
-    add("|---|---:|---:|---:|")
-    for d in DECIDERS:
-        med = _quantile_or_inf(summaries["errors_2x"][d].req_fail, 0.5)
-        add(f"| {d} | {_fmt(med)} | {_fmt(med / two_sample, 2)} | {_fmt(med / one_sample, 2)} |")
     add("")
+    add(
+        "| scenario | decider | rolled back <= 15 min | median canary req to rollback | "
+        "/ two-sample SPRT ASN | / one-sample SPRT ASN |"
+    )
+    add("|---|---|---:|---:|---:|---:|")
+    for name, pair in limits.items():
+        one_sample = pair[0].in_canary_requests(pair[0].asn_simulated)
+        two_sample = pair[1].in_canary_requests(pair[1].asn_simulated)
+        for d in DECIDERS:
+            m = summaries[name][d]
+            med = _quantile_or_inf(m.req_fail, 0.5)
+            add(
+                f"| {name} | {d} | {_pct(m.fails / m.runs)} | {_fmt(med)} | "
+                f"{_fmt(med / two_sample, 2)} | {_fmt(med / one_sample, 2)} |"
+            )
+    add("")
+
+    if curve:
+        add("## Choosing the error tolerance: the trade-off curve")
+        add("")
+        add(
+            "The errors metric alone (benchmarks/tradeoff.py: the engine's count test vectorised "
+            "over runs, checked against analysis.counts.CountTest in the self-checks), observing "
+            "every second for up to 15 minutes, 1% errors on the primary unless said. "
+            f"{options.curve_runs[0]} A/A runs and {options.curve_runs[1]} runs per regression "
+            "at each point; every row of a traffic sees the same draws. A pass of the whole "
+            "analysis also waits for the latency metrics (the tables above). '1.5x promoted' is "
+            "a 50% rise in errors passed as within tolerance; the rest of the 1.5x runs that "
+            "were not rolled back within 15 minutes were still undecided, which a step's "
+            "max_step_s (900 s by default) turns into a rollback."
+        )
+        add("")
+        add(
+            "**The defaults chosen from it** (errors: tolerance 0.5, abs_tolerance 0.002, the "
+            "default priors, 0.9 of alpha). A 1% -> 1.5% canary must be rolled back, so 1.5x "
+            "must lie outside the pass test's tolerance: the tolerance is at most 0.5 and the "
+            "absolute route well below 0.5 points. Within that, 0.5 is the loosest tolerance, "
+            "so the fastest pass for a good canary: at 20 canary req/s beside 180 on the "
+            "primary, a good canary passes within 15 minutes in ~99% of runs at 0.5, ~95% at "
+            "0.4 and ~82% at 0.3, while a 1.5x canary is promoted in ~3% at 0.5 (bounded by "
+            "pass_alpha/2 = 2.5% plus sampling) and in ~9% at 0.6, 45% at 1.0. The absolute "
+            "route only matters for rare errors (the 0.1% rows): 0.2 points lets a good canary "
+            "with 0.1% errors pass in ~11 min at 20 canary req/s, 0.5 points would promote "
+            "1.5x there almost always. The pass prior moves time to pass by ~10% (0.8 on equal "
+            "arms); the fail prior with weight on 1.5x and 2x is what brings both regressions "
+            "close to Wald's limit. What cannot be had: at 20 canary req/s beside only 20 on "
+            "the primary (50% weight) no tolerance that keeps 1.5x out (<= 0.5) passes 95% of "
+            "good canaries within 15 minutes (~88% at 0.5; 0.6 reaches 95% but promotes 1.5x "
+            "in 4-9%), and at 2 canary req/s nothing passes in 15 minutes without promoting "
+            "1.5x often. There the planner says so up front (`analysis.pass_advice`), with the "
+            "generated load that would fit the step."
+        )
+        add("")
+        lines.extend(curve)
+    if plans:
+        add("## The planner against the engine")
+        add("")
+        add(
+            "`analysis.plan(...)` at the start, from the scenario's rate and weight and a 1% "
+            "baseline (latency: 1 - q slow requests assumed); `analysis.plan_from_counts(snapshot)` "
+            f"after {planning.OBSERVE_S} s of each of the first {planning.SAMPLES} runs' traffic "
+            "(median estimate); against the analyzer's simulated runs above. '95%' is the "
+            "planner's likely_pass_s (inverse-Gaussian quantile); 'never' = not decided within "
+            "the 900 s runs, or the planner expects no pass."
+        )
+        add("")
+        lines.extend(plans)
+        add("")
 
     add("## Cost of observe()")
     add("")
@@ -775,14 +931,18 @@ def render(
     for line in checks:
         add(f"- {line}")
     add(
-        f"- SPRT simulation vs Wald's approximation: ASN {limits[1].asn_simulated:.1f} vs "
-        f"{limits[1].asn_wald:.1f} error events (Wald ignores the overshoot, so it is lower), power "
-        f"{_pct(limits[1].power_simulated)} vs 1 - beta = {_pct(1 - SPRT_BETA)}"
+        "- SPRT simulation vs Wald's approximation: "
+        + "; ".join(
+            f"{name} ASN {pair[1].asn_simulated:.1f} vs {pair[1].asn_wald:.1f} error events, power "
+            f"{_pct(pair[1].power_simulated)} vs 1 - beta = {_pct(1 - SPRT_BETA)}"
+            for name, pair in limits.items()
+        )
+        + " (Wald ignores the overshoot, so its ASN is lower)"
     )
     add("")
     add("## Targets")
     add("")
-    add("\n".join(targets(summaries, aa, analyzer_median, two_sample, cost)))
+    add("\n".join(targets(summaries, aa, limits, cost)))
     add("")
     return "\n".join(lines)
 
@@ -790,8 +950,7 @@ def render(
 def targets(
     summaries: dict[str, dict[str, Summary]],
     aa: list[Scenario],
-    analyzer_median: float,
-    two_sample_asn_req: float,
+    limits: Limits,
     cost: Cost,
 ) -> list[str]:
     """One line per issue target: the measured value and PASS/MISS."""
@@ -801,30 +960,50 @@ def targets(
         out.append(f"| {target} | {measured} | {'PASS' if ok else 'MISS'} |")
 
     for s in aa:
-        m = summaries[s.name]["analyzer"]
-        rate = m.fails / m.runs
+        for d, label in (("analyzer", "1 s"), ("analyzer_10s", "10 s")):
+            m = summaries[s.name][d]
+            rate = m.fails / m.runs
+            row(
+                f"A/A false rollbacks <= 1% ({s.name}, one look per {label})",
+                f"{m.fails}/{m.runs} = {_pct(rate)} (CP95 [{_pct(m.fail_ci[0])}, {_pct(m.fail_ci[1])}])",
+                rate <= ALPHA,
+            )
+    for name, (_, ratio, max_ratio, min_power) in SPRT_TARGETS.items():
+        m = summaries[name]["analyzer"]
+        power = m.fails / m.runs
+        lo, hi = clopper_pearson(m.fails, m.runs)
         row(
-            f"A/A false rollbacks <= 1% ({s.name})",
-            f"{m.fails}/{m.runs} = {_pct(rate)} (CP95 upper {_pct(m.fail_ci[1])})",
-            rate <= ALPHA,
+            f"errors x{ratio:g} ({name}): rolled back in >= {_pct(min_power)} of runs (within 15 min)",
+            f"{m.fails}/{m.runs} = {_pct(power)} (CP95 [{_pct(lo)}, {_pct(hi)}]); promoted "
+            f"{_pct(m.passes / m.runs)}",
+            power >= min_power,
         )
-    ratio = analyzer_median / two_sample_asn_req
-    row(
-        "errors 1% -> 2%: median canary req to rollback <= 1.5 x two-sample SPRT ASN",
-        f"{_fmt(analyzer_median)} / {two_sample_asn_req:,.0f} = {_fmt(ratio, 2)}x",
-        ratio <= 1.5,
-    )
+        med = _quantile_or_inf(m.req_fail, 0.5)
+        lo, hi = median_ci(m.req_fail)
+        two_sample = limits[name][1].in_canary_requests(limits[name][1].asn_simulated)
+        row(
+            f"errors x{ratio:g} ({name}): median canary req to rollback <= {max_ratio:g} x "
+            "two-sample SPRT ASN",
+            f"{_fmt(med)} / {two_sample:,.0f} = {_fmt(med / two_sample, 2)}x (median's 95% CI "
+            f"{_fmt(lo / two_sample, 2)}x-{_fmt(hi / two_sample, 2)}x over {m.runs} runs)",
+            med / two_sample <= max_ratio,
+        )
     references = ("flagger", "kayenta", "kayenta_10s")
+    ours = summaries["errors_2x"]["analyzer"]
+    ours_med = _quantile_or_inf(ours.req_fail, 0.5)
     others = {d: _quantile_or_inf(summaries["errors_2x"][d].req_fail, 0.5) for d in references}
-    worst_aa = max(
-        summaries[s.name]["analyzer"].fails / summaries[s.name]["analyzer"].runs for s in aa
-    )
     row(
-        "errors 1% -> 2%: median below both reference deciders, A/A false rollbacks <= alpha",
-        f"analyzer {_fmt(analyzer_median)} vs "
-        + ", ".join(f"{d} {_fmt(v)}" for d, v in others.items())
-        + f"; worst A/A rate {_pct(worst_aa)}",
-        all(analyzer_median < v for v in others.values()) and worst_aa <= ALPHA,
+        "errors_2x: median canary req to rollback below every reference decider",
+        f"analyzer {_fmt(ours_med)} vs " + ", ".join(f"{d} {_fmt(v)}" for d, v in others.items()),
+        all(ours_med < v for v in others.values()),
+    )
+    ours = summaries["errors_1_5x"]["analyzer"]
+    kayenta = {d: summaries["errors_1_5x"][d] for d in ("kayenta", "kayenta_10s")}
+    row(
+        "errors_1_5x: rolled back as reliably as Kayenta (issue 12)",
+        f"analyzer {_pct(ours.fails / ours.runs)} vs "
+        + ", ".join(f"{d} {_pct(o.fails / o.runs)}" for d, o in kayenta.items()),
+        all(ours.fails >= o.fails for o in kayenta.values()),
     )
     crash = summaries["crash"]["analyzer"]
     within = sum(t <= 3.0 for t in crash.time_fail)
@@ -841,15 +1020,15 @@ def targets(
         power = m.fails / m.runs
         row(
             f"latency {label} at 20 canary req/s: power >= 0.95 within 15 min",
-            _pct(power),
+            f"{_pct(power)}, median {_fmt(_quantile_or_inf(m.time_fail, 0.5))} s",
             power >= 0.95,
         )
-    # 20 canary req/s twice: beside a 9x larger primary (10%), and at an even split (50%).
-    for name in ("aa_200rps", "aa_20canary"):
+    # 20 canary req/s beside a 9x larger primary (10%), drawn two ways, and at an even split.
+    for name in ("aa_200rps", "aa_binomial", "aa_20canary"):
         m = summaries[name]["analyzer"]
         share = sum(t <= PASS_WITHIN_S for t in m.time_pass) / m.runs
         row(
-            f"A/A at 20 canary req/s ({name}): pass within 10 min in >= 95% of runs",
+            f"A/A at 20 canary req/s ({name}): pass within 15 min in >= 95% of runs",
             _pct(share),
             share >= 0.95,
         )

@@ -14,6 +14,11 @@ What the streams model, and why:
   the same window must not care.
 - Incidents that hit both arms at once (errors x10, latency up, for a minute): the classic
   source of false rollbacks for deciders that look at the canary alone.
+- The split drawn per second (`split="binomial"`): Poisson arrivals at the total rate, then
+  each second's canary requests ~ Binomial(arrivals, weight), as a router that flips a coin
+  per request does it. By Poisson thinning this has the same law as two independent Poisson
+  arms; it is simulated literally all the same, since that is how an outside check (issue 12)
+  drew it.
 """
 
 from __future__ import annotations
@@ -98,8 +103,13 @@ class Scenario:
     incident_len_s: int = 60
     incident_error_factor: float = 10.0
     incident_latency_factor: float = 3.0
+    # "poisson": independent Poisson arrivals per arm; "binomial": Poisson total, split per
+    # second by a Binomial(arrivals, canary_weight) draw.
+    split: str = "poisson"
 
     def __post_init__(self) -> None:
+        if self.split not in ("poisson", "binomial"):
+            raise ValueError(f"scenario {self.name}: split must be 'poisson' or 'binomial'")
         if self.total_rps <= 0:
             raise ValueError(f"scenario {self.name}: total_rps must be > 0")
         if not 0.0 < self.canary_weight < 1.0:
@@ -138,13 +148,12 @@ class RunStream:
 
 def _arm(
     rng: np.random.Generator,
-    rate: FloatArray,
+    requests: IntArray,
     profile: ArmProfile,
     error_factor: FloatArray,
     latency_factor: FloatArray,
 ) -> ArmStream:
-    seconds = rate.shape[0]
-    requests = rng.poisson(rate).astype(np.int64)
+    seconds = requests.shape[0]
     p_error = np.minimum(1.0, profile.error_rate * error_factor)
     errors = rng.binomial(requests, p_error).astype(np.int64)
     total = int(requests.sum())
@@ -182,10 +191,24 @@ def simulate(scenario: Scenario, rng: np.random.Generator) -> RunStream:
         error_factor[window] = scenario.incident_error_factor
         latency_factor[window] = scenario.incident_latency_factor
     rate = scenario.total_rps * multiplier
-    primary = _arm(
-        rng, rate * (1.0 - scenario.canary_weight), scenario.primary, error_factor, latency_factor
-    )
-    canary = _arm(rng, rate * scenario.canary_weight, scenario.canary, error_factor, latency_factor)
+    w = scenario.canary_weight
+    if scenario.split == "binomial":
+        arrivals = rng.poisson(rate).astype(np.int64)
+        n_canary = rng.binomial(arrivals, w).astype(np.int64)
+        n_primary = arrivals - n_canary
+        primary = _arm(rng, n_primary, scenario.primary, error_factor, latency_factor)
+        canary = _arm(rng, n_canary, scenario.canary, error_factor, latency_factor)
+    else:
+        # Drawn in this order (primary arrivals, primary, canary arrivals, canary) so that the
+        # streams of the Poisson scenarios are those of earlier benchmark runs.
+        primary = _arm(
+            rng, rng.poisson(rate * (1.0 - w)).astype(np.int64), scenario.primary,
+            error_factor, latency_factor,
+        )
+        canary = _arm(
+            rng, rng.poisson(rate * w).astype(np.int64), scenario.canary, error_factor,
+            latency_factor,
+        )
     return RunStream(primary=primary, canary=canary)
 
 

@@ -65,6 +65,23 @@ def stream(
     return out[0], out[1]
 
 
+def split_stream(
+    *, total_rps: float, weight: float, primary: Arm, canary: Arm, seconds: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """As stream(), but the split is drawn per second: Poisson(total_rps) arrivals, of which
+    Binomial(arrivals, weight) go to the canary (the arms' `rps` are ignored)."""
+    rng = np.random.default_rng(seed)
+    total = rng.poisson(total_rps, seconds)
+    n_c = rng.binomial(total, weight)
+    out = []
+    for arm, n in ((primary, total - n_c), (canary, n_c)):
+        e = rng.binomial(n, arm.error_rate)
+        b = rng.multinomial(n, arm.bucket_probs())
+        per_s = np.column_stack([n, e, np.cumsum(b, axis=1)])
+        out.append(np.cumsum(per_s, axis=0).astype(float))
+    return out[0], out[1]
+
+
 def arm_counts(row: np.ndarray, *, buckets: bool = True) -> ArmCounts:
     lat = {}
     if buckets:
