@@ -109,8 +109,6 @@ log = logging.getLogger("canary.runner")
 _MAX_ACTIONS_PER_EVENT = 64
 # TickEntry fields a tick hook may fill in.
 _HOOK_FIELDS = frozenset({"observed_canary_share"})
-# A pause between looks longer than this (and than 3 ticks) is marked in the record.
-_GAP_NOTED_S = 5.0
 _FINISH_REASONS = {"promoted": "Promoted", "rolled_back": "RolledBack"}
 
 
@@ -226,6 +224,8 @@ class RolloutRunner:
     identity: str = ""
     # Extra fields for state() (a Deployment's namespace and name).
     labels: Mapping[str, str] = field(default_factory=dict)
+    # A pause between looks longer than this (and than 3 ticks) is marked in the record.
+    gap_noted_s: float = 5.0
 
     def __post_init__(self) -> None:
         if self.tick_s <= 0:
@@ -471,11 +471,11 @@ class RolloutRunner:
         looked = time.monotonic()
         gap = looked - self._last_look if self._last_look is not None else 0.0
         self._last_look = looked
-        if gap > max(3 * self.tick_s, _GAP_NOTED_S):
+        if gap > max(3 * self.tick_s, self.gap_noted_s):
             # Marked in the record (and so in the report): the analysis did not look meanwhile.
             await self._note(
                 "warning",
-                f"no look for {gap:.0f}s (one every {self.tick_s:g}s expected): the controller "
+                f"no look for {gap:.3g}s (one every {self.tick_s:g}s expected): the controller "
                 "was stalled or suspended",
             )
         weight_read: int | None = None

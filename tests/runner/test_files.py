@@ -17,7 +17,7 @@ from test_runner import SPEC, make_runner
 from canary.core.records import RecordError, TickEntry, read_record
 from canary.core.rollout import Phase
 from canary.metrics.base import MetricsResult
-from canary.reports import build_report
+from canary.reports import build_report, render_html, render_markdown
 from canary.runner import Controller, FileStateStore, RecordWriter, ResumeError, StateLocked
 from canary.runner.files import cut_torn_tail
 from canary.runner.seams import SavedRollout
@@ -197,3 +197,31 @@ async def test_an_unsaved_status_is_not_carried_out_and_a_restart_moves_nothing_
     assert statuses["app"].phase is Phase.SUCCEEDED
     assert router.sets == [5, 10, 25, 50, 100], router.sets
     assert router.sets == sorted(router.sets)
+
+
+async def test_a_stall_between_looks_is_marked_in_the_record_and_the_report(
+    tmp_path: Path,
+) -> None:
+    """When the controller could not look for a while (stalled, suspended, a disk that kept
+    it waiting), the record says so at the next look, and the report shows that note."""
+    runner, _, metrics = make_runner(tmp_path)
+    runner.gap_noted_s = 0.2
+    original = metrics.fetch
+    looks = 0
+
+    async def stalls_once(*, since: float, now: float) -> MetricsResult:
+        nonlocal looks
+        looks += 1
+        if looks == 3:
+            await asyncio.sleep(0.5)  # the stall itself (a condition, not a measurement)
+        return await original(since=since, now=now)
+
+    metrics.fetch = stalls_once  # type: ignore[method-assign]
+    await Controller([runner]).run()
+    text = runner.record_path.read_text()
+    lines = [json.loads(line) for line in text.splitlines()]
+    gaps = [e for e in lines if e["kind"] == "note" and e["message"].startswith("no look for")]
+    assert gaps and all("was stalled or suspended" in g["message"] for g in gaps)
+    report = build_report(lines)
+    assert any(n.message.startswith("no look for") for n in report.notes)
+    assert "no look for" in render_html(report) and "no look for" in render_markdown(report)
