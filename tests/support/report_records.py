@@ -192,7 +192,7 @@ def simulate(scenario: Scenario) -> list[dict[str, Any]]:
             )
             break
         in_step += 1
-        # canary/rollout.py's rule: a step advances once its minimum time has passed and the
+        # canary/core/rollout.py's rule: a step advances once its minimum time has passed and the
         # latest verdict is pass; a fail rolls back at any time.
         advance = verdict.decision == "pass" and in_step >= scenario.ticks_per_step
         if advance and step == len(scenario.steps) - 1:
