@@ -762,7 +762,7 @@ class Operator:
         self.kube = kube
         self.settings = settings
         self.elector = elector
-        self.telemetry = telemetry or Telemetry()
+        self.telemetry = telemetry or Telemetry(mode="kubernetes")
         self.events = EventRecorder(kube, component="canary")
         self.clock = clock or MonotonicWallClock()  # timers never jump with the wall clock
         self.started = asyncio.Event()

@@ -508,6 +508,7 @@ class RolloutRunner:
         if self.telemetry is not None:
             label = decision.value if decision is not None else "no_data"
             self.telemetry.decisions.labels(self.name, label).inc()
+            self.telemetry.analysis(self.name, verdict)  # each metric's estimate, bounds, e-values
 
         # The tick is what was observed, in the state it was observed in; the transitions it
         # causes follow it in the record (so an end entry stays last).

@@ -350,8 +350,11 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
 
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
         metrics = response.read().decode()
-    assert 'canary_rollout_phase{phase="Progressing",rollout="app"} 1.0' in metrics
-    assert 'canary_analysis_decisions_total{decision="no_data",rollout="app"}' in metrics
+    labels = 'name="app",namespace=""'
+    assert f'canary_rollout_phase{{{labels},phase="Progressing",rollout="app"}} 1.0' in metrics
+    assert (
+        f'canary_analysis_decisions_total{{decision="no_data",{labels},rollout="app"}}' in metrics
+    )
 
     # canary.reports.pages' routes are plugged into the same server, behind the same token
     index = _get(f"{url}/reports/?format=json", token)
