@@ -133,12 +133,23 @@ def configure_logging(
         handler.addFilter(RedactingFilter())
         root.addHandler(handler)
         root.setLevel(level.upper())
+        # What Python itself would print on stderr goes through the log too: warnings, and an
+        # exception nothing caught (a traceback on stderr would be a line no pipeline parses).
+        logging.captureWarnings(True)
+        sys.excepthook = _log_uncaught
     else:
         logging.basicConfig(
             level=level.upper(), format=TEXT_FORMAT, stream=stream if stream else sys.stderr
         )
     _json_enabled = log_format == "json"
     install_log_redaction()  # no URL credentials or tokens in the log, whoever logs them
+
+
+def _log_uncaught(kind: type[BaseException], value: BaseException, tb: Any) -> None:
+    if issubclass(kind, KeyboardInterrupt):
+        sys.__excepthook__(kind, value, tb)
+        return
+    logging.getLogger("canary").critical("uncaught exception", exc_info=(kind, value, tb))
 
 
 def json_logging() -> bool:

@@ -6,6 +6,8 @@ import asyncio
 import io
 import json
 import logging
+import sys
+import warnings
 from collections.abc import Iterator
 from typing import Any
 
@@ -28,9 +30,12 @@ def stream() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     level = root.level
     configure_logging("debug", "json", stream=out)
+    hook = sys.excepthook
     try:
         yield out
     finally:
+        sys.excepthook = hook
+        logging.captureWarnings(False)
         for handler in [h for h in root.handlers if type(h).__name__ == "_Handler"]:
             root.removeHandler(handler)
         root.setLevel(level)
@@ -126,3 +131,16 @@ def test_formatter_alone_with_the_filter() -> None:
     RedactingFilter().filter(record)
     event = json.loads(JsonFormatter().format(record))
     assert event["message"] == "token=***" and event["level"] == "error"
+
+
+def test_warnings_and_uncaught_exceptions_are_json_too(stream: io.StringIO) -> None:
+    """Python's own stderr output (a warning, an uncaught traceback) becomes JSON lines."""
+    warnings.warn("old API with password=hunter2", DeprecationWarning, stacklevel=1)
+    try:
+        raise RuntimeError("boom at http://u:pw3@h/")
+    except RuntimeError:
+        sys.excepthook(*sys.exc_info())
+    warned, crashed = _events(stream)[-2:]
+    assert warned["logger"] == "py.warnings" and "old API" in warned["message"]
+    assert crashed["level"] == "critical" and "RuntimeError: boom" in crashed["error"]
+    assert "hunter2" not in stream.getvalue() and "pw3" not in stream.getvalue()

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
+import json
+import logging
 import math
 import re
+import sys
 from pathlib import Path
 
 from prometheus_client import generate_latest
+from test_runner import make_runner
 
 from analysis import Analyzer, ArmCounts, Snapshot
+from canary.core.logs import configure_logging
+from canary.runner import Controller
 from canary.runner.telemetry import Telemetry
 
 README = Path(__file__).resolve().parents[2] / "README.md"
@@ -100,3 +107,35 @@ def _label_names() -> dict[str, set[str]]:
         for sample in metric.samples:
             found.setdefault(name, set()).update(set(sample.labels) - {"le"})
     return found
+
+
+async def test_a_deployments_rollout_has_its_namespace_in_logs_and_metrics(tmp_path: Path) -> None:
+    """A runner named and labelled as the operator makes it (`shop/app`, namespace shop,
+    Deployment app): its JSON log lines say rollout app, namespace shop, and the phase at
+    each line; its metrics have namespace="shop", name="app"."""
+    runner, _, _ = make_runner(tmp_path)
+    runner.name = "shop/app"
+    runner.labels = {"namespace": "shop", "deployment": "app"}
+    controller = Controller([runner])
+    out = io.StringIO()
+    root, hook = logging.getLogger(), sys.excepthook
+    level = root.level
+    configure_logging("info", "json", stream=out)
+    try:
+        await controller.run()
+    finally:
+        sys.excepthook = hook
+        logging.captureWarnings(False)
+        for handler in [h for h in root.handlers if type(h).__name__ == "_Handler"]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        configure_logging("info", "text")
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    moves = [e for e in events if e["logger"] == "canary.runner" and " -> " in e["message"]]
+    assert moves and all(e["rollout"] == "app" and e["namespace"] == "shop" for e in moves)
+    assert [e["phase"] for e in moves][-2:] == ["Promoting", "Succeeded"]
+    assert moves[-1]["decision"] == "pass" and moves[-1]["rollout_id"].startswith("shop/app")
+    labels = {"rollout": "shop/app", "namespace": "shop", "name": "app"}
+    get = controller.telemetry.registry.get_sample_value
+    assert get("canary_rollout_phase", {**labels, "phase": "Succeeded"}) == 1.0
+    assert get("canary_analysis_metric_e_value_pass", {**labels, "metric": "errors"}) is not None
