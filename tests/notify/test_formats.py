@@ -383,3 +383,18 @@ def test_format_is_chosen_per_webhook_in_config_and_annotations() -> None:
             "must be one of slack, teams, discord, google_chat, json, got 'fax'"
         ),
     }
+
+
+async def test_every_format_keeps_the_address_guard(services: Services) -> None:
+    """The format changes the body only: without the allow-list a loopback receiver is
+    refused without a connection, in every format, and nothing arrives."""
+    async with Notifier(_hooks(services)) as notifier:  # no allow_hosts
+        for entry in _entries("why"):
+            notifier.on_entry(entry)
+        assert await notifier.wait(timeout_s=20)
+    assert services.received == {}
+    assert len(notifier.deliveries) == 3 * len(FORMATS)
+    for delivery in notifier.deliveries:
+        assert not delivery.ok and delivery.attempts == 1 and delivery.status is None
+        assert delivery.error is not None and "loopback" in delivery.error
+        assert "T000-secret" not in delivery.url
