@@ -148,10 +148,10 @@ def slack_payload(notification: Notification, *, link: str | None) -> dict[str, 
 
 TEAMS_MAX_BYTES = 28_000  # Teams refuses bigger messages (its documented limit is 28 KB)
 _TEAMS_COLOR: Mapping[EventKind, str] = {
-    "promoted": "good",
-    "rolled_back": "attention",
-    "failover": "warning",
-    "manual": "accent",
+    "promoted": "Good",
+    "rolled_back": "Attention",
+    "failover": "Warning",
+    "manual": "Accent",
 }
 
 
@@ -177,7 +177,6 @@ def teams_payload(notification: Notification, *, link: str | None) -> dict[str, 
                     "weight": "Bolder",
                     "color": _TEAMS_COLOR[n.event],
                     "wrap": True,
-                    "style": "heading",
                 },
                 {"type": "TextBlock", "text": text, "wrap": True},
                 {"type": "FactSet", "facts": facts},

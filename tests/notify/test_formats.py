@@ -100,13 +100,9 @@ def check_teams(body: dict[str, Any]) -> None:
                 in ("Small", "Default", "Medium", "Large", "ExtraLarge"),
                 "size",
             )
-            _require(
-                element.get("color", "Default")
-                in ("Default", "Dark", "Light", "Accent", "Good", "Warning", "Attention")
-                or element.get("color", "").capitalize()
-                in ("Accent", "Good", "Warning", "Attention"),
-                "color",
-            )
+            colors = ("Default", "Dark", "Light", "Accent", "Good", "Warning", "Attention")
+            _require(element.get("color", "Default") in colors, "color")
+            _require(set(element) <= TEXTBLOCK_1_4, f"not in Adaptive Cards 1.4: {set(element)}")
         elif element["type"] == "FactSet":
             for fact in element["facts"]:
                 _require(isinstance(fact["title"], str) and isinstance(fact["value"], str), "facts")
@@ -186,6 +182,26 @@ def check_json(body: dict[str, Any]) -> None:
     _require(body["source"] == "canary", "source")
     datetime.fromisoformat(body["time"].replace("Z", "+00:00"))
 
+
+# TextBlock's properties in Adaptive Cards 1.4 (the version the card declares).
+TEXTBLOCK_1_4 = {
+    "type",
+    "text",
+    "color",
+    "fontType",
+    "horizontalAlignment",
+    "isSubtle",
+    "maxLines",
+    "size",
+    "weight",
+    "wrap",
+    "id",
+    "isVisible",
+    "separator",
+    "spacing",
+    "height",
+    "fallback",
+}
 
 CHECKS: dict[str, tuple[Callable[[dict[str, Any]], None], int]] = {
     "slack": (check_slack, 200),
