@@ -353,10 +353,10 @@ class DeploymentWorker:
             self.notifier = None
 
     async def _notifier(self, spec: CanarySpec) -> Notifier | None:
-        """Slack-compatible notifications for the `post-rollout` (promoted, rolled back,
+        """Notifications (in each webhook's format) for the `post-rollout` (promoted, rolled back,
         manual actions) and `rollback` webhooks (the only kinds canary.kubernetes.spec accepts)."""
         hooks = tuple(
-            WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type])
+            WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type], format=hook.format)
             for hook in spec.webhooks
             if hook.type in _WEBHOOK_EVENTS
         )
@@ -762,7 +762,7 @@ class Operator:
         self.kube = kube
         self.settings = settings
         self.elector = elector
-        self.telemetry = telemetry or Telemetry()
+        self.telemetry = telemetry or Telemetry(mode="kubernetes")
         self.events = EventRecorder(kube, component="canary")
         self.clock = clock or MonotonicWallClock()  # timers never jump with the wall clock
         self.started = asyncio.Event()

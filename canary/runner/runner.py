@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from analysis import Snapshot, Verdict
+from canary.core.logs import bind_rollout, unbind_rollout
 from canary.core.records import (
     EndEntry,
     Entry,
@@ -358,12 +359,30 @@ class RolloutRunner:
     async def run(self) -> RolloutStatus:
         """Start (or resume) the rollout and run it to its end. Cancel to stop it: weights
         stay where they are."""
-        await self.prepare()
+        bound = bind_rollout(self._log_fields)  # every log line of this task names the rollout
         try:
-            return await self._run()
+            await self.prepare()
+            try:
+                return await self._run()
+            finally:
+                if self.store is not None:
+                    await self.store.release()
         finally:
-            if self.store is not None:
-                await self.store.release()
+            unbind_rollout(bound)
+
+    def _log_fields(self) -> dict[str, Any]:
+        """The rollout's fields on each log line logged while it runs (canary.core.logs)."""
+        fields: dict[str, Any] = {
+            "rollout": self.labels.get("deployment", self.name),
+            "namespace": self.labels.get("namespace"),
+            "phase": self.status.phase.value,
+            "step": self.status.step,
+            "weight": self.status.weight,
+            "decision": self.status.last_decision,
+        }
+        if self._rollout_id:
+            fields["rollout_id"] = self._rollout_id
+        return fields
 
     def _wanted_revision(self) -> str:
         return self.revision or self.canary_version
@@ -508,6 +527,7 @@ class RolloutRunner:
         if self.telemetry is not None:
             label = decision.value if decision is not None else "no_data"
             self.telemetry.decisions.labels(self.name, label).inc()
+            self.telemetry.analysis(self.name, verdict)  # each metric's estimate, bounds, e-values
 
         # The tick is what was observed, in the state it was observed in; the transitions it
         # causes follow it in the record (so an end entry stays last).
