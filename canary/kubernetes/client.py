@@ -945,6 +945,7 @@ class LeaderElector:
     _observed_rv: str | None = field(default=None, init=False)
     _observed_at: float = field(default=0.0, init=False)
     _lease: JSON | None = field(default=None, init=False)
+    _standby_for: str = field(default="", init=False)  # the holder last logged as such
 
     def __post_init__(self) -> None:
         if self.lease_duration_s < 1:
@@ -1029,7 +1030,17 @@ class LeaderElector:
         holder = spec.get("holderIdentity") or ""
         duration = float(spec.get("leaseDurationSeconds") or self.lease_duration_s)
         if holder and holder != self.identity and now - self._observed_at < duration:
+            if holder != self._standby_for:
+                self._standby_for = holder
+                log.info(
+                    "lease %s/%s: held by %s; %s is standby",
+                    self.namespace,
+                    self.name,
+                    holder,
+                    self.identity,
+                )
             return False
+        self._standby_for = ""
         try:
             self._lease = await self.kube.replace_lease(
                 self.namespace, self.name, self._body(lease, meta.get("resourceVersion"))
