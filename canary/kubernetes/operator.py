@@ -566,7 +566,7 @@ class DeploymentWorker:
             ),
             timeout_s=settings.metrics_timeout_s,
         )
-        analysis_config = spec.analysis.analysis_config()
+        analysis_config = spec.analysis_config()
         saved: SavedRollout | None = None
         if resume is not None:
             saved = SavedRollout(
