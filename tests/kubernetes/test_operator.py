@@ -35,14 +35,25 @@ from canary.kubernetes.client import Kube
 from canary.kubernetes.commands import send_command
 from canary.kubernetes.operator import KubeState, Operator, OperatorSettings, template_hash
 from canary.kubernetes.record_store import unpack_record
-from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
+from canary.kubernetes.spec import ANNOTATION_COMMAND, ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ("apps", "v1", "deployments")
 INGRESSES = ("networking.k8s.io", "v1", "ingresses")
 ROUTES = ("gateway.networking.k8s.io", "v1", "httproutes")
 RECORDS_NS = "canary-system"
-GOOD = ("promote", "resume", "leader", "commands", "spec", "supersede", "cli", "gateway", "faults")
+GOOD = (
+    "promote",
+    "resume",
+    "leader",
+    "commands",
+    "spec",
+    "supersede",
+    "cli",
+    "gateway",
+    "faults",
+    "handover",
+)
 BAD = ("rollback",)
 
 # Above `until`'s 240 s, so a rollout that is slow to pass fails with what it waited for; a
@@ -721,6 +732,39 @@ async def test_manual_commands_only_touch_annotations(
     entries = record_entries(api, st)
     manual = [(e.command, e.who) for e in entries if e.kind == "manual"]
     assert manual == [("pause", "alice"), ("resume", "alice"), ("abort", "alice")]
+
+
+async def test_a_command_sent_while_no_controller_runs_goes_to_the_resumed_rollout(
+    api: KubeEmulator, tmp_path: Path, stack: Stack
+) -> None:
+    """A command written while no replica runs the rollout (a restart, a leader hand-over)
+    is answered by the next controller once it has resumed the rollout, not refused with
+    "no rollout is in progress" (found on the real control plane: the command was handled
+    before the rollout was resumed)."""
+    ns = "handover"
+    notes = {"canary.dev/min-step-duration": "10m", "canary.dev/max-step-duration": "20m"}
+    seed(api, ns, notes_for(**notes))
+    async with running(api, tmp_path, stack, ns, token="token-a"):
+        await until(lambda: initialized(api, ns), what="initialization")
+        new_version(api, ns, "example/app:2")
+        await until(
+            lambda: (s := state(api, ns)) and s.rollout and s.rollout.weight_verified,
+            what="the first step",
+        )
+    cli = await connect(api, tmp_path, "token-cli")
+    try:
+        pause = asyncio.create_task(send_command(cli, ns, "app", "pause", who="alice", wait_s=60))
+        await until(
+            lambda: (
+                ANNOTATION_COMMAND in api.get(*DEPLOYMENTS, ns, "app")["metadata"]["annotations"]
+            ),
+            what="the command annotation",
+        )
+        async with running(api, tmp_path, stack, ns, token="token-b"):
+            code, message = await pause
+    finally:
+        await cli.close()
+    assert code == 0 and "Paused" in message, message
 
 
 async def test_template_changed_mid_rollout_restarts_the_analysis(
