@@ -12,6 +12,9 @@ costs a minute on 2 cores; in sequence they would cost five):
     e2e-resume    ingress-nginx, promoted, with the leader killed (-9) in the middle
     e2e-rollback  a canary answering half its requests with 500s, rolled back
     e2e-gateway   Gateway API: HTTPRoute weights (the real CRD's schema), promoted
+    e2e-supersede a newer template mid-rollout: the running rollout is superseded
+
+The module ends by stopping the replicas with SIGTERM: exit status 0, the Lease released.
 
 The tests read what the controller did from the apiserver's audit log (every request of its
 ServiceAccount, with the bodies of its traffic writes: tests/support/control_plane.py's
@@ -65,19 +68,21 @@ from canary.kubernetes.operator import KubeState
 from canary.kubernetes.record_store import unpack_record
 from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
 
-SPEC, COMMANDS, RESUME, ROLLBACK, GATEWAY = (
+SPEC, COMMANDS, RESUME, ROLLBACK, GATEWAY, SUPERSEDE = (
     "e2e-spec",
     "e2e-commands",
     "e2e-resume",
     "e2e-rollback",
     "e2e-gateway",
+    "e2e-supersede",
 )
-NAMESPACES = (SPEC, COMMANDS, RESUME, ROLLBACK, GATEWAY)
+NAMESPACES = (SPEC, COMMANDS, RESUME, ROLLBACK, GATEWAY, SUPERSEDE)
 BAD = (ROLLBACK,)
 RECORDS_NS = "canary-system"
 LEASE = "e2e-leader"
 NEW_IMAGE = "ghcr.io/example/shop:1.5.0"
 OLD_IMAGE = "ghcr.io/example/shop:1.4.0"
+NEWER_IMAGE = "ghcr.io/example/shop:1.6.0"
 # Waits, not measurements: generous, because the machine may be busy with other suites.
 WAIT_S = 300.0
 RATE_PER_NAMESPACE = 60.0  # requests/s of the traffic generator, per namespace
@@ -106,7 +111,7 @@ def annotations_for(namespace: str) -> dict[str, str]:
     }
     if namespace == SPEC:
         notes["canary.dev/steps"] = "10,5"  # not increasing: invalid
-    if namespace == COMMANDS:
+    if namespace in (COMMANDS, SUPERSEDE):
         notes["canary.dev/min-step-duration"] = "10m"  # stays at its first step until told
         notes["canary.dev/max-step-duration"] = "20m"
     if namespace == RESUME:
@@ -194,6 +199,10 @@ class Controller:
                 start_new_session=True,
             )
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def kill(self) -> None:
         """kill -9, as the kernel's OOM killer or a node failure would."""
         assert self.process is not None
@@ -215,14 +224,23 @@ class Controller:
         return self.log.read_text(errors="replace")
 
     def readyz(self) -> int:
+        return self.http("/readyz")[0]
 
+    def http(self, path: str, *, method: str = "GET", token: str = "") -> tuple[int, str]:
+        """(status, body) of a request to the replica's HTTP server; 0 if it does not answer."""
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        if method == "POST":
+            headers["Content-Type"] = "application/json"
+        request = urllib.request.Request(
+            f"http://{LOOPBACK}:{self.port}{path}", method=method, headers=headers
+        )
         try:
-            with urllib.request.urlopen(f"http://{LOOPBACK}:{self.port}/readyz", timeout=5) as r:
-                return int(r.status)
+            with urllib.request.urlopen(request, timeout=10) as response:
+                return int(response.status), response.read().decode()
         except urllib.error.HTTPError as exc:
-            return int(exc.code)
+            return int(exc.code), exc.read().decode()
         except OSError:
-            return 0
+            return 0, ""
 
 
 class Traffic:
@@ -544,7 +562,7 @@ def e2e(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Iter
                 shared,
             )
             shared.start("replica-b", "b")
-            for namespace in (COMMANDS, RESUME, ROLLBACK, GATEWAY):
+            for namespace in (COMMANDS, RESUME, ROLLBACK, GATEWAY, SUPERSEDE):
                 wait(
                     f"{namespace}/app initialized",
                     lambda ns=namespace: initialized(cluster, ns),  # type: ignore[misc]
@@ -835,10 +853,10 @@ def _canary_cli(e2e: E2E, *argv: str) -> tuple[int, str]:
 
 def test_manual_commands_through_the_annotation(e2e: E2E) -> None:
     """pause, resume and abort from `canary` by a user who may only get and patch the
-    Deployment are answered by the controller; a refused command says why; the user's
-    token reads /rollouts (TokenReview, SubjectAccessReview as the controller's
-    ServiceAccount); the record ConfigMap in canary-system has the commands and who sent
-    them."""
+    Deployment are answered by the controller; a refused command says why; `canary status`
+    reads the status. The user's token reads /rollouts and is asked for (TokenReview,
+    SubjectAccessReview as the controller's ServiceAccount); /metrics and the probes answer.
+    The record ConfigMap in canary-system has the commands and who sent them."""
     cluster = e2e.cluster
     wait(
         "the first step",
@@ -850,15 +868,22 @@ def test_manual_commands_through_the_annotation(e2e: E2E) -> None:
     code, out = _canary_cli(e2e, "resume", "app", "--who", "alice")
     assert code == 0 and "Progressing" in out, out
 
+    code, out = _canary_cli(e2e, "status", "app")
+    assert code == 0 and out.startswith(f"{COMMANDS}/app: Progressing"), out
+    code, out = _canary_cli(e2e, "status", "missing")
+    assert code == 4 and "no Deployment" in out, out
+
     leader = next(r for r in e2e.replicas.values() if r.readyz() == 200)
     token = json.loads(e2e.kubeconfigs["alice"].read_text())["users"][0]["user"]["token"]
-    request = urllib.request.Request(
-        f"http://{LOOPBACK}:{leader.port}/rollouts/{COMMANDS}/app",
-        headers={"Authorization": f"Bearer {token}"},
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        view = json.loads(response.read())
+    code, body = leader.http(f"/rollouts/{COMMANDS}/app", token=token)
+    assert code == 200, body
+    view = json.loads(body)
     assert view["deployment"] == "app" and view["phase"] == "Progressing", view
+    assert leader.http(f"/rollouts/{COMMANDS}/app")[0] == 401  # no token
+    assert leader.http(f"/rollouts/{COMMANDS}/app/pause", method="POST")[0] == 401
+    code, body = leader.http("/metrics")
+    assert code == 200 and "canary_errors" in body
+    assert all(r.http("/healthz")[0] == 200 for r in e2e.replicas.values() if r.running)
 
     code, out = _canary_cli(e2e, "abort", "app", "--who", "alice", "--reason", "bad feeling")
     assert code == 0, out
@@ -866,6 +891,10 @@ def test_manual_commands_through_the_annotation(e2e: E2E) -> None:
     assert st.rollout.outcome == "aborted", st.rollout
     code, out = _canary_cli(e2e, "promote", "app", "--who", "alice")
     assert code == 1 and "refused" in out, out
+    code, out = _canary_cli(e2e, "pause", "app", "--who", "alice")
+    assert code == 1 and "no rollout is in progress" in out, out
+    code, body = leader.http(f"/rollouts/{COMMANDS}/app/pause", method="POST", token=token)
+    assert code == 409 and "no rollout is in progress" in body, body
 
     alice = [
         e
@@ -884,6 +913,48 @@ def test_manual_commands_through_the_annotation(e2e: E2E) -> None:
         get(cluster, COMMANDS, "deployment", "app-primary")
         and image_of(get(cluster, COMMANDS, "deployment", "app-primary")) == OLD_IMAGE
     )
+
+
+def test_a_newer_template_mid_rollout_supersedes_it(e2e: E2E) -> None:
+    """A new template during a rollout ends the running record as superseded and starts a
+    new rollout of the newer template from the first step, with a record and an Event that
+    say so, and reports that say so."""
+    from canary.kubernetes.operator import template_hash
+    from canary.reports import build_report, render_markdown
+
+    cluster = e2e.cluster
+    first = wait(
+        "the first rollout",
+        lambda: (s := state(cluster, SUPERSEDE)) and s.rollout and s.rollout.weight_verified and s,
+        e2e,
+    )
+    set_image(cluster, SUPERSEDE, NEWER_IMAGE)
+    newest = template_hash(get(cluster, SUPERSEDE, "deployment", "app"))
+    second = wait(
+        "the second rollout",
+        lambda: (
+            (s := state(cluster, SUPERSEDE))
+            and s.rollout
+            and s.rollout.revision == newest
+            and s.rollout.weight_verified
+            and s
+        ),
+        e2e,
+    )
+    assert second.rollout.active and second.rollout.step == 0 and second.rollout.weight == 30
+    assert second.rollout_id != first.rollout_id and second.record != first.record
+    old = record(cluster, first)
+    assert isinstance(old[-1], EndEntry) and old[-1].outcome == "superseded"
+    new = record(cluster, second)
+    assert isinstance(new[0], StartEntry)
+    assert f"superseded {first.rollout_id}" in new[0].config["reason"]
+    assert any(e.kind == "transition" and "restarting the analysis" in e.reason for e in new)
+    assert any(e["reason"] == "Superseded" for e in events(cluster, SUPERSEDE))
+    for entries in (old, new):
+        text = render_markdown(
+            build_report([e.model_dump(mode="json", by_alias=True) for e in entries])
+        )
+        assert "superseded" in text.lower(), text[:2000]
 
 
 def test_failing_canary_is_rolled_back(e2e: E2E) -> None:
@@ -979,3 +1050,17 @@ def test_every_rbac_rule_is_used_and_none_is_missing(e2e: E2E) -> None:
     )
     assert refused == set(), f"refused to the controller: {sorted(refused)}"
     assert set(seen) <= _granted()
+
+
+def test_replicas_stop_on_sigterm_and_the_leader_releases_the_lease(e2e: E2E) -> None:
+    """SIGTERM stops each running replica with exit status 0, and the leader gives the
+    Lease up on the way out (an empty holder), so a successor need not wait for it."""
+    holder = lease_holder(e2e.cluster)
+    assert holder in {r.name for r in e2e.replicas.values() if r.running}
+    for replica in e2e.replicas.values():
+        if replica.running:
+            replica.stop()
+            assert replica.process is not None and replica.process.returncode == 0, replica.text()[
+                -3000:
+            ]
+    assert lease_holder(e2e.cluster) is None
