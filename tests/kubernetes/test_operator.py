@@ -4,12 +4,14 @@ scraping per-version exporter processes (the demo service, run with sys.executab
 traffic split by the weight the controller wrote into the canary Ingress.
 
 The end-to-end cases a real server can carry (promote and roll back with ingress-nginx and
-the Gateway API, kill and resume, two replicas, bad annotations, manual commands, records in
+the Gateway API, kill and resume, two replicas, bad annotations, manual commands, a template
+superseded mid-rollout, `canary kubernetes`' HTTP routes and `canary status`, records in
 ConfigMaps) run on the real control plane in tests/cluster/test_operator_on_cluster.py. What
 stays here needs a fault at a chosen request: a 409 on one particular status write and a 410
 on the watches mid-rollout, every record ConfigMap write failing, one replica's Lease calls
-failing while the other's succeed, a burst of 500s on the canary Ingress writes; and the
-controller's HTTP routes with users and grants made up per test.
+failing while the other's succeed, a burst of 500s on the canary Ingress writes; and a
+command written while no controller runs, answered by the next one (a race on a real
+cluster, made certain here).
 
 Each namespace below is one scenario; Prometheus labels every exporter with the namespace and
 Service it stands for, so the `custom` metrics preset queries them as it would in a cluster.
@@ -20,12 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
-import signal
-import subprocess
-import sys
-import urllib.request
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -41,7 +38,7 @@ from canary.demo.procs import HttpReady, ManagedProcess, find_binary, free_port
 from canary.demo.stack import service_process
 from canary.kubernetes.client import Kube
 from canary.kubernetes.commands import send_command
-from canary.kubernetes.operator import KubeState, Operator, OperatorSettings, template_hash
+from canary.kubernetes.operator import KubeState, Operator, OperatorSettings
 from canary.kubernetes.record_store import unpack_record
 from canary.kubernetes.spec import ANNOTATION_COMMAND, ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
 
@@ -49,7 +46,7 @@ ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ("apps", "v1", "deployments")
 INGRESSES = ("networking.k8s.io", "v1", "ingresses")
 RECORDS_NS = "canary-system"
-GOOD = ("promote", "leader", "supersede", "cli", "faults", "handover")
+GOOD = ("promote", "leader", "faults", "handover")
 BAD = ("rollback",)
 
 # Above `until`'s 240 s, so a rollout that is slow to pass fails with what it waited for; a
@@ -632,159 +629,6 @@ async def test_a_command_sent_while_no_controller_runs_goes_to_the_resumed_rollo
     finally:
         await cli.close()
     assert code == 0 and "Paused" in message, message
-
-
-async def test_template_changed_mid_rollout_restarts_the_analysis(
-    api: KubeEmulator, tmp_path: Path, stack: Stack
-) -> None:
-    """A new template during a rollout ends the running record as superseded and starts a
-    new rollout of the newer template from the first step, with a record that says so."""
-    ns = "supersede"
-    seed(api, ns, notes_for())
-    async with running(api, tmp_path, stack, ns):
-        await until(lambda: initialized(api, ns), what="initialization")
-        new_version(api, ns, "example/app:2")
-        first = await until(
-            lambda: (s := state(api, ns)) and s.rollout and s.rollout.weight_verified and s,
-            what="the first rollout",
-        )
-        new_version(api, ns, "example/app:3")
-        newest = template_hash(api.get(*DEPLOYMENTS, ns, "app"))
-        second = await until(
-            lambda: (
-                (s := state(api, ns))
-                and s.rollout
-                and s.rollout.revision == newest
-                and s.rollout.weight_verified
-                and s
-            ),
-            what="the second rollout",
-        )
-    assert second.rollout.active and second.rollout.step == 0 and second.rollout.weight == 30
-    assert second.rollout_id != first.rollout_id and second.record != first.record
-    old = record_entries(api, first)
-    assert isinstance(old[-1], EndEntry) and old[-1].outcome == "superseded"
-    new = record_entries(api, second)
-    assert isinstance(new[0], StartEntry)
-    assert f"superseded {first.rollout_id}" in new[0].config["reason"]
-    assert any(e.kind == "transition" and "restarting the analysis" in e.reason for e in new), (
-        "the machine restarted the analysis"
-    )
-    assert any(e["reason"] == "Superseded" for e in events(api, ns))
-    # Both reports say so.
-    from canary.reports import build_report, render_markdown
-
-    for record in (old, new):
-        text = render_markdown(
-            build_report([e.model_dump(mode="json", by_alias=True) for e in record])
-        )
-        assert "superseded" in text.lower(), text[:2000]
-
-
-def _http(url: str, method: str = "GET", token: str | None = None) -> tuple[int, str]:
-    headers = {"Authorization": f"Bearer {token}"} if token else {}
-    if method == "POST":
-        headers["Content-Type"] = "application/json"
-    try:
-        request = urllib.request.Request(url, method=method, headers=headers)
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status, response.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
-    except OSError:
-        return 0, ""
-
-
-async def test_cli_runs_the_controller_and_reads_the_cluster(
-    api: KubeEmulator, tmp_path: Path, stack: Stack
-) -> None:
-    """`canary kubernetes` serves probes, /metrics and /rollouts and stops on SIGTERM;
-    `canary status -n NS NAME` and a manual command work against the cluster."""
-    ns = "cli"
-    seed(api, ns, notes_for())
-    kubeconfig = api.write_kubeconfig(tmp_path / "kc-cli", token="token-cli")
-    # A person's token for the HTTP routes, vouched for by the (emulated) cluster.
-    api.add_user("token-ops", "ops")
-    api.grant("ops", "get", namespace=ns)
-    api.grant("ops", "patch", namespace=ns)
-    port = free_port()
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "CANARY_WAIT": "5"}
-    controller = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "canary",
-        "kubernetes",
-        f"--kubeconfig={kubeconfig}",
-        f"--namespace={ns}",
-        f"--listen=127.0.0.1:{port}",
-        f"--prometheus-url={stack.prometheus_url}",
-        f"--record-namespace={RECORDS_NS}",
-        "--tick=0.4",
-        cwd=ROOT,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-
-    async def get(path: str) -> tuple[int, str]:
-        return await asyncio.to_thread(_http, base + path, "GET", "token-ops")
-
-    async def canary(*argv: str) -> tuple[int, str]:
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "canary",
-            *argv,
-            f"--kubeconfig={kubeconfig}",
-            "-n",
-            ns,
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        out, _ = await proc.communicate()
-        return int(proc.returncode or 0), out.decode()
-
-    try:
-        deadline = asyncio.get_running_loop().time() + 30
-        while (await get("/readyz"))[0] != 200:
-            assert controller.returncode is None, "the controller exited"
-            assert asyncio.get_running_loop().time() < deadline, "never ready"
-            await asyncio.sleep(0.1)
-        assert (await get("/healthz"))[0] == 200
-        await until(lambda: initialized(api, ns), what="initialization")
-        code, body = await get("/rollouts")
-        (view,) = json.loads(body)["rollouts"]
-        assert (view["namespace"], view["deployment"], view["phase"]) == (ns, "app", "Idle")
-        code, text = await get("/metrics")
-        assert code == 200 and "canary_errors" in text
-        code, body = await get(f"/rollouts/{ns}/app")
-        assert code == 200 and json.loads(body)["deployment"] == "app"
-        code, body = await asyncio.to_thread(_http, f"{base}/rollouts/{ns}/app/pause", "POST")
-        assert code == 401  # no token
-        code, body = await asyncio.to_thread(
-            _http, f"{base}/rollouts/{ns}/app/pause", "POST", "token-ops"
-        )
-        assert code == 409 and "no rollout is in progress" in body
-
-        code, out = await canary("status", "app")
-        assert code == 0 and f"{ns}/app: idle" in out, out
-        code, out = await canary("pause", "app", "--who", "bob")
-        assert code == 1 and "no rollout is in progress" in out, out
-        code, out = await canary("status", "missing")
-        assert code == 4 and "no Deployment" in out, out
-    finally:
-        if controller.returncode is None:
-            controller.send_signal(signal.SIGTERM)
-        try:
-            _, err = await asyncio.wait_for(controller.communicate(), 15)
-        except TimeoutError:
-            controller.kill()
-            await controller.wait()
-            raise
-    assert controller.returncode == 0, err.decode()[-2000:]
 
 
 def test_readme_documents_every_annotation() -> None:
