@@ -37,38 +37,52 @@ async def writers(
         await second.close()
 
 
+async def _read_and_patch(kube: Kube, annotation: str) -> str:
+    """A guarded write as the controller makes it: read, patch with that resourceVersion,
+    and on Conflict (the controller-manager writes the Deployment's status too) read again.
+    Returns the resourceVersion the successful patch was guarded by."""
+    for _ in range(20):
+        version = str((await kube.get_deployment(NAMESPACE, "app"))["metadata"]["resourceVersion"])
+        try:
+            await kube.patch_deployment(
+                NAMESPACE,
+                "app",
+                {"metadata": {"annotations": {annotation: "1"}}},
+                resource_version=version,
+            )
+        except Conflict:
+            continue
+        return version
+    raise AssertionError("20 conflicts in a row")
+
+
 async def test_a_stale_resource_version_is_a_conflict(
     cluster: ControlPlane, writers: tuple[Kube, Kube]
 ) -> None:
-    """Both writers read app at the same resourceVersion; the first guarded patch wins, the
-    second is refused with Conflict and succeeds after a re-read, keeping both writes."""
+    """The second writer, guarded by the resourceVersion the first writer's write was based
+    on (as if both had read it), is refused with Conflict rather than overwriting; after a
+    re-read its write goes through, and both writes are kept."""
     first, second = writers
     cluster.kubectl("create", "namespace", NAMESPACE, check=False)
     cluster.kubectl(
-        "create", "deployment", "app", "--image=example/app:1", "-n", NAMESPACE, check=False
+        "create",
+        "deployment",
+        "app",
+        "--image=example/app:1",
+        "--replicas=0",
+        "-n",
+        NAMESPACE,
+        check=False,
     )
-    seen_by_first = await first.get_deployment(NAMESPACE, "app")
-    seen_by_second = await second.get_deployment(NAMESPACE, "app")
-    version = seen_by_first["metadata"]["resourceVersion"]
-    assert seen_by_second["metadata"]["resourceVersion"] == version
-
-    await first.patch_deployment(
-        NAMESPACE, "app", {"metadata": {"annotations": {"first": "1"}}}, resource_version=version
-    )
+    read_by_both = await _read_and_patch(first, "first")
     with pytest.raises(Conflict):
         await second.patch_deployment(
             NAMESPACE,
             "app",
             {"metadata": {"annotations": {"second": "1"}}},
-            resource_version=version,
+            resource_version=read_by_both,
         )
-    fresh = await second.get_deployment(NAMESPACE, "app")
-    await second.patch_deployment(
-        NAMESPACE,
-        "app",
-        {"metadata": {"annotations": {"second": "1"}}},
-        resource_version=fresh["metadata"]["resourceVersion"],
-    )
+    await _read_and_patch(second, "second")
     app = json.loads(
         cluster.kubectl("get", "deployment", "app", "-n", NAMESPACE, "-o", "json").stdout
     )
