@@ -10,14 +10,27 @@ import os
 import signal
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from support.kube_emulator import KubeEmulator
-from test_operator import _http, canary_weight, initialized, new_version, notes_for, seed, until
+from test_operator import canary_weight, initialized, new_version, notes_for, seed, until
 
 from canary.demo.procs import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def _http(url: str) -> tuple[int, str]:
+    """GET a loopback URL: (status, body), (0, "") when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # loopback only
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+    except OSError:
+        return 0, ""
 
 
 async def test_kubernetes_mode_logs_json_with_the_deployments_namespace(
