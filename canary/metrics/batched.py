@@ -1,6 +1,6 @@
-"""Batched Prometheus reads: one query per metric family per batch for every rollout that shares
-a Prometheus (issue 13, point 1).
+"""Batched Prometheus reads: one query per metric family per batch, for every rollout.
 
+Issue 13, point 1.
 Why: with one `PrometheusMetrics` per rollout, every tick of every rollout re-reads the whole
 history since its analysis began (six range queries), so the cost grows with the number of
 rollouts *and* with their age, and a thousand rollouts open a thousand connections. Here one
