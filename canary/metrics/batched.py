@@ -185,6 +185,15 @@ def _apply(
     """Apply one series' samples newer than its cursor (the rule of _increase_since)."""
     key = frozenset(labels.items())
     track = sel.tracks.get(key)
+    if track is not None:  # samples come in time order: skip those applied already (overlap)
+        first = len(values)
+        try:
+            while first > 0 and float(values[first - 1][0]) > track.cursor:
+                first -= 1
+        except (TypeError, ValueError, IndexError) as exc:
+            sel.malformed = f"malformed samples for {sel.text}: {exc}"
+            return
+        values = values[first:]
     try:
         samples = [(float(t), float(v)) for t, v in values]
     except (TypeError, ValueError) as exc:
