@@ -247,6 +247,7 @@ class _Registration:
     last_ok: dict[_Family, float] = field(default_factory=dict)
     result: MetricsResult | None = None
     at: float = -math.inf  # when `result` was read (unix seconds)
+    fetched: float = 0.0  # when its rollout last asked (monotonic): idle ones leave the batches
 
     @classmethod
     def build(cls, queries: PromQueries, since: float) -> _Registration:
@@ -382,6 +383,7 @@ class PrometheusBatcher:
         connections: int = 8,
         max_response_bytes: int = 256 * 1024 * 1024,
         since_tolerance_s: float = 1.0,
+        idle_s: float | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(
@@ -409,6 +411,7 @@ class PrometheusBatcher:
         self.connections = connections
         self.max_response_bytes = max_response_bytes
         self.since_tolerance_s = since_tolerance_s
+        self.idle_s = max(60.0, 6 * period_s) if idle_s is None else idle_s
         self.queries_sent = 0
         self.batches = 0
         self._registrations: set[_Registration] = set()
@@ -449,6 +452,7 @@ class PrometheusBatcher:
         self._registrations.discard(reg)
 
     async def _answer(self, reg: _Registration, now: float) -> MetricsResult:
+        reg.fetched = time.monotonic()
         if not reg.active:
             await self._baseline(reg)
         else:
@@ -465,6 +469,7 @@ class PrometheusBatcher:
         while reg in self._registrations:
             task = self._inflight
             if task is None or task.done():
+                self._expire_idle()
                 members = {r for r in self._registrations if r.active}
                 task = asyncio.create_task(self._batch(members), name="prometheus batch")
                 self._inflight, self._inflight_members = task, members
@@ -472,6 +477,15 @@ class PrometheusBatcher:
             await asyncio.shield(task)  # one rollout cancelled does not cancel the others' batch
             if reads_it:
                 return
+
+    def _expire_idle(self) -> None:
+        """Rollouts that stopped asking (ended, or their provider was never closed) leave the
+        batches; if one asks again, it registers again (a read back to its `since`)."""
+        idle = time.monotonic() - self.idle_s
+        for reg in [r for r in self._registrations if r.fetched < idle]:
+            reg.active = False
+            reg.reset()
+            self._registrations.discard(reg)
 
     # ---- reads ----------------------------------------------------------------------------
 
@@ -484,8 +498,8 @@ class PrometheusBatcher:
             members.setdefault(sel.family, []).append((reg, sel))
         read = _Read(at, members, dict.fromkeys(members, window))
         reg.reset()
-        failures = await self._read(read)
-        reg.result = _counts(reg, failures, self.shown_url)
+        failures, results = await self._read(read, [reg])
+        reg.result = results[reg]
         reg.at = at
         if failures or reg.closed:
             reg.reset()  # retried whole at the next fetch
@@ -510,9 +524,9 @@ class PrometheusBatcher:
                 for family in members
             }
             self.batches += 1
-            failures = await self._read(_Read(at, members, windows))
+            failures, results = await self._read(_Read(at, members, windows), regs)
             for reg in regs:
-                reg.result = _counts(reg, failures, self.shown_url)
+                reg.result = results[reg]
                 reg.at = at
                 for sel in reg.selectors:
                     if sel.family not in failures:
@@ -523,12 +537,19 @@ class PrometheusBatcher:
                 reg.result = NoData(redact_text(f"metrics batch error: {exc!r}"))
                 reg.at = time.time()
 
-    async def _read(self, read: _Read) -> dict[_Family, _Failure]:
-        """Send each family's query, then apply the answers (off the loop)."""
+    async def _read(
+        self, read: _Read, regs: Iterable[_Registration]
+    ) -> tuple[dict[_Family, _Failure], dict[_Registration, MetricsResult]]:
+        """Send each family's query, then apply the answers and count (off the loop)."""
         families = list(read.members)
         answers = await asyncio.gather(*(self._post(read.query(f), read.at) for f in families))
         return await run_blocking(
-            "prometheus", _apply_without_gc, read, dict(zip(families, answers, strict=True))
+            "prometheus",
+            _apply_without_gc,
+            read,
+            dict(zip(families, answers, strict=True)),
+            list(regs),
+            self.shown_url,
         )
 
     async def _post(self, query: str, at: float) -> bytes | _Failure:
@@ -583,8 +604,11 @@ _gc_was_enabled = False
 
 
 def _apply_without_gc(
-    read: _Read, answers: Mapping[_Family, bytes | _Failure]
-) -> dict[_Family, _Failure]:
+    read: _Read,
+    answers: Mapping[_Family, bytes | _Failure],
+    regs: Sequence[_Registration],
+    shown_url: str,
+) -> tuple[dict[_Family, _Failure], dict[_Registration, MetricsResult]]:
     """_apply_answers with Python's cyclic GC paused: decoding a batch makes ~10 objects per
     series, and the collections they trigger walk every live object (a thousand rollouts'
     tracks included): about half of a batch's CPU at 500 rollouts. Nothing here makes cycles."""
@@ -595,7 +619,8 @@ def _apply_without_gc(
             gc.disable()
         _gc_holders += 1
     try:
-        return _apply_answers(read, answers)
+        failures = _apply_answers(read, answers)
+        return failures, {reg: _counts(reg, failures, shown_url) for reg in regs}
     finally:
         with _gc_lock:
             _gc_holders -= 1

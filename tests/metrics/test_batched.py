@@ -326,3 +326,31 @@ def test_selectors_of_one_template_share_a_family() -> None:
     dotted, values = _parse('m{service="a.b"}', created=False)
     assert dotted.query([values, ("c",)], 5) == 'm{service=~"a\\\\.b|c"}[5s]'
     assert odd.query([()], 3) == 'm_total{service="web",=oops}[3s]'
+
+
+async def test_rollouts_that_stop_asking_leave_the_batches(env: Env) -> None:
+    """A rollout that has not fetched for idle_s is not read by the next batch; when it asks
+    again it registers again and still counts from its own `since`."""
+    port = env.exporter_port
+    for version in ("idle-p", "idle-c", "busy-p", "busy-c"):
+        await inc(port, version, n=2)
+    await scraped(env, "busy-c", 2)
+    await scraped(env, "idle-c", 2)
+    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.05, idle_s=0.5)
+    try:
+        since = time.time() - 30
+        idle, busy = batcher.provider(env.queries("idle")), batcher.provider(env.queries("busy"))
+        assert isinstance(await idle.fetch(since=since, now=time.time()), ArmsCounts)
+        assert isinstance(await busy.fetch(since=since, now=time.time()), ArmsCounts)
+        assert batcher.registered == 2
+        await asyncio.sleep(0.7)
+        assert isinstance(await fresh(busy, since), ArmsCounts)  # a batch, without `idle`
+        assert batcher.registered == 1
+        await inc(port, "idle-p", n=5)
+        await scraped(env, "idle-p", 7)
+        back = await idle.fetch(since=since, now=time.time())
+        assert isinstance(back, ArmsCounts), back
+        assert back == await old_counts(env, env.queries("idle"), since)
+        assert back.primary.requests == 7 and batcher.registered == 2
+    finally:
+        await batcher.aclose()
