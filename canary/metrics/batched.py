@@ -248,6 +248,7 @@ class _Registration:
     result: MetricsResult | None = None
     at: float = -math.inf  # when `result` was read (unix seconds)
     fetched: float = 0.0  # when its rollout last asked (monotonic): idle ones leave the batches
+    first_read: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
     def build(cls, queries: PromQueries, since: float) -> _Registration:
@@ -454,7 +455,9 @@ class PrometheusBatcher:
     async def _answer(self, reg: _Registration, now: float) -> MetricsResult:
         reg.fetched = time.monotonic()
         if not reg.active:
-            await self._baseline(reg)
+            async with reg.first_read:  # two fetches at once must not read back twice
+                if not reg.active:
+                    await self._baseline(reg)
         else:
             not_before = now - self.period_s
             for _ in range(2):  # bounded: a clock far ahead of ours cannot loop us

@@ -354,3 +354,44 @@ async def test_rollouts_that_stop_asking_leave_the_batches(env: Env) -> None:
         assert back.primary.requests == 7 and batcher.registered == 2
     finally:
         await batcher.aclose()
+
+
+async def test_redirects_are_not_followed_and_answers_are_bounded() -> None:
+    """A Prometheus URL that redirects, or answers more than max_response_bytes, is NoData
+    saying so; the redirect's target is never asked."""
+    from aiohttp import web
+
+    asked: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        raise web.HTTPFound("/elsewhere/api/v1/query")
+
+    async def huge(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.Response(body=b"x" * 300_000, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/moved/api/v1/query", redirect)
+    app.router.add_post("/big/api/v1/query", huge)
+    app.router.add_route("*", "/elsewhere/api/v1/query", huge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        now = time.time()
+        moved = PrometheusBatcher(f"http://127.0.0.1:{port}/moved")
+        big = PrometheusBatcher(f"http://127.0.0.1:{port}/big", max_response_bytes=100_000)
+        try:
+            result = await moved.provider().fetch(since=now - 10, now=now)
+            assert isinstance(result, NoData) and "redirects are not followed" in result.reason
+            assert "/elsewhere/api/v1/query" not in asked
+            result = await big.provider().fetch(since=now - 10, now=now)
+            assert isinstance(result, NoData)
+            assert "answer larger than 100000 bytes" in result.reason
+        finally:
+            await moved.aclose()
+            await big.aclose()
+    finally:
+        await runner.cleanup()
