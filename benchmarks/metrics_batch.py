@@ -9,7 +9,7 @@ N in --sizes and each rollout age in --ages (seconds since the analysis began), 
 plays the controller's side only:
 
 - batched: N rollouts (the operator's queries) register on one PrometheusBatcher (period
-  --tick-s); then --ticks ticks, --tick-s apart, in each of which all N fetch at once (one
+  --tick-s); then --ticks ticks, 1.1 x --tick-s apart, in each of which all N fetch at once (one
   batch). Their first reads (the registration's read back to `since`) are reported apart.
 - old: PrometheusMetrics for --old-sample of the N rollouts (its cost per rollout-tick does
   not depend on N; at 1,000 it cannot keep up at all, see issue 13), --ticks ticks each.
@@ -165,7 +165,11 @@ async def measure_batched(
         # One tick untimed: the first batch reads back to the earliest registration (a
         # one-off, like a controller's start); the timed ones are the steady state.
         for tick in range(-1, args.ticks):
-            await asyncio.sleep(max(0.0, last + args.tick_s * 1.02 - time.monotonic()))
+            # A little over the batcher's period, so that each tick starts one batch: ticking
+            # in step, the rollouts could otherwise reuse the batch that began just after their
+            # previous tick (allowed: counts at most one period old), and the figures would
+            # mix ticks with and without a batch.
+            await asyncio.sleep(max(0.0, last + args.tick_s * 1.1 - time.monotonic()))
             last = time.monotonic()
             qa, ca, sent = await prometheus_queries(url), cpu(), batcher.queries_sent
             results = await asyncio.gather(
