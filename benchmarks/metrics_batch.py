@@ -149,7 +149,10 @@ async def measure_batched(
     from canary.metrics.base import ArmsCounts
     from canary.metrics.batched import PrometheusBatcher
 
-    batcher = PrometheusBatcher(url, period_s=args.tick_s, timeout_s=60.0)
+    # max_age_s = the period: every tick waits for its batch, so the CPU measured around a
+    # tick is that batch's (the controller's default, two periods, lets ticks go on with the
+    # last counts while the batch runs).
+    batcher = PrometheusBatcher(url, period_s=args.tick_s, max_age_s=args.tick_s, timeout_s=60.0)
     try:
         since = time.time() - age
         providers = [batcher.provider(queries_for(i)) for i in range(n)]

@@ -32,9 +32,12 @@ rollouts *and* with their age, and a thousand rollouts open a thousand connectio
   gives its baselines and the counts so far, then it joins the batches. A resumed rollout
   thus counts everything since its analysis began, once.
 - **Freshness.** A fetch is answered from the last batch if it read at most `period_s`
-  before the fetch's `now`; otherwise the fetch starts a batch (or joins the one in flight).
-  So with every rollout ticking once per period there is about one batch per period, and a
-  rollout's counts are at most one period old.
+  before the fetch's `now`. Older than that, the fetch starts a batch (unless one is in
+  flight) and, if its counts are still within `max_age_s` (two periods by default), returns
+  them without waiting: a batch for a thousand rollouts takes seconds, and no rollout's tick
+  should wait for it. Past `max_age_s` the fetch waits for the batch. So with every rollout
+  ticking once per period there is about one batch per period, and a rollout's counts are at
+  most `max_age_s` old.
 
 HTTP is aiohttp, not prometheus-api-client (see pyproject.toml): one session and connection
 pool, the query in a POST body (a union of 2,000 label values does not belong in a URL), no
@@ -385,6 +388,7 @@ class PrometheusBatcher:
         max_response_bytes: int = 256 * 1024 * 1024,
         since_tolerance_s: float = 1.0,
         idle_s: float | None = None,
+        max_age_s: float | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(
@@ -413,6 +417,7 @@ class PrometheusBatcher:
         self.max_response_bytes = max_response_bytes
         self.since_tolerance_s = since_tolerance_s
         self.idle_s = max(60.0, 6 * period_s) if idle_s is None else idle_s
+        self.max_age_s = 2 * period_s if max_age_s is None else max(period_s, max_age_s)
         self.queries_sent = 0
         self.batches = 0
         self._registrations: set[_Registration] = set()
@@ -458,24 +463,31 @@ class PrometheusBatcher:
             async with reg.first_read:  # two fetches at once must not read back twice
                 if not reg.active:
                     await self._baseline(reg)
-        else:
-            not_before = now - self.period_s
-            for _ in range(2):  # bounded: a clock far ahead of ours cannot loop us
-                if reg.at >= not_before or reg.closed:
-                    break
-                await self._join_batch(reg)
+        elif reg.at < now - self.period_s and not reg.closed:
+            if reg.at >= now - self.max_age_s:
+                self._start_batch()  # for the next ticks; this one goes on with what it has
+            else:
+                for _ in range(2):  # bounded: a clock far ahead of ours cannot loop us
+                    await self._join_batch(reg)
+                    if reg.at >= now - self.max_age_s or reg.closed:
+                        break
         assert reg.result is not None
         return reg.result
+
+    def _start_batch(self) -> asyncio.Task[None]:
+        """The batch in flight, or a new one for every active registration."""
+        task = self._inflight
+        if task is None or task.done():
+            self._expire_idle()
+            members = {r for r in self._registrations if r.active}
+            task = asyncio.create_task(self._batch(members), name="prometheus batch")
+            self._inflight, self._inflight_members = task, members
+        return task
 
     async def _join_batch(self, reg: _Registration) -> None:
         """Wait for a batch that reads `reg`: the one in flight if it does, else a new one."""
         while reg in self._registrations:
-            task = self._inflight
-            if task is None or task.done():
-                self._expire_idle()
-                members = {r for r in self._registrations if r.active}
-                task = asyncio.create_task(self._batch(members), name="prometheus batch")
-                self._inflight, self._inflight_members = task, members
+            task = self._start_batch()
             reads_it = reg in self._inflight_members
             await asyncio.shield(task)  # one rollout cancelled does not cancel the others' batch
             if reads_it:
@@ -684,7 +696,7 @@ class BatchedMetrics:
     """One rollout's MetricsProvider, served by a shared PrometheusBatcher.
 
     The counts are those PrometheusMetrics would give for the same `since` (cumulative, exact,
-    resets counted), as of the batcher's last read, at most `period_s` before `now`."""
+    resets counted), as of the batcher's last read, at most `max_age_s` before `now`."""
 
     def __init__(self, batcher: PrometheusBatcher, queries: PromQueries) -> None:
         self.batcher = batcher

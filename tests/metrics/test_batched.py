@@ -36,7 +36,7 @@ def env(
 @pytest.fixture
 async def batcher(env: Env) -> AsyncIterator[PrometheusBatcher]:
     # period_s small: a fetch after a short wait starts a fresh batch, so reads are current.
-    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.05)
+    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05)
     yield batcher
     await batcher.aclose()
 
@@ -231,7 +231,7 @@ async def test_n_rollouts_cost_one_query_per_family_per_batch(env: Env) -> None:
         await inc(port, f"{name}-p", n=1)
         await inc(port, f"{name}-c", n=1)
     await scraped(env, f"{names[-1]}-c", 1)
-    batcher = PrometheusBatcher(env.prometheus.url, period_s=1.0)
+    batcher = PrometheusBatcher(env.prometheus.url, period_s=1.0, max_age_s=1.0)
     try:
         since = time.time() - 5
         providers = [batcher.provider(env.queries(name)) for name in names]
@@ -336,7 +336,7 @@ async def test_rollouts_that_stop_asking_leave_the_batches(env: Env) -> None:
         await inc(port, version, n=2)
     await scraped(env, "busy-c", 2)
     await scraped(env, "idle-c", 2)
-    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.05, idle_s=0.5)
+    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05, idle_s=0.5)
     try:
         since = time.time() - 30
         idle, busy = batcher.provider(env.queries("idle")), batcher.provider(env.queries("busy"))
@@ -395,3 +395,31 @@ async def test_redirects_are_not_followed_and_answers_are_bounded() -> None:
             await big.aclose()
     finally:
         await runner.cleanup()
+
+
+async def test_a_stale_tick_does_not_wait_for_the_batch_it_starts(env: Env) -> None:
+    """Counts older than the period but within max_age_s are returned at once while a batch
+    reads new ones in the background; the next fetch has them."""
+    port = env.exporter_port
+    await inc(port, "stale-p", n=1)
+    await inc(port, "stale-c", n=1)
+    await scraped(env, "stale-c", 1)
+    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.3, max_age_s=60)
+    try:
+        since = time.time() - 30
+        provider = batcher.provider(env.queries("stale"))
+        first = await provider.fetch(since=since, now=time.time())
+        assert isinstance(first, ArmsCounts), first
+        await inc(port, "stale-p", n=4)
+        await scraped(env, "stale-p", 5)
+        await asyncio.sleep(0.4)
+        assert await provider.fetch(since=since, now=time.time()) is first  # no wait
+        inflight = batcher._inflight
+        assert inflight is not None and not inflight.done()
+        await inflight
+        assert batcher.batches == 1
+        later = await provider.fetch(since=since, now=time.time())
+        assert isinstance(later, ArmsCounts), later
+        assert later.primary.requests == first.primary.requests + 4
+    finally:
+        await batcher.aclose()
