@@ -739,8 +739,8 @@ class Operator:
         self.objects: dict[tuple[str, str], JSON] = {}
         self.workers: dict[tuple[str, str], DeploymentWorker] = {}
         self._leading = elector is None
-        # One reader and one HTTP session for every rollout's counts; a batch at most once a
-        # tick, so counts are at most one tick old.
+        # One reader and one HTTP session for every rollout's counts: about one batch per
+        # tick; a tick goes on with counts up to two ticks old rather than wait for a batch.
         self.metrics = PrometheusBatcher(
             settings.prometheus_url, timeout_s=settings.metrics_timeout_s, period_s=settings.tick_s
         )
