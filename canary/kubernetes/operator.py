@@ -90,7 +90,7 @@ from canary.kubernetes.workload import (
     primary_template,
     template_hash,
 )
-from canary.metrics.prometheus import PrometheusMetrics
+from canary.metrics.batched import BatchedMetrics, PrometheusBatcher
 from canary.notify.webhooks import Notifier, WebhookConfig
 from canary.routers.base import RouterError, TrafficRouter
 from canary.routers.gateway_api import GatewayApiRouter
@@ -309,7 +309,7 @@ class DeploymentWorker:
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._runner_task: asyncio.Task[RolloutStatus] | None = None
-        self._metrics: PrometheusMetrics | None = None
+        self._metrics: BatchedMetrics | None = None
         self.task: asyncio.Task[None] | None = None
         self.spec_error: str = ""
         self.notifier: Notifier | None = None
@@ -576,14 +576,14 @@ class DeploymentWorker:
         router = self._router(spec)
         if self._metrics is not None:
             self._metrics.close()
-        self._metrics = PrometheusMetrics(
-            settings.prometheus_url,
-            queries=spec.metrics.prom_queries(
+        # Every rollout reads through the operator's one batcher: one query per metric family
+        # per tick for all of them, whatever their number and age (canary.metrics.batched).
+        self._metrics = self.op.metrics.provider(
+            spec.metrics.prom_queries(
                 namespace=namespace,
                 primary_service=f"{name}-primary",
                 canary_service=f"{name}-canary",
-            ),
-            timeout_s=settings.metrics_timeout_s,
+            )
         )
         analysis_config = spec.analysis_config()
         saved: SavedRollout | None = None
@@ -773,6 +773,11 @@ class Operator:
         self.objects: dict[tuple[str, str], JSON] = {}
         self.workers: dict[tuple[str, str], DeploymentWorker] = {}
         self._leading = elector is None
+        # One reader and one HTTP session for every rollout's counts: about one batch per
+        # tick; a tick goes on with counts up to two ticks old rather than wait for a batch.
+        self.metrics = PrometheusBatcher(
+            settings.prometheus_url, timeout_s=settings.metrics_timeout_s, period_s=settings.tick_s
+        )
 
     # ---- leadership -----------------------------------------------------------------
 
@@ -825,6 +830,7 @@ class Operator:
                     await asyncio.wait_for(election, 5)
             with contextlib.suppress(asyncio.CancelledError):
                 await stopping
+            await self.metrics.aclose()
 
     async def _follow_leadership(self) -> None:
         if self.elector is None:

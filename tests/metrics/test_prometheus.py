@@ -1,25 +1,19 @@
-"""PrometheusMetrics against a real Prometheus (1 s scrapes) and a real exporter we drive.
-
-The exporter (tests/support/servers.py) is a separate process whose counters the test
-advances over HTTP; restarting it resets them, as a redeploy would. Each test uses its own
-arm label values, so tests sharing the module's Prometheus never see each other's counts.
-"""
+"""PrometheusMetrics against a real Prometheus (1 s scrapes) and a real exporter we drive
+(tests/support/prom.py)."""
 
 from __future__ import annotations
 
-import asyncio
 import math
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 import pytest
 from support.pool import ProcessPool
+from support.prom import Env, inc, scraped, scraped_raw, start_env
 
-from canary.demo.procs import PrometheusProcess, free_port
+from canary.demo.procs import free_port
 from canary.metrics.prometheus import (
     ArmsCounts,
     MetricsProvider,
@@ -31,58 +25,13 @@ from canary.metrics.prometheus import (
 INF = math.inf
 
 
-@dataclass
-class Env:
-    prometheus: PrometheusProcess
-    exporter_port: int
-    spare_port: int  # a second scrape target, for tests that run their own exporter
-    pool: ProcessPool
-
-    def queries(self, name: str, **kwargs: object) -> PromQueries:
-        return PromQueries(primary_arm=f"{name}-p", canary_arm=f"{name}-c", **kwargs)  # type: ignore[arg-type]
-
-
 @pytest.fixture(scope="module")
 def env(
     module_procs: ProcessPool,
     tmp_path_factory: pytest.TempPathFactory,
     prometheus_binary: str,
 ) -> Iterator[Env]:
-    exporter_port, spare_port = free_port(), free_port()
-    module_procs.support_server("exporter", exporter_port)
-    prometheus = PrometheusProcess(
-        [f"127.0.0.1:{exporter_port}", f"127.0.0.1:{spare_port}"],
-        workdir=tmp_path_factory.mktemp("prometheus"),
-        scrape_interval_s=1.0,
-        binary=prometheus_binary,
-    )
-    module_procs.start(prometheus)
-    yield Env(prometheus, exporter_port, spare_port, module_procs)
-
-
-async def inc(port: int, version: str, *, n: int, code: int = 200, seconds: float = 0.01) -> None:
-    """Count n requests of `version` with `code`, each observed as taking `seconds`."""
-    url = f"http://127.0.0.1:{port}/inc"
-    params = {"version": version, "code": str(code), "n": str(n), "seconds": str(seconds)}
-    async with aiohttp.ClientSession() as session, session.get(url, params=params) as resp:
-        assert resp.status == 200, await resp.text()
-
-
-async def scraped(env: Env, version: str, total: float, *, within_s: float = 15.0) -> None:
-    """Wait until Prometheus has scraped `total` requests for `version` (bounded wait)."""
-    query = f'sum(http_requests_total{{version="{version}"}})'
-    url = f"{env.prometheus.url}/api/v1/query"
-    deadline = time.monotonic() + within_s
-    last = None
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            async with session.get(url, params={"query": query}) as resp:
-                result = (await resp.json())["data"]["result"]
-            last = float(result[0]["value"][1]) if result else None
-            if last == total:
-                return
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"Prometheus shows {last} for {query} after {within_s}s, want {total}")
+    yield start_env(module_procs, tmp_path_factory.mktemp("prometheus"), prometheus_binary)
 
 
 # --- exact counts -----------------------------------------------------------------------------
@@ -244,19 +193,6 @@ async def test_nan_samples_are_no_data(env: Env) -> None:
     result = await PrometheusMetrics(env.prometheus.url, queries=q).fetch(since=now - 5, now=now)
     assert isinstance(result, NoData)
     assert "NaN" in result.reason and "broken_requests_total" in result.reason
-
-
-async def scraped_raw(env: Env, selector: str, *, within_s: float = 15.0) -> None:
-    """Wait until Prometheus holds at least one sample for `selector`."""
-    url = f"{env.prometheus.url}/api/v1/query"
-    deadline = time.monotonic() + within_s
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            async with session.get(url, params={"query": selector}) as resp:
-                if (await resp.json())["data"]["result"]:
-                    return
-            await asyncio.sleep(0.2)
-    raise AssertionError(f"no sample for {selector} after {within_s}s")
 
 
 # --- configuration -------------------------------------------------------------------------------

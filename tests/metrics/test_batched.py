@@ -1,0 +1,425 @@
+"""The batched Prometheus source against a real Prometheus (1 s scrapes) and real exporters
+(tests/support/prom.py): the same counts as the per-rollout PrometheusMetrics, one query per
+metric family per batch whatever the number of rollouts, resets and late registrations.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+from support.pool import ProcessPool
+from support.prom import Env, inc, scraped, scraped_raw, start_env
+
+from canary.demo.procs import free_port
+from canary.metrics.base import ArmsCounts, MetricsProvider, MetricsResult, NoData
+from canary.metrics.batched import BatchedMetrics, PrometheusBatcher, _parse
+from canary.metrics.prometheus import PrometheusMetrics, PromQueries
+
+INF = math.inf
+
+
+@pytest.fixture(scope="module")
+def env(
+    module_procs: ProcessPool,
+    tmp_path_factory: pytest.TempPathFactory,
+    prometheus_binary: str,
+) -> Iterator[Env]:
+    yield start_env(module_procs, tmp_path_factory.mktemp("prometheus"), prometheus_binary)
+
+
+@pytest.fixture
+async def batcher(env: Env) -> AsyncIterator[PrometheusBatcher]:
+    # period_s small: a fetch after a short wait starts a fresh batch, so reads are current.
+    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05)
+    yield batcher
+    await batcher.aclose()
+
+
+async def old_counts(env: Env, q: PromQueries, since: float) -> MetricsResult:
+    provider = PrometheusMetrics(env.prometheus.url, queries=q)
+    try:
+        return await provider.fetch(since=since, now=time.time())
+    finally:
+        provider.close()
+
+
+async def fresh(provider: BatchedMetrics, since: float) -> MetricsResult:
+    await asyncio.sleep(0.1)  # older than period_s: this fetch reads Prometheus again
+    return await provider.fetch(since=since, now=time.time())
+
+
+async def query_requests(env: Env) -> float:
+    """Prometheus' own count of the queries it answered, from its /metrics page."""
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{env.prometheus.url}/metrics") as resp:
+            text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query"' in line
+    )
+
+
+# --- the same counts as the per-rollout provider -------------------------------------------------
+
+
+async def test_counts_equal_the_per_rollout_provider(env: Env, batcher: PrometheusBatcher) -> None:
+    """Several rollouts on one batcher count exactly what PrometheusMetrics counts for each, at
+    the first read and after more traffic (incremental reads), latency buckets included."""
+    port = env.exporter_port
+    names = ("same-a", "same-b", "same-c")
+    for name in names:
+        await inc(port, f"{name}-p", n=10)  # before `since`: must not count
+        await inc(port, f"{name}-c", n=4)
+        await scraped(env, f"{name}-p", 10)
+        await scraped(env, f"{name}-c", 4)
+    since = time.time()
+    regex = {
+        "errors": 'http_requests_total{version="{arm}",code=~"5[0-9]{2}|(599)",{selector}}',
+        "selector": 'job=~"(canary|other)"',
+    }
+    queries = {
+        "same-a": env.queries("same-a"),
+        "same-b": env.queries("same-b"),
+        "same-c": env.queries("same-c", **regex),  # a family of its own for errors
+    }
+    providers = {name: batcher.provider(q) for name, q in queries.items()}
+    assert all(isinstance(p, MetricsProvider) for p in providers.values())
+
+    async def traffic(scale: int) -> None:
+        for i, name in enumerate(names, start=1):
+            await inc(port, f"{name}-p", n=5 * scale * i, seconds=0.03)
+            await inc(port, f"{name}-p", n=2 * i, code=503, seconds=0.3)  # born after since
+            await inc(port, f"{name}-p", n=1, code=404, seconds=0.7)
+            await inc(port, f"{name}-c", n=3 * scale, seconds=0.08)
+
+    expected_p = {name: 10 for name in names}
+    expected_c = {name: 4 for name in names}
+    for scale in (1, 2):
+        await traffic(scale)
+        for i, name in enumerate(names, start=1):
+            expected_p[name] += 5 * scale * i + 2 * i + 1
+            expected_c[name] += 3 * scale
+            await scraped(env, f"{name}-p", expected_p[name])
+            await scraped(env, f"{name}-c", expected_c[name])
+        for name, q in queries.items():
+            batched = await fresh(providers[name], since)
+            assert isinstance(batched, ArmsCounts), batched
+            assert batched == await old_counts(env, q, since), name
+        first = await providers["same-a"].fetch(since=since, now=time.time())
+        assert isinstance(first, ArmsCounts)
+        assert first.primary.requests == expected_p["same-a"] - 10
+        assert first.primary.errors == 2 * scale
+        assert first.canary.latency_buckets[0.1] == expected_c["same-a"] - 4
+
+    for provider in providers.values():
+        provider.close()
+    assert batcher.registered == 0
+
+
+async def test_counter_reset_is_counted_as_the_per_rollout_provider_counts_it(
+    env: Env, batcher: PrometheusBatcher, tmp_path: Path
+) -> None:
+    """A restarted exporter (counters back to 0) is a reset, by the drop or by the changed
+    `_created` time: the batched counts equal PrometheusMetrics', with and without `_created`."""
+    port = env.spare_port
+    pool = ProcessPool(tmp_path)
+    try:
+        exporter = pool.support_server("exporter", port)
+        q = env.queries("breset")
+        blind_q = q.model_copy(update={"use_created": False})
+        await inc(port, "breset-p", n=5)
+        await inc(port, "breset-c", n=2)
+        await scraped(env, "breset-p", 5)
+        await scraped(env, "breset-c", 2)
+        since = time.time()
+        await inc(port, "breset-p", n=6)
+        await inc(port, "breset-c", n=5)
+        await scraped(env, "breset-p", 11)
+        await scraped(env, "breset-c", 7)
+        provider, blind = batcher.provider(q), batcher.provider(blind_q)
+        before = await fresh(provider, since)
+        assert isinstance(before, ArmsCounts), before
+        assert (before.primary.requests, before.canary.requests) == (6, 5)
+        assert isinstance(await blind.fetch(since=since, now=time.time()), ArmsCounts)
+
+        # The primary's new total stays below its old one (a drop); the canary's climbs past
+        # it (10 > 7) before a batch reads it, which only the changed `_created` reveals.
+        pool.stop(exporter)
+        pool.support_server("exporter", port)
+        await inc(port, "breset-p", n=4)
+        await inc(port, "breset-c", n=10)
+        await scraped(env, "breset-p", 4)
+        await scraped(env, "breset-c", 10)
+        after = await fresh(provider, since)
+        assert isinstance(after, ArmsCounts), after
+        assert (after.primary.requests, after.canary.requests) == (6 + 4, 5 + 10)
+        assert after.canary.latency_buckets[INF] == 15
+        assert after == await old_counts(env, q, since)
+
+        drops_only = await fresh(blind, since)
+        assert isinstance(drops_only, ArmsCounts), drops_only
+        assert (drops_only.primary.requests, drops_only.canary.requests) == (6 + 4, 5 + 3)
+        assert drops_only == await old_counts(env, blind_q, since)
+    finally:
+        pool.stop_all()
+
+
+async def test_a_late_registration_counts_from_its_own_since(
+    env: Env, batcher: PrometheusBatcher
+) -> None:
+    """A rollout that registers (or resumes) mid-way counts everything since its `since` from
+    one read back to it, then follows the batches; an earlier rollout is unaffected."""
+    port = env.exporter_port
+    early_q, late_q = env.queries("early"), env.queries("late")
+    for version in ("early-p", "early-c", "late-p", "late-c"):
+        await inc(port, version, n=3)
+    await scraped(env, "late-c", 3)
+    await scraped(env, "early-c", 3)
+    since = time.time()
+    early = batcher.provider(early_q)
+    assert isinstance(await early.fetch(since=since, now=time.time()), ArmsCounts)
+
+    for version in ("early-p", "early-c", "late-p", "late-c"):
+        await inc(port, version, n=7)
+    await inc(port, "late-c", n=2, code=500)
+    await scraped(env, "late-c", 12)
+    await scraped(env, "early-c", 10)
+    # The late rollout registers now, with a `since` from before this traffic (a resume).
+    await fresh(early, since)
+    queries_before = batcher.queries_sent
+    late = batcher.provider(late_q)
+    first = await late.fetch(since=since, now=time.time())
+    assert batcher.queries_sent - queries_before == 3  # its own read back: one per family
+    assert isinstance(first, ArmsCounts), first
+    assert (first.primary.requests, first.canary.requests, first.canary.errors) == (7, 9, 2)
+    assert first == await old_counts(env, late_q, since)
+
+    await inc(port, "late-p", n=4)
+    await inc(port, "early-p", n=1)
+    await scraped(env, "late-p", 14)
+    await scraped(env, "early-p", 11)
+    late_now, early_now = await fresh(late, since), await early.fetch(since=since, now=time.time())
+    assert isinstance(late_now, ArmsCounts) and isinstance(early_now, ArmsCounts)
+    assert late_now.primary.requests == 11 and early_now.primary.requests == 8
+    assert late_now == await old_counts(env, late_q, since)
+    assert early_now == await old_counts(env, early_q, since)
+
+    # A new `since` (a new analysis) is a new registration with its own baseline.
+    again = time.time()
+    await asyncio.sleep(1.5)
+    restarted = await late.fetch(since=again, now=time.time())
+    assert isinstance(restarted, ArmsCounts), restarted
+    assert restarted.primary.requests == 0
+
+
+# --- one query per family per batch --------------------------------------------------------------
+
+
+async def test_n_rollouts_cost_one_query_per_family_per_batch(env: Env) -> None:
+    """Twenty rollouts on one template: after their first reads, a batch is three queries
+    (requests, errors, latency buckets) as Prometheus itself counts them, not 6 x 20."""
+    port = env.exporter_port
+    names = [f"many{i}" for i in range(20)]
+    for name in names:
+        await inc(port, f"{name}-p", n=1)
+        await inc(port, f"{name}-c", n=1)
+    await scraped(env, f"{names[-1]}-c", 1)
+    batcher = PrometheusBatcher(env.prometheus.url, period_s=1.0, max_age_s=1.0)
+    try:
+        since = time.time() - 5
+        providers = [batcher.provider(env.queries(name)) for name in names]
+        first = await asyncio.gather(*(p.fetch(since=since, now=time.time()) for p in providers))
+        assert all(isinstance(r, ArmsCounts) for r in first), first
+        assert batcher.queries_sent == 3 * len(names)  # each registration's own read back
+
+        await asyncio.sleep(1.2)  # every result is now older than the period
+        before = await query_requests(env)
+        sent = batcher.queries_sent
+        results = await asyncio.gather(*(p.fetch(since=since, now=time.time()) for p in providers))
+        after = await query_requests(env)
+        assert all(isinstance(r, ArmsCounts) for r in results), results
+        assert batcher.queries_sent - sent == 3
+        assert after - before == 3
+        assert batcher.batches == 1
+
+        # Within the period, fetches are answered from that batch: no query at all.
+        again = await asyncio.gather(*(p.fetch(since=since, now=time.time()) for p in providers))
+        assert again == results and batcher.queries_sent - sent == 3
+    finally:
+        await batcher.aclose()
+
+
+# --- no data -------------------------------------------------------------------------------------
+
+
+async def test_no_data_reasons_are_those_of_the_per_rollout_provider(
+    env: Env, batcher: PrometheusBatcher
+) -> None:
+    """No such series, a query Prometheus refuses, NaN samples: NoData with the same reasons,
+    and a broken rollout does not break the others in its batch."""
+    now = time.time()
+    nobody = await batcher.provider(env.queries("nobody")).fetch(since=now - 30, now=now)
+    assert isinstance(nobody, NoData)
+    assert nobody.reason.startswith("empty result") and 'version="nobody-p"' in nobody.reason
+
+    bad = PromQueries(requests='http_requests_total{version="{arm}",=oops}')
+    refused = await batcher.provider(bad).fetch(since=now - 10, now=now)
+    assert isinstance(refused, NoData)
+    assert "prometheus error" in refused.reason
+    assert "400" in refused.reason and "parse error" in refused.reason
+
+    nan_q = PromQueries(
+        requests='broken_requests_total{version="{arm}"}',
+        errors='broken_requests_total{version="{arm}",code=~"5.."}',
+        latency_buckets=None,
+    )
+    await scraped_raw(env, 'broken_requests_total{version="primary"}')
+    nan = await batcher.provider(nan_q).fetch(since=now - 5, now=time.time())
+    assert isinstance(nan, NoData)
+    assert "NaN" in nan.reason and "broken_requests_total" in nan.reason
+
+    await inc(env.exporter_port, "fine-p", n=2)
+    await inc(env.exporter_port, "fine-c", n=2)
+    await scraped(env, "fine-c", 2)
+    fine = batcher.provider(env.queries("fine"))
+    assert isinstance(await fresh(fine, now - 60), ArmsCounts)
+
+
+async def test_unreachable_prometheus_is_no_data_without_credentials() -> None:
+    """Nothing listening: NoData saying Prometheus is unreachable, the URL's password hidden."""
+    port = free_port()
+    batcher = PrometheusBatcher(f"http://alice:s3cret@127.0.0.1:{port}", timeout_s=2)
+    try:
+        now = time.time()
+        result = await batcher.provider().fetch(since=now - 10, now=now)
+        assert isinstance(result, NoData)
+        assert result.reason.startswith(f"prometheus unreachable at http://***@127.0.0.1:{port}")
+        assert "s3cret" not in result.reason and "s3cret" not in repr(batcher)
+    finally:
+        await batcher.aclose()
+
+
+# --- families ------------------------------------------------------------------------------------
+
+
+def test_selectors_of_one_template_share_a_family() -> None:
+    """Rollouts and arms differ only by equality values; other matchers make another family;
+    a selector that does not parse is queried as written, alone."""
+    a, a_values = _parse('m_total{namespace="x",service="web-primary",}', created=True)
+    b, b_values = _parse('m_total{service="api-canary", namespace="y"}', created=True)
+    errors, _ = _parse('m_total{namespace="x",service="web-primary",code=~"5.."}', created=True)
+    odd, _ = _parse('m_total{service="web",=oops}', created=True)
+    assert a == b and (a_values, b_values) == (("x", "web-primary"), ("y", "api-canary"))
+    assert errors != a and odd.name is None
+    query = a.query([a_values, b_values, ("x", "web-canary")], 12)
+    assert query == (
+        '{__name__=~"m_total|m_created",namespace=~"x|y",'
+        'service=~"api-canary|web-canary|web-primary"}[12s]'
+    )
+    dotted, values = _parse('m{service="a.b"}', created=False)
+    assert dotted.query([values, ("c",)], 5) == 'm{service=~"a\\\\.b|c"}[5s]'
+    assert odd.query([()], 3) == 'm_total{service="web",=oops}[3s]'
+
+
+async def test_rollouts_that_stop_asking_leave_the_batches(env: Env) -> None:
+    """A rollout that has not fetched for idle_s is not read by the next batch; when it asks
+    again it registers again and still counts from its own `since`."""
+    port = env.exporter_port
+    for version in ("idle-p", "idle-c", "busy-p", "busy-c"):
+        await inc(port, version, n=2)
+    await scraped(env, "busy-c", 2)
+    await scraped(env, "idle-c", 2)
+    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05, idle_s=0.5)
+    try:
+        since = time.time() - 30
+        idle, busy = batcher.provider(env.queries("idle")), batcher.provider(env.queries("busy"))
+        assert isinstance(await idle.fetch(since=since, now=time.time()), ArmsCounts)
+        assert isinstance(await busy.fetch(since=since, now=time.time()), ArmsCounts)
+        assert batcher.registered == 2
+        await asyncio.sleep(0.7)
+        assert isinstance(await fresh(busy, since), ArmsCounts)  # a batch, without `idle`
+        assert batcher.registered == 1
+        await inc(port, "idle-p", n=5)
+        await scraped(env, "idle-p", 7)
+        back = await idle.fetch(since=since, now=time.time())
+        assert isinstance(back, ArmsCounts), back
+        assert back == await old_counts(env, env.queries("idle"), since)
+        assert back.primary.requests == 7 and batcher.registered == 2
+    finally:
+        await batcher.aclose()
+
+
+async def test_redirects_are_not_followed_and_answers_are_bounded() -> None:
+    """A Prometheus URL that redirects, or answers more than max_response_bytes, is NoData
+    saying so; the redirect's target is never asked."""
+    from aiohttp import web
+
+    asked: list[str] = []
+
+    async def redirect(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        raise web.HTTPFound("/elsewhere/api/v1/query")
+
+    async def huge(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.Response(body=b"x" * 300_000, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/moved/api/v1/query", redirect)
+    app.router.add_post("/big/api/v1/query", huge)
+    app.router.add_route("*", "/elsewhere/api/v1/query", huge)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        now = time.time()
+        moved = PrometheusBatcher(f"http://127.0.0.1:{port}/moved")
+        big = PrometheusBatcher(f"http://127.0.0.1:{port}/big", max_response_bytes=100_000)
+        try:
+            result = await moved.provider().fetch(since=now - 10, now=now)
+            assert isinstance(result, NoData) and "redirects are not followed" in result.reason
+            assert "/elsewhere/api/v1/query" not in asked
+            result = await big.provider().fetch(since=now - 10, now=now)
+            assert isinstance(result, NoData)
+            assert "answer larger than 100000 bytes" in result.reason
+        finally:
+            await moved.aclose()
+            await big.aclose()
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_stale_tick_does_not_wait_for_the_batch_it_starts(env: Env) -> None:
+    """Counts older than the period but within max_age_s are returned at once while a batch
+    reads new ones in the background; the next fetch has them."""
+    port = env.exporter_port
+    await inc(port, "stale-p", n=1)
+    await inc(port, "stale-c", n=1)
+    await scraped(env, "stale-c", 1)
+    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.3, max_age_s=60)
+    try:
+        since = time.time() - 30
+        provider = batcher.provider(env.queries("stale"))
+        first = await provider.fetch(since=since, now=time.time())
+        assert isinstance(first, ArmsCounts), first
+        await inc(port, "stale-p", n=4)
+        await scraped(env, "stale-p", 5)
+        await asyncio.sleep(0.4)
+        assert await provider.fetch(since=since, now=time.time()) is first  # no wait
+        inflight = batcher._inflight
+        assert inflight is not None and not inflight.done()
+        await inflight
+        assert batcher.batches == 1
+        later = await provider.fetch(since=since, now=time.time())
+        assert isinstance(later, ArmsCounts), later
+        assert later.primary.requests == first.primary.requests + 4
+    finally:
+        await batcher.aclose()
