@@ -46,8 +46,13 @@ cannot be made to do on cue, at a chosen request and for a chosen client:
   tests/reports/test_report_store.py);
 - users, tokens and grants made up per test (test_access.py, test_cli_target.py);
 - the unit-level adapter tests that count the exact requests each client method makes
-  (test_manifests.py) and the two-cluster tests (tests/clusters/, tests/routers/
-  test_external_dns.py), which have not moved to two real clusters yet.
+  (test_manifests.py, tests/routers/test_external_dns.py);
+- the primary cluster's API answering 503 to everything during a failover, while the
+  session's real cluster must stay up for the other tests, and the canary cluster's
+  Deployment held "not rolled out" at will (tests/clusters/test_multicluster_failover.py,
+  test_multicluster_notify.py, test_state_mirror.py). Cross-cluster rollouts themselves
+  (promote, roll back and revert, resume) run on two real control planes:
+  tests/cluster/test_multicluster_on_clusters.py.
 """
 
 from __future__ import annotations
