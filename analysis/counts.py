@@ -248,6 +248,7 @@ class CountTest:
         "_loglik",
         "_n_cs",
         "_pass_alpha",
+        "_pass_seen",
         "_prev",
         "_sl_fail",
         "_sl_pass",
@@ -312,6 +313,7 @@ class CountTest:
         self._prev: tuple[float, float, float, float] | None = None
         self._totals = [0.0, 0.0, 0.0, 0.0]  # n_c, e_c, n_p, e_p since the test began
         self._e_pass_ratio = 0.0  # running max of log e_pass (a pass is a stopping event)
+        self._pass_seen = False  # e_pass of the current log-likelihood is in the max already
         self._cached: CountState | None = None  # state() until the next consumed increment
         self._hint: tuple[float | None, float | None] = (None, None)  # last rate bounds
         # (log e_fail, ratio bounds) of the current log-likelihood; None once it moves
@@ -351,11 +353,21 @@ class CountTest:
         if k > 0:
             # log q = log(rho theta) - log1p(rho theta); log(1 - q) = -log1p(rho theta); the
             # de_c*log(rho) term is the same for every theta and cancels in every ratio.
-            self._loglik += de_c * self._log_grid - k * np.log1p((dn_c / dn_p) * self._grid)
+            slow_side = k * np.log1p((dn_c / dn_p) * self._grid)
+            if de_c > 0:
+                self._loglik += de_c * self._log_grid - slow_side
+            else:
+                # No canary events (most seconds of a rare event): 0 * log theta is +-0 and
+                # x + (+-0 - y) == x - y exactly, so this is the line above with two fewer
+                # passes over the grid.
+                self._loglik -= slow_side
             self._cs = None
-        lp = self._log_e_pass_now()
-        if lp > self._e_pass_ratio:
-            self._e_pass_ratio = lp
+        if k > 0 or not self._pass_seen:
+            # (otherwise the log-likelihood, hence this e-value, is the one already seen)
+            self._pass_seen = True
+            lp = self._log_e_pass_now()
+            if lp > self._e_pass_ratio:
+                self._e_pass_ratio = lp
         return notes
 
     # Five-term sums in plain floats: the same IEEE operations, in the same order, as
