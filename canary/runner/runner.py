@@ -876,6 +876,8 @@ class RolloutRunner:
             log.warning(
                 "%s: no time-to-pass estimate from the expected traffic: %s", self.name, exc
             )
+        except Exception:  # advice only: a planner bug must never stop a rollout
+            log.exception("%s: the planner failed", self.name)
         return self._advice
 
     async def _observed_advice(self, snapshot: Snapshot) -> None:
@@ -900,6 +902,9 @@ class RolloutRunner:
             )
         except (ValueError, ArithmeticError) as exc:
             log.debug("%s: no time-to-pass estimate from the counts: %s", self.name, exc)
+            return
+        except Exception:  # advice only: a planner bug must never stop a rollout
+            log.exception("%s: the planner failed", self.name)
             return
         if material(self._advice, advice):
             await self._tell_advice(advice)

@@ -657,3 +657,23 @@ async def test_the_planner_tells_users_how_long_a_good_canary_needs(
     if not fits:  # and the step did end at its deadline, as the advice said
         assert runner.status.phase is Phase.FAILED
         assert "no pass within max_step_s" in runner.status.reason
+
+
+async def test_a_planner_failure_never_stops_a_rollout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The advice is advice: a planner that raises (a bug) is logged, and the rollout runs
+    to its end as it would without it."""
+    import canary.runner.runner as runner_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("planner bug")
+
+    monkeypatch.setattr(runner_module, "assumed_advice", broken)
+    monkeypatch.setattr(runner_module, "observed_advice", broken)
+    runner, router, _ = make_runner(tmp_path)
+    runner.expected_rps = 400.0
+    statuses = await Controller([runner]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED and router.sets == [5, 10, 25, 50, 100]
+    assert "the planner failed" in caplog.text and runner.status.advice == ""
+    assert not [e for e in read_record(runner.record_path) if isinstance(e, NoteEntry) and e.plan]
