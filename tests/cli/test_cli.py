@@ -536,8 +536,15 @@ def test_status_shows_the_planners_advice_while_a_rollout_runs(
 
     advice = "time to pass at 5% (observed over 60 s: 4 req/s, 1% errors on the primary): ..."
     state = {
-        "name": "app", "phase": "Progressing", "step": 0, "steps": [5, 50], "weight": 5,
-        "weight_verified": True, "last_decision": "continue", "message": "m", "advice": advice,
+        "name": "app",
+        "phase": "Progressing",
+        "step": 0,
+        "steps": [5, 50],
+        "weight": 5,
+        "weight_verified": True,
+        "last_decision": "continue",
+        "message": "m",
+        "advice": advice,
     }
     done = {**state, "name": "old", "phase": "Succeeded"}
     monkeypatch.setattr(cli, "_request", lambda *a: (200, {"rollouts": [state, done]}))
@@ -549,6 +556,11 @@ def test_status_shows_the_planners_advice_while_a_rollout_runs(
     kube = KubeState(
         rollout=RolloutStatus(stage="Progressing", revision="b", weight=5, advice=advice)
     )
-    obj = {"metadata": {"namespace": "shop", "name": "app",
-                        "annotations": {"canary.dev/status": kube.to_json()}}}
+    obj = {
+        "metadata": {
+            "namespace": "shop",
+            "name": "app",
+            "annotations": {"canary.dev/status": kube.to_json()},
+        }
+    }
     assert _line(obj).splitlines()[1:] == [f"  {advice}"]
