@@ -20,6 +20,7 @@ import asyncio
 import functools
 import getpass
 import json
+import logging
 import os
 import signal
 import sys
@@ -36,8 +37,10 @@ from canary.cli.common import (
     EXIT_UNKNOWN,
     SERVER_ENV,
     TOKEN_FILE_ENV,
+    add_log_format,
     client_token,
     parse_listen,
+    say,
     server_token,
     server_url,
     token_hint,
@@ -130,9 +133,9 @@ def _cmd_clusters(args: argparse.Namespace) -> int:
             if isinstance(service.router, PowerDNSRouterConfig):
                 service.router.api_key()
     except (ConfigError, ValueError) as exc:
-        print(f"canary clusters: error: {exc}", file=sys.stderr)
+        say(f"canary clusters: error: {exc}", level=logging.ERROR)
         return EXIT_BAD_CONFIG
-    print(f"canary: commands need the bearer token in {token_file}", file=sys.stderr, flush=True)
+    say(f"canary: commands need the bearer token in {token_file}", token_file=str(token_file))
     try:
         asyncio.run(
             serve_topology(
@@ -144,7 +147,7 @@ def _cmd_clusters(args: argparse.Namespace) -> int:
             )
         )
     except KubeError as exc:
-        print(f"canary clusters: error: {exc}", file=sys.stderr)
+        say(f"canary clusters: error: {exc}", level=logging.ERROR)
         return EXIT_BAD_CONFIG
     return EXIT_STOPPED
 
@@ -185,7 +188,7 @@ async def serve_topology(
                 extensions=[failover_routes(controller), reports],
             )
             async with Server(app, host=host, port=port) as server:
-                print(f"canary: serving on {server.url}", file=sys.stderr, flush=True)
+                say(f"canary: serving on {server.url}", url=server.url)
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, controller.stop)
@@ -221,6 +224,7 @@ def add_parser(subparsers: Any) -> None:
         action="append",
         help="a webhook host that may be loopback, link-local or the API server (repeatable)",
     )
+    add_log_format(run)
     run.set_defaults(func=_cmd_clusters)
 
     for verb in ("failover", "failback"):

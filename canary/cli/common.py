@@ -16,10 +16,14 @@ cluster; otherwise the static server at its default address.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
+import sys
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
+
+from canary.core.logs import LOG_FORMATS, json_logging
 
 __all__ = [
     "DEFAULT_LISTEN",
@@ -32,9 +36,11 @@ __all__ = [
     "TARGET_RULE",
     "TOKEN_FILE_ENV",
     "TargetMode",
+    "add_log_format",
     "client_token",
     "client_token_file",
     "parse_listen",
+    "say",
     "server_token",
     "server_url",
     "target_mode",
@@ -50,6 +56,26 @@ EXIT_UNKNOWN = 4  # commands: no such rollout
 DEFAULT_LISTEN = "127.0.0.1:9310"
 SERVER_ENV = "CANARY_SERVER"
 TOKEN_FILE_ENV = "CANARY_TOKEN_FILE"
+
+
+def add_log_format(parser: argparse.ArgumentParser) -> None:
+    """`--log-format text|json` on a long-running command."""
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default) or json: one JSON object per line on stderr (timestamp, level, "
+        "logger, message, and rollout, namespace, phase, decision when about a rollout)",
+    )
+
+
+def say(text: str, *, level: int = logging.INFO, **fields: Any) -> None:
+    """A line for the operator on stderr: printed as it is, or with --log-format json logged
+    as one JSON event (`fields` become its fields), so that every stderr line is JSON."""
+    if json_logging():
+        logging.getLogger("canary.cli").log(level, text.removeprefix("canary: "), extra=fields)
+    else:
+        print(text, file=sys.stderr, flush=True)
 
 
 def parse_listen(text: str) -> tuple[str, int]:

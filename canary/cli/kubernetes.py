@@ -36,7 +36,7 @@ import sys
 from typing import Any
 
 from canary.cli.common import EXIT_BAD_CONFIG as EXIT_BAD
-from canary.cli.common import EXIT_OK, EXIT_UNKNOWN, parse_listen
+from canary.cli.common import EXIT_OK, EXIT_UNKNOWN, add_log_format, parse_listen, say
 from canary.cli.common import EXIT_STOPPED as EXIT_NO_ANSWER  # the controller did not answer
 from canary.kubernetes.client import Kube, KubeError, NotFound
 from canary.kubernetes.commands import ACCEPTED, DEFAULT_WAIT_S, UNKNOWN, send_command
@@ -59,7 +59,7 @@ async def _connect(args: argparse.Namespace) -> Kube:
 
 
 def _fail(command: str, message: str, code: int) -> int:
-    print(f"canary {command}: error: {message}", file=sys.stderr)
+    say(f"canary {command}: error: {message}", level=logging.ERROR)
     return code
 
 
@@ -232,7 +232,7 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
             await server.start()
         except OSError as exc:
             return _fail("kubernetes", f"cannot listen on {host}:{port}: {exc}", EXIT_BAD)
-        print(f"canary: serving on {server.url}", file=sys.stderr, flush=True)
+        say(f"canary: serving on {server.url}", url=server.url)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -303,5 +303,6 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         action="append",
         help="a webhook host that may be loopback, link-local or the API server (repeatable)",
     )
+    add_log_format(parser)
     parser.set_defaults(func=_cmd_kubernetes)
     return parser

@@ -70,14 +70,16 @@ from canary.cli.common import (
     SERVER_ENV,
     TARGET_RULE,
     TOKEN_FILE_ENV,
+    add_log_format,
     client_token,
     parse_listen,
+    say,
     server_token,
     server_url,
     target_mode,
     token_hint,
 )
-from canary.core.redact import install_log_redaction
+from canary.core.logs import configure_logging
 
 __all__ = ["build_parser", "main"]
 
@@ -112,14 +114,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
             raise ConfigError(f"two config files name the target {duplicate!r}")
         host, port = parse_listen(args.listen)
     except (ConfigError, ValueError) as exc:
-        print(f"canary run: error: {exc}", file=sys.stderr)
+        say(f"canary run: error: {exc}", level=logging.ERROR)
         return EXIT_BAD_CONFIG
     try:
         token_file, token = server_token(args.token_file, Path(configs[0].record_dir))
     except ValueError as exc:
-        print(f"canary run: error: {exc}", file=sys.stderr)
+        say(f"canary run: error: {exc}", level=logging.ERROR)
         return EXIT_BAD_CONFIG
-    print(f"canary: commands need the bearer token in {token_file}", file=sys.stderr, flush=True)
+    say(f"canary: commands need the bearer token in {token_file}", token_file=str(token_file))
     try:
         return asyncio.run(
             _run(
@@ -133,7 +135,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
         )
     except BadTarget as exc:
-        print(f"canary run: error: {exc}", file=sys.stderr)
+        say(f"canary run: error: {exc}", level=logging.ERROR)
         return EXIT_BAD_CONFIG
 
 
@@ -190,8 +192,7 @@ async def _run(
     except OSError as exc:
         raise BadTarget(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     try:
-        log.info("serving on %s", server.url)
-        print(f"canary: serving on {server.url}", file=sys.stderr, flush=True)
+        say(f"canary: serving on {server.url}", url=server.url)
         statuses = await run_until_signalled(controller)
     finally:
         await server.stop()
@@ -200,8 +201,12 @@ async def _run(
     for runner in runners:
         status = statuses[runner.name]
         state = "stopped" if runner.stopped else status.outcome or status.phase.value
-        print(f"canary: {runner.name}: {state}: {status.message}", file=sys.stderr)
-        print(f"canary: {runner.name}: record {runner.record_path}", file=sys.stderr)
+        say(f"canary: {runner.name}: {state}: {status.message}", rollout=runner.name, outcome=state)
+        say(
+            f"canary: {runner.name}: record {runner.record_path}",
+            rollout=runner.name,
+            record=str(runner.record_path),
+        )
     if any(runner.stopped for runner in runners):
         return EXIT_STOPPED
     if all(status.outcome == "promoted" for status in statuses.values()):
@@ -436,6 +441,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         help="a webhook host that may be loopback, link-local or the API server (repeatable)",
     )
+    add_log_format(run)
     run.set_defaults(func=_cmd_run)
 
     validate = subparsers.add_parser(
@@ -498,11 +504,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(forward(arguments[1:]))
     parser = build_parser()
     args = parser.parse_args(arguments)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
-    install_log_redaction()  # no URL credentials or tokens in the log, whoever logs them
+    # Text or JSON lines; secrets redacted either way (canary.core.logs).
+    configure_logging(args.log_level, getattr(args, "log_format", "text"))
     handler: Handler = args.func
     return int(handler(args))

@@ -890,7 +890,7 @@ class MultiClusterController:
         if duplicate is not None:
             raise ValueError(f"two services are named {duplicate!r}")
         self.services = {s.name: s for s in services}
-        self.telemetry = telemetry or Telemetry()
+        self.telemetry = telemetry or Telemetry(mode="clusters")
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
 
@@ -1015,7 +1015,7 @@ def build_controller(
 ) -> MultiClusterController:
     """Every service of the topology, wired: router, metrics, health, rollouts, failover.
     `allow_webhook_hosts`: webhook hosts that may be loopback, link-local or the API server."""
-    telemetry = Telemetry()
+    telemetry = Telemetry(mode="clusters")
     events = EventRecorder(canary)
     services = []
     for service in topology.services:

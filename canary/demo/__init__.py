@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Any
 
 from analysis import AnalysisConfig, Analyzer, MetricConfig, plan
+from canary.core.logs import LOG_FORMATS, LogFormat, configure_logging
 from canary.core.records import NoteEntry
 from canary.core.rollout import Emit, RecordTransition, RolloutSpec, RolloutStatus, check_steps
 from canary.demo.loadgen import LoadGenerator, SplitStats
 from canary.demo.procs import ProcessError, find_binary
 from canary.demo.progress import format_duration, format_tick, format_transition, short
-from canary.demo.running import EXIT_SETUP, run_in_workdir, say
+from canary.demo.running import EXIT_SETUP, complain, run_in_workdir, say
 from canary.demo.stack import BACKEND, ServiceSpec, Stack, StackSettings
 from canary.metrics.prometheus import PrometheusMetrics
 from canary.routers.haproxy import HAProxyRouter
@@ -83,6 +84,7 @@ class DemoOptions:
     seed: int = 1
     record_dir: Path = Path("canary-records")
     keep_workdir: bool = False
+    log_format: LogFormat = "text"
 
 
 @dataclass
@@ -251,6 +253,13 @@ def build_parser(prog: str = "canary demo") -> argparse.ArgumentParser:
         action="store_true",
         help="keep the processes' configs and logs (a temporary directory) after the demo",
     )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default=d.log_format,
+        help="text (default: the controller logs errors only, the progress lines say the rest) "
+        "or json: the controller's events at info level, one JSON object per line on stderr",
+    )
     return parser
 
 
@@ -281,6 +290,7 @@ def parse_args(argv: Sequence[str] | None, prog: str = "canary demo") -> DemoOpt
         seed=args.seed,
         record_dir=args.record_dir,
         keep_workdir=args.keep_workdir,
+        log_format=args.log_format,
     )
 
 
@@ -505,22 +515,25 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return failover_main([a for a in arguments if a != "--failover"])
     options = parse_args(arguments)
-    # The progress lines show the controller's warnings already; keep its log for errors.
-    logging.getLogger("canary").setLevel(logging.ERROR)
+    if options.log_format == "json":
+        # Progress on stdout for people, the controller's events on stderr for machines.
+        configure_logging("info", "json")
+    else:
+        # The progress lines show the controller's warnings already; keep its log for errors.
+        logging.getLogger("canary").setLevel(logging.ERROR)
     try:
         find_binary("haproxy", fallbacks=("/usr/sbin/haproxy",))
         find_binary("prometheus", fallbacks=("/usr/bin/prometheus",))
     except FileNotFoundError as exc:
-        print(f"canary demo: {exc}", file=sys.stderr)
+        complain(f"canary demo: {exc}")
         return EXIT_SETUP
     try:
         options.record_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         # Checked first: a rollout whose record cannot be written would explain nothing.
-        print(
+        complain(
             f"canary demo: --record-dir {options.record_dir}: cannot create it: "
-            f"{exc.strerror or exc}",
-            file=sys.stderr,
+            f"{exc.strerror or exc}"
         )
         return EXIT_SETUP
     # Short path: HAProxy's admin socket lives here, and unix socket paths are limited.

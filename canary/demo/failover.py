@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import getpass
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ import aiohttp
 from canary.clusters.failover_controller import FailoverController
 from canary.clusters.health import EntryPointHealth, HealthMonitor, http_check
 from canary.core.failover import FailoverCommand, FailoverPolicy, Mode
+from canary.core.logs import LOG_FORMATS, LogFormat, configure_logging
 from canary.demo.dnsload import DnsLoadGenerator
 from canary.demo.procs import (
     POWERDNS_SQLITE3_SCHEMA,
@@ -42,7 +42,7 @@ from canary.demo.procs import (
     find_binary,
     free_port,
 )
-from canary.demo.running import EXIT_SETUP, run_in_workdir, say
+from canary.demo.running import EXIT_SETUP, complain, run_in_workdir, say
 from canary.demo.stack import service_process
 from canary.routers.powerdns import PowerDNSRouter
 
@@ -65,6 +65,7 @@ class FailoverDemoOptions(argparse.Namespace):
     healthy_seconds: float
     keep_workdir: bool
     record_dir: Path
+    log_format: LogFormat
 
 
 def build_parser(prog: str = "canary demo --failover") -> argparse.ArgumentParser:
@@ -102,6 +103,12 @@ def build_parser(prog: str = "canary demo --failover") -> argparse.ArgumentParse
         type=Path,
         default=Path("canary-records"),
         help="where the failover record is written (default canary-records)",
+    )
+    parser.add_argument(
+        "--log-format",
+        choices=LOG_FORMATS,
+        default="text",
+        help="text (default) or json: the controller's events, one JSON object per line on stderr",
     )
     return parser
 
@@ -301,16 +308,17 @@ async def run_failover_demo(options: FailoverDemoOptions, *, workdir: Path) -> i
 def main(argv: Sequence[str] | None = None) -> int:
     """`canary demo --failover [flags]`: see the module docstring for the exit status."""
     options = parse_args(argv)
+    if options.log_format == "json":
+        configure_logging("info", "json")
     try:
         find_binary("pdns_server", fallbacks=("/usr/sbin/pdns_server",))
     except FileNotFoundError as exc:
-        print(f"canary demo --failover: {exc} (run scripts/setup --dns)", file=sys.stderr)
+        complain(f"canary demo --failover: {exc} (run scripts/setup --dns)")
         return EXIT_SETUP
     if not POWERDNS_SQLITE3_SCHEMA.exists():
-        print(
+        complain(
             f"canary demo --failover: {POWERDNS_SQLITE3_SCHEMA} is missing (pdns-backend-sqlite3): "
-            "run scripts/setup --dns",
-            file=sys.stderr,
+            "run scripts/setup --dns"
         )
         return EXIT_SETUP
     return run_in_workdir(

@@ -8,6 +8,7 @@ configs and logs behind for the user to read. One helper does that for both.
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import signal
 import sys
@@ -15,7 +16,9 @@ import tempfile
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
-__all__ = ["EXIT_SETUP", "run_in_workdir", "say"]
+from canary.core.logs import json_logging
+
+__all__ = ["EXIT_SETUP", "complain", "run_in_workdir", "say"]
 
 EXIT_SETUP = 2  # interrupted: 128 + signal number
 
@@ -23,6 +26,15 @@ EXIT_SETUP = 2  # interrupted: 128 + signal number
 def say(line: str) -> None:
     """One line of the demo's output, shown at once (it may be piped into a CI log)."""
     print(line, flush=True)
+
+
+def complain(line: str, *, level: int = logging.ERROR) -> None:
+    """A line on stderr: printed, or with --log-format json one JSON event, so that every
+    stderr line is JSON then."""
+    if json_logging():
+        logging.getLogger("canary.demo").log(level, line)
+    else:
+        print(line, file=sys.stderr, flush=True)
 
 
 async def _until_signalled(
@@ -77,11 +89,11 @@ def run_in_workdir(
             _until_signalled(lambda: demo(workdir), stopping=stopping, stopped=stopped)
         )
     except errors as exc:
-        print(f"{program}: error: {exc}", file=sys.stderr)
+        complain(f"{program}: error: {exc}")
         code = EXIT_SETUP
     finally:
         if keep_workdir or code == EXIT_SETUP:
-            print(f"configs and logs kept in {workdir}", file=sys.stderr)
+            complain(f"configs and logs kept in {workdir}", level=logging.INFO)
         else:
             shutil.rmtree(workdir, ignore_errors=True)
     return code

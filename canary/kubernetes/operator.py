@@ -51,6 +51,7 @@ import json
 import logging
 import os
 import socket
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any, Literal
@@ -301,6 +302,10 @@ class DeploymentWorker:
         self.record_error = ""
         self._rv = ""
         self._written = ""
+        # resourceVersions of our own writes to this Deployment: their watch events carry
+        # nothing to reconcile (issue 13: no reconcile triggered by our own writes).
+        self._own_versions: deque[str] = deque(maxlen=8)
+        self.reconciles = 0  # for tests and /metrics-style introspection
         self._lock = asyncio.Lock()
         self._changed = asyncio.Event()
         self._runner_task: asyncio.Task[RolloutStatus] | None = None
@@ -315,9 +320,18 @@ class DeploymentWorker:
         return f"{self.key[0]}/{self.key[1]}"
 
     def update(self, obj: JSON) -> None:
-        self.obj = obj
-        self._rv = obj["metadata"].get("resourceVersion", self._rv)
+        previous, self.obj = self.obj, obj
+        version = obj["metadata"].get("resourceVersion", self._rv)
+        self._rv = version
+        if version and version in self._own_versions:
+            return  # the echo of our own write: nothing in it we did not decide
+        if previous and _same_but_our_status(previous, obj):
+            return  # an echo that came before the answer to our write told us its version
         self._changed.set()
+
+    def _wrote(self, obj: JSON) -> None:
+        self._rv = obj["metadata"]["resourceVersion"]
+        self._own_versions.append(self._rv)
 
     def start(self) -> None:
         self.task = asyncio.create_task(self._loop(), name=f"deployment:{self.name}")
@@ -339,10 +353,10 @@ class DeploymentWorker:
             self.notifier = None
 
     async def _notifier(self, spec: CanarySpec) -> Notifier | None:
-        """Slack-compatible notifications for the `post-rollout` (promoted, rolled back,
+        """Notifications (in each webhook's format) for the `post-rollout` (promoted, rolled back,
         manual actions) and `rollback` webhooks (the only kinds canary.kubernetes.spec accepts)."""
         hooks = tuple(
-            WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type])
+            WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type], format=hook.format)
             for hook in spec.webhooks
             if hook.type in _WEBHOOK_EVENTS
         )
@@ -403,7 +417,7 @@ class DeploymentWorker:
                 fresh = await self.op.kube.get_deployment(namespace, name)
                 self._rv = fresh["metadata"]["resourceVersion"]
                 continue
-            self._rv = written["metadata"]["resourceVersion"]
+            self._wrote(written)
             return
 
     def current_state(self) -> KubeState:
@@ -433,6 +447,7 @@ class DeploymentWorker:
     # ---- reconcile ------------------------------------------------------------------
 
     async def reconcile(self) -> None:
+        self.reconciles += 1
         obj = self.obj
         self.op.check_acting()
         annotations = _annotations(obj)
@@ -665,15 +680,12 @@ class DeploymentWorker:
     def workload(self, replicas: int) -> AppDeployments:
         """What is deployed for this Deployment (the runner's Workload)."""
 
-        def written(obj: JSON) -> None:
-            self._rv = obj["metadata"]["resourceVersion"]
-
         settings = self.op.settings
         return AppDeployments(
             self.op.kube,
             self.key,
             app=lambda: self.obj,
-            written=written,
+            written=self._wrote,
             check_acting=self.op.check_acting,
             event=self.event,
             replicas=replicas,
@@ -710,6 +722,24 @@ class DeploymentWorker:
         return data
 
 
+
+def _same_but_our_status(old: JSON, new: JSON) -> bool:
+    """Whether two versions of a Deployment differ only in our status annotation (and in
+    what every write changes: resourceVersion, managedFields)."""
+
+    def rest(obj: JSON) -> JSON:
+        metadata = {
+            k: v for k, v in obj.get("metadata", {}).items() if k not in _EVERY_WRITE_CHANGES
+        }
+        annotations = dict(metadata.get("annotations") or {})
+        annotations.pop(ANNOTATION_STATUS, None)
+        return {**obj, "metadata": {**metadata, "annotations": annotations}}
+
+    return bool(rest(old) == rest(new))
+
+
+_EVERY_WRITE_CHANGES = frozenset({"resourceVersion", "managedFields"})
+
 # ---- the operator -----------------------------------------------------------------------
 
 
@@ -734,7 +764,7 @@ class Operator:
         self.kube = kube
         self.settings = settings
         self.elector = elector
-        self.telemetry = telemetry or Telemetry()
+        self.telemetry = telemetry or Telemetry(mode="kubernetes")
         self.events = EventRecorder(kube, component="canary")
         self.clock = clock or MonotonicWallClock()  # timers never jump with the wall clock
         self.started = asyncio.Event()

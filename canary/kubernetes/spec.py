@@ -32,6 +32,7 @@ from analysis import AnalysisConfig, MetricConfig
 from canary.core.inputs import MAX_ANNOTATION_BYTES, MAX_DURATION_S, clip, excerpt
 from canary.core.rollout import RolloutSpec
 from canary.metrics.prometheus import PromQueries
+from canary.notify.formats import FORMATS, Format
 
 __all__ = [
     "ANNOTATIONS",
@@ -73,9 +74,13 @@ GATING_WEBHOOK_TYPES: tuple[str, ...] = (
     "confirm-promotion",
 )
 _WEBHOOK_RULES = {
-    "post-rollout": "URL told of promotions, rollbacks and manual actions (Slack-compatible JSON)",
-    "rollback": "URL told of rollbacks (Slack-compatible JSON)",
+    "post-rollout": "URL told of promotions, rollbacks and manual actions (see its `.format`)",
+    "rollback": "URL told of rollbacks (see its `.format`)",
 }
+_WEBHOOK_FORMAT_RULE = (
+    "the payload's shape for `webhook.{kind}`: `slack` (the default), `teams`, `discord`, "
+    "`google_chat` or `json`"
+)
 METRIC_NAMES = ("errors", "latency")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS-1123 subdomain
 
@@ -221,6 +226,7 @@ class Webhook(BaseModel):
 
     type: WebhookType
     url: str
+    format: Format = "slack"
 
 
 class CanarySpec(BaseModel):
@@ -452,6 +458,13 @@ def _url(text: str) -> str:
     return value
 
 
+def _webhook_format(text: str) -> str:
+    value = text.strip().lower().replace("-", "_")
+    if value not in FORMATS:
+        raise ValueError(f"must be one of {', '.join(FORMATS)}, got {excerpt(text)}")
+    return value
+
+
 # -- the table ---------------------------------------------------------------------------
 
 
@@ -596,6 +609,16 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         _a(f"webhook.{kind}", f"webhooks.{kind}", _url, "", _WEBHOOK_RULES[kind])
         for kind in WEBHOOK_TYPES
     ),
+    *(
+        _a(
+            f"webhook.{kind}.format",
+            f"webhook_formats.{kind}",
+            _webhook_format,
+            "",
+            _WEBHOOK_FORMAT_RULE.format(kind=kind),
+        )
+        for kind in WEBHOOK_TYPES
+    ),
 )
 _BY_KEY = {a.key: a for a in ANNOTATIONS}
 _GATING_KEYS = frozenset(f"{PREFIX}webhook.{kind}" for kind in GATING_WEBHOOK_TYPES)
@@ -626,6 +649,7 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
     problems: dict[str, str] = {}
     raw: dict[str, Any] = {}
     target_from: str | None = None  # which annotation named the router's target
+    formats: dict[str, tuple[str, Any]] = {}  # webhook type -> (annotation, format)
     for key, value in sorted((annotations or {}).items()):
         if not key.startswith(PREFIX) or key in RESERVED:
             continue
@@ -658,6 +682,8 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
             raw.setdefault("webhooks", []).append(
                 {"type": known.field.split(".", 1)[1], "url": parsed}
             )
+        elif known.field.startswith("webhook_formats."):
+            formats[known.field.split(".", 1)[1]] = (key, parsed)
         else:
             if known.field == "router.target":
                 if target_from is not None:
@@ -665,6 +691,12 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
                     continue
                 target_from = key.removeprefix(PREFIX)
             _set(raw, known.field, parsed)
+    for kind, (key, chosen) in formats.items():
+        hooks = [hook for hook in raw.get("webhooks", []) if hook["type"] == kind]
+        if not hooks:
+            problems[key] = f"no {PREFIX}webhook.{kind} to format"
+        for hook in hooks:
+            hook["format"] = chosen
     if not problems:
         _cross_check(raw, problems, target_from)
     if problems:

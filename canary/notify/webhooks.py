@@ -1,8 +1,8 @@
 """Webhook notifications: promotion, rollback, failover and manual actions, with a report link.
 
 Why: the controller acts on its own, so the people who own a service must hear about it where
-they already are (Slack, chat bridges, incident tools), with one click to the evidence. The
-payload is Slack-compatible (`{"text": ..., "blocks": [...]}`), which most chat tools accept.
+they already are (Slack, Teams, Discord, Google Chat, incident tools), with one click to the
+evidence. Each webhook says which shape it wants (`format`); Slack's is the default.
 
 A notification must never hold up or fail a rollout. `Notifier.notify` only schedules a
 delivery task and returns; each delivery has a per-attempt timeout and a bounded number of
@@ -21,7 +21,8 @@ refused without a connection, unless the operator's allow-list (`allow_hosts`, t
 
 The controller feeds it record entries (`Notifier.on_entry`), so what is notified is exactly
 what is recorded. `WebhookConfig` is a plain pydantic model that the controller's config and
-the Kubernetes annotations embed.
+the Kubernetes annotations embed; its `format` picks the payload's shape (Slack, Microsoft
+Teams, Discord, Google Chat or the event as plain JSON: canary.notify.formats).
 
 Exception tree::
 
@@ -38,7 +39,7 @@ import os
 import socket
 import time
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import quote, urlsplit
 
 import aiohttp
@@ -48,12 +49,23 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from canary.core.records import EndEntry, Entry, FailoverEntry, ManualEntry, StartEntry
 from canary.core.redact import redact_text, redact_url
+from canary.notify.formats import (
+    EVENT_KINDS,
+    FORMATS,
+    EventKind,
+    Format,
+    Notification,
+    payload_for,
+    slack_payload,
+)
 from canary.retry import RetryPolicy, retrying
 
 __all__ = [
     "EVENT_KINDS",
+    "FORMATS",
     "DeliveryResult",
     "EventKind",
+    "Format",
     "GuardedResolver",
     "Notification",
     "Notifier",
@@ -69,9 +81,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-EventKind = Literal["promoted", "rolled_back", "failover", "manual"]
-EVENT_KINDS: tuple[EventKind, ...] = ("promoted", "rolled_back", "failover", "manual")
 
 # Retry-After from a chat service can say "wait an hour"; a rollout notification that late
 # is noise, so waits are capped.
@@ -176,6 +185,8 @@ class WebhookConfig(BaseModel):
     events: frozenset[EventKind] = Field(default_factory=lambda: frozenset(EVENT_KINDS))
     # e.g. "https://canary.example.internal": links become {base}/reports/{id}
     report_base_url: str | None = None
+    # The payload's shape: slack, teams, discord, google_chat or json (canary.notify.formats).
+    format: Format = "slack"
     timeout_s: float = Field(default=5.0, gt=0, le=120)
     max_attempts: int = Field(default=4, ge=1, le=10)
     backoff_s: float = Field(default=1.0, ge=0, le=_MAX_BACKOFF_S)
@@ -193,6 +204,15 @@ class WebhookConfig(BaseModel):
             )
         return value
 
+    @field_validator("format", mode="before")
+    @classmethod
+    def _known_format(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = value.strip().lower().replace("-", "_")
+            if value not in FORMATS:
+                raise ValueError(f"must be one of {', '.join(FORMATS)}, got {value[:40]!r}")
+        return value
+
     @field_validator("events", mode="before")
     @classmethod
     def _known_events(cls, value: Any) -> Any:
@@ -208,20 +228,6 @@ class WebhookConfig(BaseModel):
             if not value:
                 raise ValueError("events is empty: the webhook would never fire")
         return value
-
-
-class Notification(BaseModel):
-    """Something worth telling people about."""
-
-    model_config = ConfigDict(frozen=True)
-
-    event: EventKind
-    rollout: str
-    target: str
-    title: str  # one line: "demo/app: rolled back"
-    text: str  # the why, one or two sentences
-    at: float  # unix seconds
-    fields: dict[str, str] = Field(default_factory=dict)
 
 
 class DeliveryResult(BaseModel):
@@ -278,53 +284,6 @@ def report_url(base_url: str | None, rollout: str) -> str | None:
     if not base_url:
         return None
     return f"{base_url.rstrip('/')}/reports/{quote(report_id(rollout))}"
-
-
-def _mrkdwn(text: str) -> str:
-    # Slack's only required escapes; everything else is literal.
-    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
-
-
-_ICONS: Mapping[EventKind, str] = {
-    "promoted": ":white_check_mark:",
-    "rolled_back": ":x:",
-    "failover": ":rotating_light:",
-    "manual": ":raised_hand:",
-}
-
-
-def slack_payload(notification: Notification, *, link: str | None) -> dict[str, Any]:
-    """Slack-compatible JSON: `text` for clients without blocks, `blocks` for the rest."""
-    n = notification
-    icon = _ICONS[n.event]
-    text = f"{icon} {n.title}: {n.text}"
-    if link:
-        text += f" Report: {link}"
-    blocks: list[dict[str, Any]] = [
-        {"type": "header", "text": {"type": "plain_text", "text": n.title[:150]}},
-        {"type": "section", "text": {"type": "mrkdwn", "text": f"{icon} {_mrkdwn(n.text)}"}},
-    ]
-    fields = {"Rollout": f"`{n.rollout}`", **{k: _mrkdwn(v) for k, v in n.fields.items()}}
-    blocks.append(
-        {
-            "type": "section",
-            "fields": [{"type": "mrkdwn", "text": f"*{k}*\n{v}"} for k, v in fields.items()][:10],
-        }
-    )
-    if link:
-        blocks.append(
-            {
-                "type": "actions",
-                "elements": [
-                    {
-                        "type": "button",
-                        "text": {"type": "plain_text", "text": "Open the report"},
-                        "url": link,
-                    }
-                ],
-            }
-        )
-    return {"text": text, "blocks": blocks}
 
 
 def notification_for(entry: Entry, *, target: str) -> Notification | None:
@@ -425,8 +384,10 @@ class Notifier:
         for hook in self._webhooks:
             if notification.event not in hook.events:
                 continue
-            payload = slack_payload(
-                notification, link=report_url(hook.report_base_url, notification.rollout)
+            payload = payload_for(
+                hook.format,
+                notification,
+                link=report_url(hook.report_base_url, notification.rollout),
             )
             task = asyncio.create_task(
                 self._deliver(hook, notification, payload),

@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import tempfile
+import weakref
 from pathlib import Path
 
 from canary.executors import run_blocking
@@ -31,6 +33,24 @@ from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
 __all__ = ["HAProxyRouter", "parse_servers_state", "runtime_command", "save_server_state"]
 
 _MAX_ANSWER = 16 * 1024 * 1024
+
+# HAProxy's admin socket takes few connections at once (`stats maxconn`, 10 by default) and
+# drops the rest: 50 commands at once lost 29, 1,000 lost 979 (issue 13: 667 weight changes
+# refused when 500 rollouts started). So at most this many commands per socket are in flight
+# from one controller; the others wait their turn (within their own timeout).
+MAX_COMMANDS_IN_FLIGHT = 8
+_gates: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, asyncio.Semaphore]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _gate(path: str) -> asyncio.Semaphore:
+    """The socket's semaphore on the running loop (a semaphore belongs to one loop)."""
+    per_loop = _gates.setdefault(asyncio.get_running_loop(), {})
+    gate = per_loop.get(path)
+    if gate is None:
+        gate = per_loop[path] = asyncio.Semaphore(MAX_COMMANDS_IN_FLIGHT)
+    return gate
 
 
 async def runtime_command(socket_path: str | Path, command: str, *, timeout_s: float = 5.0) -> str:
@@ -43,7 +63,7 @@ async def runtime_command(socket_path: str | Path, command: str, *, timeout_s: f
         raise ValueError(f"one runtime command at a time, without ';' or newlines: {command!r}")
     path = str(socket_path)
     try:
-        async with asyncio.timeout(timeout_s):
+        async with asyncio.timeout(timeout_s), _gate(path):
             reader, writer = await asyncio.open_unix_connection(path, limit=_MAX_ANSWER)
             try:
                 writer.write(command.encode() + b"\n")
@@ -103,9 +123,18 @@ async def save_server_state(
 
 
 def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    # A temporary name of its own: routers sharing one HAProxy save the same state file at
+    # once, and a shared "<name>.tmp" was moved away under the next writer's feet.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as out:
+            out.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 class HAProxyRouter:

@@ -45,6 +45,7 @@ from typing import Any, Literal, Protocol
 
 from analysis import AnalysisConfig, Snapshot, Verdict
 from canary.core.advice import Advice, assumed_advice, material, observed_advice, observed_due
+from canary.core.logs import bind_rollout, unbind_rollout
 from canary.core.records import (
     EndEntry,
     Entry,
@@ -111,6 +112,9 @@ log = logging.getLogger("canary.runner")
 _MAX_ACTIONS_PER_EVENT = 64
 # TickEntry fields a tick hook may fill in.
 _HOOK_FIELDS = frozenset({"observed_canary_share"})
+# RolloutStatus fields a resume does not need at once (runner.volatile_save_s): compared with
+# these values put in, so that a change in them alone is not a reason to save.
+_VOLATILE_DEFAULTS: dict[str, Any] = {"last_data_at": None, "message": "", "last_decision": None}
 _FINISH_REASONS = {"promoted": "Promoted", "rolled_back": "RolledBack"}
 
 
@@ -237,6 +241,11 @@ class RolloutRunner:
     labels: Mapping[str, str] = field(default_factory=dict)
     # A pause between looks longer than this (and than 3 ticks) is marked in the record.
     gap_noted_s: float = 5.0
+    # A status that differs from the saved one only in what a resume does not need (the last
+    # data time, the message, the last decision) is saved at most this often (and at most
+    # every quarter of the no-data deadline), not on every tick: in Kubernetes mode each save
+    # is a PATCH of the Deployment and a watch event for every watcher (issue 13).
+    volatile_save_s: float = 30.0
 
     def __post_init__(self) -> None:
         if self.tick_s <= 0:
@@ -248,6 +257,8 @@ class RolloutRunner:
         self.record_error = ""  # the last failure to write the record, "" once one succeeds
         self.status_error = ""  # why the status cannot be saved (the rollout holds meanwhile)
         self.unsaved = False  # the last event's change was not saved, so not carried out
+        self._saved_status: RolloutStatus | None = None  # what the store holds, as far as known
+        self._last_saved: SavedRollout | None = None
         self._commands: asyncio.Queue[_Pending] = asyncio.Queue()
         self._analyzer: AnalyzerLike | None = None
         self._rollout_id = ""
@@ -364,12 +375,30 @@ class RolloutRunner:
     async def run(self) -> RolloutStatus:
         """Start (or resume) the rollout and run it to its end. Cancel to stop it: weights
         stay where they are."""
-        await self.prepare()
+        bound = bind_rollout(self._log_fields)  # every log line of this task names the rollout
         try:
-            return await self._run()
+            await self.prepare()
+            try:
+                return await self._run()
+            finally:
+                if self.store is not None:
+                    await self.store.release()
         finally:
-            if self.store is not None:
-                await self.store.release()
+            unbind_rollout(bound)
+
+    def _log_fields(self) -> dict[str, Any]:
+        """The rollout's fields on each log line logged while it runs (canary.core.logs)."""
+        fields: dict[str, Any] = {
+            "rollout": self.labels.get("deployment", self.name),
+            "namespace": self.labels.get("namespace"),
+            "phase": self.status.phase.value,
+            "step": self.status.step,
+            "weight": self.status.weight,
+            "decision": self.status.last_decision,
+        }
+        if self._rollout_id:
+            fields["rollout_id"] = self._rollout_id
+        return fields
 
     def _wanted_revision(self) -> str:
         return self.revision or self.canary_version
@@ -409,7 +438,8 @@ class RolloutRunner:
                 await self._tick()
                 # The record before the status: a status that says "done" has its record.
                 await self._flush_record(force=self.status.done)
-                await self._save(force=True)
+                if self.status.done or self._needs_save():
+                    await self._save(force=True)
         except NotActing:
             raise  # not ours to act on any more (a lost Lease): write nothing, say nothing
         except asyncio.CancelledError:
@@ -514,6 +544,7 @@ class RolloutRunner:
         if self.telemetry is not None:
             label = decision.value if decision is not None else "no_data"
             self.telemetry.decisions.labels(self.name, label).inc()
+            self.telemetry.analysis(self.name, verdict)  # each metric's estimate, bounds, e-values
 
         # The tick is what was observed, in the state it was observed in; the transitions it
         # causes follow it in the record (so an end entry stays last).
@@ -606,7 +637,7 @@ class RolloutRunner:
             outcome = step(self.spec, self.status, queue.popleft(), self.clock())
             changed = outcome.status != self.status
             previous, self.status = self.status, outcome.status
-            if changed and not self.status.done and not await self._save():
+            if changed and not self.status.done and self._needs_save() and not await self._save():
                 # Write-ahead or nothing: a change that is not saved is not carried out (a
                 # restart would resume the old status and move traffic back). The rollout
                 # holds where it is; the machine decides again at the next look.
@@ -749,6 +780,21 @@ class RolloutRunner:
             record_error=self.record_error,
         )
 
+    def _needs_save(self) -> bool:
+        """Whether the status differs from the saved one in what a resume needs, or its
+        volatile fields are older in the store than volatile_save_s (or a quarter of the
+        no-data deadline, so a restart cannot come much closer to that deadline than the
+        rollout really was)."""
+        saved, status = self._saved_status, self.status
+        if saved is None or saved.model_copy(update=_VOLATILE_DEFAULTS) != status.model_copy(
+            update=_VOLATILE_DEFAULTS
+        ):
+            return True
+        if status.last_data_at is None or saved.last_data_at is None:
+            return status.last_data_at != saved.last_data_at
+        every = min(self.volatile_save_s, self.spec.no_data_deadline_s / 4)
+        return status.last_data_at - saved.last_data_at >= every
+
     async def _save(self, *, force: bool = False) -> bool:
         """Persist the status (write-ahead while active; a done status only when `force`d,
         after its actions). False when the store failed: counted, logged and shown
@@ -756,8 +802,12 @@ class RolloutRunner:
         stops the runner."""
         if self.store is None or (self.status.done and not force):
             return True
+        snapshot = self._saved()
+        if snapshot == self._last_saved:
+            return True  # the store holds exactly this already
         try:
-            await self.store.save(self._saved())
+            await self.store.save(snapshot)
+            self._saved_status, self._last_saved = self.status, snapshot
         except (OSError, StateWriteError) as exc:
             if not self.status_error:
                 log.error("%s: cannot save the status, holding: %s", self.name, exc)
@@ -776,7 +826,7 @@ class RolloutRunner:
         if saved is None:
             return False
         assert self._resumed_record is not None
-        self.status = saved.status
+        self.status = self._saved_status = saved.status
         self._rollout_id = saved.rollout_id
         self.record = self._resumed_record
         self.record_error = saved.record_error

@@ -350,8 +350,11 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
 
     with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:
         metrics = response.read().decode()
-    assert 'canary_rollout_phase{phase="Progressing",rollout="app"} 1.0' in metrics
-    assert 'canary_analysis_decisions_total{decision="no_data",rollout="app"}' in metrics
+    labels = 'name="app",namespace=""'
+    assert f'canary_rollout_phase{{{labels},phase="Progressing",rollout="app"}} 1.0' in metrics
+    assert (
+        f'canary_analysis_decisions_total{{decision="no_data",{labels},rollout="app"}}' in metrics
+    )
 
     # canary.reports.pages' routes are plugged into the same server, behind the same token
     index = _get(f"{url}/reports/?format=json", token)
@@ -522,6 +525,126 @@ def test_run_promotes_a_good_canary_and_rolls_back_a_bad_one(
     assert judged and judged[-1].canary is not None and judged[-1].canary.requests > 0
     if outcome == "rolled_back":
         assert "errors" in end.reason
+
+
+@pytest.mark.slow
+def test_run_logs_json_lines_and_exports_per_metric_analysis(
+    procs: ProcessPool,
+    workdir: Path,
+    sockdir: Path,
+    haproxy_binary: str,
+    prometheus_env: tuple[str, int],
+) -> None:
+    """`canary run --log-format json` on a real rollout: every stderr line is one JSON
+    object (timestamp, level, logger, message), the runner's lines name the rollout, its
+    phase and decision, and no secret (Prometheus credentials, a webhook token) appears.
+    Meanwhile /metrics shows canary_info and each metric's estimate, bounds and e-values
+    with the rollout, namespace and name labels."""
+    import re
+    import subprocess
+    import threading
+
+    prometheus_url, exporter_port = prometheus_env
+    haproxy = _haproxy(procs, workdir, sockdir, haproxy_binary)
+    port = free_port()
+    config = workdir / "rollout.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "app",
+                "router": {"kind": "haproxy", "socket": str(haproxy.socket_path), "backend": "app"},
+                "metrics": {
+                    "kind": "prometheus",
+                    # Prometheus ignores the credentials; the log must not show them
+                    "url": prometheus_url.replace("http://", "http://alice:s3cret-pw@"),
+                    "queries": {"primary_arm": "json-p", "canary_arm": "json-c"},
+                },
+                "steps": [10, 50],
+                "min_step_s": 1,
+                "max_step_s": 60,
+                "tick_s": 0.5,
+                "no_data_deadline_s": 30,
+                "record_dir": "records",
+                # refused (loopback, not allowed): its failure is logged, redacted
+                "webhooks": [{"url": "http://127.0.0.1:9/hook?token=wh-s3cret", "format": "json"}],
+            }
+        )
+    )
+    command = [sys.executable, "-m", "canary", "run", "--config", str(config)]
+    command += ["--listen", f"127.0.0.1:{port}", "--log-format", "json"]
+    scraped: list[str] = []
+    estimate = re.compile(
+        r'^canary_analysis_metric_estimate\{metric="errors",name="app",namespace="",'
+        r'rollout="app"\} ([0-9.e+-]+)$',
+        re.M,
+    )
+
+    def scrape(done: threading.Event) -> None:
+        while not done.wait(0.2):
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=2) as r:
+                    body = r.read().decode()
+            except OSError:
+                continue
+            if estimate.search(body):
+                scraped.append(body)
+
+    done = threading.Event()
+    scraper = threading.Thread(target=scrape, args=(done,), daemon=True)
+    with Traffic(exporter_port, "json-p", "json-c", 2):
+        scraper.start()
+        try:
+            result = subprocess.run(
+                command, capture_output=True, text=True, timeout=120, check=False, cwd=workdir
+            )
+        finally:
+            done.set()
+            scraper.join(timeout=10)
+    assert result.returncode == EXIT_OK, result.stderr[-3000:]
+
+    lines = result.stderr.splitlines()
+    events = [json.loads(line) for line in lines]  # every line, or this raises
+    assert all(isinstance(e, dict) for e in events) and len(events) > 5
+    for event in events:
+        assert {"timestamp", "level", "logger", "message"} <= set(event), event
+    assert "s3cret" not in result.stderr and "wh-s3cret" not in result.stderr
+    assert any(e["message"].startswith("serving on http://127.0.0.1:") for e in events)
+    transitions = [e for e in events if e["logger"] == "canary.runner" and " -> " in e["message"]]
+    assert transitions, events
+    for event in transitions:
+        assert event["rollout"] == "app" and event["phase"] in (
+            "Progressing",
+            "Promoting",
+            "Succeeded",
+        )
+        assert "namespace" not in event  # a static target has none
+    assert any(e.get("decision") == "pass" for e in transitions)
+    webhook = [e for e in events if e["logger"] == "canary.notify.webhooks"]
+    assert webhook and webhook[0]["level"] == "warning" and webhook[0]["rollout"] == "app"
+    assert "loopback" in webhook[0]["message"]
+    assert events[-2]["message"].startswith("app: promoted: ")  # then the record's path
+    assert events[-2]["outcome"] == "promoted"
+
+    assert scraped, "the per-metric gauges never appeared on /metrics"
+    body = scraped[-1]
+    assert re.search(r'^canary_info\{mode="static",version="[^"]+"\} 1\.0$', body, re.M)
+    assert 0 < float(estimate.findall(body)[-1]) < 10
+    labels = 'metric="errors",name="app",namespace="",rollout="app"'
+    for name in (
+        "canary_analysis_metric_lower_bound",
+        "canary_analysis_metric_upper_bound",
+        "canary_analysis_metric_e_value_fail",
+        "canary_analysis_metric_e_value_pass",
+    ):
+        assert f"{name}{{{labels}}} " in body, name
+    assert f"canary_analysis_metric_e_value_fail_threshold{{{labels}}} " in body
+    assert re.search(
+        r'^canary_analysis_metric_decision\{decision="(pass|continue)",metric="errors",'
+        r'name="app",namespace="",rollout="app"\} 1\.0$',
+        body,
+        re.M,
+    )
+    assert 'canary_rollout_weight_percent{name="app",namespace="",rollout="app"}' in body
 
 
 def test_status_shows_the_planners_advice_while_a_rollout_runs(

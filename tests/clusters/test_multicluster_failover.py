@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -441,10 +442,11 @@ async def _on(env: Env, mode: Mode) -> bool:
     return bool(env.service.failover.state.mode is mode)
 
 
+@pytest.mark.parametrize("log_format", ["text", "json"])
 async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigterm(
-    pdns: PdnsServer, tmp_path: Path
+    pdns: PdnsServer, tmp_path: Path, log_format: str
 ) -> None:
-    """`canary clusters --topology FILE` connects to both clusters by kubeconfig, serves /failover, and exits 3 cleanly on SIGTERM."""
+    """`canary clusters --topology FILE` connects to both clusters by kubeconfig, serves /failover, and exits 3 cleanly on SIGTERM; with `--log-format json` every stderr line is a JSON object."""
     port, listen = free_port(), free_port()
     primary, standby = EntryPoint(PRIMARY_IP, port), EntryPoint(STANDBY_IP, port)
     await primary.up()
@@ -472,6 +474,8 @@ async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigt
                 f"127.0.0.1:{listen}",
                 "--token-file",
                 str(tmp_path / "cli.token"),
+                "--log-format",
+                log_format,
                 stderr=asyncio.subprocess.PIPE,
                 env={**os.environ, "PDNS_API_KEY": API_KEY},
             )
@@ -493,6 +497,10 @@ async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigt
                 _, err = await asyncio.wait_for(proc.communicate(), 20)
             assert proc.returncode == 3, err.decode()
             assert b"serving on" in err
+            if log_format == "json":
+                events = [json.loads(line) for line in err.decode().splitlines()]
+                assert all({"timestamp", "level", "logger", "message"} <= set(e) for e in events)
+                assert any(e.get("url") == f"http://127.0.0.1:{listen}" for e in events)
     finally:
         await primary.down()
         await standby.down()

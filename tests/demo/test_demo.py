@@ -8,6 +8,7 @@ and Prometheus. Every process a test starts is stopped by PID, and checked gone.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import re
@@ -330,6 +331,32 @@ def test_demo_rolls_back_a_canary_with_more_errors(tmp_path: Path) -> None:
     assert (last.to_phase, last.weight) == ("Failed", 0)
     fail = [e for e in entries if isinstance(e, TickEntry) and e.verdict is not None][-1]
     assert fail.verdict is not None and fail.verdict.decision == "fail"
+
+
+JSON_ROLLBACK = ("--canary-error-rate", "0.05", "--log-format", "json")
+
+
+def test_demo_logs_the_controllers_events_as_json_lines(tmp_path: Path) -> None:
+    """`--log-format json`: the progress lines stay on stdout; stderr is the controller's
+    events, every line one JSON object, the rollback's transitions naming the rollout, its
+    phase and the decision."""
+    out = subprocess.run(
+        [*DEMO, *FAST, "--record-dir", str(tmp_path / "records"), *JSON_ROLLBACK],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert out.returncode == 1, out.stdout + out.stderr
+    assert "outcome:  ROLLED BACK" in out.stdout
+    assert_all_stopped(child_pids(out.stdout))
+    events = [json.loads(line) for line in out.stderr.splitlines()]
+    assert events and all({"timestamp", "level", "logger", "message"} <= set(e) for e in events)
+    back = [
+        e for e in events if e["logger"] == "canary.runner" and "-> RollingBack" in e["message"]
+    ]
+    assert back and back[0]["rollout"] == "demo" and back[0]["phase"] == "RollingBack"
+    assert back[0]["decision"] == "fail" and back[0]["level"] == "info"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -169,6 +169,7 @@ def test_controller_deployment_is_hardened() -> None:
     assert args.command == "kubernetes" and args.leader_elect
     assert args.lease_namespace == args.record_namespace == NAMESPACE
     assert args.prometheus_url.startswith("http")
+    assert args.log_format == "json"  # one JSON object per log line, for log pipelines
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert {"cpu", "memory"} <= set(container["resources"]["requests"])

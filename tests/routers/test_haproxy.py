@@ -121,6 +121,20 @@ async def test_split_follows_each_change_at_once(stack: Stack) -> None:
         assert abs(share - after) <= 3, f"{before} -> {after}: canary got {share:.1f}%"
 
 
+async def test_many_rollouts_at_once_get_every_command_through(stack: Stack) -> None:
+    """500 routers on one admin socket at once (500 rollouts starting, issue 13): HAProxy
+    drops connections past its `stats maxconn` (29 of 50 commands at once were lost before
+    the per-socket limit), so every weight write and read must still go through."""
+    routers = [stack.router() for _ in range(500)]
+    results = await asyncio.gather(
+        *(r.set_weight(i % 2 * 10) for i, r in enumerate(routers)), return_exceptions=True
+    )
+    failed = [r for r in results if isinstance(r, BaseException)]
+    assert not failed, f"{len(failed)} of 500 refused, e.g. {failed[0]}"
+    reads = await asyncio.gather(*(r.get_weight() for r in routers), return_exceptions=True)
+    assert all(w in (0, 10) for w in reads), [w for w in reads if w not in (0, 10)][:3]
+
+
 async def test_weight_changes_under_load_lose_no_request(stack: Stack) -> None:
     """Flipping weights between extremes while requests flow never leaves no server to serve."""
     router = stack.router()

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -359,6 +360,9 @@ async def test_controller_rejects_duplicate_names(tmp_path: Path) -> None:
         Controller([one, two])
 
 
+APP = {"rollout": "app", "namespace": "", "name": "app"}  # a static target's metric labels
+
+
 async def test_states_and_telemetry_follow_the_rollout(tmp_path: Path) -> None:
     """/rollouts data and the Prometheus metrics show the final phase and weight."""
     runner, _, _ = make_runner(tmp_path, canary_error_rate=0.1)
@@ -367,15 +371,25 @@ async def test_states_and_telemetry_follow_the_rollout(tmp_path: Path) -> None:
     state = controller.states()[0]
     assert state["phase"] == "Failed" and state["weight"] == 0 and state["name"] == "app"
     registry = controller.telemetry.registry
-    assert (
-        registry.get_sample_value("canary_rollout_phase", {"rollout": "app", "phase": "Failed"})
-        == 1.0
-    )
-    assert registry.get_sample_value("canary_rollout_weight_percent", {"rollout": "app"}) == 0.0
+    assert registry.get_sample_value("canary_rollout_phase", {**APP, "phase": "Failed"}) == 1.0
+    assert registry.get_sample_value("canary_rollout_weight_percent", APP) == 0.0
     fails = registry.get_sample_value(
-        "canary_analysis_decisions_total", {"rollout": "app", "decision": "fail"}
+        "canary_analysis_decisions_total", {**APP, "decision": "fail"}
     )
     assert fails is not None and fails >= 1
+    # the numbers behind the failing metric: e-value at or over its threshold, lower bound > 1
+    errors = {**APP, "metric": "errors"}
+    e_fail = registry.get_sample_value("canary_analysis_metric_e_value_fail", errors)
+    threshold = registry.get_sample_value("canary_analysis_metric_e_value_fail_threshold", errors)
+    assert e_fail is not None and threshold is not None and e_fail >= threshold > 1
+    lower = registry.get_sample_value("canary_analysis_metric_lower_bound", errors)
+    assert lower is not None and lower > 1.0
+    decided = registry.get_sample_value(
+        "canary_analysis_metric_decision", {**errors, "decision": "fail"}
+    )
+    assert decided == 1.0
+    version = metadata.version("canary")
+    assert registry.get_sample_value("canary_info", {"version": version, "mode": "static"}) == 1.0
 
 
 # ---- the HTTP server around a controller ----------------------------------------------------
@@ -450,7 +464,10 @@ async def test_server_routes_probes_state_and_commands(tmp_path: Path) -> None:
         assert status == 400 and "unknown body keys ['user']" in body
 
         status, body = await call("GET", "/metrics")
-        assert status == 200 and 'canary_rollout_phase{phase="Paused",rollout="app"} 1.0' in body
+        assert status == 200
+        assert (
+            'canary_rollout_phase{name="app",namespace="",phase="Paused",rollout="app"} 1.0' in body
+        )
 
         status, body = await call("POST", "/rollouts/app/abort", json={"who": "alice"})
         assert status == 200

@@ -12,11 +12,12 @@ start entry"): the whole rollout went unrecorded.
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 from test_runner import make_runner
 
-from canary.core.records import Entry, StartEntry
+from canary.core.records import Entry, StartEntry, read_record
 from canary.runner import Controller
 from canary.runner.seams import SavedRollout
 
@@ -104,3 +105,35 @@ async def test_a_resumed_rollout_whose_record_was_lost_records_again(tmp_path: P
     notes = [e.message for e in lost if e.kind == "note"]  # type: ignore[union-attr]
     assert any("was lost; it starts again here" in n for n in notes), notes
     assert lost[-1].kind == "end"
+
+
+async def test_the_status_is_saved_when_a_resume_needs_it_not_on_every_tick(
+    tmp_path: Path,
+) -> None:
+    """Issue 13: a tick that changes only the last data time (and the message) is not a save
+    (in Kubernetes mode a save is a PATCH and a watch event); those fields are saved at most
+    every volatile_save_s of rollout time. Every step, weight and stage change is saved."""
+    from test_runner import SPEC
+
+    spec = SPEC.model_copy(update={"min_step_s": 120, "no_data_deadline_s": 600})
+    runner, router, _ = make_runner(tmp_path, spec=spec)
+    saved: list[SavedRollout] = []
+
+    class Recording(WatchingStore):
+        async def save(self, state: SavedRollout) -> None:
+            saved.append(state)
+
+    runner.store = Recording([])
+    await Controller([runner]).run()
+    ticks = [e for e in read_record(runner.record_path) if e.kind == "tick"]
+    assert len(saved) < 0.6 * len(ticks), (len(saved), len(ticks))  # every tick: > 1.2
+    # every weight the router was asked for was saved first (write-ahead)
+    assert {s.status.weight for s in saved} >= set(router.sets) - {100}
+    volatile = {"last_data_at": None, "message": "", "last_decision": None}
+    for before, after in itertools.pairwise(saved):
+        if before.status.model_copy(update=volatile) == after.status.model_copy(update=volatile):
+            if before.status.last_data_at is None:
+                continue  # the first data: saved at once
+            assert after.status.last_data_at is not None
+            gap = after.status.last_data_at - before.status.last_data_at
+            assert gap >= runner.volatile_save_s, gap

@@ -1,0 +1,141 @@
+"""The controller's metrics: labels from the rollout's name, per-metric gauges, the README table."""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import re
+import sys
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from test_runner import make_runner
+
+from analysis import Analyzer, ArmCounts, Snapshot
+from canary.core.logs import configure_logging
+from canary.runner import Controller
+from canary.runner.telemetry import Telemetry
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_namespace_and_name_come_from_the_rollout() -> None:
+    telemetry = Telemetry(mode="kubernetes")
+    telemetry.weight.labels("shop/app").set(10)
+    telemetry.weight.labels("checkout").set(25)
+    registry = telemetry.registry
+    shop = {"rollout": "shop/app", "namespace": "shop", "name": "app"}
+    static = {"rollout": "checkout", "namespace": "", "name": "checkout"}
+    assert registry.get_sample_value("canary_rollout_weight_percent", shop) == 10
+    assert registry.get_sample_value("canary_rollout_weight_percent", static) == 25
+    assert 'canary_info{mode="kubernetes",version="' in generate_latest(registry).decode()
+
+
+def test_per_metric_gauges_hold_the_verdicts_numbers() -> None:
+    """Before data: NaN estimate and bounds; then the verdict's numbers, metric by metric."""
+    telemetry = Telemetry()
+    analyzer = Analyzer()
+    telemetry.analysis("app", None)  # no verdict (no data): nothing is set
+    first = analyzer.observe(
+        Snapshot(elapsed_s=1, primary=ArmCounts(requests=0), canary=ArmCounts(requests=0))
+    )
+    telemetry.analysis("app", first)
+    labels = {"rollout": "app", "namespace": "", "name": "app", "metric": "errors"}
+    get = telemetry.registry.get_sample_value
+    assert math.isnan(get("canary_analysis_metric_estimate", labels) or 0.0)
+    verdict = analyzer.observe(
+        Snapshot(
+            elapsed_s=60,
+            primary=ArmCounts(requests=90_000, errors=900),
+            canary=ArmCounts(requests=10_000, errors=101),
+        )
+    )
+    telemetry.analysis("app", verdict)
+    result = verdict.metrics["errors"]
+    assert get("canary_analysis_metric_estimate", labels) == result.estimate
+    assert get("canary_analysis_metric_lower_bound", labels) == result.lower
+    assert get("canary_analysis_metric_upper_bound", labels) == result.upper
+    assert get("canary_analysis_metric_e_value_fail", labels) == result.e_value_fail
+    assert get("canary_analysis_metric_e_value_pass", labels) == result.e_value_pass
+    assert get("canary_analysis_metric_e_value_pass_threshold", labels) == 1 / result.pass_alpha
+    decisions = {
+        d: get("canary_analysis_metric_decision", {**labels, "decision": d})
+        for d in ("pass", "fail", "continue")
+    }
+    assert decisions == {d: 1.0 if d == result.decision.value else 0.0 for d in decisions}
+
+
+def test_the_readme_table_lists_every_metric_and_its_labels() -> None:
+    """Every metric the controller exports is in the README's table with exactly its labels,
+    and the table lists nothing else."""
+    text = README.read_text(encoding="utf-8")
+    table = text.split("<!-- metrics table:", 1)[1].split("\n\n", 1)[0]
+    documented = {}
+    for row in re.findall(r"^\| `(canary_\w+)` \| (\w+) \| ([^|]*) \|", table, re.M):
+        name, kind, labels = row
+        documented[name] = (kind, tuple(re.findall(r"`(\w+)`", labels)))
+    exported = {
+        metric.name + ("_total" if metric.type == "counter" else ""): metric.type
+        for metric in Telemetry().registry.collect()
+    }
+    assert {name: kind for name, (kind, _) in documented.items()} == exported
+    label_sets = _label_names()
+    for name, (_, labels) in documented.items():
+        assert set(labels) == label_sets[name], name
+
+
+def _label_names() -> dict[str, set[str]]:
+    """Each metric's label names, as a filled-in registry shows them."""
+    telemetry = Telemetry()
+    from canary.core.rollout import RolloutStatus
+
+    telemetry.show("shop/app", RolloutStatus())
+    telemetry.weight_read.labels("shop/app").set(0)
+    telemetry.decisions.labels("shop/app", "pass").inc()
+    telemetry.errors.labels("shop/app", "router").inc()
+    analyzer = Analyzer()
+    verdict = analyzer.observe(
+        Snapshot(elapsed_s=1, primary=ArmCounts(requests=10), canary=ArmCounts(requests=1))
+    )
+    telemetry.analysis("shop/app", verdict)
+    telemetry.duration.labels("promoted").observe(1.0)
+    found: dict[str, set[str]] = {}
+    for metric in telemetry.registry.collect():
+        name = metric.name + ("_total" if metric.type == "counter" else "")
+        for sample in metric.samples:
+            found.setdefault(name, set()).update(set(sample.labels) - {"le"})
+    return found
+
+
+async def test_a_deployments_rollout_has_its_namespace_in_logs_and_metrics(tmp_path: Path) -> None:
+    """A runner named and labelled as the operator makes it (`shop/app`, namespace shop,
+    Deployment app): its JSON log lines say rollout app, namespace shop, and the phase at
+    each line; its metrics have namespace="shop", name="app"."""
+    runner, _, _ = make_runner(tmp_path)
+    runner.name = "shop/app"
+    runner.labels = {"namespace": "shop", "deployment": "app"}
+    controller = Controller([runner])
+    out = io.StringIO()
+    root, hook = logging.getLogger(), sys.excepthook
+    level = root.level
+    configure_logging("info", "json", stream=out)
+    try:
+        await controller.run()
+    finally:
+        sys.excepthook = hook
+        logging.captureWarnings(False)
+        for handler in [h for h in root.handlers if type(h).__name__ == "_Handler"]:
+            root.removeHandler(handler)
+        root.setLevel(level)
+        configure_logging("info", "text")
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    moves = [e for e in events if e["logger"] == "canary.runner" and " -> " in e["message"]]
+    assert moves and all(e["rollout"] == "app" and e["namespace"] == "shop" for e in moves)
+    assert [e["phase"] for e in moves][-2:] == ["Promoting", "Succeeded"]
+    assert moves[-1]["decision"] == "pass" and moves[-1]["rollout_id"].startswith("shop/app")
+    labels = {"rollout": "shop/app", "namespace": "shop", "name": "app"}
+    get = controller.telemetry.registry.get_sample_value
+    assert get("canary_rollout_phase", {**labels, "phase": "Succeeded"}) == 1.0
+    assert get("canary_analysis_metric_e_value_pass", {**labels, "metric": "errors"}) is not None
