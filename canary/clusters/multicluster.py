@@ -49,7 +49,7 @@ from typing import Any, Literal
 import aiohttp
 from aiohttp import web
 
-from analysis import AnalysisConfig, Analyzer
+from analysis import Analyzer
 from canary.clusters.failover_controller import FailoverController, FailoverRefused, save_state
 from canary.clusters.health import (
     CheckResult,
@@ -313,7 +313,7 @@ class CrossClusterRollouts:
         self.metrics = metrics
         self.record_dir = record_dir
         self._log = RecordWriter(log_path)
-        analysis = AnalysisConfig.model_validate(service.analysis)
+        analysis = service.analysis_config()
         self.analyzer_factory = analyzer_factory or (lambda: Analyzer(analysis))
         self.failed_over = failed_over
         self.events = events

@@ -22,7 +22,7 @@ import ipaddress
 import os
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -31,6 +31,9 @@ from canary.core.inputs import MAX_DURATION_S, MAX_TIMEOUT_S, check_tick, excerp
 from canary.core.rollout import RolloutSpec
 from canary.notify.webhooks import WebhookConfig
 from canary.static.config import ConfigError, format_validation_error, parse_steps, read_yaml_file
+
+if TYPE_CHECKING:
+    from analysis import AnalysisConfig
 
 __all__ = [
     "ClusterConfig",
@@ -333,11 +336,24 @@ class ServiceConfig(_Strict):
             zone = self.router.zone.rstrip(".") + "."
             if not self.dns_name.endswith("." + zone):
                 raise ValueError(f"dns_name {self.dns_name!r} is not inside router.zone {zone!r}")
+        if self.metrics.latency_buckets is None and self.analysis.get("quantiles"):
+            raise ValueError(
+                "analysis.quantiles needs latency metrics: metrics.latency_buckets is null"
+            )
         if self.analysis:
-            from analysis import AnalysisConfig
-
-            AnalysisConfig.model_validate(self.analysis)
+            self.analysis_config()
         return self
+
+    def analysis_config(self) -> AnalysisConfig:
+        """The analysis' configuration (analysis.AnalysisConfig). Without a latency histogram
+        (metrics.latency_buckets: null) there are no latency metrics: they would never have
+        data, and a metric without data never passes, so no canary could be promoted."""
+        from analysis import AnalysisConfig
+
+        config: AnalysisConfig = AnalysisConfig.model_validate(self.analysis)
+        if self.metrics.latency_buckets is None:
+            config = AnalysisConfig.model_validate({**config.model_dump(), "quantiles": ()})
+        return config
 
     def rollout_spec(self) -> RolloutSpec:
         # "copy": after a pass the template goes to the primary cluster and the canary

@@ -60,7 +60,9 @@ import canary.retry
 
 __all__ = [
     "API_CALLS",
+    "OPERATOR_CALLS",
     "OWN_NAMESPACE_RESOURCES",
+    "TWO_CLUSTER_CALLS",
     "ApiCall",
     "Conflict",
     "EventRecorder",
@@ -200,7 +202,14 @@ def _calls(group: str, resource: str, *verbs: str) -> set[ApiCall]:
     return {ApiCall(group, resource, verb) for verb in verbs}
 
 
-API_CALLS: frozenset[ApiCall] = frozenset(
+# external-dns' DNSEndpoint CRD: Route 53 weighted records between two clusters, written only
+# by `canary clusters` (canary.routers.external_dns) with the kubeconfig it is given for each
+# cluster; the in-cluster controller's ServiceAccount (manifests/rbac.yaml) is not granted them.
+TWO_CLUSTER_CALLS: frozenset[ApiCall] = frozenset(
+    _calls("externaldns.k8s.io", "dnsendpoints", "get", "create", "patch")
+)
+
+API_CALLS: frozenset[ApiCall] = TWO_CLUSTER_CALLS | frozenset(
     _calls("apps", "deployments", "get", "list", "watch", "create", "patch")
     | _calls("", "services", "get", "create", "patch")
     | _calls("", "configmaps", "get", "create", "update")
@@ -208,13 +217,14 @@ API_CALLS: frozenset[ApiCall] = frozenset(
     | _calls("networking.k8s.io", "ingresses", "get", "create", "patch")
     | _calls("gateway.networking.k8s.io", "httproutes", "get", "patch")
     | _calls("coordination.k8s.io", "leases", "get", "create", "update")
-    # external-dns' DNSEndpoint CRD: Route 53 weighted records between two clusters.
-    | _calls("externaldns.k8s.io", "dnsendpoints", "get", "create", "patch")
     # Who is calling the HTTP server, and may they (canary.kubernetes.access), as
     # kube-rbac-proxy asks: TokenReview, then SubjectAccessReview.
     | _calls("authentication.k8s.io", "tokenreviews", "create")
     | _calls("authorization.k8s.io", "subjectaccessreviews", "create")
 )
+
+# What `canary kubernetes` calls: what manifests/rbac.yaml grants its ServiceAccount.
+OPERATOR_CALLS: frozenset[ApiCall] = API_CALLS - TWO_CLUSTER_CALLS
 
 # Used only in the controller's own namespace (the Lease, its state ConfigMaps): the RBAC
 # grants them by a namespaced Role, not the ClusterRole.
@@ -945,6 +955,7 @@ class LeaderElector:
     _observed_rv: str | None = field(default=None, init=False)
     _observed_at: float = field(default=0.0, init=False)
     _lease: JSON | None = field(default=None, init=False)
+    _standby_for: str = field(default="", init=False)  # the holder last logged as such
 
     def __post_init__(self) -> None:
         if self.lease_duration_s < 1:
@@ -1029,7 +1040,17 @@ class LeaderElector:
         holder = spec.get("holderIdentity") or ""
         duration = float(spec.get("leaseDurationSeconds") or self.lease_duration_s)
         if holder and holder != self.identity and now - self._observed_at < duration:
+            if holder != self._standby_for:
+                self._standby_for = holder
+                log.info(
+                    "lease %s/%s: held by %s; %s is standby",
+                    self.namespace,
+                    self.name,
+                    holder,
+                    self.identity,
+                )
             return False
+        self._standby_for = ""
         try:
             self._lease = await self.kube.replace_lease(
                 self.namespace, self.name, self._body(lease, meta.get("resourceVersion"))

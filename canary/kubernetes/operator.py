@@ -478,12 +478,12 @@ class DeploymentWorker:
             await self._initialize(spec)
             return
 
-        await self._handle_command(annotations.get(ANNOTATION_COMMAND))
-
+        command = annotations.get(ANNOTATION_COMMAND)
         revision = template_hash(obj)
         running = self._runner_task is not None and not self._runner_task.done()
         if running:
             assert self.runner is not None
+            await self._handle_command(command)
             self.runner.supersede(revision)
             return
         state = self.state
@@ -493,7 +493,11 @@ class DeploymentWorker:
             if revision != last.revision:
                 assert self.runner is not None
                 self.runner.supersede(revision)
+            # Only now: a command sent while no replica ran this rollout (a restart, a new
+            # leader) goes to the resumed runner, not "no rollout is in progress".
+            await self._handle_command(command)
             return
+        await self._handle_command(command)
         if revision == state.primary_revision:
             return
         if last is not None and last.revision == revision:
@@ -581,7 +585,7 @@ class DeploymentWorker:
             ),
             timeout_s=settings.metrics_timeout_s,
         )
-        analysis_config = spec.analysis.analysis_config()
+        analysis_config = spec.analysis_config()
         saved: SavedRollout | None = None
         if resume is not None:
             saved = SavedRollout(

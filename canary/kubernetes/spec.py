@@ -173,6 +173,14 @@ class MetricsSpec(BaseModel):
     errors: str | None = None
     latency_buckets: str | None = None
 
+    @property
+    def has_latency(self) -> bool:
+        """Whether these metrics include a latency histogram (not the envoy preset's, which
+        is in milliseconds; for custom, only with a latency_buckets selector)."""
+        if self.preset == "custom":
+            return self.latency_buckets is not None
+        return self.preset != "envoy"
+
     @model_validator(mode="after")
     def _custom_needs_selectors(self) -> MetricsSpec:
         if self.preset == "custom" and not (self.requests and self.errors):
@@ -258,6 +266,16 @@ class CanarySpec(BaseModel):
             no_data_deadline_s=self.no_data_deadline_s,
             promotion="copy",
         )
+
+    def analysis_config(self) -> AnalysisConfig:
+        """The analysis' configuration for these metrics. Without a latency histogram to read
+        there are no latency metrics: they would never have data, and a metric without data
+        never passes, so no canary could be promoted. Raises ValueError (pydantic's) when the
+        combination is invalid."""
+        config = self.analysis.analysis_config()
+        if self.metrics.has_latency:
+            return config
+        return AnalysisConfig.model_validate({**config.model_dump(), "quantiles": ()})
 
 
 # -- parsers: each raises ValueError with the rule, the key is added by the caller ------
@@ -539,7 +557,8 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "analysis.quantiles",
         _quantiles,
         "(analysis default)",
-        "latency quantiles compared: p50,p99 or 0.5,0.99",
+        "latency quantiles compared: p50,p99 or 0.5,0.99 (none without a latency histogram: "
+        "`envoy`, or `custom` without `metrics.latency-buckets`)",
     ),
     _a(
         "analysis.critical",
@@ -603,7 +622,8 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "metrics.latency_buckets",
         _selector("latency_buckets"),
         "",
-        "for `custom` (optional): series selector of a histogram's `_bucket` series, in seconds",
+        "for `custom` (optional): series selector of a histogram's `_bucket` series, in "
+        "seconds; without it latency is not compared",
     ),
     *(
         _a(f"webhook.{kind}", f"webhooks.{kind}", _url, "", _WEBHOOK_RULES[kind])
@@ -702,8 +722,19 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
     if problems:
         raise SpecError(problems)
     spec = _build(raw)
+    if spec.analysis.quantiles is not None and not spec.metrics.has_latency:
+        raise SpecError(
+            {
+                PREFIX + "analysis.quantiles": "needs latency metrics: "
+                + (
+                    f"{PREFIX}metrics.latency-buckets with {PREFIX}metrics: custom"
+                    if spec.metrics.preset == "custom"
+                    else f"{PREFIX}metrics: {spec.metrics.preset} has no latency histogram"
+                )
+            }
+        )
     try:
-        spec.analysis.analysis_config()
+        spec.analysis_config()
     except ValueError as exc:
         # E.g. no metric left critical: the analysis could never fail.
         given = [

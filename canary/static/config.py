@@ -195,6 +195,14 @@ class TargetConfig(_Strict):
             raise ValueError(
                 f"max_step_s ({self.max_step_s:g}) must be at least min_step_s ({self.min_step_s:g})"
             )
+        if (
+            self.metrics.queries.latency_buckets is None
+            and "quantiles" in self.analysis.model_fields_set
+            and self.analysis.quantiles
+        ):
+            raise ValueError(
+                "analysis.quantiles needs latency metrics: metrics.queries.latency_buckets is null"
+            )
         return self
 
     def rollout_spec(self) -> RolloutSpec:
@@ -208,7 +216,12 @@ class TargetConfig(_Strict):
         )
 
     def analysis_config(self) -> AnalysisConfig:
-        """The analysis settings in force (defaults filled in)."""
+        """The analysis settings in force (defaults filled in). Without a latency histogram
+        (metrics.queries.latency_buckets: null) there are no latency metrics: they would
+        never have data, and a metric without data never passes, so no canary could be
+        promoted."""
+        if self.metrics.queries.latency_buckets is None:
+            return AnalysisConfig.model_validate({**self.analysis.model_dump(), "quantiles": ()})
         return self.analysis
 
     def resolved(self, base: Path) -> TargetConfig:

@@ -2,9 +2,8 @@
 on the real control plane: it takes over an annotated app (app-primary with pods made Ready by
 kwok, both Services, the canary Ingress) and starts a rollout when the pod template changes.
 
-A first step: the operator's end-to-end tests (promote, roll back, resume, two replicas) move
-onto this cluster next. Prometheus is deliberately unreachable here, so the rollout stays at its
-first step ("no data" is never a pass)."""
+Prometheus is deliberately unreachable here, so the rollout stays at its first step ("no data"
+is never a pass); the rollouts with real metrics are in test_operator_on_cluster.py."""
 
 from __future__ import annotations
 
@@ -71,6 +70,8 @@ def controller(
     try:
         yield log
     finally:
+        # Another test's controller may watch every namespace: leave it no app to pick up.
+        cluster.kubectl("delete", "namespace", NAMESPACE, "--wait=false", check=False)
         if process.poll() is None:
             os.kill(process.pid, signal.SIGTERM)
             try:

@@ -139,3 +139,17 @@ def test_the_readme_topology_snippet_validates() -> None:
     snippet = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     topology = parse_topology(yaml.safe_load(snippet), source="README")
     assert topology.service("shop").failover.failures_to_failover == 3
+
+
+def test_no_latency_histogram_means_no_latency_metrics() -> None:
+    """With metrics.latency_buckets null the analysis has no latency metrics (they would
+    never have data, so a good canary could never pass); quantiles asked anyway are an
+    error naming the field."""
+    data = minimal()
+    data["services"][0]["metrics"] = {"latency_buckets": None}
+    (service,) = parse_topology(data).services
+    assert service.analysis_config().quantiles == ()
+    assert parse_topology(minimal()).services[0].analysis_config().quantiles == (0.5, 0.99)
+    data["services"][0]["analysis"] = {"quantiles": [0.5]}
+    with pytest.raises(ConfigError, match=r"analysis\.quantiles needs latency metrics"):
+        parse_topology(data)

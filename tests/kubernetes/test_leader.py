@@ -188,3 +188,22 @@ def test_timings_must_be_ordered() -> None:
             renew_deadline_s=2,
             retry_period_s=0.1,
         )
+
+
+async def test_a_standby_says_so_once_per_holder(
+    api: KubeEmulator,
+    candidates: tuple[Candidate, Candidate],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The candidate that finds the Lease held logs that it is standby and who holds it,
+    once, not on every retry (an operator reading a replica's log knows its role)."""
+    a, b = candidates
+    a.start()
+    await sample_until(candidates, "a")
+    caplog.set_level("INFO", logger="canary.kubernetes.client")
+    b.start()
+    await asyncio.sleep(0.5)  # several of b's retry periods
+    await b.finish()
+    await a.finish()
+    standby = [r.getMessage() for r in caplog.records if "standby" in r.getMessage()]
+    assert standby == ["lease canary-system/canary-leader: held by a; b is standby"]

@@ -14,7 +14,9 @@ from support.kube_emulator import KubeEmulator
 
 from canary.kubernetes.client import (
     API_CALLS,
+    OPERATOR_CALLS,
     OWN_NAMESPACE_RESOURCES,
+    TWO_CLUSTER_CALLS,
     ApiCall,
     Kube,
     LeaderElector,
@@ -67,13 +69,15 @@ def test_kustomization_lists_the_base() -> None:
 
 
 def test_rbac_is_exactly_the_calls_the_code_makes() -> None:
-    """ClusterRole + Role grant API_CALLS and nothing more; no wildcards; the Lease and
-    ConfigMaps only in the controller's namespace."""
+    """ClusterRole + Role grant OPERATOR_CALLS (API_CALLS but the DNSEndpoints only
+    `canary clusters` writes) and nothing more; no wildcards; the Lease and ConfigMaps only
+    in the controller's namespace."""
     cluster_roles = docs("ClusterRole", "rbac.yaml")
     roles = docs("Role", "rbac.yaml")
     cluster = set().union(*(grants(r) for r in cluster_roles))
     namespaced = set().union(*(grants(r) for r in roles))
-    assert cluster | namespaced == set(API_CALLS)
+    assert cluster | namespaced == set(OPERATOR_CALLS)
+    assert not (cluster | namespaced) & TWO_CLUSTER_CALLS
     assert not any("*" in (c.group, c.resource, c.verb) for c in cluster | namespaced)
     assert {c.resource for c in namespaced} == set(OWN_NAMESPACE_RESOURCES)
     assert not {c.resource for c in cluster} & OWN_NAMESPACE_RESOURCES

@@ -50,6 +50,7 @@ def test_full_spec_parses() -> None:
             "canary.dev/metrics": "custom",
             "canary.dev/metrics.requests": 'x_total{namespace="{namespace}",svc="{arm}"}',
             "canary.dev/metrics.errors": 'x_total{namespace="{namespace}",svc="{arm}",code=~"5.."}',
+            "canary.dev/metrics.latency-buckets": 'x_seconds_bucket{svc="{arm}"}',
             "canary.dev/webhook.post-rollout": "http://chat.shop/hook",
             ANNOTATION_STATUS: '{"stage":"Progressing"}',  # the controller's, not input
             "kubectl.kubernetes.io/last-applied-configuration": "{}",
@@ -81,7 +82,7 @@ def test_full_spec_parses() -> None:
     assert queries.render(queries.requests, queries.canary_arm) == (
         'x_total{namespace="shop",svc="app-canary"}'
     )
-    assert queries.latency_buckets is None
+    assert queries.latency_buckets == 'x_seconds_bucket{svc="{arm}"}'
     assert [(w.type, w.url) for w in spec.webhooks] == [("post-rollout", "http://chat.shop/hook")]
     rollout = spec.rollout_spec()
     assert (rollout.steps, rollout.min_step_s, rollout.max_step_s) == ((5, 20, 50), 90.0, None)
@@ -220,6 +221,49 @@ def test_metric_presets_become_provider_queries(preset: str, canary_requests: st
     primary_errors = queries.render(queries.errors, queries.primary_arm)
     assert "app-primary" in primary_errors and "5" in primary_errors
     assert (queries.latency_buckets is None) == (preset == "envoy")
+
+
+@pytest.mark.parametrize(
+    "metrics",
+    [
+        {"canary.dev/metrics": "envoy"},
+        {
+            "canary.dev/metrics": "custom",
+            "canary.dev/metrics.requests": 'http_requests_total{service="{arm}"}',
+            "canary.dev/metrics.errors": 'http_requests_total{service="{arm}",code=~"5.."}',
+        },
+    ],
+    ids=["envoy", "custom-without-latency-buckets"],
+)
+def test_metrics_without_latency_leave_latency_out_of_the_analysis(
+    metrics: dict[str, str],
+) -> None:
+    """With no latency histogram to read, the analysis has no latency metrics, so a good
+    canary can pass on errors; with them it never could (no data is never a pass), and
+    every rollout with the envoy preset would have ended at max-step-duration."""
+    from analysis import Analyzer, ArmCounts, Decision, Snapshot
+
+    spec = parse_annotations({**BASE, **metrics})
+    config = spec.analysis_config()
+    assert config.quantiles == ()
+    same = ArmCounts(requests=200_000, errors=2_000, latency_buckets={})
+    snapshot = Snapshot(elapsed_s=600.0, primary=same, canary=same)
+    assert Analyzer(config).observe(snapshot).decision == Decision.PASS
+    assert Analyzer(spec.analysis.analysis_config()).observe(snapshot).decision != Decision.PASS
+    # With latency metrics the default quantiles stay.
+    assert parse_annotations(BASE).analysis_config().quantiles == AnalysisConfig().quantiles
+
+
+def test_quantiles_without_latency_metrics_are_refused() -> None:
+    """Quantiles asked of metrics with no latency histogram are a spec error naming the key."""
+    with pytest.raises(SpecError) as caught:
+        parse_annotations(
+            {**BASE, "canary.dev/metrics": "envoy", "canary.dev/analysis.quantiles": "p50"}
+        )
+    assert "canary.dev/analysis.quantiles" in caught.value.problems
+    assert (
+        "envoy has no latency histogram" in caught.value.problems["canary.dev/analysis.quantiles"]
+    )
 
 
 def test_no_analysis_annotations_mean_the_analysis_defaults() -> None:

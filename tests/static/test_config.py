@@ -101,6 +101,27 @@ def test_defaults_fill_in_a_minimal_config() -> None:
     assert config.router.primary_server == "primary" and config.router.canary_server == "canary"
 
 
+def test_no_latency_histogram_means_no_latency_metrics() -> None:
+    """With metrics.queries.latency_buckets null the analysis has no latency metrics (they
+    would never have data, so a good canary could never pass); quantiles asked anyway are an
+    error naming the field."""
+    data: dict[str, Any] = {
+        "name": "app",
+        "router": {"kind": "haproxy", "socket": "/s", "backend": "app"},
+        "metrics": {
+            "kind": "prometheus",
+            "url": "http://p:9090",
+            "queries": {"latency_buckets": None},
+        },
+    }
+    assert parse_config(data).analysis_config().quantiles == ()
+    data["analysis"] = {"quantiles": [0.5]}
+    with pytest.raises(ConfigError, match=r"analysis\.quantiles needs latency metrics"):
+        parse_config(data)
+    del data["metrics"]["queries"]
+    assert parse_config(data).analysis_config().quantiles == (0.5,)
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [

@@ -10,6 +10,7 @@ Layout of one cluster's work directory (everything a test may want to read after
     pki/          CA, serving and client certificates, the service-account signing key
     etcd/         etcd's data
     logs/*.log    each process's stdout and stderr
+    audit.log     the apiserver's audit log of the controller's ServiceAccount (AUDIT_POLICY)
     admin.kubeconfig
 
 Every process is started with its binary itself (no shell, no shim), in its own session, and
@@ -54,6 +55,37 @@ KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 FAKE_NODES = ("kwok-node-0", "kwok-node-1", "kwok-node-2")
 SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/24"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+
+# The identity of the controller (manifests/serviceaccount.yaml) as the apiserver names it.
+CONTROLLER_USER = "system:serviceaccount:canary-system:canary"
+# The apiserver's audit policy: every request of the controller's ServiceAccount at Metadata
+# (which rule of manifests/rbac.yaml it used), with the request body for its writes to the
+# traffic objects (which weights it wrote, in order); the CLI users the tests make in
+# namespaces named e2e-* with their bodies too (what a manual command sends). Nothing else:
+# the control plane's own components would fill the file.
+AUDIT_POLICY = {
+    "apiVersion": "audit.k8s.io/v1",
+    "kind": "Policy",
+    "omitStages": ["RequestReceived"],
+    "rules": [
+        {
+            "level": "Request",
+            "users": [CONTROLLER_USER],
+            "verbs": ["create", "patch", "update"],
+            "resources": [
+                {"group": "networking.k8s.io", "resources": ["ingresses"]},
+                {"group": "gateway.networking.k8s.io", "resources": ["httproutes"]},
+            ],
+        },
+        {"level": "Metadata", "users": [CONTROLLER_USER]},
+        {
+            "level": "Request",
+            "userGroups": ["system:serviceaccounts:e2e-commands"],
+            "resources": [{"group": "apps", "resources": ["deployments"]}],
+        },
+        {"level": "None"},
+    ],
+}
 
 # Waits, not measurements: generous, because a 2-core machine may be busy with other suites.
 START_TIMEOUT_S = 180.0
@@ -420,6 +452,24 @@ class ControlPlane:
     def admin_kubeconfig(self) -> Path:
         return self.workdir / "admin.kubeconfig"
 
+    @property
+    def audit_log(self) -> Path:
+        return self.workdir / "audit.log"
+
+    def audit_events(self) -> list[dict[str, Any]]:
+        """The audit log's events so far (AUDIT_POLICY): one per request at ResponseComplete,
+        and a long-running one (a watch) also at ResponseStarted, while it is open.
+
+        In "blocking" mode the apiserver writes each event before it answers, so a request
+        whose answer a test has seen is in the file."""
+        events = []
+        with contextlib.suppress(FileNotFoundError), self.audit_log.open() as lines:
+            for line in lines:
+                if not line.endswith("\n"):
+                    break  # a line being written
+                events.append(json.loads(line))
+        return events
+
     # running commands
 
     def run(
@@ -490,6 +540,8 @@ class ControlPlane:
         _wait_until(etcd, "GET /health", lambda: _http_ok(etcd_port, "/health"))
 
         self.apiserver_port = free_port()
+        audit_policy = self.workdir / "audit-policy.json"
+        audit_policy.write_text(json.dumps(AUDIT_POLICY, indent=2) + "\n")
         apiserver = self._start(
             "kube-apiserver",
             [
@@ -507,6 +559,10 @@ class ControlPlane:
                 f"--service-account-signing-key-file={pki / 'service-account.key'}",
                 f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
                 f"--service-cluster-ip-range={SERVICE_CLUSTER_IP_RANGE}",
+                f"--audit-policy-file={audit_policy}",
+                f"--audit-log-path={self.audit_log}",
+                "--audit-log-format=json",
+                "--audit-log-mode=blocking",
                 # The `kubernetes` Service's endpoints may not be a loopback address.
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",

@@ -25,11 +25,29 @@ says about those, for any group/version/resource:
   cluster who a caller is and what they may do, and records the cluster's name for them.
   Why the emulator and not a real API server here: these tests need users, tokens and
   grants made up per test and a record of the reviews the controller asked for, in
-  milliseconds; a real control plane (coming in another branch) would check the same
-  calls end to end against real RBAC.
+  milliseconds; the real control plane checks the same calls end to end against real RBAC
+  (tests/cluster/test_operator_on_cluster.py reads /rollouts with a user's token).
 
 Every request is recorded (time, verb, resource, token, status) so tests check what the
 client did, e.g. that a retry waited for Retry-After, from the server's side.
+
+Where it is still used, and why: the operator's end-to-end cases (promote and roll back with
+ingress-nginx and the Gateway API, kill and resume, two replicas with leader election, bad
+annotations, manual commands, records in ConfigMaps) run on a real control plane
+(tests/support/control_plane.py, tests/cluster/). The emulator stays for what a real server
+cannot be made to do on cue, at a chosen request and for a chosen client:
+
+- a 409 on one particular write, a 410 on the open watches at a chosen moment, a 429 with a
+  given Retry-After, 5xx bursts on one resource (the client's retries, the operator's fault
+  paths in tests/kubernetes/test_operator.py, test_kube_client.py, test_k8s_routers.py);
+- failures for one bearer token only (one leader-election candidate's Lease calls failing
+  while the other's succeed: test_leader.py, test_operator.py);
+- every write of one resource failing (the record ConfigMaps: test_operator.py,
+  tests/reports/test_report_store.py);
+- users, tokens and grants made up per test (test_access.py, test_cli_target.py);
+- the unit-level adapter tests that count the exact requests each client method makes
+  (test_manifests.py) and the two-cluster tests (tests/clusters/, tests/routers/
+  test_external_dns.py), which have not moved to two real clusters yet.
 """
 
 from __future__ import annotations
