@@ -9,14 +9,13 @@ the verdict's notes and reasons; the interval they span is skipped by every metr
 from __future__ import annotations
 
 import math
-from types import SimpleNamespace
 from typing import Any
 
 from analysis.config import AnalysisConfig, MetricConfig
 from analysis.counts import CountState, CountTest
 from analysis.judge import combine, decide_metric, reason_line, reasons
 from analysis.latency import LatencyTest
-from analysis.types import ArmCounts, Decision, MetricResult, Snapshot, Verdict
+from analysis.types import ArmCounts, Decision, MetricResult, Snapshot, Verdict, trusted
 
 __all__ = ["Analyzer"]
 
@@ -84,7 +83,9 @@ class Analyzer:
                     "again from here"
                 )
             if snapshot.elapsed_s < last.elapsed_s:
-                notes.append(f"elapsed_s went backwards ({last.elapsed_s:g} -> {snapshot.elapsed_s:g})")
+                notes.append(
+                    f"elapsed_s went backwards ({last.elapsed_s:g} -> {snapshot.elapsed_s:g})"
+                )
         self._last = snapshot
         p, c = snapshot.primary, snapshot.canary
 
@@ -101,12 +102,15 @@ class Analyzer:
         decision = combine(metrics)
         if decision is Decision.PASS and min(p.requests, c.requests) < self.config.min_samples:
             decision = Decision.CONTINUE  # defensive: per-metric checks already need samples
-        return Verdict.model_construct(
-            decision=decision,
-            reasons=reasons(metrics, notes),
-            metrics=metrics,
-            elapsed_s=snapshot.elapsed_s,
-            notes=notes,
+        return trusted(
+            Verdict,
+            {
+                "decision": decision,
+                "reasons": reasons(metrics, notes),
+                "metrics": metrics,
+                "elapsed_s": snapshot.elapsed_s,
+                "notes": notes,
+            },
         )
 
     def _result(
@@ -145,6 +149,7 @@ class Analyzer:
         upper = st.upper
         if upper is not None and math.isinf(upper):
             upper = None  # unbounded above (JSON has no infinity)
+        # Every field, in MetricResult's declaration order (see types.trusted).
         fields: dict[str, Any] = {
             "name": name,
             "decision": decision,
@@ -166,14 +171,17 @@ class Analyzer:
             "events_primary": st.events_primary,
             "events_canary": st.events_canary,
             "threshold_s": threshold_s,
+            "reason": "",
             "extra": extra,
         }
+        # Built from values this module computed itself: validation would only cost time
+        # (observe() runs every tick for every rollout; the benchmark holds it to 200 us).
+        result = trusted(MetricResult, fields)
         if has_data:
-            line = reason_line(SimpleNamespace(**fields))
+            line = reason_line(result)
         elif no_data is not None:
             line = f"{name}: no data ({no_data}): CONTINUE"
         else:
             line = f"{name}: no data yet (both arms need requests since the test began): CONTINUE"
-        # Built from values this module computed itself: validation would only cost time
-        # (observe() runs every tick for every rollout; the benchmark holds it to 200 us).
-        return MetricResult.model_construct(reason=line, **fields)
+        fields["reason"] = line  # before anyone else sees the result
+        return result

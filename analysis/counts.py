@@ -94,9 +94,7 @@ _FAIL_STEPS: tuple[tuple[int, float], ...] = (
     (31, 0.05),  # 5.99
     (59, 0.05),  # 30.2
 )
-FAIL_PRIOR: tuple[tuple[float, float], ...] = tuple(
-    (2.0 ** (k / 12.0), w) for k, w in _FAIL_STEPS
-)
+FAIL_PRIOR: tuple[tuple[float, float], ...] = tuple((2.0 ** (k / 12.0), w) for k, w in _FAIL_STEPS)
 _SHIFTS = np.array([k for k, _ in _FAIL_STEPS])  # the same multipliers, in grid steps
 _EXT = int(_SHIFTS.max())  # the likelihood grid extends this far beyond the CS grid
 # Sums the fail-side rows and the mirrored rows of the bounds' matrix separately.
@@ -241,6 +239,7 @@ class CountTest:
         "_abs_tolerance",
         "_alpha",
         "_cached",
+        "_cs",
         "_e_pass_ratio",
         "_grid",
         "_hint",
@@ -249,13 +248,16 @@ class CountTest:
         "_loglik",
         "_n_cs",
         "_pass_alpha",
+        "_pass_seen",
         "_prev",
         "_sl_fail",
         "_sl_pass",
         "_totals",
         "_w_fail",
+        "_w_fail_list",
         "_w_level",
         "_w_pass",
+        "_w_pass_list",
         "fail_theta",
         "pass_theta",
     )
@@ -297,19 +299,25 @@ class CountTest:
         self._sl_pass = slice(n + 2 + len(fail_pts), grid.size)
         self._w_fail = np.log(np.array([w for _, w in fails]))
         self._w_pass = np.log(np.array([w for _, w in passes]))
+        self._w_fail_list: list[float] = self._w_fail.tolist()
+        self._w_pass_list: list[float] = self._w_pass.tolist()
         # Bounds: for CS grid index i (position _EXT + i), the fail mixture against theta_i
         # reads positions + shift; the mirrored mixture (for the upper bound) - shift.
         base = np.arange(THETA_GRID.size) + _EXT
-        self._idx = np.concatenate([base[None, :] + _SHIFTS[:, None],
-                                    base[None, :] - _SHIFTS[:, None]])
+        self._idx = np.concatenate(
+            [base[None, :] + _SHIFTS[:, None], base[None, :] - _SHIFTS[:, None]]
+        )
         # log w - log(1/alpha): "reject theta0" is then sum(exp(...)) >= 1
         self._w_level = np.tile(self._w_fail - math.log(1.0 / alpha), 2)[:, None]
         self._loglik = np.zeros(grid.size)
         self._prev: tuple[float, float, float, float] | None = None
         self._totals = [0.0, 0.0, 0.0, 0.0]  # n_c, e_c, n_p, e_p since the test began
         self._e_pass_ratio = 0.0  # running max of log e_pass (a pass is a stopping event)
+        self._pass_seen = False  # e_pass of the current log-likelihood is in the max already
         self._cached: CountState | None = None  # state() until the next consumed increment
         self._hint: tuple[float | None, float | None] = (None, None)  # last rate bounds
+        # (log e_fail, ratio bounds) of the current log-likelihood; None once it moves
+        self._cs: tuple[float, tuple[float, float] | None] | None = None
 
     @property
     def alpha(self) -> float:
@@ -345,19 +353,44 @@ class CountTest:
         if k > 0:
             # log q = log(rho theta) - log1p(rho theta); log(1 - q) = -log1p(rho theta); the
             # de_c*log(rho) term is the same for every theta and cancels in every ratio.
-            self._loglik += de_c * self._log_grid - k * np.log1p((dn_c / dn_p) * self._grid)
-        lp = self._log_e_pass_now()
-        if lp > self._e_pass_ratio:
-            self._e_pass_ratio = lp
+            slow_side = k * np.log1p((dn_c / dn_p) * self._grid)
+            if de_c > 0:
+                self._loglik += de_c * self._log_grid - slow_side
+            else:
+                # No canary events (most seconds of a rare event): 0 * log theta is +-0 and
+                # x + (+-0 - y) == x - y exactly, so this is the line above with two fewer
+                # passes over the grid.
+                self._loglik -= slow_side
+            self._cs = None
+        if k > 0 or not self._pass_seen:
+            # (otherwise the log-likelihood, hence this e-value, is the one already seen)
+            self._pass_seen = True
+            lp = self._log_e_pass_now()
+            if lp > self._e_pass_ratio:
+                self._e_pass_ratio = lp
         return notes
 
+    # Five-term sums in plain floats: the same IEEE operations, in the same order, as
+    # (w + ll[slice]) - ll[null] in numpy, without three small-array round trips.
     def _log_e_fail(self) -> float:
         ll = self._loglik
-        return _small_logsumexp((self._w_fail + ll[self._sl_fail] - ll[self._n_cs]).tolist())
+        null = ll.item(self._n_cs)
+        return _small_logsumexp(
+            [
+                w + x - null
+                for w, x in zip(self._w_fail_list, ll[self._sl_fail].tolist(), strict=True)
+            ]
+        )
 
     def _log_e_pass_now(self) -> float:
         ll = self._loglik
-        return _small_logsumexp((self._w_pass + ll[self._sl_pass] - ll[self._n_cs + 1]).tolist())
+        null = ll.item(self._n_cs + 1)
+        return _small_logsumexp(
+            [
+                w + x - null
+                for w, x in zip(self._w_pass_list, ll[self._sl_pass].tolist(), strict=True)
+            ]
+        )
 
     def state(self) -> CountState:
         """The test's numbers now; cheap (O(grid)), and cached until the next increment."""
@@ -374,9 +407,13 @@ class CountTest:
                 estimate = 1.0 if e_c + e_p > 0 else None
             else:
                 estimate = math.inf
-        lower = upper = None
-        if e_c + e_p > 0:
-            lower, upper = self._ratio_cs()
+        cs = self._cs
+        if cs is None:
+            # Recomputed only when the log-likelihood moved (an interval without events,
+            # e.g. no slow request this second, leaves both as they were).
+            cs = self._cs = (self._log_e_fail(), self._ratio_cs() if e_c + e_p > 0 else None)
+        log_e_fail, bounds = cs
+        lower, upper = bounds if bounds is not None else (None, None)
         abs_upper: float | None = None
         passed_abs = False
         if n_c > 0 and n_p > 0:
@@ -387,7 +424,7 @@ class CountTest:
             abs_upper = c_hi - p_lo
             passed_abs = abs_upper < self._abs_tolerance
         self._cached = CountState(
-            e_fail=_exp(self._log_e_fail()),
+            e_fail=_exp(log_e_fail),
             e_pass_ratio=_exp(self._e_pass_ratio),
             samples_primary=n_p,
             samples_canary=n_c,

@@ -17,6 +17,7 @@ waits (for a human, or its deadline) rather than promoting over the evidence.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Protocol
 
@@ -93,22 +94,45 @@ class MetricLike(Protocol):
     extra: dict[str, float]
 
 
+@functools.lru_cache(maxsize=256)
+def _fixed_parts(
+    name: str,
+    threshold_s: float | None,
+    alpha: float,
+    fail_ratio: float,
+    tolerance: float,
+    abs_tolerance: float,
+    test: str,
+) -> tuple[str, str, str, float, str]:
+    """The parts of a metric's line that stay the same from one look to the next (formatted
+    once per metric, not on every observe)."""
+    what = "error rate" if threshold_s is None else f"share slower than {threshold_s:g} s"
+    abs_part = f" or excess < {_pct(abs_tolerance)}" if abs_tolerance > 0 else ""
+    level = 1.0 / alpha
+    return (
+        f"{name}: {what}: canary ",
+        f"one-sided {100 * (1 - alpha):.4g}% bounds [",
+        f"fail above {fail_ratio:g}, pass below {1 + tolerance:g}{abs_part}) — {test}: e_fail=",
+        level,
+        _e(level),
+    )
+
+
 def reason_line(m: MetricLike) -> str:
     """One line: what was compared, the estimate, the bound, the test, the decision."""
-    what = "error rate" if m.threshold_s is None else f"share slower than {m.threshold_s:g} s"
+    head, bounds, rule, level, level_text = _fixed_parts(
+        m.name, m.threshold_s, m.alpha, m.fail_ratio, m.tolerance, m.abs_tolerance, m.test
+    )
     extra = m.extra
-    level = 1.0 / m.alpha
     excess = extra.get("abs_excess_upper")
-    abs_part = f" or excess < {_pct(m.abs_tolerance)}" if m.abs_tolerance > 0 else ""
     excess_part = "" if excess is None else f", excess bound {_pct(excess)}"
     tag = m.decision.value.upper() + ("" if m.critical else " (not critical)")
     return (
-        f"{m.name}: {what}: canary {_pct(extra.get('rate_canary'))} vs primary "
+        f"{head}{_pct(extra.get('rate_canary'))} vs primary "
         f"{_pct(extra.get('rate_primary'))} (ratio {_num(m.estimate)}, "
-        f"one-sided {100 * (1 - m.alpha):.4g}% bounds [{_num(m.lower)}, {_num(m.upper)}]; "
-        f"fail above {m.fail_ratio:g}, pass below {1 + m.tolerance:g}{abs_part}) — "
-        f"{m.test}: e_fail={_e(m.e_value_fail)} {'>=' if m.e_value_fail >= level else '<'} "
-        f"{_e(level)}, e_pass={_e(m.e_value_pass)}{excess_part}; samples canary "
+        f"{bounds}{_num(m.lower)}, {_num(m.upper)}]; "
+        f"{rule}{_e(m.e_value_fail)} {'>=' if m.e_value_fail >= level else '<'} "
+        f"{level_text}, e_pass={_e(m.e_value_pass)}{excess_part}; samples canary "
         f"{m.samples_canary:.0f} / primary {m.samples_primary:.0f}, events "
         f"{m.events_canary:.0f} / {m.events_primary:.0f}: {tag}"
     )

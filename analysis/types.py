@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
-from typing import Any
+from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["ArmCounts", "Decision", "MetricResult", "Snapshot", "Verdict"]
+__all__ = ["ArmCounts", "Decision", "MetricResult", "Snapshot", "Verdict", "trusted"]
 
 
 class Decision(StrEnum):
@@ -159,3 +159,38 @@ class Verdict(BaseModel):
     metrics: dict[str, MetricResult]
     elapsed_s: float
     notes: list[str] = Field(default_factory=list)
+
+
+_M = TypeVar("_M", bound=BaseModel)
+
+
+def trusted(cls: type[_M], values: dict[str, Any]) -> _M:
+    """`cls.model_construct(**values)` for values that name every field, in declaration order.
+
+    What model_construct leaves behind (the fields in __dict__, all of them set, no extra, no
+    private state), without its per-field loop over aliases and defaults: observe() builds
+    four models per call, and model_construct was its largest single cost. Only for values
+    this package computed itself (nothing is validated); tests/analysis checks that the result
+    equals model_construct's.
+    """
+    model = cls.__new__(cls)
+    object.__setattr__(model, "__dict__", values)
+    object.__setattr__(model, "__pydantic_fields_set__", set(values))
+    object.__setattr__(model, "__pydantic_extra__", None)
+    object.__setattr__(model, "__pydantic_private__", None)
+    return model
+
+
+def _check_trusted(*models: type[BaseModel]) -> None:
+    """trusted() skips what these models do not use; refuse to load if one starts to."""
+    for model in models:
+        if (
+            model.model_config.get("extra") == "allow"
+            or model.__pydantic_post_init__
+            or model.__private_attributes__
+            or any(f.alias or f.validation_alias for f in model.model_fields.values())
+        ):
+            raise TypeError(f"trusted() cannot build {model.__name__}: use model_construct")
+
+
+_check_trusted(MetricResult, Verdict)

@@ -98,6 +98,8 @@ def _line(obj: dict[str, Any]) -> str:
         text += f" [rollout {state.rollout_id}, record configmap {state.record}]"
     if state.record_error:
         text += f" [record error: {state.record_error}]"
+    if rollout.advice and rollout.active:
+        text += f"\n  {rollout.advice}"
     return text
 
 

@@ -354,6 +354,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
             f"weight {state['weight']}% ({'verified' if state.get('weight_verified') else 'unverified'})"
             f" last decision {state.get('last_decision') or '-'}: {state.get('message', '')}"
         )
+        if state.get("advice") and state["phase"] not in ("Succeeded", "Failed"):
+            print(f"  {state['advice']}")
     return EXIT_OK
 
 

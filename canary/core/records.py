@@ -60,7 +60,8 @@ class StartEntry(_Entry):
     canary_version: str = ""
     steps: list[int]
     config: dict[str, Any] = Field(default_factory=dict)  # analysis + step settings in force
-    # analysis.planner's estimate at start: {"expected_fail_s": ..., "expected_pass_s": ...}
+    # the planner's estimate at start (canary.core.advice.Advice.plan, from the expected
+    # traffic): {"expected_fail_s": ..., "expected_pass_s": ..., "likely_pass_s": ...}
     plan: dict[str, float | None] = Field(default_factory=dict)
 
 
@@ -110,6 +111,9 @@ class NoteEntry(_Entry):
     kind: Literal["note"] = "note"
     level: Literal["info", "warning"] = "info"
     message: str
+    # The planner's numbers behind an advice note (canary.core.advice.Advice.plan): the
+    # reports compare them with what happened. Empty for other notes.
+    plan: dict[str, float | None] = Field(default_factory=dict)
 
 
 class EndEntry(_Entry):

@@ -181,6 +181,9 @@ class RolloutStatus(BaseModel):
     last_decision: str | None = None
     reason: str = ""  # why the rollout is in its current stage
     message: str = ""  # what it is doing now (waiting, holding, retrying)
+    # The planner's latest advice on the time a good canary needs to pass this step
+    # (canary.core.advice): set by the runner for users to read, never read by the machine.
+    advice: str = ""
     history: tuple[Transition, ...] = ()
 
     @property
@@ -404,6 +407,7 @@ def _start(spec: RolloutSpec, status: RolloutStatus, now: float, reason: str) ->
         promoted=False,
         outcome=None,
         last_decision=None,
+        advice="",
     )
     return Outcome(
         new,

@@ -614,6 +614,8 @@ class DeploymentWorker:
             metrics=self._metrics,
             tick_s=settings.tick_s,
             analyzer_factory=lambda: Analyzer(analysis_config),
+            analysis=analysis_config,
+            expected_rps=spec.expected_rps,
             revision=revision,
             primary_version=self.state.primary_revision,
             canary_version=revision,

@@ -248,6 +248,9 @@ class CanarySpec(BaseModel):
     min_step_s: float = Field(default=60.0, ge=0, le=MAX_DURATION_S)
     max_step_s: float | None = Field(default=900.0, gt=0, le=MAX_DURATION_S)
     no_data_deadline_s: float = Field(default=120.0, gt=0, le=MAX_DURATION_S)
+    # Traffic the planner assumes at the start of a rollout (requests/s to app-primary and
+    # app-canary together); None: its first estimate waits for observed traffic.
+    expected_rps: float | None = Field(default=None, gt=0, le=1e7)
     analysis: AnalysisSpec = AnalysisSpec()
     router: RouterSpec | None = None
     metrics: MetricsSpec = MetricsSpec()
@@ -432,6 +435,18 @@ def _positive_duration(text: str) -> float:
     return seconds
 
 
+def _rate(text: str) -> float | None:
+    if text.strip().lower() in ("", "none"):
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"must be requests per second (e.g. 200), got {excerpt(text)}") from None
+    if not (math.isfinite(value) and 0 < value <= 1e7):
+        raise ValueError(f"must be within (0, 1e7] requests per second, got {excerpt(text)}")
+    return value
+
+
 def _selector(field: str) -> Callable[[str], str]:
     """A parser that applies the Prometheus provider's own rules for `field`."""
 
@@ -507,6 +522,14 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         _positive_duration,
         "2m",
         "no metrics for this long rolls back",
+    ),
+    _a(
+        "expected-rps",
+        "expected_rps",
+        _rate,
+        "none",
+        "requests/s the planner assumes when a rollout starts, to say at once how long a good "
+        "canary needs to pass the first step (`none`: it says so after a minute of traffic)",
     ),
     _a(
         "analysis.alpha",

@@ -120,6 +120,7 @@ class _Note(_In):
     kind: Literal["note"]
     level: str = "info"
     message: str
+    plan: dict[str, float | None] = Field(default_factory=dict)  # advice notes only
 
 
 class _End(_In):
@@ -620,9 +621,18 @@ def _assemble(b: _Builder, incomplete_reason: str | None) -> Report:
     metrics = [_row(m) for m in last_verdict.metrics.values()] if last_verdict else []
 
     decided = _decide(b, verdict_ticks, manual, failovers)
+    observed = [
+        e.plan for e in b.others if isinstance(e, _Note) and (e.plan.get("elapsed_s") or 0.0) > 0
+    ]
+    latest = observed[-1] if observed else {}
     plan = Plan(
         expected_fail_s=_finite(start.plan.get("expected_fail_s")),
         expected_pass_s=_finite(start.plan.get("expected_pass_s")),
+        likely_pass_s=_finite(start.plan.get("likely_pass_s")),
+        observed_expected_pass_s=_finite(latest.get("expected_pass_s")),
+        observed_likely_pass_s=_finite(latest.get("likely_pass_s")),
+        observed_after_s=_finite(latest.get("elapsed_s")),
+        observed_canary_rps=_finite(latest.get("canary_rps")),
         actual_decision=decided.metric.decision if decided.metric is not None else None,
         actual_decision_s=decided.elapsed_s,
         duration_s=duration if end is not None else None,

@@ -207,14 +207,26 @@ def render_html(report: Report, *, generated_note: str = "") -> str:
     p = r.plan
     out.append(
         '<h2 id="plan">Planner estimate against actual</h2><table>'
-        "<tr><th>expected time to catch a regression</th><th>expected time to pass</th>"
+        "<tr><th>estimate</th><th>expected time to catch a regression</th>"
+        "<th>expected time to pass</th><th>95% pass by</th>"
         "<th>actual decision</th><th>after</th><th>rollout duration</th></tr>"
-        f'<tr><td class="n">{escape(fmt_duration(p.expected_fail_s))}</td>'
+        "<tr><td>at start (expected traffic)</td>"
+        f'<td class="n">{escape(fmt_duration(p.expected_fail_s))}</td>'
         f'<td class="n">{escape(fmt_duration(p.expected_pass_s))}</td>'
+        f'<td class="n">{escape(fmt_duration(p.likely_pass_s))}</td>'
         f"<td>{escape(p.actual_decision or 'none')}</td>"
         f'<td class="n">{escape(fmt_duration(p.actual_decision_s))}</td>'
-        f'<td class="n">{escape(fmt_duration(p.duration_s))}</td></tr></table>'
+        f'<td class="n">{escape(fmt_duration(p.duration_s))}</td></tr>'
     )
+    if p.observed_after_s is not None:
+        out.append(
+            f"<tr><td>from {escape(fmt_duration(p.observed_after_s))} of observed traffic "
+            f"({escape(fmt_num(p.observed_canary_rps))} canary req/s)</td><td></td>"
+            f'<td class="n">{escape(fmt_duration(p.observed_expected_pass_s))}</td>'
+            f'<td class="n">{escape(fmt_duration(p.observed_likely_pass_s))}</td>'
+            "<td></td><td></td><td></td></tr>"
+        )
+    out.append("</table>")
 
     out.append('<h2 id="timeline">Timeline</h2><table><tr><th>at</th><th>what</th><th></th></tr>')
     for event in r.timeline:

@@ -84,9 +84,18 @@ def render_markdown(report: Report, *, report_url: str | None = None) -> str:
                 f"{fmt_num(m.samples_canary)} / {fmt_num(m.samples_primary)} | {_md_cell(m.test)} |"
             )
         lines.append("")
+    observed = (
+        f"from {fmt_duration(r.plan.observed_after_s)} of observed traffic "
+        f"({fmt_num(r.plan.observed_canary_rps)} canary req/s), to pass in "
+        f"{fmt_duration(r.plan.observed_expected_pass_s)} (95% by "
+        f"{fmt_duration(r.plan.observed_likely_pass_s)}); "
+        if r.plan.observed_after_s is not None
+        else ""
+    )
     lines += [
         f"**Plan:** expected to catch a regression in {fmt_duration(r.plan.expected_fail_s)}, "
         f"to pass in {fmt_duration(r.plan.expected_pass_s)}; "
+        + observed
         + (
             f"decided {r.plan.actual_decision} after {fmt_duration(r.plan.actual_decision_s)}."
             if r.plan.actual_decision

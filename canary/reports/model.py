@@ -214,10 +214,16 @@ class ArmTotals(_Out):
 
 
 class Plan(_Out):
-    """The planner's estimate at start against what happened."""
+    """The planner's estimates against what happened: at the start (from the expected
+    traffic, StartEntry.plan) and the latest from the observed rates (an advice note)."""
 
     expected_fail_s: float | None
     expected_pass_s: float | None
+    likely_pass_s: float | None = None  # 95% of good canaries pass by then
+    observed_expected_pass_s: float | None = None
+    observed_likely_pass_s: float | None = None
+    observed_after_s: float | None = None  # analysis seconds of counts it was made from
+    observed_canary_rps: float | None = None
     actual_decision: str | None  # "pass" | "fail" | None
     actual_decision_s: float | None  # analysis seconds until the deciding verdict
     duration_s: float | None

@@ -43,7 +43,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from analysis import Snapshot, Verdict
+from analysis import AnalysisConfig, Snapshot, Verdict
+from canary.core.advice import Advice, assumed_advice, material, observed_advice, observed_due
 from canary.core.logs import bind_rollout, unbind_rollout
 from canary.core.records import (
     EndEntry,
@@ -76,6 +77,7 @@ from canary.core.rollout import (
     WeightVerified,
     step,
 )
+from canary.executors import run_blocking
 from canary.metrics.base import ArmsCounts, MetricsProvider, NoData
 from canary.routers.base import RouterError, TrafficRouter, set_and_verify
 from canary.runner.clock import MonotonicWallClock
@@ -204,7 +206,16 @@ class RolloutRunner:
     primary_version: str = ""
     canary_version: str = ""
     config: Mapping[str, Any] = field(default_factory=dict)
-    # The planner's estimate at start (StartEntry.plan), e.g. {"expected_fail_s": ...}.
+    # The planner's advice (canary.core.advice), said at the start of every rollout and again
+    # once counts are observed: the traffic expected at the entry point and the primary's
+    # error rate for the estimate at the start (None: the first estimate waits for counts),
+    # and the analysis settings to plan with (None: the analyzer's own `config`).
+    expected_rps: float | None = None
+    expected_error_rate: float = 0.01
+    analysis: AnalysisConfig | None = None
+    advise: bool = True
+    # Overrides of the start entry's plan, from a caller that knows more than the rates (the
+    # demo knows the regression it injected): e.g. {"expected_fail_s": ...}.
     plan: Mapping[str, float | None] = field(default_factory=dict)
     workload: Workload = field(default_factory=NoWorkload)
     tick_hook: Callable[[str, RolloutStatus], Mapping[str, Any]] | None = None
@@ -260,6 +271,9 @@ class RolloutRunner:
         self._resumed_entries: list[Entry] = []
         self._resumed_record: RecordSink | None = None
         self._finished: SavedRollout | None = None  # this revision's rollout, already over
+        self._advice: Advice | None = None  # the planner's last advice said to users
+        self._advice_checked_s: float | None = None  # analysis seconds of the last estimate
+        self._planning: AnalysisConfig | None = None
 
     # ---- public -------------------------------------------------------------------------
 
@@ -298,6 +312,8 @@ class RolloutRunner:
             "last_decision": status.last_decision,
             "reason": status.reason,
             "message": status.message,
+            # the planner's latest: how long a good canary needs to pass this step
+            "advice": status.advice,
             "stopped": self.stopped,
             "status": status.model_dump(mode="json", exclude_defaults=True),
         }
@@ -401,16 +417,17 @@ class RolloutRunner:
         self._started_at = self.clock()
         try:
             if not await self._resume():
-                revision = (
-                    self._wanted_revision()
-                    or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime(self._started_at))
+                revision = self._wanted_revision() or time.strftime(
+                    "%Y%m%dT%H%M%SZ", time.gmtime(self._started_at)
                 )
                 self._open_record(revision)
+                advice = await self._assumed_advice()
                 await self._write(self._start_entry(self.config.get("reason")))
                 # Stored before any status names this record: a kill right after the first
                 # save must leave a record that a restart can read and carry on.
                 await self._flush_record(force=True)
                 await self._feed(NewRevision(revision, "rollout started"))
+                await self._tell_advice(advice)
             await self._save(force=True)
             await self._flush_record(force=True)
             while not self.status.done:
@@ -557,6 +574,10 @@ class RolloutRunner:
         )
         await self._write(entry)
         actions = await self._feed(Tick(decision, reason, weight_read, router_error))
+        if counts is not None:
+            await self._observed_advice(
+                Snapshot(elapsed_s=elapsed, primary=counts.primary, canary=counts.canary)
+            )
         report = TickReport(self.name, self.status, entry, actions)
         for observer in self.observers:
             try:
@@ -740,11 +761,13 @@ class RolloutRunner:
         self._started_at = self.clock()
         self._open_record(revision)
         self.canary_version = revision
+        advice = await self._assumed_advice()
         await self._write(self._start_entry(reason))
         await self._note("info", f"this rollout {reason}; the analysis starts over")
         await self._flush_record(force=True)  # before a status names the new record
         await self._announce("Normal", "Superseded", reason)
         await self._feed(NewRevision(revision, reason))
+        await self._tell_advice(advice)
 
     # ---- saved status and resuming -------------------------------------------------------
 
@@ -869,6 +892,95 @@ class RolloutRunner:
                 replayed += 1
         return replayed
 
+    # ---- the planner's advice ------------------------------------------------------------
+
+    def _planning_config(self) -> AnalysisConfig | None:
+        """The analysis settings to plan with: given, else the analyzer's own."""
+        if self.analysis is not None:
+            return self.analysis
+        if self._planning is None:
+            analyzer = self._analyzer or self.analyzer_factory()
+            config = getattr(analyzer, "config", None)
+            self._planning = config if isinstance(config, AnalysisConfig) else None
+        return self._planning
+
+    async def _assumed_advice(self) -> Advice | None:
+        """The estimate for the first step from the expected traffic (None without one).
+        Planning is CPU work of up to a few hundred ms: it runs off the event loop."""
+        self._advice = None
+        self._advice_checked_s = None
+        config = self._planning_config() if self.advise else None
+        if config is None or self.expected_rps is None:
+            return None
+        try:
+            self._advice = await run_blocking(
+                "planning",
+                assumed_advice,
+                expected_rps=self.expected_rps,
+                expected_error_rate=self.expected_error_rate,
+                weight=self.spec.steps[0],
+                budget_s=self.spec.max_step_s,
+                config=config,
+            )
+        except (ValueError, ArithmeticError) as exc:
+            log.warning(
+                "%s: no time-to-pass estimate from the expected traffic: %s", self.name, exc
+            )
+        except Exception:  # advice only: a planner bug must never stop a rollout
+            log.exception("%s: the planner failed", self.name)
+        return self._advice
+
+    async def _observed_advice(self, snapshot: Snapshot) -> None:
+        """Estimate again from the observed rates once they are worth it, and tell users
+        the first time and whenever the estimate changed materially. Only while the first
+        pass is still to come: a pass is sticky, so later steps wait for min_step_s only."""
+        status = self.status
+        if not self.advise or status.stage != "Progressing" or status.last_decision == "pass":
+            return
+        config = self._planning_config()
+        if config is None or not observed_due(self._advice_checked_s, snapshot, config=config):
+            return
+        self._advice_checked_s = snapshot.elapsed_s
+        try:
+            advice = await run_blocking(
+                "planning",
+                observed_advice,
+                snapshot,
+                weight=status.weight,
+                budget_s=self.spec.max_step_s,
+                config=config,
+            )
+        except (ValueError, ArithmeticError) as exc:
+            log.debug("%s: no time-to-pass estimate from the counts: %s", self.name, exc)
+            return
+        except Exception:  # advice only: a planner bug must never stop a rollout
+            log.exception("%s: the planner failed", self.name)
+            return
+        if material(self._advice, advice):
+            await self._tell_advice(advice)
+
+    async def _tell_advice(self, advice: Advice | None) -> None:
+        """Say it everywhere users look: the log, a note in the record (the reports show it),
+        the status (/rollouts, `canary status`) and, in Kubernetes, an Event on the
+        Deployment, a Warning when the step may not pass within max_step_s."""
+        if advice is None:
+            return
+        self._advice = advice
+        (log.warning if advice.level == "warning" else log.info)(
+            "%s: %s", self.name, advice.message
+        )
+        await self._write(
+            NoteEntry(
+                at=self.clock(),
+                rollout=self._rollout_id,
+                level=advice.level,
+                message=advice.message,
+                plan=advice.plan(),
+            )
+        )
+        self.status = self.status.model_copy(update={"advice": advice.message})
+        await self._announce("Normal" if advice.fits else "Warning", "PassEstimate", advice.message)
+
     # ---- record -----------------------------------------------------------------------
 
     def _open_record(self, revision: str) -> None:
@@ -888,7 +1000,7 @@ class RolloutRunner:
             canary_version=self.canary_version,
             steps=list(self.spec.steps),
             config=redact(config),  # secrets never reach the record
-            plan=dict(self.plan),
+            plan={**(self._advice.plan() if self._advice is not None else {}), **self.plan},
         )
 
     async def _write(self, entry: Entry) -> None:

@@ -28,6 +28,7 @@ Example::
     no_data_deadline_s: 120
     tick_s: 10
     analysis: {}
+    expected_rps: 200  # optional: the time-to-pass estimate at the start uses it
     record_dir: records
 """
 
@@ -156,6 +157,11 @@ class TargetConfig(_Strict):
     tick_s: float = Field(default=10.0, gt=0)
     # Alpha, tolerances, critical metrics: analysis.AnalysisConfig, checked field by field.
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
+    # The traffic the planner assumes at the start of a rollout (requests/s at HAProxy, the
+    # primary's error rate), to say at once how long a good canary needs to pass the first
+    # step; null: the first estimate comes after a minute of observed traffic.
+    expected_rps: float | None = Field(default=None, gt=0, le=1e7, allow_inf_nan=False)
+    expected_error_rate: float = Field(default=0.01, ge=0, lt=1, allow_inf_nan=False)
     record_dir: Path = Path("records")
     # Free-form labels for the record and reports.
     primary_version: str = ""

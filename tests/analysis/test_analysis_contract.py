@@ -26,8 +26,16 @@ def _example() -> Snapshot:
 def test_public_names() -> None:
     """Everything the design names is importable from `analysis` and listed in __all__."""
     for name in (
-        "Analyzer", "AnalysisConfig", "Snapshot", "ArmCounts", "Decision", "Verdict",
-        "MetricResult", "plan", "Plan", "MetricPlan",
+        "Analyzer",
+        "AnalysisConfig",
+        "Snapshot",
+        "ArmCounts",
+        "Decision",
+        "Verdict",
+        "MetricResult",
+        "plan",
+        "Plan",
+        "MetricPlan",
     ):
         assert name in analysis.__all__
         assert hasattr(analysis, name)
@@ -62,10 +70,20 @@ def test_alpha_is_split_over_critical_metrics() -> None:
 def test_verdict_round_trips_through_json_after_a_crash() -> None:
     """Overwhelming evidence (a crash) still serialises: no Infinity in the JSON record."""
     an = Analyzer()
-    v = an.observe(Snapshot(elapsed_s=1, primary=ArmCounts(requests=100, errors=0),
-                            canary=ArmCounts(requests=0, errors=0)))
-    v = an.observe(Snapshot(elapsed_s=2, primary=ArmCounts(requests=10000, errors=0),
-                            canary=ArmCounts(requests=5000, errors=5000)))
+    v = an.observe(
+        Snapshot(
+            elapsed_s=1,
+            primary=ArmCounts(requests=100, errors=0),
+            canary=ArmCounts(requests=0, errors=0),
+        )
+    )
+    v = an.observe(
+        Snapshot(
+            elapsed_s=2,
+            primary=ArmCounts(requests=10000, errors=0),
+            canary=ArmCounts(requests=5000, errors=5000),
+        )
+    )
     assert v.decision == Decision.FAIL
     again = Verdict.model_validate_json(v.model_dump_json())
     assert again.metrics["errors"].e_value_fail == v.metrics["errors"].e_value_fail
@@ -135,10 +153,38 @@ def test_inf_bucket_may_differ_from_requests() -> None:
     for t in range(1, 4):
         snap = Snapshot(
             elapsed_s=t,
-            primary=ArmCounts(requests=1000 * t + 7, latency_buckets={0.1: 500 * t, math.inf: 1000 * t}),
-            canary=ArmCounts(requests=100 * t - 3, latency_buckets={0.1: 50 * t, math.inf: 100 * t}),
+            primary=ArmCounts(
+                requests=1000 * t + 7, latency_buckets={0.1: 500 * t, math.inf: 1000 * t}
+            ),
+            canary=ArmCounts(
+                requests=100 * t - 3, latency_buckets={0.1: 50 * t, math.inf: 100 * t}
+            ),
         )
         v = an.observe(snap)
     m = v.metrics["latency_p50"]
     assert m.samples_canary == 200 and m.samples_primary == 2000  # two increments of +Inf
     assert m.events_canary == 100 and m.events_primary == 1000
+
+
+def test_verdicts_built_without_validation_equal_model_construct() -> None:
+    """observe()'s fast construction (types.trusted) leaves what model_construct would: the
+    same fields, fields-set, extra and private state, the same JSON; a verdict validates."""
+    from analysis.types import MetricResult, trusted
+
+    an = Analyzer()
+    an.observe(_example())
+    later = _example().model_copy(update={"elapsed_s": 60.0})
+    v = an.observe(later)
+    for built in (v, *v.metrics.values()):
+        cls = type(built)
+        values = {name: getattr(built, name) for name in cls.model_fields}
+        reference = cls.model_construct(**values)
+        assert list(built.__dict__) == list(reference.__dict__) == list(cls.model_fields)
+        assert built.__dict__ == reference.__dict__
+        assert built.model_fields_set == reference.model_fields_set
+        assert built.__pydantic_extra__ is None and built.__pydantic_private__ is None
+        assert built == reference and built.model_dump_json() == reference.model_dump_json()
+    assert Verdict.model_validate_json(v.model_dump_json()) == v
+    with pytest.raises(ValidationError):  # still frozen
+        v.metrics["errors"].reason = "x"  # type: ignore[misc]
+    assert trusted(MetricResult, dict(v.metrics["errors"].__dict__)) == v.metrics["errors"]

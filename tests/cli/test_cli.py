@@ -645,3 +645,45 @@ def test_run_logs_json_lines_and_exports_per_metric_analysis(
         re.M,
     )
     assert 'canary_rollout_weight_percent{name="app",namespace="",rollout="app"}' in body
+
+
+def test_status_shows_the_planners_advice_while_a_rollout_runs(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`canary status` prints the status' advice under a running rollout (server and
+    cluster), and not under one that is over."""
+    import canary.cli.main as cli
+    from canary.cli.kubernetes import _line
+    from canary.core.rollout import RolloutStatus
+    from canary.kubernetes.operator import KubeState
+
+    advice = "time to pass at 5% (observed over 60 s: 4 req/s, 1% errors on the primary): ..."
+    state = {
+        "name": "app",
+        "phase": "Progressing",
+        "step": 0,
+        "steps": [5, 50],
+        "weight": 5,
+        "weight_verified": True,
+        "last_decision": "continue",
+        "message": "m",
+        "advice": advice,
+    }
+    done = {**state, "name": "old", "phase": "Succeeded"}
+    monkeypatch.setattr(cli, "_request", lambda *a: (200, {"rollouts": [state, done]}))
+    assert main(["status", "--server", "http://127.0.0.1:1"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("app: Progressing step 1/2") and lines[1] == f"  {advice}"
+    assert lines[2].startswith("old: Succeeded") and len(lines) == 3
+
+    kube = KubeState(
+        rollout=RolloutStatus(stage="Progressing", revision="b", weight=5, advice=advice)
+    )
+    obj = {
+        "metadata": {
+            "namespace": "shop",
+            "name": "app",
+            "annotations": {"canary.dev/status": kube.to_json()},
+        }
+    }
+    assert _line(obj).splitlines()[1:] == [f"  {advice}"]

@@ -287,6 +287,16 @@ def test_demo_promotes_a_healthy_canary(tmp_path: Path) -> None:
     ticks = [e for e in entries if isinstance(e, TickEntry)]
     assert ticks[-1].verdict is not None and ticks[-1].verdict.decision == "pass"
     assert ticks[-1].canary is not None and ticks[-1].canary.requests > 0
+    # the planner's advice: from the demo's rate at the start, then from what it observed
+    # (unless the analysis passed before its counts could stand in for the guesses, at 10 s)
+    assert re.search(r"^  planner: time to pass at 25% \(assumed 300 req/s", output, re.M), output
+    advice = [e for e in entries if isinstance(e, NoteEntry) and e.plan]
+    assert advice and advice[0].plan["elapsed_s"] == 0.0 and entries[0].plan  # type: ignore[union-attr]
+    passed_at = next(t.elapsed_s for t in ticks if t.verdict and t.verdict.decision == "pass")
+    observed = [a for a in advice if a.plan["elapsed_s"]]
+    assert observed or passed_at < 12, [a.message for a in advice]
+    if observed:
+        assert "planner: time to pass at 25% (observed over" in output
 
     # The demo's last line says how to open the report; run exactly that.
     match = re.search(r"^report:\s+(.*?)\s+\(", output, re.MULTILINE)

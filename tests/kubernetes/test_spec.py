@@ -322,3 +322,15 @@ def test_defaults_agree_with_the_rollout_machine() -> None:
         default.max_step_s,
         default.no_data_deadline_s,
     )
+
+
+def test_expected_rps_feeds_the_planner_or_waits_for_traffic() -> None:
+    """`canary.dev/expected-rps` is a positive request rate (the planner's estimate at the
+    start); absent or `none`, the first estimate waits for observed traffic."""
+    assert parse_annotations(BASE).expected_rps is None
+    assert parse_annotations({**BASE, "canary.dev/expected-rps": "none"}).expected_rps is None
+    assert parse_annotations({**BASE, "canary.dev/expected-rps": "250"}).expected_rps == 250.0
+    for bad in ("0", "-3", "fast", "inf", "nan"):
+        with pytest.raises(SpecError) as caught:
+            parse_annotations({**BASE, "canary.dev/expected-rps": bad})
+        assert "requests per second" in caught.value.problems["canary.dev/expected-rps"]

@@ -157,6 +157,46 @@ def test_plan_is_compared_with_the_actual_decision(rolled_back: list[dict[str, A
     assert report.plan.duration_s == rolled_back[-1]["duration_s"]
 
 
+def test_plan_shows_the_estimate_from_observed_rates(promoted: list[dict[str, Any]]) -> None:
+    """The runner's advice note from observed counts (canary.core.advice) sits beside the
+    start estimate and the decision actually taken, in the model, the HTML and the Markdown."""
+    from analysis import AnalysisConfig, ArmCounts, Snapshot
+    from canary.core.advice import observed_advice
+    from canary.core.records import NoteEntry, dump_entry
+
+    entries = list(promoted)
+    index, tick = next((i, e) for i, e in enumerate(entries) if e["kind"] == "tick")
+    snapshot = Snapshot(
+        elapsed_s=tick["elapsed_s"],
+        primary=ArmCounts.model_validate(tick["primary"]),
+        canary=ArmCounts.model_validate(tick["canary"]),
+    )
+    advice = observed_advice(
+        snapshot, weight=tick["weight_set"], budget_s=900.0, config=AnalysisConfig()
+    )
+    note = NoteEntry(
+        at=tick["at"] + 0.1,
+        rollout=tick["rollout"],
+        level=advice.level,
+        message=advice.message,
+        plan=advice.plan(),
+    )
+    entries.insert(index + 1, json.loads(dump_entry(note)))
+    report = build_report(entries)
+    assert report.plan.expected_pass_s == promoted[0]["plan"]["expected_pass_s"]
+    assert report.plan.observed_after_s == tick["elapsed_s"]
+    assert report.plan.observed_expected_pass_s == pytest.approx(advice.expected_pass_s)
+    assert report.plan.observed_likely_pass_s == pytest.approx(advice.likely_pass_s)
+    assert report.plan.observed_canary_rps == pytest.approx(advice.canary_rps)
+    assert report.plan.actual_decision == "pass"
+    assert any(n.message == advice.message for n in report.notes)
+    markdown = render_markdown(report)
+    assert f"from {tick['elapsed_s']:.0f}s of observed traffic" in markdown
+    html = render_html(report)
+    assert "of observed traffic" in html and "95% pass by" in html
+    assert build_report(promoted).plan.observed_after_s is None  # no such note, no such row
+
+
 # --- renderers ---------------------------------------------------------------------------
 
 

@@ -81,9 +81,16 @@ class FakeMetrics:
     """Cumulative counts: 4000 requests per 10 s, split by the router's weight, seeded errors."""
 
     def __init__(
-        self, router: FakeRouter, clock: Clock, *, canary_error_rate: float = 0.01, seed: int = 7
+        self,
+        router: FakeRouter,
+        clock: Clock,
+        *,
+        canary_error_rate: float = 0.01,
+        seed: int = 7,
+        requests_per_fetch: int = 4000,
     ) -> None:
         self.router = router
+        self.requests_per_fetch = requests_per_fetch
         self.clock = clock
         self.canary_error_rate = canary_error_rate
         self.rng = np.random.default_rng(seed)
@@ -109,8 +116,8 @@ class FakeMetrics:
             return NoData("empty result: no series")
         share = self.router.weight / 100
         for arm, n, rate in (
-            ("primary", round(4000 * (1 - share)), 0.01),
-            ("canary", round(4000 * share), self.canary_error_rate),
+            ("primary", round(self.requests_per_fetch * (1 - share)), 0.01),
+            ("canary", round(self.requests_per_fetch * share), self.canary_error_rate),
         ):
             self.totals[arm][0] += n
             self.totals[arm][1] += float(self.rng.binomial(n, rate))
@@ -592,3 +599,98 @@ async def test_unreadable_saved_status_refuses_to_start(tmp_path: Path) -> None:
     fresh.resume_saved = False
     await Controller([fresh]).run()
     assert fresh.status.phase is Phase.SUCCEEDED
+
+
+class Announcements:
+    """An Announcer that keeps what it is told (Kubernetes Events, in the operator)."""
+
+    def __init__(self) -> None:
+        self.said: list[tuple[str, str, str]] = []
+
+    async def announce(self, type: str, reason: str, message: str) -> None:
+        self.said.append((type, reason, message))
+
+
+@pytest.mark.parametrize(
+    ("requests_per_fetch", "fits"),
+    [(4000, True), (40, False)],
+    ids=["400rps-fits", "4rps-too-slow"],
+)
+async def test_the_planner_tells_users_how_long_a_good_canary_needs(
+    tmp_path: Path, requests_per_fetch: int, fits: bool
+) -> None:
+    """At the start (from the expected traffic) and once counts are in (from the observed
+    rates), the runner says how long a good canary needs to pass the 5% step: a note with the
+    numbers in the record, the same words in the status (/rollouts), and an Event, a Warning
+    when the 600 s step is too short. 20 canary req/s: minutes, fits; 0.2 canary req/s: hours,
+    and how much generated load would help."""
+    runner, _, metrics = make_runner(tmp_path)
+    metrics.requests_per_fetch = requests_per_fetch  # per 10 s: 400 or 4 req/s
+    runner.expected_rps = requests_per_fetch / 10
+    runner.announcer = events = Announcements()
+    shown: list[str] = []
+    runner.observers.append(lambda report: shown.append(runner.state()["advice"]))
+    await Controller([runner]).run()
+    counted = {  # canary requests counted by each analysis second
+        e.elapsed_s: e.canary.requests
+        for e in read_record(runner.record_path)
+        if isinstance(e, TickEntry) and e.canary is not None
+    }
+
+    entries = read_record(runner.record_path)
+    start = entries[0]
+    assert isinstance(start, StartEntry)
+    advice = [e for e in entries if isinstance(e, NoteEntry) and e.plan]
+    assert len(advice) >= 2, [e for e in entries if isinstance(e, NoteEntry)]
+    assumed, observed = advice[0], advice[1]
+    assert start.plan["likely_pass_s"] == assumed.plan["likely_pass_s"]
+    assert assumed.plan["elapsed_s"] == 0.0 and "assumed" in assumed.message
+    elapsed = observed.plan["elapsed_s"]
+    assert elapsed is not None and elapsed >= 10 and "observed over" in observed.message
+    # from the counts of that tick, not from the expected traffic (the fake's counts run one
+    # 10 s fetch ahead of the analysis clock, hence up to 2x the true rate after 10 s)
+    assert observed.plan["canary_rps"] == pytest.approx(counted[elapsed] / elapsed)
+    canary_rps = requests_per_fetch / 10 * 0.05
+    assert assumed.plan["canary_rps"] == pytest.approx(canary_rps)
+    assert canary_rps <= observed.plan["canary_rps"] <= 2.2 * canary_rps
+    for note in (assumed, observed):
+        assert note.level == ("info" if fits else "warning"), note.message
+        assert note.plan["fits"] == (1.0 if fits else 0.0)
+        likely = note.plan["likely_pass_s"]
+        assert likely is not None
+        if fits:
+            assert 60 < likely <= 600 and "fits the 10.0 min step" in note.message
+        else:
+            assert likely > 3600 and " h to pass in 95% of rollouts" in note.message
+            assert "longer than the 10.0 min step" in note.message
+            assert "req/s more at the entry point" in note.message
+            assert note.plan["extra_entry_rps"] and note.plan["extra_entry_rps"] > 4
+
+    # the status field carries the latest advice while the step runs
+    assert assumed.message in shown and observed.message in shown
+    assert runner.status.advice == advice[-1].message
+    kind = "Normal" if fits else "Warning"
+    assert (kind, "PassEstimate", observed.message) in events.said
+    if not fits:  # and the step did end at its deadline, as the advice said
+        assert runner.status.phase is Phase.FAILED
+        assert "no pass within max_step_s" in runner.status.reason
+
+
+async def test_a_planner_failure_never_stops_a_rollout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The advice is advice: a planner that raises (a bug) is logged, and the rollout runs
+    to its end as it would without it."""
+    import canary.runner.runner as runner_module
+
+    def broken(*args: object, **kwargs: object) -> None:
+        raise TypeError("planner bug")
+
+    monkeypatch.setattr(runner_module, "assumed_advice", broken)
+    monkeypatch.setattr(runner_module, "observed_advice", broken)
+    runner, router, _ = make_runner(tmp_path)
+    runner.expected_rps = 400.0
+    statuses = await Controller([runner]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED and router.sets == [5, 10, 25, 50, 100]
+    assert "the planner failed" in caplog.text and runner.status.advice == ""
+    assert not [e for e in read_record(runner.record_path) if isinstance(e, NoteEntry) and e.plan]

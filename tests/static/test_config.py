@@ -224,3 +224,20 @@ def test_absolute_paths_are_kept(tmp_path: Path) -> None:
     )
     config = load_config(path)
     assert config.router.socket == Path("/run/h.sock") and config.record_dir == Path("/var/rec")
+
+
+def test_expected_traffic_reaches_the_runners_planner(tmp_path: Path) -> None:
+    """`expected_rps` (and the primary's error rate) go to the runner, whose first advice is
+    made from them; without them the runner waits for observed traffic; nonsense is refused."""
+    from canary.static.targets import build_runner
+
+    config = parse_config(example(expected_rps=250, expected_error_rate=0.002), base=tmp_path)
+    runner = build_runner(config, stamp="t")
+    assert (runner.expected_rps, runner.expected_error_rate) == (250.0, 0.002)
+    assert runner.analysis == config.analysis_config()
+    assert build_runner(parse_config(example(), base=tmp_path), stamp="t").expected_rps is None
+    for bad in (0, -1, "fast", float("inf")):
+        with pytest.raises(ConfigError, match="expected_rps"):
+            parse_config(example(expected_rps=bad))
+    with pytest.raises(ConfigError, match="expected_error_rate"):
+        parse_config(example(expected_error_rate=1.5))

@@ -1,0 +1,241 @@
+"""The planner's advice during a rollout: how long a good canary needs to pass this step. Pure.
+
+A step that ends at `max_step_s` before the analysis could show a good canary safe rolls it
+back by its deadline, not by evidence; at low traffic that is the likely end, and the user
+should hear it at the start, with what would help (generated load), not after 15 minutes.
+
+Two estimates, both from analysis.planner (pass_advice's wording is what users read):
+
+* **assumed**, at the start of the rollout, from the traffic the caller expects
+  (`expected_rps` at the entry point, the primary's error rate) and the first step's weight;
+* **observed**, once the analysis has counts worth planning from (a minute of them, or
+  earlier once each arm has `min_samples` requests and every latency threshold is frozen),
+  from the rates seen so far (plan_from_counts: traffic, split, the primary's error rate, the
+  slow share above each latency threshold).
+
+After the first observed estimate the runner re-checks every `recheck_s` and tells users again
+only when the estimate changes materially (`material`): the verdict flips between fitting the
+step and not, or the time to pass moves by more than `factor`. Once the analysis has passed
+there is nothing left to advise (a pass is sticky: later steps only wait for min_step_s).
+
+Nothing here awaits or does I/O; the runner (canary.runner.runner) runs these in a thread and
+says what they return: a log line, a note in the record, a field of the status, and in
+Kubernetes an Event (Warning when the step may not pass in time).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+from analysis import AnalysisConfig, Snapshot, pass_advice, plan, plan_from_counts
+from analysis.planner import observed_slow_rates
+
+__all__ = [
+    "FIRST_AFTER_S",
+    "Advice",
+    "assumed_advice",
+    "material",
+    "observed_advice",
+    "observed_due",
+]
+
+FIRST_AFTER_S = 60.0  # analysis seconds before the first estimate from observed rates...
+EARLY_AFTER_S = 10.0  # ...or from this on, once the counts replace every guess (observed_due)
+RECHECK_S = 60.0  # then a fresh estimate at most this often, said only if it changed
+FACTOR = 2.0  # "changed materially": the time to pass moved by more than this factor
+_NO_DEADLINE_BUDGET_S = 7 * 86400.0  # max_step_s None: no step deadline to compare with
+
+
+@dataclass(frozen=True, slots=True)
+class Advice:
+    """One estimate of the time a good canary needs to pass, and what users are told."""
+
+    source: Literal["assumed", "observed"]
+    weight: int  # the canary percent it was made for
+    elapsed_s: float  # analysis seconds of counts behind it (0 for assumed rates)
+    canary_rps: float
+    primary_rps: float
+    base_error_rate: float  # the primary's error rate it assumed or observed
+    expected_pass_s: float | None  # mean; None: may never pass at this traffic
+    likely_pass_s: float | None  # 95% of good canaries pass by then
+    expected_fail_s: float | None  # time to catch a doubling of errors
+    budget_s: float | None  # max_step_s; None: no deadline
+    fits: bool
+    extra_canary_rps: float | None  # generated load on the canary that would make it fit
+    extra_entry_rps: float | None  # or at the entry point (split like real traffic)
+    message: str
+
+    @property
+    def level(self) -> Literal["info", "warning"]:
+        return "info" if self.fits else "warning"
+
+    def plan(self) -> dict[str, float | None]:
+        """The numbers for the record (StartEntry.plan, the advice note's plan)."""
+        return {
+            "expected_pass_s": self.expected_pass_s,
+            "likely_pass_s": self.likely_pass_s,
+            "expected_fail_s": self.expected_fail_s,
+            "canary_rps": self.canary_rps,
+            "primary_rps": self.primary_rps,
+            "base_error_rate": self.base_error_rate,
+            "elapsed_s": self.elapsed_s,
+            "budget_s": self.budget_s,
+            "fits": 1.0 if self.fits else 0.0,
+            "extra_canary_rps": self.extra_canary_rps,
+            "extra_entry_rps": self.extra_entry_rps,
+        }
+
+
+def _advise(
+    *,
+    source: Literal["assumed", "observed"],
+    rate_rps: float,
+    canary_share: float,
+    error_rate: float,
+    slow_rates: dict[str, float] | None,
+    weight: int,
+    elapsed_s: float,
+    budget_s: float | None,
+    config: AnalysisConfig,
+    origin: str,
+) -> Advice:
+    budget = _NO_DEADLINE_BUDGET_S if budget_s is None else budget_s
+    advice = pass_advice(
+        rate_rps=rate_rps,
+        canary_weight=canary_share,
+        baseline_error_rate=error_rate,
+        budget_s=budget,
+        slow_rates=slow_rates,
+        config=config,
+    )
+    estimate = plan(
+        rate_rps=rate_rps,
+        canary_weight=canary_share,
+        baseline_error_rate=error_rate,
+        slow_rates=slow_rates,
+        config=config,
+    )
+    message = advice.message
+    if budget_s is None:
+        # pass_advice compares with a budget; without a deadline only the time is news.
+        message = message.split(": fits the ", 1)[0].split(": longer than the ", 1)[0]
+        message += " (no max_step_s: the step waits for it)"
+    return Advice(
+        source=source,
+        weight=weight,
+        elapsed_s=elapsed_s,
+        canary_rps=advice.canary_rps,
+        primary_rps=advice.primary_rps,
+        base_error_rate=error_rate,
+        expected_pass_s=advice.expected_pass_s,
+        likely_pass_s=advice.likely_pass_s,
+        expected_fail_s=estimate.expected_fail_s,
+        budget_s=budget_s,
+        fits=advice.fits or budget_s is None,
+        extra_canary_rps=advice.extra_canary_rps,
+        extra_entry_rps=advice.extra_entry_rps,
+        message=f"time to pass at {weight}% ({origin}): {message}",
+    )
+
+
+def assumed_advice(
+    *,
+    expected_rps: float,
+    expected_error_rate: float,
+    weight: int,
+    budget_s: float | None,
+    config: AnalysisConfig,
+) -> Advice:
+    """The estimate at the start, from the traffic the caller expects. Raises ValueError
+    for rates the planner cannot use (a weight of 0 or 100, a rate that is not positive)."""
+    return _advise(
+        source="assumed",
+        rate_rps=expected_rps,
+        canary_share=weight / 100.0,
+        error_rate=expected_error_rate,
+        slow_rates=None,
+        weight=weight,
+        elapsed_s=0.0,
+        budget_s=budget_s,
+        config=config,
+        origin=(
+            f"assumed {expected_rps:.3g} req/s at the entry point, "
+            f"{100 * expected_error_rate:.3g}% errors"
+        ),
+    )
+
+
+def observed_advice(
+    snapshot: Snapshot, *, weight: int, budget_s: float | None, config: AnalysisConfig
+) -> Advice:
+    """The estimate from the counts the analysis was given. Raises ValueError while an arm
+    has served nothing (no split to plan from)."""
+    observed = plan_from_counts(snapshot, config=config)
+    total = observed.canary_rps + observed.primary_rps
+    return _advise(
+        source="observed",
+        rate_rps=total,
+        canary_share=observed.canary_rps / total,
+        error_rate=observed.base_error_rate,
+        slow_rates=dict(observed.slow_rates),
+        weight=weight,
+        elapsed_s=snapshot.elapsed_s,
+        budget_s=budget_s,
+        config=config,
+        origin=(
+            f"observed over {snapshot.elapsed_s:.0f} s: {total:.3g} req/s, "
+            f"{100 * observed.base_error_rate:.2g}% errors on the primary"
+        ),
+    )
+
+
+def observed_due(
+    last_checked_s: float | None,
+    snapshot: Snapshot,
+    *,
+    config: AnalysisConfig,
+    first_after_s: float = FIRST_AFTER_S,
+    early_after_s: float = EARLY_AFTER_S,
+    recheck_s: float = RECHECK_S,
+) -> bool:
+    """Whether to estimate from the observed rates now. `last_checked_s`: the analysis
+    seconds of the previous observed estimate (None: there was none yet).
+
+    The first one comes after `first_after_s`, or earlier (from `early_after_s` on) once the
+    counts can already stand in for every guess: `min_samples` requests on each arm and every
+    latency threshold frozen, so the slow shares are observed too (on busy services that is
+    seconds, and a pass may come before a minute is up)."""
+    p, c = snapshot.primary, snapshot.canary
+    elapsed = snapshot.elapsed_s
+    if p.requests <= 0 or c.requests <= 0 or elapsed <= 0:
+        return False
+    if last_checked_s is not None:
+        return elapsed - last_checked_s >= recheck_s
+    if elapsed >= first_after_s:
+        return True
+    return (
+        elapsed >= early_after_s
+        and min(p.requests, c.requests) >= config.min_samples
+        and len(observed_slow_rates(snapshot, config)) == len(config.quantiles)
+    )
+
+
+def _moved(old: float | None, new: float | None, factor: float) -> bool:
+    if old is None or new is None:
+        return (old is None) != (new is None)
+    if old <= 0 or new <= 0 or not (math.isfinite(old) and math.isfinite(new)):
+        return old != new
+    return max(old / new, new / old) > factor
+
+
+def material(previous: Advice | None, new: Advice, *, factor: float = FACTOR) -> bool:
+    """Whether `new` is worth telling users after `previous`: the first estimate, the first
+    from observed rates, another weight, a flip between fitting the step and not, or a time
+    to pass that moved by more than `factor`."""
+    if previous is None or previous.source != new.source or previous.weight != new.weight:
+        return True
+    if previous.fits != new.fits:
+        return True
+    return _moved(previous.likely_pass_s, new.likely_pass_s, factor)
