@@ -369,13 +369,18 @@ class KubeEmulator:
         self.faults.append(fault)
         return fault
 
-    def close_watches(self, *, gone: bool = False) -> None:
-        """End every open watch stream; with `gone`, each ends with a 410 ERROR event."""
+    def close_watches(self, *, gone: bool = False, error: int = 0) -> None:
+        """End every open watch stream; with `gone`, each ends with a 410 ERROR event, with
+        `error`, with an ERROR event of that status (500: InternalError)."""
         watchers, self._watchers = self._watchers, []
         for w in watchers:
             if gone:
                 w.queue.put_nowait(
                     {"type": "ERROR", "object": _status(410, "Expired", "too old resource version")}
+                )
+            elif error:
+                w.queue.put_nowait(
+                    {"type": "ERROR", "object": _status(error, "InternalError", "etcd hiccup")}
                 )
             w.queue.put_nowait(None)
 
