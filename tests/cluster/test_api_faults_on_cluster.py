@@ -166,6 +166,80 @@ async def test_a_watch_past_an_etcd_compaction_relists_and_carries_on(
             assert int(event.object["metadata"]["resourceVersion"]) == after
 
 
+async def test_a_watch_resumed_at_the_compacted_revision_relists_after_a_real_500(
+    uncached: ControlPlane, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The edge of the same fault: etcd compacted to exactly the revision after the one the
+    watch holds. etcd lets the watch start there, but the first event's previous value is
+    gone, and the real apiserver answers with an ERROR event, code 500 ("etcd event
+    received with PrevKv=nil"), on every resume from that point. The watch re-lists after a
+    backoff (resuming would meet the same 500) instead of ending with an error."""
+    cluster = uncached
+    kubeconfig = cluster.service_account_kubeconfig(tmp_path / "kubeconfig")
+    namespace = GONE_NS + "-edge"
+    cluster.kubectl("create", "namespace", namespace)
+    cluster.kubectl(
+        "create", "deployment", "app", "--image=example/app:1", "--replicas=0", "-n", namespace
+    )
+
+    def annotate(value: str) -> int:
+        return int(
+            cluster.kubectl(
+                "annotate",
+                "deployment",
+                "app",
+                f"{STEP}={value}",
+                "--overwrite",
+                "-n",
+                namespace,
+                "-o",
+                "jsonpath={.metadata.resourceVersion}",
+            ).stdout
+        )
+
+    caplog.set_level(logging.INFO, logger="canary.kubernetes.client")
+    async with await Kube.connect(kubeconfig=str(kubeconfig)) as kube:
+        # The edit must be the very next write after the list: the apiserver's own Lease
+        # renewals (every 10 s) may come between, then try again.
+        for _ in range(5):
+            watch = kube.watch_deployments(namespace, timeout_s=60)
+            first = await asyncio.wait_for(anext(watch), 30)
+            assert isinstance(first, Relist)
+            held = int(first.resource_version)
+            missed = annotate(f"missed-{held}")
+            if missed == held + 1:
+                break
+            await watch.aclose()
+        else:
+            pytest.fail("another write came between the list and the edit five times")
+        async with contextlib.aclosing(watch):
+            await asyncio.to_thread(
+                _etcd, cluster, "/v3/kv/compaction", {"revision": missed, "physical": True}
+            )
+            raw = cluster.kubectl(
+                "get",
+                "--raw",
+                f"/apis/apps/v1/namespaces/{namespace}/deployments"
+                f"?watch=1&resourceVersion={held}&timeoutSeconds=5",
+            ).stdout
+            error = json.loads(raw.splitlines()[0])
+            assert error["type"] == "ERROR", raw
+            assert error["object"]["code"] == 500, raw
+            assert "PrevKv=nil" in error["object"]["message"], raw
+
+            second = await asyncio.wait_for(anext(watch), 30)
+            assert isinstance(second, Relist), second
+            assert [_step(obj) for obj in second.objects] == [f"missed-{held}"]
+            assert f"watch deployments from resourceVersion {held}: " in caplog.text
+            assert "re-listing" in caplog.text
+
+            after = annotate("after")
+            event = await asyncio.wait_for(anext(watch), 30)
+            assert isinstance(event, WatchEvent), event
+            assert _step(event.object) == "after"
+            assert int(event.object["metadata"]["resourceVersion"]) == after
+
+
 # -- 429 Too Many Requests -----------------------------------------------------------------
 
 APF_NS = "e2e-apf"
