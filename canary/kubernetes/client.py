@@ -10,7 +10,8 @@ rules live in one place:
 - the API server sheds load with 429 + Retry-After and fails transiently with 5xx: calls
   are retried with bounded, jittered backoff that never retries sooner than Retry-After;
 - watches resume from the last resourceVersion seen, and re-list on 410 Gone, since the
-  events in between are lost and only a fresh list tells the truth.
+  events in between are lost and only a fresh list tells the truth (and, after a backoff,
+  on a 429 or 5xx inside a stream, which resuming could meet again).
 
 `API_CALLS` lists every (group, resource, verb) the adapter can issue; each call checks
 itself against it, and tests assert the manifests' RBAC grants exactly this set.
@@ -431,7 +432,12 @@ class Kube:
         self, namespace: str | None = None, *, timeout_s: int = 300
     ) -> AsyncGenerator[Relist | WatchEvent, None]:
         """A Relist first, then events, forever: resumes from the last resourceVersion
-        after the server ends a stream, and re-lists (a new Relist) after 410 Gone."""
+        after the server ends a stream, and re-lists (a new Relist) after 410 Gone.
+
+        An ERROR event with a 429 or 5xx inside a stream is also answered with a re-list,
+        after a backoff, as client-go's reflector does: resuming could meet the same error
+        (the real server answers 500 to a watch resumed at the revision etcd was just
+        compacted to). After `retry.attempts` such errors in a row it raises Unavailable."""
         if timeout_s < 1:
             raise ValueError(f"timeout_s must be >= 1, got {timeout_s}")
         if namespace is None:
@@ -440,7 +446,7 @@ class Kube:
         else:
             watch_fn, args = self._apps.list_namespaced_deployment, (namespace,)
         resource_version: str | None = None
-        empty_streams = 0
+        empty_streams = stream_errors = 0
         while True:
             if resource_version is None:
                 relist = await self.list_deployments(namespace)
@@ -452,12 +458,27 @@ class Kube:
                 async with contextlib.aclosing(stream):
                     async for event in stream:
                         events += 1
+                        stream_errors = 0
                         resource_version = event.object["metadata"]["resourceVersion"]
                         yield event
             except Gone:
                 log.info(
                     "watch deployments: resourceVersion %s is gone, re-listing", resource_version
                 )
+                resource_version = None
+                continue
+            except _Transient as exc:
+                stream_errors += 1
+                if stream_errors >= self.retry.attempts:
+                    raise Unavailable(
+                        f"{exc} (gave up after {stream_errors} errors in a row)"
+                    ) from exc
+                log.warning(
+                    "watch deployments from resourceVersion %s: %s; re-listing",
+                    resource_version,
+                    exc,
+                )
+                await asyncio.sleep(self.retry.backoff(stream_errors))
                 resource_version = None
                 continue
             # Streams cut at once and empty (a flapping proxy) must not become a busy loop.
@@ -518,6 +539,8 @@ class Kube:
                     message = status.get("message") or "watch error"
                     if code == 410:
                         raise Gone(message)
+                    if code in _TRANSIENT_STATUSES:
+                        raise _Transient(f"watch deployments: {code}: {message}", status=code)
                     raise _error(code, message)
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
                     yield WatchEvent(kind, event["object"])

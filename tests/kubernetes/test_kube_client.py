@@ -206,6 +206,51 @@ async def test_watch_relists_after_410_mid_stream(api: KubeEmulator, kube: Kube)
     assert len(api.recorded(verb="list")) == 2
 
 
+async def test_watch_relists_after_a_500_mid_stream(api: KubeEmulator, kube: Kube) -> None:
+    """An ERROR 500 event inside an open stream (the real server sends one for a watch
+    resumed at the revision etcd was compacted to) leads to a re-list, not an exception."""
+    api.put(*APPS, deployment("a"))
+    async with aclosing(kube.watch_deployments("default", timeout_s=30)) as stream:
+        assert names(await next_item(stream)) == ["a"]
+        api.put(*APPS, deployment("b"))
+        assert isinstance(await next_item(stream), WatchEvent)
+        api.close_watches(error=500)
+        api.put(*APPS, deployment("c"))
+        assert names(await next_item(stream)) == ["a", "b", "c"]
+        api.put(*APPS, deployment("d"))
+        event = await next_item(stream)
+        assert isinstance(event, WatchEvent) and event.object["metadata"]["name"] == "d"
+    assert len(api.recorded(verb="list")) == 2
+
+
+async def test_watch_gives_up_after_500s_in_a_row(api: KubeEmulator, kube: Kube) -> None:
+    """Streams that keep ending in a 500 before any event: a re-list before each new
+    stream, and Unavailable after the policy's attempts."""
+    api.put(*APPS, deployment("a"))
+    served = len(api.recorded(verb="watch"))
+
+    async def end_every_stream() -> None:
+        nonlocal served
+        while True:
+            watches = len(api.recorded(verb="watch"))
+            if watches > served:  # a new stream is open: end it with a 500
+                served = watches
+                api.close_watches(error=500)
+            await asyncio.sleep(0.005)
+
+    breaker = asyncio.create_task(end_every_stream())
+    relists = 0
+    try:
+        async with aclosing(kube.watch_deployments("default", timeout_s=30)) as stream:
+            with pytest.raises(Unavailable, match="500"):
+                while True:
+                    assert names(await next_item(stream)) == ["a"]
+                    relists += 1
+    finally:
+        breaker.cancel()
+    assert relists == kube.retry.attempts
+
+
 async def test_watch_open_is_retried_on_429(api: KubeEmulator, kube: Kube) -> None:
     """Opening a watch is retried like any call."""
     api.put(*APPS, deployment("a"))

@@ -433,8 +433,14 @@ class ControlPlane:
 
     toolbox: Toolbox
     workdir: Path
+    # Extra kube-apiserver flags (after ours, so they win): e.g. --watch-cache=false.
+    apiserver_args: tuple[str, ...] = ()
+    # etcd and kube-apiserver only: no controllers, scheduler, nodes or CRDs. For tests of
+    # the API's own semantics that need flags of their own, in a few seconds.
+    api_only: bool = False
     processes: list[Process] = field(default_factory=list)
     apiserver_port: int = 0
+    etcd_port: int = 0
 
     @property
     def pki(self) -> Path:
@@ -443,6 +449,11 @@ class ControlPlane:
     @property
     def server(self) -> str:
         return f"https://{LOOPBACK}:{self.apiserver_port}"
+
+    @property
+    def etcd_url(self) -> str:
+        """etcd's client URL (plain HTTP on loopback; its v3 JSON gateway is under /v3/)."""
+        return f"http://{LOOPBACK}:{self.etcd_port}"
 
     @property
     def ca_file(self) -> Path:
@@ -520,7 +531,8 @@ class ControlPlane:
         insecure.check_hostname = False
         insecure.verify_mode = ssl.CERT_NONE
 
-        etcd_port, etcd_peer_port = free_port(), free_port()
+        self.etcd_port = etcd_port = free_port()
+        etcd_peer_port = free_port()
         etcd = self._start(
             "etcd",
             [
@@ -566,6 +578,7 @@ class ControlPlane:
                 # The `kubernetes` Service's endpoints may not be a loopback address.
                 "--endpoint-reconciler-type=none",
                 "--profiling=false",
+                *self.apiserver_args,
             ],
         )
         write_kubeconfig(
@@ -581,6 +594,8 @@ class ControlPlane:
             "GET /readyz",
             lambda: _http_ok(self.apiserver_port, "/readyz", context=admin_tls),
         )
+        if self.api_only:
+            return
 
         def component_kubeconfig(name: str) -> Path:
             return write_kubeconfig(
@@ -770,9 +785,23 @@ class ControlPlane:
 
 
 @contextlib.contextmanager
-def start_control_plane(workdir: Path, toolbox: Toolbox | None = None) -> Iterator[ControlPlane]:
-    """Start a cluster in `workdir` and stop every process by PID afterwards, even on failure."""
-    cluster = ControlPlane(toolbox or find_toolbox(), workdir)
+def start_control_plane(
+    workdir: Path,
+    toolbox: Toolbox | None = None,
+    *,
+    apiserver_args: Sequence[str] = (),
+    api_only: bool = False,
+) -> Iterator[ControlPlane]:
+    """Start a cluster in `workdir` and stop every process by PID afterwards, even on failure.
+
+    `apiserver_args` are extra kube-apiserver flags; `api_only` starts etcd and the apiserver
+    alone (see ControlPlane)."""
+    cluster = ControlPlane(
+        toolbox or find_toolbox(),
+        workdir,
+        apiserver_args=tuple(apiserver_args),
+        api_only=api_only,
+    )
     try:
         cluster.start()
         yield cluster

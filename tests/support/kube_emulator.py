@@ -34,12 +34,17 @@ client did, e.g. that a retry waited for Retry-After, from the server's side.
 Where it is still used, and why: the operator's end-to-end cases (promote and roll back with
 ingress-nginx and the Gateway API, kill and resume, two replicas with leader election, bad
 annotations, manual commands, records in ConfigMaps) run on a real control plane
-(tests/support/control_plane.py, tests/cluster/). The emulator stays for what a real server
-cannot be made to do on cue, at a chosen request and for a chosen client:
+(tests/support/control_plane.py, tests/cluster/), and so do the real server's own faults:
+409 from a concurrent write (test_conflicts_on_cluster.py), 410 Gone to a watch after an
+etcd compaction and 429 with Retry-After from API Priority and Fairness
+(test_api_faults_on_cluster.py). The emulator stays for what a real server cannot be made to
+do on cue, at a chosen request and for a chosen client:
 
-- a 409 on one particular write, a 410 on the open watches at a chosen moment, a 429 with a
-  given Retry-After, 5xx bursts on one resource (the client's retries, the operator's fault
-  paths in tests/kubernetes/test_operator.py, test_kube_client.py, test_k8s_routers.py);
+- a fault at one chosen request or moment, with the test's own values: a 409 on one
+  particular write, a 410 on the open watches mid-rollout, a 429 with a Retry-After of the
+  test's choosing (the real one starts at 1 s and doubles as it pleases), 5xx bursts on one
+  resource (the client's retries, the operator's fault paths in
+  tests/kubernetes/test_operator.py, test_kube_client.py, test_k8s_routers.py);
 - failures for one bearer token only (one leader-election candidate's Lease calls failing
   while the other's succeed: test_leader.py, test_operator.py);
 - every write of one resource failing (the record ConfigMaps: test_operator.py,
@@ -364,13 +369,18 @@ class KubeEmulator:
         self.faults.append(fault)
         return fault
 
-    def close_watches(self, *, gone: bool = False) -> None:
-        """End every open watch stream; with `gone`, each ends with a 410 ERROR event."""
+    def close_watches(self, *, gone: bool = False, error: int = 0) -> None:
+        """End every open watch stream; with `gone`, each ends with a 410 ERROR event, with
+        `error`, with an ERROR event of that status (500: InternalError)."""
         watchers, self._watchers = self._watchers, []
         for w in watchers:
             if gone:
                 w.queue.put_nowait(
                     {"type": "ERROR", "object": _status(410, "Expired", "too old resource version")}
+                )
+            elif error:
+                w.queue.put_nowait(
+                    {"type": "ERROR", "object": _status(error, "InternalError", "etcd hiccup")}
                 )
             w.queue.put_nowait(None)
 
