@@ -9,6 +9,8 @@ to us is the policy, in `RetryPolicy`, and one rule it cannot know:
 - a server's Retry-After (returned by the caller's `retry_after` for a failure) is a floor:
   the wait is the larger of it and the backoff (without jitter), never shorter than the
   server asked;
+- a Retry-After wait is spread by up to a quarter of it (never shortened), so the clients a
+  server turned away together do not all come back together;
 - a Retry-After is still bounded: without `max_retry_after_s` the wait is capped at
   `wait_max_s` like any other; with it, a longer one ends the retries at once with
   `RetryAfterTooLong` (a server that says "come back in an hour" is down, not busy).
@@ -33,6 +35,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TypeVar
@@ -40,7 +43,7 @@ from typing import TypeVar
 import stamina
 from stamina.instrumentation import RetryDetails, set_on_retry_hooks
 
-__all__ = ["ONCE_MORE", "RetryAfterTooLong", "RetryPolicy", "retrying"]
+__all__ = ["ONCE_MORE", "RETRY_AFTER_SPREAD", "RetryAfterTooLong", "RetryPolicy", "retrying"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +83,9 @@ class RetryPolicy:
 
 # A second try at once: for a guarded write that met another writer between its read and
 # its write (re-read, write again). A second conflict is the caller's to report.
+# A Retry-After of s seconds is waited for s to s * (1 + RETRY_AFTER_SPREAD) seconds.
+RETRY_AFTER_SPREAD = 0.25
+
 ONCE_MORE = RetryPolicy(attempts=2, wait_initial_s=0.0, wait_max_s=0.0)
 
 
@@ -144,12 +150,18 @@ async def retrying(
         if seconds is None or attempts.last:
             return True  # stamina's own jittered backoff
         limit = policy.max_retry_after_s
-        if limit is None:
-            return min(policy.wait_max_s, max(attempts.next_wait, seconds))
-        if seconds > limit:
+        if limit is not None and seconds > limit:
             attempts.too_long = RetryAfterTooLong(exc, seconds, limit)
             return False
-        return max(attempts.next_wait, seconds)
+        floor = max(attempts.next_wait, seconds)
+        if seconds > attempts.next_wait:
+            # Spread the retries a Retry-After sends back: every client the server turned
+            # away at once would otherwise come back at the same instant, be turned away
+            # again, and be told to wait twice as long (seen with API Priority and Fairness).
+            floor += random.uniform(0.0, RETRY_AFTER_SPREAD * seconds)
+        if limit is None:
+            return min(policy.wait_max_s, floor)
+        return min(floor, max(limit, seconds))
 
     token = _what.set(what)
     try:

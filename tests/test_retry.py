@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from canary.retry import ONCE_MORE, RetryAfterTooLong, RetryPolicy, retrying
+from canary.retry import ONCE_MORE, RETRY_AFTER_SPREAD, RetryAfterTooLong, RetryPolicy, retrying
 
 
 class Busy(Exception):
@@ -108,7 +108,8 @@ async def test_retry_after_is_a_floor(waits: list[float]) -> None:
     not shorten the backoff."""
     call, _ = failing(Busy(retry_after=0.3), Busy(retry_after=0.0), Busy())
     await retrying(call, policy=POLICY, on=Busy, retry_after=retry_after)
-    assert waits == pytest.approx([0.3, 0.2, 0.4])
+    assert 0.3 <= waits[0] <= 0.3 * (1 + RETRY_AFTER_SPREAD)  # spread, never shortened
+    assert waits[1:] == pytest.approx([0.2, 0.4])
 
 
 async def test_retry_after_is_capped_without_a_limit(waits: list[float]) -> None:
@@ -125,7 +126,26 @@ async def test_retry_after_within_the_limit_may_exceed_the_backoff_cap(
     call, _ = failing(Busy(retry_after=5))
     policy = RetryPolicy(attempts=3, wait_initial_s=0.1, wait_max_s=0.5, max_retry_after_s=60)
     await retrying(call, policy=policy, on=Busy, retry_after=retry_after)
-    assert waits == pytest.approx([5.0])
+    assert len(waits) == 1 and 5.0 <= waits[0] <= 5.0 * (1 + RETRY_AFTER_SPREAD)
+
+
+async def test_clients_turned_away_together_do_not_come_back_together(
+    waits: list[float],
+) -> None:
+    """100 calls told "Retry-After: 1" at once wait between 1 and 1.25 s, spread out: not all
+    at the same instant (the herd a server would turn away again, with a doubled Retry-After),
+    and none sooner than asked; a Retry-After at the limit is not spread past it."""
+    policy = RetryPolicy(attempts=2, wait_initial_s=0.1, wait_max_s=0.5, max_retry_after_s=4)
+    calls = [failing(Busy(retry_after=1))[0] for _ in range(100)]
+    await asyncio.gather(
+        *(retrying(c, policy=policy, on=Busy, retry_after=retry_after) for c in calls)
+    )
+    assert len(waits) == 100 and all(1.0 <= w <= 1.25 for w in waits), (min(waits), max(waits))
+    assert max(waits) - min(waits) > 0.1 and len(set(waits)) > 90
+    waits.clear()
+    at_limit = failing(Busy(retry_after=4))[0]
+    await retrying(at_limit, policy=policy, on=Busy, retry_after=retry_after)
+    assert waits == [4.0]
 
 
 async def test_retry_after_beyond_the_limit_gives_up_at_once(waits: list[float]) -> None:

@@ -246,7 +246,8 @@ async def test_retry_after_is_honoured_and_capped(
         assert await notifier.wait(timeout_s=10)
     [result] = notifier.deliveries
     assert result.ok and result.attempts == 3
-    assert [w for w in waits if w > 0.1] == [2.0, 30.0]
+    first, second = [w for w in waits if w > 0.1]
+    assert 2.0 <= first <= 2.5 and second == 30.0  # 2 s spread by up to a quarter; the cap
 
 
 async def test_client_error_is_not_retried(receiver: Receiver) -> None:
