@@ -53,6 +53,7 @@ CORE_PANELS = {
     "Decisions",
     "Decisions and transitions in the range",
     "Record and status write errors",
+    "Leader",
     "Controllers",
 }
 
