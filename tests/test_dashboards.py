@@ -324,6 +324,14 @@ def _check_queries(
             empty.append((where, expr))
     assert not failed, failed
     assert not empty, f"core panels without series: {empty}"
-    # the variables list the rollout; the phase panel shows it Progressing
+    # the variables list the rollout, as Grafana asks for label_values (the label API)
+    for label, value in (("name", "app"), ("namespace", "")):
+        url = f"{prometheus.url}/api/v1/label/{label}/values?" + urllib.parse.urlencode(
+            {"match[]": "canary_rollout_phase"}
+        )
+        with urllib.request.urlopen(url, timeout=10) as response:
+            values = json.loads(response.read())["data"]
+        assert values == ([value] if value else []), (label, values)
+    # the phase panel shows it Progressing
     _, body = _query(prometheus.url, 'sum by (phase) (canary_rollout_phase{name=~".*"}) > 0')
     assert {r["metric"]["phase"] for r in body["data"]["result"]} == {"Progressing"}
