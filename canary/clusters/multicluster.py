@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import hashlib
 import json
 import logging
@@ -879,6 +880,10 @@ def wire(
 # ---- the controller the HTTP server sees ---------------------------------------------------
 
 
+def _failed_over(failover: FailoverController) -> float:
+    return 1.0 if failover.state.mode is Mode.STANDBY else 0.0
+
+
 class MultiClusterController:
     """Runs every service's loops; a RolloutSource for canary.server.app plus /failover routes."""
 
@@ -891,6 +896,10 @@ class MultiClusterController:
             raise ValueError(f"two services are named {duplicate!r}")
         self.services = {s.name: s for s in services}
         self.telemetry = telemetry or Telemetry(mode="clusters")
+        for service in services:  # read at each scrape
+            self.telemetry.failover_active.labels(service.name).set_function(
+                functools.partial(_failed_over, service.failover)
+            )
         self.started = asyncio.Event()
         self._stop = asyncio.Event()
 

@@ -775,6 +775,7 @@ class Operator:
         self.objects: dict[tuple[str, str], JSON] = {}
         self.workers: dict[tuple[str, str], DeploymentWorker] = {}
         self._leading = elector is None
+        self.telemetry.leader.set_function(lambda: 1.0 if self.acting() else 0.0)
         # One reader and one HTTP session for every rollout's counts: about one batch per
         # tick; a tick goes on with counts up to two ticks old rather than wait for a batch.
         self.metrics = PrometheusBatcher(

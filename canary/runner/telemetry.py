@@ -186,6 +186,19 @@ class Telemetry:
                 registry=self.registry,
             )
         )
+        self.leader = Gauge(
+            "canary_leader",
+            "1 while this controller may act (holds the Lease, or runs without leader "
+            "election), 0 while it stands by",
+            registry=self.registry,
+        )
+        self.leader.set(1.0)
+        self.failover_active = Gauge(
+            "canary_failover_active",
+            "Two clusters: 1 while the service's traffic is failed over to the standby",
+            ["service"],
+            registry=self.registry,
+        )
         self.duration = Histogram(
             "canary_rollout_duration_seconds",
             "Duration of finished rollouts by outcome",

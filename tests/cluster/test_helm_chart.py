@@ -59,8 +59,9 @@ def _args(objects: dict[Key, Any]) -> list[str]:
         [],
         ["--set", "serviceMonitor.enabled=true", "--set", "watchNamespace=shop"],
         ["--set", "replicas=1", "--set", "leaderElection.enabled=false"],
+        ["--set", "prometheusRule.enabled=true", "--set", "grafanaDashboard.enabled=true"],
     ],
-    ids=["defaults", "servicemonitor-and-one-namespace", "one-replica"],
+    ids=["defaults", "servicemonitor-and-one-namespace", "one-replica", "rules-and-dashboard"],
 )
 def test_helm_lint_is_clean(toolbox: Toolbox, tmp_path: Path, values: list[str]) -> None:
     """`helm lint --strict` finds nothing, with the defaults and with the options switched."""
@@ -97,6 +98,35 @@ def test_servicemonitor_value_renders_the_optional_manifest(
     assert {k: v for k, v in rendered.items() if k[1] != "ServiceMonitor"} == _render(
         toolbox, tmp_path
     )
+
+
+def test_rule_and_dashboard_values_render_the_files_as_they_are(
+    toolbox: Toolbox, tmp_path: Path
+) -> None:
+    """prometheusRule.enabled adds a PrometheusRule holding rules/canary.rules.yaml's groups;
+    grafanaDashboard.enabled a ConfigMap with dashboards/canary.json and the sidecar's label;
+    nothing else changes."""
+    rendered = _render(
+        toolbox,
+        tmp_path,
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "prometheusRule.labels.release=kps",
+        "--set",
+        "grafanaDashboard.enabled=true",
+        "--set",
+        "grafanaDashboard.namespace=monitoring",
+    )
+    rule = rendered.pop(("monitoring.coreos.com/v1", "PrometheusRule", "canary-system", "canary"))
+    assert rule["spec"] == yaml.safe_load((CHART / "rules" / "canary.rules.yaml").read_text())
+    assert rule["metadata"]["labels"]["release"] == "kps"
+    board = rendered.pop(("v1", "ConfigMap", "monitoring", "canary-dashboard"))
+    assert board["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(board["data"]["canary.json"]) == json.loads(
+        (CHART / "dashboards" / "canary.json").read_text()
+    )
+    assert rendered == _render(toolbox, tmp_path)
 
 
 def test_image_and_prometheus_values(toolbox: Toolbox, tmp_path: Path) -> None:

@@ -157,10 +157,14 @@ async def test_a_standby_replica_is_not_ready(api: KubeEmulator, kube: Kube) -> 
             assert response.status == 503
         async with http.get(server.url + "/healthz") as response:
             assert response.status == 200
+        async with http.get(server.url + "/metrics") as response:
+            assert "\ncanary_leader 0.0\n" in await response.text()
         operator._leading = True  # what run() sets when the elector reports the Lease won
         Standby.is_leader = True
         async with http.get(server.url + "/readyz") as response:
             assert response.status == 200
+        async with http.get(server.url + "/metrics") as response:
+            assert "\ncanary_leader 1.0\n" in await response.text()
 
 
 async def test_a_name_without_a_namespace_is_asked_about_the_watched_namespace(

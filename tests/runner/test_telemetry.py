@@ -86,6 +86,26 @@ def test_the_readme_table_lists_every_metric_and_its_labels() -> None:
         assert set(labels) == label_sets[name], name
 
 
+def test_failover_active_follows_each_services_state() -> None:
+    """Two clusters: canary_failover_active{service} is read from the failover state at each
+    scrape (1 while failed over to the standby)."""
+    from types import SimpleNamespace
+
+    from prometheus_client import generate_latest
+
+    from canary.clusters.multicluster import MultiClusterController
+    from canary.core.failover import Mode
+
+    failover = SimpleNamespace(state=SimpleNamespace(mode=Mode.PRIMARY))
+    service = SimpleNamespace(name="web", failover=failover)
+    controller = MultiClusterController([service])  # type: ignore[list-item]
+    scrape = lambda: generate_latest(controller.telemetry.registry).decode()  # noqa: E731
+    assert 'canary_failover_active{service="web"} 0.0' in scrape()
+    assert "canary_leader 1.0" in scrape()  # no leader election in this mode
+    failover.state.mode = Mode.STANDBY
+    assert 'canary_failover_active{service="web"} 1.0' in scrape()
+
+
 def _label_names() -> dict[str, set[str]]:
     """Each metric's label names, as a filled-in registry shows them."""
     telemetry = Telemetry()
@@ -101,6 +121,7 @@ def _label_names() -> dict[str, set[str]]:
     )
     telemetry.analysis("shop/app", verdict)
     telemetry.duration.labels("promoted").observe(1.0)
+    telemetry.failover_active.labels("app").set(0)
     found: dict[str, set[str]] = {}
     for metric in telemetry.registry.collect():
         name = metric.name + ("_total" if metric.type == "counter" else "")
