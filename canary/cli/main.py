@@ -5,7 +5,8 @@ Subcommands::
     canary run --config rollout.yaml [--config other.yaml] [--listen 127.0.0.1:9310]
                [--token-file FILE] [--public-reads] [--allow-webhook-host HOST ...]
     canary promote|abort|pause|resume NAME [--server URL] [--token-file F] [--who W] [--reason R]
-    canary status [NAME] [--server URL] [--token-file F]
+    canary status [NAME] [--server URL] [--token-file F] [-n NS | -A] [-o json|yaml|wide]
+                  [-w [--interval 2]] [--wait promoted|done --timeout 10m]   canary.cli.status
     canary validate FILE...                check config files, print the effective settings
     canary demo [...]                      the local demo (canary.demo.main)
     canary report NAME|RECORD [...]        canary.cli.report
@@ -79,6 +80,7 @@ from canary.cli.common import (
     target_mode,
     token_hint,
 )
+from canary.cli.status import EXIT_CODES_HELP, add_status_flags
 from canary.core.logs import configure_logging
 
 __all__ = ["build_parser", "main"]
@@ -333,30 +335,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
         from canary.cli import kubernetes
 
         return kubernetes.status(args)
-    path = f"/rollouts/{quote(args.name, safe='/')}" if args.name else "/rollouts"
-    answer = _request(args, "GET", path, None)
-    if answer is None:
-        return EXIT_STOPPED
-    status, data = answer
-    if status == 404:
-        print(f"canary status: {data.get('error')}", file=sys.stderr)
-        return EXIT_UNKNOWN
-    if status != 200:
-        print(f"canary status: HTTP {status}: {data}{token_hint(args, status)}", file=sys.stderr)
-        return EXIT_FAILED
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return EXIT_OK
-    for state in data["rollouts"] if "rollouts" in data else [data]:
-        steps = state.get("steps") or []
-        print(
-            f"{state['name']}: {state['phase']} step {state['step'] + 1}/{len(steps)} "
-            f"weight {state['weight']}% ({'verified' if state.get('weight_verified') else 'unverified'})"
-            f" last decision {state.get('last_decision') or '-'}: {state.get('message', '')}"
-        )
-        if state.get("advice") and state["phase"] not in ("Succeeded", "Failed"):
-            print(f"  {state['advice']}")
-    return EXIT_OK
+    from canary.cli.status import Row, from_server, show
+
+    def fetch() -> list[Row] | int:
+        path = f"/rollouts/{quote(args.name, safe='/')}" if args.name else "/rollouts"
+        answer = _request(args, "GET", path, None)
+        if answer is None:
+            return EXIT_STOPPED
+        status, data = answer
+        if status == 404:
+            print(f"canary status: {data.get('error')}", file=sys.stderr)
+            return EXIT_UNKNOWN
+        if status != 200:
+            print(
+                f"canary status: HTTP {status}: {data}{token_hint(args, status)}", file=sys.stderr
+            )
+            return EXIT_FAILED
+        return [from_server(s) for s in (data["rollouts"] if "rollouts" in data else [data])]
+
+    return show(args, fetch)
 
 
 # ---- the parser ----------------------------------------------------------------------------
@@ -467,12 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
         manual.set_defaults(func=_cmd_manual)
 
     status = subparsers.add_parser(
-        "status", help="show rollouts", description=f"Show rollouts. {TARGET_RULE}"
+        "status",
+        help="show rollouts",
+        description=f"Show rollouts. {TARGET_RULE} In a cluster the namespace is -n, else "
+        f"the current kubeconfig context's (as kubectl), else default. {EXIT_CODES_HELP}",
     )
     status.add_argument("name", metavar="NAME", nargs="?")
-    status.add_argument("--json", action="store_true", help="print the raw JSON state")
+    add_status_flags(status)
     _add_server_flag(status)
     _add_cluster_flags(status)
+    status.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        help="a cluster's rollouts in every namespace",
+    )
     status.set_defaults(func=_cmd_status)
 
     for name, (_, _, text) in FORWARDED.items():

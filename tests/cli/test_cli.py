@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import urllib.request
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from rich.console import Console
 from support.pool import ProcessPool
 
 from canary.cli.common import (
@@ -340,7 +342,8 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
     assert main(["promote", "app", "--server", url, "--token-file", str(missing)]) == 2
     assert f"cannot read the token file {missing}" in capsys.readouterr().err
     assert main(["status", "--server", url, "--token-file", str(token_file)]) == 0
-    assert "app: Paused step 1/2 weight 5% (verified)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r"^app +Paused +1/2 +5% / 5% ", out, re.M), out
     assert (
         main(["resume", "app", "--server", url, "--token-file", str(token_file), "--who", "alice"])
         == 0
@@ -653,7 +656,8 @@ def test_status_shows_the_planners_advice_while_a_rollout_runs(
     """`canary status` prints the status' advice under a running rollout (server and
     cluster), and not under one that is over."""
     import canary.cli.main as cli
-    from canary.cli.kubernetes import _line
+    from canary.cli.kubernetes import _row
+    from canary.cli.status import render_list
     from canary.core.rollout import RolloutStatus
     from canary.kubernetes.operator import KubeState
 
@@ -672,9 +676,20 @@ def test_status_shows_the_planners_advice_while_a_rollout_runs(
     done = {**state, "name": "old", "phase": "Succeeded"}
     monkeypatch.setattr(cli, "_request", lambda *a: (200, {"rollouts": [state, done]}))
     assert main(["status", "--server", "http://127.0.0.1:1"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("app: Progressing step 1/2") and lines[1] == f"  {advice}"
-    assert lines[2].startswith("old: Succeeded") and len(lines) == 3
+    lines = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    assert lines[0].split() == [
+        "NAME",
+        "PHASE",
+        "STEP",
+        "WEIGHT",
+        "SET/READ",
+        "DECISION",
+        "AT",
+        "STEP",
+    ]
+    assert lines[1].split()[:3] == ["app", "Progressing", "1/2"]
+    assert lines[2].split()[:2] == ["old", "Succeeded"]
+    assert lines[3:] == [f"app: {advice}"]  # under the table, and not for the one that is over
 
     kube = KubeState(
         rollout=RolloutStatus(stage="Progressing", revision="b", weight=5, advice=advice)
@@ -686,4 +701,6 @@ def test_status_shows_the_planners_advice_while_a_rollout_runs(
             "annotations": {"canary.dev/status": kube.to_json()},
         }
     }
-    assert _line(obj).splitlines()[1:] == [f"  {advice}"]
+    console = Console(record=True, width=200)
+    console.print(render_list([_row(obj)]))
+    assert console.export_text().splitlines()[-1] == f"shop/app: {advice}"
