@@ -43,7 +43,7 @@ from canary.cli.status import Row, show
 from canary.kubernetes.client import Kube, KubeError, NotFound
 from canary.kubernetes.commands import ACCEPTED, DEFAULT_WAIT_S, UNKNOWN, send_command
 from canary.kubernetes.operator import ENABLED, KubeState
-from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS, parse_annotations
+from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS, PREFIX, CanarySpec
 
 __all__ = ["add_parser", "context_namespace", "manual_command", "run_kubernetes", "status"]
 
@@ -146,6 +146,17 @@ async def _fetch(args: argparse.Namespace) -> list[dict[str, Any]] | int:
         return [o for o in listed.objects if ENABLED in _annotations(o)]
 
 
+def _steps(annotations: dict[str, str]) -> list[int]:
+    """canary.dev/steps (else the default), for "step i/n"; [] when unreadable."""
+    text = annotations.get(PREFIX + "steps")
+    if not text:
+        return list(CanarySpec.model_fields["steps"].default)
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        return []
+
+
 def _row(obj: dict[str, Any]) -> Row:
     """A Deployment as `canary status` shows it (its status annotation)."""
     meta = obj.get("metadata") or {}
@@ -160,10 +171,7 @@ def _row(obj: dict[str, Any]) -> Row:
         row.note = "invalid annotations"
         row.message = annotations[ANNOTATION_SPEC_ERROR]
         return row
-    try:
-        row.steps = list(parse_annotations(annotations).steps)
-    except ValueError:
-        pass
+    row.steps = _steps(annotations)
     try:
         state = KubeState.from_annotation(annotations.get(ANNOTATION_STATUS))
     except ValueError as exc:

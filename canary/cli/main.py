@@ -51,10 +51,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import importlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -131,6 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 host,
                 port,
                 fresh=args.fresh,
+                linger_s=args.linger,
                 token=token,
                 public_reads=args.public_reads,
                 allow_webhook_hosts=tuple(args.allow_webhook_host or ()),
@@ -154,6 +157,7 @@ async def _run(
     port: int,
     *,
     fresh: bool = False,
+    linger_s: float = 0.0,
     token: str,
     public_reads: bool = False,
     allow_webhook_hosts: Sequence[str] = (),
@@ -196,6 +200,8 @@ async def _run(
     try:
         say(f"canary: serving on {server.url}", url=server.url)
         statuses = await run_until_signalled(controller)
+        if linger_s > 0 and not any(runner.stopped for runner in runners):
+            await _linger(linger_s)
     finally:
         await server.stop()
         for notifier in notifiers:  # the last promotion/rollback gets a moment to go out
@@ -214,6 +220,21 @@ async def _run(
     if all(status.outcome == "promoted" for status in statuses.values()):
         return EXIT_OK
     return EXIT_FAILED
+
+
+async def _linger(seconds: float) -> None:
+    """Keep serving the final states a while (for `canary status --wait`); SIGTERM/SIGINT
+    cut it short."""
+    loop = asyncio.get_running_loop()
+    cut = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, cut.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cut.wait(), seconds)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -420,6 +441,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--fresh",
         action="store_true",
         help="start new rollouts even where an unfinished one was saved (default: resume it)",
+    )
+    run.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="once every rollout has ended, keep serving their final states this long, so "
+        "that `canary status NAME --wait` sees the outcome (default 0)",
     )
     run.add_argument(
         "--token-file",

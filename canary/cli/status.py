@@ -18,12 +18,14 @@ status when it cannot); everything users see is drawn here, with rich.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import signal
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import Any
@@ -316,6 +318,19 @@ def _on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise _Stop
 
 
+@contextlib.contextmanager
+def _sigterm_stops() -> Iterator[None]:
+    """SIGTERM raises _Stop meanwhile (signals go to the main thread only: elsewhere, as is)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _dump(rows: list[Row], output: str) -> str:
     data = {"rollouts": [row.raw for row in rows]}
     if output == "yaml":
@@ -372,10 +387,9 @@ def show(args: argparse.Namespace, fetch: Fetch, console: Console | None = None)
 
 
 def _watch(fetch: Fetch, interval: float, console: Console) -> int:
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     rows: list[Row] = []
     try:
-        with Live(console=console, auto_refresh=False, transient=False) as live:
+        with _sigterm_stops(), Live(console=console, auto_refresh=False, transient=False) as live:
             while True:
                 got = fetch()
                 error = f"exit status {got}" if isinstance(got, int) else ""
@@ -384,41 +398,37 @@ def _watch(fetch: Fetch, interval: float, console: Console) -> int:
                 time.sleep(interval)
     except (KeyboardInterrupt, _Stop):
         return EXIT_OK
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 
 
 def _wait(fetch: Fetch, goal: str, timeout: float, interval: float, console: Console) -> int:
     """Poll one rollout until it is over (or promoted) or the timeout passes."""
-    previous = signal.signal(signal.SIGTERM, _on_sigterm)
     deadline = time.monotonic() + timeout
     last = ""
     try:
-        while True:
-            got = fetch()
-            if isinstance(got, int):
-                if got not in (EXIT_STOPPED,):  # unknown rollout, bad kubeconfig: final
-                    return got
-            elif got:
-                row = got[0]
-                seen = f"{row.key}: {row.phase} step {_step(row)} weight {_weight(row)}"
-                if seen != last:
-                    console.print(seen)
-                    last = seen
-                if row.over:
-                    promoted = row.phase == "Succeeded" and row.outcome in (None, "promoted")
-                    outcome = row.outcome or row.phase
-                    if goal == "done" or promoted:
-                        console.print(f"{row.key}: {outcome}")
-                        return EXIT_OK
-                    console.print(f"{row.key}: {outcome}, not promoted")
-                    return EXIT_FAILED
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                console.print(f"canary status: timed out waiting for {goal}", style="red")
-                return EXIT_TIMEOUT
-            time.sleep(min(interval, remaining))
+        with _sigterm_stops():
+            while True:
+                got = fetch()
+                if isinstance(got, int):
+                    if got not in (EXIT_STOPPED,):  # unknown rollout, bad kubeconfig: final
+                        return got
+                elif got:
+                    row = got[0]
+                    seen = f"{row.key}: {row.phase} step {_step(row)} weight {_weight(row)}"
+                    if seen != last:
+                        console.print(seen)
+                        last = seen
+                    if row.over:
+                        promoted = row.phase == "Succeeded" and row.outcome in (None, "promoted")
+                        outcome = row.outcome or row.phase
+                        if goal == "done" or promoted:
+                            console.print(f"{row.key}: {outcome}")
+                            return EXIT_OK
+                        console.print(f"{row.key}: {outcome}, not promoted")
+                        return EXIT_FAILED
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    console.print(f"canary status: timed out waiting for {goal}", style="red")
+                    return EXIT_TIMEOUT
+                time.sleep(min(interval, remaining))
     except (KeyboardInterrupt, _Stop):
         return EXIT_TIMEOUT
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -473,9 +473,11 @@ def test_run_promotes_a_good_canary_and_rolls_back_a_bad_one(
     exit_code: int,
     weight: int,
     outcome: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`canary run --config` ends on its own: exit 0 with 100% on the canary for a healthy
-    one, exit 1 with 0% for one with 10x the errors; the record ends with that outcome."""
+    one, exit 1 with 0% for one with 10x the errors; the record ends with that outcome.
+    `canary status app --wait promoted` exits with the same status meanwhile."""
     import subprocess
 
     prometheus_url, exporter_port = prometheus_env
@@ -500,23 +502,24 @@ def test_run_promotes_a_good_canary_and_rolls_back_a_bad_one(
             }
         )
     )
-    with Traffic(exporter_port, f"{case}-p", f"{case}-c", canary_errors):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "canary",
-                "run",
-                "--config",
-                str(config),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+    port = free_port()
+    token_file = workdir / "records" / "canary.token"
+    command = [sys.executable, "-m", "canary", "run", "--config", str(config)]
+    command += ["--listen", f"127.0.0.1:{port}", "--linger", "5"]
+    with (
+        Traffic(exporter_port, f"{case}-p", f"{case}-c", canary_errors),
+        subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as running,
+    ):
+        _wait_for(lambda: token_file.exists() or None, "the token file")
+        # Meanwhile `canary status app --wait promoted` follows it: 0 promoted, 1 rolled back
+        # (`--linger` keeps the final state served after the rollout ends).
+        server = ["--server", f"http://127.0.0.1:{port}", "--token-file", str(token_file)]
+        wait = ["--wait", "promoted", "--timeout", "2m", "--interval", "0.3"]
+        waited = main(["status", "app", *wait, *server])
+        assert waited == exit_code
+        assert capsys.readouterr().out.splitlines()[-1].startswith(f"app: {outcome}")
+        _, stderr = running.communicate(timeout=120)
+        done = subprocess.CompletedProcess(command, running.returncode, "", stderr)
     assert done.returncode == exit_code, done.stderr[-3000:]
     assert f"canary: app: {outcome}:" in done.stderr
     assert _haproxy_weights(haproxy) == {"canary": weight}
