@@ -140,6 +140,8 @@ async def test_output_json_and_yaml_are_the_full_objects(
 
     code, out, _ = await _canary(capsys, "status", "-A", "-o", "yaml")
     assert code == 0 and yaml.safe_load(out) == data
+    first = yaml.safe_load(out)["rollouts"][0]
+    assert list(first) == sorted(first) == ["name", "namespace", "spec_error", "status"]
 
     code, out, _ = await _canary(capsys, "status", "-n", "shop", "-o", "wide")
     assert code == 0
