@@ -100,7 +100,7 @@ def test_wide_adds_metrics_rollout_record_and_message() -> None:
     ]
     assert "errors pass 0.93 [0.412, 1.38]; latency_p99 continue 1.07 [0.8, -]" in row
     assert "app-20260101T000000" in row and row.rstrip().endswith("analysing at 50%")
-    assert "advice" not in text  # wide: the table only
+    assert text.splitlines()[-1] == "app: time to pass at 50%: a good canary needs 2.0 min"
 
 
 def _args(*argv: str) -> argparse.Namespace:
