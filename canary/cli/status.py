@@ -56,7 +56,8 @@ EXIT_TIMEOUT = 3  # --wait: the timeout passed first
 EXIT_CODES_HELP = (
     "Exit status: 0 shown (with --wait: the state was reached), 1 with --wait: the rollout "
     "ended otherwise (rolled back or aborted), 2 bad usage, 3 the controller or cluster could "
-    "not be reached, or with --wait the --timeout passed, 4 no such rollout."
+    "not be reached, or with --wait the --timeout passed (or Ctrl-C/SIGTERM came) first, "
+    "4 no such rollout."
 )
 OVER = ("Succeeded", "Failed")
 
