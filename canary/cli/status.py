@@ -101,15 +101,19 @@ class Row:
 def from_server(state: dict[str, Any]) -> Row:
     """A `canary run` /rollouts state."""
     status = state.get("status") or {}
+    phase = str(state.get("phase") or "-")
+    weight_read = state.get("weight_read")  # the last tick's read
+    if phase in OVER:  # no tick reads the router after the end: the verified weight is the read
+        weight_read = state.get("weight") if state.get("weight_verified") else None
     return Row(
         namespace=str(state.get("namespace") or ""),
         name=str(state["name"]),
-        phase=str(state.get("phase") or "-"),
+        phase=phase,
         raw=state,
         step=state.get("step"),
         steps=list(state.get("steps") or []),
         weight=state.get("weight"),
-        weight_read=state.get("weight_read"),
+        weight_read=weight_read,
         weight_verified=bool(state.get("weight_verified")),
         last_decision=state.get("last_decision"),
         outcome=status.get("outcome"),

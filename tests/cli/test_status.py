@@ -85,10 +85,14 @@ def test_a_watch_frame_shows_step_weights_metrics_time_and_advice() -> None:
 
 
 def test_an_ended_rollout_shows_no_time_at_step_nor_advice() -> None:
-    ended = _state(phase="Succeeded", status={"stage": "Succeeded", "outcome": "promoted"})
+    """Nor the last tick's read from before the promotion (seen in a real run: 100% / 50%)."""
+    ended = _state(
+        phase="Succeeded", weight=100, status={"stage": "Succeeded", "outcome": "promoted"}
+    )
     text = _text(render_frame([from_server(ended)], now=NOW))
     assert "Succeeded" in text and "advice" not in text
     assert "│ at step          -" in text
+    assert "│ weight set/read  100% / 100%" in text
 
 
 def test_wide_adds_metrics_rollout_record_and_message() -> None:
