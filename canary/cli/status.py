@@ -392,14 +392,22 @@ def show(args: argparse.Namespace, fetch: Fetch, console: Console | None = None)
 
 
 def _watch(fetch: Fetch, interval: float, console: Console) -> int:
+    """Redrawn in place on a terminal (rich's Live); piped, each frame follows the last (as
+    `kubectl get -w` appends), since Live draws nothing until it stops there."""
     rows: list[Row] = []
+    live = Live(console=console, auto_refresh=False, transient=False)
     try:
-        with _sigterm_stops(), Live(console=console, auto_refresh=False, transient=False) as live:
+        with _sigterm_stops(), live if console.is_terminal else contextlib.nullcontext():
             while True:
                 got = fetch()
                 error = f"exit status {got}" if isinstance(got, int) else ""
                 rows = rows if isinstance(got, int) else got
-                live.update(render_frame(rows, error=error), refresh=True)
+                frame = render_frame(rows, error=error)
+                if console.is_terminal:
+                    live.update(frame, refresh=True)
+                else:
+                    console.print(frame)
+                    console.file.flush()
                 time.sleep(interval)
     except (KeyboardInterrupt, _Stop):
         return EXIT_OK

@@ -5,6 +5,7 @@ SIGTERM with status 0, and the server target's -o json parsed back."""
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import signal
@@ -201,3 +202,20 @@ def test_timeouts_parse_like_kubectls() -> None:
     for bad in ("", "soon", "10 m", "-1s", "m"):
         with pytest.raises(ValueError):
             parse_timeout(bad)
+
+
+def test_watch_piped_prints_each_frame_as_it_comes() -> None:
+    """Not a terminal (a pipe, a log): every frame is printed when read, one after the other,
+    rather than only when the view ends."""
+    seen: list[str] = []
+    console = Console(record=True, width=120, file=io.StringIO(), color_system=None)
+    assert not console.is_terminal
+
+    def fetch() -> list[Row] | int:
+        seen.append(console.export_text(clear=False))
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return [from_server(_state(weight_read=40 + len(seen)))]
+
+    assert show(_args("-w", "--interval", "0.01"), fetch, console=console) == 0
+    assert "50% / 41%" in seen[1] and "50% / 42%" in seen[2] and "50% / 41%" in seen[2]
