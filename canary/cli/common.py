@@ -103,10 +103,15 @@ def server_url(args: argparse.Namespace) -> str:
 
 
 TargetMode = Literal["server", "cluster"]
-_CLUSTER_FLAGS = (("kubeconfig", "--kubeconfig"), ("context", "--context"), ("namespace", "-n"))
+_CLUSTER_FLAGS = (
+    ("kubeconfig", "--kubeconfig"),
+    ("context", "--context"),
+    ("namespace", "-n"),
+    ("all_namespaces", "-A"),
+)
 TARGET_RULE = (
     "Where it goes: --server URL (or $CANARY_SERVER) is a running `canary run`; --kubeconfig, "
-    "--context or -n/--namespace is a cluster. With neither, as kubectl: a cluster when "
+    "--context, -n/--namespace or -A (status) is a cluster. With neither, as kubectl: a cluster when "
     "$KUBECONFIG is set, ~/.kube/config exists or in a pod ($KUBERNETES_SERVICE_HOST), else "
     f"the `canary run` at http://{DEFAULT_LISTEN}."
 )

@@ -12,7 +12,8 @@ and the manual commands here (`status`, `manual_command`) when the target is a c
   /metrics needs a bearer token of the cluster, checked by TokenReview and
   SubjectAccessReview (canary.kubernetes.access): `patch deployments` for a command, `get`
   for a read. /readyz is 200 only on the leader, the one replica with rollouts to show.
-- `canary status [-n NS] [NAME]` reads the status annotations.
+- `canary status [-n NS | -A] [NAME] [-o ...] [-w] [--wait ...]` reads the status annotations
+  (drawn by canary.cli.status); without -n, the kubeconfig context's namespace, as kubectl.
 - `canary promote|abort|pause|resume NAME [-n NS]` writes the `canary.dev/command`
   annotation (never the spec, so GitOps tools do not revert it) and waits for the
   controller's answer in the status (canary.kubernetes.commands.send_command).
@@ -38,18 +39,70 @@ from typing import Any
 from canary.cli.common import EXIT_BAD_CONFIG as EXIT_BAD
 from canary.cli.common import EXIT_OK, EXIT_UNKNOWN, add_log_format, parse_listen, say
 from canary.cli.common import EXIT_STOPPED as EXIT_NO_ANSWER  # the controller did not answer
+from canary.cli.status import Row, show
 from canary.kubernetes.client import Kube, KubeError, NotFound
 from canary.kubernetes.commands import ACCEPTED, DEFAULT_WAIT_S, UNKNOWN, send_command
 from canary.kubernetes.operator import ENABLED, KubeState
-from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
+from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS, PREFIX, CanarySpec
 
-__all__ = ["add_parser", "manual_command", "run_kubernetes", "status"]
+__all__ = ["add_parser", "context_namespace", "manual_command", "run_kubernetes", "status"]
 
 log = logging.getLogger("canary.cli.kubernetes")
 
 
+SERVICE_ACCOUNT_NAMESPACE = "/var/run/secrets/kubernetes.io/serviceaccount/namespace"
+
+
+def context_namespace(
+    kubeconfig: str | None, context: str | None, environ: dict[str, str] | None = None
+) -> str | None:
+    """The namespace kubectl would use without -n: the kubeconfig context's (`--context`, else
+    current-context; the file is --kubeconfig, else the first of $KUBECONFIG that has the
+    context, else ~/.kube/config), else in a pod its service account's. None when none says."""
+    import yaml
+
+    env = os.environ if environ is None else environ
+    if kubeconfig:
+        files = [kubeconfig]
+    elif env.get("KUBECONFIG"):
+        files = [f for f in env["KUBECONFIG"].split(os.pathsep) if f]
+    else:
+        home = env.get("HOME") or os.path.expanduser("~")
+        files = [os.path.join(home, ".kube", "config")]
+    configs: list[dict[str, Any]] = []
+    for path in files:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                loaded = yaml.safe_load(handle)
+        except (OSError, yaml.YAMLError):
+            continue
+        if isinstance(loaded, dict):
+            configs.append(loaded)
+    name = context or next(
+        (c["current-context"] for c in configs if c.get("current-context")), None
+    )
+    if name:
+        for config in configs:
+            for entry in config.get("contexts") or []:
+                if isinstance(entry, dict) and entry.get("name") == name:
+                    namespace = (entry.get("context") or {}).get("namespace")
+                    return str(namespace) if namespace else None
+    if not configs and not kubeconfig and env.get("KUBERNETES_SERVICE_HOST"):
+        try:
+            with open(SERVICE_ACCOUNT_NAMESPACE, encoding="utf-8") as handle:
+                return handle.read().strip() or None
+        except OSError:
+            return None
+    return None
+
+
 def _namespace(args: argparse.Namespace) -> str:
-    return str(getattr(args, "namespace", None) or "default")
+    """-n, else the kubeconfig context's namespace (as kubectl), else default."""
+    given = getattr(args, "namespace", None)
+    if given:
+        return str(given)
+    found = context_namespace(getattr(args, "kubeconfig", None), getattr(args, "context", None))
+    return found or "default"
 
 
 async def _connect(args: argparse.Namespace) -> Kube:
@@ -74,56 +127,88 @@ def _why_cluster(args: argparse.Namespace) -> str:
 # ---- status ------------------------------------------------------------------------------
 
 
-def _line(obj: dict[str, Any]) -> str:
-    meta = obj.get("metadata") or {}
-    annotations = meta.get("annotations") or {}
-    name = f"{meta.get('namespace')}/{meta.get('name')}"
-    if annotations.get(ANNOTATION_SPEC_ERROR):
-        return f"{name}: invalid annotations: {annotations[ANNOTATION_SPEC_ERROR]}"
-    try:
-        state = KubeState.from_annotation(annotations.get(ANNOTATION_STATUS))
-    except ValueError as exc:
-        return f"{name}: unreadable status: {exc}"
-    if state is None:
-        return f"{name}: not initialized yet"
-    rollout = state.rollout
-    if rollout is None:
-        return f"{name}: idle; primary at {state.primary_revision}"
-    text = (
-        f"{name}: {rollout.phase.value} {rollout.revision} step {rollout.step + 1} "
-        f"weight {rollout.weight}% ({'verified' if rollout.weight_verified else 'unverified'}) "
-        f"last decision {rollout.last_decision or '-'}: {rollout.message}"
-    )
-    if state.record:
-        text += f" [rollout {state.rollout_id}, record configmap {state.record}]"
-    if state.record_error:
-        text += f" [record error: {state.record_error}]"
-    if rollout.advice and rollout.active:
-        text += f"\n  {rollout.advice}"
-    return text
-
-
-async def _status(args: argparse.Namespace) -> int:
+async def _fetch(args: argparse.Namespace) -> list[dict[str, Any]] | int:
+    all_namespaces = getattr(args, "all_namespaces", False)
+    namespace = None if all_namespaces else _namespace(args)
     async with await _connect(args) as kube:
         if args.name:
+            if namespace is None:
+                return _fail("status", "NAME needs a namespace: give -n, not -A", EXIT_BAD)
             try:
-                obj = await kube.get_deployment(_namespace(args), args.name)
+                return [await kube.get_deployment(namespace, args.name)]
             except NotFound:
                 return _fail(
                     "status",
-                    f"no Deployment {_namespace(args)}/{args.name}{_why_cluster(args)}",
+                    f"no Deployment {namespace}/{args.name}{_why_cluster(args)}",
                     EXIT_UNKNOWN,
                 )
-            objects = [obj]
-        else:
-            listed = await kube.list_deployments(_namespace(args))
-            objects = [o for o in listed.objects if ENABLED in _annotations(o)]
-    if getattr(args, "json", False):
-        print(json.dumps([_json_view(o) for o in objects], indent=2))
-    else:
-        for obj in objects:
-            print(_line(obj))
-    return EXIT_OK
+        listed = await kube.list_deployments(namespace)
+        return [o for o in listed.objects if ENABLED in _annotations(o)]
+
+
+def _steps(annotations: dict[str, str]) -> list[int]:
+    """canary.dev/steps (else the default), for "step i/n"; [] when unreadable."""
+    text = annotations.get(PREFIX + "steps")
+    if not text:
+        return list(CanarySpec.model_fields["steps"].default)
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        return []
+
+
+def _row(obj: dict[str, Any]) -> Row:
+    """A Deployment as `canary status` shows it (its status annotation)."""
+    meta = obj.get("metadata") or {}
+    annotations = _annotations(obj)
+    namespace, name = str(meta.get("namespace") or ""), str(meta.get("name") or "")
+    try:
+        raw = _json_view(obj)
+    except ValueError:
+        raw = {"namespace": namespace, "name": name, "status": None, "spec_error": None}
+    row = Row(namespace=namespace, name=name, phase="-", raw=raw)
+    if annotations.get(ANNOTATION_SPEC_ERROR):
+        row.note = "invalid annotations"
+        row.message = annotations[ANNOTATION_SPEC_ERROR]
+        return row
+    row.steps = _steps(annotations)
+    try:
+        state = KubeState.from_annotation(annotations.get(ANNOTATION_STATUS))
+    except ValueError as exc:
+        row.note, row.message = "unreadable status", str(exc)
+        return row
+    if state is None:
+        row.note = "not initialized yet"
+        return row
+    rollout = state.rollout
+    row.rollout_id, row.record = state.rollout_id, state.record
+    if rollout is None:
+        row.note = f"idle; primary at {state.primary_revision}"
+        return row
+    row.phase = rollout.phase.value
+    row.step, row.weight = rollout.step, rollout.weight
+    row.weight_verified = rollout.weight_verified
+    # the annotation keeps no read-back of its own: a verified weight is the one read back
+    row.weight_read = rollout.weight if rollout.weight_verified else None
+    row.last_decision, row.outcome = rollout.last_decision, rollout.outcome
+    row.message, row.advice = rollout.message, rollout.advice
+    row.step_started_at, row.revision = rollout.step_started_at, rollout.revision
+    if state.record_error:
+        row.message += f" [record error: {state.record_error}]"
+    return row
+
+
+def status(args: argparse.Namespace) -> int:
+    """`canary status` in cluster mode (canary.cli.status draws it)."""
+
+    def fetch() -> list[Row] | int:
+        try:
+            got = asyncio.run(_fetch(args))
+        except KubeError as exc:
+            return _fail("status", f"{exc}{_why_cluster(args)}", EXIT_NO_ANSWER)
+        return got if isinstance(got, int) else [_row(o) for o in got]
+
+    return show(args, fetch)
 
 
 def _annotations(obj: dict[str, Any]) -> dict[str, str]:
@@ -142,14 +227,6 @@ def _json_view(obj: dict[str, Any]) -> dict[str, Any]:
         if annotations.get(ANNOTATION_SPEC_ERROR)
         else None,
     }
-
-
-def status(args: argparse.Namespace) -> int:
-    """`canary status` in cluster mode."""
-    try:
-        return asyncio.run(_status(args))
-    except KubeError as exc:
-        return _fail("status", f"{exc}{_why_cluster(args)}", EXIT_NO_ANSWER)
 
 
 # ---- manual commands ------------------------------------------------------------------------

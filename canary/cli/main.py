@@ -5,7 +5,8 @@ Subcommands::
     canary run --config rollout.yaml [--config other.yaml] [--listen 127.0.0.1:9310]
                [--token-file FILE] [--public-reads] [--allow-webhook-host HOST ...]
     canary promote|abort|pause|resume NAME [--server URL] [--token-file F] [--who W] [--reason R]
-    canary status [NAME] [--server URL] [--token-file F]
+    canary status [NAME] [--server URL] [--token-file F] [-n NS | -A] [-o json|yaml|wide]
+                  [-w [--interval 2]] [--wait promoted|done --timeout 10m]   canary.cli.status
     canary validate FILE...                check config files, print the effective settings
     canary demo [...]                      the local demo (canary.demo.main)
     canary report NAME|RECORD [...]        canary.cli.report
@@ -50,10 +51,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import importlib
 import json
 import logging
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -79,6 +82,7 @@ from canary.cli.common import (
     target_mode,
     token_hint,
 )
+from canary.cli.status import EXIT_CODES_HELP, add_status_flags
 from canary.core.logs import configure_logging
 
 __all__ = ["build_parser", "main"]
@@ -129,6 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 host,
                 port,
                 fresh=args.fresh,
+                linger_s=args.linger,
                 token=token,
                 public_reads=args.public_reads,
                 allow_webhook_hosts=tuple(args.allow_webhook_host or ()),
@@ -152,6 +157,7 @@ async def _run(
     port: int,
     *,
     fresh: bool = False,
+    linger_s: float = 0.0,
     token: str,
     public_reads: bool = False,
     allow_webhook_hosts: Sequence[str] = (),
@@ -194,6 +200,8 @@ async def _run(
     try:
         say(f"canary: serving on {server.url}", url=server.url)
         statuses = await run_until_signalled(controller)
+        if linger_s > 0 and not any(runner.stopped for runner in runners):
+            await _linger(linger_s)
     finally:
         await server.stop()
         for notifier in notifiers:  # the last promotion/rollback gets a moment to go out
@@ -212,6 +220,21 @@ async def _run(
     if all(status.outcome == "promoted" for status in statuses.values()):
         return EXIT_OK
     return EXIT_FAILED
+
+
+async def _linger(seconds: float) -> None:
+    """Keep serving the final states a while (for `canary status --wait`); SIGTERM/SIGINT
+    cut it short."""
+    loop = asyncio.get_running_loop()
+    cut = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, cut.set)
+    try:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(cut.wait(), seconds)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
 
 
 def _cmd_validate(args: argparse.Namespace) -> int:
@@ -333,30 +356,25 @@ def _cmd_status(args: argparse.Namespace) -> int:
         from canary.cli import kubernetes
 
         return kubernetes.status(args)
-    path = f"/rollouts/{quote(args.name, safe='/')}" if args.name else "/rollouts"
-    answer = _request(args, "GET", path, None)
-    if answer is None:
-        return EXIT_STOPPED
-    status, data = answer
-    if status == 404:
-        print(f"canary status: {data.get('error')}", file=sys.stderr)
-        return EXIT_UNKNOWN
-    if status != 200:
-        print(f"canary status: HTTP {status}: {data}{token_hint(args, status)}", file=sys.stderr)
-        return EXIT_FAILED
-    if args.json:
-        print(json.dumps(data, indent=2))
-        return EXIT_OK
-    for state in data["rollouts"] if "rollouts" in data else [data]:
-        steps = state.get("steps") or []
-        print(
-            f"{state['name']}: {state['phase']} step {state['step'] + 1}/{len(steps)} "
-            f"weight {state['weight']}% ({'verified' if state.get('weight_verified') else 'unverified'})"
-            f" last decision {state.get('last_decision') or '-'}: {state.get('message', '')}"
-        )
-        if state.get("advice") and state["phase"] not in ("Succeeded", "Failed"):
-            print(f"  {state['advice']}")
-    return EXIT_OK
+    from canary.cli.status import Row, from_server, show
+
+    def fetch() -> list[Row] | int:
+        path = f"/rollouts/{quote(args.name, safe='/')}" if args.name else "/rollouts"
+        answer = _request(args, "GET", path, None)
+        if answer is None:
+            return EXIT_STOPPED
+        status, data = answer
+        if status == 404:
+            print(f"canary status: {data.get('error')}", file=sys.stderr)
+            return EXIT_UNKNOWN
+        if status != 200:
+            print(
+                f"canary status: HTTP {status}: {data}{token_hint(args, status)}", file=sys.stderr
+            )
+            return EXIT_FAILED
+        return [from_server(s) for s in (data["rollouts"] if "rollouts" in data else [data])]
+
+    return show(args, fetch)
 
 
 # ---- the parser ----------------------------------------------------------------------------
@@ -425,6 +443,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="start new rollouts even where an unfinished one was saved (default: resume it)",
     )
     run.add_argument(
+        "--linger",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="once every rollout has ended, keep serving their final states this long, so "
+        "that `canary status NAME --wait` sees the outcome (default 0)",
+    )
+    run.add_argument(
         "--token-file",
         metavar="FILE",
         help="the bearer token that commands (and reads) need (default: <record_dir>/"
@@ -467,12 +493,21 @@ def build_parser() -> argparse.ArgumentParser:
         manual.set_defaults(func=_cmd_manual)
 
     status = subparsers.add_parser(
-        "status", help="show rollouts", description=f"Show rollouts. {TARGET_RULE}"
+        "status",
+        help="show rollouts",
+        description=f"Show rollouts. {TARGET_RULE} In a cluster the namespace is -n, else "
+        f"the current kubeconfig context's (as kubectl), else default. {EXIT_CODES_HELP}",
     )
     status.add_argument("name", metavar="NAME", nargs="?")
-    status.add_argument("--json", action="store_true", help="print the raw JSON state")
+    add_status_flags(status)
     _add_server_flag(status)
     _add_cluster_flags(status)
+    status.add_argument(
+        "-A",
+        "--all-namespaces",
+        action="store_true",
+        help="a cluster's rollouts in every namespace",
+    )
     status.set_defaults(func=_cmd_status)
 
     for name, (_, _, text) in FORWARDED.items():

@@ -320,6 +320,19 @@ class RolloutRunner:
         if self.last_tick is not None:
             data["weight_read"] = self.last_tick.weight_read
             data["elapsed_s"] = self.last_tick.elapsed_s
+            verdict = self.last_tick.verdict
+            if verdict is not None:  # each metric's decision and bounds (`canary status -w`)
+                data["metrics"] = {
+                    name: {
+                        "decision": m.decision.value,
+                        "estimate": m.estimate,
+                        "lower": m.lower,
+                        "upper": m.upper,
+                        "scale": m.scale,
+                        "critical": m.critical,
+                    }
+                    for name, m in verdict.metrics.items()
+                }
         if self.record_error:
             data["record_error"] = self.record_error
         if self.status_error:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 import urllib.request
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import yaml
+from rich.console import Console
 from support.pool import ProcessPool
 
 from canary.cli.common import (
@@ -340,7 +342,8 @@ def test_run_serves_commands_and_stops_cleanly_on_sigterm(
     assert main(["promote", "app", "--server", url, "--token-file", str(missing)]) == 2
     assert f"cannot read the token file {missing}" in capsys.readouterr().err
     assert main(["status", "--server", url, "--token-file", str(token_file)]) == 0
-    assert "app: Paused step 1/2 weight 5% (verified)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert re.search(r"^app +Paused +1/2 +5% / 5% ", out, re.M), out
     assert (
         main(["resume", "app", "--server", url, "--token-file", str(token_file), "--who", "alice"])
         == 0
@@ -470,9 +473,11 @@ def test_run_promotes_a_good_canary_and_rolls_back_a_bad_one(
     exit_code: int,
     weight: int,
     outcome: str,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """`canary run --config` ends on its own: exit 0 with 100% on the canary for a healthy
-    one, exit 1 with 0% for one with 10x the errors; the record ends with that outcome."""
+    one, exit 1 with 0% for one with 10x the errors; the record ends with that outcome.
+    `canary status app --wait promoted` exits with the same status meanwhile."""
     import subprocess
 
     prometheus_url, exporter_port = prometheus_env
@@ -497,23 +502,24 @@ def test_run_promotes_a_good_canary_and_rolls_back_a_bad_one(
             }
         )
     )
-    with Traffic(exporter_port, f"{case}-p", f"{case}-c", canary_errors):
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "canary",
-                "run",
-                "--config",
-                str(config),
-                "--listen",
-                "127.0.0.1:0",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            check=False,
-        )
+    port = free_port()
+    token_file = workdir / "records" / "canary.token"
+    command = [sys.executable, "-m", "canary", "run", "--config", str(config)]
+    command += ["--listen", f"127.0.0.1:{port}", "--linger", "5"]
+    with (
+        Traffic(exporter_port, f"{case}-p", f"{case}-c", canary_errors),
+        subprocess.Popen(command, stderr=subprocess.PIPE, text=True) as running,
+    ):
+        _wait_for(lambda: token_file.exists() or None, "the token file")
+        # Meanwhile `canary status app --wait promoted` follows it: 0 promoted, 1 rolled back
+        # (`--linger` keeps the final state served after the rollout ends).
+        server = ["--server", f"http://127.0.0.1:{port}", "--token-file", str(token_file)]
+        wait = ["--wait", "promoted", "--timeout", "2m", "--interval", "0.3"]
+        waited = main(["status", "app", *wait, *server])
+        assert waited == exit_code
+        assert capsys.readouterr().out.splitlines()[-1].startswith(f"app: {outcome}")
+        _, stderr = running.communicate(timeout=120)
+        done = subprocess.CompletedProcess(command, running.returncode, "", stderr)
     assert done.returncode == exit_code, done.stderr[-3000:]
     assert f"canary: app: {outcome}:" in done.stderr
     assert _haproxy_weights(haproxy) == {"canary": weight}
@@ -653,7 +659,8 @@ def test_status_shows_the_planners_advice_while_a_rollout_runs(
     """`canary status` prints the status' advice under a running rollout (server and
     cluster), and not under one that is over."""
     import canary.cli.main as cli
-    from canary.cli.kubernetes import _line
+    from canary.cli.kubernetes import _row
+    from canary.cli.status import render_list
     from canary.core.rollout import RolloutStatus
     from canary.kubernetes.operator import KubeState
 
@@ -672,9 +679,20 @@ def test_status_shows_the_planners_advice_while_a_rollout_runs(
     done = {**state, "name": "old", "phase": "Succeeded"}
     monkeypatch.setattr(cli, "_request", lambda *a: (200, {"rollouts": [state, done]}))
     assert main(["status", "--server", "http://127.0.0.1:1"]) == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("app: Progressing step 1/2") and lines[1] == f"  {advice}"
-    assert lines[2].startswith("old: Succeeded") and len(lines) == 3
+    lines = [line.rstrip() for line in capsys.readouterr().out.splitlines()]
+    assert lines[0].split() == [
+        "NAME",
+        "PHASE",
+        "STEP",
+        "WEIGHT",
+        "SET/READ",
+        "DECISION",
+        "AT",
+        "STEP",
+    ]
+    assert lines[1].split()[:3] == ["app", "Progressing", "1/2"]
+    assert lines[2].split()[:2] == ["old", "Succeeded"]
+    assert lines[3:] == [f"app: {advice}"]  # under the table, and not for the one that is over
 
     kube = KubeState(
         rollout=RolloutStatus(stage="Progressing", revision="b", weight=5, advice=advice)
@@ -686,4 +704,6 @@ def test_status_shows_the_planners_advice_while_a_rollout_runs(
             "annotations": {"canary.dev/status": kube.to_json()},
         }
     }
-    assert _line(obj).splitlines()[1:] == [f"  {advice}"]
+    console = Console(record=True, width=200)
+    console.print(render_list([_row(obj)]))
+    assert console.export_text().splitlines()[-1] == f"shop/app: {advice}"
