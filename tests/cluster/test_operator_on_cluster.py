@@ -869,7 +869,8 @@ def test_manual_commands_through_the_annotation(e2e: E2E) -> None:
     assert code == 0 and "Progressing" in out, out
 
     code, out = _canary_cli(e2e, "status", "app")
-    assert code == 0 and out.startswith(f"{COMMANDS}/app: Progressing"), out
+    assert code == 0 and out.startswith("NAME"), out
+    assert out.splitlines()[1].split()[:2] == [f"{COMMANDS}/app", "Progressing"], out
     code, out = _canary_cli(e2e, "status", "missing")
     assert code == 4 and "no Deployment" in out, out
 

@@ -659,9 +659,9 @@ def test_services_and_primary_follow_the_app() -> None:
         primary_template({"metadata": {"name": "x"}, "spec": {}})
 
 
-def test_status_lines_say_phase_step_weight_and_record() -> None:
+def test_status_rows_say_phase_step_weight_and_record() -> None:
     """`canary status` shows a rollout's phase, step, weight and record, and a spec error."""
-    from canary.cli.kubernetes import _line
+    from canary.cli.kubernetes import _row
     from canary.core.rollout import RolloutStatus
 
     st = KubeState(
@@ -673,11 +673,12 @@ def test_status_lines_say_phase_step_weight_and_record() -> None:
         record="canary-system/canary-record-shop-app-bbb",
     )
     obj = deployment("app", "shop", **{ANNOTATION_STATUS: st.to_json()})
-    line = _line(obj)
-    assert line.startswith("shop/app: Progressing bbb step 2 weight 25% (verified)")
-    assert "rollout shop/app@bbb" in line and "canary-record-shop-app-bbb" in line
-    bad = deployment("app", "shop", **{ANNOTATION_SPEC_ERROR: '{"canary.dev/steps":"bad"}'})
-    assert "invalid annotations" in _line(bad) and "canary.dev/steps" in _line(bad)
+    row = _row(obj)
+    assert (row.key, row.phase, row.revision) == ("shop/app", "Progressing", "bbb")
+    assert (row.step, row.weight, row.weight_read, row.weight_verified) == (1, 25, 25, True)
+    assert row.rollout_id == "shop/app@bbb" and row.record.endswith("canary-record-shop-app-bbb")
+    bad = _row(deployment("app", "shop", **{ANNOTATION_SPEC_ERROR: '{"canary.dev/steps":"bad"}'}))
+    assert bad.note == "invalid annotations" and "canary.dev/steps" in bad.message
 
 
 async def test_router_failure_is_a_warning_and_the_weight_is_set_again(
