@@ -242,6 +242,15 @@ async def weight_is(router: Any, weight: int) -> bool:
         return False
 
 
+async def at_steady(controller: MultiClusterController) -> tuple[Any, Any]:
+    """The service's router and rollouts, once DNS sends the steady 10% to the canary cluster."""
+    service = controller.services["shop"]
+    router, rollouts = service.failover.router, service.rollouts
+    assert rollouts is not None
+    await wait_for(lambda: weight_is(router, 10), 30, "the steady 10%")
+    return router, rollouts
+
+
 async def finished(rollouts: Any) -> bool:
     return bool(rollouts.finished)
 
@@ -268,10 +277,7 @@ async def test_a_template_is_promoted_from_the_canary_cluster_to_the_primary_clu
     port, prometheus = start_services(procs, work, canary_error_rate=0.0)
     topo = topology(pdns, port, prometheus, work, ns)
     async with running(pdns, topo, service_accounts, port) as (controller, loadgen):
-        service = controller.services["shop"]
-        router, rollouts = service.failover.router, service.rollouts
-        assert rollouts is not None
-        await wait_for(lambda: weight_is(router, 10), 30, "the steady 10%")
+        router, rollouts = await at_steady(controller)
         started = loadgen.clock()
         await asyncio.to_thread(apply, canary_cluster, deployment(ns, "shop:2", annotated=True))
         await wait_for(lambda: finished(rollouts), 240, "the rollout to end")
@@ -310,10 +316,7 @@ async def test_a_failing_template_is_rolled_back_and_the_canary_cluster_reverted
     port, prometheus = start_services(procs, work, canary_error_rate=0.3)
     topo = topology(pdns, port, prometheus, work, ns)
     async with running(pdns, topo, service_accounts, port) as (controller, _):
-        service = controller.services["shop"]
-        router, rollouts = service.failover.router, service.rollouts
-        assert rollouts is not None
-        await wait_for(lambda: weight_is(router, 10), 30, "the steady 10%")
+        router, rollouts = await at_steady(controller)
         await asyncio.to_thread(apply, canary_cluster, deployment(ns, "shop:bad", annotated=True))
         await wait_for(lambda: finished(rollouts), 240, "the rollout to end")
         assert rollouts.finished[0][1] == "rolled_back", rollouts.state()
@@ -357,10 +360,7 @@ async def test_a_restarted_controller_resumes_the_cross_cluster_rollout(
     port, prometheus = start_services(procs, work, canary_error_rate=0.0)
     topo = topology(pdns, port, prometheus, work, ns)
     async with running(pdns, topo, service_accounts, port) as (controller, _):
-        service = controller.services["shop"]
-        router, rollouts = service.failover.router, service.rollouts
-        assert rollouts is not None
-        await wait_for(lambda: weight_is(router, 10), 30, "the steady 10%")
+        _, rollouts = await at_steady(controller)
         await asyncio.to_thread(apply, canary_cluster, deployment(ns, "shop:2", annotated=True))
 
         async def looking_at_50() -> bool:
