@@ -448,7 +448,12 @@ class RolloutRunner:
                 if self.status.done:
                     break
                 await self._supersede()
+                began = asyncio.get_running_loop().time()
+                if self.telemetry is not None and self._next_tick is not None:
+                    self.telemetry.tick_lateness.observe(max(0.0, began - self._next_tick))
                 await self._tick()
+                if self.telemetry is not None:
+                    self.telemetry.tick_seconds.observe(asyncio.get_running_loop().time() - began)
                 # The record before the status: a status that says "done" has its record.
                 await self._flush_record(force=self.status.done)
                 if self.status.done or self._needs_save():

@@ -207,6 +207,21 @@ class Telemetry:
             registry=self.registry,
         )
 
+        # Not per rollout: at a thousand rollouts per-rollout buckets would dwarf the rest, and
+        # what an operator asks is whether the controller keeps up, not which rollout lags.
+        self.tick_lateness = Histogram(
+            "canary_tick_lateness_seconds",
+            "How late each analysis tick started after its fixed-rate schedule",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
+            registry=self.registry,
+        )
+        self.tick_seconds = Histogram(
+            "canary_tick_seconds",
+            "Time one analysis tick took (metrics fetch, analysis, router, record)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
+            registry=self.registry,
+        )
+
     def show(self, name: str, status: RolloutStatus) -> None:
         for phase in Phase:
             self.phase.labels(name, phase.value).set(1.0 if status.phase is phase else 0.0)

@@ -390,6 +390,12 @@ async def test_states_and_telemetry_follow_the_rollout(tmp_path: Path) -> None:
     assert decided == 1.0
     version = metadata.version("canary")
     assert registry.get_sample_value("canary_info", {"version": version, "mode": "static"}) == 1.0
+    # every tick is timed: how late it began against its schedule, and how long it took
+    ticks = registry.get_sample_value("canary_tick_seconds_count")
+    assert ticks is not None and ticks >= fails
+    assert registry.get_sample_value("canary_tick_lateness_seconds_count") == ticks
+    late = registry.get_sample_value("canary_tick_lateness_seconds_sum")
+    assert late is not None and 0 <= late < ticks * 0.5
 
 
 # ---- the HTTP server around a controller ----------------------------------------------------
