@@ -1,0 +1,477 @@
+"""The whole controller at scale (issue 13, point 7): `canary kubernetes` on the real control
+plane (tests/support/control_plane.py: etcd, kube-apiserver, controller-manager, scheduler,
+kwok) with N annotated Deployments rolling out at once, a real Prometheus scraping one exporter
+that publishes every rollout's series (benchmarks/metrics_batch.py's: 90 series per rollout,
+the `app-histogram` preset), rollouts held at their first step (min-step-duration 3h) so that
+every one of them keeps analysing for the whole window.
+
+For each N in --sizes: start the cluster, the exporter and Prometheus; create the apps (25
+namespaces, a Deployment and an Ingress each, one replica); start --replicas controller
+processes (with `--shards` when asked) as the manifests' ServiceAccount (RBAC enforced); wait
+until every app is initialized; give every app a new template; wait until every rollout is
+Progressing; then measure over --age-s seconds of rollout age:
+
+- CPU: each controller process' utime+stime (/proc/PID/stat), as a share of one core, and
+  per rollout-tick (ticks counted by the controller itself: canary_tick_seconds_count);
+- RSS (/proc/PID/status VmRSS) at the window's start, end and max: flat means bounded;
+- Prometheus queries per rollout-tick (Prometheus' own prometheus_http_requests_total for
+  /api/v1/query and /api/v1/query_range);
+- tick lateness p50/p95 against the fixed-rate schedule (canary_tick_lateness_seconds, as the
+  upper bound of the bucket holding the quantile), and the share of ticks that started within
+  10% of the period;
+- a py-spy profile (--profile-s seconds in the window's middle): the top functions by own
+  time and by total time.
+
+    PYTHONPATH=. python -m benchmarks.scale [--sizes 100 500 1000 2000] [--age-s 600]
+        [--tick-s 10] [--replicas 1] [--shards 1] [--profile-s 30] [--json out.json]
+
+The control-plane binaries come from `scripts/control-plane` (cached); py-spy from the venv
+(`pip install py-spy`; without it the profile is skipped). Results: benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from benchmarks.metrics_batch import names  # noqa: E402
+from canary.kubernetes.operator import KubeState  # noqa: E402
+
+LOOPBACK = "127.0.0.1"
+NAMESPACES = 25
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+Buckets = list[tuple[float, float]]
+
+
+def annotations(app: str) -> dict[str, str]:
+    return {
+        "canary.dev/enabled": "true",
+        "canary.dev/router": "ingress-nginx",
+        "canary.dev/ingress": app,
+        "canary.dev/steps": "10,20",
+        # Held at the first step for the whole window: every rollout keeps analysing.
+        "canary.dev/min-step-duration": "3h",
+        "canary.dev/max-step-duration": "4h",
+        "canary.dev/no-data-deadline": "30m",
+        "canary.dev/metrics": "app-histogram",
+    }
+
+
+def app_objects(i: int, image: str) -> list[dict[str, Any]]:
+    namespace, app = names(i)
+    labels = {"app": app}
+    backend = {"service": {"name": f"{app}-primary", "port": {"number": 80}}}
+    return [
+        {
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": {"name": app, "namespace": namespace, "annotations": annotations(app)},
+            "spec": {
+                "replicas": 1,
+                "selector": {"matchLabels": labels},
+                "template": {
+                    "metadata": {"labels": labels},
+                    "spec": {"containers": [{"name": "app", "image": image}]},
+                },
+            },
+        },
+        {
+            "apiVersion": "networking.k8s.io/v1",
+            "kind": "Ingress",
+            "metadata": {"name": app, "namespace": namespace},
+            "spec": {
+                "ingressClassName": "nginx",
+                "rules": [
+                    {
+                        "host": f"{app}.example.com",
+                        "http": {
+                            "paths": [{"path": "/", "pathType": "Prefix", "backend": backend}]
+                        },
+                    }
+                ],
+            },
+        },
+    ]
+
+
+def apply(cluster: Any, objects: list[dict[str, Any]], chunk: int = 250) -> None:
+    for start in range(0, len(objects), chunk):
+        items = objects[start : start + chunk]
+        cluster.kubectl(
+            "apply",
+            "--server-side",
+            "--force-conflicts",
+            "--field-manager=benchmark",
+            "-f",
+            "-",
+            stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items}),
+        )
+
+
+def states(cluster: Any) -> collections.Counter[str]:
+    """How many apps are in each state: uninitialized, initialized, or their rollout's phase."""
+    out = cluster.kubectl("get", "deployments", "-A", "-o", "json", check=False)
+    counts: collections.Counter[str] = collections.Counter()
+    if out.returncode != 0:
+        return counts
+    for item in json.loads(out.stdout)["items"]:
+        if item["metadata"]["name"].endswith("-primary"):
+            continue
+        raw = (item["metadata"].get("annotations") or {}).get("canary.dev/status")
+        st = KubeState.from_annotation(raw)
+        if st is not None and st.rollout is not None:
+            counts[st.rollout.phase.value] += 1
+        elif st is not None and st.primary_revision:
+            counts["initialized"] += 1
+        else:
+            counts["uninitialized"] += 1
+    return counts
+
+
+def wait_for(what: str, probe: Any, timeout_s: float, every_s: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    last = ""
+    while True:
+        ok, detail = probe()
+        if detail != last:
+            print(f"    {what}: {detail}", flush=True)
+            last = detail
+        if ok:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"not within {timeout_s:g}s: {what} ({detail})")
+        time.sleep(every_s)
+
+
+# ---- measuring ------------------------------------------------------------------------------
+
+
+def proc_cpu(pid: int) -> float:
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_mib(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def scrape(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=30) as response:
+        return str(response.read().decode())
+
+
+def samples(text: str, name: str) -> dict[str, float]:
+    """{labels text: value} of one metric's samples in an exposition page."""
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith(name):
+            head, value = line.rsplit(" ", 1)
+            if head == name or head.startswith(name + "{"):
+                out[head[len(name) :]] = float(value)
+    return out
+
+
+def prometheus_queries(prom_url: str) -> float:
+    rows = samples(scrape(f"{prom_url}/metrics"), "prometheus_http_requests_total")
+    pattern = re.compile(r'handler="/api/v1/query(_range)?"')
+    return sum(v for labels, v in rows.items() if pattern.search(labels))
+
+
+def histogram(text: str, name: str) -> tuple[Buckets, float]:
+    """([(upper bound, cumulative count)], count) of an unlabelled histogram."""
+    buckets = []
+    for labels, value in samples(text, name + "_bucket").items():
+        le = re.search(r'le="([^"]+)"', labels)
+        if le:
+            buckets.append((float(le.group(1)), value))
+    buckets.sort()
+    return buckets, samples(text, name + "_count").get("", 0.0)
+
+
+def window(before: Buckets, after: Buckets) -> Buckets:
+    return [(le, a - b) for (le, a), (_, b) in zip(after, before, strict=True)]
+
+
+def quantile_bound(buckets: Buckets, q: float) -> float:
+    """The upper bound of the bucket that holds quantile q (cumulative buckets)."""
+    total = buckets[-1][1] if buckets else 0.0
+    return next((le for le, count in buckets if total and count >= q * total), float("nan"))
+
+
+def share_within(buckets: Buckets, bound: float) -> float:
+    total = buckets[-1][1] if buckets else 0.0
+    below = max((count for le, count in buckets if le <= bound), default=0.0)
+    return below / total if total else float("nan")
+
+
+def summed(histograms: list[Buckets]) -> Buckets:
+    bounds = [le for le, _ in histograms[0]]
+    return [(le, sum(h[i][1] for h in histograms)) for i, le in enumerate(bounds)]
+
+
+def profile(pid: int, seconds: float, out: Path) -> dict[str, list[tuple[str, float]]]:
+    """py-spy's samples of the process: the top frames by own time and by total time."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return {}
+    raw = out.with_suffix(".txt")
+    subprocess.run(
+        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "--nonblocking", "--gil",
+         "-f", "raw", "-o", str(raw)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+    )  # fmt: skip
+    if not raw.exists():
+        return {}
+    own: collections.Counter[str] = collections.Counter()
+    total: collections.Counter[str] = collections.Counter()
+    n = 0
+    for line in raw.read_text().splitlines():
+        stack, _, count_text = line.rpartition(" ")
+        if not stack or not count_text.isdigit():
+            continue
+        count = int(count_text)
+        n += count
+        frames = [re.sub(r" \((?:.*/)?([^/]+\.py):\d+\)", r" (\1)", f) for f in stack.split(";")]
+        own[frames[-1]] += count
+        for frame in set(frames):
+            total[frame] += count
+    if not n:
+        return {}
+    return {
+        "own": [(f, c / n) for f, c in own.most_common(12)],
+        "total": [(f, c / n) for f, c in total.most_common(25)],
+    }
+
+
+@dataclass
+class Replica:
+    """One `python -m canary kubernetes` process, started with sys.executable, stopped by PID."""
+
+    name: str
+    argv: list[str]
+    log: Path
+    port: int
+    process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.process = subprocess.Popen(
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                start_new_session=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def metrics(self) -> str:
+        return scrape(f"http://{LOOPBACK}:{self.port}/metrics")
+
+    def stop(self) -> None:
+        process = self.process
+        if process is None or process.poll() is not None:
+            return
+        os.kill(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+
+
+# ---- one size ----------------------------------------------------------------------------------
+
+
+def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    from support.control_plane import free_port, start_control_plane
+
+    from canary.demo.procs import HttpReady, ManagedProcess, find_binary
+
+    print(f"== {n} rollouts, {args.replicas} replica(s), {args.shards} shard(s)", flush=True)
+    started: list[Any] = []
+    replicas: list[Replica] = []
+    with start_control_plane(workdir / "cluster") as cluster:
+        try:
+            exporter_port = free_port()
+            exporter = ManagedProcess(
+                [sys.executable, "-c",
+                 f"from benchmarks.metrics_batch import serve_exporter; "
+                 f"serve_exporter({exporter_port}, {n})"],
+                log_path=workdir / "exporter.log",
+                ready=HttpReady(f"http://{LOOPBACK}:{exporter_port}/"),
+                ready_timeout=60, name="exporter", cwd=ROOT,
+            )  # fmt: skip
+            started.append(exporter.start_sync())
+            prom_port = free_port()
+            config = workdir / "prometheus.yml"
+            config.write_text(
+                f"global:\n  scrape_interval: {args.scrape_s:g}s\n"
+                f"scrape_configs:\n  - job_name: apps\n    scrape_timeout: {args.scrape_s:g}s\n"
+                f'    static_configs:\n      - targets: ["{LOOPBACK}:{exporter_port}"]\n'
+            )
+            prometheus = ManagedProcess(
+                [find_binary("prometheus", fallbacks=("/usr/bin/prometheus",)),
+                 f"--config.file={config}", f"--storage.tsdb.path={workdir / 'tsdb'}",
+                 f"--web.listen-address={LOOPBACK}:{prom_port}", "--log.level=warn"],
+                log_path=workdir / "prometheus.log",
+                ready=HttpReady(f"http://{LOOPBACK}:{prom_port}/-/ready"),
+                ready_timeout=60, name="prometheus",
+            )  # fmt: skip
+            started.append(prometheus.start_sync())
+            prom_url = f"http://{LOOPBACK}:{prom_port}"
+
+            for t in range(min(NAMESPACES, n)):
+                cluster.kubectl("create", "namespace", f"team{t}")
+            apply(cluster, [o for i in range(n) for o in app_objects(i, "example/app:1")])
+            for r in range(args.replicas):
+                kubeconfig = cluster.service_account_kubeconfig(workdir / f"r{r}.kubeconfig")
+                port = free_port()
+                argv = [
+                    sys.executable, "-m", "canary", "kubernetes",
+                    f"--kubeconfig={kubeconfig}", "--all-namespaces",
+                    f"--identity=replica-{r}", f"--listen={LOOPBACK}:{port}",
+                    f"--prometheus-url={prom_url}", "--record-namespace=canary-system",
+                    f"--tick={args.tick_s:g}", "--log-format=json",
+                ]  # fmt: skip
+                if args.shards > 1:
+                    argv.append(f"--shards={args.shards}")
+                elif args.replicas > 1:
+                    argv.append("--leader-elect")
+                replica = Replica(f"replica-{r}", argv, workdir / f"replica-{r}.log", port)
+                replica.start()
+                replicas.append(replica)
+            setup_s = 120 + n * 0.6
+
+            def count(*wanted: str) -> tuple[bool, str]:
+                c = states(cluster)
+                return sum(c[w] for w in wanted) >= n, str(dict(c))
+
+            wait_for("initialized", lambda: count("initialized", "Progressing"), setup_s)
+            apply(cluster, [app_objects(i, "example/app:2")[0] for i in range(n)])
+            began = time.monotonic()
+            wait_for("progressing", lambda: count("Progressing"), setup_s)
+            print(
+                f"    all {n} progressing {time.monotonic() - began:.0f}s after the new templates"
+            )
+
+            def mark() -> dict[str, Any]:
+                texts = [r.metrics() for r in replicas]
+                return {
+                    "t": time.monotonic(),
+                    "cpu": [proc_cpu(r.pid) for r in replicas],
+                    "rss": [proc_rss_mib(r.pid) for r in replicas],
+                    "queries": prometheus_queries(prom_url),
+                    "ticks": sum(histogram(t, "canary_tick_seconds")[1] for t in texts),
+                    "late": summed(
+                        [histogram(t, "canary_tick_lateness_seconds")[0] for t in texts]
+                    ),
+                    "took": summed([histogram(t, "canary_tick_seconds")[0] for t in texts]),
+                }
+
+            first = mark()
+            rss_series = [first["rss"]]
+            prof: dict[str, Any] = {}
+            end = first["t"] + args.age_s
+            profile_at = first["t"] + (args.age_s - args.profile_s) / 2
+            while time.monotonic() < end:
+                time.sleep(min(30.0, max(0.0, end - time.monotonic())))
+                if args.profile_s and not prof and time.monotonic() >= profile_at:
+                    prof = profile(replicas[0].pid, args.profile_s, workdir / "profile")
+                rss_series.append([proc_rss_mib(r.pid) for r in replicas])
+            last = mark()
+            final = states(cluster)
+        finally:
+            for replica in replicas:
+                replica.stop()
+            for process in reversed(started):
+                process.stop_sync()
+
+    wall = last["t"] - first["t"]
+    ticks = last["ticks"] - first["ticks"]
+    cpu = [b - a for a, b in zip(first["cpu"], last["cpu"], strict=True)]
+    late = window(first["late"], last["late"])
+    took = window(first["took"], last["took"])
+    result = {
+        "rollouts": n,
+        "replicas": args.replicas,
+        "shards": args.shards,
+        "tick_s": args.tick_s,
+        "window_s": round(wall),
+        "cpu_share_of_core": [round(c / wall, 3) for c in cpu],
+        "cpu_ms_per_rollout_tick": round(1000 * sum(cpu) / ticks, 2) if ticks else None,
+        "rss_mib_start": [round(x) for x in first["rss"]],
+        "rss_mib_end": [round(x) for x in last["rss"]],
+        "rss_mib_max": [round(max(row[i] for row in rss_series)) for i in range(len(replicas))],
+        "rss_mib_series": [[round(x) for x in row] for row in rss_series],
+        "rollout_ticks": ticks,
+        "ticks_per_rollout_period": round(ticks / n / (wall / args.tick_s), 3),
+        "queries_per_rollout_tick": (
+            round((last["queries"] - first["queries"]) / ticks, 4) if ticks else None
+        ),
+        "tick_lateness_p50_le_s": quantile_bound(late, 0.5),
+        "tick_lateness_p95_le_s": quantile_bound(late, 0.95),
+        "ticks_within_10pct": round(share_within(late, 0.1 * args.tick_s), 4),
+        "tick_took_p95_le_s": quantile_bound(took, 0.95),
+        "states_at_end": dict(final),
+        "profile": prof,
+    }
+    print(json.dumps({k: v for k, v in result.items() if k != "profile"}), flush=True)
+    for kind in ("own", "total"):
+        for frame, share in prof.get(kind, [])[:12]:
+            print(f"    {kind:5} {100 * share:5.1f}%  {frame}")
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[100, 500, 1000, 2000])
+    parser.add_argument("--age-s", type=float, default=600)
+    parser.add_argument("--tick-s", type=float, default=10)
+    parser.add_argument("--scrape-s", type=float, default=5)
+    parser.add_argument("--replicas", type=int, default=1)
+    parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument("--profile-s", type=float, default=30)
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    args = parser.parse_args()
+    results = []
+    for n in args.sizes:
+        workdir = Path(tempfile.mkdtemp(prefix=f"canary-scale-{n}-"))
+        try:
+            results.append(run_size(n, args, workdir))
+        finally:
+            if args.keep:
+                print(f"    kept {workdir}")
+            else:
+                shutil.rmtree(workdir, ignore_errors=True)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
