@@ -288,6 +288,11 @@ def _guarded(patch: JSON, resource_version: str | None) -> JSON:
 # -- the adapter -------------------------------------------------------------------------
 
 
+# Requests on the wire at once (watches apart: they hold their own connections). The HTTP
+# pool has 100; fewer in flight keeps the API server's priority and fairness from queueing us.
+MAX_IN_FLIGHT = 32
+
+
 class Kube:
     """Typed access to the few API calls canary needs. Build with `await Kube.connect()`."""
 
@@ -297,13 +302,20 @@ class Kube:
         *,
         retry: RetryPolicy | None = None,
         request_timeout_s: float = 30.0,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> None:
         if request_timeout_s <= 0:
             raise ValueError(f"request_timeout_s must be positive, got {request_timeout_s}")
+        if max_in_flight < 1:
+            raise ValueError(f"max_in_flight must be >= 1, got {max_in_flight}")
         self._api = api_client
         self.retry = retry or RetryPolicy()
         # A hung API server costs one timeout per attempt, not a hung controller.
         self.request_timeout_s = request_timeout_s
+        # Requests past this many wait here, before their timeout starts: queued in the HTTP
+        # pool instead, a thousand rollouts' reconciles timed out waiting for a connection
+        # (issue 13's scale run), retried, and piled on the API server all over again.
+        self._slots = asyncio.Semaphore(max_in_flight)
         self._apps = k8s.AppsV1Api(api_client)
         self._core = k8s.CoreV1Api(api_client)
         self._net = k8s.NetworkingV1Api(api_client)
@@ -320,6 +332,7 @@ class Kube:
         context: str | None = None,
         retry: RetryPolicy | None = None,
         request_timeout_s: float = 30.0,
+        max_in_flight: int = MAX_IN_FLIGHT,
     ) -> Kube:
         """Like kubectl: `kubeconfig` (else $KUBECONFIG, else ~/.kube/config) and `context`
         (else current-context); inside a pod with neither given, the service account."""
@@ -330,7 +343,10 @@ class Kube:
                 k8s_config.load_incluster_config, client_configuration=configuration
             )
             return cls(
-                k8s.ApiClient(configuration), retry=retry, request_timeout_s=request_timeout_s
+                k8s.ApiClient(configuration),
+                retry=retry,
+                request_timeout_s=request_timeout_s,
+                max_in_flight=max_in_flight,
             )
         if kubeconfig is not None and not await asyncio.to_thread(os.path.isfile, kubeconfig):
             raise KubeError(f"kubeconfig {kubeconfig} does not exist")
@@ -342,7 +358,12 @@ class Kube:
             # The loader reports a malformed file with whatever exception it tripped on.
             where = kubeconfig or os.environ.get("KUBECONFIG") or "~/.kube/config"
             raise KubeError(f"kubeconfig {where} (context {context or 'current'}): {exc}") from exc
-        return cls(api_client, retry=retry, request_timeout_s=request_timeout_s)
+        return cls(
+            api_client,
+            retry=retry,
+            request_timeout_s=request_timeout_s,
+            max_in_flight=max_in_flight,
+        )
 
     async def close(self) -> None:
         await self._api.close()
@@ -364,14 +385,15 @@ class Kube:
 
         async def once() -> JSON:
             try:
-                resp = await fn(
-                    *args,
-                    _preload_content=False,
-                    _request_timeout=self.request_timeout_s,
-                    **kwargs,
-                )
-                async with resp:
-                    body = await resp.read()
+                async with self._slots:
+                    resp = await fn(
+                        *args,
+                        _preload_content=False,
+                        _request_timeout=self.request_timeout_s,
+                        **kwargs,
+                    )
+                    async with resp:
+                        body = await resp.read()
             except (aiohttp.ClientError, TimeoutError) as exc:
                 raise _Transient(f"{what}: no answer: {exc!r}") from exc
             return _decode(resp.status, resp.headers.get("Retry-After"), body, what)

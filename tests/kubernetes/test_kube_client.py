@@ -145,6 +145,26 @@ async def test_unreachable_server_is_unavailable(tmp_path: Path) -> None:
             await kube.get_deployment("default", "app")
 
 
+async def test_requests_past_the_limit_wait_their_turn_without_timing_out(
+    api: KubeEmulator, tmp_path: Path
+) -> None:
+    """Eight GETs at once, two at a time on the wire, each served after 0.6 s with a 1 s
+    timeout: all answer (none retried) and the last after about four turns. Waiting in the
+    HTTP pool instead, with its timeout running, most would have timed out (issue 13)."""
+    api.put(*APPS, deployment("app"))
+    api.inject(0, times=8, verb="get", resource="deployments", delay_s=0.6)
+    config = api.write_kubeconfig(tmp_path / "kc")
+    async with await Kube.connect(
+        kubeconfig=str(config), retry=FAST_RETRY, request_timeout_s=1.0, max_in_flight=2
+    ) as kube:
+        began = asyncio.get_running_loop().time()
+        got = await asyncio.gather(*(kube.get_deployment("default", "app") for _ in range(8)))
+        took = asyncio.get_running_loop().time() - began
+    assert [d["metadata"]["name"] for d in got] == ["app"] * 8
+    assert len(api.recorded(verb="get", resource="deployments")) == 8  # no retry
+    assert took >= 4 * 0.6 - 0.05
+
+
 async def test_unknown_context_names_it(api: KubeEmulator, tmp_path: Path) -> None:
     """Like kubectl --context: a context missing from the kubeconfig is a clear error."""
     config = api.write_kubeconfig(tmp_path / "kc", context="real")
