@@ -962,6 +962,10 @@ class EventRecorder:
             await self.kube.emit_event(
                 ref, type=type, reason=reason, message=message, component=self.component
             )
+        except Conflict:
+            # Each Event's name is new, so "already exists" means an earlier attempt of this
+            # very call landed and only its answer was lost (a timeout, then the retry).
+            pass
         except KubeError as exc:
             log.warning(
                 "event %s %s on %s/%s not sent: %s", type, reason, ref.namespace, ref.name, exc

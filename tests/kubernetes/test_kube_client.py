@@ -307,6 +307,25 @@ async def test_missing_kubeconfig_is_named(tmp_path: Path) -> None:
         await Kube.connect(kubeconfig=str(tmp_path / "absent"))
 
 
+async def test_an_event_whose_answer_was_lost_counts_as_sent(
+    api: KubeEmulator, tmp_path: Path
+) -> None:
+    """The first attempt lands but answers after the timeout; the retry gets 409 for the
+    same name: that Event was sent, once (a loaded API server did this to 1,000 rollouts)."""
+    api.put(*APPS, deployment())
+    config = api.write_kubeconfig(tmp_path / "kc")
+    async with await Kube.connect(
+        kubeconfig=str(config), retry=FAST_RETRY, request_timeout_s=0.3
+    ) as kube:
+        ref = ObjectRef.deployment(await kube.get_deployment("default", "app"))
+        api.inject(0, times=1, verb="create", resource="events", answer_late_s=0.6)
+        recorder = EventRecorder(kube, repeat_after_s=600)
+        assert await recorder.record(ref, type="Warning", reason="Slow", message="m")
+    events = [o for k, o in api.objects.items() if k[2] == "events"]
+    assert len(events) == 1 and events[0]["reason"] == "Slow"
+    assert [r.status for r in api.recorded(verb="create", resource="events")] == [201, 409]
+
+
 def test_only_kube_module_imports_the_client() -> None:
     """kubernetes_asyncio is imported by canary/kubernetes/client.py alone: one seam to the
     cluster (docstrings may name it; import statements may not)."""

@@ -115,6 +115,9 @@ class Fault:
     # Answer only after this long (a hung server); the status is then served normally
     # when `status` is 0.
     delay_s: float = 0.0
+    # Serve the request at once (a write is done) but answer only after this long: a reply
+    # lost to the client's timeout, whose retry then finds its own write.
+    answer_late_s: float = 0.0
 
     def matches(self, request: RecordedRequest) -> bool:
         return (
@@ -363,9 +366,11 @@ class KubeEmulator:
         token: str | None = None,
         retry_after: int | None = None,
         delay_s: float = 0.0,
+        answer_late_s: float = 0.0,
     ) -> Fault:
-        """Fail matching requests `times` times with `status` (0: serve them, after `delay_s`)."""
-        fault = Fault(status, times, verb, resource, token, retry_after, delay_s)
+        """Fail matching requests `times` times with `status` (0: serve them, after `delay_s`;
+        with `answer_late_s`, serve them at once and answer that much later)."""
+        fault = Fault(status, times, verb, resource, token, retry_after, delay_s, answer_late_s)
         self.faults.append(fault)
         return fault
 
@@ -516,12 +521,14 @@ class KubeEmulator:
         except _ApiError as exc:
             return web.json_response(_status(exc.code, exc.reason, str(exc)), status=exc.code)
         self.requests.append(rec)
+        answer_late_s = 0.0
         for fault in self.faults:
             if fault.matches(rec):
                 fault.times -= 1
                 if fault.delay_s:
                     await asyncio.sleep(fault.delay_s)
                 if fault.status == 0:
+                    answer_late_s = fault.answer_late_s
                     break
                 rec.status = fault.status
                 if rec.verb == "watch" and fault.status == 410:
@@ -550,6 +557,8 @@ class KubeEmulator:
             rec.status = exc.code
             return web.json_response(_status(exc.code, exc.reason, str(exc)), status=exc.code)
         rec.status = code
+        if answer_late_s:
+            await asyncio.sleep(answer_late_s)
         return web.json_response(payload, status=code)
 
     def _serve(self, rec: RecordedRequest, body: Any, content_type: str) -> tuple[int, JSON]:
