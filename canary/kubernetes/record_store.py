@@ -123,7 +123,7 @@ RECORD_LABEL = "canary.io/record"
 SEAL_BYTES = 256 << 10
 # A reader unpacks at most MAX_UNPACKED_RECORD_BYTES: past this, ticks are thinned.
 BUDGET_BYTES = MAX_UNPACKED_RECORD_BYTES * 3 // 4
-MAX_CHUNKS = MAX_UNPACKED_RECORD_BYTES // 64  # a head cannot send a reader round forever
+MAX_CHUNKS = 10_000  # a hostile head cannot send a reader round a million GETs
 
 
 class RecordTooLarge(RecordError):
@@ -308,7 +308,15 @@ def _unpack_text(packed: object, *, name: str, key: str, budget: int) -> str:
         raise RecordError(f"{name}: {key} is not base64 gzip text: {message}") from None
 
 
+def _raw_name(configmap: Mapping[str, Any]) -> str:
+    """metadata.name as stored (chunk names are derived from it), "" when there is none."""
+    metadata = configmap.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    return name if isinstance(name, str) and len(name) <= 253 else ""
+
+
 def _name_of(configmap: Mapping[str, Any]) -> str:
+    """metadata.name for messages: an excerpt."""
     metadata = configmap.get("metadata")
     name = metadata.get("name") if isinstance(metadata, Mapping) else None
     return excerpt(name, 80).strip("'") if isinstance(name, str) and name else "configmap"
@@ -338,6 +346,7 @@ class _Assembler:
 
     def __init__(self, head: Mapping[str, Any]) -> None:
         self.name = _name_of(head)
+        self.head = _raw_name(head)
         data = _data_of(head)
         self.record_id = data.get(ID_KEY)
         self.count = _chunk_count(head, self.name)
@@ -388,11 +397,13 @@ def _unpack_list(items: Sequence[Any], *, source: str) -> list[Entry]:
     if not is_chunked(head):
         return unpack_record(head)
     assembler = _Assembler(head)
-    by_name = {_name_of(o): o for o in objects}
+    by_name = {_raw_name(o): o for o in objects}
     for number in range(1, assembler.count + 1):
-        name = chunk_name(assembler.name, number)
+        name = chunk_name(assembler.head, number)
         if name not in by_name:
-            raise RecordError(f"{assembler.name}: chunk {number} ({name}) is not in the list")
+            raise RecordError(
+                f"{assembler.name}: chunk {number} ({excerpt(name, 80)}) is not in the list"
+            )
         assembler.add_chunk(number, by_name[name])
     return assembler.entries()
 
@@ -408,7 +419,7 @@ async def read_record_configmap(api: ConfigMapApi, head: Mapping[str, Any]) -> l
     metadata = head.get("metadata")
     namespace = metadata.get("namespace", "") if isinstance(metadata, Mapping) else ""
     for number in range(1, assembler.count + 1):
-        name = chunk_name(assembler.name, number)
+        name = chunk_name(assembler.head, number)
         try:
             chunk = await api.get_configmap(namespace, name)
         except KubeError as exc:

@@ -341,3 +341,22 @@ async def test_a_record_past_its_budget_keeps_sparser_ticks_and_the_last_one(
     assert all(b - a >= 120 for a, b in itertools.pairwise(late))
     notes = [e for e in stored if isinstance(e, NoteEntry) and "past 100000 bytes" in e.message]
     assert len(notes) == 1
+
+
+async def test_a_long_rollout_name_keeps_its_chunks_apart(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """A rollout id near the name limit: the head's name is cut to 253 characters, chunk
+    names stay valid and distinct from any head, and the record reads back whole."""
+    _, client = kube
+    rollout = "a-namespace-" + "n" * 60 + "/app-" + "x" * 120 + "@0123456789abcdef"
+    entries = [e.model_copy(update={"rollout": rollout}) for e in long_record[:40]]
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    for entry in entries:
+        assert await writer.append(entry) is None
+    assert writer.chunks >= 3
+    head = configmap_name(rollout)
+    names = {chunk_name(head, n) for n in range(1, writer.chunks + 1)}
+    assert all(len(n) <= 253 and "--" in n and n != head for n in names)
+    assert len(names) == writer.chunks
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == entries
