@@ -861,7 +861,7 @@ async def kube_table(args: argparse.Namespace, base: Path) -> list[Row]:
                     entries: list[Any] = []
                     try:
                         namespace, _, name = st.record.partition("/")
-                        entries = unpack_record(api.get("", "v1", "configmaps", namespace, name))
+                        entries = unpack_record(_record_dump(api, namespace, name))
                         row.record = f"readable, {len(entries)} entries"
                     except Exception as exc:
                         row.record = f"UNREADABLE: {exc!r}"[:160]
@@ -984,6 +984,21 @@ def main(argv: list[str] | None = None) -> int:
     (base / "rows.json").write_text(json.dumps([r.__dict__ for r in rows], indent=1))
     bad = [r for r in rows if r.evidence.startswith("no") or r.record.startswith("UNREADABLE")]
     return 1 if bad else 0
+
+
+def _record_dump(api: Any, namespace: str, head: str) -> dict[str, Any]:
+    """A record's head and chunks (by their label), as `kubectl get -l` dumps them."""
+    items = [
+        o
+        for k, o in api.objects.items()
+        if k[2] == "configmaps"
+        and k[3] == namespace
+        and (
+            o["metadata"].get("name") == head
+            or (o["metadata"].get("labels") or {}).get("canary.io/record") == head
+        )
+    ]
+    return {"kind": "List", "items": items}
 
 
 if __name__ == "__main__":

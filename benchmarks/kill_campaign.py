@@ -680,7 +680,7 @@ async def kube_run(
             return 0
         namespace, _, name = st.record.partition("/")
         try:
-            return len(unpack_record(api.get("", "v1", "configmaps", namespace, name)))
+            return len(unpack_record(_record_dump(api, namespace, name)))
         except Exception:
             return 0
 
@@ -715,7 +715,7 @@ async def kube_run(
     entries: list[Any] = []
     try:
         namespace, _, name = st.record.partition("/")
-        entries = unpack_record(api.get("", "v1", "configmaps", namespace, name))
+        entries = unpack_record(_record_dump(api, namespace, name))
     except Exception as exc:
         result.bad("b", f"record {getattr(st, 'record', None)}: {exc!r}")
     if rollout_id:
@@ -869,6 +869,21 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         args.json.write_text(json.dumps([r.__dict__ for r in results], indent=1, default=str))
     return 1 if any(any(r.violations.values()) for r in results) else 0
+
+
+def _record_dump(api: Any, namespace: str, head: str) -> dict[str, Any]:
+    """A record's head and chunks (by their label), as `kubectl get -l` dumps them."""
+    items = [
+        o
+        for k, o in api.objects.items()
+        if k[2] == "configmaps"
+        and k[3] == namespace
+        and (
+            o["metadata"].get("name") == head
+            or (o["metadata"].get("labels") or {}).get("canary.io/record") == head
+        )
+    ]
+    return {"kind": "List", "items": items}
 
 
 if __name__ == "__main__":

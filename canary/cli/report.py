@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from canary.core.records import RecordError
-from canary.kubernetes.record_store import load_record_configmap, unpack_record
+from canary.kubernetes.record_store import load_record_configmap, read_record_configmap
 from canary.notify.webhooks import report_id
 from canary.reports import Report, ReportError, build_report
 from canary.reports.pages import FORMATS, Format, load_report, render, resolve_record
@@ -115,7 +115,9 @@ async def _cluster_report(args: argparse.Namespace) -> Report:
         from canary.kubernetes.commands import fetch_record
 
         try:
-            entries = unpack_record(await fetch_record(kube, namespace, args.name))
+            entries = await read_record_configmap(
+                kube, await fetch_record(kube, namespace, args.name)
+            )
         except (KubeError, RecordError) as second:
             raise ReportError(f"{exc}; nor is it a Deployment with a record: {second}") from None
     finally:

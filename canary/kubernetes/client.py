@@ -48,7 +48,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal, TypeVar
@@ -703,14 +703,23 @@ class Kube:
         data: dict[str, str],
         *,
         resource_version: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        owner: Mapping[str, str] | None = None,
     ) -> JSON:
         """Create the ConfigMap when `resource_version` is None (Conflict if it exists),
         else replace its data, guarded by `resource_version`. The RBAC allows this in the
-        controller's own namespace only (OWN_NAMESPACE_RESOURCES)."""
+        controller's own namespace only (OWN_NAMESPACE_RESOURCES). `owner` (an
+        ownerReference: apiVersion, kind, name, uid) lets the garbage collector delete this
+        ConfigMap with its owner; without blockOwnerDeletion it needs no further RBAC."""
+        metadata: JSON = {"name": name, "namespace": namespace}
+        if labels:
+            metadata["labels"] = dict(labels)
+        if owner:
+            metadata["ownerReferences"] = [dict(owner)]
         body: JSON = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
-            "metadata": {"name": name, "namespace": namespace},
+            "metadata": metadata,
             "data": dict(data),
         }
         if resource_version is None:

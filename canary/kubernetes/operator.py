@@ -37,8 +37,8 @@ lapses by itself at the renew deadline), so two replicas never act at once.
 Manual commands come from the CLI as the `canary.dev/command` annotation (JSON with an id);
 the answer is stored in the status. GitOps tools never see the spec change.
 
-Records: one ConfigMap per rollout in the controller's namespace (F's record_store: gzip +
-base64, thinned to fit). A failed write never fails the rollout: it is logged, counted
+Records: a head ConfigMap per rollout in the controller's namespace and sealed chunk
+ConfigMaps owned by it (record_store: written incrementally, the history never rewritten). A failed write never fails the rollout: it is logged, counted
 (`canary_errors{kind="record"}`), shown in the status (`record_error`) and sent as a Warning
 Event.
 """
@@ -230,13 +230,13 @@ class OperatorSettings:
     record_namespace: str
     namespace: str | None = None  # None: every namespace
     tick_s: float = 10.0
-    record_flush_s: float = 30.0  # the record ConfigMap is rewritten at most this often...
+    record_flush_s: float = 30.0  # the record's head ConfigMap is rewritten at most this often...
     # ...except on transitions and the end, which are written at once.
     promote_timeout_s: float = 300.0  # how long one promotion attempt waits for app-primary
     promote_poll_s: float = 1.0
     identity: str = ""
     metrics_timeout_s: float = 5.0
-    record_max_bytes: int = MAX_CONFIGMAP_BYTES  # the whole ConfigMap stays under 1 MiB
+    record_max_bytes: int = MAX_CONFIGMAP_BYTES  # each record ConfigMap stays under 1 MiB
     # Webhook hosts (from annotations) that may be loopback, link-local or the API server.
     allow_webhook_hosts: tuple[str, ...] = ()
 

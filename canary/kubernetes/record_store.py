@@ -1,28 +1,50 @@
-"""Records in a Kubernetes ConfigMap: compressed, and kept under the size limit.
+"""Records in Kubernetes ConfigMaps: written incrementally, in chunks, never held whole.
 
-Why: in a cluster the analysis record must outlive the controller's pod, and a ConfigMap per
-rollout is the storage the controller already has RBAC for. A ConfigMap holds at most 1 MiB,
-and a long rollout ticking every 10 s can exceed that even gzipped, so old ticks are thinned.
+Why: in a cluster the analysis record must outlive the controller's pod, and ConfigMaps are
+the storage the controller already has RBAC for (get, create, update in its own namespace).
 
-Thinning loses no totals: counts in a record are cumulative since the analysis began, so a
-kept tick carries everything before it, and the last tick's numbers are exact. What is lost
-is time resolution of the older part of the charts. The ticks a report explains from are
-always kept: the first, the last `keep_recent`, every tick whose verdict changed, and every
-tick where the step or the weight changed. The record then says so in a note.
+The format (this module's writer). A rollout's record is a head ConfigMap
+`canary-record-<rollout>` and sealed chunks `canary-record-<rollout>--00001`, `--00002`, ...
+Each chunk holds a gzipped run of whole JSON lines (about `SEAL_BYTES` of them) and is written
+once and never again; the head holds the chunk count, the record's id (which its chunks repeat)
+and the tail: the lines not yet sealed, gzipped. A save rewrites the head only, and once the
+tail reaches `SEAL_BYTES` it first creates the next chunk from it. So:
+
+* the controller holds the tail only (bounded by SEAL_BYTES and one flush's entries), not the
+  record: memory per rollout stays flat whatever its age;
+* a write is at most one chunk and the head, whatever the age: the history is never rewritten;
+* crash safety needs no transaction: a chunk is created before the head names it, so a kill
+  between the two leaves the old head, which does not name it (a later save overwrites it);
+  the head is one object, replaced whole (guarded by resourceVersion) or not at all;
+* chunks and the head carry the label `canary.io/record=<head>`, and chunks an ownerReference
+  to the head: deleting the head deletes its chunks (the garbage collector); one `kubectl get
+  configmap -l canary.io/record=<head> -o json` dumps a whole record for `canary report`.
+
+We chose immutable chunk objects over appending keys to one ConfigMap: an update sends (and
+etcd stores) the whole object, so appending to a ConfigMap approaching 1 MiB would still write
+up to 1 MiB per tick; and a merge patch would need the `patch` verb and still answer with the
+whole object. A bounded window plus a summary would lose the ticks the report charts.
+
+Records in the older whole format (`record.jsonl.gz.b64`: the whole record, gzipped, thinned
+to fit, rewritten on every save; `pack_record` still writes it) are read as before; a resumed
+rollout converts its record to chunks at its next save.
+
+Readers are bounded: a chunk's packed text is at most `_MAX_PACKED_CHARS`, and the whole record
+at most MAX_UNPACKED_RECORD_BYTES unpacked, however many chunks claim to hold it. A writer whose
+record passes `BUDGET_BYTES` keeps one tick every ten minutes from then on, and every tick a
+decision follows, so a record stays readable whole (totals are cumulative, so they stay exact).
 
 The packing is pure. `ConfigMapRecordWriter` is the thin adapter that keeps one rollout's
-record in its ConfigMap through `canary.kubernetes.client.Kube` (or anything with its two ConfigMap
-methods): it never raises, a failed write comes back as a message for the caller to log and
-count, and the next write retries with the whole record. The operator keeps its rollouts'
-records through it too, calling `save()` at the moments its own ordering needs. `canary
-report` reads a ConfigMap dumped with `kubectl get configmap NAME -o json`, or
-`load_record_configmap` reads it live.
+record through `canary.kubernetes.client.Kube` (or anything with its two ConfigMap methods):
+it never raises, a failed write comes back as a message for the caller to log and count, and
+the next write retries. `canary report` reads a record live (`load_record_configmap`), or a
+dump of its ConfigMaps.
 
 Exception tree::
 
     RecordError (canary.core.records)
-    ├── RecordTooLarge      even the thinnest record does not fit the limit
-    └── (plain)             a ConfigMap that holds no readable record
+    ├── RecordTooLarge      a chunk (or an old whole record) does not fit the limit
+    └── (plain)             ConfigMaps that hold no readable record
 """
 
 from __future__ import annotations
@@ -31,11 +53,19 @@ import base64
 import binascii
 import gzip
 import logging
+import secrets
 import time
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
-from canary.core.inputs import InputError, decode_text, excerpt, gunzip_bounded, load_json
+from canary.core.inputs import (
+    MAX_UNPACKED_RECORD_BYTES,
+    InputError,
+    decode_text,
+    excerpt,
+    gunzip_bounded,
+    load_json,
+)
 from canary.core.records import (
     EndEntry,
     Entry,
@@ -52,17 +82,23 @@ from canary.runner.seams import RecordWriteError
 log = logging.getLogger("canary.kubernetes.record_store")
 
 __all__ = [
+    "BUDGET_BYTES",
     "MAX_CONFIGMAP_BYTES",
     "RECORD_KEY",
+    "RECORD_LABEL",
+    "SEAL_BYTES",
     "ConfigMapApi",
     "ConfigMapRecord",
     "ConfigMapRecordWriter",
     "RecordTooLarge",
+    "chunk_name",
     "configmap_name",
     "downsample",
+    "is_chunked",
     "load_record_configmap",
     "looks_like_configmap",
     "pack_record",
+    "read_record_configmap",
     "unpack_record",
 ]
 
@@ -71,6 +107,23 @@ RECORD_KEY = "record.jsonl.gz.b64"
 MAX_CONFIGMAP_BYTES = 1_000_000
 # What `unpack_record` accepts (a dump read from a file is not held to the API's limit).
 _MAX_PACKED_CHARS = 4 * MAX_CONFIGMAP_BYTES
+
+# The chunked format (see the module docstring).
+FORMAT_KEY = "record.format"
+FORMAT = "chunks/1"
+ID_KEY = "record.id"
+CHUNKS_KEY = "record.chunks"
+TAIL_KEY = "record.tail.jsonl.gz.b64"
+CHUNK_KEY = "record.chunk.jsonl.gz.b64"
+CHUNK_NUMBER_KEY = "record.chunk"
+RECORD_LABEL = "canary.io/record"
+# JSON lines per chunk: about 30 KiB once gzipped (a tick is 1-2 KB of JSON, and records
+# compress about 8x), so a head write is at most that, and six hours of 10 s ticks are ~20
+# chunks. Smaller means smaller writes and more objects.
+SEAL_BYTES = 256 << 10
+# A reader unpacks at most MAX_UNPACKED_RECORD_BYTES: past this, ticks are thinned.
+BUDGET_BYTES = MAX_UNPACKED_RECORD_BYTES * 3 // 4
+MAX_CHUNKS = 10_000  # a hostile head cannot send a reader round a million GETs
 
 
 class RecordTooLarge(RecordError):
@@ -161,27 +214,28 @@ def pack_record(
 
 
 def unpack_record(configmap: Mapping[str, Any]) -> list[Entry]:
-    """The entries of a ConfigMap written from `pack_record`: either the whole object (as
-    `kubectl get configmap -o json` prints it) or its `data`."""
+    """The entries of a record read from a dump: one ConfigMap (the whole object, as
+    `kubectl get configmap -o json` prints it, or its `data`) in the whole format or a
+    chunked head without chunks yet, or a List of a head and its chunks (`kubectl get
+    configmap -l canary.io/record=NAME -o json`)."""
+    items = configmap.get("items")
+    if isinstance(items, list):
+        return _unpack_list(items, source=str(configmap.get("kind") or "list"))
     data = configmap.get("data", configmap)
-    metadata = configmap.get("metadata")
-    name = metadata.get("name") if isinstance(metadata, Mapping) else None
-    name = excerpt(name, 80).strip("'") if isinstance(name, str) and name else "configmap"
+    name = _name_of(configmap)
+    if isinstance(data, Mapping) and TAIL_KEY in data:
+        assembler = _Assembler(configmap)
+        if assembler.count:
+            raise RecordError(
+                f"{name}: the record has {assembler.count} chunks in other ConfigMaps; dump "
+                f"them all with `kubectl get configmap -l {RECORD_LABEL}={name} -o json`"
+            )
+        return assembler.entries()
     if not isinstance(data, Mapping) or RECORD_KEY not in data:
         raise RecordError(f"{name}: no {RECORD_KEY} key: not a canary record ConfigMap")
-    packed = data[RECORD_KEY]
-    if not isinstance(packed, str | bytes) or len(packed) > _MAX_PACKED_CHARS:
-        what = f"{len(packed)} characters" if isinstance(packed, str | bytes) else "not text"
-        raise RecordError(f"{name}: {RECORD_KEY} is not base64 gzip text of a record ({what})")
-    try:
-        # Bounded: a gzip bomb of 1 MB would unpack to a gigabyte.
-        unpacked = gunzip_bounded(base64.b64decode(packed, validate=True), source=name)
-        text = decode_text(unpacked, source=name)
-    except binascii.Error as exc:
-        raise RecordError(f"{name}: {RECORD_KEY} is not base64 gzip text: {exc}") from None
-    except InputError as exc:
-        message = str(exc).removeprefix(f"{name}: ")
-        raise RecordError(f"{name}: {RECORD_KEY} is not base64 gzip text: {message}") from None
+    text = _unpack_text(
+        data[RECORD_KEY], name=name, key=RECORD_KEY, budget=MAX_UNPACKED_RECORD_BYTES
+    )
     entries = list(parse_lines(text.splitlines(), source=name))
     if not entries:
         raise RecordError(f"{name}: the record is empty")
@@ -199,6 +253,8 @@ def looks_like_configmap(text: str) -> Mapping[str, Any] | None:
         return None  # one JSON line of a record is also an object: not this
     if isinstance(obj, dict) and obj.get("kind") == "ConfigMap":
         return obj
+    if isinstance(obj, dict) and obj.get("kind") == "List" and isinstance(obj.get("items"), list):
+        return obj  # a head and its chunks, dumped by label
     return None
 
 
@@ -214,15 +270,178 @@ class ConfigMapApi(Protocol):
         data: dict[str, str],
         *,
         resource_version: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        owner: Mapping[str, str] | None = None,
     ) -> dict[str, Any]: ...
 
 
-class ConfigMapRecordWriter:
-    """Keeps one rollout's record in its own ConfigMap. Never raises for API errors.
+# -- the chunked format ------------------------------------------------------------------
 
-    Entries other than ticks are saved at once (a decision must not be lost); ticks at most
-    every `save_every_s` of record time, so a 10 s cadence does not rewrite a large object
-    each tick. `flush()` saves whatever is pending.
+
+def chunk_name(head: str, number: int) -> str:
+    """The name of chunk `number` (from 1) of the record whose head ConfigMap is `head`.
+    `configmap_name` never writes "--", so a chunk's name is never another record's head."""
+    return f"{head[:245].rstrip('-')}--{number:05d}"
+
+
+def _pack_lines(lines: Sequence[str]) -> str:
+    text = "".join(line + "\n" for line in lines).encode("utf-8")
+    # Level 6, not 9: the tail is packed on every flush; 9 costs twice the CPU for ~2% less.
+    return base64.b64encode(gzip.compress(text, compresslevel=6, mtime=0)).decode("ascii")
+
+
+def _unpack_text(packed: object, *, name: str, key: str, budget: int) -> str:
+    """The text of one packed key, at most `budget` bytes once unpacked (a gzip bomb, or a
+    record that grew past what a reader holds, stops there with an error naming it)."""
+    if not isinstance(packed, str | bytes) or len(packed) > _MAX_PACKED_CHARS:
+        what = f"{len(packed)} characters" if isinstance(packed, str | bytes) else "not text"
+        raise RecordError(f"{name}: {key} is not base64 gzip text of a record ({what})")
+    try:
+        unpacked = gunzip_bounded(
+            base64.b64decode(packed, validate=True), source=name, max_bytes=max(budget, 0)
+        )
+        return decode_text(unpacked, source=name)
+    except binascii.Error as exc:
+        raise RecordError(f"{name}: {key} is not base64 gzip text: {exc}") from None
+    except InputError as exc:
+        message = str(exc).removeprefix(f"{name}: ")
+        raise RecordError(f"{name}: {key} is not base64 gzip text: {message}") from None
+
+
+def _raw_name(configmap: Mapping[str, Any]) -> str:
+    """metadata.name as stored (chunk names are derived from it), "" when there is none."""
+    metadata = configmap.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    return name if isinstance(name, str) and len(name) <= 253 else ""
+
+
+def _name_of(configmap: Mapping[str, Any]) -> str:
+    """metadata.name for messages: an excerpt."""
+    metadata = configmap.get("metadata")
+    name = metadata.get("name") if isinstance(metadata, Mapping) else None
+    return excerpt(name, 80).strip("'") if isinstance(name, str) and name else "configmap"
+
+
+def _data_of(configmap: Mapping[str, Any]) -> Mapping[str, Any]:
+    data = configmap.get("data", configmap)
+    return data if isinstance(data, Mapping) else {}
+
+
+def is_chunked(configmap: Mapping[str, Any]) -> bool:
+    """True for the head of a chunked record (this format), False for a whole one."""
+    return TAIL_KEY in _data_of(configmap)
+
+
+def _chunk_count(head: Mapping[str, Any], name: str) -> int:
+    raw = _data_of(head).get(CHUNKS_KEY, "0")
+    if not isinstance(raw, str) or not raw.isdigit() or int(raw) > MAX_CHUNKS:
+        raise RecordError(
+            f"{name}: {CHUNKS_KEY} is {excerpt(raw, 40)}: a chunk count of 0 to {MAX_CHUNKS}"
+        )
+    return int(raw)
+
+
+class _Assembler:
+    """Reassembles a chunked record, chunk by chunk, within one unpacked-size budget."""
+
+    def __init__(self, head: Mapping[str, Any]) -> None:
+        self.name = _name_of(head)
+        self.head = _raw_name(head)
+        data = _data_of(head)
+        self.record_id = data.get(ID_KEY)
+        self.count = _chunk_count(head, self.name)
+        self.budget = MAX_UNPACKED_RECORD_BYTES
+        self.lines: list[str] = []
+        self._tail = data.get(TAIL_KEY)
+
+    def add_chunk(self, number: int, configmap: Mapping[str, Any]) -> None:
+        name = _name_of(configmap)
+        data = _data_of(configmap)
+        if data.get(ID_KEY) != self.record_id or data.get(CHUNK_NUMBER_KEY) != str(number):
+            raise RecordError(
+                f"{name}: not chunk {number} of record {self.name} (a chunk of another "
+                "record under the same name?)"
+            )
+        self._add(data.get(CHUNK_KEY), name=name, key=CHUNK_KEY)
+
+    def _add(self, packed: object, *, name: str, key: str) -> None:
+        text = _unpack_text(packed, name=name, key=key, budget=self.budget)
+        self.budget -= len(text)
+        if self.budget <= 0:
+            raise RecordError(
+                f"{self.name}: the record unpacks to more than {MAX_UNPACKED_RECORD_BYTES} "
+                f"bytes at {name}; a reader holds at most that"
+            )
+        self.lines.extend(text.splitlines())
+
+    def entries(self) -> list[Entry]:
+        self._add(self._tail, name=self.name, key=TAIL_KEY)
+        entries = list(parse_lines(self.lines, source=self.name))
+        if not entries:
+            raise RecordError(f"{self.name}: the record is empty")
+        return entries
+
+
+def _unpack_list(items: Sequence[Any], *, source: str) -> list[Entry]:
+    """A head and its chunks, as `kubectl get configmap -l canary.io/record=NAME -o json`
+    lists them."""
+    objects = [i for i in items if isinstance(i, Mapping)]
+    heads = [o for o in objects if RECORD_KEY in _data_of(o) or TAIL_KEY in _data_of(o)]
+    if len(heads) != 1:
+        names = ", ".join(_name_of(h) for h in heads[:5]) or "none"
+        raise RecordError(
+            f"{source}: {len(heads)} record heads in the list ({names}); dump one record "
+            f"with `kubectl get configmap -l {RECORD_LABEL}=NAME -o json`"
+        )
+    (head,) = heads
+    if not is_chunked(head):
+        return unpack_record(head)
+    assembler = _Assembler(head)
+    by_name = {_raw_name(o): o for o in objects}
+    for number in range(1, assembler.count + 1):
+        name = chunk_name(assembler.head, number)
+        if name not in by_name:
+            raise RecordError(
+                f"{assembler.name}: chunk {number} ({excerpt(name, 80)}) is not in the list"
+            )
+        assembler.add_chunk(number, by_name[name])
+    return assembler.entries()
+
+
+async def read_record_configmap(api: ConfigMapApi, head: Mapping[str, Any]) -> list[Entry]:
+    """The entries of a record whose head ConfigMap is `head` (either format): its chunks
+    are read one by one, unpacked off the event loop, within one bounded budget."""
+    from canary.kubernetes.client import KubeError
+
+    if not is_chunked(head):
+        return await run_blocking("packing", unpack_record, head)
+    assembler = _Assembler(head)
+    metadata = head.get("metadata")
+    namespace = metadata.get("namespace", "") if isinstance(metadata, Mapping) else ""
+    for number in range(1, assembler.count + 1):
+        name = chunk_name(assembler.head, number)
+        try:
+            chunk = await api.get_configmap(namespace, name)
+        except KubeError as exc:
+            raise RecordError(
+                f"record ConfigMap {namespace}/{assembler.name}: chunk {number} of "
+                f"{assembler.count}: {exc}"
+            ) from None
+        await run_blocking("packing", assembler.add_chunk, number, chunk)
+    return await run_blocking("packing", assembler.entries)
+
+
+class ConfigMapRecordWriter:
+    """Keeps one rollout's record in ConfigMaps, incrementally. Never raises for API errors.
+
+    Holds only the tail (entries not yet sealed into a chunk, fewer than `seal_bytes` of
+    JSON), so its memory does not grow with the rollout's age. Each save rewrites the head
+    (the tail, gzipped) and, once the tail reaches `seal_bytes`, first creates a chunk from
+    it. Entries other than ticks are saved at once (a decision must not be lost); ticks at
+    most every `save_every_s` of record time. `flush()` saves whatever is pending.
+
+    A record that grows past `budget_bytes` (unpacked) keeps one tick every `thin_every_s`
+    from then on, and every tick before a non-tick entry, so it stays readable whole.
     """
 
     def __init__(
@@ -233,22 +452,94 @@ class ConfigMapRecordWriter:
         rollout: str,
         max_bytes: int = MAX_CONFIGMAP_BYTES,
         save_every_s: float = 30.0,
+        seal_bytes: int = SEAL_BYTES,
+        budget_bytes: int = BUDGET_BYTES,
+        thin_every_s: float = 600.0,
     ) -> None:
+        if seal_bytes < 1 or max_bytes < 1:
+            raise ValueError("seal_bytes and max_bytes must be positive")
         self.api = api
         self.namespace = namespace
+        self.rollout = rollout
         self.name = configmap_name(rollout)
         self.max_bytes = max_bytes
         self.save_every_s = save_every_s
-        self.entries: list[Entry] = []
+        # JSON packs ~8x: a chunk of twice the object limit in lines still fits it
+        self.seal_bytes = min(seal_bytes, 2 * max_bytes)
+        self.budget_bytes = budget_bytes
+        self.thin_every_s = thin_every_s
         self.last_error: str | None = None
+        self.chunks = 0  # sealed chunks the head names
+        self.record_id = secrets.token_hex(8)  # ties the chunks to this head
+        self.written_bytes = 0  # of JSON lines, sealed and pending: what a reader unpacks
+        self.last_write_bytes = 0  # the data of the last save's writes, for benchmarks
+        self._pending: list[str] = []  # JSON lines not yet sealed: the tail
+        self._pending_bytes = 0
+        self._held: TickEntry | None = None  # a thinned tick, kept in case it is the last
+        self._kept_tick_at: float | None = None
         self._resource_version: str | None = None
+        self._uid: str | None = None  # the head's, for the chunks' ownerReference
         self._saved_at: float | None = None
+        self._last_at: float | None = None
+        self._thinning_noted = False
         self._dirty = False
+
+    @property
+    def dirty(self) -> bool:
+        """Whether something was added since the last save."""
+        return self._dirty
+
+    @property
+    def pending_bytes(self) -> int:
+        """The tail's size as JSON lines: a chunk is sealed from it at `seal_bytes`."""
+        return self._pending_bytes
+
+    @property
+    def pending(self) -> int:
+        """How many entries the tail holds (in memory and in the head)."""
+        return len(self._pending)
+
+    def _add_line(self, line: str) -> None:
+        self._pending.append(line)
+        size = len(line.encode("utf-8")) + 1
+        self._pending_bytes += size
+        self.written_bytes += size
+        self._dirty = True
+
+    def add(self, entry: Entry) -> None:
+        """Add an entry to the tail (ticks thinned past the budget), without saving."""
+        self._last_at = entry.at
+        if isinstance(entry, TickEntry):
+            if self.written_bytes >= self.budget_bytes:
+                if (
+                    self._kept_tick_at is not None
+                    and entry.at - self._kept_tick_at < self.thin_every_s
+                ):
+                    self._held = entry  # counts are cumulative: only the latest one matters
+                    return
+                if not self._thinning_noted:
+                    self._thinning_noted = True
+                    note = NoteEntry(
+                        at=entry.at,
+                        rollout=entry.rollout,
+                        level="info",
+                        message=(
+                            f"record past {self.budget_bytes} bytes: from here one tick every "
+                            f"{self.thin_every_s:g}s is kept, and every tick a decision follows "
+                            "(counts are cumulative, so totals are exact)"
+                        ),
+                    )
+                    self._add_line(dump_entry(note))
+            self._held = None
+            self._kept_tick_at = entry.at
+        elif self._held is not None:  # the tick a transition or an end follows
+            held, self._held = self._held, None
+            self._add_line(dump_entry(held))
+        self._add_line(dump_entry(entry))
 
     async def append(self, entry: Entry) -> str | None:
         """Add an entry and save when due. Returns why the save failed, or None."""
-        self.entries.append(entry)
-        self._dirty = True
+        self.add(entry)
         due = (
             not isinstance(entry, TickEntry)
             or self._saved_at is None
@@ -258,51 +549,204 @@ class ConfigMapRecordWriter:
 
     async def flush(self) -> str | None:
         """Save the record if anything is pending. Returns why it failed, or None."""
-        if not self._dirty or not self.entries:
+        if not self._dirty:
             return None
         return await self.save()
 
-    async def save(self) -> str | None:
-        """Save the whole record now, pending or not. Returns why it failed, or None."""
-        from canary.kubernetes.client import (  # the adapter's only seam
-            Conflict,
-            KubeError,
-            NotFound,
-        )
-
-        where = f"record ConfigMap {self.namespace}/{self.name}"
-        try:
-            # Gzip of up to a MiB of record is CPU work: off the event loop.
-            data = await run_blocking(
-                "packing", pack_record, list(self.entries), max_bytes=self.max_bytes
+    def _plan(self, lines: list[str], seal: bool) -> tuple[list[str], int, str]:
+        """Packed chunks to seal (each at most `seal_bytes` of lines, or one line), how many
+        lines they hold, and the packed tail: the rest, short of a chunk. Pure CPU: run off
+        the event loop."""
+        chunks: list[str] = []
+        sealed = 0
+        if seal:
+            group: list[str] = []
+            size = 0
+            for line in lines:
+                if group and size + len(line) + 1 > self.seal_bytes:
+                    chunks.append(_pack_lines(group))
+                    sealed += len(group)
+                    group, size = [], 0
+                group.append(line)
+                size += len(line) + 1
+            if group and size >= self.seal_bytes:
+                chunks.append(_pack_lines(group))
+                sealed += len(group)
+            lines = lines[sealed:]
+        for packed in chunks:
+            if len(packed) + 200 > self.max_bytes:
+                raise RecordTooLarge(
+                    f"a chunk of {self.rollout}'s record is {len(packed)} bytes packed; the "
+                    f"limit is {self.max_bytes}"
+                )
+        tail = _pack_lines(lines)
+        if len(tail) + 200 > self.max_bytes:
+            raise RecordTooLarge(
+                f"the tail of {self.rollout}'s record is {len(tail)} bytes packed; the limit "
+                f"is {self.max_bytes}"
             )
+        return chunks, sealed, tail
+
+    async def save(self) -> str | None:
+        """Save now: seal the tail into chunks if it is due, then rewrite the head. Returns
+        why it failed, or None. A failure changes nothing: the next save does it all again
+        (a chunk created by a failed save is overwritten; the head does not name it yet)."""
+        where = f"record ConfigMap {self.namespace}/{self.name}"
+        lines = list(self._pending)
+        last_at = self._last_at
+        seal = self._pending_bytes >= self.seal_bytes
+        try:
+            # Gzip is CPU work: off the event loop. At most `seal_bytes` and a flush's worth.
+            chunks, sealed, tail = await run_blocking("packing", self._plan, lines, seal)
         except RecordError as exc:
             return self._failed(f"{where}: {exc}")
+        written = 0
+        if chunks and self._uid is None:
+            error = await self._learn_uid(where)
+            if error is not None:
+                return self._failed(error)
+        for offset, packed in enumerate(chunks, start=1):
+            number = self.chunks + offset
+            data = {
+                CHUNK_KEY: packed,
+                ID_KEY: self.record_id,
+                CHUNK_NUMBER_KEY: str(number),
+            }
+            error = await self._put_chunk(chunk_name(self.name, number), data)
+            if error is not None:
+                return self._failed(f"{where}: chunk {number}: {error}")
+            written += sum(len(v) for v in data.values())
+        head = {
+            FORMAT_KEY: FORMAT,
+            ID_KEY: self.record_id,
+            CHUNKS_KEY: str(self.chunks + len(chunks)),
+            TAIL_KEY: tail,
+        }
+        error = await self._put_head(head)
+        if error is not None:
+            return self._failed(f"{where}: {error}")
+        written += sum(len(v) for v in head.values())
+        self.last_write_bytes = written
+        self.chunks += len(chunks)
+        if sealed:  # the tail, and entries added while this save awaited, stay pending
+            del self._pending[:sealed]
+            self._pending_bytes = sum(len(line.encode("utf-8")) + 1 for line in self._pending)
+        self._dirty = len(self._pending) > len(lines) - sealed
+        self._saved_at = last_at
+        self.last_error = None
+        return None
+
+    async def _learn_uid(self, where: str) -> str | None:
+        from canary.kubernetes.client import KubeError, NotFound
+
+        try:
+            head = await self.api.get_configmap(self.namespace, self.name)
+        except NotFound:
+            return None  # no head yet: the chunks go without an owner, labelled still
+        except KubeError as exc:
+            return f"{where}: {exc}"
+        self._uid = head.get("metadata", {}).get("uid")
+        return None
+
+    async def _put_chunk(self, name: str, data: dict[str, str]) -> str | None:
+        from canary.kubernetes.client import Conflict, KubeError, NotFound
+
+        owner = (
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": self.name, "uid": self._uid}
+            if self._uid
+            else None
+        )
+        labels = {RECORD_LABEL: self.name}
+        version: str | None = None
+        for _ in range(3):
+            try:
+                await self.api.put_configmap(
+                    self.namespace,
+                    name,
+                    data,
+                    resource_version=version,
+                    labels=labels,
+                    owner=owner,
+                )
+                return None
+            except Conflict:  # left by a save that failed or was killed: not named, ours
+                try:
+                    version = (await self.api.get_configmap(self.namespace, name))["metadata"][
+                        "resourceVersion"
+                    ]
+                except NotFound:
+                    version = None
+                except KubeError as exc:
+                    return str(exc)
+            except NotFound:
+                version = None
+            except KubeError as exc:
+                return str(exc)
+        return "kept changing while being written"
+
+    async def _put_head(self, data: dict[str, str]) -> str | None:
+        from canary.kubernetes.client import Conflict, KubeError, NotFound
+
         for _ in range(3):  # a conflict re-reads the version: this record is ours
             try:
                 result = await self.api.put_configmap(
-                    self.namespace, self.name, data, resource_version=self._resource_version
+                    self.namespace,
+                    self.name,
+                    data,
+                    resource_version=self._resource_version,
+                    labels={RECORD_LABEL: self.name},
                 )
             except Conflict:  # created before (a restart), or written by an earlier attempt
                 try:
                     current = await self.api.get_configmap(self.namespace, self.name)
                     self._resource_version = current["metadata"]["resourceVersion"]
+                    self._uid = current["metadata"].get("uid") or self._uid
                 except NotFound:
                     self._resource_version = None
                 except KubeError as exc:
-                    return self._failed(f"{where}: {exc}")
+                    return str(exc)
                 continue
             except NotFound:  # deleted under us: create it again
                 self._resource_version = None
                 continue
             except KubeError as exc:
-                return self._failed(f"{where}: {exc}")
-            self._resource_version = result.get("metadata", {}).get("resourceVersion")
-            self._saved_at = self.entries[-1].at
-            self._dirty = False
-            self.last_error = None
+                return str(exc)
+            metadata = result.get("metadata", {})
+            self._resource_version = metadata.get("resourceVersion")
+            self._uid = metadata.get("uid") or self._uid
             return None
-        return self._failed(f"{where}: kept changing while being written")
+        return "kept changing while being written"
+
+    def resume(self, head: Mapping[str, Any], entries: Sequence[Entry]) -> None:
+        """Carry on the record read from `head`: its chunks stay, its tail is pending again.
+        A record in the whole format (an older canary's) becomes the tail: the next save
+        seals it into chunks and rewrites the head in this format."""
+        metadata = head.get("metadata", {})
+        self._resource_version = metadata.get("resourceVersion")
+        self._uid = metadata.get("uid")
+        data = _data_of(head)
+        if is_chunked(head):
+            self.record_id = str(data.get(ID_KEY) or self.record_id)
+            self.chunks = _chunk_count(head, _name_of(head))
+            tail = _unpack_text(
+                data.get(TAIL_KEY), name=self.name, key=TAIL_KEY, budget=MAX_UNPACKED_RECORD_BYTES
+            )
+            lines = [line for line in tail.splitlines() if line.strip()]
+        else:
+            self.chunks = 0
+            lines = [dump_entry(e) for e in entries]
+        self._pending = []
+        self._pending_bytes = 0
+        self.written_bytes = sum(len(dump_entry(e)) + 1 for e in entries) - sum(
+            len(line.encode("utf-8")) + 1 for line in lines
+        )
+        for line in lines:
+            self._add_line(line)
+        self._dirty = not is_chunked(head)  # converted: save it in this format
+        ticks = [e.at for e in entries if isinstance(e, TickEntry)]
+        self._kept_tick_at = ticks[-1] if ticks else None
+        self._thinning_noted = self.written_bytes >= self.budget_bytes
+        self._last_at = self._saved_at = entries[-1].at if entries else None
 
     def _failed(self, message: str) -> str:
         self.last_error = message
@@ -310,7 +754,7 @@ class ConfigMapRecordWriter:
 
 
 async def load_record_configmap(api: ConfigMapApi, *, namespace: str, rollout: str) -> list[Entry]:
-    """A rollout's record read from its ConfigMap. Raises RecordError naming it."""
+    """A rollout's record read from its ConfigMaps. Raises RecordError naming them."""
     from canary.kubernetes.client import KubeError
 
     name = configmap_name(rollout)
@@ -318,17 +762,17 @@ async def load_record_configmap(api: ConfigMapApi, *, namespace: str, rollout: s
         configmap = await api.get_configmap(namespace, name)
     except KubeError as exc:
         raise RecordError(f"record ConfigMap {namespace}/{name}: {exc}") from None
-    return unpack_record(configmap)
+    return await read_record_configmap(api, configmap)
 
 
 class ConfigMapRecord:
-    """The runner's RecordSink on a ConfigMap (canary.runner.seams.RecordSink).
+    """The runner's RecordSink on ConfigMaps (canary.runner.seams.RecordSink).
 
-    Entries are kept in memory and the ConfigMap is rewritten at most every `flush_s` (on
-    the monotonic clock), at once after any entry that is not a tick (a decision must not
-    wait), and whenever the runner forces it. Only while `may_write()`: a replica that lost
-    its Lease writes nothing. A failed write raises RecordWriteError; the runner counts it,
-    shows it in the status and sends a Warning Event.
+    Entries go to the writer's tail (bounded: see ConfigMapRecordWriter), and the record is
+    saved at most every `flush_s` (on the monotonic clock), at once after any entry that is
+    not a tick (a decision must not wait), and whenever the runner forces it. Only while
+    `may_write()`: a replica that lost its Lease writes nothing. A failed write raises
+    RecordWriteError; the runner counts it, shows it in the status and sends a Warning Event.
     """
 
     def __init__(
@@ -341,9 +785,10 @@ class ConfigMapRecord:
         flush_s: float = 30.0,
         may_write: Callable[[], bool] = lambda: True,
         ref: str | None = None,
+        seal_bytes: int = SEAL_BYTES,
     ) -> None:
         self.writer = ConfigMapRecordWriter(
-            api, namespace=namespace, rollout=rollout, max_bytes=max_bytes
+            api, namespace=namespace, rollout=rollout, max_bytes=max_bytes, seal_bytes=seal_bytes
         )
         self.api = api
         self.flush_s = flush_s
@@ -360,19 +805,15 @@ class ConfigMapRecord:
     def label(self) -> str:
         return f"configmap {self.ref}"
 
-    @property
-    def entries(self) -> list[Entry]:
-        return self.writer.entries
-
     async def append(self, entry: Entry) -> None:
-        self.writer.entries.append(entry)
+        self.writer.add(entry)
         if not isinstance(entry, TickEntry):
             self._important = True
 
     async def flush(self, *, force: bool = False) -> bool:
         now = time.monotonic()
         due = now - self._flushed_at >= self.flush_s
-        if not (force or due or self._important) or not self.writer.entries:
+        if not (force or due or self._important) or not self.writer.dirty:
             return False
         if not self.may_write():
             return False
@@ -384,20 +825,21 @@ class ConfigMapRecord:
         return True
 
     async def read(self) -> list[Entry]:
-        """The saved record's entries (a resumed rollout carries on in the same list); an
-        unreadable one is logged and the analysis restarts from Prometheus."""
+        """The saved record's entries (a resumed rollout carries on in the same record); an
+        unreadable one is logged and the analysis restarts from Prometheus. The entries are
+        the caller's to replay and drop: this sink keeps only the tail."""
         from canary.kubernetes.client import KubeError  # the adapter's only seam
 
         if not self._read_ref:
-            return list(self.writer.entries)
+            return []
         namespace, _, name = self._read_ref.partition("/")
         try:
-            configmap = await self.api.get_configmap(namespace, name)
-            entries = await run_blocking("packing", unpack_record, configmap)
+            head = await self.api.get_configmap(namespace, name)
+            entries = await read_record_configmap(self.api, head)
+            self.writer.resume(head, entries)
         except (KubeError, RecordError) as exc:
             log.warning(
                 "record %s unreadable, analysis restarts from Prometheus: %s", self._read_ref, exc
             )
             return []
-        self.writer.entries[:0] = entries
         return entries

@@ -860,6 +860,7 @@ class RolloutRunner:
                 "warning", f"the record {self.record.label} was lost; it starts again here"
             )
         replayed = self._replay_record(entries)
+        self._resumed_entries = []  # replayed: holding them would grow with the record's age
         status = self.status
         by = f" by {self.identity}" if self.identity else ""
         last = max((e.at for e in entries if isinstance(e, TickEntry)), default=None)

@@ -65,7 +65,7 @@ from canary.core.records import EndEntry, ManualEntry, NoteEntry, StartEntry
 from canary.demo.procs import HttpReady, ManagedProcess, find_binary
 from canary.demo.stack import service_process
 from canary.kubernetes.operator import KubeState
-from canary.kubernetes.record_store import unpack_record
+from canary.kubernetes.record_store import RECORD_LABEL, unpack_record
 from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
 
 SPEC, COMMANDS, RESUME, ROLLBACK, GATEWAY, SUPERSEDE = (
@@ -628,8 +628,9 @@ def set_image(cluster: ControlPlane, namespace: str, image: str) -> None:
 
 
 def record(cluster: ControlPlane, st: KubeState) -> list[Any]:
+    """The record's head and chunks, as `kubectl get configmap -l canary.io/record=` dumps it."""
     namespace, _, name = st.record.partition("/")
-    return unpack_record(get(cluster, namespace, "configmap", name))
+    return unpack_record(get(cluster, namespace, "configmaps", "-l", f"{RECORD_LABEL}={name}"))
 
 
 def events(cluster: ControlPlane, namespace: str) -> list[dict[str, Any]]:

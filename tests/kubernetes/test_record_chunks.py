@@ -1,0 +1,362 @@
+"""Records written in chunks (canary.kubernetes.record_store), against the API emulator with
+the real kubernetes-asyncio client: each write stays small whatever the record's age, the
+writer holds only its tail, a record reads back whole (live, or from a `kubectl` dump), an
+older whole-format record is still read and carried on, a write cut between a chunk and the
+head leaves a readable record, and hostile chunks are clear errors. The same on the real
+control plane, with a SIGKILL and a resume: tests/cluster/test_records_on_cluster.py."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import gzip
+import itertools
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support.kube_emulator import KubeEmulator
+from support.report_records import Scenario, simulate
+
+from canary.cli.report import main as report_main
+from canary.core.records import (
+    Entry,
+    NoteEntry,
+    RecordError,
+    StartEntry,
+    TickEntry,
+    dump_entry,
+    parse_lines,
+)
+from canary.kubernetes.client import Kube, RetryPolicy
+from canary.kubernetes.record_store import (
+    RECORD_LABEL,
+    ConfigMapRecord,
+    ConfigMapRecordWriter,
+    chunk_name,
+    configmap_name,
+    is_chunked,
+    load_record_configmap,
+    pack_record,
+    unpack_record,
+)
+
+NS = "canary-system"
+SEAL = 32 << 10  # small chunks, so a short test makes many
+
+
+@pytest.fixture(scope="module")
+def long_record() -> list[Entry]:
+    """120 ticks of a rollout that never decides (about 4.7 KB of JSON a tick), then an end."""
+    dicts = simulate(
+        Scenario(seed=5, canary_error_rate=0.01, ticks_per_step=10**9, max_ticks=120, tick_s=10)
+    )
+    entries = list(parse_lines(json.dumps(d) for d in dicts))
+    assert isinstance(entries[-1], TickEntry)
+    return entries
+
+
+@pytest.fixture
+async def kube(tmp_path: Path) -> AsyncIterator[tuple[KubeEmulator, Kube]]:
+    async with KubeEmulator() as emulator:
+        config = emulator.write_kubeconfig(tmp_path / "kubeconfig", token="t", context="test")
+        client = await Kube.connect(
+            kubeconfig=str(config),
+            context="test",
+            retry=RetryPolicy(attempts=2, initial_delay_s=0.01, max_delay_s=0.02),
+        )
+        try:
+            yield emulator, client
+        finally:
+            await client.close()
+
+
+def _writes(emulator: KubeEmulator) -> list[Any]:
+    return [
+        r
+        for r in emulator.requests
+        if r.resource == "configmaps" and r.verb in ("create", "update") and r.status < 300
+    ]
+
+
+def _name(write: Any) -> str:
+    return str(write.name or write.body["metadata"]["name"])  # a create names it in its body
+
+
+def _record_objects(emulator: KubeEmulator, head: str) -> list[dict[str, Any]]:
+    return [
+        o
+        for k, o in emulator.objects.items()
+        if k[2] == "configmaps" and (o["metadata"].get("labels") or {}).get(RECORD_LABEL) == head
+    ]
+
+
+async def test_a_long_record_is_written_in_small_writes_and_reads_back_whole(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """Every 30 s of ticks is one small write (the head, and now and then one new chunk);
+    no write grows with the record's age, the writer holds only its tail, and the record
+    read back (live, and by `canary report` from a labelled dump) is every entry in order."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    writer = ConfigMapRecordWriter(
+        client, namespace=NS, rollout=rollout, save_every_s=30, seal_bytes=SEAL
+    )
+    most_pending = 0
+    for entry in long_record:
+        assert await writer.append(entry) is None
+        most_pending = max(most_pending, writer.pending)
+    assert await writer.flush() is None
+
+    head = configmap_name(rollout)
+    raw = sum(len(json.dumps(e.model_dump(mode="json", by_alias=True))) for e in long_record)
+    assert writer.chunks >= raw // SEAL - 1 >= 10, (writer.chunks, raw)
+    writes = _writes(emulator)
+    assert len(writes) <= len(long_record) // 3 + writer.chunks + 2  # one save per 30 s
+    sizes = [len(json.dumps(w.body["data"])) for w in writes]
+    # A write is one chunk or the head's tail: both under a sealed chunk's packed size, and
+    # the last writes are no bigger than the first ones (nothing is rewritten).
+    assert max(sizes) < SEAL // 3, sizes
+    assert max(sizes[-20:]) <= 2 * max(sizes[:20]), sizes
+    chunk_writes = [w for w in writes if _name(w) != head]
+    assert [_name(w) for w in chunk_writes] == [
+        chunk_name(head, n) for n in range(1, writer.chunks + 1)
+    ]
+    assert all(w.verb == "create" for w in chunk_writes), "a chunk is written once"
+    # The tail in memory is bounded by the seal size, not by the record's age.
+    assert most_pending * 4000 < 2 * SEAL, most_pending
+
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
+
+    # The chunks are owned by the head (deleting it deletes them) and labelled with it.
+    objects = _record_objects(emulator, head)
+    assert len(objects) == writer.chunks + 1
+    uid = emulator.get("", "v1", "configmaps", NS, head)["metadata"]["uid"]
+    for obj in objects:
+        if obj["metadata"]["name"] != head:
+            (owner,) = obj["metadata"]["ownerReferences"]
+            assert owner == {"apiVersion": "v1", "kind": "ConfigMap", "name": head, "uid": uid}
+    dump = {"apiVersion": "v1", "kind": "List", "items": objects[::-1]}
+    assert unpack_record(dump) == long_record
+    with pytest.raises(RecordError, match=rf"{head}: the record has {writer.chunks} chunks"):
+        unpack_record(emulator.get("", "v1", "configmaps", NS, head))
+
+
+async def test_canary_report_reads_a_chunked_record_and_a_labelled_dump(
+    kube: tuple[KubeEmulator, Kube],
+    long_record: list[Entry],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """`canary report ROLLOUT -n NS` reassembles the chunks from the cluster, and `canary
+    report dump.json` from `kubectl get configmap -l canary.io/record=HEAD -o json`."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    for entry in long_record:
+        assert await writer.append(entry) is None
+    assert writer.chunks > 3
+    config = emulator.write_kubeconfig(tmp_path / "kc", token="t", context="test")
+    code = await asyncio.to_thread(
+        report_main,
+        [rollout, "-n", NS, "--kubeconfig", str(config), "--format", "json", "-o", "-"],
+    )
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["rollout"] == rollout
+    assert report["tick_count"] == sum(isinstance(e, TickEntry) for e in long_record)
+    assert report["started_at"] == long_record[0].at
+    assert report["final_canary"]["requests"] == long_record[-1].canary.requests  # type: ignore[union-attr]
+    dump = tmp_path / "dump.json"
+    items = _record_objects(emulator, configmap_name(rollout))
+    dump.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    assert report_main([str(dump), "--format", "json", "-o", "-"]) == 0
+    assert json.loads(capsys.readouterr().out) == report
+
+
+async def test_an_old_whole_record_is_read_and_resumed_into_chunks(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """A record an older canary wrote whole (`record.jsonl.gz.b64`) is read as before; a
+    rollout resumed on it carries on, and its next save rewrites it as chunks + head without
+    losing an entry."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    head = configmap_name(rollout)
+    half = len(long_record) // 2
+    old = {"metadata": {"name": head, "namespace": NS}, "data": pack_record(long_record[:half])}
+    emulator.put("", "v1", "configmaps", old)
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record[:half]
+
+    sink = ConfigMapRecord(
+        client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}", seal_bytes=SEAL
+    )
+    assert await sink.read() == long_record[:half]
+    for entry in long_record[half:]:
+        await sink.append(entry)
+        await sink.flush(force=True)
+    stored = emulator.get("", "v1", "configmaps", NS, head)
+    assert is_chunked(stored) and sink.writer.chunks >= 3
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
+
+
+async def test_a_resumed_chunked_record_carries_on_in_the_same_chunks(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """A restarted controller reads the chunks and the tail, keeps only the tail, and its
+    saves go on from the next chunk: the record is whole, no chunk is written twice."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    head = configmap_name(rollout)
+    first = ConfigMapRecord(client, namespace=NS, rollout=rollout, seal_bytes=SEAL, flush_s=0)
+    cut = len(long_record) * 2 // 3
+    for entry in long_record[:cut]:
+        await first.append(entry)
+        await first.flush()
+    chunks_before = first.writer.chunks
+    assert chunks_before >= 3 and first.writer.pending > 0
+
+    second = ConfigMapRecord(
+        client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}", seal_bytes=SEAL, flush_s=0
+    )
+    assert await second.read() == long_record[:cut]
+    assert second.writer.chunks == chunks_before
+    assert second.writer.pending == first.writer.pending  # the tail only is held again
+    for entry in long_record[cut:]:
+        await second.append(entry)
+        await second.flush()
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
+    chunk_creates = [_name(w) for w in _writes(emulator) if _name(w) != head]
+    assert len(chunk_creates) == len(set(chunk_creates)) == second.writer.chunks
+
+
+async def test_a_save_cut_between_chunk_and_head_leaves_a_readable_record(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """A chunk created but the head write failing (as a kill between the two would leave
+    it): the record reads as before the save, the unnamed chunk is ignored, and the next
+    save overwrites it and names it."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    head = configmap_name(rollout)
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    index = 0
+    while writer.chunks == 0 or writer.pending < 3:
+        assert await writer.append(long_record[index]) is None
+        index += 1
+    # just short of sealing: the next entry makes a chunk
+    while writer.pending_bytes + len(dump_entry(long_record[index])) + 1 < SEAL:
+        assert await writer.append(long_record[index]) is None
+        index += 1
+    assert await writer.flush() is None
+    before = await load_record_configmap(client, namespace=NS, rollout=rollout)
+    assert before == long_record[:index]
+    chunks = writer.chunks
+    tick = long_record[index]
+    emulator.inject(503, times=10, verb="update", resource="configmaps")
+    error = await writer.append(long_record[index].model_copy(update={"at": tick.at + 60}))
+    assert error is not None and f"record ConfigMap {NS}/{head}: " in error
+    orphan = emulator.get("", "v1", "configmaps", NS, chunk_name(head, chunks + 1))
+    assert orphan is not None, "the chunk was created before the head failed"
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == before
+    emulator.faults.clear()
+    assert await writer.flush() is None
+    after = await load_record_configmap(client, namespace=NS, rollout=rollout)
+    assert len(after) == index + 1 and writer.chunks == chunks + 1
+
+
+def _gzip_b64(data: bytes) -> str:
+    return base64.b64encode(gzip.compress(data)).decode()
+
+
+@pytest.mark.parametrize(
+    ("chunk_data", "message"),
+    [
+        ({"record.chunk.jsonl.gz.b64": _gzip_b64(b"\0" * (64 << 20))}, "unpacks to more than"),
+        ({"record.chunk.jsonl.gz.b64": "x" * (5 << 20)}, "5242880 characters"),
+        ({"record.chunk.jsonl.gz.b64": "not base64!"}, "not base64 gzip text"),
+        ({"record.id": "someone-else"}, "not chunk 1 of record"),
+    ],
+)
+async def test_hostile_chunks_are_clear_errors(
+    kube: tuple[KubeEmulator, Kube],
+    long_record: list[Entry],
+    chunk_data: dict[str, str],
+    message: str,
+) -> None:
+    """A gzip bomb, an oversized or garbled chunk, or a chunk of another record is an error
+    naming the chunk, never a gigabyte in memory; so is a head claiming a billion chunks."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    head = configmap_name(rollout)
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    for entry in long_record[:30]:
+        assert await writer.append(entry) is None
+    assert await writer.flush() is None and writer.chunks >= 1
+    name = chunk_name(head, 1)
+    chunk = emulator.get("", "v1", "configmaps", NS, name)
+    chunk["data"] = {**chunk["data"], **chunk_data}
+    emulator.put("", "v1", "configmaps", chunk)
+    with pytest.raises(RecordError, match=message) as caught:
+        await load_record_configmap(client, namespace=NS, rollout=rollout)
+    assert name in str(caught.value) or head in str(caught.value)
+
+    stored = emulator.get("", "v1", "configmaps", NS, head)
+    stored["data"]["record.chunks"] = "1000000000"
+    emulator.put("", "v1", "configmaps", stored)
+    with pytest.raises(RecordError, match=rf"{head}: record.chunks is '1000000000'"):
+        await load_record_configmap(client, namespace=NS, rollout=rollout)
+
+
+async def test_a_record_past_its_budget_keeps_sparser_ticks_and_the_last_one(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """Past the budget a tick is kept every thin_every_s, and the tick a decision follows
+    is kept whatever its time (its counts are the totals); a note says so once."""
+    _, client = kube
+    rollout = long_record[0].rollout
+    writer = ConfigMapRecordWriter(
+        client,
+        namespace=NS,
+        rollout=rollout,
+        seal_bytes=SEAL,
+        budget_bytes=100_000,
+        thin_every_s=120,
+    )
+    for entry in long_record:
+        assert await writer.append(entry) is None
+    last = long_record[-1]
+    assert isinstance(last, TickEntry)
+    end = NoteEntry(at=last.at + 1, rollout=rollout, message="decided")
+    assert await writer.append(end) is None
+    stored = await load_record_configmap(client, namespace=NS, rollout=rollout)
+    ticks = [e for e in stored if isinstance(e, TickEntry)]
+    all_ticks = [e for e in long_record if isinstance(e, TickEntry)]
+    assert isinstance(stored[0], StartEntry) and stored[-1] == end
+    assert ticks[-1] == last, "the tick before a decision is kept"
+    assert 20 < len(ticks) < len(all_ticks) // 2
+    late = [t.at for t in ticks if t.at > ticks[0].at + 600][:-1]
+    assert all(b - a >= 120 for a, b in itertools.pairwise(late))
+    notes = [e for e in stored if isinstance(e, NoteEntry) and "past 100000 bytes" in e.message]
+    assert len(notes) == 1
+
+
+async def test_a_long_rollout_name_keeps_its_chunks_apart(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """A rollout id near the name limit: the head's name is cut to 253 characters, chunk
+    names stay valid and distinct from any head, and the record reads back whole."""
+    _, client = kube
+    rollout = "a-namespace-" + "n" * 60 + "/app-" + "x" * 120 + "@0123456789abcdef"
+    entries = [e.model_copy(update={"rollout": rollout}) for e in long_record[:40]]
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    for entry in entries:
+        assert await writer.append(entry) is None
+    assert writer.chunks >= 3
+    head = configmap_name(rollout)
+    names = {chunk_name(head, n) for n in range(1, writer.chunks + 1)}
+    assert all(len(n) <= 253 and "--" in n and n != head for n in names)
+    assert len(names) == writer.chunks
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == entries
