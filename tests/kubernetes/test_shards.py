@@ -252,5 +252,7 @@ async def test_an_asker_that_died_leaves_no_shard_unheld(cluster: Cluster) -> No
     await cluster.until("a took it back", lambda h: h["a"] == {0, 1})
     await cluster.watch(1.5)
     assert cluster.sample()["a"] == {0, 1} and a.released == [1]
-    assert WANTED_BY not in (cluster.api.get(*LEASES, NS, name)["metadata"].get("annotations") or {})
+    assert WANTED_BY not in (
+        cluster.api.get(*LEASES, NS, name)["metadata"].get("annotations") or {}
+    )
     await a.finish()
