@@ -19,9 +19,11 @@ A replica below its fair share with nothing free writes its identity into the an
 fair share. The holder counts the asker as a member, so it is above its share, and releases
 that Lease (an empty holder) after stopping its rollouts; the asker then takes it. Two replicas
 thus split two shards one each, and a third one joining takes nothing: everybody is at its
-share. An asker that died leaves its name behind: the holder releases for nobody, and takes
-the Lease back once it has been free for a Lease duration (acquiring clears the annotation).
-The annotation is left out of the liveness record, so asking never looks like a renewal.
+share. A request is answered in the round that sees it: by the release, or else cleared by
+the renewal (the asker asks again if it still should). An asker that died before its answer
+makes the holder release for nobody; the holder takes the Lease back once it has been free
+for a Lease duration. The annotation is left out of the liveness record, so asking never
+looks like a renewal.
 
 Fencing, the argument (as client-go's leaderelection). A replica holds shard i until
 `started + renew_deadline_s`, where `started` is the monotonic time *before* it read the Lease
@@ -227,18 +229,18 @@ class ShardElector:
         members = {self.identity, *others.values(), *wanters}
         fair = math.ceil(self.shards / len(members))
 
-        # Hand over what others asked for, down to the fair share, rollouts stopped first.
+        # Hand over what others asked for, down to the fair share; renew the rest first (a
+        # release waits for its rollouts to stop), answering the other requests with no.
         excess = len(mine) - fair
+        handed: list[int] = []
         for index in sorted(mine, reverse=True):
-            if excess <= 0:
-                break
-            if _wanted_by(known[index]) not in ("", self.identity):
-                mine.remove(index)
+            if excess > 0 and _wanted_by(known[index]) not in ("", self.identity):
+                handed.append(index)
                 excess -= 1
-                await self._release(index, asked_by=_wanted_by(known[index]))
-
-        for index in mine:
-            await self._renew(index, known[index], started)
+        mine = [i for i in mine if i not in handed]
+        await asyncio.gather(*(self._renew(i, known[i], started) for i in mine))
+        for index in handed:
+            await self._release(index, asked_by=_wanted_by(known[index]))
 
         # Expired shards are taken whatever the share; free ones up to it, or once nobody
         # took them for a whole Lease duration.
@@ -257,14 +259,14 @@ class ShardElector:
 
     # ---- writes -----------------------------------------------------------------------
 
-    def _body(self, index: int, current: JSON | None, *, acquire: bool) -> JSON:
+    def _body(self, index: int, current: JSON | None, *, acquire: bool, answered: str = "") -> JSON:
         spec = dict((current or {}).get("spec") or {})
         meta: JSON = {"name": self.name(index), "namespace": self.namespace}
         current_meta = (current or {}).get("metadata") or {}
         annotations = dict(current_meta.get("annotations") or {})
         now = _now_micro()
-        if acquire:
-            annotations.pop(WANTED_BY, None)  # asked, and answered
+        if acquire or (answered and annotations.get(WANTED_BY) == answered):
+            annotations.pop(WANTED_BY, None)  # asked, and answered (yes or no)
             spec["acquireTime"] = now
             spec["leaseTransitions"] = int(spec.get("leaseTransitions") or 0) + (
                 current is not None
@@ -296,11 +298,14 @@ class ShardElector:
 
     async def _renew(self, index: int, lease: JSON | None, started: float) -> None:
         # An asker's annotation write may land between our read and our write: read again
-        # once rather than miss a renewal over it.
+        # once rather than miss a renewal over it (and leave that new request for the next
+        # round to answer: only the request this round saw is cleared).
+        seen = _wanted_by(lease)
         for attempt in range(2):
+            body = self._body(index, lease, acquire=False, answered=seen)
             try:
                 self._leases[index] = await self.kube.replace_lease(
-                    self.namespace, self.name(index), self._body(index, lease, acquire=False)
+                    self.namespace, self.name(index), body
                 )
             except Conflict:
                 if attempt == 1:

@@ -256,3 +256,29 @@ async def test_an_asker_that_died_leaves_no_shard_unheld(cluster: Cluster) -> No
         cluster.api.get(*LEASES, NS, name)["metadata"].get("annotations") or {}
     )
     await a.finish()
+
+
+async def test_a_request_the_holder_will_not_answer_is_cleared(cluster: Cluster) -> None:
+    """a and b hold one shard each: a request for a's shard (from c, which is gone) leaves a
+    at its fair share, so a keeps the shard and clears the request at its next renewal, and
+    no shard changes hands."""
+    a, b = await cluster.add("a"), await cluster.add("b")
+    a.start()
+    await cluster.until("a holds both", lambda h: h["a"] == {0, 1})
+    b.start()
+    await cluster.until("one each", lambda h: h["a"] == {0} and h["b"] == {1})
+    name = shard_lease_name("canary-shard", 0, 2)
+    lease = cluster.api.get(*LEASES, NS, name)
+    lease["metadata"].setdefault("annotations", {})[WANTED_BY] = "c"
+    cluster.api.put(*LEASES, lease)
+
+    def cleared() -> bool:
+        meta = cluster.api.get(*LEASES, NS, name)["metadata"]
+        return WANTED_BY not in (meta.get("annotations") or {})
+
+    await cluster.until("the request cleared", lambda h: cleared())
+    await cluster.watch(1.5)
+    assert cluster.sample() == {"a": {0}, "b": {1}} and a.released == [1] and cleared()
+    for replica in (a, b):
+        await replica.finish()
+    cluster.assert_never_shared()
