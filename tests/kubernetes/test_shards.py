@@ -282,3 +282,22 @@ async def test_a_request_the_holder_will_not_answer_is_cleared(cluster: Cluster)
     for replica in (a, b):
         await replica.finish()
     cluster.assert_never_shared()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shards", "0"], "--shards must be between 1 and 256, got 0"),
+        (["--shards", "300"], "--shards must be between 1 and 256, got 300"),
+        (["--shards", "2", "--leader-elect"], "--leader-elect and --shards exclude each other"),
+        (["--shards", "2", "--lease-duration", "1"], "--lease-duration must be >= 2 seconds"),
+    ],
+)
+def test_bad_shard_flags_are_refused_naming_the_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`canary kubernetes` refuses them with exit status 2 before it connects anywhere."""
+    from canary.cli.main import main
+
+    assert main(["kubernetes", "--kubeconfig", "/nonexistent", *argv]) == 2
+    assert message in capsys.readouterr().err
