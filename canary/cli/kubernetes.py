@@ -5,7 +5,8 @@ commands do not. main.py registers `canary kubernetes` here (`add_parser`) and s
 and the manual commands here (`status`, `manual_command`) when the target is a cluster.
 
 - `canary kubernetes [--kubeconfig F] [--context C] [--namespace NS | --all-namespaces]
-  [--leader-elect --lease-name N --lease-namespace NS] [--listen HOST:PORT]
+  [--leader-elect | --shards N] [--lease-name N --lease-namespace NS --lease-duration S]
+  [--listen HOST:PORT]
   --prometheus-url URL [--record-namespace NS] [--public-reads] [--allow-webhook-host H]`
   runs the reconciler (canary.kubernetes.operator) with the HTTP server (/healthz, /readyz,
   /metrics, /rollouts, commands) until SIGTERM/SIGINT. Every route but the probes and
@@ -269,8 +270,28 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
     from canary.kubernetes.access import KubeAccess
     from canary.kubernetes.client import LeaderElector
     from canary.kubernetes.operator import Operator, OperatorSettings
+    from canary.kubernetes.shards import MAX_SHARDS, ShardElector
     from canary.server.app import Server, make_app
 
+    if args.leader_elect and args.shards:
+        return _fail(
+            "kubernetes",
+            "--leader-elect and --shards exclude each other: --shards N holds one Lease per "
+            "shard (give --shards 1 for one actor)",
+            EXIT_BAD,
+        )
+    if args.shards is not None and not 1 <= args.shards <= MAX_SHARDS:
+        return _fail(
+            "kubernetes",
+            f"--shards must be between 1 and {MAX_SHARDS}, got {args.shards}",
+            EXIT_BAD,
+        )
+    if args.lease_duration < 2:
+        return _fail(
+            "kubernetes",
+            f"--lease-duration must be >= 2 seconds, got {args.lease_duration}",
+            EXIT_BAD,
+        )
     try:
         host, port = parse_listen(args.listen)
         own_namespace = os.environ.get("POD_NAMESPACE") or "canary-system"
@@ -289,15 +310,27 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
     except KubeError as exc:
         return _fail("kubernetes", str(exc), EXIT_BAD)
     async with kube:
-        elector = None
+        identity = settings.identity or os.environ.get("POD_NAME") or os.uname().nodename
+        timings = lease_timings(args.lease_duration)
+        elector = shards = None
         if args.leader_elect:
             elector = LeaderElector(
                 kube,
                 namespace=args.lease_namespace or own_namespace,
-                name=args.lease_name,
-                identity=settings.identity or os.environ.get("POD_NAME") or os.uname().nodename,
+                name=args.lease_name or "canary-leader",
+                identity=identity,
+                **timings,
             )
-        operator = Operator(kube, settings, elector=elector)
+        elif args.shards:
+            shards = ShardElector(
+                kube,
+                namespace=args.lease_namespace or own_namespace,
+                prefix=args.lease_name or "canary-shard",
+                shards=args.shards,
+                identity=identity,
+                **timings,
+            )
+        operator = Operator(kube, settings, elector=elector, shards=shards)
         app = make_app(
             operator,
             access=KubeAccess(kube, namespace=settings.namespace),
@@ -321,6 +354,16 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
                 loop.remove_signal_handler(sig)
             await server.stop()
     return EXIT_OK
+
+
+def lease_timings(lease_duration_s: int) -> dict[str, Any]:
+    """client-go's ratios (15s, 10s, 2s): a holder that cannot renew stops acting at
+    2/3 of the Lease duration, a third of it before anyone may take over."""
+    return {
+        "lease_duration_s": lease_duration_s,
+        "renew_deadline_s": lease_duration_s * 2 / 3,
+        "retry_period_s": min(2.0, lease_duration_s * 2 / 15),
+    }
 
 
 def _cmd_kubernetes(args: argparse.Namespace) -> int:
@@ -349,8 +392,27 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--leader-elect", action="store_true", help="act only while holding the Lease"
     )
-    parser.add_argument("--lease-name", default="canary-leader", help="default: canary-leader")
+    parser.add_argument(
+        "--shards",
+        type=int,
+        metavar="N",
+        help="split the rollouts into N shards by a hash of namespace/name; a replica acts on "
+        "a shard's rollouts while it holds the shard's Lease (LEASE_NAME-<i>-of-N), about a "
+        "fair share each; excludes --leader-elect",
+    )
+    parser.add_argument(
+        "--lease-name",
+        help="the Lease (default: canary-leader), or the shard Leases' prefix (canary-shard)",
+    )
     parser.add_argument("--lease-namespace", help="default: $POD_NAMESPACE, else canary-system")
+    parser.add_argument(
+        "--lease-duration",
+        type=int,
+        default=15,
+        metavar="SECONDS",
+        help="how long a Lease outlives its holder's last renewal (15); the holder stops "
+        "acting at 2/3 of it when it cannot renew",
+    )
     parser.add_argument("--identity", help="Lease holder identity (default: $POD_NAME or host)")
     parser.add_argument(
         "--listen", metavar="HOST:PORT", default="0.0.0.0:8080", help="default: 0.0.0.0:8080"

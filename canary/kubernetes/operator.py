@@ -32,7 +32,10 @@ annotations clears it, no restart needed.
 
 One actor at a time: with leader election only the Lease holder reconciles; losing the
 Lease cancels every rollout task at once, and every write first checks `is_leader` (which
-lapses by itself at the renew deadline), so two replicas never act at once.
+lapses by itself at the renew deadline), so two replicas never act at once. With shards
+(canary.kubernetes.shards) the same holds per shard: a rollout is acted on only by the holder
+of its shard's Lease, every write checks `holds(shard)`, and a shard lost stops its rollouts;
+the others' rollouts are not touched, not even their status.
 
 Manual commands come from the CLI as the `canary.dev/command` annotation (JSON with an id);
 the answer is stored in the status. GitOps tools never see the spec change.
@@ -75,6 +78,7 @@ from canary.kubernetes.client import (
     WatchEvent,
 )
 from canary.kubernetes.record_store import MAX_CONFIGMAP_BYTES, ConfigMapRecord
+from canary.kubernetes.shards import ShardElector
 from canary.kubernetes.spec import (
     ANNOTATION_COMMAND,
     ANNOTATION_SPEC_ERROR,
@@ -319,6 +323,12 @@ class DeploymentWorker:
     def name(self) -> str:
         return f"{self.key[0]}/{self.key[1]}"
 
+    def acting(self) -> bool:
+        return self.op.acting(self.key)
+
+    def check_acting(self) -> None:
+        self.op.check_acting(self.key)
+
     def update(self, obj: JSON) -> None:
         previous, self.obj = self.obj, obj
         version = obj["metadata"].get("resourceVersion", self._rv)
@@ -392,7 +402,7 @@ class DeploymentWorker:
         await self.event(type, reason, message)
 
     async def event(self, type: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        if not self.op.acting() or not self.obj:
+        if not self.acting() or not self.obj:
             return
         await self.op.events.record(
             ObjectRef.deployment(self.obj), type=type, reason=reason, message=message
@@ -403,7 +413,7 @@ class DeploymentWorker:
         object is read again and the patch retried."""
         namespace, name = self.key
         for attempt in range(_STATUS_ATTEMPTS):
-            self.op.check_acting()
+            self.check_acting()
             try:
                 written = await self.op.kube.patch_deployment(
                     namespace,
@@ -449,7 +459,7 @@ class DeploymentWorker:
     async def reconcile(self) -> None:
         self.reconciles += 1
         obj = self.obj
-        self.op.check_acting()
+        self.check_acting()
         annotations = _annotations(obj)
         try:
             spec = parse_annotations(annotations)
@@ -603,7 +613,7 @@ class DeploymentWorker:
                 rollout=rollout_id,
                 max_bytes=settings.record_max_bytes,
                 flush_s=settings.record_flush_s,
-                may_write=self.op.acting,
+                may_write=self.acting,
                 ref=ref,
             )
 
@@ -632,7 +642,7 @@ class DeploymentWorker:
             store=AnnotationStore(self, saved),
             records=open_record,
             announcer=self,
-            guard=self.op.check_acting,
+            guard=self.check_acting,
             identity=settings.identity,
             labels={"namespace": namespace, "deployment": name},
             telemetry=self.op.telemetry,
@@ -690,7 +700,7 @@ class DeploymentWorker:
             self.key,
             app=lambda: self.obj,
             written=self._wrote,
-            check_acting=self.op.check_acting,
+            check_acting=self.check_acting,
             event=self.event,
             replicas=replicas,
             promote_timeout_s=settings.promote_timeout_s,
@@ -718,6 +728,9 @@ class DeploymentWorker:
                 "message": status.message,
             }
         data["namespace"], data["deployment"] = self.key
+        if self.op.shards is not None:
+            data["shard"] = self.op.shards.shard_of(*self.key)
+            data["held_by"] = self.op.settings.identity
         if self.spec_error:
             data["spec_error"] = json.loads(self.spec_error)
         record_error = self.runner.record_error if self.runner is not None else self.record_error
@@ -760,14 +773,23 @@ class Operator:
         settings: OperatorSettings,
         *,
         elector: LeaderElector | None = None,
+        shards: ShardElector | None = None,
         telemetry: Telemetry | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
+        if elector is not None and shards is not None:
+            raise ValueError("leader election and shards exclude each other: use one")
         if not settings.identity:
             settings = replace(settings, identity=_default_identity())
         self.kube = kube
         self.settings = settings
         self.elector = elector
+        self.shards = shards
+        # shard -> the term this instance acts in; a shard lost (or lost and taken again)
+        # stops its rollouts before any starts again.
+        self._terms: dict[int, int] = {}
+        if shards is not None and shards.on_release is None:
+            shards.on_release = self._release_shard
         self.telemetry = telemetry or Telemetry(mode="kubernetes")
         self.events = EventRecorder(kube, component="canary")
         self.clock = clock or MonotonicWallClock()  # timers never jump with the wall clock
@@ -784,14 +806,23 @@ class Operator:
 
     # ---- leadership -----------------------------------------------------------------
 
-    def acting(self) -> bool:
-        """May this instance write to the cluster now?"""
+    def acting(self, key: tuple[str, str] | None = None) -> bool:
+        """May this instance write to the cluster now (about the rollout `key`, with shards;
+        without a key: about some rollout)?"""
+        if self.shards is not None:
+            if key is None:
+                return any(self.shards.holds(i) for i in self._terms)
+            shard = self.shards.shard_of(*key)
+            return shard in self._terms and self.shards.holds(shard)
         if self.elector is None:
             return True
         return self._leading and self.elector.is_leader
 
-    def check_acting(self) -> None:
-        if not self.acting():
+    def check_acting(self, key: tuple[str, str] | None = None) -> None:
+        if not self.acting(key):
+            if self.shards is not None and key is not None:
+                shard = self.shards.shard_of(*key)
+                raise NotLeader(f"{self.settings.identity} does not hold {self.shards.name(shard)}")
             raise NotLeader(f"{self.settings.identity} does not hold the lease")
 
     # ---- the loop -------------------------------------------------------------------
@@ -804,6 +835,8 @@ class Operator:
         watch = asyncio.create_task(self._watch(), name="watch deployments")
         if self.elector is not None:
             election = asyncio.create_task(self.elector.run(elector_stop), name="leader election")
+        elif self.shards is not None:
+            election = asyncio.create_task(self.shards.run(elector_stop), name="shard leases")
         stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
             while True:
@@ -820,6 +853,7 @@ class Operator:
                     failed.result()  # raises what ended it
                     raise RuntimeError(f"{failed.get_name()} ended")
                 await self._follow_leadership()
+                await self._follow_shards()
         finally:
             stopping.cancel()
             watch.cancel()
@@ -827,6 +861,7 @@ class Operator:
                 await watch
             await self._stop_workers()
             self._leading = self.elector is None
+            self._terms.clear()
             if election is not None:
                 elector_stop.set()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
@@ -850,6 +885,44 @@ class Operator:
             log.warning("%s: lost the lease: stopping every rollout", self.settings.identity)
             self._leading = False
             await self._stop_workers()
+
+    async def _follow_shards(self) -> None:
+        """Stop the rollouts of shards lost (or lost and taken again), start those taken."""
+        if self.shards is None:
+            return
+        held = self.shards.held()
+        for shard in [s for s, term in self._terms.items() if held.get(s) != term]:
+            log.warning(
+                "%s: lost %s: stopping its rollouts",
+                self.settings.identity,
+                self.shards.name(shard),
+            )
+            await self._release_shard(shard)
+        for shard, term in held.items():
+            if shard in self._terms:
+                continue
+            self._terms[shard] = term
+            self.telemetry.shard_held.labels(str(shard)).set(1.0)
+            objects = [o for k, o in self.objects.items() if self.shards.shard_of(*k) == shard]
+            log.info(
+                "%s: holds %s: reconciling %d deployments",
+                self.settings.identity,
+                self.shards.name(shard),
+                len(objects),
+            )
+            for obj in objects:
+                self._dispatch(obj)
+
+    async def _release_shard(self, shard: int) -> None:
+        """Stop acting on a shard's rollouts (awaited: nothing of theirs is in flight after)."""
+        assert self.shards is not None
+        self._terms.pop(shard, None)
+        self.telemetry.shard_held.labels(str(shard)).set(0.0)
+        keys = [k for k in self.workers if self.shards.shard_of(*k) == shard]
+        for key in keys:
+            worker = self.workers.pop(key, None)
+            if worker is not None:
+                await worker.stop()
 
     async def _stop_workers(self) -> None:
         workers, self.workers = list(self.workers.values()), {}
@@ -892,9 +965,9 @@ class Operator:
             await worker.stop()
 
     def _dispatch(self, obj: JSON) -> None:
-        if not self.acting():
-            return
         key = _key(obj)
+        if not self.acting(key):
+            return
         worker = self.workers.get(key)
         if worker is None:
             worker = DeploymentWorker(self, key)
@@ -907,8 +980,9 @@ class Operator:
     # ---- server.RolloutSource -------------------------------------------------------
 
     def ready(self) -> bool:
-        """/readyz: only the replica that runs the rollouts is Ready, so the Service sends
-        /rollouts and commands to the leader alone (a standby has no workers to answer)."""
+        """/readyz: only a replica that runs rollouts is Ready, so the Service sends
+        /rollouts and commands to the leader alone (a standby has no workers to answer);
+        with shards, to the replicas that hold at least one."""
         return self.started.is_set() and self.acting()
 
     def states(self) -> list[dict[str, Any]]:

@@ -193,6 +193,12 @@ class Telemetry:
             registry=self.registry,
         )
         self.leader.set(1.0)
+        self.shard_held = Gauge(
+            "canary_shard_held",
+            "Kubernetes with --shards: 1 while this replica holds the shard's Lease",
+            ["shard"],
+            registry=self.registry,
+        )
         self.failover_active = Gauge(
             "canary_failover_active",
             "Two clusters: 1 while the service's traffic is failed over to the standby",

@@ -195,6 +195,34 @@ def test_replicas_need_leader_election(toolbox: Toolbox, tmp_path: Path) -> None
     assert not [k for k in single if k[1] == "PodDisruptionBudget"]
 
 
+def test_shards_value_replaces_leader_election(toolbox: Toolbox, tmp_path: Path) -> None:
+    """shards=N passes --shards N with the shard Leases' prefix and no --leader-elect (the
+    args parse as the real CLI's), lets replicas > 1 go without leader election, and
+    leaseDuration reaches the container only when it is not the default."""
+    from canary.cli.main import build_parser
+
+    rendered = _render(
+        toolbox,
+        tmp_path,
+        "--set",
+        "shards=4",
+        "--set",
+        "replicas=3",
+        "--set",
+        "leaderElection.enabled=false",
+        "--set",
+        "leaseDuration=6",
+    )
+    args = _args(rendered)
+    assert "--leader-elect" not in args
+    assert {"--shards=4", "--lease-name=canary-shard", "--lease-duration=6"} <= set(args)
+    deployment = next(o for k, o in rendered.items() if k[1] == "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    parsed = build_parser().parse_args([a.replace("$(POD_NAMESPACE)", "ns") for a in args])
+    assert (parsed.shards, parsed.leader_elect, parsed.lease_duration) == (4, False, 6)
+    assert not any(a.startswith("--lease-duration") for a in _args(_render(toolbox, tmp_path)))
+
+
 def _prepare_namespace(cluster: ControlPlane, namespace: str) -> None:
     cluster.kubectl("create", "namespace", namespace)
     cluster.kubectl(

@@ -122,6 +122,7 @@ def _label_names() -> dict[str, set[str]]:
     telemetry.analysis("shop/app", verdict)
     telemetry.duration.labels("promoted").observe(1.0)
     telemetry.failover_active.labels("app").set(0)
+    telemetry.shard_held.labels("0").set(1)
     found: dict[str, set[str]] = {}
     for metric in telemetry.registry.collect():
         name = metric.name + ("_total" if metric.type == "counter" else "")

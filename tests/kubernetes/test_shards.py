@@ -1,0 +1,303 @@
+"""Shard Leases: replicas split the shards fairly, never hold one at once, and a stalled
+holder stops acting before another takes its shard (canary.kubernetes.shards).
+
+On the emulator because the fencing test needs a fault that the real API server cannot be
+made to give one client only (its Lease writes failing); the end-to-end split, SIGKILL and
+join are on the real control plane (tests/cluster/test_shards_on_cluster.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import Counter
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from support.kube import FAST_RETRY
+from support.kube_emulator import KubeEmulator
+
+from canary.kubernetes.client import Kube
+from canary.kubernetes.shards import WANTED_BY, ShardElector, shard_lease_name, shard_of
+
+LEASES = ("coordination.k8s.io", "v1", "leases")
+NS = "canary-system"
+
+
+class Replica:
+    """A shard elector with its own client (and token), and what `on_release` was told."""
+
+    def __init__(self, kube: Kube, identity: str, shards: int) -> None:
+        self.token = f"token-{identity}"
+        self.stop = asyncio.Event()
+        self.released: list[int] = []
+        self.elector = ShardElector(
+            kube,
+            namespace=NS,
+            prefix="canary-shard",
+            shards=shards,
+            identity=identity,
+            lease_duration_s=1,
+            renew_deadline_s=0.6,
+            retry_period_s=0.1,
+            on_release=self._on_release,
+        )
+        self.task: asyncio.Task[None] | None = None
+
+    async def _on_release(self, index: int) -> None:
+        assert not self.elector.holds(index), "released while still acting"
+        self.released.append(index)
+
+    def start(self) -> None:
+        self.task = asyncio.create_task(self.elector.run(self.stop))
+
+    async def finish(self) -> None:
+        self.stop.set()
+        assert self.task is not None
+        await asyncio.wait_for(self.task, 5)
+
+    def held(self) -> set[int]:
+        return set(self.elector.held())
+
+
+class Cluster:
+    def __init__(self, api: KubeEmulator, tmp_path: Path) -> None:
+        self.api = api
+        self.tmp_path = tmp_path
+        self.clients: list[Kube] = []
+        self.replicas: dict[str, Replica] = {}
+        # (time, identity -> shards held) every 10 ms while a test runs
+        self.samples: list[tuple[float, dict[str, set[int]]]] = []
+
+    async def add(self, identity: str, shards: int = 2) -> Replica:
+        config = self.api.write_kubeconfig(
+            self.tmp_path / f"kc-{identity}", token=f"token-{identity}"
+        )
+        kube = await Kube.connect(kubeconfig=str(config), retry=FAST_RETRY)
+        self.clients.append(kube)
+        replica = Replica(kube, identity, shards)
+        self.replicas[identity] = replica
+        return replica
+
+    def sample(self) -> dict[str, set[int]]:
+        now = {name: r.held() for name, r in self.replicas.items()}
+        self.samples.append((time.monotonic(), now))
+        return now
+
+    async def until(self, what: str, probe: object, within_s: float = 8.0) -> None:
+        deadline = time.monotonic() + within_s
+        while time.monotonic() < deadline:
+            now = self.sample()
+            if callable(probe) and probe(now):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"not within {within_s}s: {what}; last {self.samples[-1:]}")
+
+    async def watch(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self.sample()
+            await asyncio.sleep(0.01)
+
+    def assert_never_shared(self) -> None:
+        for at, held in self.samples:
+            counts = Counter(i for shards in held.values() for i in shards)
+            assert all(n == 1 for n in counts.values()), f"a shard held twice at {at}: {held}"
+
+    def holders(self, shards: int = 2) -> list[str]:
+        out = []
+        for index in range(shards):
+            lease = self.api.get(*LEASES, NS, shard_lease_name("canary-shard", index, shards))
+            out.append(str(lease["spec"]["holderIdentity"]))
+        return out
+
+
+@pytest.fixture
+async def cluster(api: KubeEmulator, tmp_path: Path) -> AsyncIterator[Cluster]:
+    shared = Cluster(api, tmp_path)
+    try:
+        yield shared
+    finally:
+        for replica in shared.replicas.values():
+            if replica.task is not None and not replica.task.done():
+                replica.task.cancel()
+                await asyncio.gather(replica.task, return_exceptions=True)
+        for kube in shared.clients:
+            await kube.close()
+
+
+def test_shard_of_is_a_stable_hash_that_spreads() -> None:
+    """sha256 of namespace/name mod N: the same in every process (pinned values, unlike
+    Python's salted hash()), about even over many names, namespace and name not swappable."""
+    pinned = {ns: shard_of(ns, "app", 7) for ns in ("shop", "cart", "search")}
+    assert pinned == {"shop": 4, "cart": 3, "search": 0}
+    counts = Counter(shard_of(f"ns-{i}", "app", 4) for i in range(4000))
+    assert set(counts) == {0, 1, 2, 3} and min(counts.values()) > 900, counts
+    assert shard_of("a", "b", 1000) != shard_of("b", "a", 1000)
+    assert shard_lease_name("canary-shard", 1, 2) == "canary-shard-1-of-2"
+
+
+def test_timings_must_be_ordered(api: KubeEmulator) -> None:
+    """retry < renew deadline < lease duration, else a holder could act after a takeover."""
+    with pytest.raises(ValueError, match="renew_deadline_s < lease_duration_s"):
+        ShardElector(
+            None,  # type: ignore[arg-type]
+            namespace=NS,
+            prefix="p",
+            shards=2,
+            identity="a",
+            lease_duration_s=2,
+            renew_deadline_s=2.0,
+        )
+    with pytest.raises(ValueError, match="shards must be between 1 and"):
+        ShardElector(None, namespace=NS, prefix="p", shards=0, identity="a")  # type: ignore[arg-type]
+
+
+async def test_two_replicas_split_two_shards_and_a_third_takes_nothing(cluster: Cluster) -> None:
+    """a alone holds both shards; b asks and a hands one over (stopping it first), so each
+    holds one; c joining holds nothing and asks for nothing, as everybody is at a fair
+    share; at no instant is a shard held by two."""
+    a, b, c = [await cluster.add(name) for name in "abc"]
+    a.start()
+    await cluster.until("a holds both", lambda h: h["a"] == {0, 1})
+    b.start()
+    await cluster.until("one each", lambda h: len(h["a"]) == 1 and len(h["b"]) == 1)
+    assert a.released == [1] and cluster.holders() == ["a", "b"]
+    asks = [
+        r
+        for r in cluster.api.recorded(verb="update", resource="leases", token=b.token, status=200)
+        if (r.body["metadata"].get("annotations") or {}).get(WANTED_BY) == "b"
+    ]
+    assert len(asks) == 1
+    c.start()
+    await cluster.watch(1.5)  # 15 rounds, a lease duration and a half
+    assert cluster.sample() == {"a": {0}, "b": {1}, "c": set()}
+    assert not [
+        r
+        for r in cluster.api.recorded(resource="leases", token=c.token, status=200)
+        if r.verb in ("update", "create")
+    ], "c wrote a shard Lease"
+    for replica in (a, b, c):
+        await replica.finish()
+    cluster.assert_never_shared()
+
+
+async def test_a_stalled_holder_stops_acting_before_another_takes_its_shard(
+    cluster: Cluster,
+) -> None:
+    """a's Lease writes fail (503 for its token only): a stops holding its shard at the
+    renew deadline, b takes it only once the Lease expired (a whole Lease duration after
+    a's last renewal), and at no instant do both hold it."""
+    a, b = await cluster.add("a"), await cluster.add("b")
+    a.start()
+    await cluster.until("a holds both", lambda h: h["a"] == {0, 1})
+    b.start()
+    await cluster.until("one each", lambda h: h["a"] == {0} and h["b"] == {1})
+    fault = cluster.api.inject(503, times=10_000, resource="leases", token=a.token)
+    await cluster.until("b holds both", lambda h: h["b"] == {0, 1})
+    fault.times = 0
+    await cluster.watch(0.5)
+    for replica in (a, b):
+        await replica.finish()
+    cluster.assert_never_shared()
+    last_renewal = max(
+        r.at
+        for r in cluster.api.recorded(resource="leases", token=a.token)
+        if r.verb == "update" and r.status == 200 and r.name == "canary-shard-0-of-2"
+    )
+    takeover = min(
+        r.at
+        for r in cluster.api.recorded(resource="leases", token=b.token)
+        if r.verb == "update"
+        and r.status == 200
+        and r.name == "canary-shard-0-of-2"
+        and r.body["spec"]["holderIdentity"] == "b"
+    )
+    assert takeover - last_renewal >= 1.0
+    lapsed = min(at for at, held in cluster.samples if at > last_renewal and 0 not in held["a"])
+    assert lapsed <= last_renewal + 0.6 + 0.05  # the renew deadline, not the Lease's expiry
+    assert lapsed < takeover
+
+
+async def test_on_sigterm_the_shards_are_released_and_taken_at_once(cluster: Cluster) -> None:
+    """A replica that stops gives its shards up (an empty holder) after stopping their
+    rollouts; the other takes them without waiting for the Lease to expire."""
+    a, b = await cluster.add("a"), await cluster.add("b")
+    a.start()
+    await cluster.until("a holds both", lambda h: h["a"] == {0, 1})
+    b.start()
+    await cluster.until("one each", lambda h: h["a"] == {0} and h["b"] == {1})
+    stopped = time.monotonic()
+    await a.finish()
+    assert sorted(a.released) == [0, 1]
+    await cluster.until("b holds both", lambda h: h["b"] == {0, 1})
+    assert time.monotonic() - stopped < 1.0  # less than the Lease duration
+    await b.finish()
+    assert cluster.holders() == ["", ""]
+    cluster.assert_never_shared()
+
+
+async def test_an_asker_that_died_leaves_no_shard_unheld(cluster: Cluster) -> None:
+    """A request from a replica that is gone makes the holder release a shard for nobody;
+    the holder takes it back once it has been free for a Lease duration, clearing the
+    request, and keeps both from then on."""
+    a = await cluster.add("a")
+    a.start()
+    await cluster.until("a holds both", lambda h: h["a"] == {0, 1})
+    name = shard_lease_name("canary-shard", 1, 2)
+    lease = cluster.api.get(*LEASES, NS, name)
+    lease["metadata"].setdefault("annotations", {})[WANTED_BY] = "ghost"
+    cluster.api.put(*LEASES, lease)
+    await cluster.until("a released shard 1", lambda h: h["a"] == {0})
+    await cluster.until("a took it back", lambda h: h["a"] == {0, 1})
+    await cluster.watch(1.5)
+    assert cluster.sample()["a"] == {0, 1} and a.released == [1]
+    assert WANTED_BY not in (
+        cluster.api.get(*LEASES, NS, name)["metadata"].get("annotations") or {}
+    )
+    await a.finish()
+
+
+async def test_a_request_the_holder_will_not_answer_is_cleared(cluster: Cluster) -> None:
+    """a and b hold one shard each: a request for a's shard (from c, which is gone) leaves a
+    at its fair share, so a keeps the shard and clears the request at its next renewal, and
+    no shard changes hands."""
+    a, b = await cluster.add("a"), await cluster.add("b")
+    a.start()
+    await cluster.until("a holds both", lambda h: h["a"] == {0, 1})
+    b.start()
+    await cluster.until("one each", lambda h: h["a"] == {0} and h["b"] == {1})
+    name = shard_lease_name("canary-shard", 0, 2)
+    lease = cluster.api.get(*LEASES, NS, name)
+    lease["metadata"].setdefault("annotations", {})[WANTED_BY] = "c"
+    cluster.api.put(*LEASES, lease)
+
+    def cleared() -> bool:
+        meta = cluster.api.get(*LEASES, NS, name)["metadata"]
+        return WANTED_BY not in (meta.get("annotations") or {})
+
+    await cluster.until("the request cleared", lambda h: cleared())
+    await cluster.watch(1.5)
+    assert cluster.sample() == {"a": {0}, "b": {1}} and a.released == [1] and cleared()
+    for replica in (a, b):
+        await replica.finish()
+    cluster.assert_never_shared()
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--shards", "0"], "--shards must be between 1 and 256, got 0"),
+        (["--shards", "300"], "--shards must be between 1 and 256, got 300"),
+        (["--shards", "2", "--leader-elect"], "--leader-elect and --shards exclude each other"),
+        (["--shards", "2", "--lease-duration", "1"], "--lease-duration must be >= 2 seconds"),
+    ],
+)
+def test_bad_shard_flags_are_refused_naming_the_flag(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`canary kubernetes` refuses them with exit status 2 before it connects anywhere."""
+    from canary.cli.main import main
+
+    assert main(["kubernetes", "--kubeconfig", "/nonexistent", *argv]) == 2
+    assert message in capsys.readouterr().err
