@@ -1,4 +1,4 @@
-"""Gate webhooks: Flagger's webhook kinds, called for the rollout machine's `CallGate`.
+"""Gate webhooks: Flagger's webhook kinds, asked for by the rollout machine (CallGate).
 
 Why: teams already run Flagger-style receivers (the load tester, manual approval services,
 smoke tests) that answer a rollout webhook with 2xx (go) or anything else (wait, or fail).
