@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aiohttp import web
+from rich.console import Console
 from support.pool import ProcessPool
 
+from canary.cli.status import from_server, render_panel
 from canary.core.records import EndEntry, NoteEntry, TickEntry, TransitionEntry, read_record
 from canary.core.rollout import Phase
 from canary.demo.procs import HAProxyConfig, HAProxyProcess, PrometheusProcess, free_port
+from canary.reports.build import build_report
+from canary.reports.html import render_html
 from canary.routers.haproxy import HAProxyRouter
 from canary.static.config import parse_config
 from canary.static.targets import build_runner
@@ -193,6 +198,10 @@ async def test_confirm_promotion_holds_the_last_step_until_it_opens(
                 assert runner.status.weight == 50 and await router.get_weight() == 50
                 assert "confirm-promotion" in runner.status.message
                 assert runner.state()["gates"]["confirm-promotion"].startswith("closed (HTTP 403")
+                # `canary status` shows the gate's answer
+                console = Console(width=200, record=True)
+                console.print(render_panel(from_server(runner.state()), time.time()))
+                assert "confirm-promotion closed (HTTP 403" in console.export_text()
                 asked = len(receiver.got("confirm-promotion"))
                 assert asked >= 3  # asked again each tick while closed
                 receiver.status["confirm-promotion"] = 200
@@ -207,6 +216,15 @@ async def test_confirm_promotion_holds_the_last_step_until_it_opens(
     notes = [e.message for e in entries if isinstance(e, NoteEntry)]
     assert any(n.startswith("gate confirm-promotion: closed (HTTP 403") for n in notes), notes
     assert any(n.startswith("gate confirm-promotion: open (HTTP 200") for n in notes), notes
+    # ... and so are the report's timeline
+    report = build_report([e.model_dump(mode="json", by_alias=True) for e in entries])
+    gates = [e.text for e in report.timeline if e.kind == "gate"]
+    assert "rollout: open (HTTP 200)" in gates, gates
+    confirms = [g for g in gates if g.startswith("confirm-promotion")]
+    assert len(confirms) == 2, gates  # noted when the answer changes, not at every call
+    assert confirms[0].startswith("confirm-promotion: closed (HTTP 403"), gates
+    assert confirms[1].startswith("confirm-promotion: open (HTTP 200"), gates
+    assert "confirm-promotion: closed (HTTP 403" in render_html(report)
     # the rollout hook: Flagger's payload, metadata verbatim, called while Progressing
     loads = receiver.got("rollout")
     assert len(loads) >= 3
