@@ -238,6 +238,12 @@ class RolloutStatus(BaseModel):
     def done(self) -> bool:
         return self.stage in TERMINAL
 
+    @property
+    def underway(self) -> bool:
+        """Active, or waiting at a start gate (Initializing with its revision): a restarted
+        controller resumes it rather than leaving it stranded."""
+        return self.active or (self.stage == "Initializing" and bool(self.revision))
+
     def to_json(self) -> str:
         """Compact JSON (defaults left out) for an annotation or a status file."""
         return self.model_dump_json(exclude_defaults=True)

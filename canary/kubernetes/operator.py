@@ -505,7 +505,7 @@ class DeploymentWorker:
             return
         state = self.state
         last = state.rollout
-        if last is not None and last.active:
+        if last is not None and last.underway:  # underway: also waiting at a start gate
             await self._start_rollout(spec, revision=last.revision, resume=last)
             if revision != last.revision:
                 assert self.runner is not None
