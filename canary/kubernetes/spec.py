@@ -38,7 +38,7 @@ from canary.core.rollout import (
 )
 from canary.metrics.prometheus import PromQueries
 from canary.notify.formats import FORMATS, Format
-from canary.notify.gates import parse_metadata
+from canary.notify.gates import chat_service, parse_metadata
 
 __all__ = [
     "ANNOTATIONS",
@@ -519,6 +519,18 @@ def _url(text: str) -> str:
     return value
 
 
+def _gate_url(text: str) -> str:
+    value = _url(text)
+    chat = chat_service(value)
+    if chat is not None:
+        raise ValueError(
+            f"is a chat service's webhook ({chat}): a gate needs a receiver that answers "
+            f"Flagger's payload (notifications: {PREFIX}webhook.post-rollout or "
+            f"{PREFIX}webhook.rolled-back)"
+        )
+    return value
+
+
 def _retries(text: str) -> int:
     if not text.strip().isdigit() or int(text) > 10:
         raise ValueError(f"must be a whole number 0..10, got {excerpt(text)}")
@@ -688,7 +700,13 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "seconds; without it latency is not compared",
     ),
     *(
-        _a(f"webhook.{kind}", f"webhooks.{kind}", _url, "", _WEBHOOK_RULES[kind])
+        _a(
+            f"webhook.{kind}",
+            f"webhooks.{kind}",
+            _gate_url if kind in GATE_KINDS else _url,
+            "",
+            _WEBHOOK_RULES[kind],
+        )
         for kind in WEBHOOK_TYPES
     ),
     *(

@@ -37,6 +37,7 @@ __all__ = [
     "MAX_METADATA_KEYS",
     "GateCaller",
     "GateConfig",
+    "chat_service",
     "gate_payload",
     "parse_metadata",
 ]
@@ -44,6 +45,27 @@ __all__ = [
 MAX_METADATA_KEYS = 32
 MAX_METADATA_BYTES = 4096  # the whole object as JSON
 _MAX_ANSWER_WAIT_S = 5.0  # backoff cap between attempts
+
+
+# Chat services' incoming-webhook hosts: a gate pointing at one is a notification left on a
+# gate kind (`webhook.rollback` was a notification before gates), and some answer 200 to any
+# JSON, which would open the gate (for `rollback`: roll every rollout back).
+_CHAT_HOSTS = (
+    "hooks.slack.com",
+    ".webhook.office.com",
+    "discord.com",
+    "discordapp.com",
+    "chat.googleapis.com",
+)
+
+
+def chat_service(url: str) -> str | None:
+    """The chat service host `url` posts to, if it is one (see _CHAT_HOSTS)."""
+    host = (urlsplit(url).hostname or "").lower().rstrip(".")
+    for chat in _CHAT_HOSTS:
+        if host == chat.lstrip(".") or (chat.startswith(".") and host.endswith(chat)):
+            return host
+    return None
 
 
 def parse_metadata(value: Any) -> dict[str, str]:
@@ -90,6 +112,12 @@ class GateConfig(BaseModel):
             raise ValueError(
                 "url must be an absolute http:// or https:// URL, "
                 f"got {redact_url(value, keep_path=False)!r}"
+            )
+        chat = chat_service(value)
+        if chat is not None:
+            raise ValueError(
+                f"url is a chat service's webhook ({chat}): a gate needs a receiver that "
+                "answers Flagger's payload; notifications take no `type`"
             )
         return value
 

@@ -167,6 +167,11 @@ def test_full_spec_parses() -> None:
             "rollbacks use canary.dev/webhook.rolled-back",
         ),
         (
+            {"canary.dev/webhook.rollback": "https://hooks.slack.com/services/T0/B0/x"},
+            "webhook.rollback",
+            "is a chat service's webhook (hooks.slack.com): a gate needs a receiver",
+        ),
+        (
             {"canary.dev/webhook.pre-rollout.retries": "2"},
             "webhook.pre-rollout.retries",
             "no canary.dev/webhook.pre-rollout to apply it to",
