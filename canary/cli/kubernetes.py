@@ -193,6 +193,7 @@ def _row(obj: dict[str, Any]) -> Row:
     row.weight_read = rollout.weight if rollout.weight_verified else None
     row.last_decision, row.outcome = rollout.last_decision, rollout.outcome
     row.message, row.advice = rollout.message, rollout.advice
+    row.gates = dict(rollout.gate_answers)
     row.step_started_at, row.revision = rollout.step_started_at, rollout.revision
     if state.record_error:
         row.message += f" [record error: {state.record_error}]"

@@ -168,7 +168,10 @@ async def _run(
     from canary.server.auth import TokenAccess
     from canary.static.targets import BadTarget, build_runner
 
-    runners = [build_runner(config, fresh=fresh) for config in configs]
+    allow = tuple(allow_webhook_hosts)
+    runners = [
+        build_runner(config, fresh=fresh, allow_webhook_hosts=allow) for config in configs
+    ]
     # Refuse before anything moves: another controller holds a rollout, or a saved one
     # cannot be read back (never a silent new rollout).
     try:
@@ -182,8 +185,8 @@ async def _run(
     # One notifier per target: each config names its own webhooks.
     notifiers: list[Notifier] = []
     for runner, config in zip(runners, configs, strict=True):
-        if config.webhooks:
-            notifiers.append(Notifier(config.webhooks, allow_hosts=allow_webhook_hosts))
+        if config.notifications:
+            notifiers.append(Notifier(config.notifications, allow_hosts=allow_webhook_hosts))
             runner.entry_observers.append(notifiers[-1].on_entry)
     controller = Controller(runners)
     app = make_app(

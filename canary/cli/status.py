@@ -82,6 +82,7 @@ class Row:
     outcome: str | None = None
     message: str = ""
     advice: str = ""
+    gates: dict[str, str] = field(default_factory=dict)  # gate kind -> its last answer
     step_started_at: float | None = None
     metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
     rollout_id: str = ""
@@ -119,6 +120,7 @@ def from_server(state: dict[str, Any]) -> Row:
         outcome=status.get("outcome"),
         message=str(state.get("message") or ""),
         advice=str(state.get("advice") or ""),
+        gates={str(k): str(v) for k, v in (status.get("gate_answers") or {}).items()},
         step_started_at=status.get("step_started_at"),
         metrics=dict(state.get("metrics") or {}),
         rollout_id=str(state.get("rollout") or ""),
@@ -253,8 +255,14 @@ def render_table(rows: list[Row], *, wide: bool = False, now: float | None = Non
                 row.record or "-",
                 row.message or "-",
             ]
+            if row.gates:
+                cells[-1] = f"{cells[-1]}; gates: {_gates(row)}"
         table.add_row(*cells)
     return table
+
+
+def _gates(row: Row) -> str:
+    return ", ".join(f"{kind} {answer}" for kind, answer in sorted(row.gates.items()))
 
 
 def render_list(rows: list[Row], *, wide: bool = False, now: float | None = None) -> Group:
@@ -279,6 +287,8 @@ def render_panel(row: Row, now: float) -> Panel:
     head.add_row("decision", row.last_decision or "-")
     if row.message:
         head.add_row("message", row.message)
+    if row.gates:
+        head.add_row("gates", _gates(row))
     parts: list[Any] = [head]
     if row.metrics:
         metrics = Table(box=None, pad_edge=False, header_style="bold")

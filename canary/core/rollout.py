@@ -36,10 +36,22 @@ Decisions taken here, and why:
   With `promotion="copy"` (Kubernetes, Flagger's model) the weight then goes back to 0 and the
   canary is scaled down; with `promotion="shift"` (static targets) the canary keeps 100%.
 - Manual commands are accepted or refused with a reason; never an exception.
+- **Gates are inputs, the machine decides** (Flagger's webhook kinds). The machine asks for
+  a gate with `CallGate`; the runner calls the hook in a task and feeds its answer back as
+  a `Gate` event (open: 2xx; closed or failed: anything else). `confirm-rollout` then
+  `pre-rollout` must open before the first weight is set (the rollout waits in
+  Initializing, no analysis clock running); a closed confirm is asked again each tick.
+  `pre-rollout` and `rollout` (asked each tick while Progressing) failures count against
+  `gate_failure_threshold`, and reaching it rolls back. `confirm-traffic-increase` and
+  `confirm-promotion` are asked once a step has passed: closed holds the weight, and a
+  held gate is not a failure (max_step_s does not apply once the analysis passed), while
+  a `fail` still rolls back. `rollback` is polled each tick while waiting or Progressing:
+  open means roll back now. An answer is noted (record, Event) when it changes.
 """
 
 from __future__ import annotations
 
+import typing
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
@@ -51,11 +63,15 @@ from canary.core.inputs import MAX_DURATION_S, excerpt
 
 __all__ = [
     "DEFAULT_STEPS",
+    "GATE_KINDS",
     "Action",
+    "CallGate",
     "Command",
     "Emit",
     "Event",
     "Finish",
+    "Gate",
+    "GateKind",
     "NewRevision",
     "Outcome",
     "Phase",
@@ -117,6 +133,20 @@ def check_steps(steps: tuple[int, ...] | list[int]) -> tuple[int, ...]:
     return tuple(steps)
 
 
+GateKind = Literal[
+    "confirm-rollout",
+    "pre-rollout",
+    "rollout",
+    "confirm-traffic-increase",
+    "confirm-promotion",
+    "rollback",
+]
+GATE_KINDS: tuple[str, ...] = typing.get_args(GateKind)
+# Flagger counts a failed pre-rollout/rollout webhook as a failed check; its examples
+# roll back at 5 (analysis.threshold). Same default here.
+DEFAULT_GATE_FAILURE_THRESHOLD = 5
+
+
 class RolloutSpec(BaseModel):
     """How a rollout moves. Built from a static config file or from annotations."""
 
@@ -129,6 +159,9 @@ class RolloutSpec(BaseModel):
     max_step_s: float | None = Field(default=900.0, gt=0, le=MAX_DURATION_S, allow_inf_nan=False)
     no_data_deadline_s: float = Field(default=120.0, gt=0, le=MAX_DURATION_S, allow_inf_nan=False)
     promotion: Literal["shift", "copy"] = "shift"
+    # The gate kinds configured (canary.notify.gates calls them); none: no gate is asked.
+    gates: tuple[GateKind, ...] = ()
+    gate_failure_threshold: int = Field(default=DEFAULT_GATE_FAILURE_THRESHOLD, ge=1, le=100)
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -184,6 +217,10 @@ class RolloutStatus(BaseModel):
     # The planner's latest advice on the time a good canary needs to pass this step
     # (canary.core.advice): set by the runner for users to read, never read by the machine.
     advice: str = ""
+    # Gates opened for this rollout (confirm-rollout, pre-rollout) or this step (the confirms).
+    gates_open: tuple[str, ...] = ()
+    gate_failures: int = 0  # failed pre-rollout/rollout calls, against gate_failure_threshold
+    gate_answers: dict[str, str] = Field(default_factory=dict)  # kind -> the last answer, shown
     history: tuple[Transition, ...] = ()
 
     @property
@@ -200,6 +237,12 @@ class RolloutStatus(BaseModel):
     @property
     def done(self) -> bool:
         return self.stage in TERMINAL
+
+    @property
+    def underway(self) -> bool:
+        """Active, or waiting at a start gate (Initializing with its revision): a restarted
+        controller resumes it rather than leaving it stranded."""
+        return self.active or (self.stage == "Initializing" and bool(self.revision))
 
     def to_json(self) -> str:
         """Compact JSON (defaults left out) for an annotation or a status file."""
@@ -256,7 +299,20 @@ class PromoteDone:
     error: str = ""
 
 
-Event = Tick | Command | NewRevision | WeightVerified | WeightFailed | PromoteDone
+@dataclass(frozen=True, slots=True)
+class Gate:
+    """A gate's answer: `open` (2xx), `closed` (a confirm or rollback gate said no, or did not
+    answer) or `failed` (a pre-rollout/rollout hook did not succeed). `step` and `revision`
+    are those it was asked for: a late answer for another step or revision is ignored."""
+
+    kind: GateKind
+    result: Literal["open", "closed", "failed"]
+    detail: str = ""
+    step: int = 0
+    revision: str = ""
+
+
+Event = Tick | Command | NewRevision | WeightVerified | WeightFailed | PromoteDone | Gate
 
 
 # ---- actions --------------------------------------------------------------------------
@@ -315,6 +371,14 @@ class Emit:
 
 
 @dataclass(frozen=True, slots=True)
+class CallGate:
+    """Ask the `kind` gate (in a task: never waited for); its answer comes back as a Gate."""
+
+    kind: GateKind
+    step: int = 0
+
+
+@dataclass(frozen=True, slots=True)
 class Finish:
     """The rollout is over: write the record's end entry, notify."""
 
@@ -330,6 +394,7 @@ Action = (
     | RecordTransition
     | RecordManual
     | Emit
+    | CallGate
     | Finish
 )
 
@@ -347,7 +412,7 @@ def step(spec: RolloutSpec, status: RolloutStatus, event: Event, now: float) -> 
     """Advance one rollout by one event."""
     match event:
         case Tick():
-            return _tick(spec, status, event, now)
+            return _with_polls(spec, _tick(spec, status, event, now))
         case Command():
             return _command(spec, status, event, now)
         case NewRevision():
@@ -358,6 +423,8 @@ def step(spec: RolloutSpec, status: RolloutStatus, event: Event, now: float) -> 
             return _weight_failed(status, event, now)
         case PromoteDone():
             return _promote_done(spec, status, event, now)
+        case Gate():
+            return _gate(spec, status, event, now)
     raise TypeError(f"unknown event {event!r}")  # pragma: no cover
 
 
@@ -389,7 +456,13 @@ def _move(
     return new, record
 
 
-def _start(spec: RolloutSpec, status: RolloutStatus, now: float, reason: str) -> Outcome:
+def _start(
+    spec: RolloutSpec, status: RolloutStatus, now: float, reason: str, *, entering: bool = True
+) -> Outcome:
+    """Set the first step's weight, once confirm-rollout and pre-rollout (if any) opened."""
+    pending = _start_gate(spec, status)
+    if pending is not None:
+        return _wait_at_start(status, now, reason, pending, entering=entering)
     first = spec.steps[0]
     new, record = _move(
         status,
@@ -473,7 +546,7 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
     if status.stage == "Initializing":
         if status.paused_at is not None:
             return Outcome(status)
-        return _start(spec, status, now, "rollout started")
+        return _start(spec, status, now, "rollout started", entering=False)
     if status.done:
         return Outcome(status)
 
@@ -564,6 +637,17 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
 
     in_step = now - status.step_started_at
     if decision is Decision.PASS and in_step >= spec.min_step_s:
+        gate = _confirm_gate(spec, status)
+        if gate is not None:
+            # Held by a gate, not by the canary: max_step_s does not count this against it.
+            answer = status.gate_answers.get(gate)
+            held = status.model_copy(
+                update={
+                    "message": f"holding at {status.weight}%: analysis passed; waiting for the "
+                    f"{gate} gate" + (f" ({answer})" if answer else "")
+                }
+            )
+            return Outcome(held, (*fix, CallGate(typing.cast(GateKind, gate), status.step)))
         return _advance(spec, status, now, fix)
     if spec.max_step_s is not None and in_step >= spec.max_step_s:
         return _roll_back(
@@ -604,6 +688,9 @@ def _advance(
         weight=weight,
         weight_verified=False,
         step_started_at=None,
+        # the confirms are asked again at the next step
+        gates_open=tuple(g for g in status.gates_open if g not in _STEP_GATES),
+        gate_answers={k: v for k, v in status.gate_answers.items() if k not in _STEP_GATES},
     )
     return Outcome(new, (record, SetWeight(weight)))
 
@@ -694,7 +781,8 @@ def _new_revision(
     reason = event.reason or f"new revision {event.revision}"
     if status.active:
         reason = f"{reason}: restarting the analysis (was {status.phase.value} at {status.weight}%)"
-    base = status.model_copy(update={"revision": event.revision})  # _start unpauses
+    fresh_gates: dict[str, object] = {"gates_open": (), "gate_failures": 0, "gate_answers": {}}
+    base = status.model_copy(update={"revision": event.revision, **fresh_gates})  # _start unpauses
     if status.done:
         base = RolloutStatus(revision=event.revision, history=status.history, weight=status.weight)
     return _start(spec, base, now, reason)
@@ -766,3 +854,131 @@ def _promote_done(
         return _finish(new, "Succeeded", now, "the canary now serves all traffic")
     new = new.model_copy(update={"weight": 0, "weight_verified": False})
     return Outcome(new, (SetWeight(0),))
+
+
+# ---- gates ------------------------------------------------------------------------------
+
+_START_GATES = ("confirm-rollout", "pre-rollout")  # in this order, before any traffic moves
+_STEP_GATES = ("confirm-traffic-increase", "confirm-promotion")
+
+
+def _start_gate(spec: RolloutSpec, status: RolloutStatus) -> str | None:
+    """The start gate still to open, if any."""
+    return next((g for g in _START_GATES if g in spec.gates and g not in status.gates_open), None)
+
+
+def _confirm_gate(spec: RolloutSpec, status: RolloutStatus) -> str | None:
+    """The gate that must open before this passed step moves on, if any."""
+    gate = "confirm-promotion" if status.step + 1 >= len(spec.steps) else "confirm-traffic-increase"
+    return gate if gate in spec.gates and gate not in status.gates_open else None
+
+
+def _wait_at_start(
+    status: RolloutStatus, now: float, reason: str, gate: str, *, entering: bool
+) -> Outcome:
+    """Wait in Initializing (no analysis clock, no traffic to the canary) for `gate`."""
+    answer = status.gate_answers.get(gate)
+    message = f"waiting for the {gate} gate before any traffic moves" + (
+        f" ({answer})" if answer else ""
+    )
+    actions: list[Action] = []
+    update: dict[str, object] = {"message": message, "paused_at": None, "paused_by": None}
+    if status.weight != 0:  # a superseded rollout had traffic: the new revision has none yet
+        update.update(weight=0, weight_verified=False)
+        actions.append(SetWeight(0))
+    if status.stage != "Initializing":
+        new, record = _move(status, "Initializing", now, reason)
+        new = new.model_copy(update=update)
+        actions.insert(0, record)
+    else:
+        new = status.model_copy(update={"reason": reason, **update})
+    if entering:
+        actions.append(Emit("info", f"{reason}: {message}"))
+        if gate == "pre-rollout":
+            actions.append(ScaleCanary(up=True))  # pre-rollout hooks test the running canary
+    actions.append(CallGate(typing.cast(GateKind, gate), 0))
+    return Outcome(new, tuple(actions))
+
+
+def _with_polls(spec: RolloutSpec, outcome: Outcome) -> Outcome:
+    """After a tick: poll the rollback gate while Progressing or waiting at a start gate, and
+    call the rollout hook while Progressing (not paused)."""
+    status, calls = outcome.status, list[Action]()
+    asked = {a.kind for a in outcome.actions if isinstance(a, CallGate)}
+    waiting = status.stage == "Initializing" and _start_gate(spec, status) is not None
+    if "rollback" in spec.gates and (status.stage == "Progressing" or waiting):
+        calls.append(CallGate("rollback", status.step))
+    if "rollout" in spec.gates and status.stage == "Progressing" and status.paused_at is None:
+        calls.append(CallGate("rollout", status.step))
+    calls = [c for c in calls if isinstance(c, CallGate) and c.kind not in asked]
+    return Outcome(status, (*outcome.actions, *calls)) if calls else outcome
+
+
+def _gate(spec: RolloutSpec, status: RolloutStatus, event: Gate, now: float) -> Outcome:
+    if status.done or event.revision != status.revision or event.kind not in spec.gates:
+        return Outcome(status)  # late, for another revision, or not configured
+    kind, opened = event.kind, event.result == "open"
+    label = event.result + (f" ({event.detail})" if event.detail else "")
+    noted: tuple[Action, ...] = ()
+    if status.gate_answers.get(kind) != label:  # recorded when the answer changes
+        quiet = opened or (kind == "rollback" and event.result == "closed")
+        noted = (Emit("info" if quiet else "warning", f"gate {kind}: {label}"),)
+    status = status.model_copy(update={"gate_answers": {**status.gate_answers, kind: label}})
+    waiting = status.stage == "Initializing"
+
+    if kind == "rollback":
+        if opened and (status.stage == "Progressing" or (waiting and status.revision)):
+            return _roll_back(
+                status, now, f"the rollback gate asked for a rollback ({label})", extra=noted
+            )
+        return Outcome(status, noted)
+    if kind in _START_GATES:
+        if not waiting or _start_gate(spec, status) != kind:
+            return Outcome(status, noted)
+        if opened:
+            started = _start(
+                spec,
+                status.model_copy(update={"gates_open": (*status.gates_open, kind)}),
+                now,
+                status.reason or "rollout started",
+            )
+            return Outcome(started.status, (*noted, *started.actions))
+        if kind == "pre-rollout":
+            return _gate_failed(spec, status, now, kind, label, noted)
+        message = f"waiting for the {kind} gate before any traffic moves ({label})"
+        return Outcome(status.model_copy(update={"message": message}), noted)
+    if kind == "rollout":
+        if opened or status.stage != "Progressing":
+            return Outcome(status, noted)
+        return _gate_failed(spec, status, now, kind, label, noted)
+    # confirm-traffic-increase, confirm-promotion: the next tick moves on once open
+    if status.stage != "Progressing" or event.step != status.step:
+        return Outcome(status, noted)
+    if opened and kind not in status.gates_open:
+        status = status.model_copy(update={"gates_open": (*status.gates_open, kind)})
+    return Outcome(status, noted)
+
+
+def _gate_failed(
+    spec: RolloutSpec,
+    status: RolloutStatus,
+    now: float,
+    kind: str,
+    label: str,
+    noted: tuple[Action, ...],
+) -> Outcome:
+    """A failed pre-rollout/rollout call: counted; reaching the threshold rolls back."""
+    failures = status.gate_failures + 1
+    threshold = spec.gate_failure_threshold
+    status = status.model_copy(update={"gate_failures": failures})
+    if failures >= threshold:
+        return _roll_back(
+            status,
+            now,
+            f"the {kind} gate failed {failures} times (threshold {threshold}): {label}",
+            extra=noted,
+        )
+    message = (
+        f"the {kind} gate failed ({label}): {failures} of {threshold} failures before a rollback"
+    )
+    return Outcome(status.model_copy(update={"message": message}), noted)

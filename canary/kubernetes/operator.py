@@ -95,6 +95,7 @@ from canary.kubernetes.workload import (
     template_hash,
 )
 from canary.metrics.batched import BatchedMetrics, PrometheusBatcher
+from canary.notify.gates import GateCaller, GateConfig
 from canary.notify.webhooks import Notifier, WebhookConfig
 from canary.routers.base import RouterError, TrafficRouter
 from canary.routers.gateway_api import GatewayApiRouter
@@ -133,8 +134,24 @@ _STATUS_ATTEMPTS = 5
 # Which rollout events each annotated webhook type is told of (canary.notify.webhooks).
 _WEBHOOK_EVENTS: dict[str, frozenset[Any]] = {
     "post-rollout": frozenset({"promoted", "rolled_back", "manual"}),
-    "rollback": frozenset({"rolled_back"}),
+    "rolled-back": frozenset({"rolled_back"}),
 }
+
+
+def _gate_caller(spec: CanarySpec, allow_hosts: tuple[str, ...]) -> GateCaller | None:
+    """The annotated gate webhooks (canary.notify.gates); the runner closes the caller."""
+    gates = [
+        GateConfig(
+            type=hook.type,  # type: ignore[arg-type]  # a gate kind: is_gate says so
+            url=hook.url,
+            timeout_s=hook.timeout_s,
+            retries=hook.retries,
+            metadata=hook.metadata,
+        )
+        for hook in spec.webhooks
+        if hook.is_gate
+    ]
+    return GateCaller(gates, allow_hosts=allow_hosts) if gates else None
 
 
 class NotLeader(NotActing):
@@ -364,7 +381,7 @@ class DeploymentWorker:
 
     async def _notifier(self, spec: CanarySpec) -> Notifier | None:
         """Notifications (in each webhook's format) for the `post-rollout` (promoted, rolled back,
-        manual actions) and `rollback` webhooks (the only kinds canary.kubernetes.spec accepts)."""
+        manual actions) and `rolled-back` webhooks; the gate kinds go to the runner."""
         hooks = tuple(
             WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type], format=hook.format)
             for hook in spec.webhooks
@@ -498,7 +515,7 @@ class DeploymentWorker:
             return
         state = self.state
         last = state.rollout
-        if last is not None and last.active:
+        if last is not None and last.underway:  # underway: also waiting at a start gate
             await self._start_rollout(spec, revision=last.revision, resume=last)
             if revision != last.revision:
                 assert self.runner is not None
@@ -645,6 +662,7 @@ class DeploymentWorker:
             guard=self.check_acting,
             identity=settings.identity,
             labels={"namespace": namespace, "deployment": name},
+            gates=_gate_caller(spec, settings.allow_webhook_hosts),
             telemetry=self.op.telemetry,
             clock=self.op.clock,
         )

@@ -30,9 +30,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from analysis import AnalysisConfig, MetricConfig
 from canary.core.inputs import MAX_ANNOTATION_BYTES, MAX_DURATION_S, clip, excerpt
-from canary.core.rollout import RolloutSpec
+from canary.core.rollout import (
+    DEFAULT_GATE_FAILURE_THRESHOLD,
+    GATE_KINDS,
+    GateKind,
+    RolloutSpec,
+)
 from canary.metrics.prometheus import PromQueries
 from canary.notify.formats import FORMATS, Format
+from canary.notify.gates import chat_service, parse_metadata
 
 __all__ = [
     "ANNOTATIONS",
@@ -63,20 +69,44 @@ RESERVED = frozenset({ANNOTATION_STATUS, ANNOTATION_SPEC_ERROR, ANNOTATION_COMMA
 
 RouterKind = Literal["ingress-nginx", "gateway-api"]
 MetricsPreset = Literal["ingress-nginx", "envoy", "app-histogram", "custom"]
-# Only notification webhooks are called; the gating kinds Flagger has (a webhook that must
-# answer before a step may proceed) are refused by name rather than accepted and ignored.
-WebhookType = Literal["post-rollout", "rollback"]
-WEBHOOK_TYPES: tuple[str, ...] = typing.get_args(WebhookType)
-GATING_WEBHOOK_TYPES: tuple[str, ...] = (
+# Notification webhooks (chat formats) and Flagger's gate kinds (canary.notify.gates: a 2xx
+# answer opens the gate; the rollout machine decides what that means). `rollback` is
+# Flagger's gate (polled; 2xx rolls back): the notification told of rollbacks, which was
+# called `rollback` before gates existed, is `rolled-back`.
+NotificationType = Literal["post-rollout", "rolled-back"]
+NOTIFICATION_TYPES: tuple[str, ...] = typing.get_args(NotificationType)
+WebhookType = Literal[
+    "post-rollout",
+    "rolled-back",
     "confirm-rollout",
     "pre-rollout",
     "rollout",
+    "confirm-traffic-increase",
     "confirm-promotion",
-)
+    "rollback",
+]
+WEBHOOK_TYPES: tuple[str, ...] = typing.get_args(WebhookType)
+GATING_WEBHOOK_TYPES: tuple[str, ...] = GATE_KINDS
 _WEBHOOK_RULES = {
     "post-rollout": "URL told of promotions, rollbacks and manual actions (see its `.format`)",
-    "rollback": "URL told of rollbacks (see its `.format`)",
+    "rolled-back": "URL told of rollbacks (see its `.format`; was `webhook.rollback` before "
+    "gates)",
+    "confirm-rollout": "gate asked before the canary gets any traffic; non-2xx holds, asked "
+    "again each tick",
+    "pre-rollout": "gate called before traffic shifts to the canary; a failure counts toward "
+    "`webhook.failure-threshold`",
+    "rollout": "hook called each tick while Progressing (e.g. a load tester, with its "
+    "`.metadata`); a failure counts toward `webhook.failure-threshold`",
+    "confirm-traffic-increase": "gate asked before each weight increase once the step "
+    "passed; non-2xx holds the weight",
+    "confirm-promotion": "gate asked before promotion once the last step passed; non-2xx "
+    "holds the weight while the analysis keeps running",
+    "rollback": "gate polled each tick while waiting or Progressing: a 2xx rolls back now",
 }
+_GATE_OPTION = re.compile(
+    r"^" + re.escape(PREFIX) + r"webhook\.(" + "|".join(map(re.escape, GATE_KINDS)) + r")\."
+    r"(timeout|retries|metadata)$"
+)
 _WEBHOOK_FORMAT_RULE = (
     "the payload's shape for `webhook.{kind}`: `slack` (the default), `teams`, `discord`, "
     "`google_chat` or `json`"
@@ -234,7 +264,15 @@ class Webhook(BaseModel):
 
     type: WebhookType
     url: str
-    format: Format = "slack"
+    format: Format = "slack"  # notifications
+    # gates (canary.notify.gates.GateConfig)
+    timeout_s: float = Field(default=10.0, gt=0, le=120)
+    retries: int = Field(default=0, ge=0, le=10)
+    metadata: dict[str, str] = Field(default_factory=dict)
+
+    @property
+    def is_gate(self) -> bool:
+        return self.type in GATE_KINDS
 
 
 class CanarySpec(BaseModel):
@@ -255,6 +293,7 @@ class CanarySpec(BaseModel):
     router: RouterSpec | None = None
     metrics: MetricsSpec = MetricsSpec()
     webhooks: tuple[Webhook, ...] = ()
+    gate_failure_threshold: int = Field(default=DEFAULT_GATE_FAILURE_THRESHOLD, ge=1, le=100)
 
     def rollout_spec(self) -> RolloutSpec:
         """The rollout machine's spec; on Kubernetes the promotion copies the template to
@@ -265,6 +304,10 @@ class CanarySpec(BaseModel):
             max_step_s=self.max_step_s,
             no_data_deadline_s=self.no_data_deadline_s,
             promotion="copy",
+            gates=tuple(
+                typing.cast(GateKind, h.type) for h in self.webhooks if h.type in GATE_KINDS
+            ),
+            gate_failure_threshold=self.gate_failure_threshold,
         )
 
     def analysis_config(self) -> AnalysisConfig:
@@ -476,6 +519,37 @@ def _url(text: str) -> str:
     return value
 
 
+def _gate_url(text: str) -> str:
+    value = _url(text)
+    chat = chat_service(value)
+    if chat is not None:
+        raise ValueError(
+            f"is a chat service's webhook ({chat}): a gate needs a receiver that answers "
+            f"Flagger's payload (notifications: {PREFIX}webhook.post-rollout or "
+            f"{PREFIX}webhook.rolled-back)"
+        )
+    return value
+
+
+def _retries(text: str) -> int:
+    if not text.strip().isdigit() or int(text) > 10:
+        raise ValueError(f"must be a whole number 0..10, got {excerpt(text)}")
+    return int(text)
+
+
+def _gate_timeout(text: str) -> float:
+    seconds = parse_duration(text)
+    if not 0 < seconds <= 120:
+        raise ValueError(f"must be above 0 and at most 2m, got {excerpt(text)}")
+    return seconds
+
+
+def _threshold(text: str) -> int:
+    if not text.strip().isdigit() or not 1 <= int(text) <= 100:
+        raise ValueError(f"must be a whole number 1..100, got {excerpt(text)}")
+    return int(text)
+
+
 def _webhook_format(text: str) -> str:
     value = text.strip().lower().replace("-", "_")
     if value not in FORMATS:
@@ -626,7 +700,13 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "seconds; without it latency is not compared",
     ),
     *(
-        _a(f"webhook.{kind}", f"webhooks.{kind}", _url, "", _WEBHOOK_RULES[kind])
+        _a(
+            f"webhook.{kind}",
+            f"webhooks.{kind}",
+            _gate_url if kind in GATE_KINDS else _url,
+            "",
+            _WEBHOOK_RULES[kind],
+        )
         for kind in WEBHOOK_TYPES
     ),
     *(
@@ -637,11 +717,40 @@ ANNOTATIONS: tuple[Annotation, ...] = (
             "",
             _WEBHOOK_FORMAT_RULE.format(kind=kind),
         )
-        for kind in WEBHOOK_TYPES
+        for kind in NOTIFICATION_TYPES
+    ),
+    # One row each for every gate kind (the parser maps webhook.pre-rollout.timeout here).
+    _a(
+        "webhook.<gate>.timeout",
+        "webhook_options.timeout_s",
+        _gate_timeout,
+        "10s",
+        "a gate's timeout per attempt (at most 2m); no answer in time is a non-2xx",
+    ),
+    _a(
+        "webhook.<gate>.retries",
+        "webhook_options.retries",
+        _retries,
+        "0",
+        "more attempts after the first on no answer, 429 or 5xx (0..10)",
+    ),
+    _a(
+        "webhook.<gate>.metadata",
+        "webhook_options.metadata",
+        parse_metadata,
+        "{}",
+        'JSON object of strings sent as the payload\'s `metadata`, verbatim (e.g. '
+        '`{"url":"http://app-canary/","rps":"50"}`); at most 32 keys, 4 KiB',
+    ),
+    _a(
+        "webhook.failure-threshold",
+        "gate_failure_threshold",
+        _threshold,
+        str(DEFAULT_GATE_FAILURE_THRESHOLD),
+        "failed `pre-rollout`/`rollout` calls that roll back (as Flagger's analysis threshold)",
     ),
 )
 _BY_KEY = {a.key: a for a in ANNOTATIONS}
-_GATING_KEYS = frozenset(f"{PREFIX}webhook.{kind}" for kind in GATING_WEBHOOK_TYPES)
 _KEY_OF_FIELD = {a.field: a.key for a in ANNOTATIONS}
 
 
@@ -670,15 +779,26 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
     raw: dict[str, Any] = {}
     target_from: str | None = None  # which annotation named the router's target
     formats: dict[str, tuple[str, Any]] = {}  # webhook type -> (annotation, format)
+    options: dict[str, dict[str, tuple[str, Any]]] = {}  # gate -> option -> (annotation, value)
     for key, value in sorted((annotations or {}).items()):
         if not key.startswith(PREFIX) or key in RESERVED:
             continue
-        if key in _GATING_KEYS:
+        if key == PREFIX + "webhook.rollback.format":
             problems[key] = (
-                f"not supported yet (gating webhooks); supported: {', '.join(WEBHOOK_TYPES)}"
+                f"{PREFIX}webhook.rollback is now Flagger's rollback gate (polled; a 2xx rolls "
+                f"back): for notifications of rollbacks use {PREFIX}webhook.rolled-back "
+                "and its .format"
             )
             continue
-        known = _BY_KEY.get(key)
+        option = _GATE_OPTION.match(key)
+        gate = option.group(1) if option is not None else None
+        known = (
+            _BY_KEY.get(f"{PREFIX}webhook.<gate>.{option.group(2)}")
+            if option is not None
+            else None
+            if "<gate>" in key  # the table's placeholder row, not a key
+            else _BY_KEY.get(key)
+        )
         if known is None:
             # (a key too long to be a typo of ours is not compared: difflib is quadratic)
             close = difflib.get_close_matches(key, list(_BY_KEY), n=1) if len(key) < 100 else []
@@ -704,6 +824,8 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
             )
         elif known.field.startswith("webhook_formats."):
             formats[known.field.split(".", 1)[1]] = (key, parsed)
+        elif known.field.startswith("webhook_options.") and gate is not None:
+            options.setdefault(gate, {})[known.field.split(".", 1)[1]] = (key, parsed)
         else:
             if known.field == "router.target":
                 if target_from is not None:
@@ -717,6 +839,13 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
             problems[key] = f"no {PREFIX}webhook.{kind} to format"
         for hook in hooks:
             hook["format"] = chosen
+    for gate, chosen_options in options.items():
+        hooks = [hook for hook in raw.get("webhooks", []) if hook["type"] == gate]
+        for option_name, (key, chosen) in chosen_options.items():
+            if not hooks:
+                problems[key] = f"no {PREFIX}webhook.{gate} to apply it to"
+            for hook in hooks:
+                hook[option_name] = chosen
     if not problems:
         _cross_check(raw, problems, target_from)
     if problems:

@@ -530,6 +530,10 @@ def _assemble(b: _Builder, incomplete_reason: str | None) -> Report:
             )
         elif isinstance(entry, _Note):
             notes.append(ReportNote(t_s=t_s, level=entry.level, message=entry.message))
+            if entry.message.startswith("gate "):  # a gate's answer (noted when it changes)
+                timeline.append(
+                    TimelineEvent(t_s=t_s, kind="gate", text=entry.message.removeprefix("gate "))
+                )
     if end is not None:
         timeline.append(
             TimelineEvent(t_s=b.rel(end.at), kind="end", text=f"{end.outcome}: {end.reason}")

@@ -174,7 +174,7 @@ class FileStateStore:
             return None
         saved = json.loads(self.path.read_text(encoding="utf-8"))
         status = RolloutStatus.model_validate(saved["status"])
-        if not status.active and not status.done:
+        if not status.underway and not status.done:
             return None  # never started: the next run is a new rollout
         return SavedRollout(
             rollout_id=str(saved["rollout"]),

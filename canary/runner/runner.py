@@ -55,13 +55,16 @@ from canary.core.records import (
     TickEntry,
     TransitionEntry,
 )
-from canary.core.redact import redact
+from canary.core.redact import redact, redact_text
 from canary.core.rollout import (
     Action,
+    CallGate,
     Command,
     Emit,
     Event,
     Finish,
+    Gate,
+    GateKind,
     NewRevision,
     Promote,
     PromoteDone,
@@ -84,6 +87,7 @@ from canary.runner.clock import MonotonicWallClock
 from canary.runner.files import FileRecord, FileRecords, FileStateStore
 from canary.runner.seams import (
     Announcer,
+    GateAsker,
     NotActing,
     NoWorkload,
     RecordOpener,
@@ -237,6 +241,10 @@ class RolloutRunner:
     guard: Callable[[], None] | None = None
     # Who runs it, for the resume note ("resumed by pod-a"); "" for a single controller.
     identity: str = ""
+    # Gate webhooks (canary.notify.gates) the machine asks for with CallGate; each call runs
+    # in its own task (one per kind at a time) and its answer comes back as a Gate event.
+    gates: GateAsker | None = None
+    gate_timeout_s: float = 600.0  # a call (all its attempts) longer than this is a "no"
     # Extra fields for state() (a Deployment's namespace and name).
     labels: Mapping[str, str] = field(default_factory=dict)
     # A pause between looks longer than this (and than 3 ticks) is marked in the record.
@@ -259,7 +267,9 @@ class RolloutRunner:
         self.unsaved = False  # the last event's change was not saved, so not carried out
         self._saved_status: RolloutStatus | None = None  # what the store holds, as far as known
         self._last_saved: SavedRollout | None = None
-        self._commands: asyncio.Queue[_Pending] = asyncio.Queue()
+        # Manual commands and gate answers, handled in the runner's own task.
+        self._commands: asyncio.Queue[_Pending | Gate] = asyncio.Queue()
+        self._gate_calls: dict[str, asyncio.Task[None]] = {}
         self._analyzer: AnalyzerLike | None = None
         self._rollout_id = ""
         self._started_at = 0.0
@@ -333,6 +343,8 @@ class RolloutRunner:
                     }
                     for name, m in verdict.metrics.items()
                 }
+        if status.gate_answers:
+            data["gates"] = dict(status.gate_answers)
         if self.record_error:
             data["record_error"] = self.record_error
         if self.status_error:
@@ -476,6 +488,7 @@ class RolloutRunner:
             raise
         finally:
             self._refuse_pending_commands()
+            await self._stop_gates()
         # The record first: once the status says "done", readers may look for it.
         await self._flush_record(force=True)
         await self._save(force=True)
@@ -485,7 +498,7 @@ class RolloutRunner:
         """Commands that will never be handled get an answer instead of hanging."""
         while not self._commands.empty():
             pending = self._commands.get_nowait()
-            if not pending.answer.done():
+            if isinstance(pending, _Pending) and not pending.answer.done():
                 pending.answer.set_result(
                     CommandResult(False, self.status.phase.value, "the rollout is not running")
                 )
@@ -516,6 +529,9 @@ class RolloutRunner:
                     pending = await self._commands.get()
             except TimeoutError:
                 return
+            if isinstance(pending, Gate):
+                await self._feed(pending)
+                continue
             before = self.status
             self.unsaved = False
             actions = await self._feed(pending.command)
@@ -703,6 +719,8 @@ class RolloutRunner:
                     await self._note(
                         "warning", f"scaling the canary {'up' if up else 'down'} failed: {exc}"
                     )
+            case CallGate(kind, index):
+                self._ask_gate(kind, index)
             case ResetAnalysis():
                 self._analyzer = None  # a fresh one at the next observation
             case RecordTransition(before, after, index, weight, reason):
@@ -756,6 +774,55 @@ class RolloutRunner:
                     reason,
                 )
         return None
+
+    # ---- gates --------------------------------------------------------------------------
+
+    def _ask_gate(self, kind: GateKind, index: int) -> None:
+        """Call the gate in a task (not if a call of that kind is in flight); its answer is
+        queued as a Gate event for the runner's own task."""
+        if self.gates is None or kind in self._gate_calls:
+            return
+        status = self.status
+        task = asyncio.create_task(
+            self._call_gate(kind, index, status.revision, status.phase.value),
+            name=f"gate {kind} {self.name}",
+        )
+        self._gate_calls[kind] = task
+        task.add_done_callback(lambda _: self._gate_calls.pop(kind, None))
+
+    async def _call_gate(self, kind: GateKind, index: int, revision: str, phase: str) -> None:
+        assert self.gates is not None
+        try:
+            async with asyncio.timeout(self.gate_timeout_s):
+                ok, detail = await self.gates.ask(
+                    kind,
+                    name=self.labels.get("deployment", self.name),
+                    namespace=self.labels.get("namespace", ""),
+                    phase=phase,
+                    checksum=revision,
+                )
+        except TimeoutError:
+            ok, detail = False, f"no answer within {self.gate_timeout_s:g}s"
+        except Exception as exc:  # a bug in a gate is a "no", never a crash of the rollout
+            log.exception("%s: gate %s failed", self.name, kind)
+            ok, detail = False, type(exc).__name__
+        if not ok:
+            self._count_error("gate")
+        result: Literal["open", "closed", "failed"] = (
+            "open" if ok else "failed" if kind in ("pre-rollout", "rollout") else "closed"
+        )
+        self._commands.put_nowait(Gate(kind, result, redact_text(detail), index, revision))
+
+    async def _stop_gates(self) -> None:
+        """Cancel and await the gate calls in flight, then close the gates' client."""
+        tasks = list(self._gate_calls.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._gate_calls.clear()
+        if self.gates is not None:
+            with contextlib.suppress(Exception):
+                await self.gates.aclose()
 
     # ---- a new revision mid-rollout ---------------------------------------------------
 

@@ -12,6 +12,7 @@ one implementation per mode:
     RecordOpener  JSON-lines files        one ConfigMap per rollout   JSON-lines files
     Workload      nothing to deploy       app / app-primary           the primary cluster
     Announcer     none                    Kubernetes Events           none (its own Events)
+    GateAsker     config `webhooks:` gates  `webhook.<kind>` annotations  (none yet)
 
 Errors at these edges are data for the runner (a failed write is counted, recorded and
 shown); only a bug raises through.
@@ -29,6 +30,7 @@ from canary.routers.base import TrafficRouter
 
 __all__ = [
     "Announcer",
+    "GateAsker",
     "MetricSource",
     "NoWorkload",
     "NotActing",
@@ -154,3 +156,15 @@ class Announcer(Protocol):
     async def announce(
         self, type: Literal["Normal", "Warning"], reason: str, message: str
     ) -> None: ...
+
+
+class GateAsker(Protocol):
+    """Asks a gate webhook (canary.notify.gates.GateCaller). Answers (ok, detail), never
+    raises for an edge error; the runner calls it in a task with its own timeout, so a slow
+    gate never holds the tick loop. The runner closes it when the rollout ends."""
+
+    async def ask(
+        self, kind: str, *, name: str, namespace: str, phase: str, checksum: str
+    ) -> tuple[bool, str]: ...
+
+    async def aclose(self) -> None: ...

@@ -30,6 +30,21 @@ Example::
     analysis: {}
     expected_rps: 200  # optional: the time-to-pass estimate at the start uses it
     record_dir: records
+    gate_failure_threshold: 5  # failed pre-rollout/rollout calls before a rollback
+    webhooks:
+      - url: https://hooks.slack.com/services/T0/B0/x  # no type: told of outcomes
+        events: [promoted, rolled_back]
+      - type: confirm-promotion  # a gate: 2xx lets the last step promote
+        url: https://approvals.example.internal/checkout
+        timeout_s: 10
+        retries: 2
+        metadata: {ticket: CHG-1234}
+      - type: rollout  # called each tick while Progressing (drives a load tester)
+        url: http://loadtester.example.internal/
+        metadata: {url: "http://checkout-canary/", rps: "50", duration: "30s"}
+
+Gate `type`s (Flagger's webhook kinds): confirm-rollout, pre-rollout, rollout,
+confirm-traffic-increase, confirm-promotion, rollback (see canary.core.rollout).
 """
 
 from __future__ import annotations
@@ -58,8 +73,14 @@ from canary.core.inputs import (
     load_yaml,
     read_text_file,
 )
-from canary.core.rollout import DEFAULT_STEPS, RolloutSpec, check_steps
+from canary.core.rollout import (
+    DEFAULT_GATE_FAILURE_THRESHOLD,
+    DEFAULT_STEPS,
+    RolloutSpec,
+    check_steps,
+)
 from canary.metrics.prometheus import PromQueries
+from canary.notify.gates import GateConfig
 from canary.notify.webhooks import WebhookConfig
 
 __all__ = [
@@ -166,8 +187,41 @@ class TargetConfig(_Strict):
     # Free-form labels for the record and reports.
     primary_version: str = ""
     canary_version: str = ""
-    # Chat/incident webhooks told of promotion, rollback, failover and manual actions.
-    webhooks: list[WebhookConfig] = Field(default_factory=list)
+    # Chat/incident webhooks told of promotion, rollback, failover and manual actions, and
+    # (with a `type:`) gate webhooks the rollout waits for (canary.notify.gates).
+    webhooks: list[WebhookConfig | GateConfig] = Field(default_factory=list)
+    gate_failure_threshold: int = Field(default=DEFAULT_GATE_FAILURE_THRESHOLD, ge=1, le=100)
+
+    @field_validator("webhooks", mode="before")
+    @classmethod
+    def _webhooks(cls, value: object) -> object:
+        """An entry with a `type` is a gate, one without a notification; errors name the
+        entry (webhooks[1].url: ...)."""
+        if not isinstance(value, list):
+            return value
+        hooks: list[WebhookConfig | GateConfig] = []
+        for index, item in enumerate(value):
+            model: type[WebhookConfig] | type[GateConfig] = (
+                GateConfig if isinstance(item, dict) and "type" in item else WebhookConfig
+            )
+            try:
+                hooks.append(model.model_validate(item))
+            except ValidationError as exc:
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                message = str(first["msg"]).removeprefix("Value error, ")
+                if first["type"] == "extra_forbidden":
+                    message = "unknown key (typo?)"
+                raise ValueError(f"webhooks[{index}].{where}: {message}") from None
+        return hooks
+
+    @property
+    def notifications(self) -> list[WebhookConfig]:
+        return [h for h in self.webhooks if isinstance(h, WebhookConfig)]
+
+    @property
+    def gates(self) -> list[GateConfig]:
+        return [h for h in self.webhooks if isinstance(h, GateConfig)]
 
     @field_validator("name")
     @classmethod
@@ -213,6 +267,8 @@ class TargetConfig(_Strict):
             max_step_s=self.max_step_s,
             no_data_deadline_s=self.no_data_deadline_s,
             promotion="shift",  # static targets: the canary server keeps the traffic
+            gates=tuple(dict.fromkeys(g.type for g in self.gates)),
+            gate_failure_threshold=self.gate_failure_threshold,
         )
 
     def analysis_config(self) -> AnalysisConfig:

@@ -18,11 +18,19 @@ class BadTarget(Exception):
     """A config that validated but could not be turned into a router or metrics provider."""
 
 
-def build_runner(config: Any, *, stamp: str | None = None, fresh: bool = False) -> Any:
-    """A RolloutRunner for a static target (real HAProxy router, real Prometheus metrics)."""
+def build_runner(
+    config: Any,
+    *,
+    stamp: str | None = None,
+    fresh: bool = False,
+    allow_webhook_hosts: tuple[str, ...] = (),
+) -> Any:
+    """A RolloutRunner for a static target (real HAProxy router, real Prometheus metrics,
+    and its gate webhooks, if any: the runner closes their client)."""
     from analysis import Analyzer
     from canary.core.redact import redact_url
     from canary.metrics.prometheus import PrometheusMetrics
+    from canary.notify.gates import GateCaller
     from canary.routers.haproxy import HAProxyRouter
     from canary.runner import RolloutRunner
 
@@ -66,4 +74,5 @@ def build_runner(config: Any, *, stamp: str | None = None, fresh: bool = False) 
             "router": config.router.model_dump(mode="json"),
             "metrics": {"url": redact_url(config.metrics.url)},
         },
+        gates=GateCaller(config.gates, allow_hosts=allow_webhook_hosts) if config.gates else None,
     )

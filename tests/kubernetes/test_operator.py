@@ -489,7 +489,7 @@ async def test_failing_canary_is_rolled_back_and_record_failures_are_reported(
     await receiver.setup()
     port = free_port()
     await web.TCPSite(receiver, "127.0.0.1", port).start()
-    seed(api, ns, notes_for(**{"canary.dev/webhook.rollback": f"http://127.0.0.1:{port}/hook"}))
+    seed(api, ns, notes_for(**{"canary.dev/webhook.rolled-back": f"http://127.0.0.1:{port}/hook"}))
     async with running(api, tmp_path, stack, ns):
         await until(lambda: initialized(api, ns), what="initialization")
         api.inject(500, times=10_000, resource="configmaps")

@@ -11,6 +11,7 @@ from canary.kubernetes.spec import (
     PREFIX,
     CanarySpec,
     SpecError,
+    Webhook,
     dump_problems,
     markdown_table,
     parse_annotations,
@@ -159,13 +160,36 @@ def test_full_spec_parses() -> None:
         ({"canary.dev/webhook.rollback": "ftp://x"}, "webhook.rollback", "http:// or https:// URL"),
         ({"canary.dev/step": "10"}, "step", "unknown annotation; did you mean canary.dev/steps?"),
         ({"canary.dev/webhook.later": "http://x"}, "webhook.later", "unknown annotation"),
-        *(
-            (
-                {f"canary.dev/webhook.{kind}": "http://x"},
-                f"webhook.{kind}",
-                "not supported yet (gating webhooks); supported: post-rollout, rollback",
-            )
-            for kind in ("confirm-rollout", "pre-rollout", "rollout", "confirm-promotion")
+        (
+            {"canary.dev/webhook.rollback.format": "slack"},
+            "webhook.rollback.format",
+            "is now Flagger's rollback gate (polled; a 2xx rolls back): for notifications of "
+            "rollbacks use canary.dev/webhook.rolled-back",
+        ),
+        (
+            {"canary.dev/webhook.rollback": "https://hooks.slack.com/services/T0/B0/x"},
+            "webhook.rollback",
+            "is a chat service's webhook (hooks.slack.com): a gate needs a receiver",
+        ),
+        (
+            {"canary.dev/webhook.pre-rollout.retries": "2"},
+            "webhook.pre-rollout.retries",
+            "no canary.dev/webhook.pre-rollout to apply it to",
+        ),
+        (
+            {"canary.dev/webhook.rollout": "http://x", "canary.dev/webhook.rollout.metadata": "[]"},
+            "webhook.rollout.metadata",
+            "must be an object of strings, got list",
+        ),
+        (
+            {"canary.dev/webhook.rollout": "http://x", "canary.dev/webhook.rollout.retries": "11"},
+            "webhook.rollout.retries",
+            "must be a whole number 0..10",
+        ),
+        (
+            {"canary.dev/webhook.failure-threshold": "0"},
+            "webhook.failure-threshold",
+            "must be a whole number 1..100",
         ),
     ],
 )
@@ -296,6 +320,8 @@ def test_bad_durations(text: str) -> None:
 def test_table_defaults_are_the_model_defaults() -> None:
     """The documented defaults parse to exactly what the model uses when a key is absent."""
     defaults = CanarySpec().model_dump()
+    # a gate's options (`webhook.<gate>.timeout`, ...) default to the Webhook model's
+    defaults["webhook_options"] = Webhook(type="rollout", url="http://x").model_dump()
     for annotation in ANNOTATIONS:
         if not annotation.default or annotation.default.startswith("("):
             continue

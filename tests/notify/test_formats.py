@@ -377,24 +377,24 @@ def test_format_is_chosen_per_webhook_in_config_and_annotations() -> None:
             **BASE,
             "canary.dev/webhook.post-rollout": "https://example.webhook.office.com/x",
             "canary.dev/webhook.post-rollout.format": "teams",
-            "canary.dev/webhook.rollback": "https://discord.example/api/webhooks/1/x",
+            "canary.dev/webhook.rolled-back": "https://discord.example/api/webhooks/1/x",
         }
     )
     assert {h.type: h.format for h in spec.webhooks} == {
         "post-rollout": "teams",
-        "rollback": "slack",
+        "rolled-back": "slack",
     }
     with pytest.raises(SpecError) as caught:
         parse_annotations(
             {
                 **BASE,
-                "canary.dev/webhook.rollback.format": "discord",
+                "canary.dev/webhook.rolled-back.format": "discord",
                 "canary.dev/webhook.post-rollout": "https://x.example/",
                 "canary.dev/webhook.post-rollout.format": "fax",
             }
         )
     assert caught.value.problems == {
-        "canary.dev/webhook.rollback.format": "no canary.dev/webhook.rollback to format",
+        "canary.dev/webhook.rolled-back.format": "no canary.dev/webhook.rolled-back to format",
         "canary.dev/webhook.post-rollout.format": (
             "must be one of slack, teams, discord, google_chat, json, got 'fax'"
         ),

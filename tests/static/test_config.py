@@ -241,3 +241,59 @@ def test_expected_traffic_reaches_the_runners_planner(tmp_path: Path) -> None:
             parse_config(example(expected_rps=bad))
     with pytest.raises(ConfigError, match="expected_error_rate"):
         parse_config(example(expected_error_rate=1.5))
+
+
+@pytest.mark.parametrize(
+    ("hook", "message"),
+    [
+        (
+            {"type": "confirm-promotoin", "url": "https://gate.example/"},
+            "webhooks[0].type: must be one of confirm-rollout, pre-rollout, rollout",
+        ),
+        ({"type": "rollout", "url": "ftp://x"}, "webhooks[0].url: url must be an absolute"),
+        (
+            {"type": "rollout", "url": "https://gate.example/", "metadata": {"rps": 50}},
+            "webhooks[0].metadata: 'rps': values must be strings",
+        ),
+        (
+            {"type": "rollout", "url": "https://gate.example/", "retires": 1},
+            "webhooks[0].retires: unknown key",
+        ),
+        (
+            {"type": "rollback", "url": "https://hooks.slack.com/services/T/B/x"},
+            "webhooks[0].url: url is a chat service's webhook (hooks.slack.com)",
+        ),
+    ],
+)
+def test_gate_webhooks_are_checked_and_named(hook: dict[str, object], message: str) -> None:
+    """A `webhooks:` entry with a `type:` is a gate; its errors name the entry and key."""
+    data = {
+        "name": "app",
+        "router": {"kind": "haproxy", "socket": "/run/h.sock", "backend": "app"},
+        "metrics": {"kind": "prometheus", "url": "http://127.0.0.1:9090"},
+        "webhooks": [hook],
+    }
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data, source="rollout.yaml")
+    assert f"rollout.yaml: {message}" in str(caught.value)
+
+
+def test_gate_webhooks_become_the_rollout_specs_gates() -> None:
+    """Gates (with a type) and notifications (without) are told apart; the spec lists the
+    gate kinds and the failure threshold."""
+    config = parse_config(
+        {
+            "name": "app",
+            "router": {"kind": "haproxy", "socket": "/run/h.sock", "backend": "app"},
+            "metrics": {"kind": "prometheus", "url": "http://127.0.0.1:9090"},
+            "webhooks": [
+                {"url": "https://chat.example/hook"},
+                {"type": "pre-rollout", "url": "https://gate.example/pre", "retries": 2},
+            ],
+            "gate_failure_threshold": 2,
+        }
+    )
+    assert [h.url for h in config.notifications] == ["https://chat.example/hook"]
+    assert [(g.type, g.retries) for g in config.gates] == [("pre-rollout", 2)]
+    spec = config.rollout_spec()
+    assert (spec.gates, spec.gate_failure_threshold) == (("pre-rollout",), 2)

@@ -27,7 +27,11 @@ def test_example_config_loads_with_the_documented_values() -> None:
     assert config.metrics.url == "http://127.0.0.1:9090"
     assert config.metrics.queries.selector == 'job="checkout"'
     assert config.record_dir == EXAMPLE.parent / "records"  # relative to the file
-    (hook,) = config.webhooks
+    (hook,) = config.notifications
+    assert [(g.type, g.retries, g.metadata.get("rps")) for g in config.gates] == [
+        ("confirm-promotion", 2, None),
+        ("rollout", 0, "50"),
+    ]
     assert hook.events == {"promoted", "rolled_back", "manual"}
     assert hook.report_base_url == "https://canary.example.internal"
 
@@ -36,7 +40,8 @@ def test_example_values_said_to_be_defaults_are_the_defaults() -> None:
     """Every value the example presents as a default equals the model's default."""
     config = load_config(EXAMPLE)
     assert config.analysis_config() == AnalysisConfig()
-    assert config.rollout_spec() == RolloutSpec(promotion="shift")
+    gates = ("confirm-promotion", "rollout")  # the example's (webhooks: is not a default)
+    assert config.rollout_spec() == RolloutSpec(promotion="shift", gates=gates)
     assert config.metrics.queries == PromQueries(selector='job="checkout"')
     assert config.tick_s == 10
     minimal = parse_config(
