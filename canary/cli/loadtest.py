@@ -118,7 +118,9 @@ def run(args: argparse.Namespace) -> int:
             try:
                 token = args.token_file.read_text(encoding="utf-8").strip()
             except OSError as exc:
-                raise ValueError(f"--token-file: cannot read {args.token_file}: {exc.strerror}") from None
+                raise ValueError(
+                    f"--token-file: cannot read {args.token_file}: {exc.strerror}"
+                ) from None
             if not token:
                 raise ValueError(f"--token-file: {args.token_file} is empty")
     except ValueError as exc:

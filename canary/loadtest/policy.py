@@ -113,7 +113,9 @@ def _cidrs(values: Iterable[str]) -> tuple[ipaddress.IPv4Network | ipaddress.IPv
         try:
             networks.append(ipaddress.ip_network(value.strip(), strict=False))
         except ValueError:
-            raise ValueError(f"--allow-cidr: {value[:60]!r} is not a CIDR like 10.0.0.0/8") from None
+            raise ValueError(
+                f"--allow-cidr: {value[:60]!r} is not a CIDR like 10.0.0.0/8"
+            ) from None
     return tuple(networks)
 
 
@@ -257,7 +259,9 @@ def parse_payload(body: Any, *, limits: Limits, policy: TargetPolicy) -> LoadReq
         except ValueError:
             raise BadRequest("metadata.rps", f"{rps_text[:40]!r} is not a number") from None
         if not (math.isfinite(rps) and 0 < rps <= limits.max_rps):
-            raise BadRequest("metadata.rps", f"must be within (0, {limits.max_rps:g}], got {rps_text[:40]}")
+            raise BadRequest(
+                "metadata.rps", f"must be within (0, {limits.max_rps:g}], got {rps_text[:40]}"
+            )
         duration_text = _text(metadata.get("duration"), "metadata.duration", required=True)
         try:
             duration_s = parse_duration(duration_text)

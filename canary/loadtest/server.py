@@ -98,7 +98,11 @@ class JobManager:
         elif job is not None:
             log.info(
                 "load job %s/%s ended: %d sent, %s, %d dropped",
-                key[0], key[1], job.sent, job.outcomes, job.dropped,
+                key[0],
+                key[1],
+                job.sent,
+                job.outcomes,
+                job.dropped,
             )
 
     async def aclose(self) -> None:
@@ -147,8 +151,14 @@ def build_app(manager: JobManager, *, token: str | None = None) -> web.Applicati
             return _error(exc)
         manager.metrics.webhooks.labels(result=what).inc()
         if what != "extended":
-            log.info("%s load %s/%s -> %s at %g req/s", what, load.namespace, load.name,
-                     load.url, load.rps)
+            log.info(
+                "%s load %s/%s -> %s at %g req/s",
+                what,
+                load.namespace,
+                load.name,
+                load.url,
+                load.rps,
+            )
         return web.json_response({"result": what, "job": job.describe() if job else None})
 
     async def jobs(request: web.Request) -> web.Response:
