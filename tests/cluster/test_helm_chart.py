@@ -233,12 +233,13 @@ def _prepare_namespace(cluster: ControlPlane, namespace: str) -> None:
 
 
 def test_chart_passes_server_side_dry_run(cluster: ControlPlane, tmp_path: Path) -> None:
-    """Every object the chart renders (ServiceMonitor aside: no Prometheus Operator CRD here)
-    is accepted by the real apiserver."""
+    """Every object the chart renders (ServiceMonitor aside: no Prometheus Operator CRD here),
+    the optional load tester included, is accepted by the real apiserver."""
     _prepare_namespace(cluster, "canary-dry")
     rendered = cluster.helm(
-        "template", "canary-dry", str(CHART), "--namespace", "canary-dry"
-    ).stdout
+        "template", "canary-dry", str(CHART), "--namespace", "canary-dry",
+        "--set", "loadtest.enabled=true",
+    ).stdout  # fmt: skip
     result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", stdin=rendered)
     applied = result.stdout.splitlines()
     assert len(applied) == len(_objects(rendered))
