@@ -224,13 +224,15 @@ def _advise(
             slow_rates=slow_rates,
             config=config,
         )
+    extra = load_note
     if suggestion is not None:
         load, load_pass_s = suggestion
-        message += (
+        extra = (
             f" With {load:.3g} req/s of generated load at the entry point (canary loadtest): "
-            f"{_duration(load_pass_s)}."
+            f"{_duration(load_pass_s)}.{load_note}"
         )
-    message += load_note
+    if extra:
+        message = (message if message.endswith(".") else message + ".") + extra
     return Advice(
         source=source,
         weight=weight,

@@ -25,6 +25,7 @@ from canary.demo.procs import HttpReady, ManagedProcess, free_port
 from canary.loadtest import BadRequest, Limits, TargetPolicy, parse_duration, parse_payload
 
 ROOT = Path(__file__).resolve().parents[2]
+READY_S = 90.0  # starting Python with aiohttp on a busy 2-core CI machine can take 15 s
 LIMITS = Limits(max_rps=100.0, max_duration_s=600.0)
 POLICY = TargetPolicy.with_defaults(cidrs=["127.0.0.1/32"])
 
@@ -162,6 +163,7 @@ def loadtest_process(
             ready=HttpReady(f"{url}/healthz"),
             name="loadtest",
             cwd=ROOT,
+            ready_timeout=READY_S,
         )
     )
     return process, url
@@ -175,18 +177,19 @@ def procs(workdir: Path) -> Iterator[ProcessPool]:
 
 
 def service(procs: ProcessPool, latency_ms: float = 5.0) -> str:
+    """The demo service as the load's target; its /metrics counts what arrived."""
     port = free_port()
-    procs.python(
-        f"service-{port}",
-        "-m",
-        "canary.demo.service",
-        "--port",
-        port,
-        "--version",
-        "canary",
-        "--latency-ms",
-        latency_ms,
-        port=port,
+    argv = [sys.executable, "-m", "canary.demo.service", "--port", str(port)]
+    argv += ["--version", "canary", "--latency-ms", str(latency_ms)]
+    procs.start(
+        ManagedProcess(
+            argv,
+            log_path=procs.logdir / f"service-{port}.log",
+            ready=HttpReady(f"http://127.0.0.1:{port}/healthz"),
+            name=f"service-{port}",
+            cwd=ROOT,
+            ready_timeout=READY_S,
+        )
     )
     return f"http://127.0.0.1:{port}"
 

@@ -3,7 +3,7 @@
 Two identical stacks run side by side on 127.0.0.1, each with real processes: the demo
 service as primary and canary, HAProxy in front, Prometheus scraping both, and 1 req/s of
 "real" traffic through HAProxy. Each is rolled out by `python -m canary run --config` with
-one 50 % step and a 90 s step deadline. In one, `python -m canary loadtest` sends 40 req/s
+one 50 % step and a 120 s step deadline. In one, `python -m canary loadtest` sends 50 req/s
 through the same HAProxy (the entry point), driven by the Flagger-style payload that a
 rollout webhook would POST every tick; this test POSTs it every 2 s itself. The healthy
 canary is promoted there; in the other, 0.5 canary req/s cannot reach the analysis'
@@ -23,16 +23,17 @@ from typing import Any
 import pytest
 import yaml
 
-from canary.core.records import EndEntry, read_record
+from canary.core.records import EndEntry, NoteEntry, read_record
 from canary.demo.procs import HttpReady, ManagedProcess, free_port
 from canary.demo.stack import BACKEND, ServiceSpec, Stack, StackSettings
 
 ROOT = Path(__file__).resolve().parents[2]
+READY_S = 90.0  # starting Python with aiohttp on a busy 2-core CI machine can take 15 s
 REAL_RPS = 1.0
-GENERATED_RPS = 40
-STEP_DEADLINE_S = 90
+GENERATED_RPS = 50
+STEP_DEADLINE_S = 120
 # Production defaults but for the demo's looser error tolerance and one latency quantile:
-# the planner's estimate at 41 req/s and 50 % is ~50 s to pass, at 1 req/s over half an hour.
+# the planner's estimate at 51 req/s and 50 % is ~40 s to pass, at 1 req/s over half an hour.
 ANALYSIS = {
     "quantiles": [0.5],
     "errors": {"tolerance": 1.0, "abs_tolerance": 0.02},
@@ -40,7 +41,7 @@ ANALYSIS = {
 }
 
 
-def _config(stack: Stack, directory: Path) -> Path:
+def _config(stack: Stack, directory: Path, **extra: Any) -> Path:
     assert stack.prometheus is not None
     config = directory / "rollout.yaml"
     config.write_text(
@@ -62,6 +63,7 @@ def _config(stack: Stack, directory: Path) -> Path:
                 "expected_rps": REAL_RPS,
                 "expected_error_rate": 0.005,
                 "record_dir": str(directory / "records"),
+                **extra,
             }
         )
     )
@@ -95,11 +97,16 @@ async def _rollout(config: Path, log: Path) -> int:
                 await process.wait()
 
 
-def _end(directory: Path) -> EndEntry:
+def _end(directory: Path) -> tuple[EndEntry, list[str]]:
+    """The record's end, and the planner's advice said during the rollout."""
     (record,) = (directory / "records").glob("app-*.jsonl")
-    end = read_record(record)[-1]
+    entries = read_record(record)
+    end = entries[-1]
     assert isinstance(end, EndEntry), end
-    return end
+    advice = [
+        e.message for e in entries if isinstance(e, NoteEntry) and "time to pass" in e.message
+    ]
+    return end, advice
 
 
 @pytest.mark.slow
@@ -107,8 +114,8 @@ def _end(directory: Path) -> EndEntry:
 async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
     sockdir: Path,
 ) -> None:
-    """At 1 req/s a healthy canary is rolled back at the 90 s step deadline (not shown safe);
-    with 40 req/s from `canary loadtest` through HAProxy the same canary is promoted before
+    """At 1 req/s a healthy canary is rolled back at the 120 s step deadline (not shown safe);
+    with 50 req/s from `canary loadtest` through HAProxy the same canary is promoted before
     it, and the load tester's /jobs and /metrics show the load it sent."""
     spec = ServiceSpec(error_rate=0.005, latency_ms=20.0, latency_jitter=0.3, seed=3)
     settings = StackSettings(primary=spec, canary=spec, rate=REAL_RPS)
@@ -124,6 +131,7 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
         ready=HttpReady(f"{loadtest_url}/healthz"),
         name="loadtest",
         cwd=ROOT,
+        ready_timeout=READY_S,
     )  # fmt: skip
     async with (
         Stack(settings, workdir=with_dir) as with_load,
@@ -147,7 +155,9 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
             },
         }
         rollouts = asyncio.gather(
-            _rollout(_config(with_load, with_dir), with_dir / "run.log"),
+            _rollout(
+                _config(with_load, with_dir, generated_rps=GENERATED_RPS), with_dir / "run.log"
+            ),
             _rollout(_config(without_load, without_dir), without_dir / "run.log"),
         )
         jobs_seen: list[Any] = []
@@ -169,12 +179,22 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
             lambda: urllib.request.urlopen(f"{loadtest_url}/metrics", timeout=5).read().decode()
         )
 
-    with_end, without_end = _end(with_dir), _end(without_dir)
+    (with_end, with_advice), (without_end, without_advice) = _end(with_dir), _end(without_dir)
     logs = (with_dir / "run.log").read_text()[-3000:], (without_dir / "run.log").read_text()[-3000:]
     assert codes == [0, 1], logs
     assert with_end.outcome == "promoted" and with_end.duration_s < STEP_DEADLINE_S, with_end
     assert without_end.outcome == "rolled_back", without_end
     assert f"no pass within max_step_s ({STEP_DEADLINE_S}s)" in without_end.reason
+    # The planner warned at the start without the load and named what generated load would
+    # do; with it configured (generated_rps) the first estimate counted it and fit the step.
+    assert "of generated load at the entry point (canary loadtest)" in without_advice[0]
+    assert "longer than the 2.0 min step" in without_advice[0]
+    assert (
+        f"{GENERATED_RPS} req/s generated at the entry point by canary loadtest" in (with_advice[0])
+    )
+    assert "fits the 2.0 min step" in with_advice[0], with_advice[0]
+    print(f"promoted after {with_end.duration_s:.0f} s with the load; {with_advice[0]}")
+    print(f"rolled back after {without_end.duration_s:.0f} s without; {without_advice[0]}")
     # One job however many calls, at the asked rate, and nearly all of it answered ok.
     assert all(len(seen["jobs"]) == 1 for seen in jobs_seen), jobs_seen[-1]
     assert jobs_seen[-1]["jobs"][0]["calls"] == len(jobs_seen)
