@@ -10,8 +10,8 @@ Service (or the entry point) for a bounded time. Repeated calls extend the load,
     generator  one open-loop job: a fixed rate whatever the target's latency
     server     the aiohttp app (POST /, GET /jobs, /metrics, /healthz) and `serve`
 
-May import: ``canary.notify.webhooks`` (the address check shared with webhooks); nothing
-from the runner, the supervisors or the core's state machines.
+May import: ``canary.core`` (redaction) and ``canary.notify.webhooks`` (the address check
+shared with webhooks); never the runner or a supervisor.
 """
 
 from canary.loadtest.generator import Job

@@ -23,6 +23,7 @@ from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from canary.core.redact import redact_url
 from canary.loadtest.policy import Limits, LoadRequest, TargetPolicy
 from canary.notify.webhooks import RefusedAddress, refusal
 
@@ -141,7 +142,7 @@ class Job:
         return {
             "namespace": self.namespace,
             "name": self.name,
-            "url": self.url,
+            "url": redact_url(self.url),  # a token in the query stays out of /jobs
             "method": self.method,
             "rps": self.rps,
             "remaining_s": round(self.remaining_s(), 3),

@@ -31,6 +31,7 @@ import aiohttp
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from canary.core.redact import redact_url
 from canary.loadtest.generator import GuardedResolver, Job, LoadMetrics
 from canary.loadtest.policy import BadRequest, Limits, LoadRequest, TargetPolicy, parse_payload
 
@@ -50,6 +51,7 @@ class JobManager:
         self.metrics = metrics
         self.jobs: dict[tuple[str, str, str], Job] = {}
         self._tasks: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+        self._running: set[asyncio.Task[None]] = set()  # every job task not yet done
         self._session: aiohttp.ClientSession | None = None
         self._closed = False
 
@@ -70,7 +72,10 @@ class JobManager:
         job = self.jobs.get(request.key)
         if request.action == "stop":
             if job is not None:
-                self._tasks[request.key].cancel()
+                # Out of the table at once: a start for the same key right after is a new job.
+                del self.jobs[request.key]
+                self._tasks.pop(request.key).cancel()
+                self.metrics.jobs.set(len(self.jobs))
             return "stopped", job
         if job is not None:
             job.extend(request)
@@ -85,17 +90,20 @@ class JobManager:
         task = asyncio.create_task(job.run(), name=f"loadtest {request.namespace}/{request.name}")
         self.jobs[request.key] = job
         self._tasks[request.key] = task
+        self._running.add(task)
         self.metrics.jobs.set(len(self.jobs))
-        task.add_done_callback(functools.partial(self._finished, request.key))
+        task.add_done_callback(functools.partial(self._finished, request.key, job))
         return "started", job
 
-    def _finished(self, key: tuple[str, str, str], task: asyncio.Task[None]) -> None:
-        job = self.jobs.pop(key, None)
-        self._tasks.pop(key, None)
-        self.metrics.jobs.set(len(self.jobs))
+    def _finished(self, key: tuple[str, str, str], job: Job, task: asyncio.Task[None]) -> None:
+        self._running.discard(task)
+        if self._tasks.get(key) is task:  # not a stopped job's: that left the table already
+            del self._tasks[key]
+            del self.jobs[key]
+            self.metrics.jobs.set(len(self.jobs))
         if not task.cancelled() and (exc := task.exception()) is not None:
             log.error("load job %s/%s failed: %r", key[0], key[1], exc)
-        elif job is not None:
+        else:
             log.info(
                 "load job %s/%s ended: %d sent, %s, %d dropped",
                 key[0],
@@ -106,9 +114,10 @@ class JobManager:
             )
 
     async def aclose(self) -> None:
-        """Cancel every job and await it; then close the HTTP session."""
+        """Cancel every job (stopped ones still winding down included) and await it; then
+        close the HTTP session."""
         self._closed = True
-        tasks = list(self._tasks.values())
+        tasks = list(self._running)
         for task in tasks:
             task.cancel()
         if tasks:
@@ -134,11 +143,12 @@ def build_app(manager: JobManager, *, token: str | None = None) -> web.Applicati
                     status=401,
                 )
         try:
-            if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-                raise BadRequest("body", f"is larger than {MAX_BODY_BYTES} bytes", status=413)
-            raw = await request.content.read(MAX_BODY_BYTES + 1)
-            if len(raw) > MAX_BODY_BYTES:
-                raise BadRequest("body", f"is larger than {MAX_BODY_BYTES} bytes", status=413)
+            try:
+                raw = await request.read()  # client_max_size bounds it
+            except web.HTTPRequestEntityTooLarge:
+                raise BadRequest(
+                    "body", f"is larger than {MAX_BODY_BYTES} bytes", status=413
+                ) from None
             try:
                 body = json.loads(raw)
             except (ValueError, RecursionError):
@@ -156,7 +166,7 @@ def build_app(manager: JobManager, *, token: str | None = None) -> web.Applicati
                 what,
                 load.namespace,
                 load.name,
-                load.url,
+                redact_url(load.url),
                 load.rps,
             )
         return web.json_response({"result": what, "job": job.describe() if job else None})

@@ -331,3 +331,46 @@ def test_the_cli_has_loadtest_with_help() -> None:
 
     assert main(["loadtest", "--allow-cidr", "not-a-cidr"]) == 2
     assert main(["loadtest", "--timeout", "soon"]) == 2
+
+
+def test_redirects_are_counted_not_followed(procs: ProcessPool, workdir: Path) -> None:
+    """A target answering 302 to another server: every request is counted as `redirect`,
+    and the server it points at gets nothing."""
+    target = service(procs)
+    port = free_port()
+    procs.python(
+        "redirect", Path(__file__).with_name("redirect_server.py"), port, f"{target}/", port=port
+    )
+    _, loadtest = loadtest_process(procs, workdir)
+    body = payload(url=f"http://127.0.0.1:{port}/", rps="10", duration="1s")
+    assert post(f"{loadtest}/", body)[0] == 200
+    wait_until_idle(loadtest)
+    assert served(target) == 0
+    metrics = get(f"{loadtest}/metrics")
+    redirects = re.search(r'outcome="redirect"\} (\S+)$', metrics, re.M)
+    assert redirects is not None and float(redirects.group(1)) >= 8
+    assert 'outcome="ok"' not in metrics
+
+
+def test_a_stopped_job_restarts_fresh_and_big_bodies_are_refused(
+    procs: ProcessPool, workdir: Path
+) -> None:
+    """post-rollout then rollout for the same key: a new job (calls 1), not the stopped one
+    extended; a body over 64 KiB is a 413 naming `body`, and non-JSON a 400."""
+    target = service(procs)
+    _, loadtest = loadtest_process(procs, workdir)
+    body = payload(url=f"{target}/", rps="5", duration="10m")
+    assert post(f"{loadtest}/", body)[1]["result"] == "started"
+    assert post(f"{loadtest}/", dict(body, type="post-rollout"))[1]["result"] == "stopped"
+    again = post(f"{loadtest}/", body)[1]
+    assert again["result"] == "started" and again["job"]["calls"] == 1
+    (job,) = json.loads(get(f"{loadtest}/jobs"))["jobs"]
+    assert job["calls"] == 1
+    big = dict(body, checksum="x" * 70_000)
+    status, answer = post(f"{loadtest}/", big)
+    assert status == 413 and answer["key"] == "body"
+    request = urllib.request.Request(f"{loadtest}/", data=b"{not json", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as caught:
+        urllib.request.urlopen(request, timeout=5)
+    assert caught.value.code == 400 and json.loads(caught.value.read())["key"] == "body"
+    assert post(f"{loadtest}/", dict(body, type="post-rollout"))[1]["result"] == "stopped"
