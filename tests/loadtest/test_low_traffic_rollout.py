@@ -77,9 +77,13 @@ def _post(url: str, body: dict[str, Any]) -> int:
         return int(response.status)
 
 
-def _get_json(url: str) -> Any:
+def _get_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
+        return str(response.read().decode())
+
+
+def _get_json(url: str) -> Any:
+    return json.loads(_get_text(url))
 
 
 async def _rollout(config: Path, log: Path) -> int:
@@ -175,9 +179,7 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
             caller.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await caller
-        metrics = await asyncio.to_thread(
-            lambda: urllib.request.urlopen(f"{loadtest_url}/metrics", timeout=5).read().decode()
-        )
+        metrics = await asyncio.to_thread(_get_text, f"{loadtest_url}/metrics")
 
     (with_end, with_advice), (without_end, without_advice) = _end(with_dir), _end(without_dir)
     logs = (with_dir / "run.log").read_text()[-3000:], (without_dir / "run.log").read_text()[-3000:]
@@ -189,9 +191,8 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
     # do; with it configured (generated_rps) the first estimate counted it and fit the step.
     assert "of generated load at the entry point (canary loadtest)" in without_advice[0]
     assert "longer than the 2.0 min step" in without_advice[0]
-    assert (
-        f"{GENERATED_RPS} req/s generated at the entry point by canary loadtest" in (with_advice[0])
-    )
+    loaded = f"{GENERATED_RPS} req/s generated at the entry point by canary loadtest"
+    assert loaded in with_advice[0], with_advice[0]
     assert "fits the 2.0 min step" in with_advice[0], with_advice[0]
     print(f"promoted after {with_end.duration_s:.0f} s with the load; {with_advice[0]}")
     print(f"rolled back after {without_end.duration_s:.0f} s without; {without_advice[0]}")
