@@ -12,6 +12,7 @@ Subcommands::
     canary report NAME|RECORD [...]        canary.cli.report
     canary kubernetes [...]                canary.cli.kubernetes
     canary clusters|failover|failback ...  canary.cli.clusters
+    canary loadtest [--allow-host P ...]   generated load for rollout webhooks (canary.cli.loadtest)
 
 Why it is built this way:
 
@@ -518,11 +519,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     # Imported here, not at the top: `canary demo`, forwarded before any parser is built, does
     # not pay for the Kubernetes client.
-    from canary.cli import clusters, kubernetes, report
+    from canary.cli import clusters, kubernetes, loadtest, report
 
     report.add_parser(subparsers)
     kubernetes.add_parser(subparsers)
     clusters.add_parser(subparsers)
+    loadtest.add_parser(subparsers)
     return parser
 
 

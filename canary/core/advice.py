@@ -13,6 +13,15 @@ Two estimates, both from analysis.planner (pass_advice's wording is what users r
   from the rates seen so far (plan_from_counts: traffic, split, the primary's error rate, the
   slow share above each latency threshold).
 
+Generated load (`canary loadtest`, driven by a rollout webhook) is what helps a low-traffic
+step, so the advice speaks of it in both directions: when none is configured and the step
+does not fit, it says what a round rate of generated load at the entry point would do ("with
+20 req/s of generated load at the entry point (canary loadtest): 4.0 min"); when a load test
+is configured (`generated_rps`, sent at the entry point or to the canary alone), the assumed
+estimate includes it and says what the step would need without it. Observed counts already
+hold the generated load; the advice says so, and warns when far less traffic arrives than
+the load test alone should send.
+
 After the first observed estimate the runner re-checks every `recheck_s` and tells users again
 only when the estimate changes materially (`material`): the verdict flips between fitting the
 step and not, or the time to pass moves by more than `factor`. Once the analysis has passed
@@ -30,11 +39,12 @@ from dataclasses import dataclass
 from typing import Literal
 
 from analysis import AnalysisConfig, Snapshot, pass_advice, plan, plan_from_counts
-from analysis.planner import observed_slow_rates
+from analysis.planner import PassAdvice, observed_slow_rates
 
 __all__ = [
     "FIRST_AFTER_S",
     "Advice",
+    "LoadAt",
     "assumed_advice",
     "material",
     "observed_advice",
@@ -46,6 +56,9 @@ EARLY_AFTER_S = 10.0  # ...or from this on, once the counts replace every guess 
 RECHECK_S = 60.0  # then a fresh estimate at most this often, said only if it changed
 FACTOR = 2.0  # "changed materially": the time to pass moved by more than this factor
 _NO_DEADLINE_BUDGET_S = 7 * 86400.0  # max_step_s None: no step deadline to compare with
+_ARRIVING = 0.5  # observed traffic below this share of the configured load: it is not arriving
+
+LoadAt = Literal["entry", "canary"]  # where generated load is sent: split like real traffic, or not
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +79,15 @@ class Advice:
     extra_canary_rps: float | None  # generated load on the canary that would make it fit
     extra_entry_rps: float | None  # or at the entry point (split like real traffic)
     message: str
+    # A configured load test (canary loadtest): its rate, where it is sent, and (assumed
+    # advice) the time to pass without it. None: no load test configured.
+    generated_rps: float | None = None
+    generated_at: LoadAt = "entry"
+    without_load_pass_s: float | None = None
+    # With no load test configured and a step that does not fit: a round rate of generated
+    # load at the entry point that fits, and the time to pass with it.
+    suggested_load_rps: float | None = None
+    suggested_load_pass_s: float | None = None
 
     @property
     def level(self) -> Literal["info", "warning"]:
@@ -85,7 +107,73 @@ class Advice:
             "fits": 1.0 if self.fits else 0.0,
             "extra_canary_rps": self.extra_canary_rps,
             "extra_entry_rps": self.extra_entry_rps,
+            "generated_rps": self.generated_rps,
+            "suggested_load_rps": self.suggested_load_rps,
+            "suggested_load_pass_s": self.suggested_load_pass_s,
         }
+
+
+def _duration(seconds: float | None) -> str:
+    """As the planner words times (its messages and ours read alike)."""
+    if seconds is None or not math.isfinite(seconds):
+        return "never"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def _with_load(rate_rps: float, share: float, load_rps: float, at: LoadAt) -> tuple[float, float]:
+    """Traffic and canary share once `load_rps` of generated load is added `at` a place."""
+    if at == "entry":
+        return rate_rps + load_rps, share
+    total = rate_rps + load_rps
+    return total, (rate_rps * share + load_rps) / total
+
+
+def _round_up(value: float) -> float:
+    """The next round number (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 8 x 10^k) at or above `value`:
+    a rate people can type, at most 25% above what is needed."""
+    if value <= 0:
+        return 1.0
+    scale = 10.0 ** math.floor(math.log10(value))
+    for step in (1.0, 1.2, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0):
+        if step * scale >= value * (1 - 1e-9):
+            return step * scale
+    return 10.0 * scale  # pragma: no cover - the loop always returns
+
+
+def _likely_pass_s(
+    rate_rps: float,
+    share: float,
+    error_rate: float,
+    slow_rates: dict[str, float] | None,
+    config: AnalysisConfig,
+) -> float | None:
+    return plan(
+        rate_rps=rate_rps,
+        canary_weight=share,
+        baseline_error_rate=error_rate,
+        slow_rates=slow_rates,
+        config=config,
+    ).likely_pass_s
+
+
+def _suggest_load(
+    advice: PassAdvice,
+    *,
+    rate_rps: float,
+    share: float,
+    error_rate: float,
+    slow_rates: dict[str, float] | None,
+    config: AnalysisConfig,
+) -> tuple[float, float | None] | None:
+    """A round entry-point rate of generated load that makes the step fit, and its time."""
+    if advice.fits or advice.extra_entry_rps is None:
+        return None
+    load = _round_up(advice.extra_entry_rps)
+    return load, _likely_pass_s(rate_rps + load, share, error_rate, slow_rates, config)
 
 
 def _advise(
@@ -100,6 +188,10 @@ def _advise(
     budget_s: float | None,
     config: AnalysisConfig,
     origin: str,
+    generated_rps: float | None = None,
+    generated_at: LoadAt = "entry",
+    without_load_pass_s: float | None = None,
+    load_note: str = "",
 ) -> Advice:
     budget = _NO_DEADLINE_BUDGET_S if budget_s is None else budget_s
     advice = pass_advice(
@@ -122,6 +214,25 @@ def _advise(
         # pass_advice compares with a budget; without a deadline only the time is news.
         message = message.split(": fits the ", 1)[0].split(": longer than the ", 1)[0]
         message += " (no max_step_s: the step waits for it)"
+    suggestion = None
+    if generated_rps is None and budget_s is not None:
+        suggestion = _suggest_load(
+            advice,
+            rate_rps=rate_rps,
+            share=canary_share,
+            error_rate=error_rate,
+            slow_rates=slow_rates,
+            config=config,
+        )
+    extra = load_note
+    if suggestion is not None:
+        load, load_pass_s = suggestion
+        extra = (
+            f" With {load:.3g} req/s of generated load at the entry point (canary loadtest): "
+            f"{_duration(load_pass_s)}.{load_note}"
+        )
+    if extra:
+        message = (message if message.endswith(".") else message + ".") + extra
     return Advice(
         source=source,
         weight=weight,
@@ -137,6 +248,11 @@ def _advise(
         extra_canary_rps=advice.extra_canary_rps,
         extra_entry_rps=advice.extra_entry_rps,
         message=f"time to pass at {weight}% ({origin}): {message}",
+        generated_rps=generated_rps,
+        generated_at=generated_at,
+        without_load_pass_s=without_load_pass_s,
+        suggested_load_rps=suggestion[0] if suggestion else None,
+        suggested_load_pass_s=suggestion[1] if suggestion else None,
     )
 
 
@@ -147,33 +263,79 @@ def assumed_advice(
     weight: int,
     budget_s: float | None,
     config: AnalysisConfig,
+    generated_rps: float | None = None,
+    generated_at: LoadAt = "entry",
 ) -> Advice:
-    """The estimate at the start, from the traffic the caller expects. Raises ValueError
-    for rates the planner cannot use (a weight of 0 or 100, a rate that is not positive)."""
+    """The estimate at the start, from the traffic the caller expects, plus the generated
+    load of a configured load test (`generated_rps`, sent `generated_at` the entry point or
+    the canary). Raises ValueError for rates the planner cannot use (a weight of 0 or 100, a
+    rate that is not positive)."""
+    share = weight / 100.0
+    origin = (
+        f"assumed {expected_rps:.3g} req/s at the entry point, "
+        f"{100 * expected_error_rate:.3g}% errors"
+    )
+    if generated_rps is None:
+        return _advise(
+            source="assumed",
+            rate_rps=expected_rps,
+            canary_share=share,
+            error_rate=expected_error_rate,
+            slow_rates=None,
+            weight=weight,
+            elapsed_s=0.0,
+            budget_s=budget_s,
+            config=config,
+            origin=origin,
+        )
+    if not (math.isfinite(generated_rps) and generated_rps > 0):
+        raise ValueError(f"generated_rps: {generated_rps!r} is not a positive rate")
+    rate, loaded_share = _with_load(expected_rps, share, generated_rps, generated_at)
+    without = _likely_pass_s(expected_rps, share, expected_error_rate, None, config)
+    where = "at the entry point" if generated_at == "entry" else "on the canary"
     return _advise(
         source="assumed",
-        rate_rps=expected_rps,
-        canary_share=weight / 100.0,
+        rate_rps=rate,
+        canary_share=loaded_share,
         error_rate=expected_error_rate,
         slow_rates=None,
         weight=weight,
         elapsed_s=0.0,
         budget_s=budget_s,
         config=config,
-        origin=(
-            f"assumed {expected_rps:.3g} req/s at the entry point, "
-            f"{100 * expected_error_rate:.3g}% errors"
-        ),
+        origin=f"{origin}, and {generated_rps:.3g} req/s generated {where} by canary loadtest",
+        generated_rps=generated_rps,
+        generated_at=generated_at,
+        without_load_pass_s=without,
+        load_note=f" Without the generated load: {_duration(without)}.",
     )
 
 
 def observed_advice(
-    snapshot: Snapshot, *, weight: int, budget_s: float | None, config: AnalysisConfig
+    snapshot: Snapshot,
+    *,
+    weight: int,
+    budget_s: float | None,
+    config: AnalysisConfig,
+    generated_rps: float | None = None,
+    generated_at: LoadAt = "entry",
 ) -> Advice:
-    """The estimate from the counts the analysis was given. Raises ValueError while an arm
-    has served nothing (no split to plan from)."""
+    """The estimate from the counts the analysis was given; they hold a configured load
+    test's requests already (`generated_rps` only changes what is said). Raises ValueError
+    while an arm has served nothing (no split to plan from)."""
     observed = plan_from_counts(snapshot, config=config)
     total = observed.canary_rps + observed.primary_rps
+    load_note = ""
+    if generated_rps is not None:
+        arrived = total if generated_at == "entry" else observed.canary_rps
+        where = "at the entry point" if generated_at == "entry" else "on the canary"
+        if arrived < _ARRIVING * generated_rps:
+            load_note = (
+                f" The load test should add {generated_rps:.3g} req/s {where}, but only "
+                f"{arrived:.3g} req/s arrive: check canary loadtest and the rollout hook."
+            )
+        else:
+            load_note = f" (Includes {generated_rps:.3g} req/s generated {where}.)"
     return _advise(
         source="observed",
         rate_rps=total,
@@ -188,6 +350,9 @@ def observed_advice(
             f"observed over {snapshot.elapsed_s:.0f} s: {total:.3g} req/s, "
             f"{100 * observed.base_error_rate:.2g}% errors on the primary"
         ),
+        generated_rps=generated_rps,
+        generated_at=generated_at,
+        load_note=load_note,
     )
 
 

@@ -44,7 +44,14 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 from analysis import AnalysisConfig, Snapshot, Verdict
-from canary.core.advice import Advice, assumed_advice, material, observed_advice, observed_due
+from canary.core.advice import (
+    Advice,
+    LoadAt,
+    assumed_advice,
+    material,
+    observed_advice,
+    observed_due,
+)
 from canary.core.logs import bind_rollout, unbind_rollout
 from canary.core.records import (
     EndEntry,
@@ -216,6 +223,9 @@ class RolloutRunner:
     # and the analysis settings to plan with (None: the analyzer's own `config`).
     expected_rps: float | None = None
     expected_error_rate: float = 0.01
+    # A load test run by a rollout hook (canary loadtest): req/s it adds, and where.
+    generated_rps: float | None = None
+    generated_at: LoadAt = "entry"
     analysis: AnalysisConfig | None = None
     advise: bool = True
     # Overrides of the start entry's plan, from a caller that knows more than the rates (the
@@ -1007,6 +1017,8 @@ class RolloutRunner:
                 weight=self.spec.steps[0],
                 budget_s=self.spec.max_step_s,
                 config=config,
+                generated_rps=self.generated_rps,
+                generated_at=self.generated_at,
             )
         except (ValueError, ArithmeticError) as exc:
             log.warning(
@@ -1035,6 +1047,8 @@ class RolloutRunner:
                 weight=status.weight,
                 budget_s=self.spec.max_step_s,
                 config=config,
+                generated_rps=self.generated_rps,
+                generated_at=self.generated_at,
             )
         except (ValueError, ArithmeticError) as exc:
             log.debug("%s: no time-to-pass estimate from the counts: %s", self.name, exc)

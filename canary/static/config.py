@@ -183,6 +183,11 @@ class TargetConfig(_Strict):
     # step; null: the first estimate comes after a minute of observed traffic.
     expected_rps: float | None = Field(default=None, gt=0, le=1e7, allow_inf_nan=False)
     expected_error_rate: float = Field(default=0.01, ge=0, lt=1, allow_inf_nan=False)
+    # A load test that a rollout hook runs (`canary loadtest`): the requests/s it adds and
+    # where (entry: through HAProxy, split like real traffic; canary: the canary alone). The
+    # planner's advice counts it; null: none.
+    generated_rps: float | None = Field(default=None, gt=0, le=1e5, allow_inf_nan=False)
+    generated_at: Literal["entry", "canary"] = "entry"
     record_dir: Path = Path("records")
     # Free-form labels for the record and reports.
     primary_version: str = ""

@@ -65,6 +65,8 @@ def build_runner(
         analysis=analysis_config,
         expected_rps=config.expected_rps,
         expected_error_rate=config.expected_error_rate,
+        generated_rps=config.generated_rps,
+        generated_at=config.generated_at,
         revision=config.canary_version or stamp,
         primary_version=config.primary_version,
         canary_version=config.canary_version,

@@ -60,8 +60,15 @@ def _args(objects: dict[Key, Any]) -> list[str]:
         ["--set", "serviceMonitor.enabled=true", "--set", "watchNamespace=shop"],
         ["--set", "replicas=1", "--set", "leaderElection.enabled=false"],
         ["--set", "prometheusRule.enabled=true", "--set", "grafanaDashboard.enabled=true"],
+        ["--set", "loadtest.enabled=true"],
     ],
-    ids=["defaults", "servicemonitor-and-one-namespace", "one-replica", "rules-and-dashboard"],
+    ids=[
+        "defaults",
+        "servicemonitor-and-one-namespace",
+        "one-replica",
+        "rules-and-dashboard",
+        "loadtest",
+    ],
 )
 def test_helm_lint_is_clean(toolbox: Toolbox, tmp_path: Path, values: list[str]) -> None:
     """`helm lint --strict` finds nothing, with the defaults and with the options switched."""
@@ -98,6 +105,29 @@ def test_servicemonitor_value_renders_the_optional_manifest(
     assert {k: v for k, v in rendered.items() if k[1] != "ServiceMonitor"} == _render(
         toolbox, tmp_path
     )
+
+
+def test_loadtest_value_renders_the_optional_manifest(toolbox: Toolbox, tmp_path: Path) -> None:
+    """loadtest.enabled adds manifests/optional/loadtest.yaml (ServiceAccount, Deployment,
+    Service), nothing else; allowHosts and allowCidrs become its flags."""
+    defaults = _render(toolbox, tmp_path)
+    rendered = _render(toolbox, tmp_path, "--set", "loadtest.enabled=true")
+    optional = _objects((MANIFESTS / "optional" / "loadtest.yaml").read_text())
+    assert {k: v for k, v in rendered.items() if k not in defaults} == optional
+    assert {k: v for k, v in rendered.items() if k in defaults} == defaults
+    widened = _render(
+        toolbox,
+        tmp_path,
+        "--set",
+        "loadtest.enabled=true",
+        "--set",
+        "loadtest.allowHosts={*.shop.internal}",
+        "--set",
+        "loadtest.allowCidrs={10.96.0.0/12}",
+    )
+    key = ("apps/v1", "Deployment", "canary-system", "canary-loadtest")
+    args = widened[key]["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--allow-host=*.shop.internal" in args and "--allow-cidr=10.96.0.0/12" in args
 
 
 def test_rule_and_dashboard_values_render_the_files_as_they_are(
@@ -231,12 +261,13 @@ def _prepare_namespace(cluster: ControlPlane, namespace: str) -> None:
 
 
 def test_chart_passes_server_side_dry_run(cluster: ControlPlane, tmp_path: Path) -> None:
-    """Every object the chart renders (ServiceMonitor aside: no Prometheus Operator CRD here)
-    is accepted by the real apiserver."""
+    """Every object the chart renders (ServiceMonitor aside: no Prometheus Operator CRD here),
+    the optional load tester included, is accepted by the real apiserver."""
     _prepare_namespace(cluster, "canary-dry")
     rendered = cluster.helm(
-        "template", "canary-dry", str(CHART), "--namespace", "canary-dry"
-    ).stdout
+        "template", "canary-dry", str(CHART), "--namespace", "canary-dry",
+        "--set", "loadtest.enabled=true",
+    ).stdout  # fmt: skip
     result = cluster.kubectl("apply", "--dry-run=server", "-f", "-", stdin=rendered)
     applied = result.stdout.splitlines()
     assert len(applied) == len(_objects(rendered))

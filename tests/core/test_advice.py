@@ -47,9 +47,12 @@ def test_low_traffic_is_told_it_will_not_pass_in_time_and_what_load_would_help()
     )
     assert " h to pass in 95% of rollouts" in advice.message
     assert "longer than the 15.0 min step" in advice.message and "To fit: " in advice.message
-    # the wording is pass_advice's own
+    # the wording is pass_advice's own, then what generated load would do (canary loadtest)
     direct = pass_advice(rate_rps=4.0, canary_weight=0.05, baseline_error_rate=0.01)
-    assert advice.message.endswith(direct.message)
+    assert advice.message.endswith(
+        f"{direct.message} With 250 req/s of generated load at the entry point "
+        "(canary loadtest): 13.4 min."
+    )
 
 
 def test_high_traffic_fits_the_step() -> None:
@@ -128,3 +131,99 @@ def test_only_material_changes_are_said_again() -> None:
     assert material(first, _advice(likely_pass_s=None))
     assert not material(first, _advice(likely_pass_s=first.likely_pass_s * 1.3))
     assert not material(first, first)
+
+
+# --- generated load (canary loadtest) ---------------------------------------------------
+
+
+def test_a_step_that_does_not_fit_is_told_what_generated_load_would_do() -> None:
+    """0.4 canary req/s needs hours; the advice names a round entry-point rate of generated
+    load (canary loadtest) at or above the one needed, and the minutes it would take then."""
+    advice = assumed_advice(
+        expected_rps=4.0, expected_error_rate=0.01, weight=10, budget_s=900.0, config=CONFIG
+    )
+    assert not advice.fits and advice.generated_rps is None
+    assert advice.extra_entry_rps is not None and advice.suggested_load_rps is not None
+    assert advice.extra_entry_rps <= advice.suggested_load_rps <= 1.25 * advice.extra_entry_rps
+    assert advice.suggested_load_pass_s is not None and advice.suggested_load_pass_s <= 900.0
+    load = f"{advice.suggested_load_rps:.3g}"
+    assert f"With {load} req/s of generated load at the entry point (canary loadtest): " in (
+        advice.message
+    )
+    assert advice.message.endswith(" min.")
+    assert advice.plan()["suggested_load_rps"] == advice.suggested_load_rps
+    # a step that fits needs no suggestion
+    busy = assumed_advice(
+        expected_rps=400.0, expected_error_rate=0.01, weight=5, budget_s=900.0, config=CONFIG
+    )
+    assert busy.suggested_load_rps is None and "canary loadtest" not in busy.message
+
+
+def test_a_configured_load_test_is_part_of_the_assumed_estimate() -> None:
+    """With 200 req/s generated at the entry point the same step fits, and the advice says
+    what it would need without the load; at the canary alone the primary's few requests
+    still limit the comparison, which the estimate shows."""
+    without = assumed_advice(
+        expected_rps=4.0, expected_error_rate=0.01, weight=10, budget_s=900.0, config=CONFIG
+    )
+    loaded = assumed_advice(
+        expected_rps=4.0,
+        expected_error_rate=0.01,
+        weight=10,
+        budget_s=900.0,
+        config=CONFIG,
+        generated_rps=200.0,
+    )
+    assert loaded.fits and loaded.generated_rps == 200.0 and loaded.generated_at == "entry"
+    assert loaded.canary_rps == pytest.approx(20.4)
+    assert loaded.without_load_pass_s == without.likely_pass_s
+    assert "and 200 req/s generated at the entry point by canary loadtest" in loaded.message
+    assert loaded.message.endswith(" Without the generated load: 7.7 h.")
+    assert loaded.suggested_load_rps is None
+    at_canary = assumed_advice(
+        expected_rps=4.0,
+        expected_error_rate=0.01,
+        weight=10,
+        budget_s=900.0,
+        config=CONFIG,
+        generated_rps=200.0,
+        generated_at="canary",
+    )
+    assert at_canary.canary_rps == pytest.approx(200.4)
+    assert at_canary.primary_rps == pytest.approx(3.6)
+    assert at_canary.likely_pass_s is not None and loaded.likely_pass_s is not None
+    assert at_canary.likely_pass_s > loaded.likely_pass_s
+    with pytest.raises(ValueError, match="generated_rps"):
+        assumed_advice(
+            expected_rps=4.0,
+            expected_error_rate=0.01,
+            weight=10,
+            budget_s=900.0,
+            config=CONFIG,
+            generated_rps=0.0,
+        )
+
+
+def test_observed_counts_hold_the_load_and_missing_load_is_flagged() -> None:
+    """Observed rates include generated load already: the advice says so when it arrives,
+    and warns when far less traffic arrives than the load test alone should send."""
+    arriving = observed_advice(
+        _snapshot(60.0, 204.0, 0.1, 0.01),
+        weight=10,
+        budget_s=900.0,
+        config=CONFIG,
+        generated_rps=200.0,
+    )
+    assert arriving.canary_rps == pytest.approx(20.4)
+    assert arriving.message.endswith("(Includes 200 req/s generated at the entry point.)")
+    missing = observed_advice(
+        _snapshot(60.0, 4.0, 0.1, 0.01),
+        weight=10,
+        budget_s=900.0,
+        config=CONFIG,
+        generated_rps=200.0,
+    )
+    assert not missing.fits and missing.suggested_load_rps is None
+    assert "The load test should add 200 req/s at the entry point, but only 4 req/s arrive" in (
+        missing.message
+    )

@@ -3,6 +3,7 @@ Deployment is hardened, and the examples' annotations are valid."""
 
 from __future__ import annotations
 
+import json
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ def test_rbac_is_exactly_the_calls_the_code_makes() -> None:
     assert {c.resource for c in namespaced} == set(OWN_NAMESPACE_RESOURCES)
     assert not {c.resource for c in cluster} & OWN_NAMESPACE_RESOURCES
     assert all(r["metadata"]["namespace"] == NAMESPACE for r in roles)
-    (account,) = docs("ServiceAccount")
+    (account,) = docs("ServiceAccount", "serviceaccount.yaml")
     for binding in docs("ClusterRoleBinding") + docs("RoleBinding"):
         kind = binding["roleRef"]["kind"]
         assert binding["roleRef"]["name"] in {
@@ -234,3 +235,37 @@ def test_network_policy_opens_the_port_and_the_few_ways_out() -> None:
     assert blocks and all("169.254.0.0/16" in block["except"] for block in blocks)
     assert dep["spec"]["strategy"]["type"] == "Recreate"
     assert not docs("PodDisruptionBudget")
+
+
+def test_loadtest_manifest_runs_the_real_cli_without_permissions() -> None:
+    """optional/loadtest.yaml: `canary loadtest` with args the real CLI parses, listening on
+    the port its Service targets, hardened, with no token mounted and no RBAC at all; the
+    controller's NetworkPolicy lets rollout hooks reach that port."""
+    from canary.cli.main import build_parser
+
+    path = "optional/loadtest.yaml"
+    (account,) = docs("ServiceAccount", path)
+    (dep,) = docs("Deployment", path)
+    (service,) = docs("Service", path)
+    assert account["automountServiceAccountToken"] is False
+    pod = dep["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "canary-loadtest"
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    (container,) = pod["containers"]
+    args = build_parser().parse_args(container["args"])
+    assert args.func.__module__ == "canary.cli.loadtest"
+    assert args.listen == f"0.0.0.0:{container['ports'][0]['containerPort']}"
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert service["spec"]["selector"] == dep["spec"]["selector"]["matchLabels"]
+    assert service["spec"]["ports"][0]["targetPort"] == container["ports"][0]["name"]
+    for kind in ("Role", "ClusterRole", "RoleBinding", "ClusterRoleBinding"):
+        for doc in docs(kind):
+            assert "loadtest" not in json.dumps(doc), doc["metadata"]["name"]
+    (policy,) = docs("NetworkPolicy", "networkpolicy.yaml")
+    assert any(
+        peer.get("podSelector", {}).get("matchLabels") == dep["spec"]["selector"]["matchLabels"]
+        and [p["port"] for p in rule["ports"]] == [container["ports"][0]["containerPort"]]
+        for rule in policy["spec"]["egress"]
+        for peer in rule.get("to", [])
+    )

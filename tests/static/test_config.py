@@ -297,3 +297,20 @@ def test_gate_webhooks_become_the_rollout_specs_gates() -> None:
     assert [(g.type, g.retries) for g in config.gates] == [("pre-rollout", 2)]
     spec = config.rollout_spec()
     assert (spec.gates, spec.gate_failure_threshold) == (("pre-rollout",), 2)
+
+
+def test_a_configured_load_test_reaches_the_runners_planner(tmp_path: Path) -> None:
+    """`generated_rps` and `generated_at` (a rollout hook's canary loadtest) go to the runner,
+    whose advice counts them; none by default; nonsense is refused naming the key."""
+    from canary.static.targets import build_runner
+
+    config = parse_config(example(generated_rps=40, generated_at="canary"), base=tmp_path)
+    runner = build_runner(config, stamp="t")
+    assert (runner.generated_rps, runner.generated_at) == (40.0, "canary")
+    default = build_runner(parse_config(example(), base=tmp_path), stamp="t")
+    assert (default.generated_rps, default.generated_at) == (None, "entry")
+    for bad in (0, -5, "lots", float("nan")):
+        with pytest.raises(ConfigError, match="generated_rps"):
+            parse_config(example(generated_rps=bad))
+    with pytest.raises(ConfigError, match="generated_at"):
+        parse_config(example(generated_at="sideways"))

@@ -1,0 +1,207 @@
+"""A low-traffic canary decides in minutes with `canary loadtest`, and not without it.
+
+Two identical stacks run side by side on 127.0.0.1, each with real processes: the demo
+service as primary and canary, HAProxy in front, Prometheus scraping both, and 1 req/s of
+"real" traffic through HAProxy. Each is rolled out by `python -m canary run --config` with
+one 50 % step and a 120 s step deadline. In one, `python -m canary loadtest` sends 50 req/s
+through the same HAProxy (the entry point), driven by the Flagger-style payload that a
+rollout webhook would POST every tick; this test POSTs it every 2 s itself. The healthy
+canary is promoted there; in the other, 0.5 canary req/s cannot reach the analysis'
+200-sample minimum before the deadline, so the step ends in a rollback by deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from canary.core.records import EndEntry, NoteEntry, read_record
+from canary.demo.procs import HttpReady, ManagedProcess, free_port
+from canary.demo.stack import BACKEND, ServiceSpec, Stack, StackSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+READY_S = 90.0  # starting Python with aiohttp on a busy 2-core CI machine can take 15 s
+REAL_RPS = 1.0
+GENERATED_RPS = 50
+STEP_DEADLINE_S = 120
+# Production defaults but for the demo's looser error tolerance and one latency quantile:
+# the planner's estimate at 51 req/s and 50 % is ~40 s to pass, at 1 req/s over half an hour.
+ANALYSIS = {
+    "quantiles": [0.5],
+    "errors": {"tolerance": 1.0, "abs_tolerance": 0.02},
+    "latency": {"tolerance": 1.0, "abs_tolerance": 0.05},
+}
+
+
+def _config(stack: Stack, directory: Path, **extra: Any) -> Path:
+    assert stack.prometheus is not None
+    config = directory / "rollout.yaml"
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "name": "app",
+                "router": {"kind": "haproxy", "socket": str(stack.socket_path), "backend": BACKEND},
+                "metrics": {
+                    "kind": "prometheus",
+                    "url": stack.prometheus.url,
+                    "queries": {"selector": 'job="canary"'},
+                },
+                "steps": [50],
+                "min_step_s": 5,
+                "max_step_s": STEP_DEADLINE_S,
+                "no_data_deadline_s": 60,
+                "tick_s": 1,
+                "analysis": ANALYSIS,
+                "expected_rps": REAL_RPS,
+                "expected_error_rate": 0.005,
+                "record_dir": str(directory / "records"),
+                **extra,
+            }
+        )
+    )
+    return config
+
+
+def _post(url: str, body: dict[str, Any]) -> int:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
+    request.add_header("Content-Type", "application/json")
+    with urllib.request.urlopen(request, timeout=5) as response:
+        return int(response.status)
+
+
+def _get_text(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return str(response.read().decode())
+
+
+def _get_json(url: str) -> Any:
+    return json.loads(_get_text(url))
+
+
+async def _rollout(config: Path, log: Path) -> int:
+    with log.open("wb") as out:
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "canary", "run", "--config", str(config),
+            "--listen", f"127.0.0.1:{free_port()}",
+            cwd=ROOT, stdout=out, stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            return await asyncio.wait_for(process.wait(), timeout=STEP_DEADLINE_S + 90)
+        finally:
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+
+
+def _end(directory: Path) -> tuple[EndEntry, list[str]]:
+    """The record's end, and the planner's advice said during the rollout."""
+    (record,) = (directory / "records").glob("app-*.jsonl")
+    entries = read_record(record)
+    end = entries[-1]
+    assert isinstance(end, EndEntry), end
+    advice = [
+        e.message for e in entries if isinstance(e, NoteEntry) and "time to pass" in e.message
+    ]
+    return end, advice
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(360)
+async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
+    sockdir: Path,
+) -> None:
+    """At 1 req/s a healthy canary is rolled back at the 120 s step deadline (not shown safe);
+    with 50 req/s from `canary loadtest` through HAProxy the same canary is promoted before
+    it, and the load tester's /jobs and /metrics show the load it sent."""
+    spec = ServiceSpec(error_rate=0.005, latency_ms=20.0, latency_jitter=0.3, seed=3)
+    settings = StackSettings(primary=spec, canary=spec, rate=REAL_RPS)
+    with_dir, without_dir = sockdir / "with", sockdir / "without"
+    port = free_port()
+    loadtest_url = f"http://127.0.0.1:{port}"
+    loadtest = ManagedProcess(
+        [
+            sys.executable, "-m", "canary", "loadtest", "--listen", f"127.0.0.1:{port}",
+            "--allow-cidr", "127.0.0.1/32", "--max-rps", "100",
+        ],
+        log_path=sockdir / "loadtest.log",
+        ready=HttpReady(f"{loadtest_url}/healthz"),
+        name="loadtest",
+        cwd=ROOT,
+        ready_timeout=READY_S,
+    )  # fmt: skip
+    async with (
+        Stack(settings, workdir=with_dir) as with_load,
+        Stack(settings, workdir=without_dir) as without_load,
+        loadtest,
+    ):
+        assert with_load.haproxy is not None
+        await asyncio.gather(with_load.wait_for_metrics(), without_load.wait_for_metrics())
+        # What the rollout webhook will POST every tick (see the module docstring).
+        payload = {
+            "name": "app",
+            "namespace": "static",
+            "phase": "Progressing",
+            "checksum": "test",
+            "type": "rollout",
+            "metadata": {
+                "url": f"{with_load.haproxy.url}/",
+                "rps": str(GENERATED_RPS),
+                "duration": "10s",
+                "method": "GET",
+            },
+        }
+        rollouts = asyncio.gather(
+            _rollout(
+                _config(with_load, with_dir, generated_rps=GENERATED_RPS), with_dir / "run.log"
+            ),
+            _rollout(_config(without_load, without_dir), without_dir / "run.log"),
+        )
+        jobs_seen: list[Any] = []
+
+        async def webhook() -> None:
+            while True:
+                assert await asyncio.to_thread(_post, f"{loadtest_url}/", payload) == 200
+                jobs_seen.append(await asyncio.to_thread(_get_json, f"{loadtest_url}/jobs"))
+                await asyncio.sleep(2.0)
+
+        caller = asyncio.create_task(webhook())
+        try:
+            codes = await rollouts
+        finally:
+            caller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await caller
+        metrics = await asyncio.to_thread(_get_text, f"{loadtest_url}/metrics")
+
+    (with_end, with_advice), (without_end, without_advice) = _end(with_dir), _end(without_dir)
+    logs = (with_dir / "run.log").read_text()[-3000:], (without_dir / "run.log").read_text()[-3000:]
+    assert codes == [0, 1], logs
+    assert with_end.outcome == "promoted" and with_end.duration_s < STEP_DEADLINE_S, with_end
+    assert without_end.outcome == "rolled_back", without_end
+    assert f"no pass within max_step_s ({STEP_DEADLINE_S}s)" in without_end.reason
+    # The planner warned at the start without the load and named what generated load would
+    # do; with it configured (generated_rps) the first estimate counted it and fit the step.
+    assert "of generated load at the entry point (canary loadtest)" in without_advice[0]
+    assert "longer than the 2.0 min step" in without_advice[0]
+    loaded = f"{GENERATED_RPS} req/s generated at the entry point by canary loadtest"
+    assert loaded in with_advice[0], with_advice[0]
+    assert "fits the 2.0 min step" in with_advice[0], with_advice[0]
+    print(f"promoted after {with_end.duration_s:.0f} s with the load; {with_advice[0]}")
+    print(f"rolled back after {without_end.duration_s:.0f} s without; {without_advice[0]}")
+    # One job however many calls, at the asked rate, and nearly all of it answered ok.
+    assert all(len(seen["jobs"]) == 1 for seen in jobs_seen), jobs_seen[-1]
+    assert jobs_seen[-1]["jobs"][0]["calls"] == len(jobs_seen)
+    ok = next(
+        float(line.rsplit(" ", 1)[1])
+        for line in metrics.splitlines()
+        if line.startswith("canary_loadtest_requests_total{") and 'outcome="ok"' in line
+    )
+    assert ok >= GENERATED_RPS * with_end.duration_s * 0.8, (ok, with_end.duration_s)
