@@ -53,7 +53,8 @@ BINARIES = (
 # kwok manages only nodes with this annotation; pods bound to them become Running and Ready.
 KWOK_NODE_ANNOTATION = ("kwok.x-k8s.io/node", "fake")
 FAKE_NODES = ("kwok-node-0", "kwok-node-1", "kwok-node-2")
-SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/24"
+# Room for the scale benchmark (benchmarks/scale.py: two Services per app, 2,000 apps).
+SERVICE_CLUSTER_IP_RANGE = "10.96.0.0/16"
 SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
 
 # The identity of the controller (manifests/serviceaccount.yaml) as the apiserver names it.
@@ -726,8 +727,8 @@ class ControlPlane:
                         },
                     },
                     "status": {
-                        "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
-                        "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                        "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "5000"},
+                        "capacity": {"cpu": "32", "memory": "256Gi", "pods": "5000"},
                     },
                 }
                 for name in FAKE_NODES
