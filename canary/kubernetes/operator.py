@@ -631,7 +631,14 @@ class DeploymentWorker:
         mirror = self.op.hpas.get((namespace, f"{name}-primary"))
         if mirror is not None and hpa_target(mirror) is not None:
             mirror = None  # not ours: sync_hpa refuses to touch it when it comes to it
-        done = await self.workload(self.state.replicas, self.state.replicas).sync_hpa(mirror)
+        workload = self.workload(self.state.replicas, self.state.replicas)
+        try:
+            done = await workload.sync_hpa(mirror)
+        except (KubeError, RuntimeError) as exc:
+            # Rollouts go on without the mirror; the next change of the app or an HPA retries.
+            log.warning("%s: HPA mirror not synced: %s", self.name, exc)
+            await self.event("Warning", "HPAMirrorFailed", str(exc))
+            return
         if done:
             await self.event("Normal", "HPAMirrored", done)
 
