@@ -9,7 +9,7 @@ No Prometheus either (the URL given answers nothing): no rollout here passes by 
 Promotions are manual (`canary.dev/command` promote), and an analysed rollout is recognised by
 what it does first: the canary scaled up and the canary Ingress at the first step's weight.
 
-One namespace, five Deployments, all at once (a rollout here costs seconds of waiting for
+One namespace, seven Deployments, all at once (a rollout here costs seconds of waiting for
 kube-controller-manager and kwok, and in sequence they would add up):
 
     web     an HPA on it: mirrored, updated, app-primary held at 5 by it, a promotion that
@@ -18,6 +18,8 @@ kube-controller-manager and kwok, and in sequence they would add up):
     pct     canary.dev/canary-replicas: "25%" of a 6-replica primary: 2
     fast    canary.dev/fast-rollback-window: 1h; promote B, revert to A: straight to primary
     slow    canary.dev/fast-rollback-window: 1s; promote B, revert to A after it: analysed
+    other   canary.dev/fast-rollback-window: 1h; promote B, then C (not a revert): analysed
+    foreign an HPA on it, and an HPA `foreign-primary` that is someone else's: left alone
 """
 
 from __future__ import annotations
@@ -137,7 +139,10 @@ APPS = {
     "pct": deployment("pct", 6, canary_replicas="25%"),
     "fast": deployment("fast", 2, fast_rollback_window="1h"),
     "slow": deployment("slow", 2, fast_rollback_window="1s"),
+    "other": deployment("other", 2, fast_rollback_window="1h"),
+    "foreign": deployment("foreign", 2),
 }
+NEWER_IMAGE = "ghcr.io/example/shop:1.6.0"
 
 
 @dataclass
@@ -160,6 +165,9 @@ def setup(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> It
     cluster.kubectl("create", "namespace", NS)
     items = [*APPS.values(), *(ingress(name) for name in APPS)]
     items.append(hpa("web", "web", min_replicas=2, max_replicas=6))
+    items.append(hpa("foreign", "foreign", min_replicas=2, max_replicas=4))
+    # Not ours (no managed-by label), aimed elsewhere: the mirror must not take it over.
+    items.append(hpa("foreign-primary", "somebody-else", min_replicas=1, max_replicas=3))
     cluster.kubectl(
         "apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": items})
     )
@@ -398,8 +406,8 @@ def test_canary_replicas_as_a_count_and_as_a_percentage(setup: Setup) -> None:
     assert get(cluster, "deployment", "pct-primary")["spec"]["replicas"] == 6
 
 
-def _promote_b_then_revert_to_a(setup: Setup, name: str) -> tuple[str, str, KubeState]:
-    """Roll B out to its first step, promote it by hand, and revert the app to A."""
+def _promote_b(setup: Setup, name: str) -> tuple[str, str, KubeState]:
+    """Roll B out to its first step and promote it by hand: (A's hash, B's, the state)."""
     cluster = setup.cluster
     wait(f"{name} initialized", lambda: initialized(cluster, name), setup)
     first = template_hash(get(cluster, "deployment", name))
@@ -417,7 +425,7 @@ def test_a_revert_within_the_window_skips_the_analysis(setup: Setup) -> None:
     that says why (no tick), a FastRollback Event, and the status shows a promoted rollout
     whose reason says so."""
     cluster = setup.cluster
-    first, second, _ = _promote_b_then_revert_to_a(setup, "fast")
+    first, second, _ = _promote_b(setup, "fast")
     assert canary_weight(cluster, "fast") == 0
     reverted = set_image(cluster, "fast", OLD_IMAGE)
     assert reverted == first
@@ -450,7 +458,7 @@ def test_a_revert_after_the_window_is_analysed(setup: Setup) -> None:
     """With a 1s window, the same revert a few seconds after the promotion is a new
     analysed rollout: the canary scaled up and the canary Ingress at the first step."""
     cluster = setup.cluster
-    first, _, promoted = _promote_b_then_revert_to_a(setup, "slow")
+    first, _, promoted = _promote_b(setup, "slow")
     time.sleep(2.0)  # past the 1s window (the window is measured from the promotion)
     assert set_image(cluster, "slow", OLD_IMAGE) == first
     st = wait("an analysed rollout of A", lambda: at_first_step(cluster, "slow", first), setup)
@@ -487,3 +495,34 @@ def test_every_hpa_rule_is_used_and_none_is_refused(setup: Setup) -> None:
     assert refused == set(), sorted(refused)
     text = setup.log.read_text(errors="replace").lower()
     assert "forbidden" not in text and " 403" not in text, text[-4000:]
+
+
+def test_a_different_template_within_the_window_is_analysed(setup: Setup) -> None:
+    """Within the window, a template that is not the one promoted before the current one
+    (C after A -> B) is a normal analysed rollout."""
+    cluster = setup.cluster
+    first, second, _ = _promote_b(setup, "other")
+    third = set_image(cluster, "other", NEWER_IMAGE)
+    assert third not in (first, second)
+    st = wait("an analysed rollout of C", lambda: at_first_step(cluster, "other", third), setup)
+    assert st.rollout is not None and "fast rollback" not in st.rollout.reason
+    assert st.previous_revision == first  # a revert to A would still be fast
+    assert canary_weight(cluster, "other") == 30
+    assert not [e for e in events(cluster, "other") if e["reason"] == "FastRollback"]
+
+
+def test_an_hpa_of_our_mirrors_name_that_is_not_ours_is_left_alone(setup: Setup) -> None:
+    """An HPA `foreign-primary` that canary did not make is neither patched nor deleted: a
+    Warning Event names it, and the app is set up all the same."""
+    cluster = setup.cluster
+    wait("foreign initialized", lambda: initialized(cluster, "foreign"), setup)
+    warning = wait(
+        "an HPAMirrorFailed Event",
+        lambda: [e for e in events(cluster, "foreign") if e["reason"] == "HPAMirrorFailed"],
+        setup,
+    )[0]
+    assert warning["type"] == "Warning" and "not ours" in warning["message"], warning
+    theirs = get(cluster, "hpa", "foreign-primary")
+    assert theirs["spec"]["scaleTargetRef"]["name"] == "somebody-else"
+    assert (theirs["spec"]["minReplicas"], theirs["spec"]["maxReplicas"]) == (1, 3)
+    assert "ownerReferences" not in theirs["metadata"]
