@@ -14,6 +14,17 @@ completed (`kube.deployment_rollout`), the weight goes back to 0 and `app` scale
 On fail: weight 0, scale to zero. A template changed again mid-rollout ends the record with
 outcome `superseded` and starts a new record whose start entry says what it superseded.
 
+HPAs are watched beside the Deployments; a change to an app's HPA (or to our mirror of it)
+wakes that app's worker, which syncs app-primary's HPA (canary.kubernetes.workload). The
+canary's size is `canary.dev/canary-replicas`, else the app's HPA's minReplicas (the HPA then
+scales the canary), else the app's replica count at first sight.
+
+Fast rollback (`canary.dev/fast-rollback-window`, off by default): the status keeps the
+template app-primary had before the last promotion and when that promotion was; a revert of
+`app` to it within the window is promoted at once, without analysis, with a three-entry
+record and a FastRollback Event that say why. The window is on the controller's clock (wall
+time anchored at start), since it must hold across restarts, which no monotonic clock does.
+
 State survives restarts. `KubeState` (compact JSON in the `canary.dev/status` annotation)
 holds the rollout machine's whole `RolloutStatus`, the promoted revision, the record's
 ConfigMap and the last manual command answered. It is written with resourceVersion-guarded
@@ -331,6 +342,7 @@ class DeploymentWorker:
         self._metrics: BatchedMetrics | None = None
         self.task: asyncio.Task[None] | None = None
         self.spec_error: str = ""
+        self._hpa_error = ""  # the last failure to sync app-primary's HPA
         self.notifier: Notifier | None = None
         self._webhooks: tuple[WebhookConfig, ...] = ()
 
@@ -635,10 +647,14 @@ class DeploymentWorker:
         try:
             done = await workload.sync_hpa(mirror)
         except (KubeError, RuntimeError) as exc:
-            # Rollouts go on without the mirror; the next change of the app or an HPA retries.
-            log.warning("%s: HPA mirror not synced: %s", self.name, exc)
+            # Rollouts go on without the mirror; the next change of the app or an HPA retries
+            # (logged once per distinct error: every reconcile meets it again).
+            if str(exc) != self._hpa_error:
+                log.warning("%s: HPA mirror not synced: %s", self.name, exc)
+            self._hpa_error = str(exc)
             await self.event("Warning", "HPAMirrorFailed", str(exc))
             return
+        self._hpa_error = ""
         if done:
             await self.event("Normal", "HPAMirrored", done)
 

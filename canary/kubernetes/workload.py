@@ -6,6 +6,12 @@ of the last promoted pod template, its selector labels suffixed `-primary`), and
 itself, scaled to its size during a rollout and to zero between rollouts; promotion copies
 the template to `app-primary` and waits until that Deployment has rolled out.
 
+An autoscaling/v2 HPA on `app` is mirrored to an `app-primary` HPA (`sync_hpa`: owned by
+`app`, labelled ours, patched when the app's changes, deleted when it goes; one of that name
+that is not ours is never touched). app-primary's replicas are then its HPA's: we only ever
+raise them, at promotion, to what its HPA (or, without one, the app) asks, so a promotion
+never shrinks production.
+
 This is the runner's Workload seam (canary.runner.seams.Workload) for Kubernetes; the
 operator also uses it to set a Deployment up on first sight. Every write first asks
 `check_acting` (a replica that lost its Lease raises NotActing and writes nothing).
