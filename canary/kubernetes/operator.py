@@ -557,9 +557,9 @@ class DeploymentWorker:
             return ""
         at = datetime.fromtimestamp(state.promoted_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
         return (
-            f"fast rollback: template equals revision {revision}, primary before "
-            f"{state.primary_revision} was promoted at {at}, within window "
-            f"{_seconds(window)} ({_seconds(age)} ago); analysis skipped"
+            f"fast rollback: template equals revision {revision}, which app-primary ran "
+            f"before {state.primary_revision} was promoted at {at}; within window "
+            f"{_seconds(window)} ({_seconds(age)} after); analysis skipped"
         )
 
     async def _fast_rollback(self, revision: str, reason: str) -> None:

@@ -49,6 +49,7 @@ from canary.core.records import EndEntry, NoteEntry, StartEntry, TickEntry
 from canary.kubernetes.operator import KubeState, template_hash
 from canary.kubernetes.record_store import unpack_record
 from canary.kubernetes.spec import ANNOTATION_COMMAND, ANNOTATION_STATUS
+from canary.reports import build_report, render_markdown
 
 NS = "hpa-e2e"
 RECORDS_NS = "canary-system"
@@ -450,6 +451,10 @@ def test_a_revert_within_the_window_skips_the_analysis(setup: Setup) -> None:
     start, note, end = entries
     assert (start.primary_version, start.canary_version) == (second, first)
     assert "analysis skipped" in note.message and end.outcome == "promoted"
+    report = render_markdown(
+        build_report([e.model_dump(mode="json", by_alias=True) for e in entries])
+    )
+    assert "promoted" in report and "analysis skipped" in report, report
     fast = [e for e in events(cluster, "fast") if e["reason"] == "FastRollback"]
     assert fast and fast[0]["type"] == "Normal" and "analysis skipped" in fast[0]["message"]
 
