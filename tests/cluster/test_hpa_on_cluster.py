@@ -328,8 +328,9 @@ def test_the_apps_hpa_is_mirrored_and_promotion_does_not_shrink_production(setup
     """web's HPA (min 2, max 6) is mirrored to an HPA `web-primary` aimed at web-primary,
     owned by web and labelled ours; raised to min 5 / max 8 the mirror follows, and the HPA
     controller holds web-primary at 5. With the app's HPA lowered back to min 2, a new
-    template rolls out (the canary at the HPA's minReplicas, 2) and is promoted: web-primary
-    keeps its 5 replicas, now of the new template. Deleting the app's HPA deletes the mirror."""
+    template rolls out (the canary at the HPA's minReplicas, 2, then scaled to 3 by the HPA
+    when its minimum is raised) and is promoted: web-primary keeps its 5 replicas, now of the
+    new template. Deleting the app's HPA deletes the mirror."""
     cluster = setup.cluster
     wait("web initialized", lambda: initialized(cluster, "web"), setup)
 
@@ -369,6 +370,17 @@ def test_the_apps_hpa_is_mirrored_and_promotion_does_not_shrink_production(setup
     revision = set_image(cluster, "web", NEW_IMAGE)
     wait("web's rollout at its first step", lambda: at_first_step(cluster, "web", revision), setup)
     assert get(cluster, "deployment", "web")["spec"]["replicas"] == 2  # the HPA's minReplicas
+    # During the rollout the canary is the app's HPA's: raised to min 3, the HPA controller
+    # scales it (and the mirror follows, which leaves web-primary's 5 as it is).
+    patch = {"spec": {"minReplicas": 3}}
+    cluster.kubectl("patch", "hpa", "web", "-n", NS, "--type=merge", "-p", json.dumps(patch))
+    wait(
+        "the HPA controller to scale the canary to 3",
+        lambda: get(cluster, "deployment", "web")["spec"]["replicas"] == 3,
+        setup,
+    )
+    wait("the mirror at min 3, max 8", lambda: mirror(3, 8), setup)
+    assert at_first_step(cluster, "web", revision)
     promote_by_hand(setup, "web", revision)
     primary = wait(
         "web-primary rolled out with the new template",
