@@ -47,7 +47,7 @@ from support.control_plane import (
 
 from canary.core.records import EndEntry, NoteEntry, StartEntry, TickEntry
 from canary.kubernetes.operator import KubeState, template_hash
-from canary.kubernetes.record_store import unpack_record
+from canary.kubernetes.record_store import RECORD_LABEL, unpack_record
 from canary.kubernetes.spec import ANNOTATION_COMMAND, ANNOTATION_STATUS
 from canary.reports import build_report, render_markdown
 
@@ -307,8 +307,11 @@ def rolled_out(cluster: ControlPlane, name: str, image: str) -> dict[str, Any] |
 
 
 def record(cluster: ControlPlane, st: KubeState) -> list[Any]:
+    """The record's head and chunks, as `kubectl get configmap -l canary.io/record=` dumps it."""
     namespace, _, name = st.record.partition("/")
-    return unpack_record(get(cluster, "configmap", name, namespace=namespace))
+    return unpack_record(
+        get(cluster, "configmaps", "-l", f"{RECORD_LABEL}={name}", namespace=namespace)
+    )
 
 
 def events(cluster: ControlPlane, name: str) -> list[dict[str, Any]]:
