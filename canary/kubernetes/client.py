@@ -213,6 +213,12 @@ TWO_CLUSTER_CALLS: frozenset[ApiCall] = frozenset(
 API_CALLS: frozenset[ApiCall] = TWO_CLUSTER_CALLS | frozenset(
     _calls("apps", "deployments", "get", "list", "watch", "create", "patch")
     | _calls("", "services", "get", "create", "patch")
+    # The app's HorizontalPodAutoscaler is followed; app-primary's is our mirror of it.
+    | _calls(
+        "autoscaling",
+        "horizontalpodautoscalers",
+        *("get", "list", "watch", "create", "patch", "delete"),
+    )
     | _calls("", "configmaps", "get", "create", "update")
     | _calls("", "events", "create")
     | _calls("networking.k8s.io", "ingresses", "get", "create", "patch")
@@ -320,6 +326,7 @@ class Kube:
         self._core = k8s.CoreV1Api(api_client)
         self._net = k8s.NetworkingV1Api(api_client)
         self._coord = k8s.CoordinationV1Api(api_client)
+        self._autoscaling = k8s.AutoscalingV2Api(api_client)
         self._custom = k8s.CustomObjectsApi(api_client)
         self._authn = k8s.AuthenticationV1Api(api_client)
         self._authz = k8s.AuthorizationV1Api(api_client)
@@ -453,6 +460,28 @@ class Kube:
     async def watch_deployments(
         self, namespace: str | None = None, *, timeout_s: int = 300
     ) -> AsyncGenerator[Relist | WatchEvent, None]:
+        """Deployments: see `_watch`."""
+        stream = self._watch("deployments", namespace, timeout_s=timeout_s)
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                yield item
+
+    async def watch_hpas(
+        self, namespace: str | None = None, *, timeout_s: int = 300
+    ) -> AsyncGenerator[Relist | WatchEvent, None]:
+        """autoscaling/v2 HorizontalPodAutoscalers: see `_watch`."""
+        stream = self._watch("horizontalpodautoscalers", namespace, timeout_s=timeout_s)
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                yield item
+
+    async def _watch(
+        self,
+        resource: Literal["deployments", "horizontalpodautoscalers"],
+        namespace: str | None,
+        *,
+        timeout_s: int,
+    ) -> AsyncGenerator[Relist | WatchEvent, None]:
         """A Relist first, then events, forever: resumes from the last resourceVersion
         after the server ends a stream, and re-lists (a new Relist) after 410 Gone.
 
@@ -462,21 +491,32 @@ class Kube:
         compacted to). After `retry.attempts` such errors in a row it raises Unavailable."""
         if timeout_s < 1:
             raise ValueError(f"timeout_s must be >= 1, got {timeout_s}")
-        if namespace is None:
-            watch_fn: Callable[..., Awaitable[Any]] = self._apps.list_deployment_for_all_namespaces
-            args: tuple[str, ...] = ()
+        if resource == "deployments":
+            group = "apps"
+            all_fn: Callable[..., Awaitable[Any]] = self._apps.list_deployment_for_all_namespaces
+            ns_fn: Callable[..., Awaitable[Any]] = self._apps.list_namespaced_deployment
+            lister = self.list_deployments
         else:
-            watch_fn, args = self._apps.list_namespaced_deployment, (namespace,)
+            group = "autoscaling"
+            all_fn = self._autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces
+            ns_fn = self._autoscaling.list_namespaced_horizontal_pod_autoscaler
+            lister = self.list_hpas
+        call = ApiCall(group, resource, "watch")
+        args: tuple[str, ...] = ()
+        if namespace is None:
+            watch_fn = all_fn
+        else:
+            watch_fn, args = ns_fn, (namespace,)
         resource_version: str | None = None
         empty_streams = stream_errors = 0
         while True:
             if resource_version is None:
-                relist = await self.list_deployments(namespace)
+                relist = await lister(namespace)
                 resource_version = relist.resource_version
                 yield relist
             opened, events = time.monotonic(), 0
             try:
-                stream = self._watch_once(watch_fn, args, resource_version, timeout_s)
+                stream = self._watch_once(call, watch_fn, args, resource_version, timeout_s)
                 async with contextlib.aclosing(stream):
                     async for event in stream:
                         events += 1
@@ -485,7 +525,7 @@ class Kube:
                         yield event
             except Gone:
                 log.info(
-                    "watch deployments: resourceVersion %s is gone, re-listing", resource_version
+                    "watch %s: resourceVersion %s is gone, re-listing", resource, resource_version
                 )
                 resource_version = None
                 continue
@@ -496,7 +536,8 @@ class Kube:
                         f"{exc} (gave up after {stream_errors} errors in a row)"
                     ) from exc
                 log.warning(
-                    "watch deployments from resourceVersion %s: %s; re-listing",
+                    "watch %s from resourceVersion %s: %s; re-listing",
+                    resource,
                     resource_version,
                     exc,
                 )
@@ -512,12 +553,13 @@ class Kube:
 
     async def _watch_once(
         self,
+        call: ApiCall,
         fn: Callable[..., Awaitable[Any]],
         args: tuple[str, ...],
         resource_version: str,
         timeout_s: int,
     ) -> AsyncGenerator[WatchEvent, None]:
-        call = ApiCall("apps", "deployments", "watch")
+        what = f"watch {call.resource}"
         if call not in API_CALLS:
             raise AssertionError(f"{call} is missing from API_CALLS")
 
@@ -534,7 +576,7 @@ class Kube:
                     _request_timeout=aiohttp.ClientTimeout(sock_read=timeout_s + 15),
                 )
             except (aiohttp.ClientConnectionError, TimeoutError) as exc:
-                raise _Transient(f"watch deployments: no answer: {exc!r}") from exc
+                raise _Transient(f"{what}: no answer: {exc!r}") from exc
             if resp.status != 200:
                 async with resp:
                     _decode(
@@ -542,7 +584,7 @@ class Kube:
                     )
             return resp
 
-        resp = await with_retries(open_stream, policy=self.retry, what="watch deployments")
+        resp = await with_retries(open_stream, policy=self.retry, what=what)
         async with resp:
             while True:
                 try:
@@ -562,7 +604,7 @@ class Kube:
                     if code == 410:
                         raise Gone(message)
                     if code in _TRANSIENT_STATUSES:
-                        raise _Transient(f"watch deployments: {code}: {message}", status=code)
+                        raise _Transient(f"{what}: {code}: {message}", status=code)
                     raise _error(code, message)
                 if kind in ("ADDED", "MODIFIED", "DELETED"):
                     yield WatchEvent(kind, event["object"])
@@ -590,6 +632,61 @@ class Kube:
             namespace,
             _guarded(patch, resource_version),
             _content_type=_MERGE_PATCH,
+        )
+
+    # -- HorizontalPodAutoscalers (autoscaling/v2) --------------------------------------
+
+    async def list_hpas(self, namespace: str | None = None) -> Relist:
+        if namespace is None:
+            body = await self._call(
+                ApiCall("autoscaling", "horizontalpodautoscalers", "list"),
+                self._autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces,
+            )
+        else:
+            body = await self._call(
+                ApiCall("autoscaling", "horizontalpodautoscalers", "list"),
+                self._autoscaling.list_namespaced_horizontal_pod_autoscaler,
+                namespace,
+            )
+        return Relist(list(body.get("items") or []), str(body["metadata"]["resourceVersion"]))
+
+    async def get_hpa(self, namespace: str, name: str) -> JSON:
+        return await self._call(
+            ApiCall("autoscaling", "horizontalpodautoscalers", "get"),
+            self._autoscaling.read_namespaced_horizontal_pod_autoscaler,
+            name,
+            namespace,
+        )
+
+    async def create_hpa(self, namespace: str, body: JSON) -> JSON:
+        return await self._call(
+            ApiCall("autoscaling", "horizontalpodautoscalers", "create"),
+            self._autoscaling.create_namespaced_horizontal_pod_autoscaler,
+            namespace,
+            body,
+        )
+
+    async def patch_hpa(
+        self, namespace: str, name: str, patch: JSON, *, resource_version: str | None = None
+    ) -> JSON:
+        return await self._call(
+            ApiCall("autoscaling", "horizontalpodautoscalers", "patch"),
+            self._autoscaling.patch_namespaced_horizontal_pod_autoscaler,
+            name,
+            namespace,
+            _guarded(patch, resource_version),
+            _content_type=_MERGE_PATCH,
+        )
+
+    async def delete_hpa(self, namespace: str, name: str, *, uid: str | None = None) -> JSON:
+        """Delete an HPA; with `uid`, only that object (not one re-created under its name)."""
+        body = {"preconditions": {"uid": uid}} if uid else None
+        return await self._call(
+            ApiCall("autoscaling", "horizontalpodautoscalers", "delete"),
+            self._autoscaling.delete_namespaced_horizontal_pod_autoscaler,
+            name,
+            namespace,
+            body=body,
         )
 
     # -- Ingresses -----------------------------------------------------------------------

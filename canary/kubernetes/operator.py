@@ -14,6 +14,17 @@ completed (`kube.deployment_rollout`), the weight goes back to 0 and `app` scale
 On fail: weight 0, scale to zero. A template changed again mid-rollout ends the record with
 outcome `superseded` and starts a new record whose start entry says what it superseded.
 
+HPAs are watched beside the Deployments; a change to an app's HPA (or to our mirror of it)
+wakes that app's worker, which syncs app-primary's HPA (canary.kubernetes.workload). The
+canary's size is `canary.dev/canary-replicas`, else the app's HPA's minReplicas (the HPA then
+scales the canary), else the app's replica count at first sight.
+
+Fast rollback (`canary.dev/fast-rollback-window`, off by default): the status keeps the
+template app-primary had before the last promotion and when that promotion was; a revert of
+`app` to it within the window is promoted at once, without analysis, with a three-entry
+record and a FastRollback Event that say why. The window is on the controller's clock (wall
+time anchored at start), since it must hold across restarts, which no monotonic clock does.
+
 State survives restarts. `KubeState` (compact JSON in the `canary.dev/status` annotation)
 holds the rollout machine's whole `RolloutStatus`, the promoted revision, the record's
 ConfigMap and the last manual command answered. It is written with resourceVersion-guarded
@@ -57,12 +68,14 @@ import socket
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analysis import Analyzer
 from canary.core.inputs import MAX_ANNOTATION_BYTES, InputError, check_tick, clip, load_json
+from canary.core.records import EndEntry, NoteEntry, StartEntry
 from canary.core.rollout import (
     Command,
     RolloutStatus,
@@ -90,7 +103,9 @@ from canary.kubernetes.spec import (
     parse_annotations,
 )
 from canary.kubernetes.workload import (
+    MANAGED_BY,
     AppDeployments,
+    hpa_target,
     primary_template,
     template_hash,
 )
@@ -176,7 +191,12 @@ class KubeState(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     primary_revision: str = ""  # template hash now on app-primary
-    replicas: int = 1  # the canary's size while it runs
+    replicas: int = 1  # the app's replica count at first sight: production's size
+    # The template app-primary had before the last promotion, and when (the controller's
+    # clock, unix seconds: a window must survive restarts) that promotion was: a revert to
+    # it within canary.dev/fast-rollback-window skips the analysis. "" once used.
+    previous_revision: str = ""
+    promoted_at: float = 0.0
     rollout: RolloutStatus | None = None  # the current, or the last, rollout
     rollout_id: str = ""
     record: str = ""  # "namespace/configmap" of the rollout's record
@@ -237,6 +257,16 @@ def _annotations(obj: Mapping[str, Any]) -> dict[str, str]:
 
 def _enabled_key_present(obj: Mapping[str, Any]) -> bool:
     return ENABLED in _annotations(obj)
+
+
+def _seconds(value: float) -> str:
+    """A duration for people: 3600 -> 1h0m0s, 42.5 -> 42s."""
+    whole = int(value)
+    hours, rest = divmod(whole, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    return f"{minutes}m{seconds}s" if minutes else f"{seconds}s"
 
 
 def _default_identity() -> str:
@@ -333,6 +363,7 @@ class DeploymentWorker:
         self._metrics: BatchedMetrics | None = None
         self.task: asyncio.Task[None] | None = None
         self.spec_error: str = ""
+        self._hpa_error = ""  # the last failure to sync app-primary's HPA
         self.notifier: Notifier | None = None
         self._webhooks: tuple[WebhookConfig, ...] = ()
 
@@ -458,6 +489,9 @@ class DeploymentWorker:
             update.update(rollout=status, rollout_id=runner.rollout_id, record=runner.record_ref)
             if status.done and status.outcome == "promoted":
                 update["primary_revision"] = status.revision
+                if status.revision != state.primary_revision:
+                    update["previous_revision"] = state.primary_revision
+                    update["promoted_at"] = self.op.clock()
         return state.model_copy(update=update)
 
     async def persist(self) -> None:
@@ -505,6 +539,7 @@ class DeploymentWorker:
             await self._initialize(spec)
             return
 
+        await self._sync_hpa()
         command = annotations.get(ANNOTATION_COMMAND)
         revision = template_hash(obj)
         running = self._runner_task is not None and not self._runner_task.done()
@@ -529,7 +564,126 @@ class DeploymentWorker:
             return
         if last is not None and last.revision == revision:
             return  # this version was rolled back: it waits for a new template
+        fast = self._fast_rollback_reason(spec, revision)
+        if fast:
+            await self._fast_rollback(revision, fast)
+            return
         await self._start_rollout(spec, revision=revision, resume=None)
+
+    def _fast_rollback_reason(self, spec: CanarySpec, revision: str) -> str:
+        """Why `revision` may skip the analysis ("" if it may not): it is the template
+        promoted before the current one, and that promotion is within the window."""
+        state = self.state
+        window = spec.fast_rollback_window_s
+        if state is None or window <= 0 or not state.previous_revision:
+            return ""
+        if revision != state.previous_revision or not state.promoted_at:
+            return ""
+        age = self.op.clock() - state.promoted_at
+        if not 0 <= age <= window:
+            return ""
+        at = datetime.fromtimestamp(state.promoted_at, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return (
+            f"fast rollback: template equals revision {revision}, which app-primary ran "
+            f"before {state.primary_revision} was promoted at {at}; within window "
+            f"{_seconds(window)} ({_seconds(age)} after); analysis skipped"
+        )
+
+    async def _fast_rollback(self, revision: str, reason: str) -> None:
+        """Straight to app-primary: a template that was production minutes ago needs no new
+        evidence, and analysing it would keep the suspect version serving meanwhile."""
+        assert self.state is not None
+        namespace, name = self.key
+        settings = self.op.settings
+        started = self.op.clock()
+        rollout_id = f"{self.name}@{revision}-fast-rollback-{int(started)}"
+        await self.event("Normal", "FastRollback", reason)
+        await self.workload(self.state.replicas, self.state.replicas).promote(revision)
+        record = ConfigMapRecord(
+            self.op.kube,
+            namespace=settings.record_namespace,
+            rollout=rollout_id,
+            max_bytes=settings.record_max_bytes,
+            flush_s=settings.record_flush_s,
+            may_write=self.op.acting,
+        )
+        now = self.op.clock()
+        entries = (
+            StartEntry(
+                at=started,
+                rollout=rollout_id,
+                target=self.name,
+                primary_version=self.state.primary_revision,
+                canary_version=revision,
+                steps=[],
+                config={"namespace": namespace, "deployment": name, "reason": reason},
+            ),
+            NoteEntry(at=now, rollout=rollout_id, message=reason),
+            EndEntry(
+                at=now,
+                rollout=rollout_id,
+                outcome="promoted",
+                reason=reason,
+                duration_s=max(0.0, now - started),
+            ),
+        )
+        record_error = ""
+        for entry in entries:
+            await record.append(entry)
+        try:
+            await record.flush(force=True)
+        except Exception as exc:  # as for any record: never fails the rollout, only shown
+            record_error = f"could not write {record.label}: {exc}"
+            log.warning("%s: %s", self.name, record_error)
+        status = RolloutStatus(
+            stage="Succeeded",
+            revision=revision,
+            weight=0,
+            started_at=started,
+            promoted=True,
+            outcome="promoted",
+            reason=reason,
+        )
+        # The runner of the reverted rollout is done: forget it, or its "promoted" would be
+        # read back as the primary's revision.
+        self.runner, self._runner_task = None, None
+        self.record_error = record_error
+        self.state = self.state.model_copy(
+            update={
+                "primary_revision": revision,
+                "previous_revision": "",  # no fast path back to the version just reverted
+                "promoted_at": now,
+                "rollout": status,
+                "rollout_id": rollout_id,
+                "record": record.ref,
+            }
+        )
+        await self.persist()
+        await self.event("Normal", "Promoted", f"{name}-primary runs {revision} again: {reason}")
+
+    async def _sync_hpa(self) -> None:
+        """app-primary's HPA follows the app's (once the HPA watch has listed them all)."""
+        if not self.op.hpas_listed.is_set():
+            return
+        assert self.state is not None
+        namespace, name = self.key
+        mirror = self.op.hpas.get((namespace, f"{name}-primary"))
+        if mirror is not None and hpa_target(mirror) is not None:
+            mirror = None  # not ours: sync_hpa refuses to touch it when it comes to it
+        workload = self.workload(self.state.replicas, self.state.replicas)
+        try:
+            done = await workload.sync_hpa(mirror)
+        except (KubeError, RuntimeError) as exc:
+            # Rollouts go on without the mirror; the next change of the app or an HPA retries
+            # (logged once per distinct error: every reconcile meets it again).
+            if str(exc) != self._hpa_error:
+                log.warning("%s: HPA mirror not synced: %s", self.name, exc)
+            self._hpa_error = str(exc)
+            await self.event("Warning", "HPAMirrorFailed", str(exc))
+            return
+        self._hpa_error = ""
+        if done:
+            await self.event("Normal", "HPAMirrored", done)
 
     async def _bad_spec(self, exc: SpecError) -> None:
         text = dump_problems(exc)
@@ -541,7 +695,7 @@ class DeploymentWorker:
     async def _initialize(self, spec: CanarySpec) -> None:
         """First sight: app-primary, the Services, the router at 0%, the canary at zero."""
         replicas = int((self.obj.get("spec") or {}).get("replicas", 1) or 1)
-        workload = self.workload(replicas)
+        workload = self.workload(replicas, replicas)
         await workload.ensure_services(spec)
         await workload.copy_to_primary(replicas=replicas)
         router = self._router(spec)
@@ -553,6 +707,7 @@ class DeploymentWorker:
         await workload.scale(0)
         self.state = KubeState(primary_revision=template_hash(self.obj), replicas=replicas)
         await self.persist()
+        await self._sync_hpa()
         await self.event(
             "Normal",
             "Initialized",
@@ -597,7 +752,7 @@ class DeploymentWorker:
     ) -> None:
         assert self.state is not None
         namespace, name = self.key
-        workload = self.workload(self.state.replicas)
+        workload = self.workload(await self._canary_size(spec), self.state.replicas)
         await workload.ensure_services(spec)
         settings = self.op.settings
         router = self._router(spec)
@@ -709,7 +864,38 @@ class DeploymentWorker:
             port=spec.router.port,
         )
 
-    def workload(self, replicas: int) -> AppDeployments:
+    async def _canary_size(self, spec: CanarySpec) -> int:
+        """canary.dev/canary-replicas (of app-primary's replicas now), else the HPA's
+        minReplicas (the HPA then scales the canary as it would the app), else the app's
+        replica count."""
+        assert self.state is not None
+        namespace, name = self.key
+        if spec.canary_replicas is not None:
+            if spec.canary_replicas.count is not None:
+                return spec.canary_replicas.count
+            primary = await self.op.kube.get_deployment(namespace, f"{name}-primary")
+            return spec.canary_replicas.of(int((primary.get("spec") or {}).get("replicas", 1)))
+        hpa = self.app_hpa()
+        if hpa is not None:
+            return int((hpa.get("spec") or {}).get("minReplicas") or 1)
+        return self.state.replicas
+
+    def app_hpa(self) -> JSON | None:
+        """The app's HPA as the watch last saw it (the first by name, if there are several:
+        the HPA controller itself refuses to act on an ambiguous target)."""
+        namespace, name = self.key
+        found = [
+            obj
+            for (ns, _), obj in sorted(self.op.hpas.items())
+            if ns == namespace and hpa_target(obj) == name
+        ]
+        return found[0] if found else None
+
+    def hpa_changed(self) -> None:
+        """The app's HPA, or our mirror of it, changed: reconcile (not an echo)."""
+        self._changed.set()
+
+    def workload(self, replicas: int, app_replicas: int) -> AppDeployments:
         """What is deployed for this Deployment (the runner's Workload)."""
 
         settings = self.op.settings
@@ -721,6 +907,8 @@ class DeploymentWorker:
             check_acting=self.check_acting,
             event=self.event,
             replicas=replicas,
+            app_replicas=app_replicas,
+            hpa=self.app_hpa,
             promote_timeout_s=settings.promote_timeout_s,
             promote_poll_s=settings.promote_poll_s,
         )
@@ -814,6 +1002,10 @@ class Operator:
         self.started = asyncio.Event()
         self.objects: dict[tuple[str, str], JSON] = {}
         self.workers: dict[tuple[str, str], DeploymentWorker] = {}
+        # Every HPA in the watched namespaces, by (namespace, name): the apps' and our
+        # mirrors; `hpas_listed` once the first list is in (before it, no mirror is touched).
+        self.hpas: dict[tuple[str, str], JSON] = {}
+        self.hpas_listed = asyncio.Event()
         self._leading = elector is None
         self.telemetry.leader.set_function(lambda: 1.0 if self.acting() else 0.0)
         # One reader and one HTTP session for every rollout's counts: about one batch per
@@ -851,6 +1043,7 @@ class Operator:
         election: asyncio.Task[None] | None = None
         elector_stop = asyncio.Event()
         watch = asyncio.create_task(self._watch(), name="watch deployments")
+        watch_hpas = asyncio.create_task(self._watch_hpas(), name="watch hpas")
         if self.elector is not None:
             election = asyncio.create_task(self.elector.run(elector_stop), name="leader election")
         elif self.shards is not None:
@@ -875,8 +1068,10 @@ class Operator:
         finally:
             stopping.cancel()
             watch.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await watch
+            watch_hpas.cancel()
+            for task in (watch, watch_hpas):
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
             await self._stop_workers()
             self._leading = self.elector is None
             self._terms.clear()
@@ -955,6 +1150,48 @@ class Operator:
             except KubeError as exc:
                 log.warning("watch deployments failed, retrying: %s", exc)
                 await asyncio.sleep(self.settings.tick_s)
+
+    async def _watch_hpas(self) -> None:
+        """Follow the HPAs, as the Deployments; a failing watch only delays the mirrors."""
+        while True:
+            try:
+                await self._follow_hpas()
+            except KubeError as exc:
+                log.warning("watch horizontalpodautoscalers failed, retrying: %s", exc)
+                await asyncio.sleep(self.settings.tick_s)
+
+    async def _follow_hpas(self) -> None:
+        async for item in self.kube.watch_hpas(self.settings.namespace):
+            if isinstance(item, Relist):
+                before = self.hpas
+                self.hpas = {_key(obj): obj for obj in item.objects}
+                self.hpas_listed.set()
+                touched = {self._hpa_app(k, o) for k, o in (*before.items(), *self.hpas.items())}
+                self._hpa_changed(touched if before else set(self.workers))
+                continue
+            assert isinstance(item, WatchEvent)
+            key = _key(item.object)
+            old = self.hpas.pop(key, None)
+            if item.type != "DELETED":
+                self.hpas[key] = item.object
+            touched = {self._hpa_app(key, item.object)}
+            if old is not None:
+                touched.add(self._hpa_app(key, old))
+            self._hpa_changed(touched)
+
+    @staticmethod
+    def _hpa_app(key: tuple[str, str], hpa: JSON) -> tuple[str, str]:
+        """The Deployment an HPA concerns: its target, or for our mirror, the app."""
+        labels = (hpa.get("metadata") or {}).get("labels") or {}
+        if labels.get("app.kubernetes.io/managed-by") == MANAGED_BY["app.kubernetes.io/managed-by"]:
+            return key[0], key[1].removesuffix("-primary")
+        return key[0], hpa_target(hpa) or ""
+
+    def _hpa_changed(self, apps: set[tuple[str, str]]) -> None:
+        for app in apps:
+            worker = self.workers.get(app)
+            if worker is not None:
+                worker.hpa_changed()
 
     async def _follow(self) -> None:
         async for item in self.kube.watch_deployments(self.settings.namespace):

@@ -48,6 +48,7 @@ __all__ = [
     "PREFIX",
     "RESERVED",
     "AnalysisSpec",
+    "CanaryReplicas",
     "CanarySpec",
     "MetricsSpec",
     "RouterSpec",
@@ -275,6 +276,26 @@ class Webhook(BaseModel):
         return self.type in GATE_KINDS
 
 
+MAX_CANARY_REPLICAS = 1000
+
+
+class CanaryReplicas(BaseModel):
+    """The canary's size: a count, or a percentage of app-primary's replicas."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    count: int | None = Field(default=None, ge=1, le=MAX_CANARY_REPLICAS)
+    percent: float | None = Field(default=None, gt=0, le=100)
+
+    def of(self, primary_replicas: int) -> int:
+        """Replicas for a primary of `primary_replicas`: a percentage is rounded up, and is
+        at least 1 (a canary of no pods could never be judged)."""
+        if self.count is not None:
+            return self.count
+        assert self.percent is not None
+        return max(1, math.ceil(max(0, primary_replicas) * self.percent / 100 - 1e-9))
+
+
 class CanarySpec(BaseModel):
     """Everything the annotations say about one Deployment's rollouts."""
 
@@ -294,6 +315,11 @@ class CanarySpec(BaseModel):
     metrics: MetricsSpec = MetricsSpec()
     webhooks: tuple[Webhook, ...] = ()
     gate_failure_threshold: int = Field(default=DEFAULT_GATE_FAILURE_THRESHOLD, ge=1, le=100)
+    # None: the app's own replica count (or its HPA's minReplicas), as before.
+    canary_replicas: CanaryReplicas | None = None
+    # 0: off. Reverting to the template promoted before the current one, within this long
+    # after that promotion, goes straight to app-primary without analysis.
+    fast_rollback_window_s: float = Field(default=0.0, ge=0, le=MAX_DURATION_S)
 
     def rollout_spec(self) -> RolloutSpec:
         """The rollout machine's spec; on Kubernetes the promotion copies the template to
@@ -478,6 +504,33 @@ def _positive_duration(text: str) -> float:
     return seconds
 
 
+def _canary_replicas(text: str) -> CanaryReplicas:
+    value = text.strip()
+    if value.endswith("%"):
+        number = value[:-1].strip()
+        try:
+            percent = float(number)
+        except ValueError:
+            percent = math.nan
+        if not (math.isfinite(percent) and 0 < percent <= 100) or not number:
+            raise ValueError(
+                f"must be a percentage of the primary above 0 and at most 100%, got {excerpt(text)}"
+            )
+        return CanaryReplicas(percent=percent)
+    if not value.isdigit() or not 1 <= int(value) <= MAX_CANARY_REPLICAS:
+        raise ValueError(
+            f"must be a replica count 1..{MAX_CANARY_REPLICAS} (e.g. 2) or a percentage of the "
+            f"primary (e.g. 25%), got {excerpt(text)}"
+        )
+    return CanaryReplicas(count=int(value))
+
+
+def _window(text: str) -> float:
+    if text.strip().lower() in ("off", "none", "false"):
+        return 0.0
+    return parse_duration(text)
+
+
 def _rate(text: str) -> float | None:
     if text.strip().lower() in ("", "none"):
         return None
@@ -604,6 +657,24 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "none",
         "requests/s the planner assumes when a rollout starts, to say at once how long a good "
         "canary needs to pass the first step (`none`: it says so after a minute of traffic)",
+    ),
+    _a(
+        "canary-replicas",
+        "canary_replicas",
+        _canary_replicas,
+        "(the app's replicas)",
+        "the canary's size during a rollout: a count (`2`) or a percentage of app-primary's "
+        "replicas (`25%`, rounded up, at least 1); with an HPA on the app, it starts there "
+        "and the HPA's bounds rule",
+    ),
+    _a(
+        "fast-rollback-window",
+        "fast_rollback_window_s",
+        _window,
+        "off",
+        "reverting to the template promoted before the current one within this long after "
+        "that promotion (e.g. `1h`) goes straight to app-primary, analysis skipped; `off` "
+        "analyses every template",
     ),
     _a(
         "analysis.alpha",

@@ -6,6 +6,12 @@ of the last promoted pod template, its selector labels suffixed `-primary`), and
 itself, scaled to its size during a rollout and to zero between rollouts; promotion copies
 the template to `app-primary` and waits until that Deployment has rolled out.
 
+An autoscaling/v2 HPA on `app` is mirrored to an `app-primary` HPA (`sync_hpa`: owned by
+`app`, labelled ours, patched when the app's changes, deleted when it goes; one of that name
+that is not ours is never touched). app-primary's replicas are then its HPA's: we only ever
+raise them, at promotion, to what its HPA (or, without one, the app) asks, so a promotion
+never shrinks production.
+
 This is the runner's Workload seam (canary.runner.seams.Workload) for Kubernetes; the
 operator also uses it to set a Deployment up on first sight. Every write first asks
 `check_acting` (a replica that lost its Lease raises NotActing and writes nothing).
@@ -25,7 +31,14 @@ from typing import Any, Literal
 from canary.kubernetes.client import Conflict, Kube, NotFound, deployment_rollout
 from canary.kubernetes.spec import CanarySpec
 
-__all__ = ["MANAGED_BY", "AppDeployments", "primary_template", "template_hash"]
+__all__ = [
+    "MANAGED_BY",
+    "AppDeployments",
+    "hpa_target",
+    "primary_hpa",
+    "primary_template",
+    "template_hash",
+]
 
 JSON = dict[str, Any]
 MANAGED_BY = {"app.kubernetes.io/managed-by": "canary"}
@@ -70,6 +83,34 @@ def _container_port(obj: Mapping[str, Any], *, default: int) -> int | str:
 
 
 
+def hpa_target(hpa: Mapping[str, Any]) -> str | None:
+    """The Deployment an autoscaling/v2 HPA scales, or None (another kind, or our mirror)."""
+    labels = (hpa.get("metadata") or {}).get("labels") or {}
+    if labels.get("app.kubernetes.io/managed-by") == MANAGED_BY["app.kubernetes.io/managed-by"]:
+        return None  # app-primary's HPA, which we made: it mirrors, it is never mirrored
+    ref = (hpa.get("spec") or {}).get("scaleTargetRef") or {}
+    if ref.get("kind") != "Deployment" or (ref.get("apiVersion") or "apps/v1") != "apps/v1":
+        return None
+    name = ref.get("name")
+    return str(name) if name else None
+
+
+def primary_hpa(app_hpa: Mapping[str, Any], primary: str) -> JSON:
+    """The spec of app-primary's HPA: the app's, aimed at app-primary."""
+    spec = copy.deepcopy(dict(app_hpa.get("spec") or {}))
+    spec["scaleTargetRef"] = {"apiVersion": "apps/v1", "kind": "Deployment", "name": primary}
+    return spec
+
+
+def _hpa_floor(hpa: Mapping[str, Any] | None) -> int:
+    """What an HPA asks at least: its minReplicas (1 by default) or, if higher, the count it
+    last decided on."""
+    if hpa is None:
+        return 0
+    spec, status = hpa.get("spec") or {}, hpa.get("status") or {}
+    return max(int(spec.get("minReplicas") or 1), int(status.get("desiredReplicas") or 0))
+
+
 class AppDeployments:
     """`app` and what canary owns beside it, for one annotated Deployment."""
 
@@ -83,6 +124,8 @@ class AppDeployments:
         check_acting: Callable[[], None],
         event: Callable[[Literal["Normal", "Warning"], str, str], Awaitable[None]],
         replicas: int = 1,
+        app_replicas: int = 1,
+        hpa: Callable[[], JSON | None] = lambda: None,
         promote_timeout_s: float = 300.0,
         promote_poll_s: float = 1.0,
     ) -> None:
@@ -93,6 +136,8 @@ class AppDeployments:
         self.check_acting = check_acting
         self.event = event
         self.replicas = replicas  # the canary's size while it runs
+        self.app_replicas = app_replicas  # production's size without an HPA (first sight)
+        self.hpa = hpa  # the app's HPA as last seen (the HPA watch keeps it current), or None
         self.promote_timeout_s = promote_timeout_s
         self.promote_poll_s = promote_poll_s
 
@@ -179,9 +224,75 @@ class AppDeployments:
             return await self.kube.create_deployment(namespace, body)
         if (current.get("spec") or {}).get("template") == template:
             return current
-        return await self.kube.patch_deployment(
-            namespace, primary, {"spec": {"template": template}}
+        patch: JSON = {"template": template}
+        # Promotion never shrinks production: app-primary keeps what it runs (its HPA's
+        # doing, or a manual scale) unless its HPA or the app asks for more.
+        have = int((current.get("spec") or {}).get("replicas", 1))
+        hpa = self.hpa()
+        asked = _hpa_floor(await self._primary_hpa()) if hpa is not None else self.app_replicas
+        if asked > have:
+            patch["replicas"] = asked
+        return await self.kube.patch_deployment(namespace, primary, {"spec": patch})
+
+    async def _primary_hpa(self) -> JSON | None:
+        namespace, name = self.key
+        try:
+            return await self.kube.get_hpa(namespace, f"{name}-primary")
+        except NotFound:
+            return None
+
+    async def sync_hpa(self, mirror: JSON | None) -> str:
+        """Make app-primary's HPA mirror the app's (or go with it). `mirror` is our HPA as
+        the watch last saw it, if any. Returns what was done, for Events ("" if nothing)."""
+        namespace, name = self.key
+        primary = f"{name}-primary"
+        app_hpa = self.hpa()
+        if app_hpa is None:
+            if mirror is None:
+                return ""
+            self.check_acting()
+            uid = (mirror.get("metadata") or {}).get("uid")
+            with contextlib.suppress(NotFound):
+                await self.kube.delete_hpa(namespace, primary, uid=uid or None)
+            return f"HorizontalPodAutoscaler {primary} deleted: {name} has none any more"
+        source = (app_hpa.get("metadata") or {}).get("name", "?")
+        spec = primary_hpa(app_hpa, primary)
+        current = await self._primary_hpa()
+        if current is None:
+            self.check_acting()
+            body: JSON = {
+                "apiVersion": "autoscaling/v2",
+                "kind": "HorizontalPodAutoscaler",
+                "metadata": {
+                    "name": primary,
+                    "namespace": namespace,
+                    "labels": dict(MANAGED_BY),
+                    "ownerReferences": self.owner(),
+                },
+                "spec": spec,
+            }
+            with contextlib.suppress(Conflict):
+                await self.kube.create_hpa(namespace, body)
+            return f"HorizontalPodAutoscaler {primary} created from {source}"
+        labels = (current.get("metadata") or {}).get("labels") or {}
+        if labels.get("app.kubernetes.io/managed-by") != MANAGED_BY["app.kubernetes.io/managed-by"]:
+            raise RuntimeError(
+                f"HorizontalPodAutoscaler {namespace}/{primary} exists and is not ours "
+                "(no app.kubernetes.io/managed-by: canary): not overwriting it"
+            )
+        have = dict(current.get("spec") or {})
+        if have == spec:
+            return ""
+        # A merge patch: keys the app's HPA no longer has are removed with null.
+        patch = {**{key: None for key in have if key not in spec}, **spec}
+        self.check_acting()
+        await self.kube.patch_hpa(
+            namespace,
+            primary,
+            {"spec": patch},
+            resource_version=(current.get("metadata") or {}).get("resourceVersion"),
         )
+        return f"HorizontalPodAutoscaler {primary} updated from {source}"
 
     async def promote(self, revision: str) -> None:
         """Copy the template to app-primary and wait until that rollout has completed."""

@@ -106,6 +106,21 @@ async def test_api_calls_table_matches_the_requests_made(api: KubeEmulator, kube
         await kube.patch_deployment("shop", "app", {"metadata": {"labels": {"x": "y"}}})
         await anext(stream)  # the watch
     await kube.create_deployment("shop", deployment("app-primary", "shop"))
+    hpa = {
+        "metadata": {"name": "app"},
+        "spec": {
+            "scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": "app"},
+            "maxReplicas": 3,
+        },
+    }
+    created_hpa = await kube.create_hpa("shop", hpa)
+    await kube.get_hpa("shop", "app")
+    await kube.list_hpas()
+    async with aclosing(kube.watch_hpas("shop", timeout_s=5)) as hpas:
+        await anext(hpas)  # the list
+        await kube.patch_hpa("shop", "app", {"spec": {"maxReplicas": 4}})
+        await anext(hpas)  # the watch
+    await kube.delete_hpa("shop", "app", uid=created_hpa["metadata"].get("uid"))
     await kube.scale_deployment("shop", "app", 0)
     await kube.create_service(
         "shop", {"metadata": {"name": "app-canary"}, "spec": {"ports": [{"port": 80}]}}

@@ -360,3 +360,41 @@ def test_expected_rps_feeds_the_planner_or_waits_for_traffic() -> None:
         with pytest.raises(SpecError) as caught:
             parse_annotations({**BASE, "canary.dev/expected-rps": bad})
         assert "requests per second" in caught.value.problems["canary.dev/expected-rps"]
+
+
+@pytest.mark.parametrize(
+    ("text", "primary", "replicas"),
+    [("2", 10, 2), ("1", 0, 1), ("25%", 6, 2), ("25%", 4, 1), ("50%", 5, 3), ("1%", 1, 1)],
+)
+def test_canary_replicas_count_or_percentage_rounded_up(
+    text: str, primary: int, replicas: int
+) -> None:
+    """`canary.dev/canary-replicas` is a count, or a percentage of app-primary's replicas
+    rounded up and at least 1."""
+    size = parse_annotations({**BASE, "canary.dev/canary-replicas": text}).canary_replicas
+    assert size is not None and size.of(primary) == replicas
+    assert parse_annotations(BASE).canary_replicas is None
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "1.5", "x", "%", "0%", "101%", "nan%", "5000"])
+def test_bad_canary_replicas_name_the_key(text: str) -> None:
+    """A count below 1, a fraction, a percentage outside (0, 100] or no number at all is
+    refused, naming the key."""
+    with pytest.raises(SpecError) as caught:
+        parse_annotations({**BASE, "canary.dev/canary-replicas": text})
+    assert list(caught.value.problems) == ["canary.dev/canary-replicas"]
+    assert repr(text) in caught.value.problems["canary.dev/canary-replicas"]
+
+
+def test_fast_rollback_window_is_off_unless_given() -> None:
+    """`canary.dev/fast-rollback-window` is off by default (0), a duration when given, and
+    a bad one is named with its key."""
+    assert parse_annotations(BASE).fast_rollback_window_s == 0
+    window = {**BASE, "canary.dev/fast-rollback-window": "1h30m"}
+    assert parse_annotations(window).fast_rollback_window_s == 5400
+    assert parse_annotations({**window, "canary.dev/fast-rollback-window": "off"}) == (
+        parse_annotations(BASE)
+    )
+    with pytest.raises(SpecError) as caught:
+        parse_annotations({**BASE, "canary.dev/fast-rollback-window": "soon"})
+    assert list(caught.value.problems) == ["canary.dev/fast-rollback-window"]
