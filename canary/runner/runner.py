@@ -45,6 +45,7 @@ from typing import Any, Literal, Protocol
 
 from analysis import AnalysisConfig, Snapshot, Verdict
 from canary.core.advice import (
+    RECHECK_S,
     Advice,
     LoadAt,
     assumed_advice,
@@ -191,6 +192,9 @@ class _Pending:
     answer: asyncio.Future[CommandResult]
 
 
+MAX_RECHECK_S = 600.0  # the longest wait between two observed estimates of the planner
+
+
 @dataclass
 class RolloutRunner:
     """Runs one rollout to its end (or until cancelled).
@@ -293,6 +297,7 @@ class RolloutRunner:
         self._finished: SavedRollout | None = None  # this revision's rollout, already over
         self._advice: Advice | None = None  # the planner's last advice said to users
         self._advice_checked_s: float | None = None  # analysis seconds of the last estimate
+        self._advice_recheck_s = RECHECK_S  # doubles while the estimate holds (see below)
         self._planning: AnalysisConfig | None = None
 
     # ---- public -------------------------------------------------------------------------
@@ -1005,6 +1010,7 @@ class RolloutRunner:
         Planning is CPU work of up to a few hundred ms: it runs off the event loop."""
         self._advice = None
         self._advice_checked_s = None
+        self._advice_recheck_s = RECHECK_S
         config = self._planning_config() if self.advise else None
         if config is None or self.expected_rps is None:
             return None
@@ -1036,7 +1042,9 @@ class RolloutRunner:
         if not self.advise or status.stage != "Progressing" or status.last_decision == "pass":
             return
         config = self._planning_config()
-        if config is None or not observed_due(self._advice_checked_s, snapshot, config=config):
+        if config is None or not observed_due(
+            self._advice_checked_s, snapshot, config=config, recheck_s=self._advice_recheck_s
+        ):
             return
         self._advice_checked_s = snapshot.elapsed_s
         try:
@@ -1056,8 +1064,14 @@ class RolloutRunner:
         except Exception:  # advice only: a planner bug must never stop a rollout
             log.exception("%s: the planner failed", self.name)
             return
+        # An estimate that held is looked at again half as often (up to every 10 min): at a
+        # thousand rollouts a fresh estimate every minute was 40% of the controller's CPU
+        # (benchmarks/scale.py), for advice that had not changed.
         if material(self._advice, advice):
+            self._advice_recheck_s = RECHECK_S
             await self._tell_advice(advice)
+        else:
+            self._advice_recheck_s = min(2 * self._advice_recheck_s, MAX_RECHECK_S)
 
     async def _tell_advice(self, advice: Advice | None) -> None:
         """Say it everywhere users look: the log, a note in the record (the reports show it),

@@ -700,3 +700,47 @@ async def test_a_planner_failure_never_stops_a_rollout(
     assert statuses["app"].phase is Phase.SUCCEEDED and router.sets == [5, 10, 25, 50, 100]
     assert "the planner failed" in caplog.text and runner.status.advice == ""
     assert not [e for e in read_record(runner.record_path) if isinstance(e, NoteEntry) and e.plan]
+
+
+async def test_an_estimate_that_holds_is_looked_at_again_half_as_often(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The planner runs after a minute, then again after 1, 2, 4, 8 and at most 10 minutes
+    while its estimate holds (a fresh one each minute was 40% of the controller's CPU at
+    scale); a material change brings it back to every minute."""
+    import canary.runner.runner as runner_module
+    from analysis import Snapshot
+    from canary.core.advice import Advice
+    from canary.runner.runner import MAX_RECHECK_S
+
+    runner, _, _ = make_runner(tmp_path)
+    runner.status = runner.status.model_copy(update={"stage": "Progressing"})
+    assert runner.status.stage == "Progressing"
+    calls: list[float] = []
+    told: list[Advice] = []
+
+    def planner(snapshot: Snapshot, **_: object) -> Advice:
+        calls.append(snapshot.elapsed_s)
+        # Materially different (4x as long) from 40 min on: the next look is a minute later.
+        likely = 3600.0 if snapshot.elapsed_s >= 2400 else 900.0
+        return Advice(
+            source="observed", weight=5, elapsed_s=snapshot.elapsed_s, canary_rps=1.0,
+            primary_rps=20.0, base_error_rate=0.01, expected_pass_s=likely,
+            likely_pass_s=likely, expected_fail_s=None, budget_s=600.0, fits=False,
+            extra_canary_rps=None, extra_entry_rps=None, message="m",
+        )  # fmt: skip
+
+    async def tell(advice: Advice | None) -> None:
+        assert advice is not None
+        runner._advice = advice
+        told.append(advice)
+
+    monkeypatch.setattr(runner_module, "observed_advice", planner)
+    monkeypatch.setattr(runner, "_tell_advice", tell)
+    for elapsed in range(10, 3600, 10):
+        arm = ArmCounts(requests=10.0 * elapsed)
+        await runner._observed_advice(Snapshot(elapsed_s=elapsed, primary=arm, canary=arm))
+    assert calls[:6] == [60, 120, 240, 480, 960, 1560]
+    assert MAX_RECHECK_S == 600 and calls[6] == 2160
+    assert calls[7] == 2760 and calls[8] == 2820  # the change at 2760, then a minute again
+    assert len(told) == 2
