@@ -38,7 +38,7 @@ from canary.core.rollout import (
 )
 from canary.metrics.prometheus import PromQueries
 from canary.notify.formats import FORMATS, Format
-from canary.notify.gates import chat_service, parse_metadata
+from canary.notify.gates import chat_service, generated_load, parse_metadata
 
 __all__ = [
     "ANNOTATIONS",
@@ -844,6 +844,11 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
         for option_name, (key, chosen) in chosen_options.items():
             if not hooks:
                 problems[key] = f"no {PREFIX}webhook.{gate} to apply it to"
+            elif option_name == "metadata":
+                try:
+                    generated_load(gate, chosen)  # a load test's rps and at
+                except ValueError as exc:
+                    problems[key] = str(exc)
             for hook in hooks:
                 hook[option_name] = chosen
     if not problems:

@@ -25,6 +25,7 @@ error by default: the report is built from what is there and marked incomplete.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -356,6 +357,22 @@ class _Builder:
         return at - self.t0
 
 
+_LOAD_ANSWER = re.compile(r"rollout: (?P<result>\w+) \((?P<load>load test: [^;]*); (?P<rest>.*)\)")
+
+
+def _gate_event(t_s: float, text: str) -> TimelineEvent:
+    """A gate's answer on the timeline; a load-test rollout hook's (canary.notify.gates names
+    the load in its answer) as the load test it is: "load test: 50 req/s to H for 30s, open"."""
+    match = _LOAD_ANSWER.fullmatch(text)
+    if match is None:
+        return TimelineEvent(t_s=t_s, kind="gate", text=text)
+    return TimelineEvent(
+        t_s=t_s,
+        kind="load",
+        text=f"{match['load']}, {match['result']} ({match['rest']})",
+    )
+
+
 def build_report(entries: Iterable[Mapping[str, Any]], *, allow_incomplete: bool = True) -> Report:
     """The report of one rollout's record (entries as JSON objects, in record order).
 
@@ -531,9 +548,7 @@ def _assemble(b: _Builder, incomplete_reason: str | None) -> Report:
         elif isinstance(entry, _Note):
             notes.append(ReportNote(t_s=t_s, level=entry.level, message=entry.message))
             if entry.message.startswith("gate "):  # a gate's answer (noted when it changes)
-                timeline.append(
-                    TimelineEvent(t_s=t_s, kind="gate", text=entry.message.removeprefix("gate "))
-                )
+                timeline.append(_gate_event(t_s, entry.message.removeprefix("gate ")))
     if end is not None:
         timeline.append(
             TimelineEvent(t_s=b.rel(end.at), kind="end", text=f"{end.outcome}: {end.reason}")
