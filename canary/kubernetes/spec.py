@@ -96,7 +96,8 @@ _WEBHOOK_RULES = {
     "pre-rollout": "gate called before traffic shifts to the canary; a failure counts toward "
     "`webhook.failure-threshold`",
     "rollout": "hook called each tick while Progressing (e.g. a load tester, with its "
-    "`.metadata`); a failure counts toward `webhook.failure-threshold`",
+    "`.metadata`, whose `rps` and `at` the planner's advice counts); a failure counts toward "
+    "`webhook.failure-threshold`",
     "confirm-traffic-increase": "gate asked before each weight increase once the step "
     "passed; non-2xx holds the weight",
     "confirm-promotion": "gate asked before promotion once the last step passed; non-2xx "

@@ -25,7 +25,6 @@ error by default: the report is built from what is there and marked incomplete.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -357,20 +356,15 @@ class _Builder:
         return at - self.t0
 
 
-_LOAD_ANSWER = re.compile(r"rollout: (?P<result>\w+) \((?P<load>load test: [^;]*); (?P<rest>.*)\)")
-
-
 def _gate_event(t_s: float, text: str) -> TimelineEvent:
     """A gate's answer on the timeline; a load-test rollout hook's (canary.notify.gates names
-    the load in its answer) as the load test it is: "load test: 50 req/s to H for 30s, open"."""
-    match = _LOAD_ANSWER.fullmatch(text)
-    if match is None:
+    the load in its answer: "rollout: open (load test: ...; HTTP 200)") as the load test it
+    is: "load test: 50 req/s to H for 30s, open (HTTP 200)"."""
+    result, _, detail = text.removeprefix("rollout: ").partition(" (")
+    load, _, answer = detail.removesuffix(")").partition("; ")
+    if not (text.startswith("rollout: ") and load.startswith("load test: ") and answer):
         return TimelineEvent(t_s=t_s, kind="gate", text=text)
-    return TimelineEvent(
-        t_s=t_s,
-        kind="load",
-        text=f"{match['load']}, {match['result']} ({match['rest']})",
-    )
+    return TimelineEvent(t_s=t_s, kind="load", text=f"{load}, {result} ({answer})")
 
 
 def build_report(entries: Iterable[Mapping[str, Any]], *, allow_incomplete: bool = True) -> Report:
