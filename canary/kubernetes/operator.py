@@ -110,7 +110,7 @@ from canary.kubernetes.workload import (
     template_hash,
 )
 from canary.metrics.batched import BatchedMetrics, PrometheusBatcher
-from canary.notify.gates import GateCaller, GateConfig
+from canary.notify.gates import GateCaller, GateConfig, load_from_gates
 from canary.notify.webhooks import Notifier, WebhookConfig
 from canary.routers.base import RouterError, TrafficRouter
 from canary.routers.gateway_api import GatewayApiRouter
@@ -768,6 +768,8 @@ class DeploymentWorker:
             )
         )
         analysis_config = spec.analysis_config()
+        gates = _gate_caller(spec, settings.allow_webhook_hosts)
+        generated = load_from_gates(gates.gates) if gates is not None else None
         saved: SavedRollout | None = None
         if resume is not None:
             saved = SavedRollout(
@@ -798,6 +800,9 @@ class DeploymentWorker:
             analyzer_factory=lambda: Analyzer(analysis_config),
             analysis=analysis_config,
             expected_rps=spec.expected_rps,
+            # what a load-test rollout hook sends (webhook.rollout.metadata rps/at)
+            generated_rps=generated[0] if generated else None,
+            generated_at=generated[1] if generated else "entry",
             revision=revision,
             primary_version=self.state.primary_revision,
             canary_version=revision,
@@ -817,7 +822,7 @@ class DeploymentWorker:
             guard=self.check_acting,
             identity=settings.identity,
             labels={"namespace": namespace, "deployment": name},
-            gates=_gate_caller(spec, settings.allow_webhook_hosts),
+            gates=gates,
             telemetry=self.op.telemetry,
             clock=self.op.clock,
         )

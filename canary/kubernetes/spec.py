@@ -38,7 +38,7 @@ from canary.core.rollout import (
 )
 from canary.metrics.prometheus import PromQueries
 from canary.notify.formats import FORMATS, Format
-from canary.notify.gates import chat_service, parse_metadata
+from canary.notify.gates import chat_service, generated_load, parse_metadata
 
 __all__ = [
     "ANNOTATIONS",
@@ -97,7 +97,8 @@ _WEBHOOK_RULES = {
     "pre-rollout": "gate called before traffic shifts to the canary; a failure counts toward "
     "`webhook.failure-threshold`",
     "rollout": "hook called each tick while Progressing (e.g. a load tester, with its "
-    "`.metadata`); a failure counts toward `webhook.failure-threshold`",
+    "`.metadata`, whose `rps` and `at` the planner's advice counts); a failure counts toward "
+    "`webhook.failure-threshold`",
     "confirm-traffic-increase": "gate asked before each weight increase once the step "
     "passed; non-2xx holds the weight",
     "confirm-promotion": "gate asked before promotion once the last step passed; non-2xx "
@@ -915,6 +916,11 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
         for option_name, (key, chosen) in chosen_options.items():
             if not hooks:
                 problems[key] = f"no {PREFIX}webhook.{gate} to apply it to"
+            elif option_name == "metadata":
+                try:
+                    generated_load(gate, chosen)  # a load test's rps and at
+                except ValueError as exc:
+                    problems[key] = str(exc)
             for hook in hooks:
                 hook[option_name] = chosen
     if not problems:

@@ -50,7 +50,9 @@ METHODS = ("GET", "HEAD")  # load without a body: nothing the target could mista
 START_TYPES = ("", "pre-rollout", "rollout")
 STOP_TYPES = ("post-rollout",)
 HOOK_TYPES = START_TYPES + STOP_TYPES
-METADATA_KEYS = ("url", "rps", "duration", "method")
+# `at` is the controller's (where the planner counts the load: entry or canary); accepted so
+# one metadata object serves both, and checked so a typo is named here too.
+METADATA_KEYS = ("url", "rps", "duration", "method", "at")
 _MAX_TEXT = 2048  # characters in any one string of the payload
 _NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")  # a DNS-1123 name (or empty)
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
@@ -250,6 +252,9 @@ def parse_payload(body: Any, *, limits: Limits, policy: TargetPolicy) -> LoadReq
     method = (_text(metadata.get("method"), "metadata.method") or "GET").upper()
     if method not in METHODS:
         raise BadRequest("metadata.method", f"{method[:20]!r} is not one of {', '.join(METHODS)}")
+    at = _text(metadata.get("at"), "metadata.at")
+    if at not in ("", "entry", "canary"):
+        raise BadRequest("metadata.at", f"{at[:20]!r} is not entry or canary")
     action: Literal["start", "stop"] = "stop" if hook in STOP_TYPES else "start"
     rps, duration_s = 0.0, 0.0
     if action == "start":

@@ -7,6 +7,12 @@ POSTs Flagger's payload ``{"name", "namespace", "phase", "checksum", "type", "me
 (metadata passed through verbatim, so a load tester's ``{"url", "rps", "duration"}`` reaches
 it as written) and answers ``(ok, detail)``.
 
+A `rollout` hook whose metadata names a rate (``rps``, and ``at: entry|canary``) is a load
+test (`canary loadtest`, or any receiver that sends that load): `generated_load` reads it so
+the planner's advice counts the load without a second setting, and the hook's answer names
+the load ("load test: 50 req/s to app-canary.shop for 30s; HTTP 200"), so the record and
+the report's timeline show it as such.
+
 Gate URLs come from config files and annotations, so the same rules as notification
 webhooks apply (canary.notify.webhooks): no redirects, and loopback, link-local,
 unspecified and API-server addresses are refused unless the operator's allow-list names the
@@ -19,13 +25,15 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Collection, Sequence
+import math
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any, get_args
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
+from canary.core.advice import LoadAt
 from canary.core.redact import redact_text, redact_url
 from canary.core.rollout import GATE_KINDS, GateKind
 from canary.notify.webhooks import GuardedResolver, RefusedAddress, _literal_refusal
@@ -39,6 +47,9 @@ __all__ = [
     "GateConfig",
     "chat_service",
     "gate_payload",
+    "generated_load",
+    "load_description",
+    "load_from_gates",
     "parse_metadata",
 ]
 
@@ -93,6 +104,56 @@ def parse_metadata(value: Any) -> dict[str, str]:
     return dict(value)
 
 
+_MAX_LOAD_RPS = 1e5  # the static config's generated_rps bound
+
+
+def generated_load(kind: str, metadata: Mapping[str, str]) -> tuple[float, LoadAt] | None:
+    """The load a `rollout` hook's metadata asks its receiver to send: (rps, where), or None
+    when it names no rate (a hook that is not a load test). Raises ValueError naming the key.
+    """
+    if kind != "rollout" or "rps" not in metadata:
+        return None
+    text = metadata["rps"]
+    try:
+        rps = float(text)
+    except ValueError:
+        raise ValueError(f"rps: {text[:40]!r} is not a number") from None
+    if not (math.isfinite(rps) and 0 < rps <= _MAX_LOAD_RPS):
+        raise ValueError(f"rps: must be within (0, {_MAX_LOAD_RPS:g}], got {text[:40]}")
+    at = metadata.get("at", "entry")
+    if at not in ("entry", "canary"):
+        raise ValueError(f"at: must be entry (through the router) or canary, got {at[:40]!r}")
+    return rps, "canary" if at == "canary" else "entry"
+
+
+def load_description(kind: str, metadata: Mapping[str, str]) -> str | None:
+    """"load test: 50 req/s to app-canary.shop for 30s" for a load-test rollout hook (no
+    credentials or query: only the target's host), else None."""
+    try:
+        load = generated_load(kind, metadata)
+    except ValueError:
+        return None
+    if load is None:
+        return None
+    target = metadata.get("url", "")
+    host = urlsplit(target).netloc.rpartition("@")[2] if target else ""
+    text = f"load test: {load[0]:g} req/s"
+    text += f" to {host}" if host else ""
+    text += " (canary only)" if load[1] == "canary" else ""
+    duration = metadata.get("duration", "")
+    return text + (f" for {duration[:20]}" if duration else "")
+
+
+def load_from_gates(gates: Sequence[GateConfig]) -> tuple[float, LoadAt] | None:
+    """The generated load the rollout hooks send in all: rates summed; on the canary only
+    when every one says so (mixed places are counted at the entry point)."""
+    loads = [load for g in gates if (load := generated_load(g.type, g.metadata)) is not None]
+    if not loads:
+        return None
+    at: LoadAt = "canary" if all(where == "canary" for _, where in loads) else "entry"
+    return sum(rps for rps, _ in loads), at
+
+
 class GateConfig(BaseModel):
     """One gate webhook (static config `webhooks:` entries with a gate `type:`)."""
 
@@ -130,8 +191,10 @@ class GateConfig(BaseModel):
 
     @field_validator("metadata", mode="before")
     @classmethod
-    def _bounded(cls, value: Any) -> dict[str, str]:
-        return parse_metadata(value)
+    def _bounded(cls, value: Any, info: ValidationInfo) -> dict[str, str]:
+        metadata = parse_metadata(value)
+        generated_load(str(info.data.get("type", "")), metadata)  # a load test's rate and place
+        return metadata
 
 
 def gate_payload(
@@ -186,7 +249,9 @@ class GateCaller:
         if failed:
             host, detail = failed[0]
             return False, f"{detail} from {host}"
-        return True, f"HTTP {answers[0][2]}" if len(answers) == 1 else "all answered 2xx"
+        answer = f"HTTP {answers[0][2]}" if len(answers) == 1 else "all answered 2xx"
+        loads = [d for g in hooks if (d := load_description(g.type, g.metadata)) is not None]
+        return True, "; ".join((*loads, answer))
 
     async def _call(self, gate: GateConfig, payload: dict[str, Any]) -> tuple[bool, str, str]:
         host = redact_url(gate.url, keep_path=False)

@@ -356,6 +356,17 @@ class _Builder:
         return at - self.t0
 
 
+def _gate_event(t_s: float, text: str) -> TimelineEvent:
+    """A gate's answer on the timeline; a load-test rollout hook's (canary.notify.gates names
+    the load in its answer: "rollout: open (load test: ...; HTTP 200)") as the load test it
+    is: "load test: 50 req/s to H for 30s, open (HTTP 200)"."""
+    result, _, detail = text.removeprefix("rollout: ").partition(" (")
+    load, _, answer = detail.removesuffix(")").partition("; ")
+    if not (text.startswith("rollout: ") and load.startswith("load test: ") and answer):
+        return TimelineEvent(t_s=t_s, kind="gate", text=text)
+    return TimelineEvent(t_s=t_s, kind="load", text=f"{load}, {result} ({answer})")
+
+
 def build_report(entries: Iterable[Mapping[str, Any]], *, allow_incomplete: bool = True) -> Report:
     """The report of one rollout's record (entries as JSON objects, in record order).
 
@@ -531,9 +542,7 @@ def _assemble(b: _Builder, incomplete_reason: str | None) -> Report:
         elif isinstance(entry, _Note):
             notes.append(ReportNote(t_s=t_s, level=entry.level, message=entry.message))
             if entry.message.startswith("gate "):  # a gate's answer (noted when it changes)
-                timeline.append(
-                    TimelineEvent(t_s=t_s, kind="gate", text=entry.message.removeprefix("gate "))
-                )
+                timeline.append(_gate_event(t_s, entry.message.removeprefix("gate ")))
     if end is not None:
         timeline.append(
             TimelineEvent(t_s=b.rel(end.at), kind="end", text=f"{end.outcome}: {end.reason}")

@@ -30,11 +30,16 @@ def build_runner(
     from analysis import Analyzer
     from canary.core.redact import redact_url
     from canary.metrics.prometheus import PrometheusMetrics
-    from canary.notify.gates import GateCaller
+    from canary.notify.gates import GateCaller, load_from_gates
     from canary.routers.haproxy import HAProxyRouter
     from canary.runner import RolloutRunner
 
     stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    # The load a rollout hook asks for (metadata rps/at) counts in the advice; an explicit
+    # generated_rps overrides it.
+    generated = load_from_gates(config.gates)
+    if config.generated_rps is not None:
+        generated = (config.generated_rps, config.generated_at)
     try:
         analysis_config = config.analysis_config()
         router = HAProxyRouter(
@@ -65,8 +70,8 @@ def build_runner(
         analysis=analysis_config,
         expected_rps=config.expected_rps,
         expected_error_rate=config.expected_error_rate,
-        generated_rps=config.generated_rps,
-        generated_at=config.generated_at,
+        generated_rps=generated[0] if generated else None,
+        generated_at=generated[1] if generated else "entry",
         revision=config.canary_version or stamp,
         primary_version=config.primary_version,
         canary_version=config.canary_version,

@@ -53,6 +53,8 @@ def test_a_flagger_payload_becomes_a_load_request() -> None:
     assert load.key == ("shop", "app", "http://app-canary.shop.svc:80/")
     stop = dict(payload(), type="post-rollout")
     assert parse_payload(stop, limits=LIMITS, policy=POLICY).action == "stop"
+    # `at` is the controller planner's (where the load counts): accepted, nothing to send
+    assert parse_payload(payload(at="canary"), limits=LIMITS, policy=POLICY).rps == 20.0
 
 
 @pytest.mark.parametrize(
@@ -67,6 +69,7 @@ def test_a_flagger_payload_becomes_a_load_request() -> None:
         (payload(duration="11m"), "metadata.duration", 400),
         (payload(duration="-5s"), "metadata.duration", 400),
         (payload(method="DELETE"), "metadata.method", 400),
+        (payload(at="sideways"), "metadata.at", 400),
         (payload(url=None), "metadata.url", 400),
         (payload(url="ftp://app.shop.svc/"), "metadata.url", 400),
         (payload(url="http://user:pw@app.shop.svc/"), "metadata.url", 400),

@@ -3,11 +3,14 @@
 Two identical stacks run side by side on 127.0.0.1, each with real processes: the demo
 service as primary and canary, HAProxy in front, Prometheus scraping both, and 1 req/s of
 "real" traffic through HAProxy. Each is rolled out by `python -m canary run --config` with
-one 50 % step and a 120 s step deadline. In one, `python -m canary loadtest` sends 50 req/s
-through the same HAProxy (the entry point), driven by the Flagger-style payload that a
-rollout webhook would POST every tick; this test POSTs it every 2 s itself. The healthy
-canary is promoted there; in the other, 0.5 canary req/s cannot reach the analysis'
-200-sample minimum before the deadline, so the step ends in a rollback by deadline.
+one 50 % step and a 120 s step deadline. In one, the config has a `rollout` gate webhook to
+`python -m canary loadtest` whose metadata asks for 50 req/s through the same HAProxy (the
+entry point) for 30 s: the controller calls it every tick, which keeps one load job running,
+and the planner's advice counts the load from that metadata (no `generated_rps`). The
+healthy canary is promoted there; in the other, 0.5 canary req/s cannot reach the
+analysis' 200-sample minimum before the deadline, so the step ends in a rollback by
+deadline. Once the rollout ends the calls stop and the job ends with its 30 s duration; the
+report's timeline shows the load test.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
 import sys
 import urllib.request
 from pathlib import Path
@@ -70,13 +74,6 @@ def _config(stack: Stack, directory: Path, **extra: Any) -> Path:
     return config
 
 
-def _post(url: str, body: dict[str, Any]) -> int:
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST")
-    request.add_header("Content-Type", "application/json")
-    with urllib.request.urlopen(request, timeout=5) as response:
-        return int(response.status)
-
-
 def _get_text(url: str) -> str:
     with urllib.request.urlopen(url, timeout=5) as response:
         return str(response.read().decode())
@@ -91,6 +88,8 @@ async def _rollout(config: Path, log: Path) -> int:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "canary", "run", "--config", str(config),
             "--listen", f"127.0.0.1:{free_port()}",
+            # the load tester's rollout hook is on loopback, refused unless named
+            "--allow-webhook-host", "127.0.0.1",
             cwd=ROOT, stdout=out, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         try:
@@ -101,10 +100,14 @@ async def _rollout(config: Path, log: Path) -> int:
                 await process.wait()
 
 
+def _record(directory: Path) -> Path:
+    (record,) = (directory / "records").glob("app-*.jsonl")
+    return record
+
+
 def _end(directory: Path) -> tuple[EndEntry, list[str]]:
     """The record's end, and the planner's advice said during the rollout."""
-    (record,) = (directory / "records").glob("app-*.jsonl")
-    entries = read_record(record)
+    entries = read_record(_record(directory))
     end = entries[-1]
     assert isinstance(end, EndEntry), end
     advice = [
@@ -113,14 +116,26 @@ def _end(directory: Path) -> tuple[EndEntry, list[str]]:
     return end, advice
 
 
+def _report(record: Path, fmt: str) -> str:
+    """`canary report RECORD --format FMT`, as a user runs it."""
+    out = record.with_suffix(f".{fmt}")
+    done = subprocess.run(
+        [sys.executable, "-m", "canary", "report", str(record), "--format", fmt, "-o", str(out)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    return out.read_text()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(360)
 async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
     sockdir: Path,
 ) -> None:
     """At 1 req/s a healthy canary is rolled back at the 120 s step deadline (not shown safe);
-    with 50 req/s from `canary loadtest` through HAProxy the same canary is promoted before
-    it, and the load tester's /jobs and /metrics show the load it sent."""
+    with a rollout hook driving 50 req/s from `canary loadtest` through HAProxy the same
+    canary is promoted before it, the load tester's /jobs and /metrics show the load it sent,
+    and the report's timeline shows the load test."""
     spec = ServiceSpec(error_rate=0.005, latency_ms=20.0, latency_jitter=0.3, seed=3)
     settings = StackSettings(primary=spec, canary=spec, rate=REAL_RPS)
     with_dir, without_dir = sockdir / "with", sockdir / "without"
@@ -144,41 +159,35 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
     ):
         assert with_load.haproxy is not None
         await asyncio.gather(with_load.wait_for_metrics(), without_load.wait_for_metrics())
-        # What the rollout webhook will POST every tick (see the module docstring).
-        payload = {
-            "name": "app",
-            "namespace": "static",
-            "phase": "Progressing",
-            "checksum": "test",
+        frontend = f"{with_load.haproxy.url}/"
+        # The rollout hook drives the load tester each tick; no generated_rps: the planner
+        # reads the rate from this metadata.
+        hook = {
             "type": "rollout",
-            "metadata": {
-                "url": f"{with_load.haproxy.url}/",
-                "rps": str(GENERATED_RPS),
-                "duration": "10s",
-                "method": "GET",
-            },
+            "url": f"{loadtest_url}/",
+            "metadata": {"url": frontend, "rps": str(GENERATED_RPS), "duration": "30s"},
         }
         rollouts = asyncio.gather(
-            _rollout(
-                _config(with_load, with_dir, generated_rps=GENERATED_RPS), with_dir / "run.log"
-            ),
+            _rollout(_config(with_load, with_dir, webhooks=[hook]), with_dir / "run.log"),
             _rollout(_config(without_load, without_dir), without_dir / "run.log"),
         )
         jobs_seen: list[Any] = []
 
-        async def webhook() -> None:
+        async def watch_jobs() -> None:
             while True:
-                assert await asyncio.to_thread(_post, f"{loadtest_url}/", payload) == 200
                 jobs_seen.append(await asyncio.to_thread(_get_json, f"{loadtest_url}/jobs"))
                 await asyncio.sleep(2.0)
 
-        caller = asyncio.create_task(webhook())
+        watcher = asyncio.create_task(watch_jobs())
         try:
             codes = await rollouts
         finally:
-            caller.cancel()
+            watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await caller
+                await watcher
+        # The with-load rollout ended at least a minute before the other (its 120 s
+        # deadline): the hook's calls stopped then, and the job ran out its 30 s.
+        jobs_after = await asyncio.to_thread(_get_json, f"{loadtest_url}/jobs")
         metrics = await asyncio.to_thread(_get_text, f"{loadtest_url}/metrics")
 
     (with_end, with_advice), (without_end, without_advice) = _end(with_dir), _end(without_dir)
@@ -188,7 +197,7 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
     assert without_end.outcome == "rolled_back", without_end
     assert f"no pass within max_step_s ({STEP_DEADLINE_S}s)" in without_end.reason
     # The planner warned at the start without the load and named what generated load would
-    # do; with it configured (generated_rps) the first estimate counted it and fit the step.
+    # do; with the rollout hook asking for it, the first estimate counted it and fit the step.
     assert "of generated load at the entry point (canary loadtest)" in without_advice[0]
     assert "longer than the 2.0 min step" in without_advice[0]
     loaded = f"{GENERATED_RPS} req/s generated at the entry point by canary loadtest"
@@ -196,12 +205,30 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
     assert "fits the 2.0 min step" in with_advice[0], with_advice[0]
     print(f"promoted after {with_end.duration_s:.0f} s with the load; {with_advice[0]}")
     print(f"rolled back after {without_end.duration_s:.0f} s without; {without_advice[0]}")
-    # One job however many calls, at the asked rate, and nearly all of it answered ok.
-    assert all(len(seen["jobs"]) == 1 for seen in jobs_seen), jobs_seen[-1]
-    assert jobs_seen[-1]["jobs"][0]["calls"] == len(jobs_seen)
+    # One job however many calls (the controller's, one a tick while Progressing), at the
+    # asked rate, nearly all of it answered ok; none left once the rollout was over.
+    running = [seen["jobs"] for seen in jobs_seen if seen["jobs"]]
+    assert running and all(len(jobs) == 1 for jobs in running), jobs_seen[-3:]
+    job = running[-1][0]
+    assert (job["namespace"], job["name"], job["url"]) == ("", "app", frontend), job
+    assert job["rps"] == GENERATED_RPS and job["phase"] == "Progressing", job
+    assert job["calls"] >= with_end.duration_s / 3, (job["calls"], with_end.duration_s)
+    assert jobs_after == {"jobs": []}, jobs_after
     ok = next(
         float(line.rsplit(" ", 1)[1])
         for line in metrics.splitlines()
         if line.startswith("canary_loadtest_requests_total{") and 'outcome="ok"' in line
     )
     assert ok >= GENERATED_RPS * with_end.duration_s * 0.8, (ok, with_end.duration_s)
+    # The load stops with its duration, not with the rollout's run: at most 30 s (and a
+    # tick) of it after the end.
+    assert ok <= GENERATED_RPS * (with_end.duration_s + 30 + 5), (ok, with_end.duration_s)
+
+    # The record and the reports show the load test as such: the hook's answer names it.
+    host = frontend.split("//", 1)[1].rstrip("/")
+    load = f"load test: {GENERATED_RPS} req/s to {host} for 30s"
+    html = _report(_record(with_dir), "html")
+    assert f"{load}, open (HTTP 200)" in html, html[-3000:]
+    markdown = _report(_record(with_dir), "md")
+    assert f"gate rollout: open ({load}; HTTP 200)" in markdown, markdown[-3000:]
+    assert "load test" not in _report(_record(without_dir), "md")

@@ -61,7 +61,7 @@ async def ask(caller: GateCaller, kind: str = "confirm-promotion") -> tuple[bool
 
 async def test_payload_is_flaggers_with_metadata_verbatim(receiver: Receiver) -> None:
     """A 2xx is ok; the payload is {name, namespace, phase, checksum, type, metadata}."""
-    metadata = {"url": "http://app-canary/", "rps": "50", "cmd": "hey -z 1m"}
+    metadata = {"url": "http://app-canary/", "cmd": "hey -z 1m"}
     gate = GateConfig(type="rollout", url=receiver.url(), metadata=metadata)
     assert await ask(GateCaller([gate], allow_hosts=["127.0.0.1"]), "rollout") == (True, "HTTP 200")
     assert receiver.payloads == [
@@ -74,6 +74,20 @@ async def test_payload_is_flaggers_with_metadata_verbatim(receiver: Receiver) ->
             "metadata": metadata,
         }
     ]
+
+
+async def test_a_load_test_hooks_answer_names_the_load(receiver: Receiver) -> None:
+    """A rollout hook with `rps` in its metadata is a load test: its 2xx answer says what load
+    (host only: no credentials or query), so the record and the report show it."""
+    metadata = {"url": "http://u:secret@app-canary.shop:8080/x?token=t", "rps": "50"}
+    gate = GateConfig(type="rollout", url=receiver.url(), metadata={**metadata, "duration": "30s"})
+    caller = GateCaller([gate], allow_hosts=["127.0.0.1"])
+    answer = (True, "load test: 50 req/s to app-canary.shop:8080 for 30s; HTTP 200")
+    assert await ask(caller, "rollout") == answer
+    assert receiver.payloads[0]["metadata"]["url"] == metadata["url"]  # verbatim to the receiver
+    canary_only = GateConfig(type="rollout", url=receiver.url(), metadata={"rps": "5", "at": "canary"})
+    answer = (True, "load test: 5 req/s (canary only); HTTP 200")
+    assert await ask(GateCaller([canary_only], allow_hosts=["127.0.0.1"]), "rollout") == answer
 
 
 async def test_loopback_is_refused_without_the_allow_list(receiver: Receiver) -> None:

@@ -256,6 +256,14 @@ def test_expected_traffic_reaches_the_runners_planner(tmp_path: Path) -> None:
             "webhooks[0].metadata: 'rps': values must be strings",
         ),
         (
+            {"type": "rollout", "url": "https://gate.example/", "metadata": {"rps": "lots"}},
+            "webhooks[0].metadata: rps: 'lots' is not a number",
+        ),
+        (
+            {"type": "rollout", "url": "https://g.example/", "metadata": {"rps": "5", "at": "x"}},
+            "webhooks[0].metadata: at: must be entry (through the router) or canary",
+        ),
+        (
             {"type": "rollout", "url": "https://gate.example/", "retires": 1},
             "webhooks[0].retires: unknown key",
         ),
@@ -314,3 +322,26 @@ def test_a_configured_load_test_reaches_the_runners_planner(tmp_path: Path) -> N
             parse_config(example(generated_rps=bad))
     with pytest.raises(ConfigError, match="generated_at"):
         parse_config(example(generated_at="sideways"))
+
+
+def test_a_rollout_hooks_load_test_reaches_the_planner_unless_overridden(tmp_path: Path) -> None:
+    """A `rollout` hook whose metadata names `rps` (and `at`) is a load test: the runner's
+    advice counts it without `generated_rps`; rates of several hooks add up; an explicit
+    `generated_rps` overrides them; hooks of other kinds (or without `rps`) add nothing."""
+    from canary.static.targets import build_runner
+
+    def hook(kind: str = "rollout", **metadata: str) -> dict[str, object]:
+        return {"type": kind, "url": "https://loadtest.example/", "metadata": metadata}
+
+    def load(**changes: object) -> tuple[float | None, str]:
+        runner = build_runner(parse_config(example(**changes), base=tmp_path), stamp="t")
+        return runner.generated_rps, runner.generated_at
+
+    assert load(webhooks=[hook(url="http://app/", rps="50", duration="30s")]) == (50.0, "entry")
+    assert load(webhooks=[hook(rps="20", at="canary"), hook(rps="5", at="canary")]) == (
+        25.0,
+        "canary",
+    )
+    assert load(webhooks=[hook(rps="20", at="canary"), hook(rps="5")]) == (25.0, "entry")
+    assert load(webhooks=[hook(rps="50")], generated_rps=10) == (10.0, "entry")
+    assert load(webhooks=[hook("pre-rollout", rps="50"), hook(cmd="hey")]) == (None, "entry")

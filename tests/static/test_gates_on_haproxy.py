@@ -219,7 +219,9 @@ async def test_confirm_promotion_holds_the_last_step_until_it_opens(
     # ... and so are the report's timeline
     report = build_report([e.model_dump(mode="json", by_alias=True) for e in entries])
     gates = [e.text for e in report.timeline if e.kind == "gate"]
-    assert "rollout: open (HTTP 200)" in gates, gates
+    # the rollout hook's metadata asks for load: the timeline shows it as a load test
+    loads = [e.text for e in report.timeline if e.kind == "load"]
+    assert loads == ["load test: 20 req/s to app-canary for 1m, open (HTTP 200)"], loads
     confirms = [g for g in gates if g.startswith("confirm-promotion")]
     assert len(confirms) == 2, gates  # noted when the answer changes, not at every call
     assert confirms[0].startswith("confirm-promotion: closed (HTTP 403"), gates
