@@ -16,6 +16,15 @@ a timeout.
   connection or a timeout is RouterUnreachable.
 - After each accepted weight, `show servers state` is written to the server-state file
   (`server-state-file` + `load-server-state-from-file global`), so a reload keeps weights.
+- A/B routing (a `Match` and an `ab_map`): the backend holds one static rule that sends the
+  requests whose header (or cookie) value is a key of a map file to the canary server, even
+  at weight 0 (`use-server` ignores weights)::
+
+      use-server canary if { req.hdr(X-Canary),map_str(/etc/haproxy/app-ab.map) -m str canary }
+
+  The match is turned on and off with `add map`/`set map`/`del map` over the runtime API,
+  so no reload; `show map` reads it back. The map file is rewritten after each change so a
+  reload keeps it, as the server-state file keeps weights.
 """
 
 from __future__ import annotations
@@ -28,9 +37,16 @@ import weakref
 from pathlib import Path
 
 from canary.executors import run_blocking
-from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
+from canary.routers.base import Match, RouterError, RouterRejected, RouterUnreachable
 
-__all__ = ["HAProxyRouter", "parse_servers_state", "runtime_command", "save_server_state"]
+__all__ = [
+    "HAProxyRouter",
+    "ab_rule",
+    "parse_map",
+    "parse_servers_state",
+    "runtime_command",
+    "save_server_state",
+]
 
 _MAX_ANSWER = 16 * 1024 * 1024
 
@@ -122,6 +138,26 @@ async def save_server_state(
         raise RouterError(f"server-state file {state_file} not written: {exc}") from exc
 
 
+def parse_map(text: str) -> dict[str, str]:
+    """Entries of `show map <file>`: one `<id> <key> <value>` line each."""
+    entries: dict[str, str] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 3 or not fields[0].startswith("0x"):
+            raise ValueError(f"not a 'show map' line: {line[:200]!r}")
+        entries[fields[1]] = fields[2]
+    return entries
+
+
+def ab_rule(match: Match, map_file: str | Path, canary_server: str) -> str:
+    """The backend line that sends requests matching `match` to the canary server, as
+    users put it in haproxy.cfg (one per backend, before the `server` lines)."""
+    fetch = f"req.hdr({match.name})" if match.kind == "header" else f"req.cook({match.name})"
+    return f"use-server {canary_server} if {{ {fetch},map_str({map_file}) -m str {canary_server} }}"
+
+
 def _write_atomically(path: Path, text: str) -> None:
     # A temporary name of its own: routers sharing one HAProxy save the same state file at
     # once, and a shared "<name>.tmp" was moved away under the next writer's feet.
@@ -150,6 +186,8 @@ class HAProxyRouter:
         name: str | None = None,
         state_file: str | Path | None = None,
         timeout_s: float = 5.0,
+        match: Match | None = None,
+        ab_map: str | Path | None = None,
     ) -> None:
         for label, value in (
             ("backend", backend),
@@ -171,6 +209,14 @@ class HAProxyRouter:
         self.name = name or f"haproxy:{backend}"
         self.state_file = Path(state_file) if state_file is not None else None
         self.timeout_s = timeout_s
+        if (match is None) != (ab_map is None):
+            raise ValueError("HAProxyRouter: A/B routing needs both a match and an ab_map")
+        if ab_map is not None and any(c.isspace() or c == ";" for c in str(ab_map)):
+            raise ValueError(
+                f"HAProxyRouter ab_map must be a path without spaces or ';', got {ab_map!r}"
+            )
+        self.match = match
+        self.ab_map = Path(ab_map) if ab_map is not None else None
 
     def __repr__(self) -> str:
         return (
@@ -209,6 +255,55 @@ class HAProxyRouter:
                 await self._accepted(f"set weight {self.backend}/{server} {targets[server]}")
         if self.state_file is not None:
             await self.save_state(self.state_file)
+
+    async def set_route(self, canary_percent: int, match: bool) -> None:
+        """Set the weight and turn the A/B match on or off. Off goes first and on last, so
+        the canary never takes matching requests at a weight it is being moved away from."""
+        if not match:
+            await self._set_map_entry(False)
+        await self.set_weight(canary_percent)
+        if match:
+            await self._set_map_entry(True)
+
+    async def _map_entries(self) -> dict[str, str]:
+        command = f"show map {self.ab_map}"
+        answer = await runtime_command(self.socket_path, command, timeout_s=self.timeout_s)
+        if not answer:
+            raise RouterUnreachable(
+                f"HAProxy admin socket {self.socket_path} closed without answering {command!r}"
+            )
+        try:
+            return parse_map(answer)
+        except ValueError as exc:
+            # e.g. "Unknown map identifier": haproxy.cfg does not use the file
+            raise RouterRejected(command, answer) from exc
+
+    async def _set_map_entry(self, on: bool) -> None:
+        if self.match is None or self.ab_map is None:
+            if on:
+                raise RouterError(f"{self.name} is not set up for A/B routing")
+            return
+        key, value = self.match.value, self.canary_server
+        entries = await self._map_entries()
+        if on and entries.get(key) != value:
+            verb = "set" if key in entries else "add"
+            await self._accepted(f"{verb} map {self.ab_map} {key} {value}")
+        elif not on and key in entries:
+            await self._accepted(f"del map {self.ab_map} {key}")
+        else:
+            return
+        # The file is what a reload loads: keep it in step with the runtime map.
+        text = "".join(f"{k} {v}\n" for k, v in (await self._map_entries()).items())
+        try:
+            await run_blocking("files", _write_atomically, self.ab_map, text)
+        except OSError as exc:
+            raise RouterError(f"A/B map file {self.ab_map} not written: {exc}") from exc
+
+    async def get_match(self) -> bool:
+        """Whether requests matching the A/B match go to the canary server now."""
+        if self.match is None or self.ab_map is None:
+            return False
+        return (await self._map_entries()).get(self.match.value) == self.canary_server
 
     async def weights(self) -> dict[str, int]:
         """Current weights (srv_uweight) of the backend's servers, by server name."""

@@ -37,6 +37,8 @@ def build_runner(config: Any, *, stamp: str | None = None, fresh: bool = False) 
             name=f"haproxy:{config.router.backend}",
             state_file=config.router.state_file,
             timeout_s=config.router.timeout_s,
+            match=config.match,
+            ab_map=config.router.ab_map,
         )
         metrics = PrometheusMetrics(
             config.metrics.url, queries=config.metrics.queries, timeout_s=config.metrics.timeout_s
