@@ -671,6 +671,8 @@ class DeploymentWorker:
                 ingress=spec.router.target,
                 primary_service=f"{name}-primary",
                 canary_service=f"{name}-canary",
+                match=spec.match,
+                affinity=spec.affinity,
             )
         return GatewayApiRouter(
             self.op.kube,
@@ -679,6 +681,7 @@ class DeploymentWorker:
             primary_service=f"{name}-primary",
             canary_service=f"{name}-canary",
             port=spec.router.port,
+            match=spec.match,
         )
 
     def workload(self, replicas: int) -> AppDeployments:
