@@ -310,6 +310,10 @@ class TargetConfig(_Strict):
         return self.model_copy(update={"router": router, "record_dir": absolute(self.record_dir)})
 
 
+# A model-level validator's message that starts with the key(s) it is about ("steps: ...").
+_NAMES_A_KEY = re.compile(r"^[a-z_]+(\.[a-z_]+)*( and [a-z_]+)?: ")
+
+
 def _location(loc: tuple[int | str, ...]) -> str:
     path = ""
     for part in loc:
@@ -344,7 +348,11 @@ def format_validation_error(error: ValidationError, *, source: str) -> str:
                 )
         # A key or a message may quote a value of any size: at most an excerpt of each.
         message = clip(message, 300)
-        if message.startswith(f"{where}[") or message.startswith(f"{where}:"):
+        if (
+            message.startswith(f"{where}[")
+            or message.startswith(f"{where}:")
+            or (where == "(top level)" and _NAMES_A_KEY.match(message))
+        ):
             lines.append(f"{source}: {message}")  # the validator already named the item
         else:
             lines.append(f"{source}: {clip(where, 120)}: {message}")

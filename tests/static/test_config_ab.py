@@ -1,0 +1,59 @@
+"""A/B keys of static target configs: accepted together, each conflict named by its key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from canary.routers.base import Match
+from canary.static.config import ConfigError, parse_config
+
+BASE: dict[str, Any] = {
+    "name": "checkout",
+    "router": {"kind": "haproxy", "socket": "run/admin.sock", "backend": "checkout"},
+    "metrics": {"kind": "prometheus", "url": "http://127.0.0.1:9090"},
+}
+AB_ROUTER = {**BASE["router"], "ab_map": "checkout-ab.map"}
+
+
+def test_ab_config_parses_into_an_ab_rollout(tmp_path: Path) -> None:
+    """match_header + ab_duration_s + router.ab_map: A/B mode, the map made absolute."""
+    config = parse_config(
+        {**BASE, "router": AB_ROUTER, "match_header": "X-Canary=always", "ab_duration_s": 120},
+        base=tmp_path,
+    )
+    assert config.match == Match("header", "X-Canary", "always")
+    assert config.router.ab_map == tmp_path / "checkout-ab.map"
+    assert config.rollout_spec().ab_duration_s == 120
+
+
+@pytest.mark.parametrize(
+    ("extra", "where", "words"),
+    [
+        ({"match_header": "X-Canary=always"}, "match_header", "ab_duration_s"),
+        ({"ab_duration_s": 60, "router": AB_ROUTER}, "ab_duration_s", "match_header or"),
+        (
+            {"match_header": "X-Canary=always", "ab_duration_s": 60, "steps": [10, 20]},
+            "steps",
+            "replaces the weight steps",
+        ),
+        ({"match_header": "X-Canary=always", "ab_duration_s": 60}, "router.ab_map", "map file"),
+        ({"router": AB_ROUTER}, "router.ab_map", "only used in A/B mode"),
+        ({"match_header": "X-Canary"}, "match_header", "Name=value"),
+        ({"match_cookie": "bad cookie"}, "match_cookie", "token"),
+        (
+            {"match_header": "X-A=1", "match_cookie": "c", "ab_duration_s": 1},
+            "match_header and match_cookie",
+            "not both",
+        ),
+        ({"ab_duration_s": -1}, "ab_duration_s", "greater than or equal"),
+    ],
+)
+def test_bad_ab_keys_are_named(extra: dict[str, Any], where: str, words: str) -> None:
+    """Every inconsistent or malformed A/B key is an error naming the key."""
+    with pytest.raises(ConfigError) as caught:
+        parse_config({**BASE, **extra}, source="rollout.yaml")
+    assert str(caught.value).startswith(f"rollout.yaml: {where}"), str(caught.value)
+    assert words in str(caught.value), str(caught.value)
