@@ -410,7 +410,13 @@ def test_ingress_nginx_ab_rollout_with_affinity_is_promoted_and_the_match_remove
     assert any("A/B analysis passed" in t.reason for t in st.rollout.history), st.rollout
     sticky = {AFFINITY: "cookie", AFFINITY_CANARY: "sticky"}
     matched = {BY_HEADER: "X-Canary", BY_HEADER_VALUE: "always", **sticky}
-    assert ingress_written(ab.cluster, NGINX) == [(0, matched), (100, sticky), (0, sticky)]
+    # The canary Ingress is created at 0% when the app is initialized, before any rollout.
+    assert ingress_written(ab.cluster, NGINX) == [
+        (0, sticky),
+        (0, matched),
+        (100, sticky),
+        (0, sticky),
+    ]
     notes = canary_ingress_notes(ab.cluster, NGINX)
     assert BY_HEADER not in notes and BY_HEADER_VALUE not in notes
     assert notes[WEIGHT_ANNOTATION] == "0" and notes[AFFINITY] == "cookie"
@@ -425,7 +431,7 @@ def test_ingress_nginx_cookie_ab_rollout_of_a_bad_canary_is_rolled_back(ab: AbE2
     )
     assert st.rollout.outcome == "rolled_back", (st.rollout, ab.logs())
     assert "errors" in st.rollout.reason
-    assert ingress_written(ab.cluster, NGINX_BAD) == [(0, {BY_COOKIE: "canary"}), (0, {})]
+    assert ingress_written(ab.cluster, NGINX_BAD) == [(0, {}), (0, {BY_COOKIE: "canary"}), (0, {})]
     assert BY_COOKIE not in canary_ingress_notes(ab.cluster, NGINX_BAD)
     assert ab.traffic.matched[NGINX_BAD] > 0
 
@@ -436,6 +442,7 @@ def test_gateway_api_ab_rollout_is_promoted_and_the_match_rule_removed(ab: AbE2E
     the route ends with its one weighted rule back at 100/0."""
     st = wait("the Gateway API A/B rollout to end", lambda: done(ab.cluster, GW), timeout_s=WAIT_S)
     assert st.rollout.outcome == "promoted", (st.rollout, ab.logs())
+    # The example's route starts at 100/0 already: nothing to write before the rollout.
     assert route_written(ab.cluster, GW) == [(0, 1), (100, 0), (0, 0)]
     rules = ab.cluster.get_json("httproute", "app", "-n", GW)["spec"]["rules"]
     assert len(rules) == 1 and not _is_twin(rules[0])
