@@ -545,6 +545,8 @@ class HAProxyConfig:
     # A/B: the backend's `use-server` rule for this match, looked up in this map file.
     ab_match: Match | None = None
     ab_map: Path | None = None
+    # Session affinity: cookie persistence, the servers' cookies named after them.
+    cookie: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("primary_weight", "canary_weight"):
@@ -593,6 +595,11 @@ def render_haproxy_config(cfg: HAProxyConfig) -> str:
     ab = ""
     if cfg.ab_match is not None and cfg.ab_map is not None:
         ab = "\n    " + ab_rule(cfg.ab_match, cfg.ab_map, cfg.canary_server)
+    primary_cookie = canary_cookie = ""
+    if cfg.cookie is not None:
+        ab += f"\n    cookie {cfg.cookie} insert indirect nocache"
+        primary_cookie = f" cookie {cfg.primary_server}"
+        canary_cookie = f" cookie {cfg.canary_server}"
     return f"""\
 global
     nbthread 1
@@ -612,8 +619,8 @@ frontend fe_{cfg.backend}
 
 backend {cfg.backend}
     balance roundrobin{ab}
-    server {cfg.primary_server} {cfg.primary_addr} weight {cfg.primary_weight}{check}
-    server {cfg.canary_server} {cfg.canary_addr} weight {cfg.canary_weight}{check}
+    server {cfg.primary_server} {cfg.primary_addr} weight {cfg.primary_weight}{check}{primary_cookie}
+    server {cfg.canary_server} {cfg.canary_addr} weight {cfg.canary_weight}{check}{canary_cookie}
 """
 
 

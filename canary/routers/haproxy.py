@@ -25,6 +25,14 @@ a timeout.
   The match is turned on and off with `add map`/`set map`/`del map` over the runtime API,
   so no reload; `show map` reads it back. The map file is rewritten after each change so a
   reload keeps it, as the server-state file keeps weights.
+- Session affinity (`affinity="cookie"`) is HAProxy's cookie persistence, configured in
+  haproxy.cfg (`cookie SRV insert indirect nocache`, `cookie <name>` on each server): a
+  client stays on the server it got first while the weights move. HAProxy still sends
+  persistent clients to a server at weight 0, so the router puts a server that must get no
+  traffic in maintenance (`set server B/S state maint`: its cookie is then ignored) and back
+  to `ready` before it gets a share; the canary stays ready while the A/B match is on. The
+  admin state is read back after each write, and a server in maintenance counts as weight 0
+  in `get_weight`.
 """
 
 from __future__ import annotations
@@ -49,6 +57,9 @@ __all__ = [
 ]
 
 _MAX_ANSWER = 16 * 1024 * 1024
+# srv_admin_state bits that mean maintenance: forced (0x01), inherited (0x02), from the
+# config (0x04), from DNS resolution (0x20).
+_MAINT_FLAGS = 0x01 | 0x02 | 0x04 | 0x20
 
 # HAProxy's admin socket takes few connections at once (`stats maxconn`, 10 by default) and
 # drops the rest: 50 commands at once lost 29, 1,000 lost 979 (issue 13: 667 weight changes
@@ -188,6 +199,7 @@ class HAProxyRouter:
         timeout_s: float = 5.0,
         match: Match | None = None,
         ab_map: str | Path | None = None,
+        affinity: str | None = None,
     ) -> None:
         for label, value in (
             ("backend", backend),
@@ -215,8 +227,11 @@ class HAProxyRouter:
             raise ValueError(
                 f"HAProxyRouter ab_map must be a path without spaces or ';', got {ab_map!r}"
             )
+        if affinity not in (None, "cookie"):
+            raise ValueError(f"HAProxyRouter affinity must be 'cookie' or None, got {affinity!r}")
         self.match = match
         self.ab_map = Path(ab_map) if ab_map is not None else None
+        self.affinity = affinity
 
     def __repr__(self) -> str:
         return (
@@ -235,11 +250,11 @@ class HAProxyRouter:
             raise RouterRejected(command, answer)
 
     async def set_weight(self, canary_percent: int) -> None:
-        """Set primary to 100-p and canary to p; then save the state file, if any."""
-        if isinstance(canary_percent, bool) or not isinstance(canary_percent, int):
-            raise TypeError(f"canary_percent must be an int, got {canary_percent!r}")
-        if not 0 <= canary_percent <= 100:
-            raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
+        """Set primary to 100-p and canary to p (the A/B match off, if any); then save the
+        state file, if any."""
+        await self.set_route(canary_percent, False)
+
+    async def _set_weights(self, canary_percent: int) -> None:
         targets = {self.primary_server: 100 - canary_percent, self.canary_server: canary_percent}
         try:
             current = await self.weights()
@@ -253,17 +268,63 @@ class HAProxyRouter:
         for server in order:
             if current.get(server) != targets[server]:
                 await self._accepted(f"set weight {self.backend}/{server} {targets[server]}")
+
+    async def set_route(self, canary_percent: int, match: bool) -> None:
+        """Set the weight and turn the A/B match on or off; then save the state file, if any.
+        The match goes off first and on last, so the canary never takes matching requests at
+        a weight it is being moved away from. With affinity, servers that get traffic are
+        made ready before the weights move and the others put in maintenance after."""
+        if isinstance(canary_percent, bool) or not isinstance(canary_percent, int):
+            raise TypeError(f"canary_percent must be an int, got {canary_percent!r}")
+        if not 0 <= canary_percent <= 100:
+            raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
+        if match and self.match is None:
+            raise RouterError(f"{self.name} is not set up for A/B routing")
+        serving = {
+            self.primary_server: canary_percent < 100,
+            self.canary_server: canary_percent > 0 or match,
+        }
+        if not match:
+            await self._set_map_entry(False)
+        if self.affinity is not None:
+            await self._set_admin({s: True for s, on in serving.items() if on})
+        await self._set_weights(canary_percent)
+        if self.affinity is not None:
+            await self._set_admin({s: False for s, on in serving.items() if not on})
+            states = await self.in_maintenance()
+            wrong = [s for s, on in serving.items() if states.get(s) is not (not on)]
+            if wrong:
+                raise RouterRejected(
+                    f"set server {self.backend}/{wrong[0]} state",
+                    f"read back {'in maintenance' if states.get(wrong[0]) else 'ready'}, "
+                    f"expected {'ready' if serving[wrong[0]] else 'in maintenance'}",
+                )
+        if match:
+            await self._set_map_entry(True)
         if self.state_file is not None:
             await self.save_state(self.state_file)
 
-    async def set_route(self, canary_percent: int, match: bool) -> None:
-        """Set the weight and turn the A/B match on or off. Off goes first and on last, so
-        the canary never takes matching requests at a weight it is being moved away from."""
-        if not match:
-            await self._set_map_entry(False)
-        await self.set_weight(canary_percent)
-        if match:
-            await self._set_map_entry(True)
+    async def _set_admin(self, ready: dict[str, bool]) -> None:
+        states = await self.in_maintenance()
+        for server, on in ready.items():
+            if states.get(server) is (not on):
+                continue
+            await self._accepted(
+                f"set server {self.backend}/{server} state {'ready' if on else 'maint'}"
+            )
+
+    async def in_maintenance(self) -> dict[str, bool]:
+        """Whether each server of the backend is in maintenance (any of HAProxy's maint
+        admin flags: forced, inherited, from config, from DNS), by server name."""
+        rows = await self._rows()
+        try:
+            return {
+                row["srv_name"]: bool(int(row["srv_admin_state"]) & _MAINT_FLAGS) for row in rows
+            }
+        except (KeyError, ValueError) as exc:
+            raise RouterRejected(
+                f"show servers state {self.backend}", f"no admin state in: {rows}"
+            ) from exc
 
     async def _map_entries(self) -> dict[str, str]:
         command = f"show map {self.ab_map}"
@@ -307,6 +368,15 @@ class HAProxyRouter:
 
     async def weights(self) -> dict[str, int]:
         """Current weights (srv_uweight) of the backend's servers, by server name."""
+        rows = await self._rows()
+        try:
+            return {row["srv_name"]: int(row["srv_uweight"]) for row in rows}
+        except (KeyError, ValueError) as exc:
+            raise RouterRejected(
+                f"show servers state {self.backend}", f"unexpected columns or values: {rows}"
+            ) from exc
+
+    async def _rows(self) -> list[dict[str, str]]:
         command = f"show servers state {self.backend}"
         answer = await runtime_command(self.socket_path, command, timeout_s=self.timeout_s)
         if not answer:
@@ -317,10 +387,7 @@ class HAProxyRouter:
             rows = parse_servers_state(answer)
         except ValueError as exc:
             raise RouterRejected(command, answer) from exc
-        try:
-            return {row["srv_name"]: int(row["srv_uweight"]) for row in rows}
-        except (KeyError, ValueError) as exc:
-            raise RouterRejected(command, f"unexpected columns or values: {answer}") from exc
+        return rows
 
     async def get_weight(self) -> int:
         """The canary's share in percent: round(100 * w_canary / (w_canary + w_primary))."""
@@ -333,6 +400,11 @@ class HAProxyRouter:
                 f"(has: {', '.join(sorted(weights)) or 'none'})",
             )
         primary, canary = weights[self.primary_server], weights[self.canary_server]
+        if self.affinity is not None:
+            # A server in maintenance takes nothing, whatever its weight.
+            maint = await self.in_maintenance()
+            primary = 0 if maint.get(self.primary_server) else primary
+            canary = 0 if maint.get(self.canary_server) else canary
         if primary + canary == 0:
             raise RouterError(
                 f"backend {self.backend}: both {self.primary_server} and {self.canary_server} "

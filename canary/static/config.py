@@ -115,6 +115,9 @@ class HAProxyRouterConfig(_Strict):
     timeout_s: float = Field(default=5.0, gt=0, le=MAX_TIMEOUT_S)
     # A/B: the map file the backend's `use-server` rule looks the header/cookie up in.
     ab_map: Path | None = None
+    # Cookie persistence configured in haproxy.cfg: servers without traffic are put in
+    # maintenance so that persistent clients leave them (see canary.routers.haproxy).
+    affinity: Literal["cookie"] | None = None
 
     @field_validator("ab_map")
     @classmethod

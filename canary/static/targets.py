@@ -39,6 +39,7 @@ def build_runner(config: Any, *, stamp: str | None = None, fresh: bool = False) 
             timeout_s=config.router.timeout_s,
             match=config.match,
             ab_map=config.router.ab_map,
+            affinity=config.router.affinity,
         )
         metrics = PrometheusMetrics(
             config.metrics.url, queries=config.metrics.queries, timeout_s=config.metrics.timeout_s

@@ -98,3 +98,15 @@ def test_demo_haproxy_config_carries_the_ab_rule(tmp_path: Path) -> None:
         HAProxyConfig(**common, ab_match=cookie, ab_map=tmp_path / "ab.map")  # type: ignore[arg-type]
     )
     assert f"use-server canary if {{ req.cook(canary),map_str({tmp_path / 'ab.map'})" in ab
+
+
+def test_router_affinity_is_cookie_or_nothing() -> None:
+    """`router.affinity: cookie` is accepted (with or without A/B); anything else is named."""
+    config = parse_config({**BASE, "router": {**BASE["router"], "affinity": "cookie"}})
+    assert config.router.affinity == "cookie"
+    with pytest.raises(
+        ConfigError, match=r"rollout\.yaml: router\.affinity: Input should be 'cookie'"
+    ):
+        parse_config(
+            {**BASE, "router": {**BASE["router"], "affinity": "ip"}}, source="rollout.yaml"
+        )
