@@ -306,7 +306,7 @@ class RolloutRunner:
             "record": self.record.label if self.record is not None else str(self.record_path),
             "phase": status.phase.value,
             "step": status.step,
-            "steps": list(self.spec.steps),
+            "steps": [] if self.spec.ab else list(self.spec.steps),  # A/B: no weight steps
             "weight": status.weight,
             "weight_verified": status.weight_verified,
             "last_decision": status.last_decision,
@@ -1028,7 +1028,7 @@ class RolloutRunner:
             target=self.name,
             primary_version=self.primary_version,
             canary_version=self.canary_version,
-            steps=list(self.spec.steps),
+            steps=[] if self.spec.ab else list(self.spec.steps),
             config=redact(config),  # secrets never reach the record
             plan={**(self._advice.plan() if self._advice is not None else {}), **self.plan},
         )

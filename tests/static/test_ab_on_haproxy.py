@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
+import time
 from collections import Counter, defaultdict
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -23,6 +25,9 @@ from canary.core.rollout import RolloutStatus
 from canary.demo.procs import HAProxyConfig, HAProxyProcess, PrometheusProcess, free_port
 from canary.demo.service import VERSION_HEADER
 from canary.demo.stack import service_process
+from canary.reports.build import build_report
+from canary.reports.html import render_html
+from canary.reports.markdown import render_markdown
 from canary.routers.base import Match
 from canary.routers.haproxy import HAProxyRouter
 from canary.static.config import load_config
@@ -99,19 +104,33 @@ class Traffic:
         self.url = url
         self.match_on = match_on
         self.seen: dict[tuple[str, bool], Counter[str]] = defaultdict(Counter)
+        self.strays: list[str] = []  # requests routed against the match, for the failure message
+        self.epoch = 0
         self.stopped = False
+
+    def reset(self) -> None:
+        """Count afresh, from requests sent from now on."""
+        self.epoch += 1
+        self.seen = defaultdict(Counter)
 
     async def run(self, session: aiohttp.ClientSession) -> None:
         flag = False
         while not self.stopped:
             flag = not flag
             headers = {MATCH.name: MATCH.value} if flag else {}
-            before = self.match_on()
+            before, epoch = self.match_on(), self.epoch
             with contextlib.suppress(aiohttp.ClientError, TimeoutError):
                 async with session.get(self.url, headers=headers) as response:
                     await response.read()
+                    if epoch != self.epoch:
+                        continue  # sent before the counts were reset: not this window's
                     phase = "ab" if before and self.match_on() else "other"
-                    self.seen[phase, flag][response.headers.get(VERSION_HEADER, "none")] += 1
+                    version = response.headers.get(VERSION_HEADER, "none")
+                    self.seen[phase, flag][version] += 1
+                    if phase == "ab" and flag != (version == "canary"):
+                        self.strays.append(
+                            f"{'with' if flag else 'without'} the header: {version} at {time.time():.3f}"
+                        )
             await asyncio.sleep(0.005)
 
 
@@ -168,8 +187,8 @@ async def run_rollout(
                 with contextlib.suppress(asyncio.CancelledError):
                     await rollout
             during = {flag: traffic.seen["ab", flag] for flag in (True, False)}
-            traffic.seen = defaultdict(Counter)
-            await asyncio.sleep(1.0)
+            traffic.reset()
+            await asyncio.sleep(1.5)
             after = {flag: traffic.seen["other", flag] for flag in (True, False)}
         finally:
             traffic.stopped = True
@@ -178,6 +197,10 @@ async def run_rollout(
             for sender in senders:
                 with contextlib.suppress(asyncio.CancelledError):
                     await sender
+    assert not traffic.strays, (
+        traffic.strays,
+        [(t.at, t.to_phase, t.reason) for t in status.history],
+    )
     return status, during, after
 
 
@@ -202,6 +225,13 @@ async def test_ab_rollout_routes_only_matching_requests_and_promotes(
         assert stack.config.ab_map is not None
         assert stack.config.ab_map.read_text() == ""
         assert after[False]["canary"] > 0 and after[False]["primary"] == 0
+        # The record of an A/B rollout (no weight steps) makes a report like any other.
+        (path,) = (workdir / "records").glob("app-*.jsonl")
+        entries = [json.loads(line) for line in path.read_text().splitlines()]
+        assert entries[0]["steps"] == [] and entries[0]["config"]["rollout"]["ab_duration_s"] == 5
+        report = build_report(entries)
+        assert "promoted" in render_markdown(report).lower()
+        assert "<svg" in render_html(report)
 
 
 async def test_ab_rollout_of_a_bad_canary_rolls_back_and_removes_the_match(
