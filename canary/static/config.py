@@ -36,7 +36,8 @@ value "always"), `ab_duration_s: 300` and `router.ab_map: checkout-ab.map`, and 
 `steps`. Only requests with `X-Canary: always` then reach the canary, for at least
 `ab_duration_s`, and a pass promotes. The HAProxy backend needs the line
 `use-server canary if { req.hdr(X-Canary),map_str(<ab_map>) -m str canary }`
-(canary.routers.haproxy.ab_rule writes it).
+(canary.routers.haproxy.ab_rule writes it). `router.affinity: cookie` goes with HAProxy's cookie
+persistence: servers without traffic are then put in maintenance, so sticky clients leave them.
 """
 
 from __future__ import annotations
