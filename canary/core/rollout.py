@@ -47,6 +47,11 @@ Decisions taken here, and why:
   held gate is not a failure (max_step_s does not apply once the analysis passed), while
   a `fail` still rolls back. `rollback` is polled each tick while waiting or Progressing:
   open means roll back now. An answer is noted (record, Event) when it changes.
+- **A/B mode** (`ab_duration_s` set) replaces the weight steps with one phase: the canary
+  gets weight 0 and only the requests that match a header or cookie (`status.match`), for
+  at least `ab_duration_s`; a pass then promotes as above, a fail rolls back. The match is
+  set, read back and re-asserted exactly like a weight (`SetWeight(0, match=True)`), and is
+  removed on promotion and rollback.
 """
 
 from __future__ import annotations
@@ -162,6 +167,13 @@ class RolloutSpec(BaseModel):
     # The gate kinds configured (canary.notify.gates calls them); none: no gate is asked.
     gates: tuple[GateKind, ...] = ()
     gate_failure_threshold: int = Field(default=DEFAULT_GATE_FAILURE_THRESHOLD, ge=1, le=100)
+    # A/B mode: how long only matching requests go to the canary before a pass promotes
+    # (instead of the weight steps). None: weight steps.
+    ab_duration_s: float | None = Field(default=None, ge=0, le=MAX_DURATION_S, allow_inf_nan=False)
+
+    @property
+    def ab(self) -> bool:
+        return self.ab_duration_s is not None
 
     @field_validator("steps", mode="before")
     @classmethod
@@ -201,7 +213,8 @@ class RolloutStatus(BaseModel):
     revision: str = ""
     step: int = 0  # index into spec.steps
     weight: int = 0  # the canary percent wanted now
-    weight_verified: bool = True  # `weight` has been read back from the router
+    weight_verified: bool = True  # `weight` (and `match`) has been read back from the router
+    match: bool = False  # A/B: matching requests go to the canary (wanted now)
     started_at: float | None = None
     analysis_started_at: float | None = None  # metrics are counted from here
     step_started_at: float | None = None  # when this step's weight was verified
@@ -265,6 +278,7 @@ class Tick:
     reason: str = ""
     weight_read: int | None = None
     router_error: str | None = None
+    match_read: bool | None = None  # A/B routers: whether the match is in place
 
 
 @dataclass(frozen=True, slots=True)
@@ -285,12 +299,14 @@ class NewRevision:
 @dataclass(frozen=True, slots=True)
 class WeightVerified:
     weight: int
+    match: bool = False
 
 
 @dataclass(frozen=True, slots=True)
 class WeightFailed:
     weight: int
     error: str
+    match: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -320,9 +336,11 @@ Event = Tick | Command | NewRevision | WeightVerified | WeightFailed | PromoteDo
 
 @dataclass(frozen=True, slots=True)
 class SetWeight:
-    """Set the canary's share and read it back; answer with WeightVerified/WeightFailed."""
+    """Set the canary's share (and, A/B, the match) and read it back; answer with
+    WeightVerified/WeightFailed."""
 
     weight: int
+    match: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -463,7 +481,7 @@ def _start(
     pending = _start_gate(spec, status)
     if pending is not None:
         return _wait_at_start(status, now, reason, pending, entering=entering)
-    first = spec.steps[0]
+    first = 0 if spec.ab else spec.steps[0]
     new, record = _move(
         status,
         "Progressing",
@@ -471,6 +489,7 @@ def _start(
         reason,
         step=0,
         weight=first,
+        match=spec.ab,
         weight_verified=False,
         started_at=now,
         analysis_started_at=now,
@@ -484,7 +503,12 @@ def _start(
     )
     return Outcome(
         new,
-        (record, ResetAnalysis(now, reason), ScaleCanary(up=True), SetWeight(first)),
+        (
+            record,
+            ResetAnalysis(now, reason),
+            ScaleCanary(up=True),
+            SetWeight(first, match=spec.ab),
+        ),
     )
 
 
@@ -502,6 +526,7 @@ def _roll_back(
         now,
         reason,
         weight=0,
+        match=False,
         weight_verified=False,
         outcome=outcome,
         step_started_at=None,
@@ -518,6 +543,7 @@ def _promote(
         now,
         reason,
         weight=100,
+        match=False,
         weight_verified=False,
         step_started_at=None,
         outcome="promoted",
@@ -535,11 +561,31 @@ def _reassert_weight(status: RolloutStatus, tick: Tick) -> tuple[Action, ...]:
                 "warning",
                 f"router reports {tick.weight_read}% but {status.weight}% is wanted: setting it again",
             ),
-            SetWeight(status.weight),
+            SetWeight(status.weight, match=status.match),
+        )
+    if tick.match_read is not None and tick.match_read != status.match:
+        return (
+            Emit(
+                "warning",
+                f"router reports the A/B match {_on(tick.match_read)} but it should be "
+                f"{_on(status.match)}: setting it again",
+            ),
+            SetWeight(status.weight, match=status.match),
         )
     if tick.weight_read is None and not status.weight_verified:
-        return (SetWeight(status.weight),)
+        return (SetWeight(status.weight, match=status.match),)
     return ()
+
+
+def _on(match: bool) -> str:
+    return "on" if match else "off"
+
+
+def _misrouted(status: RolloutStatus, tick: Tick) -> bool:
+    """The router answered with a route other than the one wanted (weight or A/B match)."""
+    return (tick.weight_read is not None and tick.weight_read != status.weight) or (
+        tick.match_read is not None and tick.match_read != status.match
+    )
 
 
 def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> Outcome:
@@ -552,7 +598,7 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
 
     # Router health and data freshness are tracked in every active stage.
     failing_since = status.router_failing_since
-    wrong = tick.weight_read is not None and tick.weight_read != status.weight
+    wrong = _misrouted(status, tick)
     if tick.router_error is not None or (wrong and status.weight_verified):
         # Unreadable, or no longer what was verified: failing until it reads back right.
         failing_since = failing_since if failing_since is not None else now
@@ -579,11 +625,7 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
             and status.weight == 100
         ):
             return Outcome(status, (Promote(status.revision),))
-        if (
-            not router_ok
-            and not status.promoted
-            and failing_for >= spec.no_data_deadline_s
-        ):
+        if not router_ok and not status.promoted and failing_for >= spec.no_data_deadline_s:
             # Not promoted yet and the router is gone: the canary's share cannot be known,
             # so hand everything back to the primary rather than hold forever.
             return _roll_back(
@@ -636,7 +678,8 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
         return Outcome(held, fix)
 
     in_step = now - status.step_started_at
-    if decision is Decision.PASS and in_step >= spec.min_step_s:
+    least = spec.ab_duration_s if spec.ab_duration_s is not None else spec.min_step_s
+    if decision is Decision.PASS and in_step >= least:
         gate = _confirm_gate(spec, status)
         if gate is not None:
             # Held by a gate, not by the canary: max_step_s does not count this against it.
@@ -648,6 +691,8 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
                 }
             )
             return Outcome(held, (*fix, CallGate(typing.cast(GateKind, gate), status.step)))
+        if spec.ab:
+            return _promote(status, now, f"A/B analysis passed after {in_step:.0f}s")
         return _advance(spec, status, now, fix)
     if spec.max_step_s is not None and in_step >= spec.max_step_s:
         return _roll_back(
@@ -656,18 +701,22 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
             f"no pass within max_step_s ({spec.max_step_s:g}s) at {status.weight}%: the canary was not shown to be safe",
         )
     wait = (
-        f"{decision.value}; step {status.step + 1}/{len(spec.steps)} at {status.weight}% "
+        f"{decision.value}; A/B match for {in_step:.0f}s (min {least:g}s)"
+        if spec.ab
+        else f"{decision.value}; step {status.step + 1}/{len(spec.steps)} at {status.weight}% "
         f"for {in_step:.0f}s (min {spec.min_step_s:g}s)"
     )
     return Outcome(status.model_copy(update={"message": wait}), fix)
 
 
 def _router_detail(status: RolloutStatus, tick: Tick) -> str:
-    return tick.router_error or (
-        f"it reports {tick.weight_read}% instead of {status.weight}%"
-        if tick.weight_read is not None
-        else f"{status.weight}% never read back"
-    )
+    if tick.router_error:
+        return tick.router_error
+    if tick.weight_read is not None and tick.weight_read != status.weight:
+        return f"it reports {tick.weight_read}% instead of {status.weight}%"
+    if tick.match_read is not None and tick.match_read != status.match:
+        return f"it reports the A/B match {_on(tick.match_read)} instead of {_on(status.match)}"
+    return f"{status.weight}% never read back"
 
 
 def _advance(
@@ -791,7 +840,7 @@ def _new_revision(
 def _weight_verified(
     spec: RolloutSpec, status: RolloutStatus, event: WeightVerified, now: float
 ) -> Outcome:
-    if event.weight != status.weight:
+    if event.weight != status.weight or event.match != status.match:
         return Outcome(status)  # a stale answer for a weight no longer wanted
     new = status.model_copy(update={"weight_verified": True, "router_failing_since": None})
     if status.stage == "Progressing" and status.step_started_at is None:
@@ -828,17 +877,24 @@ def _finish(
 
 
 def _weight_failed(status: RolloutStatus, event: WeightFailed, now: float) -> Outcome:
-    if event.weight != status.weight:
+    if event.weight != status.weight or event.match != status.match:
         return Outcome(status)
     since = status.router_failing_since if status.router_failing_since is not None else now
     new = status.model_copy(
         update={
             "weight_verified": False,
             "router_failing_since": since,
-            "message": f"could not set {event.weight}%: {event.error}",
+            "message": f"could not set {_route(event.weight, event.match)}: {event.error}",
         }
     )
-    return Outcome(new, (Emit("warning", f"could not set {event.weight}%: {event.error}"),))
+    return Outcome(
+        new,
+        (Emit("warning", f"could not set {_route(event.weight, event.match)}: {event.error}"),),
+    )
+
+
+def _route(weight: int, match: bool) -> str:
+    return f"{weight}% and the A/B match" if match else f"{weight}%"
 
 
 def _promote_done(
@@ -869,7 +925,8 @@ def _start_gate(spec: RolloutSpec, status: RolloutStatus) -> str | None:
 
 def _confirm_gate(spec: RolloutSpec, status: RolloutStatus) -> str | None:
     """The gate that must open before this passed step moves on, if any."""
-    gate = "confirm-promotion" if status.step + 1 >= len(spec.steps) else "confirm-traffic-increase"
+    last = spec.ab or status.step + 1 >= len(spec.steps)  # A/B: one phase, then promotion
+    gate = "confirm-promotion" if last else "confirm-traffic-increase"
     return gate if gate in spec.gates and gate not in status.gates_open else None
 
 

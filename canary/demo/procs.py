@@ -42,6 +42,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol, Self
 
+from canary.routers.base import Match
+from canary.routers.haproxy import ab_rule
+
 __all__ = [
     "POWERDNS_SQLITE3_SCHEMA",
     "HAProxyConfig",
@@ -539,6 +542,11 @@ class HAProxyConfig:
     canary_weight: int = 0
     health_checks: bool = False
     mode: str = "http"
+    # A/B: the backend's `use-server` rule for this match, looked up in this map file.
+    ab_match: Match | None = None
+    ab_map: Path | None = None
+    # Session affinity: cookie persistence, the servers' cookies named after them.
+    cookie: str | None = None
 
     def __post_init__(self) -> None:
         for field in ("primary_weight", "canary_weight"):
@@ -584,6 +592,14 @@ def render_haproxy_config(cfg: HAProxyConfig) -> str:
     split is close to the weight set; one thread keeps it exact and light on small machines.
     """
     check = " check inter 1s" if cfg.health_checks else ""
+    ab = ""
+    if cfg.ab_match is not None and cfg.ab_map is not None:
+        ab = "\n    " + ab_rule(cfg.ab_match, cfg.ab_map, cfg.canary_server)
+    primary_cookie = canary_cookie = ""
+    if cfg.cookie is not None:
+        ab += f"\n    cookie {cfg.cookie} insert indirect nocache"
+        primary_cookie = f" cookie {cfg.primary_server}"
+        canary_cookie = f" cookie {cfg.canary_server}"
     return f"""\
 global
     nbthread 1
@@ -602,9 +618,9 @@ frontend fe_{cfg.backend}
     default_backend {cfg.backend}
 
 backend {cfg.backend}
-    balance roundrobin
-    server {cfg.primary_server} {cfg.primary_addr} weight {cfg.primary_weight}{check}
-    server {cfg.canary_server} {cfg.canary_addr} weight {cfg.canary_weight}{check}
+    balance roundrobin{ab}
+    server {cfg.primary_server} {cfg.primary_addr} weight {cfg.primary_weight}{check}{primary_cookie}
+    server {cfg.canary_server} {cfg.canary_addr} weight {cfg.canary_weight}{check}{canary_cookie}
 """
 
 
@@ -649,6 +665,8 @@ class HAProxyProcess(ManagedProcess):
     def _write_config(self) -> None:
         self.config_path.parent.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(render_haproxy_config(self.config))
+        if self.config.ab_map is not None and not self.config.ab_map.exists():
+            self.config.ab_map.touch()  # HAProxy refuses to start on a missing map file
 
     async def start(self) -> Self:
         # A config error shows up as "exited before ready" with HAProxy's own words in the tail.

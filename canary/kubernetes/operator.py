@@ -859,6 +859,8 @@ class DeploymentWorker:
                 ingress=spec.router.target,
                 primary_service=f"{name}-primary",
                 canary_service=f"{name}-canary",
+                match=spec.match,
+                affinity=spec.affinity,
             )
         return GatewayApiRouter(
             self.op.kube,
@@ -867,6 +869,7 @@ class DeploymentWorker:
             primary_service=f"{name}-primary",
             canary_service=f"{name}-canary",
             port=spec.router.port,
+            match=spec.match,
         )
 
     async def _canary_size(self, spec: CanarySpec) -> int:

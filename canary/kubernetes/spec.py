@@ -39,6 +39,7 @@ from canary.core.rollout import (
 from canary.metrics.prometheus import PromQueries
 from canary.notify.formats import FORMATS, Format
 from canary.notify.gates import chat_service, generated_load, parse_metadata
+from canary.routers.base import Match
 
 __all__ = [
     "ANNOTATIONS",
@@ -90,8 +91,7 @@ WEBHOOK_TYPES: tuple[str, ...] = typing.get_args(WebhookType)
 GATING_WEBHOOK_TYPES: tuple[str, ...] = GATE_KINDS
 _WEBHOOK_RULES = {
     "post-rollout": "URL told of promotions, rollbacks and manual actions (see its `.format`)",
-    "rolled-back": "URL told of rollbacks (see its `.format`; was `webhook.rollback` before "
-    "gates)",
+    "rolled-back": "URL told of rollbacks (see its `.format`; was `webhook.rollback` before gates)",
     "confirm-rollout": "gate asked before the canary gets any traffic; non-2xx holds, asked "
     "again each tick",
     "pre-rollout": "gate called before traffic shifts to the canary; a failure counts toward "
@@ -321,6 +321,20 @@ class CanarySpec(BaseModel):
     # 0: off. Reverting to the template promoted before the current one, within this long
     # after that promotion, goes straight to app-primary without analysis.
     fast_rollback_window_s: float = Field(default=0.0, ge=0, le=MAX_DURATION_S)
+    # A/B mode instead of weight steps: only matching requests reach the canary.
+    match_header: str | None = None
+    match_cookie: str | None = None
+    ab_duration_s: float | None = Field(default=None, ge=0, le=MAX_DURATION_S)
+    affinity: Literal["cookie"] | None = None
+
+    @property
+    def match(self) -> Match | None:
+        """The A/B match, or None for weight steps."""
+        if self.match_header is not None:
+            return Match.header(self.match_header)
+        if self.match_cookie is not None:
+            return Match.cookie(self.match_cookie)
+        return None
 
     def rollout_spec(self) -> RolloutSpec:
         """The rollout machine's spec; on Kubernetes the promotion copies the template to
@@ -335,6 +349,7 @@ class CanarySpec(BaseModel):
                 typing.cast(GateKind, h.type) for h in self.webhooks if h.type in GATE_KINDS
             ),
             gate_failure_threshold=self.gate_failure_threshold,
+            ab_duration_s=self.ab_duration_s,
         )
 
     def analysis_config(self) -> AnalysisConfig:
@@ -487,6 +502,16 @@ def _port(text: str) -> int:
     if not text.strip().isdigit() or not 1 <= int(text) <= 65535:
         raise ValueError(f"must be a port number 1..65535, got {excerpt(text)}")
     return int(text)
+
+
+def _match_header(text: str) -> str:
+    Match.header(text)
+    return text.strip()
+
+
+def _match_cookie(text: str) -> str:
+    Match.cookie(text)
+    return text.strip()
 
 
 def _max_duration(text: str) -> float | None:
@@ -736,6 +761,39 @@ ANNOTATIONS: tuple[Annotation, ...] = (
     ),
     _a("port", "router.port", _port, "80", "the Services' port"),
     _a(
+        "match-header",
+        "match_header",
+        _match_header,
+        "",
+        "A/B: `Name=value` (e.g. `X-Canary=always`); only requests with that header reach the "
+        "canary, instead of weight steps (needs `canary.dev/ab-duration`)",
+    ),
+    _a(
+        "match-cookie",
+        "match_cookie",
+        _match_cookie,
+        "",
+        "A/B: a cookie name (value `always`) or `name=value`; only requests with it reach the "
+        "canary (needs `canary.dev/ab-duration`)",
+    ),
+    _a(
+        "ab-duration",
+        "ab_duration_s",
+        parse_duration,
+        "",
+        "A/B: how long the matching requests are analysed before a pass promotes (90s, 5m); "
+        "replaces `canary.dev/steps`",
+    ),
+    _a(
+        "affinity",
+        "affinity",
+        _choice("cookie"),
+        "",
+        "`cookie`: a client sent to the canary stays there (ingress-nginx `affinity: cookie`, "
+        "`affinity-canary-behavior: sticky`); refused for gateway-api, which has no standard "
+        "session affinity",
+    ),
+    _a(
         "metrics",
         "metrics.preset",
         _choice("ingress-nginx", "envoy", "app-histogram", "custom"),
@@ -811,7 +869,7 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "webhook_options.metadata",
         parse_metadata,
         "{}",
-        'JSON object of strings sent as the payload\'s `metadata`, verbatim (e.g. '
+        "JSON object of strings sent as the payload's `metadata`, verbatim (e.g. "
         '`{"url":"http://app-canary/","rps":"50"}`); at most 32 keys, 4 KiB',
     ),
     _a(
@@ -978,6 +1036,7 @@ def _cross_check(raw: dict[str, Any], problems: dict[str, str], target_from: str
         problems[key] = (
             f"max-step-duration ({maximum:g}s) must be at least min-step-duration ({minimum:g}s)"
         )
+    _cross_check_ab(raw, problems, kind)
     metrics = raw.get("metrics", {})
     if metrics.get("preset") == "custom":
         for field in ("requests", "errors"):
@@ -989,6 +1048,37 @@ def _cross_check(raw: dict[str, Any], problems: dict[str, str], target_from: str
                 problems[_KEY_OF_FIELD["metrics." + field]] = (
                     f"only applies to {PREFIX}metrics: custom"
                 )
+
+
+def _cross_check_ab(raw: dict[str, Any], problems: dict[str, str], kind: str | None) -> None:
+    """A/B mode: one match and a duration, and no weight steps beside them."""
+    matches = [k for k in ("match_header", "match_cookie") if k in raw]
+    if len(matches) > 1:
+        problems[PREFIX + "match-cookie"] = (
+            f"give either {PREFIX}match-header or match-cookie, not both"
+        )
+    elif matches and "ab_duration_s" not in raw:
+        problems[_KEY_OF_FIELD[matches[0]]] = f"A/B mode also needs {PREFIX}ab-duration"
+    if "ab_duration_s" in raw:
+        if not matches:
+            problems[PREFIX + "ab-duration"] = (
+                f"A/B mode needs {PREFIX}match-header or {PREFIX}match-cookie"
+            )
+        if "steps" in raw:
+            problems[PREFIX + "steps"] = (
+                f"A/B mode ({PREFIX}ab-duration) replaces the weight steps; remove one of them"
+            )
+    cookie = raw.get("match_cookie")
+    if kind == "ingress-nginx" and cookie is not None and Match.cookie(cookie).value != "always":
+        problems[PREFIX + "match-cookie"] = (
+            "ingress-nginx sends a cookie to the canary only when its value is `always`: "
+            f"give the cookie name alone, got {excerpt(cookie)}"
+        )
+    if raw.get("affinity") is not None and kind == "gateway-api":
+        problems[PREFIX + "affinity"] = (
+            "Gateway API has no standard session affinity (HTTPRoute has no such field); "
+            "refused rather than ignored: use ingress-nginx, or a header/cookie match"
+        )
 
 
 def _build(raw: dict[str, Any]) -> CanarySpec:

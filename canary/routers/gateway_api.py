@@ -10,18 +10,30 @@ the controller's reason and message otherwise.
 
 Because the controller updates the status after our write, `set_weight` waits (up to
 `settle_timeout_s`) for the status to catch up with the new generation.
+
+A/B (a `Match`): with the match on, every weighted rule gets a twin placed before it with
+the same matches plus a header match (a cookie is matched on the `Cookie` header with a
+RegularExpression) and the canary as its only backend. Gateway API gives a rule with more
+header matches precedence, so matching requests reach the canary while the weights (0)
+send it nothing else. Twins are recognised by their shape (only the canary backend, our
+header match) and removed when the match goes off; `get_match` reads them back.
+
+Session affinity: the standard channel of Gateway API has no session affinity
+(`sessionPersistence` is experimental and implementation-specific), so it is refused when
+the spec is read, never accepted and ignored.
 """
 
 from __future__ import annotations
 
 import asyncio
 import copy
+import re
 import time
 from typing import Any
 
 from canary.kubernetes.client import Conflict, Kube, KubeError, Unavailable
 from canary.retry import ONCE_MORE, retrying
-from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
+from canary.routers.base import Match, RouterError, RouterRejected, RouterUnreachable
 
 __all__ = ["GatewayApiRouter", "RouteNotReady"]
 
@@ -53,7 +65,9 @@ class GatewayApiRouter:
         port: int | None = None,
         settle_timeout_s: float = 10.0,
         poll_s: float = 0.2,
+        match: Match | None = None,
     ) -> None:
+        self.match = match
         self.kube = kube
         self.namespace = namespace
         self.route = route
@@ -73,10 +87,57 @@ class GatewayApiRouter:
             self.canary_service,
         )
 
-    def weighted_rules(self, route: JSON, weight: int) -> list[JSON]:
-        """The route's rules with our two backends weighted 100-weight / weight."""
-        rules = copy.deepcopy((route.get("spec") or {}).get("rules") or [])
+    def header_match(self) -> JSON:
+        """The HTTPRoute header match for our Match."""
+        assert self.match is not None
+        if self.match.kind == "header":
+            return {"type": "Exact", "name": self.match.name, "value": self.match.value}
+        cookie = re.escape(f"{self.match.name}={self.match.value}")
+        return {
+            "type": "RegularExpression",
+            "name": "Cookie",
+            "value": f"(^|.*; ?){cookie}(;.*|$)",
+        }
+
+    def _is_ab_rule(self, rule: JSON) -> bool:
+        """One of our A/B twins: only the canary backend, and our header match in each match."""
+        if self.match is None:
+            return False
+        refs = rule.get("backendRefs") or []
+        if (
+            len(refs) != 1
+            or not self._is_ours(refs[0])
+            or refs[0].get("name") != self.canary_service
+        ):
+            return False
+        matches = rule.get("matches") or []
+        wanted = self.header_match()
+        return bool(matches) and all(wanted in (m.get("headers") or []) for m in matches)
+
+    def _ab_twin(self, rule: JSON) -> JSON:
+        twin = {
+            k: copy.deepcopy(v)
+            for k, v in rule.items()
+            if k not in ("backendRefs", "matches", "name")
+        }
+        matches = copy.deepcopy(rule.get("matches") or [{}])
+        for m in matches:
+            m["headers"] = [*(m.get("headers") or []), self.header_match()]
+        canary = next(ref for ref in rule["backendRefs"] if ref.get("name") == self.canary_service)
+        twin["matches"] = matches
+        twin["backendRefs"] = [{**copy.deepcopy(canary), "weight": 1}]
+        return twin
+
+    def weighted_rules(self, route: JSON, weight: int, match: bool = False) -> list[JSON]:
+        """The route's rules with our two backends weighted 100-weight / weight (and, with
+        `match`, each preceded by its A/B twin)."""
+        rules = [
+            r
+            for r in copy.deepcopy((route.get("spec") or {}).get("rules") or [])
+            if not self._is_ab_rule(r)
+        ]
         touched = 0
+        out: list[JSON] = []
         for rule in rules:
             refs = rule.get("backendRefs") or []
             ours = [ref for ref in refs if self._is_ours(ref)]
@@ -93,22 +154,47 @@ class GatewayApiRouter:
             canary.update(name=self.canary_service, weight=weight)
             others = [ref for ref in refs if not self._is_ours(ref)]
             rule["backendRefs"] = [*others, primary, canary]
+            if match:
+                out.append(self._ab_twin(rule))
         if touched == 0:
             raise RouterRejected(
                 f"set weight {weight}",
                 f"{self._where} has no rule with a backendRef to Service "
                 f"{self.primary_service!r} or {self.canary_service!r}",
             )
+        if match:
+            # Each twin goes right before its rule (insertion order is kept in `out`).
+            merged: list[JSON] = []
+            twins = iter(out)
+            for rule in rules:
+                if any(self._is_ours(ref) for ref in rule.get("backendRefs") or []):
+                    merged.append(next(twins))
+                merged.append(rule)
+            if len(merged) > 16:
+                raise RouterRejected(
+                    f"set weight {weight} with {self.match}",
+                    f"{self._where} would have {len(merged)} rules with the A/B twins; "
+                    "an HTTPRoute holds at most 16",
+                )
+            return merged
         return rules
 
     async def set_weight(self, canary_percent: int) -> None:
+        await self.set_route(canary_percent, False)
+
+    async def set_route(self, canary_percent: int, match: bool) -> None:
+        """Write the weights and the A/B twins (on or off) in one patch."""
         if not 0 <= canary_percent <= 100:
             raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
-        command = f"set {self._where} canary weight {canary_percent}"
+        if match and self.match is None:
+            raise RouterError(f"{self.name} is not set up for A/B routing (no match)")
+        command = f"set {self._where} canary weight {canary_percent}" + (
+            f" with {self.match}" if match else ""
+        )
 
         async def write() -> JSON | None:
             route = await self.kube.get_httproute(self.namespace, self.route)
-            rules = self.weighted_rules(route, canary_percent)
+            rules = self.weighted_rules(route, canary_percent, match)
             if rules == (route.get("spec") or {}).get("rules"):
                 return None  # already there; nothing for the gateway to catch up with
             return await self.kube.patch_httproute(
@@ -183,6 +269,8 @@ class GatewayApiRouter:
         self.check_status(route)
         weights: set[int] = set()
         for rule in (route.get("spec") or {}).get("rules") or []:
+            if self._is_ab_rule(rule):
+                continue
             refs = [ref for ref in rule.get("backendRefs") or [] if self._is_ours(ref)]
             if not refs:
                 continue
@@ -200,3 +288,28 @@ class GatewayApiRouter:
         if len(weights) > 1:
             raise RouterRejected(command, f"rules disagree on the canary weight: {sorted(weights)}")
         return weights.pop()
+
+    async def get_match(self) -> bool:
+        """Whether every weighted rule has its A/B twin (True) or none has (False); anything
+        in between is a route someone else edited, reported as such."""
+        command = f"read {self._where}"
+        try:
+            route = await self.kube.get_httproute(self.namespace, self.route)
+        except KubeError as exc:
+            raise _router_error(command, exc) from exc
+        self.check_status(route)
+        rules = (route.get("spec") or {}).get("rules") or []
+        twins = sum(1 for rule in rules if self._is_ab_rule(rule))
+        weighted = sum(
+            1
+            for rule in rules
+            if not self._is_ab_rule(rule)
+            and any(self._is_ours(ref) for ref in rule.get("backendRefs") or [])
+        )
+        if twins == 0:
+            return False
+        if twins != weighted:
+            raise RouterRejected(
+                command, f"{twins} A/B rules for {weighted} weighted rules: expected one each"
+            )
+        return True

@@ -16,6 +16,23 @@ a timeout.
   connection or a timeout is RouterUnreachable.
 - After each accepted weight, `show servers state` is written to the server-state file
   (`server-state-file` + `load-server-state-from-file global`), so a reload keeps weights.
+- A/B routing (a `Match` and an `ab_map`): the backend holds one static rule that sends the
+  requests whose header (or cookie) value is a key of a map file to the canary server, even
+  at weight 0 (`use-server` ignores weights)::
+
+      use-server canary if { req.hdr(X-Canary),map_str(/etc/haproxy/app-ab.map) -m str canary }
+
+  The match is turned on and off with `add map`/`set map`/`del map` over the runtime API,
+  so no reload; `show map` reads it back. The map file is rewritten after each change so a
+  reload keeps it, as the server-state file keeps weights.
+- Session affinity (`affinity="cookie"`) is HAProxy's cookie persistence, configured in
+  haproxy.cfg (`cookie SRV insert indirect nocache`, `cookie <name>` on each server): a
+  client stays on the server it got first while the weights move. HAProxy still sends
+  persistent clients to a server at weight 0, so the router puts a server that must get no
+  traffic in maintenance (`set server B/S state maint`: its cookie is then ignored) and back
+  to `ready` before it gets a share; the canary stays ready while the A/B match is on. The
+  admin state is read back after each write, and a server in maintenance counts as weight 0
+  in `get_weight`.
 """
 
 from __future__ import annotations
@@ -28,11 +45,21 @@ import weakref
 from pathlib import Path
 
 from canary.executors import run_blocking
-from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
+from canary.routers.base import Match, RouterError, RouterRejected, RouterUnreachable
 
-__all__ = ["HAProxyRouter", "parse_servers_state", "runtime_command", "save_server_state"]
+__all__ = [
+    "HAProxyRouter",
+    "ab_rule",
+    "parse_map",
+    "parse_servers_state",
+    "runtime_command",
+    "save_server_state",
+]
 
 _MAX_ANSWER = 16 * 1024 * 1024
+# srv_admin_state bits that mean maintenance: forced (0x01), inherited (0x02), from the
+# config (0x04), from DNS resolution (0x20).
+_MAINT_FLAGS = 0x01 | 0x02 | 0x04 | 0x20
 
 # HAProxy's admin socket takes few connections at once (`stats maxconn`, 10 by default) and
 # drops the rest: 50 commands at once lost 29, 1,000 lost 979 (issue 13: 667 weight changes
@@ -122,6 +149,26 @@ async def save_server_state(
         raise RouterError(f"server-state file {state_file} not written: {exc}") from exc
 
 
+def parse_map(text: str) -> dict[str, str]:
+    """Entries of `show map <file>`: one `<id> <key> <value>` line each."""
+    entries: dict[str, str] = {}
+    for line in text.splitlines():
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields) != 3 or not fields[0].startswith("0x"):
+            raise ValueError(f"not a 'show map' line: {line[:200]!r}")
+        entries[fields[1]] = fields[2]
+    return entries
+
+
+def ab_rule(match: Match, map_file: str | Path, canary_server: str) -> str:
+    """The backend line that sends requests matching `match` to the canary server, as
+    users put it in haproxy.cfg (one per backend, before the `server` lines)."""
+    fetch = f"req.hdr({match.name})" if match.kind == "header" else f"req.cook({match.name})"
+    return f"use-server {canary_server} if {{ {fetch},map_str({map_file}) -m str {canary_server} }}"
+
+
 def _write_atomically(path: Path, text: str) -> None:
     # A temporary name of its own: routers sharing one HAProxy save the same state file at
     # once, and a shared "<name>.tmp" was moved away under the next writer's feet.
@@ -150,6 +197,9 @@ class HAProxyRouter:
         name: str | None = None,
         state_file: str | Path | None = None,
         timeout_s: float = 5.0,
+        match: Match | None = None,
+        ab_map: str | Path | None = None,
+        affinity: str | None = None,
     ) -> None:
         for label, value in (
             ("backend", backend),
@@ -171,6 +221,17 @@ class HAProxyRouter:
         self.name = name or f"haproxy:{backend}"
         self.state_file = Path(state_file) if state_file is not None else None
         self.timeout_s = timeout_s
+        if (match is None) != (ab_map is None):
+            raise ValueError("HAProxyRouter: A/B routing needs both a match and an ab_map")
+        if ab_map is not None and any(c.isspace() or c == ";" for c in str(ab_map)):
+            raise ValueError(
+                f"HAProxyRouter ab_map must be a path without spaces or ';', got {ab_map!r}"
+            )
+        if affinity not in (None, "cookie"):
+            raise ValueError(f"HAProxyRouter affinity must be 'cookie' or None, got {affinity!r}")
+        self.match = match
+        self.ab_map = Path(ab_map) if ab_map is not None else None
+        self.affinity = affinity
 
     def __repr__(self) -> str:
         return (
@@ -189,11 +250,11 @@ class HAProxyRouter:
             raise RouterRejected(command, answer)
 
     async def set_weight(self, canary_percent: int) -> None:
-        """Set primary to 100-p and canary to p; then save the state file, if any."""
-        if isinstance(canary_percent, bool) or not isinstance(canary_percent, int):
-            raise TypeError(f"canary_percent must be an int, got {canary_percent!r}")
-        if not 0 <= canary_percent <= 100:
-            raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
+        """Set primary to 100-p and canary to p (the A/B match off, if any); then save the
+        state file, if any."""
+        await self.set_route(canary_percent, False)
+
+    async def _set_weights(self, canary_percent: int) -> None:
         targets = {self.primary_server: 100 - canary_percent, self.canary_server: canary_percent}
         try:
             current = await self.weights()
@@ -207,11 +268,115 @@ class HAProxyRouter:
         for server in order:
             if current.get(server) != targets[server]:
                 await self._accepted(f"set weight {self.backend}/{server} {targets[server]}")
+
+    async def set_route(self, canary_percent: int, match: bool) -> None:
+        """Set the weight and turn the A/B match on or off; then save the state file, if any.
+        The match goes off first and on last, so the canary never takes matching requests at
+        a weight it is being moved away from. With affinity, servers that get traffic are
+        made ready before the weights move and the others put in maintenance after."""
+        if isinstance(canary_percent, bool) or not isinstance(canary_percent, int):
+            raise TypeError(f"canary_percent must be an int, got {canary_percent!r}")
+        if not 0 <= canary_percent <= 100:
+            raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
+        if match and self.match is None:
+            raise RouterError(f"{self.name} is not set up for A/B routing")
+        serving = {
+            self.primary_server: canary_percent < 100,
+            self.canary_server: canary_percent > 0 or match,
+        }
+        if not match:
+            await self._set_map_entry(False)
+        if self.affinity is not None:
+            await self._set_admin({s: True for s, on in serving.items() if on})
+        await self._set_weights(canary_percent)
+        if self.affinity is not None:
+            await self._set_admin({s: False for s, on in serving.items() if not on})
+            states = await self.in_maintenance()
+            wrong = [s for s, on in serving.items() if states.get(s) is not (not on)]
+            if wrong:
+                raise RouterRejected(
+                    f"set server {self.backend}/{wrong[0]} state",
+                    f"read back {'in maintenance' if states.get(wrong[0]) else 'ready'}, "
+                    f"expected {'ready' if serving[wrong[0]] else 'in maintenance'}",
+                )
+        if match:
+            await self._set_map_entry(True)
         if self.state_file is not None:
             await self.save_state(self.state_file)
 
+    async def _set_admin(self, ready: dict[str, bool]) -> None:
+        states = await self.in_maintenance()
+        for server, on in ready.items():
+            if states.get(server) is (not on):
+                continue
+            await self._accepted(
+                f"set server {self.backend}/{server} state {'ready' if on else 'maint'}"
+            )
+
+    async def in_maintenance(self) -> dict[str, bool]:
+        """Whether each server of the backend is in maintenance (any of HAProxy's maint
+        admin flags: forced, inherited, from config, from DNS), by server name."""
+        rows = await self._rows()
+        try:
+            return {
+                row["srv_name"]: bool(int(row["srv_admin_state"]) & _MAINT_FLAGS) for row in rows
+            }
+        except (KeyError, ValueError) as exc:
+            raise RouterRejected(
+                f"show servers state {self.backend}", f"no admin state in: {rows}"
+            ) from exc
+
+    async def _map_entries(self) -> dict[str, str]:
+        command = f"show map {self.ab_map}"
+        answer = await runtime_command(self.socket_path, command, timeout_s=self.timeout_s)
+        if not answer:
+            raise RouterUnreachable(
+                f"HAProxy admin socket {self.socket_path} closed without answering {command!r}"
+            )
+        try:
+            return parse_map(answer)
+        except ValueError as exc:
+            # e.g. "Unknown map identifier": haproxy.cfg does not use the file
+            raise RouterRejected(command, answer) from exc
+
+    async def _set_map_entry(self, on: bool) -> None:
+        if self.match is None or self.ab_map is None:
+            if on:
+                raise RouterError(f"{self.name} is not set up for A/B routing")
+            return
+        key, value = self.match.value, self.canary_server
+        entries = await self._map_entries()
+        if on and entries.get(key) != value:
+            verb = "set" if key in entries else "add"
+            await self._accepted(f"{verb} map {self.ab_map} {key} {value}")
+        elif not on and key in entries:
+            await self._accepted(f"del map {self.ab_map} {key}")
+        else:
+            return
+        # The file is what a reload loads: keep it in step with the runtime map.
+        text = "".join(f"{k} {v}\n" for k, v in (await self._map_entries()).items())
+        try:
+            await run_blocking("files", _write_atomically, self.ab_map, text)
+        except OSError as exc:
+            raise RouterError(f"A/B map file {self.ab_map} not written: {exc}") from exc
+
+    async def get_match(self) -> bool:
+        """Whether requests matching the A/B match go to the canary server now."""
+        if self.match is None or self.ab_map is None:
+            return False
+        return (await self._map_entries()).get(self.match.value) == self.canary_server
+
     async def weights(self) -> dict[str, int]:
         """Current weights (srv_uweight) of the backend's servers, by server name."""
+        rows = await self._rows()
+        try:
+            return {row["srv_name"]: int(row["srv_uweight"]) for row in rows}
+        except (KeyError, ValueError) as exc:
+            raise RouterRejected(
+                f"show servers state {self.backend}", f"unexpected columns or values: {rows}"
+            ) from exc
+
+    async def _rows(self) -> list[dict[str, str]]:
         command = f"show servers state {self.backend}"
         answer = await runtime_command(self.socket_path, command, timeout_s=self.timeout_s)
         if not answer:
@@ -222,10 +387,7 @@ class HAProxyRouter:
             rows = parse_servers_state(answer)
         except ValueError as exc:
             raise RouterRejected(command, answer) from exc
-        try:
-            return {row["srv_name"]: int(row["srv_uweight"]) for row in rows}
-        except (KeyError, ValueError) as exc:
-            raise RouterRejected(command, f"unexpected columns or values: {answer}") from exc
+        return rows
 
     async def get_weight(self) -> int:
         """The canary's share in percent: round(100 * w_canary / (w_canary + w_primary))."""
@@ -238,6 +400,11 @@ class HAProxyRouter:
                 f"(has: {', '.join(sorted(weights)) or 'none'})",
             )
         primary, canary = weights[self.primary_server], weights[self.canary_server]
+        if self.affinity is not None:
+            # A server in maintenance takes nothing, whatever its weight.
+            maint = await self.in_maintenance()
+            primary = 0 if maint.get(self.primary_server) else primary
+            canary = 0 if maint.get(self.canary_server) else canary
         if primary + canary == 0:
             raise RouterError(
                 f"backend {self.backend}: both {self.primary_server} and {self.canary_server} "

@@ -8,6 +8,12 @@ the user's Ingress on every write so that edits to hosts or paths follow.
 
 The weight counts as applied only once read back from the API server (set_and_verify), and
 the read-back also checks that the canary Ingress still routes to the canary Service.
+
+A/B (a `Match`): with the match on, the canary Ingress also carries `canary-by-header` +
+`canary-by-header-value` (or `canary-by-cookie`, whose value must be `always`: that is
+ingress-nginx's rule), at weight 0, so only matching requests reach the canary; `get_match`
+reads them back. Session affinity (`affinity="cookie"`) writes `affinity: cookie` and
+`affinity-canary-behavior: sticky` on the canary Ingress and is read back with the weight.
 """
 
 from __future__ import annotations
@@ -17,12 +23,17 @@ from typing import Any
 
 from canary.kubernetes.client import Conflict, Kube, KubeError, NotFound, Unavailable
 from canary.retry import ONCE_MORE, retrying
-from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
+from canary.routers.base import Match, RouterError, RouterRejected, RouterUnreachable
 
 __all__ = ["CANARY_ANNOTATION", "WEIGHT_ANNOTATION", "IngressNginxRouter"]
 
 CANARY_ANNOTATION = "nginx.ingress.kubernetes.io/canary"
 WEIGHT_ANNOTATION = "nginx.ingress.kubernetes.io/canary-weight"
+BY_HEADER = "nginx.ingress.kubernetes.io/canary-by-header"
+BY_HEADER_VALUE = "nginx.ingress.kubernetes.io/canary-by-header-value"
+BY_COOKIE = "nginx.ingress.kubernetes.io/canary-by-cookie"
+AFFINITY = "nginx.ingress.kubernetes.io/affinity"
+AFFINITY_CANARY = "nginx.ingress.kubernetes.io/affinity-canary-behavior"
 _NGINX_CANARY_PREFIX = "nginx.ingress.kubernetes.io/canary"
 MANAGED_BY = {"app.kubernetes.io/managed-by": "canary"}
 
@@ -63,7 +74,18 @@ class IngressNginxRouter:
         primary_service: str,
         canary_service: str,
         canary_ingress: str | None = None,
+        match: Match | None = None,
+        affinity: str | None = None,
     ) -> None:
+        if match is not None and match.kind == "cookie" and match.value != "always":
+            raise ValueError(
+                f"ingress-nginx routes a cookie to the canary only when its value is 'always', "
+                f"got {match.name}={match.value}"
+            )
+        if affinity not in (None, "cookie"):
+            raise ValueError(f"ingress-nginx session affinity is 'cookie', got {affinity!r}")
+        self.match = match
+        self.affinity = affinity
         self.kube = kube
         self.namespace = namespace
         self.ingress = ingress
@@ -74,8 +96,16 @@ class IngressNginxRouter:
     def _where(self, name: str) -> str:
         return f"Ingress {self.namespace}/{name}"
 
-    def desired(self, user: JSON, weight: int) -> JSON:
-        """The canary Ingress for `user`'s Ingress at `weight` percent."""
+    def _match_annotations(self) -> dict[str, str]:
+        if self.match is None:
+            return {}
+        if self.match.kind == "header":
+            return {BY_HEADER: self.match.name, BY_HEADER_VALUE: self.match.value}
+        return {BY_COOKIE: self.match.name}
+
+    def desired(self, user: JSON, weight: int, match: bool = False) -> JSON:
+        """The canary Ingress for `user`'s Ingress at `weight` percent (and, with `match`,
+        the A/B match on)."""
         spec = copy.deepcopy(user.get("spec") or {})
         swapped = 0
         for service in _backends(spec):
@@ -98,6 +128,11 @@ class IngressNginxRouter:
         }
         annotations[CANARY_ANNOTATION] = "true"
         annotations[WEIGHT_ANNOTATION] = str(weight)
+        if match:
+            annotations.update(self._match_annotations())
+        if self.affinity == "cookie":
+            annotations[AFFINITY] = "cookie"
+            annotations[AFFINITY_CANARY] = "sticky"
         metadata: JSON = {
             "name": self.canary_ingress,
             "namespace": self.namespace,
@@ -122,13 +157,21 @@ class IngressNginxRouter:
         }
 
     async def set_weight(self, canary_percent: int) -> None:
+        await self.set_route(canary_percent, False)
+
+    async def set_route(self, canary_percent: int, match: bool) -> None:
+        """Write the weight and the A/B match (on or off) in one patch."""
         if not 0 <= canary_percent <= 100:
             raise ValueError(f"canary_percent must be within 0..100, got {canary_percent}")
-        command = f"set {self._where(self.canary_ingress)} canary-weight {canary_percent}"
+        if match and self.match is None:
+            raise RouterError(f"{self.name} is not set up for A/B routing (no match)")
+        command = f"set {self._where(self.canary_ingress)} canary-weight {canary_percent}" + (
+            f" with {self.match}" if match else ""
+        )
 
         async def write() -> None:
             user = await self.kube.get_ingress(self.namespace, self.ingress)
-            body = self.desired(user, canary_percent)
+            body = self.desired(user, canary_percent, match)
             try:
                 current = await self.kube.get_ingress(self.namespace, self.canary_ingress)
             except NotFound:
@@ -166,6 +209,27 @@ class IngressNginxRouter:
                 "(label app.kubernetes.io/managed-by=canary); refusing to overwrite it",
             )
 
+    async def get_match(self) -> bool:
+        """Whether the canary Ingress carries exactly our A/B match annotations."""
+        command = f"read {self._where(self.canary_ingress)}"
+        try:
+            current = await self.kube.get_ingress(self.namespace, self.canary_ingress)
+        except NotFound:
+            return False
+        except KubeError as exc:
+            raise _router_error(command, exc) from exc
+        annotations = (current.get("metadata") or {}).get("annotations") or {}
+        if annotations.get(CANARY_ANNOTATION) != "true":
+            return False
+        present = {
+            k: annotations[k] for k in (BY_HEADER, BY_HEADER_VALUE, BY_COOKIE) if k in annotations
+        }
+        if not present:
+            return False
+        if present != self._match_annotations():
+            raise RouterRejected(command, f"A/B annotations are {present}, not ours ({self.match})")
+        return True
+
     async def get_weight(self) -> int:
         command = f"read {self._where(self.canary_ingress)}"
         try:
@@ -190,5 +254,13 @@ class IngressNginxRouter:
                 command,
                 f"routes to Services {sorted(str(n) for n in names)}, "
                 f"expected only {self.canary_service!r}",
+            )
+        if self.affinity == "cookie" and (
+            annotations.get(AFFINITY) != "cookie" or annotations.get(AFFINITY_CANARY) != "sticky"
+        ):
+            raise RouterRejected(
+                command,
+                f"session affinity not in place: {AFFINITY}={annotations.get(AFFINITY)!r}, "
+                f"{AFFINITY_CANARY}={annotations.get(AFFINITY_CANARY)!r}",
             )
         return weight

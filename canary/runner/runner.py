@@ -90,7 +90,7 @@ from canary.core.rollout import (
 )
 from canary.executors import run_blocking
 from canary.metrics.base import ArmsCounts, MetricsProvider, NoData
-from canary.routers.base import RouterError, TrafficRouter, set_and_verify
+from canary.routers.base import RouterError, TrafficRouter, match_router, set_and_verify
 from canary.runner.clock import MonotonicWallClock
 from canary.runner.files import FileRecord, FileRecords, FileStateStore
 from canary.runner.seams import (
@@ -331,7 +331,7 @@ class RolloutRunner:
             "record": self.record.label if self.record is not None else str(self.record_path),
             "phase": status.phase.value,
             "step": status.step,
-            "steps": list(self.spec.steps),
+            "steps": [] if self.spec.ab else list(self.spec.steps),  # A/B: no weight steps
             "weight": status.weight,
             "weight_verified": status.weight_verified,
             "last_decision": status.last_decision,
@@ -575,10 +575,14 @@ class RolloutRunner:
                 "was stalled or suspended",
             )
         weight_read: int | None = None
+        match_read: bool | None = None
         router_error: str | None = None
+        ab = match_router(self.router)
         try:
             async with asyncio.timeout(self.router_timeout_s):
                 weight_read = await self.router.get_weight()
+                if ab is not None:
+                    match_read = await ab.get_match()  # A/B: read back like the weight
         except (RouterError, TimeoutError) as exc:
             router_error = str(exc) or type(exc).__name__
             self._count_error("router")
@@ -622,7 +626,9 @@ class RolloutRunner:
             decision.value if decision is not None else f"no data ({no_data})",
         )
         await self._write(entry)
-        actions = await self._feed(Tick(decision, reason, weight_read, router_error))
+        actions = await self._feed(
+            Tick(decision, reason, weight_read, router_error, match_read=match_read)
+        )
         if counts is not None:
             await self._observed_advice(
                 Snapshot(elapsed_s=elapsed, primary=counts.primary, canary=counts.canary)
@@ -709,14 +715,18 @@ class RolloutRunner:
         if isinstance(action, SetWeight | Promote) and self.guard is not None:
             self.guard()  # e.g. the Lease may have lapsed since the last save
         match action:
-            case SetWeight(weight):
+            case SetWeight(weight, wanted_match):
+                # A router set up for A/B always gets the match (on or off) with the weight.
+                ab = wanted_match or match_router(self.router) is not None
                 try:
                     async with asyncio.timeout(self.router_timeout_s):
-                        await set_and_verify(self.router, weight)
+                        await set_and_verify(
+                            self.router, weight, match=wanted_match if ab else None
+                        )
                 except (RouterError, TimeoutError) as exc:
                     self._count_error("router")
-                    return WeightFailed(weight, str(exc) or type(exc).__name__)
-                return WeightVerified(weight)
+                    return WeightFailed(weight, str(exc) or type(exc).__name__, wanted_match)
+                return WeightVerified(weight, wanted_match)
             case Promote(revision):
                 try:
                     await self.workload.promote(revision)
@@ -964,13 +974,15 @@ class RolloutRunner:
         next tick, which sets the wanted weight again."""
         if self.status.weight_verified or self.status.done:
             return
+        ab = match_router(self.router)
         try:
             async with asyncio.timeout(self.router_timeout_s):
                 read = await self.router.get_weight()
+                matched = await ab.get_match() if ab is not None else False
         except (RouterError, TimeoutError):
             return
-        if read == self.status.weight:
-            await self._feed(WeightVerified(read))
+        if read == self.status.weight and matched == self.status.match:
+            await self._feed(WeightVerified(read, matched))
 
     def _replay_record(self, entries: list[Entry]) -> int:
         """Feed the record's ticks since the analysis began to a fresh Analyzer: counts are
@@ -1012,8 +1024,8 @@ class RolloutRunner:
         self._advice_checked_s = None
         self._advice_recheck_s = RECHECK_S
         config = self._planning_config() if self.advise else None
-        if config is None or self.expected_rps is None:
-            return None
+        if config is None or self.expected_rps is None or self.spec.ab:
+            return None  # A/B: the canary's share is the matching traffic, not a weight
         try:
             self._advice = await run_blocking(
                 "planning",
@@ -1039,7 +1051,12 @@ class RolloutRunner:
         the first time and whenever the estimate changed materially. Only while the first
         pass is still to come: a pass is sticky, so later steps wait for min_step_s only."""
         status = self.status
-        if not self.advise or status.stage != "Progressing" or status.last_decision == "pass":
+        if (
+            not self.advise
+            or self.spec.ab
+            or status.stage != "Progressing"
+            or status.last_decision == "pass"
+        ):
             return
         config = self._planning_config()
         if config is None or not observed_due(
@@ -1112,7 +1129,7 @@ class RolloutRunner:
             target=self.name,
             primary_version=self.primary_version,
             canary_version=self.canary_version,
-            steps=list(self.spec.steps),
+            steps=[] if self.spec.ab else list(self.spec.steps),
             config=redact(config),  # secrets never reach the record
             plan={**(self._advice.plan() if self._advice is not None else {}), **self.plan},
         )

@@ -45,6 +45,14 @@ Example::
 
 Gate `type`s (Flagger's webhook kinds): confirm-rollout, pre-rollout, rollout,
 confirm-traffic-increase, confirm-promotion, rollback (see canary.core.rollout).
+
+A/B instead of weight steps: set `match_header: X-Canary=always` (or `match_cookie: canary`,
+value "always"), `ab_duration_s: 300` and `router.ab_map: checkout-ab.map`, and leave out
+`steps`. Only requests with `X-Canary: always` then reach the canary, for at least
+`ab_duration_s`, and a pass promotes. The HAProxy backend needs the line
+`use-server canary if { req.hdr(X-Canary),map_str(<ab_map>) -m str canary }`
+(canary.routers.haproxy.ab_rule writes it). `router.affinity: cookie` goes with HAProxy's cookie
+persistence: servers without traffic are then put in maintenance, so sticky clients leave them.
 """
 
 from __future__ import annotations
@@ -82,6 +90,7 @@ from canary.core.rollout import (
 from canary.metrics.prometheus import PromQueries
 from canary.notify.gates import GateConfig
 from canary.notify.webhooks import WebhookConfig
+from canary.routers.base import Match
 
 __all__ = [
     "ConfigError",
@@ -126,6 +135,18 @@ class HAProxyRouterConfig(_Strict):
     # Where weights are saved so they survive a reload (`server-state-file`).
     state_file: Path | None = None
     timeout_s: float = Field(default=5.0, gt=0, le=MAX_TIMEOUT_S)
+    # A/B: the map file the backend's `use-server` rule looks the header/cookie up in.
+    ab_map: Path | None = None
+    # Cookie persistence configured in haproxy.cfg: servers without traffic are put in
+    # maintenance so that persistent clients leave them (see canary.routers.haproxy).
+    affinity: Literal["cookie"] | None = None
+
+    @field_validator("ab_map")
+    @classmethod
+    def _map_path(cls, value: Path | None) -> Path | None:
+        if value is not None and any(c.isspace() or c == ";" for c in str(value)):
+            raise ValueError(f"must be a path without spaces or ';', got {excerpt(str(value))}")
+        return value
 
     @field_validator("backend", "primary_server", "canary_server")
     @classmethod
@@ -228,6 +249,57 @@ class TargetConfig(_Strict):
     def gates(self) -> list[GateConfig]:
         return [h for h in self.webhooks if isinstance(h, GateConfig)]
 
+    # A/B mode instead of `steps`: route only matching requests to the canary.
+    match_header: str | None = None  # "X-Canary=always"
+    match_cookie: str | None = None  # "canary" (value "always") or "canary=yes"
+    ab_duration_s: float | None = Field(default=None, ge=0, le=MAX_DURATION_S)
+
+    @field_validator("match_header")
+    @classmethod
+    def _header(cls, value: str | None) -> str | None:
+        if value is not None:
+            Match.header(value)
+        return value
+
+    @field_validator("match_cookie")
+    @classmethod
+    def _cookie(cls, value: str | None) -> str | None:
+        if value is not None:
+            Match.cookie(value)
+        return value
+
+    @property
+    def match(self) -> Match | None:
+        """The A/B match, or None for weight steps."""
+        if self.match_header is not None:
+            return Match.header(self.match_header)
+        if self.match_cookie is not None:
+            return Match.cookie(self.match_cookie)
+        return None
+
+    @model_validator(mode="after")
+    def _ab(self) -> TargetConfig:
+        matches = [k for k in ("match_header", "match_cookie") if getattr(self, k) is not None]
+        if len(matches) > 1:
+            raise ValueError("match_header and match_cookie: set one A/B match, not both")
+        if matches and self.ab_duration_s is None:
+            raise ValueError(f"{matches[0]}: A/B mode also needs ab_duration_s")
+        if self.ab_duration_s is not None:
+            if not matches:
+                raise ValueError("ab_duration_s: A/B mode needs match_header or match_cookie")
+            if "steps" in self.model_fields_set:
+                raise ValueError(
+                    "steps: A/B mode (ab_duration_s) replaces the weight steps; remove one of them"
+                )
+            if self.router.ab_map is None:
+                raise ValueError(
+                    "router.ab_map: A/B mode on HAProxy needs the map file the backend's "
+                    "use-server rule reads"
+                )
+        elif self.router.ab_map is not None:
+            raise ValueError("router.ab_map: only used in A/B mode (ab_duration_s)")
+        return self
+
     @field_validator("name")
     @classmethod
     def _dns_label(cls, value: str) -> str:
@@ -274,6 +346,7 @@ class TargetConfig(_Strict):
             promotion="shift",  # static targets: the canary server keeps the traffic
             gates=tuple(dict.fromkeys(g.type for g in self.gates)),
             gate_failure_threshold=self.gate_failure_threshold,
+            ab_duration_s=self.ab_duration_s,
         )
 
     def analysis_config(self) -> AnalysisConfig:
@@ -297,9 +370,14 @@ class TargetConfig(_Strict):
                 "state_file": None
                 if self.router.state_file is None
                 else absolute(self.router.state_file),
+                "ab_map": None if self.router.ab_map is None else absolute(self.router.ab_map),
             }
         )
         return self.model_copy(update={"router": router, "record_dir": absolute(self.record_dir)})
+
+
+# A model-level validator's message that starts with the key(s) it is about ("steps: ...").
+_NAMES_A_KEY = re.compile(r"^[a-z_]+(\.[a-z_]+)*( and [a-z_]+)?: ")
 
 
 def _location(loc: tuple[int | str, ...]) -> str:
@@ -336,7 +414,11 @@ def format_validation_error(error: ValidationError, *, source: str) -> str:
                 )
         # A key or a message may quote a value of any size: at most an excerpt of each.
         message = clip(message, 300)
-        if message.startswith(f"{where}[") or message.startswith(f"{where}:"):
+        if (
+            message.startswith(f"{where}[")
+            or message.startswith(f"{where}:")
+            or (where == "(top level)" and _NAMES_A_KEY.match(message))
+        ):
             lines.append(f"{source}: {message}")  # the validator already named the item
         else:
             lines.append(f"{source}: {clip(where, 120)}: {message}")

@@ -50,6 +50,9 @@ def build_runner(
             name=f"haproxy:{config.router.backend}",
             state_file=config.router.state_file,
             timeout_s=config.router.timeout_s,
+            match=config.match,
+            ab_map=config.router.ab_map,
+            affinity=config.router.affinity,
         )
         metrics = PrometheusMetrics(
             config.metrics.url, queries=config.metrics.queries, timeout_s=config.metrics.timeout_s
