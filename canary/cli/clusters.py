@@ -51,6 +51,7 @@ from canary.kubernetes.client import Kube, KubeError
 from canary.reports.pages import register_routes
 from canary.server.app import Server, make_app
 from canary.server.auth import TokenAccess
+from canary.server.live import register_live
 from canary.static.config import ConfigError
 
 __all__ = ["add_parser", "serve_topology"]
@@ -185,10 +186,11 @@ async def serve_topology(
             app = make_app(
                 controller,
                 access=TokenAccess(token),
-                extensions=[failover_routes(controller), reports],
+                extensions=[failover_routes(controller), reports, register_live],
             )
             async with Server(app, host=host, port=port) as server:
                 say(f"canary: serving on {server.url}", url=server.url)
+                say(f"canary: live view: {server.url}/", url=f"{server.url}/")
                 loop = asyncio.get_running_loop()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     loop.add_signal_handler(sig, controller.stop)

@@ -195,6 +195,7 @@ def _row(obj: dict[str, Any]) -> Row:
     row.message, row.advice = rollout.message, rollout.advice
     row.gates = dict(rollout.gate_answers)
     row.step_started_at, row.revision = rollout.step_started_at, rollout.revision
+    row.metrics = {name: m.model_dump() for name, m in state.metrics.items()}
     if state.record_error:
         row.message += f" [record error: {state.record_error}]"
     return row

@@ -146,10 +146,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 
 def _report_routes(record_dir: Path) -> list[Callable[[Any], None]]:
-    """canary.reports.pages' /reports/ routes."""
+    """canary.reports.pages' /reports/ routes and the live view at /."""
     from canary.reports.pages import register_routes
+    from canary.server.live import register_live
 
-    return [lambda app: register_routes(app, record_dir=record_dir)]
+    return [lambda app: register_routes(app, record_dir=record_dir), register_live]
 
 
 async def _run(
@@ -203,6 +204,7 @@ async def _run(
         raise BadTarget(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     try:
         say(f"canary: serving on {server.url}", url=server.url)
+        say(f"canary: live view: {server.url}/", url=f"{server.url}/")
         statuses = await run_until_signalled(controller)
         if linger_s > 0 and not any(runner.stopped for runner in runners):
             await _linger(linger_s)

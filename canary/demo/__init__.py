@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
+import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -39,17 +41,30 @@ from pathlib import Path
 from typing import Any
 
 from analysis import AnalysisConfig, Analyzer, MetricConfig, plan
+from canary.cli.common import parse_listen
 from canary.core.logs import LOG_FORMATS, LogFormat, configure_logging
 from canary.core.records import NoteEntry
-from canary.core.rollout import Emit, RecordTransition, RolloutSpec, RolloutStatus, check_steps
+from canary.core.rollout import (
+    Command,
+    Emit,
+    RecordTransition,
+    RolloutSpec,
+    RolloutStatus,
+    check_steps,
+)
 from canary.demo.loadgen import LoadGenerator, SplitStats
 from canary.demo.procs import ProcessError, find_binary
 from canary.demo.progress import format_duration, format_tick, format_transition, short
 from canary.demo.running import EXIT_SETUP, complain, run_in_workdir, say
 from canary.demo.stack import BACKEND, ServiceSpec, Stack, StackSettings
 from canary.metrics.prometheus import PrometheusMetrics
+from canary.reports.pages import register_routes
 from canary.routers.haproxy import HAProxyRouter
-from canary.runner import RolloutRunner, TickReport
+from canary.runner import CommandResult, RolloutRunner, TickReport
+from canary.runner.telemetry import Telemetry
+from canary.server.app import Server, make_app
+from canary.server.auth import TokenAccess
+from canary.server.live import register_live
 
 __all__ = [
     "DEMO_ANALYSIS",
@@ -85,6 +100,8 @@ class DemoOptions:
     record_dir: Path = Path("canary-records")
     keep_workdir: bool = False
     log_format: LogFormat = "text"
+    listen: tuple[str, int] = ("127.0.0.1", 0)  # the live view's address (port 0: a free one)
+    linger_s: float = 0.0  # keep serving the live view this long after the end
 
 
 @dataclass
@@ -249,6 +266,21 @@ def build_parser(prog: str = "canary demo") -> argparse.ArgumentParser:
         "PowerDNS (see `canary demo --failover --help`)",
     )
     parser.add_argument(
+        "--listen",
+        metavar="HOST:PORT",
+        type=_listen,
+        default="127.0.0.1:0",
+        help="where the live view (a web page of the rollout) is served; it needs no token, "
+        "so keep it on loopback (default 127.0.0.1 and a free port, printed at the start)",
+    )
+    parser.add_argument(
+        "--linger",
+        metavar="SECONDS",
+        type=float,
+        default=0.0,
+        help="keep serving the live view this long after the rollout ends (default 0)",
+    )
+    parser.add_argument(
         "--keep-workdir",
         action="store_true",
         help="keep the processes' configs and logs (a temporary directory) after the demo",
@@ -291,7 +323,50 @@ def parse_args(argv: Sequence[str] | None, prog: str = "canary demo") -> DemoOpt
         record_dir=args.record_dir,
         keep_workdir=args.keep_workdir,
         log_format=args.log_format,
+        listen=args.listen,
+        linger_s=max(0.0, args.linger),
     )
+
+
+def _listen(text: str) -> tuple[str, int]:
+    try:
+        return parse_listen(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+class _LiveSource:
+    """The demo's one rollout, as the HTTP server sees it (read-only: no commands)."""
+
+    def __init__(self, runner: RolloutRunner) -> None:
+        self.runner = runner
+        self.started = asyncio.Event()
+        self.started.set()
+        self.telemetry = Telemetry()
+
+    def states(self) -> list[dict[str, Any]]:
+        return [self.runner.state()]
+
+    async def command(self, name: str, command: Command) -> CommandResult:
+        return CommandResult(False, self.runner.status.phase.value, "the demo takes no commands")
+
+
+async def _serve_live(runner: RolloutRunner, options: DemoOptions) -> Server:
+    """The live view and the /reports/ pages, open to reads (loopback by default); commands
+    would need a token nobody is told."""
+    app = make_app(
+        _LiveSource(runner),
+        access=TokenAccess(secrets.token_urlsafe(32)),
+        public_reads=True,
+        extensions=[
+            functools.partial(register_routes, record_dir=options.record_dir),
+            register_live,
+        ],
+    )
+    host, port = options.listen
+    server = Server(app, host=host, port=port)
+    await server.start()
+    return server
 
 
 def _shown(path: Path) -> str:
@@ -460,11 +535,20 @@ async def run_demo(options: DemoOptions, *, workdir: Path) -> tuple[int, Path | 
             f"rollout: {steps}, at least {options.step_seconds:g}s per step, "
             f"a tick every {options.tick_seconds:g}s; record {_shown(record)}"
         )
+        try:
+            server = await _serve_live(runner, options)
+        except OSError as exc:
+            raise ProcessError(f"cannot serve the live view on {options.listen}: {exc}") from None
+        say(f"live view: {server.url}/   (the rollout's charts; reports at {server.url}/reports/)")
         started = time.monotonic()
         try:
             status = await runner.run()
+            if options.linger_s > 0:
+                say(f"serving the live view for {options.linger_s:g}s more ...")
+                await asyncio.sleep(options.linger_s)
         finally:
             metrics.close()
+            await server.stop()
         duration = time.monotonic() - started
         windows = router.split_per_window()
         overall = stack.loadgen.stats()

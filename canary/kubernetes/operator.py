@@ -131,6 +131,7 @@ __all__ = [
     "AnnotationStore",
     "KubeState",
     "ManualRequest",
+    "MetricBrief",
     "NotLeader",
     "Operator",
     "OperatorSettings",
@@ -185,6 +186,20 @@ class CommandAnswer(BaseModel):
     message: str = ""
 
 
+class MetricBrief(BaseModel):
+    """One metric's result in the status annotation, as `canary status` shows it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+
+    decision: str
+    estimate: float | None = None
+    lower: float | None = None
+    upper: float | None = None
+    scale: str = "ratio"
+    critical: bool = True
+    fail_ratio: float | None = None
+
+
 class KubeState(BaseModel):
     """Everything the controller keeps on a Deployment (the status annotation)."""
 
@@ -202,6 +217,9 @@ class KubeState(BaseModel):
     record: str = ""  # "namespace/configmap" of the rollout's record
     record_error: str = ""  # the last failure to write it, "" once a write succeeds
     command: CommandAnswer | None = None  # the last manual command answered
+    # Each metric's result at the last save (the status is saved on every change of phase or
+    # step and at least every volatile_save_s), so `canary status` shows them in a cluster.
+    metrics: dict[str, MetricBrief] = {}
 
     def to_json(self) -> str:
         return self.model_dump_json(exclude_defaults=True)
@@ -487,6 +505,12 @@ class DeploymentWorker:
             update["record_error"] = runner.record_error
             status = runner.status
             update.update(rollout=status, rollout_id=runner.rollout_id, record=runner.record_ref)
+            update["metrics"] = {
+                name: MetricBrief.model_validate(
+                    {k: v for k, v in m.items() if k in MetricBrief.model_fields}
+                )
+                for name, m in runner.metric_results().items()
+            }
             if status.done and status.outcome == "promoted":
                 update["primary_revision"] = status.revision
                 if status.revision != state.primary_revision:

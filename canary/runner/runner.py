@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from analysis import AnalysisConfig, Snapshot, Verdict
+from analysis import AnalysisConfig, ArmCounts, Snapshot, Verdict
 from canary.core.advice import (
     RECHECK_S,
     Advice,
@@ -122,6 +122,8 @@ log = logging.getLogger("canary.runner")
 
 # Bounds one event's chain of actions and answers; a real chain is a handful long.
 _MAX_ACTIONS_PER_EVENT = 64
+# Ticks kept for the live page's charts (`state()["history"]`); older ones are in the record.
+HISTORY_POINTS = 720
 # TickEntry fields a tick hook may fill in.
 _HOOK_FIELDS = frozenset({"observed_canary_share"})
 # RolloutStatus fields a resume does not need at once (runner.volatile_save_s): compared with
@@ -275,6 +277,8 @@ class RolloutRunner:
         self.status = RolloutStatus()
         self.stopped = False  # cancelled before the rollout ended
         self.last_tick: TickEntry | None = None
+        # The current rollout's recent ticks, compact, for the live page (bounded).
+        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_POINTS)
         self.record: RecordSink | None = None
         self.record_error = ""  # the last failure to write the record, "" once one succeeds
         self.status_error = ""  # why the status cannot be saved (the rollout holds meanwhile)
@@ -345,27 +349,68 @@ class RolloutRunner:
         if self.last_tick is not None:
             data["weight_read"] = self.last_tick.weight_read
             data["elapsed_s"] = self.last_tick.elapsed_s
-            verdict = self.last_tick.verdict
-            if verdict is not None:  # each metric's decision and bounds (`canary status -w`)
-                data["metrics"] = {
-                    name: {
-                        "decision": m.decision.value,
-                        "estimate": m.estimate,
-                        "lower": m.lower,
-                        "upper": m.upper,
-                        "scale": m.scale,
-                        "critical": m.critical,
-                    }
-                    for name, m in verdict.metrics.items()
-                }
+            if self.last_tick.verdict is not None:  # each metric's decision and bounds
+                data["metrics"] = self.metric_results()
         if status.gate_answers:
             data["gates"] = dict(status.gate_answers)
+        if self.history and self.history[-1]["rollout"] == self._rollout_id:
+            # the server leaves it out of /rollouts unless asked (?history=1)
+            data["history"] = list(self.history)
         if self.record_error:
             data["record_error"] = self.record_error
         if self.status_error:
             data["status_error"] = self.status_error
         data.update(self.labels)
         return data
+
+    def metric_results(self) -> dict[str, dict[str, Any]]:
+        """Each metric's decision, estimate and bounds from the last verdict (`canary status`,
+        the live page, the Kubernetes status annotation); {} before the first verdict."""
+        verdict = self.last_tick.verdict if self.last_tick is not None else None
+        if verdict is None:
+            return {}
+        return {
+            name: {
+                "decision": m.decision.value,
+                "estimate": m.estimate,
+                "lower": m.lower,
+                "upper": m.upper,
+                "scale": m.scale,
+                "critical": m.critical,
+                "fail_ratio": m.fail_ratio,
+                "tolerance": m.tolerance,
+            }
+            for name, m in verdict.metrics.items()
+        }
+
+    def _remember(self, entry: TickEntry) -> None:
+        """Keep a compact copy of the tick for the live page; a new rollout starts afresh."""
+        if self.history and self.history[-1]["rollout"] != entry.rollout:
+            self.history.clear()
+
+        def arm(counts: ArmCounts | None) -> list[float] | None:
+            return None if counts is None else [counts.requests, counts.errors]
+
+        verdict = entry.verdict
+        self.history.append(
+            {
+                "rollout": entry.rollout,
+                "at": entry.at,
+                "elapsed_s": entry.elapsed_s,
+                "step": entry.step,
+                "weight_set": entry.weight_set,
+                "weight_read": entry.weight_read,
+                "primary": arm(entry.primary),  # cumulative [requests, errors]
+                "canary": arm(entry.canary),
+                # each metric: [estimate, lower, upper, decision]
+                "metrics": {}
+                if verdict is None
+                else {
+                    name: [m.estimate, m.lower, m.upper, m.decision.value]
+                    for name, m in verdict.metrics.items()
+                },
+            }
+        )
 
     async def prepare(self) -> None:
         """Take the rollout's lock and read what a restart resumes, before anything moves:
@@ -617,6 +662,7 @@ class RolloutRunner:
             **extra,
         )
         self.last_tick = entry
+        self._remember(entry)
         log.debug(
             "%s: tick %s at %d%% (read %s): %s",
             self.name,

@@ -6,14 +6,17 @@ Routes::
     GET  /readyz                           200 once this process runs the rollouts, 503 before
                                            (and, in Kubernetes, while it is not the leader)
     GET  /metrics                          the controller's Prometheus metrics (own registry)
-    GET  /rollouts                         every rollout's state as JSON
+    GET  /rollouts                         every rollout's state as JSON (`?history=1`: with
+                                           each one's recent ticks, for the live page)
     GET  /rollouts/{name}                  one rollout's state (a name may be namespace/name)
     POST /rollouts/{name}/{command}        promote | abort | pause | resume (static targets);
                                            JSON body {"who": ..., "reason": ...}, both optional
 
 A command answers 200 when accepted, 409 when the machine refused it (with its reason),
 404 for an unknown rollout and 400 for an unknown command. Other parts add routes through
-`extensions` (e.g. canary.reports.pages' /reports/), so this module never needs to know them.
+`extensions` (e.g. canary.reports.pages' /reports/, canary.server.live's page at /), so this
+module never needs to know them; an extension may list a page in `app[PUBLIC_PAGES]` to serve
+it without a token (a shell without data: what it shows, it fetches with the caller's token).
 
 The server only reads state and queues commands: the rollout task stays the one place where
 a status changes. What it shows is redacted (canary.core.redact): no URL credentials or tokens.
@@ -47,6 +50,7 @@ __all__ = [
     "COMMANDS",
     "IDENTITY",
     "OPEN_PATHS",
+    "PUBLIC_PAGES",
     "Extension",
     "RolloutSource",
     "Server",
@@ -91,6 +95,8 @@ _READY: web.AppKey[Callable[[], bool]] = web.AppKey("ready", Callable[[], bool])
 IDENTITY: web.RequestKey[Identity] = web.RequestKey("identity", Identity)
 # Open to anyone who reaches the port: the kubelet's probes and Prometheus.
 OPEN_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})
+# Paths extensions serve to anyone: pages that hold no data themselves.
+PUBLIC_PAGES: web.AppKey[set[str]] = web.AppKey("public_pages", set[str])
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -108,6 +114,7 @@ def make_app(
     app = web.Application(middlewares=[_guard(access, public_reads=public_reads)])
     app[_SOURCE] = source
     app[_READY] = ready or source.started.is_set
+    app[PUBLIC_PAGES] = set()
     app.router.add_get("/healthz", _healthz)
     app.router.add_get("/readyz", _readyz)
     app.router.add_get("/metrics", _metrics)
@@ -135,6 +142,8 @@ def _guard(access: Access, *, public_reads: bool) -> Callable[..., Awaitable[web
     async def guard(request: web.Request, handler: _Handler) -> web.StreamResponse:
         if request.path in OPEN_PATHS or request.match_info.http_exception is not None:
             return await handler(request)  # a probe, /metrics, or an unknown route (404/405)
+        if request.method in ("GET", "HEAD") and request.path in request.app[PUBLIC_PAGES]:
+            return await handler(request)  # a page shell: its data needs the token
         origin = request.headers.get("Origin")
         if origin is not None and origin != f"{request.scheme}://{request.host}":
             return _error(403, "cross-origin requests are refused")
@@ -176,7 +185,10 @@ async def _metrics(request: web.Request) -> web.Response:
 
 def _states(request: web.Request) -> list[dict[str, Any]]:
     # Reasons and messages may quote a URL or an error: no credentials leave through here.
-    return [redact(state) for state in request.app[_SOURCE].states()]
+    states = request.app[_SOURCE].states()
+    if request.query.get("history") != "1":  # only the live page wants every recent tick
+        states = [{k: v for k, v in state.items() if k != "history"} for state in states]
+    return [redact(state) for state in states]
 
 
 async def _rollouts(request: web.Request) -> web.Response:
