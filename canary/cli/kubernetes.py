@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import logging
 import os
@@ -273,7 +274,9 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
     from canary.kubernetes.client import LeaderElector
     from canary.kubernetes.operator import Operator, OperatorSettings
     from canary.kubernetes.shards import MAX_SHARDS, ShardElector
+    from canary.reports.cluster import register_cluster_routes
     from canary.server.app import Server, make_app
+    from canary.server.live import register_live
 
     if args.leader_elect and args.shards:
         return _fail(
@@ -338,6 +341,10 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
             access=KubeAccess(kube, namespace=settings.namespace),
             public_reads=args.public_reads,
             ready=operator.ready,
+            extensions=[
+                register_live,
+                functools.partial(register_cluster_routes, api=kube, refs=operator.record_refs),
+            ],
         )
         server = Server(app, host=host, port=port)
         try:
@@ -345,6 +352,7 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
         except OSError as exc:
             return _fail("kubernetes", f"cannot listen on {host}:{port}: {exc}", EXIT_BAD)
         say(f"canary: serving on {server.url}", url=server.url)
+        say(f"canary: live view: {server.url}/", url=f"{server.url}/")
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1275,6 +1275,17 @@ class Operator:
     def states(self) -> list[dict[str, Any]]:
         return [worker.view() for worker in self.workers.values()]
 
+    def record_refs(self) -> list[str]:
+        """"namespace/configmap" of each watched Deployment's current or last rollout record
+        (the cluster's /reports/, canary.reports.cluster)."""
+        refs = []
+        for worker in self.workers.values():
+            runner, state = worker.runner, worker.state
+            ref = runner.record_ref if runner is not None else (state.record if state else "")
+            if ref:
+                refs.append(ref)
+        return refs
+
     async def command(self, name: str, command: Command) -> CommandResult:
         """A command from the HTTP server: `name` is namespace/deployment."""
         namespace, _, deployment = name.rpartition("/")

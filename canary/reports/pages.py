@@ -48,6 +48,7 @@ __all__ = [
     "RecordNotFound",
     "RecordSummary",
     "ReportPages",
+    "index_html",
     "load_report",
     "register_routes",
     "render",
@@ -210,6 +211,9 @@ def _index_html(records: Sequence[RecordSummary]) -> str:
         f"<style>{_INDEX_CSS}</style></head><body><main><h1>Canary reports</h1>"
         f"<p>{len(records)} most recent rollouts, newest first.</p>{body}</main></body></html>"
     )
+
+
+index_html = _index_html  # also the cluster's /reports/ (canary.reports.cluster)
 
 
 def _when(unix: float) -> str:

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
+import io
 import json
 import random
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -30,6 +32,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from rich.console import Console
 from support.kube import FAST_RETRY, deployment
 from support.kube_emulator import KubeEmulator
 
@@ -38,9 +41,13 @@ from canary.demo.procs import HttpReady, ManagedProcess, find_binary, free_port
 from canary.demo.stack import service_process
 from canary.kubernetes.client import Kube
 from canary.kubernetes.commands import send_command
-from canary.kubernetes.operator import KubeState, Operator, OperatorSettings
+from canary.kubernetes.operator import KubeState, MetricBrief, Operator, OperatorSettings
 from canary.kubernetes.record_store import RECORD_LABEL, unpack_record
 from canary.kubernetes.spec import ANNOTATION_COMMAND, ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
+from canary.reports.cluster import register_cluster_routes
+from canary.server.app import Server, make_app
+from canary.server.auth import TokenAccess
+from canary.server.live import register_live
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOYMENTS = ("apps", "v1", "deployments")
@@ -352,6 +359,40 @@ def initialized(api: KubeEmulator, namespace: str) -> bool:
     return st is not None and bool(st.primary_revision)
 
 
+async def served_by_the_controller(operator: Operator, rollout_id: str) -> None:
+    """`canary kubernetes`'s server: /reports/ lists the rollout from its record ConfigMap and
+    renders its report, /rollouts?history=1 has its ticks and metrics, / is the live view."""
+    app = make_app(
+        operator,
+        access=TokenAccess("reader-token-0123456789"),
+        public_reads=True,
+        ready=operator.ready,
+        extensions=[
+            register_live,
+            functools.partial(
+                register_cluster_routes, api=operator.kube, refs=operator.record_refs
+            ),
+        ],
+    )
+    async with Server(app) as server, aiohttp.ClientSession() as session:
+        async with session.get(f"{server.url}/reports/?format=json") as response:
+            (listed,) = (await response.json())["reports"]
+        assert (listed["rollout"], listed["outcome"]) == (rollout_id, "promoted")
+        async with session.get(f"{server.url}/reports/{listed['id']}") as response:
+            assert response.status == 200 and response.content_type == "text/html"
+            assert "promoted" in (await response.text()).lower()
+        async with session.get(f"{server.url}/reports/{listed['id']}?format=md") as response:
+            assert response.status == 200 and rollout_id in await response.text()
+        async with session.get(f"{server.url}/reports/no-such-rollout") as response:
+            assert response.status == 404
+        async with session.get(f"{server.url}/rollouts?history=1") as response:
+            (rollout,) = (await response.json())["rollouts"]
+        assert rollout["rollout"] == rollout_id and len(rollout["history"]) >= 3
+        assert rollout["metrics"]["errors"]["decision"] in ("pass", "continue")
+        async with session.get(f"{server.url}/") as response:
+            assert response.status == 200 and "canary: live view" in await response.text()
+
+
 # ---- tests -------------------------------------------------------------------------------
 
 
@@ -364,7 +405,7 @@ async def test_new_template_is_analysed_and_promoted(
     the real control plane: tests/cluster/test_operator_on_cluster.py.)"""
     ns = "promote"
     seed(api, ns, notes_for())
-    async with running(api, tmp_path, stack, ns, record_max_bytes=6000):
+    async with running(api, tmp_path, stack, ns, record_max_bytes=6000) as (operator, _):
         await until(lambda: initialized(api, ns), what="initialization")
         primary = api.get(*DEPLOYMENTS, ns, "app-primary")
         assert primary["spec"]["template"]["spec"]["containers"][0]["image"] == "example/app:1"
@@ -387,6 +428,7 @@ async def test_new_template_is_analysed_and_promoted(
                 lambda: (s := state(api, ns)) and s.rollout and s.rollout.done and s,
                 what="the rollout to end",
             )
+        await served_by_the_controller(operator, st.rollout_id)
     assert st.rollout.outcome == "promoted", st.rollout
     primary = api.get(*DEPLOYMENTS, ns, "app-primary")
     assert primary["spec"]["template"]["spec"]["containers"][0]["image"] == "example/app:2"
@@ -430,6 +472,15 @@ async def test_new_template_is_analysed_and_promoted(
     assert isinstance(entries[-1], EndEntry) and entries[-1].outcome == "promoted"
     ticks = [e for e in entries if isinstance(e, TickEntry)]
     assert ticks and ticks[-1].verdict is not None
+    # the status annotation keeps each metric's last result (`canary status` in a cluster)
+    assert set(st.metrics) == set(ticks[-1].verdict.metrics)
+    for name, brief in st.metrics.items():
+        result = ticks[-1].verdict.metrics[name]
+        assert (brief.decision, brief.estimate, brief.upper) == (
+            result.decision.value,
+            result.estimate,
+            result.upper,
+        )
     assert not any(isinstance(e, NoteEntry) and "downsampled" in e.message for e in entries)
 
     # `canary report ROLLOUT -n NS` reads this ConfigMap (F's cluster mode).
@@ -691,6 +742,24 @@ def test_status_rows_say_phase_step_weight_and_record() -> None:
     assert (row.key, row.phase, row.revision) == ("shop/app", "Progressing", "bbb")
     assert (row.step, row.weight, row.weight_read, row.weight_verified) == (1, 25, 25, True)
     assert row.rollout_id == "shop/app@bbb" and row.record.endswith("canary-record-shop-app-bbb")
+    assert row.metrics == {}
+    with_metrics = st.model_copy(
+        update={
+            "metrics": {
+                "errors": MetricBrief(decision="pass", estimate=0.8, lower=0.1, upper=1.4),
+                "latency_p99": MetricBrief(decision="continue", critical=False),
+            }
+        }
+    )
+    row = _row(deployment("app", "shop", **{ANNOTATION_STATUS: with_metrics.to_json()}))
+    assert row.metrics["errors"]["decision"] == "pass"
+    assert (row.metrics["errors"]["estimate"], row.metrics["errors"]["upper"]) == (0.8, 1.4)
+    assert row.metrics["latency_p99"]["critical"] is False
+    from canary.cli.status import render_table
+
+    console = Console(width=200, record=True, file=io.StringIO())
+    console.print(render_table([row], wide=True))
+    assert "errors pass 0.8 [0.1, 1.4]" in console.export_text()
     bad = _row(deployment("app", "shop", **{ANNOTATION_SPEC_ERROR: '{"canary.dev/steps":"bad"}'}))
     assert bad.note == "invalid annotations" and "canary.dev/steps" in bad.message
 
