@@ -38,7 +38,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analysis import AnalysisConfig, Analyzer, MetricConfig, plan
 from canary.cli.common import parse_listen
@@ -58,13 +58,11 @@ from canary.demo.progress import format_duration, format_tick, format_transition
 from canary.demo.running import EXIT_SETUP, complain, run_in_workdir, say
 from canary.demo.stack import BACKEND, ServiceSpec, Stack, StackSettings
 from canary.metrics.prometheus import PrometheusMetrics
-from canary.reports.pages import register_routes
 from canary.routers.haproxy import HAProxyRouter
 from canary.runner import CommandResult, RolloutRunner, TickReport
-from canary.runner.telemetry import Telemetry
-from canary.server.app import Server, make_app
-from canary.server.auth import TokenAccess
-from canary.server.live import register_live
+
+if TYPE_CHECKING:
+    from canary.server.app import Server
 
 __all__ = [
     "DEMO_ANALYSIS",
@@ -339,6 +337,8 @@ class _LiveSource:
     """The demo's one rollout, as the HTTP server sees it (read-only: no commands)."""
 
     def __init__(self, runner: RolloutRunner) -> None:
+        from canary.runner.telemetry import Telemetry
+
         self.runner = runner
         self.started = asyncio.Event()
         self.started.set()
@@ -354,6 +354,13 @@ class _LiveSource:
 async def _serve_live(runner: RolloutRunner, options: DemoOptions) -> Server:
     """The live view and the /reports/ pages, open to reads (loopback by default); commands
     would need a token nobody is told."""
+    # Imported here: `python -m canary.demo.service` (each service process) imports this
+    # package too, and needs none of it.
+    from canary.reports.pages import register_routes
+    from canary.server.app import Server, make_app
+    from canary.server.auth import TokenAccess
+    from canary.server.live import register_live
+
     app = make_app(
         _LiveSource(runner),
         access=TokenAccess(secrets.token_urlsafe(32)),

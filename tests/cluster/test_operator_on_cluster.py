@@ -961,7 +961,8 @@ def test_a_newer_template_mid_rollout_supersedes_it(e2e: E2E) -> None:
 
 def test_failing_canary_is_rolled_back(e2e: E2E) -> None:
     """A canary answering half its requests with 500s is rolled back: weight 0, never 100,
-    the canary scaled to zero, app-primary untouched; Warning Events say so."""
+    the canary scaled to zero, app-primary untouched; Warning Events say so; its report is
+    served under /reports/."""
     cluster = e2e.cluster
     st = wait("the rollback", lambda: done(cluster, ROLLBACK), e2e)
     assert st.rollout.outcome == "rolled_back", st.rollout
@@ -974,6 +975,20 @@ def test_failing_canary_is_rolled_back(e2e: E2E) -> None:
     assert {"RollingBack", "RolledBack"} <= warnings
     entries = record(cluster, st)
     assert isinstance(entries[-1], EndEntry) and entries[-1].outcome == "rolled_back"
+
+    # The leader serves the rollout's report from its record ConfigMap (`get` by name, the
+    # RBAC it has) to a reader the cluster allows, and the live view's page to anyone.
+    leader = next(r for r in e2e.replicas.values() if r.readyz() == 200)
+    token = json.loads(e2e.kubeconfigs["a"].read_text())["users"][0]["user"]["token"]
+    code, body = leader.http("/reports/?format=json", token=token)
+    assert code == 200, body
+    listed = {r["rollout"]: r for r in json.loads(body)["reports"]}
+    assert listed[st.rollout_id]["outcome"] == "rolled_back", listed
+    code, page = leader.http(f"/reports/{listed[st.rollout_id]['id']}", token=token)
+    assert code == 200 and "rolled back" in page.lower(), page[:500]
+    assert leader.http("/reports/?format=json")[0] == 401
+    code, page = leader.http("/")
+    assert code == 200 and "canary: live view" in page
 
 
 def test_gateway_api_weights_are_promoted(e2e: E2E) -> None:
