@@ -363,8 +363,13 @@ document.getElementById("token-form").addEventListener("submit", event => {
 });
 if (token()) document.getElementById("token-form").hidden = true;
 async function loop() {
-  await refresh();
-  setTimeout(loop, EVERY_MS);
+  try {
+    await refresh();
+  } catch (error) {  // a bug or an odd answer must not stop the polling
+    document.getElementById("problem").textContent = "Cannot show the rollouts: " + error;
+  } finally {
+    setTimeout(loop, EVERY_MS);
+  }
 }
 loop();
 """
