@@ -488,6 +488,11 @@ async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigt
                     await wait_for(lambda: _answers(session, url), 20, "the server")
                     async with session.get(f"{url}/failover") as response:
                         assert response.status == 401  # /failover needs the token too
+                    async with session.get(f"{url}/") as response:  # the live view's page
+                        assert response.status == 200
+                        assert "canary: live view" in await response.text()
+                    async with session.get(f"{url}/rollouts?history=1") as response:
+                        assert response.status == 401  # its data needs the token
                 async with aiohttp.ClientSession(
                     headers={"Authorization": f"Bearer {token}"}
                 ) as session:
@@ -500,6 +505,7 @@ async def test_canary_clusters_runs_a_topology_serves_failover_and_stops_on_sigt
                 _, err = await asyncio.wait_for(proc.communicate(), 20)
             assert proc.returncode == 3, err.decode()
             assert b"serving on" in err
+            assert f"live view: http://127.0.0.1:{listen}/".encode() in err
             if log_format == "json":
                 events = [json.loads(line) for line in err.decode().splitlines()]
                 assert all({"timestamp", "level", "logger", "message"} <= set(e) for e in events)
