@@ -664,7 +664,10 @@ def ours(event: dict[str, Any]) -> bool:
     return ref.get("namespace") in NAMESPACES or (
         ref.get("namespace") == RECORDS_NS
         and ref.get("resource") == "configmaps"
-        and str(ref.get("name", "")).startswith("canary-record-e2e-")
+        # (other modules' namespaces start with e2e- too: e2e-ab-nginx, e2e-gone, ...)
+        and str(ref.get("name", "")).startswith(
+            tuple(f"canary-record-{ns}-app-" for ns in NAMESPACES)
+        )
     )
 
 
