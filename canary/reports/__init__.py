@@ -12,8 +12,9 @@ for exactly this). The modules, each importing only those listed above it:
     markdown     `Report` -> a compact summary for PR comments and chat
     jsondoc      `Report` -> stable, versioned JSON
     pages        record discovery and the /reports/ routes (`canary report` is canary.cli.report)
+    cluster      the /reports/ routes of `canary kubernetes`: records read from their ConfigMaps
 
-All but ``pages`` are pure, from record entries to text. Callers import the public names from
+All but ``pages`` and ``cluster`` are pure, from record entries to text. Callers import the public names from
 here (``from canary.reports import build_report, render_html``); this ``__init__`` never
 imports ``pages``, which imports from it.
 

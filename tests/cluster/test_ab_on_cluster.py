@@ -337,7 +337,11 @@ def ab(cluster: ControlPlane, tmp_path_factory: pytest.TempPathFactory) -> Itera
         kubeconfig = cluster.service_account_kubeconfig(workdir / "controller.kubeconfig")
         with Traffic(cluster, urls) as traffic:
             controller = Controller(
-                "ab-replica", kubeconfig, f"http://{LOOPBACK}:{prom_port}", workdir / "ctl.log"
+                "ab-replica",
+                kubeconfig,
+                f"http://{LOOPBACK}:{prom_port}",
+                workdir / "ctl.log",
+                lease="e2e-ab-leader",
             )
             controller.start()
             shared = AbE2E(cluster, traffic, controller)

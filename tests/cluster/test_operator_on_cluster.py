@@ -170,6 +170,9 @@ class Controller:
     log: Path
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
+    # Other modules start this class too: each its own Lease, or this module's RBAC check
+    # would find the Lease already created.
+    lease: str = LEASE
 
     def start(self) -> None:
         argv = [
@@ -180,7 +183,7 @@ class Controller:
             f"--kubeconfig={self.kubeconfig}",
             "--all-namespaces",
             "--leader-elect",
-            f"--lease-name={LEASE}",
+            f"--lease-name={self.lease}",
             f"--lease-namespace={RECORDS_NS}",
             f"--identity={self.name}",
             f"--listen={LOOPBACK}:{self.port}",

@@ -233,7 +233,8 @@ class Replica:
         assert code == 200, (code, body)
         data = json.loads(body)
         items = data["rollouts"] if isinstance(data, dict) else data
-        return {str(item["namespace"]) for item in items}
+        # The session's cluster is shared: apps other modules left behind are rollouts too.
+        return {str(item["namespace"]) for item in items} & set(NAMESPACES)
 
     def shard_held(self) -> dict[int, float]:
         code, body = self.http("/metrics")
