@@ -29,13 +29,12 @@ from aiohttp import web
 from canary.core.records import EndEntry, Entry, RecordError, StartEntry
 from canary.kubernetes.record_store import ConfigMapApi, read_record_configmap
 from canary.notify.webhooks import report_id
-from canary.reports import ReportError, build_report
-from canary.reports.pages import FORMATS, Format, RecordSummary, index_html, render
+from canary.reports import build_report
+from canary.reports.pages import Format, RecordSummary, add_report_routes, render
 
 __all__ = ["ClusterReports", "register_cluster_routes"]
 
 _CACHE_ITEMS = 64
-_INDEX_LIMIT = 200
 _CONCURRENT_GETS = 8
 
 
@@ -154,44 +153,4 @@ def register_cluster_routes(
 
     app.on_cleanup.append(close)
 
-    async def index(request: web.Request) -> web.Response:
-        records = (await reports.scan())[:_INDEX_LIMIT]
-        if request.query.get("format") == "json":
-            data = [
-                {
-                    "id": s.id,
-                    "rollout": s.rollout,
-                    "target": s.target,
-                    "primary_version": s.primary_version,
-                    "canary_version": s.canary_version,
-                    "started_at": s.started_at,
-                    "outcome": s.outcome,
-                }
-                for s in records
-            ]
-            return web.json_response({"reports": data})
-        return web.Response(text=index_html(records), content_type="text/html")
-
-    async def redirect(request: web.Request) -> web.Response:
-        query = f"?{request.query_string}" if request.query_string else ""
-        raise web.HTTPFound(f"{prefix}/{query}")
-
-    async def one(request: web.Request) -> web.Response:
-        wanted = request.match_info["id"]
-        fmt = request.query.get("format", "html")
-        if fmt not in FORMATS:
-            raise web.HTTPBadRequest(
-                text=f"format must be one of {', '.join(FORMATS)}, got {fmt!r}\n"
-            )
-        try:
-            text = await reports.page(wanted, fmt)
-        except ReportError as exc:
-            raise web.HTTPUnprocessableEntity(text=f"{exc}\n") from None
-        if text is None:
-            raise web.HTTPNotFound(text=f"no report {wanted!r}\n")
-        content_type = {"html": "text/html", "md": "text/markdown", "json": "application/json"}
-        return web.Response(text=text, content_type=content_type[fmt])
-
-    app.router.add_get(f"{prefix}/", index)
-    app.router.add_get(prefix, redirect)
-    app.router.add_get(prefix + "/{id}", one)
+    add_report_routes(app, prefix, reports.scan, reports.page)

@@ -26,7 +26,7 @@ import multiprocessing
 import os
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import BrokenExecutor, Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -48,6 +48,7 @@ __all__ = [
     "RecordNotFound",
     "RecordSummary",
     "ReportPages",
+    "add_report_routes",
     "index_html",
     "load_report",
     "register_routes",
@@ -405,6 +406,62 @@ class ReportPages:
 REPORT_PAGES: web.AppKey[ReportPages] = web.AppKey("report_pages", ReportPages)
 
 
+_CONTENT_TYPES = {"html": "text/html", "md": "text/markdown", "json": "application/json"}
+
+
+def add_report_routes(
+    app: web.Application,
+    prefix: str,
+    scan: Callable[[], Awaitable[list[RecordSummary]]],
+    page: Callable[[str, Format], Awaitable[str | None]],
+) -> None:
+    """The /reports/ routes over any source of records: `{prefix}/` (the newest
+    `_INDEX_LIMIT`, HTML or `?format=json`), `{prefix}` (redirect) and `{prefix}/{id}`
+    (`?format=html|md|json`). `page` returns None for an unknown id, or raises the HTTP error
+    its source has to say (too large, busy); a ReportError is a 422 for every source."""
+
+    async def index(request: web.Request) -> web.Response:
+        records = (await scan())[:_INDEX_LIMIT]
+        if request.query.get("format") == "json":
+            data = [
+                {
+                    "id": s.id,
+                    "rollout": s.rollout,
+                    "target": s.target,
+                    "primary_version": s.primary_version,
+                    "canary_version": s.canary_version,
+                    "started_at": s.started_at,
+                    "outcome": s.outcome,
+                }
+                for s in records
+            ]
+            return web.json_response({"reports": data})
+        return web.Response(text=_index_html(records), content_type="text/html")
+
+    async def redirect(request: web.Request) -> web.Response:
+        query = f"?{request.query_string}" if request.query_string else ""
+        raise web.HTTPFound(f"{prefix}/{query}")
+
+    async def one(request: web.Request) -> web.Response:
+        wanted = request.match_info["id"]
+        fmt = request.query.get("format", "html")
+        if fmt not in FORMATS:
+            raise web.HTTPBadRequest(
+                text=f"format must be one of {', '.join(FORMATS)}, got {fmt!r}\n"
+            )
+        try:
+            text = await page(wanted, fmt)
+        except ReportError as exc:
+            raise web.HTTPUnprocessableEntity(text=f"{exc}\n") from None
+        if text is None:
+            raise web.HTTPNotFound(text=f"no report {wanted!r}\n")
+        return web.Response(text=text, content_type=_CONTENT_TYPES[fmt])
+
+    app.router.add_get(f"{prefix}/", index)
+    app.router.add_get(prefix, redirect)
+    app.router.add_get(prefix + "/{id}", one)
+
+
 def register_routes(
     app: web.Application,
     *,
@@ -434,55 +491,21 @@ def register_routes(
 
     app.on_cleanup.append(close)
 
-    async def index(request: web.Request) -> web.Response:
-        records = await pages.scan()
-        if request.query.get("format") == "json":
-            data = [
-                {
-                    "id": s.id,
-                    "rollout": s.rollout,
-                    "target": s.target,
-                    "primary_version": s.primary_version,
-                    "canary_version": s.canary_version,
-                    "started_at": s.started_at,
-                    "outcome": s.outcome,
-                }
-                for s in records[:_INDEX_LIMIT]
-            ]
-            return web.json_response({"reports": data})
-        return web.Response(text=_index_html(records[:_INDEX_LIMIT]), content_type="text/html")
-
-    async def redirect(request: web.Request) -> web.Response:
-        query = f"?{request.query_string}" if request.query_string else ""
-        raise web.HTTPFound(f"{prefix}/{query}")
-
-    async def one(request: web.Request) -> web.Response:
-        wanted = request.match_info["id"]
-        fmt = request.query.get("format", "html")
-        if fmt not in FORMATS:
-            raise web.HTTPBadRequest(
-                text=f"format must be one of {', '.join(FORMATS)}, got {fmt!r}\n"
-            )
+    async def page(wanted: str, fmt: Format) -> str:
         try:
-            text = await pages.page(wanted, fmt)
+            return await pages.page(wanted, fmt)
         except RecordNotFound as exc:
             raise web.HTTPNotFound(text=f"{exc}\n") from None
         except _TooLarge as exc:
             raise web.HTTPRequestEntityTooLarge(
                 max_size=pages.max_record_bytes, actual_size=0, text=f"{exc}\n"
             ) from None
-        except ReportError as exc:
-            raise web.HTTPUnprocessableEntity(text=f"{exc}\n") from None
         except _Busy as exc:
             raise web.HTTPServiceUnavailable(
                 text=f"{pages.max_pending} reports are being rendered; try again in "
                 f"{exc.retry_after_s}s\n",
                 headers={"Retry-After": str(exc.retry_after_s)},
             ) from None
-        content_type = {"html": "text/html", "md": "text/markdown", "json": "application/json"}
-        return web.Response(text=text, content_type=content_type[fmt])
 
-    app.router.add_get(f"{prefix}/", index)
-    app.router.add_get(prefix, redirect)
-    app.router.add_get(prefix + "/{id}", one)
+    add_report_routes(app, prefix, pages.scan, page)
     app[REPORT_PAGES] = pages
