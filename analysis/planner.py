@@ -42,14 +42,16 @@ Three entry points, all pure:
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 from collections.abc import Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.stats import invgauss
 
 from analysis.config import AnalysisConfig
-from analysis.counts import fail_points, pass_points, rate_bounds
+from analysis.counts import fail_points, pass_points, rate_lower, rate_upper
 from analysis.latency import arm_total, shared_bounds
 from analysis.types import Snapshot
 
@@ -148,20 +150,39 @@ def _passage_quantile(
     return float(invgauss.ppf(likely, mean / shape, scale=shape))
 
 
+# The times _abs_pass_s tries: 1 s growing by 5% up to a week (273 of them).
+_ABS_GRID: tuple[float, ...] = tuple(
+    itertools.takewhile(lambda t: t <= 7 * 86400, itertools.accumulate(itertools.repeat(1.05),
+                                                                       operator.mul, initial=1.0))
+)
+
+
 def _abs_pass_s(
     *, p: float, canary_rps: float, primary_rps: float, abs_tol: float, alpha: float
 ) -> float | None:
+    """The first time on _ABS_GRID at which the absolute bound on canary - primary is below
+    `abs_tol` with both arms at rate p. More samples only narrow the bounds, so the grid is
+    bisected (9 looks instead of up to 273: this ran for every metric of every estimate, and
+    with 1,000 rollouts the planner was a third of the controller's time; issue 13)."""
     if abs_tol <= 0:
         return None
-    t = 1.0
-    while t <= 7 * 86400:
+
+    def fits(t: float) -> bool:
         n_c, n_p = canary_rps * t, primary_rps * t
-        _, c_hi = rate_bounds(p * n_c, n_c, alpha / 4)
-        p_lo, _ = rate_bounds(p * n_p, n_p, alpha / 4)
-        if c_hi - p_lo < abs_tol:
-            return t
-        t *= 1.05
-    return None
+        c_hi = rate_upper(p * n_c, n_c, alpha / 4)
+        p_lo = rate_lower(p * n_p, n_p, alpha / 4)
+        return c_hi - p_lo < abs_tol
+
+    lo, hi = -1, len(_ABS_GRID) - 1  # fits(grid[lo]) is false (or lo is -1), then bisect
+    if not fits(_ABS_GRID[hi]):
+        return None
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if fits(_ABS_GRID[mid]):
+            hi = mid
+        else:
+            lo = mid
+    return _ABS_GRID[hi]
 
 
 def plan(

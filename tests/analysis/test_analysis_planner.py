@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from analysis_sim import BOUNDS, Arm, run_until, snapshots, stream
 
 from analysis import AnalysisConfig, Analyzer, pass_advice, plan, plan_from_counts
-from analysis.counts import CountTest
+from analysis import planner
+from analysis.counts import CountTest, rate_bounds
 
 
 def _mean_fail_s(*, rc: float, rp: float, p: float, ratio: float, runs: int, seed: int) -> float:
@@ -120,3 +123,33 @@ def test_plan_reacts_to_traffic_and_refuses_bad_input() -> None:
         args = {"rate_rps": 100.0, "canary_weight": 0.1, "baseline_error_rate": 0.01, **kwargs}
         with pytest.raises(ValueError, match=field):
             plan(**args)  # type: ignore[arg-type]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    p=st.floats(1e-5, 0.9),
+    canary_rps=st.floats(1e-3, 1e4),
+    primary_rps=st.floats(1e-3, 1e5),
+    abs_tol=st.floats(1e-4, 0.5),
+    alpha=st.sampled_from([0.001, 0.01, 0.05]),
+)
+def test_abs_pass_time_bisected_is_the_first_time_of_the_scan(
+    p: float, canary_rps: float, primary_rps: float, abs_tol: float, alpha: float
+) -> None:
+    """The bisected grid search answers what the plain scan over the same grid (its earlier
+    form, 30x slower) does: the first time at which the absolute bound fits."""
+
+    def scan() -> float | None:
+        for t in planner._ABS_GRID:
+            n_c, n_p = canary_rps * t, primary_rps * t
+            _, c_hi = rate_bounds(p * n_c, n_c, alpha / 4)
+            p_lo, _ = rate_bounds(p * n_p, n_p, alpha / 4)
+            if c_hi - p_lo < abs_tol:
+                return t
+        return None
+
+    got = planner._abs_pass_s(
+        p=p, canary_rps=canary_rps, primary_rps=primary_rps, abs_tol=abs_tol, alpha=alpha
+    )
+    assert got == scan()
+    assert len(planner._ABS_GRID) == 273 and planner._ABS_GRID[-1] <= 7 * 86400
