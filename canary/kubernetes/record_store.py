@@ -5,13 +5,14 @@ the storage the controller already has RBAC for (get, create, update in its own 
 
 The format (this module's writer). A rollout's record is a head ConfigMap
 `canary-record-<rollout>` and sealed chunks `canary-record-<rollout>--00001`, `--00002`, ...
-Each chunk holds a gzipped run of whole JSON lines (about `SEAL_BYTES` of them) and is written
-once and never again; the head holds the chunk count, the record's id (which its chunks repeat)
-and the tail: the lines not yet sealed, gzipped. A save rewrites the head only, and once the
+Each chunk holds a gzipped run of whole JSON lines (`SEAL_BYTES` of them and at most one save's
+more) and is written once and never again; the head holds the chunk count, the record's id
+(which its chunks repeat) and the tail: the lines not yet sealed, gzipped (one gzip member per
+save: a member is packed once and kept packed in memory). A save rewrites the head only, and once the
 tail reaches `SEAL_BYTES` it first creates the next chunk from it. So:
 
-* the controller holds the tail only (bounded by SEAL_BYTES and one flush's entries), not the
-  record: memory per rollout stays flat whatever its age;
+* the controller holds the tail only, packed (SEAL_BYTES of lines, gzipped, and one flush's
+  entries), not the record: memory per rollout stays flat whatever its age;
 * a write is at most one chunk and the head, whatever the age: the history is never rewritten;
 * crash safety needs no transaction: a chunk is created before the head names it, so a kill
   between the two leaves the old head, which does not name it (a later save overwrites it);
@@ -117,10 +118,11 @@ TAIL_KEY = "record.tail.jsonl.gz.b64"
 CHUNK_KEY = "record.chunk.jsonl.gz.b64"
 CHUNK_NUMBER_KEY = "record.chunk"
 RECORD_LABEL = "canary.io/record"
-# JSON lines per chunk: about 30 KiB once gzipped (a tick is 1-2 KB of JSON, and records
-# compress about 8x), so a head write is at most that, and six hours of 10 s ticks are ~20
-# chunks. Smaller means smaller writes and more objects.
-SEAL_BYTES = 256 << 10
+# JSON lines per chunk. The tail is held and rewritten as gzip members (one per save, each
+# compressing on its own), so a smaller seal keeps the head small: at 128 KiB a save writes
+# ~16 KiB on average (at 256 KiB, 28) and an hour of 10 s ticks is ~12 chunks of ~25 KiB
+# (benchmarks/record_memory.py). Smaller means smaller writes and more objects.
+SEAL_BYTES = 128 << 10
 # A reader unpacks at most MAX_UNPACKED_RECORD_BYTES: past this, ticks are thinned.
 BUDGET_BYTES = MAX_UNPACKED_RECORD_BYTES * 3 // 4
 MAX_CHUNKS = 10_000  # a hostile head cannot send a reader round a million GETs
@@ -284,10 +286,20 @@ def chunk_name(head: str, number: int) -> str:
     return f"{head[:245].rstrip('-')}--{number:05d}"
 
 
-def _pack_lines(lines: Sequence[str]) -> str:
+def _gzip_lines(lines: Sequence[str]) -> bytes:
     text = "".join(line + "\n" for line in lines).encode("utf-8")
-    # Level 6, not 9: the tail is packed on every flush; 9 costs twice the CPU for ~2% less.
-    return base64.b64encode(gzip.compress(text, compresslevel=6, mtime=0)).decode("ascii")
+    # Level 6, not 9: 9 costs twice the CPU for ~2% less.
+    return gzip.compress(text, compresslevel=6, mtime=0)
+
+
+def _pack_lines(lines: Sequence[str]) -> str:
+    return base64.b64encode(_gzip_lines(lines)).decode("ascii")
+
+
+def _b64(members: Sequence[bytes]) -> str:
+    """gzip members, concatenated: one gzip stream (RFC 1952 allows many members; every
+    reader here, like gzip(1), reads them all)."""
+    return base64.b64encode(b"".join(members)).decode("ascii")
 
 
 def _unpack_text(packed: object, *, name: str, key: str, budget: int) -> str:
@@ -473,8 +485,16 @@ class ConfigMapRecordWriter:
         self.record_id = secrets.token_hex(8)  # ties the chunks to this head
         self.written_bytes = 0  # of JSON lines, sealed and pending: what a reader unpacks
         self.last_write_bytes = 0  # the data of the last save's writes, for benchmarks
-        self._pending: list[str] = []  # JSON lines not yet sealed: the tail
-        self._pending_bytes = 0
+        # The tail (the lines not yet sealed) is held packed: one gzip member per save
+        # (`_members`, with the count and JSON bytes of the lines they hold), plus the lines
+        # added since the last save (`_lines`). Unpacked, 1,000 young rollouts' tails were a
+        # quarter of a GiB (issue 13); packed they are ~6x smaller, and each line is
+        # gzipped once, not on every save until its chunk is sealed.
+        self._members: list[bytes] = []
+        self._members_lines = 0
+        self._members_bytes = 0
+        self._lines: list[str] = []
+        self._lines_bytes = 0
         self._held: TickEntry | None = None  # a thinned tick, kept in case it is the last
         self._kept_tick_at: float | None = None
         self._resource_version: str | None = None
@@ -492,17 +512,22 @@ class ConfigMapRecordWriter:
     @property
     def pending_bytes(self) -> int:
         """The tail's size as JSON lines: a chunk is sealed from it at `seal_bytes`."""
-        return self._pending_bytes
+        return self._members_bytes + self._lines_bytes
 
     @property
     def pending(self) -> int:
         """How many entries the tail holds (in memory and in the head)."""
-        return len(self._pending)
+        return self._members_lines + len(self._lines)
+
+    @property
+    def held_bytes(self) -> int:
+        """What the tail costs in memory: its packed members and unpacked new lines."""
+        return sum(len(m) for m in self._members) + self._lines_bytes
 
     def _add_line(self, line: str) -> None:
-        self._pending.append(line)
+        self._lines.append(line)
         size = len(line.encode("utf-8")) + 1
-        self._pending_bytes += size
+        self._lines_bytes += size
         self.written_bytes += size
         self._dirty = True
 
@@ -553,51 +578,54 @@ class ConfigMapRecordWriter:
             return None
         return await self.save()
 
-    def _plan(self, lines: list[str], seal: bool) -> tuple[list[str], int, str]:
-        """Packed chunks to seal (each at most `seal_bytes` of lines, or one line), how many
-        lines they hold, and the packed tail: the rest, short of a chunk. Pure CPU: run off
-        the event loop."""
+    def _plan(
+        self, members: list[bytes], held: int, lines: list[str]
+    ) -> tuple[list[str], int, list[bytes], str]:
+        """Chunks to seal, how many of `lines` they hold, the tail's members after them, and
+        the packed tail. `members` (of `held` JSON bytes) are the tail's packed part, `lines`
+        the new lines. A chunk closes once it reaches `seal_bytes`: the first one is the packed
+        tail plus new lines, the next ones new lines only (a resumed old record), and what is
+        left short of `seal_bytes` becomes the tail's next member. Pure CPU: run off the event
+        loop."""
         chunks: list[str] = []
         sealed = 0
-        if seal:
-            group: list[str] = []
-            size = 0
-            for line in lines:
-                if group and size + len(line) + 1 > self.seal_bytes:
-                    chunks.append(_pack_lines(group))
-                    sealed += len(group)
-                    group, size = [], 0
-                group.append(line)
-                size += len(line) + 1
-            if group and size >= self.seal_bytes:
-                chunks.append(_pack_lines(group))
+        group: list[str] = []
+        size = held
+        for line in lines:
+            group.append(line)
+            size += len(line) + 1
+            if size >= self.seal_bytes:
+                chunks.append(_b64([*members, _gzip_lines(group)]))
                 sealed += len(group)
-            lines = lines[sealed:]
+                members, group, size = [], [], 0
+        if group:
+            members = [*members, _gzip_lines(group)]
         for packed in chunks:
             if len(packed) + 200 > self.max_bytes:
                 raise RecordTooLarge(
                     f"a chunk of {self.rollout}'s record is {len(packed)} bytes packed; the "
                     f"limit is {self.max_bytes}"
                 )
-        tail = _pack_lines(lines)
+        tail = _b64(members) if members else _pack_lines([])
         if len(tail) + 200 > self.max_bytes:
             raise RecordTooLarge(
                 f"the tail of {self.rollout}'s record is {len(tail)} bytes packed; the limit "
                 f"is {self.max_bytes}"
             )
-        return chunks, sealed, tail
+        return chunks, sealed, members, tail
 
     async def save(self) -> str | None:
         """Save now: seal the tail into chunks if it is due, then rewrite the head. Returns
         why it failed, or None. A failure changes nothing: the next save does it all again
         (a chunk created by a failed save is overwritten; the head does not name it yet)."""
         where = f"record ConfigMap {self.namespace}/{self.name}"
-        lines = list(self._pending)
+        lines = list(self._lines)
         last_at = self._last_at
-        seal = self._pending_bytes >= self.seal_bytes
         try:
-            # Gzip is CPU work: off the event loop. At most `seal_bytes` and a flush's worth.
-            chunks, sealed, tail = await run_blocking("packing", self._plan, lines, seal)
+            # Gzip is CPU work: off the event loop. One flush's worth of new lines.
+            chunks, sealed, members, tail = await run_blocking(
+                "packing", self._plan, list(self._members), self._members_bytes, lines
+            )
         except RecordError as exc:
             return self._failed(f"{where}: {exc}")
         written = 0
@@ -628,10 +656,17 @@ class ConfigMapRecordWriter:
         written += sum(len(v) for v in head.values())
         self.last_write_bytes = written
         self.chunks += len(chunks)
-        if sealed:  # the tail, and entries added while this save awaited, stay pending
-            del self._pending[:sealed]
-            self._pending_bytes = sum(len(line.encode("utf-8")) + 1 for line in self._pending)
-        self._dirty = len(self._pending) > len(lines) - sealed
+        # The saved lines are in chunks or in the tail's members now; entries added while
+        # this save awaited stay new.
+        if chunks:
+            self._members_lines = self._members_bytes = 0
+        kept = lines[sealed:]
+        self._members = members
+        self._members_lines += len(kept)
+        self._members_bytes += sum(len(line.encode("utf-8")) + 1 for line in kept)
+        del self._lines[: len(lines)]
+        self._lines_bytes = sum(len(line.encode("utf-8")) + 1 for line in self._lines)
+        self._dirty = bool(self._lines)
         self._saved_at = last_at
         self.last_error = None
         return None
@@ -735,8 +770,8 @@ class ConfigMapRecordWriter:
         else:
             self.chunks = 0
             lines = [dump_entry(e) for e in entries]
-        self._pending = []
-        self._pending_bytes = 0
+        self._members, self._members_lines, self._members_bytes = [], 0, 0
+        self._lines, self._lines_bytes = [], 0
         self.written_bytes = sum(len(dump_entry(e)) + 1 for e in entries) - sum(
             len(line.encode("utf-8")) + 1 for line in lines
         )

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from analysis import AnalysisConfig, ArmCounts, Snapshot, Verdict
+from analysis import AnalysisConfig, Snapshot, Verdict
 from canary.core.advice import (
     RECHECK_S,
     Advice,
@@ -93,6 +93,7 @@ from canary.metrics.base import ArmsCounts, MetricsProvider, NoData
 from canary.routers.base import RouterError, TrafficRouter, match_router, set_and_verify
 from canary.runner.clock import MonotonicWallClock
 from canary.runner.files import FileRecord, FileRecords, FileStateStore
+from canary.runner.history import TickHistory
 from canary.runner.seams import (
     Announcer,
     GateAsker,
@@ -122,8 +123,9 @@ log = logging.getLogger("canary.runner")
 
 # Bounds one event's chain of actions and answers; a real chain is a handful long.
 _MAX_ACTIONS_PER_EVENT = 64
-# Ticks kept for the live page's charts (`state()["history"]`); older ones are in the record.
-HISTORY_POINTS = 720
+# Ticks kept for the live page's charts (`state()["history"]`): the recent ones, and the
+# older ones ever more thinly (canary.runner.history); all of them are in the record.
+HISTORY_POINTS = 240
 # TickEntry fields a tick hook may fill in.
 _HOOK_FIELDS = frozenset({"observed_canary_share"})
 # RolloutStatus fields a resume does not need at once (runner.volatile_save_s): compared with
@@ -278,7 +280,7 @@ class RolloutRunner:
         self.stopped = False  # cancelled before the rollout ended
         self.last_tick: TickEntry | None = None
         # The current rollout's recent ticks, compact, for the live page (bounded).
-        self.history: deque[dict[str, Any]] = deque(maxlen=HISTORY_POINTS)
+        self.history = TickHistory(HISTORY_POINTS)
         self.record: RecordSink | None = None
         self.record_error = ""  # the last failure to write the record, "" once one succeeds
         self.status_error = ""  # why the status cannot be saved (the rollout holds meanwhile)
@@ -353,9 +355,9 @@ class RolloutRunner:
                 data["metrics"] = self.metric_results()
         if status.gate_answers:
             data["gates"] = dict(status.gate_answers)
-        if self.history and self.history[-1]["rollout"] == self._rollout_id:
+        if len(self.history) and self.history.rollout == self._rollout_id:
             # the server leaves it out of /rollouts unless asked (?history=1)
-            data["history"] = list(self.history)
+            data["history"] = self.history.points()
         if self.record_error:
             data["record_error"] = self.record_error
         if self.status_error:
@@ -385,32 +387,7 @@ class RolloutRunner:
 
     def _remember(self, entry: TickEntry) -> None:
         """Keep a compact copy of the tick for the live page; a new rollout starts afresh."""
-        if self.history and self.history[-1]["rollout"] != entry.rollout:
-            self.history.clear()
-
-        def arm(counts: ArmCounts | None) -> list[float] | None:
-            return None if counts is None else [counts.requests, counts.errors]
-
-        verdict = entry.verdict
-        self.history.append(
-            {
-                "rollout": entry.rollout,
-                "at": entry.at,
-                "elapsed_s": entry.elapsed_s,
-                "step": entry.step,
-                "weight_set": entry.weight_set,
-                "weight_read": entry.weight_read,
-                "primary": arm(entry.primary),  # cumulative [requests, errors]
-                "canary": arm(entry.canary),
-                # each metric: [estimate, lower, upper, decision]
-                "metrics": {}
-                if verdict is None
-                else {
-                    name: [m.estimate, m.lower, m.upper, m.decision.value]
-                    for name, m in verdict.metrics.items()
-                },
-            }
-        )
+        self.history.append(entry)
 
     async def prepare(self) -> None:
         """Take the rollout's lock and read what a restart resumes, before anything moves:
