@@ -55,6 +55,7 @@ into the next one.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -228,6 +229,45 @@ class CountState:
     passed_abs: bool
 
 
+_Layout = tuple[
+    npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.int64],
+    npt.NDArray[np.float64], int, slice, slice, list[float], list[float],
+]
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(fail_theta: float, pass_theta: float, alpha: float) -> _Layout:
+    """The arrays a CountTest reads but never writes, shared by every test with the same
+    settings (each rollout has several tests: ~13 KiB each when they were per test, issue 13).
+    Layout: the extended grid 2^(k/12), |k| <= 72 + _EXT, then the two nulls and the prior
+    points (so one vector update serves the decisions and the bounds)."""
+    fails, passes = fail_points(fail_theta), pass_points(pass_theta)
+    fail_pts = [t for t, _ in fails]
+    pass_pts = [t for t, _ in passes]
+    ext = 2.0 ** (np.arange(-_STEPS - _EXT, _STEPS + _EXT + 1) / 12.0)
+    n = ext.size
+    grid = np.concatenate([ext, [fail_theta, pass_theta], fail_pts, pass_pts])
+    w_fail = np.log(np.array([w for _, w in fails]))
+    w_pass = np.log(np.array([w for _, w in passes]))
+    # Bounds: for CS grid index i (position _EXT + i), the fail mixture against theta_i
+    # reads positions + shift; the mirrored mixture (for the upper bound) - shift.
+    base = np.arange(THETA_GRID.size) + _EXT
+    idx = np.concatenate([base[None, :] + _SHIFTS[:, None], base[None, :] - _SHIFTS[:, None]])
+    # log w - log(1/alpha): "reject theta0" is then sum(exp(...)) >= 1
+    w_level = np.tile(w_fail - math.log(1.0 / alpha), 2)[:, None]
+    arrays = (grid, np.log(grid), idx, w_level)
+    for a in arrays:
+        a.setflags(write=False)  # shared: a test that wrote one would change the others
+    return (
+        *arrays,
+        n,
+        slice(n + 2, n + 2 + len(fail_pts)),
+        slice(n + 2 + len(fail_pts), grid.size),
+        w_fail.tolist(),
+        w_pass.tolist(),
+    )
+
+
 class CountTest:
     """One metric's conditional count test; feed it cumulative counts, it never awaits.
 
@@ -253,10 +293,8 @@ class CountTest:
         "_sl_fail",
         "_sl_pass",
         "_totals",
-        "_w_fail",
         "_w_fail_list",
         "_w_level",
-        "_w_pass",
         "_w_pass_list",
         "fail_theta",
         "pass_theta",
@@ -284,31 +322,11 @@ class CountTest:
         self._alpha = alpha
         self._pass_alpha = pass_alpha
         self._abs_tolerance = abs_tolerance
-        fails, passes = fail_points(fail_theta), pass_points(pass_theta)
-        fail_pts = [t for t, _ in fails]
-        pass_pts = [t for t, _ in passes]
-        # Layout: the extended grid 2^(k/12), |k| <= 72 + _EXT, then the two nulls and the
-        # prior points (so one vector update serves the decisions and the bounds).
-        ext = 2.0 ** (np.arange(-_STEPS - _EXT, _STEPS + _EXT + 1) / 12.0)
-        self._n_cs = ext.size
-        grid = np.concatenate([ext, [fail_theta, pass_theta], fail_pts, pass_pts])
-        self._grid = grid
-        self._log_grid = np.log(grid)
-        n = self._n_cs
-        self._sl_fail = slice(n + 2, n + 2 + len(fail_pts))
-        self._sl_pass = slice(n + 2 + len(fail_pts), grid.size)
-        self._w_fail = np.log(np.array([w for _, w in fails]))
-        self._w_pass = np.log(np.array([w for _, w in passes]))
-        self._w_fail_list: list[float] = self._w_fail.tolist()
-        self._w_pass_list: list[float] = self._w_pass.tolist()
-        # Bounds: for CS grid index i (position _EXT + i), the fail mixture against theta_i
-        # reads positions + shift; the mirrored mixture (for the upper bound) - shift.
-        base = np.arange(THETA_GRID.size) + _EXT
-        self._idx = np.concatenate(
-            [base[None, :] + _SHIFTS[:, None], base[None, :] - _SHIFTS[:, None]]
-        )
-        # log w - log(1/alpha): "reject theta0" is then sum(exp(...)) >= 1
-        self._w_level = np.tile(self._w_fail - math.log(1.0 / alpha), 2)[:, None]
+        layout = _layout(fail_theta, pass_theta, alpha)
+        self._grid, self._log_grid, self._idx, self._w_level = layout[:4]
+        self._n_cs, self._sl_fail, self._sl_pass = layout[4:7]
+        self._w_fail_list, self._w_pass_list = layout[7:]
+        grid = self._grid
         self._loglik = np.zeros(grid.size)
         self._prev: tuple[float, float, float, float] | None = None
         self._totals = [0.0, 0.0, 0.0, 0.0]  # n_c, e_c, n_p, e_p since the test began
