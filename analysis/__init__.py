@@ -1,4 +1,4 @@
-"""Anytime-valid canary analysis: pure numpy/scipy, no I/O, no asyncio.
+"""Anytime-valid canary analysis: pure numpy, no I/O, no asyncio.
 
 The contract (DESIGN.md, "The analysis contract")::
 
@@ -9,7 +9,8 @@ The contract (DESIGN.md, "The analysis contract")::
 Modules: counts.py (the conditional count test and rate bounds), latency.py (histogram
 buckets -> slow-request counts), judge.py (metrics -> decision and reasons), config.py
 (validated settings), planner.py (expected time to a decision, from assumed or observed rates, and whether a step
-is long enough to pass a good canary), analyzer.py (the glue).
+is long enough to pass a good canary), invgauss.py (the planner's inverse-Gaussian quantile, so
+that the controller never imports scipy: ~70 MiB), analyzer.py (the glue).
 """
 
 from analysis.analyzer import Analyzer

@@ -48,10 +48,10 @@ import operator
 from collections.abc import Callable, Mapping
 
 from pydantic import BaseModel, ConfigDict, Field
-from scipy.stats import invgauss
 
 from analysis.config import AnalysisConfig
 from analysis.counts import fail_points, pass_points, rate_lower, rate_upper
+from analysis.invgauss import invgauss_ppf
 from analysis.latency import arm_total, shared_bounds
 from analysis.types import Snapshot
 
@@ -146,8 +146,7 @@ def _passage_quantile(
     v = events_per_s * (var + drift * drift)
     mean = level / m
     shape = level * level / v
-    # scipy's invgauss(mu, scale): mean = mu*scale, shape = scale
-    return float(invgauss.ppf(likely, mean / shape, scale=shape))
+    return invgauss_ppf(likely, mean, shape)
 
 
 # The times _abs_pass_s tries: 1 s growing by 5% up to a week (273 of them).
