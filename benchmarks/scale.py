@@ -262,6 +262,26 @@ def profile(pid: int, seconds: float, out: Path) -> dict[str, list[tuple[str, fl
     }
 
 
+# --heap: the controller runs under tracemalloc (slower: use it for where memory goes, not
+# for the figures) and SIGUSR2 writes its top allocation sites to HEAP_DUMP.
+_HEAP_WRAPPER = """
+import os, runpy, signal, sys, tracemalloc
+tracemalloc.start(int(os.environ.get("HEAP_FRAMES", "6")))
+def dump(signum, frame):
+    snap = tracemalloc.take_snapshot()
+    with open(os.environ["HEAP_DUMP"], "w") as out:
+        total = sum(s.size for s in snap.statistics("filename"))
+        out.write(f"traced {total / 2**20:.1f} MiB\\n")
+        for group in ("lineno", "traceback"):
+            for stat in snap.statistics(group)[:40]:
+                out.write(f"{stat.size / 2**20:8.2f} MiB {stat.count:9d} ")
+                out.write(" <- ".join(str(f) for f in reversed(stat.traceback)) + "\\n")
+signal.signal(signal.SIGUSR2, dump)
+sys.argv = ["canary", *sys.argv[1:]]
+runpy.run_module("canary", run_name="__main__")
+"""
+
+
 @dataclass
 class Replica:
     """One `python -m canary kubernetes` process, started with sys.executable, stopped by PID."""
@@ -280,7 +300,7 @@ class Replica:
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                env={**os.environ, "PYTHONPATH": str(ROOT), "HEAP_DUMP": str(self.log) + ".heap"},
                 start_new_session=True,
             )
 
@@ -351,8 +371,9 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             for r in range(args.replicas):
                 kubeconfig = cluster.service_account_kubeconfig(workdir / f"r{r}.kubeconfig")
                 port = free_port()
+                launch = ["-c", _HEAP_WRAPPER] if args.heap else ["-m", "canary"]
                 argv = [
-                    sys.executable, "-m", "canary", "kubernetes",
+                    sys.executable, *launch, "kubernetes",
                     f"--kubeconfig={kubeconfig}", "--all-namespaces",
                     f"--identity=replica-{r}", f"--listen={LOOPBACK}:{port}",
                     f"--prometheus-url={prom_url}", "--record-namespace=canary-system",
@@ -405,6 +426,15 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 rss_series.append([proc_rss_mib(r.pid) for r in replicas])
             last = mark()
             final = states(cluster)
+            if args.heap:
+                os.kill(replicas[0].pid, signal.SIGUSR2)
+                heap = Path(str(replicas[0].log) + ".heap")
+                for _ in range(120):
+                    time.sleep(1)
+                    if heap.exists() and heap.stat().st_size > 0:
+                        time.sleep(2)
+                        print(heap.read_text(), flush=True)
+                        break
         finally:
             for replica in replicas:
                 replica.stop()
@@ -458,6 +488,10 @@ def main() -> None:
     parser.add_argument("--profile-s", type=float, default=30)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument(
+        "--heap", action="store_true",
+        help="run the controller under tracemalloc and print its top allocation sites at the end",
+    )
     args = parser.parse_args()
     results = []
     for n in args.sizes:

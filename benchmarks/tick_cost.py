@@ -156,9 +156,7 @@ async def run(
     # One rollout first, for a minute of its age: what it imports lazily is not per rollout.
     warm = runner(rollouts)
     warm_task = asyncio.create_task(warm.run())
-    warm_until = clock() + 60
-    while clock() < warm_until:
-        await asyncio.sleep(0.05)
+    await asyncio.sleep(60 / dilation)
     warm_task.cancel()
     await asyncio.gather(warm_task, return_exceptions=True)
     del warm, warm_task
@@ -175,8 +173,8 @@ async def run(
     cpu, done = time.process_time(), 0
     try:
         for age_h in ages:
-            while clock() - started < age_h * 3600:
-                await asyncio.sleep(0.05)
+            # the clock is the loop's, dilated: sleep until it reads that age
+            await asyncio.sleep(max(0.0, (started + age_h * 3600 - clock()) / dilation))
             now_cpu, now_ticks = time.process_time(), ticks
             gc.collect()
             held = tracemalloc.get_traced_memory()[0]

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from analysis_sim import BOUNDS, Arm, run_until, snapshots, stream
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from analysis_sim import BOUNDS, Arm, run_until, snapshots, stream
 
-from analysis import AnalysisConfig, Analyzer, pass_advice, plan, plan_from_counts
-from analysis import planner
+from analysis import AnalysisConfig, Analyzer, pass_advice, plan, plan_from_counts, planner
 from analysis.counts import CountTest, rate_bounds
 
 
