@@ -115,7 +115,7 @@ class ObjectCache:
             watch = self.kube.watch_ingresses
         else:
             watch = self.kube.watch_httproutes
-        return watch(self.namespace, timeout_s=self.watch_timeout_s, on_stream=self._on_stream)
+        return watch(self.namespace, timeout_s=self.watch_timeout_s, on_stream=self.set_watching)
 
     async def run(self) -> None:
         """List and watch until cancelled. A failure leaves the cache untrusted (reads GET)
@@ -143,7 +143,8 @@ class ObjectCache:
                 self._watching = False
             await asyncio.sleep(self.retry_s)
 
-    def _on_stream(self, open_: bool) -> None:
+    def set_watching(self, open_: bool) -> None:
+        """The watch stream opened (True) or ended (False): `_watch`'s on_stream."""
         self._watching = open_
 
     def apply(self, item: Relist | WatchEvent) -> None:
