@@ -11,8 +11,8 @@ the controller's reason and message otherwise.
 Because the controller updates the status after our write, `set_weight` waits (up to
 `settle_timeout_s`) for the status to catch up with the new generation.
 
-With a watch cache of HTTPRoutes (`cache`, canary.kubernetes.informer), reads come from it once
-it has seen this router's last write; until then, and without one, they GET.
+With a watch cache of HTTPRoutes (`cache`, canary.kubernetes.informer), reads (the write's too)
+come from it once it has seen this router's last write; until then, and without one, they GET.
 
 A/B (a `Match`): with the match on, every weighted rule gets a twin placed before it with
 the same matches plus a header match (a cookie is matched on the `Cookie` header with a
@@ -199,7 +199,9 @@ class GatewayApiRouter:
         )
 
         async def write() -> JSON | None:
-            route = await self.kube.get_httproute(self.namespace, self.route)
+            # From the cache when it can be trusted: a stale route makes the guarded patch a
+            # Conflict, after which (`writing` was called) the retry reads it with a GET.
+            route = await self._read()
             rules = self.weighted_rules(route, canary_percent, match)
             if rules == (route.get("spec") or {}).get("rules"):
                 return None  # already there; nothing for the gateway to catch up with

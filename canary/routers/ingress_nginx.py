@@ -8,8 +8,8 @@ the user's Ingress on every write so that edits to hosts or paths follow.
 
 The weight counts as applied only once read back from the API server (set_and_verify), and
 the read-back also checks that the canary Ingress still routes to the canary Service. With a
-watch cache of Ingresses (`cache`, canary.kubernetes.informer), reads come from it once it has
-seen this router's last write; until then, and without one, they GET.
+watch cache of Ingresses (`cache`, canary.kubernetes.informer), reads (the write's too) come
+from it once it has seen this router's last write; until then, and without one, they GET.
 
 A/B (a `Match`): with the match on, the canary Ingress also carries `canary-by-header` +
 `canary-by-header-value` (or `canary-by-cookie`, whose value must be `always`: that is
@@ -175,10 +175,12 @@ class IngressNginxRouter:
         )
 
         async def write() -> None:
-            user = await self.kube.get_ingress(self.namespace, self.ingress)
+            # Both reads may come from the cache: a stale canary Ingress makes the guarded
+            # patch a Conflict, after which (see `_writing`) the retry reads it with a GET.
+            user = await self._read(self.ingress)
             body = self.desired(user, canary_percent, match)
             try:
-                current = await self.kube.get_ingress(self.namespace, self.canary_ingress)
+                current = await self._read(self.canary_ingress)
             except NotFound:
                 self._writing()
                 self._wrote(await self.kube.create_ingress(self.namespace, body))
@@ -216,11 +218,11 @@ class IngressNginxRouter:
         if self.cache is not None:
             self.cache.wrote(self.namespace, self.canary_ingress, obj)
 
-    async def _read_canary(self) -> JSON:
-        """The canary Ingress: from the watch cache when it has caught up, else a GET."""
+    async def _read(self, name: str) -> JSON:
+        """An Ingress: from the watch cache when it has caught up, else a GET."""
         if self.cache is not None:
-            return await self.cache.get(self.namespace, self.canary_ingress)
-        return await self.kube.get_ingress(self.namespace, self.canary_ingress)
+            return await self.cache.get(self.namespace, name)
+        return await self.kube.get_ingress(self.namespace, name)
 
     def _check_ours(self, current: JSON) -> None:
         labels = (current.get("metadata") or {}).get("labels") or {}
@@ -235,7 +237,7 @@ class IngressNginxRouter:
         """Whether the canary Ingress carries exactly our A/B match annotations."""
         command = f"read {self._where(self.canary_ingress)}"
         try:
-            current = await self._read_canary()
+            current = await self._read(self.canary_ingress)
         except NotFound:
             return False
         except KubeError as exc:
@@ -255,7 +257,7 @@ class IngressNginxRouter:
     async def get_weight(self) -> int:
         command = f"read {self._where(self.canary_ingress)}"
         try:
-            current = await self._read_canary()
+            current = await self._read(self.canary_ingress)
         except NotFound:
             return 0
         except KubeError as exc:
