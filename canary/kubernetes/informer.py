@@ -83,14 +83,19 @@ class ObjectCache:
         namespace: str | None = None,
         *,
         retry_s: float = 10.0,
+        absent_retry_s: float = 60.0,
         watch_timeout_s: int = 300,
     ) -> None:
-        if retry_s <= 0:
-            raise ValueError(f"retry_s must be positive, got {retry_s}")
+        if not 0 < retry_s <= absent_retry_s:
+            raise ValueError(
+                f"need 0 < retry_s <= absent_retry_s, got {retry_s} and {absent_retry_s}"
+            )
         self.kube = kube
         self.resource: CachedKind = resource
         self.namespace = namespace
         self.retry_s = retry_s
+        # A kind the server does not serve (no HTTPRoute CRD) is asked about less often.
+        self.absent_retry_s = absent_retry_s
         self.watch_timeout_s = watch_timeout_s
         self._objects: dict[tuple[str, str], JSON] = {}
         self._synced = False  # a list has been applied
@@ -122,6 +127,7 @@ class ObjectCache:
         and is retried after `retry_s`; each new kind of failure is logged once."""
         last_error = ""
         while True:
+            pause = self.retry_s
             try:
                 stream = self._stream()
                 async with contextlib.aclosing(stream):
@@ -130,6 +136,7 @@ class ObjectCache:
                         last_error = ""
             except NotFound as exc:
                 # Typically the HTTPRoute CRD is not installed: the routers GET as before.
+                pause = self.absent_retry_s
                 message = f"not served ({exc}); reads of {self.resource} go to the API server"
                 if message != last_error:
                     log.info("watch cache of %s: %s", self.resource, message)
@@ -139,9 +146,12 @@ class ObjectCache:
                 if message != last_error:
                     log.warning("watch cache of %s: %s", self.resource, message)
                 last_error = message
+            except Exception:
+                # A bug here must not end the cache for good: reads GET, and it starts over.
+                log.exception("watch cache of %s failed; starting over", self.resource)
             finally:
                 self._watching = False
-            await asyncio.sleep(self.retry_s)
+            await asyncio.sleep(pause)
 
     def set_watching(self, open_: bool) -> None:
         """The watch stream opened (True) or ended (False): `_watch`'s on_stream."""

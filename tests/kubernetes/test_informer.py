@@ -238,7 +238,7 @@ def test_slim_drops_what_routers_do_not_read() -> None:
 @pytest.fixture
 async def running(kube: Kube) -> AsyncIterator[ObjectCache]:
     """An Ingress cache fed by its own list + watch."""
-    cache = ObjectCache(kube, "ingresses", "shop", retry_s=0.05)
+    cache = ObjectCache(kube, "ingresses", "shop", retry_s=0.05, absent_retry_s=0.05)
     task = asyncio.create_task(cache.run())
     try:
         yield cache
@@ -300,7 +300,7 @@ async def test_without_the_httproute_crd_the_cache_stays_unsynced_and_logs_once(
 ) -> None:
     api.inject(404, times=1000, verb="list", resource="httproutes")
     api.put(*ROUTES, http_route())  # GETs still work: only the list is refused here
-    cache = ObjectCache(kube, "httproutes", None, retry_s=0.02)
+    cache = ObjectCache(kube, "httproutes", None, retry_s=0.01, absent_retry_s=0.02)
     caplog.set_level(logging.INFO, logger="canary.kubernetes.informer")
     task = asyncio.create_task(cache.run())
     try:
