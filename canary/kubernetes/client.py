@@ -221,8 +221,9 @@ API_CALLS: frozenset[ApiCall] = TWO_CLUSTER_CALLS | frozenset(
     )
     | _calls("", "configmaps", "get", "create", "update")
     | _calls("", "events", "create")
-    | _calls("networking.k8s.io", "ingresses", "get", "create", "patch")
-    | _calls("gateway.networking.k8s.io", "httproutes", "get", "patch")
+    # list + watch: the routers' read-back cache (canary.kubernetes.informer).
+    | _calls("networking.k8s.io", "ingresses", "get", "list", "watch", "create", "patch")
+    | _calls("gateway.networking.k8s.io", "httproutes", "get", "list", "watch", "patch")
     | _calls("coordination.k8s.io", "leases", "get", "create", "update")
     # Who is calling the HTTP server, and may they (canary.kubernetes.access), as
     # kube-rbac-proxy asks: TokenReview, then SubjectAccessReview.
@@ -238,6 +239,9 @@ OPERATOR_CALLS: frozenset[ApiCall] = API_CALLS - TWO_CLUSTER_CALLS
 OWN_NAMESPACE_RESOURCES = frozenset({"leases", "configmaps"})
 
 _MERGE_PATCH = "application/merge-patch+json"
+
+# What `_watch` can list and watch.
+_Watched = Literal["deployments", "horizontalpodautoscalers", "ingresses", "httproutes"]
 
 
 # -- watch values ------------------------------------------------------------------------
@@ -418,18 +422,7 @@ class Kube:
         )
 
     async def list_deployments(self, namespace: str | None = None) -> Relist:
-        if namespace is None:
-            body = await self._call(
-                ApiCall("apps", "deployments", "list"),
-                self._apps.list_deployment_for_all_namespaces,
-            )
-        else:
-            body = await self._call(
-                ApiCall("apps", "deployments", "list"),
-                self._apps.list_namespaced_deployment,
-                namespace,
-            )
-        return Relist(list(body.get("items") or []), str(body["metadata"]["resourceVersion"]))
+        return await self._list("deployments", namespace)
 
     async def create_deployment(self, namespace: str, body: JSON) -> JSON:
         return await self._call(
@@ -475,12 +468,89 @@ class Kube:
             async for item in stream:
                 yield item
 
+    async def watch_ingresses(
+        self,
+        namespace: str | None = None,
+        *,
+        timeout_s: int = 300,
+        on_stream: Callable[[bool], None] | None = None,
+    ) -> AsyncGenerator[Relist | WatchEvent, None]:
+        """networking.k8s.io/v1 Ingresses: see `_watch`."""
+        stream = self._watch("ingresses", namespace, timeout_s=timeout_s, on_stream=on_stream)
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                yield item
+
+    async def watch_httproutes(
+        self,
+        namespace: str | None = None,
+        *,
+        timeout_s: int = 300,
+        on_stream: Callable[[bool], None] | None = None,
+    ) -> AsyncGenerator[Relist | WatchEvent, None]:
+        """gateway.networking.k8s.io/v1 HTTPRoutes: see `_watch`. Without the CRD, the
+        first list raises NotFound."""
+        stream = self._watch("httproutes", namespace, timeout_s=timeout_s, on_stream=on_stream)
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                yield item
+
+    def _listing(
+        self, resource: _Watched, namespace: str | None
+    ) -> tuple[str, Callable[..., Awaitable[Any]], tuple[str, ...]]:
+        """(API group, generated list function, its positional arguments) for `resource`
+        in `namespace` (None: every namespace); with watch=True the same function watches."""
+        all_fn: Callable[..., Awaitable[Any]]
+        ns_fn: Callable[..., Awaitable[Any]]
+        if resource == "deployments":
+            group, all_fn, ns_fn = (
+                "apps",
+                self._apps.list_deployment_for_all_namespaces,
+                self._apps.list_namespaced_deployment,
+            )
+        elif resource == "horizontalpodautoscalers":
+            group, all_fn, ns_fn = (
+                "autoscaling",
+                self._autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces,
+                self._autoscaling.list_namespaced_horizontal_pod_autoscaler,
+            )
+        elif resource == "ingresses":
+            group, all_fn, ns_fn = (
+                "networking.k8s.io",
+                self._net.list_ingress_for_all_namespaces,
+                self._net.list_namespaced_ingress,
+            )
+        else:  # a CRD: (group, version, [namespace,] plural)
+            group = "gateway.networking.k8s.io"
+            if namespace is None:
+                return group, self._custom.list_cluster_custom_object, (group, "v1", resource)
+            return (
+                group,
+                self._custom.list_namespaced_custom_object,
+                (group, "v1", namespace, resource),
+            )
+        if namespace is None:
+            return group, all_fn, ()
+        return group, ns_fn, (namespace,)
+
+    async def _list(self, resource: _Watched, namespace: str | None) -> Relist:
+        group, fn, args = self._listing(resource, namespace)
+        body = await self._call(ApiCall(group, resource, "list"), fn, *args)
+        return Relist(list(body.get("items") or []), str(body["metadata"]["resourceVersion"]))
+
+    async def list_ingresses(self, namespace: str | None = None) -> Relist:
+        return await self._list("ingresses", namespace)
+
+    async def list_httproutes(self, namespace: str | None = None) -> Relist:
+        return await self._list("httproutes", namespace)
+
     async def _watch(
         self,
-        resource: Literal["deployments", "horizontalpodautoscalers"],
+        resource: _Watched,
         namespace: str | None,
         *,
         timeout_s: int,
+        on_stream: Callable[[bool], None] | None = None,
     ) -> AsyncGenerator[Relist | WatchEvent, None]:
         """A Relist first, then events, forever: resumes from the last resourceVersion
         after the server ends a stream, and re-lists (a new Relist) after 410 Gone.
@@ -488,35 +558,27 @@ class Kube:
         An ERROR event with a 429 or 5xx inside a stream is also answered with a re-list,
         after a backoff, as client-go's reflector does: resuming could meet the same error
         (the real server answers 500 to a watch resumed at the revision etcd was just
-        compacted to). After `retry.attempts` such errors in a row it raises Unavailable."""
+        compacted to). After `retry.attempts` such errors in a row it raises Unavailable.
+
+        `on_stream(True)` is called once a watch stream is open (events flow from then on),
+        `on_stream(False)` once it has ended, for whatever reason: in between, a cache fed by
+        these items is as current as the watch."""
         if timeout_s < 1:
             raise ValueError(f"timeout_s must be >= 1, got {timeout_s}")
-        if resource == "deployments":
-            group = "apps"
-            all_fn: Callable[..., Awaitable[Any]] = self._apps.list_deployment_for_all_namespaces
-            ns_fn: Callable[..., Awaitable[Any]] = self._apps.list_namespaced_deployment
-            lister = self.list_deployments
-        else:
-            group = "autoscaling"
-            all_fn = self._autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces
-            ns_fn = self._autoscaling.list_namespaced_horizontal_pod_autoscaler
-            lister = self.list_hpas
+        group, watch_fn, args = self._listing(resource, namespace)
         call = ApiCall(group, resource, "watch")
-        args: tuple[str, ...] = ()
-        if namespace is None:
-            watch_fn = all_fn
-        else:
-            watch_fn, args = ns_fn, (namespace,)
         resource_version: str | None = None
         empty_streams = stream_errors = 0
         while True:
             if resource_version is None:
-                relist = await lister(namespace)
+                relist = await self._list(resource, namespace)
                 resource_version = relist.resource_version
                 yield relist
             opened, events = time.monotonic(), 0
             try:
-                stream = self._watch_once(call, watch_fn, args, resource_version, timeout_s)
+                stream = self._watch_once(
+                    call, watch_fn, args, resource_version, timeout_s, on_stream
+                )
                 async with contextlib.aclosing(stream):
                     async for event in stream:
                         events += 1
@@ -558,6 +620,7 @@ class Kube:
         args: tuple[str, ...],
         resource_version: str,
         timeout_s: int,
+        on_stream: Callable[[bool], None] | None = None,
     ) -> AsyncGenerator[WatchEvent, None]:
         what = f"watch {call.resource}"
         if call not in API_CALLS:
@@ -585,30 +648,40 @@ class Kube:
             return resp
 
         resp = await with_retries(open_stream, policy=self.retry, what=what)
-        async with resp:
-            while True:
-                try:
-                    line = await resp.content.readline()
-                except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError):
-                    return  # the caller reconnects from the last resourceVersion
-                if not line:
-                    return
-                if not line.strip():
-                    continue
-                event = json.loads(line)
-                kind = event.get("type")
-                if kind == "ERROR":
-                    status = event.get("object") or {}
-                    code = int(status.get("code") or 0)
-                    message = status.get("message") or "watch error"
-                    if code == 410:
-                        raise Gone(message)
-                    if code in _TRANSIENT_STATUSES:
-                        raise _Transient(f"{what}: {code}: {message}", status=code)
-                    raise _error(code, message)
-                if kind in ("ADDED", "MODIFIED", "DELETED"):
-                    yield WatchEvent(kind, event["object"])
-                # BOOKMARK and unknown types carry nothing for us.
+        if on_stream is not None:
+            on_stream(True)
+        try:
+            async with resp:
+                while True:
+                    try:
+                        line = await resp.content.readline()
+                    except (
+                        aiohttp.ClientPayloadError,
+                        aiohttp.ClientConnectionError,
+                        TimeoutError,
+                    ):
+                        return  # the caller reconnects from the last resourceVersion
+                    if not line:
+                        return
+                    if not line.strip():
+                        continue
+                    event = json.loads(line)
+                    kind = event.get("type")
+                    if kind == "ERROR":
+                        status = event.get("object") or {}
+                        code = int(status.get("code") or 0)
+                        message = status.get("message") or "watch error"
+                        if code == 410:
+                            raise Gone(message)
+                        if code in _TRANSIENT_STATUSES:
+                            raise _Transient(f"{what}: {code}: {message}", status=code)
+                        raise _error(code, message)
+                    if kind in ("ADDED", "MODIFIED", "DELETED"):
+                        yield WatchEvent(kind, event["object"])
+                    # BOOKMARK and unknown types carry nothing for us.
+        finally:
+            if on_stream is not None:
+                on_stream(False)
 
     # -- Services ------------------------------------------------------------------------
 
@@ -637,18 +710,7 @@ class Kube:
     # -- HorizontalPodAutoscalers (autoscaling/v2) --------------------------------------
 
     async def list_hpas(self, namespace: str | None = None) -> Relist:
-        if namespace is None:
-            body = await self._call(
-                ApiCall("autoscaling", "horizontalpodautoscalers", "list"),
-                self._autoscaling.list_horizontal_pod_autoscaler_for_all_namespaces,
-            )
-        else:
-            body = await self._call(
-                ApiCall("autoscaling", "horizontalpodautoscalers", "list"),
-                self._autoscaling.list_namespaced_horizontal_pod_autoscaler,
-                namespace,
-            )
-        return Relist(list(body.get("items") or []), str(body["metadata"]["resourceVersion"]))
+        return await self._list("horizontalpodautoscalers", namespace)
 
     async def get_hpa(self, namespace: str, name: str) -> JSON:
         return await self._call(
@@ -949,6 +1011,8 @@ def _target(call: ApiCall, args: tuple[Any, ...]) -> str:
     if call.resource in ("tokenreviews", "subjectaccessreviews"):
         return ""  # cluster-scoped, and the body holds a token: never quoted
     if call.group in ("gateway.networking.k8s.io", "externaldns.k8s.io"):
+        if call.verb in ("list", "watch"):  # (group, version, [namespace,] plural)
+            return f"in {args[2]}" if len(args) == 4 else "in all namespaces"
         # custom objects: (group, version, namespace, plural, name or body)
         name = args[4] if isinstance(args[4], str) else (args[4].get("metadata") or {}).get("name")
         return f"{args[2]}/{name}"

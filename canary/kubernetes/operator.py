@@ -19,6 +19,9 @@ wakes that app's worker, which syncs app-primary's HPA (canary.kubernetes.worklo
 canary's size is `canary.dev/canary-replicas`, else the app's HPA's minReplicas (the HPA then
 scales the canary), else the app's replica count at first sight.
 
+Ingresses and HTTPRoutes are watched too, into caches (canary.kubernetes.informer) that the
+routers' per-tick read-back comes from instead of a GET per rollout per tick.
+
 Fast rollback (`canary.dev/fast-rollback-window`, off by default): the status keeps the
 template app-primary had before the last promotion and when that promotion was; a revert of
 `app` to it within the window is promoted at once, without analysis, with a three-entry
@@ -90,6 +93,7 @@ from canary.kubernetes.client import (
     Relist,
     WatchEvent,
 )
+from canary.kubernetes.informer import ObjectCache
 from canary.kubernetes.record_store import MAX_CONFIGMAP_BYTES, ConfigMapRecord
 from canary.kubernetes.shards import ShardElector
 from canary.kubernetes.spec import (
@@ -461,9 +465,7 @@ class DeploymentWorker:
 
     # ---- cluster writes -------------------------------------------------------------
 
-    async def announce(
-        self, type: Literal["Normal", "Warning"], reason: str, message: str
-    ) -> None:
+    async def announce(self, type: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         """The runner's Announcer: its transitions become Events on this Deployment."""
         await self.event(type, reason, message)
 
@@ -885,6 +887,7 @@ class DeploymentWorker:
                 canary_service=f"{name}-canary",
                 match=spec.match,
                 affinity=spec.affinity,
+                cache=self.op.ingresses,
             )
         return GatewayApiRouter(
             self.op.kube,
@@ -894,6 +897,7 @@ class DeploymentWorker:
             canary_service=f"{name}-canary",
             port=spec.router.port,
             match=spec.match,
+            cache=self.op.httproutes,
         )
 
     async def _canary_size(self, spec: CanarySpec) -> int:
@@ -977,7 +981,6 @@ class DeploymentWorker:
         return data
 
 
-
 def _same_but_our_status(old: JSON, new: JSON) -> bool:
     """Whether two versions of a Deployment differ only in our status annotation (and in
     what every write changes: resourceVersion, managedFields)."""
@@ -1038,6 +1041,10 @@ class Operator:
         # mirrors; `hpas_listed` once the first list is in (before it, no mirror is touched).
         self.hpas: dict[tuple[str, str], JSON] = {}
         self.hpas_listed = asyncio.Event()
+        # The routers' read-back: every tick reads its weight from these watch caches, not
+        # with a GET (issue 13); same namespaces as the Deployment watch.
+        self.ingresses = ObjectCache(kube, "ingresses", settings.namespace)
+        self.httproutes = ObjectCache(kube, "httproutes", settings.namespace)
         self._leading = elector is None
         self.telemetry.leader.set_function(lambda: 1.0 if self.acting() else 0.0)
         # One reader and one HTTP session for every rollout's counts: about one batch per
@@ -1076,6 +1083,10 @@ class Operator:
         elector_stop = asyncio.Event()
         watch = asyncio.create_task(self._watch(), name="watch deployments")
         watch_hpas = asyncio.create_task(self._watch_hpas(), name="watch hpas")
+        caches = [
+            asyncio.create_task(self.ingresses.run(), name="watch ingresses"),
+            asyncio.create_task(self.httproutes.run(), name="watch httproutes"),
+        ]
         if self.elector is not None:
             election = asyncio.create_task(self.elector.run(elector_stop), name="leader election")
         elif self.shards is not None:
@@ -1101,7 +1112,9 @@ class Operator:
             stopping.cancel()
             watch.cancel()
             watch_hpas.cancel()
-            for task in (watch, watch_hpas):
+            for cache in caches:
+                cache.cancel()
+            for task in (watch, watch_hpas, *caches):
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             await self._stop_workers()
@@ -1276,7 +1289,7 @@ class Operator:
         return [worker.view() for worker in self.workers.values()]
 
     def record_refs(self) -> list[str]:
-        """"namespace/configmap" of each watched Deployment's current or last rollout record
+        """ "namespace/configmap" of each watched Deployment's current or last rollout record
         (the cluster's /reports/, canary.reports.cluster)."""
         refs = []
         for worker in self.workers.values():

@@ -3,7 +3,7 @@
 HAProxy, ingress-nginx, Gateway API, PowerDNS and external-dns, as in Flagger's `pkg/router`.
 
 May import: ``canary.kubernetes.client`` (the cluster seam, for the Kubernetes-backed
-routers), ``canary.core.redact`` (errors never show credentials), the shared retry helper and
+routers) and ``canary.kubernetes.informer`` (their read-back cache), ``canary.core.redact`` (errors never show credentials), the shared retry helper and
 the standard library; never the runner or a supervisor.
 """
 

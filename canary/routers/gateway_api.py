@@ -11,6 +11,9 @@ the controller's reason and message otherwise.
 Because the controller updates the status after our write, `set_weight` waits (up to
 `settle_timeout_s`) for the status to catch up with the new generation.
 
+With a watch cache of HTTPRoutes (`cache`, canary.kubernetes.informer), reads (the write's too)
+come from it once it has seen this router's last write; until then, and without one, they GET.
+
 A/B (a `Match`): with the match on, every weighted rule gets a twin placed before it with
 the same matches plus a header match (a cookie is matched on the `Cookie` header with a
 RegularExpression) and the canary as its only backend. Gateway API gives a rule with more
@@ -32,6 +35,7 @@ import time
 from typing import Any
 
 from canary.kubernetes.client import Conflict, Kube, KubeError, Unavailable
+from canary.kubernetes.informer import ObjectCache
 from canary.retry import ONCE_MORE, retrying
 from canary.routers.base import Match, RouterError, RouterRejected, RouterUnreachable
 
@@ -66,9 +70,11 @@ class GatewayApiRouter:
         settle_timeout_s: float = 10.0,
         poll_s: float = 0.2,
         match: Match | None = None,
+        cache: ObjectCache | None = None,
     ) -> None:
         self.match = match
         self.kube = kube
+        self.cache = cache
         self.namespace = namespace
         self.route = route
         self.primary_service = primary_service
@@ -193,16 +199,23 @@ class GatewayApiRouter:
         )
 
         async def write() -> JSON | None:
-            route = await self.kube.get_httproute(self.namespace, self.route)
+            # From the cache when it can be trusted: a stale route makes the guarded patch a
+            # Conflict, after which (`writing` was called) the retry reads it with a GET.
+            route = await self._read()
             rules = self.weighted_rules(route, canary_percent, match)
             if rules == (route.get("spec") or {}).get("rules"):
                 return None  # already there; nothing for the gateway to catch up with
-            return await self.kube.patch_httproute(
+            if self.cache is not None:
+                self.cache.writing(self.namespace, self.route)
+            written = await self.kube.patch_httproute(
                 self.namespace,
                 self.route,
                 {"spec": {"rules": rules}},
                 resource_version=route["metadata"]["resourceVersion"],
             )
+            if self.cache is not None:
+                self.cache.wrote(self.namespace, self.route, written)
+            return written
 
         try:
             # A Conflict: someone wrote between our read and our write; read again.
@@ -217,7 +230,7 @@ class GatewayApiRouter:
         deadline = time.monotonic() + self.settle_timeout_s
         while True:
             try:
-                route = await self.kube.get_httproute(self.namespace, self.route)
+                route = await self._read()
             except KubeError as exc:
                 raise _router_error(f"read {self._where}", exc) from exc
             parents = (route.get("status") or {}).get("parents") or []
@@ -232,6 +245,12 @@ class GatewayApiRouter:
             if time.monotonic() >= deadline:
                 return  # get_weight reports what is missing
             await asyncio.sleep(self.poll_s)
+
+    async def _read(self) -> JSON:
+        """The route: from the watch cache when it has caught up, else a GET."""
+        if self.cache is not None:
+            return await self.cache.get(self.namespace, self.route)
+        return await self.kube.get_httproute(self.namespace, self.route)
 
     def check_status(self, route: JSON) -> None:
         """Raise RouteNotReady unless every parent has Accepted and ResolvedRefs True
@@ -263,7 +282,7 @@ class GatewayApiRouter:
     async def get_weight(self) -> int:
         command = f"read {self._where}"
         try:
-            route = await self.kube.get_httproute(self.namespace, self.route)
+            route = await self._read()
         except KubeError as exc:
             raise _router_error(command, exc) from exc
         self.check_status(route)
@@ -294,7 +313,7 @@ class GatewayApiRouter:
         in between is a route someone else edited, reported as such."""
         command = f"read {self._where}"
         try:
-            route = await self.kube.get_httproute(self.namespace, self.route)
+            route = await self._read()
         except KubeError as exc:
             raise _router_error(command, exc) from exc
         self.check_status(route)

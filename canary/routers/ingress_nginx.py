@@ -7,7 +7,9 @@ of its rules with the primary Service swapped for the canary Service, and rewrit
 the user's Ingress on every write so that edits to hosts or paths follow.
 
 The weight counts as applied only once read back from the API server (set_and_verify), and
-the read-back also checks that the canary Ingress still routes to the canary Service.
+the read-back also checks that the canary Ingress still routes to the canary Service. With a
+watch cache of Ingresses (`cache`, canary.kubernetes.informer), reads (the write's too) come
+from it once it has seen this router's last write; until then, and without one, they GET.
 
 A/B (a `Match`): with the match on, the canary Ingress also carries `canary-by-header` +
 `canary-by-header-value` (or `canary-by-cookie`, whose value must be `always`: that is
@@ -22,6 +24,7 @@ import copy
 from typing import Any
 
 from canary.kubernetes.client import Conflict, Kube, KubeError, NotFound, Unavailable
+from canary.kubernetes.informer import ObjectCache
 from canary.retry import ONCE_MORE, retrying
 from canary.routers.base import Match, RouterError, RouterRejected, RouterUnreachable
 
@@ -76,6 +79,7 @@ class IngressNginxRouter:
         canary_ingress: str | None = None,
         match: Match | None = None,
         affinity: str | None = None,
+        cache: ObjectCache | None = None,
     ) -> None:
         if match is not None and match.kind == "cookie" and match.value != "always":
             raise ValueError(
@@ -92,6 +96,7 @@ class IngressNginxRouter:
         self.primary_service = primary_service
         self.canary_service = canary_service
         self.canary_ingress = canary_ingress or f"{ingress}-canary"
+        self.cache = cache
 
     def _where(self, name: str) -> str:
         return f"Ingress {self.namespace}/{name}"
@@ -170,19 +175,23 @@ class IngressNginxRouter:
         )
 
         async def write() -> None:
-            user = await self.kube.get_ingress(self.namespace, self.ingress)
+            # Both reads may come from the cache: a stale canary Ingress makes the guarded
+            # patch a Conflict, after which (see `_writing`) the retry reads it with a GET.
+            user = await self._read(self.ingress)
             body = self.desired(user, canary_percent, match)
             try:
-                current = await self.kube.get_ingress(self.namespace, self.canary_ingress)
+                current = await self._read(self.canary_ingress)
             except NotFound:
-                await self.kube.create_ingress(self.namespace, body)
+                self._writing()
+                self._wrote(await self.kube.create_ingress(self.namespace, body))
                 return
             self._check_ours(current)
             old_annotations = (current.get("metadata") or {}).get("annotations") or {}
             # A merge patch keeps keys it does not name: drop ones no longer wanted.
             annotations: dict[str, str | None] = {k: None for k in old_annotations}
             annotations.update(body["metadata"]["annotations"])
-            await self.kube.patch_ingress(
+            self._writing()
+            written = await self.kube.patch_ingress(
                 self.namespace,
                 self.canary_ingress,
                 {
@@ -191,6 +200,7 @@ class IngressNginxRouter:
                 },
                 resource_version=current["metadata"]["resourceVersion"],
             )
+            self._wrote(written)
 
         try:
             # A Conflict: someone wrote between our read and our write; read again.
@@ -199,6 +209,20 @@ class IngressNginxRouter:
             raise RouterRejected(command, f"{self._where(self.ingress)} not found: {exc}") from exc
         except KubeError as exc:
             raise _router_error(command, exc) from exc
+
+    def _writing(self) -> None:
+        if self.cache is not None:
+            self.cache.writing(self.namespace, self.canary_ingress)
+
+    def _wrote(self, obj: JSON) -> None:
+        if self.cache is not None:
+            self.cache.wrote(self.namespace, self.canary_ingress, obj)
+
+    async def _read(self, name: str) -> JSON:
+        """An Ingress: from the watch cache when it has caught up, else a GET."""
+        if self.cache is not None:
+            return await self.cache.get(self.namespace, name)
+        return await self.kube.get_ingress(self.namespace, name)
 
     def _check_ours(self, current: JSON) -> None:
         labels = (current.get("metadata") or {}).get("labels") or {}
@@ -213,7 +237,7 @@ class IngressNginxRouter:
         """Whether the canary Ingress carries exactly our A/B match annotations."""
         command = f"read {self._where(self.canary_ingress)}"
         try:
-            current = await self.kube.get_ingress(self.namespace, self.canary_ingress)
+            current = await self._read(self.canary_ingress)
         except NotFound:
             return False
         except KubeError as exc:
@@ -233,7 +257,7 @@ class IngressNginxRouter:
     async def get_weight(self) -> int:
         command = f"read {self._where(self.canary_ingress)}"
         try:
-            current = await self.kube.get_ingress(self.namespace, self.canary_ingress)
+            current = await self._read(self.canary_ingress)
         except NotFound:
             return 0
         except KubeError as exc:

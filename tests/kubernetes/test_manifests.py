@@ -131,6 +131,11 @@ async def test_api_calls_table_matches_the_requests_made(api: KubeEmulator, kube
     await kube.create_ingress("shop", ingress)
     await kube.get_ingress("shop", "app")
     await kube.patch_ingress("shop", "app", {"metadata": {"labels": {"a": "b"}}})
+    await kube.list_ingresses()
+    async with aclosing(kube.watch_ingresses("shop", timeout_s=5)) as ingresses:
+        await anext(ingresses)  # the list
+        await kube.patch_ingress("shop", "app", {"metadata": {"labels": {"a": "c"}}})
+        await anext(ingresses)  # the watch
     api.put(
         "gateway.networking.k8s.io",
         "v1",
@@ -139,6 +144,11 @@ async def test_api_calls_table_matches_the_requests_made(api: KubeEmulator, kube
     )
     await kube.get_httproute("shop", "app")
     await kube.patch_httproute("shop", "app", {"metadata": {"labels": {"a": "b"}}})
+    await kube.list_httproutes()
+    async with aclosing(kube.watch_httproutes("shop", timeout_s=5)) as routes:
+        await anext(routes)  # the list
+        await kube.patch_httproute("shop", "app", {"metadata": {"labels": {"a": "c"}}})
+        await anext(routes)  # the watch
     endpoint = {"metadata": {"name": "app"}, "spec": {"endpoints": []}}
     await kube.create_dnsendpoint("shop", endpoint)
     await kube.get_dnsendpoint("shop", "app")

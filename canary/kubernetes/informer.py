@@ -1,0 +1,219 @@
+"""Watch caches of the traffic objects, so that each tick's read-back costs no request.
+
+Every rollout reads its weight back from its router on every tick. For the Kubernetes routers
+that was a GET of the canary Ingress or HTTPRoute per tick: at 1,000 rollouts and 10 s ticks,
+100-200 GETs a second, and ticks queued behind the client's in-flight slots (issue 13). An
+`ObjectCache` lists and then watches one kind (Ingresses or HTTPRoutes) in the namespaces the
+operator watches, as client-go's informers do, through `Kube`'s `_watch` (resumes from the last
+resourceVersion, re-lists on 410), and routers read from it when it can be trusted:
+
+- the cache has completed a list and its watch stream is open now (not re-listing, not
+  backing off after an error, not between streams);
+- and, for an object this process has written (or is writing), the cache has seen the
+  resourceVersion the write returned. A read before that GETs, so the read-back after a weight
+  change still proves that the API server holds it; the GET's own resourceVersion then becomes
+  the one to wait for, which also settles writes whose answer was lost.
+
+Otherwise `get` GETs, exactly as the routers did before. An object absent from a trusted cache
+is NotFound, as a 404 would say. resourceVersions are compared for equality only (the API's
+rule: they are opaque), which the watch's ordering makes enough: every change is delivered, in
+order, unless the watch re-lists, after which one GET resolves the key again.
+
+Changes by others (kubectl editing the canary weight) arrive through the watch, so the next
+tick reads them as it would have with a GET, and the machine's drift handling sees them.
+
+Only what the routers read is kept: name, namespace, resourceVersion, generation, uid, labels,
+annotations (but kubectl's last-applied copy of the whole object), spec, and for HTTPRoutes
+the status; managedFields and the rest are dropped, so thousands of objects cost little.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator
+from typing import Literal
+
+from canary.kubernetes.client import JSON, Kube, KubeError, NotFound, Relist, WatchEvent
+
+__all__ = ["CachedKind", "ObjectCache", "slim"]
+
+log = logging.getLogger(__name__)
+
+CachedKind = Literal["ingresses", "httproutes"]
+
+_KEPT_METADATA = ("name", "namespace", "resourceVersion", "generation", "uid", "labels")
+_LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+# A pending write whose answer never came: no resourceVersion equals it, so the next read GETs.
+_UNKNOWN = ""
+
+
+def slim(obj: JSON, *, keep_status: bool) -> JSON:
+    """The parts of an object the routers read (see the module's docstring)."""
+    meta = obj.get("metadata") or {}
+    kept: JSON = {k: meta[k] for k in _KEPT_METADATA if k in meta}
+    annotations = meta.get("annotations")
+    if annotations:
+        kept["annotations"] = {k: v for k, v in annotations.items() if k != _LAST_APPLIED}
+    out: JSON = {"metadata": kept, "spec": obj.get("spec") or {}}
+    if keep_status and "status" in obj:
+        out["status"] = obj["status"]
+    return out
+
+
+def _rv(obj: JSON) -> str:
+    return str((obj.get("metadata") or {}).get("resourceVersion") or "")
+
+
+def _key(obj: JSON) -> tuple[str, str]:
+    meta = obj.get("metadata") or {}
+    return str(meta.get("namespace") or ""), str(meta.get("name") or "")
+
+
+class ObjectCache:
+    """A list + watch cache of one kind in `namespace` (None: every namespace); `run` feeds it.
+
+    Objects returned by `get` are shared with the cache: read them, never change them."""
+
+    def __init__(
+        self,
+        kube: Kube,
+        resource: CachedKind,
+        namespace: str | None = None,
+        *,
+        retry_s: float = 10.0,
+        absent_retry_s: float = 60.0,
+        watch_timeout_s: int = 300,
+    ) -> None:
+        if not 0 < retry_s <= absent_retry_s:
+            raise ValueError(
+                f"need 0 < retry_s <= absent_retry_s, got {retry_s} and {absent_retry_s}"
+            )
+        self.kube = kube
+        self.resource: CachedKind = resource
+        self.namespace = namespace
+        self.retry_s = retry_s
+        # A kind the server does not serve (no HTTPRoute CRD) is asked about less often.
+        self.absent_retry_s = absent_retry_s
+        self.watch_timeout_s = watch_timeout_s
+        self._objects: dict[tuple[str, str], JSON] = {}
+        self._synced = False  # a list has been applied
+        self._watching = False  # a watch stream is open now
+        # key -> the resourceVersion the cache must see before it answers for that key.
+        self._pending: dict[tuple[str, str], str] = {}
+        self.hits = 0  # reads answered by the cache
+        self.gets = 0  # reads that went to the API server
+
+    @property
+    def trusted(self) -> bool:
+        """Listed, and the watch running: the cache is as current as the watch."""
+        return self._synced and self._watching
+
+    def __len__(self) -> int:
+        return len(self._objects)
+
+    # ---- feeding ----------------------------------------------------------------------
+
+    def _stream(self) -> AsyncGenerator[Relist | WatchEvent, None]:
+        if self.resource == "ingresses":
+            watch = self.kube.watch_ingresses
+        else:
+            watch = self.kube.watch_httproutes
+        return watch(self.namespace, timeout_s=self.watch_timeout_s, on_stream=self.set_watching)
+
+    async def run(self) -> None:
+        """List and watch until cancelled. A failure leaves the cache untrusted (reads GET)
+        and is retried after `retry_s`; each new kind of failure is logged once."""
+        last_error = ""
+        while True:
+            pause = self.retry_s
+            try:
+                stream = self._stream()
+                async with contextlib.aclosing(stream):
+                    async for item in stream:
+                        self.apply(item)
+                        last_error = ""
+            except NotFound as exc:
+                # Typically the HTTPRoute CRD is not installed: the routers GET as before.
+                pause = self.absent_retry_s
+                message = f"not served ({exc}); reads of {self.resource} go to the API server"
+                if message != last_error:
+                    log.info("watch cache of %s: %s", self.resource, message)
+                last_error = message
+            except KubeError as exc:
+                message = f"{exc}; reads of {self.resource} go to the API server meanwhile"
+                if message != last_error:
+                    log.warning("watch cache of %s: %s", self.resource, message)
+                last_error = message
+            except Exception:
+                # A bug here must not end the cache for good: reads GET, and it starts over.
+                log.exception("watch cache of %s failed; starting over", self.resource)
+            finally:
+                self._watching = False
+            await asyncio.sleep(pause)
+
+    def set_watching(self, open_: bool) -> None:
+        """The watch stream opened (True) or ended (False): `_watch`'s on_stream."""
+        self._watching = open_
+
+    def apply(self, item: Relist | WatchEvent) -> None:
+        """One item of the list + watch stream."""
+        keep_status = self.resource == "httproutes"
+        if isinstance(item, Relist):
+            self._objects = {_key(o): slim(o, keep_status=keep_status) for o in item.objects}
+            self._synced = True
+            for key in [k for k, rv in self._pending.items() if self._seen(k, rv)]:
+                del self._pending[key]
+            return
+        key = _key(item.object)
+        if item.type == "DELETED":
+            self._objects.pop(key, None)
+        else:
+            self._objects[key] = slim(item.object, keep_status=keep_status)
+            if key in self._pending and self._seen(key, self._pending[key]):
+                del self._pending[key]
+
+    def _seen(self, key: tuple[str, str], resource_version: str) -> bool:
+        cached = self._objects.get(key)
+        return cached is not None and _rv(cached) == resource_version
+
+    # ---- the routers' side ------------------------------------------------------------
+
+    def writing(self, namespace: str, name: str) -> None:
+        """A write to the object is about to be sent: until `wrote` says what it returned
+        (and the cache has seen that), reads GET. A write that fails leaves it so."""
+        self._pending[(namespace, name)] = _UNKNOWN
+
+    def wrote(self, namespace: str, name: str, obj: JSON) -> None:
+        """A write returned `obj`: reads GET until the cache has seen its resourceVersion."""
+        self._wait_for((namespace, name), _rv(obj))
+
+    def _wait_for(self, key: tuple[str, str], resource_version: str) -> None:
+        if self._seen(key, resource_version):
+            self._pending.pop(key, None)
+        else:
+            self._pending[key] = resource_version
+
+    async def get(self, namespace: str, name: str) -> JSON:
+        """The object from the cache when trusted for it, else from the API server (raising
+        as `Kube` does); NotFound when a trusted cache does not hold it."""
+        key = (namespace, name)
+        if self.trusted and key not in self._pending:
+            obj = self._objects.get(key)
+            if obj is None:
+                raise NotFound(f"{self.resource} {namespace}/{name} not found (watch cache)")
+            self.hits += 1
+            return obj
+        self.gets += 1
+        try:
+            if self.resource == "ingresses":
+                obj = await self.kube.get_ingress(namespace, name)
+            else:
+                obj = await self.kube.get_httproute(namespace, name)
+        except NotFound:
+            if key not in self._objects:
+                self._pending.pop(key, None)  # the cache agrees: nothing there
+            raise
+        self._wait_for(key, _rv(obj))
+        return obj

@@ -1,0 +1,318 @@
+"""The routers' read-back from a watch cache (canary.kubernetes.informer), on the emulator.
+
+Two kinds of test: a cache fed by hand (`apply`, `set_watching`), where the order of events is
+the test's to choose (a write whose watch event has not arrived yet), and a cache fed by its
+own list + watch (`run`), for what only the real stream does (re-listing on 410, a missing CRD).
+Each counts the GETs the emulator served."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+from support.kube_emulator import KubeEmulator
+
+from canary.kubernetes.client import Kube, WatchEvent
+from canary.kubernetes.informer import ObjectCache, slim
+from canary.routers.base import RouterRejected, set_and_verify
+from canary.routers.gateway_api import GatewayApiRouter
+from canary.routers.ingress_nginx import WEIGHT_ANNOTATION, IngressNginxRouter
+
+INGRESSES = ("networking.k8s.io", "v1", "ingresses")
+ROUTES = ("gateway.networking.k8s.io", "v1", "httproutes")
+
+
+def user_ingress() -> dict[str, Any]:
+    backend = {"service": {"name": "app-primary", "port": {"number": 80}}}
+    return {
+        "metadata": {"name": "app", "namespace": "shop"},
+        "spec": {
+            "rules": [
+                {
+                    "host": "app.example.com",
+                    "http": {"paths": [{"path": "/", "pathType": "Prefix", "backend": backend}]},
+                }
+            ]
+        },
+    }
+
+
+def http_route() -> dict[str, Any]:
+    return {
+        "metadata": {"name": "app", "namespace": "shop"},
+        "spec": {"rules": [{"backendRefs": [{"name": "app-primary", "port": 8080}]}]},
+    }
+
+
+def gets(api: KubeEmulator, resource: str = "ingresses", name: str = "app-canary") -> int:
+    return len(api.recorded(verb="get", resource=resource, name=name))
+
+
+def nginx(kube: Kube, cache: ObjectCache) -> IngressNginxRouter:
+    return IngressNginxRouter(
+        kube,
+        namespace="shop",
+        ingress="app",
+        primary_service="app-primary",
+        canary_service="app-canary",
+        cache=cache,
+    )
+
+
+async def eventually(check: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout_s
+    while not check():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.01)
+
+
+async def fed_by_hand(kube: Kube, resource: Any = "ingresses") -> ObjectCache:
+    """A cache with the current list applied and its watch marked open; events are the
+    test's to apply."""
+    cache = ObjectCache(kube, resource, "shop")
+    lister = kube.list_ingresses if resource == "ingresses" else kube.list_httproutes
+    cache.apply(await lister("shop"))
+    cache.set_watching(True)
+    return cache
+
+
+async def test_after_a_write_reads_get_until_the_cache_has_the_written_version(
+    api: KubeEmulator, kube: Kube
+) -> None:
+    api.put(*INGRESSES, user_ingress())
+    cache = await fed_by_hand(kube)
+    router = nginx(kube, cache)
+    await router.set_weight(30)  # creates the canary Ingress: its event is not applied yet
+    before = gets(api)
+    assert await router.get_weight() == 30
+    assert await router.get_weight() == 30
+    assert gets(api) == before + 2, "the cache has not seen the write: each read GETs"
+
+    written = api.get(*INGRESSES, "shop", "app-canary")
+    cache.apply(WatchEvent("ADDED", written))
+    hits = cache.hits
+    assert await router.get_weight() == 30
+    assert await router.get_weight() == 30
+    assert gets(api) == before + 2, "the cache has seen the write: no more GETs"
+    assert cache.hits == hits + 2
+
+    # A weight change: the write reads the current version from the cache, the read-back in
+    # set_and_verify GETs; once the cache has the new version, it answers again.
+    assert await set_and_verify(router, 60) == 60
+    assert gets(api) == before + 3
+    cache.apply(WatchEvent("MODIFIED", api.get(*INGRESSES, "shop", "app-canary")))
+    assert await router.get_weight() == 60
+    assert gets(api) == before + 3
+
+
+async def test_a_write_from_a_stale_cache_conflicts_and_is_retried_after_a_get(
+    api: KubeEmulator, kube: Kube
+) -> None:
+    """The write reads the canary Ingress from the cache; if someone wrote since (the event
+    not applied yet), the guarded patch is a 409 and the retry GETs the current version."""
+    api.put(*INGRESSES, user_ingress())
+    cache = await fed_by_hand(kube)
+    router = nginx(kube, cache)
+    await router.set_weight(10)
+    cache.apply(WatchEvent("ADDED", api.get(*INGRESSES, "shop", "app-canary")))
+    edited = api.get(*INGRESSES, "shop", "app-canary")
+    edited["metadata"]["labels"]["team"] = "shop"  # someone else's write, not seen yet
+    api.put(*INGRESSES, edited)
+    before = gets(api)
+    await router.set_weight(20)
+    assert [r.status for r in api.recorded(verb="patch", resource="ingresses")] == [409, 200]
+    assert gets(api) == before + 1  # the retry's read
+    assert await router.get_weight() == 20
+
+
+async def test_an_older_event_after_the_write_does_not_make_the_cache_trusted(
+    api: KubeEmulator, kube: Kube
+) -> None:
+    """Watch events lag: one from before our write must not count as having seen it."""
+    api.put(*INGRESSES, user_ingress())
+    cache = await fed_by_hand(kube)
+    router = nginx(kube, cache)
+    await router.set_weight(10)
+    at_10 = api.get(*INGRESSES, "shop", "app-canary")
+    cache.apply(WatchEvent("ADDED", at_10))
+    await router.set_weight(20)
+    cache.apply(WatchEvent("ADDED", at_10))  # the same old event, late (e.g. a resumed watch)
+    before = gets(api)
+    assert await router.get_weight() == 20  # not the cache's stale 10
+    assert gets(api) == before + 1
+
+
+async def test_a_write_without_an_answer_makes_reads_get(api: KubeEmulator, kube: Kube) -> None:
+    """A patch whose answer is lost (here: the API server fails it) leaves its outcome
+    unknown: reads GET until a GET's version is in the cache."""
+    api.put(*INGRESSES, user_ingress())
+    cache = await fed_by_hand(kube)
+    router = nginx(kube, cache)
+    await router.set_weight(10)
+    cache.apply(WatchEvent("ADDED", api.get(*INGRESSES, "shop", "app-canary")))
+    api.inject(503, times=100, verb="patch", resource="ingresses")
+    with pytest.raises(Exception):  # noqa: B017 - RouterUnreachable, whatever its wording
+        await router.set_weight(20)
+    api.faults.clear()
+    before = gets(api)
+    assert await router.get_weight() == 10
+    assert gets(api) == before + 1
+    assert await router.get_weight() == 10  # the GET's version is the cache's: trusted again
+    assert gets(api) == before + 1
+
+
+async def test_a_cache_whose_watch_is_down_falls_back_to_get(api: KubeEmulator, kube: Kube) -> None:
+    api.put(*INGRESSES, user_ingress())
+    cache = await fed_by_hand(kube)
+    router = nginx(kube, cache)
+    await router.set_weight(40)
+    cache.apply(WatchEvent("ADDED", api.get(*INGRESSES, "shop", "app-canary")))
+    before = gets(api)
+    assert await router.get_weight() == 40
+    assert gets(api) == before
+
+    cache.set_watching(False)  # re-listing, or backing off after an error
+    assert await router.get_weight() == 40
+    assert gets(api) == before + 1
+    cache.set_watching(True)
+    assert await router.get_weight() == 40
+    assert gets(api) == before + 1
+
+
+async def test_an_object_absent_from_a_trusted_cache_is_not_found(
+    api: KubeEmulator, kube: Kube
+) -> None:
+    """ingress-nginx: no canary Ingress reads as 0%; Gateway API: a missing route is an
+    error, as a 404 was. Neither GETs."""
+    cache = await fed_by_hand(kube)
+    assert await nginx(kube, cache).get_weight() == 0
+    routes = await fed_by_hand(kube, "httproutes")
+    router = GatewayApiRouter(
+        kube,
+        namespace="shop",
+        route="app",
+        primary_service="app-primary",
+        canary_service="app-canary",
+        cache=routes,
+    )
+    with pytest.raises(RouterRejected, match="not found"):
+        await router.get_weight()
+    assert gets(api) == 0 and gets(api, "httproutes", "app") == 0
+
+
+def test_slim_drops_what_routers_do_not_read() -> None:
+    obj: dict[str, Any] = {
+        "metadata": {
+            "name": "app",
+            "namespace": "shop",
+            "resourceVersion": "7",
+            "generation": 2,
+            "labels": {"a": "b"},
+            "annotations": {
+                WEIGHT_ANNOTATION: "5",
+                "kubectl.kubernetes.io/last-applied-configuration": "{" + "x" * 5000 + "}",
+            },
+            "managedFields": [{"manager": "kubectl", "fieldsV1": {"f:spec": {}}}],
+        },
+        "spec": {"rules": []},
+        "status": {"loadBalancer": {}},
+    }
+    assert slim(obj, keep_status=False) == {
+        "metadata": {
+            "name": "app",
+            "namespace": "shop",
+            "resourceVersion": "7",
+            "generation": 2,
+            "labels": {"a": "b"},
+            "annotations": {WEIGHT_ANNOTATION: "5"},
+        },
+        "spec": {"rules": []},
+    }
+    assert slim(obj, keep_status=True)["status"] == {"loadBalancer": {}}
+
+
+@pytest.fixture
+async def running(kube: Kube) -> AsyncIterator[ObjectCache]:
+    """An Ingress cache fed by its own list + watch."""
+    cache = ObjectCache(kube, "ingresses", "shop", retry_s=0.05, absent_retry_s=0.05)
+    task = asyncio.create_task(cache.run())
+    try:
+        yield cache
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_change_by_someone_else_reaches_the_next_read_through_the_watch(
+    api: KubeEmulator, kube: Kube, running: ObjectCache
+) -> None:
+    api.put(*INGRESSES, user_ingress())
+    router = nginx(kube, running)
+    await eventually(lambda: running.trusted, "the cache to list and watch")
+    await router.set_weight(30)
+    await eventually(lambda: not running._pending, "the write's event")
+    before = gets(api)
+    assert await router.get_weight() == 30
+
+    edited = api.get(*INGRESSES, "shop", "app-canary")
+    edited["metadata"]["annotations"][WEIGHT_ANNOTATION] = "77"  # kubectl edit
+    api.put(*INGRESSES, edited)
+    await eventually(
+        lambda: (
+            len(running) == 2
+            and api.resource_version
+            == int(running._objects["shop", "app-canary"]["metadata"]["resourceVersion"])
+        ),
+        "the edit's event",
+    )
+    assert await router.get_weight() == 77
+    assert gets(api) == before
+
+
+async def test_a_410_re_lists_and_reads_get_meanwhile(
+    api: KubeEmulator, kube: Kube, running: ObjectCache
+) -> None:
+    api.put(*INGRESSES, user_ingress())
+    router = nginx(kube, running)
+    await eventually(lambda: running.trusted, "the cache to list and watch")
+    await router.set_weight(30)
+    await eventually(lambda: not running._pending, "the write's event")
+    lists = len(api.recorded(verb="list", resource="ingresses"))
+    api.inject(0, verb="list", resource="ingresses", delay_s=0.5)  # a slow re-list
+    api.compact()
+    api.close_watches(gone=True)
+    await eventually(lambda: not running.trusted, "the watch to end")
+    before = gets(api)
+    assert await router.get_weight() == 30
+    assert gets(api) == before + 1, "re-listing: the read GETs"
+    await eventually(lambda: running.trusted, "the re-list and a new watch")
+    assert len(api.recorded(verb="list", resource="ingresses")) == lists + 1
+    assert await router.get_weight() == 30
+    assert gets(api) == before + 1
+
+
+async def test_without_the_httproute_crd_the_cache_stays_unsynced_and_logs_once(
+    api: KubeEmulator, kube: Kube, caplog: pytest.LogCaptureFixture
+) -> None:
+    api.inject(404, times=1000, verb="list", resource="httproutes")
+    api.put(*ROUTES, http_route())  # GETs still work: only the list is refused here
+    cache = ObjectCache(kube, "httproutes", None, retry_s=0.01, absent_retry_s=0.02)
+    caplog.set_level(logging.INFO, logger="canary.kubernetes.informer")
+    task = asyncio.create_task(cache.run())
+    try:
+        await eventually(
+            lambda: len(api.recorded(verb="list", resource="httproutes")) >= 4, "retries"
+        )
+        assert not cache.trusted
+        route = await cache.get("shop", "app")
+        assert route["metadata"]["name"] == "app"
+        assert gets(api, "httproutes", "app") == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    lines = [r for r in caplog.records if "httproutes" in r.getMessage()]
+    assert len(lines) == 1, [r.getMessage() for r in lines]
