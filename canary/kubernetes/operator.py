@@ -998,6 +998,16 @@ def _same_but_our_status(old: JSON, new: JSON) -> bool:
 
 _EVERY_WRITE_CHANGES = frozenset({"resourceVersion", "managedFields"})
 
+
+def _slim(obj: JSON) -> JSON:
+    """The Deployment as kept between events: without metadata.managedFields, which nothing
+    here reads and which is often most of a Deployment's bytes (kept for a thousand apps,
+    they were tens of MiB; issue 13)."""
+    metadata = obj.get("metadata")
+    if isinstance(metadata, dict) and "managedFields" in metadata:
+        obj = {**obj, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
+    return obj
+
 # ---- the operator -----------------------------------------------------------------------
 
 
@@ -1241,7 +1251,9 @@ class Operator:
     async def _follow(self) -> None:
         async for item in self.kube.watch_deployments(self.settings.namespace):
             if isinstance(item, Relist):
-                seen = {_key(obj): obj for obj in item.objects if _enabled_key_present(obj)}
+                seen = {
+                    _key(obj): _slim(obj) for obj in item.objects if _enabled_key_present(obj)
+                }
                 for key in [k for k in self.objects if k not in seen]:
                     await self._forget(key)
                 for obj in seen.values():
@@ -1255,8 +1267,8 @@ class Operator:
                 if key in self.objects:
                     await self._forget(key)
                 continue
-            self.objects[key] = item.object
-            self._dispatch(item.object)
+            obj = self.objects[key] = _slim(item.object)
+            self._dispatch(obj)
 
     async def _forget(self, key: tuple[str, str]) -> None:
         self.objects.pop(key, None)

@@ -296,6 +296,10 @@ def _pack_lines(lines: Sequence[str]) -> str:
     return base64.b64encode(_gzip_lines(lines)).decode("ascii")
 
 
+def _b64_len(members: Sequence[bytes]) -> int:
+    return 4 * ((sum(len(m) for m in members) + 2) // 3)
+
+
 def _b64(members: Sequence[bytes]) -> str:
     """gzip members, concatenated: one gzip stream (RFC 1952 allows many members; every
     reader here, like gzip(1), reads them all)."""
@@ -583,23 +587,34 @@ class ConfigMapRecordWriter:
     ) -> tuple[list[str], int, list[bytes], str]:
         """Chunks to seal, how many of `lines` they hold, the tail's members after them, and
         the packed tail. `members` (of `held` JSON bytes) are the tail's packed part, `lines`
-        the new lines. A chunk closes once it reaches `seal_bytes`: the first one is the packed
-        tail plus new lines, the next ones new lines only (a resumed old record), and what is
-        left short of `seal_bytes` becomes the tail's next member. Pure CPU: run off the event
-        loop."""
+        the new lines. A chunk closes once it reaches `seal_bytes` of lines: the first one is
+        the packed tail plus new lines, the next ones new lines only (a resumed old record);
+        and the packed tail alone becomes a chunk when the new lines would take it past the
+        object limit (members compress less well than one stream). What is left short of a
+        chunk becomes the tail's next member. Pure CPU: run off the event loop."""
         chunks: list[str] = []
         sealed = 0
         group: list[str] = []
         size = held
+        limit = self.max_bytes - 200
+
+        def add(packed: bytes) -> list[bytes]:
+            """The members with `packed` added, sealing the old ones first if need be."""
+            nonlocal members
+            if members and _b64_len([*members, packed]) > limit:
+                chunks.append(_b64(members))
+                members = []
+            return [*members, packed]
+
         for line in lines:
             group.append(line)
             size += len(line) + 1
             if size >= self.seal_bytes:
-                chunks.append(_b64([*members, _gzip_lines(group)]))
+                chunks.append(_b64(add(_gzip_lines(group))))
                 sealed += len(group)
                 members, group, size = [], [], 0
         if group:
-            members = [*members, _gzip_lines(group)]
+            members = add(_gzip_lines(group))
         for packed in chunks:
             if len(packed) + 200 > self.max_bytes:
                 raise RecordTooLarge(

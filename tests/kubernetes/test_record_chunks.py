@@ -364,3 +364,23 @@ async def test_a_long_rollout_name_keeps_its_chunks_apart(
     assert all(len(n) <= 253 and "--" in n and n != head for n in names)
     assert len(names) == writer.chunks
     assert await load_record_configmap(client, namespace=NS, rollout=rollout) == entries
+
+
+async def test_a_small_object_limit_seals_the_packed_tail_before_it_outgrows_it(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """The tail is held as one gzip member per save, which packs less tightly than one
+    stream: with an object limit below the seal size's packed size, the tail becomes a chunk
+    before a save would take it past the limit; no save fails and nothing is lost."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    writer = ConfigMapRecordWriter(
+        client, namespace=NS, rollout=rollout, max_bytes=6000, save_every_s=30
+    )
+    for entry in long_record[:200]:
+        assert await writer.append(entry) is None
+    assert await writer.flush() is None
+    sizes = [sum(len(v) for v in w.body["data"].values()) for w in _writes(emulator)]
+    assert max(sizes) <= 6000 - 200 + 100, max(sizes)  # the data, and the keys' few bytes
+    assert writer.chunks >= 10
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record[:200]
