@@ -56,6 +56,7 @@ import json
 import logging
 import math
 import re
+import sys
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
@@ -161,8 +162,7 @@ def _parse(selector: str, *, created: bool) -> tuple[_Family, tuple[str, ...]]:
 class _Track:
     """One counter series' counting state, as _increase_since keeps it while it walks."""
 
-    le: str | None  # its `le` label (None: it has none, and `labels` says what it has)
-    labels: Mapping[str, str] | None = None
+    le: str | None  # its `le` label (None: it has none)
     previous: float = 0.0
     born: float | None = None
     total: float = 0.0
@@ -175,13 +175,16 @@ class _Selector:
     text: str  # the rendered selector, as reasons show it
     family: _Family
     values: tuple[str, ...]
-    tracks: dict[tuple[tuple[str, str], ...], _Track] = field(default_factory=dict)
+    # by the series' labels, flat: (name1, value1, name2, value2, ...), strings interned: a
+    # thousand rollouts have ~90,000 series, whose keys as tuples of pairs of strings of their
+    # own were most of the batcher's memory (issue 13)
+    tracks: dict[tuple[str, ...], _Track] = field(default_factory=dict)
     malformed: str | None = None  # this read's malformed samples, if any
 
 
 def _apply(
     sel: _Selector,
-    key: tuple[tuple[str, str], ...],
+    key: tuple[str, ...],
     labels: Mapping[str, str],
     values: Sequence[Sequence[Any]],
     births: Mapping[float, float],
@@ -210,7 +213,8 @@ def _apply(
             continue
         if track is None:
             le = labels.get("le")
-            track = sel.tracks[key] = _Track(le, None if le is not None else dict(labels))
+            key = tuple([sys.intern(x) for x in key])
+            track = sel.tracks[key] = _Track(None if le is None else sys.intern(le))
         track.cursor = t
         if not math.isfinite(v):
             if track.broken is None:
@@ -329,10 +333,10 @@ def _counts(
                 return NoData(redact_text(problem))
             if not buckets_sel.tracks:
                 return NoData(f"empty result: no series match {buckets_sel.text} in Prometheus")
-            for track in buckets_sel.tracks.values():
+            for key, track in buckets_sel.tracks.items():
                 le = track.le
                 if le is None:
-                    shown = dict(track.labels or {})
+                    shown = dict(zip(key[::2], key[1::2], strict=True))
                     return NoData(f"series without an 'le' label for {buckets_sel.text}: {shown}")
                 try:
                     bound = float(le)
@@ -389,6 +393,7 @@ class PrometheusBatcher:
         since_tolerance_s: float = 1.0,
         idle_s: float | None = None,
         max_age_s: float | None = None,
+        rollouts_per_read: int = 200,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(
@@ -399,8 +404,10 @@ class PrometheusBatcher:
                 raise ValueError(f"{name} must be positive, got {value}")
         if not (math.isfinite(overlap_s) and overlap_s >= 0):
             raise ValueError(f"overlap_s must be >= 0, got {overlap_s}")
-        if connections < 1 or max_response_bytes < 1:
-            raise ValueError("connections and max_response_bytes must be positive")
+        if connections < 1 or max_response_bytes < 1 or rollouts_per_read < 1:
+            raise ValueError(
+                "connections, max_response_bytes and rollouts_per_read must be positive"
+            )
         import yarl
 
         parsed = yarl.URL(url.rstrip("/"))
@@ -415,6 +422,11 @@ class PrometheusBatcher:
         self.overlap_s = overlap_s
         self.connections = connections
         self.max_response_bytes = max_response_bytes
+        # A batch reads its rollouts this many at a time, one read after another: a family's
+        # answer for a thousand rollouts decodes to ~100 MiB of Python objects at once, and
+        # the process kept that peak as RSS (issue 13); 200 at a time is still one query per
+        # family per 200 rollouts.
+        self.rollouts_per_read = rollouts_per_read
         self.since_tolerance_s = since_tolerance_s
         self.idle_s = max(60.0, 6 * period_s) if idle_s is None else idle_s
         self.max_age_s = 2 * period_s if max_age_s is None else max(period_s, max_age_s)
@@ -524,9 +536,16 @@ class PrometheusBatcher:
         self._registrations.add(reg)
 
     async def _batch(self, regs: set[_Registration]) -> None:
-        """One batch: one query per family for every active registration."""
+        """One batch: one query per family for every active registration, in groups of
+        `rollouts_per_read` registrations read one after another."""
+        at = time.time()
+        self.batches += 1
+        ordered = list(regs)
+        for start in range(0, len(ordered), self.rollouts_per_read):
+            await self._batch_group(at, ordered[start : start + self.rollouts_per_read])
+
+    async def _batch_group(self, at: float, regs: list[_Registration]) -> None:
         try:
-            at = time.time()
             members: dict[_Family, list[tuple[_Registration, _Selector]]] = {}
             oldest: dict[_Family, float] = {}
             for reg in regs:
@@ -538,7 +557,6 @@ class PrometheusBatcher:
                 family: max(1, math.ceil(at - oldest[family] + self.overlap_s))
                 for family in members
             }
-            self.batches += 1
             failures, results = await self._read(_Read(at, members, windows), regs)
             for reg in regs:
                 reg.result = results[reg]
@@ -646,50 +664,56 @@ def _apply_without_gc(
 def _apply_answers(
     read: _Read, answers: Mapping[_Family, bytes | _Failure]
 ) -> dict[_Family, _Failure]:
-    """Decode each family's answer and apply its samples to the member selectors' tracks."""
+    """Decode each family's answer and apply its samples to the member selectors' tracks,
+    one family at a time (each decoded answer is gone before the next is decoded)."""
     failures: dict[_Family, _Failure] = {}
     for family, answer in answers.items():
         members = read.members[family]
         for _, sel in members:
             sel.malformed = None
-        if isinstance(answer, _Failure):
-            failures[family] = answer
-            continue
-        try:
-            decoded = json.loads(answer)
-            result = decoded["data"]["result"]
-            if decoded.get("status") != "success" or decoded["data"].get("resultType") != "matrix":
-                raise ValueError(f"not a range vector: {answer[:200]!r}")
-        except (ValueError, KeyError, TypeError) as exc:
-            failures[family] = _Failure(False, f"prometheus answered garbage: {exc}"[:500])
-            continue
-        targets: dict[tuple[str, ...], list[tuple[_Registration, _Selector]]] = {}
-        for member in members:
-            targets.setdefault(member[1].values, []).append(member)
-        created = family.created_name
-        births: dict[tuple[tuple[str, str], ...], dict[float, float]] = {}
-        counters = []
-        for series in result:
-            labels = series.get("metric", {})
-            if created is not None and labels.get("__name__") == created:
-                try:
-                    births[_identity(labels)] = {float(t): float(v) for t, v in series["values"]}
-                except (KeyError, TypeError, ValueError):
-                    continue  # a broken _created series only costs the extra reset check
-            else:
-                counters.append(series)
-        eq_labels = family.eq_labels
-        for series in counters:
-            labels = series.get("metric", {})
-            found = targets.get(tuple([labels.get(label, "") for label in eq_labels]))
-            if not found:
-                continue  # another family's combination of values
-            born = births.get(_identity(labels), {}) if births else {}
-            key = tuple(labels.items())
-            values = series.get("values", [])
-            for reg, sel in found:
-                _apply(sel, key, labels, values, born, since=reg.since, floor=reg.floor)
+        failure = answer if isinstance(answer, _Failure) else _apply_family(family, answer, members)
+        if failure is not None:
+            failures[family] = failure
     return failures
+
+
+def _apply_family(
+    family: _Family, answer: bytes, members: list[tuple[_Registration, _Selector]]
+) -> _Failure | None:
+    try:
+        decoded = json.loads(answer)
+        result = decoded["data"]["result"]
+        if decoded.get("status") != "success" or decoded["data"].get("resultType") != "matrix":
+            raise ValueError(f"not a range vector: {answer[:200]!r}")
+    except (ValueError, KeyError, TypeError) as exc:
+        return _Failure(False, f"prometheus answered garbage: {exc}"[:500])
+    targets: dict[tuple[str, ...], list[tuple[_Registration, _Selector]]] = {}
+    for member in members:
+        targets.setdefault(member[1].values, []).append(member)
+    created = family.created_name
+    births: dict[tuple[tuple[str, str], ...], dict[float, float]] = {}
+    counters = []
+    for series in result:
+        labels = series.get("metric", {})
+        if created is not None and labels.get("__name__") == created:
+            try:
+                births[_identity(labels)] = {float(t): float(v) for t, v in series["values"]}
+            except (KeyError, TypeError, ValueError):
+                continue  # a broken _created series only costs the extra reset check
+        else:
+            counters.append(series)
+    eq_labels = family.eq_labels
+    for series in counters:
+        labels = series.get("metric", {})
+        found = targets.get(tuple([labels.get(label, "") for label in eq_labels]))
+        if not found:
+            continue  # another family's combination of values
+        born = births.get(_identity(labels), {}) if births else {}
+        key = tuple([x for pair in labels.items() for x in pair])
+        values = series.get("values", [])
+        for reg, sel in found:
+            _apply(sel, key, labels, values, born, since=reg.since, floor=reg.floor)
+    return None
 
 
 class BatchedMetrics:

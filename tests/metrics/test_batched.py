@@ -222,16 +222,22 @@ async def test_a_late_registration_counts_from_its_own_since(
 # --- one query per family per batch --------------------------------------------------------------
 
 
-async def test_n_rollouts_cost_one_query_per_family_per_batch(env: Env) -> None:
+@pytest.mark.parametrize("per_read", [200, 8])
+async def test_n_rollouts_cost_one_query_per_family_per_batch(env: Env, per_read: int) -> None:
     """Twenty rollouts on one template: after their first reads, a batch is three queries
-    (requests, errors, latency buckets) as Prometheus itself counts them, not 6 x 20."""
+    (requests, errors, latency buckets) as Prometheus itself counts them, not 6 x 20; read
+    `per_read` rollouts at a time (to bound the decoded answers' memory), three per group,
+    with the same counts."""
     port = env.exporter_port
     names = [f"many{i}" for i in range(20)]
     for name in names:
         await inc(port, f"{name}-p", n=1)
         await inc(port, f"{name}-c", n=1)
     await scraped(env, f"{names[-1]}-c", 1)
-    batcher = PrometheusBatcher(env.prometheus.url, period_s=1.0, max_age_s=1.0)
+    batcher = PrometheusBatcher(
+        env.prometheus.url, period_s=1.0, max_age_s=1.0, rollouts_per_read=per_read
+    )
+    groups = -(-len(names) // per_read)
     try:
         since = time.time() - 5
         providers = [batcher.provider(env.queries(name)) for name in names]
@@ -245,13 +251,13 @@ async def test_n_rollouts_cost_one_query_per_family_per_batch(env: Env) -> None:
         results = await asyncio.gather(*(p.fetch(since=since, now=time.time()) for p in providers))
         after = await query_requests(env)
         assert all(isinstance(r, ArmsCounts) for r in results), results
-        assert batcher.queries_sent - sent == 3
-        assert after - before == 3
+        assert batcher.queries_sent - sent == 3 * groups
+        assert after - before == 3 * groups
         assert batcher.batches == 1
 
         # Within the period, fetches are answered from that batch: no query at all.
         again = await asyncio.gather(*(p.fetch(since=since, now=time.time()) for p in providers))
-        assert again == results and batcher.queries_sent - sent == 3
+        assert again == results and batcher.queries_sent - sent == 3 * groups
     finally:
         await batcher.aclose()
 
