@@ -443,3 +443,35 @@ async def test_a_hung_server_costs_one_timeout_per_attempt(
         got = await kube.get_deployment("default", "app")
     assert got["metadata"]["name"] == "app"
     assert len(api.recorded(verb="get")) == 2
+
+
+@pytest.mark.parametrize("netrc_set", [False, True])
+async def test_no_netrc_lookup_per_request_unless_the_environment_asks(
+    api: KubeEmulator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, netrc_set: bool
+) -> None:
+    """aiohttp looks for a netrc file on every request of a session that trusts the
+    environment (in asyncio's default thread pool): not for ours, unless a proxy or NETRC is
+    set, where the environment is the user's way to configure it."""
+    import aiohttp.client
+
+    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
+                 "all_proxy", "NETRC"):
+        monkeypatch.delenv(name, raising=False)
+    if netrc_set:
+        (tmp_path / "netrc").write_text("")
+        monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    lookups = 0
+    real = aiohttp.client.netrc_from_env
+
+    def counted() -> object:
+        nonlocal lookups
+        lookups += 1
+        return real()
+
+    monkeypatch.setattr(aiohttp.client, "netrc_from_env", counted)
+    config = api.write_kubeconfig(tmp_path / "kc")
+    async with await Kube.connect(kubeconfig=str(config), retry=FAST_RETRY) as kube:
+        for _ in range(3):
+            with pytest.raises(NotFound):
+                await kube.get_configmap("default", "x")
+    assert (lookups >= 3) if netrc_set else (lookups == 0), lookups
