@@ -125,7 +125,7 @@ log = logging.getLogger("canary.runner")
 _MAX_ACTIONS_PER_EVENT = 64
 # Ticks kept for the live page's charts (`state()["history"]`): the recent ones, and the
 # older ones ever more thinly (canary.runner.history); all of them are in the record.
-HISTORY_POINTS = 240
+HISTORY_POINTS = 120
 # TickEntry fields a tick hook may fill in.
 _HOOK_FIELDS = frozenset({"observed_canary_share"})
 # RolloutStatus fields a resume does not need at once (runner.volatile_save_s): compared with
