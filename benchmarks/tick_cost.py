@@ -25,14 +25,16 @@ import resource
 import sys
 import time
 import tracemalloc
-from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+from support.report_load import SteadyRouter  # noqa: E402
 
 from analysis import AnalysisConfig, Analyzer, ArmCounts  # noqa: E402
 from benchmarks.metrics_batch import BUCKETS, CODES, RATES, SHARE  # noqa: E402
+from benchmarks.record_memory import Sink  # noqa: E402
 from canary.core.rollout import RolloutSpec  # noqa: E402
 from canary.kubernetes.record_store import ConfigMapRecord  # noqa: E402
 from canary.metrics.base import ArmsCounts, MetricsResult  # noqa: E402
@@ -53,19 +55,6 @@ class DilatedClock:
         return 1e6 + (time.monotonic() - self.origin) * self.dilation
 
 
-class Router:
-    name = "bench"
-
-    def __init__(self) -> None:
-        self.weight = 0
-
-    async def set_weight(self, canary_percent: int) -> None:
-        self.weight = canary_percent
-
-    async def get_weight(self) -> int:
-        return self.weight
-
-
 class Metrics:
     """Cumulative A/A counts at metrics_batch's rates, by the runners' clock."""
 
@@ -84,31 +73,6 @@ class Metrics:
         return ArmsCounts(
             primary=self._arm(RATES["primary"], seconds), canary=self._arm(RATES["canary"], seconds)
         )
-
-
-class Sink:
-    """The two ConfigMap calls, keeping nothing (the writer's packing still runs)."""
-
-    def __init__(self) -> None:
-        self.bytes = 0
-        self.writes = 0
-
-    async def get_configmap(self, namespace: str, name: str) -> dict[str, Any]:
-        return {"metadata": {"name": name, "resourceVersion": "1", "uid": "u"}, "data": {}}
-
-    async def put_configmap(
-        self,
-        namespace: str,
-        name: str,
-        data: dict[str, str],
-        *,
-        resource_version: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        owner: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
-        self.bytes += sum(len(v) for v in data.values())
-        self.writes += 1
-        return {"metadata": {"name": name, "resourceVersion": "1", "uid": "u"}}
 
 
 def _rss_mib() -> float:
@@ -135,7 +99,7 @@ async def run(
             name=f"{namespace}/{name}",
             spec=RolloutSpec(steps=(10, 50), min_step_s=3 * 3600 + hours * 3600,
                              max_step_s=6 * 3600 + hours * 3600, no_data_deadline_s=600),
-            router=Router(),
+            router=SteadyRouter(),
             metrics=Metrics(1.0 + (i % 7) / 10),
             tick_s=TICK_S / dilation,
             analyzer_factory=lambda: Analyzer(config),
