@@ -149,14 +149,15 @@ def test_a_long_record_survives_kills_and_resumes_in_small_writes(
     objects = _record_objects(cluster, head)
     chunks = int(next(o for o in objects if o["metadata"]["name"] == head)["data"]["record.chunks"])
     raw = len(_text(long_record))
-    assert chunks >= raw // SEAL - 2 >= 15, (chunks, raw)
+    # a chunk closes at SEAL of lines, plus at most one save's
+    assert raw // SEAL >= chunks >= raw // SEAL * 3 // 4 >= 15, (chunks, raw)
 
     # Each save wrote at most one chunk and the head: small, and no bigger late than early.
     sizes = [int(line.split()[3]) for line in output if line.startswith("saved")]
     assert max(sizes) < SEAL // 2, max(sizes)
     assert max(sizes[-30:]) <= 2 * max(sizes[:30]), sizes
-    for obj in objects:
-        assert len(json.dumps(obj["data"])) < SEAL // 3, obj["metadata"]["name"]
+    for obj in objects:  # gzip members, one per save: SEAL of lines packs to under half
+        assert len(json.dumps(obj["data"])) < SEAL // 2, obj["metadata"]["name"]
 
     # The apiserver saw chunks created, never updated: the history is not rewritten.
     names = {chunk_name(head, n) for n in range(1, chunks + 1)}
