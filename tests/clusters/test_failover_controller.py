@@ -174,7 +174,9 @@ async def test_restart_during_outage_neither_fails_back_nor_flips(
         await first.router.set_weight(10)
         await sides[0].down()
         async with running(first):
-            await wait_for(lambda: first.state.mode is Mode.STANDBY, 10)
+            # the state is saved before the weights move (write-ahead): wait for the move too,
+            # or the stop may cut it short and the second controller's re-assertion is seen
+            await wait_for(lambda: first.state.mode is Mode.STANDBY and bool(first.moves), 10)
         # the primary comes back while the controller is down; manual failback is the default
         await sides[0].up()
         second = make_controller(pdns, tmp_path, sides, session, name="resume.example.test")
