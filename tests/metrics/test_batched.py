@@ -121,6 +121,10 @@ async def test_counts_equal_the_per_rollout_provider(env: Env, batcher: Promethe
     for provider in providers.values():
         provider.close()
     assert batcher.registered == 0
+    # Prometheus' own answers take the fast path (tests/metrics/test_batched_scan.py checks
+    # that it counts what json.loads would)
+    assert batcher._series.scanned > 0
+    assert batcher._series.decoded == 0
 
 
 async def test_counter_reset_is_counted_as_the_per_rollout_provider_counts_it(
