@@ -1,0 +1,86 @@
+"""Issue 13: a rollout's series leave /metrics when the controller forgets the rollout for good
+(its Deployment deleted, or no longer opted in), so that a controller that sees ~1,000
+rollouts a day does not export (and hold) every one it ever saw."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from pathlib import Path
+
+from prometheus_client import generate_latest
+from support.kube_emulator import KubeEmulator
+from test_operator import (
+    DEPLOYMENTS,
+    RECORDS_NS,
+    connect,
+    initialized,
+    new_version,
+    notes_for,
+    seed,
+    state,
+    until,
+)
+
+from canary.kubernetes.operator import Operator, OperatorSettings
+
+
+async def test_a_deleted_deployments_series_leave_metrics(
+    api: KubeEmulator, tmp_path: Path
+) -> None:
+    """Opted out (annotation removed): the series go; opted in again: they come back with the
+    resumed rollout; the Deployment deleted: they go for good. Another Deployment's stay."""
+    ns, other = "gone", "stays"
+    for namespace in (ns, other):
+        seed(api, namespace, notes_for(**{"canary.dev/no-data-deadline": "600s"}))
+    kube = await connect(api, tmp_path, "token-a")
+    operator = Operator(
+        kube,
+        OperatorSettings(
+            prometheus_url="http://127.0.0.1:9",  # no data: the rollouts hold at their first step
+            record_namespace=RECORDS_NS,
+            tick_s=0.2,
+            record_flush_s=0.0,
+            identity="token-a",
+        ),
+    )
+
+    def exported(namespace: str) -> int:
+        """/metrics' series of the Deployment `app` in `namespace`."""
+        body = generate_latest(operator.telemetry.registry).decode()
+        return body.count(f'rollout="{namespace}/app"')
+
+    task = asyncio.create_task(operator.run())
+    try:
+        for namespace in (ns, other):
+            await until(lambda n=namespace: initialized(api, n), timeout_s=60, what="init")
+            new_version(api, namespace, "example/app:2")
+            await until(
+                lambda n=namespace: (s := state(api, n)) and s.rollout and s.rollout.active,
+                timeout_s=60,
+                what="a rollout",
+            )
+            await until(lambda n=namespace: exported(n) >= 10, timeout_s=30, what="series")
+        kept = exported(other)
+
+        obj = api.get(*DEPLOYMENTS, ns, "app")
+        del obj["metadata"]["annotations"]["canary.dev/enabled"]
+        api.put(*DEPLOYMENTS, obj)
+        await until(lambda: exported(ns) == 0, timeout_s=30, what="the series to go")
+        assert (ns, "app") not in operator.workers
+
+        obj = api.get(*DEPLOYMENTS, ns, "app")
+        obj["metadata"]["annotations"]["canary.dev/enabled"] = "true"
+        api.put(*DEPLOYMENTS, obj)
+        await until(lambda: exported(ns) >= 10, timeout_s=30, what="the series to come back")
+
+        api.delete(*DEPLOYMENTS, ns, "app")
+        await until(lambda: exported(ns) == 0, timeout_s=30, what="the series to go for good")
+        await asyncio.sleep(1.0)  # five ticks: no tick of the stopped rollout sets them again
+        assert exported(ns) == 0
+        assert exported(other) == kept and operator.telemetry.rollouts() == 1
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await kube.close()
