@@ -95,7 +95,7 @@ class _PerRollout:
     fills in the namespace and name from the rollout, so callers name the rollout only.
 
     It keeps no children (issue 13: a prometheus_client child is a whole metric object with a
-    lock, ~500 bytes, and a rollout had ~80 of them): each series is a slot in its rollout's
+    lock and a value object, ~850 bytes, and a rollout had 50 to 80 of them): each series is a slot in its rollout's
     array of floats, and the family is rendered from those at scrape time."""
 
     def __init__(
@@ -136,7 +136,9 @@ class _PerRollout:
 
 class _Store:
     """Every rollout's values, and the slot table they share: a registered Collector that
-    renders the per-rollout families from them at each scrape, in registration order."""
+    renders the per-rollout families from them at each scrape, in registration order. Slots
+    are never freed: there is one per family and label values other than the rollout's
+    (phases, decisions, error kinds, analysis metric names), a few dozen, not per rollout."""
 
     def __init__(self) -> None:
         self.families: list[_PerRollout] = []
