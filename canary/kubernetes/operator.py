@@ -1152,7 +1152,9 @@ class Operator:
         elif not leading and self._leading:
             log.warning("%s: lost the lease: stopping every rollout", self.settings.identity)
             self._leading = False
-            await self._stop_workers()
+            # A standby exports no rollout's series: the new leader does, and two replicas'
+            # would disagree (the standby's frozen at the handover).
+            await self._stop_workers(forget=True)
 
     async def _follow_shards(self) -> None:
         """Stop the rollouts of shards lost (or lost and taken again), start those taken."""
@@ -1191,11 +1193,15 @@ class Operator:
             worker = self.workers.pop(key, None)
             if worker is not None:
                 await worker.stop()
+                # The replica that takes the shard exports them now; two would disagree.
+                self.telemetry.forget(worker.name)
 
-    async def _stop_workers(self) -> None:
+    async def _stop_workers(self, *, forget: bool = False) -> None:
         workers, self.workers = list(self.workers.values()), {}
         for worker in workers:
             await worker.stop()
+            if forget:
+                self.telemetry.forget(worker.name)
 
     async def _watch(self) -> None:
         """Follow the Deployments; an API server that stays away is waited for, not fatal."""
@@ -1271,10 +1277,13 @@ class Operator:
             self._dispatch(obj)
 
     async def _forget(self, key: tuple[str, str]) -> None:
+        """The Deployment is gone, or no longer opted in: stop its rollout, drop its series
+        (after the stop: no tick of it is left to set them again)."""
         self.objects.pop(key, None)
         worker = self.workers.pop(key, None)
         if worker is not None:
             await worker.stop()
+        self.telemetry.forget(f"{key[0]}/{key[1]}")
 
     def _dispatch(self, obj: JSON) -> None:
         key = _key(obj)

@@ -922,6 +922,20 @@ def test_manual_commands_through_the_annotation(e2e: E2E) -> None:
         and image_of(get(cluster, COMMANDS, "deployment", "app-primary")) == OLD_IMAGE
     )
 
+    # Issue 13: the finished rollout's series stay while its Deployment exists (dashboards
+    # show the last outcome), and leave /metrics once it is deleted: none pile up over days.
+    series = f'rollout="{COMMANDS}/app"'
+    failed = (
+        f'canary_rollout_phase{{name="app",namespace="{COMMANDS}",phase="Failed",{series}}} 1.0'
+    )
+    wait("the finished rollout's series", lambda: failed in leader.http("/metrics")[1], e2e)
+    cluster.kubectl("delete", "deployment", "app", "-n", COMMANDS, "--wait=false")
+    wait(
+        "the deleted Deployment's series to leave /metrics",
+        lambda: series not in leader.http("/metrics")[1],
+        e2e,
+    )
+
 
 def test_a_newer_template_mid_rollout_supersedes_it(e2e: E2E) -> None:
     """A new template during a rollout ends the running record as superseded and starts a

@@ -628,6 +628,9 @@ async def test_only_the_leader_acts(api: KubeEmulator, tmp_path: Path, stack: St
             lambda: (s := state(api, ns)) and s.rollout and s.rollout.active, what="a rollout"
         )
         assert writers() == {tokens[leader]}
+        series = [op.telemetry.rollouts for op in operators]  # rollouts with series on /metrics
+        await until(lambda: series[leader]() == 1, what="the rollout's series", timeout_s=10)
+        assert series[other]() == 0  # a standby exports no rollout's series
 
         # The leader can no longer renew its Lease (its API calls for it fail): it must stop
         # acting by itself before the other may take over, and the other then carries on.
@@ -646,6 +649,9 @@ async def test_only_the_leader_acts(api: KubeEmulator, tmp_path: Path, stack: St
         )
         (worker,) = operators[other].workers.values()
         assert worker.runner is not None and not worker.runner.status.done
+        # The series moved with the rollout: the old leader's would be frozen at the handover.
+        assert series[leader]() == 0
+        await until(lambda: series[other]() == 1, what="the new leader's series", timeout_s=10)
         writes = [
             r
             for r in api.requests

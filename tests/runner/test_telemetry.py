@@ -161,3 +161,127 @@ async def test_a_deployments_rollout_has_its_namespace_in_logs_and_metrics(tmp_p
     get = controller.telemetry.registry.get_sample_value
     assert get("canary_rollout_phase", {**labels, "phase": "Succeeded"}) == 1.0
     assert get("canary_analysis_metric_e_value_pass", {**labels, "metric": "errors"}) is not None
+
+
+GOLDEN = Path(__file__).resolve().parent / "data" / "telemetry_exposition.txt"
+
+
+def _scenario(telemetry: Telemetry) -> None:
+    """Two rollouts (a Deployment's and a static one), shown, analysed before and after data,
+    with decisions and errors: every per-rollout family gets series."""
+    from canary.core.rollout import RolloutStatus
+
+    analyzer = Analyzer()
+    empty = analyzer.observe(
+        Snapshot(elapsed_s=1, primary=ArmCounts(requests=0), canary=ArmCounts(requests=0))
+    )
+    telemetry.show("shop/app", RolloutStatus(stage="Progressing", weight=30, step=1))
+    telemetry.show("checkout", RolloutStatus())
+    telemetry.analysis("checkout", empty)
+    telemetry.decisions.labels("checkout", "no_data").inc()
+    verdict = analyzer.observe(
+        Snapshot(
+            elapsed_s=60,
+            primary=ArmCounts(requests=90_000, errors=900),
+            canary=ArmCounts(requests=10_000, errors=101),
+        )
+    )
+    telemetry.analysis("shop/app", verdict)
+    telemetry.weight_read.labels("shop/app").set(30)
+    telemetry.decisions.labels("shop/app", "continue").inc()
+    telemetry.decisions.labels("shop/app", "continue").inc(2)
+    telemetry.errors.labels("shop/app", "router").inc()
+    telemetry.errors.labels("checkout", "status").inc()
+    telemetry.show("shop/app", RolloutStatus(stage="RollingBack", weight=0, step=1))
+
+
+def _exposition(telemetry: Telemetry) -> str:
+    """/metrics' text without the _created times (when the test ran) and the version."""
+    text = generate_latest(telemetry.registry).decode()
+    text = re.sub(r"^(canary_\w+_created(?:\{.*\})?) \S+$", r"\1 T", text, flags=re.M)
+    return re.sub(r'version="[^"]*"', 'version="V"', text)
+
+
+def test_the_exposition_is_the_one_prometheus_client_children_gave() -> None:
+    """The per-rollout families are rendered from plain arrays (issue 13); /metrics has the
+    same lines as when each series was a prometheus_client child (the golden file was written
+    by the Gauge/Counter version of canary/runner/telemetry.py, commit e6b60f9): families in
+    the same order, names, HELP, TYPE, labels, values, counters' _total and _created. Only the
+    order of the series within a family may differ (now rollout by rollout, before by first
+    use of each series), which Prometheus ignores."""
+    telemetry = Telemetry(mode="kubernetes")
+    _scenario(telemetry)
+    now, golden = _exposition(telemetry), GOLDEN.read_text(encoding="utf-8")
+    assert _families(now) == _families(golden)
+    assert now.count("\n") == golden.count("\n") > 150
+
+
+def _families(text: str) -> list[tuple[str, list[str]]]:
+    """Each family's HELP and TYPE lines, then its sample lines sorted."""
+    out: list[tuple[str, list[str]]] = []
+    for line in text.splitlines():
+        if line.startswith("# HELP"):
+            out.append((line, []))
+        else:
+            out[-1][1].append(line)
+    return [(head, sorted(lines)) for head, lines in out]
+
+
+def test_forget_removes_one_rollouts_series_and_they_stay_bounded() -> None:
+    """forget() drops every series of that rollout and only those; rollouts that come and go
+    (1,000 here, as in a day of Deployments) leave nothing behind."""
+    from canary.core.rollout import RolloutStatus
+
+    def series(telemetry: Telemetry) -> dict[str, int]:
+        count: dict[str, int] = {}
+        for family in telemetry.registry.collect():
+            for sample in family.samples:
+                if "rollout" in sample.labels:
+                    count[sample.labels["rollout"]] = count.get(sample.labels["rollout"], 0) + 1
+        return count
+
+    telemetry = Telemetry(mode="kubernetes")
+    _scenario(telemetry)
+    before = series(telemetry)
+    assert before["shop/app"] > 30 and before["checkout"] > 30
+    telemetry.forget("shop/app")
+    assert series(telemetry) == {"checkout": before["checkout"]}
+    assert "shop/app" not in generate_latest(telemetry.registry).decode()
+    telemetry.forget("shop/app")  # twice, or a rollout never shown: nothing to do
+    telemetry.forget("never/seen")
+
+    analyzer = Analyzer()
+    verdict = analyzer.observe(
+        Snapshot(elapsed_s=60, primary=ArmCounts(requests=900), canary=ArmCounts(requests=100))
+    )
+    for cycle in range(1000):
+        name = f"team{cycle % 7}/app{cycle}"
+        telemetry.show(name, RolloutStatus(stage="Progressing", weight=10))
+        telemetry.analysis(name, verdict)
+        telemetry.decisions.labels(name, "continue").inc()
+        telemetry.errors.labels(name, "metrics").inc()
+        if cycle % 100 == 0:
+            assert series(telemetry)[name] > 20
+        telemetry.forget(name)
+    assert series(telemetry) == {"checkout": before["checkout"]}
+    assert telemetry.rollouts() == 1
+
+
+def test_a_series_exists_from_labels_on_as_a_child_did() -> None:
+    """`.labels()` alone makes the series (0), as prometheus_client's children; counters only
+    go up; a label count that does not fit is refused."""
+    import pytest
+
+    telemetry = Telemetry()
+    telemetry.errors.labels("app", "router")
+    telemetry.weight.labels("app")
+    get = telemetry.registry.get_sample_value
+    labels = {"rollout": "app", "namespace": "", "name": "app"}
+    assert get("canary_errors_total", {**labels, "kind": "router"}) == 0.0
+    assert get("canary_errors_created", {**labels, "kind": "router"}) is not None
+    assert get("canary_rollout_weight_percent", labels) == 0.0
+    assert get("canary_rollout_step", labels) is None  # never touched: no series
+    with pytest.raises(ValueError):
+        telemetry.errors.labels("app", "router").inc(-1)
+    with pytest.raises(ValueError):
+        telemetry.errors.labels("app")
