@@ -154,6 +154,9 @@ async def run(
             )
             print("  ".join(f"{k} {v:,.2f}" for k, v in rows[-1].items()), flush=True)
             cpu, done = time.process_time(), now_ticks
+        if heap:  # where the held heap is, per rollout, by the line that allocated it
+            for stat in tracemalloc.take_snapshot().statistics("lineno")[:25]:
+                print(f"  {stat.size / 1024 / rollouts:7.1f} KiB/rollout  {stat.traceback}")
     finally:
         for t in tasks:
             t.cancel()

@@ -43,6 +43,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_l
 
 from canary.core.redact import redact
 from canary.core.rollout import Command
+from canary.executors import run_blocking
 from canary.runner import CommandResult, UnknownRollout
 from canary.server.auth import Access, Denied, Identity
 
@@ -179,7 +180,8 @@ def _target(name: str | None) -> tuple[str | None, str | None]:
 
 
 async def _metrics(request: web.Request) -> web.Response:
-    body = generate_latest(request.app[_SOURCE].telemetry.registry)
+    # Off the loop: rendering a thousand rollouts' series takes ~0.3 s (issue 13).
+    body = await run_blocking("scrape", generate_latest, request.app[_SOURCE].telemetry.registry)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
