@@ -228,6 +228,29 @@ def summed(histograms: list[Buckets]) -> Buckets:
     return [(le, sum(h[i][1] for h in histograms)) for i, le in enumerate(bounds)]
 
 
+def audit_size(cluster: Any) -> int:
+    path = Path(cluster.audit_log)
+    return path.stat().st_size if path.exists() else 0
+
+
+def api_requests(cluster: Any, start: int, end: int) -> collections.Counter[str]:
+    """The controller's API requests between two offsets of the apiserver's audit log
+    (tests/support/control_plane.py's policy: the controller's ServiceAccount only)."""
+    counts: collections.Counter[str] = collections.Counter()
+    with Path(cluster.audit_log).open("rb") as log:
+        log.seek(start)
+        for line in log.read(max(0, end - start)).splitlines():
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue  # the window's edge cut a line
+            if event.get("stage") != "ResponseComplete":
+                continue
+            ref = event.get("objectRef") or {}
+            counts[f"{event.get('verb')} {ref.get('resource', '?')}"] += 1
+    return counts
+
+
 def profile(pid: int, seconds: float, out: Path) -> dict[str, list[tuple[str, float]]]:
     """py-spy's samples of the process: the top frames by own time and by total time."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
@@ -412,6 +435,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         [histogram(t, "canary_tick_lateness_seconds")[0] for t in texts]
                     ),
                     "took": summed([histogram(t, "canary_tick_seconds")[0] for t in texts]),
+                    "audit": audit_size(cluster),
                 }
 
             first = mark()
@@ -426,6 +450,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 rss_series.append([proc_rss_mib(r.pid) for r in replicas])
             last = mark()
             final = states(cluster)
+            api = api_requests(cluster, first["audit"], last["audit"])
             if args.heap:
                 os.kill(replicas[0].pid, signal.SIGUSR2)
                 heap = Path(str(replicas[0].log) + ".heap")
@@ -467,6 +492,10 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "tick_lateness_p95_le_s": quantile_bound(late, 0.95),
         "ticks_within_10pct": round(share_within(late, 0.1 * args.tick_s), 4),
         "tick_took_p95_le_s": quantile_bound(took, 0.95),
+        # the controllers' requests to the API server in the window (its audit log), per
+        # rollout-tick, by verb and resource: watches count once, when they end
+        "api_requests_per_rollout_tick": round(sum(api.values()) / ticks, 4) if ticks else None,
+        "api_requests_by_kind": {k: round(v / max(1, ticks), 4) for k, v in api.most_common(12)},
         "states_at_end": dict(final),
         "profile": prof,
     }
