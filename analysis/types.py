@@ -46,7 +46,8 @@ class ArmCounts(BaseModel):
     metrics then use the histogram's own total, the +Inf bucket (see analysis/latency.py).
     """
 
-    model_config = ConfigDict(frozen=True)
+    # NaN and infinities written as json.dumps writes them (records: canary.core.records)
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
 
     requests: float
     errors: float = 0.0
@@ -95,7 +96,8 @@ class ArmCounts(BaseModel):
 class Snapshot(BaseModel):
     """What both arms have counted since the analysis began, at `elapsed_s` seconds."""
 
-    model_config = ConfigDict(frozen=True)
+    # NaN and infinities written as json.dumps writes them (records: canary.core.records)
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
 
     elapsed_s: float
     primary: ArmCounts
@@ -121,7 +123,8 @@ class MetricResult(BaseModel):
     record stays valid JSON.
     """
 
-    model_config = ConfigDict(frozen=True)
+    # NaN and infinities written as json.dumps writes them (records: canary.core.records)
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
 
     name: str  # e.g. "errors", "latency_p50", "latency_p99"
     decision: Decision
@@ -152,7 +155,8 @@ class MetricResult(BaseModel):
 class Verdict(BaseModel):
     """The analysis' answer to one observation."""
 
-    model_config = ConfigDict(frozen=True)
+    # NaN and infinities written as json.dumps writes them (records: canary.core.records)
+    model_config = ConfigDict(frozen=True, ser_json_inf_nan="constants")
 
     decision: Decision
     reasons: list[str]  # one readable line per metric, plus notes (e.g. counter resets)
