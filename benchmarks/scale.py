@@ -167,6 +167,21 @@ def proc_cpu(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def thread_cpu(pid: int) -> collections.Counter[str]:
+    """CPU seconds by thread name (the executors name theirs: canary-prometheus_0, ...), so
+    the batcher's share is measured, not inferred from a profile."""
+    by_name: collections.Counter[str] = collections.Counter()
+    for stat in Path(f"/proc/{pid}/task").glob("*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # the thread ended
+        name = text[text.index("(") + 1 : text.rindex(")")]
+        fields = text.rsplit(")", 1)[1].split()
+        by_name[re.sub(r"_?\d+$", "", name)] += (int(fields[11]) + int(fields[12])) / CLK_TCK
+    return by_name
+
+
 def proc_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -428,6 +443,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 return {
                     "t": time.monotonic(),
                     "cpu": [proc_cpu(r.pid) for r in replicas],
+                    "threads": thread_cpu(replicas[0].pid),
                     "rss": [proc_rss_mib(r.pid) for r in replicas],
                     "queries": prometheus_queries(prom_url),
                     "ticks": sum(histogram(t, "canary_tick_seconds")[1] for t in texts),
@@ -479,6 +495,13 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "window_s": round(wall),
         "cpu_share_of_core": [round(c / wall, 3) for c in cpu],
         "cpu_ms_per_rollout_tick": round(1000 * sum(cpu) / ticks, 2) if ticks else None,
+        # the first replica's CPU by thread: the event loop (MainThread, named after the
+        # process), the executors' pools (canary-prometheus: the batcher's decoding, ...)
+        "cpu_ms_per_rollout_tick_by_thread": {
+            name: round(1000 * (last["threads"][name] - first["threads"].get(name, 0.0))
+                        * len(replicas) / ticks, 3)
+            for name in sorted(last["threads"])
+        } if ticks else {},
         "rss_mib_start": [round(x) for x in first["rss"]],
         "rss_mib_end": [round(x) for x in last["rss"]],
         "rss_mib_max": [round(max(row[i] for row in rss_series)) for i in range(len(replicas))],
