@@ -529,6 +529,16 @@ def kill_phase(
         k: sum(at > killed_wall for at, _, _ in after.get(k, {}).get("record_ticks", []))
         for k in keys
     }
+    # Per moved rollout, the record's gap around the kill: from its last tick entry before the
+    # kill to its first after (ticks not yet flushed when the process died are in it too).
+    gaps = []
+    for k in moved:
+        ats = [at for at, _, _ in after.get(k, {}).get("record_ticks", [])]
+        was = [at for at in ats if at <= killed_wall]
+        now_ = [at for at in ats if at > killed_wall]
+        if was and now_:
+            gaps.append(min(now_) - max(was))
+    gaps.sort()
     restarted = sorted(
         set(changed("step_started_at"))
         | set(changed("started_at"))
@@ -567,6 +577,10 @@ def kill_phase(
         "steps_restarted": restarted,
         "record_ticks_off_step": stray_ticks,
         "moved_with_record_ticks_after_kill": sum(record_ticks_after[k] > 0 for k in moved),
+        "moved_record_tick_gap_s": {
+            "min": round(gaps[0], 1), "median": round(gaps[len(gaps) // 2], 1),
+            "max": round(gaps[-1], 1),
+        } if gaps else None,
         "record_errors": [k for k in keys if "record_error" in after.get(k, {})],
     }
     verdict = (
