@@ -22,8 +22,23 @@ Progressing; then measure over --age-s seconds of rollout age:
 - a py-spy profile (--profile-s seconds in the window's middle): the top functions by own
   time and by total time.
 
+With --kill-after-window (and --replicas >= 2), after the window: snapshot every rollout's
+step, weight, step start time, rollout id and transitions from its status annotation, the
+canary Ingress' canary-weight, and the start/transition entries of its record; SIGKILL
+replica 0 by PID; poll the survivors' /metrics and report, from the kill, when they hold every
+shard (canary_shard_held = 1 for all: the takeover, next to the Lease duration, renew deadline
+and retry period in use, and the Lease's own acquireTime), when every rollout has its
+canary_rollout_step and canary_rollout_weight_percent series there, when every moved rollout
+has an analysis decision there, and when canary_tick_seconds_count has advanced by N more
+ticks; then, 2 tick periods later (and at least 35 s: a record flush), compare again: steps,
+weights (status and Ingress) and step starts changed, records with a new start or transition,
+record ticks after the kill at another step or weight. A takeover can exceed the Lease
+duration by up to about two retry periods: the survivor counts the duration from when it
+*saw* the last renewal, read every retry period (canary.kubernetes.shards).
+
     PYTHONPATH=. python -m benchmarks.scale [--sizes 100 500 1000 2000] [--age-s 600]
         [--tick-s 10] [--replicas 1] [--shards 1] [--profile-s 30] [--json out.json]
+        [--lease-s 15] [--kill-after-window]
 
 The control-plane binaries come from `scripts/control-plane` (cached); py-spy from the venv
 (`pip install py-spy`; without it the profile is skipped). Results: benchmarks/RESULTS.md.
@@ -362,6 +377,246 @@ class Replica:
             process.wait()
 
 
+# ---- the kill phase (--kill-after-window) ---------------------------------------------------
+
+
+class _Dump:
+    """ConfigMaps fetched once, served to read_record_configmap as if from the API."""
+
+    def __init__(self, items: list[dict[str, Any]]) -> None:
+        self.by_name = {item["metadata"]["name"]: item for item in items}
+
+    async def get_configmap(self, namespace: str, name: str) -> dict[str, Any]:
+        return self.by_name[name]
+
+
+def rollout_states(cluster: Any, record_namespace: str) -> dict[str, dict[str, Any]]:
+    """Per rollout ("ns/name"): what the status annotation, the canary Ingress and the record
+    say about its step and weight, for the before/after comparison of the kill phase."""
+    import asyncio
+
+    from canary.kubernetes.record_store import read_record_configmap
+    from canary.routers.ingress_nginx import WEIGHT_ANNOTATION
+
+    ingress_weight: dict[str, str | None] = {}
+    for item in cluster.get_json("ingresses", "-A")["items"]:
+        meta = item["metadata"]
+        if meta["name"].endswith("-canary"):
+            key = f"{meta['namespace']}/{meta['name'].removesuffix('-canary')}"
+            ingress_weight[key] = (meta.get("annotations") or {}).get(WEIGHT_ANNOTATION)
+    dump = _Dump(cluster.get_json("configmaps", "-n", record_namespace)["items"])
+    out: dict[str, dict[str, Any]] = {}
+    for item in cluster.get_json("deployments", "-A")["items"]:
+        meta = item["metadata"]
+        if meta["name"].endswith("-primary"):
+            continue
+        key = f"{meta['namespace']}/{meta['name']}"
+        st = KubeState.from_annotation((meta.get("annotations") or {}).get("canary.dev/status"))
+        ro = st.rollout if st is not None else None
+        row: dict[str, Any] = {
+            "rollout_id": st.rollout_id if st is not None else "",
+            "stage": ro.stage if ro else None,
+            "step": ro.step if ro else None,
+            "weight": ro.weight if ro else None,
+            "started_at": ro.started_at if ro else None,
+            "step_started_at": ro.step_started_at if ro else None,
+            "transitions": len(ro.history) if ro else 0,
+            "ingress_weight": ingress_weight.get(key),
+            "record_starts": None,
+            "record_transitions": None,
+            "record_ticks": [],
+        }
+        head = dump.by_name.get((st.record if st is not None else "").partition("/")[2])
+        if head is not None:
+            try:
+                entries = asyncio.run(read_record_configmap(dump, head))
+            except Exception as exc:  # a torn or missing chunk is a finding, not a crash
+                row["record_error"] = str(exc)
+            else:
+                row["record_starts"] = sum(e.kind == "start" for e in entries)
+                row["record_transitions"] = sum(e.kind == "transition" for e in entries)
+                row["record_ticks"] = [
+                    (e.at, e.step, e.weight_set) for e in entries if e.kind == "tick"
+                ]
+        out[key] = row
+    return out
+
+
+def shard_leases(cluster: Any, namespace: str, shards: int) -> dict[int, dict[str, Any]]:
+    leases = cluster.get_json("leases", "-n", namespace)["items"]
+    by_name = {lease["metadata"]["name"]: lease.get("spec") or {} for lease in leases}
+    return {i: by_name.get(f"canary-shard-{i}-of-{shards}", {}) for i in range(shards)}
+
+
+def wall(stamp: str | None) -> float:
+    """Unix seconds of a Lease's MicroTime (2026-12-01T03:00:00.123456Z)."""
+    if not stamp:
+        return float("nan")
+    from datetime import datetime
+
+    return datetime.fromisoformat(stamp.replace("Z", "+00:00")).timestamp()
+
+
+def per_rollout(text: str, name: str) -> dict[str, float]:
+    """{rollout: summed value} of a per-rollout family (summed over its other labels)."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for labels, value in samples(text, name).items():
+        found = re.search(r'rollout="([^"]+)"', labels)
+        if found:
+            out[found.group(1)] += value
+    return dict(out)
+
+
+def kill_phase(
+    cluster: Any, replicas: list[Replica], n: int, args: argparse.Namespace, record_ns: str
+) -> dict[str, Any]:
+    """SIGKILL replica 0; time the survivors' takeover of its shards and the return of its
+    rollouts' ticks; check that no rollout's step or weight moved and none restarted a step."""
+    from canary.cli.kubernetes import lease_timings
+    from canary.kubernetes.shards import shard_of
+
+    timings = lease_timings(args.lease_s)
+    shards = max(args.shards, 1)
+    survivors = replicas[1:]
+    leases = shard_leases(cluster, record_ns, shards)
+    killed_shards = sorted(i for i, s in leases.items() if s.get("holderIdentity") == "replica-0")
+    keys = [f"{ns}/{app}" for ns, app in (names(i) for i in range(n))]
+    moved = {k for k in keys if shard_of(*k.split("/"), shards) in killed_shards}
+    before = rollout_states(cluster, record_ns)
+    last_renewal = max((wall(leases[i].get("renewTime")) for i in killed_shards), default=0.0)
+    print(
+        f"    kill: replica-0 (pid {replicas[0].pid}) holds shards {killed_shards} "
+        f"({len(moved)} rollouts); lease {timings}",
+        flush=True,
+    )
+    killed_at, killed_wall = time.monotonic(), time.time()
+    os.kill(replicas[0].pid, signal.SIGKILL)
+    assert replicas[0].process is not None
+    replicas[0].process.wait()
+
+    marks: dict[str, float] = {}
+    ticks_at_takeover = 0.0
+    deadline = killed_at + 3 * args.lease_s + 6 * args.tick_s + 120
+    while len(marks) < 4 and time.monotonic() < deadline:
+        now = time.monotonic() - killed_at
+        texts = [r.metrics() for r in survivors]
+        held = {
+            labels
+            for t in texts
+            for labels, v in samples(t, "canary_shard_held").items()
+            if v == 1.0
+        }
+        ticks = sum(histogram(t, "canary_tick_seconds")[1] for t in texts)
+        steps = {k for t in texts for k in per_rollout(t, "canary_rollout_step")}
+        weights = {k for t in texts for k in per_rollout(t, "canary_rollout_weight_percent")}
+        decided = {
+            k for t in texts for k, v in per_rollout(t, "canary_analysis_decisions_total").items()
+            if v >= 1
+        }  # fmt: skip
+        if "takeover" not in marks and all(f'{{shard="{i}"}}' in held for i in range(shards)):
+            marks["takeover"] = now
+            ticks_at_takeover = ticks
+        if "series" not in marks and set(keys) <= steps & weights:
+            marks["series"] = now
+        if "ticked" not in marks and moved <= decided:
+            marks["ticked"] = now  # every moved rollout ticked (a decision) on a survivor
+        if "takeover" in marks and "ticks_n" not in marks and ticks >= ticks_at_takeover + n:
+            marks["ticks_n"] = now
+        time.sleep(0.25)
+    # Then ~2 tick periods, and at least a record flush (30 s) so that the survivors' ticks
+    # are in the records compared below.
+    time.sleep(max(2 * args.tick_s, 35.0))
+    after = rollout_states(cluster, record_ns)
+    leases_after = shard_leases(cluster, record_ns, shards)
+
+    def changed(field: str) -> list[str]:
+        return [k for k in keys if before.get(k, {}).get(field) != after.get(k, {}).get(field)]
+
+    stray_ticks = [
+        k
+        for k in keys
+        if any(
+            at > killed_wall and (step, weight) != (before[k]["step"], before[k]["weight"])
+            for at, step, weight in after.get(k, {}).get("record_ticks", [])
+        )
+    ]
+    record_ticks_after = {
+        k: sum(at > killed_wall for at, _, _ in after.get(k, {}).get("record_ticks", []))
+        for k in keys
+    }
+    # Per moved rollout, the record's gap around the kill: from its last tick entry before the
+    # kill to its first after (ticks not yet flushed when the process died are in it too).
+    gaps = []
+    for k in moved:
+        ats = [at for at, _, _ in after.get(k, {}).get("record_ticks", [])]
+        was = [at for at in ats if at <= killed_wall]
+        now_ = [at for at in ats if at > killed_wall]
+        if was and now_:
+            gaps.append(min(now_) - max(was))
+    gaps.sort()
+    restarted = sorted(
+        set(changed("step_started_at"))
+        | set(changed("started_at"))
+        | set(changed("rollout_id"))
+        | set(changed("transitions"))
+        | set(changed("record_starts"))
+        | set(changed("record_transitions"))
+    )
+    acquired = {i: wall(leases_after[i].get("acquireTime")) for i in killed_shards}
+    result = {
+        "killed": "replica-0",
+        "killed_shards": killed_shards,
+        "moved_rollouts": len(moved),
+        **timings,
+        "kill_after_last_renewal_s": round(killed_wall - last_renewal, 2),
+        "lease_acquired_after_kill_s": {
+            str(i): round(at - killed_wall, 2) for i, at in acquired.items()
+        },
+        "new_holders": {str(i): leases_after[i].get("holderIdentity") for i in killed_shards},
+        "takeover_s": round(marks["takeover"], 2) if "takeover" in marks else None,
+        "all_series_on_survivor_s": round(marks["series"], 2) if "series" in marks else None,
+        "moved_rollouts_ticked_s": round(marks["ticked"], 2) if "ticked" in marks else None,
+        "n_more_ticks_s": round(marks["ticks_n"], 2) if "ticks_n" in marks else None,
+        "rollouts_checked": len([k for k in keys if k in before and k in after]),
+        "not_held_at_first_step": [
+            k for k in keys if before.get(k, {}).get("stage") != "Progressing"
+            or before.get(k, {}).get("step") != 0
+        ],
+        "steps_changed": changed("step"),
+        "weights_changed": changed("weight"),
+        "ingress_weights_changed": changed("ingress_weight"),
+        "ingress_vs_status_mismatch": [
+            k for k in keys
+            if str(after.get(k, {}).get("weight")) != str(after.get(k, {}).get("ingress_weight"))
+        ],
+        "steps_restarted": restarted,
+        "record_ticks_off_step": stray_ticks,
+        "moved_with_record_ticks_after_kill": sum(record_ticks_after[k] > 0 for k in moved),
+        "moved_record_tick_gap_s": {
+            "min": round(gaps[0], 1), "median": round(gaps[len(gaps) // 2], 1),
+            "max": round(gaps[-1], 1),
+        } if gaps else None,
+        "record_errors": [k for k in keys if "record_error" in after.get(k, {})],
+    }
+    verdict = (
+        not result["steps_changed"] and not result["weights_changed"]
+        and not result["ingress_weights_changed"] and not result["steps_restarted"]
+        and not result["record_ticks_off_step"] and not result["ingress_vs_status_mismatch"]
+    )  # fmt: skip
+    result["no_step_repeated_no_weight_jump"] = verdict
+    result["takeover_within_lease"] = (
+        result["takeover_s"] is not None and result["takeover_s"] <= args.lease_s
+    )
+    if not verdict:
+        result["evidence"] = {
+            k: {"before": {f: v for f, v in before.get(k, {}).items() if f != "record_ticks"},
+                "after": {f: v for f, v in after.get(k, {}).items() if f != "record_ticks"}}
+            for k in sorted(set(restarted) | set(changed("step")) | set(changed("weight"))
+                            | set(changed("ingress_weight")) | set(stray_ticks))[:10]
+        }  # fmt: skip
+    return result
+
+
 # ---- one size ----------------------------------------------------------------------------------
 
 
@@ -416,6 +671,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     f"--identity=replica-{r}", f"--listen={LOOPBACK}:{port}",
                     f"--prometheus-url={prom_url}", "--record-namespace=canary-system",
                     f"--tick={args.tick_s:g}", "--log-format=json",
+                    f"--lease-duration={args.lease_s}",
                 ]  # fmt: skip
                 if args.shards > 1:
                     argv.append(f"--shards={args.shards}")
@@ -476,6 +732,11 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         time.sleep(2)
                         print(heap.read_text(), flush=True)
                         break
+            kill = (
+                kill_phase(cluster, replicas, n, args, "canary-system")
+                if args.kill_after_window and len(replicas) >= 2
+                else None
+            )
         finally:
             for replica in replicas:
                 replica.stop()
@@ -522,6 +783,8 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "states_at_end": dict(final),
         "profile": prof,
     }
+    if kill is not None:
+        result["kill"] = kill
     print(json.dumps({k: v for k, v in result.items() if k != "profile"}), flush=True)
     for kind in ("own", "total"):
         for frame, share in prof.get(kind, [])[:12]:
@@ -537,6 +800,14 @@ def main() -> None:
     parser.add_argument("--scrape-s", type=float, default=5)
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--shards", type=int, default=1)
+    parser.add_argument(
+        "--lease-s", type=int, default=15, help="the controllers' --lease-duration (15)"
+    )
+    parser.add_argument(
+        "--kill-after-window", action="store_true",
+        help="with >= 2 replicas: SIGKILL replica 0 after the window, time the takeover and "
+        "check that no rollout's step or weight moved",
+    )
     parser.add_argument("--profile-s", type=float, default=30)
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
