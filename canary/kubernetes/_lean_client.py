@@ -111,7 +111,8 @@ def install() -> None:
         client.models = models  # type: ignore[attr-defined]
         # The package next, as `import kubernetes_asyncio.client` would: api_client.py's
         # `import kubernetes_asyncio.client.models` runs it, and its config imports ApiClient.
-        importlib.import_module("kubernetes_asyncio")
+        package = importlib.import_module("kubernetes_asyncio")
+        client.__version__ = getattr(package, "__version__", "")  # type: ignore[attr-defined]
     client = sys.modules[CLIENT]
     for name in USED:
         try:

@@ -100,6 +100,7 @@ def test_any_name_still_gives_the_real_class() -> None:
         from kubernetes_asyncio.client.models import V1Lease
 
         assert client.__spec__.origin is None  # the lean package, not the generated one
+        assert client.__version__ == importlib.import_module("kubernetes_asyncio").__version__
         real = importlib.import_module("kubernetes_asyncio.client.models.v1_deployment")
         assert V1Deployment is real.V1Deployment is client.models.V1Deployment
         assert BatchV1Api is client.BatchV1Api
