@@ -1,7 +1,7 @@
 """Kubernetes: annotated Deployments roll out by themselves (`canary kubernetes`).
 
 ``client`` is the only module that imports kubernetes_asyncio (one HTTP seam, retries,
-watches, leader election, Events); ``spec`` reads the ``canary.dev/`` annotations;
+watches, leader election, Events; ``_lean_client`` loads only the parts of it used); ``spec`` reads the ``canary.dev/`` annotations;
 ``record_store`` keeps records in ConfigMaps (the runner's RecordSink); ``workload`` owns
 app-primary and the Services (the runner's Workload); ``operator`` is the supervisor that
 watches Deployments, elects a leader and starts one runner per rollout, with the status
