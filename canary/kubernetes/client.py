@@ -305,6 +305,7 @@ def _guarded(patch: JSON, resource_version: str | None) -> JSON:
 # Requests on the wire at once (watches apart: they hold their own connections). The HTTP
 # pool has 100; fewer in flight keeps the API server's priority and fairness from queueing us.
 MAX_IN_FLIGHT = 32
+LEASE_IN_FLIGHT = 4  # leader and shard Leases: never queued behind the rest
 
 
 _PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
@@ -347,6 +348,10 @@ class Kube:
         # pool instead, a thousand rollouts' reconciles timed out waiting for a connection
         # (issue 13's scale run), retried, and piled on the API server all over again.
         self._slots = asyncio.Semaphore(max_in_flight)
+        # Leases have slots of their own: a renewal queued behind a thousand reconciles missed
+        # its deadline, the replica let go of its shard, took it back, restarted its rollouts
+        # and starved the next renewal the same way (issue 13's 2,000-rollout run, 2 shards).
+        self._lease_slots = asyncio.Semaphore(LEASE_IN_FLIGHT)
         _no_env_lookups(api_client)
         self._apps = k8s.AppsV1Api(api_client)
         self._core = k8s.CoreV1Api(api_client)
@@ -418,7 +423,7 @@ class Kube:
 
         async def once() -> JSON:
             try:
-                async with self._slots:
+                async with self._lease_slots if call.resource == "leases" else self._slots:
                     resp = await fn(
                         *args,
                         _preload_content=False,

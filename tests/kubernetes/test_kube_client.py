@@ -165,6 +165,27 @@ async def test_requests_past_the_limit_wait_their_turn_without_timing_out(
     assert took >= 4 * 0.6 - 0.05
 
 
+async def test_lease_requests_never_wait_behind_the_rest(
+    api: KubeEmulator, tmp_path: Path
+) -> None:
+    """Every general slot held by slow GETs (2 s each): a Lease read still answers at once.
+    Queued behind them, shard renewals missed their deadline at 2,000 rollouts (issue 13)."""
+    api.put(*APPS, deployment("app"))
+    api.inject(0, times=4, verb="get", resource="deployments", delay_s=2.0)
+    config = api.write_kubeconfig(tmp_path / "kc")
+    async with await Kube.connect(
+        kubeconfig=str(config), retry=FAST_RETRY, request_timeout_s=5.0, max_in_flight=2
+    ) as kube:
+        slow = [asyncio.create_task(kube.get_deployment("default", "app")) for _ in range(4)]
+        await asyncio.sleep(0.3)  # two on the wire, two queued
+        began = asyncio.get_running_loop().time()
+        with pytest.raises(NotFound):
+            await kube.get_lease("default", "shard-0")
+        took = asyncio.get_running_loop().time() - began
+        await asyncio.gather(*slow)
+    assert took < 1.0, took
+
+
 async def test_unknown_context_names_it(api: KubeEmulator, tmp_path: Path) -> None:
     """Like kubectl --context: a context missing from the kubeconfig is a clear error."""
     config = api.write_kubeconfig(tmp_path / "kc", context="real")
