@@ -484,6 +484,8 @@ def kill_phase(
     keys = [f"{ns}/{app}" for ns, app in (names(i) for i in range(n))]
     moved = {k for k in keys if shard_of(*k.split("/"), shards) in killed_shards}
     before = rollout_states(cluster, record_ns)
+    # read again: the snapshot above takes about a minute at 2,000 rollouts
+    leases = shard_leases(cluster, record_ns, shards)
     last_renewal = max((wall(leases[i].get("renewTime")) for i in killed_shards), default=0.0)
     print(
         f"    kill: replica-0 (pid {replicas[0].pid}) holds shards {killed_shards} "
