@@ -163,6 +163,23 @@ async def retrying(
             return min(policy.wait_max_s, floor)
         return min(floor, max(limit, seconds))
 
+    # The first attempt outside stamina: nearly every call succeeds at once, and a retry
+    # context costs ~0.1 ms (tenacity's per-attempt machinery: ~5% of the controller's loop at
+    # 1,000 rollouts, for 0.6 API calls per rollout-tick). A first failure of type `on` is
+    # replayed as stamina's own first attempt, so the waits, the attempt count, the
+    # Retry-After rule and the hooks are exactly the same as when stamina made it.
+    try:
+        return await call()
+    except on as exc:
+        first: BaseException | None = exc
+
+    def again() -> Awaitable[T]:
+        nonlocal first
+        if first is not None:
+            failure, first = first, None
+            raise failure
+        return call()
+
     token = _what.set(what)
     try:
         async for attempt in stamina.retry_context(
@@ -176,7 +193,7 @@ async def retrying(
             with attempt:
                 attempts.last = attempt.num >= policy.attempts
                 attempts.next_wait = attempt.next_wait
-                return await call()
+                return await again()
     except Exception as exc:
         too_long = attempts.too_long
         if too_long is not None and too_long.error is exc:

@@ -203,3 +203,27 @@ def test_policies_are_checked() -> None:
         RetryPolicy(attempts=2, wait_initial_s=2, wait_max_s=1)
     with pytest.raises(ValueError, match="wait_jitter_s"):
         RetryPolicy(attempts=2, wait_initial_s=0.1, wait_max_s=1, wait_jitter_s=-1)
+
+
+async def test_a_first_success_costs_no_retry_context(
+    waits: list[float], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 13: nearly every call succeeds at once, and stamina's retry context is ~0.1 ms a
+    call; it is entered only after a first failure, which it then counts as its attempt 1
+    (same waits and attempt count as above: the other tests)."""
+    import stamina
+
+    entered = [0]
+    real = stamina.retry_context
+
+    def counting(*args: object, **kwargs: object) -> object:
+        entered[0] += 1
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(stamina, "retry_context", counting)
+    call, calls = failing()
+    assert await retrying(call, policy=POLICY, on=Busy) == "ok"
+    assert (calls[0], entered[0]) == (1, 0)
+    call, calls = failing(Busy())
+    assert await retrying(call, policy=POLICY, on=Busy) == "ok"
+    assert (calls[0], entered[0], len(waits)) == (2, 1, 1)
