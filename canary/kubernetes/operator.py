@@ -101,6 +101,7 @@ from canary.kubernetes.spec import (
     ANNOTATION_SPEC_ERROR,
     ANNOTATION_STATUS,
     PREFIX,
+    RESERVED,
     CanarySpec,
     SpecError,
     dump_problems,
@@ -388,6 +389,10 @@ class DeploymentWorker:
         self._hpa_error = ""  # the last failure to sync app-primary's HPA
         self.notifier: Notifier | None = None
         self._webhooks: tuple[WebhookConfig, ...] = ()
+        # The last valid spec and the canary.dev/ annotations it came from: most reconciles
+        # (a command, the Deployment's status, a rollout ended) leave them as they were, and
+        # parsing them is most of a reconcile's CPU.
+        self._parsed: tuple[tuple[tuple[str, str], ...], CanarySpec] | None = None
 
     @property
     def name(self) -> str:
@@ -538,11 +543,21 @@ class DeploymentWorker:
         obj = self.obj
         self.check_acting()
         annotations = _annotations(obj)
-        try:
-            spec = parse_annotations(annotations)
-        except SpecError as exc:
-            await self._bad_spec(exc)
-            return
+        source = tuple(
+            sorted(
+                (k, v) for k, v in annotations.items() if k.startswith(PREFIX) and k not in RESERVED
+            )
+        )
+        if self._parsed is not None and self._parsed[0] == source:
+            spec = self._parsed[1]
+        else:
+            try:
+                spec = parse_annotations(annotations)
+            except SpecError as exc:
+                self._parsed = None
+                await self._bad_spec(exc)
+                return
+            self._parsed = (source, spec)
         if not spec.enabled:
             return
         if self.spec_error or ANNOTATION_SPEC_ERROR in annotations:
@@ -1008,6 +1023,7 @@ def _slim(obj: JSON) -> JSON:
         obj = {**obj, "metadata": {k: v for k, v in metadata.items() if k != "managedFields"}}
     return obj
 
+
 # ---- the operator -----------------------------------------------------------------------
 
 
@@ -1257,9 +1273,7 @@ class Operator:
     async def _follow(self) -> None:
         async for item in self.kube.watch_deployments(self.settings.namespace):
             if isinstance(item, Relist):
-                seen = {
-                    _key(obj): _slim(obj) for obj in item.objects if _enabled_key_present(obj)
-                }
+                seen = {_key(obj): _slim(obj) for obj in item.objects if _enabled_key_present(obj)}
                 for key in [k for k in self.objects if k not in seen]:
                     await self._forget(key)
                 for obj in seen.values():
