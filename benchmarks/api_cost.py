@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
-import cProfile
 import contextlib
+import cProfile
 import io
+import json
 import os
 import pstats
 import sys
@@ -128,7 +129,6 @@ def main() -> None:
         cluster.kubectl("create", "namespace", NAMESPACE)
         kubeconfig = cluster.service_account_kubeconfig(Path(tmp) / "sa.kubeconfig")
         manifest = Path(tmp) / "apps.json"
-        import json
 
         manifest.write_text(
             json.dumps(
