@@ -507,6 +507,8 @@ class ConfigMapRecordWriter:
         self._last_at: float | None = None
         self._thinning_noted = False
         self._dirty = False
+        self._data_at: float | None = None  # the newest tick with a verdict among the lines
+        self.data_through: float | None = None  # ... among the lines saved (RecordSink's)
 
     @property
     def dirty(self) -> bool:
@@ -563,8 +565,13 @@ class ConfigMapRecordWriter:
             self._kept_tick_at = entry.at
         elif self._held is not None:  # the tick a transition or an end follows
             held, self._held = self._held, None
-            self._add_line(dump_entry(held))
+            self._add_entry(held)
+        self._add_entry(entry)
+
+    def _add_entry(self, entry: Entry) -> None:
         self._add_line(dump_entry(entry))
+        if isinstance(entry, TickEntry) and entry.verdict is not None:
+            self._data_at = entry.at
 
     async def append(self, entry: Entry) -> str | None:
         """Add an entry and save when due. Returns why the save failed, or None."""
@@ -636,6 +643,7 @@ class ConfigMapRecordWriter:
         where = f"record ConfigMap {self.namespace}/{self.name}"
         lines = list(self._lines)
         last_at = self._last_at
+        data_at = self._data_at
         try:
             # Gzip is CPU work: off the event loop. One flush's worth of new lines.
             chunks, sealed, members, tail = await run_blocking(
@@ -683,6 +691,7 @@ class ConfigMapRecordWriter:
         self._lines_bytes = sum(len(line.encode("utf-8")) + 1 for line in self._lines)
         self._dirty = bool(self._lines)
         self._saved_at = last_at
+        self.data_through = data_at
         self.last_error = None
         return None
 
@@ -854,6 +863,10 @@ class ConfigMapRecord:
     @property
     def label(self) -> str:
         return f"configmap {self.ref}"
+
+    @property
+    def data_through(self) -> float | None:
+        return self.writer.data_through
 
     async def append(self, entry: Entry) -> None:
         self.writer.add(entry)

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from canary.core.records import Entry, dump_entry, read_record
+from canary.core.records import Entry, TickEntry, dump_entry, read_record
 from canary.core.rollout import RolloutStatus
 from canary.executors import run_blocking
 from canary.runner.seams import SavedRollout, StateLocked
@@ -94,6 +94,7 @@ class FileRecord:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._writer = RecordWriter(path)
+        self.data_through: float | None = None
 
     @property
     def ref(self) -> str:
@@ -105,6 +106,8 @@ class FileRecord:
 
     async def append(self, entry: Entry) -> None:
         await self._writer.append(entry)
+        if isinstance(entry, TickEntry) and entry.verdict is not None:
+            self.data_through = entry.at
 
     async def flush(self, *, force: bool = False) -> bool:
         return False  # every append is stored already

@@ -268,10 +268,13 @@ class RolloutRunner:
     # A pause between looks longer than this (and than 3 ticks) is marked in the record.
     gap_noted_s: float = 5.0
     # A status that differs from the saved one only in what a resume does not need (the last
-    # data time, the message, the last decision) is saved at most this often (and at most
-    # every quarter of the no-data deadline), not on every tick: in Kubernetes mode each save
-    # is a PATCH of the Deployment and a watch event for every watcher (issue 13).
-    volatile_save_s: float = 30.0
+    # data time, the message, the last decision) is saved at most this often, for `canary
+    # status` (Flagger's default analysis interval: a status a minute): in Kubernetes mode each
+    # save is a PATCH of the Deployment and a watch event for every watcher (issue 13). A
+    # resume reads the last data time from the record; while the record's newest tick with
+    # data lags the status' by a quarter of the no-data deadline (it failed, or thins its
+    # ticks), the status is saved that often instead.
+    volatile_save_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.tick_s <= 0:
@@ -299,6 +302,7 @@ class RolloutRunner:
         self._next_tick: float | None = None  # loop time of the next scheduled tick
         self._resumable: SavedRollout | None = None
         self._resumed_entries: list[Entry] = []
+        self._forced_for: float | None = None  # the last data time a record flush was forced for
         self._resumed_record: RecordSink | None = None
         self._finished: SavedRollout | None = None  # this revision's rollout, already over
         self._advice: Advice | None = None  # the planner's last advice said to users
@@ -504,7 +508,7 @@ class RolloutRunner:
                 if self.telemetry is not None:
                     self.telemetry.tick_seconds.observe(asyncio.get_running_loop().time() - began)
                 # The record before the status: a status that says "done" has its record.
-                await self._flush_record(force=self.status.done)
+                await self._flush_record(force=self.status.done or self._record_due())
                 if self.status.done or self._needs_save():
                     await self._save(force=True)
         except NotActing:
@@ -925,8 +929,35 @@ class RolloutRunner:
             return True
         if status.last_data_at is None or saved.last_data_at is None:
             return status.last_data_at != saved.last_data_at
-        every = min(self.volatile_save_s, self.spec.no_data_deadline_s / 4)
+        every = self.volatile_save_s
+        if self._record_lags():
+            every = min(every, self.spec.no_data_deadline_s / 4)
         return status.last_data_at - saved.last_data_at >= every
+
+    def _record_lags(self) -> bool:
+        """Whether the record's newest stored tick with data is a quarter of the no-data
+        deadline or more behind the status' last data time: a resume would read it (see
+        _resume) and so come closer to that deadline than the rollout really was."""
+        last = self.status.last_data_at
+        if last is None:
+            return False
+        stored = self.record.data_through if self.record is not None else None
+        return stored is None or last - stored >= self.spec.no_data_deadline_s / 4
+
+    def _record_due(self) -> bool:
+        """Force the record's flush when it lags (above), at most once per quarter of the
+        no-data deadline: a record that thins its ticks may not store this one, and then the
+        status carries the last data time instead."""
+        last = self.status.last_data_at
+        if self.record_error or last is None or not self._record_lags():
+            return False
+        if (
+            self._forced_for is not None
+            and last - self._forced_for < self.spec.no_data_deadline_s / 4
+        ):
+            return False
+        self._forced_for = last
+        return True
 
     async def _save(self, *, force: bool = False) -> bool:
         """Persist the status (write-ahead while active; a done status only when `force`d,
@@ -976,6 +1007,21 @@ class RolloutRunner:
             )
         replayed = self._replay_record(entries)
         self._resumed_entries = []  # replayed: holding them would grow with the record's age
+        # The last data time: the status saves it only every volatile_save_s while the record
+        # holds it (see _needs_save); the newer of the two.
+        recorded = max(
+            (
+                e.at
+                for e in entries
+                if isinstance(e, TickEntry)
+                and e.verdict is not None
+                and e.rollout == saved.rollout_id
+            ),
+            default=None,
+        )
+        last = self.status.last_data_at
+        if recorded is not None and self.status.active and (last is None or recorded > last):
+            self.status = self.status.model_copy(update={"last_data_at": recorded})
         status = self.status
         by = f" by {self.identity}" if self.identity else ""
         last = max((e.at for e in entries if isinstance(e, TickEntry)), default=None)

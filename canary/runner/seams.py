@@ -120,6 +120,12 @@ class RecordSink(Protocol):
         """Store what was appended, if due (a sink may batch); True when it wrote. Raise
         RecordWriteError on failure."""
 
+    @property
+    def data_through(self) -> float | None:
+        """`at` of the newest tick with a verdict that the store holds (None: none since this
+        sink was opened). A resume takes the rollout's last data time from the record's
+        ticks, so while this is recent the status need not be saved for it."""
+
     async def read(self) -> list[Entry]:
         """The entries stored so far (to replay the evidence on resume)."""
 

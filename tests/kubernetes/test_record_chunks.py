@@ -384,3 +384,46 @@ async def test_a_small_object_limit_seals_the_packed_tail_before_it_outgrows_it(
     assert max(sizes) <= 6000 - 200 + 100, max(sizes)  # the data, and the keys' few bytes
     assert writer.chunks >= 10
     assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record[:200]
+
+
+async def test_data_through_is_the_newest_tick_with_data_that_a_save_stored(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """Issue 13: a resume reads the last data time from the record, so the status saves it
+    only while the record lags (canary.runner.runner). The writer says how far the stored
+    record goes: ticks held back (not saved yet, or thinned past the budget) do not count,
+    nor does a save that failed."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    ticks = [e for e in long_record if isinstance(e, TickEntry) and e.verdict is not None]
+    writer = ConfigMapRecordWriter(
+        client, namespace=NS, rollout=rollout, seal_bytes=SEAL, save_every_s=30
+    )
+    assert writer.data_through is None
+    start = long_record[0]
+    assert await writer.append(start) is None  # not a tick: saved at once
+    assert writer.data_through is None
+    first, second = ticks[0], ticks[1]
+    writer.add(first)
+    assert writer.data_through is None, "added, not saved"
+    assert await writer.flush() is None
+    assert writer.data_through == first.at
+    writer.add(second)
+    emulator.inject(422, verb="update", resource="configmaps")  # rejected: not retried
+    assert await writer.flush() is not None
+    assert writer.data_through == first.at, "a failed save stores nothing"
+    assert await writer.flush() is None
+    assert writer.data_through == second.at
+
+    thinned = ConfigMapRecordWriter(
+        client,
+        namespace=NS,
+        rollout=rollout + "-thin",
+        seal_bytes=SEAL,
+        budget_bytes=1,  # thinning from the first tick on
+        thin_every_s=600,
+    )
+    thinned.add(ticks[0])
+    thinned.add(ticks[1])  # 10 s later: held back
+    assert await thinned.flush() is None
+    assert thinned.data_through == ticks[0].at, "a thinned tick is not stored"

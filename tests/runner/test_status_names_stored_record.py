@@ -17,7 +17,7 @@ from pathlib import Path
 
 from test_runner import make_runner
 
-from canary.core.records import Entry, StartEntry, read_record
+from canary.core.records import Entry, StartEntry, TickEntry, read_record
 from canary.runner import Controller
 from canary.runner.seams import SavedRollout
 
@@ -40,6 +40,13 @@ class BatchedRecord:
         self.stored.extend(self.pending)
         self.pending.clear()
         return wrote
+
+    @property
+    def data_through(self) -> float | None:
+        return max(
+            (e.at for e in self.stored if isinstance(e, TickEntry) and e.verdict is not None),
+            default=None,
+        )
 
     async def read(self) -> list[Entry]:
         return list(self.stored)
@@ -137,3 +144,99 @@ async def test_the_status_is_saved_when_a_resume_needs_it_not_on_every_tick(
             assert after.status.last_data_at is not None
             gap = after.status.last_data_at - before.status.last_data_at
             assert gap >= runner.volatile_save_s, gap
+
+
+async def test_a_resume_takes_the_last_data_time_from_the_record(tmp_path: Path) -> None:
+    """Issue 13: the status saves the last data time only every volatile_save_s (a minute)
+    while the record holds it, so a resume takes it from the record's newest tick with data
+    when that is newer. Here the saved status says 45 s without data against a 40 s deadline,
+    the record 10 s: the resumed rollout holds through a tick without data and goes on, where
+    reading the status alone would roll it back."""
+    import asyncio
+    import json
+
+    from test_runner import _again
+
+    from canary.core.rollout import Phase
+
+    first, router, metrics = make_runner(tmp_path)
+    first.status_path = tmp_path / "app.status.json"
+    controller = Controller([first])
+    reached = asyncio.Event()
+    first.observers.append(lambda report: reached.set() if report.status.step == 2 else None)
+    task = asyncio.create_task(controller.run())
+    await reached.wait()
+    controller.stop()
+    await task
+    assert first.spec.no_data_deadline_s == 40
+    recorded = max(
+        e.at
+        for e in read_record(first.record_path)
+        if isinstance(e, TickEntry) and e.verdict is not None
+    )
+    saved = json.loads(first.status_path.read_text())
+    saved["status"]["last_data_at"] = recorded - 35  # a status saved 35 s before that tick
+    first.status_path.write_text(json.dumps(saved))
+    first.clock.now = recorded + 10  # type: ignore[attr-defined]
+
+    metrics.no_data = True
+    second = _again(first, record_path=first.record_path)
+    second.observers.append(lambda report: setattr(metrics, "no_data", False))
+    statuses = await Controller([second]).run()
+    assert statuses["app"].phase is Phase.SUCCEEDED, statuses["app"].reason
+    ticks = [e for e in read_record(first.record_path) if isinstance(e, TickEntry)]
+    assert any(t.verdict is None and t.at > recorded for t in ticks), "a tick without data"
+    assert router.sets[-1] == 100
+
+
+class SavingTo(WatchingStore):
+    """A StateStore keeping every status saved, in order."""
+
+    def __init__(self, saved: list[SavedRollout]) -> None:
+        super().__init__([])
+        self.saved = saved
+
+    async def save(self, state: SavedRollout) -> None:
+        self.saved.append(state)
+
+
+class FailingRecord(BatchedRecord):
+    """A record whose store refuses every write after the start."""
+
+    async def flush(self, *, force: bool = False) -> bool:
+        if self.stored:
+            from canary.runner.seams import RecordWriteError
+
+            raise RecordWriteError("configmap ns/record: HTTP 500")
+        return await super().flush(force=force)
+
+
+async def test_the_status_carries_the_last_data_time_only_while_the_record_lags(
+    tmp_path: Path,
+) -> None:
+    """With the record storing its ticks, a status that changed only in its volatile fields
+    is saved once a minute (volatile_save_s), for `canary status`; with the record failing,
+    every quarter of the no-data deadline (30 s here), as a resume then needs it."""
+    from test_runner import SPEC
+
+    spec = SPEC.model_copy(update={"min_step_s": 600, "no_data_deadline_s": 120})
+    gaps: dict[str, list[float]] = {}
+    for case in ("stored", "failing"):
+        runner, _, _ = make_runner(tmp_path / case, spec=spec)
+        saved: list[SavedRollout] = []
+        runner.store = SavingTo(saved)
+        if case == "failing":
+            kept: list[Entry] = []
+            runner.records = lambda rollout_id, *, ref=None: FailingRecord(kept)  # noqa: B023
+        await Controller([runner]).run()
+        volatile = {"last_data_at": None, "message": "", "last_decision": None}
+        gaps[case] = [
+            b.status.last_data_at - a.status.last_data_at
+            for a, b in itertools.pairwise(saved)
+            if a.status.model_copy(update=volatile) == b.status.model_copy(update=volatile)
+            and a.status.last_data_at is not None
+            and b.status.last_data_at is not None
+        ]
+    assert runner.volatile_save_s == 60
+    assert gaps["stored"] and min(gaps["stored"]) >= 60, gaps["stored"]
+    assert gaps["failing"] and 30 <= min(gaps["failing"]) < 60, gaps["failing"]
