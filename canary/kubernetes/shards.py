@@ -38,6 +38,7 @@ two clocks' rates. A takeover is a resourceVersion-guarded replace of the record
 so a renewal in the meantime makes it fail. A release is written only after the releaser
 stopped its rollouts (`on_release`, awaited), which is why a released Lease may be taken at
 once.
+
 """
 
 from __future__ import annotations
@@ -118,8 +119,10 @@ class ShardElector:
     # Awaited before a Lease is released: stop acting on the shard's rollouts.
     on_release: Callable[[int], Awaitable[None]] | None = None
     clock: Callable[[], float] = time.monotonic
-    _until: dict[int, float] = field(default_factory=dict, init=False)
-    _terms: dict[int, int] = field(default_factory=dict, init=False)
+    # Read from other threads (the operator's loop, /metrics) while the elector's own thread
+    # writes them (canary.kubernetes.lease_thread): each is swapped whole, never mutated.
+    # shard -> (held until, term)
+    _held: dict[int, tuple[float, int]] = field(default_factory=dict, init=False)
     _leases: dict[int, JSON | None] = field(default_factory=dict, init=False)
     _observed: dict[int, tuple[tuple[Any, ...], float]] = field(default_factory=dict, init=False)
     _acquired: int = field(default=0, init=False)
@@ -147,19 +150,24 @@ class ShardElector:
 
     def holds(self, index: int) -> bool:
         """Whether this replica may act on shard `index` now (lapses by itself)."""
-        return self.clock() < self._until.get(index, 0.0)
+        return self.clock() < self._held.get(index, (0.0, 0))[0]
 
     def held(self) -> dict[int, int]:
         """The shards held now, each with its term (a new term on each acquisition)."""
         now = self.clock()
-        return {i: self._terms[i] for i, until in self._until.items() if now < until}
+        return {i: term for i, (until, term) in self._held.items() if now < until}
 
     def holders(self) -> dict[int, str]:
         """Each shard's holder as last read ("" free or unknown)."""
-        return {i: _holder(self._leases.get(i)) for i in range(self.shards)}
+        leases = self._leases
+        return {i: _holder(leases.get(i)) for i in range(self.shards)}
+
+    def _remember(self, index: int, lease: JSON | None) -> None:
+        self._leases = {**self._leases, index: lease}
 
     def _drop(self, index: int) -> None:
-        if self._until.pop(index, None) is not None:
+        if index in self._held:
+            self._held = {i: held for i, held in self._held.items() if i != index}
             log.info("shard lease %s: %s stops acting", self.name(index), self.identity)
 
     # ---- the loop ---------------------------------------------------------------------
@@ -173,18 +181,18 @@ class ShardElector:
                 except KubeError as exc:
                     log.warning("shard leases: %s", exc)
                 wake = self.clock() + self.retry_period_s
-                if self._until:
-                    wake = min(wake, min(self._until.values()))
+                if self._held:
+                    wake = min(wake, min(until for until, _ in self._held.values()))
                 try:
                     await asyncio.wait_for(stop.wait(), max(0.0, wake - self.clock()))
                 except TimeoutError:
                     pass
-                for index in [i for i in self._until if not self.holds(i)]:
+                for index in [i for i in self._held if not self.holds(i)]:
                     self._drop(index)  # the renew deadline passed: fenced already
         finally:
             if stop.is_set():
                 await self.release_all()
-            self._until.clear()
+            self._held = {}
 
     async def _read(self, index: int) -> JSON | KubeError | None:
         try:
@@ -205,7 +213,7 @@ class ShardElector:
                 log.warning("shard lease %s: %s", self.name(index), got)
                 continue
             known[index] = got
-            self._leases[index] = got
+            self._remember(index, got)
             record = _record(got)
             if self._observed.get(index, ((), 0.0))[0] != record:
                 self._observed[index] = (record, now)
@@ -291,10 +299,12 @@ class ShardElector:
         until = started + self.renew_deadline_s
         if self.clock() >= until:
             return  # the write took past the deadline: not counted as held
-        if not self.holds(index):  # a new term: the operator starts the shard afresh
+        if self.holds(index):
+            term = self._held[index][1]
+        else:  # a new term: the operator starts the shard afresh
             self._acquired += 1
-            self._terms[index] = self._acquired
-        self._until[index] = until
+            term = self._acquired
+        self._held = {**self._held, index: (until, term)}
 
     async def _renew(self, index: int, lease: JSON | None, started: float) -> None:
         # An asker's annotation write may land between our read and our write: read again
@@ -304,8 +314,8 @@ class ShardElector:
         for attempt in range(2):
             body = self._body(index, lease, acquire=False, answered=seen)
             try:
-                self._leases[index] = await self.kube.replace_lease(
-                    self.namespace, self.name(index), body
+                self._remember(
+                    index, await self.kube.replace_lease(self.namespace, self.name(index), body)
                 )
             except Conflict:
                 if attempt == 1:
@@ -333,7 +343,7 @@ class ShardElector:
         except KubeError as exc:
             log.warning("shard lease %s: acquire failed: %s", self.name(index), exc)
             return False
-        self._leases[index] = written
+        self._remember(index, written)
         self._drop(index)  # whatever was held before, this is a new term
         self._held_from(index, started)
         log.info(
@@ -373,8 +383,8 @@ class ShardElector:
             },
         }
         try:
-            self._leases[index] = await self.kube.replace_lease(
-                self.namespace, self.name(index), body
+            self._remember(
+                index, await self.kube.replace_lease(self.namespace, self.name(index), body)
             )
         except KubeError:
             return  # renewed or taken meanwhile: asked again next round if still needed
@@ -403,8 +413,8 @@ class ShardElector:
         }
         body = {**lease, "metadata": {**meta}, "spec": spec}
         try:
-            self._leases[index] = await self.kube.replace_lease(
-                self.namespace, self.name(index), body
+            self._remember(
+                index, await self.kube.replace_lease(self.namespace, self.name(index), body)
             )
         except KubeError as exc:
             log.info("shard lease %s: release failed (it will expire): %s", self.name(index), exc)
@@ -418,5 +428,5 @@ class ShardElector:
 
     async def release_all(self) -> None:
         """Give up every Lease held (on the way out: the rollouts were stopped first)."""
-        for index in sorted(self._until):
+        for index in sorted(self._held):
             await self._release(index)
