@@ -39,6 +39,15 @@ so a renewal in the meantime makes it fail. A release is written only after the 
 stopped its rollouts (`on_release`, awaited), which is why a released Lease may be taken at
 once.
 
+The thread. `canary kubernetes` runs this loop on a thread of its own, `canary-leases`, with
+its own event loop and Kube client (canary.kubernetes.lease_thread): on the controller's loop,
+a loop saturated by a thousand rollouts delayed the renewals past their deadline, and a
+replica let go of its shards and took them back over and over (issue 13). Nothing above
+changes: `holds(i)` is still `clock() < started + renew_deadline_s` on the same monotonic
+clock, read by the operator's loop from a snapshot the elector's thread swaps whole (never a
+dict changed under a reader), and `on_release` still runs (on the operator's loop) and is
+awaited before the release is written. A busy operator loop only makes its writes later,
+each still checking `holds(i)` first; the Lease stays renewed meanwhile.
 """
 
 from __future__ import annotations
