@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -207,3 +209,46 @@ async def test_a_standby_says_so_once_per_holder(
     await a.finish()
     standby = [r.getMessage() for r in caplog.records if "standby" in r.getMessage()]
     assert standby == ["lease canary-system/canary-leader: held by a; b is standby"]
+
+
+async def test_on_a_thread_of_its_own_the_elector_calls_back_on_the_callers_loop(
+    api: KubeEmulator, kube: Kube, tmp_path: Path
+) -> None:
+    """LeaseThread runs the elector on `canary-leases` with a client of its own: it leads,
+    its `on_change` runs on the caller's thread, and on stop it releases the Lease, closes its
+    client, ends its thread and gives the elector its own client and callback back."""
+    from canary.kubernetes.lease_thread import LeaseThread
+
+    config = api.write_kubeconfig(tmp_path / "kc-thread", token="token-thread")
+    changes: list[tuple[bool, str]] = []
+
+    def on_change(leading: bool) -> None:
+        changes.append((leading, threading.current_thread().name))
+
+    elector = LeaderElector(
+        kube,
+        namespace="canary-system",
+        name="canary-leader",
+        identity="threaded",
+        lease_duration_s=1,
+        renew_deadline_s=0.6,
+        retry_period_s=0.1,
+        on_change=on_change,
+    )
+    connect = functools.partial(Kube.connect, kubeconfig=str(config), retry=FAST_RETRY)
+    stop = asyncio.Event()
+    task = asyncio.create_task(LeaseThread(elector, connect).run(stop))
+    for _ in range(100):
+        if elector.is_leader:
+            break
+        await asyncio.sleep(0.05)
+    assert elector.is_leader and "canary-leases" in {t.name for t in threading.enumerate()}
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    main = threading.current_thread().name
+    assert changes == [(True, main), (False, main)]
+    lease = api.get(*LEASES, "canary-system", "canary-leader")
+    assert lease["spec"]["holderIdentity"] == ""
+    assert {r.token for r in api.recorded(resource="leases")} == {"token-thread"}
+    assert "canary-leases" not in {t.name for t in threading.enumerate()}
+    assert elector.kube is kube and elector.on_change is on_change

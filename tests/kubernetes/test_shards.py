@@ -8,9 +8,11 @@ join are on the real control plane (tests/cluster/test_shards_on_cluster.py)."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -18,6 +20,8 @@ from support.kube import FAST_RETRY
 from support.kube_emulator import KubeEmulator
 
 from canary.kubernetes.client import Kube
+from canary.kubernetes.lease_thread import LeaseThread
+from canary.kubernetes.operator import Operator, OperatorSettings
 from canary.kubernetes.shards import WANTED_BY, ShardElector, shard_lease_name, shard_of
 
 LEASES = ("coordination.k8s.io", "v1", "leases")
@@ -282,6 +286,115 @@ async def test_a_request_the_holder_will_not_answer_is_cleared(cluster: Cluster)
     for replica in (a, b):
         await replica.finish()
     cluster.assert_never_shared()
+
+
+@pytest.fixture
+def api_on_a_thread() -> Iterator[KubeEmulator]:
+    """The emulator on a loop of its own, so that it answers while the test's loop is blocked
+    (as the API server does while a controller's loop is busy)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="emulator", daemon=True)
+    thread.start()
+    emulator = KubeEmulator()
+    asyncio.run_coroutine_threadsafe(emulator.start(), loop).result(10)
+    try:
+        yield emulator
+    finally:
+        asyncio.run_coroutine_threadsafe(emulator.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+async def test_a_saturated_loop_keeps_its_shard_when_the_leases_renew_on_their_own_thread(
+    api_on_a_thread: KubeEmulator, tmp_path: Path
+) -> None:
+    """Issue 13: replica a's event loop blocked (a synchronous sleep) past the renew deadline and
+    the Lease duration. Its elector renews from the canary-leases thread meanwhile, so a still
+    holds the shard afterwards in the same term (its rollouts never stopped nor restarted) and
+    b, waiting on a thread of its own, never took it. On the loop, a lost it (issue 13)."""
+    api = api_on_a_thread
+
+    def connect(identity: str) -> Callable[[], Awaitable[Kube]]:
+        config = api.write_kubeconfig(tmp_path / f"kc-{identity}", token=f"token-{identity}")
+        return functools.partial(Kube.connect, kubeconfig=str(config), retry=FAST_RETRY)
+
+    def elector(identity: str, kube: Kube) -> ShardElector:
+        return ShardElector(
+            kube,
+            namespace=NS,
+            prefix="canary-shard",
+            shards=1,
+            identity=identity,
+            lease_duration_s=3,
+            renew_deadline_s=2.0,
+            retry_period_s=0.5,
+        )
+
+    kube = await connect("a")()
+    settings = OperatorSettings(
+        prometheus_url="http://127.0.0.1:9", record_namespace=NS, tick_s=0.2, identity="a"
+    )
+    released: list[int] = []
+    a = elector("a", kube)
+    operator = Operator(kube, settings, shards=a, lease_kube=connect("a"))
+    release_shard = operator._release_shard
+
+    async def on_release(index: int) -> None:
+        assert threading.current_thread() is threading.main_thread()  # on the operator's loop
+        released.append(index)
+        await release_shard(index)
+
+    a.on_release = on_release
+    # b's elector swaps the client it is given for its thread's own.
+    b = elector("b", kube)
+    stops = {"a": asyncio.Event(), "b": asyncio.Event()}
+    tasks = [asyncio.create_task(operator.run(stops["a"]))]
+    try:
+        for _ in range(200):
+            if a.held() and operator._terms:
+                break
+            await asyncio.sleep(0.05)
+        held = a.held()
+        assert held == operator._terms and list(held) == [0], held
+        tasks.append(asyncio.create_task(LeaseThread(b, connect("b")).run(stops["b"])))
+        await asyncio.sleep(1.0)  # b reads the Lease held: a standby
+        lease = api.get(*LEASES, NS, "canary-shard-0-of-1")["spec"]
+
+        blocked = time.monotonic()
+        time.sleep(3.5)  # noqa: ASYNC251 (the point: the loop saturated, nothing else runs)
+        unblocked = time.monotonic()
+        await asyncio.sleep(1.0)  # the operator follows what the elector holds now
+
+        assert a.held() == held and operator._terms == held, (a.held(), operator._terms)
+        assert released == []
+        renewals = [
+            r.at
+            for r in api.recorded(verb="update", resource="leases", token="token-a", status=200)
+            if blocked < r.at < unblocked
+        ]
+        assert len(renewals) >= 5, renewals  # every retry period (0.5 s) while blocked
+        now = api.get(*LEASES, NS, "canary-shard-0-of-1")["spec"]
+        assert now["holderIdentity"] == "a"
+        assert (now["acquireTime"], now["leaseTransitions"]) == (
+            lease["acquireTime"],
+            lease["leaseTransitions"],
+        )
+        assert b.held() == {}
+        assert not [
+            r
+            for r in api.recorded(resource="leases", token="token-b", status=200)
+            if r.verb in ("update", "create")
+        ], "b wrote the shard Lease"
+        assert {t.name for t in threading.enumerate()} >= {"canary-leases"}
+    finally:
+        for stop in stops.values():
+            stop.set()
+        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
+        await kube.close()
+    assert released == [0]  # on the way out, after the rollouts stopped
+    assert api.get(*LEASES, NS, "canary-shard-0-of-1")["spec"]["holderIdentity"] == ""
+    assert "canary-leases" not in {t.name for t in threading.enumerate()}
 
 
 @pytest.mark.parametrize(
