@@ -1077,7 +1077,9 @@ class Operator:
         without a key: about some rollout)?"""
         if self.shards is not None:
             if key is None:
-                return any(self.shards.holds(i) for i in self._terms)
+                # /metrics calls this from its scrape thread: copy the shards (one C call)
+                # rather than iterate a dict the loop may change meanwhile.
+                return any(self.shards.holds(i) for i in tuple(self._terms))
             shard = self.shards.shard_of(*key)
             return shard in self._terms and self.shards.holds(shard)
         if self.elector is None:
