@@ -47,12 +47,17 @@ changes: `holds(i)` is still `clock() < started + renew_deadline_s` on the same 
 clock, read by the operator's loop from a snapshot the elector's thread swaps whole (never a
 dict changed under a reader), and `on_release` still runs (on the operator's loop) and is
 awaited before the release is written. A busy operator loop only makes its writes later,
-each still checking `holds(i)` first; the Lease stays renewed meanwhile.
+each still checking `holds(i)` first; the Lease stays renewed meanwhile. A handover waits for
+that loop to stop the shard's rollouts in a task of its own: `holds(i)` turned False before
+it started, and the other shards are renewed meanwhile (awaited in the round, a thousand
+rollouts stopping on a busy loop made them lapse too). Should the wait outlast the Lease, the
+asker takes the unrenewed Lease as expired: fenced as any other takeover.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -134,6 +139,9 @@ class ShardElector:
     _held: dict[int, tuple[float, int]] = field(default_factory=dict, init=False)
     _leases: dict[int, JSON | None] = field(default_factory=dict, init=False)
     _observed: dict[int, tuple[tuple[Any, ...], float]] = field(default_factory=dict, init=False)
+    # Handovers under way: each waits for its shard's rollouts to stop, which may take long
+    # on a busy operator loop; the other shards are renewed meanwhile.
+    _releasing: dict[int, asyncio.Task[None]] = field(default_factory=dict, init=False)
     _acquired: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -199,6 +207,11 @@ class ShardElector:
                 for index in [i for i in self._held if not self.holds(i)]:
                     self._drop(index)  # the renew deadline passed: fenced already
         finally:
+            handovers = list(self._releasing.values())
+            if not stop.is_set():
+                for task in handovers:
+                    task.cancel()
+            await asyncio.gather(*handovers, return_exceptions=True)
             if stop.is_set():
                 await self.release_all()
             self._held = {}
@@ -234,6 +247,8 @@ class ShardElector:
         for index, lease in known.items():
             holder = _holder(lease)
             duration = float(((lease or {}).get("spec") or {}).get("leaseDurationSeconds") or 0)
+            if index in self._releasing:
+                continue  # being handed over: neither renewed nor counted as held
             if holder == self.identity:
                 mine.append(index)
             elif not holder:
@@ -246,8 +261,9 @@ class ShardElector:
         members = {self.identity, *others.values(), *wanters}
         fair = math.ceil(self.shards / len(members))
 
-        # Hand over what others asked for, down to the fair share; renew the rest first (a
-        # release waits for its rollouts to stop), answering the other requests with no.
+        # Hand over what others asked for, down to the fair share, answering the other
+        # requests with no when renewing. A release waits for its rollouts to stop, on the
+        # operator's loop: it runs on its own, so that the renewals never wait for it.
         excess = len(mine) - fair
         handed: list[int] = []
         for index in sorted(mine, reverse=True):
@@ -255,9 +271,14 @@ class ShardElector:
                 handed.append(index)
                 excess -= 1
         mine = [i for i in mine if i not in handed]
-        await asyncio.gather(*(self._renew(i, known[i], started) for i in mine))
         for index in handed:
-            await self._release(index, asked_by=_wanted_by(known[index]))
+            self._drop(index)  # stops acting now, whenever the rollouts have stopped
+            self._releasing[index] = asyncio.create_task(
+                self._release(index, asked_by=_wanted_by(known[index])),
+                name=f"release {self.name(index)}",
+            )
+            self._releasing[index].add_done_callback(functools.partial(self._handed, index))
+        await asyncio.gather(*(self._renew(i, known[i], started) for i in mine))
 
         # Expired shards are taken whatever the share; free ones up to it, or once nobody
         # took them for a whole Lease duration.
@@ -404,6 +425,13 @@ class ShardElector:
             holder,
             fair,
         )
+
+    def _handed(self, index: int, task: asyncio.Task[None]) -> None:
+        self._releasing.pop(index, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "shard lease %s: handover failed", self.name(index), exc_info=task.exception()
+            )
 
     async def _release(self, index: int, *, asked_by: str = "") -> None:
         """Stop acting on the shard, then give its Lease up."""

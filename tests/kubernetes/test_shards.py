@@ -306,95 +306,161 @@ def api_on_a_thread() -> Iterator[KubeEmulator]:
         loop.close()
 
 
-async def test_a_saturated_loop_keeps_its_shard_when_the_leases_renew_on_their_own_thread(
-    api_on_a_thread: KubeEmulator, tmp_path: Path
-) -> None:
-    """Issue 13: replica a's event loop blocked (a synchronous sleep) past the renew deadline and
-    the Lease duration. Its elector renews from the canary-leases thread meanwhile, so a still
-    holds the shard afterwards in the same term (its rollouts never stopped nor restarted) and
-    b, waiting on a thread of its own, never took it. On the loop, a lost it (issue 13)."""
-    api = api_on_a_thread
+class Busy:
+    """Replica a as `canary kubernetes --shards N` runs it: an operator whose elector runs on
+    the canary-leases thread; and replica b, an elector on a thread of its own. The emulator
+    answers from its own thread, so the test's loop (a's) can be blocked."""
 
-    def connect(identity: str) -> Callable[[], Awaitable[Kube]]:
-        config = api.write_kubeconfig(tmp_path / f"kc-{identity}", token=f"token-{identity}")
+    def __init__(self, api: KubeEmulator, tmp_path: Path, shards: int) -> None:
+        self.api = api
+        self.tmp_path = tmp_path
+        self.shards = shards
+        self.released: list[int] = []  # what a's on_release was told, on a's loop
+        self.stops = {"a": asyncio.Event(), "b": asyncio.Event()}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def connect(self, identity: str) -> Callable[[], Awaitable[Kube]]:
+        config = self.api.write_kubeconfig(
+            self.tmp_path / f"kc-{identity}", token=f"token-{identity}"
+        )
         return functools.partial(Kube.connect, kubeconfig=str(config), retry=FAST_RETRY)
 
-    def elector(identity: str, kube: Kube) -> ShardElector:
+    def elector(self, identity: str) -> ShardElector:
         return ShardElector(
-            kube,
+            self.kube,  # a's loop's client: the elector's thread swaps in its own
             namespace=NS,
             prefix="canary-shard",
-            shards=1,
+            shards=self.shards,
             identity=identity,
             lease_duration_s=3,
             renew_deadline_s=2.0,
             retry_period_s=0.5,
         )
 
-    kube = await connect("a")()
-    settings = OperatorSettings(
-        prometheus_url="http://127.0.0.1:9", record_namespace=NS, tick_s=0.2, identity="a"
-    )
-    released: list[int] = []
-    a = elector("a", kube)
-    operator = Operator(kube, settings, shards=a, lease_kube=connect("a"))
-    release_shard = operator._release_shard
+    async def start_a(self) -> dict[int, int]:
+        self.kube = await self.connect("a")()
+        settings = OperatorSettings(
+            prometheus_url="http://127.0.0.1:9", record_namespace=NS, tick_s=0.2, identity="a"
+        )
+        self.a = self.elector("a")
+        self.operator = Operator(self.kube, settings, shards=self.a, lease_kube=self.connect("a"))
+        release_shard = self.operator._release_shard
 
-    async def on_release(index: int) -> None:
-        assert threading.current_thread() is threading.main_thread()  # on the operator's loop
-        released.append(index)
-        await release_shard(index)
+        async def on_release(index: int) -> None:
+            assert threading.current_thread() is threading.main_thread()  # on a's loop
+            self.released.append(index)
+            await release_shard(index)
 
-    a.on_release = on_release
-    # b's elector swaps the client it is given for its thread's own.
-    b = elector("b", kube)
-    stops = {"a": asyncio.Event(), "b": asyncio.Event()}
-    tasks = [asyncio.create_task(operator.run(stops["a"]))]
-    try:
+        self.a.on_release = on_release
+        self.tasks.append(asyncio.create_task(self.operator.run(self.stops["a"])))
         for _ in range(200):
-            if a.held() and operator._terms:
+            if len(self.a.held()) == self.shards and self.operator._terms:
                 break
             await asyncio.sleep(0.05)
-        held = a.held()
-        assert held == operator._terms and list(held) == [0], held
-        tasks.append(asyncio.create_task(LeaseThread(b, connect("b")).run(stops["b"])))
-        await asyncio.sleep(1.0)  # b reads the Lease held: a standby
-        lease = api.get(*LEASES, NS, "canary-shard-0-of-1")["spec"]
+        held = self.a.held()
+        assert held == self.operator._terms and list(held) == list(range(self.shards)), held
+        return held
 
-        blocked = time.monotonic()
-        time.sleep(3.5)  # noqa: ASYNC251 (the point: the loop saturated, nothing else runs)
-        unblocked = time.monotonic()
-        await asyncio.sleep(1.0)  # the operator follows what the elector holds now
-
-        assert a.held() == held and operator._terms == held, (a.held(), operator._terms)
-        assert released == []
-        renewals = [
-            r.at
-            for r in api.recorded(verb="update", resource="leases", token="token-a", status=200)
-            if blocked < r.at < unblocked
-        ]
-        assert len(renewals) >= 5, renewals  # every retry period (0.5 s) while blocked
-        now = api.get(*LEASES, NS, "canary-shard-0-of-1")["spec"]
-        assert now["holderIdentity"] == "a"
-        assert (now["acquireTime"], now["leaseTransitions"]) == (
-            lease["acquireTime"],
-            lease["leaseTransitions"],
+    async def start_b(self) -> None:
+        self.b = self.elector("b")
+        self.tasks.append(
+            asyncio.create_task(LeaseThread(self.b, self.connect("b")).run(self.stops["b"]))
         )
-        assert b.held() == {}
-        assert not [
-            r
-            for r in api.recorded(resource="leases", token="token-b", status=200)
-            if r.verb in ("update", "create")
-        ], "b wrote the shard Lease"
-        assert {t.name for t in threading.enumerate()} >= {"canary-leases"}
-    finally:
-        for stop in stops.values():
+        await asyncio.sleep(0)  # b's thread starts
+
+    def block(self, seconds: float) -> tuple[float, float]:
+        """Saturate a's loop: nothing else runs on it meanwhile."""
+        blocked = time.monotonic()
+        time.sleep(seconds)  # synchronous, on the loop: the point
+        return blocked, time.monotonic()
+
+    def renewals(self, name: str, between: tuple[float, float]) -> list[float]:
+        return [
+            r.at
+            for r in self.api.recorded(verb="update", resource="leases", token="token-a")
+            if r.status == 200 and r.name == name and between[0] < r.at < between[1]
+        ]
+
+    def lease(self, index: int) -> dict[str, object]:
+        name = shard_lease_name("canary-shard", index, self.shards)
+        return dict(self.api.get(*LEASES, NS, name)["spec"])
+
+    async def finish(self) -> None:
+        for stop in self.stops.values():
             stop.set()
-        await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 10)
-        await kube.close()
-    assert released == [0]  # on the way out, after the rollouts stopped
-    assert api.get(*LEASES, NS, "canary-shard-0-of-1")["spec"]["holderIdentity"] == ""
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 10)
+        await self.kube.close()
+
+
+@pytest.fixture
+async def busy(api_on_a_thread: KubeEmulator, tmp_path: Path) -> AsyncIterator[Busy]:
+    replicas = Busy(api_on_a_thread, tmp_path, shards=1)
+    try:
+        yield replicas
+    finally:
+        if not all(stop.is_set() for stop in replicas.stops.values()):
+            await replicas.finish()
+
+
+async def test_a_saturated_loop_keeps_its_shard_when_the_leases_renew_on_their_own_thread(
+    busy: Busy,
+) -> None:
+    """Issue 13: replica a's event loop blocked (a synchronous sleep) past the renew deadline and
+    the Lease duration. Its elector renews from the canary-leases thread meanwhile, so a still
+    holds the shard afterwards in the same term (its rollouts never stopped nor restarted) and
+    b, waiting on a thread of its own, never took it. On the loop, a lost it (issue 13)."""
+    held = await busy.start_a()
+    await busy.start_b()
+    await asyncio.sleep(1.0)  # b reads the Lease held: a standby
+    before = busy.lease(0)
+
+    blocked = busy.block(3.5)
+    await asyncio.sleep(1.0)  # the operator follows what the elector holds now
+
+    assert busy.a.held() == held and busy.operator._terms == held, busy.a.held()
+    assert busy.released == []
+    renewals = busy.renewals("canary-shard-0-of-1", blocked)
+    assert len(renewals) >= 5, renewals  # every retry period (0.5 s) while blocked
+    after = busy.lease(0)
+    assert after["holderIdentity"] == "a"
+    assert (after["acquireTime"], after["leaseTransitions"]) == (
+        before["acquireTime"],
+        before["leaseTransitions"],
+    )
+    assert busy.b.held() == {}
+    assert not [
+        r
+        for r in busy.api.recorded(resource="leases", token="token-b", status=200)
+        if r.verb in ("update", "create")
+    ], "b wrote the shard Lease"
+    assert "canary-leases" in {t.name for t in threading.enumerate()}
+    await busy.finish()
+    assert busy.released == [0]  # on the way out, after the rollouts stopped
+    assert busy.lease(0)["holderIdentity"] == ""
     assert "canary-leases" not in {t.name for t in threading.enumerate()}
+
+
+async def test_a_handover_waiting_for_a_saturated_loop_delays_no_other_renewal(
+    busy: Busy,
+) -> None:
+    """a holds both shards; b asks for one while a's loop is blocked. a's elector stops acting
+    on shard 1 at once and waits for a's loop to stop its rollouts before releasing it, but
+    keeps renewing shard 0 meanwhile: after the block a holds shard 0 in the same term, and
+    b holds shard 1 (released, or expired if the block outlasted the Lease)."""
+    busy.shards = 2
+    held = await busy.start_a()
+    await busy.start_b()
+    blocked = busy.block(3.5)
+    assert busy.a.held() == {0: held[0]}  # shard 1 dropped already, shard 0 renewed
+    for _ in range(100):
+        if busy.b.held() == {1: 1} and busy.released:
+            break
+        await asyncio.sleep(0.05)
+    assert busy.b.held() == {1: 1} and busy.released == [1]
+    assert busy.a.held() == {0: held[0]} and busy.operator._terms == {0: held[0]}
+    assert len(busy.renewals("canary-shard-0-of-2", blocked)) >= 5
+    assert busy.lease(0)["holderIdentity"] == "a"
+    await busy.finish()
 
 
 @pytest.mark.parametrize(
