@@ -1222,6 +1222,9 @@ class LeaderElector:
 
     @property
     def is_leader(self) -> bool:
+        # Read from the operator's loop while the elector's thread writes
+        # (canary.kubernetes.lease_thread): `_leader_until` is set before `_leading` turns True
+        # and cut before it turns False, so a read between the two errs towards False.
         return self._leading and self.clock() < self._leader_until
 
     def _set_leading(self, leading: bool) -> None:
