@@ -25,19 +25,37 @@ makes the holder release for nobody; the holder takes the Lease back once it has
 for a Lease duration. The annotation is left out of the liveness record, so asking never
 looks like a renewal.
 
-Fencing, the argument (as client-go's leaderelection). A replica holds shard i until
-`started + renew_deadline_s`, where `started` is the monotonic time *before* it read the Lease
-in the round whose renewal succeeded. Another replica takes the Lease over only after seeing
-the renewed record unchanged for `lease_duration_s` on its own monotonic clock, and it first
-saw that record after it was written, so after `started`: it writes at the earliest at
-`started + lease_duration_s`, which is later than `started + renew_deadline_s` because
-`renew_deadline_s < lease_duration_s` (checked). So the old holder's `holds(i)` (which every
-write checks, canary.kubernetes.operator) turned False before the new holder's first write,
-with `lease_duration_s - renew_deadline_s` to spare for a write already under way and for the
-two clocks' rates. A takeover is a resourceVersion-guarded replace of the record it observed,
-so a renewal in the meantime makes it fail. A release is written only after the releaser
-stopped its rollouts (`on_release`, awaited), which is why a released Lease may be taken at
-once.
+Fencing, the argument (as client-go's leaderelection, with an earlier start of the count).
+A replica holds shard i until `started + renew_deadline_s`, where `started` is the monotonic
+time *before* it read the Lease in the round whose renewal succeeded; the renewal was written
+after `started`, so the holder stops acting at most `renew_deadline_s` after its write `w`.
+Another replica takes the Lease over only once it has seen the record unchanged from a point
+`since` of its own monotonic clock for `lease_duration_s`: it writes at the earliest at
+`since + lease_duration_s`, after the holder stopped acting by at least
+`since + lease_duration_s - (w + renew_deadline_s)`. Which `since`: let `F` be when the read
+that first showed the record returned (so `w < F`), and `P` the `started` of the last round
+whose read of that Lease returned the record before (it was served after `P` and did not show
+the renewal, so `P < w`). client-go counts from `F`: the margin is then over
+`lease_duration_s - renew_deadline_s` (5 s of 15; `renew_deadline_s < lease_duration_s` is
+checked), but the takeover comes a Lease duration after the survivor
+*saw* the renewal, up to a retry period late. So the count starts at `P` when
+`F - P <= lease_duration_s - renew_deadline_s - SAFETY_S`: the margin is then more than
+`lease_duration_s - renew_deadline_s - (F - P)`, so at least SAFETY_S (1 s) in the worst case
+(the renewal written just before `F`), about 3 s with regular reads (`F - P` a retry period, 2 s,
+plus a round); else (a first sight, no earlier read; a stalled or slow round; timings that
+leave no room, checked) from `F`, as client-go. The margin is what is left for a write
+already under way when `holds(i)` turned False and for the two clocks' rates. The rule
+assumes the holder's renew deadline is this replica's: it applies only to a record whose
+`leaseDurationSeconds` is this replica's own, the timings being derived from it
+(canary.cli.kubernetes.lease_timings). A replica also wakes when a record it watches would
+expire, not only every retry period, so that the takeover comes at `P + lease_duration_s`
+(when reads are regular, within the Lease duration of the holder's last renewal), not a
+round later. Reads are the API server's quorum reads (a GET without resourceVersion), so a
+read started after another returned sees at least what that one saw; records never repeat
+(renewTime moves). A takeover is a resourceVersion-guarded replace of the record it
+observed, so a renewal in the meantime makes it fail. A release is written only after the
+releaser stopped its rollouts (`on_release`, awaited), which is why a released Lease may be
+taken at once.
 
 The thread. `canary kubernetes` runs this loop on a thread of its own, `canary-leases`, with
 its own event loop and Kube client (canary.kubernetes.lease_thread): on the controller's loop,
@@ -76,6 +94,14 @@ log = logging.getLogger("canary.kubernetes.shards")
 JSON = dict[str, Any]
 WANTED_BY = "canary.dev/shard-wanted-by"
 MAX_SHARDS = 256  # a Lease read each per round: far more would cost more than it spreads
+# The least a takeover counted from the previous read may leave between the holder's renew
+# deadline and the taker's first write (module docstring): for a write that checked
+# `holds(i)` just before the deadline and is still in flight (a request to a healthy API
+# server takes milliseconds to tens of them) and for the two monotonic clocks' rates (a few
+# hundred ppm at worst: milliseconds over 15 s). It is only the worst case: with regular
+# reads the margin is about 3 s at the default timings; anything slower falls back to
+# client-go's count.
+SAFETY_S = 1.0
 
 
 def shard_of(namespace: str, name: str, shards: int) -> int:
@@ -133,12 +159,20 @@ class ShardElector:
     # Awaited before a Lease is released: stop acting on the shard's rollouts.
     on_release: Callable[[int], Awaitable[None]] | None = None
     clock: Callable[[], float] = time.monotonic
+    safety_s: float = SAFETY_S
     # Read from other threads (the operator's loop, /metrics) while the elector's own thread
     # writes them (canary.kubernetes.lease_thread): each is swapped whole, never mutated.
     # shard -> (held until, term)
     _held: dict[int, tuple[float, int]] = field(default_factory=dict, init=False)
     _leases: dict[int, JSON | None] = field(default_factory=dict, init=False)
+    # shard -> (record, since when it counts as unchanged); only this elector's thread
     _observed: dict[int, tuple[tuple[Any, ...], float]] = field(default_factory=dict, init=False)
+    # shard -> `started` of the last round whose read of its Lease succeeded
+    _last_read: dict[int, float] = field(default_factory=dict, init=False)
+    # The longest `F - P` for which a record's count starts at `P`; None: never (no room)
+    _from_previous_within: float | None = field(default=None, init=False)
+    # The earliest time at which another holder's record, as observed, will have expired
+    _next_expiry: float = field(default=math.inf, init=False)
     # Handovers under way: each waits for its shard's rollouts to stop, which may take long
     # on a busy operator loop; the other shards are renewed meanwhile.
     _releasing: dict[int, asyncio.Task[None]] = field(default_factory=dict, init=False)
@@ -156,6 +190,20 @@ class ShardElector:
             )
         if not self.identity:
             raise ValueError("identity must not be empty")
+        if self.safety_s <= 0:
+            raise ValueError(f"safety_s must be > 0, got {self.safety_s}")
+        room = self.lease_duration_s - self.renew_deadline_s - self.safety_s
+        if room >= self.retry_period_s:
+            self._from_previous_within = room
+        else:  # a read a retry period after the previous one would never qualify
+            log.info(
+                "shard leases: a takeover counts from when the renewal was seen (Lease %ss, "
+                "renew deadline %ss, retry %ss leave less than %ss of margin otherwise)",
+                self.lease_duration_s,
+                self.renew_deadline_s,
+                self.retry_period_s,
+                self.safety_s,
+            )
 
     # ---- what this replica holds ----------------------------------------------------
 
@@ -197,9 +245,7 @@ class ShardElector:
                     await self.round()
                 except KubeError as exc:
                     log.warning("shard leases: %s", exc)
-                wake = self.clock() + self.retry_period_s
-                if self._held:
-                    wake = min(wake, min(until for until, _ in self._held.values()))
+                wake = self.wake_at()
                 try:
                     await asyncio.wait_for(stop.wait(), max(0.0, wake - self.clock()))
                 except TimeoutError:
@@ -215,6 +261,32 @@ class ShardElector:
             if stop.is_set():
                 await self.release_all()
             self._held = {}
+
+    def wake_at(self) -> float:
+        """When the loop looks again: a retry period from now, or sooner when a shard held
+        lapses or another holder's record would have expired (a takeover then, not a round
+        later)."""
+        now = self.clock()
+        wake = now + self.retry_period_s
+        if self._held:
+            wake = min(wake, min(until for until, _ in self._held.values()))
+        if now < self._next_expiry < wake:
+            wake = self._next_expiry
+        return wake
+
+    def _since(self, index: int, lease: JSON | None, seen: float) -> float:
+        """Where the count of a record first seen in a read that returned at `seen` starts:
+        the previous read's round start when that is provably safe (module docstring)."""
+        previous = self._last_read.get(index)
+        duration = ((lease or {}).get("spec") or {}).get("leaseDurationSeconds")
+        if (
+            previous is not None
+            and self._from_previous_within is not None
+            and duration == self.lease_duration_s
+            and seen - previous <= self._from_previous_within
+        ):
+            return previous
+        return seen
 
     async def _read(self, index: int) -> JSON | KubeError | None:
         try:
@@ -238,12 +310,15 @@ class ShardElector:
             self._remember(index, got)
             record = _record(got)
             if self._observed.get(index, ((), 0.0))[0] != record:
-                self._observed[index] = (record, now)
+                self._observed[index] = (record, self._since(index, got, now))
+            self._last_read[index] = started
 
-        def unchanged_for(index: int) -> float:
-            return now - self._observed[index][1]
+        def expires(index: int, duration: float) -> float:
+            # the same sum as the wake-up's (wake_at), so that a round woken at it takes over
+            return self._observed[index][1] + duration
 
         mine, free, expired, others = [], [], [], {}
+        next_expiry = math.inf
         for index, lease in known.items():
             holder = _holder(lease)
             duration = float(((lease or {}).get("spec") or {}).get("leaseDurationSeconds") or 0)
@@ -253,10 +328,12 @@ class ShardElector:
                 mine.append(index)
             elif not holder:
                 free.append(index)
-            elif unchanged_for(index) >= (duration or self.lease_duration_s):
+            elif now >= expires(index, duration or self.lease_duration_s):
                 expired.append(index)
             else:
                 others[index] = holder
+                next_expiry = min(next_expiry, expires(index, duration or self.lease_duration_s))
+        self._next_expiry = next_expiry
         wanters = {_wanted_by(lease) for lease in known.values()} - {""}
         members = {self.identity, *others.values(), *wanters}
         fair = math.ceil(self.shards / len(members))
@@ -287,7 +364,7 @@ class ShardElector:
             if await self._acquire(index, known[index], started, why="expired"):
                 count += 1
         for index in free:
-            abandoned = unchanged_for(index) >= self.lease_duration_s
+            abandoned = now >= expires(index, self.lease_duration_s)
             if count < fair or abandoned:
                 why = "free for a lease duration" if abandoned and count >= fair else "free"
                 if await self._acquire(index, known[index], started, why=why):

@@ -8,21 +8,29 @@ join are on the real control plane (tests/cluster/test_shards_on_cluster.py)."""
 from __future__ import annotations
 
 import asyncio
+import copy
 import functools
 import threading
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.kube import FAST_RETRY
 from support.kube_emulator import KubeEmulator
 
-from canary.kubernetes.client import Kube
+from canary.kubernetes.client import Conflict, Kube, NotFound
 from canary.kubernetes.lease_thread import LeaseThread
 from canary.kubernetes.operator import Operator, OperatorSettings
-from canary.kubernetes.shards import WANTED_BY, ShardElector, shard_lease_name, shard_of
+from canary.kubernetes.shards import (
+    SAFETY_S,
+    WANTED_BY,
+    ShardElector,
+    shard_lease_name,
+    shard_of,
+)
 
 LEASES = ("coordination.k8s.io", "v1", "leases")
 NS = "canary-system"
@@ -286,6 +294,243 @@ async def test_a_request_the_holder_will_not_answer_is_cleared(cluster: Cluster)
     for replica in (a, b):
         await replica.finish()
     cluster.assert_never_shared()
+
+
+class Clock:
+    """A monotonic clock the test moves."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+class Leases:
+    """The Lease API in memory: a read takes `read_s` on the clock (served at its end, after
+    `during_read` ran: a write landing while the read is under way), writes are instant."""
+
+    def __init__(self, clock: Callable[[], float]) -> None:
+        self.clock = clock
+        self.leases: dict[str, dict[str, Any]] = {}
+        self.version = 0
+        self.read_s = 0.0
+        self.during_read: Callable[[], None] | None = None
+        self.taken: list[tuple[float, str]] = []  # (when, by whom) of each acquisition
+
+    def _store(self, body: dict[str, Any]) -> dict[str, Any]:
+        self.version += 1
+        stored = copy.deepcopy(body)
+        stored["metadata"]["resourceVersion"] = str(self.version)
+        self.leases[stored["metadata"]["name"]] = stored
+        return copy.deepcopy(stored)
+
+    def renew(self, holder: str, name: str = "canary-shard-0-of-1", duration: int = 15) -> None:
+        """`holder` (another replica) writes its renewal now."""
+        self._store(
+            {
+                "metadata": {"name": name, "namespace": NS},
+                "spec": {
+                    "holderIdentity": holder,
+                    "renewTime": f"renewed at {self.version}",  # records never repeat
+                    "leaseDurationSeconds": duration,
+                },
+            }
+        )
+
+    async def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
+        if isinstance(self.clock, Clock):
+            self.clock.t += self.read_s
+        if self.during_read is not None:
+            self.during_read()
+            self.during_read = None
+        if name not in self.leases:
+            raise NotFound(name)
+        return copy.deepcopy(self.leases[name])
+
+    async def replace_lease(
+        self, namespace: str, name: str, body: dict[str, Any]
+    ) -> dict[str, Any]:
+        current = self.leases.get(name)
+        if current is None:
+            raise NotFound(name)
+        if body["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
+            raise Conflict(name)
+        holder = body["spec"]["holderIdentity"]
+        if holder != current["spec"]["holderIdentity"]:
+            self.taken.append((self.clock(), holder))
+        return self._store(body)
+
+    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
+        if body["metadata"]["name"] in self.leases:
+            raise Conflict(body["metadata"]["name"])
+        self.taken.append((self.clock(), body["spec"]["holderIdentity"]))
+        return self._store(body)
+
+
+def survivor(leases: Leases, clock: Callable[[], float], **timings: Any) -> ShardElector:
+    """Replica b, standing by for shard 0 of 1 (held by a): the CLI's timings by default."""
+    return ShardElector(
+        leases,  # type: ignore[arg-type]
+        namespace=NS,
+        prefix="canary-shard",
+        shards=1,
+        identity="b",
+        clock=clock,
+        **{"lease_duration_s": 15, "renew_deadline_s": 10.0, "retry_period_s": 2.0, **timings},
+    )
+
+
+async def rounds_at(b: ShardElector, clock: Clock, *times: float) -> None:
+    for at in times:
+        clock.t = at
+        await b.round()
+
+
+async def test_a_takeover_counts_from_the_previous_read_when_reads_are_regular() -> None:
+    """Reads every 2 s (50 ms each): a's last renewal (at 2.5) is first seen by the read of
+    the round at 4 (F = 4.05); the round at 2 (P) saw the record before it. b counts the
+    Lease from P: it takes over in the first round from P + 15 = 17, within the Lease duration
+    of a's last renewal (17.5). Counted from F (client-go, the old rule) it came at 19.05 or
+    later: 1.5 s past that renewal's expiry."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.read_s = 0.05
+    leases.renew("a")
+    b = survivor(leases, clock)
+    await rounds_at(b, clock, 0.0, 2.0)
+    clock.t = 2.5
+    leases.renew("a")  # a's last renewal; then it dies
+    last_renewal = clock.t
+    await rounds_at(b, clock, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 16.9)
+    assert leases.taken == [] and b.held() == {}
+    await rounds_at(b, clock, 17.0)
+    assert leases.taken == [(17.05, "b")]
+    assert leases.taken[0][0] <= last_renewal + 15
+    assert b.held() == {0: 1}
+    # a stopped acting by 2.5 + 10 at the latest (its round started before its write):
+    # 4.55 s before b's first write, more than SAFETY_S
+    assert leases.taken[0][0] - (last_renewal + 10.0) >= SAFETY_S
+
+
+@pytest.mark.parametrize(
+    ("previous", "read_s", "since"),
+    [
+        (2.0, 0.05, "P"),  # regular: F - P = 2.05
+        (2.0, 2.0, "P"),  # F - P = 4.0 = 15 - 10 - SAFETY_S: the last that counts from P
+        (2.0, 2.01, "F"),  # F - P = 4.01: a slow read
+        (0.0, 5.0, "F"),  # a stalled round: the read before is 5 s old when the renewal is seen
+        (None, 0.05, "F"),  # first sight: no read before
+    ],
+)
+async def test_a_takeover_never_comes_before_the_holder_stopped_acting_by_safety_s(
+    previous: float | None, read_s: float, since: str
+) -> None:
+    """a renews while b's read is under way (the worst case: written just before b's read
+    returns at F). a holds until its write + 10 s at the latest. b counts from the previous
+    read's round start P only when F - P <= 15 - 10 - SAFETY_S, so that its first write
+    (P + 15 or later) comes SAFETY_S or more after a stopped acting; else from F."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.renew("a")
+    b = survivor(leases, clock)
+    if previous is not None:
+        await rounds_at(b, clock, previous)  # reads a's record before the renewal
+    started = 4.0 if previous is None else previous + 2.0
+    leases.read_s = read_s
+
+    def renewal() -> None:
+        leases.renew("a")  # written at F, as late as it can be and not seen before
+
+    leases.during_read = renewal
+    await rounds_at(b, clock, started)
+    seen = clock.t  # F
+    leases.read_s = 0.0
+    count_from = previous if since == "P" and previous is not None else seen
+    expiry = count_from + 15
+    # the last round before the expiry takes nothing, the one at it takes the Lease
+    await rounds_at(b, clock, *[t for t in range(int(seen) + 1, int(expiry) + 1) if t < expiry])
+    assert leases.taken == []
+    await rounds_at(b, clock, expiry)
+    assert leases.taken == [(expiry, "b")]
+    assert expiry - (seen + 10.0) >= SAFETY_S
+
+
+def test_timings_with_no_room_for_the_margin_count_from_when_the_renewal_was_seen() -> None:
+    """Lease 3 s, renew deadline 2 s: 1 s between them, all of it SAFETY_S, so counting from
+    the previous read never leaves the margin: every count starts at F. A safety_s of 0 or
+    less is refused."""
+    clock = Clock()
+    leases = Leases(clock)
+    b = survivor(leases, clock, lease_duration_s=3, renew_deadline_s=2.0, retry_period_s=0.5)
+    assert b._from_previous_within is None
+    assert survivor(leases, clock)._from_previous_within == 15 - 10 - SAFETY_S
+    with pytest.raises(ValueError, match="safety_s must be > 0"):
+        survivor(leases, clock, safety_s=0.0)
+
+
+async def test_no_room_counts_from_f() -> None:
+    """The timings above, reads regular: the takeover comes 3 s after F, not after P."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.renew("a", duration=3)
+    b = survivor(leases, clock, lease_duration_s=3, renew_deadline_s=2.0, retry_period_s=0.5)
+    await rounds_at(b, clock, 0.0)
+    clock.t = 0.25
+    leases.renew("a", duration=3)
+    await rounds_at(b, clock, 0.5, 3.0, 3.49)
+    assert leases.taken == []
+    await rounds_at(b, clock, 3.5)
+    assert leases.taken == [(3.5, "b")]
+
+
+async def test_the_loop_wakes_when_an_observed_lease_expires() -> None:
+    """b's rounds are 2 s apart, but after the round at 16 it looks again at 17, when a's
+    record (counted from 2) expires, not at 18; before that only every retry period. On
+    the real loop (Lease 2 s, retry 0.9 s): b first sees a's record at t0 and takes it over
+    at t0 + 2, not in the round at t0 + 2.7."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.renew("a")
+    b = survivor(leases, clock)
+    await rounds_at(b, clock, 0.0)
+    assert b.wake_at() == 2.0
+    await rounds_at(b, clock, 2.0)
+    clock.t = 3.0
+    leases.renew("a")
+    await rounds_at(b, clock, 4.0)
+    assert b.wake_at() == 6.0
+    await rounds_at(b, clock, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0)
+    assert b.wake_at() == 17.0
+    clock.t = 16.5
+    assert b.wake_at() == 17.0
+    await rounds_at(b, clock, 17.0)
+    assert leases.taken == [(17.0, "b")] and b.wake_at() == 17.0 + 2.0
+
+    real = Leases(time.monotonic)
+    real.renew("a", duration=2)
+    b = survivor(
+        real,
+        time.monotonic,
+        lease_duration_s=2,
+        renew_deadline_s=1.0,
+        retry_period_s=0.9,
+        safety_s=0.1,
+    )
+    stop = asyncio.Event()
+    t0 = time.monotonic()
+    task = asyncio.create_task(b.run(stop))
+    try:
+        for _ in range(400):
+            if real.taken:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert real.taken, "b never took the Lease"
+    took = real.taken[0][0] - t0
+    assert 2.0 <= took < 2.4, took  # rounds at 0, 0.9, 1.8, 2.7: the next one was 2.7
 
 
 @pytest.fixture
