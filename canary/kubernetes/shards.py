@@ -85,23 +85,15 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from canary.kubernetes.client import Conflict, Kube, KubeError, NotFound
+from canary.kubernetes.client import SAFETY_S, Conflict, Kube, KubeError, NotFound
 
-__all__ = ["WANTED_BY", "ShardElector", "shard_lease_name", "shard_of"]
+__all__ = ["SAFETY_S", "WANTED_BY", "ShardElector", "shard_lease_name", "shard_of"]
 
 log = logging.getLogger("canary.kubernetes.shards")
 
 JSON = dict[str, Any]
 WANTED_BY = "canary.dev/shard-wanted-by"
 MAX_SHARDS = 256  # a Lease read each per round: far more would cost more than it spreads
-# The least a takeover counted from the previous read may leave between the holder's renew
-# deadline and the taker's first write (module docstring): for a write that checked
-# `holds(i)` just before the deadline and is still in flight (a request to a healthy API
-# server takes milliseconds to tens of them) and for the two monotonic clocks' rates (a few
-# hundred ppm at worst: milliseconds over 15 s). It is only the worst case: with regular
-# reads the margin is about 3 s at the default timings; anything slower falls back to
-# client-go's count.
-SAFETY_S = 1.0
 
 
 def shard_of(namespace: str, name: str, shards: int) -> int:

@@ -11,10 +11,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.fake_leases import Clock, Leases
 from support.kube import FAST_RETRY
 from support.kube_emulator import KubeEmulator
 
-from canary.kubernetes.client import Kube, LeaderElector
+from canary.kubernetes.client import SAFETY_S, Kube, LeaderElector
 
 LEASES = ("coordination.k8s.io", "v1", "leases")
 
@@ -252,3 +253,61 @@ async def test_on_a_thread_of_its_own_the_elector_calls_back_on_the_callers_loop
     assert {r.token for r in api.recorded(resource="leases")} == {"token-thread"}
     assert "canary-leases" not in {t.name for t in threading.enumerate()}
     assert elector.kube is kube and elector.on_change is on_change
+
+
+def candidate(leases: Leases, clock: Clock) -> LeaderElector:
+    """Candidate b, standing by while a leads: the CLI's timings (15 s, 10 s, 2 s)."""
+    return LeaderElector(
+        leases,  # type: ignore[arg-type]
+        namespace="canary-system",
+        name="canary-leader",
+        identity="b",
+        clock=clock,
+    )
+
+
+async def tries_at(b: LeaderElector, clock: Clock, *times: float) -> list[bool]:
+    won = []
+    for at in times:
+        clock.t = at
+        won.append(await b.try_acquire_or_renew())
+    return won
+
+
+async def test_a_candidate_counts_from_its_previous_read_and_wakes_at_the_expiry() -> None:
+    """As the shards (canary.kubernetes.shards): a's last renewal (2.5) is first seen by the
+    read started at 4 (F = 4.05), the read started at 2 (P) saw the record before it, so b
+    counts from P, looks again at P + 15 = 17 rather than in the next round (18), and takes
+    over then, within the Lease duration of a's last renewal. The old count, from F, made
+    that 19.05 or later."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.read_s = 0.05
+    leases.renew("a", name="canary-leader")
+    b = candidate(leases, clock)
+    assert await tries_at(b, clock, 0.0, 2.0) == [False, False]
+    clock.t = 2.5
+    leases.renew("a", name="canary-leader")
+    assert not any(await tries_at(b, clock, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0))
+    assert b.wake_at() == 17.0
+    assert await tries_at(b, clock, 16.9, 17.0) == [False, True]
+    assert leases.taken == [(17.05, "b")]
+
+
+async def test_a_candidate_whose_previous_read_is_too_old_counts_from_when_it_saw_it() -> None:
+    """A stalled read: the one before started at 0, this one started at 2 and returned at 7
+    with a renewal written just before. Counting from 0 would have b write at 15, while a may
+    act until 7 + 10 (its write just before 7): F - P = 7 > 15 - 10 - SAFETY_S, so b counts
+    from 7 and writes SAFETY_S or more after a's renew deadline."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.renew("a", name="canary-leader")
+    b = candidate(leases, clock)
+    assert await tries_at(b, clock, 0.0) == [False]
+    leases.read_s = 5.0
+    leases.during_read = lambda: leases.renew("a", name="canary-leader")
+    assert await tries_at(b, clock, 2.0) == [False]
+    leases.read_s = 0.0
+    assert not any(await tries_at(b, clock, *range(8, 22), 21.99))
+    assert await tries_at(b, clock, 22.0) == [True]
+    assert leases.taken == [(22.0, "b")] and 22.0 - (7.0 + 10.0) >= SAFETY_S

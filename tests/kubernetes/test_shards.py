@@ -8,7 +8,6 @@ join are on the real control plane (tests/cluster/test_shards_on_cluster.py)."""
 from __future__ import annotations
 
 import asyncio
-import copy
 import functools
 import threading
 import time
@@ -18,10 +17,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.fake_leases import Clock, Leases
 from support.kube import FAST_RETRY
 from support.kube_emulator import KubeEmulator
 
-from canary.kubernetes.client import Conflict, Kube, NotFound
+from canary.kubernetes.client import Kube
 from canary.kubernetes.lease_thread import LeaseThread
 from canary.kubernetes.operator import Operator, OperatorSettings
 from canary.kubernetes.shards import (
@@ -294,78 +294,6 @@ async def test_a_request_the_holder_will_not_answer_is_cleared(cluster: Cluster)
     for replica in (a, b):
         await replica.finish()
     cluster.assert_never_shared()
-
-
-class Clock:
-    """A monotonic clock the test moves."""
-
-    def __init__(self) -> None:
-        self.t = 0.0
-
-    def __call__(self) -> float:
-        return self.t
-
-
-class Leases:
-    """The Lease API in memory: a read takes `read_s` on the clock (served at its end, after
-    `during_read` ran: a write landing while the read is under way), writes are instant."""
-
-    def __init__(self, clock: Callable[[], float]) -> None:
-        self.clock = clock
-        self.leases: dict[str, dict[str, Any]] = {}
-        self.version = 0
-        self.read_s = 0.0
-        self.during_read: Callable[[], None] | None = None
-        self.taken: list[tuple[float, str]] = []  # (when, by whom) of each acquisition
-
-    def _store(self, body: dict[str, Any]) -> dict[str, Any]:
-        self.version += 1
-        stored = copy.deepcopy(body)
-        stored["metadata"]["resourceVersion"] = str(self.version)
-        self.leases[stored["metadata"]["name"]] = stored
-        return copy.deepcopy(stored)
-
-    def renew(self, holder: str, name: str = "canary-shard-0-of-1", duration: int = 15) -> None:
-        """`holder` (another replica) writes its renewal now."""
-        self._store(
-            {
-                "metadata": {"name": name, "namespace": NS},
-                "spec": {
-                    "holderIdentity": holder,
-                    "renewTime": f"renewed at {self.version}",  # records never repeat
-                    "leaseDurationSeconds": duration,
-                },
-            }
-        )
-
-    async def get_lease(self, namespace: str, name: str) -> dict[str, Any]:
-        if isinstance(self.clock, Clock):
-            self.clock.t += self.read_s
-        if self.during_read is not None:
-            self.during_read()
-            self.during_read = None
-        if name not in self.leases:
-            raise NotFound(name)
-        return copy.deepcopy(self.leases[name])
-
-    async def replace_lease(
-        self, namespace: str, name: str, body: dict[str, Any]
-    ) -> dict[str, Any]:
-        current = self.leases.get(name)
-        if current is None:
-            raise NotFound(name)
-        if body["metadata"].get("resourceVersion") != current["metadata"]["resourceVersion"]:
-            raise Conflict(name)
-        holder = body["spec"]["holderIdentity"]
-        if holder != current["spec"]["holderIdentity"]:
-            self.taken.append((self.clock(), holder))
-        return self._store(body)
-
-    async def create_lease(self, namespace: str, body: dict[str, Any]) -> dict[str, Any]:
-        if body["metadata"]["name"] in self.leases:
-            raise Conflict(body["metadata"]["name"])
-        self.taken.append((self.clock(), body["spec"]["holderIdentity"]))
-        return self._store(body)
 
 
 def survivor(leases: Leases, clock: Callable[[], float], **timings: Any) -> ShardElector:
