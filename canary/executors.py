@@ -16,7 +16,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import ParamSpec, TypeVar
 
-__all__ = ["POOLS", "run_blocking"]
+__all__ = ["POOLS", "name_native_thread", "run_blocking"]
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -46,15 +46,15 @@ def _pool(name: str) -> ThreadPoolExecutor:
             pool = ThreadPoolExecutor(
                 max_workers=POOLS[name],
                 thread_name_prefix=f"canary-{name}",
-                initializer=_name_native_thread,
+                initializer=name_native_thread,
                 initargs=(f"canary-{name}",),
             )
             _pools[name] = pool
         return pool
 
 
-def _name_native_thread(name: str) -> None:
-    """Give the OS thread the pool's name too (Linux: 15 bytes), so `top -H`, /proc and
+def name_native_thread(name: str) -> None:
+    """Give the OS thread the pool's (or thread's) name too (Linux: 15 bytes), so `top -H`, /proc and
     profilers attribute CPU to a pool, not to "python" (Python 3.11 names only its own
     Thread object)."""
     try:

@@ -335,7 +335,15 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
                 identity=identity,
                 **timings,
             )
-        operator = Operator(kube, settings, elector=elector, shards=shards)
+        # The Leases are renewed on a thread with a client of its own: a loop busy with a
+        # thousand rollouts cannot make them miss their deadline (issue 13).
+        operator = Operator(
+            kube,
+            settings,
+            elector=elector,
+            shards=shards,
+            lease_kube=functools.partial(_connect, args) if elector or shards else None,
+        )
         app = make_app(
             operator,
             access=KubeAccess(kube, namespace=settings.namespace),

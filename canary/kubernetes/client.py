@@ -29,7 +29,10 @@ Leader election (`LeaderElector`) follows client-go's: a coordination.k8s.io/v1 
 holder renews it; others take it over only after seeing it unchanged for a whole
 leaseDurationSeconds on their own clock; every write is guarded by resourceVersion, and a
 leader that cannot renew steps down after `renew_deadline_s`, before anyone else may
-take over.
+take over. Unlike client-go, a candidate counts the Lease duration from the start of its
+previous read (which did not show the renewal yet) when that still leaves `SAFETY_S` between
+the leader's renew deadline and its own first write, and wakes when the Lease it watches
+expires: the argument is in canary.kubernetes.shards, whose Leases follow the same rule.
 
 Also here: `EventRecorder` (Events without the flood of a level-triggered loop) and
 `deployment_rollout()` (whether a Deployment has finished rolling out, as kubectl judges).
@@ -45,6 +48,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import math
 import os
 import random
 import time
@@ -67,6 +71,7 @@ __all__ = [
     "API_CALLS",
     "OPERATOR_CALLS",
     "OWN_NAMESPACE_RESOURCES",
+    "SAFETY_S",
     "TWO_CLUSTER_CALLS",
     "ApiCall",
     "Conflict",
@@ -90,6 +95,15 @@ log = logging.getLogger(__name__)
 
 JSON = dict[str, Any]
 T = TypeVar("T")
+
+# The least a takeover counted from the previous read may leave between the holder's renew
+# deadline and the taker's first write (the argument: canary.kubernetes.shards): for a write
+# that checked `holds(i)` / `is_leader` just before the deadline and is still in flight (a
+# request to a healthy API server takes milliseconds to tens of them) and for the two
+# monotonic clocks' rates (a few hundred ppm at worst: milliseconds over 15 s). It is only the
+# worst case: with regular reads the margin is about 3 s at the default timings; anything
+# slower falls back to client-go's count (from when the renewal was seen).
+SAFETY_S = 1.0
 
 
 # -- errors ------------------------------------------------------------------------------
@@ -1184,7 +1198,8 @@ class LeaderElector:
     `is_leader` turns False by itself `renew_deadline_s` after the start of the last
     successful renewal, whether or not the loop is running, so a stalled leader stops
     acting before another candidate can take over (which takes a whole
-    `lease_duration_s` of seeing the Lease unchanged).
+    `lease_duration_s` of the Lease unchanged, counted from the previous read only while
+    that leaves `SAFETY_S` after the leader's renew deadline: canary.kubernetes.shards).
     """
 
     kube: Kube
@@ -1196,10 +1211,15 @@ class LeaderElector:
     retry_period_s: float = 2.0
     on_change: Callable[[bool], None] | None = None
     clock: Callable[[], float] = time.monotonic
+    safety_s: float = SAFETY_S
     _leader_until: float = field(default=0.0, init=False)
     _leading: bool = field(default=False, init=False)
     _observed_rv: str | None = field(default=None, init=False)
-    _observed_at: float = field(default=0.0, init=False)
+    _observed_at: float = field(default=0.0, init=False)  # since when it counts as unchanged
+    _last_read: float | None = field(default=None, init=False)  # the last read's start
+    # The longest `F - P` for which a record's count starts at `P`; None: never (no room)
+    _from_previous_within: float | None = field(default=None, init=False)
+    _next_expiry: float = field(default=math.inf, init=False)  # another holder's, as observed
     _lease: JSON | None = field(default=None, init=False)
     _standby_for: str = field(default="", init=False)  # the holder last logged as such
 
@@ -1213,6 +1233,11 @@ class LeaderElector:
             )
         if not self.identity:
             raise ValueError("identity must not be empty")
+        if self.safety_s <= 0:
+            raise ValueError(f"safety_s must be > 0, got {self.safety_s}")
+        room = self.lease_duration_s - self.renew_deadline_s - self.safety_s
+        if room >= self.retry_period_s:  # else a read a retry period apart never qualifies
+            self._from_previous_within = room
 
     @property
     def leader_until(self) -> float:
@@ -1222,6 +1247,9 @@ class LeaderElector:
 
     @property
     def is_leader(self) -> bool:
+        # Read from the operator's loop while the elector's thread writes
+        # (canary.kubernetes.lease_thread): `_leader_until` is set before `_leading` turns True
+        # and cut before it turns False, so a read between the two errs towards False.
         return self._leading and self.clock() < self._leader_until
 
     def _set_leading(self, leading: bool) -> None:
@@ -1254,9 +1282,7 @@ class LeaderElector:
                     self._set_leading(True)
                 elif not self.is_leader:
                     self._set_leading(False)
-                wake = self.clock() + self.retry_period_s
-                if self._leading:
-                    wake = min(wake, self._leader_until)
+                wake = self.wake_at()
                 try:
                     await asyncio.wait_for(stop.wait(), max(0.0, wake - self.clock()))
                 except TimeoutError:
@@ -1269,11 +1295,26 @@ class LeaderElector:
             if was_leader and stop.is_set():
                 await self.release()
 
+    def wake_at(self) -> float:
+        """When the loop looks again: a retry period from now, or sooner when leadership
+        lapses or the other holder's record would have expired (a takeover then, not a
+        round later)."""
+        now = self.clock()
+        wake = now + self.retry_period_s
+        if self._leading:
+            wake = min(wake, self._leader_until)
+        if now < self._next_expiry < wake:
+            wake = self._next_expiry
+        return wake
+
     async def try_acquire_or_renew(self) -> bool:
         """One round: True if this candidate holds the Lease now (written just now)."""
+        began = self.clock()
+        previous, self._next_expiry = self._last_read, math.inf
         try:
             lease = await self.kube.get_lease(self.namespace, self.name)
         except NotFound:
+            self._last_read = began
             try:
                 self._lease = await self.kube.create_lease(self.namespace, self._body(None, None))
             except Conflict:
@@ -1281,11 +1322,22 @@ class LeaderElector:
             return True
         meta, spec = lease.get("metadata", {}), lease.get("spec") or {}
         now = self.clock()
+        self._last_read = began
         if meta.get("resourceVersion") != self._observed_rv:
-            self._observed_rv, self._observed_at = meta.get("resourceVersion"), now
+            # From the previous read's start if provably safe (canary.kubernetes.shards).
+            since = now
+            if (
+                previous is not None
+                and self._from_previous_within is not None
+                and spec.get("leaseDurationSeconds") == self.lease_duration_s
+                and now - previous <= self._from_previous_within
+            ):
+                since = previous
+            self._observed_rv, self._observed_at = meta.get("resourceVersion"), since
         holder = spec.get("holderIdentity") or ""
         duration = float(spec.get("leaseDurationSeconds") or self.lease_duration_s)
-        if holder and holder != self.identity and now - self._observed_at < duration:
+        if holder and holder != self.identity and now < self._observed_at + duration:
+            self._next_expiry = self._observed_at + duration
             if holder != self._standby_for:
                 self._standby_for = holder
                 log.info(

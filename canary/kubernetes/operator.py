@@ -49,7 +49,9 @@ Lease cancels every rollout task at once, and every write first checks `is_leade
 lapses by itself at the renew deadline), so two replicas never act at once. With shards
 (canary.kubernetes.shards) the same holds per shard: a rollout is acted on only by the holder
 of its shard's Lease, every write checks `holds(shard)`, and a shard lost stops its rollouts;
-the others' rollouts are not touched, not even their status.
+the others' rollouts are not touched, not even their status. Given `lease_kube`, the elector
+runs on a thread of its own with that client (canary.kubernetes.lease_thread), so a loop busy
+with many rollouts cannot make it miss its renewals.
 
 Manual commands come from the CLI as the `canary.dev/command` annotation (JSON with an id);
 the answer is stored in the status. GitOps tools never see the spec change.
@@ -69,7 +71,7 @@ import logging
 import os
 import socket
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any, Literal
@@ -94,6 +96,7 @@ from canary.kubernetes.client import (
     WatchEvent,
 )
 from canary.kubernetes.informer import ObjectCache
+from canary.kubernetes.lease_thread import LeaseThread
 from canary.kubernetes.record_store import MAX_CONFIGMAP_BYTES, ConfigMapRecord
 from canary.kubernetes.shards import ShardElector
 from canary.kubernetes.spec import (
@@ -1041,6 +1044,7 @@ class Operator:
         *,
         elector: LeaderElector | None = None,
         shards: ShardElector | None = None,
+        lease_kube: Callable[[], Awaitable[Kube]] | None = None,
         telemetry: Telemetry | None = None,
         clock: Callable[[], float] | None = None,
     ) -> None:
@@ -1052,6 +1056,9 @@ class Operator:
         self.settings = settings
         self.elector = elector
         self.shards = shards
+        # Given, the elector runs on a thread of its own with the client this makes there
+        # (canary.kubernetes.lease_thread): a saturated loop cannot delay its renewals.
+        self.lease_kube = lease_kube
         # shard -> the term this instance acts in; a shard lost (or lost and taken again)
         # stops its rollouts before any starts again.
         self._terms: dict[int, int] = {}
@@ -1086,7 +1093,9 @@ class Operator:
         without a key: about some rollout)?"""
         if self.shards is not None:
             if key is None:
-                return any(self.shards.holds(i) for i in self._terms)
+                # /metrics calls this from its scrape thread: copy the shards (one C call)
+                # rather than iterate a dict the loop may change meanwhile.
+                return any(self.shards.holds(i) for i in tuple(self._terms))
             shard = self.shards.shard_of(*key)
             return shard in self._terms and self.shards.holds(shard)
         if self.elector is None:
@@ -1113,10 +1122,15 @@ class Operator:
             asyncio.create_task(self.ingresses.run(), name="watch ingresses"),
             asyncio.create_task(self.httproutes.run(), name="watch httproutes"),
         ]
-        if self.elector is not None:
-            election = asyncio.create_task(self.elector.run(elector_stop), name="leader election")
-        elif self.shards is not None:
-            election = asyncio.create_task(self.shards.run(elector_stop), name="shard leases")
+        electing = self.elector or self.shards
+        if electing is not None:
+            elect = (
+                LeaseThread(electing, self.lease_kube).run
+                if self.lease_kube is not None
+                else electing.run
+            )
+            name = "leader election" if self.elector is not None else "shard leases"
+            election = asyncio.create_task(elect(elector_stop), name=name)
         stopping = asyncio.create_task(stop.wait(), name="stop")
         try:
             while True:

@@ -25,24 +25,57 @@ makes the holder release for nobody; the holder takes the Lease back once it has
 for a Lease duration. The annotation is left out of the liveness record, so asking never
 looks like a renewal.
 
-Fencing, the argument (as client-go's leaderelection). A replica holds shard i until
-`started + renew_deadline_s`, where `started` is the monotonic time *before* it read the Lease
-in the round whose renewal succeeded. Another replica takes the Lease over only after seeing
-the renewed record unchanged for `lease_duration_s` on its own monotonic clock, and it first
-saw that record after it was written, so after `started`: it writes at the earliest at
-`started + lease_duration_s`, which is later than `started + renew_deadline_s` because
-`renew_deadline_s < lease_duration_s` (checked). So the old holder's `holds(i)` (which every
-write checks, canary.kubernetes.operator) turned False before the new holder's first write,
-with `lease_duration_s - renew_deadline_s` to spare for a write already under way and for the
-two clocks' rates. A takeover is a resourceVersion-guarded replace of the record it observed,
-so a renewal in the meantime makes it fail. A release is written only after the releaser
-stopped its rollouts (`on_release`, awaited), which is why a released Lease may be taken at
-once.
+Fencing, the argument (as client-go's leaderelection, with an earlier start of the count).
+A replica holds shard i until `started + renew_deadline_s`, where `started` is the monotonic
+time *before* it read the Lease in the round whose renewal succeeded; the renewal was written
+after `started`, so the holder stops acting at most `renew_deadline_s` after its write `w`.
+Another replica takes the Lease over only once it has seen the record unchanged from a point
+`since` of its own monotonic clock for `lease_duration_s`: it writes at the earliest at
+`since + lease_duration_s`, after the holder stopped acting by at least
+`since + lease_duration_s - (w + renew_deadline_s)`. Which `since`: let `F` be when the read
+that first showed the record returned (so `w < F`), and `P` the `started` of the last round
+whose read of that Lease returned the record before (it was served after `P` and did not show
+the renewal, so `P < w`). client-go counts from `F`: the margin is then over
+`lease_duration_s - renew_deadline_s` (5 s of 15; `renew_deadline_s < lease_duration_s` is
+checked), but the takeover comes a Lease duration after the survivor
+*saw* the renewal, up to a retry period late. So the count starts at `P` when
+`F - P <= lease_duration_s - renew_deadline_s - SAFETY_S`: the margin is then more than
+`lease_duration_s - renew_deadline_s - (F - P)`, so at least SAFETY_S (1 s) in the worst case
+(the renewal written just before `F`), about 3 s with regular reads (`F - P` a retry period, 2 s,
+plus a round); else (a first sight, no earlier read; a stalled or slow round; timings that
+leave no room, checked) from `F`, as client-go. The margin is what is left for a write
+already under way when `holds(i)` turned False and for the two clocks' rates. The rule
+assumes the holder's renew deadline is this replica's: it applies only to a record whose
+`leaseDurationSeconds` is this replica's own, the timings being derived from it
+(canary.cli.kubernetes.lease_timings). A replica also wakes when a record it watches would
+expire, not only every retry period, so that the takeover comes at `P + lease_duration_s`
+(when reads are regular, within the Lease duration of the holder's last renewal), not a
+round later. Reads are the API server's quorum reads (a GET without resourceVersion), so a
+read started after another returned sees at least what that one saw; records never repeat
+(renewTime moves). A takeover is a resourceVersion-guarded replace of the record it
+observed, so a renewal in the meantime makes it fail. A release is written only after the
+releaser stopped its rollouts (`on_release`, awaited), which is why a released Lease may be
+taken at once.
+
+The thread. `canary kubernetes` runs this loop on a thread of its own, `canary-leases`, with
+its own event loop and Kube client (canary.kubernetes.lease_thread): on the controller's loop,
+a loop saturated by a thousand rollouts delayed the renewals past their deadline, and a
+replica let go of its shards and took them back over and over (issue 13). Nothing above
+changes: `holds(i)` is still `clock() < started + renew_deadline_s` on the same monotonic
+clock, read by the operator's loop from a snapshot the elector's thread swaps whole (never a
+dict changed under a reader), and `on_release` still runs (on the operator's loop) and is
+awaited before the release is written. A busy operator loop only makes its writes later,
+each still checking `holds(i)` first; the Lease stays renewed meanwhile. A handover waits for
+that loop to stop the shard's rollouts in a task of its own: `holds(i)` turned False before
+it started, and the other shards are renewed meanwhile (awaited in the round, a thousand
+rollouts stopping on a busy loop made them lapse too). Should the wait outlast the Lease, the
+asker takes the unrenewed Lease as expired: fenced as any other takeover.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import math
@@ -52,9 +85,9 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from canary.kubernetes.client import Conflict, Kube, KubeError, NotFound
+from canary.kubernetes.client import SAFETY_S, Conflict, Kube, KubeError, NotFound
 
-__all__ = ["WANTED_BY", "ShardElector", "shard_lease_name", "shard_of"]
+__all__ = ["SAFETY_S", "WANTED_BY", "ShardElector", "shard_lease_name", "shard_of"]
 
 log = logging.getLogger("canary.kubernetes.shards")
 
@@ -118,10 +151,23 @@ class ShardElector:
     # Awaited before a Lease is released: stop acting on the shard's rollouts.
     on_release: Callable[[int], Awaitable[None]] | None = None
     clock: Callable[[], float] = time.monotonic
-    _until: dict[int, float] = field(default_factory=dict, init=False)
-    _terms: dict[int, int] = field(default_factory=dict, init=False)
+    safety_s: float = SAFETY_S
+    # Read from other threads (the operator's loop, /metrics) while the elector's own thread
+    # writes them (canary.kubernetes.lease_thread): each is swapped whole, never mutated.
+    # shard -> (held until, term)
+    _held: dict[int, tuple[float, int]] = field(default_factory=dict, init=False)
     _leases: dict[int, JSON | None] = field(default_factory=dict, init=False)
+    # shard -> (record, since when it counts as unchanged); only this elector's thread
     _observed: dict[int, tuple[tuple[Any, ...], float]] = field(default_factory=dict, init=False)
+    # shard -> `started` of the last round whose read of its Lease succeeded
+    _last_read: dict[int, float] = field(default_factory=dict, init=False)
+    # The longest `F - P` for which a record's count starts at `P`; None: never (no room)
+    _from_previous_within: float | None = field(default=None, init=False)
+    # The earliest time at which another holder's record, as observed, will have expired
+    _next_expiry: float = field(default=math.inf, init=False)
+    # Handovers under way: each waits for its shard's rollouts to stop, which may take long
+    # on a busy operator loop; the other shards are renewed meanwhile.
+    _releasing: dict[int, asyncio.Task[None]] = field(default_factory=dict, init=False)
     _acquired: int = field(default=0, init=False)
 
     def __post_init__(self) -> None:
@@ -136,6 +182,20 @@ class ShardElector:
             )
         if not self.identity:
             raise ValueError("identity must not be empty")
+        if self.safety_s <= 0:
+            raise ValueError(f"safety_s must be > 0, got {self.safety_s}")
+        room = self.lease_duration_s - self.renew_deadline_s - self.safety_s
+        if room >= self.retry_period_s:
+            self._from_previous_within = room
+        else:  # a read a retry period after the previous one would never qualify
+            log.info(
+                "shard leases: a takeover counts from when the renewal was seen (Lease %ss, "
+                "renew deadline %ss, retry %ss leave less than %ss of margin otherwise)",
+                self.lease_duration_s,
+                self.renew_deadline_s,
+                self.retry_period_s,
+                self.safety_s,
+            )
 
     # ---- what this replica holds ----------------------------------------------------
 
@@ -147,19 +207,24 @@ class ShardElector:
 
     def holds(self, index: int) -> bool:
         """Whether this replica may act on shard `index` now (lapses by itself)."""
-        return self.clock() < self._until.get(index, 0.0)
+        return self.clock() < self._held.get(index, (0.0, 0))[0]
 
     def held(self) -> dict[int, int]:
         """The shards held now, each with its term (a new term on each acquisition)."""
         now = self.clock()
-        return {i: self._terms[i] for i, until in self._until.items() if now < until}
+        return {i: term for i, (until, term) in self._held.items() if now < until}
 
     def holders(self) -> dict[int, str]:
         """Each shard's holder as last read ("" free or unknown)."""
-        return {i: _holder(self._leases.get(i)) for i in range(self.shards)}
+        leases = self._leases
+        return {i: _holder(leases.get(i)) for i in range(self.shards)}
+
+    def _remember(self, index: int, lease: JSON | None) -> None:
+        self._leases = {**self._leases, index: lease}
 
     def _drop(self, index: int) -> None:
-        if self._until.pop(index, None) is not None:
+        if index in self._held:
+            self._held = {i: held for i, held in self._held.items() if i != index}
             log.info("shard lease %s: %s stops acting", self.name(index), self.identity)
 
     # ---- the loop ---------------------------------------------------------------------
@@ -172,19 +237,48 @@ class ShardElector:
                     await self.round()
                 except KubeError as exc:
                     log.warning("shard leases: %s", exc)
-                wake = self.clock() + self.retry_period_s
-                if self._until:
-                    wake = min(wake, min(self._until.values()))
+                wake = self.wake_at()
                 try:
                     await asyncio.wait_for(stop.wait(), max(0.0, wake - self.clock()))
                 except TimeoutError:
                     pass
-                for index in [i for i in self._until if not self.holds(i)]:
+                for index in [i for i in self._held if not self.holds(i)]:
                     self._drop(index)  # the renew deadline passed: fenced already
         finally:
+            handovers = list(self._releasing.values())
+            if not stop.is_set():
+                for task in handovers:
+                    task.cancel()
+            await asyncio.gather(*handovers, return_exceptions=True)
             if stop.is_set():
                 await self.release_all()
-            self._until.clear()
+            self._held = {}
+
+    def wake_at(self) -> float:
+        """When the loop looks again: a retry period from now, or sooner when a shard held
+        lapses or another holder's record would have expired (a takeover then, not a round
+        later)."""
+        now = self.clock()
+        wake = now + self.retry_period_s
+        if self._held:
+            wake = min(wake, min(until for until, _ in self._held.values()))
+        if now < self._next_expiry < wake:
+            wake = self._next_expiry
+        return wake
+
+    def _since(self, index: int, lease: JSON | None, seen: float) -> float:
+        """Where the count of a record first seen in a read that returned at `seen` starts:
+        the previous read's round start when that is provably safe (module docstring)."""
+        previous = self._last_read.get(index)
+        duration = ((lease or {}).get("spec") or {}).get("leaseDurationSeconds")
+        if (
+            previous is not None
+            and self._from_previous_within is not None
+            and duration == self.lease_duration_s
+            and seen - previous <= self._from_previous_within
+        ):
+            return previous
+        return seen
 
     async def _read(self, index: int) -> JSON | KubeError | None:
         try:
@@ -205,32 +299,40 @@ class ShardElector:
                 log.warning("shard lease %s: %s", self.name(index), got)
                 continue
             known[index] = got
-            self._leases[index] = got
+            self._remember(index, got)
             record = _record(got)
             if self._observed.get(index, ((), 0.0))[0] != record:
-                self._observed[index] = (record, now)
+                self._observed[index] = (record, self._since(index, got, now))
+            self._last_read[index] = started
 
-        def unchanged_for(index: int) -> float:
-            return now - self._observed[index][1]
+        def expires(index: int, duration: float) -> float:
+            # the same sum as the wake-up's (wake_at), so that a round woken at it takes over
+            return self._observed[index][1] + duration
 
         mine, free, expired, others = [], [], [], {}
+        next_expiry = math.inf
         for index, lease in known.items():
             holder = _holder(lease)
             duration = float(((lease or {}).get("spec") or {}).get("leaseDurationSeconds") or 0)
+            if index in self._releasing:
+                continue  # being handed over: neither renewed nor counted as held
             if holder == self.identity:
                 mine.append(index)
             elif not holder:
                 free.append(index)
-            elif unchanged_for(index) >= (duration or self.lease_duration_s):
+            elif now >= expires(index, duration or self.lease_duration_s):
                 expired.append(index)
             else:
                 others[index] = holder
+                next_expiry = min(next_expiry, expires(index, duration or self.lease_duration_s))
+        self._next_expiry = next_expiry
         wanters = {_wanted_by(lease) for lease in known.values()} - {""}
         members = {self.identity, *others.values(), *wanters}
         fair = math.ceil(self.shards / len(members))
 
-        # Hand over what others asked for, down to the fair share; renew the rest first (a
-        # release waits for its rollouts to stop), answering the other requests with no.
+        # Hand over what others asked for, down to the fair share, answering the other
+        # requests with no when renewing. A release waits for its rollouts to stop, on the
+        # operator's loop: it runs on its own, so that the renewals never wait for it.
         excess = len(mine) - fair
         handed: list[int] = []
         for index in sorted(mine, reverse=True):
@@ -238,9 +340,14 @@ class ShardElector:
                 handed.append(index)
                 excess -= 1
         mine = [i for i in mine if i not in handed]
-        await asyncio.gather(*(self._renew(i, known[i], started) for i in mine))
         for index in handed:
-            await self._release(index, asked_by=_wanted_by(known[index]))
+            self._drop(index)  # stops acting now, whenever the rollouts have stopped
+            self._releasing[index] = asyncio.create_task(
+                self._release(index, asked_by=_wanted_by(known[index])),
+                name=f"release {self.name(index)}",
+            )
+            self._releasing[index].add_done_callback(functools.partial(self._handed, index))
+        await asyncio.gather(*(self._renew(i, known[i], started) for i in mine))
 
         # Expired shards are taken whatever the share; free ones up to it, or once nobody
         # took them for a whole Lease duration.
@@ -249,7 +356,7 @@ class ShardElector:
             if await self._acquire(index, known[index], started, why="expired"):
                 count += 1
         for index in free:
-            abandoned = unchanged_for(index) >= self.lease_duration_s
+            abandoned = now >= expires(index, self.lease_duration_s)
             if count < fair or abandoned:
                 why = "free for a lease duration" if abandoned and count >= fair else "free"
                 if await self._acquire(index, known[index], started, why=why):
@@ -291,10 +398,12 @@ class ShardElector:
         until = started + self.renew_deadline_s
         if self.clock() >= until:
             return  # the write took past the deadline: not counted as held
-        if not self.holds(index):  # a new term: the operator starts the shard afresh
+        if self.holds(index):
+            term = self._held[index][1]
+        else:  # a new term: the operator starts the shard afresh
             self._acquired += 1
-            self._terms[index] = self._acquired
-        self._until[index] = until
+            term = self._acquired
+        self._held = {**self._held, index: (until, term)}
 
     async def _renew(self, index: int, lease: JSON | None, started: float) -> None:
         # An asker's annotation write may land between our read and our write: read again
@@ -304,8 +413,8 @@ class ShardElector:
         for attempt in range(2):
             body = self._body(index, lease, acquire=False, answered=seen)
             try:
-                self._leases[index] = await self.kube.replace_lease(
-                    self.namespace, self.name(index), body
+                self._remember(
+                    index, await self.kube.replace_lease(self.namespace, self.name(index), body)
                 )
             except Conflict:
                 if attempt == 1:
@@ -333,7 +442,7 @@ class ShardElector:
         except KubeError as exc:
             log.warning("shard lease %s: acquire failed: %s", self.name(index), exc)
             return False
-        self._leases[index] = written
+        self._remember(index, written)
         self._drop(index)  # whatever was held before, this is a new term
         self._held_from(index, started)
         log.info(
@@ -373,8 +482,8 @@ class ShardElector:
             },
         }
         try:
-            self._leases[index] = await self.kube.replace_lease(
-                self.namespace, self.name(index), body
+            self._remember(
+                index, await self.kube.replace_lease(self.namespace, self.name(index), body)
             )
         except KubeError:
             return  # renewed or taken meanwhile: asked again next round if still needed
@@ -385,6 +494,13 @@ class ShardElector:
             holder,
             fair,
         )
+
+    def _handed(self, index: int, task: asyncio.Task[None]) -> None:
+        self._releasing.pop(index, None)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "shard lease %s: handover failed", self.name(index), exc_info=task.exception()
+            )
 
     async def _release(self, index: int, *, asked_by: str = "") -> None:
         """Stop acting on the shard, then give its Lease up."""
@@ -403,8 +519,8 @@ class ShardElector:
         }
         body = {**lease, "metadata": {**meta}, "spec": spec}
         try:
-            self._leases[index] = await self.kube.replace_lease(
-                self.namespace, self.name(index), body
+            self._remember(
+                index, await self.kube.replace_lease(self.namespace, self.name(index), body)
             )
         except KubeError as exc:
             log.info("shard lease %s: release failed (it will expire): %s", self.name(index), exc)
@@ -418,5 +534,5 @@ class ShardElector:
 
     async def release_all(self) -> None:
         """Give up every Lease held (on the way out: the rollouts were stopped first)."""
-        for index in sorted(self._until):
+        for index in sorted(self._held):
             await self._release(index)

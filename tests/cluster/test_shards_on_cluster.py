@@ -5,8 +5,9 @@ rollouts of four namespaces by their shard, one Lease per shard in canary-system
     replica-a starts alone and takes both shard Leases; replica-b asks for one and a hands it
     over, so each acts on its shard's two namespaces only; replica-c joins and takes nothing
     (everyone is at its fair share). replica-a is killed (-9) mid-rollout: its shard moves to
-    another replica within the Lease duration (4s here) and its rollouts resume from their
-    status annotations: one start in each record, weights 0, 30, 50, 70, 100, 0 in order, and
+    another replica about the Lease duration after (6s here, long enough for the count from
+    the previous read: canary.kubernetes.shards) and its rollouts resume from their status
+    annotations: one start in each record, weights 0, 30, 50, 70, 100, 0 in order, and
     never two replicas writing about one app in alternation. SIGTERM releases the Leases.
 
 Who wrote what comes from the apiserver's audit log (each replica's token has its own
@@ -56,7 +57,7 @@ from canary.kubernetes.spec import ANNOTATION_STATUS
 SHARDS = 2
 RECORDS_NS = "canary-system"
 PREFIX = "e2e-shard"
-LEASE_DURATION_S = 4
+LEASE_DURATION_S = 6
 NEW_IMAGE = "ghcr.io/example/shop:1.5.0"
 NEWER_IMAGE = "ghcr.io/example/shop:1.6.0"
 WAIT_S = 300.0  # waits, not measurements: the machine may be busy
@@ -477,7 +478,8 @@ def test_two_replicas_split_the_shards_survive_a_kill_and_a_third_takes_nothing(
     )
     moved_after = _wall(taken["spec"]["acquireTime"]) - killed_at
     # Taken once the Lease was seen unchanged for its duration: at most that after the last
-    # renewal, plus a look (0.53s) on each side, plus slack for a busy machine.
+    # renewal (counted from the survivor's previous read: 6 - 4 - SAFETY_S leaves 1 s for
+    # F - P, a look being 0.8 s), plus slack for a busy machine (a slow look counts from F).
     assert moved_after <= LEASE_DURATION_S + 3.0, moved_after
 
     for namespace in NAMESPACES:

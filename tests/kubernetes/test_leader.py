@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from support.fake_leases import Clock, Leases
 from support.kube import FAST_RETRY
 from support.kube_emulator import KubeEmulator
 
-from canary.kubernetes.client import Kube, LeaderElector
+from canary.kubernetes.client import SAFETY_S, Kube, LeaderElector
 
 LEASES = ("coordination.k8s.io", "v1", "leases")
 
@@ -207,3 +210,104 @@ async def test_a_standby_says_so_once_per_holder(
     await a.finish()
     standby = [r.getMessage() for r in caplog.records if "standby" in r.getMessage()]
     assert standby == ["lease canary-system/canary-leader: held by a; b is standby"]
+
+
+async def test_on_a_thread_of_its_own_the_elector_calls_back_on_the_callers_loop(
+    api: KubeEmulator, kube: Kube, tmp_path: Path
+) -> None:
+    """LeaseThread runs the elector on `canary-leases` with a client of its own: it leads,
+    its `on_change` runs on the caller's thread, and on stop it releases the Lease, closes its
+    client, ends its thread and gives the elector its own client and callback back."""
+    from canary.kubernetes.lease_thread import LeaseThread
+
+    config = api.write_kubeconfig(tmp_path / "kc-thread", token="token-thread")
+    changes: list[tuple[bool, str]] = []
+
+    def on_change(leading: bool) -> None:
+        changes.append((leading, threading.current_thread().name))
+
+    elector = LeaderElector(
+        kube,
+        namespace="canary-system",
+        name="canary-leader",
+        identity="threaded",
+        lease_duration_s=1,
+        renew_deadline_s=0.6,
+        retry_period_s=0.1,
+        on_change=on_change,
+    )
+    connect = functools.partial(Kube.connect, kubeconfig=str(config), retry=FAST_RETRY)
+    stop = asyncio.Event()
+    task = asyncio.create_task(LeaseThread(elector, connect).run(stop))
+    for _ in range(100):
+        if elector.is_leader:
+            break
+        await asyncio.sleep(0.05)
+    assert elector.is_leader and "canary-leases" in {t.name for t in threading.enumerate()}
+    stop.set()
+    await asyncio.wait_for(task, 5)
+    main = threading.current_thread().name
+    assert changes == [(True, main), (False, main)]
+    lease = api.get(*LEASES, "canary-system", "canary-leader")
+    assert lease["spec"]["holderIdentity"] == ""
+    assert {r.token for r in api.recorded(resource="leases")} == {"token-thread"}
+    assert "canary-leases" not in {t.name for t in threading.enumerate()}
+    assert elector.kube is kube and elector.on_change is on_change
+
+
+def candidate(leases: Leases, clock: Clock) -> LeaderElector:
+    """Candidate b, standing by while a leads: the CLI's timings (15 s, 10 s, 2 s)."""
+    return LeaderElector(
+        leases,  # type: ignore[arg-type]
+        namespace="canary-system",
+        name="canary-leader",
+        identity="b",
+        clock=clock,
+    )
+
+
+async def tries_at(b: LeaderElector, clock: Clock, *times: float) -> list[bool]:
+    won = []
+    for at in times:
+        clock.t = at
+        won.append(await b.try_acquire_or_renew())
+    return won
+
+
+async def test_a_candidate_counts_from_its_previous_read_and_wakes_at_the_expiry() -> None:
+    """As the shards (canary.kubernetes.shards): a's last renewal (2.5) is first seen by the
+    read started at 4 (F = 4.05), the read started at 2 (P) saw the record before it, so b
+    counts from P, looks again at P + 15 = 17 rather than in the next round (18), and takes
+    over then, within the Lease duration of a's last renewal. The old count, from F, made
+    that 19.05 or later."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.read_s = 0.05
+    leases.renew("a", name="canary-leader")
+    b = candidate(leases, clock)
+    assert await tries_at(b, clock, 0.0, 2.0) == [False, False]
+    clock.t = 2.5
+    leases.renew("a", name="canary-leader")
+    assert not any(await tries_at(b, clock, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0))
+    assert b.wake_at() == 17.0
+    assert await tries_at(b, clock, 16.9, 17.0) == [False, True]
+    assert leases.taken == [(17.05, "b")]
+
+
+async def test_a_candidate_whose_previous_read_is_too_old_counts_from_when_it_saw_it() -> None:
+    """A stalled read: the one before started at 0, this one started at 2 and returned at 7
+    with a renewal written just before. Counting from 0 would have b write at 15, while a may
+    act until 7 + 10 (its write just before 7): F - P = 7 > 15 - 10 - SAFETY_S, so b counts
+    from 7 and writes SAFETY_S or more after a's renew deadline."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.renew("a", name="canary-leader")
+    b = candidate(leases, clock)
+    assert await tries_at(b, clock, 0.0) == [False]
+    leases.read_s = 5.0
+    leases.during_read = lambda: leases.renew("a", name="canary-leader")
+    assert await tries_at(b, clock, 2.0) == [False]
+    leases.read_s = 0.0
+    assert not any(await tries_at(b, clock, *range(8, 22), 21.99))
+    assert await tries_at(b, clock, 22.0) == [True]
+    assert leases.taken == [(22.0, "b")] and 22.0 - (7.0 + 10.0) >= SAFETY_S

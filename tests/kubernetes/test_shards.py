@@ -8,17 +8,29 @@ join are on the real control plane (tests/cluster/test_shards_on_cluster.py)."""
 from __future__ import annotations
 
 import asyncio
+import functools
+import threading
 import time
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from support.fake_leases import Clock, Leases
 from support.kube import FAST_RETRY
 from support.kube_emulator import KubeEmulator
 
 from canary.kubernetes.client import Kube
-from canary.kubernetes.shards import WANTED_BY, ShardElector, shard_lease_name, shard_of
+from canary.kubernetes.lease_thread import LeaseThread
+from canary.kubernetes.operator import Operator, OperatorSettings
+from canary.kubernetes.shards import (
+    SAFETY_S,
+    WANTED_BY,
+    ShardElector,
+    shard_lease_name,
+    shard_of,
+)
 
 LEASES = ("coordination.k8s.io", "v1", "leases")
 NS = "canary-system"
@@ -282,6 +294,346 @@ async def test_a_request_the_holder_will_not_answer_is_cleared(cluster: Cluster)
     for replica in (a, b):
         await replica.finish()
     cluster.assert_never_shared()
+
+
+def survivor(leases: Leases, clock: Callable[[], float], **timings: Any) -> ShardElector:
+    """Replica b, standing by for shard 0 of 1 (held by a): the CLI's timings by default."""
+    return ShardElector(
+        leases,  # type: ignore[arg-type]
+        namespace=NS,
+        prefix="canary-shard",
+        shards=1,
+        identity="b",
+        clock=clock,
+        **{"lease_duration_s": 15, "renew_deadline_s": 10.0, "retry_period_s": 2.0, **timings},
+    )
+
+
+async def rounds_at(b: ShardElector, clock: Clock, *times: float) -> None:
+    for at in times:
+        clock.t = at
+        await b.round()
+
+
+async def test_a_takeover_counts_from_the_previous_read_when_reads_are_regular() -> None:
+    """Reads every 2 s (50 ms each): a's last renewal (at 2.5) is first seen by the read of
+    the round at 4 (F = 4.05); the round at 2 (P) saw the record before it. b counts the
+    Lease from P: it takes over in the first round from P + 15 = 17, within the Lease duration
+    of a's last renewal (17.5). Counted from F (client-go, the old rule) it came at 19.05 or
+    later: 1.5 s past that renewal's expiry."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.read_s = 0.05
+    leases.renew("a")
+    b = survivor(leases, clock)
+    await rounds_at(b, clock, 0.0, 2.0)
+    clock.t = 2.5
+    leases.renew("a")  # a's last renewal; then it dies
+    last_renewal = clock.t
+    await rounds_at(b, clock, 4.0, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0, 16.9)
+    assert leases.taken == [] and b.held() == {}
+    await rounds_at(b, clock, 17.0)
+    assert leases.taken == [(17.05, "b")]
+    assert leases.taken[0][0] <= last_renewal + 15
+    assert b.held() == {0: 1}
+    # a stopped acting by 2.5 + 10 at the latest (its round started before its write):
+    # 4.55 s before b's first write, more than SAFETY_S
+    assert leases.taken[0][0] - (last_renewal + 10.0) >= SAFETY_S
+
+
+@pytest.mark.parametrize(
+    ("previous", "read_s", "since"),
+    [
+        (2.0, 0.05, "P"),  # regular: F - P = 2.05
+        (2.0, 2.0, "P"),  # F - P = 4.0 = 15 - 10 - SAFETY_S: the last that counts from P
+        (2.0, 2.01, "F"),  # F - P = 4.01: a slow read
+        (0.0, 5.0, "F"),  # a stalled round: the read before is 5 s old when the renewal is seen
+        (None, 0.05, "F"),  # first sight: no read before
+    ],
+)
+async def test_a_takeover_never_comes_before_the_holder_stopped_acting_by_safety_s(
+    previous: float | None, read_s: float, since: str
+) -> None:
+    """a renews while b's read is under way (the worst case: written just before b's read
+    returns at F). a holds until its write + 10 s at the latest. b counts from the previous
+    read's round start P only when F - P <= 15 - 10 - SAFETY_S, so that its first write
+    (P + 15 or later) comes SAFETY_S or more after a stopped acting; else from F."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.renew("a")
+    b = survivor(leases, clock)
+    if previous is not None:
+        await rounds_at(b, clock, previous)  # reads a's record before the renewal
+    started = 4.0 if previous is None else previous + 2.0
+    leases.read_s = read_s
+
+    def renewal() -> None:
+        leases.renew("a")  # written at F, as late as it can be and not seen before
+
+    leases.during_read = renewal
+    await rounds_at(b, clock, started)
+    seen = clock.t  # F
+    leases.read_s = 0.0
+    count_from = previous if since == "P" and previous is not None else seen
+    expiry = count_from + 15
+    # the last round before the expiry takes nothing, the one at it takes the Lease
+    await rounds_at(b, clock, *[t for t in range(int(seen) + 1, int(expiry) + 1) if t < expiry])
+    assert leases.taken == []
+    await rounds_at(b, clock, expiry)
+    assert leases.taken == [(expiry, "b")]
+    assert expiry - (seen + 10.0) >= SAFETY_S
+
+
+def test_timings_with_no_room_for_the_margin_count_from_when_the_renewal_was_seen() -> None:
+    """Lease 3 s, renew deadline 2 s: 1 s between them, all of it SAFETY_S, so counting from
+    the previous read never leaves the margin: every count starts at F. A safety_s of 0 or
+    less is refused."""
+    clock = Clock()
+    leases = Leases(clock)
+    b = survivor(leases, clock, lease_duration_s=3, renew_deadline_s=2.0, retry_period_s=0.5)
+    assert b._from_previous_within is None
+    assert survivor(leases, clock)._from_previous_within == 15 - 10 - SAFETY_S
+    with pytest.raises(ValueError, match="safety_s must be > 0"):
+        survivor(leases, clock, safety_s=0.0)
+
+
+async def test_no_room_counts_from_f() -> None:
+    """The timings above, reads regular: the takeover comes 3 s after F, not after P."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.renew("a", duration=3)
+    b = survivor(leases, clock, lease_duration_s=3, renew_deadline_s=2.0, retry_period_s=0.5)
+    await rounds_at(b, clock, 0.0)
+    clock.t = 0.25
+    leases.renew("a", duration=3)
+    await rounds_at(b, clock, 0.5, 3.0, 3.49)
+    assert leases.taken == []
+    await rounds_at(b, clock, 3.5)
+    assert leases.taken == [(3.5, "b")]
+
+
+async def test_the_loop_wakes_when_an_observed_lease_expires() -> None:
+    """b's rounds are 2 s apart, but after the round at 16 it looks again at 17, when a's
+    record (counted from 2) expires, not at 18; before that only every retry period. On
+    the real loop (Lease 2 s, retry 0.9 s): b first sees a's record at t0 and takes it over
+    at t0 + 2, not in the round at t0 + 2.7."""
+    clock = Clock()
+    leases = Leases(clock)
+    leases.renew("a")
+    b = survivor(leases, clock)
+    await rounds_at(b, clock, 0.0)
+    assert b.wake_at() == 2.0
+    await rounds_at(b, clock, 2.0)
+    clock.t = 3.0
+    leases.renew("a")
+    await rounds_at(b, clock, 4.0)
+    assert b.wake_at() == 6.0
+    await rounds_at(b, clock, 6.0, 8.0, 10.0, 12.0, 14.0, 16.0)
+    assert b.wake_at() == 17.0
+    clock.t = 16.5
+    assert b.wake_at() == 17.0
+    await rounds_at(b, clock, 17.0)
+    assert leases.taken == [(17.0, "b")] and b.wake_at() == 17.0 + 2.0
+
+    real = Leases(time.monotonic)
+    real.renew("a", duration=2)
+    b = survivor(
+        real,
+        time.monotonic,
+        lease_duration_s=2,
+        renew_deadline_s=1.0,
+        retry_period_s=0.9,
+        safety_s=0.1,
+    )
+    stop = asyncio.Event()
+    t0 = time.monotonic()
+    task = asyncio.create_task(b.run(stop))
+    try:
+        for _ in range(400):
+            if real.taken:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 5)
+    assert real.taken, "b never took the Lease"
+    took = real.taken[0][0] - t0
+    assert 2.0 <= took < 2.4, took  # rounds at 0, 0.9, 1.8, 2.7: the next one was 2.7
+
+
+@pytest.fixture
+def api_on_a_thread() -> Iterator[KubeEmulator]:
+    """The emulator on a loop of its own, so that it answers while the test's loop is blocked
+    (as the API server does while a controller's loop is busy)."""
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, name="emulator", daemon=True)
+    thread.start()
+    emulator = KubeEmulator()
+    asyncio.run_coroutine_threadsafe(emulator.start(), loop).result(10)
+    try:
+        yield emulator
+    finally:
+        asyncio.run_coroutine_threadsafe(emulator.stop(), loop).result(10)
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(10)
+        loop.close()
+
+
+class Busy:
+    """Replica a as `canary kubernetes --shards N` runs it: an operator whose elector runs on
+    the canary-leases thread; and replica b, an elector on a thread of its own. The emulator
+    answers from its own thread, so the test's loop (a's) can be blocked."""
+
+    def __init__(self, api: KubeEmulator, tmp_path: Path, shards: int) -> None:
+        self.api = api
+        self.tmp_path = tmp_path
+        self.shards = shards
+        self.released: list[int] = []  # what a's on_release was told, on a's loop
+        self.stops = {"a": asyncio.Event(), "b": asyncio.Event()}
+        self.tasks: list[asyncio.Task[None]] = []
+
+    def connect(self, identity: str) -> Callable[[], Awaitable[Kube]]:
+        config = self.api.write_kubeconfig(
+            self.tmp_path / f"kc-{identity}", token=f"token-{identity}"
+        )
+        return functools.partial(Kube.connect, kubeconfig=str(config), retry=FAST_RETRY)
+
+    def elector(self, identity: str) -> ShardElector:
+        return ShardElector(
+            self.kube,  # a's loop's client: the elector's thread swaps in its own
+            namespace=NS,
+            prefix="canary-shard",
+            shards=self.shards,
+            identity=identity,
+            lease_duration_s=3,
+            renew_deadline_s=2.0,
+            retry_period_s=0.5,
+        )
+
+    async def start_a(self) -> dict[int, int]:
+        self.kube = await self.connect("a")()
+        settings = OperatorSettings(
+            prometheus_url="http://127.0.0.1:9", record_namespace=NS, tick_s=0.2, identity="a"
+        )
+        self.a = self.elector("a")
+        self.operator = Operator(self.kube, settings, shards=self.a, lease_kube=self.connect("a"))
+        release_shard = self.operator._release_shard
+
+        async def on_release(index: int) -> None:
+            assert threading.current_thread() is threading.main_thread()  # on a's loop
+            self.released.append(index)
+            await release_shard(index)
+
+        self.a.on_release = on_release
+        self.tasks.append(asyncio.create_task(self.operator.run(self.stops["a"])))
+        for _ in range(200):
+            if len(self.a.held()) == self.shards and self.operator._terms:
+                break
+            await asyncio.sleep(0.05)
+        held = self.a.held()
+        assert held == self.operator._terms and list(held) == list(range(self.shards)), held
+        return held
+
+    async def start_b(self) -> None:
+        self.b = self.elector("b")
+        self.tasks.append(
+            asyncio.create_task(LeaseThread(self.b, self.connect("b")).run(self.stops["b"]))
+        )
+        await asyncio.sleep(0)  # b's thread starts
+
+    def block(self, seconds: float) -> tuple[float, float]:
+        """Saturate a's loop: nothing else runs on it meanwhile."""
+        blocked = time.monotonic()
+        time.sleep(seconds)  # synchronous, on the loop: the point
+        return blocked, time.monotonic()
+
+    def renewals(self, name: str, between: tuple[float, float]) -> list[float]:
+        return [
+            r.at
+            for r in self.api.recorded(verb="update", resource="leases", token="token-a")
+            if r.status == 200 and r.name == name and between[0] < r.at < between[1]
+        ]
+
+    def lease(self, index: int) -> dict[str, object]:
+        name = shard_lease_name("canary-shard", index, self.shards)
+        return dict(self.api.get(*LEASES, NS, name)["spec"])
+
+    async def finish(self) -> None:
+        for stop in self.stops.values():
+            stop.set()
+        await asyncio.wait_for(asyncio.gather(*self.tasks, return_exceptions=True), 10)
+        await self.kube.close()
+
+
+@pytest.fixture
+async def busy(api_on_a_thread: KubeEmulator, tmp_path: Path) -> AsyncIterator[Busy]:
+    replicas = Busy(api_on_a_thread, tmp_path, shards=1)
+    try:
+        yield replicas
+    finally:
+        if not all(stop.is_set() for stop in replicas.stops.values()):
+            await replicas.finish()
+
+
+async def test_a_saturated_loop_keeps_its_shard_when_the_leases_renew_on_their_own_thread(
+    busy: Busy,
+) -> None:
+    """Issue 13: replica a's event loop blocked (a synchronous sleep) past the renew deadline and
+    the Lease duration. Its elector renews from the canary-leases thread meanwhile, so a still
+    holds the shard afterwards in the same term (its rollouts never stopped nor restarted) and
+    b, waiting on a thread of its own, never took it. On the loop, a lost it (issue 13)."""
+    held = await busy.start_a()
+    await busy.start_b()
+    await asyncio.sleep(1.0)  # b reads the Lease held: a standby
+    before = busy.lease(0)
+
+    blocked = busy.block(3.5)
+    await asyncio.sleep(1.0)  # the operator follows what the elector holds now
+
+    assert busy.a.held() == held and busy.operator._terms == held, busy.a.held()
+    assert busy.released == []
+    renewals = busy.renewals("canary-shard-0-of-1", blocked)
+    assert len(renewals) >= 5, renewals  # every retry period (0.5 s) while blocked
+    after = busy.lease(0)
+    assert after["holderIdentity"] == "a"
+    assert (after["acquireTime"], after["leaseTransitions"]) == (
+        before["acquireTime"],
+        before["leaseTransitions"],
+    )
+    assert busy.b.held() == {}
+    assert not [
+        r
+        for r in busy.api.recorded(resource="leases", token="token-b", status=200)
+        if r.verb in ("update", "create")
+    ], "b wrote the shard Lease"
+    assert "canary-leases" in {t.name for t in threading.enumerate()}
+    await busy.finish()
+    assert busy.released == [0]  # on the way out, after the rollouts stopped
+    assert busy.lease(0)["holderIdentity"] == ""
+    assert "canary-leases" not in {t.name for t in threading.enumerate()}
+
+
+async def test_a_handover_waiting_for_a_saturated_loop_delays_no_other_renewal(
+    busy: Busy,
+) -> None:
+    """a holds both shards; b asks for one while a's loop is blocked. a's elector stops acting
+    on shard 1 at once and waits for a's loop to stop its rollouts before releasing it, but
+    keeps renewing shard 0 meanwhile: after the block a holds shard 0 in the same term, and
+    b holds shard 1 (released, or expired if the block outlasted the Lease)."""
+    busy.shards = 2
+    held = await busy.start_a()
+    await busy.start_b()
+    blocked = busy.block(3.5)
+    assert busy.a.held() == {0: held[0]}  # shard 1 dropped already, shard 0 renewed
+    for _ in range(100):
+        if busy.b.held() == {1: 1} and busy.released:
+            break
+        await asyncio.sleep(0.05)
+    assert busy.b.held() == {1: 1} and busy.released == [1]
+    assert busy.a.held() == {0: held[0]} and busy.operator._terms == {0: held[0]}
+    assert len(busy.renewals("canary-shard-0-of-2", blocked)) >= 5
+    assert busy.lease(0)["holderIdentity"] == "a"
+    await busy.finish()
 
 
 @pytest.mark.parametrize(
