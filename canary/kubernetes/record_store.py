@@ -498,6 +498,7 @@ class ConfigMapRecordWriter:
         self._members_lines = 0
         self._members_bytes = 0
         self._lines: list[str] = []
+        self._line_sizes: list[int] = []  # each line's UTF-8 bytes plus its newline
         self._lines_bytes = 0
         self._held: TickEntry | None = None  # a thinned tick, kept in case it is the last
         self._kept_tick_at: float | None = None
@@ -533,6 +534,7 @@ class ConfigMapRecordWriter:
     def _add_line(self, line: str) -> None:
         self._lines.append(line)
         size = len(line.encode("utf-8")) + 1
+        self._line_sizes.append(size)
         self._lines_bytes += size
         self.written_bytes += size
         self._dirty = True
@@ -683,12 +685,13 @@ class ConfigMapRecordWriter:
         # this save awaited stay new.
         if chunks:
             self._members_lines = self._members_bytes = 0
-        kept = lines[sealed:]
         self._members = members
-        self._members_lines += len(kept)
-        self._members_bytes += sum(len(line.encode("utf-8")) + 1 for line in kept)
+        self._members_lines += len(lines) - sealed
+        # Sizes as counted when the lines came (encoding them again was ~1% of the loop).
+        self._members_bytes += sum(self._line_sizes[sealed : len(lines)])
         del self._lines[: len(lines)]
-        self._lines_bytes = sum(len(line.encode("utf-8")) + 1 for line in self._lines)
+        del self._line_sizes[: len(lines)]
+        self._lines_bytes = sum(self._line_sizes)
         self._dirty = bool(self._lines)
         self._saved_at = last_at
         self.data_through = data_at
@@ -795,7 +798,7 @@ class ConfigMapRecordWriter:
             self.chunks = 0
             lines = [dump_entry(e) for e in entries]
         self._members, self._members_lines, self._members_bytes = [], 0, 0
-        self._lines, self._lines_bytes = [], 0
+        self._lines, self._line_sizes, self._lines_bytes = [], [], 0
         self.written_bytes = sum(len(dump_entry(e)) + 1 for e in entries) - sum(
             len(line.encode("utf-8")) + 1 for line in lines
         )
