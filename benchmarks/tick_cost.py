@@ -109,7 +109,7 @@ async def run(
             canary_version=f"rev{i}",
             records=lambda rollout_id, *, ref=None, ns=namespace: ConfigMapRecord(
                 sink, namespace="canary-system", rollout=rollout_id, ref=ref,
-                flush_s=30.0 / dilation,
+                flush_s=60.0 / dilation,
             ),
             labels={"namespace": namespace, "deployment": name},
             telemetry=telemetry,

@@ -307,8 +307,11 @@ class OperatorSettings:
     record_namespace: str
     namespace: str | None = None  # None: every namespace
     tick_s: float = 10.0
-    record_flush_s: float = 30.0  # the record's head ConfigMap is rewritten at most this often...
-    # ...except on transitions and the end, which are written at once.
+    # The record's head ConfigMap is rewritten at most this often (ticks lost with a crash are
+    # only the report's resolution: counts are cumulative), except on transitions and the
+    # end, written at once, and when the runner needs the last data time stored (a minute
+    # each for the record and the status, taking turns, at the default no-data deadline).
+    record_flush_s: float = 60.0
     promote_timeout_s: float = 300.0  # how long one promotion attempt waits for app-primary
     promote_poll_s: float = 1.0
     identity: str = ""

@@ -844,7 +844,7 @@ class ConfigMapRecord:
         namespace: str,
         rollout: str,
         max_bytes: int = MAX_CONFIGMAP_BYTES,
-        flush_s: float = 30.0,
+        flush_s: float = 60.0,
         may_write: Callable[[], bool] = lambda: True,
         ref: str | None = None,
         seal_bytes: int = SEAL_BYTES,

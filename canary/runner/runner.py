@@ -271,9 +271,8 @@ class RolloutRunner:
     # data time, the message, the last decision) is saved at most this often, for `canary
     # status` (Flagger's default analysis interval: a status a minute): in Kubernetes mode each
     # save is a PATCH of the Deployment and a watch event for every watcher (issue 13). A
-    # resume reads the last data time from the record; while the record's newest tick with
-    # data lags the status' by a quarter of the no-data deadline (it failed, or thins its
-    # ticks), the status is saved that often instead.
+    # resume takes the last data time from the record or the status, the newer: one of them
+    # is written whenever both lag it by a quarter of the no-data deadline (_record_due).
     volatile_save_s: float = 60.0
 
     def __post_init__(self) -> None:
@@ -302,7 +301,6 @@ class RolloutRunner:
         self._next_tick: float | None = None  # loop time of the next scheduled tick
         self._resumable: SavedRollout | None = None
         self._resumed_entries: list[Entry] = []
-        self._forced_for: float | None = None  # the last data time a record flush was forced for
         self._resumed_record: RecordSink | None = None
         self._finished: SavedRollout | None = None  # this revision's rollout, already over
         self._advice: Advice | None = None  # the planner's last advice said to users
@@ -719,7 +717,12 @@ class RolloutRunner:
             outcome = step(self.spec, self.status, queue.popleft(), self.clock())
             changed = outcome.status != self.status
             previous, self.status = self.status, outcome.status
-            if changed and not self.status.done and self._needs_save() and not await self._save():
+            if (
+                changed
+                and not self.status.done
+                and self._needs_save(volatile=False)
+                and not await self._save()
+            ):
                 # Write-ahead or nothing: a change that is not saved is not carried out (a
                 # restart would resume the old status and move traffic back). The rollout
                 # holds where it is; the machine decides again at the next look.
@@ -917,47 +920,56 @@ class RolloutRunner:
             record_error=self.record_error,
         )
 
-    def _needs_save(self) -> bool:
-        """Whether the status differs from the saved one in what a resume needs, or its
-        volatile fields are older in the store than volatile_save_s (or a quarter of the
-        no-data deadline, so a restart cannot come much closer to that deadline than the
-        rollout really was)."""
+    def _needs_save(self, *, volatile: bool = True) -> bool:
+        """Whether the status differs from the saved one in what a resume needs, or (with
+        `volatile`) its volatile fields are older in the store than volatile_save_s, or the
+        last data time is stored nowhere recent enough (_data_stale). The write-ahead before
+        actions asks without `volatile`: the tick's end asks again, after the record's flush,
+        which may store the last data time instead (_record_due)."""
         saved, status = self._saved_status, self.status
         if saved is None or saved.model_copy(update=_VOLATILE_DEFAULTS) != status.model_copy(
             update=_VOLATILE_DEFAULTS
         ):
             return True
+        if not volatile:
+            return False
         if status.last_data_at is None or saved.last_data_at is None:
             return status.last_data_at != saved.last_data_at
-        every = self.volatile_save_s
-        if self._record_lags():
-            every = min(every, self.spec.no_data_deadline_s / 4)
-        return status.last_data_at - saved.last_data_at >= every
+        if status.last_data_at - saved.last_data_at >= self.volatile_save_s:
+            return True  # for `canary status`
+        return self._data_stale()
 
-    def _record_lags(self) -> bool:
-        """Whether the record's newest stored tick with data is a quarter of the no-data
-        deadline or more behind the status' last data time: a resume would read it (see
-        _resume) and so come closer to that deadline than the rollout really was."""
+    def _stored_data_at(self) -> tuple[float | None, float | None]:
+        """The last data time as a resume would find it (see _resume), in the record (its
+        newest stored tick with data; None while its writes fail) and in the saved status."""
+        record = None
+        if self.record is not None and not self.record_error:
+            record = self.record.data_through
+        saved = self._saved_status.last_data_at if self._saved_status is not None else None
+        return record, saved
+
+    def _data_stale(self) -> bool:
+        """Whether neither store holds a last data time within a quarter of the no-data
+        deadline of the rollout's: a resume would then come closer to that deadline than the
+        rollout really was."""
         last = self.status.last_data_at
         if last is None:
             return False
-        stored = self.record.data_through if self.record is not None else None
-        return stored is None or last - stored >= self.spec.no_data_deadline_s / 4
+        stored = [t for t in self._stored_data_at() if t is not None]
+        return not stored or last - max(stored) >= self.spec.no_data_deadline_s / 4
 
     def _record_due(self) -> bool:
-        """Force the record's flush when it lags (above), at most once per quarter of the
-        no-data deadline: a record that thins its ticks may not store this one, and then the
-        status carries the last data time instead."""
-        last = self.status.last_data_at
-        if self.record_error or last is None or not self._record_lags():
+        """When the last data time is stale in both stores, the record's flush is forced if
+        the record is the older of the two (else the status is saved: _needs_save), so they
+        take turns: at the default 120 s deadline, each written once a minute keeps it within
+        30 s (issue 13: each write is an API call). A record that thins its ticks may not
+        store this one; then the status carries it."""
+        if self.record is None or self.record_error or not self._data_stale():
             return False
-        if (
-            self._forced_for is not None
-            and last - self._forced_for < self.spec.no_data_deadline_s / 4
-        ):
-            return False
-        self._forced_for = last
-        return True
+        record, saved = self._stored_data_at()
+        return (record if record is not None else -math.inf) <= (
+            saved if saved is not None else -math.inf
+        )
 
     async def _save(self, *, force: bool = False) -> bool:
         """Persist the status (write-ahead while active; a done status only when `force`d,
