@@ -258,9 +258,7 @@ async def measure_memory(url: str, n: int, age: float, args: argparse.Namespace)
     rss, ms, _ = await run(traced=False)
     _, _, held = await run(traced=True)
     growth = ", ".join(f"{r / 1024:.0f}" for r in rss)
-    return (
-        f"| {n} | {rss[-1] / n:.1f} | {held / n:.1f} | {ms:.3f} | {growth} |"
-    )
+    return f"| {n} | {rss[-1] / n:.1f} | {held / n:.1f} | {ms:.3f} | {growth} |"
 
 
 async def measure_old(url: str, n: int, age: float, args: argparse.Namespace) -> dict[str, float]:
