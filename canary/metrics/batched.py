@@ -292,10 +292,11 @@ def _key(labels: Mapping[str, str]) -> bytes:
 _compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
-def _digest(text: str | bytes) -> bytes:
-    # 120 bits: the bytes object fits pymalloc's 48-byte blocks (16 bytes would take 64)
-    data = text.encode("utf-8", "surrogatepass") if isinstance(text, str) else text
-    return _blake2b(data, digest_size=15).digest()
+def _digest(text: str) -> bytes:
+    return _blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_DIGEST).digest()
+
+
+_DIGEST = 15  # 120 bits: the bytes object fits pymalloc's 48-byte blocks (16 would take 64)
 
 
 def _identity(labels: Mapping[str, str]) -> tuple[str, ...]:
@@ -767,38 +768,43 @@ _SAMPLE = re.compile(rb'\[([0-9.eE+-]+),"([^"\\]*)"\]')
 _HEAD = b'{"status":"success","data":{"resultType":"matrix","result":['
 _OPEN = b'{"metric":'
 _VALUES = b'},"values":['
+_NEXT = b',{"metric":'
 
 
-def _scan(answer: bytes) -> list[tuple[bytes, bytes]] | None:
-    """(labels JSON, samples text) of each series of a compact Prometheus matrix answer;
-    None if the answer is not exactly that shape (the caller decodes it whole).
+def _scan(answer: bytes) -> array[int] | None:
+    """Where each series' labels JSON and samples text are in a compact Prometheus matrix
+    answer: 4 offsets per series (labels start and end, samples start and end); None if the
+    answer is not exactly that shape (the caller decodes it whole).
 
     Splitting on the structure's own tokens is exact: each contains a quote, and a quote
-    inside a JSON string is always escaped, so no label name or value can contain one."""
+    inside a JSON string is always escaped, so no label name or value can contain one.
+    Offsets, not slices: an answer's copies were most of a batch's peak memory (issue 13)."""
     if not answer.startswith(_HEAD):
         return None
-    body = answer[len(_HEAD) :]
-    if body.startswith(b"]}"):
-        return []
-    pieces = body.split(_OPEN)
-    if pieces[0] != b"":
-        return None
-    found: list[tuple[bytes, bytes]] = []
-    last = len(pieces) - 1
-    for index in range(1, len(pieces)):
-        piece = pieces[index]
-        middle = piece.find(_VALUES)
+    spans: array[int] = array("q")
+    position = len(_HEAD)
+    if answer.startswith(b"]}", position):
+        return spans
+    find, starts = answer.find, answer.startswith
+    while True:
+        if not starts(_OPEN, position):
+            return None
+        start = position + len(_OPEN)
+        middle = find(_VALUES, start)
         if middle < 0:
             return None
-        start = middle + len(_VALUES)
-        end = piece.find(b"}", start)  # samples hold no brace: the series' own closing one
-        if end < 1 or piece[end - 1] != 0x5D:  # "]": the samples' list ends there
+        samples = middle + len(_VALUES)
+        end = find(b"}", samples)  # samples hold no brace: the series' own closing one
+        if end < 0 or answer[end - 1] != 0x5D:  # "]": the samples' list ends there
             return None
-        tail = piece[end + 1 :]
-        if (tail != b"," if index < last else not tail.startswith(b"]}")):
+        spans.extend((start, middle + 1, samples, end - 1))
+        if starts(_NEXT, end + 1):
+            position = end + 2
+        elif starts(b"]}", end + 1):
+            # every token is a series' own: none inside one, none after the data
+            return spans if answer.count(_OPEN) == len(spans) // 4 else None
+        else:
             return None
-        found.append((piece[: middle + 1], piece[start : end - 1]))
-    return found
 
 
 def _samples(text: bytes) -> list[tuple[float, float]]:
@@ -853,7 +859,7 @@ class _SeriesCache:
         table = self._by_family.get(family)
         if table is None:
             table = self._by_family[family] = {}
-        digest = _digest(text)
+        digest = _blake2b(text, digest_size=_DIGEST).digest()
         series = table.get(digest)
         if series is None:
             series = table[digest] = self._describe(family, json.loads(text))
@@ -887,36 +893,42 @@ def _apply_family(
     members: list[tuple[_Registration, _Selector]],
     cache: _SeriesCache,
 ) -> _Failure | None:
-    scanned = _scan(answer)
-    if scanned is None:
+    spans = _scan(answer)
+    if spans is None:
         cache.decoded += 1
         return _apply_family_decoded(family, answer, members)
     cache.scanned += 1
     targets = _targets(members)
     births: dict[bytes, dict[float, float]] = {}
-    counters: list[tuple[_Series, bytes, bytes]] = []
+    counters: list[_Series | None] = []  # by series, in the answer's order
+    it = iter(spans)
     try:
-        for text, samples_text in scanned:
-            series = cache.lookup(family, text)
+        for a, b, c, d in zip(it, it, it, it, strict=True):
+            series = cache.lookup(family, answer[a:b])
             if series.created:
+                counters.append(None)
                 try:
-                    births[series.birth] = dict(_samples(samples_text))
+                    births[series.birth] = dict(_samples(answer[c:d]))
                 except ValueError:
                     continue  # a broken _created series only costs the extra reset check
-            elif series.target in targets:
-                counters.append((series, text, samples_text))
+            else:
+                counters.append(series if series.target in targets else None)
     except ValueError as exc:  # labels that are not JSON, or not strings
         return _Failure(False, f"prometheus answered garbage: {exc}"[:500])
     no_births: dict[float, float] = {}
-    for series, text, samples_text in counters:
-        found = targets[series.target]
+    it = iter(spans)
+    for counter, a, b, c, d in zip(counters, it, it, it, it, strict=True):
+        if counter is None:
+            continue
+        series, found = counter, targets[counter.target]
         try:
-            samples = _samples(samples_text)
+            samples = _samples(answer[c:d])
         except ValueError as exc:
             for _, sel in found:
                 sel.malformed = f"malformed samples for {sel.text}: {exc}"
             continue
         born = births.get(series.birth, no_births)
+        text = answer[a:b]  # for reasons only
         for reg, sel in found:
             _apply(
                 sel, series.key, series.le, text, samples, born, since=reg.since, floor=reg.floor

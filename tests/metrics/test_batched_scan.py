@@ -24,6 +24,18 @@ from canary.metrics.batched import (
 )
 from canary.metrics.prometheus import PromQueries
 
+
+def split(raw: bytes) -> list[tuple[bytes, bytes]] | None:
+    """_scan's offsets as (labels JSON, samples text) per series."""
+    spans = _scan(raw)
+    if spans is None:
+        return None
+    return [
+        (raw[spans[k] : spans[k + 1]], raw[spans[k + 2] : spans[k + 3]])
+        for k in range(0, len(spans), 4)
+    ]
+
+
 NASTY = st.sampled_from(
     ['"', "\\", "{", "}", "[", "]", ",", ":", '{"metric":', '},"values":[', "]}", "ü", "\n", "<&>"]
 )
@@ -50,7 +62,7 @@ SAMPLES = st.lists(
 def test_scan_splits_what_json_decodes(series: list[Any], ascii: bool) -> None:
     result = [{"metric": {"__name__": "m", **labels}, "values": v} for labels, v in series]
     raw = answer(result, ascii=ascii)
-    scanned = _scan(raw)
+    scanned = split(raw)
     assert scanned is not None
     assert [json.loads(text) for text, _ in scanned] == [s["metric"] for s in result]
     assert [json.loads(b"[" + samples + b"]") for _, samples in scanned] == [
@@ -73,10 +85,14 @@ def test_scan_splits_what_json_decodes(series: list[Any], ascii: bool) -> None:
         b'"values":[[1,"1"]]}{"metric":{},"values":[[1,"1"]]}]}}',  # no comma between
         b'{"status":"success","data":{"resultType":"matrix","result":[x{"metric":{},'
         b'"values":[[1,"1"]]}]}}',
+        b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},'
+        b'"values":[[1,"1"]]}]},"x":{"metric":{}}}',  # the token after the data
+        b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},'
+        b'"values":[[1,{"metric":"1"]]}]}}',  # ... or inside a series' samples
     ],
 )
 def test_other_shapes_are_not_scanned(raw: bytes) -> None:
-    assert _scan(raw) is None
+    assert split(raw) is None
 
 
 def test_prometheus_warnings_after_the_data_are_ignored() -> None:
@@ -84,7 +100,7 @@ def test_prometheus_warnings_after_the_data_are_ignored() -> None:
         b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{"a":"b"},'
         b'"values":[[1,"1"]]}]},"warnings":["x"]}'
     )
-    assert _scan(raw) == [(b'{"a":"b"}', b'[1,"1"]')]
+    assert split(raw) == [(b'{"a":"b"}', b'[1,"1"]')]
 
 
 def registration(q: PromQueries, since: float) -> _Registration:
