@@ -21,6 +21,14 @@ Prometheus has that much history (the run takes about max(--ages) + a few minute
 
     PYTHONPATH=. python -m benchmarks.metrics_batch [--sizes 100 500 1000] [--ages 0 600]
         [--ticks 3] [--tick-s 10] [--scrape-s 5] [--old-sample 20]
+
+`--memory` measures the batcher alone instead (no old provider): for each N, N rollouts on
+one batcher, --ticks batches after their first reads; the process' RSS before the
+registrations and after each batch, CPU per rollout-read of the batches, then the same again
+under tracemalloc for the batcher's retained heap per rollout (its registrations, counting
+state and series cache, after a full collection).
+
+    PYTHONPATH=. python -m benchmarks.metrics_batch --memory --sizes 1000 --ticks 8
 """
 
 from __future__ import annotations
@@ -200,6 +208,59 @@ async def measure_batched(
         await batcher.aclose()
 
 
+def rss_kib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
+
+
+async def measure_memory(url: str, n: int, age: float, args: argparse.Namespace) -> str:
+    import gc
+    import tracemalloc
+
+    from canary.metrics.base import ArmsCounts
+    from canary.metrics.batched import PrometheusBatcher
+
+    async def run(traced: bool) -> tuple[list[float], float, float]:
+        batcher = PrometheusBatcher(
+            url, period_s=args.tick_s, max_age_s=args.tick_s, timeout_s=60.0
+        )
+        try:
+            gc.collect()
+            if traced:
+                tracemalloc.start()
+            base = tracemalloc.get_traced_memory()[0] if traced else rss_kib() * 1024
+            since = time.time() - age
+            providers = [batcher.provider(queries_for(i)) for i in range(n)]
+            first = await asyncio.gather(
+                *(p.fetch(since=since, now=time.time()) for p in providers)
+            )
+            assert all(isinstance(r, ArmsCounts) for r in first)
+            rss, used, last = [], 0.0, time.monotonic()
+            for tick in range(args.ticks):
+                await asyncio.sleep(max(0.0, last + args.tick_s * 1.1 - time.monotonic()))
+                last = time.monotonic()
+                c0 = cpu()
+                results = await asyncio.gather(
+                    *(p.fetch(since=since, now=time.time()) for p in providers)
+                )
+                if tick > 0:  # the first batch reads back to the earliest registration
+                    used += cpu() - c0
+                assert all(isinstance(r, ArmsCounts) for r in results), results[:2]
+                rss.append(rss_kib())
+            gc.collect()
+            held = (tracemalloc.get_traced_memory()[0] - base) / 1024 if traced else 0.0
+            return [r - base / 1024 for r in rss], 1000 * used / (n * (args.ticks - 1)), held
+        finally:
+            if traced:
+                tracemalloc.stop()
+            await batcher.aclose()
+
+    rss, ms, _ = await run(traced=False)
+    _, _, held = await run(traced=True)
+    growth = ", ".join(f"{r / 1024:.0f}" for r in rss)
+    return f"| {n} | {rss[-1] / n:.1f} | {held / n:.1f} | {ms:.3f} | {growth} |"
+
+
 async def measure_old(url: str, n: int, age: float, args: argparse.Namespace) -> dict[str, float]:
     from canary.metrics.base import ArmsCounts
     from canary.metrics.prometheus import PrometheusMetrics
@@ -280,6 +341,11 @@ async def main(args: argparse.Namespace) -> int:
                 print(f"# waiting {wait:.0f}s for {age:g}s of history", flush=True)
                 await asyncio.sleep(wait)
             for n in args.sizes:
+                if args.memory:
+                    row = await measure_memory(url, n, age, args)
+                    print(row, flush=True)
+                    rows.append(row)
+                    continue
                 old = await measure_old(url, n, age, args)
                 new = await measure_batched(url, n, age, args)
                 row = (
@@ -300,6 +366,14 @@ async def main(args: argparse.Namespace) -> int:
                 )
                 rows.append(row)
     print()
+    if args.memory:
+        print(
+            "| rollouts | RSS KiB per rollout after the last batch | traced heap KiB per rollout "
+            "| CPU ms per rollout-read | RSS growth after each batch, MiB |"
+        )
+        print("|---|---|---|---|---|")
+        print("\n".join(rows))
+        return 0
     print(
         "| rollouts | age | queries per rollout-tick, old | batched "
         "| CPU ms per rollout-tick, old | batched | batch wall s | registration queries per rollout "
@@ -321,6 +395,7 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--tick-s", type=float, default=10.0)
     parser.add_argument("--scrape-s", type=float, default=5.0)
     parser.add_argument("--old-sample", type=int, default=20)
+    parser.add_argument("--memory", action="store_true", help="the batcher's memory alone")
     return asyncio.run(main(parser.parse_args(argv)))
 
 

@@ -59,6 +59,7 @@ import re
 import sys
 import threading
 import time
+from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from hashlib import blake2b as _blake2b
@@ -147,7 +148,8 @@ def _parse(selector: str, *, created: bool) -> tuple[_Family, tuple[str, ...]]:
             return raw, ()
         label, op, quoted, _ = m.groups()
         if op == "=" and _PLAIN_VALUE.fullmatch(quoted) and label not in equal:
-            equal[label] = quoted[1:-1]
+            # interned: a rollout's selectors (and rollouts in one namespace) share them
+            equal[sys.intern(label)] = sys.intern(quoted[1:-1])
         else:
             others.append(f"{label}{op}{quoted}")
         position = m.end()
@@ -159,34 +161,58 @@ def _parse(selector: str, *, created: bool) -> tuple[_Family, tuple[str, ...]]:
 # --- per-series counting state ------------------------------------------------------------------
 
 
-@dataclass(slots=True)
-class _Track:
-    """One counter series' counting state, as _increase_since keeps it while it walks."""
-
-    le: str | None  # its `le` label (None: it has none)
-    previous: float = 0.0
-    born: float | None = None
-    total: float = 0.0
-    cursor: float = -math.inf  # timestamp of the last sample applied
-    broken: str | None = None  # a NaN/Inf sample: no data from then on, as before
-
-
 @dataclass(eq=False, slots=True)
 class _Selector:
+    """A rendered selector and the counting state of each of its series, as _increase_since
+    keeps it while it walks (baseline, previous value, `_created` birth, running total).
+
+    The state is columns, one entry per series in the order they were first counted: ~90,000
+    series at 1,000 rollouts, whose objects (a slotted track, four boxed floats, a key of
+    their labels) were most of the batcher's memory (issue 13)."""
+
     text: str  # the rendered selector, as reasons show it
     family: _Family
     values: tuple[str, ...]
-    # by the series' labels, flat: (name1, value1, name2, value2, ...), strings interned: a
-    # thousand rollouts have ~90,000 series, whose keys as tuples of pairs of strings of their
-    # own were most of the batcher's memory (issue 13)
-    tracks: dict[tuple[str, ...], _Track] = field(default_factory=dict)
+    buckets: bool = False  # latency buckets: a series without `le` is a reason for no data
+    # series key (a digest of its labels, _key) -> its column
+    slots: dict[bytes, int] = field(default_factory=dict)
+    # 4 per series: previous value, birth, total, cursor (timestamp of the last sample applied)
+    numbers: array[float] = field(default_factory=lambda: array("d"))
+    born: bytearray = field(default_factory=bytearray)  # 1 where the birth is known
+    les: list[str | None] = field(default_factory=list)  # each series' `le` (None: it has none)
+    # a NaN/Inf sample: that series gives no data from then on, as before (by column)
+    broken: dict[int, str] | None = None
+    unlabelled: dict[int, dict[str, str]] | None = None  # bucket series without `le`: labels
     malformed: str | None = None  # this read's malformed samples, if any
+
+    def clear(self) -> None:
+        self.slots.clear()
+        del self.numbers[:]
+        self.born.clear()
+        self.les.clear()
+        self.broken = self.unlabelled = self.malformed = None
+
+    def counted(self) -> dict[bytes, tuple[object, ...]]:
+        """Each series' state by its key (tests compare the two reading paths with it)."""
+        broken, nums = self.broken or {}, self.numbers
+        return {
+            key: (
+                self.les[i],
+                nums[4 * i],
+                nums[4 * i + 1] if self.born[i] else None,
+                nums[4 * i + 2],
+                nums[4 * i + 3],
+                broken.get(i),
+            )
+            for key, i in self.slots.items()
+        }
 
 
 def _apply(
     sel: _Selector,
-    key: tuple[str, ...],
+    key: bytes,
     le: str | None,
+    labels: bytes | Mapping[str, str],
     samples: Sequence[tuple[float, float]],
     births: Mapping[float, float],
     *,
@@ -194,32 +220,84 @@ def _apply(
     floor: float,
 ) -> None:
     """Apply one series' samples newer than its cursor (the rule of _increase_since).
-    `key`: the series' labels, flat (name1, value1, ...), its strings interned."""
-    track = sel.tracks.get(key)
+    `key`: the series' key (_key); `labels`: its labels, or their JSON text, for reasons."""
+    nums = sel.numbers
+    slot = sel.slots.get(key)
+    if slot is None:
+        cursor, previous, born, total = -math.inf, 0.0, None, 0.0
+    else:
+        i = 4 * slot
+        previous, total, cursor = nums[i], nums[i + 2], nums[i + 3]
+        born = nums[i + 1] if sel.born[slot] else None
     for t, v in samples:
-        if t <= floor or (track is not None and t <= track.cursor):
+        if t <= floor or t <= cursor:
             continue  # before the lookback, or applied already (the windows overlap)
-        if track is None:
-            track = sel.tracks[key] = _Track(le)
-        track.cursor = t
+        if slot is None:
+            slot = _add_series(sel, key, le, labels)
+        cursor = t
         if not math.isfinite(v):
-            if track.broken is None:
+            if sel.broken is None:
+                sel.broken = {}
+            if slot not in sel.broken:
                 shown = "NaN" if math.isnan(v) else str(v)
-                labels = dict(zip(key[::2], key[1::2], strict=True))
-                track.broken = (
-                    f"{shown} sample in {sel.text} (series {labels}) at {t:.3f}: "
+                sel.broken[slot] = (
+                    f"{shown} sample in {sel.text} (series {_labels(labels)}) at {t:.3f}: "
                     "not a count, no data"
                 )
             continue
         birth = births.get(t)
         if t <= since:
-            track.previous, track.born = v, birth  # the baseline: last sample at or before since
+            previous, born = v, birth  # the baseline: last sample at or before since
             continue
-        reborn = birth is not None and track.born is not None and birth != track.born
-        track.total += v if reborn or v < track.previous else v - track.previous
-        track.previous = v
+        reborn = birth is not None and born is not None and birth != born
+        total += v if reborn or v < previous else v - previous
+        previous = v
         if birth is not None:
-            track.born = birth
+            born = birth
+    if slot is not None:
+        i = 4 * slot
+        nums[i], nums[i + 2], nums[i + 3] = previous, total, cursor
+        if born is None:
+            sel.born[slot] = 0
+        else:
+            nums[i + 1], sel.born[slot] = born, 1
+
+
+def _add_series(
+    sel: _Selector, key: bytes, le: str | None, labels: bytes | Mapping[str, str]
+) -> int:
+    slot = sel.slots[key] = len(sel.les)
+    sel.numbers.extend((0.0, 0.0, 0.0, -math.inf))
+    sel.born.append(0)
+    sel.les.append(le)
+    if le is None and sel.buckets:
+        sel.unlabelled = sel.unlabelled or {}
+        sel.unlabelled[slot] = _labels(labels)
+    return slot
+
+
+def _labels(labels: bytes | Mapping[str, str]) -> dict[str, str]:
+    decoded = json.loads(labels) if isinstance(labels, bytes) else labels
+    return dict(decoded)
+
+
+def _key(labels: Mapping[str, str]) -> bytes:
+    """A series' key: a 120-bit BLAKE2b digest of its labels as compact JSON, in the answer's
+    order (Prometheus sorts them). Both reading paths key a series by its decoded labels, so a
+    series' counts do not depend on which path read it; and as Prometheus writes most labels
+    exactly so, the fast path's cache shares the digest (_SeriesCache.lookup). Two label sets
+    sharing a digest is not a practical possibility."""
+    return _digest(_compact(labels))
+
+
+_compact = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def _digest(text: str) -> bytes:
+    return _blake2b(text.encode("utf-8", "surrogatepass"), digest_size=_DIGEST).digest()
+
+
+_DIGEST = 15  # 120 bits: the bytes object fits pymalloc's 48-byte blocks (16 would take 64)
 
 
 def _identity(labels: Mapping[str, str]) -> tuple[str, ...]:
@@ -245,13 +323,20 @@ class _Registration:
     first_read: asyncio.Lock = field(default_factory=asyncio.Lock)
 
     @classmethod
-    def build(cls, queries: PromQueries, since: float) -> _Registration:
+    def build(
+        cls, queries: PromQueries, since: float, families: dict[_Family, _Family] | None = None
+    ) -> _Registration:
+        """`families`: the batcher's, so that rollouts share their selectors' families (and
+        a rollout's selectors their arm's values): ~2 KiB per rollout (issue 13)."""
         q = queries
+        families = {} if families is None else families
+        shared: dict[tuple[str, ...], tuple[str, ...]] = {}
 
-        def selector(template: str, arm: str) -> _Selector:
+        def selector(template: str, arm: str, buckets: bool = False) -> _Selector:
             text = q.render(template, arm)
             family, values = _parse(text, created=q.use_created)
-            return _Selector(text, family, values)
+            family = families.setdefault(family, family)
+            return _Selector(text, family, shared.setdefault(values, values), buckets)
 
         arms = tuple(
             (
@@ -260,7 +345,9 @@ class _Registration:
                 (
                     selector(q.requests, arm),
                     selector(q.errors, arm),
-                    None if q.latency_buckets is None else selector(q.latency_buckets, arm),
+                    None
+                    if q.latency_buckets is None
+                    else selector(q.latency_buckets, arm, buckets=True),
                 ),
             )
             for role, arm in (("primary", q.primary_arm), ("canary", q.canary_arm))
@@ -277,8 +364,7 @@ class _Registration:
 
     def reset(self) -> None:
         for sel in self.selectors:
-            sel.tracks.clear()
-            sel.malformed = None
+            sel.clear()
 
 
 @dataclass(frozen=True, slots=True)
@@ -301,8 +387,8 @@ class _TooLargeError(Exception):
 def _counts(
     reg: _Registration, failures: Mapping[_Family, _Failure], shown_url: str
 ) -> MetricsResult:
-    """The registration's counts from its tracks, or the first reason there are none (in the
-    order the per-rollout provider checks: per arm, requests, errors, buckets)."""
+    """The registration's counts from its series' state, or the first reason there are none
+    (in the order the per-rollout provider checks: per arm, requests, errors, buckets)."""
     arms: dict[str, ArmCounts] = {}
     for role, arm, (requests_sel, errors_sel, buckets_sel) in reg.arms:
         totals: list[float] = []
@@ -310,26 +396,26 @@ def _counts(
             problem = _problem(sel, failures, shown_url)
             if problem is not None:
                 return NoData(redact_text(problem))
-            if not sel.tracks and not empty_ok:
+            if not sel.slots and not empty_ok:
                 return NoData(f"empty result: no series match {sel.text} in Prometheus")
-            totals.append(sum(t.total for t in sel.tracks.values()))
+            totals.append(sum(sel.numbers[2::4]))  # in the order the series came, as before
         buckets: dict[float, float] = {}
         if buckets_sel is not None:
             problem = _problem(buckets_sel, failures, shown_url)
             if problem is not None:
                 return NoData(redact_text(problem))
-            if not buckets_sel.tracks:
+            if not buckets_sel.slots:
                 return NoData(f"empty result: no series match {buckets_sel.text} in Prometheus")
-            for key, track in buckets_sel.tracks.items():
-                le = track.le
+            totals_by_slot = buckets_sel.numbers[2::4]
+            for slot, le in enumerate(buckets_sel.les):
                 if le is None:
-                    shown = dict(zip(key[::2], key[1::2], strict=True))
+                    shown = (buckets_sel.unlabelled or {}).get(slot)
                     return NoData(f"series without an 'le' label for {buckets_sel.text}: {shown}")
                 try:
                     bound = float(le)
                 except ValueError:
                     return NoData(f"bad le={le!r} in {buckets_sel.text}")
-                buckets[bound] = buckets.get(bound, 0.0) + track.total
+                buckets[bound] = buckets.get(bound, 0.0) + totals_by_slot[slot]
         try:
             arms[role] = ArmCounts(requests=totals[0], errors=totals[1], latency_buckets=buckets)
         except ValidationError as exc:
@@ -343,7 +429,9 @@ def _problem(sel: _Selector, failures: Mapping[_Family, _Failure], shown_url: st
         return failure.reason(shown_url, sel.text)
     if sel.malformed is not None:
         return sel.malformed
-    return next((t.broken for t in sel.tracks.values() if t.broken is not None), None)
+    if sel.broken:
+        return sel.broken[min(sel.broken)]  # the first series' reason, as before
+    return None
 
 
 # --- the batcher ---------------------------------------------------------------------------------
@@ -425,6 +513,7 @@ class PrometheusBatcher:
         self._inflight: asyncio.Task[None] | None = None
         self._inflight_members: set[_Registration] = set()
         self._series = _SeriesCache()
+        self._families: dict[_Family, _Family] = {}  # shared by registrations; see _batch
 
     def __repr__(self) -> str:
         return f"PrometheusBatcher({self.shown_url!r}, {len(self._registrations)} rollouts)"
@@ -451,7 +540,7 @@ class PrometheusBatcher:
     # ---- registrations ------------------------------------------------------------------
 
     def _register(self, queries: PromQueries, since: float) -> _Registration:
-        return _Registration.build(queries, since)
+        return _Registration.build(queries, since, self._families)
 
     def _drop(self, reg: _Registration) -> None:
         reg.closed = True
@@ -529,6 +618,8 @@ class PrometheusBatcher:
         at = time.time()
         self.batches += 1
         self._series.next_generation()
+        # the families of rollouts gone are forgotten (a first read's are made again)
+        self._families = {s.family: s.family for r in regs for s in r.selectors}
         ordered = list(regs)
         for start in range(0, len(ordered), self.rollouts_per_read):
             await self._batch_group(at, ordered[start : start + self.rollouts_per_read])
@@ -635,7 +726,7 @@ def _apply_without_gc(
 ) -> tuple[dict[_Family, _Failure], dict[_Registration, MetricsResult]]:
     """_apply_answers with Python's cyclic GC paused: decoding a batch makes ~10 objects per
     series, and the collections they trigger walk every live object (a thousand rollouts'
-    tracks included): about half of a batch's CPU at 500 rollouts. Nothing here makes cycles."""
+    state included): about half of a batch's CPU at 500 rollouts. Nothing here makes cycles."""
     global _gc_holders, _gc_was_enabled
     with _gc_lock:
         if _gc_holders == 0:
@@ -655,7 +746,7 @@ def _apply_without_gc(
 def _apply_answers(
     read: _Read, answers: Mapping[_Family, bytes | _Failure], cache: _SeriesCache
 ) -> dict[_Family, _Failure]:
-    """Decode each family's answer and apply its samples to the member selectors' tracks,
+    """Decode each family's answer and apply its samples to the member selectors' series,
     one family at a time (each decoded answer is gone before the next is decoded)."""
     failures: dict[_Family, _Failure] = {}
     for family, answer in answers.items():
@@ -681,45 +772,50 @@ def _apply_answers(
 # JSON text) and its samples' text, and decodes a series' labels once, the first time that
 # text is seen (`_SeriesCache`). An answer that does not match that exact shape (another
 # backend's formatting, native histograms, anything unusual) takes the json.loads path: both
-# give a series the same key (its labels, flat, in the answer's order), so a rollout's counts
+# give a series the same key (_key: a digest of its labels as decoded), so a rollout's counts
 # do not depend on which path read them.
 
 _SAMPLE = re.compile(rb'\[([0-9.eE+-]+),"([^"\\]*)"\]')
 _HEAD = b'{"status":"success","data":{"resultType":"matrix","result":['
 _OPEN = b'{"metric":'
 _VALUES = b'},"values":['
+_NEXT = b',{"metric":'
 
 
-def _scan(answer: bytes) -> list[tuple[bytes, bytes]] | None:
-    """(labels JSON, samples text) of each series of a compact Prometheus matrix answer;
-    None if the answer is not exactly that shape (the caller decodes it whole).
+def _scan(answer: bytes) -> array[int] | None:
+    """Where each series' labels JSON and samples text are in a compact Prometheus matrix
+    answer: 4 offsets per series (labels start and end, samples start and end); None if the
+    answer is not exactly that shape (the caller decodes it whole).
 
     Splitting on the structure's own tokens is exact: each contains a quote, and a quote
-    inside a JSON string is always escaped, so no label name or value can contain one."""
+    inside a JSON string is always escaped, so no label name or value can contain one.
+    Offsets, not slices: an answer's copies were most of a batch's peak memory (issue 13)."""
     if not answer.startswith(_HEAD):
         return None
-    body = answer[len(_HEAD) :]
-    if body.startswith(b"]}"):
-        return []
-    pieces = body.split(_OPEN)
-    if pieces[0] != b"":
-        return None
-    found: list[tuple[bytes, bytes]] = []
-    last = len(pieces) - 1
-    for index in range(1, len(pieces)):
-        piece = pieces[index]
-        middle = piece.find(_VALUES)
+    spans: array[int] = array("q")
+    position = len(_HEAD)
+    if answer.startswith(b"]}", position):
+        return spans
+    find, starts = answer.find, answer.startswith
+    while True:
+        if not starts(_OPEN, position):
+            return None
+        start = position + len(_OPEN)
+        middle = find(_VALUES, start)
         if middle < 0:
             return None
-        start = middle + len(_VALUES)
-        end = piece.find(b"}", start)  # samples hold no brace: the series' own closing one
-        if end < 1 or piece[end - 1] != 0x5D:  # "]": the samples' list ends there
+        samples = middle + len(_VALUES)
+        end = find(b"}", samples)  # samples hold no brace: the series' own closing one
+        if end < 0 or answer[end - 1] != 0x5D:  # "]": the samples' list ends there
             return None
-        tail = piece[end + 1 :]
-        if (tail != b"," if index < last else not tail.startswith(b"]}")):
+        spans.extend((start, middle + 1, samples, end - 1))
+        if starts(_NEXT, end + 1):
+            position = end + 2
+        elif starts(b"]}", end + 1):
+            # every token is a series' own: none inside one, none after the data
+            return spans if answer.count(_OPEN) == len(spans) // 4 else None
+        else:
             return None
-        found.append((piece[: middle + 1], piece[start : end - 1]))
-    return found
 
 
 def _samples(text: bytes) -> list[tuple[float, float]]:
@@ -734,10 +830,10 @@ def _samples(text: bytes) -> list[tuple[float, float]]:
 class _Series:
     """What a series' labels say, decoded once."""
 
-    key: tuple[str, ...]  # its labels, flat: (name1, value1, ...), strings interned
+    key: bytes  # _key(its labels): the digest it is cached by, unless its JSON text is unusual
     target: tuple[str, ...]  # the family's equality labels' values: which selectors it serves
     le: str | None
-    birth: tuple[str, ...]  # the labels of its `_created` series (no __name__, no le)
+    birth: bytes  # a digest of the labels of its `_created` series (no __name__, no le)
     created: bool  # it is the family's `_created` series
     seen: int = 0  # the cache's generation that last saw it
 
@@ -746,12 +842,13 @@ class _SeriesCache:
     """Decoded labels by a digest of their JSON text, per family. A series not seen in a
     whole batch (its rollout ended, its pod went away) is forgotten at the next.
 
-    A 128-bit BLAKE2b digest, not the text: ~90,000 series' texts were ~15 MiB at 1,000
+    A 120-bit BLAKE2b digest, not the text: ~90,000 series' texts were ~15 MiB at 1,000
     rollouts; two different label sets sharing a digest is not a practical possibility."""
 
     def __init__(self) -> None:
         self._by_family: dict[_Family, dict[bytes, _Series]] = {}
         self._interned: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._births: dict[tuple[str, ...], bytes] = {}
         self._generation = 0
         self.scanned = 0  # answers read by the fast path
         self.decoded = 0  # answers read by json.loads (tests check real Prometheus' are not)
@@ -764,7 +861,7 @@ class _SeriesCache:
             for family, table in self._by_family.items()
         }
         self._generation += 1
-        self._interned = {}
+        self._interned, self._births = {}, {}
 
     def __len__(self) -> int:
         return sum(len(table) for table in self._by_family.values())
@@ -773,10 +870,12 @@ class _SeriesCache:
         table = self._by_family.get(family)
         if table is None:
             table = self._by_family[family] = {}
-        digest = _blake2b(text, digest_size=16).digest()
+        digest = _blake2b(text, digest_size=_DIGEST).digest()
         series = table.get(digest)
         if series is None:
             series = table[digest] = self._describe(family, json.loads(text))
+            if series.key == digest:
+                series.key = digest  # one bytes object for both: Prometheus' text is compact
         series.seen = self._generation
         return series
 
@@ -784,9 +883,13 @@ class _SeriesCache:
         if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
             raise ValueError(f"labels are not a map of strings: {labels!r}"[:200])
         created = family.created_name is not None and labels.get("__name__") == family.created_name
-        key = () if created else _flat(labels)  # a _created series has no track
+        key = b"" if created else _key(labels)  # a _created series has no state
         target = self._intern(tuple([labels.get(label, "") for label in family.eq_labels]))
-        birth = self._intern(_identity(labels))
+        # a digest, not the labels: their strings were ~4 KiB per rollout (issue 13)
+        identity = _identity(labels)
+        birth = self._births.get(identity)
+        if birth is None:
+            birth = self._births[identity] = _digest(json.dumps(identity, ensure_ascii=False))
         le = labels.get("le")
         return _Series(key, target, None if le is None else sys.intern(le), birth, created)
 
@@ -795,50 +898,52 @@ class _SeriesCache:
         return self._interned.setdefault(values, values)
 
 
-def _flat(labels: Mapping[str, str]) -> tuple[str, ...]:
-    # Interned: a thousand rollouts have ~90,000 series, whose keys as tuples of pairs of
-    # strings of their own were most of the batcher's memory (issue 13).
-    return tuple([sys.intern(x) for pair in labels.items() for x in pair])
-
-
 def _apply_family(
     family: _Family,
     answer: bytes,
     members: list[tuple[_Registration, _Selector]],
     cache: _SeriesCache,
 ) -> _Failure | None:
-    scanned = _scan(answer)
-    if scanned is None:
+    spans = _scan(answer)
+    if spans is None:
         cache.decoded += 1
         return _apply_family_decoded(family, answer, members)
     cache.scanned += 1
     targets = _targets(members)
-    births: dict[tuple[str, ...], dict[float, float]] = {}
-    counters: list[tuple[_Series, bytes]] = []
+    births: dict[bytes, dict[float, float]] = {}
+    counters: list[_Series | None] = []  # by series, in the answer's order
+    it = iter(spans)
     try:
-        for text, samples_text in scanned:
-            series = cache.lookup(family, text)
+        for a, b, c, d in zip(it, it, it, it, strict=True):
+            series = cache.lookup(family, answer[a:b])
             if series.created:
+                counters.append(None)
                 try:
-                    births[series.birth] = dict(_samples(samples_text))
+                    births[series.birth] = dict(_samples(answer[c:d]))
                 except ValueError:
                     continue  # a broken _created series only costs the extra reset check
-            elif series.target in targets:
-                counters.append((series, samples_text))
+            else:
+                counters.append(series if series.target in targets else None)
     except ValueError as exc:  # labels that are not JSON, or not strings
         return _Failure(False, f"prometheus answered garbage: {exc}"[:500])
     no_births: dict[float, float] = {}
-    for series, samples_text in counters:
-        found = targets[series.target]
+    it = iter(spans)
+    for counter, a, b, c, d in zip(counters, it, it, it, it, strict=True):
+        if counter is None:
+            continue
+        series, found = counter, targets[counter.target]
         try:
-            samples = _samples(samples_text)
+            samples = _samples(answer[c:d])
         except ValueError as exc:
             for _, sel in found:
                 sel.malformed = f"malformed samples for {sel.text}: {exc}"
             continue
         born = births.get(series.birth, no_births)
+        text = answer[a:b]  # for reasons only
         for reg, sel in found:
-            _apply(sel, series.key, series.le, samples, born, since=reg.since, floor=reg.floor)
+            _apply(
+                sel, series.key, series.le, text, samples, born, since=reg.since, floor=reg.floor
+            )
     return None
 
 
@@ -887,11 +992,13 @@ def _apply_family_decoded(
             for _, sel in found:
                 sel.malformed = f"malformed samples for {sel.text}: {exc}"
             continue
+        if not all(isinstance(v, str) for v in labels.values()):
+            return _Failure(False, f"prometheus answered garbage: labels {labels!r}"[:500])
         born = births.get(_identity(labels), {}) if births else {}
-        key = _flat(labels)
+        key = _key(labels)
         le = labels.get("le")
         for reg, sel in found:
-            _apply(sel, key, le, samples, born, since=reg.since, floor=reg.floor)
+            _apply(sel, key, le, labels, samples, born, since=reg.since, floor=reg.floor)
     return None
 
 

@@ -24,6 +24,18 @@ from canary.metrics.batched import (
 )
 from canary.metrics.prometheus import PromQueries
 
+
+def split(raw: bytes) -> list[tuple[bytes, bytes]] | None:
+    """_scan's offsets as (labels JSON, samples text) per series."""
+    spans = _scan(raw)
+    if spans is None:
+        return None
+    return [
+        (raw[spans[k] : spans[k + 1]], raw[spans[k + 2] : spans[k + 3]])
+        for k in range(0, len(spans), 4)
+    ]
+
+
 NASTY = st.sampled_from(
     ['"', "\\", "{", "}", "[", "]", ",", ":", '{"metric":', '},"values":[', "]}", "ü", "\n", "<&>"]
 )
@@ -50,7 +62,7 @@ SAMPLES = st.lists(
 def test_scan_splits_what_json_decodes(series: list[Any], ascii: bool) -> None:
     result = [{"metric": {"__name__": "m", **labels}, "values": v} for labels, v in series]
     raw = answer(result, ascii=ascii)
-    scanned = _scan(raw)
+    scanned = split(raw)
     assert scanned is not None
     assert [json.loads(text) for text, _ in scanned] == [s["metric"] for s in result]
     assert [json.loads(b"[" + samples + b"]") for _, samples in scanned] == [
@@ -73,10 +85,14 @@ def test_scan_splits_what_json_decodes(series: list[Any], ascii: bool) -> None:
         b'"values":[[1,"1"]]}{"metric":{},"values":[[1,"1"]]}]}}',  # no comma between
         b'{"status":"success","data":{"resultType":"matrix","result":[x{"metric":{},'
         b'"values":[[1,"1"]]}]}}',
+        b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},'
+        b'"values":[[1,"1"]]}]},"x":{"metric":{}}}',  # the token after the data
+        b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},'
+        b'"values":[[1,{"metric":"1"]]}]}}',  # ... or inside a series' samples
     ],
 )
 def test_other_shapes_are_not_scanned(raw: bytes) -> None:
-    assert _scan(raw) is None
+    assert split(raw) is None
 
 
 def test_prometheus_warnings_after_the_data_are_ignored() -> None:
@@ -84,7 +100,7 @@ def test_prometheus_warnings_after_the_data_are_ignored() -> None:
         b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{"a":"b"},'
         b'"values":[[1,"1"]]}]},"warnings":["x"]}'
     )
-    assert _scan(raw) == [(b'{"a":"b"}', b'[1,"1"]')]
+    assert split(raw) == [(b'{"a":"b"}', b'[1,"1"]')]
 
 
 def registration(q: PromQueries, since: float) -> _Registration:
@@ -155,7 +171,7 @@ def test_fast_and_decoded_paths_count_the_same(
             for sa, sb in zip(a, b, strict=True):
                 assert (sa is None) == (sb is None)
                 if sa is not None and sb is not None:
-                    assert sa.tracks == sb.tracks
+                    assert sa.counted() == sb.counted()
         got, want = _counts(fast, {}, "x"), _counts(slow, {}, "x")
         assert got == want
         assert isinstance(got, ArmsCounts)
@@ -184,3 +200,109 @@ def test_series_not_seen_for_a_whole_batch_are_forgotten() -> None:
     cache.next_generation()
     read(["primary"])
     assert len(cache) == 1
+
+
+def test_the_state_of_a_series_is_small() -> None:
+    """Issue 13: ~90,000 series at 1,000 rollouts. What the batcher keeps per series (its
+    counting state, its entry in the series cache) after three batches stays under 320
+    bytes: it was ~500 (a track object, boxed floats, a tuple of its labels, label strings)."""
+    import gc
+    import tracemalloc
+
+    name = "lat_seconds"
+    les = ["0.005", "0.01", "0.025", "0.05", "0.1", "0.25", "0.5", "1.0", "2.5", "5.0", "+Inf"]
+    regs = [
+        registration(
+            PromQueries(
+                requests=f'{name}_count{{namespace="team{i % 25}",service="{{arm}}"}}',
+                errors=f'{name}_count{{namespace="team{i % 25}",service="{{arm}}",code=~"5.."}}',
+                latency_buckets=f'{name}_bucket{{namespace="team{i % 25}",service="{{arm}}"}}',
+                primary_arm=f"app{i}-primary",
+                canary_arm=f"app{i}-canary",
+            ),
+            1000.0,
+        )
+        for i in range(50)
+    ]
+    members: dict[Any, list[Any]] = {}
+    for reg in regs:
+        for sel in reg.selectors:
+            members.setdefault(sel.family, []).append((reg, sel))
+
+    def read(family: Any, at: float) -> bytes:
+        result = []
+        for reg in regs:
+            for arm in (reg.queries.primary_arm, reg.queries.canary_arm):
+                for code in ["503"] if family.raw else ["200", "404", "503"]:
+                    labels = {"code": code, "instance": "10.0.0.1:9100", "job": "app"}
+                    labels |= {"namespace": reg.selectors[0].values[0], "service": arm}
+                    values = [[at - 10 + 5 * k, str(int(at) + k)] for k in range(3)]
+                    born = [[t, "900"] for t, _ in values]
+                    result.append(
+                        {"metric": {"__name__": f"{name}_created", **labels}, "values": born}
+                    )
+                    for le in les if family.name.endswith("_bucket") else [None]:
+                        metric = {"__name__": family.name, **labels}
+                        if le is not None:
+                            metric = dict(sorted({**metric, "le": le}.items()))
+                        result.append({"metric": metric, "values": values})
+        return answer(result)
+
+    cache = _SeriesCache()
+    answers = [{f: read(f, 1000.0 + 10 * step) for f in members} for step in (1, 2, 3)]
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for batch in answers:
+            for family, raw in batch.items():
+                assert _apply_family(family, raw, members[family], cache) is None
+            cache.next_generation()
+        gc.collect()
+        held = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert len(cache) == 50 * 2 * (3 + 3 + 1 + 1 + 3 * 12)  # counts, buckets and _created
+    assert all(isinstance(_counts(reg, {}, "x"), ArmsCounts) for reg in regs)
+    assert held / len(cache) < 320, held / len(cache)
+
+
+@pytest.mark.parametrize("case", ["nan", "no le", "bad le"])
+def test_reasons_name_the_series_on_both_paths(case: str) -> None:
+    """A NaN sample or a bucket without a good `le` is no data, and the reason shows that
+    series' labels, whichever path read the answer."""
+    q = PromQueries(
+        requests='reqs_total{service="{arm}"}', latency_buckets='lat_bucket{service="{arm}"}'
+    )
+    fast, slow = registration(q, 1000.0), registration(q, 1000.0)
+    cache = _SeriesCache()
+    for family in {sel.family for sel in fast.selectors}:
+        result = []
+        for arm in ("primary", "canary"):
+            value = "NaN" if case == "nan" and arm == "canary" else "3"
+            metric = {"__name__": family.name or "", "service": arm}
+            if family.name == "lat_bucket" and not (case == "no le" and arm == "canary"):
+                metric["le"] = "x" if case == "bad le" and arm == "canary" else "+Inf"
+            result.append({"metric": metric, "values": [[1010, value]]})
+        raw = answer(result)
+        assert (
+            _apply_family(
+                family, raw, [(fast, s) for s in fast.selectors if s.family == family], cache
+            )
+            is None
+        )
+        assert (
+            _apply_family_decoded(
+                family, raw, [(slow, s) for s in slow.selectors if s.family == family]
+            )
+            is None
+        )
+    got, want = _counts(fast, {}, "x"), _counts(slow, {}, "x")
+    assert got == want
+    assert not isinstance(got, ArmsCounts)
+    shown = {
+        "nan": "series {'__name__': 'reqs_total', 'service': 'canary'}",
+        "no le": "{'__name__': 'lat_bucket', 'service': 'canary'}",
+        "bad le": "bad le='x'",
+    }[case]
+    assert shown in got.reason, got.reason
