@@ -123,10 +123,12 @@ RECORD_LABEL = "canary.io/record"
 # ~16 KiB on average (at 256 KiB, 28) and an hour of 10 s ticks is ~12 chunks of ~25 KiB
 # (benchmarks/record_memory.py). Smaller means smaller writes and more objects.
 SEAL_BYTES = 128 << 10
-# Members compress apart (a save's three ticks, ~2.3 KiB each): past this many, the tail's
-# members are packed again as one, which a fuller tail makes ~30% smaller, in memory and in
-# every head write after it (benchmarks/RESULTS.md; ~0.16 ms of packing per save).
-MERGE_MEMBERS = 3
+# Members compress apart (a save's ticks, ~4.6 KiB of JSON each: three ticks a member hold
+# ~1.45x one stream's size, six ~1.2x): past this many, the tail's members are packed again as
+# one. At the operator's minute between saves a chunk seals before that (about five saves),
+# so this costs nothing there; it bounds the tail when saves come often (benchmarks/RESULTS.md:
+# merging past three members of three ticks was ~0.16 ms of packing per save).
+MERGE_MEMBERS = 6
 # A reader unpacks at most MAX_UNPACKED_RECORD_BYTES: past this, ticks are thinned.
 BUDGET_BYTES = MAX_UNPACKED_RECORD_BYTES * 3 // 4
 MAX_CHUNKS = 10_000  # a hostile head cannot send a reader round a million GETs

@@ -148,15 +148,17 @@ async def test_a_long_record_is_written_in_small_writes_and_reads_back_whole(
         unpack_record(emulator.get("", "v1", "configmaps", NS, head))
 
 
+@pytest.mark.parametrize("save_every_s", [30, 60])
 async def test_the_tail_is_held_about_as_small_as_one_gzip_stream(
-    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry], save_every_s: float
 ) -> None:
     """Each save packs its lines as a gzip member of their own, and members compress apart
-    ~1.5x worse than one stream; past MERGE_MEMBERS they are packed again as one, so the tail
-    held in memory (and written in every head) stays close to one stream's size."""
+    worse than one stream (three ticks a member: ~1.45x; six, the operator's minute between
+    saves: ~1.2x); past MERGE_MEMBERS they are packed again as one, so the tail held in
+    memory (and written in every head) stays close to one stream's size."""
     _, client = kube
     rollout = long_record[0].rollout
-    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, save_every_s=30)
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, save_every_s=save_every_s)
     held, one_stream = 0, 0
     for entry in long_record:
         assert await writer.append(entry) is None
@@ -165,7 +167,7 @@ async def test_the_tail_is_held_about_as_small_as_one_gzip_stream(
             held += writer.held_bytes
             one_stream += len(gzip.compress(gzip.decompress(packed), compresslevel=6, mtime=0))
     assert writer.chunks >= 3
-    assert held < 1.2 * one_stream, held / one_stream  # summed over every save
+    assert held < 1.25 * one_stream, held / one_stream  # summed over every save
     assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
 
 
