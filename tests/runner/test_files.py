@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from test_runner import SPEC, make_runner
+from test_runner import SPEC, make_runner, stopped_at_step
 
 from canary.core.records import RecordError, TickEntry, read_record
 from canary.core.rollout import Phase
@@ -103,7 +103,16 @@ def test_canary_run_refuses_a_target_another_process_runs(tmp_path: Path) -> Non
     store._acquire_blocking()
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "canary", "run", "--config", str(config), "--listen", "127.0.0.1:0"],
+            [
+                sys.executable,
+                "-m",
+                "canary",
+                "run",
+                "--config",
+                str(config),
+                "--listen",
+                "127.0.0.1:0",
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -113,7 +122,10 @@ def test_canary_run_refuses_a_target_another_process_runs(tmp_path: Path) -> Non
     finally:
         os.close(store._lock_fd)  # type: ignore[arg-type]
     assert result.returncode == 2, result.stderr
-    assert f"in use by pid {os.getpid()}" in result.stderr and "one controller per rollout" in result.stderr
+    assert (
+        f"in use by pid {os.getpid()}" in result.stderr
+        and "one controller per rollout" in result.stderr
+    )
     assert not list((tmp_path / "records").glob("*.jsonl"))
 
 
@@ -121,15 +133,9 @@ async def test_a_saved_rollout_whose_record_is_unreadable_refuses_to_start(tmp_p
     """A restart whose saved rollout points at a record that cannot be read is a loud error
     naming the record, before anything moves, and the record is left as it was for people to
     look at (never a silent new rollout)."""
-    first, _, _ = make_runner(tmp_path, spec=SPEC.model_copy(update={"steps": (5, 10)}))
-    first.status_path = tmp_path / "app.status.json"
-    reached = asyncio.Event()
-    first.observers.append(lambda report: reached.set() if report.status.step == 1 else None)
-    controller = Controller([first])
-    task = asyncio.create_task(controller.run())
-    await reached.wait()
-    controller.stop()
-    await task
+    first, _, _ = await stopped_at_step(
+        tmp_path, 1, spec=SPEC.model_copy(update={"steps": (5, 10)})
+    )
     broken = first.record_path.read_text().replace("\n", "", 1)  # two lines glued together
     first.record_path.write_text(broken)
 

@@ -148,6 +148,23 @@ def make_runner(
     return runner, router, metrics
 
 
+async def stopped_at_step(
+    tmp_path: Path, step: int, *, spec: RolloutSpec = SPEC
+) -> tuple[RolloutRunner, FakeRouter, FakeMetrics]:
+    """A runner saving its status to a file, stopped (as by a controller shutting down) once
+    its rollout reached `step`: what a restart finds."""
+    first, router, metrics = make_runner(tmp_path, spec=spec)
+    first.status_path = tmp_path / "app.status.json"
+    controller = Controller([first])
+    reached = asyncio.Event()
+    first.observers.append(lambda report: reached.set() if report.status.step == step else None)
+    task = asyncio.create_task(controller.run())
+    await reached.wait()
+    controller.stop()
+    await task
+    return first, router, metrics
+
+
 def kinds(path: Path) -> list[str]:
     return [entry.kind for entry in read_record(path)]
 
@@ -504,15 +521,7 @@ def _again(first: RolloutRunner, *, record_path: Path, resume_saved: bool = True
 async def test_restarted_runner_resumes_the_same_step_and_record(tmp_path: Path) -> None:
     """Stopped at step 3 (25%) and started again, a runner carries on in the same record from
     25%: no step taken twice, no weight set again, the earlier ticks replayed as evidence."""
-    first, router, _ = make_runner(tmp_path)
-    first.status_path = tmp_path / "app.status.json"
-    controller = Controller([first])
-    reached = asyncio.Event()
-    first.observers.append(lambda report: reached.set() if report.status.step == 2 else None)
-    task = asyncio.create_task(controller.run())
-    await reached.wait()
-    controller.stop()
-    await task
+    first, router, _ = await stopped_at_step(tmp_path, 2)
     assert first.stopped and first.status.step == 2 and router.weight == 25
     assert router.sets == [5, 10, 25]
     ticks_before = [
@@ -573,15 +582,7 @@ async def test_a_finished_rollout_is_not_run_again_but_a_new_revision_is(tmp_pat
 
 async def test_fresh_start_ignores_an_unfinished_saved_rollout(tmp_path: Path) -> None:
     """resume_saved=False starts over from the first step in a new record."""
-    first, router, _ = make_runner(tmp_path)
-    first.status_path = tmp_path / "app.status.json"
-    controller = Controller([first])
-    reached = asyncio.Event()
-    first.observers.append(lambda report: reached.set() if report.status.step == 1 else None)
-    task = asyncio.create_task(controller.run())
-    await reached.wait()
-    controller.stop()
-    await task
+    first, router, _ = await stopped_at_step(tmp_path, 1)
     second = _again(first, record_path=tmp_path / "fresh.jsonl", resume_saved=False)
     second.spec = SPEC.model_copy(update={"steps": (5,)})
     await Controller([second]).run()

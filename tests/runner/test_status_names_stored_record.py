@@ -154,22 +154,13 @@ async def test_a_resume_takes_the_last_data_time_from_the_record(tmp_path: Path)
     when that is newer. Here the saved status says 45 s without data against a 40 s deadline,
     the record 10 s: the resumed rollout holds through a tick without data and goes on, where
     reading the status alone would roll it back."""
-    import asyncio
     import json
 
-    from test_runner import _again
+    from test_runner import _again, stopped_at_step
 
     from canary.core.rollout import Phase
 
-    first, router, metrics = make_runner(tmp_path)
-    first.status_path = tmp_path / "app.status.json"
-    controller = Controller([first])
-    reached = asyncio.Event()
-    first.observers.append(lambda report: reached.set() if report.status.step == 2 else None)
-    task = asyncio.create_task(controller.run())
-    await reached.wait()
-    controller.stop()
-    await task
+    first, router, metrics = await stopped_at_step(tmp_path, 2)
     assert first.spec.no_data_deadline_s == 40
     recorded = max(
         e.at
