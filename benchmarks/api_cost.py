@@ -105,7 +105,7 @@ async def measure(
         if prof is not None:
             prof.disable()
         cpu, wall = time.process_time() - cpu, time.monotonic() - wall
-        result[f"{label}: CPU ms per write"] = round(1000 * (cpu - 0.0) / writes, 3)
+        result[f"{label}: CPU ms per write"] = round(1000 * cpu / writes, 3)
         result[f"{label}: wall ms per write"] = round(1000 * wall / writes, 3)
         result[f"{label}: echoes"] = echoes - before_echoes
     watcher.cancel()
