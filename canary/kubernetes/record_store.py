@@ -56,6 +56,7 @@ import gzip
 import logging
 import secrets
 import time
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Protocol
 
@@ -298,6 +299,39 @@ def _gzip_lines(lines: Sequence[str]) -> bytes:
     return gzip.compress(text, compresslevel=6, mtime=0)
 
 
+# Lines waiting for their save (up to a minute of ticks, ~4.4 KiB of JSON each) are held
+# deflated against a dictionary: the first tick line this process wrote, whose keys and
+# reason phrases every later line repeats. ~7x smaller (613 bytes a line), where one line
+# deflated alone is ~3.4x; ~45 us a line. Set once and never changed, so every held line
+# inflates with the dictionary it was deflated with. In memory only: records stay gzip.
+_PENDING_DICT: bytes | None = None
+_PENDING_WBITS = -13  # raw deflate, an 8 KiB window: the dictionary fits it
+_DEFLATED = b"\0"  # first byte of a deflated line; a JSON line starts with "{"
+
+
+def _hold_line(line: str) -> bytes:
+    """One pending line as held: deflated once there is a dictionary, else its UTF-8."""
+    global _PENDING_DICT
+    raw = line.encode("utf-8")
+    if _PENDING_DICT is None:
+        if not line.startswith('{"schema"') or '"kind":"tick"' not in line[:120]:
+            return raw
+        _PENDING_DICT = raw
+    deflate = zlib.compressobj(
+        6, zlib.DEFLATED, _PENDING_WBITS, 6, zlib.Z_DEFAULT_STRATEGY, _PENDING_DICT
+    )
+    return _DEFLATED + deflate.compress(raw) + deflate.flush()
+
+
+def _held_line(held: bytes) -> str:
+    """The line `_hold_line` held."""
+    if held[:1] != _DEFLATED:
+        return held.decode("utf-8")
+    assert _PENDING_DICT is not None  # set before the first deflated line
+    inflate = zlib.decompressobj(_PENDING_WBITS, _PENDING_DICT)
+    return (inflate.decompress(held[1:]) + inflate.flush()).decode("utf-8")
+
+
 def _pack_lines(lines: Sequence[str]) -> str:
     return base64.b64encode(_gzip_lines(lines)).decode("ascii")
 
@@ -503,7 +537,7 @@ class ConfigMapRecordWriter:
         self._members: list[bytes] = []
         self._members_lines = 0
         self._members_bytes = 0
-        self._lines: list[str] = []
+        self._lines: list[bytes] = []  # held by _hold_line
         self._line_sizes: list[int] = []  # each line's UTF-8 bytes plus its newline
         self._lines_bytes = 0
         self._held: TickEntry | None = None  # a thinned tick, kept in case it is the last
@@ -534,11 +568,12 @@ class ConfigMapRecordWriter:
 
     @property
     def held_bytes(self) -> int:
-        """What the tail costs in memory: its packed members and unpacked new lines."""
-        return sum(len(m) for m in self._members) + self._lines_bytes
+        """What the tail costs in memory: its packed members and the new lines as held."""
+        return sum(len(m) for m in self._members) + sum(len(h) for h in self._lines)
 
     def _add_line(self, line: str) -> None:
-        self._lines.append(line)
+        held = _hold_line(line)
+        self._lines.append(held)
         size = len(line.encode("utf-8")) + 1
         self._line_sizes.append(size)
         self._lines_bytes += size
@@ -598,7 +633,7 @@ class ConfigMapRecordWriter:
         return await self.save()
 
     def _plan(
-        self, members: list[bytes], held: int, lines: list[str]
+        self, members: list[bytes], held: int, held_lines: list[bytes]
     ) -> tuple[list[str], int, list[bytes], str]:
         """Chunks to seal, how many of `lines` they hold, the tail's members after them, and
         the packed tail. `members` (of `held` JSON bytes) are the tail's packed part, `lines`
@@ -608,6 +643,7 @@ class ConfigMapRecordWriter:
         object limit (members compress less well than one stream). What is left short of a
         chunk becomes the tail's next member; past MERGE_MEMBERS members, they are packed
         again as one. Pure CPU: run off the event loop."""
+        lines = [_held_line(h) for h in held_lines]
         chunks: list[str] = []
         sealed = 0
         group: list[str] = []

@@ -167,6 +167,42 @@ def _default_analyzer() -> AnalyzerLike:
     return Analyzer(AnalysisConfig())
 
 
+# What metric_results() gives for each metric, in LastTick.metrics' order after the name.
+_METRIC_FIELDS = (
+    "decision", "estimate", "lower", "upper", "scale", "critical", "fail_ratio", "tolerance"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class LastTick:
+    """The last tick's figures that the runner's state() shows, without the tick's models."""
+
+    weight_read: int | None
+    elapsed_s: float
+    metrics: tuple[tuple[Any, ...], ...] | None  # (name, *_METRIC_FIELDS) per metric
+
+    @classmethod
+    def of(cls, entry: TickEntry) -> LastTick:
+        verdict = entry.verdict
+        metrics = None
+        if verdict is not None:
+            metrics = tuple(
+                (
+                    name,
+                    m.decision.value,
+                    m.estimate,
+                    m.lower,
+                    m.upper,
+                    m.scale,
+                    m.critical,
+                    m.fail_ratio,
+                    m.tolerance,
+                )
+                for name, m in verdict.metrics.items()
+            )
+        return cls(entry.weight_read, entry.elapsed_s, metrics)
+
+
 def next_tick_at(previous: float | None, now: float, period: float, *, first: float) -> float:
     """When the next tick is due: `first` after now for the first one, then one `period`
     after the last scheduled tick (a fixed rate: the ticks' own cost does not add up). A tick
@@ -280,7 +316,9 @@ class RolloutRunner:
             raise ValueError(f"tick_s must be positive, got {self.tick_s}")
         self.status = RolloutStatus()
         self.stopped = False  # cancelled before the rollout ended
-        self.last_tick: TickEntry | None = None
+        # The last tick, as little of it as the live page and the status read: its verdict's
+        # models were ~9 KiB a rollout held between ticks (issue 13's memory target).
+        self.last_tick: LastTick | None = None
         # The current rollout's recent ticks, compact, for the live page (bounded).
         self.history = TickHistory(HISTORY_POINTS)
         self.record: RecordSink | None = None
@@ -353,7 +391,7 @@ class RolloutRunner:
         if self.last_tick is not None:
             data["weight_read"] = self.last_tick.weight_read
             data["elapsed_s"] = self.last_tick.elapsed_s
-            if self.last_tick.verdict is not None:  # each metric's decision and bounds
+            if self.last_tick.metrics is not None:  # each metric's decision and bounds
                 data["metrics"] = self.metric_results()
         if status.gate_answers:
             data["gates"] = dict(status.gate_answers)
@@ -370,22 +408,10 @@ class RolloutRunner:
     def metric_results(self) -> dict[str, dict[str, Any]]:
         """Each metric's decision, estimate and bounds from the last verdict (`canary status`,
         the live page, the Kubernetes status annotation); {} before the first verdict."""
-        verdict = self.last_tick.verdict if self.last_tick is not None else None
-        if verdict is None:
+        metrics = self.last_tick.metrics if self.last_tick is not None else None
+        if metrics is None:
             return {}
-        return {
-            name: {
-                "decision": m.decision.value,
-                "estimate": m.estimate,
-                "lower": m.lower,
-                "upper": m.upper,
-                "scale": m.scale,
-                "critical": m.critical,
-                "fail_ratio": m.fail_ratio,
-                "tolerance": m.tolerance,
-            }
-            for name, m in verdict.metrics.items()
-        }
+        return {m[0]: dict(zip(_METRIC_FIELDS, m[1:], strict=True)) for m in metrics}
 
     def _remember(self, entry: TickEntry) -> None:
         """Keep a compact copy of the tick for the live page; a new rollout starts afresh."""
@@ -640,7 +666,7 @@ class RolloutRunner:
             verdict=verdict,
             **extra,
         )
-        self.last_tick = entry
+        self.last_tick = LastTick.of(entry)
         self._remember(entry)
         log.debug(
             "%s: tick %s at %d%% (read %s): %s",
