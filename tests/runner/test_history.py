@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from array import array
 from typing import Any
 
 from analysis import AnalysisConfig, Analyzer, ArmCounts, Snapshot
@@ -33,8 +34,14 @@ def _ticks(rollout: str, count: int, *, verdict_from: int = 2) -> list[TickEntry
     return out
 
 
+def _single(value: float | None) -> float | None:
+    """The chart's numbers are kept in single precision."""
+    return None if value is None else array("f", [value])[0]
+
+
 def _as_page_reads(entry: TickEntry) -> dict[str, Any]:
-    """What the runner kept per tick before (a dict), which the page still reads."""
+    """What the runner kept per tick before (a dict), which the page still reads: the times
+    and counts exactly, the estimates and bounds in single precision."""
 
     def arm(counts: ArmCounts | None) -> list[float] | None:
         return None if counts is None else [counts.requests, counts.errors]
@@ -52,7 +59,7 @@ def _as_page_reads(entry: TickEntry) -> dict[str, Any]:
         "metrics": {}
         if verdict is None
         else {
-            name: [m.estimate, m.lower, m.upper, m.decision.value]
+            name: [_single(m.estimate), _single(m.lower), _single(m.upper), m.decision.value]
             for name, m in verdict.metrics.items()
         },
     }
@@ -83,3 +90,16 @@ def test_bounded_thinning_the_older_ticks_and_a_new_rollout_starts_afresh() -> N
     for t in fresh:
         history.append(t)
     assert history.points() == [_as_page_reads(t) for t in fresh]
+
+
+def test_a_tick_with_three_metrics_is_held_in_108_bytes() -> None:
+    """Times and counts in doubles, the rest in single precision (it was 168 bytes)."""
+    ticks = _ticks("r1", 30)
+    history = TickHistory(100)
+    for t in ticks:
+        history.append(t)
+    assert len(ticks[-1].verdict.metrics) == 3  # type: ignore[union-attr]
+    held = history._exact.itemsize * len(history._exact) + history._rest.itemsize * len(
+        history._rest
+    )
+    assert held == 108 * len(ticks)
