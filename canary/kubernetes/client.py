@@ -237,7 +237,8 @@ API_CALLS: frozenset[ApiCall] = TWO_CLUSTER_CALLS | frozenset(
         "horizontalpodautoscalers",
         *("get", "list", "watch", "create", "patch", "delete"),
     )
-    | _calls("", "configmaps", "get", "create", "update")
+    # patch: a record's new lines are added as one key (record_store), nothing rewritten.
+    | _calls("", "configmaps", "get", "create", "update", "patch")
     | _calls("", "events", "create")
     # list + watch: the routers' read-back cache (canary.kubernetes.informer).
     | _calls("networking.k8s.io", "ingresses", "get", "list", "watch", "create", "patch")
@@ -936,6 +937,25 @@ class Kube:
             name,
             namespace,
             body,
+        )
+
+    async def patch_configmap(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, str],
+        *,
+        resource_version: str | None = None,
+    ) -> JSON:
+        """Merge `data` into the ConfigMap's data: those keys are added or replaced, the
+        others stay. Guarded by `resource_version` (Conflict if it moved)."""
+        return await self._call(
+            ApiCall("", "configmaps", "patch"),
+            self._core.patch_namespaced_config_map,
+            name,
+            namespace,
+            _guarded({"data": dict(data)}, resource_version),
+            _content_type=_MERGE_PATCH,
         )
 
     # -- Events --------------------------------------------------------------------------

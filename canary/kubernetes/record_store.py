@@ -1,30 +1,36 @@
 """Records in Kubernetes ConfigMaps: written incrementally, in chunks, never held whole.
 
 Why: in a cluster the analysis record must outlive the controller's pod, and ConfigMaps are
-the storage the controller already has RBAC for (get, create, update in its own namespace).
+the storage the controller already has RBAC for (get, create, update, patch in its own
+namespace).
 
 The format (this module's writer). A rollout's record is a head ConfigMap
 `canary-record-<rollout>` and sealed chunks `canary-record-<rollout>--00001`, `--00002`, ...
 Each chunk holds a gzipped run of whole JSON lines (`SEAL_BYTES` of them and at most one save's
 more) and is written once and never again; the head holds the chunk count, the record's id
-(which its chunks repeat) and the tail: the lines not yet sealed, gzipped (one gzip member per
-save: a member is packed once and kept packed in memory). A save rewrites the head only, and once the
-tail reaches `SEAL_BYTES` it first creates the next chunk from it. So:
+(which its chunks repeat) and the tail: the lines not yet sealed, gzipped, in `TAIL_KEY` and
+in numbered parts after it (`record.tail.0001.jsonl.gz.b64`, ...: one gzip member per save).
+A save adds its lines as the next part (a merge patch of one key); every MERGE_MEMBERS parts,
+and once the tail reaches `SEAL_BYTES`, it reads the head back and rewrites it, with the
+tail packed again as one member, first creating the next chunk from it when it is due. So:
 
-* the controller holds the tail only, packed (SEAL_BYTES of lines, gzipped, and one flush's
-  entries), not the record: memory per rollout stays flat whatever its age;
+* the controller holds only the entries added since its last save (deflated), not the
+  record nor its tail: memory per rollout stays flat whatever its age;
 * a write is at most one chunk and the head, whatever the age: the history is never rewritten;
 * crash safety needs no transaction: a chunk is created before the head names it, so a kill
   between the two leaves the old head, which does not name it (a later save overwrites it);
-  the head is one object, replaced whole (guarded by resourceVersion) or not at all;
+  the head is one object, patched or replaced (guarded by resourceVersion) or not at all,
+  and each write carries a token (`WRITE_KEY`) from which a save whose answer was lost
+  learns whether it landed: its lines are then neither lost nor written twice;
 * chunks and the head carry the label `canary.io/record=<head>`, and chunks an ownerReference
   to the head: deleting the head deletes its chunks (the garbage collector); one `kubectl get
   configmap -l canary.io/record=<head> -o json` dumps a whole record for `canary report`.
 
-We chose immutable chunk objects over appending keys to one ConfigMap: an update sends (and
-etcd stores) the whole object, so appending to a ConfigMap approaching 1 MiB would still write
-up to 1 MiB per tick; and a merge patch would need the `patch` verb and still answer with the
-whole object. A bounded window plus a summary would lose the ticks the report charts.
+We chose immutable chunk objects over appending keys to one ConfigMap for the history: an
+update sends (and etcd stores) the whole object, so appending to a ConfigMap approaching 1 MiB
+would still write up to 1 MiB per tick. The tail's parts are appended keys, but within
+SEAL_BYTES of lines (~30 KiB packed). A bounded window plus a summary would lose the ticks the
+report charts.
 
 Records in the older whole format (`record.jsonl.gz.b64`: the whole record, gzipped, thinned
 to fit, rewritten on every save; `pack_record` still writes it) are read as before; a resumed
@@ -60,6 +66,7 @@ import secrets
 import time
 import zlib
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from canary.core.inputs import (
@@ -114,10 +121,18 @@ _MAX_PACKED_CHARS = 4 * MAX_CONFIGMAP_BYTES
 
 # The chunked format (see the module docstring).
 FORMAT_KEY = "record.format"
-FORMAT = "chunks/1"
+FORMAT = "chunks/2"  # /1 had no tail parts; both read the same
 ID_KEY = "record.id"
 CHUNKS_KEY = "record.chunks"
 TAIL_KEY = "record.tail.jsonl.gz.b64"
+# The tail's later parts, one per save since the head was last rewritten (_part_key): a save
+# adds one with a merge patch, so the writer holds none of the tail (it held ~10 KiB a
+# rollout on average, issue 13), and sends only its own lines.
+_PART_PREFIX, _PART_SUFFIX = "record.tail.", ".jsonl.gz.b64"
+MAX_PARTS = 1000  # a hostile head cannot make a reader unpack a million keys
+# The token of the save that last wrote the head: a save whose answer was lost finds out
+# from it whether it landed (so its lines are neither lost nor written twice).
+WRITE_KEY = "record.write"
 CHUNK_KEY = "record.chunk.jsonl.gz.b64"
 CHUNK_NUMBER_KEY = "record.chunk"
 RECORD_LABEL = "canary.io/record"
@@ -270,7 +285,7 @@ def looks_like_configmap(text: str) -> Mapping[str, Any] | None:
 
 
 class ConfigMapApi(Protocol):
-    """The two calls of canary.kubernetes.client.Kube this adapter needs."""
+    """The calls of canary.kubernetes.client.Kube this adapter needs."""
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any]: ...
 
@@ -285,6 +300,15 @@ class ConfigMapApi(Protocol):
         owner: Mapping[str, str] | None = None,
     ) -> dict[str, Any]: ...
 
+    async def patch_configmap(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, str],
+        *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any]: ...
+
 
 # -- the chunked format ------------------------------------------------------------------
 
@@ -293,6 +317,24 @@ def chunk_name(head: str, number: int) -> str:
     """The name of chunk `number` (from 1) of the record whose head ConfigMap is `head`.
     `configmap_name` never writes "--", so a chunk's name is never another record's head."""
     return f"{head[:245].rstrip('-')}--{number:05d}"
+
+
+def _part_key(number: int) -> str:
+    return f"{_PART_PREFIX}{number:04d}{_PART_SUFFIX}"
+
+
+def _parts(data: Mapping[str, Any], name: str) -> list[tuple[int, str]]:
+    """The tail's numbered parts in a head's data, in order: (number, key)."""
+    parts = []
+    for key in data:
+        if not (isinstance(key, str) and key.startswith(_PART_PREFIX)):
+            continue
+        number = key[len(_PART_PREFIX) : -len(_PART_SUFFIX)]
+        if key.endswith(_PART_SUFFIX) and len(number) == 4 and number.isdigit():
+            parts.append((int(number), key))
+    if len(parts) > MAX_PARTS:
+        raise RecordError(f"{name}: {len(parts)} tail parts; a record has at most {MAX_PARTS}")
+    return sorted(parts)
 
 
 def _gzip_lines(lines: Sequence[str]) -> bytes:
@@ -426,7 +468,8 @@ class _Assembler:
         self.count = _chunk_count(head, self.name)
         self.budget = MAX_UNPACKED_RECORD_BYTES
         self.lines: list[str] = []
-        self._tail = data.get(TAIL_KEY)
+        self._tail = [(TAIL_KEY, data.get(TAIL_KEY))]
+        self._tail += [(key, data.get(key)) for _, key in _parts(data, self.name)]
 
     def add_chunk(self, number: int, configmap: Mapping[str, Any]) -> None:
         name = _name_of(configmap)
@@ -449,7 +492,8 @@ class _Assembler:
         self.lines.extend(text.splitlines())
 
     def entries(self) -> list[Entry]:
-        self._add(self._tail, name=self.name, key=TAIL_KEY)
+        for key, packed in self._tail:
+            self._add(packed, name=self.name, key=key)
         entries = list(parse_lines(self.lines, source=self.name))
         if not entries:
             raise RecordError(f"{self.name}: the record is empty")
@@ -505,14 +549,51 @@ async def read_record_configmap(api: ConfigMapApi, head: Mapping[str, Any]) -> l
     return await run_blocking("packing", assembler.entries)
 
 
+@dataclass(frozen=True, slots=True)
+class _Attempt:
+    """A write to the head, and the writer's state once it has landed."""
+
+    token: str  # WRITE_KEY's value in it
+    lines: int  # the held lines it saves
+    chunks: int  # chunks it sealed
+    parts: int  # the head's tail parts after it
+    members_lines: int  # the tail's lines and JSON bytes after it
+    members_bytes: int
+    last_at: float | None
+    data_at: float | None
+
+
+def _pack_held(held_lines: Sequence[bytes]) -> str:
+    """Held lines as one part: base64 of one gzip member. Pure CPU: off the event loop."""
+    return base64.b64encode(_gzip_lines([_held_line(h) for h in held_lines])).decode("ascii")
+
+
+def _stored_members(data: Mapping[str, Any], parts: int, name: str) -> list[bytes]:
+    """The tail in a head's data as gzip members: TAIL_KEY, then parts 1..`parts`. A part
+    past those is a write that did not land as far as the writer knows: its lines are still
+    held, and the rewrite drops it."""
+    keys = [TAIL_KEY] + [key for number, key in _parts(data, name) if number <= parts]
+    members = []
+    for key in keys:
+        packed = data.get(key)
+        if not isinstance(packed, str):
+            raise RecordError(f"{name}: {key} is missing from the head")
+        try:
+            members.append(base64.b64decode(packed, validate=True))
+        except binascii.Error as exc:
+            raise RecordError(f"{name}: {key} is not base64: {exc}") from None
+    return [m for m in members if m]
+
+
 class ConfigMapRecordWriter:
     """Keeps one rollout's record in ConfigMaps, incrementally. Never raises for API errors.
 
-    Holds only the tail (entries not yet sealed into a chunk, fewer than `seal_bytes` of
-    JSON), so its memory does not grow with the rollout's age. Each save rewrites the head
-    (the tail, gzipped) and, once the tail reaches `seal_bytes`, first creates a chunk from
-    it. Entries other than ticks are saved at once (a decision must not be lost); ticks at
-    most every `save_every_s` of record time. `flush()` saves whatever is pending.
+    Holds only the entries added since the last save (deflated), not the tail: a save adds
+    them to the head as one part (a merge patch); every MERGE_MEMBERS parts, and once the
+    tail reaches `seal_bytes` (when it first creates a chunk from it), it reads the head back
+    and rewrites it. Entries other than ticks are saved at once (a decision must not be
+    lost); ticks at most every `save_every_s` of record time. `flush()` saves whatever is
+    pending.
 
     A record that grows past `budget_bytes` (unpacked) keeps one tick every `thin_every_s`
     from then on, and every tick before a non-tick entry, so it stays readable whole.
@@ -547,14 +628,15 @@ class ConfigMapRecordWriter:
         self.record_id = secrets.token_hex(8)  # ties the chunks to this head
         self.written_bytes = 0  # of JSON lines, sealed and pending: what a reader unpacks
         self.last_write_bytes = 0  # the data of the last save's writes, for benchmarks
-        # The tail (the lines not yet sealed) is held packed: one gzip member per save
-        # (`_members`, with the count and JSON bytes of the lines they hold), plus the lines
-        # added since the last save (`_lines`). Unpacked, 1,000 young rollouts' tails were a
-        # quarter of a GiB (issue 13); packed they are ~6x smaller, and each line is
-        # gzipped once, not on every save until its chunk is sealed.
-        self._members: list[bytes] = []
+        # The tail (the lines not yet sealed) is in the head, not here: its count and JSON
+        # bytes (`_members_*`) and how many parts it has, as the last save left them; only
+        # the lines added since (`_lines`) are held. Unpacked, 1,000 young rollouts' tails
+        # were a quarter of a GiB (issue 13); held packed, ~10 MiB; now none.
         self._members_lines = 0
         self._members_bytes = 0
+        self._tail_parts = 0
+        self._rewrite = False  # the next save writes the head from the lines held alone
+        self._attempt: _Attempt | None = None  # a write whose answer was lost
         self._lines: list[bytes] = []  # held by _hold_line
         self._line_sizes: list[int] = []  # each line's UTF-8 bytes plus its newline
         self._lines_bytes = 0
@@ -586,8 +668,8 @@ class ConfigMapRecordWriter:
 
     @property
     def held_bytes(self) -> int:
-        """What the tail costs in memory: its packed members and the new lines as held."""
-        return sum(len(m) for m in self._members) + sum(len(h) for h in self._lines)
+        """What the tail costs in memory: the lines added since the last save, as held."""
+        return sum(len(h) for h in self._lines)
 
     def _add_line(self, line: str) -> None:
         held = _hold_line(line)
@@ -704,17 +786,111 @@ class ConfigMapRecordWriter:
         return chunks, sealed, members, tail
 
     async def save(self) -> str | None:
-        """Save now: seal the tail into chunks if it is due, then rewrite the head. Returns
-        why it failed, or None. A failure changes nothing: the next save does it all again
-        (a chunk created by a failed save is overwritten; the head does not name it yet)."""
+        """Save now: add the new lines to the head as a part, or (past MERGE_MEMBERS parts,
+        or once the tail is due to seal) read the head back, seal the tail into chunks if it
+        is due and rewrite the head. Returns why it failed, or None. A failure changes
+        nothing: the next save does it all again (a chunk created by a failed save is
+        overwritten; the head does not name it yet); a write whose answer was lost is
+        settled first, from the head's WRITE_KEY."""
         where = f"record ConfigMap {self.namespace}/{self.name}"
+        count = len(self._lines)
+        new_bytes = sum(self._line_sizes[:count])
+        if (
+            count
+            and self._attempt is None
+            and not self._rewrite
+            and self._resource_version is not None
+            and self._tail_parts < MERGE_MEMBERS
+            and self._members_bytes + new_bytes < self.seal_bytes
+        ):
+            error, moved = await self._append(count, new_bytes)
+            if error is None:
+                return None
+            if not moved:  # no answer, or refused: the next save settles it from the head
+                return self._failed(f"{where}: {error}")
+            # the head moved or went (Conflict, NotFound): read it, settle and rewrite it
+        return await self._rewrite_head(where)
+
+    async def _append(self, count: int, new_bytes: int) -> tuple[str | None, bool]:
+        """Add the first `count` held lines to the head as its next part (a merge patch
+        guarded by the head's resourceVersion). Returns why it failed (or None), and whether
+        the head moved or went."""
+        from canary.kubernetes.client import Conflict, KubeError, NotFound
+
+        lines = self._lines[:count]
+        packed = await run_blocking("packing", _pack_held, lines)
+        token = secrets.token_hex(6)
+        attempt = _Attempt(
+            token,
+            lines=count,
+            chunks=0,
+            parts=self._tail_parts + 1,
+            members_lines=self._members_lines + count,
+            members_bytes=self._members_bytes + new_bytes,
+            last_at=self._last_at,
+            data_at=self._data_at,
+        )
+        data = {_part_key(attempt.parts): packed, WRITE_KEY: token}
+        self._attempt = attempt
+        try:
+            result = await self.api.patch_configmap(
+                self.namespace, self.name, data, resource_version=self._resource_version
+            )
+        except (Conflict, NotFound) as exc:
+            # Refused, unless it was the retry of a write that landed: the rewrite reads the
+            # head and settles that from WRITE_KEY first.
+            return str(exc), True
+        except KubeError as exc:
+            return str(exc), False
+        self._resource_version = result.get("metadata", {}).get("resourceVersion")
+        self.last_write_bytes = sum(len(v) for v in data.values())
+        self._settled(attempt)
+        return None, False
+
+    async def _rewrite_head(self, where: str) -> str | None:
+        from canary.kubernetes.client import KubeError, NotFound
+
+        members: list[bytes] = []
+        if self._resource_version is not None or self._attempt is not None:
+            try:
+                head: Mapping[str, Any] | None = await self.api.get_configmap(
+                    self.namespace, self.name
+                )
+            except NotFound:
+                head, self._resource_version = None, None
+            except KubeError as exc:
+                return self._failed(f"{where}: {exc}")
+            if head is not None:
+                metadata = head.get("metadata", {})
+                self._resource_version = metadata.get("resourceVersion")
+                self._uid = metadata.get("uid") or self._uid
+                data = _data_of(head)
+                attempt, self._attempt = self._attempt, None
+                if attempt is not None and data.get(WRITE_KEY) == attempt.token:
+                    self._settled(attempt)  # it landed: those lines are in the head
+                if self._rewrite:
+                    pass  # the held lines are the whole tail
+                elif not is_chunked(head) or data.get(ID_KEY) != self.record_id:
+                    self._lost_tail("replaced by another writer")
+                else:
+                    try:
+                        members = _stored_members(data, self._tail_parts, self.name)
+                    except RecordError as exc:
+                        self._lost_tail(f"unreadable ({exc})")
+            else:
+                self._attempt = None
+                self._lost_tail("deleted")
+        if not self._lines and not self._rewrite and self._resource_version is not None:
+            self._dirty = False  # the settled write saved them all
+            self.last_error = None
+            return None
         lines = list(self._lines)
         last_at = self._last_at
         data_at = self._data_at
         try:
             # Gzip is CPU work: off the event loop. One flush's worth of new lines.
-            chunks, sealed, members, tail = await run_blocking(
-                "packing", self._plan, list(self._members), self._members_bytes, lines
+            chunks, sealed, _, tail = await run_blocking(
+                "packing", self._plan, members, self._members_bytes, lines
             )
         except RecordError as exc:
             return self._failed(f"{where}: {exc}")
@@ -725,43 +901,81 @@ class ConfigMapRecordWriter:
                 return self._failed(error)
         for offset, packed in enumerate(chunks, start=1):
             number = self.chunks + offset
-            data = {
+            chunk = {
                 CHUNK_KEY: packed,
                 ID_KEY: self.record_id,
                 CHUNK_NUMBER_KEY: str(number),
             }
-            error = await self._put_chunk(chunk_name(self.name, number), data)
+            error = await self._put_chunk(chunk_name(self.name, number), chunk)
             if error is not None:
                 return self._failed(f"{where}: chunk {number}: {error}")
-            written += sum(len(v) for v in data.values())
-        head = {
+            written += sum(len(v) for v in chunk.values())
+        kept = sum(self._line_sizes[sealed : len(lines)])
+        attempt = _Attempt(
+            secrets.token_hex(6),
+            lines=len(lines),
+            chunks=len(chunks),
+            parts=0,
+            members_lines=(0 if chunks else self._members_lines) + len(lines) - sealed,
+            members_bytes=(0 if chunks else self._members_bytes) + kept,
+            last_at=last_at,
+            data_at=data_at,
+        )
+        head_data = {
             FORMAT_KEY: FORMAT,
             ID_KEY: self.record_id,
             CHUNKS_KEY: str(self.chunks + len(chunks)),
             TAIL_KEY: tail,
+            WRITE_KEY: attempt.token,
         }
-        error = await self._put_head(head)
+        self._attempt = attempt
+        error = await self._put_head(head_data)
         if error is not None:
             return self._failed(f"{where}: {error}")
-        written += sum(len(v) for v in head.values())
+        written += sum(len(v) for v in head_data.values())
         self.last_write_bytes = written
-        self.chunks += len(chunks)
-        # The saved lines are in chunks or in the tail's members now; entries added while
-        # this save awaited stay new.
-        if chunks:
-            self._members_lines = self._members_bytes = 0
-        self._members = members
-        self._members_lines += len(lines) - sealed
+        self._rewrite = False
+        self._settled(attempt)
+        return None
+
+    def _lost_tail(self, why: str) -> None:
+        """The head's tail is gone (someone replaced or deleted the head): say so in the
+        record, before the lines held, and start the tail afresh."""
+        if self._members_lines:
+            note = NoteEntry(
+                at=self._saved_at if self._saved_at is not None else time.time(),
+                rollout=self.rollout,
+                level="warning",
+                message=(
+                    f"the record's head ConfigMap {self.namespace}/{self.name} was {why}: "
+                    f"the {self._members_lines} entries of its tail after chunk {self.chunks} "
+                    "were lost"
+                ),
+            )
+            line = dump_entry(note)
+            size = len(line.encode("utf-8")) + 1
+            self._lines.insert(0, _hold_line(line))
+            self._line_sizes.insert(0, size)
+            self._lines_bytes += size
+            self.written_bytes += size
+        self._members_lines = self._members_bytes = self._tail_parts = 0
+
+    def _settled(self, attempt: _Attempt) -> None:
+        """A write landed: what it saved leaves the held lines; entries added while it
+        awaited stay new."""
+        self._attempt = None
+        self.chunks += attempt.chunks
+        self._tail_parts = attempt.parts
+        self._members_lines = attempt.members_lines
+        self._members_bytes = attempt.members_bytes
+        del self._lines[: attempt.lines]
+        del self._line_sizes[: attempt.lines]
         # Sizes as counted when the lines came (encoding them again was ~1% of the loop).
-        self._members_bytes += sum(self._line_sizes[sealed : len(lines)])
-        del self._lines[: len(lines)]
-        del self._line_sizes[: len(lines)]
         self._lines_bytes = sum(self._line_sizes)
         self._dirty = bool(self._lines)
-        self._saved_at = last_at
-        self.data_through = data_at
+        self._saved_at = attempt.last_at
+        self.data_through = attempt.data_at
         self.last_error = None
-        return None
 
     async def _learn_uid(self, where: str) -> str | None:
         from canary.kubernetes.client import KubeError, NotFound
@@ -845,31 +1059,40 @@ class ConfigMapRecordWriter:
         return "kept changing while being written"
 
     def resume(self, head: Mapping[str, Any], entries: Sequence[Entry]) -> None:
-        """Carry on the record read from `head`: its chunks stay, its tail is pending again.
-        A record in the whole format (an older canary's) becomes the tail: the next save
-        seals it into chunks and rewrites the head in this format."""
+        """Carry on the record read from `head`: its chunks and its tail stay where they
+        are, the next save adds to them. A record in the whole format (an older canary's)
+        becomes held lines: the next save seals them into chunks and rewrites the head in
+        this format."""
         metadata = head.get("metadata", {})
         self._resource_version = metadata.get("resourceVersion")
         self._uid = metadata.get("uid")
         data = _data_of(head)
+        self._lines, self._line_sizes, self._lines_bytes = [], [], 0
+        self._members_lines = self._members_bytes = self._tail_parts = 0
+        self._attempt = None
+        total = sum(len(dump_entry(e).encode("utf-8")) + 1 for e in entries)
         if is_chunked(head):
             self.record_id = str(data.get(ID_KEY) or self.record_id)
             self.chunks = _chunk_count(head, _name_of(head))
-            tail = _unpack_text(
-                data.get(TAIL_KEY), name=self.name, key=TAIL_KEY, budget=MAX_UNPACKED_RECORD_BYTES
-            )
-            lines = [line for line in tail.splitlines() if line.strip()]
+            parts = _parts(data, self.name)
+            self._tail_parts = parts[-1][0] if parts else 0
+            budget = MAX_UNPACKED_RECORD_BYTES
+            for key in [TAIL_KEY] + [key for _, key in parts]:
+                tail = _unpack_text(data.get(key), name=self.name, key=key, budget=budget)
+                budget -= len(tail)
+                for line in tail.splitlines():
+                    if line.strip():
+                        self._members_lines += 1
+                        self._members_bytes += len(line.encode("utf-8")) + 1
+            self.written_bytes = total
+            self._rewrite = False
         else:
             self.chunks = 0
-            lines = [dump_entry(e) for e in entries]
-        self._members, self._members_lines, self._members_bytes = [], 0, 0
-        self._lines, self._line_sizes, self._lines_bytes = [], [], 0
-        self.written_bytes = sum(len(dump_entry(e)) + 1 for e in entries) - sum(
-            len(line.encode("utf-8")) + 1 for line in lines
-        )
-        for line in lines:
-            self._add_line(line)
-        self._dirty = not is_chunked(head)  # converted: save it in this format
+            self.written_bytes = 0
+            for entry in entries:
+                self._add_line(dump_entry(entry))
+            self._rewrite = True  # converted: save it in this format
+        self._dirty = self._rewrite
         ticks = [e.at for e in entries if isinstance(e, TickEntry)]
         self._kept_tick_at = ticks[-1] if ticks else None
         self._thinning_noted = self.written_bytes >= self.budget_bytes

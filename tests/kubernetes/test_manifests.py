@@ -158,6 +158,7 @@ async def test_api_calls_table_matches_the_requests_made(api: KubeEmulator, kube
         NAMESPACE, "state", {"a": "2"}, resource_version=created["metadata"]["resourceVersion"]
     )
     await kube.get_configmap(NAMESPACE, "state")
+    await kube.patch_configmap(NAMESPACE, "state", {"b": "1"})
     await kube.emit_event(ObjectRef.deployment(dep), type="Normal", reason="Test", message="m")
     elector = LeaderElector(
         kube,

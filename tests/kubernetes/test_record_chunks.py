@@ -30,8 +30,9 @@ from canary.core.records import (
     dump_entry,
     parse_lines,
 )
-from canary.kubernetes.client import Kube, RetryPolicy
+from canary.kubernetes.client import Conflict, Kube, KubeError, RetryPolicy, Unavailable
 from canary.kubernetes.record_store import (
+    MERGE_MEMBERS,
     RECORD_LABEL,
     ConfigMapRecord,
     ConfigMapRecordWriter,
@@ -149,25 +150,32 @@ async def test_a_long_record_is_written_in_small_writes_and_reads_back_whole(
 
 
 @pytest.mark.parametrize("save_every_s", [30, 60])
-async def test_the_tail_is_held_about_as_small_as_one_gzip_stream(
+async def test_the_tail_is_stored_about_as_small_as_one_gzip_stream(
     kube: tuple[KubeEmulator, Kube], long_record: list[Entry], save_every_s: float
 ) -> None:
-    """Each save packs its lines as a gzip member of their own, and members compress apart
-    worse than one stream (three ticks a member: ~1.45x; six, the operator's minute between
-    saves: ~1.2x); past MERGE_MEMBERS they are packed again as one, so the tail held in
-    memory (and written in every head) stays close to one stream's size."""
-    _, client = kube
+    """Each save adds its lines to the head as a gzip member of their own (a part), and
+    members compress apart worse than one stream (three ticks a member: ~1.45x; six, the
+    operator's minute between saves: ~1.2x); past MERGE_MEMBERS parts the head is rewritten
+    with them packed again as one, so the tail in the head stays close to one stream's
+    size. The writer holds none of it: only the lines added since its last save."""
+    emulator, client = kube
     rollout = long_record[0].rollout
+    head = configmap_name(rollout)
     writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, save_every_s=save_every_s)
-    held, one_stream = 0, 0
+    stored, one_stream, most_parts = 0, 0, 0
     for entry in long_record:
         assert await writer.append(entry) is None
-        if not writer.dirty and writer.pending:  # just saved: all of the tail is packed
-            packed = b"".join(writer._members)
-            held += writer.held_bytes
+        if not writer.dirty:  # just saved: the writer holds nothing
+            assert writer.held_bytes == 0
+            data = emulator.get("", "v1", "configmaps", NS, head)["data"]
+            keys = sorted(k for k in data if k.startswith("record.tail."))
+            most_parts = max(most_parts, len(keys) - 1)
+            packed = b"".join(base64.b64decode(data[k]) for k in keys)
+            stored += len(packed)
             one_stream += len(gzip.compress(gzip.decompress(packed), compresslevel=6, mtime=0))
     assert writer.chunks >= 3
-    assert held < 1.25 * one_stream, held / one_stream  # summed over every save
+    assert 2 <= most_parts <= MERGE_MEMBERS
+    assert stored < 1.25 * one_stream, stored / one_stream  # summed over every save
     assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
 
 
@@ -263,6 +271,8 @@ async def test_a_resumed_chunked_record_carries_on_in_the_same_chunks(
         await first.flush()
     chunks_before = first.writer.chunks
     assert chunks_before >= 3 and first.writer.pending > 0
+    stored = emulator.get("", "v1", "configmaps", NS, head)["data"]
+    assert any(key.startswith("record.tail.0") for key in stored), "the tail has parts"
 
     second = ConfigMapRecord(
         client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}", seal_bytes=SEAL, flush_s=0
@@ -276,6 +286,62 @@ async def test_a_resumed_chunked_record_carries_on_in_the_same_chunks(
     assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
     chunk_creates = [_name(w) for w in _writes(emulator) if _name(w) != head]
     assert len(chunk_creates) == len(set(chunk_creates)) == second.writer.chunks
+
+
+class _LostAnswers:
+    """Kube's ConfigMap calls, where the next write of a verb in `lose` lands and then
+    fails as if its answer were lost (a timeout), or as its retry would (a Conflict)."""
+
+    def __init__(self, client: Kube, error: KubeError) -> None:
+        self.client, self.error = client, error
+        self.lose: set[str] = set()
+        self.lost: list[str] = []
+
+    async def get_configmap(self, namespace: str, name: str) -> dict[str, Any]:
+        return await self.client.get_configmap(namespace, name)
+
+    def _maybe_lose(self, verb: str, name: str) -> None:
+        if verb in self.lose and "--" not in name:  # the head's writes
+            self.lose.discard(verb)
+            self.lost.append(verb)
+            raise self.error
+
+    async def put_configmap(
+        self, namespace: str, name: str, data: dict[str, str], **kwargs: Any
+    ) -> dict[str, Any]:
+        result = await self.client.put_configmap(namespace, name, data, **kwargs)
+        self._maybe_lose("put", name)
+        return result
+
+    async def patch_configmap(
+        self, namespace: str, name: str, data: dict[str, str], **kwargs: Any
+    ) -> dict[str, Any]:
+        result = await self.client.patch_configmap(namespace, name, data, **kwargs)
+        self._maybe_lose("patch", name)
+        return result
+
+
+@pytest.mark.parametrize("verb", ["patch", "put"])
+@pytest.mark.parametrize("error", [Unavailable("timed out"), Conflict("conflict")])
+async def test_a_save_whose_answer_is_lost_is_neither_lost_nor_written_twice(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry], verb: str, error: KubeError
+) -> None:
+    """A write to the head that lands but whose answer is lost (or whose retry meets the
+    Conflict its own success made) is settled by the next save from the head's write
+    token: every entry is in the record once."""
+    _, client = kube
+    api = _LostAnswers(client, error)
+    rollout = long_record[0].rollout
+    writer = ConfigMapRecordWriter(api, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    failed = 0
+    for index, entry in enumerate(long_record):
+        if index in (20, 60, 100):
+            api.lose.add(verb)
+        failed += await writer.append(entry) is not None
+    assert await writer.flush() is None
+    assert api.lost == [verb] * 3
+    assert failed >= (3 if isinstance(error, Unavailable) else 0)
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
 
 
 async def test_a_save_cut_between_chunk_and_head_leaves_a_readable_record(
@@ -451,7 +517,7 @@ async def test_data_through_is_the_newest_tick_with_data_that_a_save_stored(
     assert await writer.flush() is None
     assert writer.data_through == first.at
     writer.add(second)
-    emulator.inject(422, verb="update", resource="configmaps")  # rejected: not retried
+    emulator.inject(422, verb="patch", resource="configmaps")  # rejected: not retried
     assert await writer.flush() is not None
     assert writer.data_through == first.at, "a failed save stores nothing"
     assert await writer.flush() is None

@@ -194,8 +194,10 @@ async def test_writer_keeps_the_record_in_its_configmap(
 async def test_writer_survives_conflicts_deletion_and_outages(
     kube: tuple[KubeEmulator, Kube], rolled_back: list[Entry]
 ) -> None:
-    """Someone else's write (a conflict) and a deleted ConfigMap are recovered from; an API
-    outage is returned as a message, never raised, and the next save catches up."""
+    """Someone else's write (a conflict) and a deleted ConfigMap are recovered from, and the
+    record says what they destroyed (the tail the head held: the writer holds only what it
+    has not saved); an API outage is returned as a message, never raised, and the next save
+    catches up."""
     emulator, client = kube
     rollout = rolled_back[0].rollout
     writer = ConfigMapRecordWriter(client, namespace="ns", rollout=rollout, save_every_s=0)
@@ -207,6 +209,10 @@ async def test_writer_survives_conflicts_deletion_and_outages(
         {"metadata": {"name": writer.name, "namespace": "ns"}, "data": {"meddled": "yes"}},
     )
     assert await writer.append(rolled_back[1]) is None  # conflict: re-read, write ours
+    stored = await load_record_configmap(client, namespace="ns", rollout=rollout)
+    assert [type(e) for e in stored] == [NoteEntry, type(rolled_back[1])]
+    assert "was replaced by another writer: the 1 entries" in stored[0].message  # type: ignore[union-attr]
+    assert stored[1] == rolled_back[1]
     emulator.delete("", "v1", "configmaps", "ns", writer.name)
     assert await writer.append(rolled_back[2]) is None  # gone: created again
     emulator.inject(503, times=10, resource="configmaps")
@@ -217,7 +223,8 @@ async def test_writer_survives_conflicts_deletion_and_outages(
     for entry in rolled_back[4:]:
         assert await writer.append(entry) is None
     stored = await load_record_configmap(client, namespace="ns", rollout=rollout)
-    assert stored == rolled_back
+    assert isinstance(stored[0], NoteEntry) and "was deleted: the 2 entries" in stored[0].message
+    assert stored[1:] == rolled_back[2:]
 
 
 async def test_missing_record_configmap_is_a_clear_error(kube: tuple[KubeEmulator, Kube]) -> None:
