@@ -113,29 +113,56 @@ class Analyzer:
             },
         )
 
-    def _result(
-        self, name: str, test: CountTest, threshold_s: float | None, no_data: str | None
-    ) -> MetricResult:
-        cfg = self._settings[name]
-        alpha = self._alphas[name]
-        st: CountState = test.state()
-        has_data = no_data is None and st.samples_canary > 0 and st.samples_primary > 0
-        pass_now = test.pass_ratio_reached() or st.passed_abs
+    def replay(self, snapshot: Snapshot) -> None:
+        """observe() without the Verdict: the same evidence afterwards, at a fraction of the
+        cost (no bounds for reports, no results, no reason lines). A resumed rollout
+        rebuilds its analysis from its record's ticks with this: each look is still judged,
+        since a pass or a fail, once reached, stays (tests/analysis: a replayed analyzer's
+        verdicts are identical to one that observed every look)."""
+        last = self._last
+        if last is not None and (
+            _backwards("primary", last.primary, snapshot.primary)
+            or _backwards("canary", last.canary, snapshot.canary)
+        ):
+            self._skipped += 1
+        self._last = snapshot
+        p, c = snapshot.primary, snapshot.canary
+        self._errors.update(c.requests, c.errors, p.requests, p.errors)
+        self._decide("errors", self._errors, None)
+        for name, lat in self._latency.items():
+            no_data = lat.update(p, c)[1]
+            self._decide(name, lat.count, no_data)
+
+    def _decide(self, name: str, test: CountTest, no_data: str | None) -> Decision:
+        """One metric's decision at this look, kept if it is a pass or a fail: both are
+        stopping events of anytime-valid tests, so they stay reached."""
+        judged = test.judged()
+        has_data = no_data is None and judged.samples_canary > 0 and judged.samples_primary > 0
+        pass_now = test.pass_ratio_reached() or judged.passed_abs
         decision = decide_metric(
             has_data=has_data,
-            e_fail=st.e_fail,
-            alpha=alpha,
+            e_fail=judged.e_fail,
+            alpha=self._alphas[name],
             pass_reached=pass_now or name in self._passed,
-            samples_primary=st.samples_primary,
-            samples_canary=st.samples_canary,
+            samples_primary=judged.samples_primary,
+            samples_canary=judged.samples_canary,
             min_samples=self.config.min_samples,
         )
-        # Both are stopping events of anytime-valid tests, so they stay reached.
         if decision is Decision.PASS:
             self._passed.add(name)
         if decision is Decision.FAIL or name in self._failed:
             self._failed.add(name)
             decision = Decision.FAIL
+        return decision
+
+    def _result(
+        self, name: str, test: CountTest, threshold_s: float | None, no_data: str | None
+    ) -> MetricResult:
+        cfg = self._settings[name]
+        alpha = self._alphas[name]
+        decision = self._decide(name, test, no_data)
+        st: CountState = test.state()
+        has_data = no_data is None and st.samples_canary > 0 and st.samples_primary > 0
         extra: dict[str, float] = {"skipped_intervals": float(self._skipped)}
         if st.rate_canary is not None:
             extra["rate_canary"] = st.rate_canary

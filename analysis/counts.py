@@ -67,6 +67,7 @@ __all__ = [
     "THETA_GRID",
     "CountState",
     "CountTest",
+    "Judged",
     "fail_points",
     "pass_points",
     "rate_bounds",
@@ -211,6 +212,18 @@ def rate_lower(events: float, n: float, alpha: float, *, start: float | None = N
 
 
 @dataclass(frozen=True, slots=True)
+class Judged:
+    """What one count test's decision needs after an update (CountTest.judged)."""
+
+    log_e_fail: float
+    e_fail: float
+    samples_primary: float
+    samples_canary: float
+    abs_excess_upper: float | None  # anytime-valid upper bound on canary rate - primary rate
+    passed_abs: bool
+
+
+@dataclass(frozen=True, slots=True)
 class CountState:
     """What one count test knows after an update: the numbers a MetricResult carries."""
 
@@ -284,6 +297,7 @@ class CountTest:
         "_grid",
         "_hint",
         "_idx",
+        "_judged",
         "_log_grid",
         "_loglik",
         "_n_cs",
@@ -333,6 +347,10 @@ class CountTest:
         self._e_pass_ratio = 0.0  # running max of log e_pass (a pass is a stopping event)
         self._pass_seen = False  # e_pass of the current log-likelihood is in the max already
         self._cached: CountState | None = None  # state() until the next consumed increment
+        # What a decision needs (judged()), until the next consumed increment: computed once
+        # per increment whether state() or judged() asks first, so the rate bounds' warm
+        # starts (_hint) follow the same chain either way (a replay stays exact).
+        self._judged: Judged | None = None
         self._hint: tuple[float | None, float | None] = (None, None)  # last rate bounds
         # (log e_fail, ratio bounds) of the current log-likelihood; None once it moves
         self._cs: tuple[float, tuple[float, float] | None] | None = None
@@ -361,7 +379,7 @@ class CountTest:
             de_c, de_p = min(de_c, dn_c), min(de_p, dn_p)
             notes.append("more events than requests in an interval: events clamped")
         self._prev = (n_c, e_c, n_p, e_p)
-        self._cached = None
+        self._cached = self._judged = None
         t = self._totals
         t[0] += dn_c
         t[1] += de_c
@@ -410,10 +428,40 @@ class CountTest:
             ]
         )
 
+    def judged(self) -> Judged:
+        """What a decision needs now (the fail e-value, the absolute pass route), without the
+        ratio bounds that state() adds for reports: a replay judges every look with this
+        alone. Cached until the next consumed increment, shared with state()."""
+        judged = self._judged
+        if judged is not None:
+            return judged
+        n_c, e_c, n_p, e_p = self._totals
+        cs = self._cs
+        log_e_fail = cs[0] if cs is not None else self._log_e_fail()
+        abs_upper: float | None = None
+        passed_abs = False
+        if n_c > 0 and n_p > 0:
+            quarter = self._pass_alpha / 4.0
+            c_hi = rate_upper(e_c, n_c, quarter, start=self._hint[0])
+            p_lo = rate_lower(e_p, n_p, quarter, start=self._hint[1])
+            self._hint = (c_hi, p_lo)
+            abs_upper = c_hi - p_lo
+            passed_abs = abs_upper < self._abs_tolerance
+        judged = self._judged = Judged(
+            log_e_fail=log_e_fail,
+            e_fail=_exp(log_e_fail),
+            samples_primary=n_p,
+            samples_canary=n_c,
+            abs_excess_upper=abs_upper,
+            passed_abs=passed_abs,
+        )
+        return judged
+
     def state(self) -> CountState:
         """The test's numbers now; cheap (O(grid)), and cached until the next increment."""
         if self._cached is not None:
             return self._cached
+        judged = self.judged()
         n_c, e_c, n_p, e_p = self._totals
         rate_c = e_c / n_c if n_c > 0 else None
         rate_p = e_p / n_p if n_p > 0 else None
@@ -429,20 +477,11 @@ class CountTest:
         if cs is None:
             # Recomputed only when the log-likelihood moved (an interval without events,
             # e.g. no slow request this second, leaves both as they were).
-            cs = self._cs = (self._log_e_fail(), self._ratio_cs() if e_c + e_p > 0 else None)
-        log_e_fail, bounds = cs
+            cs = self._cs = (judged.log_e_fail, self._ratio_cs() if e_c + e_p > 0 else None)
+        bounds = cs[1]
         lower, upper = bounds if bounds is not None else (None, None)
-        abs_upper: float | None = None
-        passed_abs = False
-        if n_c > 0 and n_p > 0:
-            quarter = self._pass_alpha / 4.0
-            c_hi = rate_upper(e_c, n_c, quarter, start=self._hint[0])
-            p_lo = rate_lower(e_p, n_p, quarter, start=self._hint[1])
-            self._hint = (c_hi, p_lo)
-            abs_upper = c_hi - p_lo
-            passed_abs = abs_upper < self._abs_tolerance
         self._cached = CountState(
-            e_fail=_exp(log_e_fail),
+            e_fail=judged.e_fail,
             e_pass_ratio=_exp(self._e_pass_ratio),
             samples_primary=n_p,
             samples_canary=n_c,
@@ -453,8 +492,8 @@ class CountTest:
             upper=upper,
             rate_primary=rate_p,
             rate_canary=rate_c,
-            abs_excess_upper=abs_upper,
-            passed_abs=passed_abs,
+            abs_excess_upper=judged.abs_excess_upper,
+            passed_abs=judged.passed_abs,
         )
         return self._cached
 

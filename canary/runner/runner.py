@@ -1096,6 +1096,11 @@ class RolloutRunner:
         cumulative from that start, so the evidence comes back exactly as it was."""
         since = self.status.analysis_started_at
         self._analyzer = self.analyzer_factory()
+        # Analyzer.replay judges each look as observe does without building its Verdict:
+        # the replay was most of a resume's CPU (benchmarks/resume_cost.py).
+        feed: Callable[[Snapshot], object] = getattr(
+            self._analyzer, "replay", self._analyzer.observe
+        )
         replayed = 0
         for entry in entries:
             if (
@@ -1106,9 +1111,7 @@ class RolloutRunner:
                 and entry.primary is not None
                 and entry.canary is not None
             ):
-                self._analyzer.observe(
-                    Snapshot(elapsed_s=entry.elapsed_s, primary=entry.primary, canary=entry.canary)
-                )
+                feed(Snapshot(elapsed_s=entry.elapsed_s, primary=entry.primary, canary=entry.canary))
                 replayed += 1
         return replayed
 
