@@ -45,7 +45,7 @@ from canary.kubernetes.client import NotFound  # noqa: E402
 from canary.kubernetes.record_store import (  # noqa: E402
     ConfigMapRecord,
     ConfigMapRecordWriter,
-    read_record_configmap,
+    _read_record,
 )
 from canary.runner import RolloutRunner, TickReport  # noqa: E402
 from canary.runner.seams import SavedRollout  # noqa: E402
@@ -215,14 +215,17 @@ async def resume_all(
         # the read alone, as the runner does it (its own sink reads it again below)
         namespace, _, name = saved.record.partition("/")
         head = await _timed(phases, "read: GET head", api.get_configmap(namespace, name))
-        entries = await _timed(
-            phases, "read: chunks, unpack, parse", read_record_configmap(api, head)
+        entries, sealed = await _timed(
+            phases, "read: chunks, unpack, parse", _read_record(api, head)
         )
 
-        async def carry_on(head: Mapping[str, Any], entries: Any, rollout: str) -> None:
-            ConfigMapRecordWriter(api, namespace=NAMESPACE, rollout=rollout).resume(head, entries)
+        async def carry_on(head: Mapping[str, Any], entries: Any, sealed: Any, id: str) -> None:
+            writer = ConfigMapRecordWriter(api, namespace=NAMESPACE, rollout=id)
+            writer.resume(head, entries, sealed_bytes=sealed)
 
-        await _timed(phases, "read: writer.resume", carry_on(head, entries, saved.rollout_id))
+        await _timed(
+            phases, "read: writer.resume", carry_on(head, entries, sealed, saved.rollout_id)
+        )
         runner = _runner(
             i,
             api=api,

@@ -56,6 +56,7 @@ Exception tree::
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import functools
@@ -468,6 +469,7 @@ class _Assembler:
         self.count = _chunk_count(head, self.name)
         self.budget = MAX_UNPACKED_RECORD_BYTES
         self.lines: list[str] = []
+        self.record_bytes = 0  # its lines in UTF-8, as the writer counts them
         self._tail = [(TAIL_KEY, data.get(TAIL_KEY))]
         self._tail += [(key, data.get(key)) for _, key in _parts(data, self.name)]
 
@@ -481,6 +483,11 @@ class _Assembler:
             )
         self._add(data.get(CHUNK_KEY), name=name, key=CHUNK_KEY)
 
+    def add_chunks(self, first: int, configmaps: Sequence[Mapping[str, Any]]) -> None:
+        """Chunks `first`, `first + 1`, ... in order."""
+        for number, configmap in enumerate(configmaps, start=first):
+            self.add_chunk(number, configmap)
+
     def _add(self, packed: object, *, name: str, key: str) -> None:
         text = _unpack_text(packed, name=name, key=key, budget=self.budget)
         self.budget -= len(text)
@@ -489,6 +496,7 @@ class _Assembler:
                 f"{self.name}: the record unpacks to more than {MAX_UNPACKED_RECORD_BYTES} "
                 f"bytes at {name}; a reader holds at most that"
             )
+        self.record_bytes += len(text.encode("utf-8"))
         self.lines.extend(text.splitlines())
 
     def entries(self) -> list[Entry]:
@@ -528,25 +536,43 @@ def _unpack_list(items: Sequence[Any], *, source: str) -> list[Entry]:
 
 async def read_record_configmap(api: ConfigMapApi, head: Mapping[str, Any]) -> list[Entry]:
     """The entries of a record whose head ConfigMap is `head` (either format): its chunks
-    are read one by one, unpacked off the event loop, within one bounded budget."""
+    are read a few at a time, unpacked off the event loop, within one bounded budget."""
+    return (await _read_record(api, head))[0]
+
+
+# Chunks asked for at once: a resume waits for one round trip per this many chunks, not per
+# chunk (an hour of record is ~12 chunks), and holds at most this many packed (~25 KiB each).
+CHUNK_READS = 4
+
+
+async def _read_record(api: ConfigMapApi, head: Mapping[str, Any]) -> tuple[list[Entry], int | None]:
+    """read_record_configmap, and the record's lines in UTF-8 bytes (None for the whole
+    format): a writer carrying the record on counts its size from it."""
     from canary.kubernetes.client import KubeError
 
     if not is_chunked(head):
-        return await run_blocking("packing", unpack_record, head)
+        return await run_blocking("packing", unpack_record, head), None
     assembler = _Assembler(head)
     metadata = head.get("metadata")
     namespace = metadata.get("namespace", "") if isinstance(metadata, Mapping) else ""
-    for number in range(1, assembler.count + 1):
-        name = chunk_name(assembler.head, number)
-        try:
-            chunk = await api.get_configmap(namespace, name)
-        except KubeError as exc:
-            raise RecordError(
-                f"record ConfigMap {namespace}/{assembler.name}: chunk {number} of "
-                f"{assembler.count}: {exc}"
-            ) from None
-        await run_blocking("packing", assembler.add_chunk, number, chunk)
-    return await run_blocking("packing", assembler.entries)
+    for first in range(1, assembler.count + 1, CHUNK_READS):
+        numbers = range(first, min(first + CHUNK_READS, assembler.count + 1))
+        chunks = await asyncio.gather(
+            *(api.get_configmap(namespace, chunk_name(assembler.head, n)) for n in numbers),
+            return_exceptions=True,
+        )
+        read: list[Mapping[str, Any]] = []
+        for number, chunk in zip(numbers, chunks, strict=True):
+            if isinstance(chunk, KubeError):
+                raise RecordError(
+                    f"record ConfigMap {namespace}/{assembler.name}: chunk {number} of "
+                    f"{assembler.count}: {chunk}"
+                ) from None
+            if isinstance(chunk, BaseException):
+                raise chunk
+            read.append(chunk)
+        await run_blocking("packing", assembler.add_chunks, first, read)
+    return await run_blocking("packing", assembler.entries), assembler.record_bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -1058,11 +1084,14 @@ class ConfigMapRecordWriter:
             return None
         return "kept changing while being written"
 
-    def resume(self, head: Mapping[str, Any], entries: Sequence[Entry]) -> None:
+    def resume(
+        self, head: Mapping[str, Any], entries: Sequence[Entry], *, record_bytes: int | None = None
+    ) -> None:
         """Carry on the record read from `head`: its chunks and its tail stay where they
         are, the next save adds to them. A record in the whole format (an older canary's)
         becomes held lines: the next save seals them into chunks and rewrites the head in
-        this format."""
+        this format. `record_bytes`: the chunked record's lines in UTF-8 as read (else the
+        entries are serialized again to count them: most of this method's cost)."""
         metadata = head.get("metadata", {})
         self._resource_version = metadata.get("resourceVersion")
         self._uid = metadata.get("uid")
@@ -1070,7 +1099,6 @@ class ConfigMapRecordWriter:
         self._lines, self._line_sizes, self._lines_bytes = [], [], 0
         self._members_lines = self._members_bytes = self._tail_parts = 0
         self._attempt = None
-        total = sum(len(dump_entry(e).encode("utf-8")) + 1 for e in entries)
         if is_chunked(head):
             self.record_id = str(data.get(ID_KEY) or self.record_id)
             self.chunks = _chunk_count(head, _name_of(head))
@@ -1084,7 +1112,11 @@ class ConfigMapRecordWriter:
                     if line.strip():
                         self._members_lines += 1
                         self._members_bytes += len(line.encode("utf-8")) + 1
-            self.written_bytes = total
+            self.written_bytes = (
+                record_bytes
+                if record_bytes is not None
+                else sum(len(dump_entry(e).encode("utf-8")) + 1 for e in entries)
+            )
             self._rewrite = False
         else:
             self.chunks = 0
@@ -1189,8 +1221,8 @@ class ConfigMapRecord:
         namespace, _, name = self._read_ref.partition("/")
         try:
             head = await self.api.get_configmap(namespace, name)
-            entries = await read_record_configmap(self.api, head)
-            self.writer.resume(head, entries)
+            entries, record_bytes = await _read_record(self.api, head)
+            self.writer.resume(head, entries, record_bytes=record_bytes)
         except (KubeError, RecordError) as exc:
             log.warning(
                 "record %s unreadable, analysis restarts from Prometheus: %s", self._read_ref, exc

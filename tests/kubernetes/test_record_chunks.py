@@ -32,6 +32,7 @@ from canary.core.records import (
 )
 from canary.kubernetes.client import Conflict, Kube, KubeError, RetryPolicy, Unavailable
 from canary.kubernetes.record_store import (
+    CHUNK_READS,
     MERGE_MEMBERS,
     RECORD_LABEL,
     ConfigMapRecord,
@@ -280,6 +281,8 @@ async def test_a_resumed_chunked_record_carries_on_in_the_same_chunks(
     assert await second.read() == long_record[:cut]
     assert second.writer.chunks == chunks_before
     assert second.writer.pending == first.writer.pending  # the tail only is held again
+    # counted from the chunks as read, not by serializing every entry again
+    assert second.writer.written_bytes == first.writer.written_bytes
     for entry in long_record[cut:]:
         await second.append(entry)
         await second.flush()
@@ -535,3 +538,45 @@ async def test_data_through_is_the_newest_tick_with_data_that_a_save_stored(
     thinned.add(ticks[1])  # 10 s later: held back
     assert await thinned.flush() is None
     assert thinned.data_through == ticks[0].at, "a thinned tick is not stored"
+
+
+class _SlowGets:
+    """The ConfigMap calls of a client, each GET held a moment; counts GETs in flight."""
+
+    def __init__(self, api: Kube) -> None:
+        self.api = api
+        self.in_flight = 0
+        self.most = 0
+
+    async def get_configmap(self, namespace: str, name: str) -> dict[str, Any]:
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        try:
+            await asyncio.sleep(0.01)
+            return await self.api.get_configmap(namespace, name)
+        finally:
+            self.in_flight -= 1
+
+    async def put_configmap(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return await self.api.put_configmap(*args, **kwargs)
+
+
+async def test_chunks_are_read_a_few_at_a_time_and_a_missing_one_is_named(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """A resume waits for a round trip per CHUNK_READS chunks, not per chunk, and gets the
+    record in order; a chunk gone from the middle is an error naming it."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    head = configmap_name(rollout)
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    for entry in long_record:
+        assert await writer.append(entry) is None
+    assert await writer.flush() is None and writer.chunks > CHUNK_READS
+    slow = _SlowGets(client)
+    assert await load_record_configmap(slow, namespace=NS, rollout=rollout) == long_record
+    assert slow.most == CHUNK_READS
+
+    emulator.delete("", "v1", "configmaps", NS, chunk_name(head, 2))
+    with pytest.raises(RecordError, match=rf"chunk 2 of {writer.chunks}"):
+        await load_record_configmap(slow, namespace=NS, rollout=rollout)
