@@ -345,6 +345,9 @@ class RolloutRunner:
         self._advice_checked_s: float | None = None  # analysis seconds of the last estimate
         self._advice_recheck_s = RECHECK_S  # doubles while the estimate holds (see below)
         self._planning: AnalysisConfig | None = None
+        # When the first look comes, in periods after the start (see _wait_or_command; a
+        # resume looks sooner: _resume).
+        self._first_look = (0.5, 1.0)
 
     # ---- public -------------------------------------------------------------------------
 
@@ -582,7 +585,7 @@ class RolloutRunner:
             asyncio.get_running_loop().time(),
             self.tick_s,
             # Spread over half a period, never sooner: a first look needs traffic to see.
-            first=random.uniform(0.5 * self.tick_s, self.tick_s),
+            first=self.tick_s * random.uniform(*self._first_look),
         )
         deadline = self._next_tick
         while not self.status.done:
@@ -1064,6 +1067,13 @@ class RolloutRunner:
         by = f" by {self.identity}" if self.identity else ""
         last = max((e.at for e in entries if isinstance(e, TickEntry)), default=None)
         gap = f"; no look for {self.clock() - last:.0f}s before" if last is not None else ""
+        # Traffic has flowed since the last look (a shard moves a Lease duration after it):
+        # the first look comes within half a period, no sooner than half a period after the
+        # last recorded one, and never later than a fresh rollout's (half to one period: a
+        # record stamped by another replica's clock may seem to be from the future).
+        since_last = self.clock() - last if last is not None else math.inf
+        earliest = min(0.5, max(0.0, 0.5 - since_last / self.tick_s))
+        self._first_look = (earliest, earliest + 0.5)
         await self._note(
             "info",
             f"resumed{by} during {status.phase.value} at step {status.step} "

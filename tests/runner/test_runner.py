@@ -548,6 +548,36 @@ async def test_restarted_runner_resumes_the_same_step_and_record(tmp_path: Path)
     assert moves == [5, 10, 25, 50, 100, 100]  # every step once, across both runs
 
 
+async def test_a_resume_looks_within_half_a_period_once_traffic_has_flowed(
+    tmp_path: Path,
+) -> None:
+    """A rollout resumed long after its last recorded look (a shard taken over a Lease
+    duration later) looks within the first half period, not after a fresh rollout's half
+    to one period; resumed soon after its last look, no sooner than half a period after it."""
+    first, _, _ = await stopped_at_step(tmp_path, 1)
+    at_once = _again(first, record_path=tmp_path / "a.jsonl")
+    at_once.tick_s = 40.0  # the last look was 10 s ago (the fake fetch moves the clock on)
+    await at_once.prepare()
+    assert await at_once._resume()
+    assert at_once._first_look == (0.25, 0.75)  # from half a period after that look
+    await at_once.store.release()  # type: ignore[union-attr]
+
+    assert isinstance(first.clock, Clock)
+    first.clock.now += 15.0  # a Lease duration later
+    later = _again(first, record_path=tmp_path / "b.jsonl")
+    await later.prepare()
+    assert await later._resume()
+    assert later._first_look == (0.0, 0.5)
+    await later.store.release()  # type: ignore[union-attr]
+
+    first.clock.now -= 3600.0  # a clock behind the record's: no later than a fresh rollout
+    behind = _again(first, record_path=tmp_path / "c.jsonl")
+    await behind.prepare()
+    assert await behind._resume()
+    assert behind._first_look == (0.5, 1.0)
+    await behind.store.release()  # type: ignore[union-attr]
+
+
 async def test_a_finished_rollout_is_not_run_again_but_a_new_revision_is(tmp_path: Path) -> None:
     """A saved rollout that ended is not rolled out again for the same revision (a restart
     after the end, or the same `canary run` again: before, the promoted canary went back to
