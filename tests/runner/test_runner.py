@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from analysis import AnalysisConfig, Analyzer, ArmCounts
+from analysis import AnalysisConfig, Analyzer, ArmCounts, Snapshot
 from canary.core.records import (
     EndEntry,
     ManualEntry,
@@ -546,6 +546,47 @@ async def test_restarted_runner_resumes_the_same_step_and_record(tmp_path: Path)
     )
     moves = [e.weight for e in entries if isinstance(e, TransitionEntry)]
     assert moves == [5, 10, 25, 50, 100, 100]  # every step once, across both runs
+
+
+async def test_a_resumed_analysis_judges_as_the_one_that_observed_every_tick(
+    tmp_path: Path,
+) -> None:
+    """Stopped mid-step, a restarted runner rebuilds its analysis from the record (replayed,
+    without verdicts): given the next counts, it decides exactly as the stopped runner's own
+    analysis, which observed every tick, would have (the same verdict, to the last digit)."""
+    # steps of 20 looks at least: it is stopped at the fourth of its second step
+    first, _, metrics = make_runner(tmp_path, spec=SPEC.model_copy(update={"min_step_s": 200}))
+    first.status_path = tmp_path / "app.status.json"
+    controller = Controller([first])
+    at_step: list[int] = []
+    enough = asyncio.Event()
+
+    def count(report: TickReport) -> None:
+        at_step.append(report.status.step)
+        if at_step.count(1) >= 4:
+            enough.set()
+
+    first.observers.append(count)
+    task = asyncio.create_task(controller.run())
+    await enough.wait()
+    controller.stop()
+    await task
+    live = first._analyzer
+    assert live is not None and first.status.step == 1
+
+    second = _again(first, record_path=tmp_path / "elsewhere.jsonl")
+    await second.prepare()
+    assert await second._resume()
+    resumed = second._analyzer
+    assert resumed is not None and resumed is not live
+    for _ in range(3):
+        counts = await metrics.fetch(since=0.0, now=0.0)
+        assert isinstance(counts, ArmsCounts)
+        snapshot = Snapshot(elapsed_s=1e3, primary=counts.primary, canary=counts.canary)
+        assert (
+            resumed.observe(snapshot).model_dump_json() == live.observe(snapshot).model_dump_json()
+        )
+    await second.store.release()  # type: ignore[union-attr]
 
 
 async def test_a_resume_looks_within_half_a_period_once_traffic_has_flowed(
