@@ -55,7 +55,7 @@ NAMESPACE = "canary-system"
 
 
 class MemoryConfigMaps:
-    """The two ConfigMap calls of canary.kubernetes.client.Kube, on a dict; GETs counted and
+    """The ConfigMap calls of canary.kubernetes.client.Kube, on a dict; GETs counted and
     optionally delayed."""
 
     def __init__(self) -> None:
@@ -70,9 +70,10 @@ class MemoryConfigMaps:
         if self.get_latency_s:
             await asyncio.sleep(self.get_latency_s)
         try:
-            return self.objects[namespace, name]
+            obj = self.objects[namespace, name]
         except KeyError:
             raise NotFound(f"configmaps {name!r} not found") from None
+        return {"metadata": dict(obj["metadata"]), "data": dict(obj["data"])}  # as read
 
     async def put_configmap(
         self,
@@ -97,6 +98,27 @@ class MemoryConfigMaps:
             "data": dict(data),
         }
         self.objects[namespace, name] = obj
+        return obj
+
+
+    async def patch_configmap(
+        self,
+        namespace: str,
+        name: str,
+        data: dict[str, str],
+        *,
+        resource_version: str | None = None,
+    ) -> dict[str, Any]:
+        """A merge patch of `data` (the head's new tail part)."""
+        obj = self.objects.get((namespace, name))
+        if obj is None:
+            raise NotFound(f"configmaps {name!r} not found")
+        self.puts += 1
+        self._version += 1
+        obj = self.objects[namespace, name] = {
+            "metadata": {**obj["metadata"], "resourceVersion": str(self._version)},
+            "data": {**obj["data"], **data},
+        }
         return obj
 
 
@@ -215,16 +237,16 @@ async def resume_all(
         # the read alone, as the runner does it (its own sink reads it again below)
         namespace, _, name = saved.record.partition("/")
         head = await _timed(phases, "read: GET head", api.get_configmap(namespace, name))
-        entries, sealed = await _timed(
+        entries, size = await _timed(
             phases, "read: chunks, unpack, parse", _read_record(api, head)
         )
 
-        async def carry_on(head: Mapping[str, Any], entries: Any, sealed: Any, id: str) -> None:
+        async def carry_on(head: Mapping[str, Any], entries: Any, size: Any, id: str) -> None:
             writer = ConfigMapRecordWriter(api, namespace=NAMESPACE, rollout=id)
-            writer.resume(head, entries, sealed_bytes=sealed)
+            writer.resume(head, entries, record_bytes=size)
 
         await _timed(
-            phases, "read: writer.resume", carry_on(head, entries, sealed, saved.rollout_id)
+            phases, "read: writer.resume", carry_on(head, entries, size, saved.rollout_id)
         )
         runner = _runner(
             i,
