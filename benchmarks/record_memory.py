@@ -40,7 +40,8 @@ from support.kube_emulator import KubeEmulator  # noqa: E402
 from support.report_records import Scenario, simulate  # noqa: E402
 
 from canary.core.records import Entry, parse_lines  # noqa: E402
-from canary.kubernetes.client import Kube  # noqa: E402
+from canary.kubernetes import record_store  # noqa: E402
+from canary.kubernetes.client import Kube, NotFound  # noqa: E402
 from canary.kubernetes.record_store import (  # noqa: E402
     MAX_CONFIGMAP_BYTES,
     SEAL_BYTES,
@@ -75,27 +76,48 @@ def before(lines: list[str], ticks: int) -> dict[str, float]:
     return {"held_kib": held / 1024, "save_kib": written / 1024, "pack_ms": cpu * 1000}
 
 
-class Sink:
-    """The ConfigMap calls, keeping each head's data as the API server would (a save reads
-    the head back to seal its tail), and counting what is written. `stored` is the bytes it
-    keeps, for the benchmarks to take out of the writer's memory: in a cluster they are in
-    etcd. Chunks are only counted. benchmarks/tick_cost.py uses it too."""
+class MemoryConfigMaps:
+    """The ConfigMap calls of canary.kubernetes.client.Kube, on a dict, as the API server
+    would keep them (a save reads the head back to seal its tail); GETs counted and
+    optionally delayed, writes and their bytes counted. With keep_chunks=False chunks are
+    only counted, not kept: what the benchmarks measure is the writer's memory, and `stored`
+    is the bytes this keeps (in a cluster, etcd's) for them to take out of it.
+    benchmarks/tick_cost.py and benchmarks/resume_cost.py use it too."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, keep_chunks: bool = True) -> None:
+        self.keep_chunks = keep_chunks
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.gets = 0
+        self.puts = 0
         self.bytes = 0
-        self.writes = 0
-        self.heads: dict[str, dict[str, str]] = {}
+        self.get_latency_s = 0.0
+        self._version = 0
+
+    @property
+    def writes(self) -> int:
+        return self.puts
 
     @property
     def stored(self) -> int:
-        return sum(len(v) + 49 for data in self.heads.values() for v in data.values())
-
-    def _answer(self, name: str) -> dict[str, Any]:
-        meta = {"name": name, "resourceVersion": "1", "uid": "u"}
-        return {"metadata": meta, "data": dict(self.heads.get(name, {}))}
+        return sum(len(v) + 49 for obj in self.objects.values() for v in obj["data"].values())
 
     async def get_configmap(self, namespace: str, name: str) -> dict[str, Any]:
-        return self._answer(name)
+        self.gets += 1
+        if self.get_latency_s:
+            await asyncio.sleep(self.get_latency_s)
+        try:
+            obj = self.objects[namespace, name]
+        except KeyError:
+            raise NotFound(f"configmaps {name!r} not found") from None
+        return {"metadata": dict(obj["metadata"]), "data": dict(obj["data"])}  # as read
+
+    def _stored(self, namespace: str, name: str, obj: dict[str, Any]) -> dict[str, Any]:
+        self.puts += 1
+        self._version += 1
+        obj["metadata"]["resourceVersion"] = str(self._version)
+        if self.keep_chunks or "--" not in name:  # a chunk's name has "--"; a head's not
+            self.objects[namespace, name] = obj
+        return obj
 
     async def put_configmap(
         self,
@@ -108,10 +130,13 @@ class Sink:
         owner: Mapping[str, str] | None = None,
     ) -> dict[str, Any]:
         self.bytes += sum(len(v) for v in data.values())
-        self.writes += 1
-        if "--" not in name:  # a head, not a chunk
-            self.heads[name] = dict(data)
-        return {"metadata": {"name": name, "resourceVersion": "1", "uid": "u"}}
+        metadata = {
+            "name": name,
+            "namespace": namespace,
+            "uid": f"uid-{name}",
+            "labels": dict(labels or {}),
+        }
+        return self._stored(namespace, name, {"metadata": metadata, "data": dict(data)})
 
     async def patch_configmap(
         self,
@@ -121,10 +146,13 @@ class Sink:
         *,
         resource_version: str | None = None,
     ) -> dict[str, Any]:
+        """A merge patch of `data` (the head's new tail part)."""
+        obj = self.objects.get((namespace, name))
+        if obj is None:
+            raise NotFound(f"configmaps {name!r} not found")
         self.bytes += sum(len(v) for v in data.values())
-        self.writes += 1
-        self.heads.setdefault(name, {}).update(data)
-        return {"metadata": {"name": name, "resourceVersion": "1", "uid": "u"}}
+        patched = {"metadata": dict(obj["metadata"]), "data": {**obj["data"], **data}}
+        return self._stored(namespace, name, patched)
 
 
 async def after_memory(lines: list[str], ages: list[int], seal_bytes: int) -> dict[int, float]:
@@ -133,7 +161,7 @@ async def after_memory(lines: list[str], ages: list[int], seal_bytes: int) -> di
     gc.collect()
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
-    sink = Sink()
+    sink = MemoryConfigMaps(keep_chunks=False)
     writer = ConfigMapRecordWriter(
         sink, namespace=NS, rollout="bench/app@1", seal_bytes=seal_bytes
     )
@@ -161,17 +189,22 @@ async def after_writes(
             writer = ConfigMapRecordWriter(
                 kube, namespace=NS, rollout="bench/app@1", seal_bytes=seal_bytes
             )
-            plan = writer._plan
             pack_cpu: list[float] = []
 
-            def timed(*args: Any) -> Any:
-                start = time.thread_time()
-                try:
-                    return plan(*args)
-                finally:
-                    pack_cpu.append(time.thread_time() - start)
+            def timed(pack: Any) -> Any:
+                def run(*args: Any) -> Any:
+                    start = time.thread_time()
+                    try:
+                        return pack(*args)
+                    finally:
+                        pack_cpu.append(time.thread_time() - start)
 
-            writer._plan = timed  # type: ignore[method-assign]
+                return run
+
+            # A save packs its lines as a part (_pack_held), or rewrites the head (_plan).
+            writer._plan = timed(writer._plan)  # type: ignore[method-assign]
+            held = record_store._pack_held
+            record_store._pack_held = timed(held)
             saves: list[tuple[int, int, float]] = []  # (tick index, bytes, cpu s)
             total = 0
             window = int(600 / TICK_S)
@@ -183,7 +216,7 @@ async def after_writes(
                     written = sum(
                         len(json.dumps(r.body["data"]))
                         for r in emulator.requests
-                        if r.resource == "configmaps" and r.verb in ("create", "update")
+                        if r.resource == "configmaps" and r.verb in ("create", "update", "patch")
                     )
                     emulator.requests.clear()
                     total += written
@@ -197,6 +230,7 @@ async def after_writes(
                         "total_mib": total / 2**20,
                         "chunks": writer.chunks,
                     }
+            record_store._pack_held = held
             await kube.close()
     return out
 

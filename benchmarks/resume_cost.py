@@ -39,9 +39,9 @@ sys.path.insert(0, str(ROOT / "tests"))
 from support.report_load import SteadyRouter  # noqa: E402
 
 from analysis import AnalysisConfig, Analyzer  # noqa: E402
+from benchmarks.record_memory import MemoryConfigMaps  # noqa: E402
 from benchmarks.tick_cost import DilatedClock, Metrics  # noqa: E402
 from canary.core.rollout import RolloutSpec  # noqa: E402
-from canary.kubernetes.client import NotFound  # noqa: E402
 from canary.kubernetes.record_store import (  # noqa: E402
     ConfigMapRecord,
     ConfigMapRecordWriter,
@@ -52,74 +52,6 @@ from canary.runner.seams import SavedRollout  # noqa: E402
 
 TICK_S = 10.0
 NAMESPACE = "canary-system"
-
-
-class MemoryConfigMaps:
-    """The ConfigMap calls of canary.kubernetes.client.Kube, on a dict; GETs counted and
-    optionally delayed."""
-
-    def __init__(self) -> None:
-        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
-        self.gets = 0
-        self.puts = 0
-        self.get_latency_s = 0.0
-        self._version = 0
-
-    async def get_configmap(self, namespace: str, name: str) -> dict[str, Any]:
-        self.gets += 1
-        if self.get_latency_s:
-            await asyncio.sleep(self.get_latency_s)
-        try:
-            obj = self.objects[namespace, name]
-        except KeyError:
-            raise NotFound(f"configmaps {name!r} not found") from None
-        return {"metadata": dict(obj["metadata"]), "data": dict(obj["data"])}  # as read
-
-    async def put_configmap(
-        self,
-        namespace: str,
-        name: str,
-        data: dict[str, str],
-        *,
-        resource_version: str | None = None,
-        labels: Mapping[str, str] | None = None,
-        owner: Mapping[str, str] | None = None,
-    ) -> dict[str, Any]:
-        self.puts += 1
-        self._version += 1
-        obj = {
-            "metadata": {
-                "name": name,
-                "namespace": namespace,
-                "resourceVersion": str(self._version),
-                "uid": f"uid-{name}",
-                "labels": dict(labels or {}),
-            },
-            "data": dict(data),
-        }
-        self.objects[namespace, name] = obj
-        return obj
-
-
-    async def patch_configmap(
-        self,
-        namespace: str,
-        name: str,
-        data: dict[str, str],
-        *,
-        resource_version: str | None = None,
-    ) -> dict[str, Any]:
-        """A merge patch of `data` (the head's new tail part)."""
-        obj = self.objects.get((namespace, name))
-        if obj is None:
-            raise NotFound(f"configmaps {name!r} not found")
-        self.puts += 1
-        self._version += 1
-        obj = self.objects[namespace, name] = {
-            "metadata": {**obj["metadata"], "resourceVersion": str(self._version)},
-            "data": {**obj["data"], **data},
-        }
-        return obj
 
 
 class MemoryStore:

@@ -34,7 +34,7 @@ from support.report_load import SteadyRouter  # noqa: E402
 
 from analysis import AnalysisConfig, Analyzer, ArmCounts  # noqa: E402
 from benchmarks.metrics_batch import BUCKETS, CODES, RATES, SHARE  # noqa: E402
-from benchmarks.record_memory import Sink  # noqa: E402
+from benchmarks.record_memory import MemoryConfigMaps  # noqa: E402
 from canary.core.rollout import RolloutSpec  # noqa: E402
 from canary.kubernetes.record_store import ConfigMapRecord  # noqa: E402
 from canary.metrics.base import ArmsCounts, MetricsResult  # noqa: E402
@@ -84,7 +84,7 @@ async def run(
     rollouts: int, hours: float, dilation: float, ages: list[float], *, heap: bool
 ) -> list[dict[str, float]]:
     clock = DilatedClock(dilation)
-    sink = Sink()
+    sink = MemoryConfigMaps(keep_chunks=False)
     telemetry = Telemetry("kubernetes")
     config = AnalysisConfig()
     ticks = 0
