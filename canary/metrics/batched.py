@@ -31,6 +31,17 @@ rollouts *and* with their age, and a thousand rollouts open a thousand connectio
   moves, e.g. a new analysis): one range read of its own series back to `since - lookback_s`
   gives its baselines and the counts so far, then it joins the batches. A resumed rollout
   thus counts everything since its analysis began, once.
+- **Summary first reads.** A rollout resumed an hour into its analysis (a shard taken over,
+  a restart) would read ~700 samples per series to learn what a handful of numbers say. So
+  when its `since` is more than `summary_after_s` old, the first read asks Prometheus for
+  each series' summary instead (_summary_query, one instant query per family): its last
+  sample and that sample's time, its last sample at or before `since` and that one's time,
+  its resets and its `_created` changes over the window, and whether any sample in it is
+  not finite. A series that did not reset, was not reborn and has only finite samples
+  counts exactly `last - baseline` (or `last` when born after `since`), which is what the
+  sample-by-sample rule gives. If any series of the rollout is not such a series, or the
+  summary cannot be read, the rollout takes the range read above: the summary never
+  decides a count the range read would count differently.
 - **Freshness.** A fetch is answered from the last batch if it read at most `period_s`
   before the fetch's `now`. Older than that, the fetch starts a batch (unless one is in
   flight) and, if its counts are still within `max_age_s` (two periods by default), returns
@@ -104,10 +115,7 @@ class _Family:
                 return self.name[: -len(suffix)] + "_created"
         return self.name + "_created"
 
-    def query(self, values: Iterable[tuple[str, ...]], window_s: int) -> str:
-        """The range-vector query for these equality values (one tuple per member selector)."""
-        if self.name is None:
-            return f"{self.raw}[{window_s}s]"
+    def _matchers(self, values: Iterable[tuple[str, ...]]) -> list[str]:
         columns: list[set[str]] = [set() for _ in self.eq_labels]
         for row in values:
             for column, value in zip(columns, row, strict=True):
@@ -119,6 +127,19 @@ class _Family:
             else:
                 alternatives = "|".join(_re2_literal(v) for v in sorted(column))
                 matchers.append(f"{label}=~{_quote(alternatives)}")
+        return matchers
+
+    def selector(self, values: Iterable[tuple[str, ...]], *, created: bool = False) -> str:
+        """The instant selector of these values' counters (or of their `_created` series)."""
+        name = self.created_name if created else self.name
+        assert name is not None
+        return f"{name}{{{','.join(self._matchers(values))}}}"
+
+    def query(self, values: Iterable[tuple[str, ...]], window_s: int) -> str:
+        """The range-vector query for these equality values (one tuple per member selector)."""
+        if self.name is None:
+            return f"{self.raw}[{window_s}s]"
+        matchers = self._matchers(values)
         created = self.created_name
         if created is None:
             return f"{self.name}{{{','.join(matchers)}}}[{window_s}s]"
@@ -469,6 +490,7 @@ class PrometheusBatcher:
         idle_s: float | None = None,
         max_age_s: float | None = None,
         rollouts_per_read: int = 200,
+        summary_after_s: float = 60.0,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(
@@ -503,6 +525,10 @@ class PrometheusBatcher:
         # family per 200 rollouts.
         self.rollouts_per_read = rollouts_per_read
         self.since_tolerance_s = since_tolerance_s
+        # A first read back further than this asks for each series' summary (module doc).
+        self.summary_after_s = summary_after_s
+        self.summary_reads = 0  # first reads the summary served (tests, benchmarks)
+        self.summary_fallbacks = 0  # summaries that sent their rollout to the range read
         self.idle_s = max(60.0, 6 * period_s) if idle_s is None else idle_s
         self.max_age_s = 2 * period_s if max_age_s is None else max(period_s, max_age_s)
         self.queries_sent = 0
@@ -594,7 +620,11 @@ class PrometheusBatcher:
     # ---- reads ----------------------------------------------------------------------------
 
     async def _baseline(self, reg: _Registration) -> None:
-        """A registration's first read: its own series back to since - lookback."""
+        """A registration's first read: its own series back to since - lookback (or their
+        summaries, when that is far back and they allow it: _summary_read)."""
+        at = time.time()
+        if at - reg.since > self.summary_after_s and await self._summary_read(reg, at):
+            return
         at = time.time()
         window = math.ceil(max(0.0, at - reg.since) + reg.queries.lookback_s)
         members: dict[_Family, list[tuple[_Registration, _Selector]]] = {}
@@ -611,6 +641,43 @@ class PrometheusBatcher:
         reg.active = True
         reg.last_ok = dict.fromkeys(members, at)
         self._registrations.add(reg)
+
+    async def _summary_read(self, reg: _Registration, at: float) -> bool:
+        """A first read from each series' summary; False if it must be the range read."""
+        members: dict[_Family, list[tuple[_Registration, _Selector]]] = {}
+        for sel in reg.selectors:
+            members.setdefault(sel.family, []).append((reg, sel))
+        if any(family.name is None for family in members):
+            return False  # a selector we cannot parse is queried as written, by the range read
+        queries = [
+            _summary_query(
+                family, (sel.values for _, sel in found), since=reg.since, floor=reg.floor, at=at
+            )
+            for family, found in members.items()
+        ]
+        answers = await asyncio.gather(*(self._post(query, at) for query in queries))
+        result = None
+        if not any(isinstance(answer, _Failure) for answer in answers):
+            result = await run_blocking(
+                "prometheus",
+                _summary_apply,
+                reg,
+                {f: a for f, a in zip(members, answers, strict=True) if isinstance(a, bytes)},
+                members,
+                self.shown_url,
+            )
+        if result is None:
+            self.summary_fallbacks += 1
+            return False
+        self.summary_reads += 1
+        reg.result, reg.at = result, at
+        if reg.closed:
+            reg.reset()
+            return True
+        reg.active = True
+        reg.last_ok = dict.fromkeys(members, at)
+        self._registrations.add(reg)
+        return True
 
     async def _batch(self, regs: set[_Registration]) -> None:
         """One batch: one query per family for every active registration, in groups of
@@ -1000,6 +1067,181 @@ def _apply_family_decoded(
         for reg, sel in found:
             _apply(sel, key, le, labels, samples, born, since=reg.since, floor=reg.floor)
     return None
+
+
+# --- a first read from each series' summary (module doc: Summary first reads) ------------------
+
+_PART = "canary_summary_part"  # which part of the summary query a series answers
+
+
+def _ms_text(t: float) -> str:
+    """The latest millisecond at or before `t`, as `@` takes it: a sample at that millisecond
+    parses to a float <= t (it is before `t` for the sample-by-sample rule too), one a
+    millisecond later to a float > t."""
+    ms = math.floor(t * 1000) + 1
+    while True:
+        text = f"{ms // 1000}.{ms % 1000:03d}"
+        if float(text) <= t:
+            return text
+        ms -= 1
+
+
+def _summary_query(
+    family: _Family, values: Iterable[tuple[str, ...]], *, since: float, floor: float, at: float
+) -> str:
+    """One instant query (evaluated at `at`) for the summary of each series of `family` these
+    values select. Each part is tagged with _PART; functions drop `__name__`, so the tag is
+    what keeps the parts' series apart in the union.
+
+    - r: resets over the window, + 0 * the sum of its samples (NaN if any is NaN or infinite)
+    - t, v: the last sample's time and value (within Prometheus' lookback delta)
+    - bt, bv: the same at `since` (the baseline); bc: how many samples the lookback before
+      `since` holds (a baseline that bt cannot see, past the lookback delta or before a
+      staleness marker, sends the rollout to the range read)
+    - c, ct, cv: the `_created` series' changes (+ 0 * its sum), last time and last value
+
+    The windows are whole seconds at least as long as (floor, at] and (floor, since]:
+    Prometheus' ranges are closed, so they may hold a sample more than the rule would
+    count, which can only make a clean series look unclean, never the other way."""
+    values = list(values)  # read twice: the counters' selector and their `_created`'s
+    window = math.ceil(at - floor) + 1
+    lookback = math.ceil(since - floor) + 1
+    at_since = _ms_text(since)
+    c = family.selector(values)
+    parts = [
+        (f"resets({c}[{window}s]) + 0 * sum_over_time({c}[{window}s])", "r"),
+        (f"timestamp({c})", "t"),
+        (c, "v"),
+        (f"timestamp({c} @ {at_since})", "bt"),
+        (f"{c} @ {at_since}", "bv"),
+        (f"count_over_time({c}[{lookback}s] @ {at_since})", "bc"),
+    ]
+    if family.created_name is not None:
+        cc = family.selector(values, created=True)
+        parts += [
+            (f"changes({cc}[{window}s]) + 0 * sum_over_time({cc}[{window}s])", "c"),
+            (f"timestamp({cc})", "ct"),
+            (cc, "cv"),
+        ]
+    return " or ".join(f'label_replace({expr}, "{_PART}", "{tag}", "", "")' for expr, tag in parts)
+
+
+_Identity = tuple[tuple[str, str], ...]
+# a counter's summary: its selectors, labels, last time, last value, baseline (0: none), birth
+_Planned = tuple[
+    list[tuple[_Registration, _Selector]], dict[str, str], float, float, float, float | None
+]
+
+
+def _summary_parts(answer: bytes) -> dict[str, dict[_Identity, tuple[dict[str, str], float]]]:
+    """The answer's series by part and by their labels without `__name__`; ValueError if
+    it is not a vector of series with string labels, one per part and labels."""
+    decoded = json.loads(answer)
+    if decoded.get("status") != "success" or decoded["data"].get("resultType") != "vector":
+        raise ValueError("not an instant vector")
+    parts: dict[str, dict[_Identity, tuple[dict[str, str], float]]] = {}
+    for item in decoded["data"]["result"]:
+        labels = item["metric"]
+        if not isinstance(labels, dict) or not all(isinstance(v, str) for v in labels.values()):
+            raise ValueError("labels are not a map of strings")
+        tag = labels.pop(_PART)
+        identity = tuple([(k, v) for k, v in labels.items() if k != "__name__"])
+        table = parts.setdefault(tag, {})
+        if identity in table:
+            raise ValueError("two series with the same labels in one part")
+        table[identity] = (labels, float(item["value"][1]))
+    return parts
+
+
+def _summary_plan(
+    family: _Family,
+    answer: bytes,
+    members: list[tuple[_Registration, _Selector]],
+    *,
+    floor: float,
+) -> list[_Planned] | None:
+    """What each counter of `family` counts for these members, from its summary; None if
+    any of them needs the range read (a reset, a rebirth, a sample not finite, a part
+    missing or unclear)."""
+    try:
+        parts = _summary_parts(answer)
+    except (ValueError, KeyError, TypeError, AttributeError, IndexError):
+        return None
+    empty: dict[_Identity, tuple[dict[str, str], float]] = {}
+    r, t, v, bt, bv, bc, c, ct, cv = (
+        parts.get(tag, empty) for tag in ("r", "t", "v", "bt", "bv", "bc", "c", "ct", "cv")
+    )
+    targets = _targets(members)
+    planned: list[_Planned] = []
+    for identity in {**r, **t, **v}:
+        last_at = t.get(identity)
+        if last_at is not None and last_at[1] <= floor:
+            continue  # its last sample is before the floor: the rule counts none of it
+        resets, last = r.get(identity), v.get(identity)
+        if last_at is None or resets is None or last is None:
+            return None  # samples in the window but no last one within the lookback delta
+        if resets[1] != 0 or not math.isfinite(last[1]):
+            return None  # reset, or NaN/Inf somewhere (also for NaN: NaN != 0)
+        labels = last[0]
+        found = targets.get(tuple([labels.get(label, "") for label in family.eq_labels]))
+        if not found:
+            continue  # another member's combination of values
+        base_at = bt.get(identity)
+        baseline = 0.0  # born after since: the rule counts its first value whole
+        if base_at is not None and base_at[1] > floor:
+            base = bv.get(identity)
+            if base is None or not math.isfinite(base[1]):
+                return None
+            baseline = base[1]
+        elif base_at is None and identity in bc:
+            return None  # a sample before since that the instant read does not see
+        born = None
+        if family.created_name is not None:
+            birth = tuple([pair for pair in identity if pair[0] != "le"])
+            changes = c.get(birth)
+            if changes is not None:
+                birth_at, birth_value = ct.get(birth), cv.get(birth)
+                if (
+                    changes[1] != 0
+                    or birth_at is None
+                    or birth_value is None
+                    or birth_at[1] != last_at[1]  # its birth is known at its last sample
+                    or not math.isfinite(birth_value[1])
+                ):
+                    return None
+                born = birth_value[1]
+        planned.append((found, labels, last_at[1], last[1], baseline, born))
+    # the order the range read's answer has them in (by labels), so totals add up alike
+    planned.sort(key=lambda p: list(p[1].items()))
+    return planned
+
+
+def _summary_apply(
+    reg: _Registration,
+    answers: Mapping[_Family, bytes],
+    members: Mapping[_Family, list[tuple[_Registration, _Selector]]],
+    shown_url: str,
+) -> MetricsResult | None:
+    """The registration's state and counts from its summaries (in the `prometheus` pool);
+    None, with its state untouched, if any family needs the range read."""
+    plans = []
+    for family, found in members.items():
+        plan = _summary_plan(family, answers[family], found, floor=reg.floor)
+        if plan is None:
+            return None
+        plans.append(plan)
+    reg.reset()
+    for plan in plans:
+        for found, labels, last_at, last, baseline, born in plan:
+            key, le = _key(labels), labels.get("le")
+            for _, sel in found:
+                slot = _add_series(sel, key, le, labels)
+                i = 4 * slot
+                nums = sel.numbers
+                nums[i], nums[i + 2], nums[i + 3] = last, last - baseline, last_at
+                if born is not None:
+                    nums[i + 1], sel.born[slot] = born, 1
+    return _counts(reg, {}, shown_url)
 
 
 class BatchedMetrics:

@@ -6,6 +6,7 @@ metric family per batch whatever the number of rollouts, resets and late registr
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -18,7 +19,15 @@ from support.prom import Env, inc, scraped, scraped_raw, start_env
 
 from canary.demo.procs import free_port
 from canary.metrics.base import ArmsCounts, MetricsProvider, MetricsResult, NoData
-from canary.metrics.batched import BatchedMetrics, PrometheusBatcher, _parse
+from canary.metrics.batched import (
+    BatchedMetrics,
+    PrometheusBatcher,
+    _ms_text,
+    _parse,
+    _Registration,
+    _Selector,
+    _summary_plan,
+)
 from canary.metrics.prometheus import PrometheusMetrics, PromQueries
 
 INF = math.inf
@@ -33,12 +42,33 @@ def env(
     yield start_env(module_procs, tmp_path_factory.mktemp("prometheus"), prometheus_binary)
 
 
-@pytest.fixture
-async def batcher(env: Env) -> AsyncIterator[PrometheusBatcher]:
+@pytest.fixture(params=[INF, 0.0], ids=["range-first-reads", "summary-first-reads"])
+async def batcher(env: Env, request: pytest.FixtureRequest) -> AsyncIterator[PrometheusBatcher]:
+    """Every test of counts runs with each kind of first read: the range read, and the
+    summary (which falls back to the range read where a series reset or is not finite)."""
     # period_s small: a fetch after a short wait starts a fresh batch, so reads are current.
-    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05)
+    batcher = PrometheusBatcher(
+        env.prometheus.url, period_s=0.05, max_age_s=0.05, summary_after_s=request.param
+    )
     yield batcher
     await batcher.aclose()
+
+
+@pytest.fixture
+def sfx(batcher: PrometheusBatcher) -> str:
+    """A suffix for the versions a test counts: each kind of first read counts its own (the
+    exporter and Prometheus are the module's)."""
+    return "" if batcher.summary_after_s == INF else "-s"
+
+
+def state(provider: BatchedMetrics) -> list[dict[bytes, tuple[object, ...]]]:
+    """Each selector's series state, without the cursor (reads made a scrape apart differ
+    only in that)."""
+    assert provider._reg is not None
+    return [
+        {key: (*series[:4], series[5]) for key, series in sel.counted().items()}
+        for sel in provider._reg.selectors
+    ]
 
 
 async def old_counts(env: Env, q: PromQueries, since: float) -> MetricsResult:
@@ -69,11 +99,13 @@ async def query_requests(env: Env) -> float:
 # --- the same counts as the per-rollout provider -------------------------------------------------
 
 
-async def test_counts_equal_the_per_rollout_provider(env: Env, batcher: PrometheusBatcher) -> None:
+async def test_counts_equal_the_per_rollout_provider(
+    env: Env, batcher: PrometheusBatcher, sfx: str
+) -> None:
     """Several rollouts on one batcher count exactly what PrometheusMetrics counts for each, at
     the first read and after more traffic (incremental reads), latency buckets included."""
     port = env.exporter_port
-    names = ("same-a", "same-b", "same-c")
+    names = tuple(f"same-{x}{sfx}" for x in "abc")
     for name in names:
         await inc(port, f"{name}-p", n=10)  # before `since`: must not count
         await inc(port, f"{name}-c", n=4)
@@ -85,9 +117,9 @@ async def test_counts_equal_the_per_rollout_provider(env: Env, batcher: Promethe
         "selector": 'job=~"(canary|other)"',
     }
     queries = {
-        "same-a": env.queries("same-a"),
-        "same-b": env.queries("same-b"),
-        "same-c": env.queries("same-c", **regex),  # a family of its own for errors
+        names[0]: env.queries(names[0]),
+        names[1]: env.queries(names[1]),
+        names[2]: env.queries(names[2], **regex),  # a family of its own for errors
     }
     providers = {name: batcher.provider(q) for name, q in queries.items()}
     assert all(isinstance(p, MetricsProvider) for p in providers.values())
@@ -112,11 +144,11 @@ async def test_counts_equal_the_per_rollout_provider(env: Env, batcher: Promethe
             batched = await fresh(providers[name], since)
             assert isinstance(batched, ArmsCounts), batched
             assert batched == await old_counts(env, q, since), name
-        first = await providers["same-a"].fetch(since=since, now=time.time())
+        first = await providers[names[0]].fetch(since=since, now=time.time())
         assert isinstance(first, ArmsCounts)
-        assert first.primary.requests == expected_p["same-a"] - 10
+        assert first.primary.requests == expected_p[names[0]] - 10
         assert first.primary.errors == 2 * scale
-        assert first.canary.latency_buckets[0.1] == expected_c["same-a"] - 4
+        assert first.canary.latency_buckets[0.1] == expected_c[names[0]] - 4
 
     for provider in providers.values():
         provider.close()
@@ -128,7 +160,7 @@ async def test_counts_equal_the_per_rollout_provider(env: Env, batcher: Promethe
 
 
 async def test_counter_reset_is_counted_as_the_per_rollout_provider_counts_it(
-    env: Env, batcher: PrometheusBatcher, tmp_path: Path
+    env: Env, batcher: PrometheusBatcher, sfx: str, tmp_path: Path
 ) -> None:
     """A restarted exporter (counters back to 0) is a reset, by the drop or by the changed
     `_created` time: the batched counts equal PrometheusMetrics', with and without `_created`."""
@@ -136,17 +168,17 @@ async def test_counter_reset_is_counted_as_the_per_rollout_provider_counts_it(
     pool = ProcessPool(tmp_path)
     try:
         exporter = pool.support_server("exporter", port)
-        q = env.queries("breset")
+        q = env.queries(f"breset{sfx}")
         blind_q = q.model_copy(update={"use_created": False})
-        await inc(port, "breset-p", n=5)
-        await inc(port, "breset-c", n=2)
-        await scraped(env, "breset-p", 5)
-        await scraped(env, "breset-c", 2)
+        await inc(port, f"breset{sfx}-p", n=5)
+        await inc(port, f"breset{sfx}-c", n=2)
+        await scraped(env, f"breset{sfx}-p", 5)
+        await scraped(env, f"breset{sfx}-c", 2)
         since = time.time()
-        await inc(port, "breset-p", n=6)
-        await inc(port, "breset-c", n=5)
-        await scraped(env, "breset-p", 11)
-        await scraped(env, "breset-c", 7)
+        await inc(port, f"breset{sfx}-p", n=6)
+        await inc(port, f"breset{sfx}-c", n=5)
+        await scraped(env, f"breset{sfx}-p", 11)
+        await scraped(env, f"breset{sfx}-c", 7)
         provider, blind = batcher.provider(q), batcher.provider(blind_q)
         before = await fresh(provider, since)
         assert isinstance(before, ArmsCounts), before
@@ -157,10 +189,10 @@ async def test_counter_reset_is_counted_as_the_per_rollout_provider_counts_it(
         # it (10 > 7) before a batch reads it, which only the changed `_created` reveals.
         pool.stop(exporter)
         pool.support_server("exporter", port)
-        await inc(port, "breset-p", n=4)
-        await inc(port, "breset-c", n=10)
-        await scraped(env, "breset-p", 4)
-        await scraped(env, "breset-c", 10)
+        await inc(port, f"breset{sfx}-p", n=4)
+        await inc(port, f"breset{sfx}-c", n=10)
+        await scraped(env, f"breset{sfx}-p", 4)
+        await scraped(env, f"breset{sfx}-c", 10)
         after = await fresh(provider, since)
         assert isinstance(after, ArmsCounts), after
         assert (after.primary.requests, after.canary.requests) == (6 + 4, 5 + 10)
@@ -171,30 +203,39 @@ async def test_counter_reset_is_counted_as_the_per_rollout_provider_counts_it(
         assert isinstance(drops_only, ArmsCounts), drops_only
         assert (drops_only.primary.requests, drops_only.canary.requests) == (6 + 4, 5 + 3)
         assert drops_only == await old_counts(env, blind_q, since)
+
+        # Rollouts resumed now read back across the restart: the summary sees the resets
+        # (the drop, and the canary's new `_created`) and leaves them to the range read.
+        fallbacks = batcher.summary_fallbacks
+        for queries, counted in ((q, after), (blind_q, drops_only)):
+            resumed = batcher.provider(queries)
+            assert await resumed.fetch(since=since, now=time.time()) == counted
+        if batcher.summary_after_s == 0:
+            assert batcher.summary_fallbacks == fallbacks + 2
     finally:
         pool.stop_all()
 
 
 async def test_a_late_registration_counts_from_its_own_since(
-    env: Env, batcher: PrometheusBatcher
+    env: Env, batcher: PrometheusBatcher, sfx: str
 ) -> None:
     """A rollout that registers (or resumes) mid-way counts everything since its `since` from
     one read back to it, then follows the batches; an earlier rollout is unaffected."""
     port = env.exporter_port
-    early_q, late_q = env.queries("early"), env.queries("late")
-    for version in ("early-p", "early-c", "late-p", "late-c"):
+    early_q, late_q = env.queries(f"early{sfx}"), env.queries(f"late{sfx}")
+    for version in (f"early{sfx}-p", f"early{sfx}-c", f"late{sfx}-p", f"late{sfx}-c"):
         await inc(port, version, n=3)
-    await scraped(env, "late-c", 3)
-    await scraped(env, "early-c", 3)
+    await scraped(env, f"late{sfx}-c", 3)
+    await scraped(env, f"early{sfx}-c", 3)
     since = time.time()
     early = batcher.provider(early_q)
     assert isinstance(await early.fetch(since=since, now=time.time()), ArmsCounts)
 
-    for version in ("early-p", "early-c", "late-p", "late-c"):
+    for version in (f"early{sfx}-p", f"early{sfx}-c", f"late{sfx}-p", f"late{sfx}-c"):
         await inc(port, version, n=7)
-    await inc(port, "late-c", n=2, code=500)
-    await scraped(env, "late-c", 12)
-    await scraped(env, "early-c", 10)
+    await inc(port, f"late{sfx}-c", n=2, code=500)
+    await scraped(env, f"late{sfx}-c", 12)
+    await scraped(env, f"early{sfx}-c", 10)
     # The late rollout registers now, with a `since` from before this traffic (a resume).
     await fresh(early, since)
     queries_before = batcher.queries_sent
@@ -204,11 +245,22 @@ async def test_a_late_registration_counts_from_its_own_since(
     assert isinstance(first, ArmsCounts), first
     assert (first.primary.requests, first.canary.requests, first.canary.errors) == (7, 9, 2)
     assert first == await old_counts(env, late_q, since)
+    # the summary served it (nothing reset), and left each series as the range read does
+    summary = batcher.summary_after_s == 0
+    assert (batcher.summary_reads, batcher.summary_fallbacks) == ((2, 0) if summary else (0, 0))
+    reference = PrometheusBatcher(env.prometheus.url, summary_after_s=INF)
+    try:
+        ranged = reference.provider(late_q)
+        assert await ranged.fetch(since=since, now=time.time()) == first
+        assert state(ranged) == state(late)
+        assert reference.summary_reads == 0
+    finally:
+        await reference.aclose()
 
-    await inc(port, "late-p", n=4)
-    await inc(port, "early-p", n=1)
-    await scraped(env, "late-p", 14)
-    await scraped(env, "early-p", 11)
+    await inc(port, f"late{sfx}-p", n=4)
+    await inc(port, f"early{sfx}-p", n=1)
+    await scraped(env, f"late{sfx}-p", 14)
+    await scraped(env, f"early{sfx}-p", 11)
     late_now, early_now = await fresh(late, since), await early.fetch(since=since, now=time.time())
     assert isinstance(late_now, ArmsCounts) and isinstance(early_now, ArmsCounts)
     assert late_now.primary.requests == 11 and early_now.primary.requests == 8
@@ -270,14 +322,14 @@ async def test_n_rollouts_cost_one_query_per_family_per_batch(env: Env, per_read
 
 
 async def test_no_data_reasons_are_those_of_the_per_rollout_provider(
-    env: Env, batcher: PrometheusBatcher
+    env: Env, batcher: PrometheusBatcher, sfx: str
 ) -> None:
     """No such series, a query Prometheus refuses, NaN samples: NoData with the same reasons,
     and a broken rollout does not break the others in its batch."""
     now = time.time()
-    nobody = await batcher.provider(env.queries("nobody")).fetch(since=now - 30, now=now)
+    nobody = await batcher.provider(env.queries(f"nobody{sfx}")).fetch(since=now - 30, now=now)
     assert isinstance(nobody, NoData)
-    assert nobody.reason.startswith("empty result") and 'version="nobody-p"' in nobody.reason
+    assert nobody.reason.startswith("empty result") and f'version="nobody{sfx}-p"' in nobody.reason
 
     bad = PromQueries(requests='http_requests_total{version="{arm}",=oops}')
     refused = await batcher.provider(bad).fetch(since=now - 10, now=now)
@@ -295,10 +347,10 @@ async def test_no_data_reasons_are_those_of_the_per_rollout_provider(
     assert isinstance(nan, NoData)
     assert "NaN" in nan.reason and "broken_requests_total" in nan.reason
 
-    await inc(env.exporter_port, "fine-p", n=2)
-    await inc(env.exporter_port, "fine-c", n=2)
-    await scraped(env, "fine-c", 2)
-    fine = batcher.provider(env.queries("fine"))
+    await inc(env.exporter_port, f"fine{sfx}-p", n=2)
+    await inc(env.exporter_port, f"fine{sfx}-c", n=2)
+    await scraped(env, f"fine{sfx}-c", 2)
+    fine = batcher.provider(env.queries(f"fine{sfx}"))
     assert isinstance(await fresh(fine, now - 60), ArmsCounts)
 
 
@@ -433,3 +485,77 @@ async def test_a_stale_tick_does_not_wait_for_the_batch_it_starts(env: Env) -> N
         assert later.primary.requests == first.primary.requests + 4
     finally:
         await batcher.aclose()
+
+
+# --- summary first reads: the rules that send a rollout to the range read ------------------------
+
+
+def test_ms_text_is_the_last_millisecond_at_or_before() -> None:
+    for t in (1796123737.64, 1796123737.6405, 1796123737.6399999, 1.0, 1796123737.0):
+        text = _ms_text(t)
+        ms = round(float(text) * 1000)
+        assert float(text) <= t < float(f"{(ms + 1) // 1000}.{(ms + 1) % 1000:03d}"), t
+
+
+def summary_answer(*rows: tuple[str, dict[str, str], float]) -> bytes:
+    result: list[dict[str, object]] = [
+        {"metric": {"canary_summary_part": tag, **labels}, "value": [1000.0, repr(value)]}
+        for tag, labels, value in rows
+    ]
+    return json.dumps(
+        {"status": "success", "data": {"resultType": "vector", "result": result}}
+    ).encode()
+
+
+def test_summary_plan_counts_clean_series_and_refuses_unclear_ones() -> None:
+    """From the summary alone: last - baseline for a clean series, last for one born after
+    since, nothing for one gone before the floor; the range read (None) for a baseline the
+    instant read cannot see, a birth not known at the last sample, a reset, a NaN."""
+    family, values = _parse('m_total{service="a"}', created=True)
+    sel = _Selector('m_total{service="a"}', family, values)
+    members = [(_Registration.build(PromQueries(), 900.0), sel)]
+    a, b = {"service": "a", "x": "1"}, {"service": "a", "x": "2"}
+    name = {"__name__": "m_total"}
+    clean = [
+        ("r", a, 0),
+        ("t", a, 999.5),
+        ("v", {**name, **a}, 30),
+        ("bt", a, 899.0),
+        ("bv", {**name, **a}, 10),
+        ("bc", a, 3),
+        ("c", a, 0),
+        ("ct", a, 999.5),
+        ("cv", {"__name__": "m_created", **a}, 5.0),
+        ("r", b, 0),
+        ("t", b, 999.5),
+        ("v", {**name, **b}, 7),  # born after since
+    ]
+    plan = _summary_plan(family, summary_answer(*clean), members, floor=600.0)
+    assert plan is not None
+    assert [(p[1]["x"], p[2], p[3] - p[4], p[5]) for p in plan] == [
+        ("1", 999.5, 20, 5.0),
+        ("2", 999.5, 7, None),
+    ]
+    gone = [("r", b, 0), ("t", b, 550.0), ("v", {**name, **b}, 7)]  # last sample <= floor
+    assert _summary_plan(family, summary_answer(*gone), members, floor=600.0) == []
+
+    def without(tag: str, labels: dict[str, str]) -> list[tuple[str, dict[str, str], float]]:
+        return [row for row in clean if not (row[0] == tag and row[1] is labels)]
+
+    def changed(tag: str, value: float) -> list[tuple[str, dict[str, str], float]]:
+        return [
+            (t, labels, value if t == tag and labels.get("x") == "1" else v)
+            for t, labels, v in clean
+        ]
+
+    for unclear in (
+        without("bt", a),  # samples before since, but no baseline the instant read sees
+        without("t", a),  # samples in the window, none within the lookback delta
+        changed("ct", 998.5),  # its birth is not known at its last sample
+        changed("c", 1),  # reborn
+        changed("r", 1),  # reset
+        changed("r", math.nan),  # a NaN sample
+        changed("bv", math.inf),
+    ):
+        assert _summary_plan(family, summary_answer(*unclear), members, floor=600.0) is None
+    assert _summary_plan(family, b"not json", members, floor=600.0) is None
