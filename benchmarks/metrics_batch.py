@@ -29,6 +29,14 @@ under tracemalloc for the batcher's retained heap per rollout (its registrations
 state and series cache, after a full collection).
 
     PYTHONPATH=. python -m benchmarks.metrics_batch --memory --sizes 1000 --ticks 8
+
+`--first-reads` measures the rollouts' first reads alone: N rollouts registering at once
+with `since` --ages back (a shard's rollouts resumed on another replica), with the range read
+back to `since`, then with each series' summary (canary.metrics.batched, "Summary first
+reads"): queries, this process' CPU, Prometheus' CPU and the wall time until all N have
+their counts.
+
+    PYTHONPATH=. python -m benchmarks.metrics_batch --first-reads --sizes 1000 --ages 600 3600
 """
 
 from __future__ import annotations
@@ -208,6 +216,66 @@ async def measure_batched(
         await batcher.aclose()
 
 
+async def prometheus_cpu(url: str) -> float:
+    """Prometheus' own CPU seconds (process_cpu_seconds_total on its /metrics page)."""
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
+        text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("process_cpu_seconds_total ")
+    )
+
+
+async def measure_first_reads(url: str, n: int, age: float) -> list[str]:
+    """N rollouts' first reads back `age` seconds, all at once (a shard's rollouts resumed
+    on another replica): the range read, then each series' summary (tests/metrics/
+    test_batched.py checks that both leave every series in the same state)."""
+    from canary.metrics.base import ArmsCounts
+    from canary.metrics.batched import PrometheusBatcher
+
+    rows, counts = [], []
+    since = time.time() - age
+    for label, summary_after_s in (("range", math.inf), ("summary", 0.0)):
+        batcher = PrometheusBatcher(
+            url, period_s=3600, timeout_s=60.0, summary_after_s=summary_after_s
+        )
+        try:
+            providers = [batcher.provider(queries_for(i)) for i in range(n)]
+            q0, p0, c0, t0 = (
+                await prometheus_queries(url),
+                await prometheus_cpu(url),
+                cpu(),
+                time.monotonic(),
+            )
+            now = time.time()
+            first = await asyncio.gather(*(p.fetch(since=since, now=now) for p in providers))
+            c1, t1 = cpu(), time.monotonic()
+            await asyncio.sleep(1.0)  # Prometheus counts a query after its answer has gone out
+            q1, p1 = await prometheus_queries(url), await prometheus_cpu(url)
+            bad = [r for r in first if not isinstance(r, ArmsCounts)]
+            assert not bad, bad[:2]
+            counts.append(first)
+            rows.append(
+                f"| {n} | {age / 60:g} min | {label} | {(q1 - q0) / n:.1f} "
+                f"| {1000 * (c1 - c0) / n:.2f} | {1000 * (p1 - p0) / n:.2f} | {t1 - t0:.1f} "
+                f"| {batcher.summary_reads} / {batcher.summary_fallbacks} |"
+            )
+            print(rows[-1], flush=True)
+        finally:
+            await batcher.aclose()
+    # The two reads are seconds apart, so their counts differ by what came in between; per
+    # rollout, the summary's may only be as large or larger, and by no more than that.
+    for ranged, summed in zip(*counts, strict=True):
+        assert isinstance(ranged, ArmsCounts) and isinstance(summed, ArmsCounts)
+        for arm in ("primary", "canary"):
+            a, b = getattr(ranged, arm), getattr(summed, arm)
+            assert b.requests >= a.requests and b.errors >= a.errors, (ranged, summed)
+    return rows
+
+
 def rss_kib() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1024
@@ -341,6 +409,9 @@ async def main(args: argparse.Namespace) -> int:
                 print(f"# waiting {wait:.0f}s for {age:g}s of history", flush=True)
                 await asyncio.sleep(wait)
             for n in args.sizes:
+                if args.first_reads:
+                    rows.extend(await measure_first_reads(url, n, age))
+                    continue
                 if args.memory:
                     row = await measure_memory(url, n, age, args)
                     print(row, flush=True)
@@ -366,6 +437,14 @@ async def main(args: argparse.Namespace) -> int:
                 )
                 rows.append(row)
     print()
+    if args.first_reads:
+        print(
+            "| rollouts | age | first read | queries per rollout | CPU ms per rollout "
+            "| Prometheus CPU ms per rollout | wall s, all at once | summaries / range reads after one |"
+        )
+        print("|---|---|---|---|---|---|---|---|")
+        print("\n".join(rows))
+        return 0
     if args.memory:
         print(
             "| rollouts | RSS KiB per rollout after the last batch | traced heap KiB per rollout "
@@ -396,6 +475,11 @@ def cli(argv: list[str]) -> int:
     parser.add_argument("--scrape-s", type=float, default=5.0)
     parser.add_argument("--old-sample", type=int, default=20)
     parser.add_argument("--memory", action="store_true", help="the batcher's memory alone")
+    parser.add_argument(
+        "--first-reads",
+        action="store_true",
+        help="first reads alone, all N at once: the range read vs each series' summary",
+    )
     return asyncio.run(main(parser.parse_args(argv)))
 
 

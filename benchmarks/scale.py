@@ -282,17 +282,33 @@ def api_requests(cluster: Any, start: int, end: int) -> collections.Counter[str]
     return counts
 
 
-def profile(pid: int, seconds: float, out: Path) -> dict[str, list[tuple[str, float]]]:
-    """py-spy's samples of the process: the top frames by own time and by total time."""
+def start_profile(
+    pid: int, seconds: float, out: Path, *, gil: bool = True
+) -> subprocess.Popen[bytes] | None:
+    """py-spy recording the process for `seconds` (None without py-spy): read it with
+    profile_of(out) once it has exited. `gil`: only samples holding the GIL (CPU), else
+    every thread's, idle ones too."""
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     if not Path(spy).exists():
-        return {}
-    raw = out.with_suffix(".txt")
-    subprocess.run(
-        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "--nonblocking", "--gil",
-         "-f", "raw", "-o", str(raw)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False,
+        return None
+    return subprocess.Popen(
+        [spy, "record", "-p", str(pid), "-d", str(int(seconds)), "-r", "50", "--nonblocking",
+         *(["--gil"] if gil else []), "-f", "raw", "-o", str(out.with_suffix(".txt"))],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
+
+
+def profile(pid: int, seconds: float, out: Path) -> dict[str, list[tuple[str, float]]]:
+    """py-spy's samples of the process: the top frames by own time and by total time."""
+    spy = start_profile(pid, seconds, out)
+    if spy is None:
+        return {}
+    spy.wait()
+    return profile_of(out)
+
+
+def profile_of(out: Path) -> dict[str, list[tuple[str, float]]]:
+    raw = out.with_suffix(".txt")
     if not raw.exists():
         return {}
     own: collections.Counter[str] = collections.Counter()
@@ -469,7 +485,12 @@ def per_rollout(text: str, name: str) -> dict[str, float]:
 
 
 def kill_phase(
-    cluster: Any, replicas: list[Replica], n: int, args: argparse.Namespace, record_ns: str
+    cluster: Any,
+    replicas: list[Replica],
+    n: int,
+    args: argparse.Namespace,
+    record_ns: str,
+    workdir: Path,
 ) -> dict[str, Any]:
     """SIGKILL replica 0; time the survivors' takeover of its shards and the return of its
     rollouts' ticks; check that no rollout's step or weight moved and none restarted a step."""
@@ -494,6 +515,11 @@ def kill_phase(
     )
     killed_at, killed_wall = time.monotonic(), time.time()
     os.kill(replicas[0].pid, signal.SIGKILL)
+    spy = (
+        start_profile(survivors[0].pid, args.profile_kill_s, workdir / "profile-kill")
+        if args.profile_kill_s
+        else None
+    )
     assert replicas[0].process is not None
     replicas[0].process.wait()
 
@@ -607,6 +633,9 @@ def kill_phase(
         and not result["record_ticks_off_step"] and not result["ingress_vs_status_mismatch"]
     )  # fmt: skip
     result["no_step_repeated_no_weight_jump"] = verdict
+    if spy is not None:
+        spy.wait()
+        result["profile_kill"] = profile_of(workdir / "profile-kill")
     result["takeover_within_lease"] = (
         result["takeover_s"] is not None and result["takeover_s"] <= args.lease_s
     )
@@ -743,7 +772,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         print(heap.read_text(), flush=True)
                         break
             kill = (
-                kill_phase(cluster, replicas, n, args, "canary-system")
+                kill_phase(cluster, replicas, n, args, "canary-system", workdir)
                 if args.kill_after_window and len(replicas) >= 2
                 else None
             )
@@ -796,10 +825,16 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     }
     if kill is not None:
         result["kill"] = kill
-    print(json.dumps({k: v for k, v in result.items() if k != "profile"}), flush=True)
-    for kind in ("own", "total"):
-        for frame, share in prof.get(kind, [])[:12]:
-            print(f"    {kind:5} {100 * share:5.1f}%  {frame}")
+    shown = {k: v for k, v in result.items() if k != "profile"}
+    if kill is not None:
+        shown["kill"] = {k: v for k, v in kill.items() if k != "profile_kill"}
+    print(json.dumps(shown), flush=True)
+    for title, shares in (("window", prof), ("kill", (kill or {}).get("profile_kill") or {})):
+        if shares:
+            print(f"    profile ({title}):")
+        for kind in ("own", "total"):
+            for frame, share in shares.get(kind, [])[:12]:
+                print(f"    {kind:5} {100 * share:5.1f}%  {frame}")
     return result
 
 
@@ -820,6 +855,12 @@ def main() -> None:
         "check that no rollout's step or weight moved",
     )
     parser.add_argument("--profile-s", type=float, default=30)
+    parser.add_argument(
+        "--profile-kill-s",
+        type=float,
+        default=0,
+        help="with --kill-after-window: py-spy the survivor this long from the kill",
+    )
     parser.add_argument(
         "--settle-s", type=float, default=30,
         help="wait this long after every rollout is Progressing before the window starts",

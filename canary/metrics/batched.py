@@ -490,7 +490,7 @@ class PrometheusBatcher:
         idle_s: float | None = None,
         max_age_s: float | None = None,
         rollouts_per_read: int = 200,
-        summary_after_s: float = 60.0,
+        summary_after_s: float = 300.0,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(
@@ -1098,7 +1098,7 @@ def _summary_query(
     - bt, bv: the same at `since` (the baseline); bc: how many samples the lookback before
       `since` holds (a baseline that bt cannot see, past the lookback delta or before a
       staleness marker, sends the rollout to the range read)
-    - c, ct, cv: the `_created` series' changes (+ 0 * its sum), last time and last value
+    - c, ct, cv: the `_created` series' changes, last time and last value
 
     The windows are whole seconds at least as long as (floor, at] and (floor, since]:
     Prometheus' ranges are closed, so they may hold a sample more than the rule would
@@ -1119,7 +1119,9 @@ def _summary_query(
     if family.created_name is not None:
         cc = family.selector(values, created=True)
         parts += [
-            (f"changes({cc}[{window}s]) + 0 * sum_over_time({cc}[{window}s])", "c"),
+            # changes() counts a NaN after a value as a change, and an all-NaN series
+            # has a NaN last value (cv): neither needs the sum
+            (f"changes({cc}[{window}s])", "c"),
             (f"timestamp({cc})", "ct"),
             (cc, "cv"),
         ]
