@@ -153,6 +153,6 @@ class AnalysisConfig(BaseModel):
 
 
 def latency_name(q: float) -> str:
-    """"latency_p99" for 0.99, "latency_p99_9" for 0.999, "latency_p50" for 0.5."""
+    """ "latency_p99" for 0.99, "latency_p99_9" for 0.999, "latency_p50" for 0.5."""
     pct = f"{q * 100:.6g}".replace(".", "_")
     return f"latency_p{pct}"

@@ -243,8 +243,15 @@ class CountState:
 
 
 _Layout = tuple[
-    npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.int64],
-    npt.NDArray[np.float64], int, slice, slice, list[float], list[float],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.float64],
+    npt.NDArray[np.int64],
+    npt.NDArray[np.float64],
+    int,
+    slice,
+    slice,
+    list[float],
+    list[float],
 ]
 
 

@@ -143,8 +143,11 @@ def invgauss_log_sf(t: float, phi: float) -> float:
         # where 1 - F loses its digits; Phi(-z1) - exp(2 phi) Phi(-z2) rearranged does not:
         # the one difference left is against expm1(2 phi) ~ 2 phi << 1 - F.
         z1, z2 = _z(t, phi)
-        sf = 0.5 * (math.erf(-z1 / _SQRT2) + math.exp(2.0 * phi) * math.erf(z2 / _SQRT2)
-                    - math.expm1(2.0 * phi))
+        sf = 0.5 * (
+            math.erf(-z1 / _SQRT2)
+            + math.exp(2.0 * phi) * math.erf(z2 / _SQRT2)
+            - math.expm1(2.0 * phi)
+        )
         return math.log(sf) if sf > 0.0 else -math.inf
     return _log1mexp(_log_head(t, phi))
 

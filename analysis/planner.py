@@ -151,8 +151,10 @@ def _passage_quantile(
 
 # The times _abs_pass_s tries: 1 s growing by 5% up to a week (273 of them).
 _ABS_GRID: tuple[float, ...] = tuple(
-    itertools.takewhile(lambda t: t <= 7 * 86400, itertools.accumulate(itertools.repeat(1.05),
-                                                                       operator.mul, initial=1.0))
+    itertools.takewhile(
+        lambda t: t <= 7 * 86400,
+        itertools.accumulate(itertools.repeat(1.05), operator.mul, initial=1.0),
+    )
 )
 
 
@@ -276,11 +278,17 @@ def _plan_rates(
                 aa_events_per_s = p * (canary_rps + primary_rps)
                 pass_s, route = lead[0] / aa_events_per_s, "ratio"
                 likely_s = _passage_quantile(
-                    events=lead[0], drift=lead[1], var=lead[2],
-                    events_per_s=aa_events_per_s, likely=likely,
+                    events=lead[0],
+                    drift=lead[1],
+                    var=lead[2],
+                    events_per_s=aa_events_per_s,
+                    likely=likely,
                 )
         abs_s = _abs_pass_s(
-            p=p, canary_rps=canary_rps, primary_rps=primary_rps, abs_tol=m.abs_tolerance,
+            p=p,
+            canary_rps=canary_rps,
+            primary_rps=primary_rps,
+            abs_tol=m.abs_tolerance,
             alpha=cfg.pass_alpha,
         )
         if abs_s is not None and (pass_s is None or abs_s < pass_s):
@@ -455,8 +463,12 @@ def pass_advice(
     traffic (same error and latency rates).
     """
     base = plan(
-        rate_rps=rate_rps, canary_weight=canary_weight, baseline_error_rate=baseline_error_rate,
-        slow_rates=slow_rates, config=config, likely=likely,
+        rate_rps=rate_rps,
+        canary_weight=canary_weight,
+        baseline_error_rate=baseline_error_rate,
+        slow_rates=slow_rates,
+        config=config,
+        likely=likely,
     )
     if not (math.isfinite(budget_s) and budget_s > 0):
         raise ValueError(f"budget_s: {budget_s!r} is out of range")
@@ -476,7 +488,7 @@ def pass_advice(
         return t is not None and t <= budget_s
 
     never_passing = [m for m in base.metrics if m.likely_pass_s is None]
-    limiting = (never_passing or sorted(base.metrics, key=lambda m: m.likely_pass_s or 0.0)[-1:])
+    limiting = never_passing or sorted(base.metrics, key=lambda m: m.likely_pass_s or 0.0)[-1:]
     limiting_metric = limiting[0].name if limiting else None
     fits = base.likely_pass_s is not None and base.likely_pass_s <= budget_s
     extra_c: float | None = 0.0
@@ -501,7 +513,8 @@ def pass_advice(
         if extra_e is not None:
             helps.append(f"{extra_e:.3g} req/s more at the entry point")
         needs = (
-            "may never pass" if base.likely_pass_s is None
+            "may never pass"
+            if base.likely_pass_s is None
             else f"needs {_duration(base.likely_pass_s)} to pass in {pct} of rollouts"
         )
         message = (

@@ -52,8 +52,14 @@ def section(
     all_scenarios: Sequence[Scenario],
     results: dict[str, dict[str, list[Outcome]]],
     stream_for: Callable[[int, int], RunStream],
-    names: Sequence[str] = ("aa_200rps", "aa_binomial", "aa_20canary", "aa_low", "errors_2x",
-                            "errors_1_5x"),
+    names: Sequence[str] = (
+        "aa_200rps",
+        "aa_binomial",
+        "aa_20canary",
+        "aa_low",
+        "errors_2x",
+        "errors_1_5x",
+    ),
 ) -> list[str]:
     lines = [
         "| scenario | what | planner at start: mean / 95% (s) | planner after 60 s observed: "
@@ -68,8 +74,12 @@ def section(
         outs = results[name]["analyzer"]
         aa = not sc.regression
         ratio = sc.canary.error_rate / sc.primary.error_rate if sc.primary.error_rate else 2.0
-        start = plan(rate_rps=sc.total_rps, canary_weight=sc.canary_weight,
-                     baseline_error_rate=0.01, error_ratio=ratio if ratio > 1 else 2.0)
+        start = plan(
+            rate_rps=sc.total_rps,
+            canary_weight=sc.canary_weight,
+            baseline_error_rate=0.01,
+            error_ratio=ratio if ratio > 1 else 2.0,
+        )
         observed = []
         for run in range(SAMPLES):
             snap = _snapshot_at(stream_for(index[name], run), OBSERVE_S)

@@ -162,9 +162,7 @@ async def after_memory(lines: list[str], ages: list[int], seal_bytes: int) -> di
     tracemalloc.start()
     base = tracemalloc.get_traced_memory()[0]
     sink = MemoryConfigMaps(keep_chunks=False)
-    writer = ConfigMapRecordWriter(
-        sink, namespace=NS, rollout="bench/app@1", seal_bytes=seal_bytes
-    )
+    writer = ConfigMapRecordWriter(sink, namespace=NS, rollout="bench/app@1", seal_bytes=seal_bytes)
     for index, line in enumerate(lines):
         (entry,) = parse_lines([line])
         assert await writer.append(entry) is None

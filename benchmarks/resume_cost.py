@@ -169,17 +169,13 @@ async def resume_all(
         # the read alone, as the runner does it (its own sink reads it again below)
         namespace, _, name = saved.record.partition("/")
         head = await _timed(phases, "read: GET head", api.get_configmap(namespace, name))
-        entries, size = await _timed(
-            phases, "read: chunks, unpack, parse", _read_record(api, head)
-        )
+        entries, size = await _timed(phases, "read: chunks, unpack, parse", _read_record(api, head))
 
         async def carry_on(head: Mapping[str, Any], entries: Any, size: Any, id: str) -> None:
             writer = ConfigMapRecordWriter(api, namespace=NAMESPACE, rollout=id)
             writer.resume(head, entries, record_bytes=size)
 
-        await _timed(
-            phases, "read: writer.resume", carry_on(head, entries, size, saved.rollout_id)
-        )
+        await _timed(phases, "read: writer.resume", carry_on(head, entries, size, saved.rollout_id))
         runner = _runner(
             i,
             api=api,

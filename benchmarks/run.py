@@ -398,14 +398,17 @@ def _parse(argv: Sequence[str]) -> Options:
         "--power-runs", type=int, default=400, help="runs per regression scenario (default 400)"
     )
     parser.add_argument(
-        "--jobs", type=int, default=1,
+        "--jobs",
+        type=int,
+        default=1,
         help="worker processes (default 1: the machine is shared; results do not depend on it)",
     )
     parser.add_argument(
         "--cadence", type=int, default=1, help="seconds between engine observations (default 1)"
     )
     parser.add_argument(
-        "--curve-runs", default="1000,400",
+        "--curve-runs",
+        default="1000,400",
         help="A/A,regression runs per point of the trade-off curve (default 1000,400)",
     )
     parser.add_argument("--quick", action="store_true", help="smoke version: few runs, prints only")
@@ -580,12 +583,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         sc = next(s for s in all_scenarios if s.name == name)
         limits[name] = (
             sprt_one_sample(
-                p0=p0, p1=p0 * ratio, alpha=ALPHA, beta=SPRT_BETA, canary_rps=sc.canary_rps,
+                p0=p0,
+                p1=p0 * ratio,
+                alpha=ALPHA,
+                beta=SPRT_BETA,
+                canary_rps=sc.canary_rps,
                 runs=options.sprt_runs,
             ),
             sprt_two_sample(
-                p0=p0, ratio=ratio, alpha=ALPHA, beta=SPRT_BETA, canary_rps=sc.canary_rps,
-                primary_rps=sc.primary_rps, runs=options.sprt_runs,
+                p0=p0,
+                ratio=ratio,
+                alpha=ALPHA,
+                beta=SPRT_BETA,
+                canary_rps=sc.canary_rps,
+                primary_rps=sc.primary_rps,
+                runs=options.sprt_runs,
             ),
         )
     curve_started = time.monotonic()
@@ -593,14 +605,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         runs_aa=options.curve_runs[0], runs_regression=options.curve_runs[1], seed=BASE_SEED
     )
     agree = [
-        tradeoff.check_against_engine(tradeoff.T20, ratio=r, runs=5 if options.quick else 20,
-                                      seed=BASE_SEED + int(10 * r))
+        tradeoff.check_against_engine(
+            tradeoff.T20, ratio=r, runs=5 if options.quick else 20, seed=BASE_SEED + int(10 * r)
+        )
         for r in (1.0, 1.5, 2.0)
     ]
     checks = [
         *checks,
         "trade-off emulation vs analysis.counts.CountTest on the same draws (20 canary req/s, "
-        "A/A, 1.5x, 2x): " + ", ".join(f"{a}/{n}" for a, n in agree)
+        "A/A, 1.5x, 2x): "
+        + ", ".join(f"{a}/{n}" for a, n in agree)
         + " runs with the same decision at the same second",
     ]
     curve_s = time.monotonic() - curve_started
@@ -801,7 +815,9 @@ def render(
     )
     add("")
 
-    add(f"## The limit: Wald's SPRT on the error regressions (alpha = {ALPHA:g}, beta = {SPRT_BETA:g})")
+    add(
+        f"## The limit: Wald's SPRT on the error regressions (alpha = {ALPHA:g}, beta = {SPRT_BETA:g})"
+    )
     add("")
     add(
         "ASN = average sample number under the regression. The two-sample SPRT conditions on error "

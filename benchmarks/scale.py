@@ -608,23 +608,28 @@ def kill_phase(
         "n_more_ticks_s": round(marks["ticks_n"], 2) if "ticks_n" in marks else None,
         "rollouts_checked": len([k for k in keys if k in before and k in after]),
         "not_held_at_first_step": [
-            k for k in keys if before.get(k, {}).get("stage") != "Progressing"
-            or before.get(k, {}).get("step") != 0
+            k
+            for k in keys
+            if before.get(k, {}).get("stage") != "Progressing" or before.get(k, {}).get("step") != 0
         ],
         "steps_changed": changed("step"),
         "weights_changed": changed("weight"),
         "ingress_weights_changed": changed("ingress_weight"),
         "ingress_vs_status_mismatch": [
-            k for k in keys
+            k
+            for k in keys
             if str(after.get(k, {}).get("weight")) != str(after.get(k, {}).get("ingress_weight"))
         ],
         "steps_restarted": restarted,
         "record_ticks_off_step": stray_ticks,
         "moved_with_record_ticks_after_kill": sum(record_ticks_after[k] > 0 for k in moved),
         "moved_record_tick_gap_s": {
-            "min": round(gaps[0], 1), "median": round(gaps[len(gaps) // 2], 1),
+            "min": round(gaps[0], 1),
+            "median": round(gaps[len(gaps) // 2], 1),
             "max": round(gaps[-1], 1),
-        } if gaps else None,
+        }
+        if gaps
+        else None,
         "record_errors": [k for k in keys if "record_error" in after.get(k, {})],
     }
     verdict = (
@@ -799,10 +804,17 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # the first replica's CPU by thread: the event loop (MainThread, named after the
         # process), the executors' pools (canary-prometheus: the batcher's decoding, ...)
         "cpu_ms_per_rollout_tick_by_thread": {
-            name: round(1000 * (last["threads"][name] - first["threads"].get(name, 0.0))
-                        * len(replicas) / ticks, 3)
+            name: round(
+                1000
+                * (last["threads"][name] - first["threads"].get(name, 0.0))
+                * len(replicas)
+                / ticks,
+                3,
+            )
             for name in sorted(last["threads"])
-        } if ticks else {},
+        }
+        if ticks
+        else {},
         "rss_mib_start": [round(x) for x in first["rss"]],
         "rss_mib_end": [round(x) for x in last["rss"]],
         "rss_mib_max": [round(max(row[i] for row in rss_series)) for i in range(len(replicas))],
@@ -850,7 +862,8 @@ def main() -> None:
         "--lease-s", type=int, default=15, help="the controllers' --lease-duration (15)"
     )
     parser.add_argument(
-        "--kill-after-window", action="store_true",
+        "--kill-after-window",
+        action="store_true",
         help="with >= 2 replicas: SIGKILL replica 0 after the window, time the takeover and "
         "check that no rollout's step or weight moved",
     )
@@ -862,13 +875,16 @@ def main() -> None:
         help="with --kill-after-window: py-spy the survivor this long from the kill",
     )
     parser.add_argument(
-        "--settle-s", type=float, default=30,
+        "--settle-s",
+        type=float,
+        default=30,
         help="wait this long after every rollout is Progressing before the window starts",
     )
     parser.add_argument("--json", type=Path)
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
     parser.add_argument(
-        "--heap", action="store_true",
+        "--heap",
+        action="store_true",
         help="run the controller under tracemalloc and print its top allocation sites at the end",
     )
     args = parser.parse_args()

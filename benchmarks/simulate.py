@@ -202,11 +202,17 @@ def simulate(scenario: Scenario, rng: np.random.Generator) -> RunStream:
         # Drawn in this order (primary arrivals, primary, canary arrivals, canary) so that the
         # streams of the Poisson scenarios are those of earlier benchmark runs.
         primary = _arm(
-            rng, rng.poisson(rate * (1.0 - w)).astype(np.int64), scenario.primary,
-            error_factor, latency_factor,
+            rng,
+            rng.poisson(rate * (1.0 - w)).astype(np.int64),
+            scenario.primary,
+            error_factor,
+            latency_factor,
         )
         canary = _arm(
-            rng, rng.poisson(rate * w).astype(np.int64), scenario.canary, error_factor,
+            rng,
+            rng.poisson(rate * w).astype(np.int64),
+            scenario.canary,
+            error_factor,
             latency_factor,
         )
     return RunStream(primary=primary, canary=canary)

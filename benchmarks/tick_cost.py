@@ -97,8 +97,12 @@ async def run(
         namespace, name = f"team{i % 25}", f"app{i}"
         return RolloutRunner(
             name=f"{namespace}/{name}",
-            spec=RolloutSpec(steps=(10, 50), min_step_s=3 * 3600 + hours * 3600,
-                             max_step_s=6 * 3600 + hours * 3600, no_data_deadline_s=600),
+            spec=RolloutSpec(
+                steps=(10, 50),
+                min_step_s=3 * 3600 + hours * 3600,
+                max_step_s=6 * 3600 + hours * 3600,
+                no_data_deadline_s=600,
+            ),
             router=SteadyRouter(),
             metrics=Metrics(1.0 + (i % 7) / 10),
             tick_s=TICK_S / dilation,
@@ -108,7 +112,10 @@ async def run(
             revision=f"rev{i}",
             canary_version=f"rev{i}",
             records=lambda rollout_id, *, ref=None, ns=namespace: ConfigMapRecord(
-                sink, namespace="canary-system", rollout=rollout_id, ref=ref,
+                sink,
+                namespace="canary-system",
+                rollout=rollout_id,
+                ref=ref,
                 flush_s=60.0 / dilation,
             ),
             labels={"namespace": namespace, "deployment": name},
@@ -176,8 +183,10 @@ def main() -> None:
     parser.add_argument("--heap", action="store_true", help="trace the Python heap (slower)")
     args = parser.parse_args()
     ages = [a for a in (1 / 6, 0.25, 0.5, 1.0, 2.0, 4.0, 6.0) if a <= args.hours]
-    print(f"{args.rollouts} rollouts, {args.hours:g} h of age, dilation {args.dilation:g}",
-          file=sys.stderr)
+    print(
+        f"{args.rollouts} rollouts, {args.hours:g} h of age, dilation {args.dilation:g}",
+        file=sys.stderr,
+    )
     asyncio.run(run(args.rollouts, args.hours, args.dilation, ages, heap=args.heap))
 
 

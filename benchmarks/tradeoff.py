@@ -100,8 +100,10 @@ def _kt_h(
 ) -> tuple[FloatArray, FloatArray]:
     """counts._kt_h over arrays: the log e-value at p and its derivative."""
     with np.errstate(divide="ignore", invalid="ignore"):
-        f: FloatArray = log_mix - np.where(e > 0, e * np.log(p), 0.0) - np.where(
-            n - e > 0, (n - e) * np.log1p(-p), 0.0
+        f: FloatArray = (
+            log_mix
+            - np.where(e > 0, e * np.log(p), 0.0)
+            - np.where(n - e > 0, (n - e) * np.log1p(-p), 0.0)
         )
         d: FloatArray = np.where(e > 0, -e / p, 0.0) + np.where(n - e > 0, (n - e) / (1 - p), 0.0)
     return f, d
@@ -195,7 +197,9 @@ def simulate_errors(
         time_s[failed] = s
         at_decision[failed] = served[failed]
         active = decision == 0
-        enough = active & (totals[:, 0] >= config.min_samples) & (totals[:, 2] >= config.min_samples)
+        enough = (
+            active & (totals[:, 0] >= config.min_samples) & (totals[:, 2] >= config.min_samples)
+        )
         passed = enough & (log_pass >= level_pass)
         if config.abs_tolerance > 0:
             idx = np.flatnonzero(enough & ~passed)
@@ -225,8 +229,12 @@ def check_against_engine(
     cfg = AnalysisConfig()
     alpha = cfg.metric_alphas()["errors"]
     emulated = ErrorsConfig(
-        "default", cfg.errors.tolerance, cfg.errors.abs_tolerance, alpha,
-        pass_alpha=cfg.pass_alpha, min_samples=cfg.min_samples,
+        "default",
+        cfg.errors.tolerance,
+        cfg.errors.abs_tolerance,
+        alpha,
+        pass_alpha=cfg.pass_alpha,
+        min_samples=cfg.min_samples,
     )
     agree = 0
     for run in range(runs):
@@ -236,8 +244,11 @@ def check_against_engine(
         # Replay the same draws through the engine.
         rng = np.random.default_rng(seed + run)
         test = CountTest(
-            alpha=alpha, pass_alpha=cfg.pass_alpha, fail_theta=cfg.errors.fail_ratio,
-            pass_theta=1.0 + cfg.errors.tolerance, abs_tolerance=cfg.errors.abs_tolerance,
+            alpha=alpha,
+            pass_alpha=cfg.pass_alpha,
+            fail_theta=cfg.errors.fail_ratio,
+            pass_theta=1.0 + cfg.errors.tolerance,
+            abs_tolerance=cfg.errors.abs_tolerance,
         )
         test.update(0.0, 0.0, 0.0, 0.0)
         cum = np.zeros(4)
@@ -301,8 +312,12 @@ def rows() -> list[tuple[str, list[Row]]]:
         return ErrorsConfig(label, tol, abs_tol, kw.pop("alpha", alpha), **kw)  # type: ignore[arg-type]
 
     previous = c(
-        "previous defaults: tol 1.0, abs 0.005, old priors, alpha_err 0.8%", 1.0, 0.005,
-        alpha=previous_alpha, fail_prior=_previous_fail_prior, pass_prior=_previous_pass_prior,
+        "previous defaults: tol 1.0, abs 0.005, old priors, alpha_err 0.8%",
+        1.0,
+        0.005,
+        alpha=previous_alpha,
+        fail_prior=_previous_fail_prior,
+        pass_prior=_previous_pass_prior,
     )
     groups: list[tuple[str, list[Row]]] = []
     tol_rows = []
@@ -314,21 +329,34 @@ def rows() -> list[tuple[str, list[Row]]]:
     groups.append(("Relative tolerance (pass below 1 + tolerance), default priors", tol_rows))
     prior_rows = []
     for traffic in (T20, T20_EVEN):
-        prior_rows.append(Row(traffic, c("pass prior: old (0.5 on equal arms)", 0.5,
-                                         pass_prior=_previous_pass_prior)))
+        prior_rows.append(
+            Row(
+                traffic,
+                c("pass prior: old (0.5 on equal arms)", 0.5, pass_prior=_previous_pass_prior),
+            )
+        )
         prior_rows.append(Row(traffic, c("pass prior: default (0.8 on equal arms)", 0.5)))
-        prior_rows.append(Row(traffic, c("pass prior: all on equal arms", 0.5,
-                                         pass_prior=_all_on_one)))
+        prior_rows.append(
+            Row(traffic, c("pass prior: all on equal arms", 0.5, pass_prior=_all_on_one))
+        )
     groups.append(("Pass prior, tolerance 0.5, abs 0.002", prior_rows))
     abs_rows = []
     for traffic in (T20, T20_RARE):
         for abs_tol in (0.0, 0.001, 0.002, 0.005):
-            abs_rows.append(Row(traffic, c(f"tolerance 0.5, abs {abs_tol:g}", 0.5, abs_tol),
-                                ratios=(1.0, 1.5)))
+            abs_rows.append(
+                Row(traffic, c(f"tolerance 0.5, abs {abs_tol:g}", 0.5, abs_tol), ratios=(1.0, 1.5))
+            )
     groups.append(("Absolute tolerance (points of error rate), tolerance 0.5", abs_rows))
     fail_rows = [
-        Row(T20, c("fail prior: old, alpha_err 0.8%", 0.5, alpha=previous_alpha,
-                   fail_prior=_previous_fail_prior)),
+        Row(
+            T20,
+            c(
+                "fail prior: old, alpha_err 0.8%",
+                0.5,
+                alpha=previous_alpha,
+                fail_prior=_previous_fail_prior,
+            ),
+        ),
         Row(T20, c("fail prior: old, alpha_err 0.9%", 0.5, fail_prior=_previous_fail_prior)),
         Row(T20, c("fail prior: default, alpha_err 0.8%", 0.5, alpha=previous_alpha)),
         Row(T20, c("fail prior: default, alpha_err 0.9% (default)", 0.5)),
@@ -351,12 +379,24 @@ def sweep(
             for ratio in row.ratios:
                 key = (row.traffic.name, row.config.label, ratio)
                 c = row.config
-                same = (row.traffic, c.tolerance, c.abs_tolerance, c.alpha, c.pass_alpha,
-                        c.min_samples, c.fail_prior, c.pass_prior, ratio)
+                same = (
+                    row.traffic,
+                    c.tolerance,
+                    c.abs_tolerance,
+                    c.alpha,
+                    c.pass_alpha,
+                    c.min_samples,
+                    c.fail_prior,
+                    c.pass_prior,
+                    ratio,
+                )
                 if same not in done:
                     runs = runs_aa if ratio == 1.0 else runs_regression
                     done[same] = simulate_errors(
-                        row.traffic, c, ratio=ratio, runs=runs,
+                        row.traffic,
+                        c,
+                        ratio=ratio,
+                        runs=runs,
                         seed=seed + 1000 * ti + round(ratio * 10),
                     )
                 out[key] = done[same]
@@ -427,8 +467,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--runs-regression", type=int, default=400)
     parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
-    print("\n".join(section(runs_aa=args.runs_aa, runs_regression=args.runs_regression,
-                            seed=args.seed)))
+    print(
+        "\n".join(
+            section(runs_aa=args.runs_aa, runs_regression=args.runs_regression, seed=args.seed)
+        )
+    )
     return 0
 
 

@@ -171,9 +171,7 @@ async def _run(
     from canary.static.targets import BadTarget, build_runner
 
     allow = tuple(allow_webhook_hosts)
-    runners = [
-        build_runner(config, fresh=fresh, allow_webhook_hosts=allow) for config in configs
-    ]
+    runners = [build_runner(config, fresh=fresh, allow_webhook_hosts=allow) for config in configs]
     # Refuse before anything moves: another controller holds a rollout, or a saved one
     # cannot be read back (never a silent new rollout).
     try:

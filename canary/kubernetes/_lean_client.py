@@ -70,7 +70,9 @@ def _lean_package(name: str, directory: Path) -> ModuleType:
         if not table:
             table.update((n, m) for m, n in _FROM_IMPORT.findall(init.read_text("utf-8")))
             if not table:
-                raise LeanClientError(f"{init} imports nothing; kubernetes_asyncio's layout changed")
+                raise LeanClientError(
+                    f"{init} imports nothing; kubernetes_asyncio's layout changed"
+                )
         return table
 
     def __getattr__(attr: str) -> Any:

@@ -323,8 +323,15 @@ MAX_IN_FLIGHT = 32
 LEASE_IN_FLIGHT = 4  # leader and shard Leases: never queued behind the rest
 
 
-_PROXY_VARIABLES = ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                    "all_proxy", "NETRC")
+_PROXY_VARIABLES = (
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NETRC",
+)
 
 
 def _no_env_lookups(api_client: Any) -> None:

@@ -362,7 +362,9 @@ def _pending_dict() -> bytes:
 
     def arm(n: float, errors: float) -> ArmCounts:
         return ArmCounts(
-            requests=n, errors=errors, latency_buckets={le: n * f for le, f in zip(les, share, strict=True)}
+            requests=n,
+            errors=errors,
+            latency_buckets={le: n * f for le, f in zip(les, share, strict=True)},
         )
 
     analyzer = Analyzer(AnalysisConfig())
@@ -371,9 +373,17 @@ def _pending_dict() -> bytes:
         primary, canary = arm(2000.0 * i, 20.0 * i), arm(200.0 * i, 2.0 * i)
         verdict = analyzer.observe(Snapshot(elapsed_s=10.0 * i, primary=primary, canary=canary))
         entry = TickEntry(
-            at=1.7e9 + 10 * i, rollout="team/app@rev", elapsed_s=10.0 * i, phase="Progressing",
-            step=0, weight_set=10, weight_read=10, primary=primary, canary=canary,
-            no_data_reason=None, verdict=verdict,
+            at=1.7e9 + 10 * i,
+            rollout="team/app@rev",
+            elapsed_s=10.0 * i,
+            phase="Progressing",
+            step=0,
+            weight_set=10,
+            weight_read=10,
+            primary=primary,
+            canary=canary,
+            no_data_reason=None,
+            verdict=verdict,
         )
     assert entry is not None
     return dump_entry(entry).encode("utf-8")
@@ -545,7 +555,9 @@ async def read_record_configmap(api: ConfigMapApi, head: Mapping[str, Any]) -> l
 CHUNK_READS = 4
 
 
-async def _read_record(api: ConfigMapApi, head: Mapping[str, Any]) -> tuple[list[Entry], int | None]:
+async def _read_record(
+    api: ConfigMapApi, head: Mapping[str, Any]
+) -> tuple[list[Entry], int | None]:
     """read_record_configmap, and the record's lines in UTF-8 bytes (None for the whole
     format): a writer carrying the record on counts its size from it."""
     from canary.kubernetes.client import KubeError

@@ -81,8 +81,6 @@ def _container_port(obj: Mapping[str, Any], *, default: int) -> int | str:
     return default
 
 
-
-
 def hpa_target(hpa: Mapping[str, Any]) -> str | None:
     """The Deployment an autoscaling/v2 HPA scales, or None (another kind, or our mirror)."""
     labels = (hpa.get("metadata") or {}).get("labels") or {}
@@ -193,9 +191,7 @@ class AppDeployments:
                 continue
             if (current.get("spec") or {}).get("selector") != selector:
                 self.check_acting()
-                await self.kube.patch_service(
-                    namespace, service, {"spec": {"selector": selector}}
-                )
+                await self.kube.patch_service(namespace, service, {"spec": {"selector": selector}})
 
     async def copy_to_primary(self, *, replicas: int | None = None) -> JSON:
         """Create app-primary, or give it `app`'s pod template (idempotent)."""

@@ -127,7 +127,7 @@ def generated_load(kind: str, metadata: Mapping[str, str]) -> tuple[float, LoadA
 
 
 def load_description(kind: str, metadata: Mapping[str, str]) -> str | None:
-    """"load test: 50 req/s to app-canary.shop for 30s" for a load-test rollout hook (no
+    """ "load test: 50 req/s to app-canary.shop for 30s" for a load-test rollout hook (no
     credentials or query: only the target's host), else None."""
     try:
         load = generated_load(kind, metadata)

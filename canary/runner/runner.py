@@ -169,7 +169,14 @@ def _default_analyzer() -> AnalyzerLike:
 
 # What metric_results() gives for each metric, in LastTick.metrics' order after the name.
 _METRIC_FIELDS = (
-    "decision", "estimate", "lower", "upper", "scale", "critical", "fail_ratio", "tolerance"
+    "decision",
+    "estimate",
+    "lower",
+    "upper",
+    "scale",
+    "critical",
+    "fail_ratio",
+    "tolerance",
 )
 
 
@@ -1121,7 +1128,9 @@ class RolloutRunner:
                 and entry.primary is not None
                 and entry.canary is not None
             ):
-                feed(Snapshot(elapsed_s=entry.elapsed_s, primary=entry.primary, canary=entry.canary))
+                feed(
+                    Snapshot(elapsed_s=entry.elapsed_s, primary=entry.primary, canary=entry.canary)
+                )
                 replayed += 1
         return replayed
 

@@ -142,7 +142,12 @@ def test_edges_and_monotone_in_p() -> None:
 @pytest.mark.parametrize("likely", [0.001, 0.5, 0.95, 0.999])
 @pytest.mark.parametrize(
     ("events", "drift", "var", "events_per_s"),
-    [(3.0, 0.05, 0.2, 1.5), (40.0, 0.001, 1e-4, 200.0), (1e4, 0.3, 5.0, 0.01), (0.7, 2.0, 1e-3, 9.0)],
+    [
+        (3.0, 0.05, 0.2, 1.5),
+        (40.0, 0.001, 1e-4, 200.0),
+        (1e4, 0.3, 5.0, 0.01),
+        (0.7, 2.0, 1e-3, 9.0),
+    ],
 )
 def test_passage_quantile_is_scipys(
     likely: float, events: float, drift: float, var: float, events_per_s: float
@@ -165,7 +170,11 @@ def _imports_scipy(module: str) -> subprocess.CompletedProcess[str]:
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     return subprocess.run(
-        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
         env=env,
     )
 

@@ -74,12 +74,30 @@ def test_combine(metrics: list[tuple[str, Decision, bool]], expected: Decision) 
 def test_reason_line_reads_well() -> None:
     """The reason names the metric, both rates, the ratio, the bound, the test and the decision."""
     m = MetricResult(
-        name="errors", decision=Decision.FAIL, critical=True, test="conditional count test",
-        estimate=2.05, lower=1.41, upper=3.02, tolerance=1.0, alpha=0.008, e_value_fail=143.0,
-        samples_canary=1000, samples_primary=9000, events_canary=21, events_primary=90,
+        name="errors",
+        decision=Decision.FAIL,
+        critical=True,
+        test="conditional count test",
+        estimate=2.05,
+        lower=1.41,
+        upper=3.02,
+        tolerance=1.0,
+        alpha=0.008,
+        e_value_fail=143.0,
+        samples_canary=1000,
+        samples_primary=9000,
+        events_canary=21,
+        events_primary=90,
         extra={"rate_canary": 0.021, "rate_primary": 0.01},
     )
     line = reason_line(m)
-    for part in ("errors:", "canary 2.1% vs primary 1%", "ratio 2.05", "one-sided 99.2% bounds [1.41, 3.02]",
-                 "conditional count test", "e_fail=143 >= 125", "FAIL"):
+    for part in (
+        "errors:",
+        "canary 2.1% vs primary 1%",
+        "ratio 2.05",
+        "one-sided 99.2% bounds [1.41, 3.02]",
+        "conditional count test",
+        "e_fail=143 >= 125",
+        "FAIL",
+    ):
         assert part in line, (part, line)

@@ -37,11 +37,14 @@ def _mean_fail_s(*, rc: float, rp: float, p: float, ratio: float, runs: int, see
     ("rate", "weight", "p", "ratio"),
     [(200.0, 0.1, 0.01, 2.0), (50.0, 0.5, 0.02, 3.0), (1000.0, 0.05, 0.001, 2.0)],
 )
-def test_expected_fail_time_matches_simulation(rate: float, weight: float, p: float, ratio: float) -> None:
+def test_expected_fail_time_matches_simulation(
+    rate: float, weight: float, p: float, ratio: float
+) -> None:
     """Expected seconds to a rollback are within a factor 1.5 of the simulated mean."""
     est = plan(rate_rps=rate, canary_weight=weight, baseline_error_rate=p, error_ratio=ratio)
-    sim = _mean_fail_s(rc=rate * weight, rp=rate * (1 - weight), p=p, ratio=ratio, runs=40,
-                         seed=int(rate))
+    sim = _mean_fail_s(
+        rc=rate * weight, rp=rate * (1 - weight), p=p, ratio=ratio, runs=40, seed=int(rate)
+    )
     assert est.expected_fail_s is not None
     assert sim / 1.5 <= est.expected_fail_s <= sim * 1.5, (est.expected_fail_s, sim)
     assert est.expected_fail_canary_requests == pytest.approx(est.expected_fail_s * rate * weight)
@@ -53,8 +56,10 @@ def test_expected_pass_time_matches_simulation() -> None:
     # 20 canary req/s beside 180 on the primary (200 req/s at 10%), defaults.
     probs = Arm(20).bucket_probs()
     above = 1.0 - np.cumsum(probs)
-    slow = {"latency_p50": float(above[BOUNDS.index(0.05)]),
-            "latency_p99": float(above[BOUNDS.index(0.25)])}
+    slow = {
+        "latency_p50": float(above[BOUNDS.index(0.05)]),
+        "latency_p99": float(above[BOUNDS.index(0.25)]),
+    }
     est = plan(rate_rps=200.0, canary_weight=0.1, baseline_error_rate=0.01, slow_rates=slow)
     times = []
     for seed in range(10):
@@ -97,9 +102,11 @@ def test_pass_advice_says_when_a_step_is_too_short_and_what_load_fits_it() -> No
     assert not slow.fits and slow.limiting_metric == "errors"
     assert slow.extra_canary_rps is not None and slow.extra_canary_rps > 0
     assert "generated load on the canary" in slow.message
-    boosted = plan(rate_rps=20.0 + slow.extra_canary_rps, canary_weight=(
-        2.0 + slow.extra_canary_rps) / (20.0 + slow.extra_canary_rps),
-        baseline_error_rate=0.01)
+    boosted = plan(
+        rate_rps=20.0 + slow.extra_canary_rps,
+        canary_weight=(2.0 + slow.extra_canary_rps) / (20.0 + slow.extra_canary_rps),
+        baseline_error_rate=0.01,
+    )
     assert boosted.likely_pass_s is not None and boosted.likely_pass_s <= 900.0
     ok = pass_advice(rate_rps=200.0, canary_weight=0.1, baseline_error_rate=0.01)
     assert ok.fits and ok.extra_canary_rps == 0.0 and "fits" in ok.message

@@ -21,7 +21,9 @@ step = st.tuples(
 
 def _arm(cum: list[float]) -> ArmCounts:
     n, e, b1, b2, b3 = cum
-    return ArmCounts(requests=n, errors=e, latency_buckets={0.05: b1, 0.1: b2, 0.5: b3, math.inf: n})
+    return ArmCounts(
+        requests=n, errors=e, latency_buckets={0.05: b1, 0.1: b2, 0.5: b3, math.inf: n}
+    )
 
 
 def _grow(cum: list[float], s: tuple[int, float, float, float, float]) -> list[float]:
@@ -31,8 +33,12 @@ def _grow(cum: list[float], s: tuple[int, float, float, float, float]) -> list[f
     return [cum[0] + n, cum[1] + e, cum[2] + cuts[0], cum[3] + cuts[1], cum[4] + cuts[2]]
 
 
-def _feed(an: Analyzer, steps: list[tuple[tuple[int, float, float, float, float], ...]],
-          *, swap: bool = False) -> list[Decision]:
+def _feed(
+    an: Analyzer,
+    steps: list[tuple[tuple[int, float, float, float, float], ...]],
+    *,
+    swap: bool = False,
+) -> list[Decision]:
     p = [0.0] * 5
     c = [0.0] * 5
     out = []

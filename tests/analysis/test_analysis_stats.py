@@ -17,8 +17,16 @@ from analysis.counts import CountTest, rate_bounds
 
 
 def _count_runs(
-    *, runs: int, seconds: int, rc: float, rp: float, pc: float, pp: float, alpha: float,
-    seed: int, every: int = 1,
+    *,
+    runs: int,
+    seconds: int,
+    rc: float,
+    rp: float,
+    pc: float,
+    pp: float,
+    alpha: float,
+    seed: int,
+    every: int = 1,
 ) -> tuple[int, list[int]]:
     """Errors-only CountTests on simulated streams: (number that failed, seconds to fail)."""
     rng = np.random.default_rng(seed)
@@ -41,16 +49,18 @@ def _count_runs(
 
 def test_calibration_under_continuous_peeking() -> None:
     """A/A at alpha=0.05, looked at every second for 10 min: false fails stay below alpha."""
-    fails, _ = _count_runs(runs=200, seconds=600, rc=20, rp=180, pc=0.02, pp=0.02,
-                           alpha=0.05, seed=11)
+    fails, _ = _count_runs(
+        runs=200, seconds=600, rc=20, rp=180, pc=0.02, pp=0.02, alpha=0.05, seed=11
+    )
     # Ville: P(ever) <= 5%, i.e. ~10 of 200; a peeking z-test would reject in ~40-60%.
     assert fails <= 16
 
 
 def test_calibration_at_low_traffic() -> None:
     """A/A at 0.4 canary req/s (most seconds have no canary request) stays calibrated."""
-    fails, _ = _count_runs(runs=150, seconds=900, rc=0.4, rp=3.6, pc=0.05, pp=0.05,
-                           alpha=0.05, seed=12)
+    fails, _ = _count_runs(
+        runs=150, seconds=900, rc=0.4, rp=3.6, pc=0.05, pp=0.05, alpha=0.05, seed=12
+    )
     assert fails <= 13
 
 
@@ -86,8 +96,14 @@ def test_one_and_a_half_x_errors_are_rolled_back_with_defaults() -> None:
     assert 1.0 + cfg.errors.tolerance <= 1.5 and cfg.errors.abs_tolerance < 0.005
     decisions = []
     for seed in range(10):
-        p, c = split_stream(total_rps=200.0, weight=0.1, primary=Arm(0),
-                            canary=Arm(0, error_rate=0.015), seconds=900, seed=700 + seed)
+        p, c = split_stream(
+            total_rps=200.0,
+            weight=0.1,
+            primary=Arm(0),
+            canary=Arm(0, error_rate=0.015),
+            seconds=900,
+            seed=700 + seed,
+        )
         decision, _t, v = run_until(Analyzer(), snapshots(p, c))
         decisions.append(decision)
         if decision == "fail":
@@ -98,8 +114,9 @@ def test_one_and_a_half_x_errors_are_rolled_back_with_defaults() -> None:
 
 def test_power_and_speed_against_wald() -> None:
     """1% -> 2% at 200 req/s, 10% canary: median within 1.5x of the two-sample SPRT's ~1008 req."""
-    fails, times = _count_runs(runs=60, seconds=400, rc=20, rp=180, pc=0.02, pp=0.01,
-                               alpha=0.008, seed=13)
+    fails, times = _count_runs(
+        runs=60, seconds=400, rc=20, rp=180, pc=0.02, pp=0.01, alpha=0.008, seed=13
+    )
     assert fails == 60
     median_canary_requests = float(np.median(times)) * 20
     assert median_canary_requests <= 1.5 * 1008
@@ -142,8 +159,9 @@ def test_shared_incident_and_bursts_do_not_fail() -> None:
     err[200:260] = 10.0
     fails = 0
     for seed in range(12):
-        p, c = stream(Arm(180), Arm(20), seconds, seed=100 + seed, rate_factor=rate,
-                      error_factor=err)
+        p, c = stream(
+            Arm(180), Arm(20), seconds, seed=100 + seed, rate_factor=rate, error_factor=err
+        )
         decision, _, _ = run_until(Analyzer(), snapshots(p, c, every=5))
         fails += decision == "fail"
     assert fails == 0
@@ -176,7 +194,10 @@ def test_counter_reset_is_reported_and_skipped() -> None:
     assert all(v.decision is not Decision.FAIL for v in verdicts)
     assert verdicts[-1].metrics["errors"].extra["skipped_intervals"] == 1
     # The increments after the reset are counted again.
-    assert verdicts[-1].metrics["errors"].samples_canary > verdicts[59].metrics["errors"].samples_canary
+    assert (
+        verdicts[-1].metrics["errors"].samples_canary
+        > verdicts[59].metrics["errors"].samples_canary
+    )
 
 
 def test_aa_passes_at_twenty_canary_rps() -> None:
@@ -196,8 +217,10 @@ def test_aa_passes_at_twenty_canary_rps() -> None:
 def test_latency_regressions_are_detected() -> None:
     """A +30% median and a tail-only regression (3% of requests 8x slower) are both caught."""
     base = Arm(180)
-    for name, canary in (("latency_p50", Arm(20, median_s=0.065)),
-                         ("latency_p99", Arm(20, slow_fraction=0.03, slow_factor=8.0))):
+    for name, canary in (
+        ("latency_p50", Arm(20, median_s=0.065)),
+        ("latency_p99", Arm(20, slow_fraction=0.03, slow_factor=8.0)),
+    ):
         for seed in range(3):
             p, c = stream(base, canary, 900, seed=300 + seed)
             decision, _t, v = run_until(Analyzer(), snapshots(p, c, every=5))
@@ -213,9 +236,11 @@ def test_latency_threshold_is_frozen_and_mismatched_buckets_are_said() -> None:
     thresholds = set()
     notes = []
     for s in snapshots(p, c):
-        canary = ArmCounts(requests=s.canary.requests, errors=s.canary.errors,
-                           latency_buckets={k: v for k, v in s.canary.latency_buckets.items()
-                                            if k != 0.05})
+        canary = ArmCounts(
+            requests=s.canary.requests,
+            errors=s.canary.errors,
+            latency_buckets={k: v for k, v in s.canary.latency_buckets.items() if k != 0.05},
+        )
         v = an.observe(Snapshot(elapsed_s=s.elapsed_s, primary=s.primary, canary=canary))
         notes += v.notes
         if v.metrics["latency_p50"].threshold_s is not None:
@@ -289,11 +314,13 @@ def test_conditions_on_the_observed_split() -> None:
         ep = rng.binomial(np_, 0.01 * err)
         an = Analyzer(AnalysisConfig(quantiles=()))
         for t in range(1, seconds + 1):
-            v = an.observe(Snapshot(
-                elapsed_s=t,
-                primary=ArmCounts(requests=float(np_[:t].sum()), errors=float(ep[:t].sum())),
-                canary=ArmCounts(requests=float(nc[:t].sum()), errors=float(ec[:t].sum())),
-            ))
+            v = an.observe(
+                Snapshot(
+                    elapsed_s=t,
+                    primary=ArmCounts(requests=float(np_[:t].sum()), errors=float(ep[:t].sum())),
+                    canary=ArmCounts(requests=float(nc[:t].sum()), errors=float(ec[:t].sum())),
+                )
+            )
             if v.decision != "continue":
                 break
         fails += v.decision == "fail"
@@ -310,10 +337,14 @@ def test_latency_without_inf_bucket_and_with_a_missing_threshold_bucket() -> Non
     notes: list[str] = []
     for s in snapshots(p, c):
         drop = {math.inf} | ({0.1, 0.05} if s.elapsed_s == 20 else set())
-        arms = [ArmCounts(requests=a.requests, errors=a.errors,
-                          latency_buckets={k: v for k, v in a.latency_buckets.items()
-                                           if k not in drop})
-                for a in (s.primary, s.canary)]
+        arms = [
+            ArmCounts(
+                requests=a.requests,
+                errors=a.errors,
+                latency_buckets={k: v for k, v in a.latency_buckets.items() if k not in drop},
+            )
+            for a in (s.primary, s.canary)
+        ]
         v = an.observe(Snapshot(elapsed_s=s.elapsed_s, primary=arms[0], canary=arms[1]))
         notes += v.notes
     m = v.metrics["latency_p50"]

@@ -143,4 +143,3 @@ def test_a_bad_webhook_in_a_topology_is_named() -> None:
         parse_topology(data)
     data["services"][0]["webhooks"] = [{"url": "https://hooks.example/x"}]  # type: ignore[index]
     assert parse_topology(data).services[0].webhooks[0].url == "https://hooks.example/x"
-

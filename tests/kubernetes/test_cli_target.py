@@ -39,7 +39,13 @@ DEPLOYMENTS = ("apps", "v1", "deployments")
         (["status"], {"CANARY_SERVER": "http://h:1"}, True, "server", "$CANARY_SERVER is set"),
         (["status", "--server", "http://h:1"], {"KUBECONFIG": "/k"}, True, "server", "--server"),
         (["pause", "app", "-n", "shop"], {}, False, "cluster", "-n was given"),
-        (["abort", "app", "--context", "prod"], {"CANARY_SERVER": "x"}, False, "cluster", "--context"),
+        (
+            ["abort", "app", "--context", "prod"],
+            {"CANARY_SERVER": "x"},
+            False,
+            "cluster",
+            "--context",
+        ),
         (["status", "--kubeconfig", "/k"], {}, False, "cluster", "--kubeconfig was given"),
     ],
 )
@@ -114,9 +120,7 @@ async def test_with_only_kubeconfig_set_the_commands_go_to_the_cluster(
     api.put(*DEPLOYMENTS, deployment(**{"canary.dev/enabled": "true"}))
     kubeconfig = api.write_kubeconfig(tmp_path / "kc")
     env = {
-        k: v
-        for k, v in os.environ.items()
-        if k not in ("CANARY_SERVER", "KUBERNETES_SERVICE_HOST")
+        k: v for k, v in os.environ.items() if k not in ("CANARY_SERVER", "KUBERNETES_SERVICE_HOST")
     }
     env.update(
         KUBECONFIG=str(kubeconfig), HOME=str(tmp_path), PYTHONPATH=str(ROOT), CANARY_WAIT="0.5"

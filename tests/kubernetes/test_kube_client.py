@@ -165,9 +165,7 @@ async def test_requests_past_the_limit_wait_their_turn_without_timing_out(
     assert took >= 4 * 0.6 - 0.05
 
 
-async def test_lease_requests_never_wait_behind_the_rest(
-    api: KubeEmulator, tmp_path: Path
-) -> None:
+async def test_lease_requests_never_wait_behind_the_rest(api: KubeEmulator, tmp_path: Path) -> None:
     """Every general slot held by slow GETs (2 s each): a Lease read still answers at once.
     Queued behind them, shard renewals missed their deadline at 2,000 rollouts (issue 13)."""
     api.put(*APPS, deployment("app"))
@@ -475,8 +473,15 @@ async def test_no_netrc_lookup_per_request_unless_the_environment_asks(
     set, where the environment is the user's way to configure it."""
     import aiohttp.client
 
-    for name in ("HTTPS_PROXY", "https_proxy", "HTTP_PROXY", "http_proxy", "ALL_PROXY",
-                 "all_proxy", "NETRC"):
+    for name in (
+        "HTTPS_PROXY",
+        "https_proxy",
+        "HTTP_PROXY",
+        "http_proxy",
+        "ALL_PROXY",
+        "all_proxy",
+        "NETRC",
+    ):
         monkeypatch.delenv(name, raising=False)
     if netrc_set:
         (tmp_path / "netrc").write_text("")

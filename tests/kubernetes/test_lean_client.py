@@ -19,7 +19,10 @@ from canary.kubernetes.client import Kube
 
 ROOT = Path(__file__).resolve().parents[2]
 # A model and an API the controller never touches: neither may be loaded.
-UNUSED = ("kubernetes_asyncio.client.models.v1_deployment", "kubernetes_asyncio.client.api.batch_v1_api")
+UNUSED = (
+    "kubernetes_asyncio.client.models.v1_deployment",
+    "kubernetes_asyncio.client.api.batch_v1_api",
+)
 # The lean client loads ~35 kubernetes_asyncio modules; the whole one, over 850.
 MAX_MODULES = 100
 

@@ -85,7 +85,9 @@ async def test_a_load_test_hooks_answer_names_the_load(receiver: Receiver) -> No
     answer = (True, "load test: 50 req/s to app-canary.shop:8080 for 30s; HTTP 200")
     assert await ask(caller, "rollout") == answer
     assert receiver.payloads[0]["metadata"]["url"] == metadata["url"]  # verbatim to the receiver
-    canary_only = GateConfig(type="rollout", url=receiver.url(), metadata={"rps": "5", "at": "canary"})
+    canary_only = GateConfig(
+        type="rollout", url=receiver.url(), metadata={"rps": "5", "at": "canary"}
+    )
     answer = (True, "load test: 5 req/s (canary only); HTTP 200")
     assert await ask(GateCaller([canary_only], allow_hosts=["127.0.0.1"]), "rollout") == answer
 

@@ -103,7 +103,16 @@ def test_canary_run_refuses_a_target_another_process_runs(tmp_path: Path) -> Non
     store._acquire_blocking()
     try:
         result = subprocess.run(
-            [sys.executable, "-m", "canary", "run", "--config", str(config), "--listen", "127.0.0.1:0"],
+            [
+                sys.executable,
+                "-m",
+                "canary",
+                "run",
+                "--config",
+                str(config),
+                "--listen",
+                "127.0.0.1:0",
+            ],
             capture_output=True,
             text=True,
             timeout=60,
@@ -113,7 +122,10 @@ def test_canary_run_refuses_a_target_another_process_runs(tmp_path: Path) -> Non
     finally:
         os.close(store._lock_fd)  # type: ignore[arg-type]
     assert result.returncode == 2, result.stderr
-    assert f"in use by pid {os.getpid()}" in result.stderr and "one controller per rollout" in result.stderr
+    assert (
+        f"in use by pid {os.getpid()}" in result.stderr
+        and "one controller per rollout" in result.stderr
+    )
     assert not list((tmp_path / "records").glob("*.jsonl"))
 
 

@@ -25,10 +25,17 @@ def _ticks(rollout: str, count: int, *, verdict_from: int = 2) -> list[TickEntry
             verdict = analyzer.observe(Snapshot(elapsed_s=10.0 * i, primary=primary, canary=canary))
         out.append(
             TickEntry(
-                at=1000.0 + 10 * i, rollout=rollout, elapsed_s=10.0 * i, phase="Progressing",
-                step=i // 5, weight_set=10 * (i // 5), weight_read=None if i == 3 else 10 * (i // 5),
-                primary=primary if i else None, canary=canary if i else None,
-                no_data_reason=None if i else "no traffic yet", verdict=verdict,
+                at=1000.0 + 10 * i,
+                rollout=rollout,
+                elapsed_s=10.0 * i,
+                phase="Progressing",
+                step=i // 5,
+                weight_set=10 * (i // 5),
+                weight_read=None if i == 3 else 10 * (i // 5),
+                primary=primary if i else None,
+                canary=canary if i else None,
+                no_data_reason=None if i else "no traffic yet",
+                verdict=verdict,
             )
         )
     return out
