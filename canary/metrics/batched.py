@@ -538,6 +538,10 @@ class PrometheusBatcher:
         self._slots: asyncio.Semaphore | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._inflight_members: set[_Registration] = set()
+        # Range first reads at once: each holds its answers (~70,000 samples a rollout an
+        # hour into its analysis) until they are applied; a shard's thousand rollouts
+        # resumed at once took a survivor to 3.9 GB when they all waited together.
+        self._range_reads = asyncio.Semaphore(max(1, connections // 2))
         self._series = _SeriesCache()
         self._families: dict[_Family, _Family] = {}  # shared by registrations; see _batch
 
@@ -625,14 +629,15 @@ class PrometheusBatcher:
         at = time.time()
         if at - reg.since > self.summary_after_s and await self._summary_read(reg, at):
             return
-        at = time.time()
-        window = math.ceil(max(0.0, at - reg.since) + reg.queries.lookback_s)
-        members: dict[_Family, list[tuple[_Registration, _Selector]]] = {}
-        for sel in reg.selectors:
-            members.setdefault(sel.family, []).append((reg, sel))
-        read = _Read(at, members, dict.fromkeys(members, window))
-        reg.reset()
-        failures, results = await self._read(read, [reg])
+        async with self._range_reads:
+            at = time.time()
+            window = math.ceil(max(0.0, at - reg.since) + reg.queries.lookback_s)
+            members: dict[_Family, list[tuple[_Registration, _Selector]]] = {}
+            for sel in reg.selectors:
+                members.setdefault(sel.family, []).append((reg, sel))
+            read = _Read(at, members, dict.fromkeys(members, window))
+            reg.reset()
+            failures, results = await self._read(read, [reg])
         reg.result = results[reg]
         reg.at = at
         if failures or reg.closed:

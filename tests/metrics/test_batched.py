@@ -487,6 +487,38 @@ async def test_a_stale_tick_does_not_wait_for_the_batch_it_starts(env: Env) -> N
         await batcher.aclose()
 
 
+async def test_range_first_reads_are_bounded(env: Env) -> None:
+    """Rollouts registering at once (a shard's, resumed on another replica) read back at most
+    connections // 2 at a time: each holds its answers until they are applied."""
+    port = env.exporter_port
+    await inc(port, "bound-p", n=1)
+    await inc(port, "bound-c", n=1)
+    await scraped(env, "bound-c", 1)
+    batcher = PrometheusBatcher(env.prometheus.url, connections=4, summary_after_s=INF)
+    reading, most = 0, 0
+    read = batcher._read
+
+    async def counted(*args: object, **kwargs: object) -> object:
+        nonlocal reading, most
+        reading += 1
+        most = max(most, reading)
+        try:
+            await asyncio.sleep(0.05)  # long enough for every registration to be waiting
+            return await read(*args, **kwargs)  # type: ignore[arg-type]
+        finally:
+            reading -= 1
+
+    batcher._read = counted  # type: ignore[assignment,method-assign]
+    try:
+        since = time.time() - 5
+        providers = [batcher.provider(env.queries("bound")) for _ in range(10)]
+        results = await asyncio.gather(*(p.fetch(since=since, now=time.time()) for p in providers))
+        assert all(isinstance(r, ArmsCounts) for r in results), results[:2]
+        assert most == 2, most
+    finally:
+        await batcher.aclose()
+
+
 # --- summary first reads: the rules that send a rollout to the range read ------------------------
 
 
