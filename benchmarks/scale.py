@@ -484,6 +484,9 @@ def per_rollout(text: str, name: str) -> dict[str, float]:
     return dict(out)
 
 
+KILL_POLL_S = 2.0  # how often the kill phase reads the survivors' /metrics
+
+
 def kill_phase(
     cluster: Any,
     replicas: list[Replica],
@@ -551,7 +554,10 @@ def kill_phase(
             marks["ticked"] = now  # every moved rollout ticked (a decision) on a survivor
         if "takeover" in marks and "ticks_n" not in marks and ticks >= ticks_at_takeover + n:
             marks["ticks_n"] = now
-        time.sleep(0.25)
+        # Not faster: each poll renders the survivor's /metrics for every rollout, and at
+        # 4 a second (as this was) that was 42% of the survivor's CPU during the takeover
+        # (py-spy, --profile-kill-s): the measurement slowed what it measured.
+        time.sleep(KILL_POLL_S)
     # Then ~2 tick periods, and at least a record flush (30 s) so that the survivors' ticks
     # are in the records compared below.
     time.sleep(max(2 * args.tick_s, 35.0))
