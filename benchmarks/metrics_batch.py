@@ -123,7 +123,9 @@ def cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-async def prometheus_queries(url: str) -> float:
+async def prometheus_own(url: str, prefix: str, has: str = "") -> float:
+    """The sum of Prometheus' own samples (its /metrics page) whose line starts with
+    `prefix` and contains `has`."""
     import aiohttp
 
     async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
@@ -131,8 +133,18 @@ async def prometheus_queries(url: str) -> float:
     return sum(
         float(line.rsplit(" ", 1)[1])
         for line in text.splitlines()
-        if line.startswith("prometheus_http_requests_total{") and 'handler="/api/v1/query"' in line
+        if line.startswith(prefix) and has in line
     )
+
+
+async def prometheus_queries(url: str) -> float:
+    """The queries Prometheus answered."""
+    return await prometheus_own(url, "prometheus_http_requests_total{", 'handler="/api/v1/query"')
+
+
+async def prometheus_cpu(url: str) -> float:
+    """Prometheus' own CPU seconds."""
+    return await prometheus_own(url, "process_cpu_seconds_total ")
 
 
 async def until_scraped(url: str, series: int) -> None:
@@ -214,19 +226,6 @@ async def measure_batched(
         }
     finally:
         await batcher.aclose()
-
-
-async def prometheus_cpu(url: str) -> float:
-    """Prometheus' own CPU seconds (process_cpu_seconds_total on its /metrics page)."""
-    import aiohttp
-
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as resp:
-        text = await resp.text()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("process_cpu_seconds_total ")
-    )
 
 
 async def measure_first_reads(url: str, n: int, age: float) -> list[str]:
