@@ -383,6 +383,13 @@ class _Registration:
     def floor(self) -> float:
         return self.since - self.queries.lookback_s
 
+    def members(self) -> dict[_Family, list[tuple[_Registration, _Selector]]]:
+        """Its selectors by family: what one query per family reads for it alone."""
+        members: dict[_Family, list[tuple[_Registration, _Selector]]] = {}
+        for sel in self.selectors:
+            members.setdefault(sel.family, []).append((self, sel))
+        return members
+
     def reset(self) -> None:
         for sel in self.selectors:
             sel.clear()
@@ -632,9 +639,7 @@ class PrometheusBatcher:
         async with self._range_reads:
             at = time.time()
             window = math.ceil(max(0.0, at - reg.since) + reg.queries.lookback_s)
-            members: dict[_Family, list[tuple[_Registration, _Selector]]] = {}
-            for sel in reg.selectors:
-                members.setdefault(sel.family, []).append((reg, sel))
+            members = reg.members()
             read = _Read(at, members, dict.fromkeys(members, window))
             reg.reset()
             failures, results = await self._read(read, [reg])
@@ -649,9 +654,7 @@ class PrometheusBatcher:
 
     async def _summary_read(self, reg: _Registration, at: float) -> bool:
         """A first read from each series' summary; False if it must be the range read."""
-        members: dict[_Family, list[tuple[_Registration, _Selector]]] = {}
-        for sel in reg.selectors:
-            members.setdefault(sel.family, []).append((reg, sel))
+        members = reg.members()
         if any(family.name is None for family in members):
             return False  # a selector we cannot parse is queried as written, by the range read
         queries = [
