@@ -1055,6 +1055,13 @@ _HPA_RULES = {
 }
 
 
+# The HTTPRoute GET is the route cache's fallback: a read before the watch has shown the
+# router's own write, or before the cache has synced. Whether a run needs it is a race (the
+# watch event and the PATCH's answer arrive together), so this run may not use it; it stays
+# checked for refusals below, and tests/kubernetes/test_informer.py shows when it is used.
+_CACHE_FALLBACK_RULES = {("gateway.networking.k8s.io", "httproutes", "get")}
+
+
 def _granted() -> set[tuple[str, str, str]]:
     """Each (apiGroup, resource, verb) that manifests/rbac.yaml grants."""
     return {
@@ -1088,7 +1095,7 @@ def test_every_rbac_rule_is_used_and_none_is_missing(e2e: E2E) -> None:
         else:
             refused.add(triple)
     # No app here has an HPA: tests/cluster/test_hpa_on_cluster.py shows each HPA rule used.
-    unused = sorted(_granted() - set(seen) - _HPA_RULES)
+    unused = sorted(_granted() - set(seen) - _HPA_RULES - _CACHE_FALLBACK_RULES)
     assert unused == [], "granted in manifests/rbac.yaml but never used: " + ", ".join(
         f"{verb} {resource}.{group or 'core'}" for group, resource, verb in unused
     )
