@@ -22,6 +22,9 @@ tail packed again as one member, first creating the next chunk from it when it i
   the head is one object, patched or replaced (guarded by resourceVersion) or not at all,
   and each write carries a token (`WRITE_KEY`) from which a save whose answer was lost
   learns whether it landed: its lines are then neither lost nor written twice;
+* the head also keeps the metric source's counting state (`CARRY_KEY`, replaced by each
+  write; not part of the record, readers ignore it), so the replica that carries the rollout
+  on counts on from it (canary.metrics.batched, "Carried state");
 * chunks and the head carry the label `canary.io/record=<head>`, and chunks an ownerReference
   to the head: deleting the head deletes its chunks (the garbage collector); one `kubectl get
   configmap -l canary.io/record=<head> -o json` dumps a whole record for `canary report`.
@@ -134,6 +137,10 @@ MAX_PARTS = 1000  # a hostile head cannot make a reader unpack a million keys
 # The token of the save that last wrote the head: a save whose answer was lost finds out
 # from it whether it landed (so its lines are neither lost nor written twice).
 WRITE_KEY = "record.write"
+# The metric source's counting state (canary.metrics.batched: `carry`), saved with each write
+# of the head, so the replica that carries the rollout on counts on from it instead of reading
+# its series back to the analysis' start. Not part of the record: readers ignore it.
+CARRY_KEY = "metrics.state.json.gz.b64"
 CHUNK_KEY = "record.chunk.jsonl.gz.b64"
 CHUNK_NUMBER_KEY = "record.chunk"
 RECORD_LABEL = "canary.io/record"
@@ -688,6 +695,8 @@ class ConfigMapRecordWriter:
         self._dirty = False
         self._data_at: float | None = None  # the newest tick with a verdict among the lines
         self.data_through: float | None = None  # ... among the lines saved (RecordSink's)
+        # gives the metric source's state to save beside the record (None: nothing now)
+        self.carry: Callable[[], str | None] | None = None
 
     @property
     def dirty(self) -> bool:
@@ -869,6 +878,9 @@ class ConfigMapRecordWriter:
             data_at=self._data_at,
         )
         data = {_part_key(attempt.parts): packed, WRITE_KEY: token}
+        carried = self._carried()
+        if carried is not None:
+            data[CARRY_KEY] = carried  # else the head keeps the one it has
         self._attempt = attempt
         try:
             result = await self.api.patch_configmap(
@@ -889,6 +901,7 @@ class ConfigMapRecordWriter:
         from canary.kubernetes.client import KubeError, NotFound
 
         members: list[bytes] = []
+        kept_carry: object = None
         if self._resource_version is not None or self._attempt is not None:
             try:
                 head: Mapping[str, Any] | None = await self.api.get_configmap(
@@ -903,6 +916,8 @@ class ConfigMapRecordWriter:
                 self._resource_version = metadata.get("resourceVersion")
                 self._uid = metadata.get("uid") or self._uid
                 data = _data_of(head)
+                if data.get(ID_KEY) == self.record_id:
+                    kept_carry = data.get(CARRY_KEY)
                 attempt, self._attempt = self._attempt, None
                 if attempt is not None and data.get(WRITE_KEY) == attempt.token:
                     self._settled(attempt)  # it landed: those lines are in the head
@@ -966,6 +981,11 @@ class ConfigMapRecordWriter:
             TAIL_KEY: tail,
             WRITE_KEY: attempt.token,
         }
+        carried = self._carried()
+        if carried is None and isinstance(kept_carry, str):
+            carried = kept_carry
+        if carried is not None:
+            head_data[CARRY_KEY] = carried
         self._attempt = attempt
         error = await self._put_head(head_data)
         if error is not None:
@@ -975,6 +995,15 @@ class ConfigMapRecordWriter:
         self._rewrite = False
         self._settled(attempt)
         return None
+
+    def _carried(self) -> str | None:
+        if self.carry is None:
+            return None
+        try:
+            return self.carry()
+        except Exception:  # a bug there must not cost the record its write
+            log.exception("record %s/%s: the metric source's state", self.namespace, self.name)
+            return None
 
     def _lost_tail(self, why: str) -> None:
         """The head's tail is gone (someone replaced or deleted the head): say so in the
@@ -1190,6 +1219,17 @@ class ConfigMapRecord:
         self._read_ref = ref  # the record a saved state names, read back on resume
         self._flushed_at = 0.0
         self._important = False
+        self._carried: str | None = None  # the metric source's state read with the head
+
+    def carry_from(self, source: Callable[[], str | None]) -> None:
+        """Save what `source` gives (the metric source's counting state) with each write of
+        the head, for the replica that carries the rollout on (canary.runner.seams)."""
+        self.writer.carry = source
+
+    def take_carried(self) -> str | None:
+        """The metric source's state that `read` found with the record, once."""
+        carried, self._carried = self._carried, None
+        return carried
 
     @property
     def ref(self) -> str:
@@ -1234,6 +1274,8 @@ class ConfigMapRecord:
         try:
             head = await self.api.get_configmap(namespace, name)
             entries, record_bytes = await _read_record(self.api, head)
+            carried = _data_of(head).get(CARRY_KEY)
+            self._carried = carried if isinstance(carried, str) else None
             # off the loop: it unpacks the head's tail parts (~1 ms; a thousand rollouts
             # resume at once when a shard moves)
             await run_blocking(

@@ -40,5 +40,18 @@ class MetricsProvider(Protocol):
         an unreachable backend or a missing series: returns NoData instead."""
 
 
+@runtime_checkable
+class CarriedCounts(Protocol):
+    """A MetricsProvider whose counting state can be saved with the rollout's record and
+    carried on by the next replica (canary.metrics.batched.BatchedMetrics): a moved rollout
+    then need not read its series back to its analysis' start."""
+
+    def carry(self) -> str | None:
+        """The state as text, or None when there is none to save now."""
+
+    def carry_on(self, state: str, *, since: float, now: float) -> str | None:
+        """Count on from `state`: None when taken, else why not (a fetch then reads back)."""
+
+
 # The architecture's name for the seam; MetricsProvider is the name the code grew up with.
 MetricSource = MetricsProvider

@@ -31,6 +31,12 @@ rollouts *and* with their age, and a thousand rollouts open a thousand connectio
   moves, e.g. a new analysis): one range read of its own series back to `since - lookback_s`
   gives its baselines and the counts so far, then it joins the batches. A resumed rollout
   thus counts everything since its analysis began, once.
+- **Carried state.** A rollout that moves to another replica (or a restarted one) need not
+  read back at all: `BatchedMetrics.carry` gives its counting state as text, which its
+  record's head saves with each write, and `carry_on` takes it up on the next replica (same
+  since, same selectors, read through at most `carry_max_age_s` before). Its first batch then
+  reads from that time, as any batch reads from its last: the same samples, applied once by
+  the same rule, so it counts what the lost replica would have counted.
 - **Summary first reads.** A rollout resumed an hour into its analysis (a shard taken over,
   a restart) would read ~700 samples per series to learn what a handful of numbers say. So
   when its `since` is more than `summary_after_s` old, the first read asks Prometheus for
@@ -61,8 +67,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import contextlib
 import gc
+import gzip
 import json
 import logging
 import math
@@ -79,6 +87,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from analysis import ArmCounts
+from canary.core.inputs import InputError, gunzip_bounded
 from canary.core.redact import redact_text, redact_url
 from canary.executors import run_blocking
 from canary.metrics.base import ArmsCounts, MetricsResult, NoData
@@ -342,6 +351,7 @@ class _Registration:
     at: float = -math.inf  # when `result` was read (unix seconds)
     fetched: float = 0.0  # when its rollout last asked (monotonic): idle ones leave the batches
     first_read: asyncio.Lock = field(default_factory=asyncio.Lock)
+    reading: int = 0  # reads in flight that apply to its series (off the loop): no carry then
 
     @classmethod
     def build(
@@ -498,6 +508,7 @@ class PrometheusBatcher:
         max_age_s: float | None = None,
         rollouts_per_read: int = 200,
         summary_after_s: float = 300.0,
+        carry_max_age_s: float = 300.0,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(
@@ -536,6 +547,11 @@ class PrometheusBatcher:
         self.summary_after_s = summary_after_s
         self.summary_reads = 0  # first reads the summary served (tests, benchmarks)
         self.summary_fallbacks = 0  # summaries that sent their rollout to the range read
+        # A carried state read through longer ago than this is not taken: its first batch
+        # would read that far back for a whole group (a first read is cheaper then).
+        self.carry_max_age_s = carry_max_age_s
+        self.carried = 0  # rollouts that took up a carried state (tests, benchmarks)
+        self.carry_refused = 0
         self.idle_s = max(60.0, 6 * period_s) if idle_s is None else idle_s
         self.max_age_s = 2 * period_s if max_age_s is None else max(period_s, max_age_s)
         self.queries_sent = 0
@@ -578,6 +594,33 @@ class PrometheusBatcher:
 
     def _register(self, queries: PromQueries, since: float) -> _Registration:
         return _Registration.build(queries, since, self._families)
+
+    def _carry_on(
+        self, queries: PromQueries, text: str, *, since: float, now: float
+    ) -> _Registration | str:
+        """A registration that counts on from a carried state (_carry_text), or why not."""
+        reg = self._register(queries, since)
+        at = _carried(
+            reg,
+            text,
+            now=now,
+            tolerance_s=self.since_tolerance_s,
+            max_age_s=self.carry_max_age_s,
+        )
+        if isinstance(at, str):
+            self.carry_refused += 1
+            return at
+        result = _counts(reg, {}, self.shown_url)
+        if not isinstance(result, ArmsCounts):
+            self.carry_refused += 1
+            reg.reset()
+            return f"it counts nothing: {result}"
+        self.carried += 1
+        reg.result, reg.at, reg.active = result, at, True
+        reg.last_ok = dict.fromkeys(reg.members(), at)
+        reg.fetched = time.monotonic()
+        self._registrations.add(reg)
+        return reg
 
     def _drop(self, reg: _Registration) -> None:
         reg.closed = True
@@ -695,7 +738,9 @@ class PrometheusBatcher:
         self._series.next_generation()
         # the families of rollouts gone are forgotten (a first read's are made again)
         self._families = {s.family: s.family for r in regs for s in r.selectors}
-        ordered = list(regs)
+        # Oldest reads first, together: a carried rollout's first batch reads back to where
+        # its last replica stopped, and only its group pays for that window.
+        ordered = sorted(regs, key=_oldest_read)
         for start in range(0, len(ordered), self.rollouts_per_read):
             await self._batch_group(at, ordered[start : start + self.rollouts_per_read])
 
@@ -731,15 +776,22 @@ class PrometheusBatcher:
         """Send each family's query, then apply the answers and count (off the loop)."""
         families = list(read.members)
         answers = await asyncio.gather(*(self._post(read.query(f), read.at) for f in families))
-        return await run_blocking(
-            "prometheus",
-            _apply_without_gc,
-            read,
-            dict(zip(families, answers, strict=True)),
-            list(regs),
-            self.shown_url,
-            self._series,
-        )
+        regs = list(regs)
+        for reg in regs:
+            reg.reading += 1  # its series change off the loop meanwhile: no carry of them
+        try:
+            return await run_blocking(
+                "prometheus",
+                _apply_without_gc,
+                read,
+                dict(zip(families, answers, strict=True)),
+                regs,
+                self.shown_url,
+                self._series,
+            )
+        finally:
+            for reg in regs:
+                reg.reading -= 1
 
     async def _post(self, query: str, at: float) -> bytes | _Failure:
         import aiohttp
@@ -1254,6 +1306,147 @@ def _summary_apply(
     return _counts(reg, {}, shown_url)
 
 
+# --- carrying the counting state to the next replica ---------------------------------------------
+#
+# A rollout that moves (a shard taken over, a restart) would otherwise read its series back to
+# its analysis' start: ~15 ms of Prometheus' CPU a rollout at 10 minutes, and a thousand of them
+# at once when a replica dies. Its record's head keeps its counting state instead (what each
+# `_Selector` holds, saved with the record: canary.kubernetes.record_store); the next replica
+# takes it up, and its first batch reads from where that state was read through, as any batch
+# reads from its last one: the same samples, applied once, by the same rule.
+
+_CARRY_VERSION = 1
+# A rollout's ~90 series carry in ~5 KiB packed; thousands of series do not belong in a
+# ConfigMap (such a rollout makes a first read, as before).
+MAX_CARRY_CHARS = 128 * 1024
+
+
+def _oldest_read(reg: _Registration) -> float:
+    return min(reg.last_ok.values(), default=reg.at)
+
+
+def _shape(reg: _Registration) -> str:
+    """What must be the same for a carried state to count on: the selectors as rendered and
+    the settings that change how their series count."""
+    q = reg.queries
+    text = json.dumps([q.use_created, q.lookback_s, [[s.text, s.buckets] for s in reg.selectors]])
+    return _blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
+
+
+def _carry_text(reg: _Registration) -> str | None:
+    """The registration's counting state as compact text, or None when it has none to carry
+    (not counting yet, a read applying to it now, or a series only a read can explain)."""
+    if not reg.active or reg.closed or reg.reading or not isinstance(reg.result, ArmsCounts):
+        return None
+    sels: list[list[object]] = []
+    for sel in reg.selectors:
+        if sel.broken or sel.unlabelled or sel.malformed is not None:
+            return None
+        keys = b"".join(sel.slots)  # in column order: a slot is added with its key
+        if len(keys) != _DIGEST * len(sel.les) or len(sel.numbers) != 4 * len(sel.les):
+            return None
+        numbers = sel.numbers.tolist()
+        if not all(map(math.isfinite, numbers)):
+            return None
+        sels.append(
+            [
+                base64.b64encode(keys).decode("ascii"),
+                list(sel.les),
+                numbers,  # JSON keeps a float exactly (shortest repr round-trips)
+                base64.b64encode(bytes(sel.born)).decode("ascii"),
+            ]
+        )
+    state = {
+        "v": _CARRY_VERSION,
+        "since": reg.since,
+        "at": _oldest_read(reg),
+        "shape": _shape(reg),
+        "sels": sels,
+    }
+    packed = gzip.compress(json.dumps(state, separators=(",", ":")).encode("utf-8"), 6, mtime=0)
+    text = base64.b64encode(packed).decode("ascii")
+    return text if len(text) <= MAX_CARRY_CHARS else None
+
+
+def _carried(
+    reg: _Registration, text: str, *, now: float, tolerance_s: float, max_age_s: float
+) -> float | str:
+    """Fill `reg` (fresh from _Registration.build) with a carried state: the time its series
+    were read through, or why the state cannot be used (`reg` is then left empty)."""
+    try:
+        state = _carried_state(text)
+    except (ValueError, InputError, binascii.Error) as exc:
+        return f"unreadable: {exc}"[:300]
+    at, since = state.get("at"), state.get("since")
+    if state.get("v") != _CARRY_VERSION:
+        return f"version {state.get('v')!r}, not {_CARRY_VERSION}"[:300]
+    if type(at) not in (int, float) or type(since) not in (int, float):
+        return "no read time or no since"
+    assert isinstance(at, (int, float)) and isinstance(since, (int, float))
+    if not (math.isfinite(at) and math.isfinite(since)):
+        return "a read time or since that is not finite"
+    if abs(since - reg.since) > tolerance_s:
+        return f"counted since {since:.3f}, not since {reg.since:.3f}"
+    if state.get("shape") != _shape(reg):
+        return "counted for other selectors or settings"
+    if not now - max_age_s <= at <= now + max_age_s:
+        return f"read through {now - at:.0f}s before now (at most {max_age_s:g}s)"
+    sels = state.get("sels")
+    if not isinstance(sels, list) or len(sels) != len(reg.selectors):
+        return "not one state per selector"
+    try:
+        for sel, saved in zip(reg.selectors, sels, strict=True):
+            _fill(sel, saved)
+    except (ValueError, TypeError, binascii.Error) as exc:
+        reg.reset()
+        return f"malformed: {exc}"[:300]
+    return float(at)
+
+
+def _carried_state(text: str) -> dict[str, Any]:
+    if not isinstance(text, str) or len(text) > MAX_CARRY_CHARS:
+        raise ValueError(f"not text of at most {MAX_CARRY_CHARS} characters")
+    raw = gunzip_bounded(
+        base64.b64decode(text, validate=True),
+        source="carried state",
+        max_bytes=16 * MAX_CARRY_CHARS,
+    )
+    state = json.loads(raw)
+    if not isinstance(state, dict):
+        raise ValueError("not an object")
+    return state
+
+
+def _fill(sel: _Selector, saved: object) -> None:
+    if not isinstance(saved, list) or len(saved) != 4:
+        raise ValueError("a selector's state is not [keys, les, numbers, births]")
+    keys_b64, les, numbers, born_b64 = saved
+    if not isinstance(keys_b64, str) or not isinstance(born_b64, str):
+        raise ValueError("keys and births must be base64 text")
+    keys = base64.b64decode(keys_b64, validate=True)
+    born = base64.b64decode(born_b64, validate=True)
+    count = len(born)
+    if not isinstance(les, list) or not isinstance(numbers, list):
+        raise ValueError("les and numbers must be lists")
+    if len(keys) != _DIGEST * count or len(les) != count or len(numbers) != 4 * count:
+        raise ValueError("keys, les, numbers and births disagree on the number of series")
+    if any(b not in (0, 1) for b in born):
+        raise ValueError("a birth flag that is not 0 or 1")
+    if not all(le is None or isinstance(le, str) for le in les):
+        raise ValueError("an le that is not text")
+    if not all(type(x) in (int, float) and math.isfinite(x) for x in numbers):
+        raise ValueError("a number that is not finite")
+    if sel.buckets and None in les:
+        raise ValueError("a bucket series without le")
+    slots = {keys[i : i + _DIGEST]: i // _DIGEST for i in range(0, len(keys), _DIGEST)}
+    if len(slots) != count:
+        raise ValueError("a series twice")
+    sel.slots = slots
+    sel.numbers = array("d", numbers)
+    sel.born = bytearray(born)
+    sel.les = [None if le is None else sys.intern(le) for le in les]
+
+
 class BatchedMetrics:
     """One rollout's MetricsProvider, served by a shared PrometheusBatcher.
 
@@ -1273,6 +1466,23 @@ class BatchedMetrics:
         if self._reg is not None:
             self.batcher._drop(self._reg)
             self._reg = None
+
+    def carry(self) -> str | None:
+        """The counting state, as text for the next replica to carry on from (carry_on);
+        None when there is none to carry now (a later call may have it)."""
+        return None if self._reg is None else _carry_text(self._reg)
+
+    def carry_on(self, state: str, *, since: float, now: float) -> str | None:
+        """Count on from a state `carry` gave (another replica's, or this process' before a
+        restart), instead of reading back to `since`. None when taken, else why not: the
+        first fetch then reads back as for any new rollout."""
+        if self._reg is not None:
+            return "already counting"
+        taken = self.batcher._carry_on(self.queries, state, since=since, now=now)
+        if isinstance(taken, str):
+            return taken
+        self._reg = taken
+        return None
 
     async def fetch(self, *, since: float, now: float) -> MetricsResult:
         """Both arms' counts over (since, now]; NoData(reason) when they cannot be had."""

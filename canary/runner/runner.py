@@ -89,13 +89,14 @@ from canary.core.rollout import (
     step,
 )
 from canary.executors import run_blocking
-from canary.metrics.base import ArmsCounts, MetricsProvider, NoData
+from canary.metrics.base import ArmsCounts, CarriedCounts, MetricsProvider, NoData
 from canary.routers.base import RouterError, TrafficRouter, match_router, set_and_verify
 from canary.runner.clock import MonotonicWallClock
 from canary.runner.files import FileRecord, FileRecords, FileStateStore
 from canary.runner.history import TickHistory
 from canary.runner.seams import (
     Announcer,
+    CarryingRecord,
     GateAsker,
     NotActing,
     NoWorkload,
@@ -464,6 +465,7 @@ class RolloutRunner:
         assert self.records is not None
         record = self.records(saved.rollout_id, ref=saved.record or None)
         self._resumed_record = record  # the same sink carries on (a ConfigMap keeps what it read)
+        self._save_counts_with(record)
         try:
             return await record.read()
         except (OSError, ValueError, RecordWriteError) as exc:
@@ -1055,6 +1057,7 @@ class RolloutRunner:
             )
         replayed = self._replay_record(entries)
         self._resumed_entries = []  # replayed: holding them would grow with the record's age
+        counting = self._count_on()
         # The last data time: the status saves it only every volatile_save_s while the record
         # holds it (see _needs_save); the newer of the two.
         recorded = max(
@@ -1085,7 +1088,7 @@ class RolloutRunner:
             "info",
             f"resumed{by} during {status.phase.value} at step {status.step} "
             f"({status.weight}% wanted); {replayed} ticks of evidence replayed into a fresh "
-            f"analysis{gap}",
+            f"analysis{gap}{counting}",
         )
         if self.telemetry is not None:
             self.telemetry.show(self.name, status)
@@ -1247,6 +1250,27 @@ class RolloutRunner:
         assert self.records is not None
         self._rollout_id = f"{self.name}@{revision}"
         self.record = self.records(self._rollout_id)
+        self._save_counts_with(self.record)
+
+    def _save_counts_with(self, record: RecordSink) -> None:
+        """The record keeps the metric source's counting state for the next replica."""
+        if isinstance(record, CarryingRecord) and isinstance(self.metrics, CarriedCounts):
+            record.carry_from(self.metrics.carry)
+
+    def _count_on(self) -> str:
+        """Take up the counting state the resumed record carries: the first look then reads
+        from where the last replica's reads stopped, not back to the analysis' start. Says
+        which it is, for the resumed note."""
+        record, since = self.record, self.status.analysis_started_at
+        carried = record.take_carried() if isinstance(record, CarryingRecord) else None
+        if carried is None or since is None or not isinstance(self.metrics, CarriedCounts):
+            return ""
+        offset = self.clock.wall_offset() if isinstance(self.clock, MonotonicWallClock) else 0.0
+        why = self.metrics.carry_on(carried, since=since + offset, now=self.clock() + offset)
+        if why is None:
+            return "; counts carried on from the state saved with the record"
+        log.info("%s: the counting state saved with the record is not taken up: %s", self.name, why)
+        return f"; counts read back to the analysis' start (the saved state: {why})"
 
     def _start_entry(self, reason: str | None) -> StartEntry:
         config = {**self.config, "rollout": self.spec.model_dump(mode="json")}

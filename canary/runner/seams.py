@@ -20,8 +20,9 @@ shown); only a bug raises through.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, runtime_checkable
 
 from canary.core.records import Entry
 from canary.core.rollout import RolloutStatus
@@ -30,6 +31,7 @@ from canary.routers.base import TrafficRouter
 
 __all__ = [
     "Announcer",
+    "CarryingRecord",
     "GateAsker",
     "MetricSource",
     "NoWorkload",
@@ -128,6 +130,18 @@ class RecordSink(Protocol):
 
     async def read(self) -> list[Entry]:
         """The entries stored so far (to replay the evidence on resume)."""
+
+
+@runtime_checkable
+class CarryingRecord(Protocol):
+    """A RecordSink that saves the metric source's counting state beside the record
+    (canary.metrics.base.CarriedCounts), so the next replica counts on from it."""
+
+    def carry_from(self, source: Callable[[], str | None]) -> None:
+        """Save what `source` gives with the record's writes."""
+
+    def take_carried(self) -> str | None:
+        """The state `read` found with the record, once (None: none)."""
 
 
 class RecordOpener(Protocol):

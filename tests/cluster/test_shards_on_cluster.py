@@ -482,6 +482,7 @@ def test_two_replicas_split_the_shards_survive_a_kill_and_a_third_takes_nothing(
     # F - P, a look being 0.8 s), plus slack for a busy machine (a slow look counts from F).
     assert moved_after <= LEASE_DURATION_S + 3.0, moved_after
 
+    carried_on = 0  # moved rollouts that counted on from the state their record carried
     for namespace in NAMESPACES:
         st = shards.wait(
             f"{namespace} promoted",
@@ -507,12 +508,18 @@ def test_two_replicas_split_the_shards_survive_a_kill_and_a_third_takes_nothing(
         notes = [e.message for e in entries if isinstance(e, NoteEntry)]
         if namespace in before:
             assert len(runs) >= 2 and a.credential not in runs[1:], runs
-            assert any(
-                n.startswith(("resumed by replica-b", "resumed by replica-c")) for n in notes
-            )
+            resumed = [
+                n for n in notes if n.startswith(("resumed by replica-b", "resumed by replica-c"))
+            ]
+            assert resumed, notes
+            carried_on += sum("counts carried on from the state saved" in n for n in resumed)
         else:
             # b's shard stays b's unless c asked for it after the kill (then c resumes it).
             assert set(runs) <= {b.credential, c.credential}, runs
+
+    # Each saves its counting state with its record's writes, unless a read is applying to
+    # its series just then (a few ms a second here): one of two is all that is sure.
+    assert carried_on >= 1, shards.logs()[-4000:]
 
     codes = {r.name: r.stop() for r in (b, c)}
     assert codes == {"replica-b": 0, "replica-c": 0}, shards.logs()

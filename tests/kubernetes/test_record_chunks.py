@@ -32,6 +32,7 @@ from canary.core.records import (
 )
 from canary.kubernetes.client import Conflict, Kube, KubeError, RetryPolicy, Unavailable
 from canary.kubernetes.record_store import (
+    CARRY_KEY,
     CHUNK_READS,
     MERGE_MEMBERS,
     RECORD_LABEL,
@@ -289,6 +290,50 @@ async def test_a_resumed_chunked_record_carries_on_in_the_same_chunks(
     assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
     chunk_creates = [_name(w) for w in _writes(emulator) if _name(w) != head]
     assert len(chunk_creates) == len(set(chunk_creates)) == second.writer.chunks
+
+
+async def test_the_metric_sources_state_is_saved_with_the_head_and_taken_once(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """What the metric source gives (canary.metrics.batched: its counting state) goes into
+    the head with every save, appended or rewritten; a save when it has nothing (or fails)
+    keeps the head's last one; chunks never hold it; readers of the record ignore it; a
+    resumed sink hands it over once."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    head = configmap_name(rollout)
+    record = ConfigMapRecord(client, namespace=NS, rollout=rollout, seal_bytes=SEAL, flush_s=0)
+    states = itertools.cycle(["state-a", None, "state-b", "boom", None, "state-c"])
+    given: list[str | None] = []
+
+    def source() -> str | None:
+        state = next(states)
+        given.append(state)
+        if state == "boom":
+            raise RuntimeError("a bug in the source")
+        return state
+
+    record.carry_from(source)
+    latest: str | None = None
+    for entry in long_record:
+        await record.append(entry)
+        assert await record.flush()
+        if given[-1] not in (None, "boom"):
+            latest = given[-1]
+        stored = emulator.get("", "v1", "configmaps", NS, head)["data"]
+        assert stored.get(CARRY_KEY) == latest, (len(given), given[-1])
+    assert record.writer.chunks >= 3  # the head was rewritten (and chunks sealed) meanwhile
+    assert set(given) == {"state-a", None, "state-b", "boom", "state-c"}
+    for obj in _record_objects(emulator, head):
+        if obj["metadata"]["name"] != head:
+            assert CARRY_KEY not in obj["data"]
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
+
+    resumed = ConfigMapRecord(client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}")
+    assert resumed.take_carried() is None  # nothing read yet
+    assert await resumed.read() == long_record
+    assert resumed.take_carried() == latest
+    assert resumed.take_carried() is None
 
 
 class _LostAnswers:

@@ -6,6 +6,8 @@ metric family per batch whatever the number of rollouts, resets and late registr
 from __future__ import annotations
 
 import asyncio
+import base64
+import gzip
 import json
 import math
 import time
@@ -214,6 +216,116 @@ async def test_counter_reset_is_counted_as_the_per_rollout_provider_counts_it(
             assert batcher.summary_fallbacks == fallbacks + 2
     finally:
         pool.stop_all()
+
+
+async def test_a_carried_state_counts_on_as_the_replica_that_read_it_would(
+    env: Env, tmp_path: Path
+) -> None:
+    """A rollout moved to another replica takes up the counting state its record carries
+    (`carry` -> `carry_on`): no read back to its `since`, its first batch reads from where
+    the state was read through, and it counts what the replica that read it counts: on from
+    the carried values (the primary's exporter runs on), across a restart after the state
+    was taken (the canary's: its drop is only seen from the carried value) and a series born
+    meanwhile."""
+    main, spare = env.exporter_port, env.spare_port
+    pool = ProcessPool(tmp_path)
+    old = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05)
+    new = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05)
+    try:
+        exporter = pool.support_server("exporter", spare)
+        q = env.queries("carry")
+        await inc(main, "carry-p", n=5)
+        await inc(spare, "carry-c", n=2)
+        await scraped(env, "carry-p", 5)
+        await scraped(env, "carry-c", 2)
+        since = time.time()
+        await inc(main, "carry-p", n=6)
+        await inc(spare, "carry-c", n=5, code=500)
+        await scraped(env, "carry-p", 11)
+        await scraped(env, "carry-c", 7)
+        before = old.provider(q)
+        counted = await fresh(before, since)
+        assert isinstance(counted, ArmsCounts), counted
+        assert (counted.primary.requests, counted.canary.errors) == (6, 5)
+        text = before.carry()
+        assert text is not None and len(text) < 4096, text
+
+        # After the state was taken: the canary's exporter restarts (its counters back to
+        # 0), and traffic goes on.
+        pool.stop(exporter)
+        pool.support_server("exporter", spare)
+        await inc(main, "carry-p", n=4)
+        await inc(spare, "carry-c", n=3)
+        await inc(spare, "carry-c", n=1, code=503)  # a series born after the state
+        await scraped(env, "carry-p", 15)
+        await scraped(env, "carry-c", 4)
+
+        moved = new.provider(q)
+        assert moved.carry_on(text, since=since, now=time.time()) is None
+        assert (new.carried, new.carry_refused) == (1, 0)
+        # Answered from the carried counts until a batch reads (none is due within the
+        # state's age here: the fetch waits for one).
+        result = await moved.fetch(since=since, now=time.time())
+        assert isinstance(result, ArmsCounts), result
+        assert new.queries_sent == 3 and new.batches == 1  # a batch, not a read back
+        assert (result.primary.requests, result.canary.requests) == (6 + 4, 5 + 4)
+        assert (result.canary.errors, result.canary.latency_buckets[INF]) == (5 + 1, 9)
+        assert result == await fresh(before, since) == await old_counts(env, q, since)
+        assert state(moved) == state(before)
+        assert moved.carry_on(text, since=since, now=time.time()) == "already counting"
+    finally:
+        await old.aclose()
+        await new.aclose()
+        pool.stop_all()
+
+
+async def test_a_carried_state_that_does_not_fit_is_refused_by_name(env: Env) -> None:
+    """Another since, other selectors, too old, tampered or garbage: refused with the reason,
+    and the rollout then reads back to its since as any new one (same counts)."""
+    port = env.exporter_port
+    q = env.queries("refuse")
+    await inc(port, "refuse-p", n=3)
+    await inc(port, "refuse-c", n=2)
+    await scraped(env, "refuse-c", 2)
+    since = time.time() - 30
+    batcher = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05)
+    try:
+        provider = batcher.provider(q)
+        counted = await provider.fetch(since=since, now=time.time())
+        assert isinstance(counted, ArmsCounts), counted
+        text = provider.carry()
+        assert text is not None
+        now = time.time()
+        payload = json.loads(gzip.decompress(base64.b64decode(text)))
+
+        def packed(change: dict[str, object]) -> str:
+            return base64.b64encode(
+                gzip.compress(json.dumps({**payload, **change}).encode())
+            ).decode()
+
+        nan_numbers = [list(s) for s in payload["sels"]]
+        nan_numbers[0][2] = [float("nan"), *nan_numbers[0][2][1:]]
+        cases = {
+            "counted since": (text, since + 5, now, q),
+            "other selectors": (text, since, now, env.queries("refuse-other")),
+            "before now": (text, since, now + 3600, q),
+            "unreadable": ("not base64 at all!", since, now, q),
+            "version": (packed({"v": 2}), since, now, q),
+            "malformed": (packed({"sels": nan_numbers}), since, now, q),
+            "not one state per selector": (packed({"sels": payload["sels"][:1]}), since, now, q),
+        }
+        for why, (state_text, at_since, at_now, queries) in cases.items():
+            other = batcher.provider(queries)
+            reason = other.carry_on(state_text, since=at_since, now=at_now)
+            assert reason is not None and why in reason, (why, reason)
+            assert other._reg is None
+        assert batcher.carried == 0 and batcher.carry_refused == len(cases)
+        # refused, it reads back to its since as a new rollout does
+        again = batcher.provider(q)
+        assert again.carry_on("garbage", since=since, now=now) is not None
+        assert await again.fetch(since=since, now=time.time()) == await fresh(provider, since)
+    finally:
+        await batcher.aclose()
 
 
 async def test_a_late_registration_counts_from_its_own_since(

@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import pytest
 from analysis import AnalysisConfig, Analyzer, ArmCounts, Snapshot
 from canary.core.records import (
     EndEntry,
+    Entry,
     ManualEntry,
     NoteEntry,
     StartEntry,
@@ -38,6 +40,7 @@ from canary.runner import (
     TickReport,
     run_until_signalled,
 )
+from canary.runner.files import FileRecord
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -617,6 +620,95 @@ async def test_a_resume_looks_within_half_a_period_once_traffic_has_flowed(
     assert await behind._resume()
     assert behind._first_look == (0.5, 1.0)
     await behind.store.release()  # type: ignore[union-attr]
+
+
+class _CarryingRecord(FileRecord):
+    """A file record that also keeps the metric source's state, as the ConfigMap record does
+    in its head (canary.runner.seams.CarryingRecord); `saved` stands for the head."""
+
+    def __init__(self, path: Path, saved: dict[str, str]) -> None:
+        super().__init__(path)
+        self.saved = saved
+        self.source: Callable[[], str | None] | None = None
+        self._carried: str | None = None
+
+    def carry_from(self, source: Callable[[], str | None]) -> None:
+        self.source = source
+
+    def take_carried(self) -> str | None:
+        carried, self._carried = self._carried, None
+        return carried
+
+    async def flush(self, *, force: bool = False) -> bool:
+        state = self.source() if self.source is not None else None
+        if state is not None:
+            self.saved["state"] = state
+        return await super().flush(force=force)
+
+    async def read(self) -> list[Entry]:
+        self._carried = self.saved.get("state")
+        return await super().read()
+
+
+class _CarriedMetrics(FakeMetrics):
+    """FakeMetrics that can carry a state (canary.metrics.base.CarriedCounts)."""
+
+    refuse: str | None = None
+    taken: list[tuple[str, float, float]]
+
+    def carry(self) -> str | None:
+        return f"counted through fetch {len(self.sinces)}"
+
+    def carry_on(self, state: str, *, since: float, now: float) -> str | None:
+        self.taken.append((state, since, now))
+        return self.refuse
+
+
+@pytest.mark.parametrize("refuse", [None, "counted for other selectors or settings"])
+async def test_a_resume_counts_on_from_the_state_its_record_carries(
+    tmp_path: Path, refuse: str | None
+) -> None:
+    """The record saves the metric source's state with its writes; a resumed runner hands the
+    one its record carries to its metric source, with the analysis' since, and its resumed
+    note says whether the counts carried on or read back (and why)."""
+    saved: dict[str, str] = {}
+
+    def opener(path: Path) -> Callable[..., FileRecord]:
+        return lambda rollout_id, *, ref=None: _CarryingRecord(Path(ref) if ref else path, saved)
+
+    first, router, _ = make_runner(tmp_path)
+    metrics = _CarriedMetrics(router, first.clock)  # type: ignore[arg-type]
+    metrics.taken, metrics.refuse = [], refuse
+    first.metrics, first.records = metrics, opener(tmp_path / "app.jsonl")
+    first.status_path = tmp_path / "app.status.json"
+    controller = Controller([first])
+    reached = asyncio.Event()
+    first.observers.append(lambda report: reached.set() if report.status.step == 1 else None)
+    task = asyncio.create_task(controller.run())
+    await reached.wait()
+    controller.stop()
+    await task
+    assert saved["state"].startswith("counted through fetch "), saved
+    assert metrics.taken == []
+
+    second = _again(first, record_path=tmp_path / "elsewhere.jsonl")
+    second.records = opener(tmp_path / "elsewhere.jsonl")
+    await second.prepare()
+    assert await second._resume()
+    since = second.status.analysis_started_at
+    assert since is not None
+    assert metrics.taken == [(saved["state"], since, second.clock())]
+    await second._flush_record(force=True)
+    notes = [e.message for e in read_record(first.record_path) if isinstance(e, NoteEntry)]
+    resumed = [n for n in notes if n.startswith("resumed during")]
+    assert len(resumed) == 1, notes
+    if refuse is None:
+        assert resumed[0].endswith("; counts carried on from the state saved with the record")
+    else:
+        assert resumed[0].endswith(
+            f"; counts read back to the analysis' start (the saved state: {refuse})"
+        )
+    await second.store.release()  # type: ignore[union-attr]
 
 
 async def test_a_finished_rollout_is_not_run_again_but_a_new_revision_is(tmp_path: Path) -> None:
