@@ -412,6 +412,7 @@ def rollout_states(cluster: Any, record_namespace: str) -> dict[str, dict[str, A
     say about its step and weight, for the before/after comparison of the kill phase."""
     import asyncio
 
+    from canary.core.records import NoteEntry
     from canary.kubernetes.record_store import read_record_configmap
     from canary.routers.ingress_nginx import WEIGHT_ANNOTATION
 
@@ -454,6 +455,11 @@ def rollout_states(cluster: Any, record_namespace: str) -> dict[str, dict[str, A
                 row["record_transitions"] = sum(e.kind == "transition" for e in entries)
                 row["record_ticks"] = [
                     (e.at, e.step, e.weight_set) for e in entries if e.kind == "tick"
+                ]
+                row["record_resumed"] = [
+                    e.message
+                    for e in entries
+                    if isinstance(e, NoteEntry) and e.message.startswith("resumed")
                 ]
         out[key] = row
     return out
@@ -637,6 +643,20 @@ def kill_phase(
         if gaps
         else None,
         "record_errors": [k for k in keys if "record_error" in after.get(k, {})],
+        # each moved rollout's resumed note says whether its counts carried on from the
+        # state saved with its record or were read back (and why)
+        "moved_counts_carried_on": sum(
+            any("counts carried on" in m for m in after.get(k, {}).get("record_resumed", []))
+            for k in moved
+        ),
+        "moved_counts_read_back": sorted(
+            {
+                m.rpartition("; counts read back")[2]
+                for k in moved
+                for m in after.get(k, {}).get("record_resumed", [])
+                if "counts read back" in m
+            }
+        )[:5],
     }
     verdict = (
         not result["steps_changed"] and not result["weights_changed"]
