@@ -500,9 +500,12 @@ def kill_phase(
     args: argparse.Namespace,
     record_ns: str,
     workdir: Path,
+    others: dict[str, int] | None = None,
 ) -> dict[str, Any]:
     """SIGKILL replica 0; time the survivors' takeover of its shards and the return of its
-    rollouts' ticks; check that no rollout's step or weight moved and none restarted a step."""
+    rollouts' ticks; check that no rollout's step or weight moved and none restarted a step.
+    `others`: processes (name -> pid) whose CPU from the kill until every moved rollout
+    ticked is reported beside the survivors' (where the takeover's time goes)."""
     from canary.cli.kubernetes import lease_timings
     from canary.kubernetes.shards import shard_of
 
@@ -522,6 +525,11 @@ def kill_phase(
         f"({len(moved)} rollouts); lease {timings}",
         flush=True,
     )
+    watched = {**{r.name: r.pid for r in survivors}, **(others or {})}
+    cpu_at_kill = {name: proc_cpu(pid) for name, pid in watched.items()}
+    audit_at_kill = audit_size(cluster)
+    cpu_to_ticked: dict[str, float] = {}
+    api_to_ticked: collections.Counter[str] = collections.Counter()
     killed_at, killed_wall = time.monotonic(), time.time()
     os.kill(replicas[0].pid, signal.SIGKILL)
     spy = (
@@ -558,6 +566,10 @@ def kill_phase(
             marks["series"] = now
         if "ticked" not in marks and moved <= decided:
             marks["ticked"] = now  # every moved rollout ticked (a decision) on a survivor
+            cpu_to_ticked = {
+                name: round(proc_cpu(pid) - cpu_at_kill[name], 1) for name, pid in watched.items()
+            }
+            api_to_ticked = api_requests(cluster, audit_at_kill, audit_size(cluster))
         if "takeover" in marks and "ticks_n" not in marks and ticks >= ticks_at_takeover + n:
             marks["ticks_n"] = now
         # Not faster: each poll renders the survivor's /metrics for every rollout, and at
@@ -643,6 +655,10 @@ def kill_phase(
         if gaps
         else None,
         "record_errors": [k for k in keys if "record_error" in after.get(k, {})],
+        # CPU seconds of each process, and the survivors' API requests, from the kill until
+        # every moved rollout had ticked on a survivor
+        "cpu_s_to_ticked": cpu_to_ticked,
+        "api_to_ticked": dict(api_to_ticked.most_common(15)),
         # each moved rollout's resumed note says whether its counts carried on from the
         # state saved with its record or were read back (and why)
         "moved_counts_carried_on": sum(
@@ -802,8 +818,11 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         time.sleep(2)
                         print(heap.read_text(), flush=True)
                         break
+            others = {p.name: p.popen.pid for p in cluster.processes if p.popen is not None}
+            if prometheus.pid is not None:
+                others["prometheus"] = prometheus.pid
             kill = (
-                kill_phase(cluster, replicas, n, args, "canary-system", workdir)
+                kill_phase(cluster, replicas, n, args, "canary-system", workdir, others)
                 if args.kill_after_window and len(replicas) >= 2
                 else None
             )
