@@ -4,7 +4,7 @@ N synthetic rollouts (`shop{i % 25}/app{i}`), each shown as the runner shows it 
 (`show`, `weight_read`, a decision, an error) with a realistic verdict of 4 metrics (errors,
 latency_p50, latency_p90, latency_p99) from the real Analyzer; the Python heap the telemetry
 holds for them (tracemalloc), the time of one tick's telemetry calls per rollout, the time of
-one scrape (generate_latest) and its size. With `--cycles K`: K rounds of creating and then
+one scrape (generate_latest, and Telemetry.exposition which /metrics serves) and its size. With `--cycles K`: K rounds of creating and then
 forgetting the N rollouts (as Deployments come and go): the heap and the number of per-rollout
 series after each round must stay flat.
 
@@ -112,9 +112,18 @@ def main() -> None:
     began = time.perf_counter()
     body = generate_latest(telemetry.registry)
     scrape = time.perf_counter() - began
+    exposition = getattr(telemetry, "exposition", None)  # what /metrics serves, since 2026-12
+    served = ""
+    if exposition is not None:
+        began = time.perf_counter()
+        fast = exposition()
+        served = (
+            f"; what /metrics serves (Telemetry.exposition): "
+            f"{(time.perf_counter() - began) * 1e3:.0f} ms, the same text: {fast == body}"
+        )
     print(
-        f"one tick's telemetry calls: {tick * 1e6:.1f} us per rollout; one scrape: "
-        f"{scrape * 1e3:.0f} ms, {len(body) / 2**20:.1f} MiB"
+        f"one tick's telemetry calls: {tick * 1e6:.1f} us per rollout; one scrape "
+        f"(generate_latest): {scrape * 1e3:.0f} ms, {len(body) / 2**20:.1f} MiB{served}"
     )
 
     if args.exposition:

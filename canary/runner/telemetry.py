@@ -22,12 +22,14 @@ from __future__ import annotations
 import math
 import time
 from array import array
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
 from prometheus_client import metrics as prometheus_metrics
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from analysis import Verdict
 from canary.core.rollout import Phase, RolloutStatus
@@ -105,6 +107,7 @@ class _PerRollout:
         self.name = name
         self.documentation = documentation
         self.counter = kind == "counter"
+        self.kind = "counter" if self.counter else "gauge"
         self.labelnames = (*ROLLOUT_LABELS, *others)
         # (slot, other label values) of every series this family has had, in first-use order
         self.slots: list[tuple[int, tuple[str, ...]]] = []
@@ -132,6 +135,15 @@ class _PerRollout:
                 if mask >> slot & 1:
                     gauge.add_metric((*record.labels, *others), values[slot])
         return gauge
+
+
+def _escape(value: str) -> str:
+    """A label value as the text format writes it (prometheus_client's escaping)."""
+    return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+
+
+def _help(documentation: str) -> str:
+    return documentation.replace("\\", r"\\").replace("\n", r"\n")
 
 
 class _Store:
@@ -192,6 +204,43 @@ class _Store:
         for family in self.families:
             yield family.family(records, use_created)
 
+    def render(self) -> str:
+        """The text generate_latest writes for collect()'s families, straight from the
+        arrays: generate_latest built a Sample and a labels dict, then sorted and escaped
+        them, for every series: ~0.6 s of a scrape at 2,000 rollouts (issue 13), while
+        this holds the GIL the controller's rollouts need. tests/runner/test_telemetry.py
+        checks the two texts are the same."""
+        records = list(self.rollouts.values())  # a scrape from another thread sees a snapshot
+        use_created = getattr(prometheus_metrics, "_use_created", True)
+        escaped = [(record, [_escape(v) for v in record.labels]) for record in records]
+        out: list[str] = []
+        fmt: Callable[[float], str] = floatToGoString  # untyped in prometheus_client
+        for family in self.families:
+            names = family.labelnames
+            order = sorted(range(len(names)), key=names.__getitem__)
+            shown = family.name + "_total" if family.counter else family.name
+            doc = _help(family.documentation)
+            out.append(f"# HELP {shown} {doc}\n# TYPE {shown} {family.kind}\n")
+            slots = [(slot, [_escape(v) for v in others]) for slot, others in family.slots]
+            created: list[str] = []
+            for record, values_text in escaped:
+                mask, values = record.mask, record.values
+                for slot, others in slots:
+                    if not mask >> slot & 1:
+                        continue
+                    texts = values_text + others
+                    labels = ",".join([f'{names[i]}="{texts[i]}"' for i in order])
+                    out.append(f"{shown}{{{labels}}} {fmt(values[slot])}\n")
+                    if family.counter and use_created:
+                        created.append(
+                            f"{family.name}_created{{{labels}}} {fmt(values[slot + 1])}\n"
+                        )
+            if created:
+                name = family.name + "_created"
+                out.append(f"# HELP {name} {doc}\n# TYPE {name} gauge\n")
+                out.extend(created)
+        return "".join(out)
+
     def describe(self) -> Iterator[Metric]:
         # The names, for the registry's duplicate check (empty families, not a scrape).
         for family in self.families:
@@ -203,12 +252,28 @@ def _number(value: float | None, *, missing: float = math.nan) -> float:
     return missing if value is None else float(value)
 
 
+class _Registry(CollectorRegistry):
+    """A CollectorRegistry that keeps its collectors' order, for Telemetry.exposition."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.order: list[Collector] = []
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        self.order.append(collector)
+
+    def unregister(self, collector: Collector) -> None:
+        super().unregister(collector)
+        self.order.remove(collector)
+
+
 class Telemetry:
     """The controller's own Prometheus metrics, on a dedicated registry for /metrics.
     `mode`: static, kubernetes or clusters (the `canary_info` metric)."""
 
     def __init__(self, mode: str = "static") -> None:
-        self.registry = CollectorRegistry()
+        self.registry = _Registry()
         self.info = Gauge(
             "canary_info",
             "Always 1: the controller's version and mode (static, kubernetes, clusters)",
@@ -358,6 +423,17 @@ class Telemetry:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
             registry=self.registry,
         )
+
+    def exposition(self) -> bytes:
+        """/metrics: the text generate_latest(self.registry) gives, with the per-rollout
+        families rendered from their arrays (_Store.render), several times faster."""
+        parts = [
+            self._store.render().encode("utf-8")
+            if collector is self._store
+            else generate_latest(collector)
+            for collector in list(self.registry.order)
+        ]
+        return b"".join(parts)
 
     def show(self, name: str, status: RolloutStatus) -> None:
         values = self._store.record(name, self._show_mask).values

@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
 from support.kube_emulator import KubeEmulator
 
 from canary.core.rollout import Command
@@ -23,12 +22,8 @@ from canary.kubernetes.access import KubeAccess
 from canary.kubernetes.client import Kube
 from canary.kubernetes.operator import Operator, OperatorSettings
 from canary.runner import CommandResult, UnknownRollout
+from canary.runner.telemetry import Telemetry
 from canary.server.app import Server, make_app
-
-
-@dataclass
-class _Telemetry:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
 
 
 @dataclass
@@ -36,7 +31,7 @@ class FakeSource:
     """One rollout, shop/app, that accepts every command and keeps it."""
 
     started: asyncio.Event = field(default_factory=asyncio.Event)
-    telemetry: _Telemetry = field(default_factory=_Telemetry)
+    telemetry: Telemetry = field(default_factory=Telemetry)
     commands: list[Command] = field(default_factory=list)
 
     def states(self) -> list[dict[str, Any]]:

@@ -10,6 +10,7 @@ import re
 import sys
 from pathlib import Path
 
+import pytest
 from prometheus_client import generate_latest
 from test_runner import make_runner
 
@@ -197,7 +198,7 @@ def _scenario(telemetry: Telemetry) -> None:
 
 def _exposition(telemetry: Telemetry) -> str:
     """/metrics' text without the _created times (when the test ran) and the version."""
-    text = generate_latest(telemetry.registry).decode()
+    text = telemetry.exposition().decode()  # what /metrics serves
     text = re.sub(r"^(canary_\w+_created(?:\{.*\})?) \S+$", r"\1 T", text, flags=re.M)
     return re.sub(r'version="[^"]*"', 'version="V"', text)
 
@@ -214,6 +215,40 @@ def test_the_exposition_is_the_one_prometheus_client_children_gave() -> None:
     now, golden = _exposition(telemetry), GOLDEN.read_text(encoding="utf-8")
     assert _families(now) == _families(golden)
     assert now.count("\n") == golden.count("\n") > 150
+
+
+@pytest.mark.parametrize("created", [True, False])
+def test_the_fast_exposition_is_generate_latests_text_exactly(created: bool) -> None:
+    """/metrics renders the per-rollout families from their arrays (_Store.render), not
+    through generate_latest: the text is byte for byte the one generate_latest gives for the
+    same registry, with label values that need escaping, every kind of float, a forgotten
+    rollout, and with or without the counters' _created series."""
+    from prometheus_client import disable_created_metrics, enable_created_metrics
+
+    from canary.core.rollout import RolloutStatus
+
+    if not created:
+        disable_created_metrics()
+    try:
+        telemetry = Telemetry(mode="kubernetes")
+        _scenario(telemetry)
+        odd = ['we"ird\\name\nx/ap"p', "ünï/cødé", "gone/app", "a/b"]
+        for i, name in enumerate(odd):
+            telemetry.show(name, RolloutStatus(stage="Progressing", weight=5 * i, step=i))
+            telemetry.decisions.labels(name, 'no "data"\\').inc(1e-7 * (i + 1))
+            telemetry.errors.labels(name, "router").inc(123456789.0 * (i + 1))
+        values = [math.nan, math.inf, -math.inf, 0.0, -0.0, 1e22, 1234567.5, -2.5e-300, 7.0]
+        for i, value in enumerate(values):
+            telemetry.weight_read.labels(odd[i % len(odd)]).set(value)
+            telemetry.step.labels(odd[(i + 1) % len(odd)]).set(value)
+        telemetry.forget("gone/app")
+        telemetry.shard_held.labels("3").set(1.0)
+        telemetry.tick_seconds.observe(0.2)
+        assert telemetry.exposition() == generate_latest(telemetry.registry)
+        assert b'rollout="we\\"ird\\\\name\\nx/ap\\"p"' in telemetry.exposition()
+        assert (b"_created{" in telemetry.exposition()) is created
+    finally:
+        enable_created_metrics()
 
 
 def _families(text: str) -> list[tuple[str, list[str]]]:

@@ -17,10 +17,10 @@ from typing import Any
 
 import aiohttp
 import pytest
-from prometheus_client import CollectorRegistry
 
 from canary.core.rollout import Command
 from canary.runner import CommandResult, UnknownRollout
+from canary.runner.telemetry import Telemetry
 from canary.server.app import Server, make_app
 from canary.server.auth import TokenAccess, create_token_file, read_token_file
 
@@ -29,16 +29,11 @@ FORM = {"Content-Type": "application/x-www-form-urlencoded", "Origin": "http://e
 
 
 @dataclass
-class _Telemetry:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-
-
-@dataclass
 class FakeSource:
     """A RolloutSource with one rollout, `app`, that accepts every command."""
 
     started: asyncio.Event = field(default_factory=asyncio.Event)
-    telemetry: _Telemetry = field(default_factory=_Telemetry)
+    telemetry: Telemetry = field(default_factory=Telemetry)
     commands: list[Command] = field(default_factory=list)
 
     def states(self) -> list[dict[str, Any]]:

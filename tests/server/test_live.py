@@ -28,10 +28,10 @@ from typing import Any
 import aiohttp
 import pytest
 from PIL import Image
-from prometheus_client import CollectorRegistry
 
 from canary.core.rollout import Command
 from canary.runner import CommandResult
+from canary.runner.telemetry import Telemetry
 from canary.server.app import Server, make_app
 from canary.server.auth import TokenAccess
 from canary.server.live import live_page, register_live
@@ -212,16 +212,11 @@ async def test_the_page_follows_a_real_rollout(demo: tuple[str, Path], tmp_path:
 
 
 @dataclass
-class _Telemetry:
-    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
-
-
-@dataclass
 class _Source:
     """One rollout's state as a runner gives it, with two ticks of history."""
 
     started: asyncio.Event = field(default_factory=asyncio.Event)
-    telemetry: _Telemetry = field(default_factory=_Telemetry)
+    telemetry: Telemetry = field(default_factory=Telemetry)
 
     def states(self) -> list[dict[str, Any]]:
         tick = {
