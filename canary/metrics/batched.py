@@ -603,6 +603,7 @@ class PrometheusBatcher:
         at = _carried(
             reg,
             text,
+            url=self.shown_url,
             now=now,
             tolerance_s=self.since_tolerance_s,
             max_age_s=self.carry_max_age_s,
@@ -1325,15 +1326,16 @@ def _oldest_read(reg: _Registration) -> float:
     return min(reg.last_ok.values(), default=reg.at)
 
 
-def _shape(reg: _Registration) -> str:
-    """What must be the same for a carried state to count on: the selectors as rendered and
-    the settings that change how their series count."""
+def _shape(reg: _Registration, url: str) -> str:
+    """What must be the same for a carried state to count on: the Prometheus, the selectors
+    as rendered and the settings that change how their series count."""
     q = reg.queries
-    text = json.dumps([q.use_created, q.lookback_s, [[s.text, s.buckets] for s in reg.selectors]])
+    selectors = [[s.text, s.buckets] for s in reg.selectors]
+    text = json.dumps([url, q.use_created, q.lookback_s, selectors])
     return _blake2b(text.encode("utf-8", "surrogatepass"), digest_size=12).hexdigest()
 
 
-def _carry_text(reg: _Registration) -> str | None:
+def _carry_text(reg: _Registration, url: str) -> str | None:
     """The registration's counting state as compact text, or None when it has none to carry
     (not counting yet, a read applying to it now, or a series only a read can explain)."""
     if not reg.active or reg.closed or reg.reading or not isinstance(reg.result, ArmsCounts):
@@ -1360,7 +1362,7 @@ def _carry_text(reg: _Registration) -> str | None:
         "v": _CARRY_VERSION,
         "since": reg.since,
         "at": _oldest_read(reg),
-        "shape": _shape(reg),
+        "shape": _shape(reg, url),
         "sels": sels,
     }
     packed = gzip.compress(json.dumps(state, separators=(",", ":")).encode("utf-8"), 6, mtime=0)
@@ -1369,7 +1371,13 @@ def _carry_text(reg: _Registration) -> str | None:
 
 
 def _carried(
-    reg: _Registration, text: str, *, now: float, tolerance_s: float, max_age_s: float
+    reg: _Registration,
+    text: str,
+    *,
+    url: str,
+    now: float,
+    tolerance_s: float,
+    max_age_s: float,
 ) -> float | str:
     """Fill `reg` (fresh from _Registration.build) with a carried state: the time its series
     were read through, or why the state cannot be used (`reg` is then left empty)."""
@@ -1387,8 +1395,8 @@ def _carried(
         return "a read time or since that is not finite"
     if abs(since - reg.since) > tolerance_s:
         return f"counted since {since:.3f}, not since {reg.since:.3f}"
-    if state.get("shape") != _shape(reg):
-        return "counted for other selectors or settings"
+    if state.get("shape") != _shape(reg, url):
+        return "counted from another Prometheus, or for other selectors or settings"
     if not now - max_age_s <= at <= now + max_age_s:
         return f"read through {now - at:.0f}s before now (at most {max_age_s:g}s)"
     sels = state.get("sels")
@@ -1470,7 +1478,7 @@ class BatchedMetrics:
     def carry(self) -> str | None:
         """The counting state, as text for the next replica to carry on from (carry_on);
         None when there is none to carry now (a later call may have it)."""
-        return None if self._reg is None else _carry_text(self._reg)
+        return None if self._reg is None else _carry_text(self._reg, self.batcher.shown_url)
 
     def carry_on(self, state: str, *, since: float, now: float) -> str | None:
         """Count on from a state `carry` gave (another replica's, or this process' before a

@@ -280,8 +280,9 @@ async def test_a_carried_state_counts_on_as_the_replica_that_read_it_would(
 
 
 async def test_a_carried_state_that_does_not_fit_is_refused_by_name(env: Env) -> None:
-    """Another since, other selectors, too old, tampered or garbage: refused with the reason,
-    and the rollout then reads back to its since as any new one (same counts)."""
+    """Another since, other selectors, another Prometheus, too old, tampered or garbage:
+    refused with the reason, and the rollout then reads back to its since as any new one
+    (same counts)."""
     port = env.exporter_port
     q = env.queries("refuse")
     await inc(port, "refuse-p", n=3)
@@ -320,6 +321,12 @@ async def test_a_carried_state_that_does_not_fit_is_refused_by_name(env: Env) ->
             assert reason is not None and why in reason, (why, reason)
             assert other._reg is None
         assert batcher.carried == 0 and batcher.carry_refused == len(cases)
+        elsewhere = PrometheusBatcher("http://127.0.0.1:9")  # no I/O: refused before any read
+        try:
+            reason = elsewhere.provider(q).carry_on(text, since=since, now=now)
+            assert reason is not None and "another Prometheus" in reason, reason
+        finally:
+            await elsewhere.aclose()
         # refused, it reads back to its since as a new rollout does
         again = batcher.provider(q)
         assert again.carry_on("garbage", since=since, now=now) is not None
