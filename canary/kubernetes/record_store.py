@@ -997,13 +997,16 @@ class ConfigMapRecordWriter:
         return None
 
     def _carried(self) -> str | None:
+        """The metric source's state to save, if any and if it leaves the head room: at
+        most an eighth of the object limit (the tail's packed lines take at most a quarter)."""
         if self.carry is None:
             return None
         try:
-            return self.carry()
+            carried = self.carry()
         except Exception:  # a bug there must not cost the record its write
             log.exception("record %s/%s: the metric source's state", self.namespace, self.name)
             return None
+        return carried if carried is not None and len(carried) <= self.max_bytes // 8 else None
 
     def _lost_tail(self, why: str) -> None:
         """The head's tail is gone (someone replaced or deleted the head): say so in the

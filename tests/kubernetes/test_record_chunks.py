@@ -297,8 +297,8 @@ async def test_the_metric_sources_state_is_saved_with_the_head_and_taken_once(
 ) -> None:
     """What the metric source gives (canary.metrics.batched: its counting state) goes into
     the head with every save, appended or rewritten; a save when it has nothing (or fails)
-    keeps the head's last one; chunks never hold it; readers of the record ignore it; a
-    resumed sink hands it over once."""
+    keeps the head's last one; chunks never hold it; readers of the record ignore it; one
+    too large for the head is not saved; a resumed sink hands it over once."""
     emulator, client = kube
     rollout = long_record[0].rollout
     head = configmap_name(rollout)
@@ -328,6 +328,14 @@ async def test_the_metric_sources_state_is_saved_with_the_head_and_taken_once(
         if obj["metadata"]["name"] != head:
             assert CARRY_KEY not in obj["data"]
     assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
+
+    small = ConfigMapRecord(client, namespace=NS, rollout="small@1", max_bytes=8000)
+    small.carry_from(lambda: "x" * 1001)  # over an eighth of its object limit: not saved
+    await small.append(long_record[0].model_copy(update={"rollout": "small@1"}))
+    assert await small.flush()
+    assert (
+        CARRY_KEY not in emulator.get("", "v1", "configmaps", NS, configmap_name("small@1"))["data"]
+    )
 
     resumed = ConfigMapRecord(client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}")
     assert resumed.take_carried() is None  # nothing read yet
