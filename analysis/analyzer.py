@@ -8,6 +8,7 @@ the verdict's notes and reasons; the interval they span is skipped by every metr
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -22,6 +23,29 @@ __all__ = ["Analyzer"]
 _ERRORS_TEST = "conditional binomial mixture SPRT on error events"
 _LATENCY_TEST = "conditional binomial mixture SPRT on slow requests"
 _E_MAX = 1e300  # e-values are capped so that records stay valid JSON (no Infinity)
+_CARRY_VERSION = 1
+
+
+def _arm_state(arm: ArmCounts) -> list[Any]:
+    return [arm.requests, arm.errors, [[le, n] for le, n in arm.latency_buckets.items()]]
+
+
+def _carried_arm(value: object) -> ArmCounts:
+    if not isinstance(value, list) or len(value) != 3 or not isinstance(value[2], list):
+        raise ValueError("an arm's counts are not [requests, errors, buckets]")
+    buckets: dict[float, Any] = {}
+    for pair in value[2]:
+        if not isinstance(pair, list) or len(pair) != 2 or type(pair[0]) not in (int, float):
+            raise ValueError("a latency bucket is not [le, count]")
+        buckets[pair[0]] = pair[1]
+    # validated as any counts are (a ValidationError is a ValueError)
+    return ArmCounts(requests=value[0], errors=value[1], latency_buckets=buckets)
+
+
+def _names(value: object, known: set[str], what: str) -> set[str]:
+    if not isinstance(value, list) or not all(isinstance(v, str) and v in known for v in value):
+        raise ValueError(f"{what} is not a list of this analysis' metrics")
+    return set(value)
 
 
 def _backwards(name: str, prev: ArmCounts, cur: ArmCounts) -> list[str]:
@@ -57,6 +81,82 @@ class Analyzer:
         self._failed: set[str] = set()
         self._skipped = 0
         self._last: Snapshot | None = None
+
+    def _fingerprint(self) -> str:
+        """The settings, as a digest a carried state is checked against."""
+        return hashlib.sha256(self.config.model_dump_json().encode("utf-8")).hexdigest()[:32]
+
+    def carry(self) -> dict[str, Any]:
+        """The analysis' state, exactly, as JSON values: an Analyzer of the same settings
+        given it by carry_on judges every later look as this one would (tests/analysis). A
+        resumed rollout carries its analysis on with it instead of replaying its record."""
+        last = self._last
+        return {
+            "v": _CARRY_VERSION,
+            "config": self._fingerprint(),
+            "skipped": self._skipped,
+            "passed": sorted(self._passed),
+            "failed": sorted(self._failed),
+            "last": None
+            if last is None
+            else [last.elapsed_s, _arm_state(last.primary), _arm_state(last.canary)],
+            "errors": self._errors.carry(),
+            "latency": {
+                name: {"threshold_s": lat.threshold_s, "count": lat.count.carry()}
+                for name, lat in self._latency.items()
+            },
+        }
+
+    def carry_on(self, state: object) -> None:
+        """Take up a state carry() gave, from an Analyzer of the same settings. Raises
+        ValueError naming what is wrong; this analyzer is then unchanged."""
+        if not isinstance(state, dict):
+            raise ValueError("the analysis state is not an object")
+        if state.get("v") != _CARRY_VERSION:
+            raise ValueError(f"version {state.get('v')!r}, not {_CARRY_VERSION}")
+        if state.get("config") != self._fingerprint():
+            raise ValueError("it was analysed with other settings")
+        skipped = state.get("skipped")
+        if type(skipped) is not int or skipped < 0:
+            raise ValueError("skipped is not a count")
+        known = set(self._settings)
+        passed = _names(state.get("passed"), known, "passed")
+        failed = _names(state.get("failed"), known, "failed")
+        last_state = state.get("last")
+        last: Snapshot | None = None
+        if last_state is not None:
+            if not isinstance(last_state, list) or len(last_state) != 3:
+                raise ValueError("last is not [elapsed, primary, canary]")
+            last = Snapshot(
+                elapsed_s=last_state[0],
+                primary=_carried_arm(last_state[1]),
+                canary=_carried_arm(last_state[2]),
+            )
+        errors = self._count_test("errors")
+        errors.carry_on(state.get("errors"))
+        carried = state.get("latency")
+        if not isinstance(carried, dict) or set(carried) != set(self._latency):
+            raise ValueError(f"latency does not hold {sorted(self._latency)}")
+        latency: dict[str, LatencyTest] = {}
+        for name, lat in self._latency.items():
+            item = carried[name]
+            if not isinstance(item, dict):
+                raise ValueError(f"{name} is not an object")
+            threshold = item.get("threshold_s")
+            if threshold is not None and (
+                type(threshold) not in (int, float) or not 0 <= threshold < math.inf
+            ):
+                raise ValueError(f"{name}'s threshold is not a bucket bound")
+            test = LatencyTest(
+                quantile=lat.quantile,
+                count=self._count_test(name),
+                min_tail=self.config.threshold_min_tail,
+            )
+            test.count.carry_on(item.get("count"))
+            test.threshold_s = None if threshold is None else float(threshold)
+            latency[name] = test
+        self._errors, self._latency = errors, latency
+        self._passed, self._failed, self._skipped, self._last = passed, failed, skipped, last
 
     def _count_test(self, name: str) -> CountTest:
         m = self._settings[name]

@@ -55,9 +55,12 @@ into the next one.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import functools
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -504,6 +507,81 @@ class CountTest:
         )
         return self._cached
 
+    def carry(self) -> dict[str, Any]:
+        """The test's state, exactly, as JSON values (floats round-trip through their repr; the
+        log-likelihood goes as its float64 bytes): a test of the same settings given it by
+        carry_on judges every later update as this one would. The caches that follow from
+        it are not carried, except `judged` (its rate bounds warm-start the next ones)."""
+        j = self._judged
+        return {
+            "loglik": base64.b64encode(self._loglik.astype("<f8").tobytes()).decode("ascii"),
+            "prev": None if self._prev is None else list(self._prev),
+            "totals": list(self._totals),
+            "e_pass": self._e_pass_ratio,
+            "pass_seen": self._pass_seen,
+            "hint": list(self._hint),
+            "judged": None
+            if j is None
+            else [
+                j.log_e_fail,
+                j.e_fail,
+                j.samples_primary,
+                j.samples_canary,
+                j.abs_excess_upper,
+                j.passed_abs,
+            ],
+        }
+
+    def carry_on(self, state: object) -> None:
+        """Take up a state carry() gave, from a test of the same settings. Raises ValueError
+        naming what is wrong; the test is then unchanged."""
+        if not isinstance(state, dict):
+            raise ValueError("a count test's state is not an object")
+        try:
+            raw = base64.b64decode(str(state.get("loglik")), validate=True)
+        except binascii.Error as exc:
+            raise ValueError(f"loglik is not base64: {exc}") from None
+        if len(raw) != 8 * self._loglik.size:
+            raise ValueError(f"loglik holds {len(raw)} bytes, not {8 * self._loglik.size}")
+        loglik = np.frombuffer(raw, dtype="<f8").astype(np.float64)
+        if not np.isfinite(loglik).all():
+            raise ValueError("loglik is not finite")
+        prev = state.get("prev")
+        p = None if prev is None else _numbers(prev, 4, "prev")
+        totals = _numbers(state.get("totals"), 4, "totals")
+        e_pass = _number(state.get("e_pass"), "e_pass")
+        pass_seen = state.get("pass_seen")
+        if not isinstance(pass_seen, bool):
+            raise ValueError("pass_seen is not a bool")
+        hint = state.get("hint")
+        if not isinstance(hint, list) or len(hint) != 2:
+            raise ValueError("hint is not a pair")
+        hints = tuple(None if h is None else _number(h, "hint") for h in hint)
+        judged = state.get("judged")
+        if judged is not None:
+            if not isinstance(judged, list) or len(judged) != 6:
+                raise ValueError("judged is not six values")
+            log_e_fail, e_fail, n_p, n_c, abs_upper, passed_abs = judged
+            if not isinstance(passed_abs, bool):
+                raise ValueError("judged's passed_abs is not a bool")
+            judged = Judged(
+                log_e_fail=_number(log_e_fail, "log_e_fail", finite=False),
+                e_fail=_number(e_fail, "e_fail", finite=False),
+                samples_primary=_number(n_p, "judged samples"),
+                samples_canary=_number(n_c, "judged samples"),
+                abs_excess_upper=None if abs_upper is None else _number(abs_upper, "abs"),
+                passed_abs=passed_abs,
+            )
+        self._prev = None if p is None else (p[0], p[1], p[2], p[3])
+        self._loglik = loglik
+        self._totals = totals
+        self._e_pass_ratio = e_pass
+        self._pass_seen = pass_seen
+        self._hint = (hints[0], hints[1])
+        self._judged = judged
+        self._cached = None
+        self._cs = None
+
     def pass_ratio_reached(self) -> bool:
         return self._e_pass_ratio >= math.log(2.0 / self._pass_alpha)
 
@@ -533,6 +611,23 @@ class CountTest:
         lower = 0.0 if below == 0 else float(THETA_GRID[below - 1])
         upper = math.inf if above == 0 else float(THETA_GRID[min(n - above, n - 1)])
         return lower, upper
+
+
+def _number(value: object, what: str, *, finite: bool = True) -> float:
+    """A carried number: an int or a float (not a bool), finite unless `finite` is False
+    (never NaN)."""
+    if type(value) not in (int, float):
+        raise ValueError(f"{what} is not a number")
+    number = float(value)  # type: ignore[arg-type]
+    if math.isnan(number) or (finite and math.isinf(number)):
+        raise ValueError(f"{what} is not finite")
+    return number
+
+
+def _numbers(value: object, count: int, what: str) -> list[float]:
+    if not isinstance(value, list) or len(value) != count:
+        raise ValueError(f"{what} is not {count} numbers")
+    return [_number(v, what) for v in value]
 
 
 def _small_logsumexp(x: list[float]) -> float:
