@@ -31,6 +31,9 @@ Exception tree::
 
 from __future__ import annotations
 
+import base64
+import binascii
+import gzip
 import json
 import math
 import re
@@ -176,6 +179,32 @@ def gunzip_bounded(
             raise InputError(f"{source}: gzip data is cut short")
         rest = inflater.unused_data
     return bytes(out)
+
+
+def pack_state(state: object, *, max_chars: int) -> str | None:
+    """`state` (JSON values) as compact text to save beside a record: base64 of gzipped
+    JSON (floats as their shortest repr, which reads back exactly). None past `max_chars`."""
+    packed = gzip.compress(json.dumps(state, separators=(",", ":")).encode("utf-8"), 6, mtime=0)
+    text = base64.b64encode(packed).decode("ascii")
+    return text if len(text) <= max_chars else None
+
+
+def unpack_state(text: object, *, max_chars: int, source: str) -> dict[str, Any]:
+    """The object pack_state packed. Bounded: at most `max_chars` of text, unpacking to at
+    most 16 times that. Raises InputError naming `source` and what is wrong."""
+    if not isinstance(text, str) or len(text) > max_chars:
+        raise InputError(f"{source}: not text of at most {max_chars} characters")
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except binascii.Error as exc:
+        raise InputError(f"{source}: not base64: {exc}") from None
+    try:
+        state = json.loads(gunzip_bounded(raw, source=source, max_bytes=16 * max_chars))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(f"{source}: not JSON: {exc}") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{source}: not an object")
+    return state
 
 
 # -- JSON ----------------------------------------------------------------------------------

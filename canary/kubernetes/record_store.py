@@ -64,6 +64,7 @@ import base64
 import binascii
 import functools
 import gzip
+import json
 import logging
 import math
 import secrets
@@ -92,7 +93,7 @@ from canary.core.records import (
     parse_lines,
 )
 from canary.executors import run_blocking
-from canary.runner.seams import RecordWriteError
+from canary.runner.seams import RecordWriteError, SavedHead
 
 log = logging.getLogger("canary.kubernetes.record_store")
 
@@ -141,6 +142,13 @@ WRITE_KEY = "record.write"
 # of the head, so the replica that carries the rollout on counts on from it instead of reading
 # its series back to the analysis' start. Not part of the record: readers ignore it.
 CARRY_KEY = "metrics.state.json.gz.b64"
+# The runner's analysis state as of the write's last line (canary.runner: `_analysis_state`;
+# "" when it has none to carry), and where the record ends (`_Index`), both with each write of
+# the head when the runner gives the state: a resume then reads the head alone, not the
+# chunks, and neither parses nor replays the record (issue 13: at an hour of age, reading
+# 1,000 records back whole was what held a moved shard's rollouts for minutes).
+ANALYSIS_KEY = "analysis.state.json.gz.b64"
+INDEX_KEY = "record.index"
 CHUNK_KEY = "record.chunk.jsonl.gz.b64"
 CHUNK_NUMBER_KEY = "record.chunk"
 RECORD_LABEL = "canary.io/record"
@@ -608,6 +616,56 @@ class _Attempt:
     data_at: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class _Index:
+    """Where the record ends, as of the write that saved it (INDEX_KEY): what a writer
+    carrying the record on, and a resume, need without reading it."""
+
+    written_bytes: int  # the record's JSON lines in UTF-8 (a reader unpacks this much)
+    tail_lines: int  # the lines of the head's tail, and their bytes
+    tail_bytes: int
+    last_at: float | None  # the last line's time
+    tick_at: float | None  # the last tick's, and the last tick with a verdict's
+    data_at: float | None
+    kept_tick_at: float | None  # the last tick kept while thinning (ConfigMapRecordWriter.add)
+
+    def text(self) -> str:
+        return json.dumps(
+            [
+                _INDEX_VERSION,
+                self.written_bytes,
+                self.tail_lines,
+                self.tail_bytes,
+                self.last_at,
+                self.tick_at,
+                self.data_at,
+                self.kept_tick_at,
+            ],
+            separators=(",", ":"),
+        )
+
+    @classmethod
+    def parse(cls, text: object, name: str) -> _Index:
+        """INDEX_KEY's value, checked; RecordError naming what is wrong."""
+        if not isinstance(text, str) or len(text) > 1024:
+            raise RecordError(f"{name}: {INDEX_KEY} is missing or too long")
+        try:
+            values = json.loads(text)
+        except ValueError:
+            raise RecordError(f"{name}: {INDEX_KEY} is not JSON") from None
+        if not isinstance(values, list) or len(values) != 8 or values[0] != _INDEX_VERSION:
+            raise RecordError(f"{name}: {INDEX_KEY} is not a version {_INDEX_VERSION} index")
+        sizes, times = values[1:4], values[4:]
+        if not all(type(v) is int and 0 <= v <= MAX_UNPACKED_RECORD_BYTES for v in sizes):
+            raise RecordError(f"{name}: {INDEX_KEY} has a size that is not a byte count")
+        if not all(v is None or (type(v) in (int, float) and math.isfinite(v)) for v in times):
+            raise RecordError(f"{name}: {INDEX_KEY} has a time that is not a finite number")
+        return cls(*sizes, *times)
+
+
+_INDEX_VERSION = 1
+
+
 def _pack_held(held_lines: Sequence[bytes]) -> str:
     """Held lines as one part: base64 of one gzip member. Pure CPU: off the event loop."""
     return base64.b64encode(_gzip_lines([_held_line(h) for h in held_lines])).decode("ascii")
@@ -697,6 +755,10 @@ class ConfigMapRecordWriter:
         self.data_through: float | None = None  # ... among the lines saved (RecordSink's)
         # gives the metric source's state to save beside the record (None: nothing now)
         self.carry: Callable[[], str | None] | None = None
+        # gives the runner's analysis state, as of the lines added so far (None: none to
+        # carry); when set, each write saves it and the index (ANALYSIS_KEY, INDEX_KEY)
+        self.analysis: Callable[[], str | None] | None = None
+        self._tick_at: float | None = None  # the newest tick among the lines
 
     @property
     def dirty(self) -> bool:
@@ -760,8 +822,10 @@ class ConfigMapRecordWriter:
 
     def _add_entry(self, entry: Entry) -> None:
         self._add_line(dump_entry(entry))
-        if isinstance(entry, TickEntry) and entry.verdict is not None:
-            self._data_at = entry.at
+        if isinstance(entry, TickEntry):
+            self._tick_at = entry.at
+            if entry.verdict is not None:
+                self._data_at = entry.at
 
     async def append(self, entry: Entry) -> str | None:
         """Add an entry and save when due. Returns why the save failed, or None."""
@@ -865,7 +929,6 @@ class ConfigMapRecordWriter:
         from canary.kubernetes.client import Conflict, KubeError, NotFound
 
         lines = self._lines[:count]
-        packed = await run_blocking("packing", _pack_held, lines)
         token = secrets.token_hex(6)
         attempt = _Attempt(
             token,
@@ -877,8 +940,12 @@ class ConfigMapRecordWriter:
             last_at=self._last_at,
             data_at=self._data_at,
         )
-        data = {_part_key(attempt.parts): packed, WRITE_KEY: token}
+        # As of the lines this write saves: taken before anything awaits (only the runner,
+        # whose state it is, adds lines, and it awaits this save).
+        states = self._states(self._marks(), attempt, self._analysis())
         carried = self._carried()
+        packed = await run_blocking("packing", _pack_held, lines)
+        data = {_part_key(attempt.parts): packed, WRITE_KEY: token, **states}
         if carried is not None:
             data[CARRY_KEY] = carried  # else the head keeps the one it has
         self._attempt = attempt
@@ -940,6 +1007,7 @@ class ConfigMapRecordWriter:
         lines = list(self._lines)
         last_at = self._last_at
         data_at = self._data_at
+        marks, analysis = self._marks(), self._analysis()  # as of `lines` (see _append)
         try:
             # Gzip is CPU work: off the event loop. One flush's worth of new lines.
             chunks, sealed, _, tail = await run_blocking(
@@ -980,6 +1048,7 @@ class ConfigMapRecordWriter:
             CHUNKS_KEY: str(self.chunks + len(chunks)),
             TAIL_KEY: tail,
             WRITE_KEY: attempt.token,
+            **self._states(marks, attempt, analysis),
         }
         carried = self._carried()
         if carried is None and isinstance(kept_carry, str):
@@ -1007,6 +1076,43 @@ class ConfigMapRecordWriter:
             log.exception("record %s/%s: the metric source's state", self.namespace, self.name)
             return None
         return carried if carried is not None and len(carried) <= self.max_bytes // 8 else None
+
+    def _analysis(self) -> str:
+        """The runner's analysis state to save ("" for none), within an eighth of the
+        object limit, like the metric source's."""
+        if self.analysis is None:
+            return ""
+        try:
+            state = self.analysis()
+        except Exception:  # a bug there must not cost the record its write
+            log.exception("record %s/%s: the analysis state", self.namespace, self.name)
+            return ""
+        return state if state is not None and len(state) <= self.max_bytes // 8 else ""
+
+    def _marks(self) -> tuple[int, float | None, float | None]:
+        """Where the lines added so far end: their bytes, the last tick's time and the last
+        kept while thinning (with an _Attempt, what the index says)."""
+        return self.written_bytes, self._tick_at, self._kept_tick_at
+
+    def _states(
+        self, marks: tuple[int, float | None, float | None], attempt: _Attempt, analysis: str
+    ) -> dict[str, str]:
+        """ANALYSIS_KEY and INDEX_KEY for a write that leaves the writer as `attempt` says,
+        of the lines as `marks` were taken (none while no analysis is given: the head then
+        has neither)."""
+        if self.analysis is None:
+            return {}
+        written_bytes, tick_at, kept_tick_at = marks
+        index = _Index(
+            written_bytes=written_bytes,
+            tail_lines=attempt.members_lines,
+            tail_bytes=attempt.members_bytes,
+            last_at=attempt.last_at,
+            tick_at=tick_at,
+            data_at=attempt.data_at,
+            kept_tick_at=kept_tick_at,
+        )
+        return {ANALYSIS_KEY: analysis, INDEX_KEY: index.text()}
 
     def _lost_tail(self, why: str) -> None:
         """The head's tail is gone (someone replaced or deleted the head): say so in the
@@ -1169,10 +1275,34 @@ class ConfigMapRecordWriter:
                 self._add_line(dump_entry(entry))
             self._rewrite = True  # converted: save it in this format
         self._dirty = self._rewrite
-        ticks = [e.at for e in entries if isinstance(e, TickEntry)]
-        self._kept_tick_at = ticks[-1] if ticks else None
+        ticks = [e for e in entries if isinstance(e, TickEntry)]
+        self._kept_tick_at = self._tick_at = ticks[-1].at if ticks else None
+        self._data_at = max((t.at for t in ticks if t.verdict is not None), default=None)
         self._thinning_noted = self.written_bytes >= self.budget_bytes
         self._last_at = self._saved_at = entries[-1].at if entries else None
+
+    def resume_head(self, head: Mapping[str, Any], index: _Index) -> None:
+        """Carry on the chunked record whose head is `head` from its index alone: as
+        resume() does, without reading, unpacking or counting any of its lines."""
+        metadata = head.get("metadata", {})
+        data = _data_of(head)
+        name = _name_of(head)
+        chunks = _chunk_count(head, name)
+        parts = _parts(data, self.name)
+        self._resource_version = metadata.get("resourceVersion")
+        self._uid = metadata.get("uid")
+        self._lines, self._line_sizes, self._lines_bytes = [], [], 0
+        self._attempt = None
+        self._rewrite = self._dirty = False
+        self.record_id = str(data.get(ID_KEY) or self.record_id)
+        self.chunks = chunks
+        self._tail_parts = parts[-1][0] if parts else 0
+        self._members_lines, self._members_bytes = index.tail_lines, index.tail_bytes
+        self.written_bytes = index.written_bytes
+        self._kept_tick_at, self._tick_at = index.kept_tick_at, index.tick_at
+        self._data_at = index.data_at
+        self._thinning_noted = self.written_bytes >= self.budget_bytes
+        self._last_at = self._saved_at = index.last_at
 
     def _failed(self, message: str) -> str:
         self.last_error = message
@@ -1233,6 +1363,40 @@ class ConfigMapRecord:
         """The metric source's state that `read` found with the record, once."""
         carried, self._carried = self._carried, None
         return carried
+
+    def keep_analysis_with(self, source: Callable[[], str | None]) -> None:
+        """Save what `source` gives (the runner's analysis state, as of the lines appended
+        so far) and where the record ends with each write of the head, so that a resume
+        reads the head alone (read_head)."""
+        self.writer.analysis = source
+
+    async def read_head(self) -> SavedHead | None:
+        """What a resume needs from the saved record without reading it: the analysis state
+        and the index its last write saved with the head. The writer then carries on from
+        the head, as after read(). None when the head holds none (a record an older canary
+        wrote, a write without the state, a head that cannot be read: read() says why)."""
+        from canary.kubernetes.client import KubeError  # the adapter's only seam
+
+        if not self._read_ref:
+            return None
+        namespace, _, name = self._read_ref.partition("/")
+        try:
+            head = await self.api.get_configmap(namespace, name)
+        except KubeError:
+            return None
+        data = _data_of(head)
+        analysis = data.get(ANALYSIS_KEY)
+        if not is_chunked(head) or not isinstance(analysis, str) or not analysis:
+            return None
+        try:
+            index = _Index.parse(data.get(INDEX_KEY), _name_of(head))
+            self.writer.resume_head(head, index)
+        except RecordError as exc:
+            log.info("record %s: its head alone cannot resume it: %s", self._read_ref, exc)
+            return None
+        carried = data.get(CARRY_KEY)
+        self._carried = carried if isinstance(carried, str) else None
+        return SavedHead(analysis=analysis, tick_at=index.tick_at, data_at=index.data_at)
 
     @property
     def ref(self) -> str:

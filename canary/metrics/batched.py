@@ -70,7 +70,6 @@ import base64
 import binascii
 import contextlib
 import gc
-import gzip
 import json
 import logging
 import math
@@ -87,7 +86,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from analysis import ArmCounts
-from canary.core.inputs import InputError, gunzip_bounded
+from canary.core.inputs import InputError, pack_state, unpack_state
 from canary.core.redact import redact_text, redact_url
 from canary.executors import run_blocking
 from canary.metrics.base import ArmsCounts, MetricsResult, NoData
@@ -1365,9 +1364,7 @@ def _carry_text(reg: _Registration, url: str) -> str | None:
         "shape": _shape(reg, url),
         "sels": sels,
     }
-    packed = gzip.compress(json.dumps(state, separators=(",", ":")).encode("utf-8"), 6, mtime=0)
-    text = base64.b64encode(packed).decode("ascii")
-    return text if len(text) <= MAX_CARRY_CHARS else None
+    return pack_state(state, max_chars=MAX_CARRY_CHARS)
 
 
 def _carried(
@@ -1412,17 +1409,7 @@ def _carried(
 
 
 def _carried_state(text: str) -> dict[str, Any]:
-    if not isinstance(text, str) or len(text) > MAX_CARRY_CHARS:
-        raise ValueError(f"not text of at most {MAX_CARRY_CHARS} characters")
-    raw = gunzip_bounded(
-        base64.b64decode(text, validate=True),
-        source="carried state",
-        max_bytes=16 * MAX_CARRY_CHARS,
-    )
-    state = json.loads(raw)
-    if not isinstance(state, dict):
-        raise ValueError("not an object")
-    return state
+    return unpack_state(text, max_chars=MAX_CARRY_CHARS, source="carried state")
 
 
 def _fill(sel: _Selector, saved: object) -> None:

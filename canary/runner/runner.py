@@ -41,7 +41,7 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, runtime_checkable
 
 from analysis import AnalysisConfig, Snapshot, Verdict
 from canary.core.advice import (
@@ -53,6 +53,7 @@ from canary.core.advice import (
     observed_advice,
     observed_due,
 )
+from canary.core.inputs import InputError, excerpt, pack_state, unpack_state
 from canary.core.logs import bind_rollout, unbind_rollout
 from canary.core.records import (
     EndEntry,
@@ -95,6 +96,7 @@ from canary.runner.clock import MonotonicWallClock
 from canary.runner.files import FileRecord, FileRecords, FileStateStore
 from canary.runner.history import TickHistory
 from canary.runner.seams import (
+    AnalysisRecord,
     Announcer,
     CarryingRecord,
     GateAsker,
@@ -104,6 +106,7 @@ from canary.runner.seams import (
     RecordSink,
     RecordWriteError,
     ResumeError,
+    SavedHead,
     SavedRollout,
     StateStore,
     StateWriteError,
@@ -133,12 +136,25 @@ _HOOK_FIELDS = frozenset({"observed_canary_share"})
 # these values put in, so that a change in them alone is not a reason to save.
 _VOLATILE_DEFAULTS: dict[str, Any] = {"last_data_at": None, "message": "", "last_decision": None}
 _FINISH_REASONS = {"promoted": "Promoted", "rolled_back": "RolledBack"}
+# The analysis state saved with the record (_analysis_state): ~7 KiB for the three default
+# metrics; the record saves it only within an eighth of its object limit.
+_ANALYSIS_VERSION = 1
+MAX_ANALYSIS_CHARS = 128 << 10
 
 
 class AnalyzerLike(Protocol):
     """What the runner needs of analysis.Analyzer."""
 
     def observe(self, snapshot: Snapshot, /) -> Verdict: ...
+
+
+@runtime_checkable
+class CarriedAnalysis(Protocol):
+    """An analyzer whose state can be saved and taken up exactly (analysis.Analyzer)."""
+
+    def carry(self) -> dict[str, Any]: ...
+
+    def carry_on(self, state: object, /) -> None: ...
 
 
 class UnknownRollout(KeyError):
@@ -348,6 +364,12 @@ class RolloutRunner:
         self._resumable: SavedRollout | None = None
         self._resumed_entries: list[Entry] = []
         self._resumed_record: RecordSink | None = None
+        # Read from the record's head on resume: where it ends, and the analysis taken up
+        # from it (or why not: the record is then read and replayed).
+        self._resumed_head: SavedHead | None = None
+        self._carried_analysis: tuple[AnalyzerLike | None, int] | None = None
+        self._analysis_refused = ""
+        self._looks = 0  # snapshots the current analysis has observed
         self._finished: SavedRollout | None = None  # this revision's rollout, already over
         self._advice: Advice | None = None  # the planner's last advice said to users
         self._advice_checked_s: float | None = None  # analysis seconds of the last estimate
@@ -465,7 +487,18 @@ class RolloutRunner:
         assert self.records is not None
         record = self.records(saved.rollout_id, ref=saved.record or None)
         self._resumed_record = record  # the same sink carries on (a ConfigMap keeps what it read)
-        self._save_counts_with(record)
+        self._carry_with(record)
+        if isinstance(record, AnalysisRecord):
+            head = await record.read_head()
+            if head is not None:
+                why = self._take_analysis(head.analysis, saved)
+                if why is None:
+                    self._resumed_head = head
+                    return []  # the analysis carries on: nothing to replay
+                self._analysis_refused = why
+                log.info(
+                    "%s: the analysis saved with the record is not taken up: %s", self.name, why
+                )
         try:
             return await record.read()
         except (OSError, ValueError, RecordWriteError) as exc:
@@ -726,6 +759,7 @@ class RolloutRunner:
             log.exception("%s: analysis rejected the counts", self.name)
             self._count_error("analysis")
             return result, None, f"analysis error: {exc}"
+        self._looks += 1
         return result, verdict, None
 
     def _hook_fields(self) -> dict[str, Any]:
@@ -816,6 +850,7 @@ class RolloutRunner:
                 self._ask_gate(kind, index)
             case ResetAnalysis():
                 self._analyzer = None  # a fresh one at the next observation
+                self._looks = 0
             case RecordTransition(before, after, index, weight, reason):
                 log.info("%s: %s -> %s at %d%%: %s", self.name, before, after, weight, reason)
                 await self._write(
@@ -1048,34 +1083,51 @@ class RolloutRunner:
             self.record_path = self.record.path  # the resumed rollout's file
         self._started_at = saved.started_at or self.status.started_at or self._started_at
         entries = self._resumed_entries
-        if not any(isinstance(e, StartEntry) and e.rollout == saved.rollout_id for e in entries):
-            # The record was lost (a ConfigMap deleted, or never stored): start it again here,
-            # so what follows is recorded; the evidence before is gone with it.
-            await self._write(self._start_entry("record lost: restarted on resume"))
-            await self._note(
-                "warning", f"the record {self.record.label} was lost; it starts again here"
+        head, carried = self._resumed_head, self._carried_analysis
+        if head is not None and carried is not None:
+            # The head's analysis state names this rollout: its start is in this record.
+            self._analyzer, self._looks = carried
+            evidence = (
+                f"the analysis carried on from the state saved with the record "
+                f"({self._looks} looks)"
             )
-        replayed = self._replay_record(entries)
+            recorded, last = head.data_at, head.tick_at
+        else:
+            if not any(
+                isinstance(e, StartEntry) and e.rollout == saved.rollout_id for e in entries
+            ):
+                # The record was lost (a ConfigMap deleted, or never stored): start it again
+                # here, so what follows is recorded; the evidence before is gone with it.
+                await self._write(self._start_entry("record lost: restarted on resume"))
+                await self._note(
+                    "warning", f"the record {self.record.label} was lost; it starts again here"
+                )
+            replayed = self._replay_record(entries)
+            refused = self._analysis_refused
+            evidence = f"{replayed} ticks of evidence replayed into a fresh analysis" + (
+                f" (the analysis state saved with the record: {refused})" if refused else ""
+            )
+            # The last data time: the status saves it only every volatile_save_s while the
+            # record holds it (see _needs_save); the newer of the two.
+            recorded = max(
+                (
+                    e.at
+                    for e in entries
+                    if isinstance(e, TickEntry)
+                    and e.verdict is not None
+                    and e.rollout == saved.rollout_id
+                ),
+                default=None,
+            )
+            last = max((e.at for e in entries if isinstance(e, TickEntry)), default=None)
         self._resumed_entries = []  # replayed: holding them would grow with the record's age
+        self._resumed_head, self._carried_analysis = None, None
         counting = self._count_on()
-        # The last data time: the status saves it only every volatile_save_s while the record
-        # holds it (see _needs_save); the newer of the two.
-        recorded = max(
-            (
-                e.at
-                for e in entries
-                if isinstance(e, TickEntry)
-                and e.verdict is not None
-                and e.rollout == saved.rollout_id
-            ),
-            default=None,
-        )
-        last = self.status.last_data_at
-        if recorded is not None and self.status.active and (last is None or recorded > last):
+        known = self.status.last_data_at
+        if recorded is not None and self.status.active and (known is None or recorded > known):
             self.status = self.status.model_copy(update={"last_data_at": recorded})
         status = self.status
         by = f" by {self.identity}" if self.identity else ""
-        last = max((e.at for e in entries if isinstance(e, TickEntry)), default=None)
         gap = f"; no look for {self.clock() - last:.0f}s before" if last is not None else ""
         # Traffic has flowed since the last look (a shard moves a Lease duration after it):
         # the first look comes within half a period, no sooner than half a period after the
@@ -1087,8 +1139,7 @@ class RolloutRunner:
         await self._note(
             "info",
             f"resumed{by} during {status.phase.value} at step {status.step} "
-            f"({status.weight}% wanted); {replayed} ticks of evidence replayed into a fresh "
-            f"analysis{gap}{counting}",
+            f"({status.weight}% wanted); {evidence}{gap}{counting}",
         )
         if self.telemetry is not None:
             self.telemetry.show(self.name, status)
@@ -1135,6 +1186,7 @@ class RolloutRunner:
                     Snapshot(elapsed_s=entry.elapsed_s, primary=entry.primary, canary=entry.canary)
                 )
                 replayed += 1
+        self._looks = replayed
         return replayed
 
     # ---- the planner's advice ------------------------------------------------------------
@@ -1250,12 +1302,65 @@ class RolloutRunner:
         assert self.records is not None
         self._rollout_id = f"{self.name}@{revision}"
         self.record = self.records(self._rollout_id)
-        self._save_counts_with(self.record)
+        self._carry_with(self.record)
 
-    def _save_counts_with(self, record: RecordSink) -> None:
-        """The record keeps the metric source's counting state for the next replica."""
+    def _carry_with(self, record: RecordSink) -> None:
+        """The record keeps the metric source's counting state and the analysis' state for
+        the next replica."""
         if isinstance(record, CarryingRecord) and isinstance(self.metrics, CarriedCounts):
             record.carry_from(self.metrics.carry)
+        if isinstance(record, AnalysisRecord):
+            record.keep_analysis_with(self._analysis_state)
+
+    def _analysis_state(self) -> str | None:
+        """The analysis as of the entries written so far, for a resume to take up
+        (_take_analysis): the record saves it with each write. The record is written by this
+        task alone, right after each look, so the two never disagree. None when the analyzer
+        cannot carry its state (one without carry())."""
+        analyzer = self._analyzer
+        if analyzer is not None and not isinstance(analyzer, CarriedAnalysis):
+            return None
+        state = {
+            "v": _ANALYSIS_VERSION,
+            "rollout": self._rollout_id,
+            "since": self.status.analysis_started_at,
+            "looks": self._looks,
+            "analysis": None if analyzer is None else analyzer.carry(),
+        }
+        return pack_state(state, max_chars=MAX_ANALYSIS_CHARS)
+
+    def _take_analysis(self, text: str, saved: SavedRollout) -> str | None:
+        """Take up the analysis state a saved record's head holds (_analysis_state), if it
+        is this rollout's analysis since the saved status' start: None when taken, else why
+        not (the record is then replayed)."""
+        try:
+            state = unpack_state(text, max_chars=MAX_ANALYSIS_CHARS, source="analysis state")
+        except InputError as exc:
+            return str(exc)[:300]
+        since, looks = state.get("since"), state.get("looks")
+        if state.get("v") != _ANALYSIS_VERSION:
+            return f"version {excerpt(state.get('v'), 20)}, not {_ANALYSIS_VERSION}"
+        if state.get("rollout") != saved.rollout_id:
+            return f"it is {excerpt(state.get('rollout'), 80)}'s, not {saved.rollout_id}'s"
+        if since != saved.status.analysis_started_at or (
+            since is not None and type(since) is not float
+        ):
+            return "it is of another analysis (the status and the record were saved apart)"
+        if type(looks) is not int or looks < 0:
+            return "no count of looks"
+        analyzer: AnalyzerLike | None = None
+        if state.get("analysis") is not None:
+            analyzer = self.analyzer_factory()
+            if not isinstance(analyzer, CarriedAnalysis):
+                return "this analyzer cannot take up a saved state"
+            try:
+                analyzer.carry_on(state["analysis"])
+            except ValueError as exc:
+                return str(exc)[:300]
+        elif looks:
+            return f"{looks} looks but no analysis"
+        self._carried_analysis = (analyzer, looks)
+        return None
 
     def _count_on(self) -> str:
         """Take up the counting state the resumed record carries: the first look then reads

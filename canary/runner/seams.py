@@ -30,6 +30,7 @@ from canary.metrics.base import MetricSource
 from canary.routers.base import TrafficRouter
 
 __all__ = [
+    "AnalysisRecord",
     "Announcer",
     "CarryingRecord",
     "GateAsker",
@@ -40,6 +41,7 @@ __all__ = [
     "RecordSink",
     "RecordWriteError",
     "ResumeError",
+    "SavedHead",
     "SavedRollout",
     "StateLocked",
     "StateStore",
@@ -142,6 +144,29 @@ class CarryingRecord(Protocol):
 
     def take_carried(self) -> str | None:
         """The state `read` found with the record, once (None: none)."""
+
+
+@dataclass(frozen=True, slots=True)
+class SavedHead:
+    """What a resume needs of a saved record without reading it (AnalysisRecord.read_head)."""
+
+    analysis: str  # the runner's analysis state saved with the last write (_analysis_state)
+    tick_at: float | None  # the record's last tick, and its last tick with a verdict
+    data_at: float | None
+
+
+@runtime_checkable
+class AnalysisRecord(Protocol):
+    """A RecordSink that saves the runner's analysis state, and where the record ends, with
+    each write, so that a resume takes the analysis up instead of reading back and replaying
+    the whole record (canary.kubernetes.record_store: ANALYSIS_KEY)."""
+
+    def keep_analysis_with(self, source: Callable[[], str | None]) -> None:
+        """Save what `source` gives (as of the entries appended so far) with each write."""
+
+    async def read_head(self) -> SavedHead | None:
+        """The saved state, without the record (None: read() it whole). The sink then
+        carries on as after read()."""
 
 
 class RecordOpener(Protocol):

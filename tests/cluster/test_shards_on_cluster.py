@@ -483,6 +483,7 @@ def test_two_replicas_split_the_shards_survive_a_kill_and_a_third_takes_nothing(
     assert moved_after <= LEASE_DURATION_S + 3.0, moved_after
 
     carried_on = 0  # moved rollouts that counted on from the state their record carried
+    analysis_carried = 0  # ... and whose analysis carried on from the head alone
     for namespace in NAMESPACES:
         st = shards.wait(
             f"{namespace} promoted",
@@ -513,6 +514,9 @@ def test_two_replicas_split_the_shards_survive_a_kill_and_a_third_takes_nothing(
             ]
             assert resumed, notes
             carried_on += sum("counts carried on from the state saved" in n for n in resumed)
+            analysis_carried += sum(
+                "the analysis carried on from the state saved with the record" in n for n in resumed
+            )
         else:
             # b's shard stays b's unless c asked for it after the kill (then c resumes it).
             assert set(runs) <= {b.credential, c.credential}, runs
@@ -520,6 +524,9 @@ def test_two_replicas_split_the_shards_survive_a_kill_and_a_third_takes_nothing(
     # Each saves its counting state with its record's writes, unless a read is applying to
     # its series just then (a few ms a second here): one of two is all that is sure.
     assert carried_on >= 1, shards.logs()[-4000:]
+    # The analysis state is saved with every write of the record: a resume takes it up
+    # from the head alone unless the status and the record were saved at different looks.
+    assert analysis_carried >= 1, shards.logs()[-4000:]
 
     codes = {r.name: r.stop() for r in (b, c)}
     assert codes == {"replica-b": 0, "replica-c": 0}, shards.logs()

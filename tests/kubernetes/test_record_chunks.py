@@ -30,10 +30,13 @@ from canary.core.records import (
     dump_entry,
     parse_lines,
 )
+from canary.kubernetes import record_store
 from canary.kubernetes.client import Conflict, Kube, KubeError, RetryPolicy, Unavailable
 from canary.kubernetes.record_store import (
+    ANALYSIS_KEY,
     CARRY_KEY,
     CHUNK_READS,
+    INDEX_KEY,
     MERGE_MEMBERS,
     RECORD_LABEL,
     ConfigMapRecord,
@@ -342,6 +345,83 @@ async def test_the_metric_sources_state_is_saved_with_the_head_and_taken_once(
     assert await resumed.read() == long_record
     assert resumed.take_carried() == latest
     assert resumed.take_carried() is None
+
+
+_RESUMED_FIELDS = (
+    "chunks",
+    "record_id",
+    "written_bytes",
+    "_tail_parts",
+    "_members_lines",
+    "_members_bytes",
+    "_kept_tick_at",
+    "_tick_at",
+    "_data_at",
+    "_last_at",
+    "_saved_at",
+    "_resource_version",
+    "_thinning_noted",
+    "_rewrite",
+    "_dirty",
+)
+
+
+async def test_the_head_alone_resumes_a_record_as_reading_it_whole_does(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """With the runner's analysis state given, every save puts in the head the state as of
+    the very lines it saves, and an index of where the record ends that agrees with reading
+    it whole. A resume from the head alone (read_head: one GET, no chunk read) leaves the
+    writer as reading the whole record does, and the record it carries on is whole. A head
+    without a state, or with a damaged index, is not resumed from alone."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    head = configmap_name(rollout)
+    record = ConfigMapRecord(client, namespace=NS, rollout=rollout, seal_bytes=SEAL, flush_s=0)
+    appended = 0
+    record.keep_analysis_with(lambda: f"analysis after {appended} entries")
+    cut = 70
+    for entry in long_record[:cut]:
+        await record.append(entry)
+        appended += 1
+        if appended % 3 == 0 or not isinstance(entry, TickEntry):
+            assert await record.flush(force=True)
+            data = emulator.get("", "v1", "configmaps", NS, head)["data"]
+            assert data[ANALYSIS_KEY] == f"analysis after {appended} entries"
+            entries, record_bytes = await record_store._read_record(
+                client, emulator.get("", "v1", "configmaps", NS, head)
+            )
+            assert entries == long_record[:appended]
+            index = record_store._Index.parse(data[INDEX_KEY], head)
+            ticks = [e for e in entries if isinstance(e, TickEntry)]
+            assert index.written_bytes == record_bytes
+            assert index.tick_at == (ticks[-1].at if ticks else None)
+            assert index.data_at == max((t.at for t in ticks if t.verdict), default=None)
+            assert index.last_at == entries[-1].at
+    assert await record.flush(force=True)
+    assert record.writer.chunks >= 2
+
+    by_head = ConfigMapRecord(client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}")
+    whole = ConfigMapRecord(client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}")
+    gets = len(emulator.requests)
+    saved = await by_head.read_head()
+    assert len(emulator.requests) == gets + 1  # the head, and nothing else
+    assert saved is not None and saved.analysis == f"analysis after {appended} entries"
+    assert await whole.read() == long_record[:cut]
+    for field in _RESUMED_FIELDS:
+        assert getattr(by_head.writer, field) == getattr(whole.writer, field), field
+    by_head.keep_analysis_with(lambda: "carried on")
+    for entry in long_record[cut:]:
+        await by_head.append(entry)
+    assert await by_head.flush(force=True)
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
+
+    stored = emulator.get("", "v1", "configmaps", NS, head)
+    for key, value in ((ANALYSIS_KEY, ""), (INDEX_KEY, "[1,-5,0,0,null,null,null,null]")):
+        emulator.put("", "v1", "configmaps", {**stored, "data": {**stored["data"], key: value}})
+        again = ConfigMapRecord(client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}")
+        assert await again.read_head() is None, key
+        assert await again.read() == long_record  # read whole as before
 
 
 class _LostAnswers:

@@ -41,6 +41,7 @@ from canary.runner import (
     run_until_signalled,
 )
 from canary.runner.files import FileRecord
+from canary.runner.seams import SavedHead
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -708,6 +709,125 @@ async def test_a_resume_counts_on_from_the_state_its_record_carries(
         assert resumed[0].endswith(
             f"; counts read back to the analysis' start (the saved state: {refuse})"
         )
+    await second.store.release()  # type: ignore[union-attr]
+
+
+class _AnalysisRecord(FileRecord):
+    """A file record that also saves the runner's analysis state with each write, as the
+    ConfigMap record does in its head (canary.runner.seams.AnalysisRecord); `saved` stands
+    for the head, and `reads` counts the whole-record reads."""
+
+    def __init__(self, path: Path, saved: dict[str, str]) -> None:
+        super().__init__(path)
+        self.saved = saved
+        self.source: Callable[[], str | None] | None = None
+        self.reads = 0
+
+    def keep_analysis_with(self, source: Callable[[], str | None]) -> None:
+        self.source = source
+
+    async def flush(self, *, force: bool = False) -> bool:
+        wrote = await super().flush(force=force)
+        if self.source is not None:
+            self.saved["analysis"] = self.source() or ""
+        return wrote
+
+    async def read_head(self) -> SavedHead | None:
+        if not self.saved.get("analysis"):
+            return None
+        ticks = [e for e in read_record(self.path) if isinstance(e, TickEntry)]
+        data = [t.at for t in ticks if t.verdict is not None]
+        return SavedHead(
+            analysis=self.saved["analysis"],
+            tick_at=ticks[-1].at if ticks else None,
+            data_at=data[-1] if data else None,
+        )
+
+    async def read(self) -> list[Entry]:
+        self.reads += 1
+        return await super().read()
+
+
+@pytest.mark.parametrize("damage", [None, "text", "since"])
+async def test_a_resume_takes_up_the_analysis_its_record_saved_without_reading_it(
+    tmp_path: Path, damage: str | None
+) -> None:
+    """The record saves the analysis' state with its writes; a resumed runner takes it up
+    from the head alone (the record is not read, nothing is replayed) and then judges
+    exactly as the stopped runner's analysis would have. A state it cannot use (damaged,
+    or of another analysis than the saved status') is refused with the reason in the
+    resumed note, and the record is read and replayed as before."""
+    saved: dict[str, str] = {}
+
+    def opener(path: Path) -> Callable[..., FileRecord]:
+        return lambda rollout_id, *, ref=None: _AnalysisRecord(Path(ref) if ref else path, saved)
+
+    first, _, metrics = make_runner(tmp_path, spec=SPEC.model_copy(update={"min_step_s": 200}))
+    first.records = opener(tmp_path / "app.jsonl")
+    first.status_path = tmp_path / "app.status.json"
+    controller = Controller([first])
+    at_step: list[int] = []
+    enough = asyncio.Event()
+
+    def count(report: TickReport) -> None:
+        at_step.append(report.status.step)
+        if at_step.count(1) >= 4:
+            enough.set()
+
+    first.observers.append(count)
+    task = asyncio.create_task(controller.run())
+    await enough.wait()
+    controller.stop()
+    await task
+    live = first._analyzer
+    assert live is not None and first.status.step == 1 and saved["analysis"]
+    looks = sum(
+        isinstance(e, TickEntry)
+        and e.verdict is not None
+        and e.at >= (first.status.analysis_started_at or 0.0)
+        for e in read_record(first.record_path)
+    )
+    assert looks == first._looks >= 4  # every tick since the analysis began, observed once
+    if damage == "text":
+        saved["analysis"] = "H4sIAAAA" + saved["analysis"][8:40]
+    elif damage == "since":  # the status was saved after the record, at another step
+        status = json.loads((tmp_path / "app.status.json").read_text())
+        status["status"]["analysis_started_at"] += 10.0
+        (tmp_path / "app.status.json").write_text(json.dumps(status))
+
+    second = _again(first, record_path=tmp_path / "elsewhere.jsonl")
+    second.records = opener(tmp_path / "elsewhere.jsonl")
+    await second.prepare()
+    assert await second._resume()
+    record = second.record
+    assert isinstance(record, _AnalysisRecord)
+    assert record.reads == (0 if damage is None else 1)
+    resumed = second._analyzer
+    assert resumed is not None and resumed is not live
+    await second._flush_record(force=True)
+    notes = [e.message for e in read_record(first.record_path) if isinstance(e, NoteEntry)]
+    said = [n for n in notes if n.startswith("resumed during")]
+    assert len(said) == 1, notes
+    if damage is None:
+        assert (
+            f"; the analysis carried on from the state saved with the record ({looks} looks)"
+            in (said[0])
+        )
+    elif damage == "text":
+        assert (
+            "ticks of evidence replayed into a fresh analysis (the analysis state saved "
+            in (said[0])
+        )
+        assert "not gzip data" in said[0] or "cut short" in said[0], said[0]
+    else:
+        assert "(the analysis state saved with the record: it is of another analysis" in said[0]
+    if damage != "since":  # (else the replay starts elsewhere: another analysis on purpose)
+        for _ in range(3):
+            counts = await metrics.fetch(since=0.0, now=0.0)
+            assert isinstance(counts, ArmsCounts)
+            snapshot = Snapshot(elapsed_s=1e3, primary=counts.primary, canary=counts.canary)
+            got, want = resumed.observe(snapshot), live.observe(snapshot)
+            assert got.model_dump_json() == want.model_dump_json()
     await second.store.release()  # type: ignore[union-attr]
 
 
