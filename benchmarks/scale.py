@@ -665,6 +665,20 @@ def kill_phase(
             any("counts carried on" in m for m in after.get(k, {}).get("record_resumed", []))
             for k in moved
         ),
+        # ... and whether its analysis carried on from the state saved with the record's
+        # head (the record not read) or was replayed from the record (and why)
+        "moved_analysis_carried_on": sum(
+            any("the analysis carried on" in m for m in after.get(k, {}).get("record_resumed", []))
+            for k in moved
+        ),
+        "moved_analysis_replayed": sorted(
+            {
+                m.partition("(the analysis state saved with the record: ")[2][:120]
+                for k in moved
+                for m in after.get(k, {}).get("record_resumed", [])
+                if "evidence replayed" in m
+            }
+        )[:5],
         "moved_counts_read_back": sorted(
             {
                 m.rpartition("; counts read back")[2]
