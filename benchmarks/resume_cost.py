@@ -7,7 +7,11 @@ traffic; then N fresh runners resume them from the saved status, one after anoth
 phase of a resume is timed (wall and process CPU, so the packing pool's threads count too):
 
 - read: the head's and chunks' GETs, base64 + gunzip, JSON + pydantic parse of every entry
-  (`read_record_configmap`), then the writer carrying on its tail (`ConfigMapRecordWriter.resume`);
+  (`read_record_configmap`), then the writer carrying on its tail (`ConfigMapRecordWriter.resume`):
+  what a resume did before the analysis state was saved with the head, and still does when
+  it refuses that state;
+- prepare: what the runner does (since the analysis state is saved with the head: one GET of
+  the head, the state unpacked and taken up; `ConfigMapRecord.read_head`);
 - replay: the record's ticks fed to a fresh Analyzer (`RolloutRunner._replay_record`);
 - rest of resume: the last data time, the "resumed" note, the weight read back;
 - save: the first status save and record flush after a resume (API calls in Kubernetes);

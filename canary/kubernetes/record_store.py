@@ -24,7 +24,10 @@ tail packed again as one member, first creating the next chunk from it when it i
   learns whether it landed: its lines are then neither lost nor written twice;
 * the head also keeps the metric source's counting state (`CARRY_KEY`, replaced by each
   write; not part of the record, readers ignore it), so the replica that carries the rollout
-  on counts on from it (canary.metrics.batched, "Carried state");
+  on counts on from it (canary.metrics.batched, "Carried state"); and, when the runner gives
+  it, the analysis' state as of the write's last line and an index of where the record ends
+  (`ANALYSIS_KEY`, `INDEX_KEY`), so that a resume reads the head alone (`read_head`): no chunk
+  is read, no line parsed, nothing replayed;
 * chunks and the head carry the label `canary.io/record=<head>`, and chunks an ownerReference
   to the head: deleting the head deletes its chunks (the garbage collector); one `kubectl get
   configmap -l canary.io/record=<head> -o json` dumps a whole record for `canary report`.
@@ -628,11 +631,15 @@ class _Index:
     tick_at: float | None  # the last tick's, and the last tick with a verdict's
     data_at: float | None
     kept_tick_at: float | None  # the last tick kept while thinning (ConfigMapRecordWriter.add)
+    # WRITE_KEY of the write that saved it: a head written since by a writer that does not
+    # save the index (an older canary's) holds another, and this index is stale
+    token: str
 
     def text(self) -> str:
         return json.dumps(
             [
                 _INDEX_VERSION,
+                self.token,
                 self.written_bytes,
                 self.tail_lines,
                 self.tail_bytes,
@@ -645,22 +652,25 @@ class _Index:
         )
 
     @classmethod
-    def parse(cls, text: object, name: str) -> _Index:
-        """INDEX_KEY's value, checked; RecordError naming what is wrong."""
+    def parse(cls, text: object, name: str, token: object) -> _Index:
+        """INDEX_KEY's value, checked against the head's WRITE_KEY (`token`); RecordError
+        naming what is wrong."""
         if not isinstance(text, str) or len(text) > 1024:
             raise RecordError(f"{name}: {INDEX_KEY} is missing or too long")
         try:
             values = json.loads(text)
         except ValueError:
             raise RecordError(f"{name}: {INDEX_KEY} is not JSON") from None
-        if not isinstance(values, list) or len(values) != 8 or values[0] != _INDEX_VERSION:
+        if not isinstance(values, list) or len(values) != 9 or values[0] != _INDEX_VERSION:
             raise RecordError(f"{name}: {INDEX_KEY} is not a version {_INDEX_VERSION} index")
-        sizes, times = values[1:4], values[4:]
+        if values[1] != token:
+            raise RecordError(f"{name}: {INDEX_KEY} is not of the head's last write")
+        sizes, times = values[2:5], values[5:]
         if not all(type(v) is int and 0 <= v <= MAX_UNPACKED_RECORD_BYTES for v in sizes):
             raise RecordError(f"{name}: {INDEX_KEY} has a size that is not a byte count")
         if not all(v is None or (type(v) in (int, float) and math.isfinite(v)) for v in times):
             raise RecordError(f"{name}: {INDEX_KEY} has a time that is not a finite number")
-        return cls(*sizes, *times)
+        return cls(*sizes, *times, token=values[1])
 
 
 _INDEX_VERSION = 1
@@ -1111,6 +1121,7 @@ class ConfigMapRecordWriter:
             tick_at=tick_at,
             data_at=attempt.data_at,
             kept_tick_at=kept_tick_at,
+            token=attempt.token,
         )
         return {ANALYSIS_KEY: analysis, INDEX_KEY: index.text()}
 
@@ -1389,7 +1400,7 @@ class ConfigMapRecord:
         if not is_chunked(head) or not isinstance(analysis, str) or not analysis:
             return None
         try:
-            index = _Index.parse(data.get(INDEX_KEY), _name_of(head))
+            index = _Index.parse(data.get(INDEX_KEY), _name_of(head), data.get(WRITE_KEY))
             self.writer.resume_head(head, index)
         except RecordError as exc:
             log.info("record %s: its head alone cannot resume it: %s", self._read_ref, exc)

@@ -1327,7 +1327,8 @@ class RolloutRunner:
             "looks": self._looks,
             "analysis": None if analyzer is None else analyzer.carry(),
         }
-        return pack_state(state, max_chars=MAX_ANALYSIS_CHARS)
+        # gzip level 1: as small as 6 here (most of it is float64 bytes), at half the cost
+        return pack_state(state, max_chars=MAX_ANALYSIS_CHARS, level=1)
 
     def _take_analysis(self, text: str, saved: SavedRollout) -> str | None:
         """Take up the analysis state a saved record's head holds (_analysis_state), if it

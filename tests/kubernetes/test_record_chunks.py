@@ -39,6 +39,7 @@ from canary.kubernetes.record_store import (
     INDEX_KEY,
     MERGE_MEMBERS,
     RECORD_LABEL,
+    WRITE_KEY,
     ConfigMapRecord,
     ConfigMapRecordWriter,
     chunk_name,
@@ -392,7 +393,7 @@ async def test_the_head_alone_resumes_a_record_as_reading_it_whole_does(
                 client, emulator.get("", "v1", "configmaps", NS, head)
             )
             assert entries == long_record[:appended]
-            index = record_store._Index.parse(data[INDEX_KEY], head)
+            index = record_store._Index.parse(data[INDEX_KEY], head, data[WRITE_KEY])
             ticks = [e for e in entries if isinstance(e, TickEntry)]
             assert index.written_bytes == record_bytes
             assert index.tick_at == (ticks[-1].at if ticks else None)
@@ -417,7 +418,13 @@ async def test_the_head_alone_resumes_a_record_as_reading_it_whole_does(
     assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
 
     stored = emulator.get("", "v1", "configmaps", NS, head)
-    for key, value in ((ANALYSIS_KEY, ""), (INDEX_KEY, "[1,-5,0,0,null,null,null,null]")):
+    index_values = json.loads(stored["data"][INDEX_KEY])
+    damage = (
+        (ANALYSIS_KEY, ""),  # the last write had no state to save
+        (INDEX_KEY, json.dumps([*index_values[:2], -5, *index_values[3:]])),  # a size < 0
+        (WRITE_KEY, "0123abcd"),  # written since by a writer that saves no index
+    )
+    for key, value in damage:
         emulator.put("", "v1", "configmaps", {**stored, "data": {**stored["data"], key: value}})
         again = ConfigMapRecord(client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}")
         assert await again.read_head() is None, key
