@@ -185,8 +185,8 @@ def pack_state(state: object, *, max_chars: int, level: int = 6) -> str | None:
     """`state` (JSON values) as compact text to save beside a record: base64 of gzipped
     JSON (floats as their shortest repr, which reads back exactly). None past `max_chars`.
     `level`: gzip's (1 packs an analysis state as small as 6, in half the time)."""
-    text = json.dumps(state, separators=(",", ":")).encode("utf-8")
-    packed = gzip.compress(text, level, mtime=0)
+    raw = json.dumps(state, separators=(",", ":")).encode("utf-8")
+    packed = gzip.compress(raw, level, mtime=0)
     text = base64.b64encode(packed).decode("ascii")
     return text if len(text) <= max_chars else None
 

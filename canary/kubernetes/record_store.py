@@ -670,7 +670,16 @@ class _Index:
             raise RecordError(f"{name}: {INDEX_KEY} has a size that is not a byte count")
         if not all(v is None or (type(v) in (int, float) and math.isfinite(v)) for v in times):
             raise RecordError(f"{name}: {INDEX_KEY} has a time that is not a finite number")
-        return cls(*sizes, *times, token=values[1])
+        return cls(
+            written_bytes=sizes[0],
+            tail_lines=sizes[1],
+            tail_bytes=sizes[2],
+            last_at=times[0],
+            tick_at=times[1],
+            data_at=times[2],
+            kept_tick_at=times[3],
+            token=values[1],
+        )
 
 
 _INDEX_VERSION = 1
