@@ -184,7 +184,7 @@ def gunzip_bounded(
 def pack_state(state: object, *, max_chars: int, level: int = 6) -> str | None:
     """`state` (JSON values) as compact text to save beside a record: base64 of gzipped
     JSON (floats as their shortest repr, which reads back exactly). None past `max_chars`.
-    `level`: gzip's (1 packs an analysis state as small as 6, in half the time)."""
+    `level`: gzip's."""
     raw = json.dumps(state, separators=(",", ":")).encode("utf-8")
     packed = gzip.compress(raw, level, mtime=0)
     text = base64.b64encode(packed).decode("ascii")

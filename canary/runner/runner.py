@@ -1327,7 +1327,8 @@ class RolloutRunner:
             "looks": self._looks,
             "analysis": None if analyzer is None else analyzer.carry(),
         }
-        # gzip level 1: as small as 6 here (most of it is float64 bytes), at half the cost
+        # ~0.14 ms of CPU a write (~7 KiB); gzip level 1 packs it as small as 6 (most of it
+        # is float64 bytes), a little cheaper
         return pack_state(state, max_chars=MAX_ANALYSIS_CHARS, level=1)
 
     def _take_analysis(self, text: str, saved: SavedRollout) -> str | None:
