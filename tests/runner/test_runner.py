@@ -552,15 +552,8 @@ async def test_restarted_runner_resumes_the_same_step_and_record(tmp_path: Path)
     assert moves == [5, 10, 25, 50, 100, 100]  # every step once, across both runs
 
 
-async def test_a_resumed_analysis_judges_as_the_one_that_observed_every_tick(
-    tmp_path: Path,
-) -> None:
-    """Stopped mid-step, a restarted runner rebuilds its analysis from the record (replayed,
-    without verdicts): given the next counts, it decides exactly as the stopped runner's own
-    analysis, which observed every tick, would have (the same verdict, to the last digit)."""
-    # steps of 20 looks at least: it is stopped at the fourth of its second step
-    first, _, metrics = make_runner(tmp_path, spec=SPEC.model_copy(update={"min_step_s": 200}))
-    first.status_path = tmp_path / "app.status.json"
+async def _stop_at_the_fourth_look_of_step_1(first: RolloutRunner) -> None:
+    """Run `first` until its fourth look at its second step, then stop it there."""
     controller = Controller([first])
     at_step: list[int] = []
     enough = asyncio.Event()
@@ -575,6 +568,18 @@ async def test_a_resumed_analysis_judges_as_the_one_that_observed_every_tick(
     await enough.wait()
     controller.stop()
     await task
+
+
+async def test_a_resumed_analysis_judges_as_the_one_that_observed_every_tick(
+    tmp_path: Path,
+) -> None:
+    """Stopped mid-step, a restarted runner rebuilds its analysis from the record (replayed,
+    without verdicts): given the next counts, it decides exactly as the stopped runner's own
+    analysis, which observed every tick, would have (the same verdict, to the last digit)."""
+    # steps of 20 looks at least: it is stopped at the fourth of its second step
+    first, _, metrics = make_runner(tmp_path, spec=SPEC.model_copy(update={"min_step_s": 200}))
+    first.status_path = tmp_path / "app.status.json"
+    await _stop_at_the_fourth_look_of_step_1(first)
     live = first._analyzer
     assert live is not None and first.status.step == 1
 
@@ -765,20 +770,7 @@ async def test_a_resume_takes_up_the_analysis_its_record_saved_without_reading_i
     first, _, metrics = make_runner(tmp_path, spec=SPEC.model_copy(update={"min_step_s": 200}))
     first.records = opener(tmp_path / "app.jsonl")
     first.status_path = tmp_path / "app.status.json"
-    controller = Controller([first])
-    at_step: list[int] = []
-    enough = asyncio.Event()
-
-    def count(report: TickReport) -> None:
-        at_step.append(report.status.step)
-        if at_step.count(1) >= 4:
-            enough.set()
-
-    first.observers.append(count)
-    task = asyncio.create_task(controller.run())
-    await enough.wait()
-    controller.stop()
-    await task
+    await _stop_at_the_fourth_look_of_step_1(first)
     live = first._analyzer
     assert live is not None and first.status.step == 1 and saved["analysis"]
     looks = sum(
