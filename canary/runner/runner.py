@@ -364,10 +364,9 @@ class RolloutRunner:
         self._resumable: SavedRollout | None = None
         self._resumed_entries: list[Entry] = []
         self._resumed_record: RecordSink | None = None
-        # Read from the record's head on resume: where it ends, and the analysis taken up
-        # from it (or why not: the record is then read and replayed).
-        self._resumed_head: SavedHead | None = None
-        self._carried_analysis: tuple[AnalyzerLike | None, int] | None = None
+        # Read from the record's head on resume: where the record ends, and the analysis
+        # taken up from it with its looks (or why not: the record is then read and replayed).
+        self._resumed_head: tuple[SavedHead, AnalyzerLike | None, int] | None = None
         self._analysis_refused = ""
         self._looks = 0  # snapshots the current analysis has observed
         self._finished: SavedRollout | None = None  # this revision's rollout, already over
@@ -491,13 +490,13 @@ class RolloutRunner:
         if isinstance(record, AnalysisRecord):
             head = await record.read_head()
             if head is not None:
-                why = self._take_analysis(head.analysis, saved)
-                if why is None:
-                    self._resumed_head = head
+                taken = self._take_analysis(head.analysis, saved)
+                if not isinstance(taken, str):
+                    self._resumed_head = (head, *taken)
                     return []  # the analysis carries on: nothing to replay
-                self._analysis_refused = why
+                self._analysis_refused = taken
                 log.info(
-                    "%s: the analysis saved with the record is not taken up: %s", self.name, why
+                    "%s: the analysis saved with the record is not taken up: %s", self.name, taken
                 )
         try:
             return await record.read()
@@ -1083,10 +1082,9 @@ class RolloutRunner:
             self.record_path = self.record.path  # the resumed rollout's file
         self._started_at = saved.started_at or self.status.started_at or self._started_at
         entries = self._resumed_entries
-        head, carried = self._resumed_head, self._carried_analysis
-        if head is not None and carried is not None:
+        if self._resumed_head is not None:
             # The head's analysis state names this rollout: its start is in this record.
-            self._analyzer, self._looks = carried
+            head, self._analyzer, self._looks = self._resumed_head
             evidence = (
                 f"the analysis carried on from the state saved with the record "
                 f"({self._looks} looks)"
@@ -1121,7 +1119,7 @@ class RolloutRunner:
             )
             last = max((e.at for e in entries if isinstance(e, TickEntry)), default=None)
         self._resumed_entries = []  # replayed: holding them would grow with the record's age
-        self._resumed_head, self._carried_analysis = None, None
+        self._resumed_head = None
         counting = self._count_on()
         known = self.status.last_data_at
         if recorded is not None and self.status.active and (known is None or recorded > known):
@@ -1331,10 +1329,12 @@ class RolloutRunner:
         # is float64 bytes), a little cheaper
         return pack_state(state, max_chars=MAX_ANALYSIS_CHARS, level=1)
 
-    def _take_analysis(self, text: str, saved: SavedRollout) -> str | None:
-        """Take up the analysis state a saved record's head holds (_analysis_state), if it
-        is this rollout's analysis since the saved status' start: None when taken, else why
-        not (the record is then replayed)."""
+    def _take_analysis(
+        self, text: str, saved: SavedRollout
+    ) -> tuple[AnalyzerLike | None, int] | str:
+        """The analyzer (None: none yet) and its looks, from the analysis state a saved
+        record's head holds (_analysis_state), if it is this rollout's analysis since the
+        saved status' start; else why not (the record is then read and replayed)."""
         try:
             state = unpack_state(text, max_chars=MAX_ANALYSIS_CHARS, source="analysis state")
         except InputError as exc:
@@ -1357,12 +1357,11 @@ class RolloutRunner:
                 return "this analyzer cannot take up a saved state"
             try:
                 analyzer.carry_on(state["analysis"])
-            except ValueError as exc:
+            except (ValueError, TypeError, ArithmeticError) as exc:  # never costs the resume
                 return str(exc)[:300]
         elif looks:
             return f"{looks} looks but no analysis"
-        self._carried_analysis = (analyzer, looks)
-        return None
+        return analyzer, looks
 
     def _count_on(self) -> str:
         """Take up the counting state the resumed record carries: the first look then reads
