@@ -1085,28 +1085,25 @@ class ConfigMapRecordWriter:
         return None
 
     def _carried(self) -> str | None:
-        """The metric source's state to save, if any and if it leaves the head room: at
-        most an eighth of the object limit (the tail's packed lines take at most a quarter)."""
-        if self.carry is None:
-            return None
-        try:
-            carried = self.carry()
-        except Exception:  # a bug there must not cost the record its write
-            log.exception("record %s/%s: the metric source's state", self.namespace, self.name)
-            return None
-        return carried if carried is not None and len(carried) <= self.max_bytes // 8 else None
+        """The metric source's state to save (None: the head keeps the one it has)."""
+        return self._given(self.carry, "the metric source's state")
 
     def _analysis(self) -> str:
-        """The runner's analysis state to save ("" for none), within an eighth of the
-        object limit, like the metric source's."""
-        if self.analysis is None:
-            return ""
+        """The runner's analysis state to save ("" for none)."""
+        return self._given(self.analysis, "the analysis state") or ""
+
+    def _given(self, source: Callable[[], str | None] | None, what: str) -> str | None:
+        """What `source` gives to save with the head, if anything and if it leaves the head
+        room: at most an eighth of the object limit (the tail's packed lines take at most a
+        quarter)."""
+        if source is None:
+            return None
         try:
-            state = self.analysis()
+            given = source()
         except Exception:  # a bug there must not cost the record its write
-            log.exception("record %s/%s: the analysis state", self.namespace, self.name)
-            return ""
-        return state if state is not None and len(state) <= self.max_bytes // 8 else ""
+            log.exception("record %s/%s: %s", self.namespace, self.name, what)
+            return None
+        return given if given is not None and len(given) <= self.max_bytes // 8 else None
 
     def _marks(self) -> tuple[int, float | None, float | None]:
         """Where the lines added so far end: their bytes, the last tick's time and the last
