@@ -493,6 +493,18 @@ def per_rollout(text: str, name: str) -> dict[str, float]:
 KILL_POLL_S = 2.0  # how often the kill phase reads the survivors' /metrics
 
 
+def quantiles(values: list[float]) -> dict[str, float] | None:
+    """p10, p50, p90 and max of `values` (nearest rank), or None when there are none."""
+    if not values:
+        return None
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 1)
+
+    return {"n": len(ordered), "p10": at(0.1), "p50": at(0.5), "p90": at(0.9), "max": at(1.0)}
+
+
 def kill_phase(
     cluster: Any,
     replicas: list[Replica],
@@ -542,6 +554,10 @@ def kill_phase(
 
     marks: dict[str, float] = {}
     ticks_at_takeover = 0.0
+    # per moved rollout, when (from the kill, to a poll) its series were on a survivor (it
+    # resumed) and when it had first decided there: where the time to "ticked" goes
+    resumed_at: dict[str, float] = {}
+    decided_at: dict[str, float] = {}
     deadline = killed_at + 3 * args.lease_s + 6 * args.tick_s + 120
     while len(marks) < 4 and time.monotonic() < deadline:
         now = time.monotonic() - killed_at
@@ -559,6 +575,10 @@ def kill_phase(
             k for t in texts for k, v in per_rollout(t, "canary_analysis_decisions_total").items()
             if v >= 1
         }  # fmt: skip
+        for k in moved & steps & weights:
+            resumed_at.setdefault(k, now)
+        for k in moved & decided:
+            decided_at.setdefault(k, now)
         if "takeover" not in marks and all(f'{{shard="{i}"}}' in held for i in range(shards)):
             marks["takeover"] = now
             ticks_at_takeover = ticks
@@ -630,6 +650,12 @@ def kill_phase(
         "all_series_on_survivor_s": round(marks["series"], 2) if "series" in marks else None,
         "moved_rollouts_ticked_s": round(marks["ticked"], 2) if "ticked" in marks else None,
         "n_more_ticks_s": round(marks["ticks_n"], 2) if "ticks_n" in marks else None,
+        # quantiles over the moved rollouts, seconds from the kill (to a poll, KILL_POLL_S)
+        "moved_resumed_s": quantiles(list(resumed_at.values())),
+        "moved_first_decided_s": quantiles(list(decided_at.values())),
+        "moved_resumed_to_decided_s": quantiles(
+            [decided_at[k] - resumed_at[k] for k in decided_at if k in resumed_at]
+        ),
         "rollouts_checked": len([k for k in keys if k in before and k in after]),
         "not_held_at_first_step": [
             k

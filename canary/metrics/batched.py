@@ -34,9 +34,13 @@ rollouts *and* with their age, and a thousand rollouts open a thousand connectio
 - **Carried state.** A rollout that moves to another replica (or a restarted one) need not
   read back at all: `BatchedMetrics.carry` gives its counting state as text, which its
   record's head saves with each write, and `carry_on` takes it up on the next replica (same
-  since, same selectors, read through at most `carry_max_age_s` before). Its first batch then
+  since, same selectors, read through at most `carry_max_age_s` before). Its first read then
   reads from that time, as any batch reads from its last: the same samples, applied once by
-  the same rule, so it counts what the lost replica would have counted.
+  the same rule, so it counts what the lost replica would have counted. That first read is a
+  *catch-up* of the carried rollouts alone (every one whose first fetch came while the last
+  catch-up read), not the next batch of all: a survivor that takes a thousand rollouts over
+  has its own thousand in its batches, and a moved rollout waited for the batch in flight
+  and then a whole one of two thousand before its first tick (issue 13).
 - **Summary first reads.** A rollout resumed an hour into its analysis (a shard taken over,
   a restart) would read ~700 samples per series to learn what a handful of numbers say. So
   when its `since` is more than `summary_after_s` old, the first read asks Prometheus for
@@ -351,6 +355,9 @@ class _Registration:
     fetched: float = 0.0  # when its rollout last asked (monotonic): idle ones leave the batches
     first_read: asyncio.Lock = field(default_factory=asyncio.Lock)
     reading: int = 0  # reads in flight that apply to its series (off the loop): no carry then
+    # Filled from a carried state and not yet caught up: its first read is a catch-up
+    # (PrometheusBatcher._catch_up), after which it joins the batches.
+    carried: bool = False
 
     @classmethod
     def build(
@@ -551,6 +558,7 @@ class PrometheusBatcher:
         self.carry_max_age_s = carry_max_age_s
         self.carried = 0  # rollouts that took up a carried state (tests, benchmarks)
         self.carry_refused = 0
+        self.catch_ups = 0  # catch-up reads of carried rollouts (tests, benchmarks)
         self.idle_s = max(60.0, 6 * period_s) if idle_s is None else idle_s
         self.max_age_s = 2 * period_s if max_age_s is None else max(period_s, max_age_s)
         self.queries_sent = 0
@@ -560,6 +568,10 @@ class PrometheusBatcher:
         self._slots: asyncio.Semaphore | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._inflight_members: set[_Registration] = set()
+        # Carried registrations whose first fetch waits for a catch-up read not yet started,
+        # and the catch-up read in flight.
+        self._catching_up: set[_Registration] = set()
+        self._catch_up_task: asyncio.Task[None] | None = None
         # Range first reads at once: each holds its answers (~70,000 samples a rollout an
         # hour into its analysis) until they are applied; a shard's thousand rollouts
         # resumed at once took a survivor to 3.9 GB when they all waited together.
@@ -580,11 +592,12 @@ class PrometheusBatcher:
 
     async def aclose(self) -> None:
         """Close the HTTP session (a later read opens a new one)."""
-        task, self._inflight = self._inflight, None
-        if task is not None and not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+        for task in (self._inflight, self._catch_up_task):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._inflight = self._catch_up_task = None
         session, self._session = self._session, None
         if session is not None:
             await session.close()
@@ -616,10 +629,10 @@ class PrometheusBatcher:
             reg.reset()
             return f"it counts nothing: {result}"
         self.carried += 1
-        reg.result, reg.at, reg.active = result, at, True
+        # Not in the batches yet: its first fetch catches it up (_catch_up), then it joins.
+        reg.result, reg.at, reg.carried = result, at, True
         reg.last_ok = dict.fromkeys(reg.members(), at)
         reg.fetched = time.monotonic()
-        self._registrations.add(reg)
         return reg
 
     def _drop(self, reg: _Registration) -> None:
@@ -675,7 +688,11 @@ class PrometheusBatcher:
 
     async def _baseline(self, reg: _Registration) -> None:
         """A registration's first read: its own series back to since - lookback (or their
-        summaries, when that is far back and they allow it: _summary_read)."""
+        summaries, when that is far back and they allow it: _summary_read); for one filled
+        from a carried state, the catch-up read from where that state was read through."""
+        if reg.carried:
+            await self._catch_up(reg)
+            return
         at = time.time()
         if at - reg.since > self.summary_after_s and await self._summary_read(reg, at):
             return
@@ -694,6 +711,36 @@ class PrometheusBatcher:
         reg.active = True
         reg.last_ok = dict.fromkeys(members, at)
         self._registrations.add(reg)
+
+    async def _catch_up(self, reg: _Registration) -> None:
+        """Wait for a catch-up read of `reg`: the one in flight if it reads it, else the next,
+        which reads every carried registration that asked meanwhile."""
+        self._catching_up.add(reg)
+        while reg in self._catching_up and not reg.closed:
+            task = self._catch_up_task
+            if task is None or task.done():
+                task = self._catch_up_task = asyncio.create_task(
+                    self._catch_up_round(), name="prometheus catch-up"
+                )
+            await asyncio.shield(task)  # one rollout cancelled does not cancel the others'
+        self._catching_up.discard(reg)
+
+    async def _catch_up_round(self) -> None:
+        """One catch-up read: the carried registrations waiting, oldest first, in groups of
+        `rollouts_per_read` as a batch reads them (each family from its oldest read), each
+        group joining the batches once read. A family that failed is read again from the same
+        place by the next batch, as in any batch."""
+        regs = sorted((r for r in self._catching_up if not r.closed), key=_oldest_read)
+        self._catching_up.clear()
+        self.catch_ups += 1
+        for start in range(0, len(regs), self.rollouts_per_read):
+            group = regs[start : start + self.rollouts_per_read]
+            await self._batch_group(time.time(), group)
+            for reg in group:
+                reg.carried = False
+                if not reg.closed:
+                    reg.active = True
+                    self._registrations.add(reg)
 
     async def _summary_read(self, reg: _Registration, at: float) -> bool:
         """A first read from each series' summary; False if it must be the range read."""
@@ -1337,7 +1384,9 @@ def _shape(reg: _Registration, url: str) -> str:
 def _carry_text(reg: _Registration, url: str) -> str | None:
     """The registration's counting state as compact text, or None when it has none to carry
     (not counting yet, a read applying to it now, or a series only a read can explain)."""
-    if not reg.active or reg.closed or reg.reading or not isinstance(reg.result, ArmsCounts):
+    if not (reg.active or reg.carried) or reg.closed or reg.reading:
+        return None
+    if not isinstance(reg.result, ArmsCounts):
         return None
     sels: list[list[object]] = []
     for sel in reg.selectors:

@@ -267,7 +267,8 @@ async def test_a_carried_state_counts_on_as_the_replica_that_read_it_would(
         # state's age here: the fetch waits for one).
         result = await moved.fetch(since=since, now=time.time())
         assert isinstance(result, ArmsCounts), result
-        assert new.queries_sent == 3 and new.batches == 1  # a batch, not a read back
+        # a catch-up read from where the state was read through, not a read back
+        assert new.queries_sent == 3 and (new.catch_ups, new.batches) == (1, 0)
         assert (result.primary.requests, result.canary.requests) == (6 + 4, 5 + 4)
         assert (result.canary.errors, result.canary.latency_buckets[INF]) == (5 + 1, 9)
         assert result == await fresh(before, since) == await old_counts(env, q, since)
@@ -277,6 +278,81 @@ async def test_a_carried_state_counts_on_as_the_replica_that_read_it_would(
         await old.aclose()
         await new.aclose()
         pool.stop_all()
+
+
+async def test_carried_rollouts_catch_up_together_without_the_batch_of_the_others(
+    env: Env,
+) -> None:
+    """Rollouts that carried their state on (a shard taken over) are caught up by one read of
+    their own series, all of them together, from where their states were read through: not by
+    the next batch of every rollout the replica already had (which a moved rollout waited
+    for, twice, before its first tick). Then they join the batches. Counts as the per-rollout
+    provider's."""
+    port = env.exporter_port
+    names = [f"catch{i}" for i in range(3)]
+    everyone = [*names, "resident"]
+    for name in everyone:
+        await inc(port, f"{name}-p", n=2)
+        await inc(port, f"{name}-c", n=1)
+    for name in everyone:  # one scrape sees them all: waits only for the first
+        await scraped(env, f"{name}-c", 1)
+    since = time.time()
+    for name in everyone:
+        await inc(port, f"{name}-p", n=3)
+    for name in everyone:
+        await scraped(env, f"{name}-p", 5)
+    old = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05)
+    new = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05)
+    sent: list[str] = []
+    post = new._post
+
+    async def spy(query: str, at: float) -> bytes | object:
+        sent.append(query)
+        return await post(query, at)
+
+    new._post = spy  # type: ignore[method-assign,assignment]
+    try:
+        texts = []
+        for name in names:
+            before = old.provider(env.queries(name))
+            assert isinstance(await before.fetch(since=since, now=time.time()), ArmsCounts)
+            text = before.carry()
+            assert text is not None
+            texts.append(text)
+        resident = new.provider(env.queries("resident"))
+        assert isinstance(await resident.fetch(since=since, now=time.time()), ArmsCounts)
+        batches, queries = new.batches, new.queries_sent
+        sent.clear()
+        for name in names:  # traffic after the states were read through
+            await inc(port, f"{name}-p", n=4)
+            await inc(port, f"{name}-c", n=2, code=500)
+        for name in names:
+            await scraped(env, f"{name}-p", 9)
+            await scraped(env, f"{name}-c", 3)
+        moved = [new.provider(env.queries(name)) for name in names]
+        for provider, text in zip(moved, texts, strict=True):
+            assert provider.carry_on(text, since=since, now=time.time()) is None
+            assert provider.carry() == text  # carried on again before its first read
+        results = await asyncio.gather(*(m.fetch(since=since, now=time.time()) for m in moved))
+        # one read of the three together (a query per family), no batch, the resident unread
+        assert new.catch_ups == 1 and new.batches == batches
+        assert new.queries_sent - queries == 3 == len(sent)
+        assert all("catch0-p" in q and "catch2-c" in q for q in sent), sent
+        assert not any("resident" in q for q in sent), sent
+        for name, result in zip(names, results, strict=True):
+            assert isinstance(result, ArmsCounts), result
+            assert (result.primary.requests, result.canary.requests) == (3 + 4, 2)
+            assert result.canary.errors == 2
+            assert result == await old_counts(env, env.queries(name), since)
+        # then they are read with the others, by the batches
+        assert new.registered == 4
+        await asyncio.sleep(0.1)
+        await moved[0].fetch(since=since, now=time.time())
+        assert new.batches == batches + 1
+        assert any("catch1-p" in q and "resident-p" in q for q in sent[3:]), sent
+    finally:
+        await old.aclose()
+        await new.aclose()
 
 
 async def test_a_carried_state_that_does_not_fit_is_refused_by_name(env: Env) -> None:
