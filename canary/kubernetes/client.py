@@ -230,7 +230,8 @@ TWO_CLUSTER_CALLS: frozenset[ApiCall] = frozenset(
 
 API_CALLS: frozenset[ApiCall] = TWO_CLUSTER_CALLS | frozenset(
     _calls("apps", "deployments", "get", "list", "watch", "create", "patch")
-    | _calls("", "services", "get", "create", "patch")
+    # list + watch (ours alone, by label): ensure_services' cache (canary.kubernetes.informer).
+    | _calls("", "services", "get", "list", "watch", "create", "patch")
     # The app's HorizontalPodAutoscaler is followed; app-primary's is our mirror of it.
     | _calls(
         "autoscaling",
@@ -260,7 +261,7 @@ OWN_NAMESPACE_RESOURCES = frozenset({"leases", "configmaps"})
 _MERGE_PATCH = "application/merge-patch+json"
 
 # What `_watch` can list and watch.
-_Watched = Literal["deployments", "horizontalpodautoscalers", "ingresses", "httproutes"]
+_Watched = Literal["deployments", "horizontalpodautoscalers", "ingresses", "httproutes", "services"]
 
 
 # -- watch values ------------------------------------------------------------------------
@@ -530,6 +531,26 @@ class Kube:
             async for item in stream:
                 yield item
 
+    async def watch_services(
+        self,
+        namespace: str | None = None,
+        *,
+        timeout_s: int = 300,
+        on_stream: Callable[[bool], None] | None = None,
+        label_selector: str | None = None,
+    ) -> AsyncGenerator[Relist | WatchEvent, None]:
+        """v1 Services (those `label_selector` selects): see `_watch`."""
+        stream = self._watch(
+            "services",
+            namespace,
+            timeout_s=timeout_s,
+            on_stream=on_stream,
+            label_selector=label_selector,
+        )
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                yield item
+
     async def watch_httproutes(
         self,
         namespace: str | None = None,
@@ -569,6 +590,12 @@ class Kube:
                 self._net.list_ingress_for_all_namespaces,
                 self._net.list_namespaced_ingress,
             )
+        elif resource == "services":
+            group, all_fn, ns_fn = (
+                "",
+                self._core.list_service_for_all_namespaces,
+                self._core.list_namespaced_service,
+            )
         else:  # a CRD: (group, version, [namespace,] plural)
             group = "gateway.networking.k8s.io"
             if namespace is None:
@@ -582,9 +609,12 @@ class Kube:
             return group, all_fn, ()
         return group, ns_fn, (namespace,)
 
-    async def _list(self, resource: _Watched, namespace: str | None) -> Relist:
+    async def _list(
+        self, resource: _Watched, namespace: str | None, label_selector: str | None = None
+    ) -> Relist:
         group, fn, args = self._listing(resource, namespace)
-        body = await self._call(ApiCall(group, resource, "list"), fn, *args)
+        selected = {} if label_selector is None else {"label_selector": label_selector}
+        body = await self._call(ApiCall(group, resource, "list"), fn, *args, **selected)
         return Relist(list(body.get("items") or []), str(body["metadata"]["resourceVersion"]))
 
     async def list_ingresses(self, namespace: str | None = None) -> Relist:
@@ -600,6 +630,7 @@ class Kube:
         *,
         timeout_s: int,
         on_stream: Callable[[bool], None] | None = None,
+        label_selector: str | None = None,
     ) -> AsyncGenerator[Relist | WatchEvent, None]:
         """A Relist first, then events, forever: resumes from the last resourceVersion
         after the server ends a stream, and re-lists (a new Relist) after 410 Gone.
@@ -620,13 +651,13 @@ class Kube:
         empty_streams = stream_errors = 0
         while True:
             if resource_version is None:
-                relist = await self._list(resource, namespace)
+                relist = await self._list(resource, namespace, label_selector)
                 resource_version = relist.resource_version
                 yield relist
             opened, events = time.monotonic(), 0
             try:
                 stream = self._watch_once(
-                    call, watch_fn, args, resource_version, timeout_s, on_stream
+                    call, watch_fn, args, resource_version, timeout_s, on_stream, label_selector
                 )
                 async with contextlib.aclosing(stream):
                     async for event in stream:
@@ -670,8 +701,10 @@ class Kube:
         resource_version: str,
         timeout_s: int,
         on_stream: Callable[[bool], None] | None = None,
+        label_selector: str | None = None,
     ) -> AsyncGenerator[WatchEvent, None]:
         what = f"watch {call.resource}"
+        selected = {} if label_selector is None else {"label_selector": label_selector}
         if call not in API_CALLS:
             raise AssertionError(f"{call} is missing from API_CALLS")
 
@@ -684,6 +717,7 @@ class Kube:
                     timeout_seconds=timeout_s,
                     allow_watch_bookmarks=False,
                     _preload_content=False,
+                    **selected,
                     # A silent, half-dead connection must not hang the watch forever.
                     _request_timeout=aiohttp.ClientTimeout(sock_read=timeout_s + 15),
                 )

@@ -112,6 +112,7 @@ from canary.kubernetes.spec import (
 )
 from canary.kubernetes.workload import (
     MANAGED_BY,
+    MANAGED_BY_SELECTOR,
     AppDeployments,
     hpa_target,
     primary_template,
@@ -968,6 +969,7 @@ class DeploymentWorker:
             hpa=self.app_hpa,
             promote_timeout_s=settings.promote_timeout_s,
             promote_poll_s=settings.promote_poll_s,
+            services=self.op.services,
         )
 
     # ---- views ----------------------------------------------------------------------
@@ -1081,6 +1083,10 @@ class Operator:
         # with a GET (issue 13); same namespaces as the Deployment watch.
         self.ingresses = ObjectCache(kube, "ingresses", settings.namespace)
         self.httproutes = ObjectCache(kube, "httproutes", settings.namespace)
+        # app-primary and app-canary, which ensure_services looks at on every start and resume
+        self.services = ObjectCache(
+            kube, "services", settings.namespace, label_selector=MANAGED_BY_SELECTOR
+        )
         self._leading = elector is None
         self.telemetry.leader.set_function(lambda: 1.0 if self.acting() else 0.0)
         # One reader and one HTTP session for every rollout's counts: about one batch per
@@ -1124,6 +1130,7 @@ class Operator:
         caches = [
             asyncio.create_task(self.ingresses.run(), name="watch ingresses"),
             asyncio.create_task(self.httproutes.run(), name="watch httproutes"),
+            asyncio.create_task(self.services.run(), name="watch services"),
         ]
         electing = self.elector or self.shards
         if electing is not None:

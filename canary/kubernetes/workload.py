@@ -29,6 +29,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal
 
 from canary.kubernetes.client import Conflict, Kube, NotFound, deployment_rollout
+from canary.kubernetes.informer import ObjectCache
 from canary.kubernetes.spec import CanarySpec
 
 __all__ = [
@@ -42,6 +43,7 @@ __all__ = [
 
 JSON = dict[str, Any]
 MANAGED_BY = {"app.kubernetes.io/managed-by": "canary"}
+MANAGED_BY_SELECTOR = ",".join(f"{k}={v}" for k, v in MANAGED_BY.items())
 
 
 def template_hash(deployment: Mapping[str, Any]) -> str:
@@ -126,6 +128,7 @@ class AppDeployments:
         hpa: Callable[[], JSON | None] = lambda: None,
         promote_timeout_s: float = 300.0,
         promote_poll_s: float = 1.0,
+        services: ObjectCache | None = None,
     ) -> None:
         self.kube = kube
         self.key = key
@@ -138,6 +141,8 @@ class AppDeployments:
         self.hpa = hpa  # the app's HPA as last seen (the HPA watch keeps it current), or None
         self.promote_timeout_s = promote_timeout_s
         self.promote_poll_s = promote_poll_s
+        # The Services canary manages, as the watch last saw them (None: GET each time).
+        self.services = services
 
     async def scale_canary(self, up: bool) -> None:
         """The runner's Workload: the canary gets its replicas, or none."""
@@ -182,16 +187,30 @@ class AppDeployments:
                     "ports": [{"name": "http", "port": port, "targetPort": target_port}],
                 },
             }
+            cache = self.services
             try:
-                current = await self.kube.get_service(namespace, service)
+                if cache is None:
+                    current = await self.kube.get_service(namespace, service)
+                else:
+                    current = await cache.get(namespace, service)
             except NotFound:
                 self.check_acting()
+                if cache is not None:
+                    cache.writing(namespace, service)
                 with contextlib.suppress(Conflict):
-                    await self.kube.create_service(namespace, body)
+                    created = await self.kube.create_service(namespace, body)
+                    if cache is not None:
+                        cache.wrote(namespace, service, created)
                 continue
             if (current.get("spec") or {}).get("selector") != selector:
                 self.check_acting()
-                await self.kube.patch_service(namespace, service, {"spec": {"selector": selector}})
+                if cache is not None:
+                    cache.writing(namespace, service)
+                patched = await self.kube.patch_service(
+                    namespace, service, {"spec": {"selector": selector}}
+                )
+                if cache is not None:
+                    cache.wrote(namespace, service, patched)
 
     async def copy_to_primary(self, *, replicas: int | None = None) -> JSON:
         """Create app-primary, or give it `app`'s pod template (idempotent)."""

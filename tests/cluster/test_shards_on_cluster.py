@@ -34,6 +34,7 @@ from datetime import datetime
 from itertools import groupby
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import pytest
 import yaml
@@ -527,6 +528,31 @@ def test_two_replicas_split_the_shards_survive_a_kill_and_a_third_takes_nothing(
     # The analysis state is saved with every write of the record: a resume takes it up
     # from the head alone unless the status and the record were saved at different looks.
     assert analysis_carried >= 1, shards.logs()[-4000:]
+
+    # The survivors looked at the moved apps' Services in their cache of the Services canary
+    # manages (listed and watched by label), not with two GETs a resume as before.
+    survivors = {b.credential, c.credential}
+    services = [
+        e
+        for e in shards.cluster.audit_events()
+        if e["stage"] == "ResponseComplete"
+        and (e.get("objectRef") or {}).get("resource") == "services"
+        and _credential(e) in survivors
+    ]
+    watched = [e for e in services if e["verb"] in ("list", "watch")]
+    assert watched and all(
+        "labelSelector=app.kubernetes.io/managed-by=canary" in unquote(e["requestURI"])
+        for e in watched
+    ), [e["requestURI"] for e in watched]
+    gets_after = [
+        e
+        for e in services
+        if e["verb"] == "get"
+        and _wall(e["requestReceivedTimestamp"]) > killed_at
+        and (e.get("objectRef") or {}).get("namespace") in BY_SHARD[shard_of_a]
+    ]
+    # (not 0 for sure: a read between two watch streams GETs, as it should)
+    assert len(gets_after) < 2 * len(BY_SHARD[shard_of_a]), gets_after
 
     codes = {r.name: r.stop() for r in (b, c)}
     assert codes == {"replica-b": 0, "replica-c": 0}, shards.logs()

@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 from support.kube_emulator import KubeEmulator
 
-from canary.kubernetes.client import Kube, WatchEvent
+from canary.kubernetes.client import Kube, NotFound, Relist, WatchEvent
 from canary.kubernetes.informer import ObjectCache, slim
 from canary.routers.base import RouterRejected, set_and_verify
 from canary.routers.gateway_api import GatewayApiRouter
@@ -202,6 +202,37 @@ async def test_an_object_absent_from_a_trusted_cache_is_not_found(
     with pytest.raises(RouterRejected, match="not found"):
         await router.get_weight()
     assert gets(api) == 0 and gets(api, "httproutes", "app") == 0
+
+
+async def test_a_selected_cache_gets_what_it_does_not_hold(api: KubeEmulator, kube: Kube) -> None:
+    """The Services cache holds only those canary manages (a label selector): a Service it
+    does not hold may exist without the label, so it is read with a GET, never taken as
+    absent. One it holds is read from it."""
+    svc = ("", "v1", "services")
+    api.put(*svc, {"metadata": {"name": "theirs", "namespace": "shop"}, "spec": {"ports": []}})
+    cache = ObjectCache(
+        kube, "services", "shop", label_selector="app.kubernetes.io/managed-by=canary"
+    )
+    cache.apply(Relist([], "1"))  # the selected list: none of canary's yet
+    cache.set_watching(True)
+    assert cache.trusted
+    assert (await cache.get("shop", "theirs"))["metadata"]["name"] == "theirs"
+    assert gets(api, "services", "theirs") == 1
+    with pytest.raises(NotFound):
+        await cache.get("shop", "nobody")
+    assert gets(api, "services", "nobody") == 1
+    ours = {
+        "metadata": {
+            "name": "ours",
+            "namespace": "shop",
+            "labels": {"app.kubernetes.io/managed-by": "canary"},
+            "resourceVersion": "7",
+        },
+        "spec": {"selector": {"app": "x"}},
+    }
+    cache.apply(WatchEvent("ADDED", ours))
+    assert (await cache.get("shop", "ours"))["spec"] == {"selector": {"app": "x"}}
+    assert gets(api, "services", "ours") == 0 and cache.hits == 1
 
 
 def test_slim_drops_what_routers_do_not_read() -> None:

@@ -123,10 +123,24 @@ async def test_api_calls_table_matches_the_requests_made(api: KubeEmulator, kube
     await kube.delete_hpa("shop", "app", uid=created_hpa["metadata"].get("uid"))
     await kube.scale_deployment("shop", "app", 0)
     await kube.create_service(
-        "shop", {"metadata": {"name": "app-canary"}, "spec": {"ports": [{"port": 80}]}}
+        "shop",
+        {
+            "metadata": {
+                "name": "app-canary",
+                "labels": {"app.kubernetes.io/managed-by": "canary"},  # the watch selects it
+            },
+            "spec": {"ports": [{"port": 80}]},
+        },
     )
     await kube.get_service("shop", "app-canary")
-    await kube.patch_service("shop", "app-canary", {"spec": {"selector": {"app": "app"}}})
+    async with aclosing(
+        kube.watch_services(
+            "shop", timeout_s=5, label_selector="app.kubernetes.io/managed-by=canary"
+        )
+    ) as services:
+        await anext(services)  # the list
+        await kube.patch_service("shop", "app-canary", {"spec": {"selector": {"app": "app"}}})
+        await anext(services)  # the watch
     ingress = {"metadata": {"name": "app"}, "spec": {"rules": []}}
     await kube.create_ingress("shop", ingress)
     await kube.get_ingress("shop", "app")
