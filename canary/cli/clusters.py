@@ -47,6 +47,7 @@ from canary.cli.common import (
 )
 from canary.clusters.multicluster import build_controller, failover_routes
 from canary.clusters.topology import PowerDNSRouterConfig, Topology, load_topology
+from canary.httpio import AnswerTooLarge, read_bounded
 from canary.kubernetes.client import Kube, KubeError
 from canary.reports.pages import register_routes
 from canary.server.app import Server, make_app
@@ -55,6 +56,8 @@ from canary.server.live import register_live
 from canary.static.config import ConfigError
 
 __all__ = ["add_parser", "serve_topology"]
+
+MAX_ANSWER_BYTES = 64 * 1024 * 1024  # the controller's answers are far below this
 
 JSON = dict[str, Any]
 
@@ -74,7 +77,10 @@ async def _post(url: str, body: JSON | None, token: str | None = None) -> tuple[
             "POST" if body is not None else "GET", url, json=body, headers=headers
         ) as response,
     ):
-        text = await response.text()
+        try:
+            text = (await read_bounded(response, MAX_ANSWER_BYTES)).decode("utf-8", "replace")
+        except AnswerTooLarge as exc:
+            return response.status, {"error": f"the controller's {exc}"}
         try:
             return response.status, json.loads(text)
         except json.JSONDecodeError:

@@ -85,6 +85,7 @@ from canary.cli.common import (
 )
 from canary.cli.status import EXIT_CODES_HELP, add_status_flags
 from canary.core.logs import configure_logging
+from canary.httpio import AnswerTooLarge, read_bounded
 
 __all__ = ["build_parser", "main"]
 
@@ -99,6 +100,9 @@ FORWARDED: dict[str, tuple[str, str, str]] = {
 MANUAL = ("promote", "abort", "pause", "resume")
 
 log = logging.getLogger("canary.cli.main")
+
+# The controller's answers (a rollout's status, a command's result): far below this.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 Handler = Callable[[argparse.Namespace], int]
 
 
@@ -277,7 +281,10 @@ async def _http(
         aiohttp.ClientSession(timeout=timeout) as session,
         session.request(method, url, json=body, headers=headers) as response,
     ):
-        text = await response.text()
+        try:
+            text = (await read_bounded(response, MAX_ANSWER_BYTES)).decode("utf-8", "replace")
+        except AnswerTooLarge as exc:
+            return response.status, {"error": f"the controller's {exc}"}
         try:
             return response.status, json.loads(text)
         except json.JSONDecodeError:

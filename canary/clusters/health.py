@@ -20,6 +20,11 @@ from dataclasses import dataclass
 import aiohttp
 
 from canary.core.failover import Probe
+from canary.httpio import read_prefix
+
+# What a health check reads of the body at most (the kubelet's probes read 10 KiB): an entry
+# point that answers with an endless body is judged by its status, not read to the end.
+PROBE_BODY_BYTES = 10 * 1024
 
 __all__ = ["CheckResult", "EntryPointHealth", "HealthMonitor", "http_check"]
 
@@ -37,7 +42,7 @@ async def http_check(session: aiohttp.ClientSession, url: str, *, timeout_s: flo
     """GET the entry point. A 5xx, a refused connection or a timeout is unhealthy."""
     try:
         async with asyncio.timeout(timeout_s), session.get(url, allow_redirects=False) as response:
-            await response.read()
+            await read_prefix(response, PROBE_BODY_BYTES)  # the status decides, as the kubelet's
             if response.status >= 500:
                 return CheckResult(False, f"GET {url}: HTTP {response.status}")
             return CheckResult(True, f"GET {url}: HTTP {response.status}")

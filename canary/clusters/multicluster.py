@@ -73,6 +73,7 @@ from canary.core.failover import FailoverCommand, FailoverState, Mode, Probe
 from canary.core.records import FailoverEntry, NoteEntry
 from canary.core.rollout import Command, RolloutStatus
 from canary.executors import run_blocking
+from canary.httpio import read_bounded
 from canary.kubernetes.client import (
     Conflict,
     EventRecorder,
@@ -120,6 +121,9 @@ __all__ = [
 ]
 
 log = logging.getLogger("canary.clusters.multicluster")
+
+# The error ratio's answer is one sample; anything near this is not an answer to that query.
+PROMETHEUS_ANSWER_BYTES = 1024 * 1024
 
 # The canary cluster's Deployment opts in with this annotation set to "true".
 ENABLED_ANNOTATION = PREFIX + "two-clusters"
@@ -642,7 +646,7 @@ async def error_ratio_probe(
             asyncio.timeout(service.health.timeout_s),
             session.get(f"{cluster.prometheus.url}/api/v1/query", params={"query": expr}) as resp,
         ):
-            body = await resp.json(content_type=None)
+            body = json.loads(await read_bounded(resp, PROMETHEUS_ANSWER_BYTES))
         result = body.get("data", {}).get("result", [])
         ratio = float(result[0]["value"][1]) if result else None
     except (aiohttp.ClientError, TimeoutError, ValueError, KeyError, IndexError, TypeError) as exc:

@@ -93,6 +93,7 @@ from analysis import ArmCounts
 from canary.core.inputs import InputError, pack_state, unpack_state
 from canary.core.redact import redact_text, redact_url
 from canary.executors import run_blocking
+from canary.httpio import AnswerTooLarge, read_bounded
 from canary.metrics.base import ArmsCounts, MetricsResult, NoData
 from canary.metrics.prometheus import PromQueries
 
@@ -422,10 +423,6 @@ class _Failure:
         if self.unreachable:
             return f"prometheus unreachable at {shown_url}: {self.detail}"
         return f"prometheus error for {selector}: {self.detail}"
-
-
-class _TooLargeError(Exception):
-    pass
 
 
 def _counts(
@@ -860,30 +857,19 @@ class PrometheusBatcher:
                         allow_redirects=False,
                         headers=self._headers,
                     ) as resp:
-                        body = await _read_bounded(resp.content, self.max_response_bytes)
+                        body = await read_bounded(resp, self.max_response_bytes)
                         status = resp.status
             except TimeoutError:
                 return _Failure(True, f"TimeoutError: no answer within {self.timeout_s:g}s")
             except aiohttp.ClientError as exc:
                 return _Failure(True, f"{type(exc).__name__}: {exc}")
-            except _TooLargeError:
-                return _Failure(False, f"answer larger than {self.max_response_bytes} bytes")
+            except AnswerTooLarge as exc:
+                return _Failure(False, str(exc))
         if 300 <= status < 400:
             return _Failure(False, f"HTTP {status}: redirects are not followed")
         if status != 200:
             return _Failure(False, f"HTTP {status}: {body[:500].decode(errors='replace')}")
         return body
-
-
-async def _read_bounded(content: Any, limit: int) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in content.iter_chunked(1 << 16):
-        size += len(chunk)
-        if size > limit:
-            raise _TooLargeError
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 _gc_lock = threading.Lock()

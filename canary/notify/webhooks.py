@@ -49,6 +49,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from canary.core.records import EndEntry, Entry, FailoverEntry, ManualEntry, StartEntry
 from canary.core.redact import redact_text, redact_url
+from canary.httpio import read_prefix
 from canary.notify.formats import (
     EVENT_KINDS,
     FORMATS,
@@ -432,7 +433,7 @@ class Notifier:
                     allow_redirects=False,  # a 307 would re-POST the payload elsewhere
                 ) as response:
                     status = response.status
-                    body = (await response.text())[:200]
+                    body = (await read_prefix(response, 4096)).decode("utf-8", "replace")[:200]
                     if 200 <= status < 300:
                         return self._result(hook, notification, attempts, status, None)
                     if 300 <= status < 400:

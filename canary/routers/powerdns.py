@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from json import loads as json_loads
 from typing import Any
 
 import aiohttp
@@ -27,9 +28,13 @@ import aiohttp
 from canary.core.redact import redact_text, redact_url
 from canary.dnsquery import DnsError
 from canary.dnsquery import query as dns_query
+from canary.httpio import AnswerTooLarge, read_bounded
 from canary.routers.base import RouterError, RouterRejected, RouterUnreachable
 
 __all__ = ["PowerDNSRouter", "build_lua", "parse_lua"]
+
+# A zone's answer holds every rrset of the zone: generous, but not whatever the server sends.
+MAX_ANSWER_BYTES = 64 * 1024 * 1024
 
 _DNS_NAME = re.compile(
     r"^(?=.{1,253}\.?$)([A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.?$"
@@ -127,14 +132,21 @@ class PowerDNSRouter:
                 aiohttp.ClientSession(timeout=self._timeout, headers=self._headers) as session,
                 session.request(method, self._zone_url, json=json) as response,
             ):
-                text = await response.text()
+                try:
+                    raw = await read_bounded(response, MAX_ANSWER_BYTES)
+                except AnswerTooLarge as exc:
+                    raise RouterRejected(what, f"HTTP {response.status}: {exc}") from None
+                text = raw.decode("utf-8", "replace")
                 if response.status >= 400:
                     try:
-                        message = str((await response.json(content_type=None))["error"])
+                        message = str(json_loads(text)["error"])
                     except (ValueError, KeyError, TypeError):
-                        message = text or response.reason or ""
+                        message = text[:500] or response.reason or ""
                     raise RouterRejected(what, f"HTTP {response.status}: {message}")
-                return await response.json(content_type=None) if text else None
+                try:
+                    return json_loads(text) if text else None
+                except ValueError as exc:
+                    raise RouterRejected(what, f"not JSON: {exc}") from None
         except (aiohttp.ClientConnectionError, TimeoutError) as exc:
             detail = redact_text(str(exc))
             raise RouterUnreachable(f"PowerDNS API unreachable ({what}): {detail}") from exc
