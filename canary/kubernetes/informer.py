@@ -1,4 +1,4 @@
-"""Watch caches of the traffic objects, so that each tick's read-back costs no request.
+"""Watch caches of the traffic objects and canary's Services: a tick's read-back costs no request.
 
 Every rollout reads its weight back from its router on every tick. For the Kubernetes routers
 that was a GET of the canary Ingress or HTTPRoute per tick: at 1,000 rollouts and 10 s ticks,
