@@ -572,7 +572,11 @@ def _reassert_weight(status: RolloutStatus, tick: Tick) -> tuple[Action, ...]:
             ),
             SetWeight(status.weight, match=status.match),
         )
-    if tick.weight_read is None and not status.weight_verified:
+    if not status.weight_verified:
+        # Not known to be in place, even when this read agrees: a set whose write landed
+        # but whose read-back timed out left it unverified, and only a verified set starts
+        # the step's clock or finishes a promotion or a rollback (2,000 rollouts: 45 waited
+        # 15 minutes "for the router to confirm 10%" while it read 10%). Set and verify again.
         return (SetWeight(status.weight, match=status.match),)
     return ()
 
