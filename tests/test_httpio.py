@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 from aiohttp import web
+from support.web import on_loopback
 
 from canary.clusters.health import PROBE_BODY_BYTES, http_check
 from canary.core.records import EndEntry, StartEntry
@@ -53,15 +54,8 @@ async def endless() -> AsyncIterator[Endless]:
     server = Endless()
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", server.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    server.url = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with on_loopback(app) as server.url:
         yield server
-    finally:
-        await runner.cleanup()
 
 
 async def test_readers_stop_at_their_bound(endless: Endless) -> None:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from support.web import on_loopback
 
 from canary.core.records import EndEntry, FailoverEntry, ManualEntry, StartEntry
 from canary.kubernetes.spec import SpecError, parse_annotations
@@ -244,15 +245,8 @@ async def services() -> AsyncIterator[Services]:
 
     app = web.Application()
     app.router.add_post("/{kind}/{secret}", handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    found.base = f"http://127.0.0.1:{runner.addresses[0][1]}"
-    try:
+    async with on_loopback(app) as found.base:
         yield found
-    finally:
-        await runner.cleanup()
 
 
 def _hooks(services: Services) -> list[WebhookConfig]:

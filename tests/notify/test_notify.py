@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 from aiohttp import web
 from pydantic import ValidationError
+from support.web import on_loopback
 
 from canary.core.records import EndEntry, FailoverEntry, ManualEntry, StartEntry, TickEntry
 from canary.notify.webhooks import (
@@ -53,18 +54,13 @@ async def receiver() -> AsyncIterator[Receiver]:
     rec = Receiver()
     app = web.Application()
     app.router.add_post("/hook/{secret}", rec.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = runner.addresses[0][1]
-    rec.url = f"http://127.0.0.1:{port}/hook/T000-secret"
-    try:
-        yield rec
-    finally:
-        if rec.hang is not None:
-            rec.hang.set()
-        await runner.cleanup()
+    async with on_loopback(app) as base:
+        rec.url = f"{base}/hook/T000-secret"
+        try:
+            yield rec
+        finally:
+            if rec.hang is not None:
+                rec.hang.set()  # before the cleanup, which waits for its handler
 
 
 def _hook(url: str, **options: Any) -> WebhookConfig:
