@@ -565,9 +565,9 @@ class PrometheusBatcher:
         self._slots: asyncio.Semaphore | None = None
         self._inflight: asyncio.Task[None] | None = None
         self._inflight_members: set[_Registration] = set()
-        # Carried registrations whose first fetch waits for a catch-up read not yet started,
-        # and the catch-up read in flight.
-        self._catching_up: set[_Registration] = set()
+        # Carried registrations whose first fetch waits for a catch-up read, each with what
+        # tells it that its read is done; and the task that reads them, group after group.
+        self._catching_up: dict[_Registration, asyncio.Event] = {}
         self._catch_up_task: asyncio.Task[None] | None = None
         # Range first reads at once: each holds its answers (~70,000 samples a rollout an
         # hour into its analysis) until they are applied; a shard's thousand rollouts
@@ -710,34 +710,43 @@ class PrometheusBatcher:
         self._registrations.add(reg)
 
     async def _catch_up(self, reg: _Registration) -> None:
-        """Wait for a catch-up read of `reg`: the one in flight if it reads it, else the next,
-        which reads every carried registration that asked meanwhile."""
-        self._catching_up.add(reg)
-        while reg in self._catching_up and not reg.closed:
-            task = self._catch_up_task
-            if task is None or task.done():
-                task = self._catch_up_task = asyncio.create_task(
-                    self._catch_up_round(), name="prometheus catch-up"
-                )
-            await asyncio.shield(task)  # one rollout cancelled does not cancel the others'
-        self._catching_up.discard(reg)
+        """Wait for the catch-up read of `reg`: the next group read takes it with the others
+        waiting then (up to `rollouts_per_read`). So a moved rollout waits for the group in
+        flight and its own, not for every rollout that moved with it."""
+        done = self._catching_up.setdefault(reg, asyncio.Event())
+        task = self._catch_up_task
+        if task is None or task.done():
+            self._catch_up_task = asyncio.create_task(self._catch_up_groups(), name="catch-up")
+        await done.wait()
 
-    async def _catch_up_round(self) -> None:
-        """One catch-up read: the carried registrations waiting, oldest first, in groups of
-        `rollouts_per_read` as a batch reads them (each family from its oldest read), each
-        group joining the batches once read. A family that failed is read again from the same
-        place by the next batch, as in any batch."""
-        regs = sorted((r for r in self._catching_up if not r.closed), key=_oldest_read)
-        self._catching_up.clear()
-        self.catch_ups += 1
-        for start in range(0, len(regs), self.rollouts_per_read):
-            group = regs[start : start + self.rollouts_per_read]
-            await self._batch_group(time.time(), group)
-            for reg in group:
-                reg.carried = False
-                if not reg.closed:
-                    reg.active = True
-                    self._registrations.add(reg)
+    async def _catch_up_groups(self) -> None:
+        """Catch-up reads while carried registrations wait: the oldest first, each group read
+        as a batch reads one (each family from its oldest read), then joining the batches. A
+        family that failed is read again from the same place by the next batch, as in any
+        batch; a registration that joined the batches unread would be too (the catch-up is
+        only sooner)."""
+        try:
+            while self._catching_up:
+                ordered = sorted(self._catching_up, key=_oldest_read)
+                taken = ordered[: self.rollouts_per_read]
+                told = [self._catching_up.pop(reg) for reg in taken]
+                group = [reg for reg in taken if not reg.closed]
+                try:
+                    if group:
+                        self.catch_ups += 1
+                        await self._batch_group(time.time(), group)
+                        for reg in group:
+                            reg.carried = False
+                            if not reg.closed:
+                                reg.active = True
+                                self._registrations.add(reg)
+                finally:
+                    for event in told:
+                        event.set()
+        finally:  # cancelled (aclose): every waiter is let go; a fetch asks again
+            for event in self._catching_up.values():
+                event.set()
+            self._catching_up.clear()
 
     async def _summary_read(self, reg: _Registration, at: float) -> bool:
         """A first read from each series' summary; False if it must be the range read."""

@@ -283,11 +283,11 @@ async def test_a_carried_state_counts_on_as_the_replica_that_read_it_would(
 async def test_carried_rollouts_catch_up_together_without_the_batch_of_the_others(
     env: Env,
 ) -> None:
-    """Rollouts that carried their state on (a shard taken over) are caught up by one read of
-    their own series, all of them together, from where their states were read through: not by
-    the next batch of every rollout the replica already had (which a moved rollout waited
-    for, twice, before its first tick). Then they join the batches. Counts as the per-rollout
-    provider's."""
+    """Rollouts that carried their state on (a shard taken over) are caught up by reads of
+    their own series, `rollouts_per_read` at a time (2 here), from where their states were
+    read through: not by the next batch of every rollout the replica already had (which a
+    moved rollout waited for, twice, before its first tick). Then they join the batches.
+    Counts as the per-rollout provider's."""
     port = env.exporter_port
     names = [f"catch{i}" for i in range(3)]
     everyone = [*names, "resident"]
@@ -302,7 +302,7 @@ async def test_carried_rollouts_catch_up_together_without_the_batch_of_the_other
     for name in everyone:
         await scraped(env, f"{name}-p", 5)
     old = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05)
-    new = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05)
+    new = PrometheusBatcher(env.prometheus.url, period_s=0.05, max_age_s=0.05, rollouts_per_read=2)
     sent: list[str] = []
     post = new._post
 
@@ -334,10 +334,12 @@ async def test_carried_rollouts_catch_up_together_without_the_batch_of_the_other
             assert provider.carry_on(text, since=since, now=time.time()) is None
             assert provider.carry() == text  # carried on again before its first read
         results = await asyncio.gather(*(m.fetch(since=since, now=time.time()) for m in moved))
-        # one read of the three together (a query per family), no batch, the resident unread
-        assert new.catch_ups == 1 and new.batches == batches
-        assert new.queries_sent - queries == 3 == len(sent)
-        assert all("catch0-p" in q and "catch2-c" in q for q in sent), sent
+        # two group reads (a query per family each), no batch, the resident unread
+        assert new.catch_ups == 2 and new.batches == batches
+        assert new.queries_sent - queries == 6 == len(sent)
+        named = [{n for n in names if f"{n}-c" in q} for q in sent]
+        assert all(1 <= len(group) <= 2 for group in named), sent
+        assert set().union(*named) == set(names), sent
         assert not any("resident" in q for q in sent), sent
         for name, result in zip(names, results, strict=True):
             assert isinstance(result, ArmsCounts), result
@@ -349,7 +351,8 @@ async def test_carried_rollouts_catch_up_together_without_the_batch_of_the_other
         await asyncio.sleep(0.1)
         await moved[0].fetch(since=since, now=time.time())
         assert new.batches == batches + 1
-        assert any("catch1-p" in q and "resident-p" in q for q in sent[3:]), sent
+        together = [q for q in sent[6:] if "resident-p" in q]
+        assert any(f"{n}-p" in q for q in together for n in names), sent
     finally:
         await old.aclose()
         await new.aclose()
