@@ -80,7 +80,7 @@ async def _post(url: str, body: JSON | None, token: str | None = None) -> tuple[
         try:
             text = (await read_bounded(response, MAX_ANSWER_BYTES)).decode("utf-8", "replace")
         except AnswerTooLarge as exc:
-            return response.status, {"error": f"the controller's {exc}"}
+            return response.status, {"error": f"the controller's answer is over {exc.limit} bytes"}
         try:
             return response.status, json.loads(text)
         except json.JSONDecodeError:

@@ -37,10 +37,11 @@ rollouts *and* with their age, and a thousand rollouts open a thousand connectio
   since, same selectors, read through at most `carry_max_age_s` before). Its first read then
   reads from that time, as any batch reads from its last: the same samples, applied once by
   the same rule, so it counts what the lost replica would have counted. That first read is a
-  *catch-up* of the carried rollouts alone (every one whose first fetch came while the last
-  catch-up read), not the next batch of all: a survivor that takes a thousand rollouts over
-  has its own thousand in its batches, and a moved rollout waited for the batch in flight
-  and then a whole one of two thousand before its first tick (issue 13).
+  *catch-up* of the carried rollouts alone, group after group (each takes the oldest of those
+  waiting when it starts, `rollouts_per_read` at most), not the next batch of all: a survivor
+  that takes a thousand rollouts over has its own thousand in its batches, and a moved
+  rollout waited for the batch in flight and then a whole one of two thousand before its
+  first tick (issue 13).
 - **Summary first reads.** A rollout resumed an hour into its analysis (a shard taken over,
   a restart) would read ~700 samples per series to learn what a handful of numbers say. So
   when its `since` is more than `summary_after_s` old, the first read asks Prometheus for
