@@ -430,6 +430,13 @@ def step(spec: RolloutSpec, status: RolloutStatus, event: Event, now: float) -> 
     """Advance one rollout by one event."""
     match event:
         case Tick():
+            if _read_verifies(status, event):
+                verified = _weight_verified(
+                    spec, status, WeightVerified(status.weight, status.match), now
+                )
+                if verified.actions:  # a promotion goes on, or the rollout ended
+                    return verified
+                status = verified.status
             return _with_polls(spec, _tick(spec, status, event, now))
         case Command():
             return _command(spec, status, event, now)
@@ -572,13 +579,25 @@ def _reassert_weight(status: RolloutStatus, tick: Tick) -> tuple[Action, ...]:
             ),
             SetWeight(status.weight, match=status.match),
         )
-    if not status.weight_verified:
-        # Not known to be in place, even when this read agrees: a set whose write landed
-        # but whose read-back timed out left it unverified, and only a verified set starts
-        # the step's clock or finishes a promotion or a rollback (2,000 rollouts: 45 waited
-        # 15 minutes "for the router to confirm 10%" while it read 10%). Set and verify again.
+    if tick.weight_read is None and not status.weight_verified:
         return (SetWeight(status.weight, match=status.match),)
     return ()
+
+
+def _read_verifies(status: RolloutStatus, tick: Tick) -> bool:
+    """The tick read the wanted weight (and A/B match) back while it is not verified: that
+    read is the verification. A set whose write landed but whose own read-back timed out
+    leaves the weight unverified, and nothing else would verify it while the router reads
+    it right (2,000 rollouts: 45 waited 15 minutes "for the router to confirm 10%" while it
+    read 10%); setting it again every tick instead piled writes on the API server that was
+    timing them out."""
+    return (
+        not status.weight_verified
+        and status.stage in ("Progressing", "Promoting", "RollingBack")
+        and tick.router_error is None
+        and tick.weight_read == status.weight
+        and (tick.match_read == status.match if tick.match_read is not None else not status.match)
+    )
 
 
 def _on(match: bool) -> str:
