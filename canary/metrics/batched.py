@@ -789,7 +789,11 @@ class PrometheusBatcher:
         `rollouts_per_read` registrations read one after another."""
         at = time.time()
         self.batches += 1
-        self._series.next_generation()
+        try:
+            self._series.next_generation()
+        except Exception:  # a bug must not kill the batch: the cache is only a cache
+            log.exception("prometheus batch: the series cache could not be renewed")
+            self._series = _SeriesCache()
         # the families of rollouts gone are forgotten (a first read's are made again)
         self._families = {s.family: s.family for r in regs for s in r.selectors}
         # Oldest reads first, together: a carried rollout's first batch reads back to where
@@ -1026,9 +1030,13 @@ class _SeriesCache:
     def next_generation(self) -> None:
         """Forget what the last batch did not see (one table per family, rebuilt compact)."""
         keep = self._generation
+        # Copies first: a first or catch-up read looks series up in the prometheus pool
+        # meanwhile, and iterating a dict another thread adds to raised "dictionary changed
+        # size during iteration", which killed the batch (the scale run, twice in 10 minutes).
+        # list() of a dict's items is made in one step under the GIL.
         self._by_family = {
-            family: {d: s for d, s in table.items() if s.seen >= keep}
-            for family, table in self._by_family.items()
+            family: {d: s for d, s in list(table.items()) if s.seen >= keep}
+            for family, table in list(self._by_family.items())
         }
         self._generation += 1
         self._interned, self._births = {}, {}
