@@ -187,30 +187,29 @@ class AppDeployments:
                     "ports": [{"name": "http", "port": port, "targetPort": target_port}],
                 },
             }
-            cache = self.services
+            read = self.kube.get_service if self.services is None else self.services.get
             try:
-                if cache is None:
-                    current = await self.kube.get_service(namespace, service)
-                else:
-                    current = await cache.get(namespace, service)
+                current = await read(namespace, service)
             except NotFound:
                 self.check_acting()
-                if cache is not None:
-                    cache.writing(namespace, service)
                 with contextlib.suppress(Conflict):
-                    created = await self.kube.create_service(namespace, body)
-                    if cache is not None:
-                        cache.wrote(namespace, service, created)
+                    await self._write_service(service, self.kube.create_service(namespace, body))
                 continue
             if (current.get("spec") or {}).get("selector") != selector:
                 self.check_acting()
-                if cache is not None:
-                    cache.writing(namespace, service)
-                patched = await self.kube.patch_service(
-                    namespace, service, {"spec": {"selector": selector}}
+                patch = {"spec": {"selector": selector}}
+                await self._write_service(
+                    service, self.kube.patch_service(namespace, service, patch)
                 )
-                if cache is not None:
-                    cache.wrote(namespace, service, patched)
+
+    async def _write_service(self, name: str, write: Awaitable[JSON]) -> None:
+        """Await a write to one of our Services, told to the cache: its reads GET until the
+        watch has delivered what the write returned."""
+        if self.services is not None:
+            self.services.writing(self.key[0], name)
+        written = await write
+        if self.services is not None:
+            self.services.wrote(self.key[0], name, written)
 
     async def copy_to_primary(self, *, replicas: int | None = None) -> JSON:
         """Create app-primary, or give it `app`'s pod template (idempotent)."""
