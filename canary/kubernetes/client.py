@@ -322,6 +322,10 @@ def _guarded(patch: JSON, resource_version: str | None) -> JSON:
 # pool has 100; fewer in flight keeps the API server's priority and fairness from queueing us.
 MAX_IN_FLIGHT = 32
 LEASE_IN_FLIGHT = 4  # leader and shard Leases: never queued behind the rest
+# The routers' reads and writes of the objects that split traffic (not their lists, which
+# the watch caches make): a rollback's weight must not wait behind a thousand record writes.
+TRAFFIC_IN_FLIGHT = 8
+_TRAFFIC_RESOURCES = frozenset({"ingresses", "httproutes", "dnsendpoints"})
 
 
 _PROXY_VARIABLES = (
@@ -375,6 +379,11 @@ class Kube:
         # its deadline, the replica let go of its shard, took it back, restarted its rollouts
         # and starved the next renewal the same way (issue 13's 2,000-rollout run, 2 shards).
         self._lease_slots = asyncio.Semaphore(LEASE_IN_FLIGHT)
+        # Weight sets and their read-backs have slots of their own too: queued behind the
+        # record and status writes of 1,000 rollouts on a congested API server, they ran out
+        # the router's 10 s timeout before their PATCH was sent (issue 13's 2,000-rollout run:
+        # ~100-500 timed-out sets in a 10-minute window), and a rollback's would have too.
+        self._traffic_slots = asyncio.Semaphore(TRAFFIC_IN_FLIGHT)
         _no_env_lookups(api_client)
         self._apps = k8s.AppsV1Api(api_client)
         self._core = k8s.CoreV1Api(api_client)
@@ -437,6 +446,14 @@ class Kube:
 
     # -- the one HTTP seam ---------------------------------------------------------------
 
+    def _slots_for(self, call: ApiCall) -> asyncio.Semaphore:
+        """Leases and the objects that split traffic never queue behind the rest."""
+        if call.resource == "leases":
+            return self._lease_slots
+        if call.resource in _TRAFFIC_RESOURCES and call.verb != "list":
+            return self._traffic_slots
+        return self._slots
+
     async def _call(
         self, call: ApiCall, fn: Callable[..., Awaitable[Any]], *args: Any, **kwargs: Any
     ) -> JSON:
@@ -446,7 +463,7 @@ class Kube:
 
         async def once() -> JSON:
             try:
-                async with self._lease_slots if call.resource == "leases" else self._slots:
+                async with self._slots_for(call):
                     resp = await fn(
                         *args,
                         _preload_content=False,

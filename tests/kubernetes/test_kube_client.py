@@ -184,6 +184,34 @@ async def test_lease_requests_never_wait_behind_the_rest(api: KubeEmulator, tmp_
     assert took < 1.0, took
 
 
+async def test_traffic_requests_never_wait_behind_the_rest(
+    api: KubeEmulator, tmp_path: Path
+) -> None:
+    """Every general slot held by slow GETs (2 s each): the routers' reads of an Ingress, an
+    HTTPRoute and a DNSEndpoint still answer at once (their sets and read-backs timed out in
+    that queue at 2,000 rollouts, issue 13), while a list of Ingresses (a watch cache's) waits
+    its turn like the rest."""
+    api.put(*APPS, deployment("app"))
+    api.inject(0, times=4, verb="get", resource="deployments", delay_s=2.0)
+    config = api.write_kubeconfig(tmp_path / "kc")
+    async with await Kube.connect(
+        kubeconfig=str(config), retry=FAST_RETRY, request_timeout_s=5.0, max_in_flight=2
+    ) as kube:
+        loop = asyncio.get_running_loop()
+        slow = [asyncio.create_task(kube.get_deployment("default", "app")) for _ in range(4)]
+        await asyncio.sleep(0.3)  # two on the wire, two queued
+        began = loop.time()
+        for read in (kube.get_ingress, kube.get_httproute, kube.get_dnsendpoint):
+            with pytest.raises(NotFound):
+                await read("default", "app")
+        traffic_took = loop.time() - began
+        await kube.list_ingresses("default")
+        list_took = loop.time() - began
+        await asyncio.gather(*slow)
+    assert traffic_took < 1.0, traffic_took
+    assert list_took > 1.5, list_took
+
+
 async def test_unknown_context_names_it(api: KubeEmulator, tmp_path: Path) -> None:
     """Like kubectl --context: a context missing from the kubeconfig is a clear error."""
     config = api.write_kubeconfig(tmp_path / "kc", context="real")
