@@ -198,6 +198,26 @@ def thread_cpu(pid: int) -> collections.Counter[str]:
     return by_name
 
 
+def machine_cpu() -> list[int]:
+    """The machine's CPU time so far, in ticks (/proc/stat's first line: user, nice, system,
+    idle, iowait, irq, softirq, steal)."""
+    return [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+
+
+def machine_shares(before: list[int], after: list[int]) -> dict[str, float]:
+    """Between two machine_cpu() readings: the share of all CPUs' time that was busy, and
+    that the hypervisor gave to others (steal). With steal the host was oversubscribed: the
+    same code takes longer on the wall clock and often more CPU time (caches), so figures
+    measured on different days compare only with this beside them."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    total = sum(delta) or 1
+    idle = delta[3] + delta[4]
+    return {
+        "busy": round((total - idle - delta[7]) / total, 3),
+        "steal": round(delta[7] / total, 3),
+    }
+
+
 def proc_rss_mib(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -539,6 +559,8 @@ def kill_phase(
     )
     watched = {**{r.name: r.pid for r in survivors}, **(others or {})}
     cpu_at_kill = {name: proc_cpu(pid) for name, pid in watched.items()}
+    machine_at_kill = machine_cpu()
+    machine_to_ticked: dict[str, float] = {}
     audit_at_kill = audit_size(cluster)
     cpu_to_ticked: dict[str, float] = {}
     api_to_ticked: collections.Counter[str] = collections.Counter()
@@ -590,6 +612,7 @@ def kill_phase(
                 name: round(proc_cpu(pid) - cpu_at_kill[name], 1) for name, pid in watched.items()
             }
             api_to_ticked = api_requests(cluster, audit_at_kill, audit_size(cluster))
+            machine_to_ticked = machine_shares(machine_at_kill, machine_cpu())
         if "takeover" in marks and "ticks_n" not in marks and ticks >= ticks_at_takeover + n:
             marks["ticks_n"] = now
         # Not faster: each poll renders the survivor's /metrics for every rollout, and at
@@ -684,6 +707,7 @@ def kill_phase(
         # CPU seconds of each process, and the survivors' API requests, from the kill until
         # every moved rollout had ticked on a survivor
         "cpu_s_to_ticked": cpu_to_ticked,
+        "machine_cpu_to_ticked": machine_to_ticked,
         "api_to_ticked": dict(api_to_ticked.most_common(15)),
         # each moved rollout's resumed note says whether its counts carried on from the
         # state saved with its record or were read back (and why)
@@ -831,6 +855,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     ),
                     "took": summed([histogram(t, "canary_tick_seconds")[0] for t in texts]),
                     "audit": audit_size(cluster),
+                    "machine": machine_cpu(),
                 }
 
             # Each rollout's first metrics read goes back to its analysis' start (a
@@ -885,6 +910,8 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "window_s": round(wall),
         "settle_s": args.settle_s,
         "cpu_share_of_core": [round(c / wall, 3) for c in cpu],
+        # the whole machine's in the window: busy, and stolen by the hypervisor
+        "machine_cpu": machine_shares(first["machine"], last["machine"]),
         "cpu_ms_per_rollout_tick": round(1000 * sum(cpu) / ticks, 2) if ticks else None,
         # the first replica's CPU by thread: the event loop (MainThread, named after the
         # process), the executors' pools (canary-prometheus: the batcher's decoding, ...)
