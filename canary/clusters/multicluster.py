@@ -91,6 +91,7 @@ from canary.metrics.prometheus import (
     PrometheusMetrics,
     PromQueries,
 )
+from canary.notify.gates import GateCaller
 from canary.notify.webhooks import Notifier
 from canary.retry import ONCE_MORE, retrying
 from canary.routers.base import RouterError, TrafficRouter, set_and_verify
@@ -311,6 +312,7 @@ class CrossClusterRollouts:
         poll_s: float | None = None,
         telemetry: Telemetry | None = None,
         notifier: Notifier | None = None,
+        allow_webhook_hosts: Sequence[str] = (),
     ) -> None:
         self.service = service
         self.pair = pair
@@ -325,6 +327,7 @@ class CrossClusterRollouts:
         self.poll_s = poll_s if poll_s is not None else service.tick_s
         self.telemetry = telemetry
         self.notifier = notifier  # told of every entry of every rollout's record
+        self.allow_webhook_hosts = tuple(allow_webhook_hosts)  # the gates' too
         self.runner: RolloutRunner | None = None
         self.finished: list[tuple[str, str | None]] = []  # (revision, outcome)
         self._to_revert: str | None = None  # a failed revision still running in the canary cluster
@@ -492,6 +495,11 @@ class CrossClusterRollouts:
             workload=PrimaryClusterWorkload(self.pair, template),
             store=store,
             telemetry=self.telemetry,
+            labels={"namespace": self.service.namespace},  # the gates' payload names it
+            # a caller per rollout: the runner closes it when the rollout ends
+            gates=GateCaller(self.service.gates, allow_hosts=self.allow_webhook_hosts)
+            if self.service.gates
+            else None,
         )
         if self.notifier is not None:
             runner.entry_observers.append(self.notifier.on_entry)
@@ -1044,8 +1052,8 @@ def build_controller(
         monitor = health_monitor(topology, service, session, primary=primary, canary=canary)
         # One notifier per service: each names its own webhooks.
         notifier = (
-            Notifier(service.webhooks, allow_hosts=allow_webhook_hosts)
-            if service.webhooks
+            Notifier(service.notifications, allow_hosts=allow_webhook_hosts)
+            if service.notifications
             else None
         )
 
@@ -1069,6 +1077,7 @@ def build_controller(
                 poll_s=poll_s,
                 telemetry=telemetry,
                 notifier=notifier,
+                allow_webhook_hosts=allow_webhook_hosts,
             )
 
         services.append(

@@ -31,12 +31,12 @@ from typing import Any, get_args
 from urllib.parse import urlsplit
 
 import aiohttp
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from canary.core.advice import LoadAt
 from canary.core.redact import redact_text, redact_url
 from canary.core.rollout import GATE_KINDS, GateKind
-from canary.notify.webhooks import GuardedResolver, RefusedAddress, _literal_refusal
+from canary.notify.webhooks import GuardedResolver, RefusedAddress, WebhookConfig, _literal_refusal
 from canary.retry import RetryPolicy, retrying
 
 __all__ = [
@@ -51,6 +51,7 @@ __all__ = [
     "load_description",
     "load_from_gates",
     "parse_metadata",
+    "parse_webhooks",
 ]
 
 MAX_METADATA_KEYS = 32
@@ -195,6 +196,29 @@ class GateConfig(BaseModel):
         metadata = parse_metadata(value)
         generated_load(str(info.data.get("type", "")), metadata)  # a load test's rate and place
         return metadata
+
+
+def parse_webhooks(value: object) -> object:
+    """A config's `webhooks:` list (a `mode="before"` validator's job): an entry with a
+    `type` is a gate, one without a notification; an error names the entry
+    (webhooks[1].url: ...). Anything but a list is left to the field's own check."""
+    if not isinstance(value, list):
+        return value
+    hooks: list[WebhookConfig | GateConfig] = []
+    for index, item in enumerate(value):
+        model: type[WebhookConfig] | type[GateConfig] = (
+            GateConfig if isinstance(item, dict) and "type" in item else WebhookConfig
+        )
+        try:
+            hooks.append(model.model_validate(item))
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"])
+            message = str(first["msg"]).removeprefix("Value error, ")
+            if first["type"] == "extra_forbidden":
+                message = "unknown key (typo?)"
+            raise ValueError(f"webhooks[{index}].{where}: {message}") from None
+    return hooks
 
 
 def gate_payload(

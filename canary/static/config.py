@@ -88,7 +88,7 @@ from canary.core.rollout import (
     check_steps,
 )
 from canary.metrics.prometheus import PromQueries
-from canary.notify.gates import GateConfig
+from canary.notify.gates import GateConfig, parse_webhooks
 from canary.notify.webhooks import WebhookConfig
 from canary.routers.base import Match
 
@@ -221,25 +221,7 @@ class TargetConfig(_Strict):
     @field_validator("webhooks", mode="before")
     @classmethod
     def _webhooks(cls, value: object) -> object:
-        """An entry with a `type` is a gate, one without a notification; errors name the
-        entry (webhooks[1].url: ...)."""
-        if not isinstance(value, list):
-            return value
-        hooks: list[WebhookConfig | GateConfig] = []
-        for index, item in enumerate(value):
-            model: type[WebhookConfig] | type[GateConfig] = (
-                GateConfig if isinstance(item, dict) and "type" in item else WebhookConfig
-            )
-            try:
-                hooks.append(model.model_validate(item))
-            except ValidationError as exc:
-                first = exc.errors()[0]
-                where = ".".join(str(p) for p in first["loc"])
-                message = str(first["msg"]).removeprefix("Value error, ")
-                if first["type"] == "extra_forbidden":
-                    message = "unknown key (typo?)"
-                raise ValueError(f"webhooks[{index}].{where}: {message}") from None
-        return hooks
+        return parse_webhooks(value)
 
     @property
     def notifications(self) -> list[WebhookConfig]:
@@ -414,12 +396,15 @@ def format_validation_error(error: ValidationError, *, source: str) -> str:
                 )
         # A key or a message may quote a value of any size: at most an excerpt of each.
         message = clip(message, 300)
+        prefix, _, last = where.rpartition(".")
         if (
             message.startswith(f"{where}[")
             or message.startswith(f"{where}:")
             or (where == "(top level)" and _NAMES_A_KEY.match(message))
         ):
             lines.append(f"{source}: {message}")  # the validator already named the item
+        elif prefix and (message.startswith(f"{last}[") or message.startswith(f"{last}:")):
+            lines.append(f"{source}: {prefix}.{message}")  # so did a nested one, from its key
         else:
             lines.append(f"{source}: {clip(where, 120)}: {message}")
     return "\n".join(lines)

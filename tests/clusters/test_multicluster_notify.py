@@ -14,7 +14,8 @@ import aiohttp
 import pytest
 from aiohttp import web
 from support.pdns import API_KEY, PdnsServer, free_port, pdns
-from test_multicluster_failover import _probed, deployment, running, wait_for, weight_is
+from support.web import on_loopback
+from test_multicluster_failover import NS, _probed, deployment, running, wait_for, weight_is
 
 from canary.clusters.topology import parse_topology
 from canary.notify.webhooks import report_id
@@ -115,6 +116,85 @@ async def test_a_cross_cluster_rollout_aborted_by_hand_notifies_and_links_its_re
             async with session.get(server.url + path) as response:
                 assert response.status == 200, (path, await response.text())
                 assert "bad build" in await response.text()
+
+
+async def test_a_confirm_rollout_gate_holds_a_cross_cluster_rollout_until_it_opens(
+    pdns: PdnsServer, tmp_path: Any
+) -> None:
+    """A service's `confirm-rollout` gate (a webhook with a `type`, as in a static config)
+    is asked with Flagger's payload: closed (403), the new template waits at the steady 10%;
+    open, the DNS weight moves to the rollout's 50%. The service's notifications do not get
+    the gate's calls, nor the gate theirs."""
+    calls: list[dict[str, Any]] = []
+    notified: list[dict[str, Any]] = []
+    gate_open = False
+
+    async def gate(request: web.Request) -> web.Response:
+        calls.append(await request.json())
+        return web.Response(status=200 if gate_open else 403, text="go" if gate_open else "wait")
+
+    async def notification(request: web.Request) -> web.Response:
+        notified.append(await request.json())
+        return web.Response(text="ok")
+
+    app = web.Application()
+    app.router.add_post("/gate", gate)
+    app.router.add_post("/notify", notification)
+    async with on_loopback(app) as url:
+        hooks = [
+            {"type": "confirm-rollout", "url": f"{url}/gate", "metadata": {"team": "shop"}},
+            {"url": f"{url}/notify", "events": ["manual"], "backoff_s": 0.1},
+        ]
+        async with running(pdns, tmp_path, name="gated", webhooks=hooks) as env:
+            await wait_for(lambda: weight_is(env, 10), 10, "the steady 10%")
+            env.canary_api.put("apps", "v1", "deployments", deployment("shop:2"))
+
+            async def asked(n: int) -> bool:
+                return len(calls) >= n
+
+            await wait_for(lambda: asked(3), 10, "the gate asked on three ticks")
+            assert await weight_is(env, 10)  # held while closed
+            gate_open = True
+            await wait_for(lambda: weight_is(env, 50), 10, "the rollout's 50% once open")
+    assert {c["type"] for c in calls} == {"confirm-rollout"}, calls
+    first = calls[0]
+    assert (first["name"], first["namespace"], first["metadata"]) == ("shop", NS, {"team": "shop"})
+    assert first["phase"] == "Initializing" and first["checksum"], first
+    assert notified == [], notified
+
+
+def test_a_gate_in_a_topology_is_checked_by_name() -> None:
+    """An unknown gate kind is a config error naming the entry and the kinds there are; a
+    known one is a gate of the rollout, not a notification."""
+    cluster = {"entry_point": "192.0.2.10", "prometheus": {"url": "http://p:9090"}}
+    service = {
+        "name": "shop",
+        "dns_name": "shop.example.com",
+        "deployment": "shop",
+        "router": {"kind": "haproxy", "socket": "/run/h.sock", "backend": "b"},
+        "webhooks": [{"type": "confirm-promotions", "url": "https://gates.example/x"}],
+    }
+    data = {
+        "clusters": {
+            "primary": {"name": "eu-1", **cluster},
+            "canary": {
+                "name": "eu-2",
+                "entry_point": "192.0.2.20",
+                "prometheus": {"url": "http://q:9090"},
+            },
+        },
+        "services": [service],
+    }
+    with pytest.raises(ConfigError, match=r"services\[0\]\.webhooks\[0\]\.type: must be one of"):
+        parse_topology(data)
+    service["webhooks"] = [
+        {"type": "confirm-promotion", "url": "https://gates.example/x"},
+        {"url": "https://hooks.example/x"},
+    ]
+    parsed = parse_topology(data).services[0]
+    assert [g.type for g in parsed.gates] == ["confirm-promotion"]
+    assert [h.url for h in parsed.notifications] == ["https://hooks.example/x"]
+    assert parsed.rollout_spec().gates == ("confirm-promotion",)
 
 
 def test_a_bad_webhook_in_a_topology_is_named() -> None:
