@@ -28,9 +28,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from canary.core.failover import FailoverPolicy
 from canary.core.inputs import MAX_DURATION_S, MAX_TIMEOUT_S, check_tick, excerpt
-from canary.core.rollout import DEFAULT_GATE_FAILURE_THRESHOLD, RolloutSpec
-from canary.notify.gates import GateConfig, parse_webhooks
-from canary.notify.webhooks import WebhookConfig
+from canary.core.rollout import RolloutSpec
+from canary.notify.gates import WithWebhooks
 from canary.static.config import ConfigError, format_validation_error, parse_steps, read_yaml_file
 
 if TYPE_CHECKING:
@@ -276,7 +275,7 @@ class MetricsConfig(_Strict):
         return _matchers(value)
 
 
-class ServiceConfig(_Strict):
+class ServiceConfig(_Strict, WithWebhooks):
     name: str
     dns_name: str
     namespace: str = "default"
@@ -297,25 +296,8 @@ class ServiceConfig(_Strict):
     # for the primary's Deployment
     rollout_timeout_s: float = Field(default=600.0, gt=0, le=MAX_DURATION_S)
     analysis: dict[str, Any] = Field(default_factory=dict)
-    # Chat/incident webhooks told of promotions, rollbacks, failovers and manual actions,
-    # and (with a `type:`) gate webhooks the rollout waits for (canary.notify.gates), as in
-    # a static config: confirm-rollout, pre-rollout, confirm-traffic-increase, rollout,
-    # confirm-promotion.
-    webhooks: list[WebhookConfig | GateConfig] = Field(default_factory=list)
-    gate_failure_threshold: int = Field(default=DEFAULT_GATE_FAILURE_THRESHOLD, ge=1, le=100)
-
-    @field_validator("webhooks", mode="before")
-    @classmethod
-    def _webhooks(cls, value: object) -> object:
-        return parse_webhooks(value)
-
-    @property
-    def notifications(self) -> list[WebhookConfig]:
-        return [h for h in self.webhooks if isinstance(h, WebhookConfig)]
-
-    @property
-    def gates(self) -> list[GateConfig]:
-        return [h for h in self.webhooks if isinstance(h, GateConfig)]
+    # `webhooks:` (notifications of promotions, rollbacks, failovers and manual actions;
+    # gates, with a `type:`, as in a static config) and `gate_failure_threshold`: WithWebhooks
 
     @field_validator("name", "deployment")
     @classmethod
@@ -382,7 +364,7 @@ class ServiceConfig(_Strict):
             max_step_s=self.max_step_s,
             no_data_deadline_s=self.no_data_deadline_s,
             promotion="copy",
-            gates=tuple(dict.fromkeys(g.type for g in self.gates)),
+            gates=self.gate_kinds(),
             gate_failure_threshold=self.gate_failure_threshold,
         )
 

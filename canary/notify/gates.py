@@ -35,7 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 
 from canary.core.advice import LoadAt
 from canary.core.redact import redact_text, redact_url
-from canary.core.rollout import GATE_KINDS, GateKind
+from canary.core.rollout import DEFAULT_GATE_FAILURE_THRESHOLD, GATE_KINDS, GateKind
 from canary.notify.webhooks import GuardedResolver, RefusedAddress, WebhookConfig, _literal_refusal
 from canary.retry import RetryPolicy, retrying
 
@@ -45,6 +45,7 @@ __all__ = [
     "MAX_METADATA_KEYS",
     "GateCaller",
     "GateConfig",
+    "WithWebhooks",
     "chat_service",
     "gate_payload",
     "generated_load",
@@ -219,6 +220,33 @@ def parse_webhooks(value: object) -> object:
                 message = "unknown key (typo?)"
             raise ValueError(f"webhooks[{index}].{where}: {message}") from None
     return hooks
+
+
+class WithWebhooks(BaseModel):
+    """A config's `webhooks:`, as a static target and a two-cluster service have them:
+    chat/incident notifications of promotions, rollbacks, failovers and manual actions, and
+    (entries with a `type:`) gate webhooks the rollout waits for; and the failed gate calls
+    that roll back."""
+
+    webhooks: list[WebhookConfig | GateConfig] = Field(default_factory=list)
+    gate_failure_threshold: int = Field(default=DEFAULT_GATE_FAILURE_THRESHOLD, ge=1, le=100)
+
+    @field_validator("webhooks", mode="before")
+    @classmethod
+    def _webhooks(cls, value: object) -> object:
+        return parse_webhooks(value)
+
+    @property
+    def notifications(self) -> list[WebhookConfig]:
+        return [h for h in self.webhooks if isinstance(h, WebhookConfig)]
+
+    @property
+    def gates(self) -> list[GateConfig]:
+        return [h for h in self.webhooks if isinstance(h, GateConfig)]
+
+    def gate_kinds(self) -> tuple[GateKind, ...]:
+        """The kinds configured, once each (RolloutSpec.gates)."""
+        return tuple(dict.fromkeys(g.type for g in self.gates))
 
 
 def gate_payload(

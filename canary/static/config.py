@@ -82,14 +82,12 @@ from canary.core.inputs import (
     read_text_file,
 )
 from canary.core.rollout import (
-    DEFAULT_GATE_FAILURE_THRESHOLD,
     DEFAULT_STEPS,
     RolloutSpec,
     check_steps,
 )
 from canary.metrics.prometheus import PromQueries
-from canary.notify.gates import GateConfig, parse_webhooks
-from canary.notify.webhooks import WebhookConfig
+from canary.notify.gates import WithWebhooks
 from canary.routers.base import Match
 
 __all__ = [
@@ -185,7 +183,7 @@ RouterConfig = Annotated[HAProxyRouterConfig, Field(discriminator="kind")]
 MetricsConfig = Annotated[PrometheusMetricsConfig, Field(discriminator="kind")]
 
 
-class TargetConfig(_Strict):
+class TargetConfig(_Strict, WithWebhooks):
     """One static target: a service, its router, its metrics, and how to roll out."""
 
     name: str
@@ -213,23 +211,7 @@ class TargetConfig(_Strict):
     # Free-form labels for the record and reports.
     primary_version: str = ""
     canary_version: str = ""
-    # Chat/incident webhooks told of promotion, rollback, failover and manual actions, and
-    # (with a `type:`) gate webhooks the rollout waits for (canary.notify.gates).
-    webhooks: list[WebhookConfig | GateConfig] = Field(default_factory=list)
-    gate_failure_threshold: int = Field(default=DEFAULT_GATE_FAILURE_THRESHOLD, ge=1, le=100)
-
-    @field_validator("webhooks", mode="before")
-    @classmethod
-    def _webhooks(cls, value: object) -> object:
-        return parse_webhooks(value)
-
-    @property
-    def notifications(self) -> list[WebhookConfig]:
-        return [h for h in self.webhooks if isinstance(h, WebhookConfig)]
-
-    @property
-    def gates(self) -> list[GateConfig]:
-        return [h for h in self.webhooks if isinstance(h, GateConfig)]
+    # `webhooks:` (notifications and gates) and `gate_failure_threshold`: WithWebhooks
 
     # A/B mode instead of `steps`: route only matching requests to the canary.
     match_header: str | None = None  # "X-Canary=always"
@@ -326,7 +308,7 @@ class TargetConfig(_Strict):
             max_step_s=self.max_step_s,
             no_data_deadline_s=self.no_data_deadline_s,
             promotion="shift",  # static targets: the canary server keeps the traffic
-            gates=tuple(dict.fromkeys(g.type for g in self.gates)),
+            gates=self.gate_kinds(),
             gate_failure_threshold=self.gate_failure_threshold,
             ab_duration_s=self.ab_duration_s,
         )
