@@ -163,46 +163,15 @@ async def test_a_confirm_rollout_gate_holds_a_cross_cluster_rollout_until_it_ope
     assert notified == [], notified
 
 
-def test_a_gate_in_a_topology_is_checked_by_name() -> None:
-    """An unknown gate kind is a config error naming the entry and the kinds there are; a
-    known one is a gate of the rollout, not a notification."""
-    cluster = {"entry_point": "192.0.2.10", "prometheus": {"url": "http://p:9090"}}
-    service = {
-        "name": "shop",
-        "dns_name": "shop.example.com",
-        "deployment": "shop",
-        "router": {"kind": "haproxy", "socket": "/run/h.sock", "backend": "b"},
-        "webhooks": [{"type": "confirm-promotions", "url": "https://gates.example/x"}],
-    }
-    data = {
+def _topology(webhooks: list[dict[str, Any]]) -> dict[str, Any]:
+    """A minimal topology whose one service has these webhooks."""
+    return {
         "clusters": {
-            "primary": {"name": "eu-1", **cluster},
-            "canary": {
-                "name": "eu-2",
-                "entry_point": "192.0.2.20",
-                "prometheus": {"url": "http://q:9090"},
+            "primary": {
+                "name": "eu-1",
+                "entry_point": "192.0.2.10",
+                "prometheus": {"url": "http://p:9090"},
             },
-        },
-        "services": [service],
-    }
-    with pytest.raises(ConfigError, match=r"services\[0\]\.webhooks\[0\]\.type: must be one of"):
-        parse_topology(data)
-    service["webhooks"] = [
-        {"type": "confirm-promotion", "url": "https://gates.example/x"},
-        {"url": "https://hooks.example/x"},
-    ]
-    parsed = parse_topology(data).services[0]
-    assert [g.type for g in parsed.gates] == ["confirm-promotion"]
-    assert [h.url for h in parsed.notifications] == ["https://hooks.example/x"]
-    assert parsed.rollout_spec().gates == ("confirm-promotion",)
-
-
-def test_a_bad_webhook_in_a_topology_is_named() -> None:
-    """A service's webhook with a non-HTTP URL is a config error naming services[0].webhooks."""
-    cluster = {"entry_point": "192.0.2.10", "prometheus": {"url": "http://p:9090"}}
-    data = {
-        "clusters": {
-            "primary": {"name": "eu-1", **cluster},
             "canary": {
                 "name": "eu-2",
                 "entry_point": "192.0.2.20",
@@ -215,11 +184,31 @@ def test_a_bad_webhook_in_a_topology_is_named() -> None:
                 "dns_name": "shop.example.com",
                 "deployment": "shop",
                 "router": {"kind": "haproxy", "socket": "/run/h.sock", "backend": "b"},
-                "webhooks": [{"url": "ftp://hooks.example/x"}],
+                "webhooks": webhooks,
             }
         ],
     }
+
+
+def test_a_gate_in_a_topology_is_checked_by_name() -> None:
+    """An unknown gate kind is a config error naming the entry and the kinds there are; a
+    known one is a gate of the rollout, not a notification."""
+    typo = [{"type": "confirm-promotions", "url": "https://gates.example/x"}]
+    with pytest.raises(ConfigError, match=r"services\[0\]\.webhooks\[0\]\.type: must be one of"):
+        parse_topology(_topology(typo))
+    hooks = [
+        {"type": "confirm-promotion", "url": "https://gates.example/x"},
+        {"url": "https://hooks.example/x"},
+    ]
+    parsed = parse_topology(_topology(hooks)).services[0]
+    assert [g.type for g in parsed.gates] == ["confirm-promotion"]
+    assert [h.url for h in parsed.notifications] == ["https://hooks.example/x"]
+    assert parsed.rollout_spec().gates == ("confirm-promotion",)
+
+
+def test_a_bad_webhook_in_a_topology_is_named() -> None:
+    """A service's webhook with a non-HTTP URL is a config error naming services[0].webhooks."""
     with pytest.raises(ConfigError, match=r"services\[0\]\.webhooks\[0\]\.url: .*http"):
-        parse_topology(data)
-    data["services"][0]["webhooks"] = [{"url": "https://hooks.example/x"}]  # type: ignore[index]
-    assert parse_topology(data).services[0].webhooks[0].url == "https://hooks.example/x"
+        parse_topology(_topology([{"url": "ftp://hooks.example/x"}]))
+    parsed = parse_topology(_topology([{"url": "https://hooks.example/x"}]))
+    assert parsed.services[0].webhooks[0].url == "https://hooks.example/x"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import aclosing, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -165,9 +165,9 @@ async def test_requests_past_the_limit_wait_their_turn_without_timing_out(
     assert took >= 4 * 0.6 - 0.05
 
 
-async def test_lease_requests_never_wait_behind_the_rest(api: KubeEmulator, tmp_path: Path) -> None:
-    """Every general slot held by slow GETs (2 s each): a Lease read still answers at once.
-    Queued behind them, shard renewals missed their deadline at 2,000 rollouts (issue 13)."""
+@asynccontextmanager
+async def _general_slots_held(api: KubeEmulator, tmp_path: Path) -> AsyncIterator[Kube]:
+    """A client with two general slots, both held by slow GETs (2 s each), two more queued."""
     api.put(*APPS, deployment("app"))
     api.inject(0, times=4, verb="get", resource="deployments", delay_s=2.0)
     config = api.write_kubeconfig(tmp_path / "kc")
@@ -176,30 +176,30 @@ async def test_lease_requests_never_wait_behind_the_rest(api: KubeEmulator, tmp_
     ) as kube:
         slow = [asyncio.create_task(kube.get_deployment("default", "app")) for _ in range(4)]
         await asyncio.sleep(0.3)  # two on the wire, two queued
+        yield kube
+        await asyncio.gather(*slow)
+
+
+async def test_lease_requests_never_wait_behind_the_rest(api: KubeEmulator, tmp_path: Path) -> None:
+    """Every general slot held by slow GETs: a Lease read still answers at once. Queued
+    behind them, shard renewals missed their deadline at 2,000 rollouts (issue 13)."""
+    async with _general_slots_held(api, tmp_path) as kube:
         began = asyncio.get_running_loop().time()
         with pytest.raises(NotFound):
             await kube.get_lease("default", "shard-0")
         took = asyncio.get_running_loop().time() - began
-        await asyncio.gather(*slow)
     assert took < 1.0, took
 
 
 async def test_traffic_requests_never_wait_behind_the_rest(
     api: KubeEmulator, tmp_path: Path
 ) -> None:
-    """Every general slot held by slow GETs (2 s each): the routers' reads of an Ingress, an
-    HTTPRoute and a DNSEndpoint still answer at once (their sets and read-backs timed out in
-    that queue at 2,000 rollouts, issue 13), while a list of Ingresses (a watch cache's) waits
+    """Every general slot held by slow GETs: the routers' reads of an Ingress, an HTTPRoute
+    and a DNSEndpoint still answer at once (their sets and read-backs timed out in that
+    queue at 2,000 rollouts, issue 13), while a list of Ingresses (a watch cache's) waits
     its turn like the rest."""
-    api.put(*APPS, deployment("app"))
-    api.inject(0, times=4, verb="get", resource="deployments", delay_s=2.0)
-    config = api.write_kubeconfig(tmp_path / "kc")
-    async with await Kube.connect(
-        kubeconfig=str(config), retry=FAST_RETRY, request_timeout_s=5.0, max_in_flight=2
-    ) as kube:
+    async with _general_slots_held(api, tmp_path) as kube:
         loop = asyncio.get_running_loop()
-        slow = [asyncio.create_task(kube.get_deployment("default", "app")) for _ in range(4)]
-        await asyncio.sleep(0.3)  # two on the wire, two queued
         began = loop.time()
         for read in (kube.get_ingress, kube.get_httproute, kube.get_dnsendpoint):
             with pytest.raises(NotFound):
@@ -207,7 +207,6 @@ async def test_traffic_requests_never_wait_behind_the_rest(
         traffic_took = loop.time() - began
         await kube.list_ingresses("default")
         list_took = loop.time() - began
-        await asyncio.gather(*slow)
     assert traffic_took < 1.0, traffic_took
     assert list_took > 1.5, list_took
 
