@@ -12,11 +12,29 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from support.pool import ProcessPool
 
 from canary.demo.procs import find_binary
+
+
+@pytest.hookimpl(optionalhook=True)  # a pytest-xdist hook: unknown without it
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """scripts/test's two workers: each test module runs in one worker, so its module-scoped
+    servers start once; every control-plane test (tests/cluster/) runs in the same worker, so
+    one cluster (session-scoped) serves them all. (xdist's own `xdist_group` marks cannot do
+    this under pytest 9: they rename nodeids through an attribute pytest 9 no longer reads.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            if nodeid.startswith("tests/cluster/"):
+                return "control-plane"
+            return nodeid.split("::", 1)[0]
+
+    return ByModule(config, log)
 
 
 @pytest.fixture(scope="session", autouse=True)
