@@ -3,13 +3,14 @@
 Two identical stacks run side by side on 127.0.0.1, each with real processes: the demo
 service as primary and canary, HAProxy in front, Prometheus scraping both, and 1 req/s of
 "real" traffic through HAProxy. Each is rolled out by `python -m canary run --config` with
-one 50 % step and a 120 s step deadline. In one, the config has a `rollout` gate webhook to
+one 50 % step and a step deadline. In one, the config has a `rollout` gate webhook to
 `python -m canary loadtest` whose metadata asks for 50 req/s through the same HAProxy (the
 entry point) for 30 s: the controller calls it every tick, which keeps one load job running,
 and the planner's advice counts the load from that metadata (no `generated_rps`). The
 healthy canary is promoted there; in the other, 0.5 canary req/s cannot reach the
 analysis' 200-sample minimum before the deadline, so the step ends in a rollback by
-deadline. Once the rollout ends the calls stop and the job ends with its 30 s duration; the
+deadline: 60 s there (0.5 req/s would need ~7 min for those samples alone, and the planner
+says ~30 min), 120 s with the load, so the test lasts about as long as the loaded rollout. Once the rollout ends the calls stop and the job ends with its 30 s duration; the
 report's timeline shows the load test.
 """
 
@@ -35,7 +36,8 @@ ROOT = Path(__file__).resolve().parents[2]
 READY_S = 90.0  # starting Python with aiohttp on a busy 2-core CI machine can take 15 s
 REAL_RPS = 1.0
 GENERATED_RPS = 50
-STEP_DEADLINE_S = 120
+STEP_DEADLINE_S = 120  # with the load
+UNLOADED_DEADLINE_S = 60
 # Production defaults but for the demo's looser error tolerance and one latency quantile:
 # the planner's estimate at 51 req/s and 50 % is ~40 s to pass, at 1 req/s over half an hour.
 ANALYSIS = {
@@ -45,7 +47,7 @@ ANALYSIS = {
 }
 
 
-def _config(stack: Stack, directory: Path, **extra: Any) -> Path:
+def _config(stack: Stack, directory: Path, deadline_s: int, **extra: Any) -> Path:
     assert stack.prometheus is not None
     config = directory / "rollout.yaml"
     config.write_text(
@@ -60,7 +62,7 @@ def _config(stack: Stack, directory: Path, **extra: Any) -> Path:
                 },
                 "steps": [50],
                 "min_step_s": 5,
-                "max_step_s": STEP_DEADLINE_S,
+                "max_step_s": deadline_s,
                 "no_data_deadline_s": 60,
                 "tick_s": 1,
                 "analysis": ANALYSIS,
@@ -83,7 +85,7 @@ def _get_json(url: str) -> Any:
     return json.loads(_get_text(url))
 
 
-async def _rollout(config: Path, log: Path) -> int:
+async def _rollout(config: Path, log: Path, deadline_s: int) -> int:
     with log.open("wb") as out:
         process = await asyncio.create_subprocess_exec(
             sys.executable, "-m", "canary", "run", "--config", str(config),
@@ -93,7 +95,7 @@ async def _rollout(config: Path, log: Path) -> int:
             cwd=ROOT, stdout=out, stderr=asyncio.subprocess.STDOUT,
         )  # fmt: skip
         try:
-            return await asyncio.wait_for(process.wait(), timeout=STEP_DEADLINE_S + 90)
+            return await asyncio.wait_for(process.wait(), timeout=deadline_s + 90)
         finally:
             if process.returncode is None:
                 process.kill()
@@ -132,9 +134,9 @@ def _report(record: Path, fmt: str) -> str:
 async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
     sockdir: Path,
 ) -> None:
-    """At 1 req/s a healthy canary is rolled back at the 120 s step deadline (not shown safe);
-    with a rollout hook driving 50 req/s from `canary loadtest` through HAProxy the same
-    canary is promoted before it, the load tester's /jobs and /metrics show the load it sent,
+    """At 1 req/s a healthy canary is rolled back at its step deadline (not shown safe); with
+    a rollout hook driving 50 req/s from `canary loadtest` through HAProxy the same canary is
+    promoted before its own (twice as long), the load tester's /jobs and /metrics show the load it sent,
     and the report's timeline shows the load test."""
     spec = ServiceSpec(error_rate=0.005, latency_ms=20.0, latency_jitter=0.3, seed=3)
     settings = StackSettings(primary=spec, canary=spec, rate=REAL_RPS)
@@ -168,8 +170,16 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
             "metadata": {"url": frontend, "rps": str(GENERATED_RPS), "duration": "30s"},
         }
         rollouts = asyncio.gather(
-            _rollout(_config(with_load, with_dir, webhooks=[hook]), with_dir / "run.log"),
-            _rollout(_config(without_load, without_dir), without_dir / "run.log"),
+            _rollout(
+                _config(with_load, with_dir, STEP_DEADLINE_S, webhooks=[hook]),
+                with_dir / "run.log",
+                STEP_DEADLINE_S,
+            ),
+            _rollout(
+                _config(without_load, without_dir, UNLOADED_DEADLINE_S),
+                without_dir / "run.log",
+                UNLOADED_DEADLINE_S,
+            ),
         )
         jobs_seen: list[Any] = []
 
@@ -185,9 +195,13 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
             watcher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await watcher
-        # The with-load rollout ended at least a minute before the other (its 120 s
-        # deadline): the hook's calls stopped then, and the job ran out its 30 s.
+        # The hook's calls stopped with the loaded rollout; the job runs out its 30 s.
         jobs_after = await asyncio.to_thread(_get_json, f"{loadtest_url}/jobs")
+        for _ in range(45):
+            if jobs_after == {"jobs": []}:
+                break
+            await asyncio.sleep(1.0)
+            jobs_after = await asyncio.to_thread(_get_json, f"{loadtest_url}/jobs")
         metrics = await asyncio.to_thread(_get_text, f"{loadtest_url}/metrics")
 
     (with_end, with_advice), (without_end, without_advice) = _end(with_dir), _end(without_dir)
@@ -195,11 +209,11 @@ async def test_low_traffic_canary_passes_with_generated_load_and_not_without(
     assert codes == [0, 1], logs
     assert with_end.outcome == "promoted" and with_end.duration_s < STEP_DEADLINE_S, with_end
     assert without_end.outcome == "rolled_back", without_end
-    assert f"no pass within max_step_s ({STEP_DEADLINE_S}s)" in without_end.reason
+    assert f"no pass within max_step_s ({UNLOADED_DEADLINE_S}s)" in without_end.reason
     # The planner warned at the start without the load and named what generated load would
     # do; with the rollout hook asking for it, the first estimate counted it and fit the step.
     assert "of generated load at the entry point (canary loadtest)" in without_advice[0]
-    assert "longer than the 2.0 min step" in without_advice[0]
+    assert "longer than the 60 s step" in without_advice[0], without_advice[0]
     loaded = f"{GENERATED_RPS} req/s generated at the entry point by canary loadtest"
     assert loaded in with_advice[0], with_advice[0]
     assert "fits the 2.0 min step" in with_advice[0], with_advice[0]
