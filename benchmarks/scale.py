@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import math
 import os
 import re
 import shutil
@@ -216,6 +217,26 @@ def machine_shares(before: list[int], after: list[int]) -> dict[str, float]:
         "busy": round((total - idle - delta[7]) / total, 3),
         "steal": round(delta[7] / total, 3),
     }
+
+
+def machine_speed_ms() -> float:
+    """A fixed single-threaded workload like the controller's (decoding a Prometheus-shaped
+    JSON answer, then a pure-Python loop over its values), best of 5, in ms: the same
+    machine type ran the same code 2-3x slower on some days (issue 13's 2,000-rollout
+    windows), without steal to show it. Measured before the servers start."""
+    values = [[1_700_000_000 + i * 5, str(i * 0.25)] for i in range(200)]
+    answer = json.dumps(
+        {"data": {"result": [{"metric": {"app": f"a{i}"}, "values": values} for i in range(200)]}}
+    )
+    best = math.inf
+    for _ in range(5):
+        began = time.perf_counter()
+        total = 0.0
+        for series in json.loads(answer)["data"]["result"]:
+            for _, value in series["values"]:
+                total += float(value)
+        best = min(best, time.perf_counter() - began)
+    return round(best * 1000, 1)
 
 
 def proc_rss_mib(pid: int) -> float:
@@ -769,6 +790,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     from canary.demo.procs import HttpReady, ManagedProcess, find_binary
 
     print(f"== {n} rollouts, {args.replicas} replica(s), {args.shards} shard(s)", flush=True)
+    speed_ms = machine_speed_ms()
     started: list[Any] = []
     replicas: list[Replica] = []
     # The audit log counts the controller's requests: unrotated (the apiserver's default
@@ -910,6 +932,8 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "window_s": round(wall),
         "settle_s": args.settle_s,
         "cpu_share_of_core": [round(c / wall, 3) for c in cpu],
+        # the fixed workload's time before the run (lower: a faster machine that day)
+        "machine_speed_ms": speed_ms,
         # the whole machine's in the window: busy, and stolen by the hypervisor
         "machine_cpu": machine_shares(first["machine"], last["machine"]),
         "cpu_ms_per_rollout_tick": round(1000 * sum(cpu) / ticks, 2) if ticks else None,
