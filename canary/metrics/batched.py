@@ -1033,10 +1033,12 @@ class _SeriesCache:
         # Copies first: a first or catch-up read looks series up in the prometheus pool
         # meanwhile, and iterating a dict another thread adds to raised "dictionary changed
         # size during iteration", which killed the batch (the scale run, twice in 10 minutes).
-        # list() of a dict's items is made in one step under the GIL.
+        # dict.copy() is one step under the GIL (bytes keys: no Python code runs). Not
+        # list(items()): its 90,000 tuples at 1,000 rollouts set off the garbage collector's
+        # generations over the whole heap (2.5-3.7x the time, in the profile's top entries).
         self._by_family = {
-            family: {d: s for d, s in list(table.items()) if s.seen >= keep}
-            for family, table in list(self._by_family.items())
+            family: {d: s for d, s in table.copy().items() if s.seen >= keep}
+            for family, table in self._by_family.copy().items()
         }
         self._generation += 1
         self._interned, self._births = {}, {}
