@@ -378,15 +378,13 @@ def format_validation_error(error: ValidationError, *, source: str) -> str:
                 )
         # A key or a message may quote a value of any size: at most an excerpt of each.
         message = clip(message, 300)
-        prefix, _, last = where.rpartition(".")
-        if (
-            message.startswith(f"{where}[")
-            or message.startswith(f"{where}:")
-            or (where == "(top level)" and _NAMES_A_KEY.match(message))
-        ):
-            lines.append(f"{source}: {message}")  # the validator already named the item
-        elif prefix and (message.startswith(f"{last}[") or message.startswith(f"{last}:")):
-            lines.append(f"{source}: {prefix}.{message}")  # so did a nested one, from its key
+        # A validator that named the item did so from its own key (webhooks[1].url: ...):
+        # the path above that key goes in front (services[0].webhooks[1].url: ...).
+        above, _, key = where.rpartition(".")
+        if message.startswith((f"{key}[", f"{key}:")):
+            lines.append(f"{source}: {above + '.' if above else ''}{message}")
+        elif where == "(top level)" and _NAMES_A_KEY.match(message):
+            lines.append(f"{source}: {message}")
         else:
             lines.append(f"{source}: {clip(where, 120)}: {message}")
     return "\n".join(lines)
