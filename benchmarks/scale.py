@@ -878,6 +878,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "took": summed([histogram(t, "canary_tick_seconds")[0] for t in texts]),
                     "audit": audit_size(cluster),
                     "machine": machine_cpu(),
+                    "gc": sum(sum(samples(t, "canary_gc_seconds_total").values()) for t in texts),
                 }
 
             # Each rollout's first metrics read goes back to its analysis' start (a
@@ -937,6 +938,8 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         # the whole machine's in the window: busy, and stolen by the hypervisor
         "machine_cpu": machine_shares(first["machine"], last["machine"]),
         "cpu_ms_per_rollout_tick": round(1000 * sum(cpu) / ticks, 2) if ticks else None,
+        # Python's cyclic garbage collections, timed by the controllers (canary.runtime)
+        "gc_share_of_cpu": round((last["gc"] - first["gc"]) / sum(cpu), 4) if sum(cpu) else None,
         # the first replica's CPU by thread: the event loop (MainThread, named after the
         # process), the executors' pools (canary-prometheus: the batcher's decoding, ...)
         "cpu_ms_per_rollout_tick_by_thread": {

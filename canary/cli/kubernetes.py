@@ -46,6 +46,7 @@ from canary.kubernetes.client import Kube, KubeError, NotFound
 from canary.kubernetes.commands import ACCEPTED, DEFAULT_WAIT_S, UNKNOWN, send_command
 from canary.kubernetes.operator import ENABLED, KubeState
 from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS, PREFIX, CanarySpec
+from canary.runtime import tune_gc
 
 __all__ = ["add_parser", "context_namespace", "manual_command", "run_kubernetes", "status"]
 
@@ -314,6 +315,7 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
         kube = await _connect(args)
     except KubeError as exc:
         return _fail("kubernetes", str(exc), EXIT_BAD)
+    tune_gc()  # a long-running process with a large heap (canary.runtime)
     async with kube:
         identity = settings.identity or os.environ.get("POD_NAME") or os.uname().nodename
         timings = lease_timings(args.lease_duration)

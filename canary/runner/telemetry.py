@@ -33,6 +33,7 @@ from prometheus_client.utils import floatToGoString
 
 from analysis import Verdict
 from canary.core.rollout import Phase, RolloutStatus
+from canary.runtime import gc_collections, gc_seconds
 
 __all__ = ["ROLLOUT_LABELS", "Telemetry"]
 
@@ -252,6 +253,29 @@ def _number(value: float | None, *, missing: float = math.nan) -> float:
     return missing if value is None else float(value)
 
 
+class _GcCollector(Collector):
+    """Python's garbage collections, timed (canary.runtime; zero until it watches them)."""
+
+    def collect(self) -> Iterator[Metric]:
+        seconds = CounterMetricFamily(
+            "canary_gc_seconds",
+            "Time spent in Python's cyclic garbage collections, by generation",
+            labels=["generation"],
+        )
+        collections = CounterMetricFamily(
+            "canary_gc_collections",
+            "Python's cyclic garbage collections, by generation",
+            labels=["generation"],
+        )
+        for generation, (took, count) in enumerate(
+            zip(gc_seconds(), gc_collections(), strict=True)
+        ):
+            seconds.add_metric([str(generation)], took)
+            collections.add_metric([str(generation)], count)
+        yield seconds
+        yield collections
+
+
 class _Registry(CollectorRegistry):
     """A CollectorRegistry that keeps its collectors' order, for Telemetry.exposition."""
 
@@ -423,6 +447,7 @@ class Telemetry:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
             registry=self.registry,
         )
+        self.registry.register(_GcCollector())
 
     def exposition(self) -> bytes:
         """/metrics: the text generate_latest(self.registry) gives, with the per-rollout
