@@ -13,6 +13,7 @@ Printed per simulated age: CPU per rollout-tick (process time over ticks done si
 age), the Python heap the runners hold per rollout (tracemalloc), and RSS per rollout.
 
     PYTHONPATH=. python -m benchmarks.tick_cost [--rollouts 200] [--hours 1] [--dilation 200]
+        [--gc-tuned]
 """
 
 from __future__ import annotations
@@ -181,13 +182,26 @@ def main() -> None:
     parser.add_argument("--hours", type=float, default=1.0)
     parser.add_argument("--dilation", type=float, default=200.0)
     parser.add_argument("--heap", action="store_true", help="trace the Python heap (slower)")
+    parser.add_argument(
+        "--gc-tuned",
+        action="store_true",
+        help="the controller's garbage collector settings (canary.runtime.tune_gc)",
+    )
     args = parser.parse_args()
+    from canary.runtime import gc_seconds, tune_gc, watch_gc
+
+    watch_gc()
+    if args.gc_tuned:
+        tune_gc()
+    cpu, collected = time.process_time(), sum(gc_seconds())
     ages = [a for a in (1 / 6, 0.25, 0.5, 1.0, 2.0, 4.0, 6.0) if a <= args.hours]
     print(
         f"{args.rollouts} rollouts, {args.hours:g} h of age, dilation {args.dilation:g}",
         file=sys.stderr,
     )
     asyncio.run(run(args.rollouts, args.hours, args.dilation, ages, heap=args.heap))
+    cpu, collected = time.process_time() - cpu, sum(gc_seconds()) - collected
+    print(f"garbage collections: {collected:.2f} s, {100 * collected / cpu:.1f}% of the CPU")
 
 
 if __name__ == "__main__":
