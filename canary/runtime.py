@@ -3,8 +3,9 @@
 At a thousand rollouts the controller holds a large heap (watch caches, analysis states,
 series caches) and allocates briskly (each tick decodes, judges and records). CPython's
 default thresholds (700, 10, 10) then run a young collection every few hundred allocations
-and an old one over the whole heap every few seconds: 5.6% of the runners' CPU in
-benchmarks/tick_cost.py at 1,000 rollouts, more in the controller with its caches (issue 13).
+and an old one over the whole heap every few seconds: 3.75% of the controller's CPU at
+1,000 rollouts in benchmarks/scale.py, 4.8% of the runners' in benchmarks/tick_cost.py
+(issue 13; ~0 and 0.6% tuned, benchmarks/RESULTS.md).
 The code makes few reference cycles (plain data, freed by reference counts), so collecting
 less often costs little memory.
 
@@ -25,9 +26,9 @@ import threading
 import time
 from typing import Any
 
-__all__ = ["YOUNG_THRESHOLD", "gc_collections", "gc_seconds", "tune_gc"]
+__all__ = ["YOUNG_THRESHOLD", "gc_collections", "gc_seconds", "tune_gc", "watch_gc"]
 
-YOUNG_THRESHOLD = 20_000  # tick_cost at 1,000 rollouts: GC 5.6% -> 0.7% of the CPU
+YOUNG_THRESHOLD = 20_000  # tick_cost at 1,000 rollouts: GC 4.8% -> 0.6% of the CPU
 
 _lock = threading.Lock()
 _watching = False
