@@ -1425,11 +1425,20 @@ def _carry_text(reg: _Registration, url: str) -> str | None:
 
 
 def _le_bytes(numbers: array[float]) -> bytes:
+    """float64s as little-endian bytes, whatever this machine's byte order (_le_numbers)."""
     if sys.byteorder == "little":
         return numbers.tobytes()
     swapped = array("d", numbers)
     swapped.byteswap()
     return swapped.tobytes()
+
+
+def _le_numbers(raw: bytes) -> array[float]:
+    """The float64s _le_bytes gave."""
+    numbers = array("d", raw)
+    if sys.byteorder == "big":
+        numbers.byteswap()
+    return numbers
 
 
 def _carried(
@@ -1495,9 +1504,7 @@ def _fill(sel: _Selector, saved: object) -> None:
         raise ValueError("a birth flag that is not 0 or 1")
     if not all(le is None or isinstance(le, str) for le in les):
         raise ValueError("an le that is not text")
-    numbers = array("d", raw)
-    if sys.byteorder == "big":
-        numbers.byteswap()
+    numbers = _le_numbers(raw)
     if not all(map(math.isfinite, numbers)):
         raise ValueError("a number that is not finite")
     if sel.buckets and None in les:
