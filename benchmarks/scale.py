@@ -876,6 +876,13 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         [histogram(t, "canary_tick_lateness_seconds")[0] for t in texts]
                     ),
                     "took": summed([histogram(t, "canary_tick_seconds")[0] for t in texts]),
+                    # the batched Prometheus reads' timings (canary.metrics.batched)
+                    **{
+                        what: summed(
+                            [histogram(t, f"canary_metrics_{what}_seconds")[0] for t in texts]
+                        )
+                        for what in ("query", "batch", "wait")
+                    },
                     "audit": audit_size(cluster),
                     "machine": machine_cpu(),
                     "gc": sum(sum(samples(t, "canary_gc_seconds_total").values()) for t in texts),
@@ -967,6 +974,16 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "tick_lateness_p95_le_s": quantile_bound(late, 0.95),
         "ticks_within_10pct": round(share_within(late, 0.1 * args.tick_s), 4),
         "tick_took_p95_le_s": quantile_bound(took, 0.95),
+        # Prometheus' batched reads: a query, a batch of all rollouts, and a tick's fetch
+        # waiting for its counts (ticks run long and are missed when batches outlast a period)
+        **{
+            f"metrics_{what}_p{q}_le_s": quantile_bound(window(first[what], last[what]), q / 100)
+            for what in ("query", "batch", "wait")
+            for q in (50, 95)
+        },
+        "fetches_waiting_over_1s": round(
+            1 - share_within(window(first["wait"], last["wait"]), 1.0), 4
+        ),
         # the controllers' requests to the API server in the window (its audit log), per
         # rollout-tick, by verb and resource: watches count once, when they end
         "api_requests_per_rollout_tick": round(sum(api.values()) / ticks, 4) if ticks else None,

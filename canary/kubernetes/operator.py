@@ -1092,7 +1092,10 @@ class Operator:
         # One reader and one HTTP session for every rollout's counts: about one batch per
         # tick; a tick goes on with counts up to two ticks old rather than wait for a batch.
         self.metrics = PrometheusBatcher(
-            settings.prometheus_url, timeout_s=settings.metrics_timeout_s, period_s=settings.tick_s
+            settings.prometheus_url,
+            timeout_s=settings.metrics_timeout_s,
+            period_s=settings.tick_s,
+            timings=self.telemetry,
         )
 
     # ---- leadership -----------------------------------------------------------------

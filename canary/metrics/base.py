@@ -12,7 +12,14 @@ from typing import Protocol, runtime_checkable
 
 from analysis import ArmCounts
 
-__all__ = ["ArmsCounts", "MetricSource", "MetricsProvider", "MetricsResult", "NoData"]
+__all__ = [
+    "ArmsCounts",
+    "MetricSource",
+    "MetricsProvider",
+    "MetricsResult",
+    "MetricsTimings",
+    "NoData",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +58,20 @@ class CarriedCounts(Protocol):
 
     def carry_on(self, state: str, *, since: float, now: float) -> str | None:
         """Count on from `state`: None when taken, else why not (a fetch then reads back)."""
+
+
+class MetricsTimings(Protocol):
+    """Where a shared metric source reports how long its reads take (the controller's
+    Telemetry: /metrics). Called on the event loop; each call must be cheap."""
+
+    def metrics_query(self, seconds: float) -> None:
+        """One HTTP query to the metrics backend, answered or not (a timeout counts)."""
+
+    def metrics_batch(self, seconds: float) -> None:
+        """One batch: every rollout's counts read and counted."""
+
+    def metrics_wait(self, seconds: float) -> None:
+        """How long one rollout's fetch waited for its counts (0: the last batch's served)."""
 
 
 # The architecture's name for the seam; MetricsProvider is the name the code grew up with.

@@ -95,7 +95,7 @@ from canary.core.inputs import InputError, pack_state, unpack_state
 from canary.core.redact import redact_text, redact_url
 from canary.executors import run_blocking
 from canary.httpio import AnswerTooLarge, read_bounded
-from canary.metrics.base import ArmsCounts, MetricsResult, NoData
+from canary.metrics.base import ArmsCounts, MetricsResult, MetricsTimings, NoData
 from canary.metrics.prometheus import PromQueries
 
 __all__ = ["BatchedMetrics", "PrometheusBatcher"]
@@ -513,6 +513,7 @@ class PrometheusBatcher:
         rollouts_per_read: int = 200,
         summary_after_s: float = 300.0,
         carry_max_age_s: float = 300.0,
+        timings: MetricsTimings | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise ValueError(
@@ -561,6 +562,7 @@ class PrometheusBatcher:
         self.max_age_s = 2 * period_s if max_age_s is None else max(period_s, max_age_s)
         self.queries_sent = 0
         self.batches = 0
+        self.timings = timings  # how long queries, batches and fetches' waits take (/metrics)
         self._registrations: set[_Registration] = set()
         self._session: Any = None  # aiohttp.ClientSession, made on first use (needs the loop)
         self._slots: asyncio.Semaphore | None = None
@@ -638,7 +640,14 @@ class PrometheusBatcher:
         self._registrations.discard(reg)
 
     async def _answer(self, reg: _Registration, now: float) -> MetricsResult:
-        reg.fetched = time.monotonic()
+        reg.fetched = asked = time.monotonic()
+        try:
+            return await self._answer_from_batches(reg, now)
+        finally:
+            if self.timings is not None:
+                self.timings.metrics_wait(time.monotonic() - asked)
+
+    async def _answer_from_batches(self, reg: _Registration, now: float) -> MetricsResult:
         if not reg.active:
             async with reg.first_read:  # two fetches at once must not read back twice
                 if not reg.active:
@@ -786,7 +795,20 @@ class PrometheusBatcher:
 
     async def _batch(self, regs: set[_Registration]) -> None:
         """One batch: one query per family for every active registration, in groups of
-        `rollouts_per_read` registrations read one after another."""
+        `rollouts_per_read` registrations read one after another.
+
+        Each group's queries go out while the group before it is counted in the prometheus
+        pool, so a batch takes about the longer of the two rather than their sum: at 2,000
+        rollouts over 2 shards on a saturated machine, batches outlasted the period and ticks
+        waited for them (issue 13). One group's answers wait at most, as one group's read."""
+        began = time.monotonic()
+        try:
+            await self._batch_groups(regs)
+        finally:
+            if self.timings is not None:
+                self.timings.metrics_batch(time.monotonic() - began)
+
+    async def _batch_groups(self, regs: set[_Registration]) -> None:
         at = time.time()
         self.batches += 1
         try:
@@ -799,11 +821,33 @@ class PrometheusBatcher:
         # Oldest reads first, together: a carried rollout's first batch reads back to where
         # its last replica stopped, and only its group pays for that window.
         ordered = sorted(regs, key=_oldest_read)
-        for start in range(0, len(ordered), self.rollouts_per_read):
-            await self._batch_group(at, ordered[start : start + self.rollouts_per_read])
+        step = self.rollouts_per_read
+        groups = [ordered[start : start + step] for start in range(0, len(ordered), step)]
+        asked = self._ask_group(at, groups[0]) if groups else None
+        try:
+            for i, group in enumerate(groups):
+                assert asked is not None
+                current = asked
+                await asyncio.wait([current])  # its failure is the group's, in _count_group
+                asked = self._ask_group(at, groups[i + 1]) if i + 1 < len(groups) else None
+                await self._count_group(at, group, current)
+        finally:
+            if asked is not None:  # cancelled (aclose) while a group was counted
+                asked.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await asked
 
     async def _batch_group(self, at: float, regs: list[_Registration]) -> None:
-        try:
+        """One group's read, on its own (a catch-up)."""
+        await self._count_group(at, regs, self._ask_group(at, regs))
+
+    def _ask_group(
+        self, at: float, regs: list[_Registration]
+    ) -> asyncio.Task[tuple[_Read, list[bytes | _Failure]]]:
+        """Send a group's queries (each family from its oldest good read); the task's result
+        is the read and its answers, for _count_group."""
+
+        async def ask() -> tuple[_Read, list[bytes | _Failure]]:
             members: dict[_Family, list[tuple[_Registration, _Selector]]] = {}
             oldest: dict[_Family, float] = {}
             for reg in regs:
@@ -815,7 +859,20 @@ class PrometheusBatcher:
                 family: max(1, math.ceil(at - oldest[family] + self.overlap_s))
                 for family in members
             }
-            failures, results = await self._read(_Read(at, members, windows), regs)
+            read = _Read(at, members, windows)
+            return read, await self._ask(read)
+
+        return asyncio.create_task(ask(), name="prometheus group read")
+
+    async def _count_group(
+        self,
+        at: float,
+        regs: list[_Registration],
+        asked: asyncio.Task[tuple[_Read, list[bytes | _Failure]]],
+    ) -> None:
+        try:
+            read, answers = await asked
+            failures, results = await self._count(read, answers, regs)
             for reg in regs:
                 reg.result = results[reg]
                 reg.at = at
@@ -832,8 +889,19 @@ class PrometheusBatcher:
         self, read: _Read, regs: Iterable[_Registration]
     ) -> tuple[dict[_Family, _Failure], dict[_Registration, MetricsResult]]:
         """Send each family's query, then apply the answers and count (off the loop)."""
+        return await self._count(read, await self._ask(read), regs)
+
+    async def _ask(self, read: _Read) -> list[bytes | _Failure]:
+        """Each family's answer, in the order of read.members."""
+        return list(
+            await asyncio.gather(*(self._post(read.query(f), read.at) for f in read.members))
+        )
+
+    async def _count(
+        self, read: _Read, answers: list[bytes | _Failure], regs: Iterable[_Registration]
+    ) -> tuple[dict[_Family, _Failure], dict[_Registration, MetricsResult]]:
+        """Apply a read's answers and count, in the prometheus pool (off the loop)."""
         families = list(read.members)
-        answers = await asyncio.gather(*(self._post(read.query(f), read.at) for f in families))
         regs = list(regs)
         for reg in regs:
             reg.reading += 1  # its series change off the loop meanwhile: no carry of them
@@ -863,6 +931,7 @@ class PrometheusBatcher:
         assert self._slots is not None
         async with self._slots:  # the timeout starts once a connection is ours
             self.queries_sent += 1
+            sent = time.monotonic()
             try:
                 async with asyncio.timeout(self.timeout_s):
                     async with self._session.post(
@@ -879,6 +948,9 @@ class PrometheusBatcher:
                 return _Failure(True, f"{type(exc).__name__}: {exc}")
             except AnswerTooLarge as exc:
                 return _Failure(False, str(exc))
+            finally:
+                if self.timings is not None:
+                    self.timings.metrics_query(time.monotonic() - sent)
         if 300 <= status < 400:
             return _Failure(False, f"HTTP {status}: redirects are not followed")
         if status != 200:

@@ -447,6 +447,26 @@ class Telemetry:
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
             registry=self.registry,
         )
+        # The shared Prometheus reads (canary.metrics.batched): whether a tick that ran long
+        # waited for its counts, and whether that was Prometheus or the counting.
+        self.metrics_query_seconds = Histogram(
+            "canary_metrics_query_seconds",
+            "Time one query to Prometheus took, answered or not (a timeout counts)",
+            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
+            registry=self.registry,
+        )
+        self.metrics_batch_seconds = Histogram(
+            "canary_metrics_batch_seconds",
+            "Time one batch took to read and count every rollout's metrics",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, float("inf")),
+            registry=self.registry,
+        )
+        self.metrics_wait_seconds = Histogram(
+            "canary_metrics_wait_seconds",
+            "How long a tick's metrics fetch waited for its counts (0: the last batch's)",
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
+            registry=self.registry,
+        )
         self.registry.register(_GcCollector())
 
     def exposition(self) -> bytes:
@@ -459,6 +479,16 @@ class Telemetry:
             for collector in list(self.registry.order)
         ]
         return b"".join(parts)
+
+    # canary.metrics.base.MetricsTimings: the batcher reports through these
+    def metrics_query(self, seconds: float) -> None:
+        self.metrics_query_seconds.observe(seconds)
+
+    def metrics_batch(self, seconds: float) -> None:
+        self.metrics_batch_seconds.observe(seconds)
+
+    def metrics_wait(self, seconds: float) -> None:
+        self.metrics_wait_seconds.observe(seconds)
 
     def show(self, name: str, status: RolloutStatus) -> None:
         values = self._store.record(name, self._show_mask).values

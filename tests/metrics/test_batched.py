@@ -518,6 +518,98 @@ async def test_n_rollouts_cost_one_query_per_family_per_batch(env: Env, per_read
         await batcher.aclose()
 
 
+class Timings:
+    """canary.metrics.base.MetricsTimings, recorded."""
+
+    def __init__(self) -> None:
+        self.queries: list[float] = []
+        self.batches: list[float] = []
+        self.waits: list[float] = []
+
+    def metrics_query(self, seconds: float) -> None:
+        self.queries.append(seconds)
+
+    def metrics_batch(self, seconds: float) -> None:
+        self.batches.append(seconds)
+
+    def metrics_wait(self, seconds: float) -> None:
+        self.waits.append(seconds)
+
+
+async def test_a_batch_asks_for_the_next_group_while_it_counts_one(env: Env) -> None:
+    """Three groups of four rollouts, each group's counting made slow (0.3 s): the next
+    group's queries go out while a group is counted, so the batch takes about the three
+    countings, not the three countings plus three reads; the counts are those of one read
+    of all twelve. The timings (/metrics) see every query, the batch and every fetch."""
+    port = env.exporter_port
+    names = [f"pipe{i}" for i in range(12)]
+    for i, name in enumerate(names):
+        await inc(port, f"{name}-p", n=1 + i)
+        await inc(port, f"{name}-c", n=1)
+    await scraped(env, f"{names[-1]}-c", 1)
+    timings = Timings()
+    batcher = PrometheusBatcher(
+        env.prometheus.url, period_s=1.0, max_age_s=1.0, rollouts_per_read=4, timings=timings
+    )
+    whole = PrometheusBatcher(env.prometheus.url, period_s=1.0, max_age_s=1.0)
+    events: list[tuple[str, float]] = []
+    count, post = batcher._count, batcher._post
+
+    async def slow_count(*args: object) -> object:
+        events.append(("count", time.monotonic()))
+        await asyncio.sleep(0.3)
+        try:
+            return await count(*args)  # type: ignore[arg-type]
+        finally:
+            events.append(("counted", time.monotonic()))
+
+    async def posted(query: str, at: float) -> object:
+        events.append(("post", time.monotonic()))
+        return await post(query, at)
+
+    try:
+        since = time.time() - 5
+        providers = [batcher.provider(env.queries(name)) for name in names]
+        first = await asyncio.gather(*(p.fetch(since=since, now=time.time()) for p in providers))
+        assert all(isinstance(r, ArmsCounts) for r in first), first
+        assert len(timings.waits) == 12 and len(timings.queries) == batcher.queries_sent
+        assert timings.batches == []  # first reads are not batches
+
+        batcher._count = slow_count  # type: ignore[assignment,method-assign]
+        batcher._post = posted  # type: ignore[assignment,method-assign]
+        await asyncio.sleep(1.2)  # every result is now older than the period
+        began = time.monotonic()
+        results = await asyncio.gather(*(p.fetch(since=since, now=time.time()) for p in providers))
+        took = time.monotonic() - began
+        assert all(isinstance(r, ArmsCounts) for r in results), results
+        assert batcher.batches == 1 and len(timings.batches) == 1
+        assert timings.batches[0] <= took + 0.01
+        assert len(timings.queries) == batcher.queries_sent
+        assert len(timings.waits) == 24 and max(timings.waits) >= 0.9  # they waited for it
+
+        # each group after the first was asked for before the group before it was counted
+        kinds = [kind for kind, _ in events]
+        assert kinds.count("count") == 3 and kinds.count("post") == 9, kinds
+        counted_at = [t for kind, t in events if kind == "counted"]
+        posts = [t for kind, t in events if kind == "post"]
+        assert posts[3] < counted_at[0] and posts[6] < counted_at[1], events
+
+        others = [whole.provider(env.queries(name)) for name in names]
+        now = time.time()
+        expected = await asyncio.gather(*(p.fetch(since=since, now=now) for p in others))
+        assert (
+            [r.primary.requests for r in results]
+            == [  # type: ignore[union-attr]
+                r.primary.requests
+                for r in expected  # type: ignore[union-attr]
+            ]
+            == [float(1 + i) for i in range(12)]
+        )
+    finally:
+        await batcher.aclose()
+        await whole.aclose()
+
+
 # --- no data -------------------------------------------------------------------------------------
 
 
