@@ -932,6 +932,7 @@ class PrometheusBatcher:
         async with self._slots:  # the timeout starts once a connection is ours
             self.queries_sent += 1
             sent = time.monotonic()
+            failure: _Failure | None = None
             try:
                 async with asyncio.timeout(self.timeout_s):
                     async with self._session.post(
@@ -943,14 +944,17 @@ class PrometheusBatcher:
                         body = await read_bounded(resp, self.max_response_bytes)
                         status = resp.status
             except TimeoutError:
-                return _Failure(True, f"TimeoutError: no answer within {self.timeout_s:g}s")
+                failure = _Failure(True, f"TimeoutError: no answer within {self.timeout_s:g}s")
             except aiohttp.ClientError as exc:
-                return _Failure(True, f"{type(exc).__name__}: {exc}")
+                failure = _Failure(True, f"{type(exc).__name__}: {exc}")
             except AnswerTooLarge as exc:
-                return _Failure(False, str(exc))
-            finally:
-                if self.timings is not None:
-                    self.timings.metrics_query(time.monotonic() - sent)
+                failure = _Failure(False, str(exc))
+            # answered or not (a query cancelled by aclose is not timed); this includes any
+            # wait for the GIL while another group is counted in the prometheus pool
+            if self.timings is not None:
+                self.timings.metrics_query(time.monotonic() - sent)
+        if failure is not None:
+            return failure
         if 300 <= status < 400:
             return _Failure(False, f"HTTP {status}: redirects are not followed")
         if status != 200:

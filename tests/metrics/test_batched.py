@@ -590,9 +590,12 @@ async def test_a_batch_asks_for_the_next_group_while_it_counts_one(env: Env) -> 
         # each group after the first was asked for before the group before it was counted
         kinds = [kind for kind, _ in events]
         assert kinds.count("count") == 3 and kinds.count("post") == 9, kinds
+        count_at = [t for kind, t in events if kind == "count"]
         counted_at = [t for kind, t in events if kind == "counted"]
         posts = [t for kind, t in events if kind == "post"]
         assert posts[3] < counted_at[0] and posts[6] < counted_at[1], events
+        # ... and not before it had the group before's answers (one group's answers wait)
+        assert posts[3] > count_at[0] and posts[6] > count_at[1], events
 
         others = [whole.provider(env.queries(name)) for name in names]
         now = time.time()
