@@ -1122,10 +1122,14 @@ class _SeriesCache:
     def __len__(self) -> int:
         return sum(len(table) for table in self._by_family.values())
 
-    def lookup(self, family: _Family, text: bytes) -> _Series:
+    def table(self, family: _Family) -> dict[bytes, _Series]:
+        """The family's series, for lookup (taken once per answer, not once per series)."""
         table = self._by_family.get(family)
         if table is None:
             table = self._by_family[family] = {}
+        return table
+
+    def lookup(self, table: dict[bytes, _Series], family: _Family, text: bytes) -> _Series:
         digest = _blake2b(text, digest_size=_DIGEST).digest()
         series = table.get(digest)
         if series is None:
@@ -1167,40 +1171,94 @@ def _apply_family(
     cache.scanned += 1
     targets = _targets(members)
     births: dict[bytes, dict[float, float]] = {}
-    counters: list[_Series | None] = []  # by series, in the answer's order
+    # the counter series this read serves, in the answer's order: (series, its selectors,
+    # where its labels and its samples are in the answer)
+    counters: list[tuple[_Series, list[tuple[_Registration, _Selector]], int, int, int, int]] = []
+    table, lookup = cache.table(family), cache.lookup
     it = iter(spans)
     try:
         for a, b, c, d in zip(it, it, it, it, strict=True):
-            series = cache.lookup(family, answer[a:b])
+            series = lookup(table, family, answer[a:b])
             if series.created:
-                counters.append(None)
                 try:
                     births[series.birth] = dict(_samples(answer[c:d]))
                 except ValueError:
                     continue  # a broken _created series only costs the extra reset check
             else:
-                counters.append(series if series.target in targets else None)
+                found = targets.get(series.target)
+                if found is not None:
+                    counters.append((series, found, a, b, c, d))
     except ValueError as exc:  # labels that are not JSON, or not strings
         return _Failure(False, f"prometheus answered garbage: {exc}"[:500])
     no_births: dict[float, float] = {}
-    it = iter(spans)
-    for counter, a, b, c, d in zip(counters, it, it, it, it, strict=True):
-        if counter is None:
-            continue
-        series, found = counter, targets[counter.target]
+    findall, brackets = _SAMPLE.findall, answer.count
+    for series, found, a, b, c, d in counters:
+        born = births.get(series.birth, no_births)
+        pairs = findall(answer, c, d)
+        if (
+            len(found) == 1
+            and len(pairs) == brackets(b"[", c, d)
+            and _count_known(found[0][1], series.key, pairs, born, found[0][0])
+        ):
+            continue  # the usual case: one rollout's series, counted before, finite samples
         try:
             samples = _samples(answer[c:d])
         except ValueError as exc:
             for _, sel in found:
                 sel.malformed = f"malformed samples for {sel.text}: {exc}"
             continue
-        born = births.get(series.birth, no_births)
         text = answer[a:b]  # for reasons only
         for reg, sel in found:
             _apply(
                 sel, series.key, series.le, text, samples, born, since=reg.since, floor=reg.floor
             )
     return None
+
+
+def _count_known(
+    sel: _Selector,
+    key: bytes,
+    pairs: list[tuple[bytes, bytes]],
+    births: Mapping[float, float],
+    reg: _Registration,
+) -> bool:
+    """_apply's rule for a series already counted, from its samples' text: False, with
+    nothing changed, for anything else (a new series, a sample that is not a finite number),
+    which _apply then takes with its reasons. Half of a batch's counting was building each
+    series' list of sample tuples and calling _apply with it (issue 13)."""
+    slot = sel.slots.get(key)
+    if slot is None:
+        return False
+    nums = sel.numbers
+    i = 4 * slot
+    previous, total, cursor = nums[i], nums[i + 2], nums[i + 3]
+    born = nums[i + 1] if sel.born[slot] else None
+    since, floor = reg.since, reg.floor
+    try:
+        for t_text, v_text in pairs:
+            t, v = float(t_text), float(v_text)  # both, as _samples: any not a number declines
+            if t <= floor or t <= cursor:
+                continue  # before the lookback, or applied already (the windows overlap)
+            if v - v != 0.0:
+                return False  # NaN or an infinity: _apply marks the series broken
+            cursor = t
+            birth = births.get(t)
+            if t <= since:
+                previous, born = v, birth  # the baseline: last sample at or before since
+                continue
+            reborn = birth is not None and born is not None and birth != born
+            total += v if reborn or v < previous else v - previous
+            previous = v
+            if birth is not None:
+                born = birth
+    except ValueError:
+        return False  # not a number: _samples says which
+    nums[i], nums[i + 2], nums[i + 3] = previous, total, cursor
+    if born is None:
+        sel.born[slot] = 0
+    else:
+        nums[i + 1], sel.born[slot] = born, 1
+    return True
 
 
 def _targets(

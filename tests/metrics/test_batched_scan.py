@@ -5,7 +5,9 @@ answer not in Prometheus' exact compact shape goes to json.loads, never half-rea
 
 from __future__ import annotations
 
+import copy
 import json
+import math
 from typing import Any
 
 import pytest
@@ -14,9 +16,12 @@ from hypothesis import strategies as st
 
 from canary.metrics.base import ArmsCounts
 from canary.metrics.batched import (
+    _SAMPLE,
     PrometheusBatcher,
+    _apply,
     _apply_family,
     _apply_family_decoded,
+    _count_known,
     _counts,
     _Registration,
     _scan,
@@ -176,6 +181,59 @@ def test_fast_and_decoded_paths_count_the_same(
         assert got == want
         assert isinstance(got, ArmsCounts)
     assert cache.decoded == 0 and cache.scanned > 0
+
+
+SAMPLE_VALUES = st.one_of(
+    st.integers(0, 10**6).map(str),
+    st.floats(0, 1e6).map(repr),
+    st.sampled_from(["NaN", "+Inf", "-Inf", "1e3", "x", "-0"]),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 12), SAMPLE_VALUES), max_size=5),
+    st.dictionaries(st.integers(0, 12), st.sampled_from([900.0, 901.0]), max_size=4),
+    st.one_of(st.none(), st.tuples(st.floats(0, 1e6), st.floats(0, 1e6), st.integers(-1, 12))),
+    st.one_of(st.none(), st.sampled_from([900.0, 901.0])),
+    st.integers(0, 12),
+)
+def test_the_known_series_path_counts_as_apply(
+    samples: list[tuple[int, str]],
+    births: dict[int, float],
+    state: tuple[float, float, int] | None,
+    born: float | None,
+    since_at: int,
+) -> None:
+    """_count_known (a series counted before, read from its samples' text) gives exactly
+    _apply's state, or declines with nothing changed: any samples (several, out of the window,
+    before `since`, not numbers, NaN, infinities, non-integers), births and earlier state."""
+    q = PromQueries(requests='reqs_total{service="{arm}"}')
+    base = 1000.0
+    reg = registration(q, base + since_at)
+    sel = reg.selectors[0]
+    text = ",".join(f'[{base + t:.3f},"{v}"]' for t, v in sorted(samples, key=lambda x: x[0]))
+    pairs = _SAMPLE.findall(text.encode())
+    key, labels = b"k", {"service": "x"}
+    by_time = {base + t: b for t, b in births.items()}
+    if state is not None:  # a series counted before, with this state
+        previous, total, cursor = state
+        sel.slots[key] = 0
+        sel.numbers.extend(
+            (previous, born or 0.0, total, -math.inf if cursor < 0 else base + cursor)
+        )
+        sel.born.append(0 if born is None else 1)
+        sel.les.append(None)
+    reference = copy.deepcopy(sel)
+    before = sel.counted()
+    if not _count_known(sel, key, pairs, by_time, reg):
+        assert sel.counted() == before  # declined: nothing changed
+        return
+    assert state is not None  # a series never counted is always declined
+    decoded = [(float(t), float(v)) for t, v in pairs]
+    _apply(reference, key, None, labels, decoded, by_time, since=reg.since, floor=reg.floor)
+    assert sel.counted() == reference.counted()
+    assert reference.broken is None  # what it declined is what _apply would mark
 
 
 def test_series_not_seen_for_a_whole_batch_are_forgotten() -> None:
