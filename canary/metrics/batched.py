@@ -254,48 +254,75 @@ def _apply(
     since: float,
     floor: float,
 ) -> None:
-    """Apply one series' samples newer than its cursor (the rule of _increase_since).
+    """Apply one series' samples newer than its cursor (the rule of _increase_since), a
+    new series' included; a NaN or infinite sample makes the series broken (no data).
     `key`: the series' key (_key); `labels`: its labels, or their JSON text, for reasons."""
-    nums = sel.numbers
     slot = sel.slots.get(key)
     if slot is None:
-        cursor, previous, born, total = -math.inf, 0.0, None, 0.0
+        if not any(t > floor for t, _ in samples):
+            return  # nothing in the lookback: not a series of the count (yet)
+        slot = _add_series(sel, key, le, labels)
+    nonfinite: list[tuple[float, float]] = []
+    _count_series(sel, slot, samples, births, since, floor, nonfinite)
+    if nonfinite:
+        if sel.broken is None:
+            sel.broken = {}
+        if slot not in sel.broken:
+            t, v = nonfinite[0]
+            shown = "NaN" if math.isnan(v) else str(v)
+            sel.broken[slot] = (
+                f"{shown} sample in {sel.text} (series {_labels(labels)}) at {t:.3f}: "
+                "not a count, no data"
+            )
+
+
+def _count_series(
+    sel: _Selector,
+    slot: int,
+    samples: Iterable[tuple[float | bytes, float | bytes]],
+    births: Mapping[float, float],
+    since: float,
+    floor: float,
+    nonfinite: list[tuple[float, float]] | None,
+) -> bool:
+    """Count one series' samples newer than its cursor into its column (the rule of
+    _increase_since), the samples as numbers or as their text, read straight from the answer
+    (_apply_family: half of a batch's counting was building each series' list of sample
+    tuples, issue 13). A sample that is not a finite number is appended to `nonfinite` and
+    skipped; with `nonfinite` None, it (or a text that is not a number) makes this False with
+    nothing changed, for _apply to take with its reasons."""
+    nums = sel.numbers
+    i = 4 * slot
+    previous, total, cursor = nums[i], nums[i + 2], nums[i + 3]
+    born = nums[i + 1] if sel.born[slot] else None
+    try:
+        for t_given, v_given in samples:
+            t, v = float(t_given), float(v_given)  # both, as _samples: any not a number declines
+            if t <= floor or t <= cursor:
+                continue  # before the lookback, or applied already (the windows overlap)
+            cursor = t
+            if v - v != 0.0:  # NaN or an infinity
+                if nonfinite is None:
+                    return False
+                nonfinite.append((t, v))
+                continue
+            birth = births.get(t)
+            if t <= since:
+                previous, born = v, birth  # the baseline: last sample at or before since
+                continue
+            reborn = birth is not None and born is not None and birth != born
+            total += v if reborn or v < previous else v - previous
+            previous = v
+            if birth is not None:
+                born = birth
+    except ValueError:
+        return False
+    nums[i], nums[i + 2], nums[i + 3] = previous, total, cursor
+    if born is None:
+        sel.born[slot] = 0
     else:
-        i = 4 * slot
-        previous, total, cursor = nums[i], nums[i + 2], nums[i + 3]
-        born = nums[i + 1] if sel.born[slot] else None
-    for t, v in samples:
-        if t <= floor or t <= cursor:
-            continue  # before the lookback, or applied already (the windows overlap)
-        if slot is None:
-            slot = _add_series(sel, key, le, labels)
-        cursor = t
-        if not math.isfinite(v):
-            if sel.broken is None:
-                sel.broken = {}
-            if slot not in sel.broken:
-                shown = "NaN" if math.isnan(v) else str(v)
-                sel.broken[slot] = (
-                    f"{shown} sample in {sel.text} (series {_labels(labels)}) at {t:.3f}: "
-                    "not a count, no data"
-                )
-            continue
-        birth = births.get(t)
-        if t <= since:
-            previous, born = v, birth  # the baseline: last sample at or before since
-            continue
-        reborn = birth is not None and born is not None and birth != born
-        total += v if reborn or v < previous else v - previous
-        previous = v
-        if birth is not None:
-            born = birth
-    if slot is not None:
-        i = 4 * slot
-        nums[i], nums[i + 2], nums[i + 3] = previous, total, cursor
-        if born is None:
-            sel.born[slot] = 0
-        else:
-            nums[i + 1], sel.born[slot] = born, 1
+        nums[i + 1], sel.born[slot] = born, 1
+    return True
 
 
 def _add_series(
@@ -1195,12 +1222,13 @@ def _apply_family(
     for series, found, a, b, c, d in counters:
         born = births.get(series.birth, no_births)
         pairs = findall(answer, c, d)
-        if (
-            len(found) == 1
-            and len(pairs) == brackets(b"[", c, d)
-            and _count_known(found[0][1], series.key, pairs, born, found[0][0])
-        ):
-            continue  # the usual case: one rollout's series, counted before, finite samples
+        if len(found) == 1 and len(pairs) == brackets(b"[", c, d):
+            reg, sel = found[0]
+            slot = sel.slots.get(series.key)
+            if slot is not None and _count_series(
+                sel, slot, pairs, born, reg.since, reg.floor, None
+            ):
+                continue  # the usual case: one rollout's series, counted before, finite samples
         try:
             samples = _samples(answer[c:d])
         except ValueError as exc:
@@ -1213,52 +1241,6 @@ def _apply_family(
                 sel, series.key, series.le, text, samples, born, since=reg.since, floor=reg.floor
             )
     return None
-
-
-def _count_known(
-    sel: _Selector,
-    key: bytes,
-    pairs: list[tuple[bytes, bytes]],
-    births: Mapping[float, float],
-    reg: _Registration,
-) -> bool:
-    """_apply's rule for a series already counted, from its samples' text: False, with
-    nothing changed, for anything else (a new series, a sample that is not a finite number),
-    which _apply then takes with its reasons. Half of a batch's counting was building each
-    series' list of sample tuples and calling _apply with it (issue 13)."""
-    slot = sel.slots.get(key)
-    if slot is None:
-        return False
-    nums = sel.numbers
-    i = 4 * slot
-    previous, total, cursor = nums[i], nums[i + 2], nums[i + 3]
-    born = nums[i + 1] if sel.born[slot] else None
-    since, floor = reg.since, reg.floor
-    try:
-        for t_text, v_text in pairs:
-            t, v = float(t_text), float(v_text)  # both, as _samples: any not a number declines
-            if t <= floor or t <= cursor:
-                continue  # before the lookback, or applied already (the windows overlap)
-            if v - v != 0.0:
-                return False  # NaN or an infinity: _apply marks the series broken
-            cursor = t
-            birth = births.get(t)
-            if t <= since:
-                previous, born = v, birth  # the baseline: last sample at or before since
-                continue
-            reborn = birth is not None and born is not None and birth != born
-            total += v if reborn or v < previous else v - previous
-            previous = v
-            if birth is not None:
-                born = birth
-    except ValueError:
-        return False  # not a number: _samples says which
-    nums[i], nums[i + 2], nums[i + 3] = previous, total, cursor
-    if born is None:
-        sel.born[slot] = 0
-    else:
-        nums[i + 1], sel.born[slot] = born, 1
-    return True
 
 
 def _targets(

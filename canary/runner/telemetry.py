@@ -433,39 +433,38 @@ class Telemetry:
             registry=self.registry,
         )
 
+        def seconds(name: str, documentation: str, buckets: tuple[float, ...]) -> Histogram:
+            return Histogram(name, documentation, buckets=buckets, registry=self.registry)
+
+        quick = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf"))
         # Not per rollout: at a thousand rollouts per-rollout buckets would dwarf the rest, and
         # what an operator asks is whether the controller keeps up, not which rollout lags.
-        self.tick_lateness = Histogram(
+        self.tick_lateness = seconds(
             "canary_tick_lateness_seconds",
             "How late each analysis tick started after its fixed-rate schedule",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
-            registry=self.registry,
+            quick,
         )
-        self.tick_seconds = Histogram(
+        self.tick_seconds = seconds(
             "canary_tick_seconds",
             "Time one analysis tick took (metrics fetch, analysis, router, record)",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
-            registry=self.registry,
+            quick,
         )
         # The shared Prometheus reads (canary.metrics.batched): whether a tick that ran long
         # waited for its counts, and whether that was Prometheus or the counting.
-        self.metrics_query_seconds = Histogram(
+        self.metrics_query_seconds = seconds(
             "canary_metrics_query_seconds",
             "Time one query to Prometheus took, answered or not (a timeout counts)",
-            buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
-            registry=self.registry,
+            quick[1:],
         )
-        self.metrics_batch_seconds = Histogram(
+        self.metrics_batch_seconds = seconds(
             "canary_metrics_batch_seconds",
             "Time one batch took to read and count every rollout's metrics",
-            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, float("inf")),
-            registry=self.registry,
+            (0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, float("inf")),
         )
-        self.metrics_wait_seconds = Histogram(
+        self.metrics_wait_seconds = seconds(
             "canary_metrics_wait_seconds",
             "How long a tick's metrics fetch waited for its counts (0: the last batch's)",
-            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, float("inf")),
-            registry=self.registry,
+            quick,
         )
         self.registry.register(_GcCollector())
 

@@ -21,7 +21,7 @@ from canary.metrics.batched import (
     _apply,
     _apply_family,
     _apply_family_decoded,
-    _count_known,
+    _count_series,
     _counts,
     _Registration,
     _scan,
@@ -198,14 +198,14 @@ SAMPLE_VALUES = st.one_of(
     st.one_of(st.none(), st.sampled_from([900.0, 901.0])),
     st.integers(0, 12),
 )
-def test_the_known_series_path_counts_as_apply(
+def test_the_text_path_of_a_known_series_counts_as_apply(
     samples: list[tuple[int, str]],
     births: dict[int, float],
     state: tuple[float, float, int] | None,
     born: float | None,
     since_at: int,
 ) -> None:
-    """_count_known (a series counted before, read from its samples' text) gives exactly
+    """_count_series (a series counted before, read from its samples' text) gives exactly
     _apply's state, or declines with nothing changed: any samples (several, out of the window,
     before `since`, not numbers, NaN, infinities, non-integers), births and earlier state."""
     q = PromQueries(requests='reqs_total{service="{arm}"}')
@@ -226,7 +226,8 @@ def test_the_known_series_path_counts_as_apply(
         sel.les.append(None)
     reference = copy.deepcopy(sel)
     before = sel.counted()
-    if not _count_known(sel, key, pairs, by_time, reg):
+    slot = sel.slots.get(key)
+    if slot is None or not _count_series(sel, slot, pairs, by_time, reg.since, reg.floor, None):
         assert sel.counted() == before  # declined: nothing changed
         return
     assert state is not None  # a series never counted is always declined
