@@ -771,7 +771,7 @@ class PrometheusBatcher:
                 try:
                     if group:
                         self.catch_ups += 1
-                        await self._batch_group(time.time(), group)
+                        await self._batch_group(group)
                         for reg in group:
                             reg.carried = False
                             if not reg.closed:
@@ -827,7 +827,11 @@ class PrometheusBatcher:
         Each group's queries go out while the group before it is counted in the prometheus
         pool, so a batch takes about the longer of the two rather than their sum: at 2,000
         rollouts over 2 shards on a saturated machine, batches outlasted the period and ticks
-        waited for them (issue 13). One group's answers wait at most, as one group's read."""
+        waited for them (issue 13). One group's answers wait at most, as one group's read.
+
+        Each group reads up to when its queries go out, not to when the batch began: a
+        rollout counted late in a long batch has counts that fresh, so it does not find them
+        older than `max_age_s` (and wait) before the next batch reaches it again."""
         began = time.monotonic()
         try:
             await self._batch_groups(regs)
@@ -836,7 +840,6 @@ class PrometheusBatcher:
                 self.timings.metrics_batch(time.monotonic() - began)
 
     async def _batch_groups(self, regs: set[_Registration]) -> None:
-        at = time.time()
         self.batches += 1
         try:
             self._series.next_generation()
@@ -850,31 +853,32 @@ class PrometheusBatcher:
         ordered = sorted(regs, key=_oldest_read)
         step = self.rollouts_per_read
         groups = [ordered[start : start + step] for start in range(0, len(ordered), step)]
-        asked = self._ask_group(at, groups[0]) if groups else None
+        asked = self._ask_group(groups[0]) if groups else None
         try:
             for i, group in enumerate(groups):
                 assert asked is not None
                 current = asked
                 await asyncio.wait([current])  # its failure is the group's, in _count_group
-                asked = self._ask_group(at, groups[i + 1]) if i + 1 < len(groups) else None
-                await self._count_group(at, group, current)
+                asked = self._ask_group(groups[i + 1]) if i + 1 < len(groups) else None
+                await self._count_group(group, current)
         finally:
             if asked is not None:  # cancelled (aclose) while a group was counted
                 asked.cancel()
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await asked
 
-    async def _batch_group(self, at: float, regs: list[_Registration]) -> None:
+    async def _batch_group(self, regs: list[_Registration]) -> None:
         """One group's read, on its own (a catch-up)."""
-        await self._count_group(at, regs, self._ask_group(at, regs))
+        await self._count_group(regs, self._ask_group(regs))
 
     def _ask_group(
-        self, at: float, regs: list[_Registration]
+        self, regs: list[_Registration]
     ) -> asyncio.Task[tuple[_Read, list[bytes | _Failure]]]:
-        """Send a group's queries (each family from its oldest good read); the task's result
-        is the read and its answers, for _count_group."""
+        """Send a group's queries, up to now (each family from its oldest good read); the
+        task's result is the read and its answers, for _count_group."""
 
         async def ask() -> tuple[_Read, list[bytes | _Failure]]:
+            at = time.time()
             members: dict[_Family, list[tuple[_Registration, _Selector]]] = {}
             oldest: dict[_Family, float] = {}
             for reg in regs:
@@ -893,13 +897,13 @@ class PrometheusBatcher:
 
     async def _count_group(
         self,
-        at: float,
         regs: list[_Registration],
         asked: asyncio.Task[tuple[_Read, list[bytes | _Failure]]],
     ) -> None:
         try:
             read, answers = await asked
             failures, results = await self._count(read, answers, regs)
+            at = read.at
             for reg in regs:
                 reg.result = results[reg]
                 reg.at = at

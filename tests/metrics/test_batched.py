@@ -540,7 +540,8 @@ async def test_a_batch_asks_for_the_next_group_while_it_counts_one(env: Env) -> 
     """Three groups of four rollouts, each group's counting made slow (0.3 s): the next
     group's queries go out while a group is counted, so the batch takes about the three
     countings, not the three countings plus three reads; the counts are those of one read
-    of all twelve. The timings (/metrics) see every query, the batch and every fetch."""
+    of all twelve, each group's as of its own read. The timings (/metrics) see every query,
+    the batch and every fetch."""
     port = env.exporter_port
     names = [f"pipe{i}" for i in range(12)]
     for i, name in enumerate(names):
@@ -596,6 +597,9 @@ async def test_a_batch_asks_for_the_next_group_while_it_counts_one(env: Env) -> 
         assert posts[3] < counted_at[0] and posts[6] < counted_at[1], events
         # ... and not before it had the group before's answers (one group's answers wait)
         assert posts[3] > count_at[0] and posts[6] > count_at[1], events
+        # each group's counts are as of when its queries went out, not the batch's start
+        read_at = sorted({p._reg.at for p in providers if p._reg is not None})
+        assert len(read_at) == 3 and read_at[2] - read_at[0] >= 0.3, read_at
 
         others = [whole.provider(env.queries(name)) for name in names]
         now = time.time()
