@@ -206,8 +206,9 @@ def test_the_text_path_of_a_known_series_counts_as_apply(
     since_at: int,
 ) -> None:
     """_count_series (a series counted before, read from its samples' text) gives exactly
-    _apply's state, or declines with nothing changed: any samples (several, out of the window,
-    before `since`, not numbers, NaN, infinities, non-integers), births and earlier state."""
+    _apply's state and the rule's (written out in the test), or declines with nothing
+    changed: any samples (several, out of the window, before `since`, not numbers, NaN,
+    infinities, non-integers), births and earlier state."""
     q = PromQueries(requests='reqs_total{service="{arm}"}')
     base = 1000.0
     reg = registration(q, base + since_at)
@@ -235,6 +236,28 @@ def test_the_text_path_of_a_known_series_counts_as_apply(
     _apply(reference, key, None, labels, decoded, by_time, since=reg.since, floor=reg.floor)
     assert sel.counted() == reference.counted()
     assert reference.broken is None  # what it declined is what _apply would mark
+    # and both are the rule itself, written out here (not the code under test)
+    previous, total, cursor = state
+    cursor_t = -math.inf if cursor < 0 else base + cursor
+    known = born
+    for t, v in decoded:
+        if t <= reg.floor or t <= cursor_t:
+            continue
+        cursor_t = t
+        birth = by_time.get(t)
+        if t <= reg.since:
+            previous, known = v, birth
+            continue
+        if birth is not None and known is not None and birth != known:
+            total += v  # reborn: the new life's count from zero
+        elif v < previous:
+            total += v  # a reset
+        else:
+            total += v - previous
+        previous = v
+        if birth is not None:
+            known = birth
+    assert sel.counted()[key] == (None, previous, known, total, cursor_t, None)
 
 
 def test_series_not_seen_for_a_whole_batch_are_forgotten() -> None:
