@@ -27,7 +27,6 @@ import asyncio
 import gc
 import importlib.util
 import math
-import os
 import statistics
 import subprocess
 import sys
@@ -38,26 +37,14 @@ from pathlib import Path
 from types import ModuleType
 from typing import Any
 
-from benchmarks.metrics_batch import ROOT, queries_for, until_scraped
+from benchmarks.metrics_batch import ROOT, queries_for, servers, until_scraped
 
 
 async def capture(rollouts: int, scrape_s: float, history_s: float) -> list[Any]:
     """One steady batch's answers for `rollouts` rollouts, in the order of its families."""
-    from canary.demo.procs import ManagedProcess, PrometheusProcess, TcpReady, free_port
     from canary.metrics.batched import PrometheusBatcher
 
-    workdir = Path(tempfile.mkdtemp(prefix="apply-cost-"))
-    port = free_port()
-    exporter = ManagedProcess(
-        [sys.executable, "-m", "benchmarks.metrics_batch", "exporter", str(port), str(rollouts)],
-        log_path=workdir / "exporter.log",
-        ready=TcpReady(port),
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        name="exporter",
-    )
-    prometheus = PrometheusProcess(
-        [f"127.0.0.1:{port}"], workdir=workdir, scrape_interval_s=scrape_s
-    )
+    exporter, prometheus = servers(rollouts, scrape_s, "apply-cost-")
     async with exporter, prometheus:
         await until_scraped(prometheus.url, 6 * rollouts)
         await asyncio.sleep(history_s)

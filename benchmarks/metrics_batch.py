@@ -51,6 +51,7 @@ import tempfile
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, math.inf)
@@ -145,6 +146,26 @@ async def prometheus_queries(url: str) -> float:
 async def prometheus_cpu(url: str) -> float:
     """Prometheus' own CPU seconds."""
     return await prometheus_own(url, "process_cpu_seconds_total ")
+
+
+def servers(rollouts: int, scrape_s: float, prefix: str) -> tuple[Any, Any]:
+    """The exporter of `rollouts` simulated rollouts and a real Prometheus scraping it every
+    `scrape_s` (both async context managers: start them with `async with`)."""
+    from canary.demo.procs import ManagedProcess, PrometheusProcess, TcpReady, free_port
+
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    port = free_port()
+    exporter = ManagedProcess(
+        [sys.executable, "-m", "benchmarks.metrics_batch", "exporter", str(port), str(rollouts)],
+        log_path=workdir / "exporter.log",
+        ready=TcpReady(port),
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        name="exporter",
+    )
+    prometheus = PrometheusProcess(
+        [f"127.0.0.1:{port}"], workdir=workdir, scrape_interval_s=scrape_s
+    )
+    return exporter, prometheus
 
 
 async def until_scraped(url: str, series: int) -> None:
@@ -369,28 +390,7 @@ async def main(args: argparse.Namespace) -> int:
     assert task is not None
     for signum in (signal.SIGINT, signal.SIGTERM):  # stop the servers on the way out
         asyncio.get_running_loop().add_signal_handler(signum, task.cancel)
-    from canary.demo.procs import ManagedProcess, PrometheusProcess, TcpReady, free_port
-
-    workdir = Path(tempfile.mkdtemp(prefix="metrics-batch-"))
-    root = str(ROOT)
-    port = free_port()
-    exporter = ManagedProcess(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.metrics_batch",
-            "exporter",
-            str(port),
-            str(max(args.sizes)),
-        ],
-        log_path=workdir / "exporter.log",
-        ready=TcpReady(port),
-        env={**os.environ, "PYTHONPATH": root},
-        name="exporter",
-    )
-    prometheus = PrometheusProcess(
-        [f"127.0.0.1:{port}"], workdir=workdir, scrape_interval_s=args.scrape_s
-    )
+    exporter, prometheus = servers(max(args.sizes), args.scrape_s, "metrics-batch-")
     rows: list[str] = []
     async with exporter, prometheus:
         url = prometheus.url
