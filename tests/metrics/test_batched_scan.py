@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from canary.metrics.base import ArmsCounts
+from canary.metrics.base import ArmsCounts, NoData
 from canary.metrics.batched import (
     _SAMPLE,
     PrometheusBatcher,
@@ -26,6 +26,7 @@ from canary.metrics.batched import (
     _Registration,
     _scan,
     _SeriesCache,
+    _split,
 )
 from canary.metrics.prometheus import PromQueries
 
@@ -73,6 +74,20 @@ def test_scan_splits_what_json_decodes(series: list[Any], ascii: bool) -> None:
     assert [json.loads(b"[" + samples + b"]") for _, samples in scanned] == [
         s["values"] for s in result
     ]
+    assert_split_as_json(raw)
+
+
+def assert_split_as_json(raw: bytes) -> None:
+    """_split gives what json.loads reads: each series' labels and samples, in order."""
+    got = _split(raw)
+    result = json.loads(raw)["data"]["result"]
+    if not result:
+        assert got is None  # nothing to plan
+        return
+    assert got is not None
+    _, labels, samples = got
+    assert [json.loads(text + b"}") for text in labels] == [s["metric"] for s in result]
+    assert [json.loads(b"[" + text) for text in samples] == [s["values"] for s in result]
 
 
 @pytest.mark.parametrize(
@@ -98,6 +113,8 @@ def test_scan_splits_what_json_decodes(series: list[Any], ascii: bool) -> None:
 )
 def test_other_shapes_are_not_scanned(raw: bytes) -> None:
     assert split(raw) is None
+    if _split(raw) is not None:  # only JSON whose series are all before anything else
+        assert_split_as_json(raw)
 
 
 def test_prometheus_warnings_after_the_data_are_ignored() -> None:
@@ -181,6 +198,119 @@ def test_fast_and_decoded_paths_count_the_same(
         assert got == want
         assert isinstance(got, ArmsCounts)
     assert cache.decoded == 0 and cache.scanned > 0
+
+
+def read_answers(
+    regs: list[_Registration], at: float, pods: set[int], value: Any, odd: str | None
+) -> dict[Any, bytes]:
+    """Each family's answer for these registrations' arms at `at`: one series per pod (and
+    its `_created`), cumulative `value(pod)`; `odd` puts a NaN or a non-number in pod 0's."""
+    arms = {a for reg in regs for _, a, _ in reg.arms}
+    families = {sel.family for reg in regs for sel in reg.selectors}
+    out = {}
+    for family in families:
+        result = []
+        for arm in sorted(arms):
+            for pod in sorted(pods):
+                labels = {"code": "500" if pod % 2 else "200", "pod": str(pod), "service": arm}
+                shown = odd if odd is not None and pod == 0 else str(value(pod))
+                samples = [[at - 5, str(max(0, value(pod) - 3))], [at, shown]]
+                if family.name == "lat_bucket":
+                    for le in ("0.1", "+Inf"):
+                        metric = {"__name__": "lat_bucket", **labels, "le": le}
+                        result.append({"metric": metric, "values": samples})
+                    continue
+                if family.created_name is not None:
+                    metric = {"__name__": family.created_name, **labels}
+                    result.append({"metric": metric, "values": [[at, str(900.0 + pod)]]})
+                metric = {"__name__": family.name or "reqs_total", **labels}
+                result.append({"metric": metric, "values": samples})
+        out[family] = answer(sorted(result, key=lambda s: json.dumps(s["metric"])))
+    return out
+
+
+def same_counting(fast: _Registration, slow: _Registration) -> None:
+    for (_, _, a), (_, _, b) in zip(fast.arms, slow.arms, strict=True):
+        for sa, sb in zip(a, b, strict=True):
+            if sa is not None and sb is not None:
+                assert sa.counted() == sb.counted()
+                assert (sa.malformed is None) == (sb.malformed is None)  # (wording: bytes)
+    got, want = _counts(fast, {}, "x"), _counts(slow, {}, "x")
+    if isinstance(want, NoData):  # the scanned path shows a non-number as bytes
+        assert isinstance(got, NoData) and got.reason.replace("b'", "'") == want.reason
+    else:
+        assert got == want
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sets(st.integers(0, 3), min_size=1),
+            st.sampled_from([None, None, None, "NaN", "x", "reset"]),
+            st.integers(0, 3),
+        ),
+        min_size=2,
+        max_size=7,
+    )
+)
+def test_a_planned_read_counts_as_the_decoded_path(
+    steps: list[tuple[set[int], str | None, int]],
+) -> None:
+    """Reads through one series cache (so through a plan whenever an answer lists the same
+    series as one before it, for the same selectors) count exactly as json.loads' path:
+    pods coming and going, NaN and non-numbers, counter resets, and registrations reset
+    between reads (their columns emptied: the plan made before must not be used)."""
+    q = PromQueries(
+        requests='reqs_total{service="{arm}"}',
+        errors='reqs_total{service="{arm}",code="500"}',
+        latency_buckets='lat_bucket{service="{arm}"}',
+    )
+    fast, slow = registration(q, 1000.0), registration(q, 1000.0)
+    cache = _SeriesCache()
+    for n, (pods, odd, drop) in enumerate(steps, start=1):
+        if odd == "reset":
+            fast.reset()
+            slow.reset()
+            odd = None
+
+        def value(pod: int, n: int = n, drop: int = drop) -> int:
+            return 7 * n + pod if pod != drop or n % 3 else 2  # now and then a reset
+
+        answers = read_answers([fast], 1000.0 + 10 * n, pods, value, odd)
+        for family, raw in answers.items():
+            fast_members = [(fast, s) for s in fast.selectors if s.family == family]
+            slow_members = [(slow, s) for s in slow.selectors if s.family == family]
+            for _, sel in fast_members + slow_members:
+                sel.malformed = None  # as _apply_answers does before each read
+            assert _apply_family(family, raw, fast_members, cache) is None
+            assert _apply_family_decoded(family, raw, slow_members) is None
+        same_counting(fast, slow)
+        cache.next_generation()
+
+
+def test_the_same_series_are_read_by_their_plan_until_a_selector_is_emptied() -> None:
+    q = PromQueries(requests='reqs_total{service="{arm}"}')
+    reg, fresh = registration(q, 1000.0), registration(q, 1000.0)
+    family = reg.selectors[0].family
+    cache = _SeriesCache()
+
+    def read(r: _Registration, n: int) -> None:
+        raw = read_answers([r], 1000.0 + 10 * n, {0, 1}, lambda pod: 5 * n + pod, None)
+        members = [(r, s) for s in r.selectors if s.family == family]
+        assert _apply_family(family, raw[family], members, cache) is None
+
+    read(reg, 1)
+    assert cache.planned == 0 and cache.scanned == 1
+    read(reg, 2)
+    read(reg, 3)
+    assert cache.planned == 2 and cache.scanned == 1  # the same series: no labels read
+    reg.reset()  # its columns emptied: the plan's slots are not its own any more
+    read(reg, 4)
+    assert cache.planned == 2 and cache.scanned == 2
+    read(fresh, 4)  # another registration's selectors: not the plan's
+    assert cache.planned == 2 and cache.scanned == 3
+    same_counting(reg, fresh)
 
 
 SAMPLE_VALUES = st.one_of(
