@@ -1135,7 +1135,7 @@ class _SeriesCache:
         self._births: dict[tuple[str, ...], bytes] = {}
         self._plans: dict[_Family, dict[bytes, _Plan]] = {}
         self._generation = 0
-        self.planned = 0  # answers read by their plan (_split)
+        self.planned = 0  # answers read by their plan (_labels_digest)
         self.scanned = 0  # answers read by the fast path
         self.decoded = 0  # answers read by json.loads (tests check real Prometheus' are not)
 
@@ -1219,17 +1219,16 @@ def _apply_family(
     members: list[tuple[_Registration, _Selector]],
     cache: _SeriesCache,
 ) -> _Failure | None:
-    split = _split(answer)
-    if split is not None:
-        plan = cache.plan(family, split[0])
-        if plan is not None and plan.serves(members):
-            cache.planned += 1
-            _apply_planned(plan, split[1], split[2], cache.generation)
-            return None
     spans = _scan(answer)
     if spans is None:
         cache.decoded += 1
         return _apply_family_decoded(family, answer, members)
+    digest = _labels_digest(answer, spans)
+    plan = cache.plan(family, digest)
+    if plan is not None and plan.serves(members):
+        cache.planned += 1
+        _apply_planned(plan, answer, spans, cache.generation)
+        return None
     cache.scanned += 1
     targets = _targets(members)
     births: dict[bytes, dict[float, float]] = {}
@@ -1268,9 +1267,8 @@ def _apply_family(
             ):
                 continue  # the usual case: one rollout's series, counted before, finite samples
         _apply_series(series, found, answer[a:b], answer[c:d], born)
-    if split is not None and len(split[2]) == len(spans) // 4:
-        plan = _Plan.of(members, created, ((p, s, f) for p, s, f, *_ in counters))
-        cache.keep_plan(family, split[0], plan)
+    plan = _Plan.of(members, created, ((p, s, f) for p, s, f, *_ in counters))
+    cache.keep_plan(family, digest, plan)
     return None
 
 
@@ -1296,43 +1294,24 @@ def _apply_series(
 # --- reading an answer whose series were all read before ---------------------------------------
 #
 # In a steady batch a group's answer lists the same series, in the same order, as its last one
-# (Prometheus sorts them by their labels), and only their samples differ. So an answer is split
-# on the structure's tokens into its series' labels and samples texts (one regular-expression
-# split, in C), and a digest of all the labels texts finds the _Plan made from the last such
-# answer: which series at which position counts into which selector's column. Then no series'
-# labels are looked up or decoded, and the counting is each series' samples alone (issue 13:
-# the lookups and the scan were about a third of the counting). Any other answer takes the
-# path above, which makes the plan.
-
-# `]},{"metric":` is split at its brace, which leaves its `]` to the samples' text: a regular
-# expression that starts with a literal is searched for ~4x faster than one that is a choice
-_TOKENS = re.compile(rb'\},(?:"values":\[|\{"metric":)')
-_START = _HEAD + _OPEN
+# (Prometheus sorts them by their labels), and only their samples differ. So a digest of all
+# the series' labels texts, in order, finds the _Plan made from the last such answer: which
+# series, at which position, counts into which selector's column. Then no series' labels are
+# looked up or decoded, and the counting is each series' samples alone (issue 13: the lookups
+# were about a third of the counting). Any other answer takes the path above, which makes the
+# plan. The digest reads the answer where _scan found the labels (no copies: an answer's
+# copies were most of a batch's peak memory).
 
 
-def _split(answer: bytes) -> tuple[bytes, list[bytes], list[bytes]] | None:
-    """A compact matrix answer as (a digest of its series' labels texts, in order; each
-    series' labels text without its closing brace; each series' samples text, with the
-    list's closing bracket); None if it is not exactly that shape.
-
-    The tokens are exact, as _scan's: each holds a quote, which a JSON string escapes."""
-    if not answer.startswith(_START):
-        return None
-    parts = _TOKENS.split(answer)
-    if len(parts) < 2 or len(parts) % 2:
-        return None
-    last = parts[-1]
-    end = last.find(b"}")  # the last series' closing brace: samples hold none
-    if end < 1 or last[end - 1] != 0x5D or not last.startswith(b"]}", end + 1):
-        return None
-    labels, samples = parts[0::2], parts[1::2]
-    samples[-1] = last[:end]
-    labels[0] = labels[0][len(_START) :]
-    joined = b"".join(samples)
-    if b"{" in joined or b"}" in joined:
-        return None  # not samples: the path above says what is wrong with it
-    digest = _blake2b(b"\n".join(labels), digest_size=16).digest()
-    return digest, labels, samples
+def _labels_digest(answer: bytes, spans: array[int]) -> bytes:
+    """A digest of the answer's series' labels texts, in order (each a whole JSON object, so
+    their concatenation tells where each begins and ends)."""
+    digest = _blake2b(digest_size=16)
+    update, view = digest.update, memoryview(answer)
+    it = iter(spans)
+    for a, b, _, _ in zip(it, it, it, it, strict=True):
+        update(view[a:b])
+    return digest.digest()
 
 
 @dataclass(eq=False, slots=True)
@@ -1398,35 +1377,40 @@ class _Plan:
         return True
 
 
-def _apply_planned(plan: _Plan, labels: list[bytes], samples: list[bytes], generation: int) -> None:
-    """An answer counted by its plan (_split): as _apply_family counts it, without reading
-    any series' labels."""
+def _apply_planned(plan: _Plan, answer: bytes, spans: array[int], generation: int) -> None:
+    """An answer counted by its plan (_labels_digest): as _apply_family counts it, without
+    reading any series' labels."""
     births: dict[bytes, dict[float, float]] = {}
     for position, series in plan.created:
         series.seen = generation
+        k = 4 * position
         try:
-            births[series.birth] = dict(_samples(samples[position]))
+            births[series.birth] = dict(_samples(answer[spans[k + 2] : spans[k + 3]]))
         except ValueError:
             continue  # a broken _created series only costs the extra reset check
     bounds = {reg: (reg.since, reg.floor) for reg, _ in plan.members}
     no_births: dict[float, float] = {}
-    findall = _SAMPLE.findall
+    findall, brackets = _SAMPLE.findall, answer.count
     for position, series, reg, sel, slot in zip(
         plan.positions, plan.series, plan.regs, plan.sels, plan.slots, strict=True
     ):
         series.seen = generation
-        text = samples[position]
-        pairs = findall(text)
+        k = 4 * position
+        c, d = spans[k + 2], spans[k + 3]
+        pairs = findall(answer, c, d)
         born = births.get(series.birth, no_births)
         since, floor = bounds[reg]
-        if len(pairs) != text.count(b"[") or not _count_series(
+        if len(pairs) != brackets(b"[", c, d) or not _count_series(
             sel, slot, pairs, born, since, floor, None
         ):
-            _apply_series(series, [(reg, sel)], labels[position] + b"}", text, born)
+            labels = answer[spans[k] : spans[k + 1]]
+            _apply_series(series, [(reg, sel)], labels, answer[c:d], born)
     for position, series, found in plan.others:
         series.seen = generation
+        k = 4 * position
         born = births.get(series.birth, no_births)
-        _apply_series(series, found, labels[position] + b"}", samples[position], born)
+        labels, text = answer[spans[k] : spans[k + 1]], answer[spans[k + 2] : spans[k + 3]]
+        _apply_series(series, found, labels, text, born)
 
 
 def _targets(

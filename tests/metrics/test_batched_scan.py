@@ -26,7 +26,6 @@ from canary.metrics.batched import (
     _Registration,
     _scan,
     _SeriesCache,
-    _split,
 )
 from canary.metrics.prometheus import PromQueries
 
@@ -74,20 +73,6 @@ def test_scan_splits_what_json_decodes(series: list[Any], ascii: bool) -> None:
     assert [json.loads(b"[" + samples + b"]") for _, samples in scanned] == [
         s["values"] for s in result
     ]
-    assert_split_as_json(raw)
-
-
-def assert_split_as_json(raw: bytes) -> None:
-    """_split gives what json.loads reads: each series' labels and samples, in order."""
-    got = _split(raw)
-    result = json.loads(raw)["data"]["result"]
-    if not result:
-        assert got is None  # nothing to plan
-        return
-    assert got is not None
-    _, labels, samples = got
-    assert [json.loads(text + b"}") for text in labels] == [s["metric"] for s in result]
-    assert [json.loads(b"[" + text) for text in samples] == [s["values"] for s in result]
 
 
 @pytest.mark.parametrize(
@@ -113,8 +98,6 @@ def assert_split_as_json(raw: bytes) -> None:
 )
 def test_other_shapes_are_not_scanned(raw: bytes) -> None:
     assert split(raw) is None
-    if _split(raw) is not None:  # only JSON whose series are all before anything else
-        assert_split_as_json(raw)
 
 
 def test_prometheus_warnings_after_the_data_are_ignored() -> None:
