@@ -1320,7 +1320,8 @@ class _Plan:
     (registrations and selectors) it was made with: valid while they are the same selectors,
     none of whose columns was emptied or replaced since (their epochs).
 
-    Columns, not a tuple per series: ~40 bytes a series (test_the_state_of_a_series_is_small)."""
+    The counted series are columns, not a tuple each: plans add ~10 KiB a rollout to the
+    batcher's heap (benchmarks/RESULTS.md, fifteenth session)."""
 
     members: list[tuple[_Registration, _Selector]]  # held: their ids stay theirs
     epochs: dict[int, int]  # id(selector) -> its epoch when the plan was made
