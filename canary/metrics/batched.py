@@ -1320,7 +1320,7 @@ class _Plan:
     (registrations and selectors) it was made with: valid while they are the same selectors,
     none of whose columns was emptied or replaced since (their epochs).
 
-    The counted series are columns, not a tuple each: plans add ~10 KiB a rollout to the
+    The counted series are columns, not a tuple each: plans add ~5 KiB a rollout to the
     batcher's heap (benchmarks/RESULTS.md, fifteenth session)."""
 
     members: list[tuple[_Registration, _Selector]]  # held: their ids stay theirs
