@@ -1231,44 +1231,27 @@ def _apply_family(
         return None
     cache.scanned += 1
     targets = _targets(members)
-    births: dict[bytes, dict[float, float]] = {}
     created: list[tuple[int, _Series]] = []
     # the counter series this read serves, in the answer's order: (its position, the series,
-    # its selectors, where its labels and its samples are in the answer)
-    counters: list[tuple[int, _Series, list[tuple[_Registration, _Selector]], int, int, int, int]]
-    counters = []
+    # its selectors)
+    counters: list[tuple[int, _Series, list[tuple[_Registration, _Selector]]]] = []
     table, lookup = cache.table(family), cache.lookup
     it = iter(spans)
     try:
-        for position, (a, b, c, d) in enumerate(zip(it, it, it, it, strict=True)):
+        for position, (a, b, _, _) in enumerate(zip(it, it, it, it, strict=True)):
             series = lookup(table, family, answer[a:b])
             if series.created:
                 created.append((position, series))
-                try:
-                    births[series.birth] = dict(_samples(answer[c:d]))
-                except ValueError:
-                    continue  # a broken _created series only costs the extra reset check
             else:
                 found = targets.get(series.target)
                 if found is not None:
-                    counters.append((position, series, found, a, b, c, d))
+                    counters.append((position, series, found))
     except ValueError as exc:  # labels that are not JSON, or not strings
         return _Failure(False, f"prometheus answered garbage: {exc}"[:500])
-    no_births: dict[float, float] = {}
-    findall, brackets = _SAMPLE.findall, answer.count
-    for _, series, found, a, b, c, d in counters:
-        born = births.get(series.birth, no_births)
-        pairs = findall(answer, c, d)
-        if len(found) == 1 and len(pairs) == brackets(b"[", c, d):
-            reg, sel = found[0]
-            slot = sel.slots.get(series.key)
-            if slot is not None and _count_series(
-                sel, slot, pairs, born, reg.since, reg.floor, None
-            ):
-                continue  # the usual case: one rollout's series, counted before, finite samples
-        _apply_series(series, found, answer[a:b], answer[c:d], born)
-    plan = _Plan.of(members, created, ((p, s, f) for p, s, f, *_ in counters))
-    cache.keep_plan(family, digest, plan)
+    # One way of counting: this answer through its plan, then the plan made again, since the
+    # series counted for the first time now have their columns.
+    _apply_planned(_Plan.of(members, created, counters), answer, spans, cache.generation)
+    cache.keep_plan(family, digest, _Plan.of(members, created, counters))
     return None
 
 
@@ -1379,8 +1362,9 @@ class _Plan:
 
 
 def _apply_planned(plan: _Plan, answer: bytes, spans: array[int], generation: int) -> None:
-    """An answer counted by its plan (_labels_digest): as _apply_family counts it, without
-    reading any series' labels."""
+    """Count an answer by its plan (_labels_digest), without reading any series' labels:
+    each series counted before into one selector from its samples' text (_count_series),
+    any other the general way (_apply_series)."""
     births: dict[bytes, dict[float, float]] = {}
     for position, series in plan.created:
         series.seen = generation
