@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 from pathlib import Path
 
 from prometheus_client import generate_latest
@@ -140,6 +141,14 @@ async def test_a_shard_that_moves_takes_its_series_along(api: KubeEmulator, tmp_
         assert _exported(a, namespaces[1 - moved]) >= 10
         assert _exported(b, namespaces[1 - moved]) == 0
         assert a.telemetry.rollouts() == b.telemetry.rollouts() == 1
+        # Each keeps the Deployment of the shard it does not hold packed as its JSON text
+        # (a few KiB instead of dicts), and the one it acts on as a dict.
+        here, there = (namespaces[moved], "app"), (namespaces[1 - moved], "app")
+        assert isinstance(a.objects[here], bytes) and isinstance(b.objects[there], bytes)
+        assert isinstance(a.objects[there], dict) and isinstance(b.objects[here], dict)
+        parked = json.loads(a.objects[here])
+        assert parked["metadata"]["namespace"] == namespaces[moved]
+        assert "managedFields" not in parked["metadata"]
     finally:
         for stop in stops:
             stop.set()
