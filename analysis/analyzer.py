@@ -81,10 +81,15 @@ class Analyzer:
         self._failed: set[str] = set()
         self._skipped = 0
         self._last: Snapshot | None = None
+        self._digest: str | None = None
 
     def _fingerprint(self) -> str:
-        """The settings, as a digest a carried state is checked against."""
-        return hashlib.sha256(self.config.model_dump_json().encode("utf-8")).hexdigest()[:32]
+        """The settings, as a digest a carried state is checked against. Once per analyzer:
+        its settings are frozen, and carry() runs with every record write (issue 13)."""
+        if self._digest is None:
+            text = self.config.model_dump_json().encode("utf-8")
+            self._digest = hashlib.sha256(text).hexdigest()[:32]
+        return self._digest
 
     def carry(self) -> dict[str, Any]:
         """The analysis' state, exactly, as JSON values: an Analyzer of the same settings
