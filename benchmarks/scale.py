@@ -262,6 +262,37 @@ def samples(text: str, name: str) -> dict[str, float]:
     return out
 
 
+def looks_by_rollout(texts: list[str]) -> dict[str, float]:
+    """Each rollout's analysis looks so far (canary_analysis_decisions_total, every decision
+    and no_data summed), from the replicas' /metrics pages."""
+    out: collections.Counter[str] = collections.Counter()
+    for text in texts:
+        for labels, value in samples(text, "canary_analysis_decisions_total").items():
+            rollout = re.search(r'rollout="([^"]*)"', labels)
+            if rollout:
+                out[rollout.group(1)] += value
+    return dict(out)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """min, p1, p5, p50 and max of `values`, and the share below 0.9."""
+    if not values:
+        return {}
+    ordered = sorted(values)
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+
+    return {
+        "min": round(ordered[0], 3),
+        "p1": at(0.01),
+        "p5": at(0.05),
+        "p50": at(0.5),
+        "max": round(ordered[-1], 3),
+        "below_0.9": round(sum(v < 0.9 for v in ordered) / len(ordered), 4),
+    }
+
+
 def prometheus_queries(prom_url: str) -> float:
     rows = samples(scrape(f"{prom_url}/metrics"), "prometheus_http_requests_total")
     pattern = re.compile(r'handler="/api/v1/query(_range)?"')
@@ -886,6 +917,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                     "audit": audit_size(cluster),
                     "machine": machine_cpu(),
                     "gc": sum(sum(samples(t, "canary_gc_seconds_total").values()) for t in texts),
+                    "by_rollout": looks_by_rollout(texts),
                 }
 
             # Each rollout's first metrics read goes back to its analysis' start (a
@@ -969,6 +1001,14 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "ticks_per_rollout_period": round(ticks / n / (wall / args.tick_s), 3),
         "queries_per_rollout_tick": (
             round((last["queries"] - first["queries"]) / ticks, 4) if ticks else None
+        ),
+        # whether the looks missing from ticks_per_rollout_period are every rollout's or a few
+        "looks_per_period_by_rollout": spread(
+            [
+                (last["by_rollout"].get(key, 0.0) - first["by_rollout"].get(key, 0.0))
+                / (wall / args.tick_s)
+                for key in last["by_rollout"]
+            ]
         ),
         "tick_lateness_p50_le_s": quantile_bound(late, 0.5),
         "tick_lateness_p95_le_s": quantile_bound(late, 0.95),
