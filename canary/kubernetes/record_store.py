@@ -11,8 +11,9 @@ more) and is written once and never again; the head holds the chunk count, the r
 (which its chunks repeat) and the tail: the lines not yet sealed, gzipped, in `TAIL_KEY` and
 in numbered parts after it (`record.tail.0001.jsonl.gz.b64`, ...: one gzip member per save).
 A save adds its lines as the next part (a merge patch of one key); every MERGE_MEMBERS parts,
-and once the tail reaches `SEAL_BYTES`, it reads the head back and rewrites it, with the
-tail packed again as one member, first creating the next chunk from it when it is due. So:
+and once the tail reaches `SEAL_BYTES`, it reads the head back (or takes it from the answer
+to the last part's write, when nothing was written since) and rewrites it, with the tail
+packed again as one member, first creating the next chunk from it when it is due. So:
 
 * the controller holds only the entries added since its last save (deflated), not the
   record nor its tail: memory per rollout stays flat whatever its age;
@@ -619,6 +620,22 @@ class _Attempt:
     data_at: float | None
 
 
+class _Moved(Exception):
+    """The head a rewrite was made from is not the head any more: read it back."""
+
+
+@dataclass(frozen=True, slots=True)
+class _KeptHead:
+    """The head as the answer to a part's write gave it, kept when the next save is likely
+    to rewrite the head (_keep_head): that rewrite then seals the tail from these members
+    instead of reading the head back (issue 13: the GET was a third of a rewrite's
+    requests, and its decoding a quarter of its CPU)."""
+
+    resource_version: str  # the head's, after that write: valid while it is still the head's
+    members: list[str]  # the tail's members as stored: TAIL_KEY, then parts 1..n (base64)
+    carry: object  # the head's CARRY_KEY
+
+
 @dataclass(frozen=True, slots=True)
 class _Index:
     """Where the record ends, as of the write that saved it (INDEX_KEY): what a writer
@@ -759,6 +776,7 @@ class ConfigMapRecordWriter:
         self._tail_parts = 0
         self._rewrite = False  # the next save writes the head from the lines held alone
         self._attempt: _Attempt | None = None  # a write whose answer was lost
+        self._kept: _KeptHead | None = None  # the head before a likely rewrite (_keep_head)
         self._lines: list[bytes] = []  # held by _hold_line
         self._line_sizes: list[int] = []  # each line's UTF-8 bytes plus its newline
         self._lines_bytes = 0
@@ -947,6 +965,7 @@ class ConfigMapRecordWriter:
         the head moved or went."""
         from canary.kubernetes.client import Conflict, KubeError, NotFound
 
+        self._kept = None  # kept only from this write's answer, if it lands
         lines = self._lines[:count]
         token = secrets.token_hex(6)
         attempt = _Attempt(
@@ -978,17 +997,70 @@ class ConfigMapRecordWriter:
             return str(exc), True
         except KubeError as exc:
             return str(exc), False
-        self._resource_version = result.get("metadata", {}).get("resourceVersion")
+        metadata = result.get("metadata", {})
+        self._resource_version = metadata.get("resourceVersion")
+        self._uid = self._uid or metadata.get("uid")
         self.last_write_bytes = sum(len(v) for v in data.values())
         self._settled(attempt)
+        self._kept = self._keep_head(result, new_bytes)
         return None, False
 
+    def _keep_head(self, head: Mapping[str, Any], new_bytes: int) -> _KeptHead | None:
+        """The head a part's write left (its answer), if the next save will likely rewrite
+        it: the tail's parts are due to merge, or a save like this one (and half again) would
+        seal it. Only then: a full tail is ~25 KiB, held by a few rollouts at a time."""
+        if (
+            self._tail_parts < MERGE_MEMBERS
+            and self._members_bytes + new_bytes + new_bytes // 2 < self.seal_bytes
+        ):
+            return None
+        data = head.get("data")
+        if (
+            self._resource_version is None
+            or not isinstance(data, dict)
+            or data.get(ID_KEY) != self.record_id
+        ):
+            return None
+        members: list[str] = []
+        for key in [TAIL_KEY] + [_part_key(n) for n in range(1, self._tail_parts + 1)]:
+            member = data.get(key)
+            if not isinstance(member, str):
+                return None
+            members.append(member)
+        return _KeptHead(self._resource_version, members, data.get(CARRY_KEY))
+
     async def _rewrite_head(self, where: str) -> str | None:
+        """Seal the tail if due and write the head again: from the head the last write left
+        (_KeptHead), when nothing was written since, so without a GET; else (or if that
+        head turns out to have moved: its chunk exists, or its version is not the head's
+        any more) from the head read back."""
+        known, self._kept = self._kept, None
+        if (
+            known is not None
+            and self._attempt is None
+            and not self._rewrite
+            and known.resource_version == self._resource_version
+        ):
+            try:
+                return await self._seal_and_write(where, known)
+            except _Moved:
+                pass
+        return await self._seal_and_write(where, None)
+
+    async def _seal_and_write(self, where: str, known: _KeptHead | None) -> str | None:
         from canary.kubernetes.client import KubeError, NotFound
 
         members: list[bytes] = []
         kept_carry: object = None
-        if self._resource_version is not None or self._attempt is not None:
+        if known is not None:
+            try:
+                members = [
+                    m for m in (base64.b64decode(k, validate=True) for k in known.members) if m
+                ]
+            except binascii.Error:
+                raise _Moved from None
+            kept_carry = known.carry
+        elif self._resource_version is not None or self._attempt is not None:
             try:
                 head: Mapping[str, Any] | None = await self.api.get_configmap(
                     self.namespace, self.name
@@ -1046,7 +1118,9 @@ class ConfigMapRecordWriter:
                 ID_KEY: self.record_id,
                 CHUNK_NUMBER_KEY: str(number),
             }
-            error = await self._put_chunk(chunk_name(self.name, number), chunk)
+            error = await self._put_chunk(
+                chunk_name(self.name, number), chunk, overwrite=known is None
+            )
             if error is not None:
                 return self._failed(f"{where}: chunk {number}: {error}")
             written += sum(len(v) for v in chunk.values())
@@ -1075,7 +1149,7 @@ class ConfigMapRecordWriter:
         if carried is not None:
             head_data[CARRY_KEY] = carried
         self._attempt = attempt
-        error = await self._put_head(head_data)
+        error = await self._put_head(head_data, settle=known is None)
         if error is not None:
             return self._failed(f"{where}: {error}")
         written += sum(len(v) for v in head_data.values())
@@ -1152,6 +1226,7 @@ class ConfigMapRecordWriter:
             self._lines_bytes += size
             self.written_bytes += size
         self._members_lines = self._members_bytes = self._tail_parts = 0
+        self._kept = None
 
     def _settled(self, attempt: _Attempt) -> None:
         """A write landed: what it saved leaves the held lines; entries added while it
@@ -1182,7 +1257,11 @@ class ConfigMapRecordWriter:
         self._uid = head.get("metadata", {}).get("uid")
         return None
 
-    async def _put_chunk(self, name: str, data: dict[str, str]) -> str | None:
+    async def _put_chunk(
+        self, name: str, data: dict[str, str], *, overwrite: bool = True
+    ) -> str | None:
+        """Create the chunk; one that exists (left by a save that failed) is replaced, or
+        (not `overwrite`) raises _Moved."""
         from canary.kubernetes.client import Conflict, KubeError, NotFound
 
         owner = (
@@ -1204,6 +1283,8 @@ class ConfigMapRecordWriter:
                 )
                 return None
             except Conflict:  # left by a save that failed or was killed: not named, ours
+                if not overwrite:
+                    raise _Moved from None
                 try:
                     version = (await self.api.get_configmap(self.namespace, name))["metadata"][
                         "resourceVersion"
@@ -1218,7 +1299,9 @@ class ConfigMapRecordWriter:
                 return str(exc)
         return "kept changing while being written"
 
-    async def _put_head(self, data: dict[str, str]) -> str | None:
+    async def _put_head(self, data: dict[str, str], *, settle: bool = True) -> str | None:
+        """Write the head over the version read; with `settle`, a Conflict re-reads the
+        version and a NotFound creates it again (else they raise _Moved)."""
         from canary.kubernetes.client import Conflict, KubeError, NotFound
 
         for _ in range(3):  # a conflict re-reads the version: this record is ours
@@ -1230,7 +1313,13 @@ class ConfigMapRecordWriter:
                     resource_version=self._resource_version,
                     labels={RECORD_LABEL: self.name},
                 )
-            except Conflict:  # created before (a restart), or written by an earlier attempt
+            except (Conflict, NotFound) as exc:
+                if not settle:
+                    raise _Moved from None
+                if isinstance(exc, NotFound):  # deleted under us: create it again
+                    self._resource_version = None
+                    continue
+                # created before (a restart), or written by an earlier attempt
                 try:
                     current = await self.api.get_configmap(self.namespace, self.name)
                     self._resource_version = current["metadata"]["resourceVersion"]
@@ -1239,9 +1328,6 @@ class ConfigMapRecordWriter:
                     self._resource_version = None
                 except KubeError as exc:
                     return str(exc)
-                continue
-            except NotFound:  # deleted under us: create it again
-                self._resource_version = None
                 continue
             except KubeError as exc:
                 return str(exc)
@@ -1265,7 +1351,7 @@ class ConfigMapRecordWriter:
         data = _data_of(head)
         self._lines, self._line_sizes, self._lines_bytes = [], [], 0
         self._members_lines = self._members_bytes = self._tail_parts = 0
-        self._attempt = None
+        self._attempt = self._kept = None
         if is_chunked(head):
             self.record_id = str(data.get(ID_KEY) or self.record_id)
             self.chunks = _chunk_count(head, _name_of(head))
@@ -1309,7 +1395,7 @@ class ConfigMapRecordWriter:
         self._resource_version = metadata.get("resourceVersion")
         self._uid = metadata.get("uid")
         self._lines, self._line_sizes, self._lines_bytes = [], [], 0
-        self._attempt = None
+        self._attempt = self._kept = None
         self._rewrite = self._dirty = False
         self.record_id = str(data.get(ID_KEY) or self.record_id)
         self.chunks = chunks
