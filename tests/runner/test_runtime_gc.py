@@ -75,3 +75,58 @@ def test_collections_are_timed_on_metrics() -> None:
         for name in ("seconds", "collections")
         for g in range(3)
     }
+
+
+_ARENAS = """
+import ctypes, json, os, sys, tempfile, threading
+from canary.runtime import limit_malloc_arenas
+limited = limit_malloc_arenas() if sys.argv[1] == "limit" else False
+together = threading.Barrier(8)
+def work():
+    held = [bytearray(64 << 10) for _ in range(64)]  # past pymalloc: malloc's own arenas
+    together.wait()  # all eight alive at once: an exited thread's arena is reused
+    del held
+threads = [threading.Thread(target=work) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join()
+libc = ctypes.CDLL("libc.so.6")
+libc.fopen.restype = ctypes.c_void_p
+libc.fclose.argtypes = [ctypes.c_void_p]
+libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
+path = os.path.join(tempfile.mkdtemp(), "info.xml")
+stream = libc.fopen(path.encode(), b"w")
+libc.malloc_info(0, stream)
+libc.fclose(stream)
+print(json.dumps({"limited": limited, "heaps": open(path).read().count("<heap nr=")}))
+"""
+
+
+def _arenas(mode: str, **env: str) -> dict[str, object]:
+    import json
+
+    done = subprocess.run(
+        [sys.executable, "-c", _ARENAS, mode],
+        env={
+            **{k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"},
+            **env,
+            "PYTHONPATH": str(ROOT),
+        },
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_malloc_arenas_are_limited_unless_the_environment_says_otherwise() -> None:
+    """Threads that allocate get glibc arenas of their own, up to eight per core, unless
+    tune_gc's limit_malloc_arenas holds them to two; MALLOC_ARENA_MAX in the environment
+    (the operator's own choice) is left to glibc."""
+    free = _arenas("free")
+    assert free["limited"] is False and int(str(free["heaps"])) > 2  # the probe makes arenas
+    assert _arenas("limit") == {"limited": True, "heaps": 2}
+    assert _arenas("limit", MALLOC_ARENA_MAX="3") == {"limited": False, "heaps": 3}
