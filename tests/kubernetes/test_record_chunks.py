@@ -487,6 +487,20 @@ async def test_a_save_whose_answer_is_lost_is_neither_lost_nor_written_twice(
     assert await load_record_configmap(client, namespace=NS, rollout=rollout) == long_record
 
 
+async def _just_short_of_sealing(writer: ConfigMapRecordWriter, record: list[Entry]) -> int:
+    """Save the record's first entries until a chunk is sealed and the tail holds a few, then
+    up to just short of sealing again: the next entry makes a chunk. Returns its index."""
+    index = 0
+    while writer.chunks == 0 or writer.pending < 3:
+        assert await writer.append(record[index]) is None
+        index += 1
+    while writer.pending_bytes + len(dump_entry(record[index])) + 1 < SEAL:
+        assert await writer.append(record[index]) is None
+        index += 1
+    assert await writer.flush() is None
+    return index
+
+
 async def test_a_save_cut_between_chunk_and_head_leaves_a_readable_record(
     kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
 ) -> None:
@@ -497,15 +511,7 @@ async def test_a_save_cut_between_chunk_and_head_leaves_a_readable_record(
     rollout = long_record[0].rollout
     head = configmap_name(rollout)
     writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
-    index = 0
-    while writer.chunks == 0 or writer.pending < 3:
-        assert await writer.append(long_record[index]) is None
-        index += 1
-    # just short of sealing: the next entry makes a chunk
-    while writer.pending_bytes + len(dump_entry(long_record[index])) + 1 < SEAL:
-        assert await writer.append(long_record[index]) is None
-        index += 1
-    assert await writer.flush() is None
+    index = await _just_short_of_sealing(writer, long_record)
     before = await load_record_configmap(client, namespace=NS, rollout=rollout)
     assert before == long_record[:index]
     chunks = writer.chunks
@@ -756,14 +762,7 @@ async def test_a_rewrite_whose_kept_head_moved_reads_the_head_back(
     rollout = long_record[0].rollout
     head = configmap_name(rollout)
     writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
-    index = 0
-    while writer.chunks == 0 or writer.pending < 3:
-        assert await writer.append(long_record[index]) is None
-        index += 1
-    while writer.pending_bytes + len(dump_entry(long_record[index])) + 1 < SEAL:
-        assert await writer.append(long_record[index]) is None
-        index += 1
-    assert await writer.flush() is None
+    index = await _just_short_of_sealing(writer, long_record)
     assert writer._kept is not None, "the last part's answer is kept: the next save seals"
     chunks = writer.chunks
     note = NoteEntry(at=long_record[index].at, rollout=rollout, level="info", message="else")

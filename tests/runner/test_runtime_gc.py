@@ -25,13 +25,19 @@ print(json.dumps({"before": before, "after": gc.get_threshold(), "frozen": gc.ge
 """
 
 
-def _probe(**env: str) -> dict[str, object]:
-    # A process of its own: freezing the test process' heap would keep its cyclic garbage.
+def _run(source: str, *args: str, **env: str) -> dict[str, object]:
+    """`source`'s JSON line, run by a process of its own (freezing the test process' heap
+    would keep its cyclic garbage; its malloc arenas are made already), without any
+    MALLOC_ARENA_MAX of the test's environment but with `env`'s."""
     import json
 
     done = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+        [sys.executable, "-c", source, *args],
+        env={
+            **{k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"},
+            **env,
+            "PYTHONPATH": str(ROOT),
+        },
         capture_output=True,
         text=True,
         timeout=60,
@@ -39,6 +45,10 @@ def _probe(**env: str) -> dict[str, object]:
     )
     result: dict[str, object] = json.loads(done.stdout)
     return result
+
+
+def _probe(**env: str) -> dict[str, object]:
+    return _run(_PROBE, **env)
 
 
 def test_a_controller_freezes_its_start_up_heap_and_collects_young_objects_less_often() -> None:
@@ -104,22 +114,7 @@ print(json.dumps({"limited": limited, "heaps": open(path).read().count("<heap nr
 
 
 def _arenas(mode: str, **env: str) -> dict[str, object]:
-    import json
-
-    done = subprocess.run(
-        [sys.executable, "-c", _ARENAS, mode],
-        env={
-            **{k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"},
-            **env,
-            "PYTHONPATH": str(ROOT),
-        },
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    result: dict[str, object] = json.loads(done.stdout)
-    return result
+    return _run(_ARENAS, mode, **env)
 
 
 def test_malloc_arenas_are_limited_unless_the_environment_says_otherwise() -> None:
