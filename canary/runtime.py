@@ -16,38 +16,19 @@ less often costs little memory.
 
 `gc_seconds()` is the time spent collecting, by generation, for /metrics
 (`canary_gc_seconds_total`): what the tuning saves, measured where it runs.
-
-`limit_malloc_arenas()` (called by tune_gc): glibc gives each thread that allocates while
-another holds the main arena an arena of its own, up to eight per core, and keeps what they
-grew to. The controller's pools (Prometheus answers of megabytes, record packing) are such
-threads; with at most two arenas their memory is reused instead of held apart (issue 13:
-the RSS per process at 2,000 rollouts over 2 shards, benchmarks/RESULTS.md). A
-MALLOC_ARENA_MAX in the environment (glibc's own setting) is left as it is.
 """
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import os
-import sys
 import threading
 import time
 from typing import Any
 
-__all__ = [
-    "MALLOC_ARENAS",
-    "YOUNG_THRESHOLD",
-    "gc_collections",
-    "gc_seconds",
-    "limit_malloc_arenas",
-    "tune_gc",
-    "watch_gc",
-]
+__all__ = ["YOUNG_THRESHOLD", "gc_collections", "gc_seconds", "tune_gc", "watch_gc"]
 
 YOUNG_THRESHOLD = 20_000  # tick_cost at 1,000 rollouts: GC 4.8% -> 0.6% of the CPU
-MALLOC_ARENAS = 2
-_M_ARENA_MAX = -8  # glibc's malloc.h
 
 _lock = threading.Lock()
 _watching = False
@@ -78,24 +59,10 @@ def watch_gc() -> None:
             _watching = True
 
 
-def limit_malloc_arenas(arenas: int = MALLOC_ARENAS) -> bool:
-    """At most `arenas` glibc malloc arenas from now on (see the module's docstring). False
-    where there is no glibc, or the environment says MALLOC_ARENA_MAX already."""
-    if not sys.platform.startswith("linux") or os.environ.get("MALLOC_ARENA_MAX"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(_M_ARENA_MAX, arenas))
-    except (OSError, AttributeError):  # musl and others: no mallopt, or not this one
-        return False
-
-
 def tune_gc() -> None:
     """Freeze what exists now out of the collections, collect young objects less often, and
-    time the collections; and limit malloc's arenas (limit_malloc_arenas). Idempotent: a
-    second call only freezes what was created since. With CANARY_GC_DEFAULTS=1 the
-    collections are only timed (to measure what this saves)."""
-    limit_malloc_arenas()
+    time the collections. Idempotent: a second call only freezes what was created since.
+    With CANARY_GC_DEFAULTS=1 the collections are only timed (to measure what this saves)."""
     watch_gc()
     if os.environ.get("CANARY_GC_DEFAULTS") == "1":
         return

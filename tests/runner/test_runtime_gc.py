@@ -25,19 +25,13 @@ print(json.dumps({"before": before, "after": gc.get_threshold(), "frozen": gc.ge
 """
 
 
-def _run(source: str, *args: str, **env: str) -> dict[str, object]:
-    """`source`'s JSON line, run by a process of its own (freezing the test process' heap
-    would keep its cyclic garbage; its malloc arenas are made already), without any
-    MALLOC_ARENA_MAX of the test's environment but with `env`'s."""
+def _probe(**env: str) -> dict[str, object]:
+    # A process of its own: freezing the test process' heap would keep its cyclic garbage.
     import json
 
     done = subprocess.run(
-        [sys.executable, "-c", source, *args],
-        env={
-            **{k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"},
-            **env,
-            "PYTHONPATH": str(ROOT),
-        },
+        [sys.executable, "-c", _PROBE],
+        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
         capture_output=True,
         text=True,
         timeout=60,
@@ -45,10 +39,6 @@ def _run(source: str, *args: str, **env: str) -> dict[str, object]:
     )
     result: dict[str, object] = json.loads(done.stdout)
     return result
-
-
-def _probe(**env: str) -> dict[str, object]:
-    return _run(_PROBE, **env)
 
 
 def test_a_controller_freezes_its_start_up_heap_and_collects_young_objects_less_often() -> None:
@@ -85,43 +75,3 @@ def test_collections_are_timed_on_metrics() -> None:
         for name in ("seconds", "collections")
         for g in range(3)
     }
-
-
-_ARENAS = """
-import ctypes, json, os, sys, tempfile, threading
-from canary.runtime import limit_malloc_arenas
-limited = limit_malloc_arenas() if sys.argv[1] == "limit" else False
-together = threading.Barrier(8)
-def work():
-    held = [bytearray(64 << 10) for _ in range(64)]  # past pymalloc: malloc's own arenas
-    together.wait()  # all eight alive at once: an exited thread's arena is reused
-    del held
-threads = [threading.Thread(target=work) for _ in range(8)]
-for t in threads:
-    t.start()
-for t in threads:
-    t.join()
-libc = ctypes.CDLL("libc.so.6")
-libc.fopen.restype = ctypes.c_void_p
-libc.fclose.argtypes = [ctypes.c_void_p]
-libc.malloc_info.argtypes = [ctypes.c_int, ctypes.c_void_p]
-path = os.path.join(tempfile.mkdtemp(), "info.xml")
-stream = libc.fopen(path.encode(), b"w")
-libc.malloc_info(0, stream)
-libc.fclose(stream)
-print(json.dumps({"limited": limited, "heaps": open(path).read().count("<heap nr=")}))
-"""
-
-
-def _arenas(mode: str, **env: str) -> dict[str, object]:
-    return _run(_ARENAS, mode, **env)
-
-
-def test_malloc_arenas_are_limited_unless_the_environment_says_otherwise() -> None:
-    """Threads that allocate get glibc arenas of their own, up to eight per core, unless
-    tune_gc's limit_malloc_arenas holds them to two; MALLOC_ARENA_MAX in the environment
-    (the operator's own choice) is left to glibc."""
-    free = _arenas("free")
-    assert free["limited"] is False and int(str(free["heaps"])) > 2  # the probe makes arenas
-    assert _arenas("limit") == {"limited": True, "heaps": 2}
-    assert _arenas("limit", MALLOC_ARENA_MAX="3") == {"limited": False, "heaps": 3}
