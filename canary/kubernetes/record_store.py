@@ -777,6 +777,7 @@ class ConfigMapRecordWriter:
         self._rewrite = False  # the next save writes the head from the lines held alone
         self._attempt: _Attempt | None = None  # a write whose answer was lost
         self._kept: _KeptHead | None = None  # the head before a likely rewrite (_keep_head)
+        self._ended = False  # an end entry was added: no save is due after the one it makes
         self._lines: list[bytes] = []  # held by _hold_line
         self._line_sizes: list[int] = []  # each line's UTF-8 bytes plus its newline
         self._lines_bytes = 0
@@ -829,6 +830,8 @@ class ConfigMapRecordWriter:
     def add(self, entry: Entry) -> None:
         """Add an entry to the tail (ticks thinned past the budget), without saving."""
         self._last_at = entry.at
+        if isinstance(entry, EndEntry):
+            self._ended = True
         if isinstance(entry, TickEntry):
             if self.written_bytes >= self.budget_bytes:
                 if (
@@ -1008,8 +1011,10 @@ class ConfigMapRecordWriter:
     def _keep_head(self, head: Mapping[str, Any], new_bytes: int) -> _KeptHead | None:
         """The head a part's write left (its answer), if the next save will likely rewrite
         it: the tail's parts are due to merge, or a save like this one (and half again) would
-        seal it. Only then: a full tail is ~25 KiB, held by a few rollouts at a time."""
-        if (
+        seal it. Only then (a full tail is ~25 KiB: at the operator's minute between saves,
+        about one rollout in five holds one), and not once the record has ended (no save
+        would come to use it, and a finished rollout's writer lives on)."""
+        if self._ended or (
             self._tail_parts < MERGE_MEMBERS
             and self._members_bytes + new_bytes + new_bytes // 2 < self.seal_bytes
         ):

@@ -22,6 +22,7 @@ from support.report_records import Scenario, simulate
 
 from canary.cli.report import main as report_main
 from canary.core.records import (
+    EndEntry,
     Entry,
     NoteEntry,
     RecordError,
@@ -785,3 +786,24 @@ async def test_a_rewrite_whose_kept_head_moved_reads_the_head_back(
     record = await load_record_configmap(client, namespace=NS, rollout=rollout)
     assert [e for e in record if e != note] == long_record[: index + 1]
     assert (note in record) == (moved == "head written by another")
+
+
+async def test_an_ended_record_keeps_no_head(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """A record's end is its last save: the head its answer gives is not kept for a rewrite
+    that will not come (a finished rollout's writer lives on with its Deployment)."""
+    _, client = kube
+    rollout = long_record[0].rollout
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    index = await _just_short_of_sealing(writer, long_record)
+    assert writer._kept is not None  # as a save just short of sealing does
+    end = EndEntry(
+        at=long_record[index].at, rollout=rollout, outcome="promoted", reason="", duration_s=1.0
+    )
+    assert await writer.append(end) is None
+    assert writer._kept is None
+    assert await load_record_configmap(client, namespace=NS, rollout=rollout) == [
+        *long_record[:index],
+        end,
+    ]
