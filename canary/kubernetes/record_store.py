@@ -951,8 +951,7 @@ class ConfigMapRecordWriter:
             and self._attempt is None
             and not self._rewrite
             and self._resource_version is not None
-            and self._tail_parts < MERGE_MEMBERS
-            and self._members_bytes + new_bytes < self.seal_bytes
+            and self._fits_a_part(new_bytes)
         ):
             error, moved = await self._append(count, new_bytes)
             if error is None:
@@ -961,6 +960,13 @@ class ConfigMapRecordWriter:
                 return self._failed(f"{where}: {error}")
             # the head moved or went (Conflict, NotFound): read it, settle and rewrite it
         return await self._rewrite_head(where)
+
+    def _fits_a_part(self, new_bytes: int) -> bool:
+        """Whether a save of `new_bytes` of lines adds a part to the tail (else the head is
+        rewritten: the parts are due to merge, or the tail to seal)."""
+        return (
+            self._tail_parts < MERGE_MEMBERS and self._members_bytes + new_bytes < self.seal_bytes
+        )
 
     async def _append(self, count: int, new_bytes: int) -> tuple[str | None, bool]:
         """Add the first `count` held lines to the head as its next part (a merge patch
@@ -1014,10 +1020,7 @@ class ConfigMapRecordWriter:
         seal it. Only then (a full tail is ~25 KiB: at the operator's minute between saves,
         about one rollout in five holds one), and not once the record has ended (no save
         would come to use it, and a finished rollout's writer lives on)."""
-        if self._ended or (
-            self._tail_parts < MERGE_MEMBERS
-            and self._members_bytes + new_bytes + new_bytes // 2 < self.seal_bytes
-        ):
+        if self._ended or self._fits_a_part(new_bytes + new_bytes // 2):
             return None
         data = head.get("data")
         if (
