@@ -894,11 +894,18 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 f"    all {n} progressing {time.monotonic() - began:.0f}s after the new templates"
             )
 
+            # The other processes on the machine, whose CPU the controllers compete with
+            others = {p.name: p.popen.pid for p in cluster.processes if p.popen is not None}
+            for name, proc in (("prometheus", prometheus), ("exporter", exporter)):
+                if proc.pid is not None:
+                    others[name] = proc.pid
+
             def mark() -> dict[str, Any]:
                 texts = [r.metrics() for r in replicas]
                 return {
                     "t": time.monotonic(),
                     "cpu": [proc_cpu(r.pid) for r in replicas],
+                    "servers": {name: proc_cpu(pid) for name, pid in others.items()},
                     "threads": thread_cpu(replicas[0].pid),
                     "rss": [proc_rss_mib(r.pid) for r in replicas],
                     "queries": prometheus_queries(prom_url),
@@ -945,11 +952,16 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                         time.sleep(2)
                         print(heap.read_text(), flush=True)
                         break
-            others = {p.name: p.popen.pid for p in cluster.processes if p.popen is not None}
-            if prometheus.pid is not None:
-                others["prometheus"] = prometheus.pid
             kill = (
-                kill_phase(cluster, replicas, n, args, "canary-system", workdir, others)
+                kill_phase(
+                    cluster,
+                    replicas,
+                    n,
+                    args,
+                    "canary-system",
+                    workdir,
+                    {k: v for k, v in others.items() if k != "exporter"},
+                )
                 if args.kill_after_window and len(replicas) >= 2
                 else None
             )
@@ -972,6 +984,12 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "window_s": round(wall),
         "settle_s": args.settle_s,
         "cpu_share_of_core": [round(c / wall, 3) for c in cpu],
+        # the servers' (apiserver, etcd, Prometheus, kwok, ...): what the controllers' work
+        # costs the rest of the machine, and what they compete with for its cores
+        "servers_cpu_share_of_core": {
+            name: round((last["servers"][name] - first["servers"][name]) / wall, 3)
+            for name in sorted(first["servers"])
+        },
         # the fixed workload's time before the run (lower: a faster machine that day)
         "machine_speed_ms": speed_ms,
         # the whole machine's in the window: busy, and stolen by the hypervisor
