@@ -73,6 +73,7 @@ import logging
 import math
 import secrets
 import time
+import weakref
 import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -624,7 +625,36 @@ class _Moved(Exception):
     """The head a rewrite was made from is not the head any more: read it back."""
 
 
-@dataclass(frozen=True, slots=True)
+# Bytes of kept heads (_KeptHead) a process holds at once; past it, a rewrite reads the
+# head back as before. Rollouts started together seal together: at 1,000 of them each kept
+# ~35 KiB in the same minute, and the process' RSS rose by that (~30 MiB, and stayed) in
+# benchmarks/scale.py (issue 13's 300 MiB). Spread out, a thousand rollouts hold ~5 MiB.
+KEPT_HEADS_BYTES = 8 << 20
+
+
+class _KeptBudget:
+    """What the process' kept heads hold. Each admitted head gives its bytes back when it is
+    freed (a finalizer), however its writer let go of it."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+        self.refused = 0  # heads not kept for the budget (tests, benchmarks)
+
+    def admit(self, kept: _KeptHead) -> bool:
+        size = kept.size
+        if self.held + size > self.limit:
+            self.refused += 1
+            return False
+        self.held += size
+        weakref.finalize(kept, self._give_back, size)
+        return True
+
+    def _give_back(self, size: int) -> None:
+        self.held -= size
+
+
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class _KeptHead:
     """The head as the answer to a part's write gave it, kept when the next save is likely
     to rewrite the head (_keep_head): that rewrite then seals the tail from these members
@@ -634,6 +664,13 @@ class _KeptHead:
     resource_version: str  # the head's, after that write: valid while it is still the head's
     members: list[str]  # the tail's members as stored: TAIL_KEY, then parts 1..n (base64)
     carry: object  # the head's CARRY_KEY
+
+    @property
+    def size(self) -> int:
+        return sum(map(len, self.members))
+
+
+KEPT_BUDGET = _KeptBudget(KEPT_HEADS_BYTES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -1017,9 +1054,10 @@ class ConfigMapRecordWriter:
     def _keep_head(self, head: Mapping[str, Any], new_bytes: int) -> _KeptHead | None:
         """The head a part's write left (its answer), if the next save will likely rewrite
         it: the tail's parts are due to merge, or a save like this one (and half again) would
-        seal it. Only then (a full tail is ~25 KiB: at the operator's minute between saves,
-        about one rollout in five holds one), and not once the record has ended (no save
-        would come to use it, and a finished rollout's writer lives on)."""
+        seal it. Only then (a full tail is ~25-35 KiB: at the operator's minute between
+        saves, about one rollout in five holds one), within the process' budget
+        (KEPT_HEADS_BYTES), and not once the record has ended (no save would come to use it,
+        and a finished rollout's writer lives on)."""
         if self._ended or self._fits_a_part(new_bytes + new_bytes // 2):
             return None
         data = head.get("data")
@@ -1035,7 +1073,8 @@ class ConfigMapRecordWriter:
             if not isinstance(member, str):
                 return None
             members.append(member)
-        return _KeptHead(self._resource_version, members, data.get(CARRY_KEY))
+        kept = _KeptHead(self._resource_version, members, data.get(CARRY_KEY))
+        return kept if KEPT_BUDGET.admit(kept) else None
 
     async def _rewrite_head(self, where: str) -> str | None:
         """Seal the tail if due and write the head again: from the head the last write left

@@ -807,3 +807,38 @@ async def test_an_ended_record_keeps_no_head(
         *long_record[:index],
         end,
     ]
+
+
+async def test_kept_heads_stay_within_the_process_budget(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rollouts started together seal together: each would keep its head in the same minute
+    (issue 13: ~30 MiB of RSS at 1,000). Past the process' budget a writer keeps none, and
+    its rewrite reads the head back as before; a head given up returns its bytes."""
+    emulator, client = kube
+    budget = record_store._KeptBudget(0)
+    monkeypatch.setattr(record_store, "KEPT_BUDGET", budget)
+    rollout = long_record[0].rollout
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    index = await _just_short_of_sealing(writer, long_record)
+    assert writer._kept is None and budget.refused >= 1 and budget.held == 0
+    head = configmap_name(rollout)
+    gets = len(emulator.recorded(verb="get", resource="configmaps", name=head))
+    chunks = writer.chunks
+    assert await writer.append(long_record[index]) is None
+    assert await writer.flush() is None
+    assert writer.chunks == chunks + 1  # sealed, from the head read back
+    assert len(emulator.recorded(verb="get", resource="configmaps", name=head)) == gets + 1
+    assert (
+        await load_record_configmap(client, namespace=NS, rollout=rollout)
+        == long_record[: index + 1]
+    )
+
+    budget.limit = 1 << 30
+    other = ConfigMapRecordWriter(client, namespace=NS, rollout=f"{rollout}-2", seal_bytes=SEAL)
+    await _just_short_of_sealing(other, long_record)
+    kept = other._kept
+    assert kept is not None and budget.held == kept.size > 0
+    other._kept = None
+    del kept
+    assert budget.held == 0  # given back when the head is freed, however it was let go
