@@ -8,6 +8,7 @@ Each counts the GETs the emulator served."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -266,6 +267,30 @@ def test_slim_drops_what_routers_do_not_read() -> None:
     assert slim(obj, keep_status=True)["status"] == {"loadBalancer": {}}
 
 
+async def test_the_cache_holds_compact_text_and_each_read_is_its_own_copy(
+    api: KubeEmulator, kube: Kube
+) -> None:
+    """Thousands of cached objects are held as their slim JSON text, not as dicts (issue 13's
+    RSS); a read decodes the object as slim() left it, and a caller that changes what it
+    read changes nothing for the next reader."""
+    api.put(*INGRESSES, user_ingress())
+    cache = await fed_by_hand(kube)
+    listed = api.get(*INGRESSES, "shop", "app")
+    assert {type(held) for held in cache._objects.values()} == {tuple}
+    rv, text = cache._objects["shop", "app"]
+    assert (rv, json.loads(text)) == (
+        listed["metadata"]["resourceVersion"],
+        slim(listed, keep_status=False),
+    )
+    read = await cache.get("shop", "app")
+    assert read == slim(listed, keep_status=False)
+    read["spec"]["rules"].clear()
+    read["metadata"]["name"] = "changed by a caller"
+    again = await cache.get("shop", "app")
+    assert again == slim(listed, keep_status=False) and again is not read
+    assert gets(api, name="app") == 0
+
+
 @pytest.fixture
 async def running(kube: Kube) -> AsyncIterator[ObjectCache]:
     """An Ingress cache fed by its own list + watch."""
@@ -295,8 +320,7 @@ async def test_a_change_by_someone_else_reaches_the_next_read_through_the_watch(
     await eventually(
         lambda: (
             len(running) == 2
-            and api.resource_version
-            == int(running._objects["shop", "app-canary"]["metadata"]["resourceVersion"])
+            and api.resource_version == int(running._objects["shop", "app-canary"][0])
         ),
         "the edit's event",
     )
