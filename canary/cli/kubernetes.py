@@ -46,7 +46,7 @@ from canary.kubernetes.client import Kube, KubeError, NotFound
 from canary.kubernetes.commands import ACCEPTED, DEFAULT_WAIT_S, UNKNOWN, send_command
 from canary.kubernetes.operator import ENABLED, KubeState
 from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS, PREFIX, CanarySpec
-from canary.runtime import tune_gc
+from canary.runtime import tune_gc, tune_tls_reads
 
 __all__ = ["add_parser", "context_namespace", "manual_command", "run_kubernetes", "status"]
 
@@ -311,6 +311,7 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
         )
     except ValueError as exc:
         return _fail("kubernetes", str(exc), EXIT_BAD)
+    tune_tls_reads()  # before any connection: many, each with a read buffer (canary.runtime)
     try:
         kube = await _connect(args)
     except KubeError as exc:
