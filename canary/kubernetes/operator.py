@@ -377,7 +377,9 @@ class DeploymentWorker:
     def __init__(self, op: Operator, key: tuple[str, str]) -> None:
         self.op = op
         self.key = key
-        self.obj: JSON = {}
+        # The Deployment as its last event had it, as compact JSON (_park): a dict of it is
+        # ~8 KiB and a replica holds a thousand (issue 13's RSS); `obj` decodes it.
+        self._held = b""
         self.state: KubeState | None = None
         self.runner: RolloutRunner | None = None
         self.record_error = ""
@@ -405,19 +407,29 @@ class DeploymentWorker:
     def name(self) -> str:
         return f"{self.key[0]}/{self.key[1]}"
 
+    @property
+    def obj(self) -> JSON:
+        """The Deployment as its last event had it ({} before any), the caller's own copy:
+        decoded at each use (a reconcile, an Event, a promotion), not each tick."""
+        if not self._held:
+            return {}
+        decoded: JSON = json.loads(self._held)
+        return decoded
+
     def acting(self) -> bool:
         return self.op.acting(self.key)
 
     def check_acting(self) -> None:
         self.op.check_acting(self.key)
 
-    def update(self, obj: JSON) -> None:
-        previous, self.obj = self.obj, obj
+    def update(self, obj: JSON, held: bytes | None = None) -> None:
+        """The Deployment's new version (`held`: its _park text, if made already)."""
+        previous, self._held = self._held, _park(obj) if held is None else held
         version = obj["metadata"].get("resourceVersion", self._rv)
         self._rv = version
         if version and version in self._own_versions:
             return  # the echo of our own write: nothing in it we did not decide
-        if previous and _same_but_our_status(previous, obj):
+        if previous and _same_but_our_status(json.loads(previous), obj):
             return  # an echo that came before the answer to our write told us its version
         self._changed.set()
 
@@ -1033,7 +1045,7 @@ def _slim(obj: JSON) -> JSON:
 
 
 def _park(obj: JSON) -> bytes:
-    """A Deployment this replica does not act on, as compact JSON: ~3 KiB, not ~11 as dicts."""
+    """A Deployment as kept between events, as compact JSON: ~1.5-3 KiB, not ~8-11 as dicts."""
     return json.dumps(obj, separators=(",", ":")).encode("utf-8")
 
 
@@ -1082,7 +1094,7 @@ class Operator:
         # shard's, or all of them on a standby) packed as their JSON text (_park), a few KiB
         # instead of ~11 (issue 13: at 2,000 rollouts over 2 shards, each replica held the
         # other's thousand Deployments too).
-        self.objects: dict[tuple[str, str], JSON | bytes] = {}
+        self.objects: dict[tuple[str, str], bytes] = {}  # each Deployment as _park() has it
         self.workers: dict[tuple[str, str], DeploymentWorker] = {}
         # Every HPA in the watched namespaces, by (namespace, name): the apps' and our
         # mirrors; `hpas_listed` once the first list is in (before it, no mirror is touched).
@@ -1207,7 +1219,6 @@ class Operator:
             # A standby exports no rollout's series: the new leader does, and two replicas'
             # would disagree (the standby's frozen at the handover).
             await self._stop_workers(forget=True)
-            self._park_all()
 
     async def _follow_shards(self) -> None:
         """Stop the rollouts of shards lost (or lost and taken again), start those taken."""
@@ -1250,7 +1261,6 @@ class Operator:
                 await worker.stop()
                 # The replica that takes the shard exports them now; two would disagree.
                 self.telemetry.forget(worker.name)
-        self._park_all()
 
     async def _stop_workers(self, *, forget: bool = False) -> None:
         workers, self.workers = list(self.workers.values()), {}
@@ -1339,37 +1349,28 @@ class Operator:
 
     def _keep(self, key: tuple[str, str], obj: JSON) -> None:
         """Keep a Deployment as it is now, and reconcile it if this replica acts on it."""
+        held = self.objects[key] = _park(obj)
         if self.acting(key):
-            self.objects[key] = obj
-            self._dispatch(obj)
-        else:
-            self.objects[key] = _park(obj)
+            self._dispatch(obj, held)
 
     def _unpark(self, key: tuple[str, str]) -> JSON:
-        """A kept Deployment as a dict (kept so from now on: it is about to be acted on)."""
-        kept = self.objects[key]
-        if isinstance(kept, bytes):
-            kept = self.objects[key] = json.loads(kept)
-        return kept
+        """A kept Deployment as a dict (about to be acted on: a shard or the lease taken)."""
+        decoded: JSON = json.loads(self.objects[key])
+        return decoded
 
-    def _park_all(self) -> None:
-        """Pack the Deployments this replica no longer acts on (a shard or the lease lost)."""
-        for key, kept in self.objects.items():
-            if not isinstance(kept, bytes) and not self.acting(key):
-                self.objects[key] = _park(kept)
-
-    def _dispatch(self, obj: JSON) -> None:
+    def _dispatch(self, obj: JSON, held: bytes | None = None) -> None:
         key = _key(obj)
         if not self.acting(key):
             return
+        held = self.objects.get(key) if held is None else held
         worker = self.workers.get(key)
         if worker is None:
             worker = DeploymentWorker(self, key)
             self.workers[key] = worker
-            worker.update(obj)
+            worker.update(obj, held)
             worker.start()
         else:
-            worker.update(obj)
+            worker.update(obj, held)
 
     # ---- server.RolloutSource -------------------------------------------------------
 
