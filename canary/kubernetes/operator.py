@@ -429,6 +429,8 @@ class DeploymentWorker:
         self._rv = version
         if version and version in self._own_versions:
             return  # the echo of our own write: nothing in it we did not decide
+        if previous == self._held:
+            return  # the same object again (a relist)
         if previous and _same_but_our_status(json.loads(previous), obj):
             return  # an echo that came before the answer to our write told us its version
         self._changed.set()
@@ -494,7 +496,7 @@ class DeploymentWorker:
         await self.event(type, reason, message)
 
     async def event(self, type: Literal["Normal", "Warning"], reason: str, message: str) -> None:
-        if not self.acting() or not self.obj:
+        if not self.acting() or not self._held:
             return
         await self.op.events.record(
             ObjectRef.deployment(self.obj), type=type, reason=reason, message=message
@@ -1237,17 +1239,15 @@ class Operator:
                 continue
             self._terms[shard] = term
             self.telemetry.shard_held.labels(str(shard)).set(1.0)
-            objects = [
-                self._unpark(k) for k in list(self.objects) if self.shards.shard_of(*k) == shard
-            ]
+            keys = [k for k in self.objects if self.shards.shard_of(*k) == shard]
             log.info(
                 "%s: holds %s: reconciling %d deployments",
                 self.settings.identity,
                 self.shards.name(shard),
-                len(objects),
+                len(keys),
             )
-            for obj in objects:
-                self._dispatch(obj)
+            for key in keys:  # decoded one at a time: a shard of a thousand is ~8 MiB of dicts
+                self._dispatch(self._unpark(key))
 
     async def _release_shard(self, shard: int) -> None:
         """Stop acting on a shard's rollouts (awaited: nothing of theirs is in flight after)."""

@@ -667,7 +667,8 @@ class _KeptHead:
 
     @property
     def size(self) -> int:
-        return sum(map(len, self.members))
+        carry = len(self.carry) if isinstance(self.carry, str) else 0
+        return sum(map(len, self.members)) + carry
 
 
 KEPT_BUDGET = _KeptBudget(KEPT_HEADS_BYTES)
