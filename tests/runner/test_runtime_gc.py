@@ -4,15 +4,11 @@ time its collections take on /metrics (issue 13)."""
 from __future__ import annotations
 
 import gc
-import os
-import subprocess
-import sys
-from pathlib import Path
+
+from support.probe import run_probe
 
 from canary.runner.telemetry import Telemetry
 from canary.runtime import YOUNG_THRESHOLD, gc_collections, gc_seconds, watch_gc
-
-ROOT = Path(__file__).resolve().parents[2]
 
 _PROBE = """
 import gc, json
@@ -27,18 +23,7 @@ print(json.dumps({"before": before, "after": gc.get_threshold(), "frozen": gc.ge
 
 def _probe(**env: str) -> dict[str, object]:
     # A process of its own: freezing the test process' heap would keep its cyclic garbage.
-    import json
-
-    done = subprocess.run(
-        [sys.executable, "-c", _PROBE],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    result: dict[str, object] = json.loads(done.stdout)
-    return result
+    return run_probe(_PROBE, **env)
 
 
 def test_a_controller_freezes_its_start_up_heap_and_collects_young_objects_less_often() -> None:

@@ -4,17 +4,13 @@ rollouts), with what they carry unchanged."""
 
 from __future__ import annotations
 
-import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from support.probe import run_probe
 
 from canary.runtime import TLS_READ_BYTES
-
-ROOT = Path(__file__).resolve().parents[2]
 
 # A loopback TLS server sends 3 MiB of random bytes; the client, made after the tuning,
 # reads them all. What its TLS protocol holds, and whether the bytes came whole.
@@ -66,16 +62,7 @@ def cert(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 def _probe(cert: tuple[Path, Path], **env: str) -> dict[str, object]:
     # A process of its own: the setting is process-wide.
-    done = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(cert[0]), str(cert[1])],
-        env={**os.environ, "PYTHONPATH": str(ROOT), **env},
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=True,
-    )
-    result: dict[str, object] = json.loads(done.stdout)
-    return result
+    return run_probe(_PROBE, str(cert[0]), str(cert[1]), **env)
 
 
 def test_tls_connections_buffer_64_kib_and_carry_every_byte(cert: tuple[Path, Path]) -> None:
