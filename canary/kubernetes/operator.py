@@ -95,7 +95,7 @@ from canary.kubernetes.client import (
     Relist,
     WatchEvent,
 )
-from canary.kubernetes.informer import ObjectCache
+from canary.kubernetes.informer import ObjectCache, pack
 from canary.kubernetes.lease_thread import LeaseThread
 from canary.kubernetes.record_store import MAX_CONFIGMAP_BYTES, ConfigMapRecord
 from canary.kubernetes.shards import ShardElector
@@ -377,7 +377,7 @@ class DeploymentWorker:
     def __init__(self, op: Operator, key: tuple[str, str]) -> None:
         self.op = op
         self.key = key
-        # The Deployment as its last event had it, as compact JSON (_park): a dict of it is
+        # The Deployment as its last event had it, packed as compact JSON: a dict of it is
         # ~8 KiB and a replica holds a thousand (issue 13's RSS); `obj` decodes it.
         self._held = b""
         self.state: KubeState | None = None
@@ -423,8 +423,8 @@ class DeploymentWorker:
         self.op.check_acting(self.key)
 
     def update(self, obj: JSON, held: bytes | None = None) -> None:
-        """The Deployment's new version (`held`: its _park text, if made already)."""
-        previous, self._held = self._held, _park(obj) if held is None else held
+        """The Deployment's new version (`held`: its packed text, if made already)."""
+        previous, self._held = self._held, pack(obj) if held is None else held
         version = obj["metadata"].get("resourceVersion", self._rv)
         self._rv = version
         if version and version in self._own_versions:
@@ -1046,11 +1046,6 @@ def _slim(obj: JSON) -> JSON:
     return obj
 
 
-def _park(obj: JSON) -> bytes:
-    """A Deployment as kept between events, as compact JSON: ~1.5-3 KiB, not ~8-11 as dicts."""
-    return json.dumps(obj, separators=(",", ":")).encode("utf-8")
-
-
 # ---- the operator -----------------------------------------------------------------------
 
 
@@ -1092,11 +1087,10 @@ class Operator:
         self.events = EventRecorder(kube, component="canary")
         self.clock = clock or MonotonicWallClock()  # timers never jump with the wall clock
         self.started = asyncio.Event()
-        # Every opted-in Deployment: those this replica acts on as dicts, the others (another
-        # shard's, or all of them on a standby) packed as their JSON text (_park), a few KiB
-        # instead of ~11 (issue 13: at 2,000 rollouts over 2 shards, each replica held the
-        # other's thousand Deployments too).
-        self.objects: dict[tuple[str, str], bytes] = {}  # each Deployment as _park() has it
+        # Every opted-in Deployment, packed as its JSON text (informer.pack): ~1.5-3 KiB
+        # instead of ~8-11 as dicts (issue 13: at 2,000 rollouts over 2 shards, each replica
+        # holds the other's thousand Deployments too); its worker shares the same bytes.
+        self.objects: dict[tuple[str, str], bytes] = {}
         self.workers: dict[tuple[str, str], DeploymentWorker] = {}
         # Every HPA in the watched namespaces, by (namespace, name): the apps' and our
         # mirrors; `hpas_listed` once the first list is in (before it, no mirror is touched).
@@ -1349,7 +1343,7 @@ class Operator:
 
     def _keep(self, key: tuple[str, str], obj: JSON) -> None:
         """Keep a Deployment as it is now, and reconcile it if this replica acts on it."""
-        held = self.objects[key] = _park(obj)
+        held = self.objects[key] = pack(obj)
         if self.acting(key):
             self._dispatch(obj, held)
 
