@@ -194,7 +194,7 @@ class RolloutSpec(BaseModel):
 class Transition(BaseModel):
     """One phase change, kept (truncated) in the status for `canary status`."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")  # persisted: see RolloutStatus
 
     at: float
     from_phase: str
@@ -207,7 +207,11 @@ class Transition(BaseModel):
 class RolloutStatus(BaseModel):
     """The whole persisted state of one rollout. Times are unix seconds."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Persisted, and read back by whichever canary runs next: a field a newer version
+    # added is ignored, as Kubernetes ignores unknown fields, so that going back a version
+    # resumes every rollout instead of finding its status unreadable and starting it over.
+    # (User input, the specs and annotations, stays strict: a typo there is an error.)
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     stage: Stage = "Initializing"
     revision: str = ""

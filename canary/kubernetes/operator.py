@@ -70,6 +70,7 @@ import json
 import logging
 import os
 import socket
+import typing
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -187,7 +188,7 @@ class NotLeader(NotActing):
 
 
 class CommandAnswer(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="ignore")  # persisted: see KubeState
 
     id: str
     command: str
@@ -198,7 +199,7 @@ class CommandAnswer(BaseModel):
 class MetricBrief(BaseModel):
     """One metric's result in the status annotation, as `canary status` shows it."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
+    model_config = ConfigDict(frozen=True, extra="ignore", allow_inf_nan=False)  # see KubeState
 
     decision: str
     estimate: float | None = None
@@ -212,7 +213,9 @@ class MetricBrief(BaseModel):
 class KubeState(BaseModel):
     """Everything the controller keeps on a Deployment (the status annotation)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # Read back by whichever canary runs next, maybe an older one: fields it does not know
+    # are ignored (and named in a warning: unknown_fields), as RolloutStatus', not fatal.
+    model_config = ConfigDict(frozen=True, extra="ignore")
 
     primary_revision: str = ""  # template hash now on app-primary
     replicas: int = 1  # the app's replica count at first sight: production's size
@@ -238,6 +241,56 @@ class KubeState(BaseModel):
         if not text:
             return None
         return cls.model_validate_json(text)
+
+    @classmethod
+    def unknown_fields(cls, text: str) -> list[str]:
+        """The fields of a status annotation this version does not know (a newer canary
+        wrote them), as dotted paths: they are ignored when it is read."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            return []
+        unknown: list[str] = []
+        _unknown(cls, data, "", unknown)
+        return unknown[:20]
+
+
+def _unknown(model: type[BaseModel], data: object, prefix: str, into: list[str]) -> None:
+    """Add to `into` the keys of `data` that `model` has no field for, and those of the
+    models its fields hold (one, a tuple of them, a dict of them), as dotted paths."""
+    if not isinstance(data, dict):
+        return
+    for key, value in data.items():
+        field = model.model_fields.get(key)
+        if field is None:
+            into.append(prefix + str(key))
+            continue
+        held = _held_model(field.annotation)
+        if held is None:
+            continue
+        inner, kind = held
+        if kind == "one":
+            _unknown(inner, value, f"{prefix}{key}.", into)
+        elif kind == "map" and isinstance(value, dict):
+            for name, each in value.items():
+                _unknown(inner, each, f"{prefix}{key}.{name}.", into)
+        elif kind == "seq" and isinstance(value, list):
+            for index, each in enumerate(value):
+                _unknown(inner, each, f"{prefix}{key}[{index}].", into)
+
+
+def _held_model(annotation: object) -> tuple[type[BaseModel], str] | None:
+    """The model a field's type holds and how: "one" (`M`, `M | None`), "seq"
+    (`tuple[M, ...]`, `list[M]`) or "map" (`dict[str, M]`); None for any other type."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation, "one"
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (dict, tuple, list):
+        held = _held_model(args[-1] if origin is dict else args[0]) if args else None
+        if held is None or held[1] != "one":
+            return None
+        return held[0], "map" if origin is dict else "seq"
+    return next((h for a in args if (h := _held_model(a)) is not None and h[1] == "one"), None)
 
 
 class ManualRequest(BaseModel):
@@ -590,8 +643,16 @@ class DeploymentWorker:
             self.spec_error = ""
 
         if self.state is None:
+            text = annotations.get(ANNOTATION_STATUS)
             try:
-                self.state = KubeState.from_annotation(annotations.get(ANNOTATION_STATUS))
+                self.state = KubeState.from_annotation(text)
+                if text and (unknown := KubeState.unknown_fields(text)):
+                    log.warning(
+                        "%s: the status annotation has fields this canary does not know, "
+                        "ignored (written by a newer version?): %s",
+                        self.name,
+                        ", ".join(unknown),
+                    )
             except ValidationError as exc:
                 log.warning("%s: unreadable status annotation, starting over: %s", self.name, exc)
                 self.state = None

@@ -41,7 +41,13 @@ from canary.demo.procs import HttpReady, ManagedProcess, find_binary, free_port
 from canary.demo.stack import service_process
 from canary.kubernetes.client import Kube
 from canary.kubernetes.commands import send_command
-from canary.kubernetes.operator import KubeState, MetricBrief, Operator, OperatorSettings
+from canary.kubernetes.operator import (
+    CommandAnswer,
+    KubeState,
+    MetricBrief,
+    Operator,
+    OperatorSettings,
+)
 from canary.kubernetes.record_store import RECORD_LABEL, unpack_record
 from canary.kubernetes.spec import ANNOTATION_COMMAND, ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS
 from canary.reports.cluster import register_cluster_routes
@@ -728,6 +734,52 @@ def test_services_and_primary_follow_the_app() -> None:
     assert _container_port(app, default=80) == "http"
     with pytest.raises(ValueError, match=r"no spec\.selector\.matchLabels"):
         primary_template({"metadata": {"name": "x"}, "spec": {}})
+
+
+def test_a_newer_versions_status_fields_are_ignored_and_named() -> None:
+    """A status a newer canary wrote (a downgrade) is read with its unknown fields ignored,
+    not refused (which started every rollout over), and unknown_fields names them for the
+    operator's warning; the rollout's own fields are read as written."""
+    from canary.core.rollout import RolloutStatus, Transition
+
+    st = KubeState(
+        primary_revision="aaa",
+        rollout=RolloutStatus(
+            stage="Progressing",
+            revision="bbb",
+            step=1,
+            weight=25,
+            history=(
+                Transition(at=1.0, from_phase="a", to_phase="b", step=0, weight=0, reason=""),
+            ),
+        ),
+        command=CommandAnswer(id="1", command="pause", accepted=True),
+        metrics={"errors": MetricBrief(decision="pass")},
+    )
+    data = json.loads(st.to_json())
+    assert KubeState.unknown_fields(st.to_json()) == []
+    data["later"] = [1]
+    data["rollout"]["surge"] = 3
+    data["rollout"]["history"][0]["why"] = "x"
+    data["command"]["by"] = "bob"
+    data["metrics"]["errors"]["sigma"] = 0.5
+    newer = json.dumps(data)
+    assert KubeState.from_annotation(newer) == st
+    assert sorted(KubeState.unknown_fields(newer)) == [
+        "command.by",
+        "later",
+        "metrics.errors.sigma",
+        "rollout.history[0].why",
+        "rollout.surge",
+    ]
+    assert KubeState.unknown_fields("not json") == []
+    # the static mode's state file holds a RolloutStatus too
+    assert RolloutStatus.from_json(json.dumps(data["rollout"])) == st.rollout
+    # user input stays strict: an unknown annotation is an error that names it
+    from canary.kubernetes.spec import SpecError, parse_annotations
+
+    with pytest.raises(SpecError, match=r"canary\.dev/later"):
+        parse_annotations({"canary.dev/enabled": "true", "canary.dev/later": "1"})
 
 
 def test_status_rows_say_phase_step_weight_and_record() -> None:
