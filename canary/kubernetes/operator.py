@@ -70,6 +70,7 @@ import json
 import logging
 import os
 import socket
+import time
 import typing
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -121,7 +122,7 @@ from canary.kubernetes.workload import (
 )
 from canary.metrics.batched import BatchedMetrics, PrometheusBatcher
 from canary.notify.gates import GateCaller, GateConfig, load_from_gates
-from canary.notify.webhooks import Notifier, WebhookConfig
+from canary.notify.webhooks import Notification, Notifier, NotifierError, WebhookConfig
 from canary.routers.base import RouterError, TrafficRouter
 from canary.routers.gateway_api import GatewayApiRouter
 from canary.routers.ingress_nginx import IngressNginxRouter
@@ -161,7 +162,11 @@ _STATUS_ATTEMPTS = 5
 _WEBHOOK_EVENTS: dict[str, frozenset[Any]] = {
     "post-rollout": frozenset({"promoted", "rolled_back", "manual"}),
     "rolled-back": frozenset({"rolled_back"}),
+    "event": frozenset({"event"}),  # every Kubernetes Event recorded for the app
 }
+# Event posts in flight per app beyond which more are dropped (and logged): a receiver that
+# hangs must not pile up tasks, one per Event, for as long as it hangs.
+_MAX_EVENT_POSTS = 64
 
 
 def _gate_caller(spec: CanarySpec, allow_hosts: tuple[str, ...]) -> GateCaller | None:
@@ -451,6 +456,7 @@ class DeploymentWorker:
         self._hpa_error = ""  # the last failure to sync app-primary's HPA
         self.notifier: Notifier | None = None
         self._webhooks: tuple[WebhookConfig, ...] = ()
+        self._event_posts_dropped = 0  # Events not posted while too many posts were in flight
         # The last valid spec and the canary.dev/ annotations it came from: most reconciles
         # (a command, the Deployment's status, a rollout ended) leave them as they were, and
         # parsing them is most of a reconcile's CPU.
@@ -513,7 +519,8 @@ class DeploymentWorker:
 
     async def _notifier(self, spec: CanarySpec) -> Notifier | None:
         """Notifications (in each webhook's format) for the `post-rollout` (promoted, rolled back,
-        manual actions) and `rolled-back` webhooks; the gate kinds go to the runner."""
+        manual actions), `rolled-back` and `event` (every Kubernetes Event) webhooks; the gate
+        kinds go to the runner. Made again when the annotations name others."""
         hooks = tuple(
             WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type], format=hook.format)
             for hook in spec.webhooks
@@ -551,9 +558,59 @@ class DeploymentWorker:
     async def event(self, type: Literal["Normal", "Warning"], reason: str, message: str) -> None:
         if not self.acting() or not self._held:
             return
-        await self.op.events.record(
+        if await self.op.events.record(
             ObjectRef.deployment(self.obj), type=type, reason=reason, message=message
-        )
+        ):
+            # As the Event went out: not a repeat the recorder held back, the API server's
+            # 1 KiB cut (so a receiver sees what `kubectl describe` shows).
+            self._post_event(type, reason, message[:1024])
+
+    def _tell_entry(self, entry: Any) -> None:
+        """A record entry to the notification webhooks: those the spec names now (the
+        reconcile keeps the notifier in step with the annotations, mid-rollout too)."""
+        if self.notifier is not None:
+            with contextlib.suppress(NotifierError):  # closed meanwhile: the worker is stopping
+                self.notifier.on_entry(entry)
+
+    def _post_event(self, type: str, reason: str, message: str) -> None:
+        """Tell the `webhook.event` webhooks of an Event just recorded (never waits)."""
+        notifier = self.notifier
+        if notifier is None or not notifier.wants("event"):
+            return
+        if notifier.pending >= _MAX_EVENT_POSTS:
+            if not self._event_posts_dropped:
+                log.warning(
+                    "%s: %d webhook posts in flight; Events are not posted until they end",
+                    self.name,
+                    notifier.pending,
+                )
+            self._event_posts_dropped += 1
+            return
+        self._event_posts_dropped = 0
+        namespace, name = self.key
+        rollout = self.runner.status if self.runner is not None else None
+        if rollout is None and self.state is not None:
+            rollout = self.state.rollout
+        target = f"{namespace}/{name}"
+        with contextlib.suppress(NotifierError):  # closed meanwhile: the worker is stopping
+            notifier.notify(
+                Notification(
+                    event="event",
+                    rollout=self.runner.rollout_id if self.runner is not None else target,
+                    target=target,
+                    title=f"{target}: {reason}",
+                    text=message,
+                    at=time.time(),
+                    fields={
+                        "name": name,
+                        "namespace": namespace,
+                        "phase": rollout.phase.value if rollout is not None else "",
+                        "checksum": rollout.revision if rollout is not None else "",
+                        "type": type,
+                        "reason": reason,
+                    },
+                )
+            )
 
     async def _patch_annotations(self, annotations: Mapping[str, str | None]) -> None:
         """A merge patch of annotations only, guarded by resourceVersion; on Conflict the
@@ -634,6 +691,7 @@ class DeploymentWorker:
             self._parsed = (source, spec)
         if not spec.enabled:
             return
+        await self._notifier(spec)  # `webhook.event` hears of every Event from now on
         if self.spec_error or ANNOTATION_SPEC_ERROR in annotations:
             await self._patch_annotations({ANNOTATION_SPEC_ERROR: None})
             if self.spec_error:
@@ -949,9 +1007,8 @@ class DeploymentWorker:
             telemetry=self.op.telemetry,
             clock=self.op.clock,
         )
-        notifier = await self._notifier(spec)
-        if notifier is not None:
-            runner.entry_observers.append(notifier.on_entry)
+        await self._notifier(spec)
+        runner.entry_observers.append(self._tell_entry)
         self.runner = runner
         self._runner_task = asyncio.create_task(runner.run(), name=f"rollout:{self.name}")
         self._runner_task.add_done_callback(self._rollout_done)

@@ -75,11 +75,12 @@ MetricsPreset = Literal["ingress-nginx", "envoy", "app-histogram", "custom"]
 # answer opens the gate; the rollout machine decides what that means). `rollback` is
 # Flagger's gate (polled; 2xx rolls back): the notification told of rollbacks, which was
 # called `rollback` before gates existed, is `rolled-back`.
-NotificationType = Literal["post-rollout", "rolled-back"]
+NotificationType = Literal["post-rollout", "rolled-back", "event"]
 NOTIFICATION_TYPES: tuple[str, ...] = typing.get_args(NotificationType)
 WebhookType = Literal[
     "post-rollout",
     "rolled-back",
+    "event",
     "confirm-rollout",
     "pre-rollout",
     "rollout",
@@ -92,6 +93,8 @@ GATING_WEBHOOK_TYPES: tuple[str, ...] = GATE_KINDS
 _WEBHOOK_RULES = {
     "post-rollout": "URL told of promotions, rollbacks and manual actions (see its `.format`)",
     "rolled-back": "URL told of rollbacks (see its `.format`; was `webhook.rollback` before gates)",
+    "event": "URL told of every Kubernetes Event canary records for the app, as Flagger's "
+    "`event` webhook is (its payload, unless `.format` names another)",
     "confirm-rollout": "gate asked before the canary gets any traffic; non-2xx holds, asked "
     "again each tick",
     "pre-rollout": "gate called before traffic shifts to the canary; a failure counts toward "
@@ -111,7 +114,12 @@ _GATE_OPTION = re.compile(
 )
 _WEBHOOK_FORMAT_RULE = (
     "the payload's shape for `webhook.{kind}`: `slack` (the default), `teams`, `discord`, "
-    "`google_chat` or `json`"
+    "`google_chat`, `json` or `flagger`"
+)
+# Flagger's `event` webhook gets Flagger's payload unless it says otherwise.
+_EVENT_FORMAT_RULE = (
+    "the payload's shape for `webhook.event`: `flagger` (the default), `slack`, `teams`, "
+    "`discord`, `google_chat` or `json`"
 )
 METRIC_NAMES = ("errors", "latency")
 _NAME = re.compile(r"^[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?$")  # a DNS-1123 subdomain
@@ -845,7 +853,7 @@ ANNOTATIONS: tuple[Annotation, ...] = (
             f"webhook_formats.{kind}",
             _webhook_format,
             "",
-            _WEBHOOK_FORMAT_RULE.format(kind=kind),
+            _EVENT_FORMAT_RULE if kind == "event" else _WEBHOOK_FORMAT_RULE.format(kind=kind),
         )
         for kind in NOTIFICATION_TYPES
     ),
@@ -949,9 +957,10 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
             problems[key] = str(exc)
             continue
         if known.field.startswith("webhooks."):
-            raw.setdefault("webhooks", []).append(
-                {"type": known.field.split(".", 1)[1], "url": parsed}
-            )
+            hook = {"type": known.field.split(".", 1)[1], "url": parsed}
+            if hook["type"] == "event":
+                hook["format"] = "flagger"  # unless its `.format` says otherwise (below)
+            raw.setdefault("webhooks", []).append(hook)
         elif known.field.startswith("webhook_formats."):
             formats[known.field.split(".", 1)[1]] = (key, parsed)
         elif known.field.startswith("webhook_options.") and gate is not None:

@@ -16,6 +16,10 @@ A webhook's `format` chooses one (`WebhookConfig.format`, the default `slack`):
                  (a message is at most 32,000 bytes).
     json         the event itself: {"source", "event", "rollout", "target", "title", "text",
                  "at", "time", "fields", "report_url"}, for incident tools and your own code.
+    flagger      Flagger's webhook payload {"name", "namespace", "phase", "checksum", "type",
+                 "metadata": {"eventMessage", "eventType", "timestamp", ...}}: what receivers
+                 written for Flagger's `event` webhook read (the default of
+                 `canary.dev/webhook.event`).
 
 Pure: builds dictionaries, sends nothing.
 """
@@ -32,10 +36,12 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "EVENT_KINDS",
     "FORMATS",
+    "NOTIFY_KINDS",
     "EventKind",
     "Format",
     "Notification",
     "discord_payload",
+    "flagger_payload",
     "google_chat_payload",
     "json_payload",
     "payload_for",
@@ -43,11 +49,15 @@ __all__ = [
     "teams_payload",
 ]
 
-EventKind = Literal["promoted", "rolled_back", "failover", "manual"]
-EVENT_KINDS: tuple[EventKind, ...] = ("promoted", "rolled_back", "failover", "manual")
+# `event`: a Kubernetes Event the controller recorded for the app (Flagger's `event`
+# webhook), told only to webhooks that ask for it.
+EventKind = Literal["promoted", "rolled_back", "failover", "manual", "event"]
+EVENT_KINDS: tuple[EventKind, ...] = ("promoted", "rolled_back", "failover", "manual", "event")
+# What a webhook that names no events is told of: outcomes and manual actions, not every Event.
+NOTIFY_KINDS: tuple[EventKind, ...] = ("promoted", "rolled_back", "failover", "manual")
 
-Format = Literal["slack", "teams", "discord", "google_chat", "json"]
-FORMATS: tuple[Format, ...] = ("slack", "teams", "discord", "google_chat", "json")
+Format = Literal["slack", "teams", "discord", "google_chat", "json", "flagger"]
+FORMATS: tuple[Format, ...] = ("slack", "teams", "discord", "google_chat", "json", "flagger")
 
 
 class Notification(BaseModel):
@@ -92,12 +102,14 @@ _ICONS: Mapping[EventKind, str] = {
     "rolled_back": ":x:",
     "failover": ":rotating_light:",
     "manual": ":raised_hand:",
+    "event": ":information_source:",
 }
 _EMOJI: Mapping[EventKind, str] = {
     "promoted": "✅",
     "rolled_back": "❌",
     "failover": "🚨",
     "manual": "✋",
+    "event": "\N{INFORMATION SOURCE}\ufe0f",
 }
 
 
@@ -152,6 +164,7 @@ _TEAMS_COLOR: Mapping[EventKind, str] = {
     "rolled_back": "Attention",
     "failover": "Warning",
     "manual": "Accent",
+    "event": "Default",
 }
 
 
@@ -227,6 +240,7 @@ _DISCORD_COLOR: Mapping[EventKind, int] = {
     "rolled_back": 0xE01E5A,
     "failover": 0xECB22E,
     "manual": 0x36C5F0,
+    "event": 0x8D8D8D,
 }
 
 
@@ -331,12 +345,48 @@ def json_payload(notification: Notification, *, link: str | None) -> dict[str, A
     }
 
 
+# ---- Flagger's webhook payload ------------------------------------------------------------
+
+_FLAGGER_PHASE: Mapping[EventKind, str] = {"promoted": "Succeeded", "rolled_back": "Failed"}
+
+
+def flagger_payload(notification: Notification, *, link: str | None) -> dict[str, Any]:
+    """Flagger's webhook JSON (`{"name", "namespace", "phase", "checksum", "type",
+    "metadata"}`, its event hooks' `metadata`: `eventMessage`, `eventType`, `timestamp` in
+    milliseconds), so a receiver written for Flagger's `event` webhook reads it as is. The
+    Event's reason and the report's link are added to `metadata`."""
+    n = notification
+    fields = n.fields
+    namespace, _, name = n.target.rpartition("/")
+    event_type = fields.get("type") or (
+        "Warning" if n.event in ("rolled_back", "failover") else "Normal"
+    )
+    metadata = {
+        "eventMessage": n.text,
+        "eventType": event_type,
+        "timestamp": str(int(n.at * 1000)),
+    }
+    if fields.get("reason"):
+        metadata["eventReason"] = fields["reason"]
+    if link:
+        metadata["report"] = link
+    return {
+        "name": fields.get("name", name),
+        "namespace": fields.get("namespace", namespace),
+        "phase": fields.get("phase") or _FLAGGER_PHASE.get(n.event, ""),
+        "checksum": fields.get("checksum", ""),
+        "type": "event",
+        "metadata": metadata,
+    }
+
+
 _BUILDERS: Mapping[Format, Callable[..., dict[str, Any]]] = {
     "slack": slack_payload,
     "teams": teams_payload,
     "discord": discord_payload,
     "google_chat": google_chat_payload,
     "json": json_payload,
+    "flagger": flagger_payload,
 }
 
 

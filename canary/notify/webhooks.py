@@ -53,6 +53,7 @@ from canary.httpio import read_prefix
 from canary.notify.formats import (
     EVENT_KINDS,
     FORMATS,
+    NOTIFY_KINDS,
     EventKind,
     Format,
     Notification,
@@ -183,7 +184,7 @@ class WebhookConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     url: str
-    events: frozenset[EventKind] = Field(default_factory=lambda: frozenset(EVENT_KINDS))
+    events: frozenset[EventKind] = Field(default_factory=lambda: frozenset(NOTIFY_KINDS))
     # e.g. "https://canary.example.internal": links become {base}/reports/{id}
     report_base_url: str | None = None
     # The payload's shape: slack, teams, discord, google_chat or json (canary.notify.formats).
@@ -360,6 +361,10 @@ class Notifier:
     @property
     def pending(self) -> int:
         return len(self._tasks)
+
+    def wants(self, event: EventKind) -> bool:
+        """Whether any of its webhooks is told of `event`."""
+        return any(event in hook.events for hook in self._webhooks)
 
     def on_entry(self, entry: Entry) -> int:
         """Feed every record entry here; notifies those that call for it. Returns the number

@@ -6,7 +6,9 @@ scraping the demo service's exporters, and traffic split by the canary Ingress w
 controller writes into the real API server.
 
 The receiver answers 403 to confirm-promotion until the test has seen the rollout hold at its
-last step, then 200: the rollout must wait at that weight, then promote.
+last step, then 200: the rollout must wait at that weight, then promote. It is also the
+Deployment's `canary.dev/webhook.event` (Flagger's event webhook), told of every Event the
+controller records for the app.
 """
 
 from __future__ import annotations
@@ -227,6 +229,7 @@ def _app_objects(receiver_port: int) -> list[dict[str, Any]]:
         "canary.dev/webhook.confirm-promotion.timeout": "5s",
         "canary.dev/webhook.rollout": f"{hooks}/load",
         "canary.dev/webhook.rollout.metadata": json.dumps(METADATA),
+        "canary.dev/webhook.event": f"{hooks}/event",
     }
     out = []
     for doc in yaml.safe_load_all((MANIFESTS / "examples" / "app-ingress-nginx.yaml").read_text()):
@@ -395,7 +398,8 @@ def test_confirm_promotion_annotation_holds_then_opens_and_promotes(setup: Setup
         setup,
     )
     assert done.rollout.outcome == "promoted", done.rollout
-    assert all(p["checksum"] == done.rollout.revision for p in receiver.payloads)
+    gates = [p for p in receiver.payloads if p.get("type") != "event"]
+    assert gates and all(p["checksum"] == done.rollout.revision for p in gates)
     confirm = receiver.got("confirm-promotion")[0]
     assert {k: confirm[k] for k in ("name", "namespace", "phase", "type", "metadata")} == {
         "name": "app",
@@ -412,3 +416,29 @@ def test_confirm_promotion_annotation_holds_then_opens_and_promotes(setup: Setup
     assert any(n.startswith("gate confirm-promotion: closed (HTTP 403") for n in notes), notes
     assert any(n.startswith("gate confirm-promotion: open (HTTP 200") for n in notes), notes
     assert isinstance(entries[-1], EndEntry) and entries[-1].outcome == "promoted"
+
+    # `webhook.event`: every Event the controller recorded for the app was posted in
+    # Flagger's event payload, with the rollout's phase and revision once it had begun.
+    def recorded() -> list[tuple[str, str, str]]:
+        items = get(cluster, "events")["items"]
+        return sorted(
+            (e["type"], e["reason"], e["message"])
+            for e in items
+            if e["involvedObject"]["kind"] == "Deployment"
+            and e["involvedObject"]["name"] == "app"
+            and e.get("reportingComponent") == "canary"  # not the controller-manager's
+        )
+
+    def posted() -> list[tuple[str, str, str]]:
+        return sorted(
+            (m["eventType"], m["eventReason"], m["eventMessage"])
+            for m in (p["metadata"] for p in receiver.got("event"))
+        )
+
+    wait("every Event posted", lambda: recorded() and set(recorded()) <= set(posted()), setup)
+    events = receiver.got("event")
+    assert all((p["name"], p["namespace"]) == ("app", NS) for p in events), events
+    assert {"Progressing", "Promoted"} <= {p["metadata"]["eventReason"] for p in events}
+    promoted = [p for p in events if p["metadata"]["eventReason"] == "Promoted"]
+    assert promoted[-1]["checksum"] == done.rollout.revision, promoted
+    assert all(p["metadata"]["timestamp"].isdigit() for p in events)

@@ -20,7 +20,7 @@ from support.web import on_loopback
 
 from canary.core.records import EndEntry, FailoverEntry, ManualEntry, StartEntry
 from canary.kubernetes.spec import SpecError, parse_annotations
-from canary.notify.formats import FORMATS, Notification, payload_for
+from canary.notify.formats import EVENT_KINDS, FORMATS, Notification, payload_for
 from canary.notify.webhooks import Notifier, WebhookConfig, parse_webhooks, report_id
 
 ROLLOUT = "shop/app@3f2a1c"
@@ -204,12 +204,30 @@ TEXTBLOCK_1_4 = {
     "fallback",
 }
 
+
+def check_flagger(body: dict[str, Any]) -> None:
+    """What a receiver written for Flagger's webhooks reads (its CanaryWebhookPayload, the
+    `event` hook's metadata keys): all strings."""
+    _require(
+        set(body) == {"name", "namespace", "phase", "checksum", "type", "metadata"},
+        f"keys {sorted(body)}",
+    )
+    _require(all(isinstance(body[k], str) for k in set(body) - {"metadata"}), "a non-string")
+    metadata = body["metadata"]
+    _require(all(isinstance(v, str) for v in metadata.values()), "metadata: a non-string")
+    _require(metadata["eventType"] in ("Normal", "Warning"), metadata["eventType"])
+    _require(metadata["timestamp"].isdigit(), f"timestamp {metadata['timestamp']!r}")
+    _require(bool(metadata["eventMessage"]), "no eventMessage")
+    _require(body["name"] != "" and body["namespace"] != "", "no name or namespace")
+
+
 CHECKS: dict[str, tuple[Callable[[dict[str, Any]], None], int]] = {
     "slack": (check_slack, 200),
     "teams": (check_teams, 202),
     "discord": (check_discord, 204),
     "google_chat": (check_google_chat, 200),
     "json": (check_json, 200),
+    "flagger": (check_flagger, 200),
 }
 
 
@@ -338,7 +356,7 @@ async def test_a_huge_reason_is_cut_to_each_services_limits(services: Services) 
 
 def test_every_format_checks_offline_for_every_event() -> None:
     """The payload builders alone, for every event kind, with and without a link."""
-    for event in ("promoted", "rolled_back", "failover", "manual"):
+    for event in EVENT_KINDS:
         notification = Notification(
             event=event,  # type: ignore[arg-type]
             rollout=ROLLOUT,
@@ -390,7 +408,7 @@ def test_format_is_chosen_per_webhook_in_config_and_annotations() -> None:
     assert caught.value.problems == {
         "canary.dev/webhook.rolled-back.format": "no canary.dev/webhook.rolled-back to format",
         "canary.dev/webhook.post-rollout.format": (
-            "must be one of slack, teams, discord, google_chat, json, got 'fax'"
+            "must be one of slack, teams, discord, google_chat, json, flagger, got 'fax'"
         ),
     }
 
@@ -408,3 +426,66 @@ async def test_every_format_keeps_the_address_guard(services: Services) -> None:
         assert not delivery.ok and delivery.attempts == 1 and delivery.status is None
         assert delivery.error is not None and "loopback" in delivery.error
         assert "T000-secret" not in delivery.url
+
+
+def test_an_event_goes_out_in_flaggers_event_payload() -> None:
+    """A Kubernetes Event, as the operator tells `webhook.event` of it, in Flagger's event
+    webhook payload: the app's name and namespace, the rollout's phase and revision, and the
+    Event's message, type and time (milliseconds) in `metadata`; an outcome told in this
+    format says Succeeded or Failed as Flagger's phases do."""
+    event = Notification(
+        event="event",
+        rollout=ROLLOUT,
+        target="shop/app",
+        title="shop/app: Progressing",
+        text="step 1/3: weight 30",
+        at=1764741234.567,
+        fields={
+            "name": "app",
+            "namespace": "shop",
+            "phase": "Progressing",
+            "checksum": "3f2a1c",
+            "type": "Normal",
+            "reason": "Progressing",
+        },
+    )
+    assert payload_for("flagger", event, link=LINK) == {
+        "name": "app",
+        "namespace": "shop",
+        "phase": "Progressing",
+        "checksum": "3f2a1c",
+        "type": "event",
+        "metadata": {
+            "eventMessage": "step 1/3: weight 30",
+            "eventType": "Normal",
+            "timestamp": "1764741234567",
+            "eventReason": "Progressing",
+            "report": LINK,
+        },
+    }
+    rolled_back = Notification(
+        event="rolled_back", rollout=ROLLOUT, target="shop/app", title="t", text="why", at=1.0
+    )
+    body = payload_for("flagger", rolled_back, link=None)
+    assert (body["name"], body["namespace"], body["phase"]) == ("app", "shop", "Failed")
+    assert body["metadata"] == {"eventMessage": "why", "eventType": "Warning", "timestamp": "1000"}
+
+
+def test_the_event_webhook_annotation_defaults_to_flaggers_payload() -> None:
+    """`canary.dev/webhook.event` is a notification webhook told of Events only, in Flagger's
+    payload unless its `.format` names another; a webhook in a config file that names no
+    events is not told of Events (they would flood a chat channel)."""
+    spec = parse_annotations({**BASE, "canary.dev/webhook.event": "https://events.example/in"})
+    assert [(w.type, w.format) for w in spec.webhooks] == [("event", "flagger")]
+    spec = parse_annotations(
+        {
+            **BASE,
+            "canary.dev/webhook.event": "https://hooks.slack.example/T/B/X",
+            "canary.dev/webhook.event.format": "slack",
+        }
+    )
+    assert [(w.type, w.format) for w in spec.webhooks] == [("event", "slack")]
+    assert "event" not in parse_webhooks(["https://x.example/"])[0].events
+    assert parse_webhooks([{"url": "https://x.example/", "events": ["event"]}])[0].events == {
+        "event"
+    }
