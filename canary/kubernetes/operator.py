@@ -70,7 +70,6 @@ import json
 import logging
 import os
 import socket
-import time
 import typing
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
@@ -81,8 +80,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analysis import Analyzer
-from canary.core.inputs import MAX_ANNOTATION_BYTES, InputError, check_tick, clip, load_json
+from canary.core.inputs import (
+    MAX_ANNOTATION_BYTES,
+    InputError,
+    check_tick,
+    clip,
+    load_json,
+)
 from canary.core.records import EndEntry, NoteEntry, StartEntry
+from canary.core.redact import redact_text
 from canary.core.rollout import (
     Command,
     RolloutStatus,
@@ -257,7 +263,7 @@ class KubeState(BaseModel):
             return []
         unknown: list[str] = []
         _unknown(cls, data, "", unknown)
-        return unknown[:20]
+        return [clip(path, 100) for path in unknown[:20]]  # anyone may edit an annotation
 
 
 def _unknown(model: type[BaseModel], data: object, prefix: str, into: list[str]) -> None:
@@ -528,11 +534,14 @@ class DeploymentWorker:
         )
         if hooks != self._webhooks:
             if self.notifier is not None:
-                await self.notifier.aclose(grace_s=2.0)
-            allow = self.op.settings.allow_webhook_hosts
-            self.notifier = Notifier(hooks, allow_hosts=allow) if hooks else None
+                # In place: its deliveries in flight go on, and it keeps the rollout's target
+                # (a new notifier would cancel the first and misname the next notification).
+                self.notifier.use(hooks)
+            elif hooks:
+                allow = self.op.settings.allow_webhook_hosts
+                self.notifier = Notifier(hooks, allow_hosts=allow)
             self._webhooks = hooks
-        return self.notifier
+        return self.notifier if hooks else None
 
     async def _loop(self) -> None:
         while True:
@@ -570,23 +579,30 @@ class DeploymentWorker:
         reconcile keeps the notifier in step with the annotations, mid-rollout too)."""
         if self.notifier is not None:
             with contextlib.suppress(NotifierError):  # closed meanwhile: the worker is stopping
-                self.notifier.on_entry(entry)
+                self.notifier.on_entry(entry, target=self.name)
 
     def _post_event(self, type: str, reason: str, message: str) -> None:
         """Tell the `webhook.event` webhooks of an Event just recorded (never waits)."""
         notifier = self.notifier
         if notifier is None or not notifier.wants("event"):
             return
-        if notifier.pending >= _MAX_EVENT_POSTS:
+        if notifier.pending_of("event") >= _MAX_EVENT_POSTS:
             if not self._event_posts_dropped:
                 log.warning(
-                    "%s: %d webhook posts in flight; Events are not posted until they end",
+                    "%s: %d Event posts in flight (webhook.event does not answer); Events "
+                    "are not posted until they end",
                     self.name,
-                    notifier.pending,
+                    _MAX_EVENT_POSTS,
                 )
             self._event_posts_dropped += 1
             return
-        self._event_posts_dropped = 0
+        if self._event_posts_dropped:
+            log.warning(
+                "%s: Events are posted again; %d were not (webhook.event was not answering)",
+                self.name,
+                self._event_posts_dropped,
+            )
+            self._event_posts_dropped = 0
         namespace, name = self.key
         rollout = self.runner.status if self.runner is not None else None
         if rollout is None and self.state is not None:
@@ -599,8 +615,9 @@ class DeploymentWorker:
                     rollout=self.runner.rollout_id if self.runner is not None else target,
                     target=target,
                     title=f"{target}: {reason}",
-                    text=message,
-                    at=time.time(),
+                    # leaves the cluster: an error's text may quote a URL with its token
+                    text=redact_text(message),
+                    at=self.op.clock(),
                     fields={
                         "name": name,
                         "namespace": namespace,

@@ -375,7 +375,8 @@ def flagger_payload(notification: Notification, *, link: str | None) -> dict[str
         "namespace": fields.get("namespace", namespace),
         "phase": fields.get("phase") or _FLAGGER_PHASE.get(n.event, ""),
         "checksum": fields.get("checksum", ""),
-        "type": "event",
+        # an Event is Flagger's `event`; an outcome or a manual action says which it is
+        "type": n.event,
         "metadata": metadata,
     }
 

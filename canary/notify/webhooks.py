@@ -225,7 +225,7 @@ class WebhookConfig(BaseModel):
             if unknown:
                 raise ValueError(
                     f"events has unknown event(s) {', '.join(unknown)}; "
-                    f"known: {', '.join(EVENT_KINDS)}"
+                    f"known: {', '.join(NOTIFY_KINDS)}"
                 )
             if not value:
                 raise ValueError("events is empty: the webhook would never fire")
@@ -265,14 +265,19 @@ def parse_webhooks(value: Any, *, source: str = "webhooks") -> list[WebhookConfi
     hooks: list[WebhookConfig] = []
     for index, item in enumerate(value):
         try:
-            hooks.append(
-                WebhookConfig.model_validate({"url": item} if isinstance(item, str) else item)
-            )
+            hook = WebhookConfig.model_validate({"url": item} if isinstance(item, str) else item)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"])
             at = f"{source}[{index}]" + (f".{where}" if where else "")
             raise ValueError(f"{at}: {first['msg']}") from None
+        if "event" in hook.events:
+            raise ValueError(
+                f"{source}[{index}].events: `event` (every Kubernetes Event) is sent by the "
+                "Kubernetes controller alone, to a Deployment's canary.dev/webhook.event; "
+                f"here the events are {', '.join(NOTIFY_KINDS)}"
+            )
+        hooks.append(hook)
     return hooks
 
 
@@ -347,6 +352,8 @@ class Notifier:
         # Always our own session: its connector's resolver is the address check.
         self._session: aiohttp.ClientSession | None = None
         self._tasks: set[asyncio.Task[DeliveryResult]] = set()
+        self._events_of: dict[asyncio.Task[DeliveryResult], EventKind] = {}
+        self._pending_by_event: dict[EventKind, int] = {}
         self._targets: dict[str, str] = {}
         self._closed = False
         self._max_results = max_results
@@ -362,17 +369,32 @@ class Notifier:
     def pending(self) -> int:
         return len(self._tasks)
 
+    def pending_of(self, event: EventKind) -> int:
+        """Deliveries of `event` in flight."""
+        return self._pending_by_event.get(event, 0)
+
     def wants(self, event: EventKind) -> bool:
         """Whether any of its webhooks is told of `event`."""
         return any(event in hook.events for hook in self._webhooks)
 
-    def on_entry(self, entry: Entry) -> int:
+    @property
+    def webhooks(self) -> tuple[WebhookConfig, ...]:
+        return self._webhooks
+
+    def use(self, webhooks: Sequence[WebhookConfig]) -> None:
+        """Tell these webhooks from now on (the annotations changed mid-rollout): deliveries
+        in flight go on, and the rollouts' targets are kept, so nothing is lost or misnamed
+        by the change (closing this notifier and making another would lose both)."""
+        self._webhooks = tuple(webhooks)
+
+    def on_entry(self, entry: Entry, *, target: str | None = None) -> int:
         """Feed every record entry here; notifies those that call for it. Returns the number
-        of deliveries scheduled."""
+        of deliveries scheduled. `target`: what the rollout acts on, when the caller knows it
+        (a resumed rollout's record may have no StartEntry to learn it from)."""
         if isinstance(entry, StartEntry):
             self._targets[entry.rollout] = entry.target
             return 0
-        target = self._targets.get(entry.rollout, entry.rollout)
+        target = self._targets.get(entry.rollout, target or entry.rollout)
         notification = notification_for(entry, target=target)
         if isinstance(entry, EndEntry):
             self._targets.pop(entry.rollout, None)
@@ -400,12 +422,18 @@ class Notifier:
                 name=f"webhook {notification.event} {notification.rollout}",
             )
             self._tasks.add(task)
+            self._events_of[task] = notification.event
+            counts = self._pending_by_event
+            counts[notification.event] = counts.get(notification.event, 0) + 1
             task.add_done_callback(self._done)
             scheduled += 1
         return scheduled
 
     def _done(self, task: asyncio.Task[DeliveryResult]) -> None:
         self._tasks.discard(task)
+        event = self._events_of.pop(task, None)
+        if event is not None:
+            self._pending_by_event[event] -= 1
         if task.cancelled() or task.exception() is not None:
             return
         self.deliveries.append(task.result())

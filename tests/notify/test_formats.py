@@ -468,6 +468,7 @@ def test_an_event_goes_out_in_flaggers_event_payload() -> None:
     )
     body = payload_for("flagger", rolled_back, link=None)
     assert (body["name"], body["namespace"], body["phase"]) == ("app", "shop", "Failed")
+    assert body["type"] == "rolled_back"
     assert body["metadata"] == {"eventMessage": "why", "eventType": "Warning", "timestamp": "1000"}
 
 
@@ -486,6 +487,36 @@ def test_the_event_webhook_annotation_defaults_to_flaggers_payload() -> None:
     )
     assert [(w.type, w.format) for w in spec.webhooks] == [("event", "slack")]
     assert "event" not in parse_webhooks(["https://x.example/"])[0].events
-    assert parse_webhooks([{"url": "https://x.example/", "events": ["event"]}])[0].events == {
-        "event"
-    }
+    with pytest.raises(
+        ValueError, match=r"webhooks\[0\]\.events: `event`.*canary\.dev/webhook\.event"
+    ):
+        parse_webhooks([{"url": "https://x.example/", "events": ["promoted", "event"]}])
+
+
+async def test_webhooks_changed_mid_rollout_lose_and_misname_nothing(services: Services) -> None:
+    """The operator swaps a notifier's webhooks in place when the annotations change: a
+    delivery in flight to the old webhook goes on, and the rollout's target (learned from
+    its start) still names the outcome sent to the new one. Event posts in flight are
+    counted apart (the operator's cap on them)."""
+    old, new = (
+        WebhookConfig(url=services.url("json"), format="json", backoff_s=0.01),
+        WebhookConfig(url=services.url("flagger"), format="flagger", backoff_s=0.01),
+    )
+    start, manual, _, end = _entries("why")
+    async with Notifier([old], allow_hosts=LOOPBACK) as notifier:
+        notifier.on_entry(start)
+        assert notifier.on_entry(manual) == 1
+        notifier.use([new])
+        assert notifier.webhooks == (new,) and notifier.pending_of("event") == 0
+        assert notifier.on_entry(end) == 1
+        assert await notifier.wait(timeout_s=20)
+        assert notifier.pending_of("manual") == notifier.pending_of("rolled_back") == 0
+    assert all(d.ok for d in notifier.deliveries), notifier.deliveries
+    assert [p["event"] for p in services.received["json"]] == ["manual"]
+    (told,) = services.received["flagger"]
+    assert (told["name"], told["namespace"], told["type"]) == ("app", "shop", "rolled_back")
+    # a resumed rollout's record has no start to learn the target from: the caller says it
+    async with Notifier([new], allow_hosts=LOOPBACK) as resumed:
+        resumed.on_entry(end, target="shop/app")
+        assert await resumed.wait(timeout_s=20)
+    assert services.received["flagger"][-1]["name"] == "app"
