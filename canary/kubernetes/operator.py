@@ -526,7 +526,8 @@ class DeploymentWorker:
     async def _notifier(self, spec: CanarySpec) -> Notifier | None:
         """Notifications (in each webhook's format) for the `post-rollout` (promoted, rolled back,
         manual actions), `rolled-back` and `event` (every Kubernetes Event) webhooks; the gate
-        kinds go to the runner. Made again when the annotations name others."""
+        kinds go to the runner. One notifier for the worker, whose webhooks follow the
+        annotations (None while they name none)."""
         hooks = tuple(
             WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type], format=hook.format)
             for hook in spec.webhooks
@@ -607,7 +608,7 @@ class DeploymentWorker:
         rollout = self.runner.status if self.runner is not None else None
         if rollout is None and self.state is not None:
             rollout = self.state.rollout
-        target = f"{namespace}/{name}"
+        target = self.name
         with contextlib.suppress(NotifierError):  # closed meanwhile: the worker is stopping
             notifier.notify(
                 Notification(
