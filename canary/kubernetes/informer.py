@@ -87,6 +87,16 @@ def _rv(obj: JSON) -> str:
     return str((obj.get("metadata") or {}).get("resourceVersion") or "")
 
 
+# Versions kept per key while a request for it is in flight: a request lasts a second or
+# two, and an object changes a few times a second at most (ours, a controller's status).
+_SEEN_KEPT = 16
+
+
+def _remember(seen: list[str], resource_version: str) -> None:
+    seen.append(resource_version)
+    del seen[:-_SEEN_KEPT]
+
+
 def _key(obj: JSON) -> tuple[str, str]:
     meta = obj.get("metadata") or {}
     return str(meta.get("namespace") or ""), str(meta.get("name") or "")
@@ -125,6 +135,12 @@ class ObjectCache:
         self._watching = False  # a watch stream is open now
         # key -> the resourceVersion the cache must see before it answers for that key.
         self._pending: dict[tuple[str, str], str] = {}
+        # While a write or a GET of a key is in flight, the resourceVersions the watch applies
+        # for it (the last _SEEN_KEPT): its answer's version may have come and gone (the
+        # gateway controller writes an HTTPRoute's status right after our write) before the
+        # answer is looked at, and the key would otherwise stay pending, every read a GET.
+        self._in_flight: dict[tuple[str, str], int] = {}
+        self._seen_during: dict[tuple[str, str], list[str]] = {}
         self.hits = 0  # reads answered by the cache
         self.gets = 0  # reads that went to the API server
 
@@ -193,6 +209,9 @@ class ObjectCache:
         if isinstance(item, Relist):
             self._objects = {_key(o): _held(slim(o, keep_status=keep_status)) for o in item.objects}
             self._synced = True
+            for key, versions in self._seen_during.items():
+                if key in self._objects:
+                    _remember(versions, self._objects[key][0])
             for key in [k for k, rv in self._pending.items() if self._seen(k, rv)]:
                 del self._pending[key]
             return
@@ -200,7 +219,10 @@ class ObjectCache:
         if item.type == "DELETED":
             self._objects.pop(key, None)
         else:
-            self._objects[key] = _held(slim(item.object, keep_status=keep_status))
+            held = self._objects[key] = _held(slim(item.object, keep_status=keep_status))
+            during = self._seen_during.get(key)
+            if during is not None:
+                _remember(during, held[0])
             if key in self._pending and self._seen(key, self._pending[key]):
                 del self._pending[key]
 
@@ -214,16 +236,35 @@ class ObjectCache:
         """A write to the object is about to be sent: until `wrote` says what it returned
         (and the cache has seen that), reads GET. A write that fails leaves it so."""
         self._pending[(namespace, name)] = _UNKNOWN
+        self._begin((namespace, name))
 
     def wrote(self, namespace: str, name: str, obj: JSON) -> None:
         """A write returned `obj`: reads GET until the cache has seen its resourceVersion."""
-        self._wait_for((namespace, name), _rv(obj))
+        key = (namespace, name)
+        self._wait_for(key, _rv(obj))
+        self._end(key)
 
     def _wait_for(self, key: tuple[str, str], resource_version: str) -> None:
-        if self._seen(key, resource_version):
+        # Seen: held now, or applied since the request began (a version is only ever made
+        # once, so one applied meanwhile is this answer's, not an older one's).
+        if self._seen(key, resource_version) or resource_version in self._seen_during.get(key, ()):
             self._pending.pop(key, None)
         else:
             self._pending[key] = resource_version
+
+    def _begin(self, key: tuple[str, str]) -> None:
+        self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        self._seen_during.setdefault(key, [])
+
+    def _end(self, key: tuple[str, str]) -> None:
+        # Kept while another request is in flight and the key still waits; else dropped,
+        # also for a write that failed (no `wrote`) once a later read has settled the key.
+        left = self._in_flight.get(key, 0) - 1
+        if left > 0 and key in self._pending:
+            self._in_flight[key] = left
+        else:
+            self._in_flight.pop(key, None)
+            self._seen_during.pop(key, None)
 
     async def get(self, namespace: str, name: str) -> JSON:
         """The object from the cache when trusted for it, else from the API server (raising
@@ -238,6 +279,7 @@ class ObjectCache:
             if self.label_selector is None:
                 raise NotFound(f"{self.resource} {namespace}/{name} not found (watch cache)")
         self.gets += 1
+        self._begin(key)
         try:
             if self.resource == "ingresses":
                 obj = await self.kube.get_ingress(namespace, name)
@@ -249,5 +291,8 @@ class ObjectCache:
             if key not in self._objects:
                 self._pending.pop(key, None)  # the cache agrees: nothing there
             raise
-        self._wait_for(key, _rv(obj))
+        else:
+            self._wait_for(key, _rv(obj))
+        finally:
+            self._end(key)
         return obj

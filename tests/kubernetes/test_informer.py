@@ -166,6 +166,61 @@ async def test_a_write_without_an_answer_makes_reads_get(api: KubeEmulator, kube
     assert gets(api) == before + 1
 
 
+async def test_a_written_version_the_watch_moved_past_before_the_answer_is_still_seen(
+    api: KubeEmulator, kube: Kube
+) -> None:
+    """The watch may apply a write's version, and the next one (the gateway controller's
+    status, another writer), before the write's answer is looked at: the cache has then
+    seen the write, and reads come from it again, not a GET each for good. The same for a
+    GET whose version the watch applied, and moved past, while it was in flight."""
+    api.put(*INGRESSES, user_ingress())
+    cache = await fed_by_hand(kube)
+    router = nginx(kube, cache)
+    await router.set_weight(10)
+    cache.apply(WatchEvent("ADDED", api.get(*INGRESSES, "shop", "app-canary")))
+
+    # The write, its event and someone else's after it, all before its answer is taken.
+    cache.writing("shop", "app-canary")
+    written = api.get(*INGRESSES, "shop", "app-canary")
+    written["metadata"]["annotations"][WEIGHT_ANNOTATION] = "20"
+    api.put(*INGRESSES, written)
+    ours = api.get(*INGRESSES, "shop", "app-canary")
+    cache.apply(WatchEvent("MODIFIED", ours))
+    theirs = json.loads(json.dumps(ours))
+    theirs["metadata"]["labels"] = {**theirs["metadata"].get("labels", {}), "team": "shop"}
+    api.put(*INGRESSES, theirs)
+    cache.apply(WatchEvent("MODIFIED", api.get(*INGRESSES, "shop", "app-canary")))
+    cache.wrote("shop", "app-canary", ours)
+    before = gets(api)
+    assert await router.get_weight() == 20
+    assert await router.get_weight() == 20
+    assert gets(api) == before, "the cache saw the written version: no GET"
+
+    # A read that must GET (a write without an answer), whose version the watch applies,
+    # and moves past, while the GET is in flight.
+    cache.writing("shop", "app-canary")
+    served = kube.get_ingress
+
+    async def get_meanwhile_moved(namespace: str, name: str) -> Any:
+        obj = await served(namespace, name)
+        cache.apply(WatchEvent("MODIFIED", obj))
+        later = json.loads(json.dumps(obj))
+        later["metadata"]["labels"]["team"] = "books"
+        api.put(*INGRESSES, later)
+        cache.apply(WatchEvent("MODIFIED", api.get(*INGRESSES, "shop", "app-canary")))
+        return obj
+
+    kube.get_ingress = get_meanwhile_moved  # type: ignore[method-assign]
+    try:
+        assert await router.get_weight() == 20
+    finally:
+        kube.get_ingress = served  # type: ignore[method-assign]
+    before = gets(api)
+    assert await router.get_weight() == 20
+    assert gets(api) == before, "the GET's version was seen meanwhile: the cache answers"
+    assert cache._in_flight == {} and cache._seen_during == {}
+
+
 async def test_a_cache_whose_watch_is_down_falls_back_to_get(api: KubeEmulator, kube: Kube) -> None:
     api.put(*INGRESSES, user_ingress())
     cache = await fed_by_hand(kube)
