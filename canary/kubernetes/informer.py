@@ -12,7 +12,10 @@ resourceVersion, re-lists on 410), and routers read from it when it can be trust
 - and, for an object this process has written (or is writing), the cache has seen the
   resourceVersion the write returned. A read before that GETs, so the read-back after a weight
   change still proves that the API server holds it; the GET's own resourceVersion then becomes
-  the one to wait for, which also settles writes whose answer was lost.
+  the one to wait for, which also settles writes whose answer was lost. Seen means held now,
+  or applied by the watch while the write or the GET was in flight: the watch may have moved
+  past the answer's version (the gateway controller writes an HTTPRoute's status right
+  after ours) before the answer is looked at.
 
 Otherwise `get` GETs, exactly as the routers did before. An object absent from a trusted cache
 is NotFound, as a 404 would say. resourceVersions are compared for equality only (the API's
