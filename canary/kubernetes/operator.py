@@ -80,13 +80,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analysis import Analyzer
-from canary.core.inputs import (
-    MAX_ANNOTATION_BYTES,
-    InputError,
-    check_tick,
-    clip,
-    load_json,
-)
+from canary.core.inputs import MAX_ANNOTATION_BYTES, InputError, check_tick, clip, load_json
 from canary.core.records import EndEntry, NoteEntry, StartEntry
 from canary.core.redact import redact_text
 from canary.core.rollout import (
@@ -1025,8 +1019,7 @@ class DeploymentWorker:
             telemetry=self.op.telemetry,
             clock=self.op.clock,
         )
-        await self._notifier(spec)
-        runner.entry_observers.append(self._tell_entry)
+        runner.entry_observers.append(self._tell_entry)  # reconcile keeps the notifier
         self.runner = runner
         self._runner_task = asyncio.create_task(runner.run(), name=f"rollout:{self.name}")
         self._runner_task.add_done_callback(self._rollout_done)

@@ -280,6 +280,14 @@ class Webhook(BaseModel):
     retries: int = Field(default=0, ge=0, le=10)
     metadata: dict[str, str] = Field(default_factory=dict)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _event_format(cls, data: Any) -> Any:
+        # Flagger's `event` webhook gets Flagger's payload unless it names another format.
+        if isinstance(data, dict) and data.get("type") == "event" and "format" not in data:
+            return {**data, "format": "flagger"}
+        return data
+
     @property
     def is_gate(self) -> bool:
         return self.type in GATE_KINDS
@@ -957,10 +965,9 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
             problems[key] = str(exc)
             continue
         if known.field.startswith("webhooks."):
-            hook = {"type": known.field.split(".", 1)[1], "url": parsed}
-            if hook["type"] == "event":
-                hook["format"] = "flagger"  # unless its `.format` says otherwise (below)
-            raw.setdefault("webhooks", []).append(hook)
+            raw.setdefault("webhooks", []).append(
+                {"type": known.field.split(".", 1)[1], "url": parsed}
+            )
         elif known.field.startswith("webhook_formats."):
             formats[known.field.split(".", 1)[1]] = (key, parsed)
         elif known.field.startswith("webhook_options.") and gate is not None:
