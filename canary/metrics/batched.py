@@ -88,6 +88,8 @@ from dataclasses import dataclass, field
 from hashlib import blake2b as _blake2b
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 from pydantic import ValidationError
 
 from analysis import ArmCounts
@@ -1066,6 +1068,21 @@ _VALUES = b'},"values":['
 _NEXT = b',{"metric":'
 
 
+_OPEN_REST = np.frombuffer(_OPEN[1:], np.uint8)  # the tokens after their first byte
+_VALUES_REST = np.frombuffer(_VALUES[1:], np.uint8)
+
+
+def _followed(
+    view: npt.NDArray[np.uint8], at: npt.NDArray[np.intp], rest: npt.NDArray[np.uint8]
+) -> npt.NDArray[np.intp]:
+    """The positions in `at` (each a token's first byte) that `rest` follows in `view`."""
+    at = at[at + len(rest) < len(view)]
+    keep = np.ones(len(at), bool)
+    for offset, byte in enumerate(rest.tolist(), start=1):
+        keep &= view[at + offset] == byte
+    return at[keep]
+
+
 def _scan(answer: bytes) -> array[int] | None:
     """Where each series' labels JSON and samples text are in a compact Prometheus matrix
     answer: 4 offsets per series (labels start and end, samples start and end); None if the
@@ -1073,33 +1090,48 @@ def _scan(answer: bytes) -> array[int] | None:
 
     Splitting on the structure's own tokens is exact: each contains a quote, and a quote
     inside a JSON string is always escaped, so no label name or value can contain one.
-    Offsets, not slices: an answer's copies were most of a batch's peak memory (issue 13)."""
+    Offsets, not slices: an answer's copies were most of a batch's peak memory (issue 13).
+
+    In numpy, over the whole answer at once: walking it series by series in Python was ~2.5 us
+    a series, a quarter of the batcher's counting (issue 13; ~0.45 us here). It gives what
+    that walk gave, answer for answer (tests/metrics/test_batched_scan.py holds the walk):
+    the series begin at every `{"metric":` (all of them: the walk checked there were no
+    others), each series' labels end at the first `},"values":[` after its start, its
+    samples at the first `}` after that, which follows a `]`, and then comes `,` and the
+    next series, or `]}` after the last."""
     if not answer.startswith(_HEAD):
         return None
     spans: array[int] = array("q")
-    position = len(_HEAD)
-    if answer.startswith(b"]}", position):
+    if answer.startswith(b"]}", len(_HEAD)):
         return spans
-    find, starts = answer.find, answer.startswith
-    while True:
-        if not starts(_OPEN, position):
-            return None
-        start = position + len(_OPEN)
-        middle = find(_VALUES, start)
-        if middle < 0:
-            return None
-        samples = middle + len(_VALUES)
-        end = find(b"}", samples)  # samples hold no brace: the series' own closing one
-        if end < 0 or answer[end - 1] != 0x5D:  # "]": the samples' list ends there
-            return None
-        spans.extend((start, middle + 1, samples, end - 1))
-        if starts(_NEXT, end + 1):
-            position = end + 2
-        elif starts(b"]}", end + 1):
-            # every token is a series' own: none inside one, none after the data
-            return spans if answer.count(_OPEN) == len(spans) // 4 else None
-        else:
-            return None
+    view = np.frombuffer(answer, np.uint8)
+    opens = _followed(view, np.flatnonzero(view == 0x7B), _OPEN_REST)  # {
+    braces = np.flatnonzero(view == 0x7D)  # }
+    values = _followed(view, braces, _VALUES_REST)
+    n = len(opens)
+    if n == 0 or opens[0] != len(_HEAD):
+        return None
+    start = opens + len(_OPEN)
+    at = np.searchsorted(values, start)
+    if at[-1] >= len(values):  # a series without its samples
+        return None
+    middle = values[at]
+    samples = middle + len(_VALUES)
+    at = np.searchsorted(braces, samples)
+    if at[-1] >= len(braces):
+        return None
+    end = braces[at]
+    if not (view[end - 1] == 0x5D).all():  # "]": the samples' list ends there
+        return None
+    # each series is followed by a comma and the next one's `{"metric":`, the last by "]}"
+    if n > 1 and not ((opens[1:] == end[:-1] + 2).all() and (view[end[:-1] + 1] == 0x2C).all()):
+        return None
+    if not answer.startswith(b"]}", int(end[-1]) + 1):
+        return None
+    table = np.empty((n, 4), np.int64)
+    table[:, 0], table[:, 1], table[:, 2], table[:, 3] = start, middle + 1, samples, end - 1
+    spans.frombytes(table.tobytes())
+    return spans
 
 
 def _samples(text: bytes) -> list[tuple[float, float]]:

@@ -16,7 +16,11 @@ from hypothesis import strategies as st
 
 from canary.metrics.base import ArmsCounts, NoData
 from canary.metrics.batched import (
+    _HEAD,
+    _NEXT,
+    _OPEN,
     _SAMPLE,
+    _VALUES,
     PrometheusBatcher,
     _apply,
     _apply_family,
@@ -39,6 +43,35 @@ def split(raw: bytes) -> list[tuple[bytes, bytes]] | None:
         (raw[spans[k] : spans[k + 1]], raw[spans[k + 2] : spans[k + 3]])
         for k in range(0, len(spans), 4)
     ]
+
+
+def walk(answer: bytes) -> list[int] | None:
+    """The answer walked series by series, token after token: what _scan did before it ran
+    in numpy, and what it must still give, answer for answer (None: not that shape)."""
+    if not answer.startswith(_HEAD):
+        return None
+    spans: list[int] = []
+    position = len(_HEAD)
+    if answer.startswith(b"]}", position):
+        return spans
+    while True:
+        if not answer.startswith(_OPEN, position):
+            return None
+        start = position + len(_OPEN)
+        middle = answer.find(_VALUES, start)
+        if middle < 0:
+            return None
+        samples = middle + len(_VALUES)
+        end = answer.find(b"}", samples)
+        if end < 0 or answer[end - 1] != 0x5D:
+            return None
+        spans.extend((start, middle + 1, samples, end - 1))
+        if answer.startswith(_NEXT, end + 1):
+            position = end + 2
+        elif answer.startswith(b"]}", end + 1):
+            return spans if answer.count(_OPEN) == len(spans) // 4 else None
+        else:
+            return None
 
 
 NASTY = st.sampled_from(
@@ -75,6 +108,33 @@ def test_scan_splits_what_json_decodes(series: list[Any], ascii: bool) -> None:
     ]
 
 
+TOKENS = [b"{", b"}", b"[", b"]", b",", b'"', b"]}", b'{"metric":', b'},"values":[', b"x"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(st.tuples(LABELS, SAMPLES), max_size=4),
+    st.lists(
+        st.tuples(st.booleans(), st.integers(0, 10**6), st.integers(0, 3), st.sampled_from(TOKENS)),
+        max_size=3,
+    ),
+)
+def test_scan_gives_what_the_walk_gives_for_any_answer(
+    series: list[Any], edits: list[tuple[bool, int, int, bytes]]
+) -> None:
+    """Valid answers, and answers with bytes cut out or tokens put in anywhere (or at one of
+    the structure's bytes): _scan's offsets are the walk's, and where the walk refuses the
+    shape, so does _scan."""
+    result = [{"metric": {"__name__": "m", **labels}, "values": v} for labels, v in series]
+    raw = bytearray(answer(result))
+    for structural, at, cut, token in edits:
+        marks = [i for i, byte in enumerate(raw) if byte in b"{}[],"]
+        at = marks[at % len(marks)] if structural and marks else at % (len(raw) + 1)
+        raw[at : at + cut] = token
+    spans = _scan(bytes(raw))
+    assert (None if spans is None else list(spans)) == walk(bytes(raw))
+
+
 @pytest.mark.parametrize(
     "raw",
     [
@@ -94,10 +154,17 @@ def test_scan_splits_what_json_decodes(series: list[Any], ascii: bool) -> None:
         b'"values":[[1,"1"]]}]},"x":{"metric":{}}}',  # the token after the data
         b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},'
         b'"values":[[1,{"metric":"1"]]}]}}',  # ... or inside a series' samples
+        b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},'
+        b'"values":[[1,"1"]]x}]}}',  # the samples' list does not end at the series' end
+        b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},'
+        b'"values":[[1,"1"]]}x{"metric":{},"values":[[1,"1"]]}]}}',  # no comma between
+        b'{"status":"success","data":{"resultType":"matrix","result":[{"metric":{},'
+        b'"values":[[1,"1"]]},{"metric":{}}]}}',  # a series without its samples
     ],
 )
 def test_other_shapes_are_not_scanned(raw: bytes) -> None:
     assert split(raw) is None
+    assert walk(raw) is None
 
 
 def test_prometheus_warnings_after_the_data_are_ignored() -> None:
