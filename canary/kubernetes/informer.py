@@ -269,6 +269,20 @@ class ObjectCache:
             self._in_flight.pop(key, None)
             self._seen_during.pop(key, None)
 
+    def held(self, namespace: str, name: str) -> bytes | None:
+        """The object's JSON text, as `get` would decode it from the cache, or None where
+        `get` would not answer from the cache (not trusted, pending, not held). The same
+        text object until the object changes, so a caller may keep what it read from it
+        (the routers' weight read back every tick: issue 13)."""
+        key = (namespace, name)
+        if not self.trusted or key in self._pending:
+            return None
+        held = self._objects.get(key)
+        if held is None:
+            return None
+        self.hits += 1
+        return held[1]
+
     async def get(self, namespace: str, name: str) -> JSON:
         """The object from the cache when trusted for it, else from the API server (raising
         as `Kube` does); NotFound when a trusted cache of every object does not hold it."""

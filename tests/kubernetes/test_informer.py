@@ -426,3 +426,48 @@ async def test_without_the_httproute_crd_the_cache_stays_unsynced_and_logs_once(
         await asyncio.gather(task, return_exceptions=True)
     lines = [r for r in caplog.records if "httproutes" in r.getMessage()]
     assert len(lines) == 1, [r.getMessage() for r in lines]
+
+
+async def test_the_weight_read_from_an_unchanged_cache_is_decoded_once(
+    api: KubeEmulator, kube: Kube, running: ObjectCache, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each tick reads the weight back; while the cache's text of the canary Ingress is the
+    same, the weight read from it stands (not decoded and worked out again); an edit is read
+    at once, and an Ingress the router refuses is refused at every read."""
+    api.put(*INGRESSES, user_ingress())
+    router = nginx(kube, running)
+    await eventually(lambda: running.trusted, "the cache to list and watch")
+    await router.set_weight(30)
+    await eventually(lambda: not running._pending, "the write's event")
+    decoded: list[object] = []
+    weight_of = router._weight_of
+
+    def counted(command: str, current: Any) -> int:
+        decoded.append(current)
+        return weight_of(command, current)
+
+    monkeypatch.setattr(router, "_weight_of", counted)
+    assert [await router.get_weight() for _ in range(5)] == [30] * 5
+    assert len(decoded) == 1
+
+    def edit(change: Callable[[dict[str, Any]], None]) -> Callable[[], bool]:
+        edited = api.get(*INGRESSES, "shop", "app-canary")
+        change(edited)
+        api.put(*INGRESSES, edited)
+        version = api.resource_version
+        return lambda: int(running._objects["shop", "app-canary"][0]) == version
+
+    seen = edit(lambda obj: obj["metadata"]["annotations"].__setitem__(WEIGHT_ANNOTATION, "55"))
+    await eventually(seen, "the edit's event")
+    assert [await router.get_weight() for _ in range(3)] == [55] * 3
+    assert len(decoded) == 2
+
+    def other_backend(obj: dict[str, Any]) -> None:
+        path = obj["spec"]["rules"][0]["http"]["paths"][0]
+        path["backend"]["service"]["name"] = "someone-else"
+
+    await eventually(edit(other_backend), "the second edit's event")
+    for _ in range(2):
+        with pytest.raises(RouterRejected, match="someone-else"):
+            await router.get_weight()
+    assert len(decoded) == 4
