@@ -409,11 +409,19 @@ def _pending_dict() -> bytes:
     return dump_entry(entry).encode("utf-8")
 
 
-def _hold_line(line: str) -> bytes:
-    """One pending line as held: deflated against _pending_dict()."""
-    deflate = zlib.compressobj(
+@functools.cache
+def _primed_deflate() -> zlib._Compress:
+    """A compressor that has taken in _pending_dict() and nothing else."""
+    return zlib.compressobj(
         6, zlib.DEFLATED, _PENDING_WBITS, 6, zlib.Z_DEFAULT_STRATEGY, _pending_dict()
     )
+
+
+def _hold_line(line: str) -> bytes:
+    """One pending line as held: deflated against _pending_dict(). A copy of the primed
+    compressor gives the same bytes as a new one given the dictionary, ~25% faster (the
+    dictionary is not hashed in again for every line: issue 13)."""
+    deflate = _primed_deflate().copy()
     return deflate.compress(line.encode("utf-8")) + deflate.flush()
 
 

@@ -12,6 +12,7 @@ import base64
 import gzip
 import itertools
 import json
+import zlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,22 @@ async def test_lines_waiting_for_a_save_are_held_deflated_and_saved_exactly(
     assert writer.held_bytes * 4 < as_json, (writer.held_bytes, as_json)
     assert await writer.flush() is None
     assert await load_record_configmap(client, namespace=NS, rollout=rollout) == ticks
+
+
+def test_a_held_line_is_what_a_new_compressor_gives_and_reads_back(
+    long_record: list[Entry],
+) -> None:
+    """Lines are held with copies of one compressor primed with the dictionary: the bytes a
+    compressor made for each line would give, whatever lines came before (a copy never
+    carries one line's history into the next), and each reads back as its line."""
+    lines = [dump_entry(e) for e in long_record[:60]] + ["", "{}", "\u00e9" * 5000]
+    for line in lines + lines[::-1]:
+        fresh = zlib.compressobj(
+            6, zlib.DEFLATED, -13, 6, zlib.Z_DEFAULT_STRATEGY, record_store._pending_dict()
+        )
+        held = record_store._hold_line(line)
+        assert held == fresh.compress(line.encode("utf-8")) + fresh.flush()
+        assert record_store._held_line(held) == line
 
 
 async def test_canary_report_reads_a_chunked_record_and_a_labelled_dump(
