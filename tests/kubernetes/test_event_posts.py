@@ -13,9 +13,8 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from aiohttp import web
+from support.web import Receiver, receiving
 
-from canary.demo.procs import free_port
 from canary.kubernetes import operator
 from canary.kubernetes.operator import DeploymentWorker
 from canary.notify.webhooks import Notifier, WebhookConfig
@@ -23,33 +22,11 @@ from canary.notify.webhooks import Notifier, WebhookConfig
 pytestmark = pytest.mark.timeout(60)
 
 
-class Receiver:
-    """Takes posts; holds every answer until `answering` is set."""
-
-    def __init__(self) -> None:
-        self.port = free_port()
-        self.answering = asyncio.Event()
-        self.payloads: list[dict[str, Any]] = []
-
-    async def hook(self, request: web.Request) -> web.StreamResponse:
-        self.payloads.append(await request.json())
-        await self.answering.wait()
-        return web.Response()
-
-
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    got = Receiver()
-    app = web.Application()
-    app.router.add_post("/event", got.hook)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", got.port).start()
-    try:
-        yield got
-    finally:
-        got.answering.set()
-        await runner.cleanup()
+    async with receiving() as rec:
+        rec.hang = asyncio.Event()
+        yield rec
 
 
 async def until(check: Any, what: str) -> None:
@@ -64,7 +41,7 @@ async def test_event_posts_in_flight_are_capped_and_the_rest_counted(
 ) -> None:
     cap = operator._MAX_EVENT_POSTS
     hook = WebhookConfig(
-        url=f"http://127.0.0.1:{receiver.port}/event",
+        url=receiver.url,
         events=frozenset({"event"}),
         format="flagger",
         timeout_s=60,
@@ -84,9 +61,9 @@ async def test_event_posts_in_flight_are_capped_and_the_rest_counted(
             f"shop/app: {cap} Event posts in flight (webhook.event does not "
             "answer); Events are not posted until they end"
         ], held
-        await until(lambda: len(receiver.payloads) == cap, "the posts in flight to arrive")
+        await until(lambda: len(receiver.received) == cap, "the posts in flight to arrive")
 
-        receiver.answering.set()
+        receiver.hang.set()
         await until(lambda: notifier.pending_of("event") == 0, "the posts to end")
         worker._post_event("Warning", "Halted", "after the receiver answered")
         assert worker._event_posts_dropped == 0
@@ -94,8 +71,8 @@ async def test_event_posts_in_flight_are_capped_and_the_rest_counted(
         assert again == [
             "shop/app: Events are posted again; 6 were not (webhook.event was not answering)"
         ], again
-        await until(lambda: len(receiver.payloads) == cap + 1, "the post after the pause")
-    messages = [p["metadata"]["eventMessage"] for p in receiver.payloads]
+        await until(lambda: len(receiver.received) == cap + 1, "the post after the pause")
+    messages = [p["metadata"]["eventMessage"] for p in receiver.received]
     assert sorted(messages[:cap]) == sorted(f"step {i}" for i in range(cap))
     assert messages[cap] == "after the receiver answered"
-    assert receiver.payloads[cap]["metadata"]["eventType"] == "Warning"
+    assert receiver.received[cap]["metadata"]["eventType"] == "Warning"

@@ -5,13 +5,11 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
-from aiohttp import web
 from pydantic import ValidationError
-from support.web import on_loopback
+from support.web import Receiver, receiving
 
 from canary.core.records import EndEntry, FailoverEntry, ManualEntry, StartEntry, TickEntry
 from canary.notify.webhooks import (
@@ -28,39 +26,10 @@ ROLLOUT = "demo/app@3f2a1c"
 LOOPBACK = ("127.0.0.1",)  # the receivers here are on loopback, which is refused by default
 
 
-@dataclass
-class Receiver:
-    """A webhook endpoint that answers with scripted statuses and keeps what it got."""
-
-    url: str = ""
-    statuses: list[int] = field(default_factory=list)  # consumed per request; then 200
-    retry_after: list[str] = field(default_factory=list)  # Retry-After headers, likewise
-    hang: asyncio.Event | None = None  # when set: never answer until released
-    received: list[dict[str, Any]] = field(default_factory=list)
-    arrived: asyncio.Event = field(default_factory=asyncio.Event)
-
-    async def handle(self, request: web.Request) -> web.Response:
-        self.received.append(await request.json())
-        self.arrived.set()
-        if self.hang is not None:
-            await self.hang.wait()
-        status = self.statuses.pop(0) if self.statuses else 200
-        headers = {"Retry-After": self.retry_after.pop(0)} if self.retry_after else None
-        return web.Response(status=status, text="nope" if status >= 400 else "ok", headers=headers)
-
-
 @pytest.fixture
 async def receiver() -> AsyncIterator[Receiver]:
-    rec = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook/{secret}", rec.handle)
-    async with on_loopback(app) as base:
-        rec.url = f"{base}/hook/T000-secret"
-        try:
-            yield rec
-        finally:
-            if rec.hang is not None:
-                rec.hang.set()  # before the cleanup, which waits for its handler
+    async with receiving() as rec:
+        yield rec
 
 
 def _hook(url: str, **options: Any) -> WebhookConfig:
