@@ -45,8 +45,8 @@ import asyncio
 import contextlib
 import json
 import logging
-from collections.abc import AsyncGenerator
-from typing import Literal
+from collections.abc import AsyncGenerator, Callable, Hashable
+from typing import Generic, Literal, TypeVar
 
 from canary.kubernetes.client import JSON, Kube, KubeError, NotFound, Relist, WatchEvent
 
@@ -313,3 +313,30 @@ class ObjectCache:
         finally:
             self._end(key)
         return obj
+
+
+_T = TypeVar("_T")
+
+
+class HeldRead(Generic[_T]):
+    """What a reader made of an object's cached text (ObjectCache.held), kept while the text
+    is the same object and the reader's settings are the same: the routers read their
+    weight back every tick of every rollout, and decoding it each time was ~1% of the
+    controller's CPU at 1,000 rollouts (issue 13). A read that raises is not kept."""
+
+    def __init__(self) -> None:
+        # the text (held, so its id is not reused), the settings, what was read
+        self._seen: tuple[bytes, Hashable, _T] | None = None
+        self.reads = 0  # texts read (not answered from what was kept): tests
+
+    def read(self, held: bytes, settings: Hashable, reader: Callable[[JSON], _T]) -> _T:
+        seen = self._seen
+        if seen is not None and seen[0] is held and seen[1] == settings:
+            return seen[2]
+        self.reads += 1
+        value = reader(json.loads(held))
+        self._seen = (held, settings, value)
+        return value
+
+    def forget(self) -> None:
+        self._seen = None

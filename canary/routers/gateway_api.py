@@ -35,7 +35,7 @@ import time
 from typing import Any
 
 from canary.kubernetes.client import Conflict, Kube, KubeError, Unavailable
-from canary.kubernetes.informer import ObjectCache
+from canary.kubernetes.informer import HeldRead, ObjectCache
 from canary.retry import ONCE_MORE, retrying
 from canary.routers.base import Match, RouterError, RouterRejected, RouterUnreachable
 
@@ -82,6 +82,7 @@ class GatewayApiRouter:
         self.port = port
         self.settle_timeout_s = settle_timeout_s
         self.poll_s = poll_s
+        self._weight_seen: HeldRead[int] = HeldRead()  # the weight read back from the cache
 
     @property
     def _where(self) -> str:
@@ -281,10 +282,19 @@ class GatewayApiRouter:
 
     async def get_weight(self) -> int:
         command = f"read {self._where}"
+        held = None if self.cache is None else self.cache.held(self.namespace, self.route)
+        if held is not None:
+            settings = (self.primary_service, self.canary_service, self.match)
+            return self._weight_seen.read(held, settings, lambda obj: self._weight_of(command, obj))
         try:
             route = await self._read()
         except KubeError as exc:
             raise _router_error(command, exc) from exc
+        return self._weight_of(command, route)
+
+    def _weight_of(self, command: str, route: JSON) -> int:
+        """The canary weight the route gives (RouteNotReady: not accepted; RouterRejected:
+        not ours, or rules that disagree)."""
         self.check_status(route)
         weights: set[int] = set()
         for rule in (route.get("spec") or {}).get("rules") or []:

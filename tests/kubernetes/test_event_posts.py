@@ -10,9 +10,9 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
-from typing import Any
 
 import pytest
+from support.waiting import eventually
 from support.web import Receiver, receiving
 
 from canary.kubernetes import operator
@@ -27,13 +27,6 @@ async def receiver() -> AsyncIterator[Receiver]:
     async with receiving() as rec:
         rec.hang = asyncio.Event()
         yield rec
-
-
-async def until(check: Any, what: str) -> None:
-    deadline = time.monotonic() + 20
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        await asyncio.sleep(0.02)
 
 
 async def test_event_posts_in_flight_are_capped_and_the_rest_counted(
@@ -61,17 +54,17 @@ async def test_event_posts_in_flight_are_capped_and_the_rest_counted(
             f"shop/app: {cap} Event posts in flight (webhook.event does not "
             "answer); Events are not posted until they end"
         ], held
-        await until(lambda: len(receiver.received) == cap, "the posts in flight to arrive")
+        await eventually(lambda: len(receiver.received) == cap, "the posts in flight to arrive")
 
         receiver.hang.set()
-        await until(lambda: notifier.pending_of("event") == 0, "the posts to end")
+        await eventually(lambda: notifier.pending_of("event") == 0, "the posts to end")
         worker._post_event("Warning", "Halted", "after the receiver answered")
         assert worker._event_posts_dropped == 0
         again = [r.getMessage() for r in caplog.records if "posted again" in r.getMessage()]
         assert again == [
             "shop/app: Events are posted again; 6 were not (webhook.event was not answering)"
         ], again
-        await until(lambda: len(receiver.received) == cap + 1, "the post after the pause")
+        await eventually(lambda: len(receiver.received) == cap + 1, "the post after the pause")
     messages = [p["metadata"]["eventMessage"] for p in receiver.received]
     assert sorted(messages[:cap]) == sorted(f"step {i}" for i in range(cap))
     assert messages[cap] == "after the receiver answered"

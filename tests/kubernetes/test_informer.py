@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 from support.kube_emulator import KubeEmulator
+from support.waiting import eventually
 
 from canary.kubernetes.client import Kube, NotFound, Relist, WatchEvent
 from canary.kubernetes.informer import ObjectCache, slim
@@ -61,14 +62,6 @@ def nginx(kube: Kube, cache: ObjectCache) -> IngressNginxRouter:
         canary_service="app-canary",
         cache=cache,
     )
-
-
-async def eventually(check: Callable[[], bool], what: str, timeout_s: float = 5.0) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout_s
-    while not check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.01)
 
 
 async def fed_by_hand(kube: Kube, resource: Any = "ingresses") -> ObjectCache:
@@ -429,7 +422,7 @@ async def test_without_the_httproute_crd_the_cache_stays_unsynced_and_logs_once(
 
 
 async def test_the_weight_read_from_an_unchanged_cache_is_decoded_once(
-    api: KubeEmulator, kube: Kube, running: ObjectCache, monkeypatch: pytest.MonkeyPatch
+    api: KubeEmulator, kube: Kube, running: ObjectCache
 ) -> None:
     """Each tick reads the weight back; while the cache's text of the canary Ingress is the
     same, the weight read from it stands (not decoded and worked out again); an edit is read
@@ -439,16 +432,9 @@ async def test_the_weight_read_from_an_unchanged_cache_is_decoded_once(
     await eventually(lambda: running.trusted, "the cache to list and watch")
     await router.set_weight(30)
     await eventually(lambda: not running._pending, "the write's event")
-    decoded: list[object] = []
-    weight_of = router._weight_of
-
-    def counted(command: str, current: Any) -> int:
-        decoded.append(current)
-        return weight_of(command, current)
-
-    monkeypatch.setattr(router, "_weight_of", counted)
+    start = router._weight_seen.reads
     assert [await router.get_weight() for _ in range(5)] == [30] * 5
-    assert len(decoded) == 1
+    assert router._weight_seen.reads - start == 1
 
     def edit(change: Callable[[dict[str, Any]], None]) -> Callable[[], bool]:
         edited = api.get(*INGRESSES, "shop", "app-canary")
@@ -460,7 +446,7 @@ async def test_the_weight_read_from_an_unchanged_cache_is_decoded_once(
     seen = edit(lambda obj: obj["metadata"]["annotations"].__setitem__(WEIGHT_ANNOTATION, "55"))
     await eventually(seen, "the edit's event")
     assert [await router.get_weight() for _ in range(3)] == [55] * 3
-    assert len(decoded) == 2
+    assert router._weight_seen.reads - start == 2
 
     def other_backend(obj: dict[str, Any]) -> None:
         path = obj["spec"]["rules"][0]["http"]["paths"][0]
@@ -470,4 +456,4 @@ async def test_the_weight_read_from_an_unchanged_cache_is_decoded_once(
     for _ in range(2):
         with pytest.raises(RouterRejected, match="someone-else"):
             await router.get_weight()
-    assert len(decoded) == 4
+    assert router._weight_seen.reads - start == 4

@@ -8,8 +8,10 @@ from typing import Any
 
 import pytest
 from support.kube_emulator import KubeEmulator
+from support.waiting import eventually
 
 from canary.kubernetes.client import Kube
+from canary.kubernetes.informer import ObjectCache
 from canary.routers.base import RouterRejected, RouterUnreachable, TrafficRouter, set_and_verify
 from canary.routers.gateway_api import GatewayApiRouter, RouteNotReady
 from canary.routers.ingress_nginx import CANARY_ANNOTATION, WEIGHT_ANNOTATION, IngressNginxRouter
@@ -348,3 +350,48 @@ async def test_httproute_conflict_is_retried_once_after_a_re_read(
     with pytest.raises(RouterRejected, match="HTTP 409"):
         await router.set_weight(40)
     assert len(api.recorded(verb="patch", resource="httproutes")) == 4
+
+
+async def test_the_weight_read_from_an_unchanged_cached_route_is_decoded_once(
+    api: KubeEmulator, kube: Kube, gateway: dict[str, Any]
+) -> None:
+    """Each tick reads the weight back; while the cache's text of the route is the same, the
+    weight read from it stands; a change (the gateway's status, someone's edit) is read at
+    once, and a route that is not ready is refused at every read."""
+    api.put(*ROUTES, http_route())
+    cache = ObjectCache(kube, "httproutes", "shop", retry_s=0.05, absent_retry_s=0.05)
+    task = asyncio.create_task(cache.run())
+    try:
+        router = route_router(kube)
+        router.cache = cache
+        await eventually(lambda: cache.trusted, "the cache to list and watch")
+        assert await set_and_verify(router, 20) == 20
+
+        def cached_version() -> int:
+            return int(cache._objects["shop", "app"][0])
+
+        await eventually(lambda: cached_version() == api.resource_version, "the status' event")
+        start = router._weight_seen.reads
+        router._weight_seen.forget()  # (the settling read-back read this text already)
+        assert [await router.get_weight() for _ in range(5)] == [20] * 5
+        assert router._weight_seen.reads - start == 1
+
+        gateway["running"] = False  # the edit's generation is not accepted yet
+        edited = api.get(*ROUTES, "shop", "app")
+        edited["spec"]["rules"][0]["backendRefs"][0]["weight"] = 60
+        edited["spec"]["rules"][0]["backendRefs"][1]["weight"] = 40
+        api.put(*ROUTES, edited)
+        version = api.resource_version
+        await eventually(lambda: cached_version() == version, "the edit's event")
+        for _ in range(2):
+            with pytest.raises(RouteNotReady, match="has not caught up"):
+                await router.get_weight()
+        assert router._weight_seen.reads - start == 3
+
+        gateway["running"] = True
+        await eventually(lambda: cached_version() > version, "the new status' event")
+        assert [await router.get_weight() for _ in range(3)] == [40] * 3
+        assert router._weight_seen.reads - start == 4
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
