@@ -70,7 +70,6 @@ import json
 import logging
 import os
 import socket
-import typing
 from collections import deque
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
@@ -80,6 +79,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analysis import Analyzer
+from canary.core.fields import unknown_fields
 from canary.core.inputs import MAX_ANNOTATION_BYTES, InputError, check_tick, clip, load_json
 from canary.core.records import EndEntry, NoteEntry, StartEntry
 from canary.core.redact import redact_text
@@ -255,47 +255,7 @@ class KubeState(BaseModel):
             data = json.loads(text)
         except ValueError:
             return []
-        unknown: list[str] = []
-        _unknown(cls, data, "", unknown)
-        return [clip(path, 100) for path in unknown[:20]]  # anyone may edit an annotation
-
-
-def _unknown(model: type[BaseModel], data: object, prefix: str, into: list[str]) -> None:
-    """Add to `into` the keys of `data` that `model` has no field for, and those of the
-    models its fields hold (one, a tuple of them, a dict of them), as dotted paths."""
-    if not isinstance(data, dict):
-        return
-    for key, value in data.items():
-        field = model.model_fields.get(key)
-        if field is None:
-            into.append(prefix + str(key))
-            continue
-        held = _held_model(field.annotation)
-        if held is None:
-            continue
-        inner, kind = held
-        if kind == "one":
-            _unknown(inner, value, f"{prefix}{key}.", into)
-        elif kind == "map" and isinstance(value, dict):
-            for name, each in value.items():
-                _unknown(inner, each, f"{prefix}{key}.{name}.", into)
-        elif kind == "seq" and isinstance(value, list):
-            for index, each in enumerate(value):
-                _unknown(inner, each, f"{prefix}{key}[{index}].", into)
-
-
-def _held_model(annotation: object) -> tuple[type[BaseModel], str] | None:
-    """The model a field's type holds and how: "one" (`M`, `M | None`), "seq"
-    (`tuple[M, ...]`, `list[M]`) or "map" (`dict[str, M]`); None for any other type."""
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation, "one"
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
-    if origin in (dict, tuple, list):
-        held = _held_model(args[-1] if origin is dict else args[0]) if args else None
-        if held is None or held[1] != "one":
-            return None
-        return held[0], "map" if origin is dict else "seq"
-    return next((h for a in args if (h := _held_model(a)) is not None and h[1] == "one"), None)
+        return unknown_fields(cls, data)
 
 
 class ManualRequest(BaseModel):

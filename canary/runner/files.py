@@ -22,6 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from canary.core.fields import unknown_fields
+from canary.core.inputs import clip
 from canary.core.records import Entry, TickEntry, dump_entry, read_record
 from canary.core.rollout import RolloutStatus
 from canary.executors import run_blocking
@@ -30,6 +32,10 @@ from canary.runner.seams import SavedRollout, StateLocked
 __all__ = ["FileRecord", "FileRecords", "FileStateStore", "RecordWriter", "cut_torn_tail"]
 
 log = logging.getLogger("canary.runner.files")
+
+# The state file's keys (FileStateStore.save): a file holding others was written by a newer
+# canary, and those are named when it is read.
+_SAVED_KEYS = frozenset({"rollout", "record", "started_at", "status"})
 
 
 def cut_torn_tail(path: Path) -> int:
@@ -176,7 +182,22 @@ class FileStateStore:
         if not self.resume or not self.path.exists():
             return None
         saved = json.loads(self.path.read_text(encoding="utf-8"))
+        if not isinstance(saved, dict):
+            raise ValueError(f"not a JSON object but {type(saved).__name__}")
+        for key in ("rollout", "record", "status"):
+            if key not in saved:
+                raise ValueError(f"no {key!r} key")
         status = RolloutStatus.model_validate(saved["status"])
+        # A newer canary's fields are set aside (a downgrade carries the rollout on), named.
+        unknown = [k for k in saved if k not in _SAVED_KEYS]
+        unknown += unknown_fields(RolloutStatus, saved["status"], prefix="status.")
+        if unknown:
+            log.warning(
+                "%s: the saved state has fields this canary does not know, ignored (written "
+                "by a newer version?): %s",
+                self.path,
+                ", ".join(clip(k, 100) for k in unknown[:20]),
+            )
         if not status.underway and not status.done:
             return None  # never started: the next run is a new rollout
         return SavedRollout(

@@ -146,6 +146,39 @@ async def test_a_saved_rollout_whose_record_is_unreadable_refuses_to_start(tmp_p
     assert router.sets == [] and first.record_path.read_text() == broken
 
 
+async def test_a_state_file_a_newer_canary_wrote_resumes_and_names_what_it_set_aside(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Static mode after a downgrade: the state file holds fields this canary does not know
+    (at the top and inside the status). The rollout resumes where it was, not over, and a
+    warning names each of those fields; one without its status is refused by the key's name,
+    with nothing moved."""
+    first, _, _ = await stopped_at_step(
+        tmp_path, 1, spec=SPEC.model_copy(update={"steps": (5, 10)})
+    )
+    saved = json.loads(first.status_path.read_text())
+    step = saved["status"]["step"]
+    saved["shard"] = 3
+    saved["status"]["surge"] = {"max": 2}
+    saved["status"]["history"][0]["why"] = "newer"
+    first.status_path.write_text(json.dumps(saved))
+
+    loaded = await FileStateStore(first.status_path).load()
+    assert loaded is not None and loaded.status.step == step
+    assert loaded.rollout_id == saved["rollout"]
+    named = [r.getMessage() for r in caplog.records if "does not know" in r.getMessage()]
+    assert len(named) == 1, named
+    assert named[0].endswith("shard, status.history[0].why, status.surge"), named
+
+    del saved["status"]
+    first.status_path.write_text(json.dumps(saved))
+    again, router, _ = make_runner(tmp_path)
+    again.status_path = first.status_path
+    with pytest.raises(ResumeError, match=r"status\.json: no 'status' key"):
+        await again.run()
+    assert router.sets == []
+
+
 class FullDiskStore(FileStateStore):
     """A status file on a disk that fills up: saves raise ENOSPC while `full`."""
 
