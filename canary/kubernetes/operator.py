@@ -483,7 +483,18 @@ class DeploymentWorker:
         kinds go to the runner. One notifier for the worker, whose webhooks follow the
         annotations (None while they name none)."""
         hooks = tuple(
-            WebhookConfig(url=hook.url, events=_WEBHOOK_EVENTS[hook.type], format=hook.format)
+            WebhookConfig(
+                url=hook.url,
+                events=_WEBHOOK_EVENTS[hook.type],
+                format=hook.format,
+                metadata=hook.metadata,
+                # a notification's own default unless `.timeout` was given
+                timeout_s=(
+                    hook.timeout_s
+                    if "timeout_s" in hook.model_fields_set
+                    else WebhookConfig.model_fields["timeout_s"].default
+                ),
+            )
             for hook in spec.webhooks
             if hook.type in _WEBHOOK_EVENTS
         )

@@ -37,8 +37,9 @@ from canary.core.rollout import (
     RolloutSpec,
 )
 from canary.metrics.prometheus import PromQueries
-from canary.notify.formats import FORMATS, Format
+from canary.notify.formats import FORMATS, METADATA_FORMATS, Format
 from canary.notify.gates import chat_service, generated_load, parse_metadata
+from canary.notify.webhooks import WebhookConfig
 from canary.routers.base import Match
 
 __all__ = [
@@ -112,6 +113,13 @@ _GATE_OPTION = re.compile(
     r"^" + re.escape(PREFIX) + r"webhook\.(" + "|".join(map(re.escape, GATE_KINDS)) + r")\."
     r"(timeout|retries|metadata)$"
 )
+# Flagger's notification webhooks take a timeout and metadata too (not retries: canary tries a
+# notification WEBHOOK_ATTEMPTS times whatever it says, and never holds the rollout for it).
+_NOTIFY_OPTION = re.compile(
+    r"^" + re.escape(PREFIX) + r"webhook\.(" + "|".join(map(re.escape, NOTIFICATION_TYPES)) + r")\."
+    r"(timeout|metadata)$"
+)
+WEBHOOK_ATTEMPTS = WebhookConfig.model_fields["max_attempts"].default
 _WEBHOOK_FORMAT_RULE = (
     "the payload's shape for `webhook.{kind}`: `slack` (the default), `teams`, `discord`, "
     "`google_chat`, `json` or `flagger`"
@@ -888,6 +896,24 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "JSON object of strings sent as the payload's `metadata`, verbatim (e.g. "
         '`{"url":"http://app-canary/","rps":"50"}`); at most 32 keys, 4 KiB',
     ),
+    # One row each for every notification kind (post-rollout, rolled-back, event).
+    _a(
+        "webhook.<notification>.timeout",
+        "webhook_options.timeout_s",
+        _gate_timeout,
+        "5s",
+        "a notification's timeout per attempt (at most 2m); no answer in time is retried, "
+        "and the rollout never waits for it",
+    ),
+    _a(
+        "webhook.<notification>.metadata",
+        "webhook_options.metadata",
+        parse_metadata,
+        "{}",
+        "JSON object of strings added to the payload's `metadata` (`flagger` and `json` "
+        "formats only); an Event's own keys (`eventMessage`, ...) win, as in Flagger; at "
+        "most 32 keys, 4 KiB",
+    ),
     _a(
         "webhook.failure-threshold",
         "gate_failure_threshold",
@@ -936,15 +962,26 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
                 "and its .format"
             )
             continue
-        option = _GATE_OPTION.match(key)
+        option, placeholder = _GATE_OPTION.match(key), "<gate>"
+        if option is None:
+            option, placeholder = _NOTIFY_OPTION.match(key), "<notification>"
         gate = option.group(1) if option is not None else None
         known = (
-            _BY_KEY.get(f"{PREFIX}webhook.<gate>.{option.group(2)}")
+            _BY_KEY.get(f"{PREFIX}webhook.{placeholder}.{option.group(2)}")
             if option is not None
             else None
-            if "<gate>" in key  # the table's placeholder row, not a key
+            if "<gate>" in key or "<notification>" in key  # the table's placeholder rows
             else _BY_KEY.get(key)
         )
+        if known is None and key.endswith(".retries"):
+            if key.removeprefix(PREFIX + "webhook.").removesuffix(".retries") in (
+                NOTIFICATION_TYPES
+            ):
+                problems[key] = (
+                    f"only gates take .retries: canary tries a notification up to "
+                    f"{WEBHOOK_ATTEMPTS} times itself, and the rollout never waits for it"
+                )
+                continue
         if known is None:
             # (a key too long to be a typo of ours is not compared: difflib is quadratic)
             close = difflib.get_close_matches(key, list(_BY_KEY), n=1) if len(key) < 100 else []
@@ -997,6 +1034,12 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
                     problems[key] = str(exc)
             for hook in hooks:
                 hook[option_name] = chosen
+                shape = hook.get("format") or ("flagger" if gate == "event" else "slack")
+                if option_name == "metadata" and chosen and shape not in METADATA_FORMATS:
+                    problems[key] = (
+                        f"is sent only in the {' and '.join(METADATA_FORMATS)} formats; "
+                        f"{PREFIX}webhook.{gate} posts {shape} (see its .format)"
+                    )
     if not problems:
         _cross_check(raw, problems, target_from)
     if problems:

@@ -15,11 +15,13 @@ A webhook's `format` chooses one (`WebhookConfig.format`, the default `slack`):
     google_chat  {"text", "cardsV2"}: Google Chat incoming webhooks; text <= 4,096 characters
                  (a message is at most 32,000 bytes).
     json         the event itself: {"source", "event", "rollout", "target", "title", "text",
-                 "at", "time", "fields", "report_url"}, for incident tools and your own code.
+                 "at", "time", "fields", "report_url"}, for incident tools and your own code
+                 (and "metadata", the webhook's own, when it has one).
     flagger      Flagger's webhook payload {"name", "namespace", "phase", "checksum", "type",
                  "metadata": {"eventMessage", "eventType", "timestamp", ...}}: what receivers
                  written for Flagger's `event` webhook read (the default of
-                 `canary.dev/webhook.event`).
+                 `canary.dev/webhook.event`); the webhook's own metadata is added where the
+                 event's keys leave room, as Flagger adds it.
 
 Pure: builds dictionaries, sends nothing.
 """
@@ -36,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 __all__ = [
     "EVENT_KINDS",
     "FORMATS",
+    "METADATA_FORMATS",
     "NOTIFY_KINDS",
     "EventKind",
     "Format",
@@ -58,6 +61,8 @@ NOTIFY_KINDS: tuple[EventKind, ...] = ("promoted", "rolled_back", "failover", "m
 
 Format = Literal["slack", "teams", "discord", "google_chat", "json", "flagger"]
 FORMATS: tuple[Format, ...] = ("slack", "teams", "discord", "google_chat", "json", "flagger")
+# The formats whose payload has a place for a webhook's own `metadata`.
+METADATA_FORMATS: tuple[Format, ...] = ("flagger", "json")
 
 
 class Notification(BaseModel):
@@ -328,10 +333,13 @@ def google_chat_payload(notification: Notification, *, link: str | None) -> dict
 # ---- generic JSON --------------------------------------------------------------------------
 
 
-def json_payload(notification: Notification, *, link: str | None) -> dict[str, Any]:
-    """The event as JSON, for incident tools and your own receivers."""
+def json_payload(
+    notification: Notification, *, link: str | None, metadata: Mapping[str, str] = {}
+) -> dict[str, Any]:
+    """The event as JSON, for incident tools and your own receivers; the webhook's own
+    `metadata`, if it has any, as "metadata"."""
     n = notification
-    return {
+    payload = {
         "source": "canary",
         "event": n.event,
         "rollout": n.rollout,
@@ -343,6 +351,9 @@ def json_payload(notification: Notification, *, link: str | None) -> dict[str, A
         "fields": dict(n.fields),
         "report_url": link,
     }
+    if metadata:
+        payload["metadata"] = dict(metadata)
+    return payload
 
 
 # ---- Flagger's webhook payload ------------------------------------------------------------
@@ -350,26 +361,31 @@ def json_payload(notification: Notification, *, link: str | None) -> dict[str, A
 _FLAGGER_PHASE: Mapping[EventKind, str] = {"promoted": "Succeeded", "rolled_back": "Failed"}
 
 
-def flagger_payload(notification: Notification, *, link: str | None) -> dict[str, Any]:
+def flagger_payload(
+    notification: Notification, *, link: str | None, metadata: Mapping[str, str] = {}
+) -> dict[str, Any]:
     """Flagger's webhook JSON (`{"name", "namespace", "phase", "checksum", "type",
     "metadata"}`, its event hooks' `metadata`: `eventMessage`, `eventType`, `timestamp` in
     milliseconds), so a receiver written for Flagger's `event` webhook reads it as is. The
-    Event's reason and the report's link are added to `metadata`."""
+    Event's reason and the report's link are added to `metadata`, then the webhook's own
+    `metadata` where it names a key not already there (Flagger's rule: the event's win)."""
     n = notification
     fields = n.fields
     namespace, _, name = n.target.rpartition("/")
     event_type = fields.get("type") or (
         "Warning" if n.event in ("rolled_back", "failover") else "Normal"
     )
-    metadata = {
+    own = {
         "eventMessage": n.text,
         "eventType": event_type,
         "timestamp": str(int(n.at * 1000)),
     }
     if fields.get("reason"):
-        metadata["eventReason"] = fields["reason"]
+        own["eventReason"] = fields["reason"]
     if link:
-        metadata["report"] = link
+        own["report"] = link
+    for key, value in metadata.items():
+        own.setdefault(key, value)
     return {
         "name": fields.get("name", name),
         "namespace": fields.get("namespace", namespace),
@@ -377,7 +393,7 @@ def flagger_payload(notification: Notification, *, link: str | None) -> dict[str
         "checksum": fields.get("checksum", ""),
         # an Event is Flagger's `event`; an outcome or a manual action says which it is
         "type": n.event,
-        "metadata": metadata,
+        "metadata": own,
     }
 
 
@@ -391,6 +407,15 @@ _BUILDERS: Mapping[Format, Callable[..., dict[str, Any]]] = {
 }
 
 
-def payload_for(format: Format, notification: Notification, *, link: str | None) -> dict[str, Any]:
-    """The JSON body to post to a webhook of `format`."""
+def payload_for(
+    format: Format,
+    notification: Notification,
+    *,
+    link: str | None,
+    metadata: Mapping[str, str] = {},
+) -> dict[str, Any]:
+    """The JSON body to post to a webhook of `format`, with the webhook's `metadata` in the
+    formats that carry it (METADATA_FORMATS; WebhookConfig refuses it with the others)."""
+    if metadata and format in METADATA_FORMATS:
+        return _BUILDERS[format](notification, link=link, metadata=metadata)
     return _BUILDERS[format](notification, link=link)

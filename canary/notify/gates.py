@@ -24,7 +24,6 @@ definite "no". Calls never raise: an error is a "no" with its reason, secrets re
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, get_args
@@ -36,7 +35,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from canary.core.advice import LoadAt
 from canary.core.redact import redact_text, redact_url
 from canary.core.rollout import DEFAULT_GATE_FAILURE_THRESHOLD, GATE_KINDS, GateKind
-from canary.notify.webhooks import GuardedResolver, RefusedAddress, WebhookConfig, _literal_refusal
+from canary.notify.webhooks import (
+    MAX_METADATA_BYTES,
+    MAX_METADATA_KEYS,
+    GuardedResolver,
+    RefusedAddress,
+    WebhookConfig,
+    _literal_refusal,
+    parse_metadata,
+)
 from canary.retry import RetryPolicy, retrying
 
 __all__ = [
@@ -55,8 +62,6 @@ __all__ = [
     "parse_webhooks",
 ]
 
-MAX_METADATA_KEYS = 32
-MAX_METADATA_BYTES = 4096  # the whole object as JSON
 _MAX_ANSWER_WAIT_S = 5.0  # backoff cap between attempts
 
 
@@ -79,31 +84,6 @@ def chat_service(url: str) -> str | None:
         if host == chat.lstrip(".") or (chat.startswith(".") and host.endswith(chat)):
             return host
     return None
-
-
-def parse_metadata(value: Any) -> dict[str, str]:
-    """A gate's metadata: a JSON object (or its text) of string values, bounded. Raises
-    ValueError with the rule."""
-    if isinstance(value, str):
-        if len(value) > MAX_METADATA_BYTES:
-            raise ValueError(f"is {len(value)} bytes of JSON; at most {MAX_METADATA_BYTES}")
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"must be a JSON object of strings: {exc.msg} at {exc.pos}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"must be an object of strings, got {type(value).__name__}")
-    if len(value) > MAX_METADATA_KEYS:
-        raise ValueError(f"has {len(value)} keys; at most {MAX_METADATA_KEYS}")
-    for key, item in value.items():
-        if not isinstance(key, str) or not isinstance(item, str):
-            raise ValueError(
-                f"{str(key)[:40]!r}: values must be strings, got {type(item).__name__}"
-            )
-    size = len(json.dumps(value))
-    if size > MAX_METADATA_BYTES:
-        raise ValueError(f"is {size} bytes as JSON; at most {MAX_METADATA_BYTES}")
-    return dict(value)
 
 
 _MAX_LOAD_RPS = 1e5  # the static config's generated_rps bound

@@ -45,7 +45,7 @@ from urllib.parse import quote, urlsplit
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.resolver import DefaultResolver
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from canary.core.records import EndEntry, Entry, FailoverEntry, ManualEntry, StartEntry
 from canary.core.redact import redact_text, redact_url
@@ -53,6 +53,7 @@ from canary.httpio import read_prefix
 from canary.notify.formats import (
     EVENT_KINDS,
     FORMATS,
+    METADATA_FORMATS,
     NOTIFY_KINDS,
     EventKind,
     Format,
@@ -178,6 +179,36 @@ class _Failed(Exception):
         self.retry_after = retry_after
 
 
+# A webhook's `metadata` (gates, and notifications in the flagger and json formats).
+MAX_METADATA_KEYS = 32
+MAX_METADATA_BYTES = 4096  # the whole object as JSON
+
+
+def parse_metadata(value: Any) -> dict[str, str]:
+    """A webhook's metadata (a gate's, or a Flagger-format notification's): a JSON object (or its text) of string values, bounded. Raises
+    ValueError with the rule."""
+    if isinstance(value, str):
+        if len(value) > MAX_METADATA_BYTES:
+            raise ValueError(f"is {len(value)} bytes of JSON; at most {MAX_METADATA_BYTES}")
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"must be a JSON object of strings: {exc.msg} at {exc.pos}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"must be an object of strings, got {type(value).__name__}")
+    if len(value) > MAX_METADATA_KEYS:
+        raise ValueError(f"has {len(value)} keys; at most {MAX_METADATA_KEYS}")
+    for key, item in value.items():
+        if not isinstance(key, str) or not isinstance(item, str):
+            raise ValueError(
+                f"{str(key)[:40]!r}: values must be strings, got {type(item).__name__}"
+            )
+    size = len(json.dumps(value))
+    if size > MAX_METADATA_BYTES:
+        raise ValueError(f"is {size} bytes as JSON; at most {MAX_METADATA_BYTES}")
+    return dict(value)
+
+
 class WebhookConfig(BaseModel):
     """One webhook: where to post, which events, and where reports are served."""
 
@@ -192,6 +223,9 @@ class WebhookConfig(BaseModel):
     timeout_s: float = Field(default=5.0, gt=0, le=120)
     max_attempts: int = Field(default=4, ge=1, le=10)
     backoff_s: float = Field(default=1.0, ge=0, le=_MAX_BACKOFF_S)
+    # Strings added to the payload's `metadata`, as Flagger's webhooks' (`flagger` and `json`
+    # formats only: a chat message has nowhere to put them).
+    metadata: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("url", "report_base_url")
     @classmethod
@@ -214,6 +248,20 @@ class WebhookConfig(BaseModel):
             if value not in FORMATS:
                 raise ValueError(f"must be one of {', '.join(FORMATS)}, got {value[:40]!r}")
         return value
+
+    @field_validator("metadata", mode="before")
+    @classmethod
+    def _bounded(cls, value: Any) -> dict[str, str]:
+        return parse_metadata(value)
+
+    @model_validator(mode="after")
+    def _metadata_has_a_place(self) -> WebhookConfig:
+        if self.metadata and self.format not in METADATA_FORMATS:
+            raise ValueError(
+                f"metadata is sent only in the {' and '.join(METADATA_FORMATS)} formats, and "
+                f"this webhook's format is {self.format}"
+            )
+        return self
 
     @field_validator("events", mode="before")
     @classmethod
@@ -416,6 +464,7 @@ class Notifier:
                 hook.format,
                 notification,
                 link=report_url(hook.report_base_url, notification.rollout),
+                metadata=hook.metadata,
             )
             task = asyncio.create_task(
                 self._deliver(hook, notification, payload),

@@ -230,6 +230,7 @@ def _app_objects(receiver_port: int) -> list[dict[str, Any]]:
         "canary.dev/webhook.rollout": f"{hooks}/load",
         "canary.dev/webhook.rollout.metadata": json.dumps(METADATA),
         "canary.dev/webhook.event": f"{hooks}/event",
+        "canary.dev/webhook.event.metadata": '{"team": "payments", "eventType": "not this"}',
     }
     out = []
     for doc in yaml.safe_load_all((MANIFESTS / "examples" / "app-ingress-nginx.yaml").read_text()):
@@ -442,3 +443,6 @@ def test_confirm_promotion_annotation_holds_then_opens_and_promotes(setup: Setup
     promoted = [p for p in events if p["metadata"]["eventReason"] == "Promoted"]
     assert promoted[-1]["checksum"] == done.rollout.revision, promoted
     assert all(p["metadata"]["timestamp"].isdigit() for p in events)
+    # the annotation's metadata, in the keys the Event's own leave free (Flagger's rule)
+    assert all(p["metadata"]["team"] == "payments" for p in events), events
+    assert {p["metadata"]["eventType"] for p in events} <= {"Normal", "Warning"}

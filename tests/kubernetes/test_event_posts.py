@@ -69,3 +69,52 @@ async def test_event_posts_in_flight_are_capped_and_the_rest_counted(
     assert sorted(messages[:cap]) == sorted(f"step {i}" for i in range(cap))
     assert messages[cap] == "after the receiver answered"
     assert receiver.received[cap]["metadata"]["eventType"] == "Warning"
+
+
+async def test_the_event_webhooks_timeout_and_metadata_come_from_its_annotations(
+    receiver: Receiver,
+) -> None:
+    """`webhook.event.metadata` is added to Flagger's event payload where the Event's own keys
+    leave room (as Flagger adds it), and `webhook.event.timeout` bounds each attempt: a
+    receiver that does not answer within it is a failed delivery that says so."""
+    from canary.kubernetes.spec import parse_annotations
+
+    spec = parse_annotations(
+        {
+            "canary.dev/enabled": "true",
+            "canary.dev/router": "ingress-nginx",
+            "canary.dev/ingress": "app",
+            "canary.dev/webhook.event": receiver.url,
+            "canary.dev/webhook.event.timeout": "1s",
+            "canary.dev/webhook.event.metadata": '{"team": "payments", "eventType": "mine"}',
+        }
+    )
+    settings = SimpleNamespace(allow_webhook_hosts=("127.0.0.1",))
+    op = SimpleNamespace(clock=time.time, settings=settings)
+    worker = DeploymentWorker(op, ("shop", "app"))  # type: ignore[arg-type]
+    notifier = await worker._notifier(spec)
+    assert notifier is not None
+    try:
+        (hook,) = notifier.webhooks
+        assert (hook.timeout_s, hook.format) == (1.0, "flagger")
+        receiver.hang.set()
+        worker._post_event("Warning", "Halted", "the canary failed its analysis")
+        await eventually(lambda: len(receiver.received) == 1, "the Event's post")
+        metadata = receiver.received[0]["metadata"]
+        assert metadata["team"] == "payments"
+        assert (metadata["eventType"], metadata["eventMessage"]) == (
+            "Warning",
+            "the canary failed its analysis",
+        )
+        await eventually(lambda: notifier.pending_of("event") == 0, "the post to end")
+
+        receiver.hang.clear()  # the receiver stops answering: each attempt ends at 1 s
+        began = time.monotonic()
+        worker._post_event("Normal", "Progressing", "step 2")
+        await eventually(lambda: notifier.pending_of("event") == 0, "the post to give up", 40)
+        failed = notifier.deliveries[-1]
+        assert not failed.ok and failed.error is not None and "within 1.0s" in failed.error
+        # its attempts and the backoff between them: not the default 5 s an attempt
+        assert time.monotonic() - began < 5.0 * hook.max_attempts
+    finally:
+        await notifier.aclose(grace_s=0)

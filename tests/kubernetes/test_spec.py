@@ -17,6 +17,7 @@ from canary.kubernetes.spec import (
     parse_annotations,
     parse_duration,
 )
+from canary.notify.webhooks import WebhookConfig
 
 BASE = {
     "canary.dev/enabled": "true",
@@ -322,10 +323,12 @@ def test_table_defaults_are_the_model_defaults() -> None:
     defaults = CanarySpec().model_dump()
     # a gate's options (`webhook.<gate>.timeout`, ...) default to the Webhook model's
     defaults["webhook_options"] = Webhook(type="rollout", url="http://x").model_dump()
+    # a notification's (`webhook.<notification>.timeout`, ...) to the operator's WebhookConfig
+    notifying = {"webhook_options": WebhookConfig(url="http://x").model_dump()}
     for annotation in ANNOTATIONS:
         if not annotation.default or annotation.default.startswith("("):
             continue
-        node = defaults
+        node = notifying if "<notification>" in annotation.key else defaults
         *parents, leaf = annotation.field.split(".")
         for part in parents:
             node = node[part]

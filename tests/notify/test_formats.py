@@ -493,6 +493,64 @@ def test_the_event_webhook_annotation_defaults_to_flaggers_payload() -> None:
         parse_webhooks([{"url": "https://x.example/", "events": ["promoted", "event"]}])
 
 
+def test_a_webhooks_metadata_goes_where_its_format_has_room_and_nowhere_else() -> None:
+    """A notification webhook's own `metadata` (a config file's, an annotation's `.metadata`)
+    is added to Flagger's payload in the keys the event leaves free (Flagger's rule: the
+    event's win) and to the json payload as "metadata"; a chat format has no place for it,
+    so it is refused by name rather than dropped, in a config file and in annotations."""
+    event = Notification(
+        event="event", rollout=ROLLOUT, target="shop/app", title="t", text="why", at=2.0
+    )
+    mine = {"team": "payments", "eventMessage": "not this", "report": "not this either"}
+    body = payload_for("flagger", event, link=LINK, metadata=mine)
+    assert body["metadata"] == {
+        "eventMessage": "why",
+        "eventType": "Normal",
+        "timestamp": "2000",
+        "report": LINK,
+        "team": "payments",
+    }
+    assert payload_for("json", event, link=None, metadata=mine)["metadata"] == mine
+    assert "metadata" not in payload_for("json", event, link=None)
+    assert payload_for("slack", event, link=None, metadata=mine) == payload_for(
+        "slack", event, link=None
+    )
+    hook = WebhookConfig(url="https://x.example/", format="flagger", metadata='{"a": "b"}')
+    assert hook.metadata == {"a": "b"}
+    with pytest.raises(ValueError, match=r"metadata is sent only in the flagger and json"):
+        WebhookConfig(url="https://x.example/", metadata={"a": "b"})  # slack, the default
+    with pytest.raises(ValueError, match=r"values must be strings"):
+        WebhookConfig(url="https://x.example/", format="json", metadata={"rps": 5})
+
+    spec = parse_annotations(
+        {
+            **BASE,
+            "canary.dev/webhook.post-rollout": "https://x.example/done",
+            "canary.dev/webhook.post-rollout.format": "json",
+            "canary.dev/webhook.post-rollout.metadata": '{"team": "payments"}',
+            "canary.dev/webhook.post-rollout.timeout": "2s",
+        }
+    )
+    (done,) = spec.webhooks
+    assert (done.metadata, done.timeout_s) == ({"team": "payments"}, 2.0)
+    with pytest.raises(SpecError) as refused:
+        parse_annotations(
+            {
+                **BASE,
+                "canary.dev/webhook.rolled-back": "https://hooks.slack.example/T/B/X",
+                "canary.dev/webhook.rolled-back.metadata": '{"team": "payments"}',
+                "canary.dev/webhook.event": "https://x.example/events",
+                "canary.dev/webhook.event.retries": "3",
+            }
+        )
+    assert refused.value.problems == {
+        "canary.dev/webhook.rolled-back.metadata": "is sent only in the flagger and json "
+        "formats; canary.dev/webhook.rolled-back posts slack (see its .format)",
+        "canary.dev/webhook.event.retries": "only gates take .retries: canary tries a "
+        "notification up to 4 times itself, and the rollout never waits for it",
+    }
+
+
 async def test_webhooks_changed_mid_rollout_lose_and_misname_nothing(services: Services) -> None:
     """The operator swaps a notifier's webhooks in place when the annotations change: a
     delivery in flight to the old webhook goes on, and the rollout's target (learned from
