@@ -1034,8 +1034,10 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
                     problems[key] = str(exc)
             for hook in hooks:
                 hook[option_name] = chosen
+                if option_name != "metadata" or not chosen or gate not in NOTIFICATION_TYPES:
+                    continue  # a gate's metadata goes out in Flagger's payload, always
                 shape = hook.get("format") or ("flagger" if gate == "event" else "slack")
-                if option_name == "metadata" and chosen and shape not in METADATA_FORMATS:
+                if shape not in METADATA_FORMATS:
                     problems[key] = (
                         f"is sent only in the {' and '.join(METADATA_FORMATS)} formats; "
                         f"{PREFIX}webhook.{gate} posts {shape} (see its .format)"

@@ -1068,6 +1068,10 @@ _VALUES = b'},"values":['
 _NEXT = b',{"metric":'
 
 
+# _scan indexes at most one `{` and one `}` in this many bytes of an answer, and this many
+# more: its index then takes at most ~1.6 times the answer, however its labels read.
+_BYTES_A_BRACE = 16
+_SPARE_BRACES = 4096
 _OPEN_REST = np.frombuffer(_OPEN[1:], np.uint8)  # the tokens after their first byte
 _VALUES_REST = np.frombuffer(_VALUES[1:], np.uint8)
 
@@ -1105,8 +1109,20 @@ def _scan(answer: bytes) -> array[int] | None:
     if answer.startswith(b"]}", len(_HEAD)):
         return spans
     view = np.frombuffer(answer, np.uint8)
-    opens = _followed(view, np.flatnonzero(view == 0x7B), _OPEN_REST)  # {
-    braces = np.flatnonzero(view == 0x7D)  # }
+    # Each brace costs ~26 bytes of index arrays here, and a label value may hold any number
+    # of them (a tenant's exporter): past one in _BYTES_A_BRACE bytes (a real series, ~150
+    # bytes, has four) and a margin, the answer is decoded whole instead, json.loads holding
+    # such a value as one string. Counted from the comparison the index is made from.
+    most = len(answer) // _BYTES_A_BRACE + _SPARE_BRACES
+    found = view == 0x7B  # {
+    if np.count_nonzero(found) > most:
+        return None
+    opens = _followed(view, np.flatnonzero(found), _OPEN_REST)
+    found = view == 0x7D  # }
+    if np.count_nonzero(found) > most:
+        return None
+    braces = np.flatnonzero(found)
+    del found
     values = _followed(view, braces, _VALUES_REST)
     n = len(opens)
     if n == 0 or opens[0] != len(_HEAD):

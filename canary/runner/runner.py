@@ -148,7 +148,8 @@ def same_but_volatile(saved: RolloutStatus, status: RolloutStatus) -> bool:
         return True
     a, b = saved.__dict__, status.__dict__
     for name in _LASTING_FIELDS:
-        if a[name] != b[name]:
+        x, y = a[name], b[name]
+        if x is not y and x != y:  # identity first, as the models' == does (a shared NaN)
             return False
     return True
 

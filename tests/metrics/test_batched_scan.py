@@ -175,6 +175,39 @@ def test_prometheus_warnings_after_the_data_are_ignored() -> None:
     assert split(raw) == [(b'{"a":"b"}', b'[1,"1"]')]
 
 
+def test_an_answer_full_of_braces_in_a_label_is_decoded_whole_not_indexed() -> None:
+    """A label value of 300,000 braces (a tenant's exporter may send one): _scan would hold
+    ~26 bytes of index a brace (~8 MB here, 13 times the answer; gigabytes at the answer
+    limit), so it declines the answer having held no more than the answer's size again (the
+    comparison it counts them in), and the batcher decodes it whole (the walk, which needed
+    no index, split it); a few braces in labels are still scanned."""
+    import tracemalloc
+
+    nasty = "{}" * 150_000
+    raw = answer([{"metric": {"__name__": "m", "path": nasty}, "values": [[1, "1"]]}])
+    tracemalloc.start()
+    try:
+        assert _scan(raw) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * len(raw), (peak, len(raw))
+    assert walk(raw) is not None
+    few = answer([{"metric": {"__name__": "m", "path": "{a}/{b}"}, "values": [[1, "1"]]}])
+    assert split(few) == [(b'{"__name__":"m","path":"{a}/{b}"}', b'[1,"1"]')]
+
+    q = PromQueries(
+        requests='reqs_total{service="{arm}"}', errors='reqs_total{service="{arm}",code="500"}'
+    )
+    reg = registration(q, 0.0)
+    sel = reg.selectors[0]
+    cache = _SeriesCache()
+    metric = {"__name__": "reqs_total", "code": "500", "service": "canary", "path": nasty}
+    raw = answer([{"metric": metric, "values": [[1, "1"], [2, "5"]]}])
+    assert _apply_family(sel.family, raw, [(reg, sel)], cache) is None
+    assert (cache.decoded, cache.scanned) == (1, 0)
+
+
 def registration(q: PromQueries, since: float) -> _Registration:
     return PrometheusBatcher("http://127.0.0.1:9")._register(q, since)
 

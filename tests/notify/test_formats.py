@@ -533,6 +533,22 @@ def test_a_webhooks_metadata_goes_where_its_format_has_room_and_nowhere_else() -
     )
     (done,) = spec.webhooks
     assert (done.metadata, done.timeout_s) == ({"team": "payments"}, 2.0)
+    # a gate's metadata is Flagger's payload's, whatever the notifications' formats
+    spec = parse_annotations(
+        {
+            **BASE,
+            "canary.dev/webhook.rollout": "http://loadtest.example/",
+            "canary.dev/webhook.rollout.metadata": '{"rps": "5"}',
+            "canary.dev/webhook.pre-rollout": "http://check.example/",
+            "canary.dev/webhook.pre-rollout.metadata": '{"team": "payments"}',
+        }
+    )
+    assert sorted(
+        (w.type, w.metadata["rps" if w.type == "rollout" else "team"]) for w in spec.webhooks
+    ) == [
+        ("pre-rollout", "payments"),
+        ("rollout", "5"),
+    ]
     with pytest.raises(SpecError) as refused:
         parse_annotations(
             {

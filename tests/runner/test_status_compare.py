@@ -64,3 +64,14 @@ def test_a_volatile_change_alone_is_the_same_and_any_other_is_not() -> None:
     for name, values in CHANGES.items():
         changed = base.model_copy(update={name: values[-1]})
         assert same_but_volatile(base, changed) is (name in _VOLATILE_DEFAULTS), name
+
+
+def test_a_value_the_two_share_is_the_same_even_when_it_is_not_equal_to_itself() -> None:
+    """A NaN read from a hand-edited status annotation, carried from the saved status into the
+    next: the models' == says equal (identity first), so no save every tick."""
+    saved = RolloutStatus.model_validate_json('{"stage": "Progressing", "paused_at": NaN}')
+    status = saved.model_copy(update={"message": "held"})
+    assert saved.model_copy(update=_VOLATILE_DEFAULTS) == status.model_copy(
+        update=_VOLATILE_DEFAULTS
+    )
+    assert same_but_volatile(saved, status)
