@@ -50,7 +50,7 @@ from canary.clusters.topology import PowerDNSRouterConfig, Topology, load_topolo
 from canary.httpio import AnswerTooLarge, read_bounded
 from canary.kubernetes.client import Kube, KubeError
 from canary.reports.pages import register_routes
-from canary.runtime import tune_gc, tune_tls_reads
+from canary.runtime import tune_gc, tune_malloc, tune_tls_reads
 from canary.server.app import Server, make_app
 from canary.server.auth import TokenAccess
 from canary.server.live import register_live
@@ -145,6 +145,7 @@ def _cmd_clusters(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
     say(f"canary: commands need the bearer token in {token_file}", token_file=str(token_file))
     tune_gc()  # a long-running process (canary.runtime)
+    tune_malloc()  # before any thread: one arena for them all (canary.runtime)
     tune_tls_reads()  # many API connections, each with a read buffer (canary.runtime)
     try:
         asyncio.run(

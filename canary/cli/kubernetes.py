@@ -46,7 +46,7 @@ from canary.kubernetes.client import Kube, KubeError, NotFound
 from canary.kubernetes.commands import ACCEPTED, DEFAULT_WAIT_S, UNKNOWN, send_command
 from canary.kubernetes.operator import ENABLED, KubeState
 from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS, PREFIX, CanarySpec
-from canary.runtime import tune_gc, tune_tls_reads
+from canary.runtime import tune_gc, tune_malloc, tune_tls_reads
 
 __all__ = ["add_parser", "context_namespace", "manual_command", "run_kubernetes", "status"]
 
@@ -388,6 +388,7 @@ def lease_timings(lease_duration_s: int) -> dict[str, Any]:
 
 
 def _cmd_kubernetes(args: argparse.Namespace) -> int:
+    tune_malloc()  # before any thread: one arena for them all (canary.runtime)
     try:
         return asyncio.run(run_kubernetes(args))
     except KubeError as exc:

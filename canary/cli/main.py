@@ -86,7 +86,7 @@ from canary.cli.common import (
 from canary.cli.status import EXIT_CODES_HELP, add_status_flags
 from canary.core.logs import configure_logging
 from canary.httpio import AnswerTooLarge, read_bounded
-from canary.runtime import tune_gc, tune_tls_reads
+from canary.runtime import tune_gc, tune_malloc, tune_tls_reads
 
 __all__ = ["build_parser", "main"]
 
@@ -133,6 +133,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return EXIT_BAD_CONFIG
     say(f"canary: commands need the bearer token in {token_file}", token_file=str(token_file))
     tune_gc()  # a long-running process (canary.runtime)
+    tune_malloc()  # before any thread: one arena for them all (canary.runtime)
     tune_tls_reads()  # its connections' read buffers (canary.runtime)
     try:
         return asyncio.run(
