@@ -37,7 +37,7 @@ from canary.core.rollout import (
     RolloutSpec,
 )
 from canary.metrics.prometheus import PromQueries
-from canary.notify.formats import FORMATS, METADATA_FORMATS, Format
+from canary.notify.formats import FORMATS, METADATA_FORMATS, METADATA_RULE, Format
 from canary.notify.gates import chat_service, generated_load, parse_metadata
 from canary.notify.webhooks import WebhookConfig
 from canary.routers.base import Match
@@ -1039,8 +1039,7 @@ def parse_annotations(annotations: Mapping[str, str] | None) -> CanarySpec:
                 shape = hook.get("format") or ("flagger" if gate == "event" else "slack")
                 if shape not in METADATA_FORMATS:
                     problems[key] = (
-                        f"is sent only in the {' and '.join(METADATA_FORMATS)} formats; "
-                        f"{PREFIX}webhook.{gate} posts {shape} (see its .format)"
+                        f"{METADATA_RULE}; {PREFIX}webhook.{gate} posts {shape} (see its .format)"
                     )
     if not problems:
         _cross_check(raw, problems, target_from)

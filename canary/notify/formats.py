@@ -39,6 +39,7 @@ __all__ = [
     "EVENT_KINDS",
     "FORMATS",
     "METADATA_FORMATS",
+    "METADATA_RULE",
     "NOTIFY_KINDS",
     "EventKind",
     "Format",
@@ -63,6 +64,8 @@ Format = Literal["slack", "teams", "discord", "google_chat", "json", "flagger"]
 FORMATS: tuple[Format, ...] = ("slack", "teams", "discord", "google_chat", "json", "flagger")
 # The formats whose payload has a place for a webhook's own `metadata`.
 METADATA_FORMATS: tuple[Format, ...] = ("flagger", "json")
+# Why a webhook in another format is refused its metadata (its config's and its annotation's).
+METADATA_RULE = f"is sent only in the {' and '.join(METADATA_FORMATS)} formats"
 
 
 class Notification(BaseModel):

@@ -54,6 +54,7 @@ from canary.notify.formats import (
     EVENT_KINDS,
     FORMATS,
     METADATA_FORMATS,
+    METADATA_RULE,
     NOTIFY_KINDS,
     EventKind,
     Format,
@@ -258,8 +259,7 @@ class WebhookConfig(BaseModel):
     def _metadata_has_a_place(self) -> WebhookConfig:
         if self.metadata and self.format not in METADATA_FORMATS:
             raise ValueError(
-                f"metadata is sent only in the {' and '.join(METADATA_FORMATS)} formats, and "
-                f"this webhook's format is {self.format}"
+                f"metadata {METADATA_RULE}, and this webhook's format is {self.format}"
             )
         return self
 
