@@ -1,5 +1,4 @@
-"""Process-wide settings of a long-running controller: Python's cyclic garbage collector,
-malloc's arenas, asyncio's TLS read buffers.
+"""Process-wide settings of a long-running controller: garbage collection, malloc, TLS reads.
 
 At a thousand rollouts the controller holds a large heap (watch caches, analysis states,
 series caches) and allocates briskly (each tick decodes, judges and records). CPython's

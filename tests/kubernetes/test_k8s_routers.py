@@ -342,6 +342,14 @@ async def test_httproute_conflict_is_retried_once_after_a_re_read(
 ) -> None:
     """A 409 on the HTTPRoute patch: read again, write again; a second 409 is reported."""
     api.put(*ROUTES, http_route())
+
+    def observed() -> bool:  # the stand-in gateway's status write: a real 409 if it races
+        route = api.get(*ROUTES, "shop", "app")
+        parents = (route.get("status") or {}).get("parents") or []
+        generation = route["metadata"]["generation"]
+        return bool(parents) and parents[0]["conditions"][0]["observedGeneration"] == generation
+
+    await eventually(observed, "the gateway to take the route")
     router = route_router(kube)
     api.inject(409, verb="patch", resource="httproutes")
     assert await set_and_verify(router, 20) == 20
