@@ -106,7 +106,9 @@ async def _cluster_report(args: argparse.Namespace) -> Report:
     except Exception as exc:  # kubeconfig problems come in many types; all are the user's
         raise ReportError(f"cannot use the cluster's kubeconfig: {exc}") from None
     try:
-        entries = await load_record_configmap(kube, namespace=namespace, rollout=args.name)
+        entries = await load_record_configmap(
+            kube, namespace=namespace, rollout=args.name, gaps=True
+        )
     except RecordError as exc:
         if "@" in args.name:
             raise ReportError(str(exc)) from None
@@ -116,7 +118,7 @@ async def _cluster_report(args: argparse.Namespace) -> Report:
 
         try:
             entries = await read_record_configmap(
-                kube, await fetch_record(kube, namespace, args.name)
+                kube, await fetch_record(kube, namespace, args.name), gaps=True
             )
         except (KubeError, RecordError) as second:
             raise ReportError(f"{exc}; nor is it a Deployment with a record: {second}") from None

@@ -260,14 +260,14 @@ def pack_record(
         candidate = thinner
 
 
-def unpack_record(configmap: Mapping[str, Any]) -> list[Entry]:
+def unpack_record(configmap: Mapping[str, Any], *, gaps: bool = False) -> list[Entry]:
     """The entries of a record read from a dump: one ConfigMap (the whole object, as
     `kubectl get configmap -o json` prints it, or its `data`) in the whole format or a
     chunked head without chunks yet, or a List of a head and its chunks (`kubectl get
-    configmap -l canary.io/record=NAME -o json`)."""
+    configmap -l canary.io/record=NAME -o json`). `gaps`: as read_record_configmap's."""
     items = configmap.get("items")
     if isinstance(items, list):
-        return _unpack_list(items, source=str(configmap.get("kind") or "list"))
+        return _unpack_list(items, source=str(configmap.get("kind") or "list"), gaps=gaps)
     data = configmap.get("data", configmap)
     name = _name_of(configmap)
     if isinstance(data, Mapping) and TAIL_KEY in data:
@@ -496,6 +496,17 @@ def _chunk_count(head: Mapping[str, Any], name: str) -> int:
     return int(raw)
 
 
+class _ForeignChunk(RecordError):
+    """A chunk's ConfigMap that holds another record's chunk (or another number)."""
+
+
+class _Gap:
+    """Where a chunk that could not be read was (a report shows the rest, and says so)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
 class _Assembler:
     """Reassembles a chunked record, chunk by chunk, within one unpacked-size budget."""
 
@@ -506,7 +517,7 @@ class _Assembler:
         self.record_id = data.get(ID_KEY)
         self.count = _chunk_count(head, self.name)
         self.budget = MAX_UNPACKED_RECORD_BYTES
-        self.lines: list[str] = []
+        self.lines: list[str | _Gap] = []
         self.record_bytes = 0  # its lines in UTF-8, as the writer counts them
         self._tail = [(TAIL_KEY, data.get(TAIL_KEY))]
         self._tail += [(key, data.get(key)) for _, key in _parts(data, self.name)]
@@ -515,16 +526,39 @@ class _Assembler:
         name = _name_of(configmap)
         data = _data_of(configmap)
         if data.get(ID_KEY) != self.record_id or data.get(CHUNK_NUMBER_KEY) != str(number):
-            raise RecordError(
+            raise _ForeignChunk(
                 f"{name}: not chunk {number} of record {self.name} (a chunk of another "
                 "record under the same name?)"
             )
         self._add(data.get(CHUNK_KEY), name=name, key=CHUNK_KEY)
 
-    def add_chunks(self, first: int, configmaps: Sequence[Mapping[str, Any]]) -> None:
-        """Chunks `first`, `first + 1`, ... in order."""
+    def add_chunks(
+        self,
+        first: int,
+        configmaps: Sequence[Mapping[str, Any] | RecordError],
+        *,
+        gaps: bool = False,
+    ) -> None:
+        """Chunks `first`, `first + 1`, ... in order; a RecordError in their place is a chunk
+        that could not be read, and with `gaps` (a report) so is a chunk of another record:
+        each is then a gap (add_gap) rather than the whole record's error."""
         for number, configmap in enumerate(configmaps, start=first):
-            self.add_chunk(number, configmap)
+            if isinstance(configmap, RecordError):
+                if not gaps:
+                    raise configmap
+                self.add_gap(str(configmap))
+                continue
+            try:
+                self.add_chunk(number, configmap)
+            except _ForeignChunk as exc:
+                if not gaps:
+                    raise
+                self.add_gap(str(exc))
+
+    def add_gap(self, why: str) -> None:
+        """A chunk that could not be read, for a reader that shows the rest (reports): the
+        entries get a warning note in its place, saying which and why."""
+        self.lines.append(_Gap(f"{why}: the entries it held are not shown"))
 
     def _add(self, packed: object, *, name: str, key: str) -> None:
         text = _unpack_text(packed, name=name, key=key, budget=self.budget)
@@ -540,13 +574,26 @@ class _Assembler:
     def entries(self) -> list[Entry]:
         for key, packed in self._tail:
             self._add(packed, name=self.name, key=key)
-        entries = list(parse_lines(self.lines, source=self.name))
+        lines: list[str] = []
+        gaps: list[tuple[int, str]] = []  # (entries before it, why)
+        count = 0
+        for line in self.lines:
+            if isinstance(line, _Gap):
+                gaps.append((count, line.message))
+            else:
+                lines.append(line)
+                count += bool(line.strip())  # each other line is one entry (parse_lines)
+        entries = list(parse_lines(lines, source=self.name))
         if not entries:
             raise RecordError(f"{self.name}: the record is empty")
+        for before, why in reversed(gaps):
+            near = entries[max(0, min(before, len(entries)) - 1)] if before else entries[0]
+            note = NoteEntry(at=near.at, rollout=near.rollout, level="warning", message=why)
+            entries.insert(before, note)
         return entries
 
 
-def _unpack_list(items: Sequence[Any], *, source: str) -> list[Entry]:
+def _unpack_list(items: Sequence[Any], *, source: str, gaps: bool = False) -> list[Entry]:
     """A head and its chunks, as `kubectl get configmap -l canary.io/record=NAME -o json`
     lists them."""
     objects = [i for i in items if isinstance(i, Mapping)]
@@ -564,18 +611,22 @@ def _unpack_list(items: Sequence[Any], *, source: str) -> list[Entry]:
     by_name = {_raw_name(o): o for o in objects}
     for number in range(1, assembler.count + 1):
         name = chunk_name(assembler.head, number)
-        if name not in by_name:
-            raise RecordError(
-                f"{assembler.name}: chunk {number} ({excerpt(name, 80)}) is not in the list"
-            )
-        assembler.add_chunk(number, by_name[name])
+        chunk: Mapping[str, Any] | RecordError = by_name.get(name) or RecordError(
+            f"{assembler.name}: chunk {number} of {assembler.count} ({excerpt(name, 80)}) is "
+            "not in the list"
+        )
+        assembler.add_chunks(number, [chunk], gaps=gaps)
     return assembler.entries()
 
 
-async def read_record_configmap(api: ConfigMapApi, head: Mapping[str, Any]) -> list[Entry]:
+async def read_record_configmap(
+    api: ConfigMapApi, head: Mapping[str, Any], *, gaps: bool = False
+) -> list[Entry]:
     """The entries of a record whose head ConfigMap is `head` (either format): its chunks
-    are read a few at a time, unpacked off the event loop, within one bounded budget."""
-    return (await _read_record(api, head))[0]
+    are read a few at a time, unpacked off the event loop, within one bounded budget. With
+    `gaps` (a report), a chunk that is gone or cannot be read is a warning note in its place
+    naming it and why, and the rest of the record is read; without, it is a RecordError."""
+    return (await _read_record(api, head, gaps=gaps))[0]
 
 
 # Chunks asked for at once: a resume waits for one round trip per this many chunks, not per
@@ -584,7 +635,7 @@ CHUNK_READS = 4
 
 
 async def _read_record(
-    api: ConfigMapApi, head: Mapping[str, Any]
+    api: ConfigMapApi, head: Mapping[str, Any], *, gaps: bool = False
 ) -> tuple[list[Entry], int | None]:
     """read_record_configmap, and the record's lines in UTF-8 bytes (None for the whole
     format): a writer carrying the record on counts its size from it."""
@@ -601,17 +652,23 @@ async def _read_record(
             *(api.get_configmap(namespace, chunk_name(assembler.head, n)) for n in numbers),
             return_exceptions=True,
         )
-        read: list[Mapping[str, Any]] = []
+        read: list[Mapping[str, Any] | RecordError] = []
         for number, chunk in zip(numbers, chunks, strict=True):
             if isinstance(chunk, KubeError):
-                raise RecordError(
+                error = RecordError(
                     f"record ConfigMap {namespace}/{assembler.name}: chunk {number} of "
                     f"{assembler.count}: {chunk}"
-                ) from None
+                )
+                if not gaps:
+                    raise error from None
+                read.append(error)
+                continue
             if isinstance(chunk, BaseException):
                 raise chunk
             read.append(chunk)
-        await run_blocking("packing", assembler.add_chunks, first, read)
+        await run_blocking(
+            "packing", functools.partial(assembler.add_chunks, gaps=gaps), first, read
+        )
     return await run_blocking("packing", assembler.entries), assembler.record_bytes
 
 
@@ -1468,8 +1525,11 @@ class ConfigMapRecordWriter:
         return message
 
 
-async def load_record_configmap(api: ConfigMapApi, *, namespace: str, rollout: str) -> list[Entry]:
-    """A rollout's record read from its ConfigMaps. Raises RecordError naming them."""
+async def load_record_configmap(
+    api: ConfigMapApi, *, namespace: str, rollout: str, gaps: bool = False
+) -> list[Entry]:
+    """A rollout's record read from its ConfigMaps. Raises RecordError naming them (with
+    `gaps`, as read_record_configmap's, only for its head)."""
     from canary.kubernetes.client import KubeError
 
     name = configmap_name(rollout)
@@ -1477,7 +1537,7 @@ async def load_record_configmap(api: ConfigMapApi, *, namespace: str, rollout: s
         configmap = await api.get_configmap(namespace, name)
     except KubeError as exc:
         raise RecordError(f"record ConfigMap {namespace}/{name}: {exc}") from None
-    return await read_record_configmap(api, configmap)
+    return await read_record_configmap(api, configmap, gaps=gaps)
 
 
 class ConfigMapRecord:

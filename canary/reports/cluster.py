@@ -96,7 +96,7 @@ class ClusterReports:
         try:
             # the head and its chunks, unpacked off the loop within one bounded budget
             async with self._gets:
-                entries = await read_record_configmap(self._api, configmap)
+                entries = await read_record_configmap(self._api, configmap, gaps=True)
             record = _summarize(ref, entries)
         except RecordError:
             return None

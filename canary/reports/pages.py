@@ -157,7 +157,9 @@ def load_report(path: Path, *, allow_incomplete: bool = True) -> Report:
         configmap = None
         if path.suffix == ".json":  # `kubectl get configmap canary-record-... -o json`
             configmap = looks_like_configmap(path.read_text(encoding="utf-8"))
-        entries = unpack_record(configmap) if configmap is not None else read_record(path)
+        entries = (
+            unpack_record(configmap, gaps=True) if configmap is not None else read_record(path)
+        )
     except RecordError as exc:
         raise ReportError(str(exc)) from None
     except (OSError, UnicodeDecodeError) as exc:

@@ -746,6 +746,69 @@ async def test_chunks_are_read_a_few_at_a_time_and_a_missing_one_is_named(
         await load_record_configmap(slow, namespace=NS, rollout=rollout)
 
 
+async def test_a_report_shows_a_record_whose_chunk_is_gone_and_says_which_and_where(
+    kube: tuple[KubeEmulator, Kube],
+    long_record: list[Entry],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """A chunk deleted from the middle (by hand, by a namespace cleanup) or replaced by
+    another record's: a report (`canary report`, live or from a `kubectl` dump) still shows
+    every other entry, in order, with a warning note where the chunk was that names it and
+    says its entries are not shown. A resume (no `gaps`) still refuses the record."""
+    emulator, client = kube
+    rollout = long_record[0].rollout
+    head = configmap_name(rollout)
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    for entry in long_record:
+        assert await writer.append(entry) is None
+    assert await writer.flush() is None and writer.chunks > 3
+    lines_of = {
+        n: _chunk_lines(emulator.get("", "v1", "configmaps", NS, chunk_name(head, n)))
+        for n in (1, 2, 3)
+    }
+    emulator.delete("", "v1", "configmaps", NS, chunk_name(head, 2))
+
+    entries = await load_record_configmap(client, namespace=NS, rollout=rollout, gaps=True)
+    before = len(lines_of[1])  # the entries of chunk 1
+    notes = [(i, e) for i, e in enumerate(entries) if isinstance(e, NoteEntry)]
+    gap = [(i, e) for i, e in notes if "not shown" in e.message]
+    assert len(gap) == 1
+    at, note = gap[0]
+    assert at == before and note.level == "warning"
+    assert f"chunk 2 of {writer.chunks}" in note.message and "not found" in note.message.lower()
+    kept = [e for e in entries if e is not note]
+    missing = len(lines_of[2])
+    assert kept == long_record[:before] + long_record[before + missing :]
+    assert note.at == long_record[before - 1].at and note.rollout == rollout
+    with pytest.raises(RecordError, match=rf"chunk 2 of {writer.chunks}"):
+        await load_record_configmap(client, namespace=NS, rollout=rollout)
+
+    # the same from a dump, and with chunk 3 another record's
+    dump = tmp_path / "dump.json"
+    items = _record_objects(emulator, head)
+    dump.write_text(json.dumps({"apiVersion": "v1", "kind": "List", "items": items}))
+    assert report_main([str(dump), "--format", "json", "-o", "-"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["tick_count"] == sum(isinstance(e, TickEntry) for e in kept)
+    third = emulator.get("", "v1", "configmaps", NS, chunk_name(head, 3))
+    third["data"] = {**third["data"], "record.id": "someone-else"}
+    emulator.put("", "v1", "configmaps", third)
+    entries = await load_record_configmap(client, namespace=NS, rollout=rollout, gaps=True)
+    gaps = [e.message for e in entries if isinstance(e, NoteEntry) and "not shown" in e.message]
+    assert len(gaps) == 2 and "not chunk 3" in gaps[1]
+    assert len(entries) == len(long_record) - missing - len(lines_of[3]) + 2
+
+
+def _chunk_lines(configmap: dict[str, Any]) -> list[str]:
+    packed = configmap["data"][record_store.CHUNK_KEY]
+    return [
+        line
+        for line in gzip.decompress(base64.b64decode(packed)).decode().splitlines()
+        if line.strip()
+    ]
+
+
 async def test_a_sealing_rewrite_seals_from_the_last_writes_answer_without_reading_the_head(
     kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
 ) -> None:
