@@ -134,17 +134,7 @@ HISTORY_POINTS = 120
 _HOOK_FIELDS = frozenset({"observed_canary_share"})
 # RolloutStatus fields a resume does not need at once (runner.volatile_save_s): compared with
 # these values put in, so that a change in them alone is not a reason to save.
-# The traffic check's step base and first contradiction are among them: each step's first
-# look sets its base, and a save of its own there shifted every rollout's record saves (the
-# two take turns). Lost to a crash within volatile_save_s, a resumed step's split counts from
-# its next look (less evidence, never a wrong one), and a hold's deadline starts again.
-_VOLATILE_DEFAULTS: dict[str, Any] = {
-    "last_data_at": None,
-    "message": "",
-    "last_decision": None,
-    "split_base": None,
-    "split_wrong_since": None,
-}
+_VOLATILE_DEFAULTS: dict[str, Any] = {"last_data_at": None, "message": "", "last_decision": None}
 _LASTING_FIELDS = tuple(f for f in RolloutStatus.model_fields if f not in _VOLATILE_DEFAULTS)
 
 
