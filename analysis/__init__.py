@@ -9,8 +9,7 @@ The contract (DESIGN.md, "The analysis contract")::
 Modules: counts.py (the conditional count test and rate bounds), latency.py (histogram
 buckets -> slow-request counts), judge.py (metrics -> decision and reasons), config.py
 (validated settings), planner.py (expected time to a decision, from assumed or observed rates, and whether a step
-is long enough to pass a good canary), split.py (whether a step's traffic split follows its weight, against
-the step before's), invgauss.py (the planner's inverse-Gaussian quantile, so
+is long enough to pass a good canary), invgauss.py (the planner's inverse-Gaussian quantile, so
 that the controller never imports scipy: ~70 MiB), analyzer.py (the glue).
 """
 

@@ -258,7 +258,6 @@ class Scenario:
     bound_s: float = 45.0
     # After the rollout: free the disk and start a second controller on the same files.
     restart_after: bool = False
-    traffic_check: str = "warn"  # RolloutSpec.traffic_check (static rows)
 
 
 @dataclass
@@ -402,16 +401,6 @@ STATIC: list[Scenario] = [
         bound_s=30.0,
     ),
     Scenario(
-        "router lying: drops writes, traffic-check hold",
-        "as above, the rollout's traffic_check set to hold",
-        lie,
-        truth,
-        60.0,
-        router="drops-writes",
-        bound_s=30.0,
-        traffic_check="hold",
-    ),
-    Scenario(
         "disk full",
         "64 KiB tmpfs (record + status) filled at 20%, never freed",
         fill_disk,
@@ -507,13 +496,7 @@ async def run_static(scenario: Scenario, world: StaticWorld, index: int, seed: i
     def make_runner() -> Any:
         return RolloutRunner(
             name="ft",
-            spec=RolloutSpec(
-                steps=STEPS,
-                min_step_s=1,
-                max_step_s=20,
-                no_data_deadline_s=8,
-                traffic_check=scenario.traffic_check,  # type: ignore[arg-type]
-            ),
+            spec=RolloutSpec(steps=STEPS, min_step_s=1, max_step_s=20, no_data_deadline_s=8),
             router=router,
             metrics=metrics,
             record_path=record_dir / "ft.jsonl",

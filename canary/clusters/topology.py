@@ -28,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from canary.core.failover import FailoverPolicy
 from canary.core.inputs import MAX_DURATION_S, MAX_TIMEOUT_S, check_tick, excerpt
-from canary.core.rollout import RolloutSpec, TrafficCheck
+from canary.core.rollout import RolloutSpec
 from canary.notify.gates import WithWebhooks
 from canary.static.config import ConfigError, format_validation_error, parse_steps, read_yaml_file
 
@@ -292,11 +292,6 @@ class ServiceConfig(_Strict, WithWebhooks):
     min_step_s: float = Field(default=60.0, ge=0, le=MAX_DURATION_S)
     max_step_s: float | None = Field(default=900.0, gt=0, le=MAX_DURATION_S)
     no_data_deadline_s: float = Field(default=120.0, gt=0, le=MAX_DURATION_S)
-    # Each step's traffic split against the weight (RolloutSpec.traffic_check). Off unless
-    # asked: DNS weights split resolutions, not requests, and resolvers keep an answer for
-    # its TTL, so a step's shares follow its weight late (`warn` or `hold` want steps many
-    # TTLs long), and clients that never resolve again never move.
-    traffic_check: TrafficCheck = "off"
     tick_s: float = Field(default=10.0, gt=0)
     # for the primary's Deployment
     rollout_timeout_s: float = Field(default=600.0, gt=0, le=MAX_DURATION_S)
@@ -371,7 +366,6 @@ class ServiceConfig(_Strict, WithWebhooks):
             promotion="copy",
             gates=self.gate_kinds(),
             gate_failure_threshold=self.gate_failure_threshold,
-            traffic_check=self.traffic_check,
         )
 
 

@@ -64,7 +64,6 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from analysis import Decision
-from analysis.split import SplitEvidence, split_evidence
 from canary.core.inputs import MAX_DURATION_S, excerpt
 
 __all__ = [
@@ -153,10 +152,6 @@ GATE_KINDS: tuple[str, ...] = typing.get_args(GateKind)
 DEFAULT_GATE_FAILURE_THRESHOLD = 5
 
 
-TrafficCheck = Literal["off", "warn", "hold"]
-TRAFFIC_CHECKS: tuple[TrafficCheck, ...] = ("off", "warn", "hold")
-
-
 class RolloutSpec(BaseModel):
     """How a rollout moves. Built from a static config file or from annotations."""
 
@@ -175,12 +170,6 @@ class RolloutSpec(BaseModel):
     # A/B mode: how long only matching requests go to the canary before a pass promotes
     # (instead of the weight steps). None: weight steps.
     ab_duration_s: float | None = Field(default=None, ge=0, le=MAX_DURATION_S, allow_inf_nan=False)
-    # Whether each step's traffic split is checked against the weight (analysis.split): `warn`
-    # says once a step that it contradicts the weight (an Event, the record); `hold` also
-    # holds such a step as a failing router is held (rolling back at no_data_deadline_s), and
-    # lets a step after the first pass only once its split is shown to have moved with the
-    # weight (at low traffic that can take longer than max_step_s); `off` does not look.
-    traffic_check: TrafficCheck = "warn"
 
     @property
     def ab(self) -> bool:
@@ -250,12 +239,6 @@ class RolloutStatus(BaseModel):
     gate_failures: int = 0  # failed pre-rollout/rollout calls, against gate_failure_threshold
     gate_answers: dict[str, str] = Field(default_factory=dict)  # kind -> the last answer, shown
     history: tuple[Transition, ...] = ()
-    # The traffic check (spec.traffic_check): the analysis' (canary, primary) request counts
-    # when this step's weight was verified; the step before's (canary, primary, weight); and
-    # since when this step's split has contradicted the weights.
-    split_base: tuple[float, float] | None = None
-    split_before: tuple[float, float, int] | None = None
-    split_wrong_since: float | None = None
 
     @property
     def phase(self) -> Phase:
@@ -300,9 +283,6 @@ class Tick:
     weight_read: int | None = None
     router_error: str | None = None
     match_read: bool | None = None  # A/B routers: whether the match is in place
-    # The analysis' (canary, primary) request counts, cumulative since it began; None
-    # without data. The traffic check compares each step's with the step before's.
-    requests: tuple[float, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -531,9 +511,6 @@ def _start(
         outcome=None,
         last_decision=None,
         advice="",
-        split_base=None,
-        split_before=None,
-        split_wrong_since=None,
     )
     return Outcome(
         new,
@@ -726,110 +703,9 @@ def _tick(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> O
             }
         )
         return Outcome(held, fix)
-    split = _split_look(spec, status, tick, now)
-    status, noted = split.status, split.noted
-    if split.held is not None:
-        # The router reads back the weight, but the traffic does not show it: as a router
-        # failing, nothing counts, and the deadline rolls back.
-        assert status.split_wrong_since is not None
-        wrong_for = now - status.split_wrong_since
-        headline, detail = split.held
-        if wrong_for >= spec.no_data_deadline_s:
-            return _roll_back(
-                status,
-                now,
-                f"{headline} for {wrong_for:.0f}s "
-                f"(deadline {spec.no_data_deadline_s:g}s): {detail}",
-                extra=noted,
-            )
-        held = status.model_copy(
-            update={"message": f"holding at {status.weight}%: {headline}: {detail}"}
-        )
-        return Outcome(held, (*fix, *noted))
-    outcome = _progress(spec, status, tick, now, fix, split.unshown)
-    return Outcome(outcome.status, (*noted, *outcome.actions)) if noted else outcome
-
-
-@dataclass(frozen=True, slots=True)
-class _SplitLook:
-    """What the traffic check found at one tick (_split_look)."""
-
-    status: RolloutStatus  # with its split fields moved on
-    noted: tuple[Action, ...] = ()  # a warning, once a step, when first contradicted
-    held: tuple[str, str] | None = None  # hold: why the step is held (headline, detail)
-    # hold: why a pass must wait (the split not shown yet to have moved with the weight)
-    unshown: str | None = None
-
-
-def _split_look(spec: RolloutSpec, status: RolloutStatus, tick: Tick, now: float) -> _SplitLook:
-    """The traffic check at a verified step. `warn` tells once a step that the split was
-    shown to contradict the weights. `hold` also holds the step while it is, lets it go only
-    once the split is shown to follow (a step whose counts started again, the analysis'
-    counters having gone back, stays held while they build up), and lets a step pass only
-    once its split is shown to have moved with the weight: positive evidence, as a pass is."""
-    requests = tick.requests
-    hold = spec.traffic_check == "hold"
-    if spec.traffic_check == "off" or spec.ab or requests is None:
-        return _SplitLook(status)
-    if not hold and status.split_wrong_since is not None:
-        return _SplitLook(status)  # warned already at this step
-    base, before = status.split_base, status.split_before
-    evidence: SplitEvidence | None = None
-    if base is None or requests[0] < base[0] or requests[1] < base[1]:
-        # the step's first look (or the counts started again): this step counts from here
-        status = status.model_copy(update={"split_base": requests})
-    elif before is not None:
-        now_counts = (requests[0] - base[0], requests[1] - base[1])
-        evidence = split_evidence((before[0], before[1]), before[2], now_counts, status.weight)
-    if before is None or not hold:
-        unshown = None
-    elif evidence is None:
-        unshown = "its counts start at this look"
-    else:
-        unshown = None if evidence.verdict == "follows" else evidence.detail()
-    if evidence is not None and evidence.verdict == "contradicts":
-        noted: tuple[Action, ...] = ()
-        if status.split_wrong_since is None:
-            status = status.model_copy(update={"split_wrong_since": now})
-            noted = (Emit("warning", evidence.describe() + (" (held)" if hold else "")),)
-        held = (evidence.headline(), evidence.detail()) if hold else None
-        return _SplitLook(status, noted, held, unshown)
-    if status.split_wrong_since is None:
-        return _SplitLook(status, unshown=unshown)
-    if evidence is not None and evidence.verdict == "follows":
-        return _SplitLook(status.model_copy(update={"split_wrong_since": None}))
-    headline = "the traffic split did not follow the weight"
-    if evidence is None:
-        held = (headline, "its counts started again at this step: looking again")
-    else:
-        held = (headline, f"not shown to follow it since: {evidence.detail()}")
-    return _SplitLook(status, held=held, unshown=unshown)
-
-
-def _progress(
-    spec: RolloutSpec,
-    status: RolloutStatus,
-    tick: Tick,
-    now: float,
-    fix: tuple[Action, ...],
-    unshown: str | None,
-) -> Outcome:
-    """A verified step with a decision: pass, wait or give up. `unshown`: why the traffic
-    check (hold) does not let a pass count yet."""
-    decision = tick.decision
-    assert decision is not None and status.step_started_at is not None
 
     in_step = now - status.step_started_at
     least = spec.ab_duration_s if spec.ab_duration_s is not None else spec.min_step_s
-    if decision is Decision.PASS and in_step >= least and unshown is not None:
-        # As a pass that waits for more evidence: max_step_s counts it.
-        decision = Decision.CONTINUE
-        status = status.model_copy(
-            update={
-                "message": f"analysis passed; waiting for the traffic split to be shown to "
-                f"follow {status.weight}% ({unshown})"
-            }
-        )
     if decision is Decision.PASS and in_step >= least:
         gate = _confirm_gate(spec, status)
         if gate is not None:
@@ -844,15 +720,13 @@ def _progress(
             return Outcome(held, (*fix, CallGate(typing.cast(GateKind, gate), status.step)))
         if spec.ab:
             return _promote(status, now, f"A/B analysis passed after {in_step:.0f}s")
-        return _advance(spec, status, now, fix, tick.requests)
+        return _advance(spec, status, now, fix)
     if spec.max_step_s is not None and in_step >= spec.max_step_s:
         return _roll_back(
             status,
             now,
             f"no pass within max_step_s ({spec.max_step_s:g}s) at {status.weight}%: the canary was not shown to be safe",
         )
-    if unshown is not None and tick.decision is Decision.PASS and in_step >= least:
-        return Outcome(status, fix)  # its message says what it waits for
     wait = (
         f"{decision.value}; A/B match for {in_step:.0f}s (min {least:g}s)"
         if spec.ab
@@ -873,20 +747,10 @@ def _router_detail(status: RolloutStatus, tick: Tick) -> str:
 
 
 def _advance(
-    spec: RolloutSpec,
-    status: RolloutStatus,
-    now: float,
-    fix: tuple[Action, ...],
-    requests: tuple[float, float] | None,
+    spec: RolloutSpec, status: RolloutStatus, now: float, fix: tuple[Action, ...]
 ) -> Outcome:
     del fix  # the new SetWeight supersedes any re-assertion
     following = status.step + 1
-    base = status.split_base
-    before = None  # this step's split, for the next step's traffic check
-    if requests is not None and base is not None:
-        canary, primary = requests[0] - base[0], requests[1] - base[1]
-        if canary >= 0 and primary >= 0:
-            before = (canary, primary, status.weight)
     if following >= len(spec.steps):
         return _promote(status, now, f"analysis passed at every step (last {status.weight}%)")
     weight = spec.steps[following]
@@ -900,9 +764,6 @@ def _advance(
         weight=weight,
         weight_verified=False,
         step_started_at=None,
-        split_base=None,
-        split_before=before,
-        split_wrong_since=None,
         # the confirms are asked again at the next step
         gates_open=tuple(g for g in status.gates_open if g not in _STEP_GATES),
         gate_answers={k: v for k, v in status.gate_answers.items() if k not in _STEP_GATES},

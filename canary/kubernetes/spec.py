@@ -33,10 +33,8 @@ from canary.core.inputs import MAX_ANNOTATION_BYTES, MAX_DURATION_S, clip, excer
 from canary.core.rollout import (
     DEFAULT_GATE_FAILURE_THRESHOLD,
     GATE_KINDS,
-    TRAFFIC_CHECKS,
     GateKind,
     RolloutSpec,
-    TrafficCheck,
 )
 from canary.metrics.prometheus import PromQueries
 from canary.notify.formats import FORMATS, METADATA_FORMATS, METADATA_RULE, Format
@@ -352,7 +350,6 @@ class CanarySpec(BaseModel):
     match_cookie: str | None = None
     ab_duration_s: float | None = Field(default=None, ge=0, le=MAX_DURATION_S)
     affinity: Literal["cookie"] | None = None
-    traffic_check: TrafficCheck = "warn"
 
     @property
     def match(self) -> Match | None:
@@ -377,7 +374,6 @@ class CanarySpec(BaseModel):
             ),
             gate_failure_threshold=self.gate_failure_threshold,
             ab_duration_s=self.ab_duration_s,
-            traffic_check=self.traffic_check,
         )
 
     def analysis_config(self) -> AnalysisConfig:
@@ -820,18 +816,6 @@ ANNOTATIONS: tuple[Annotation, ...] = (
         "`cookie`: a client sent to the canary stays there (ingress-nginx `affinity: cookie`, "
         "`affinity-canary-behavior: sticky`); refused for gateway-api, which has no standard "
         "session affinity",
-    ),
-    _a(
-        "traffic-check",
-        "traffic_check",
-        _choice(*TRAFFIC_CHECKS),
-        "warn",
-        "whether each step's traffic split follows the weight, from the analysis' request "
-        "counts against the step before's (a router that says it moved traffic but did not): "
-        "`warn` says so in an Event and the record; `hold` also holds such a step (rolling "
-        "back at the no-data deadline) and lets a step pass only once its split is shown to "
-        "have moved with the weight (for apps whose canary gets no traffic but the router's; "
-        "at low traffic a step then takes longer); `off`",
     ),
     _a(
         "metrics",

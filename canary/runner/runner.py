@@ -740,16 +740,8 @@ class RolloutRunner:
             decision.value if decision is not None else f"no data ({no_data})",
         )
         await self._write(entry)
-        requests = None if counts is None else (counts.canary.requests, counts.primary.requests)
         actions = await self._feed(
-            Tick(
-                decision,
-                reason,
-                weight_read,
-                router_error,
-                match_read=match_read,
-                requests=requests,
-            )
+            Tick(decision, reason, weight_read, router_error, match_read=match_read)
         )
         if counts is not None:
             await self._observed_advice(

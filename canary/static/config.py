@@ -26,7 +26,6 @@ Example::
     min_step_s: 60
     max_step_s: 900
     no_data_deadline_s: 120
-    traffic_check: warn  # or hold: a step whose traffic split does not follow the weight holds
     tick_s: 10
     analysis: {}
     expected_rps: 200  # optional: the time-to-pass estimate at the start uses it
@@ -85,7 +84,6 @@ from canary.core.inputs import (
 from canary.core.rollout import (
     DEFAULT_STEPS,
     RolloutSpec,
-    TrafficCheck,
     check_steps,
 )
 from canary.metrics.prometheus import PromQueries
@@ -219,8 +217,6 @@ class TargetConfig(_Strict, WithWebhooks):
     match_header: str | None = None  # "X-Canary=always"
     match_cookie: str | None = None  # "canary" (value "always") or "canary=yes"
     ab_duration_s: float | None = Field(default=None, ge=0, le=MAX_DURATION_S)
-    # Each step's traffic split against the weight (RolloutSpec.traffic_check).
-    traffic_check: TrafficCheck = "warn"
 
     @field_validator("match_header")
     @classmethod
@@ -315,7 +311,6 @@ class TargetConfig(_Strict, WithWebhooks):
             gates=self.gate_kinds(),
             gate_failure_threshold=self.gate_failure_threshold,
             ab_duration_s=self.ab_duration_s,
-            traffic_check=self.traffic_check,
         )
 
     def analysis_config(self) -> AnalysisConfig:

@@ -285,52 +285,6 @@ async def test_weight_that_does_not_read_back_never_counts(tmp_path: Path) -> No
     assert set(router.sets) <= {0, 5}
 
 
-class DroppingRouter(FakeRouter):
-    """A router that applies its first weight, then acknowledges every later write without
-    applying it and reads back what it was asked (a lie no read-back can catch): `weight`,
-    which FakeMetrics splits the requests by, stays where it was."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.wanted = 0
-
-    async def set_weight(self, canary_percent: int) -> None:
-        self.sets.append(canary_percent)
-        self.wanted = canary_percent
-        if self.weight == 0:
-            self.weight = canary_percent
-
-    async def get_weight(self) -> int:
-        return self.wanted
-
-
-@pytest.mark.parametrize("check", ["warn", "hold"])
-async def test_a_split_that_does_not_follow_the_weight_is_told_and_with_hold_never_promoted(
-    tmp_path: Path, check: str
-) -> None:
-    """Behind a router that dropped every write after 5%, the analysis' own request counts
-    show the canary at 5% of requests at 10%: `warn` (the default) records and announces it
-    and goes on as before; `hold` holds the step and rolls back at the no-data deadline, and
-    never asks for 100%."""
-    router = DroppingRouter()
-    spec = SPEC.model_copy(update={"min_step_s": 60, "traffic_check": check})
-    runner, _, _ = make_runner(tmp_path, router=router, spec=spec)
-    statuses = await Controller([runner]).run()
-    status = statuses["app"]
-    entries = read_record(runner.record_path)
-    notes = [e.message for e in entries if isinstance(e, NoteEntry)]
-    told = [n for n in notes if n.startswith("the traffic split did not follow the weight")]
-    assert told and "at 10%" in told[0] and "at 5%" in told[0]
-    if check == "warn":
-        assert status.phase is Phase.SUCCEEDED and router.sets[-1] == 100
-        assert len(told) == 3  # once at each step after the first
-    else:
-        assert status.phase is Phase.FAILED and 100 not in router.sets
-        assert status.reason.startswith("the traffic split did not follow the weight for ")
-        assert status.step == 1 and len(told) == 1
-        assert isinstance(entries[-1], EndEntry) and entries[-1].outcome == "rolled_back"
-
-
 async def test_manual_commands_reach_the_runner_and_are_recorded(tmp_path: Path) -> None:
     """pause holds the step, a repeated pause is refused, and abort rolls back as 'aborted'."""
     runner, router, _ = make_runner(

@@ -37,9 +37,6 @@ CHANGES: dict[str, list[Any]] = {
     "gate_failures": [1],
     "gate_answers": [{"pre-rollout": "ok"}],
     "history": [(Transition(at=1, from_phase="a", to_phase="b", step=0, weight=0, reason="r"),)],
-    "split_base": [(10.0, 90.0), (20.0, 80.0)],
-    "split_before": [(100.0, 900.0, 10)],
-    "split_wrong_since": [8.0],
 }
 
 
