@@ -15,8 +15,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from canary.core.records import RecordError
-from canary.kubernetes.record_store import load_record_configmap, read_record_configmap
+from canary.core.records import NoteEntry, RecordError
+from canary.kubernetes.record_store import (
+    GAP_NOTE_END,
+    load_record_configmap,
+    read_record_configmap,
+)
 from canary.notify.webhooks import report_id
 from canary.reports import Report, ReportError, build_report
 from canary.reports.pages import FORMATS, Format, load_report, render, resolve_record
@@ -124,6 +128,9 @@ async def _cluster_report(args: argparse.Namespace) -> Report:
             raise ReportError(f"{exc}; nor is it a Deployment with a record: {second}") from None
     finally:
         await kube.close()
+    for entry in entries:  # said where a user reading only the terminal sees it
+        if isinstance(entry, NoteEntry) and entry.message.endswith(GAP_NOTE_END):
+            print(f"warning: {entry.message}", file=sys.stderr)
     dicts = [entry.model_dump(mode="json", by_alias=True) for entry in entries]
     return build_report(dicts)
 

@@ -104,6 +104,7 @@ log = logging.getLogger("canary.kubernetes.record_store")
 
 __all__ = [
     "BUDGET_BYTES",
+    "GAP_NOTE_END",
     "MAX_CONFIGMAP_BYTES",
     "RECORD_KEY",
     "RECORD_LABEL",
@@ -496,6 +497,11 @@ def _chunk_count(head: Mapping[str, Any], name: str) -> int:
     return int(raw)
 
 
+# How a report's note for a chunk that could not be read ends (canary report also says so
+# on stderr).
+GAP_NOTE_END = "the entries it held are not shown"
+
+
 class _ForeignChunk(RecordError):
     """A chunk's ConfigMap that holds another record's chunk (or another number)."""
 
@@ -558,7 +564,7 @@ class _Assembler:
     def add_gap(self, why: str) -> None:
         """A chunk that could not be read, for a reader that shows the rest (reports): the
         entries get a warning note in its place, saying which and why."""
-        self.lines.append(_Gap(f"{why}: the entries it held are not shown"))
+        self.lines.append(_Gap(f"{why}: {GAP_NOTE_END}"))
 
     def _add(self, packed: object, *, name: str, key: str) -> None:
         text = _unpack_text(packed, name=name, key=key, budget=self.budget)
@@ -586,10 +592,15 @@ class _Assembler:
         entries = list(parse_lines(lines, source=self.name))
         if not entries:
             raise RecordError(f"{self.name}: the record is empty")
+        if gaps and gaps[0][0] == 0 and not isinstance(entries[0], StartEntry):
+            # the first chunk holds the start entry: no report is made without it
+            raise RecordError(f"{gaps[0][1]}, the start entry among them")
+        count = len(entries)  # a torn last line is counted in `before`, not kept
         for before, why in reversed(gaps):
-            near = entries[max(0, min(before, len(entries)) - 1)] if before else entries[0]
+            at = min(before, count)
+            near = entries[at - 1] if at else entries[0]
             note = NoteEntry(at=near.at, rollout=near.rollout, level="warning", message=why)
-            entries.insert(before, note)
+            entries.insert(at, note)
         return entries
 
 
@@ -639,7 +650,7 @@ async def _read_record(
 ) -> tuple[list[Entry], int | None]:
     """read_record_configmap, and the record's lines in UTF-8 bytes (None for the whole
     format): a writer carrying the record on counts its size from it."""
-    from canary.kubernetes.client import KubeError
+    from canary.kubernetes.client import KubeError, NotFound
 
     if not is_chunked(head):
         return await run_blocking("packing", unpack_record, head), None
@@ -659,7 +670,9 @@ async def _read_record(
                     f"record ConfigMap {namespace}/{assembler.name}: chunk {number} of "
                     f"{assembler.count}: {chunk}"
                 )
-                if not gaps:
+                # Only a chunk that is gone is a gap: any other error may pass (a 429, a
+                # timeout), and a report server caches what it read.
+                if not gaps or not isinstance(chunk, NotFound):
                     raise error from None
                 read.append(error)
                 continue

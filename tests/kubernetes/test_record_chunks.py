@@ -49,6 +49,7 @@ from canary.kubernetes.record_store import (
     is_chunked,
     load_record_configmap,
     pack_record,
+    read_record_configmap,
     unpack_record,
 )
 
@@ -798,6 +799,27 @@ async def test_a_report_shows_a_record_whose_chunk_is_gone_and_says_which_and_wh
     gaps = [e.message for e in entries if isinstance(e, NoteEntry) and "not shown" in e.message]
     assert len(gaps) == 2 and "not chunk 3" in gaps[1]
     assert len(entries) == len(long_record) - missing - len(lines_of[3]) + 2
+
+    # `canary report` says so on stderr too
+    config = emulator.write_kubeconfig(tmp_path / "kc", token="t", context="test")
+    code = await asyncio.to_thread(
+        report_main,
+        [rollout, "-n", NS, "--kubeconfig", str(config), "--format", "json", "-o", "-"],
+    )
+    err = capsys.readouterr().err
+    assert code == 0 and err.count("not shown") == 2 and f"chunk 2 of {writer.chunks}" in err
+
+    # an error that may pass (a 503 on every try) is not a gap: a report server would keep it
+    stored = await client.get_configmap(NS, head)
+    emulator.inject(503, times=10, verb="get", resource="configmaps")
+    with pytest.raises(RecordError, match=r"chunk 1 of .*HTTP 503"):
+        await read_record_configmap(client, stored, gaps=True)
+    emulator.faults.clear()
+
+    # the first chunk holds the start entry: without it, an error naming the chunk
+    emulator.delete("", "v1", "configmaps", NS, chunk_name(head, 1))
+    with pytest.raises(RecordError, match=r"chunk 1 of .*the start entry among them"):
+        await load_record_configmap(client, namespace=NS, rollout=rollout, gaps=True)
 
 
 def _chunk_lines(configmap: dict[str, Any]) -> list[str]:
