@@ -944,3 +944,28 @@ async def test_kept_heads_stay_within_the_process_budget(
     other._kept = None
     del kept
     assert budget.held == 0  # given back when the head is freed, however it was let go
+
+
+async def test_gap_notes_keep_their_order_after_a_torn_last_line(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """A chunk whose last line is torn (dropped as a torn write), then two chunks gone: the
+    two notes follow the kept entries in the chunks' order."""
+    _, client = kube
+    rollout = long_record[0].rollout
+    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
+    for entry in long_record[:5]:
+        assert await writer.append(entry) is None
+    assert await writer.flush() is None
+    head = await client.get_configmap(NS, configmap_name(rollout))
+    assembler = record_store._Assembler(head)
+    assembler._tail = []
+    assembler.lines = [dump_entry(e) for e in long_record[:3]] + ['{"kind": "ti']
+    assembler.add_gap("chunk 2 gone")
+    assembler.add_gap("chunk 3 gone")
+    entries = assembler.entries()
+    assert entries[:3] == long_record[:3]
+    assert [e.message[:12] for e in entries[3:] if isinstance(e, NoteEntry)] == [
+        "chunk 2 gone",
+        "chunk 3 gone",
+    ]
