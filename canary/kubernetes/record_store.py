@@ -635,8 +635,9 @@ async def read_record_configmap(
 ) -> list[Entry]:
     """The entries of a record whose head ConfigMap is `head` (either format): its chunks
     are read a few at a time, unpacked off the event loop, within one bounded budget. With
-    `gaps` (a report), a chunk that is gone or cannot be read is a warning note in its place
-    naming it and why, and the rest of the record is read; without, it is a RecordError."""
+    `gaps` (a report), a chunk that is gone (404) or holds another record's is a warning note
+    in its place naming it, and the rest of the record is read (the first chunk, which holds
+    the start entry, excepted); without, it is a RecordError, as any other error is."""
     return (await _read_record(api, head, gaps=gaps))[0]
 
 
