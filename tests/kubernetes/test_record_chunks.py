@@ -233,9 +233,7 @@ async def test_canary_report_reads_a_chunked_record_and_a_labelled_dump(
     report dump.json` from `kubectl get configmap -l canary.io/record=HEAD -o json`."""
     emulator, client = kube
     rollout = long_record[0].rollout
-    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
-    for entry in long_record:
-        assert await writer.append(entry) is None
+    writer = await _written(client, long_record)
     assert writer.chunks > 3
     config = emulator.write_kubeconfig(tmp_path / "kc", token="t", context="test")
     code = await asyncio.to_thread(
@@ -760,9 +758,7 @@ async def test_a_report_shows_a_record_whose_chunk_is_gone_and_says_which_and_wh
     emulator, client = kube
     rollout = long_record[0].rollout
     head = configmap_name(rollout)
-    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
-    for entry in long_record:
-        assert await writer.append(entry) is None
+    writer = await _written(client, long_record)
     assert await writer.flush() is None and writer.chunks > 3
     lines_of = {
         n: _chunk_lines(emulator.get("", "v1", "configmaps", NS, chunk_name(head, n)))
@@ -820,6 +816,16 @@ async def test_a_report_shows_a_record_whose_chunk_is_gone_and_says_which_and_wh
     emulator.delete("", "v1", "configmaps", NS, chunk_name(head, 1))
     with pytest.raises(RecordError, match=r"chunk 1 of .*the start entry among them"):
         await load_record_configmap(client, namespace=NS, rollout=rollout, gaps=True)
+
+
+async def _written(client: Kube, entries: list[Entry]) -> ConfigMapRecordWriter:
+    """A writer in small chunks (SEAL) that has appended `entries`, each append succeeding."""
+    writer = ConfigMapRecordWriter(
+        client, namespace=NS, rollout=entries[0].rollout, seal_bytes=SEAL
+    )
+    for entry in entries:
+        assert await writer.append(entry) is None
+    return writer
 
 
 def _chunk_lines(configmap: dict[str, Any]) -> list[str]:
@@ -953,9 +959,7 @@ async def test_gap_notes_keep_their_order_after_a_torn_last_line(
     two notes follow the kept entries in the chunks' order."""
     _, client = kube
     rollout = long_record[0].rollout
-    writer = ConfigMapRecordWriter(client, namespace=NS, rollout=rollout, seal_bytes=SEAL)
-    for entry in long_record[:5]:
-        assert await writer.append(entry) is None
+    writer = await _written(client, long_record[:5])
     assert await writer.flush() is None
     head = await client.get_configmap(NS, configmap_name(rollout))
     assembler = record_store._Assembler(head)
