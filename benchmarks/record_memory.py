@@ -128,6 +128,7 @@ class MemoryConfigMaps:
         resource_version: str | None = None,
         labels: Mapping[str, str] | None = None,
         owner: Mapping[str, str] | None = None,
+        keep: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
         self.bytes += sum(len(v) for v in data.values())
         metadata = {

@@ -725,16 +725,19 @@ class StateMirror:
 
     async def save(self, state: FailoverState) -> None:
         async def write() -> None:
+            current: dict[str, Any] | None
             try:
                 current = await self.kube.get_configmap(self.namespace, self.name)
                 version: str | None = current["metadata"]["resourceVersion"]
             except NotFound:
-                version = None
+                current, version = None, None
             await self.kube.put_configmap(
                 self.namespace,
                 self.name,
                 {"state": state.model_dump_json()},
                 resource_version=version,
+                # a replace: what others set on it (labels, finalizers, ...) is kept
+                keep=current["metadata"] if current is not None else None,
             )
 
         # A Conflict: another writer between our read and our write; read again.

@@ -964,17 +964,25 @@ class Kube:
         resource_version: str | None = None,
         labels: Mapping[str, str] | None = None,
         owner: Mapping[str, str] | None = None,
+        keep: Mapping[str, Any] | None = None,
     ) -> JSON:
         """Create the ConfigMap when `resource_version` is None (Conflict if it exists),
         else replace its data, guarded by `resource_version`. The RBAC allows this in the
         controller's own namespace only (OWN_NAMESPACE_RESOURCES). `owner` (an
         ownerReference: apiVersion, kind, name, uid) lets the garbage collector delete this
-        ConfigMap with its owner; without blockOwnerDeletion it needs no further RBAC."""
-        metadata: JSON = {"name": name, "namespace": namespace}
+        ConfigMap with its owner; without blockOwnerDeletion it needs no further RBAC.
+        `keep`: metadata of the object as read (labels, annotations, ownerReferences,
+        finalizers) that a replace must not drop; `labels` and `owner` are added to it."""
+        metadata: JSON = {
+            key: value
+            for key, value in (keep or {}).items()
+            if key in ("labels", "annotations", "ownerReferences", "finalizers")
+        }
+        metadata.update(name=name, namespace=namespace)
         if labels:
-            metadata["labels"] = dict(labels)
+            metadata["labels"] = {**metadata.get("labels", {}), **labels}
         if owner:
-            metadata["ownerReferences"] = [dict(owner)]
+            metadata["ownerReferences"] = [*metadata.get("ownerReferences", ()), dict(owner)]
         body: JSON = {
             "apiVersion": "v1",
             "kind": "ConfigMap",

@@ -320,6 +320,7 @@ class ConfigMapApi(Protocol):
         resource_version: str | None = None,
         labels: Mapping[str, str] | None = None,
         owner: Mapping[str, str] | None = None,
+        keep: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]: ...
 
     async def patch_configmap(
@@ -330,6 +331,23 @@ class ConfigMapApi(Protocol):
         *,
         resource_version: str | None = None,
     ) -> dict[str, Any]: ...
+
+
+def _others_of(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+    """What others set on a head ConfigMap, for its rewrite to keep: a rewrite is a PUT,
+    which replaces the whole object, so without them it would drop a team's labels and
+    annotations, an owner someone gave the record, and finalizers (a backup tool's). None
+    when there is nothing but ours (the usual case: nothing is held)."""
+    others: dict[str, Any] = {}
+    labels = metadata.get("labels")
+    if isinstance(labels, Mapping):
+        theirs = {k: v for k, v in labels.items() if k != RECORD_LABEL}
+        if theirs:
+            others["labels"] = theirs
+    for key in ("annotations", "ownerReferences", "finalizers"):
+        if metadata.get(key):
+            others[key] = metadata[key]
+    return others or None
 
 
 # -- the chunked format ------------------------------------------------------------------
@@ -902,6 +920,7 @@ class ConfigMapRecordWriter:
         self._kept_tick_at: float | None = None
         self._resource_version: str | None = None
         self._uid: str | None = None  # the head's, for the chunks' ownerReference
+        self._others: dict[str, Any] | None = None  # what others set on the head (_others_of)
         self._saved_at: float | None = None
         self._last_at: float | None = None
         self._thinning_noted = False
@@ -1126,6 +1145,7 @@ class ConfigMapRecordWriter:
         metadata = result.get("metadata", {})
         self._resource_version = metadata.get("resourceVersion")
         self._uid = self._uid or metadata.get("uid")
+        self._others = _others_of(metadata)
         self.last_write_bytes = sum(len(v) for v in data.values())
         self._settled(attempt)
         self._kept = self._keep_head(result, new_bytes)
@@ -1200,6 +1220,7 @@ class ConfigMapRecordWriter:
                 metadata = head.get("metadata", {})
                 self._resource_version = metadata.get("resourceVersion")
                 self._uid = metadata.get("uid") or self._uid
+                self._others = _others_of(metadata)
                 data = _data_of(head)
                 if data.get(ID_KEY) == self.record_id:
                     kept_carry = data.get(CARRY_KEY)
@@ -1439,6 +1460,7 @@ class ConfigMapRecordWriter:
                     data,
                     resource_version=self._resource_version,
                     labels={RECORD_LABEL: self.name},
+                    keep=self._others if self._resource_version is not None else None,
                 )
             except (Conflict, NotFound) as exc:
                 if not settle:
@@ -1451,6 +1473,7 @@ class ConfigMapRecordWriter:
                     current = await self.api.get_configmap(self.namespace, self.name)
                     self._resource_version = current["metadata"]["resourceVersion"]
                     self._uid = current["metadata"].get("uid") or self._uid
+                    self._others = _others_of(current["metadata"])
                 except NotFound:
                     self._resource_version = None
                 except KubeError as exc:
@@ -1461,6 +1484,7 @@ class ConfigMapRecordWriter:
             metadata = result.get("metadata", {})
             self._resource_version = metadata.get("resourceVersion")
             self._uid = metadata.get("uid") or self._uid
+            self._others = _others_of(metadata)
             return None
         return "kept changing while being written"
 
@@ -1475,6 +1499,7 @@ class ConfigMapRecordWriter:
         metadata = head.get("metadata", {})
         self._resource_version = metadata.get("resourceVersion")
         self._uid = metadata.get("uid")
+        self._others = _others_of(metadata)
         data = _data_of(head)
         self._lines, self._line_sizes, self._lines_bytes = [], [], 0
         self._members_lines = self._members_bytes = self._tail_parts = 0
@@ -1521,6 +1546,7 @@ class ConfigMapRecordWriter:
         parts = _parts(data, self.name)
         self._resource_version = metadata.get("resourceVersion")
         self._uid = metadata.get("uid")
+        self._others = _others_of(metadata)
         self._lines, self._line_sizes, self._lines_bytes = [], [], 0
         self._attempt = self._kept = None
         self._rewrite = self._dirty = False

@@ -888,13 +888,21 @@ def test_manual_commands_through_the_annotation(e2e: E2E) -> None:
     Deployment are answered by the controller; a refused command says why; `canary status`
     reads the status. The user's token reads /rollouts and is asked for (TokenReview,
     SubjectAccessReview as the controller's ServiceAccount); /metrics and the probes answer.
-    The record ConfigMap in canary-system has the commands and who sent them."""
+    The record ConfigMap in canary-system has the commands and who sent them, also after
+    someone else changed its head mid-rollout (the controller's next save is refused on the
+    head's resourceVersion, reads the head back and rewrites it: nothing is lost)."""
     cluster = e2e.cluster
-    wait(
+    st = wait(
         "the first step",
         lambda: (s := state(cluster, COMMANDS)) and s.rollout and s.rollout.weight_verified,
         e2e,
     )
+    head_ns, _, head = st.record.partition("/")
+    wait("the record's head", lambda: get(cluster, head_ns, "configmap", head), e2e)
+    # Another writer (here an admin's label) moves the head's resourceVersion: the rewrite
+    # path (GET, then update) is taken whatever the save timing, so the RBAC test below sees
+    # the controller use 'update configmaps'.
+    cluster.kubectl("label", "configmap", head, "-n", head_ns, "team=shop")
     code, out = _canary_cli(e2e, "pause", "app", "--who", "alice")
     assert code == 0 and "Paused" in out, out
     code, out = _canary_cli(e2e, "resume", "app", "--who", "alice")
@@ -941,6 +949,14 @@ def test_manual_commands_through_the_annotation(e2e: E2E) -> None:
     entries = record(cluster, st)
     manual = [(e.command, e.who) for e in entries if isinstance(e, ManualEntry)]
     assert manual == [("pause", "alice"), ("resume", "alice"), ("abort", "alice")]
+    head_after = get(cluster, head_ns, "configmap", head)
+    assert head_after["metadata"]["labels"]["team"] == "shop"  # the rewrite kept the label
+    rewrites = [
+        e
+        for e in controller_requests(cluster, head_ns)
+        if e["verb"] == "update" and e["objectRef"].get("name") == head
+    ]
+    assert rewrites, "the head changed under the controller was never rewritten"
     assert isinstance(entries[-1], EndEntry) and entries[-1].outcome == "aborted"
     assert (
         get(cluster, COMMANDS, "deployment", "app-primary")

@@ -57,3 +57,23 @@ async def test_a_conflict_is_retried_once_after_a_re_read(api: KubeEmulator, kub
     with pytest.raises(Conflict):
         await mirror.save(FailoverState(reason="lost"))
     assert len(api.recorded(verb="update", resource="configmaps")) == 4
+
+
+async def test_a_save_keeps_what_others_set_on_the_configmap(api: KubeEmulator, kube: Kube) -> None:
+    """A save replaces the ConfigMap (PUT): the labels, annotations and finalizers another
+    party set on it (a team's label, a backup tool's finalizer) are kept."""
+    mirror = StateMirror(kube, NS, "failover-shop")
+    await mirror.save(FailoverState())
+    stored = api.get("", "v1", "configmaps", NS, "failover-shop")
+    theirs = {
+        "labels": {"team": "shop"},
+        "annotations": {"note": "kept"},
+        "finalizers": ["backup.example.com/keep"],
+    }
+    stored["metadata"].update(theirs)
+    api.put("", "v1", "configmaps", stored)
+    await mirror.save(FailoverState(mode=Mode.STANDBY, reason="primary down"))
+    metadata = api.get("", "v1", "configmaps", NS, "failover-shop")["metadata"]
+    assert {key: metadata.get(key) for key in theirs} == theirs
+    loaded = await mirror.load()
+    assert loaded is not None and loaded.mode == Mode.STANDBY

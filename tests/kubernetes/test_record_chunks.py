@@ -973,3 +973,39 @@ async def test_gap_notes_keep_their_order_after_a_torn_last_line(
         "chunk 2 gone",
         "chunk 3 gone",
     ]
+
+
+async def test_a_head_rewrite_keeps_what_others_set_on_it(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """A head rewrite is a replace (PUT), which drops whatever metadata it does not carry:
+    the labels, annotations, owner and finalizer another party put on the head (a team's
+    label, a backup tool's finalizer) are carried over by every rewrite after, whether the
+    writer read the head back (the first save after the change is refused on the head's
+    version) or sealed from its last write's answer; the record reads whole."""
+    emulator, client = kube
+    writer = await _written(client, long_record[:10])
+    head = writer.name
+    theirs = {
+        "labels": {"team": "shop"},
+        "annotations": {"backup.example.com/at": "2026-12-04"},
+        "finalizers": ["backup.example.com/keep"],
+        "ownerReferences": [{"apiVersion": "v1", "kind": "Secret", "name": "x", "uid": "u1"}],
+    }
+    stored = emulator.get("", "v1", "configmaps", NS, head)
+    for key, value in theirs.items():
+        value = {**stored["metadata"].get(key, {}), **value} if key == "labels" else value
+        stored["metadata"][key] = value
+    emulator.put("", "v1", "configmaps", stored)
+    updates = len(emulator.recorded(verb="update", resource="configmaps", name=head))
+    gets = len(emulator.recorded(verb="get", resource="configmaps", name=head))
+    for entry in long_record[10:]:
+        assert await writer.append(entry) is None
+    rewrites = len(emulator.recorded(verb="update", resource="configmaps", name=head)) - updates
+    read_back = len(emulator.recorded(verb="get", resource="configmaps", name=head)) - gets
+    assert rewrites >= 3 and 1 <= read_back < rewrites  # both paths taken
+    metadata = emulator.get("", "v1", "configmaps", NS, head)["metadata"]
+    assert metadata["labels"] == {record_store.RECORD_LABEL: head, "team": "shop"}
+    for key in ("annotations", "finalizers", "ownerReferences"):
+        assert metadata[key] == theirs[key], key
+    assert await load_record_configmap(client, namespace=NS, rollout=writer.rollout) == long_record
