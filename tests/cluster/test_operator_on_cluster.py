@@ -892,11 +892,13 @@ def test_manual_commands_through_the_annotation(e2e: E2E) -> None:
     someone else changed its head mid-rollout (the controller's next save is refused on the
     head's resourceVersion, reads the head back and rewrites it: nothing is lost)."""
     cluster = e2e.cluster
-    st = wait(
+    wait(
         "the first step",
         lambda: (s := state(cluster, COMMANDS)) and s.rollout and s.rollout.weight_verified,
         e2e,
     )
+    st = state(cluster, COMMANDS)
+    assert st is not None
     head_ns, _, head = st.record.partition("/")
     wait("the record's head", lambda: get(cluster, head_ns, "configmap", head), e2e)
     # Another writer (here an admin's label) moves the head's resourceVersion: the rewrite
