@@ -65,6 +65,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+import re
 import socket
 import time
 import uuid
@@ -128,15 +129,88 @@ class Fault:
         )
 
 
+class _Selector:
+    """A label selector as the API server parses it (`labelSelector`): requirements joined
+    by commas, each `k=v`, `k==v`, `k!=v`, `k in (a,b)`, `k notin (a,b)`, `k` or `!k`."""
+
+    _SET = re.compile(r"^\s*(\S+)\s+(in|notin)\s*\(([^()]*)\)\s*$")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.requirements: list[tuple[str, str, frozenset[str]]] = []
+        for part in re.split(r",(?![^()]*\))", text):
+            if not part.strip():
+                continue
+            if found := self._SET.match(part):
+                values = frozenset(v.strip() for v in found[3].split(","))
+                self.requirements.append((found[1], found[2], values))
+            elif "!=" in part:
+                key, value = part.split("!=", 1)
+                self.requirements.append((key.strip(), "notin", frozenset([value.strip()])))
+            elif "=" in part:
+                key, value = part.replace("==", "=", 1).split("=", 1)
+                self.requirements.append((key.strip(), "in", frozenset([value.strip()])))
+            elif part.strip().startswith("!"):
+                self.requirements.append((part.strip()[1:].strip(), "absent", frozenset()))
+            else:
+                self.requirements.append((part.strip(), "exists", frozenset()))
+        for key, _, _ in self.requirements:
+            if not re.fullmatch(r"([a-z0-9.-]+/)?[A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?", key):
+                raise _ApiError(400, f"unable to parse requirement: invalid label key {key!r}")
+
+    def matches(self, obj: JSON | None) -> bool:
+        if obj is None:
+            return False
+        labels = obj.get("metadata", {}).get("labels") or {}
+        for key, op, values in self.requirements:
+            present = key in labels
+            if op == "exists" and not present:
+                return False
+            if op == "absent" and present:
+                return False
+            if op == "in" and labels.get(key) not in values:
+                return False
+            if op == "notin" and present and labels[key] in values:
+                return False
+        return True
+
+
 @dataclass
 class _Watcher:
     group: str
     resource: str
     namespace: str | None
+    selector: _Selector | None = None
     queue: asyncio.Queue[JSON | None] = field(default_factory=asyncio.Queue)
 
     def wants(self, key: Key) -> bool:
         return key[0] == self.group and key[2] == self.resource and self.namespace in (None, key[3])
+
+    def event(self, kind: str, key: Key, obj: JSON, prev: JSON | None) -> JSON | None:
+        """The event this watch sees, as the API server's watch cache filters it by label:
+        an object that comes to match is ADDED, one that stops matching is DELETED (its
+        previous content at the new resourceVersion), one that never matched is not seen."""
+        if not self.wants(key):
+            return None
+        if self.selector is None:
+            return {"type": kind, "object": obj}
+        now = kind != "DELETED" and self.selector.matches(obj)
+        before = self.selector.matches(prev) if kind != "ADDED" else False
+        if kind == "DELETED":
+            now, before = False, self.selector.matches(obj)
+        if now:
+            return {"type": "MODIFIED" if before else "ADDED", "object": obj}
+        if before:
+            gone = copy.deepcopy(prev if kind != "DELETED" else obj)
+            assert gone is not None
+            gone["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"]
+            return {"type": "DELETED", "object": gone}
+        return None
+
+
+def _selector(rec: RecordedRequest) -> _Selector | None:
+    text = rec.query.get("labelSelector")
+    return _Selector(text) if text else None
 
 
 def _status(code: int, reason: str, message: str) -> JSON:
@@ -257,7 +331,8 @@ class KubeEmulator:
         self.simulate_deployments = simulate_deployments
         self._rv = 0
         # Watch events remembered for resuming: (rv, type, key, object).
-        self._history: deque[tuple[int, str, Key, JSON]] = deque(maxlen=history)
+        # each event with the object's content before it (None for an ADDED)
+        self._history: deque[tuple[int, str, Key, JSON, JSON | None]] = deque(maxlen=history)
         # Watches from a resourceVersion below this get 410 Gone.
         self._compacted = 0
         self._watchers: list[_Watcher] = []
@@ -451,20 +526,24 @@ class KubeEmulator:
                 "availableReplicas": replicas,
             }
         self.objects[key] = obj
-        self._emit("ADDED" if old is None else "MODIFIED", key, obj)
+        self._emit("ADDED" if old is None else "MODIFIED", key, obj, old)
         return copy.deepcopy(obj)
 
-    def _emit(self, kind: str, key: Key, obj: JSON) -> None:
+    def _emit(self, kind: str, key: Key, obj: JSON, prev: JSON | None = None) -> None:
         snapshot = copy.deepcopy(obj)
-        self._history.append((self._rv, kind, key, snapshot))
+        before = copy.deepcopy(prev) if prev is not None else None
+        self._history.append((self._rv, kind, key, snapshot, before))
         for w in self._watchers:
-            if w.wants(key):
-                w.queue.put_nowait({"type": kind, "object": snapshot})
+            if (event := w.event(kind, key, snapshot, before)) is not None:
+                w.queue.put_nowait(event)
 
-    def _list(self, group: str, resource: str, namespace: str | None) -> Iterator[tuple[Key, JSON]]:
+    def _list(
+        self, group: str, resource: str, namespace: str | None, selector: _Selector | None = None
+    ) -> Iterator[tuple[Key, JSON]]:
         for key, obj in sorted(self.objects.items(), key=lambda kv: str(kv[0])):
             if key[0] == group and key[2] == resource and namespace in (None, key[3]):
-                yield key, obj
+                if selector is None or selector.matches(obj):
+                    yield key, obj
 
     # -- HTTP ------------------------------------------------------------------------
 
@@ -564,7 +643,7 @@ class KubeEmulator:
     def _serve(self, rec: RecordedRequest, body: Any, content_type: str) -> tuple[int, JSON]:
         g, v, r, ns, name = rec.group, rec.version, rec.resource, rec.namespace, rec.name
         if rec.verb == "list":
-            items = [copy.deepcopy(o) for _, o in self._list(g, r, ns)]
+            items = [copy.deepcopy(o) for _, o in self._list(g, r, ns, _selector(rec))]
             return 200, {
                 "kind": "List",
                 "apiVersion": f"{g}/{v}" if g else v,
@@ -634,9 +713,10 @@ class KubeEmulator:
     async def _stream(
         self, request: web.Request, rec: RecordedRequest, *, gone: bool = False
     ) -> web.StreamResponse:
+        selector = _selector(rec)  # a bad one is answered 400, before the stream starts
         response = web.StreamResponse(status=200, headers={"Content-Type": "application/json"})
         await response.prepare(request)
-        watcher = _Watcher(rec.group, rec.resource, rec.namespace)
+        watcher = _Watcher(rec.group, rec.resource, rec.namespace, selector)
         since = rec.query.get("resourceVersion", "")
         if gone or (since not in ("", "0") and int(since) < self._compacted):
             watcher.queue.put_nowait(
@@ -647,13 +727,13 @@ class KubeEmulator:
             )
             watcher.queue.put_nowait(None)
         elif since in ("", "0"):
-            for _, obj in self._list(rec.group, rec.resource, rec.namespace):
+            for _, obj in self._list(rec.group, rec.resource, rec.namespace, watcher.selector):
                 watcher.queue.put_nowait({"type": "ADDED", "object": copy.deepcopy(obj)})
             self._watchers.append(watcher)
         else:
-            for rv, kind, key, obj in self._history:
-                if rv > int(since) and watcher.wants(key):
-                    watcher.queue.put_nowait({"type": kind, "object": obj})
+            for rv, kind, key, obj, prev in self._history:
+                if rv > int(since) and (event := watcher.event(kind, key, obj, prev)) is not None:
+                    watcher.queue.put_nowait(event)
             self._watchers.append(watcher)
         timeout = float(rec.query.get("timeoutSeconds", "0")) or None
         loop = asyncio.get_running_loop()
