@@ -88,6 +88,7 @@ __all__ = [
     "Unavailable",
     "WatchEvent",
     "deployment_rollout",
+    "kept_metadata",
     "with_retries",
 ]
 
@@ -296,6 +297,20 @@ class ObjectRef:
     def deployment(cls, obj: JSON) -> ObjectRef:
         meta = obj.get("metadata", {})
         return cls("apps/v1", "Deployment", meta["namespace"], meta["name"], meta.get("uid", ""))
+
+
+# What a replace (PUT) of an object must carry over from the object as read, or it drops
+# them: others' labels and annotations, an owner someone gave it (dropping one counts as
+# changing ownerReferences, which OwnerReferencesPermissionEnforcement allows only with
+# 'delete' on the object: the controller has none), and finalizers.
+KEPT_METADATA = ("labels", "annotations", "ownerReferences", "finalizers")
+
+
+def kept_metadata(metadata: Mapping[str, Any] | None) -> JSON:
+    """The KEPT_METADATA of `metadata` (an object's, as read) that are set, for a replace."""
+    if not metadata:
+        return {}
+    return {key: metadata[key] for key in KEPT_METADATA if metadata.get(key)}
 
 
 def _now_micro() -> str:
@@ -971,18 +986,19 @@ class Kube:
         controller's own namespace only (OWN_NAMESPACE_RESOURCES). `owner` (an
         ownerReference: apiVersion, kind, name, uid) lets the garbage collector delete this
         ConfigMap with its owner; without blockOwnerDeletion it needs no further RBAC.
-        `keep`: metadata of the object as read (labels, annotations, ownerReferences,
-        finalizers) that a replace must not drop; `labels` and `owner` are added to it."""
-        metadata: JSON = {
-            key: value
-            for key, value in (keep or {}).items()
-            if key in ("labels", "annotations", "ownerReferences", "finalizers")
-        }
+        `keep`: metadata of the object as read (KEPT_METADATA) that a replace must not
+        drop, under `labels` and `owner`; ignored by a create."""
+        metadata: JSON = kept_metadata(keep) if resource_version is not None else {}
         metadata.update(name=name, namespace=namespace)
         if labels:
             metadata["labels"] = {**metadata.get("labels", {}), **labels}
         if owner:
-            metadata["ownerReferences"] = [*metadata.get("ownerReferences", ()), dict(owner)]
+            others = [
+                ref
+                for ref in metadata.get("ownerReferences", ())
+                if ref.get("uid") != owner.get("uid")
+            ]
+            metadata["ownerReferences"] = [*others, dict(owner)]
         body: JSON = {
             "apiVersion": "v1",
             "kind": "ConfigMap",
@@ -1456,7 +1472,12 @@ class LeaderElector:
             leaseDurationSeconds=self.lease_duration_s,
             renewTime=now,
         )
-        meta: JSON = {"name": self.name, "namespace": self.namespace}
+        # a renewal replaces the Lease: what others set on it stays (KEPT_METADATA)
+        meta: JSON = {
+            **kept_metadata((current or {}).get("metadata")),
+            "name": self.name,
+            "namespace": self.namespace,
+        }
         if resource_version is not None:
             meta["resourceVersion"] = resource_version
         return {
@@ -1481,6 +1502,7 @@ class LeaderElector:
             "apiVersion": "coordination.k8s.io/v1",
             "kind": "Lease",
             "metadata": {
+                **kept_metadata(meta),
                 "name": self.name,
                 "namespace": self.namespace,
                 "resourceVersion": meta.get("resourceVersion"),

@@ -336,18 +336,26 @@ class ConfigMapApi(Protocol):
 def _others_of(metadata: Mapping[str, Any]) -> dict[str, Any] | None:
     """What others set on a head ConfigMap, for its rewrite to keep: a rewrite is a PUT,
     which replaces the whole object, so without them it would drop a team's labels and
-    annotations, an owner someone gave the record, and finalizers (a backup tool's). None
-    when there is nothing but ours (the usual case: nothing is held)."""
-    others: dict[str, Any] = {}
-    labels = metadata.get("labels")
+    annotations, an owner someone gave the record (which the API server may refuse:
+    canary.kubernetes.client.KEPT_METADATA), and finalizers (a backup tool's). None when
+    there is nothing but ours (the usual case: nothing is held)."""
+    from canary.kubernetes.client import kept_metadata
+
+    others = kept_metadata(metadata)
+    labels = others.get("labels")
     if isinstance(labels, Mapping):
         theirs = {k: v for k, v in labels.items() if k != RECORD_LABEL}
         if theirs:
             others["labels"] = theirs
-    for key in ("annotations", "ownerReferences", "finalizers"):
-        if metadata.get(key):
-            others[key] = metadata[key]
+        else:
+            del others["labels"]
     return others or None
+
+
+# Others' metadata on a head is held by its writer up to this size (as JSON); more (up to
+# the object's limit, from someone who may write ConfigMaps here) is not held: a rewrite
+# then reads the head back and carries over what that read showed.
+_OTHERS_HELD_CHARS = 4096
 
 
 # -- the chunked format ------------------------------------------------------------------
@@ -921,6 +929,7 @@ class ConfigMapRecordWriter:
         self._resource_version: str | None = None
         self._uid: str | None = None  # the head's, for the chunks' ownerReference
         self._others: dict[str, Any] | None = None  # what others set on the head (_others_of)
+        self._others_unheld = False  # too big to hold: a rewrite reads the head back
         self._saved_at: float | None = None
         self._last_at: float | None = None
         self._thinning_noted = False
@@ -1145,7 +1154,7 @@ class ConfigMapRecordWriter:
         metadata = result.get("metadata", {})
         self._resource_version = metadata.get("resourceVersion")
         self._uid = self._uid or metadata.get("uid")
-        self._others = _others_of(metadata)
+        self._hold_others(metadata)
         self.last_write_bytes = sum(len(v) for v in data.values())
         self._settled(attempt)
         self._kept = self._keep_head(result, new_bytes)
@@ -1184,6 +1193,7 @@ class ConfigMapRecordWriter:
         known, self._kept = self._kept, None
         if (
             known is not None
+            and not self._others_unheld  # what others set must be read back to be kept
             and self._attempt is None
             and not self._rewrite
             and known.resource_version == self._resource_version
@@ -1199,6 +1209,7 @@ class ConfigMapRecordWriter:
 
         members: list[bytes] = []
         kept_carry: object = None
+        keep = self._others  # what others set on the head, for its replace
         if known is not None:
             try:
                 members = [
@@ -1220,7 +1231,7 @@ class ConfigMapRecordWriter:
                 metadata = head.get("metadata", {})
                 self._resource_version = metadata.get("resourceVersion")
                 self._uid = metadata.get("uid") or self._uid
-                self._others = _others_of(metadata)
+                keep = self._hold_others(metadata)
                 data = _data_of(head)
                 if data.get(ID_KEY) == self.record_id:
                     kept_carry = data.get(CARRY_KEY)
@@ -1297,7 +1308,7 @@ class ConfigMapRecordWriter:
         if carried is not None:
             head_data[CARRY_KEY] = carried
         self._attempt = attempt
-        error = await self._put_head(head_data, settle=known is None)
+        error = await self._put_head(head_data, settle=known is None, keep=keep)
         if error is not None:
             return self._failed(f"{where}: {error}")
         written += sum(len(v) for v in head_data.values())
@@ -1305,6 +1316,16 @@ class ConfigMapRecordWriter:
         self._rewrite = False
         self._settled(attempt)
         return None
+
+    def _hold_others(self, metadata: Mapping[str, Any]) -> dict[str, Any] | None:
+        """Note what others set on the head as `metadata` shows it (held if small, else
+        marked to be read back before a rewrite: _OTHERS_HELD_CHARS); returns all of it."""
+        others = _others_of(metadata)
+        self._others_unheld = (
+            others is not None and len(json.dumps(others, default=str)) > _OTHERS_HELD_CHARS
+        )
+        self._others = None if self._others_unheld else others
+        return others
 
     def _carried(self) -> str | None:
         """The metric source's state to save (None: the head keeps the one it has)."""
@@ -1419,6 +1440,7 @@ class ConfigMapRecordWriter:
         )
         labels = {RECORD_LABEL: self.name}
         version: str | None = None
+        keep: Mapping[str, Any] | None = None  # the replaced chunk's metadata (a replace)
         for _ in range(3):
             try:
                 await self.api.put_configmap(
@@ -1428,15 +1450,15 @@ class ConfigMapRecordWriter:
                     resource_version=version,
                     labels=labels,
                     owner=owner,
+                    keep=keep,
                 )
                 return None
             except Conflict:  # left by a save that failed or was killed: not named, ours
                 if not overwrite:
                     raise _Moved from None
                 try:
-                    version = (await self.api.get_configmap(self.namespace, name))["metadata"][
-                        "resourceVersion"
-                    ]
+                    keep = (await self.api.get_configmap(self.namespace, name))["metadata"]
+                    version = keep["resourceVersion"]
                 except NotFound:
                     version = None
                 except KubeError as exc:
@@ -1447,9 +1469,12 @@ class ConfigMapRecordWriter:
                 return str(exc)
         return "kept changing while being written"
 
-    async def _put_head(self, data: dict[str, str], *, settle: bool = True) -> str | None:
-        """Write the head over the version read; with `settle`, a Conflict re-reads the
-        version and a NotFound creates it again (else they raise _Moved)."""
+    async def _put_head(
+        self, data: dict[str, str], *, settle: bool = True, keep: Mapping[str, Any] | None
+    ) -> str | None:
+        """Write the head over the version read, with `keep` (others' metadata on it as
+        read); with `settle`, a Conflict re-reads the version (and what others set) and a
+        NotFound creates it again (else they raise _Moved)."""
         from canary.kubernetes.client import Conflict, KubeError, NotFound
 
         for _ in range(3):  # a conflict re-reads the version: this record is ours
@@ -1460,7 +1485,7 @@ class ConfigMapRecordWriter:
                     data,
                     resource_version=self._resource_version,
                     labels={RECORD_LABEL: self.name},
-                    keep=self._others if self._resource_version is not None else None,
+                    keep=keep,
                 )
             except (Conflict, NotFound) as exc:
                 if not settle:
@@ -1473,7 +1498,7 @@ class ConfigMapRecordWriter:
                     current = await self.api.get_configmap(self.namespace, self.name)
                     self._resource_version = current["metadata"]["resourceVersion"]
                     self._uid = current["metadata"].get("uid") or self._uid
-                    self._others = _others_of(current["metadata"])
+                    keep = self._hold_others(current["metadata"])
                 except NotFound:
                     self._resource_version = None
                 except KubeError as exc:
@@ -1484,7 +1509,7 @@ class ConfigMapRecordWriter:
             metadata = result.get("metadata", {})
             self._resource_version = metadata.get("resourceVersion")
             self._uid = metadata.get("uid") or self._uid
-            self._others = _others_of(metadata)
+            self._hold_others(metadata)
             return None
         return "kept changing while being written"
 
@@ -1499,7 +1524,7 @@ class ConfigMapRecordWriter:
         metadata = head.get("metadata", {})
         self._resource_version = metadata.get("resourceVersion")
         self._uid = metadata.get("uid")
-        self._others = _others_of(metadata)
+        self._hold_others(metadata)
         data = _data_of(head)
         self._lines, self._line_sizes, self._lines_bytes = [], [], 0
         self._members_lines = self._members_bytes = self._tail_parts = 0
@@ -1546,7 +1571,7 @@ class ConfigMapRecordWriter:
         parts = _parts(data, self.name)
         self._resource_version = metadata.get("resourceVersion")
         self._uid = metadata.get("uid")
-        self._others = _others_of(metadata)
+        self._hold_others(metadata)
         self._lines, self._line_sizes, self._lines_bytes = [], [], 0
         self._attempt = self._kept = None
         self._rewrite = self._dirty = False

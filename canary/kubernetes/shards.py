@@ -85,7 +85,14 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from canary.kubernetes.client import SAFETY_S, Conflict, Kube, KubeError, NotFound
+from canary.kubernetes.client import (
+    SAFETY_S,
+    Conflict,
+    Kube,
+    KubeError,
+    NotFound,
+    kept_metadata,
+)
 
 __all__ = ["SAFETY_S", "WANTED_BY", "ShardElector", "shard_lease_name", "shard_of"]
 
@@ -368,8 +375,13 @@ class ShardElector:
 
     def _body(self, index: int, current: JSON | None, *, acquire: bool, answered: str = "") -> JSON:
         spec = dict((current or {}).get("spec") or {})
-        meta: JSON = {"name": self.name(index), "namespace": self.namespace}
         current_meta = (current or {}).get("metadata") or {}
+        # a renewal replaces the Lease: what others set on it stays (KEPT_METADATA)
+        meta: JSON = {
+            **kept_metadata(current_meta),
+            "name": self.name(index),
+            "namespace": self.namespace,
+        }
         annotations = dict(current_meta.get("annotations") or {})
         now = _now_micro()
         if acquire or (answered and annotations.get(WANTED_BY) == answered):
@@ -385,6 +397,7 @@ class ShardElector:
         )
         if current is not None:
             meta["resourceVersion"] = current_meta.get("resourceVersion")
+        meta.pop("annotations", None)
         if annotations:
             meta["annotations"] = annotations
         return {

@@ -82,6 +82,43 @@ async def test_configmap_create_then_guarded_replace(api: KubeEmulator, kube: Ku
     assert current["metadata"]["resourceVersion"] == replaced["metadata"]["resourceVersion"]
 
 
+async def test_a_configmap_replace_keeps_what_it_is_told_to_and_a_create_nothing(
+    api: KubeEmulator, kube: Kube
+) -> None:
+    """`keep` (the object's metadata as read) is carried by a replace, under our labels and
+    owner (an owner already there is not listed twice); a create carries none of it."""
+    theirs = {
+        "labels": {"team": "shop", "canary.io/record": "old"},
+        "annotations": {"note": "kept"},
+        "finalizers": ["example.com/keep"],
+        "ownerReferences": [
+            {"apiVersion": "v1", "kind": "Secret", "name": "s", "uid": "u1"},
+            {"apiVersion": "v1", "kind": "ConfigMap", "name": "head", "uid": "u2"},
+        ],
+        "uid": "not ours to send",
+    }
+    owner = {"apiVersion": "v1", "kind": "ConfigMap", "name": "head", "uid": "u2"}
+    created = await kube.put_configmap("default", "c", {"a": "1"}, keep=theirs, owner=owner)
+    assert "finalizers" not in created["metadata"] and "annotations" not in created["metadata"]
+    assert created["metadata"]["ownerReferences"] == [owner]
+    rv = created["metadata"]["resourceVersion"]
+    replaced = await kube.put_configmap(
+        "default",
+        "c",
+        {"a": "2"},
+        resource_version=rv,
+        labels={"canary.io/record": "head"},
+        owner=owner,
+        keep=theirs,
+    )
+    metadata = replaced["metadata"]
+    assert metadata["labels"] == {"team": "shop", "canary.io/record": "head"}
+    assert metadata["annotations"] == {"note": "kept"}
+    assert metadata["finalizers"] == ["example.com/keep"]
+    assert metadata["ownerReferences"] == theirs["ownerReferences"]
+    assert metadata["uid"] == created["metadata"]["uid"]
+
+
 async def test_missing_object_is_not_found_and_not_retried(api: KubeEmulator, kube: Kube) -> None:
     """A 404 is an answer, not a failure: NotFound at once, one request."""
     with pytest.raises(NotFound, match="not found"):

@@ -311,3 +311,37 @@ async def test_a_candidate_whose_previous_read_is_too_old_counts_from_when_it_sa
     assert not any(await tries_at(b, clock, *range(8, 22), 21.99))
     assert await tries_at(b, clock, 22.0) == [True]
     assert leases.taken == [(22.0, "b")] and 22.0 - (7.0 + 10.0) >= SAFETY_S
+
+
+async def test_renewals_and_the_release_keep_what_others_set_on_the_lease(
+    api: KubeEmulator, candidates: tuple[Candidate, Candidate]
+) -> None:
+    """A renewal replaces the Lease (PUT): the labels, annotations, owner and finalizer
+    another party set on it stay through the renewals and the release (dropping another's
+    ownerReference needs 'delete' under OwnerReferencesPermissionEnforcement: the renewal
+    would be refused and the leader would step down)."""
+    a, _ = candidates
+    a.start()
+    await sample_until(candidates, "a")
+    theirs = {
+        "labels": {"team": "platform"},
+        "annotations": {"note": "kept"},
+        "finalizers": ["example.com/keep"],
+        "ownerReferences": [{"apiVersion": "v1", "kind": "Secret", "name": "s", "uid": "u1"}],
+    }
+    lease = api.get(*LEASES, "canary-system", "canary-leader")
+    lease["metadata"].update(theirs)
+    api.put(*LEASES, lease)
+    renewals = len(api.recorded(verb="update", resource="leases", token="token-a", status=200))
+    for _ in range(100):  # three renewals, every retry period (0.1 s)
+        await asyncio.sleep(0.05)
+        done = api.recorded(verb="update", resource="leases", token="token-a", status=200)
+        if len(done) >= renewals + 3:
+            break
+    assert len(done) >= renewals + 3 and a.elector.is_leader
+    metadata = api.get(*LEASES, "canary-system", "canary-leader")["metadata"]
+    assert {key: metadata.get(key) for key in theirs} == theirs
+    await a.finish()
+    lease = api.get(*LEASES, "canary-system", "canary-leader")
+    assert lease["spec"]["holderIdentity"] == ""  # released
+    assert {key: lease["metadata"].get(key) for key in theirs} == theirs

@@ -1009,3 +1009,28 @@ async def test_a_head_rewrite_keeps_what_others_set_on_it(
     for key in ("annotations", "finalizers", "ownerReferences"):
         assert metadata[key] == theirs[key], key
     assert await load_record_configmap(client, namespace=NS, rollout=writer.rollout) == long_record
+
+
+async def test_what_others_set_that_is_too_big_to_hold_is_read_back_and_kept(
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+) -> None:
+    """Others' metadata past _OTHERS_HELD_CHARS (here a 20 KB annotation) is not held by the
+    writer (a thousand heads could hold megabytes each): every rewrite reads the head back,
+    and the annotation is still kept."""
+    emulator, client = kube
+    writer = await _written(client, long_record[:10])
+    head = writer.name
+    stored = emulator.get("", "v1", "configmaps", NS, head)
+    stored["metadata"]["annotations"] = {"big.example.com/notes": "x" * 20_000}
+    emulator.put("", "v1", "configmaps", stored)
+    updates = len(emulator.recorded(verb="update", resource="configmaps", name=head))
+    gets = len(emulator.recorded(verb="get", resource="configmaps", name=head))
+    for entry in long_record[10:]:
+        assert await writer.append(entry) is None
+        assert writer._others is None
+    rewrites = len(emulator.recorded(verb="update", resource="configmaps", name=head)) - updates
+    read_back = len(emulator.recorded(verb="get", resource="configmaps", name=head)) - gets
+    assert rewrites >= 3 and read_back == rewrites  # no rewrite from the last write's answer
+    metadata = emulator.get("", "v1", "configmaps", NS, head)["metadata"]
+    assert metadata["annotations"] == {"big.example.com/notes": "x" * 20_000}
+    assert await load_record_configmap(client, namespace=NS, rollout=writer.rollout) == long_record

@@ -653,3 +653,35 @@ def test_bad_shard_flags_are_refused_naming_the_flag(
 
     assert main(["kubernetes", "--kubeconfig", "/nonexistent", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+async def test_renewals_asks_and_takeovers_keep_what_others_set_on_the_leases(
+    cluster: Cluster,
+) -> None:
+    """Every write of a shard Lease replaces it (PUT): the labels, annotations, owner and
+    finalizer another party set on them stay through renewals, an ask, a hand-over and the
+    taker's renewals (only the ask's own annotation comes and goes)."""
+    a, b = await cluster.add("a"), await cluster.add("b")
+    a.start()
+    await cluster.until("a holds both", lambda h: h["a"] == {0, 1})
+    theirs = {
+        "labels": {"team": "platform"},
+        "annotations": {"note": "kept"},
+        "finalizers": ["example.com/keep"],
+        "ownerReferences": [{"apiVersion": "v1", "kind": "Secret", "name": "s", "uid": "u1"}],
+    }
+    names = [shard_lease_name("canary-shard", index, 2) for index in range(2)]
+    for name in names:
+        lease = cluster.api.get(*LEASES, NS, name)
+        lease["metadata"].update(theirs)
+        cluster.api.put(*LEASES, lease)
+    await cluster.watch(0.5)  # renewals
+    b.start()
+    await cluster.until("one each", lambda h: h["a"] == {0} and h["b"] == {1})
+    await cluster.watch(0.5)  # the taker's renewals
+    for name in names:
+        metadata = cluster.api.get(*LEASES, NS, name)["metadata"]
+        assert {key: metadata.get(key) for key in theirs} == theirs, name
+    for replica in (a, b):
+        await replica.finish()
+    cluster.assert_never_shared()
