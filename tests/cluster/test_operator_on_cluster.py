@@ -905,6 +905,9 @@ def test_manual_commands_through_the_annotation(e2e: E2E) -> None:
     # path (GET, then update) is taken whatever the save timing, so the RBAC test below sees
     # the controller use 'update configmaps'.
     cluster.kubectl("label", "configmap", head, "-n", head_ns, "team=shop")
+    # ... and the leader's Lease (renewed by a replace every retry period): the label stays
+    # through the renewals and the release (test_replicas_stop_on_sigterm_...)
+    cluster.kubectl("label", "lease", LEASE, "-n", RECORDS_NS, "team=platform")
     code, out = _canary_cli(e2e, "pause", "app", "--who", "alice")
     assert code == 0 and "Paused" in out, out
     code, out = _canary_cli(e2e, "resume", "app", "--who", "alice")
@@ -1158,3 +1161,5 @@ def test_replicas_stop_on_sigterm_and_the_leader_releases_the_lease(e2e: E2E) ->
                 -3000:
             ]
     assert lease_holder(e2e.cluster) is None
+    lease = get(e2e.cluster, RECORDS_NS, "lease", LEASE)
+    assert lease["metadata"]["labels"] == {"team": "platform"}, lease["metadata"]  # kept
