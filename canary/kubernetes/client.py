@@ -993,12 +993,12 @@ class Kube:
         if labels:
             metadata["labels"] = {**metadata.get("labels", {}), **labels}
         if owner:
-            others = [
-                ref
-                for ref in metadata.get("ownerReferences", ())
-                if ref.get("uid") != owner.get("uid")
-            ]
-            metadata["ownerReferences"] = [*others, dict(owner)]
+            refs = list(metadata.get("ownerReferences", ()))
+            if not any(ref.get("uid") == owner.get("uid") for ref in refs):
+                # listed already: the list stays as it is (any change to it, even its order,
+                # needs 'delete' under OwnerReferencesPermissionEnforcement)
+                refs.append(dict(owner))
+            metadata["ownerReferences"] = refs
         body: JSON = {
             "apiVersion": "v1",
             "kind": "ConfigMap",

@@ -1167,8 +1167,8 @@ class ConfigMapRecordWriter:
         saves, about one rollout in five holds one), within the process' budget
         (KEPT_HEADS_BYTES), and not once the record has ended (no save would come to use it,
         and a finished rollout's writer lives on)."""
-        if self._ended or self._fits_a_part(new_bytes + new_bytes // 2):
-            return None
+        if self._ended or self._others_unheld or self._fits_a_part(new_bytes + new_bytes // 2):
+            return None  # (_others_unheld: the rewrite reads the head back anyway)
         data = head.get("data")
         if (
             self._resource_version is None

@@ -91,9 +91,9 @@ async def test_a_configmap_replace_keeps_what_it_is_told_to_and_a_create_nothing
         "labels": {"team": "shop", "canary.io/record": "old"},
         "annotations": {"note": "kept"},
         "finalizers": ["example.com/keep"],
-        "ownerReferences": [
-            {"apiVersion": "v1", "kind": "Secret", "name": "s", "uid": "u1"},
+        "ownerReferences": [  # ours first: the list is kept as it is, order and all
             {"apiVersion": "v1", "kind": "ConfigMap", "name": "head", "uid": "u2"},
+            {"apiVersion": "v1", "kind": "Secret", "name": "s", "uid": "u1"},
         ],
         "uid": "not ours to send",
     }

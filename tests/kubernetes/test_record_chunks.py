@@ -884,7 +884,10 @@ async def test_a_rewrite_whose_kept_head_moved_reads_the_head_back(
         emulator.put("", "v1", "configmaps", current)
     else:
         await client.put_configmap(
-            NS, chunk_name(head, chunks + 1), {"junk": "from a save that failed"}
+            NS,
+            chunk_name(head, chunks + 1),
+            {"junk": "from a save that failed"},
+            labels={"team": "shop"},  # set by someone since: the replace keeps it
         )
     gets = len(emulator.recorded(verb="get", resource="configmaps", name=head))
     assert await writer.append(long_record[index]) is None
@@ -894,6 +897,10 @@ async def test_a_rewrite_whose_kept_head_moved_reads_the_head_back(
     record = await load_record_configmap(client, namespace=NS, rollout=rollout)
     assert [e for e in record if e != note] == long_record[: index + 1]
     assert (note in record) == (moved == "head written by another")
+    if moved == "chunk left by a failed save":
+        chunk = emulator.get("", "v1", "configmaps", NS, chunk_name(head, chunks + 1))
+        assert chunk["metadata"]["labels"] == {"team": "shop", record_store.RECORD_LABEL: head}
+        assert [ref["name"] for ref in chunk["metadata"]["ownerReferences"]] == [head]
 
 
 async def test_an_ended_record_keeps_no_head(
