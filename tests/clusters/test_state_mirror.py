@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from support.kube import FAST_RETRY
+from support.kube import FAST_RETRY, THEIRS
 from support.kube_emulator import KubeEmulator
 
 from canary.clusters.multicluster import StateMirror
@@ -60,16 +60,12 @@ async def test_a_conflict_is_retried_once_after_a_re_read(api: KubeEmulator, kub
 
 
 async def test_a_save_keeps_what_others_set_on_the_configmap(api: KubeEmulator, kube: Kube) -> None:
-    """A save replaces the ConfigMap (PUT): the labels, annotations and finalizers another
-    party set on it (a team's label, a backup tool's finalizer) are kept."""
+    """A save replaces the ConfigMap (PUT): the labels, annotations, owner and finalizers
+    another party set on it (a team's label, a backup tool's finalizer) are kept."""
     mirror = StateMirror(kube, NS, "failover-shop")
     await mirror.save(FailoverState())
     stored = api.get("", "v1", "configmaps", NS, "failover-shop")
-    theirs = {
-        "labels": {"team": "shop"},
-        "annotations": {"note": "kept"},
-        "finalizers": ["backup.example.com/keep"],
-    }
+    theirs = THEIRS
     stored["metadata"].update(theirs)
     api.put("", "v1", "configmaps", stored)
     await mirror.save(FailoverState(mode=Mode.STANDBY, reason="primary down"))

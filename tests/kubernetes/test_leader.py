@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from support.fake_leases import Clock, Leases
-from support.kube import FAST_RETRY
+from support.kube import FAST_RETRY, THEIRS
 from support.kube_emulator import KubeEmulator
 
 from canary.kubernetes.client import SAFETY_S, Kube, LeaderElector
@@ -323,12 +323,7 @@ async def test_renewals_and_the_release_keep_what_others_set_on_the_lease(
     a, _ = candidates
     a.start()
     await sample_until(candidates, "a")
-    theirs = {
-        "labels": {"team": "platform"},
-        "annotations": {"note": "kept"},
-        "finalizers": ["example.com/keep"],
-        "ownerReferences": [{"apiVersion": "v1", "kind": "Secret", "name": "s", "uid": "u1"}],
-    }
+    theirs = THEIRS
     lease = api.get(*LEASES, "canary-system", "canary-leader")
     lease["metadata"].update(theirs)
     api.put(*LEASES, lease)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.kube import THEIRS
 from support.kube_emulator import KubeEmulator
 from support.report_records import Scenario, simulate
 
@@ -993,12 +994,7 @@ async def test_a_head_rewrite_keeps_what_others_set_on_it(
     emulator, client = kube
     writer = await _written(client, long_record[:10])
     head = writer.name
-    theirs = {
-        "labels": {"team": "shop"},
-        "annotations": {"backup.example.com/at": "2026-12-04"},
-        "finalizers": ["backup.example.com/keep"],
-        "ownerReferences": [{"apiVersion": "v1", "kind": "Secret", "name": "x", "uid": "u1"}],
-    }
+    theirs = THEIRS
     stored = emulator.get("", "v1", "configmaps", NS, head)
     for key, value in theirs.items():
         value = {**stored["metadata"].get(key, {}), **value} if key == "labels" else value
@@ -1012,7 +1008,7 @@ async def test_a_head_rewrite_keeps_what_others_set_on_it(
     read_back = len(emulator.recorded(verb="get", resource="configmaps", name=head)) - gets
     assert rewrites >= 3 and 1 <= read_back < rewrites  # both paths taken
     metadata = emulator.get("", "v1", "configmaps", NS, head)["metadata"]
-    assert metadata["labels"] == {record_store.RECORD_LABEL: head, "team": "shop"}
+    assert metadata["labels"] == {record_store.RECORD_LABEL: head, **theirs["labels"]}
     for key in ("annotations", "finalizers", "ownerReferences"):
         assert metadata[key] == theirs[key], key
     assert await load_record_configmap(client, namespace=NS, rollout=writer.rollout) == long_record

@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 from support.fake_leases import Clock, Leases
-from support.kube import FAST_RETRY
+from support.kube import FAST_RETRY, THEIRS
 from support.kube_emulator import KubeEmulator
 
 from canary.kubernetes.client import Kube
@@ -664,12 +664,7 @@ async def test_renewals_asks_and_takeovers_keep_what_others_set_on_the_leases(
     a, b = await cluster.add("a"), await cluster.add("b")
     a.start()
     await cluster.until("a holds both", lambda h: h["a"] == {0, 1})
-    theirs = {
-        "labels": {"team": "platform"},
-        "annotations": {"note": "kept"},
-        "finalizers": ["example.com/keep"],
-        "ownerReferences": [{"apiVersion": "v1", "kind": "Secret", "name": "s", "uid": "u1"}],
-    }
+    theirs = THEIRS
     names = [shard_lease_name("canary-shard", index, 2) for index in range(2)]
     for name in names:
         lease = cluster.api.get(*LEASES, NS, name)

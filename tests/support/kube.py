@@ -25,3 +25,13 @@ def deployment(name: str = "app", namespace: str = "default", **annotations: str
             },
         },
     }
+
+
+# Metadata another party sets on an object the controller replaces (a team's label and
+# annotation, a backup tool's finalizer, an owner): a replace must keep all of it.
+THEIRS: dict[str, Any] = {
+    "labels": {"team": "platform"},
+    "annotations": {"note": "kept"},
+    "finalizers": ["example.com/keep"],
+    "ownerReferences": [{"apiVersion": "v1", "kind": "Secret", "name": "s", "uid": "u1"}],
+}

@@ -136,7 +136,6 @@ class _Selector:
     _SET = re.compile(r"^\s*(\S+)\s+(in|notin)\s*\(([^()]*)\)\s*$")
 
     def __init__(self, text: str) -> None:
-        self.text = text
         self.requirements: list[tuple[str, str, frozenset[str]]] = []
         for part in re.split(r",(?![^()]*\))", text):
             if not part.strip():
@@ -194,15 +193,12 @@ class _Watcher:
             return None
         if self.selector is None:
             return {"type": kind, "object": obj}
-        now = kind != "DELETED" and self.selector.matches(obj)
-        before = self.selector.matches(prev) if kind != "ADDED" else False
-        if kind == "DELETED":
-            now, before = False, self.selector.matches(obj)
-        if now:
+        old = obj if kind == "DELETED" else prev  # None for an ADDED
+        before = self.selector.matches(old)
+        if kind != "DELETED" and self.selector.matches(obj):
             return {"type": "MODIFIED" if before else "ADDED", "object": obj}
-        if before:
-            gone = copy.deepcopy(prev if kind != "DELETED" else obj)
-            assert gone is not None
+        if before and old is not None:
+            gone = copy.deepcopy(old)
             gone["metadata"]["resourceVersion"] = obj["metadata"]["resourceVersion"]
             return {"type": "DELETED", "object": gone}
         return None
