@@ -169,6 +169,10 @@ SEAL_BYTES = 128 << 10
 # so this costs nothing there; it bounds the tail when saves come often (benchmarks/RESULTS.md:
 # merging past three members of three ticks was ~0.16 ms of packing per save).
 MERGE_MEMBERS = 6
+# The tail's entries a resumed rollout parses for the live page's charts (SavedHead.recent):
+# two minutes of the operator's 10 s ticks, at ~0.13 ms a line (JSON and validation of ~4.9
+# KB); the whole tail, up to a chunk's ~30 lines, would cost more than the rest of a resume.
+RECENT_LINES = 12
 # A reader unpacks at most MAX_UNPACKED_RECORD_BYTES: past this, ticks are thinned.
 BUDGET_BYTES = MAX_UNPACKED_RECORD_BYTES * 3 // 4
 MAX_CHUNKS = 10_000  # a hostile head cannot send a reader round a million GETs
@@ -603,6 +607,17 @@ class _Assembler:
         self.record_bytes += len(text.encode("utf-8"))
         self.lines.extend(text.splitlines())
 
+    def recent(self, count: int) -> tuple[Entry, ...]:
+        """The last `count` entries of the tail alone, within the reader's budget; the
+        assembler is left as it was."""
+        lines: list[str] = []
+        budget = self.budget
+        for key, packed in self._tail:
+            text = _unpack_text(packed, name=self.name, key=key, budget=budget)
+            budget -= len(text)
+            lines.extend(text.splitlines())
+        return tuple(parse_lines(lines[max(0, len(lines) - count) :], source=self.name))
+
     def entries(self) -> list[Entry]:
         for key, packed in self._tail:
             self._add(packed, name=self.name, key=key)
@@ -628,6 +643,20 @@ class _Assembler:
             note = NoteEntry(at=near.at, rollout=near.rollout, level="warning", message=why)
             entries.insert(at, note)
         return entries
+
+
+def _recent_entries(assembler: _Assembler) -> tuple[Entry, ...]:
+    """The last RECENT_LINES entries of a chunked head's tail, or () when they cannot be
+    read: they only seed the live page's charts after a resume (SavedHead.recent), and the
+    next save or a full read says what is wrong with them. The assembler holds the tail's
+    packed text alone, not the head."""
+    try:
+        return assembler.recent(RECENT_LINES)
+    except RecordError as exc:
+        log.info(
+            "record %s: its latest ticks are not shown after a resume: %s", assembler.name, exc
+        )
+        return ()
 
 
 def _unpack_list(items: Sequence[Any], *, source: str, gaps: bool = False) -> list[Entry]:
@@ -1680,7 +1709,12 @@ class ConfigMapRecord:
             return None
         carried = data.get(CARRY_KEY)
         self._carried = carried if isinstance(carried, str) else None
-        return SavedHead(analysis=analysis, tick_at=index.tick_at, data_at=index.data_at)
+        return SavedHead(
+            analysis=analysis,
+            tick_at=index.tick_at,
+            data_at=index.data_at,
+            recent=functools.partial(_recent_entries, _Assembler(head)),
+        )
 
     @property
     def ref(self) -> str:

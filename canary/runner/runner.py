@@ -38,7 +38,7 @@ import math
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
@@ -386,6 +386,7 @@ class RolloutRunner:
         # Read from the record's head on resume: where the record ends, and the analysis
         # taken up from it with its looks (or why not: the record is then read and replayed).
         self._resumed_head: tuple[SavedHead, AnalyzerLike | None, int] | None = None
+        self._history_seed: Callable[[], tuple[Entry, ...]] | None = None  # SavedHead.recent
         self._analysis_refused = ""
         self._looks = 0  # snapshots the current analysis has observed
         self._finished: SavedRollout | None = None  # this revision's rollout, already over
@@ -467,6 +468,13 @@ class RolloutRunner:
     def _remember(self, entry: TickEntry) -> None:
         """Keep a compact copy of the tick for the live page; a new rollout starts afresh."""
         self.history.append(entry)
+
+    def _seed_history(self, entries: Iterable[Entry]) -> None:
+        """A resumed rollout's recorded ticks, for the live page: its charts carry on from
+        them rather than starting empty after a restart or a shard move."""
+        for entry in entries:
+            if isinstance(entry, TickEntry) and entry.rollout == self._rollout_id:
+                self.history.append(entry)
 
     async def prepare(self) -> None:
         """Take the rollout's lock and read what a restart resumes, before anything moves:
@@ -676,6 +684,15 @@ class RolloutRunner:
                 )
 
     async def _tick(self) -> None:
+        if self._history_seed is not None:
+            # A resumed rollout's latest recorded ticks, for the live page: read here, off
+            # the loop, not in the resume (a takeover resumes hundreds of rollouts at once,
+            # and their first looks are spread over half a period).
+            seed, self._history_seed = self._history_seed, None
+            try:
+                self._seed_history(await run_blocking("packing", seed))
+            except Exception:  # only the charts' start: never a reason to stop a rollout
+                log.exception("%s: the recorded ticks could not be shown", self.name)
         now = self.clock()
         looked = time.monotonic()
         gap = looked - self._last_look if self._last_look is not None else 0.0
@@ -1107,6 +1124,7 @@ class RolloutRunner:
                 f"({self._looks} looks)"
             )
             recorded, last = head.data_at, head.tick_at
+            self._history_seed = head.recent  # read before the first look (_tick)
         else:
             if not any(
                 isinstance(e, StartEntry) and e.rollout == saved.rollout_id for e in entries
@@ -1118,6 +1136,7 @@ class RolloutRunner:
                     "warning", f"the record {self.record.label} was lost; it starts again here"
                 )
             replayed = self._replay_record(entries)
+            self._seed_history(entries)
             refused = self._analysis_refused
             evidence = f"{replayed} ticks of evidence replayed into a fresh analysis" + (
                 f" (the analysis state saved with the record: {refused})" if refused else ""

@@ -153,6 +153,11 @@ class SavedHead:
     analysis: str  # the runner's analysis state saved with the last write (_analysis_state)
     tick_at: float | None  # the record's last tick, and its last tick with a verdict
     data_at: float | None
+    # The record's latest entries (its head's tail), for the live page's charts: a resumed
+    # rollout's charts carry on from them instead of starting empty. Pure CPU (unpacking and
+    # parsing, ~2 ms), so a call the runner makes off the event loop, and later than the
+    # resume: a shard's takeover resumes hundreds at once. () when they cannot be read.
+    recent: Callable[[], tuple[Entry, ...]] | None = None
 
 
 @runtime_checkable

@@ -386,7 +386,7 @@ _RESUMED_FIELDS = (
 
 
 async def test_the_head_alone_resumes_a_record_as_reading_it_whole_does(
-    kube: tuple[KubeEmulator, Kube], long_record: list[Entry]
+    kube: tuple[KubeEmulator, Kube], long_record: list[Entry], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """With the runner's analysis state given, every save puts in the head the state as of
     the very lines it saves, and an index of where the record ends that agrees with reading
@@ -426,6 +426,15 @@ async def test_the_head_alone_resumes_a_record_as_reading_it_whole_does(
     saved = await by_head.read_head()
     assert len(emulator.requests) == gets + 1  # the head, and nothing else
     assert saved is not None and saved.analysis == f"analysis after {appended} entries"
+    # the latest entries, for the live page (read later, off the loop): the tail's last
+    # RECENT_LINES, after the sealed chunks
+    assert saved.recent is not None
+    recent = saved.recent()
+    assert len(emulator.requests) == gets + 1
+    assert 2 < len(recent) < cut  # the tail's (sealed chunks before it)
+    assert recent == tuple(long_record[cut - len(recent) : cut])
+    monkeypatch.setattr(record_store, "RECENT_LINES", 2)
+    assert saved.recent() == tuple(long_record[cut - 2 : cut])
     assert await whole.read() == long_record[:cut]
     for field in _RESUMED_FIELDS:
         assert getattr(by_head.writer, field) == getattr(whole.writer, field), field
@@ -447,6 +456,15 @@ async def test_the_head_alone_resumes_a_record_as_reading_it_whole_does(
         again = ConfigMapRecord(client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}")
         assert await again.read_head() is None, key
         assert await again.read() == long_record  # read whole as before
+
+    # A tail that cannot be read only leaves the live page without the latest ticks: the
+    # head still resumes (the next save finds the tail unreadable and says so).
+    emulator.put(
+        "", "v1", "configmaps", {**stored, "data": {**stored["data"], record_store.TAIL_KEY: "%"}}
+    )
+    again = ConfigMapRecord(client, namespace=NS, rollout=rollout, ref=f"{NS}/{head}")
+    saved = await again.read_head()
+    assert saved is not None and saved.recent is not None and saved.recent() == ()
 
 
 class _LostAnswers:

@@ -727,6 +727,8 @@ class _AnalysisRecord(FileRecord):
         self.saved = saved
         self.source: Callable[[], str | None] | None = None
         self.reads = 0
+        self.tail = 10**6  # entries in the head's tail (recent)
+        self.recent_reads = 0
 
     def keep_analysis_with(self, source: Callable[[], str | None]) -> None:
         self.source = source
@@ -746,7 +748,14 @@ class _AnalysisRecord(FileRecord):
             analysis=self.saved["analysis"],
             tick_at=ticks[-1].at if ticks else None,
             data_at=data[-1] if data else None,
+            recent=self.recent,
         )
+
+    def recent(self) -> tuple[Entry, ...]:
+        """The head's tail: the latest entries (here all of them; `tail` cuts them)."""
+        self.recent_reads += 1
+        entries = tuple(read_record(self.path))
+        return entries[-self.tail :] if self.tail else ()
 
     async def read(self) -> list[Entry]:
         self.reads += 1
@@ -820,6 +829,57 @@ async def test_a_resume_takes_up_the_analysis_its_record_saved_without_reading_i
             snapshot = Snapshot(elapsed_s=1e3, primary=counts.primary, canary=counts.canary)
             got, want = resumed.observe(snapshot), live.observe(snapshot)
             assert got.model_dump_json() == want.model_dump_json()
+    await second.store.release()  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("source", ["head", "head's tail", "unreadable tail", "record"])
+async def test_a_resumed_rollouts_charts_carry_on_from_its_recorded_ticks(
+    tmp_path: Path, source: str
+) -> None:
+    """The live page's history of a resumed rollout starts with the ticks its record holds,
+    as the stopped runner showed them: from the head's tail (read before the first look, not
+    in the resume) or from the record read whole. A tail that cannot be read leaves the
+    charts to start at the resume, and the rollout goes on."""
+    saved: dict[str, str] = {}
+
+    def opener(path: Path) -> Callable[..., FileRecord]:
+        return lambda rollout_id, *, ref=None: _AnalysisRecord(Path(ref) if ref else path, saved)
+
+    first, _, _ = make_runner(tmp_path, spec=SPEC.model_copy(update={"min_step_s": 200}))
+    first.records = opener(tmp_path / "app.jsonl")
+    first.status_path = tmp_path / "app.status.json"
+    await _stop_at_the_fourth_look_of_step_1(first)
+    shown = first.history.points()
+    assert len(shown) >= 6 and len({p["rollout"] for p in shown}) == 1
+    if source == "record":
+        saved["analysis"] = ""  # no state with the head: the record is read and replayed
+
+    second = _again(first, record_path=tmp_path / "elsewhere.jsonl")
+    second.records = opener(tmp_path / "elsewhere.jsonl")
+    await second.prepare()
+    assert await second._resume()
+    record = second.record
+    assert isinstance(record, _AnalysisRecord)
+    if source == "head's tail":
+        record.tail = 5  # the latest entries only: the tail ends with ticks
+    elif source == "unreadable tail":
+        record.tail = 0
+    if source == "record":
+        assert second.history.points() == shown  # replayed: the charts at once
+    else:
+        assert not len(second.history) and record.recent_reads == 0  # not in the resume
+    ticks = sum(isinstance(e, TickEntry) for e in read_record(first.record_path)[-5:])
+    await second._tick()
+    points = second.history.points()
+    assert points[-1]["at"] > shown[-1]["at"]  # the new look, last
+    if source in ("head", "record"):
+        assert points[:-1] == shown
+    elif source == "head's tail":
+        assert ticks and points[:-1] == shown[-ticks:]
+    else:
+        assert len(points) == 1
+    if source != "record":
+        assert record.recent_reads == 1
     await second.store.release()  # type: ignore[union-attr]
 
 
