@@ -597,6 +597,9 @@ class _Assembler:
         self.lines.append(_Gap(f"{why}: {GAP_NOTE_END}"))
 
     def _add(self, packed: object, *, name: str, key: str) -> None:
+        self.lines.extend(self._unpack(packed, name=name, key=key))
+
+    def _unpack(self, packed: object, *, name: str, key: str) -> list[str]:
         text = _unpack_text(packed, name=name, key=key, budget=self.budget)
         self.budget -= len(text)
         if self.budget <= 0:
@@ -605,17 +608,16 @@ class _Assembler:
                 f"bytes at {name}; a reader holds at most that"
             )
         self.record_bytes += len(text.encode("utf-8"))
-        self.lines.extend(text.splitlines())
+        return text.splitlines()
 
     def recent(self, count: int) -> tuple[Entry, ...]:
-        """The last `count` entries of the tail alone, within the reader's budget; the
-        assembler is left as it was."""
+        """The last `count` entries of the tail alone (no chunk), its newest parts first:
+        the older ones are not unpacked once the newer hold enough lines."""
         lines: list[str] = []
-        budget = self.budget
-        for key, packed in self._tail:
-            text = _unpack_text(packed, name=self.name, key=key, budget=budget)
-            budget -= len(text)
-            lines.extend(text.splitlines())
+        for key, packed in reversed(self._tail):
+            lines[:0] = self._unpack(packed, name=self.name, key=key)
+            if len(lines) > count:
+                break
         return tuple(parse_lines(lines[max(0, len(lines) - count) :], source=self.name))
 
     def entries(self) -> list[Entry]:
@@ -648,8 +650,7 @@ class _Assembler:
 def _recent_entries(assembler: _Assembler) -> tuple[Entry, ...]:
     """The last RECENT_LINES entries of a chunked head's tail, or () when they cannot be
     read: they only seed the live page's charts after a resume (SavedHead.recent), and the
-    next save or a full read says what is wrong with them. The assembler holds the tail's
-    packed text alone, not the head."""
+    next save or a full read says what is wrong with them."""
     try:
         return assembler.recent(RECENT_LINES)
     except RecordError as exc:
@@ -1704,6 +1705,7 @@ class ConfigMapRecord:
         try:
             index = _Index.parse(data.get(INDEX_KEY), _name_of(head), data.get(WRITE_KEY))
             self.writer.resume_head(head, index)
+            tail = _Assembler(head)  # holds the tail's packed text alone, not the head
         except RecordError as exc:
             log.info("record %s: its head alone cannot resume it: %s", self._read_ref, exc)
             return None
@@ -1713,7 +1715,7 @@ class ConfigMapRecord:
             analysis=analysis,
             tick_at=index.tick_at,
             data_at=index.data_at,
-            recent=functools.partial(_recent_entries, _Assembler(head)),
+            recent=functools.partial(_recent_entries, tail),
         )
 
     @property

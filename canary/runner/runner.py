@@ -471,10 +471,14 @@ class RolloutRunner:
 
     def _seed_history(self, entries: Iterable[Entry]) -> None:
         """A resumed rollout's recorded ticks, for the live page: its charts carry on from
-        them rather than starting empty after a restart or a shard move."""
+        them rather than starting empty after a restart or a shard move. Not a tick stamped
+        later than now (another replica's clock ahead of ours): the charts' times only go
+        forward."""
+        now = self.clock()
         for entry in entries:
             if isinstance(entry, TickEntry) and entry.rollout == self._rollout_id:
-                self.history.append(entry)
+                if entry.at < now:
+                    self.history.append(entry)
 
     async def prepare(self) -> None:
         """Take the rollout's lock and read what a restart resumes, before anything moves:
@@ -1334,6 +1338,7 @@ class RolloutRunner:
 
     def _open_record(self, revision: str) -> None:
         assert self.records is not None
+        self._history_seed = None  # the resumed rollout's ticks: not this one's
         self._rollout_id = f"{self.name}@{revision}"
         self.record = self.records(self._rollout_id)
         self._carry_with(self.record)

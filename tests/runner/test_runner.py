@@ -727,7 +727,7 @@ class _AnalysisRecord(FileRecord):
         self.saved = saved
         self.source: Callable[[], str | None] | None = None
         self.reads = 0
-        self.tail = 10**6  # entries in the head's tail (recent)
+        self.tail: int | None = 10**6  # entries in the head's tail (recent)
         self.recent_reads = 0
 
     def keep_analysis_with(self, source: Callable[[], str | None]) -> None:
@@ -752,8 +752,11 @@ class _AnalysisRecord(FileRecord):
         )
 
     def recent(self) -> tuple[Entry, ...]:
-        """The head's tail: the latest entries (here all of them; `tail` cuts them)."""
+        """The head's tail: the latest entries (here all of them; `tail` cuts them, and
+        `tail` None is a bug in reading them)."""
         self.recent_reads += 1
+        if self.tail is None:
+            raise RuntimeError("a bug in reading the tail")
         entries = tuple(read_record(self.path))
         return entries[-self.tail :] if self.tail else ()
 
@@ -832,14 +835,18 @@ async def test_a_resume_takes_up_the_analysis_its_record_saved_without_reading_i
     await second.store.release()  # type: ignore[union-attr]
 
 
-@pytest.mark.parametrize("source", ["head", "head's tail", "unreadable tail", "record"])
+@pytest.mark.parametrize(
+    "source",
+    ["head", "head's tail", "unreadable tail", "failing tail", "superseded", "record"],
+)
 async def test_a_resumed_rollouts_charts_carry_on_from_its_recorded_ticks(
     tmp_path: Path, source: str
 ) -> None:
     """The live page's history of a resumed rollout starts with the ticks its record holds,
     as the stopped runner showed them: from the head's tail (read before the first look, not
-    in the resume) or from the record read whole. A tail that cannot be read leaves the
-    charts to start at the resume, and the rollout goes on."""
+    in the resume) or from the record read whole. A tail that cannot be read, or whose
+    reading fails, leaves the charts to start at the resume, and the rollout goes on; a
+    rollout superseded before its first look does not get the old one's ticks."""
     saved: dict[str, str] = {}
 
     def opener(path: Path) -> Callable[..., FileRecord]:
@@ -864,14 +871,23 @@ async def test_a_resumed_rollouts_charts_carry_on_from_its_recorded_ticks(
         record.tail = 5  # the latest entries only: the tail ends with ticks
     elif source == "unreadable tail":
         record.tail = 0
+    elif source == "failing tail":
+        record.tail = None
     if source == "record":
         assert second.history.points() == shown  # replayed: the charts at once
     else:
         assert not len(second.history) and record.recent_reads == 0  # not in the resume
     ticks = sum(isinstance(e, TickEntry) for e in read_record(first.record_path)[-5:])
+    if source == "superseded":
+        second._pending_revision = "v3"
+        await second._supersede()
     await second._tick()
     points = second.history.points()
     assert points[-1]["at"] > shown[-1]["at"]  # the new look, last
+    if source == "superseded":
+        assert [p["rollout"] for p in points] == ["app@v3"] and record.recent_reads == 0
+        await second.store.release()  # type: ignore[union-attr]
+        return
     if source in ("head", "record"):
         assert points[:-1] == shown
     elif source == "head's tail":
