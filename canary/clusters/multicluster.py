@@ -91,7 +91,7 @@ from canary.metrics.prometheus import (
     PrometheusMetrics,
     PromQueries,
 )
-from canary.notify.gates import GateCaller
+from canary.notify.gates import GateCaller, load_from_gates
 from canary.notify.webhooks import Notifier
 from canary.retry import ONCE_MORE, retrying
 from canary.routers.base import RouterError, TrafficRouter, set_and_verify
@@ -496,6 +496,8 @@ class CrossClusterRollouts:
             store=store,
             telemetry=self.telemetry,
             labels={"namespace": self.service.namespace},  # the gates' payload names it
+            # the time-to-pass estimate at the start (and the load a rollout hook asks for)
+            **self.service.runner_traffic(load_from_gates(self.service.gates)),
             # a caller per rollout: the runner closes it when the rollout ends
             gates=GateCaller(self.service.gates, allow_hosts=self.allow_webhook_hosts)
             if self.service.gates

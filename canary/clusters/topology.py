@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from canary.core.advice import ExpectedTraffic
 from canary.core.failover import FailoverPolicy
 from canary.core.inputs import MAX_DURATION_S, MAX_TIMEOUT_S, check_tick, excerpt
 from canary.core.rollout import RolloutSpec
@@ -275,7 +276,7 @@ class MetricsConfig(_Strict):
         return _matchers(value)
 
 
-class ServiceConfig(_Strict, WithWebhooks):
+class ServiceConfig(_Strict, WithWebhooks, ExpectedTraffic):
     name: str
     dns_name: str
     namespace: str = "default"
@@ -298,6 +299,9 @@ class ServiceConfig(_Strict, WithWebhooks):
     analysis: dict[str, Any] = Field(default_factory=dict)
     # `webhooks:` (notifications of promotions, rollbacks, failovers and manual actions;
     # gates, with a `type:`, as in a static config) and `gate_failure_threshold`: WithWebhooks
+    # `expected_rps` (requests/s at the service's DNS name, both clusters), `expected_error_rate`,
+    # `generated_rps`, `generated_at`: the planner's estimate at the start, as in a static
+    # config (ExpectedTraffic)
 
     @field_validator("name", "deployment")
     @classmethod

@@ -36,7 +36,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypedDict
+
+from pydantic import BaseModel, Field
 
 from analysis import AnalysisConfig, Snapshot, pass_advice, plan, plan_from_counts
 from analysis.planner import PassAdvice, observed_slow_rates
@@ -59,6 +61,42 @@ _NO_DEADLINE_BUDGET_S = 7 * 86400.0  # max_step_s None: no step deadline to comp
 _ARRIVING = 0.5  # observed traffic below this share of the configured load: it is not arriving
 
 LoadAt = Literal["entry", "canary"]  # where generated load is sent: split like real traffic, or not
+
+
+class RunnerTraffic(TypedDict):
+    """RolloutRunner's planner arguments (ExpectedTraffic.runner_traffic)."""
+
+    expected_rps: float | None
+    expected_error_rate: float
+    generated_rps: float | None
+    generated_at: LoadAt
+
+
+class ExpectedTraffic(BaseModel):
+    """A config's keys for the planner's estimate at a rollout's start (a static target's
+    and a two-cluster service's): the traffic assumed at the entry point (HAProxy, or the
+    service's DNS name) and the primary's error rate, to say at once how long a good canary
+    needs to pass the first step (null: the first estimate comes after a minute of observed
+    traffic); and a load test that a rollout hook runs (`canary loadtest`), the requests/s it
+    adds and where (entry: split like real traffic; canary: the canary alone)."""
+
+    expected_rps: float | None = Field(default=None, gt=0, le=1e7, allow_inf_nan=False)
+    expected_error_rate: float = Field(default=0.01, ge=0, lt=1, allow_inf_nan=False)
+    generated_rps: float | None = Field(default=None, gt=0, le=1e5, allow_inf_nan=False)
+    generated_at: LoadAt = "entry"
+
+    def runner_traffic(self, from_gates: tuple[float, LoadAt] | None) -> RunnerTraffic:
+        """RolloutRunner's planner arguments. `from_gates`: the load the rollout hooks ask
+        for (canary.notify.gates.load_from_gates); an explicit generated_rps overrides it."""
+        generated = from_gates
+        if self.generated_rps is not None:
+            generated = (self.generated_rps, self.generated_at)
+        return {
+            "expected_rps": self.expected_rps,
+            "expected_error_rate": self.expected_error_rate,
+            "generated_rps": generated[0] if generated else None,
+            "generated_at": generated[1] if generated else "entry",
+        }
 
 
 @dataclass(frozen=True, slots=True)

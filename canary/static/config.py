@@ -71,6 +71,7 @@ from pydantic import (
 )
 
 from analysis import AnalysisConfig
+from canary.core.advice import ExpectedTraffic
 from canary.core.inputs import (
     MAX_DURATION_S,
     MAX_TIMEOUT_S,
@@ -183,7 +184,7 @@ RouterConfig = Annotated[HAProxyRouterConfig, Field(discriminator="kind")]
 MetricsConfig = Annotated[PrometheusMetricsConfig, Field(discriminator="kind")]
 
 
-class TargetConfig(_Strict, WithWebhooks):
+class TargetConfig(_Strict, WithWebhooks, ExpectedTraffic):
     """One static target: a service, its router, its metrics, and how to roll out."""
 
     name: str
@@ -197,21 +198,13 @@ class TargetConfig(_Strict, WithWebhooks):
     tick_s: float = Field(default=10.0, gt=0)
     # Alpha, tolerances, critical metrics: analysis.AnalysisConfig, checked field by field.
     analysis: AnalysisConfig = Field(default_factory=AnalysisConfig)
-    # The traffic the planner assumes at the start of a rollout (requests/s at HAProxy, the
-    # primary's error rate), to say at once how long a good canary needs to pass the first
-    # step; null: the first estimate comes after a minute of observed traffic.
-    expected_rps: float | None = Field(default=None, gt=0, le=1e7, allow_inf_nan=False)
-    expected_error_rate: float = Field(default=0.01, ge=0, lt=1, allow_inf_nan=False)
-    # A load test that a rollout hook runs (`canary loadtest`): the requests/s it adds and
-    # where (entry: through HAProxy, split like real traffic; canary: the canary alone). The
-    # planner's advice counts it; null: none.
-    generated_rps: float | None = Field(default=None, gt=0, le=1e5, allow_inf_nan=False)
-    generated_at: Literal["entry", "canary"] = "entry"
     record_dir: Path = Path("records")
     # Free-form labels for the record and reports.
     primary_version: str = ""
     canary_version: str = ""
     # `webhooks:` (notifications and gates) and `gate_failure_threshold`: WithWebhooks
+    # `expected_rps`, `expected_error_rate`, `generated_rps`, `generated_at` (the traffic at
+    # HAProxy the planner assumes at the start): ExpectedTraffic
 
     # A/B mode instead of `steps`: route only matching requests to the canary.
     match_header: str | None = None  # "X-Canary=always"

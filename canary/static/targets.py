@@ -35,11 +35,6 @@ def build_runner(
     from canary.runner import RolloutRunner
 
     stamp = stamp or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    # The load a rollout hook asks for (metadata rps/at) counts in the advice; an explicit
-    # generated_rps overrides it.
-    generated = load_from_gates(config.gates)
-    if config.generated_rps is not None:
-        generated = (config.generated_rps, config.generated_at)
     try:
         analysis_config = config.analysis_config()
         router = HAProxyRouter(
@@ -71,10 +66,8 @@ def build_runner(
         tick_s=config.tick_s,
         analyzer_factory=lambda: Analyzer(analysis_config),
         analysis=analysis_config,
-        expected_rps=config.expected_rps,
-        expected_error_rate=config.expected_error_rate,
-        generated_rps=generated[0] if generated else None,
-        generated_at=generated[1] if generated else "entry",
+        # with the load a rollout hook asks for (metadata rps/at)
+        **config.runner_traffic(load_from_gates(config.gates)),
         revision=config.canary_version or stamp,
         primary_version=config.primary_version,
         canary_version=config.canary_version,

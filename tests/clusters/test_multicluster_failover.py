@@ -75,6 +75,7 @@ def make_topology(
     policy: dict[str, Any],
     state_dir: str = "state",
     webhooks: list[dict[str, Any]] | None = None,
+    service: dict[str, Any] | None = None,
 ) -> Topology:
     dead = f"http://127.0.0.1:{free_port()}"  # no Prometheus: rollouts hold on "no data"
 
@@ -116,6 +117,7 @@ def make_topology(
                     "health": {"port": port, "interval_s": INTERVAL, "timeout_s": TIMEOUT},
                     "failover": {"failures_to_failover": N, "healthy_s_to_failback": 1, **policy},
                     "webhooks": webhooks or [],
+                    **(service or {}),
                 }
             ],
         }
@@ -174,13 +176,14 @@ async def running(
     name: str,
     policy: dict[str, Any] | None = None,
     webhooks: list[dict[str, Any]] | None = None,
+    service: dict[str, Any] | None = None,
 ) -> AsyncIterator[Env]:
     port = free_port()
     primary, standby = EntryPoint(PRIMARY_IP, port), EntryPoint(STANDBY_IP, port)
     await primary.up()
     await standby.up()
     topology = make_topology(
-        pdns, tmp_path, port, name=name, policy=policy or {}, webhooks=webhooks
+        pdns, tmp_path, port, name=name, policy=policy or {}, webhooks=webhooks, service=service
     )
     async with KubeEmulator() as primary_api, KubeEmulator() as canary_api:
         primary_api.put("apps", "v1", "deployments", deployment("shop:1"))
