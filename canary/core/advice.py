@@ -63,13 +63,33 @@ _ARRIVING = 0.5  # observed traffic below this share of the configured load: it 
 LoadAt = Literal["entry", "canary"]  # where generated load is sent: split like real traffic, or not
 
 
+# The primary's error rate the estimate at the start assumes when none is configured.
+ASSUMED_ERROR_RATE = 0.01
+
+
 class RunnerTraffic(TypedDict):
-    """RolloutRunner's planner arguments (ExpectedTraffic.runner_traffic)."""
+    """RolloutRunner's planner arguments (runner_traffic)."""
 
     expected_rps: float | None
     expected_error_rate: float
     generated_rps: float | None
     generated_at: LoadAt
+
+
+def runner_traffic(
+    expected_rps: float | None,
+    generated: tuple[float, LoadAt] | None,
+    *,
+    expected_error_rate: float = ASSUMED_ERROR_RATE,
+) -> RunnerTraffic:
+    """RolloutRunner's planner arguments: the traffic expected at the entry point, and the
+    generated load of a load test (its rate, and where it is sent)."""
+    return {
+        "expected_rps": expected_rps,
+        "expected_error_rate": expected_error_rate,
+        "generated_rps": generated[0] if generated else None,
+        "generated_at": generated[1] if generated else "entry",
+    }
 
 
 class ExpectedTraffic(BaseModel):
@@ -78,10 +98,15 @@ class ExpectedTraffic(BaseModel):
     service's DNS name) and the primary's error rate, to say at once how long a good canary
     needs to pass the first step (null: the first estimate comes after a minute of observed
     traffic); and a load test that a rollout hook runs (`canary loadtest`), the requests/s it
-    adds and where (entry: split like real traffic; canary: the canary alone)."""
+    adds and where (entry: split like real traffic; canary: the canary alone). Across two
+    clusters a load generator's connections stick to one cluster's address rather than
+    following the DNS weights: send it to the canary cluster with `at: canary`.
+
+    No model_config here: the configs' own (extra keys refused, frozen) must stay in force,
+    and a base's config listed later would override it."""
 
     expected_rps: float | None = Field(default=None, gt=0, le=1e7, allow_inf_nan=False)
-    expected_error_rate: float = Field(default=0.01, ge=0, lt=1, allow_inf_nan=False)
+    expected_error_rate: float = Field(default=ASSUMED_ERROR_RATE, ge=0, lt=1, allow_inf_nan=False)
     generated_rps: float | None = Field(default=None, gt=0, le=1e5, allow_inf_nan=False)
     generated_at: LoadAt = "entry"
 
@@ -91,12 +116,9 @@ class ExpectedTraffic(BaseModel):
         generated = from_gates
         if self.generated_rps is not None:
             generated = (self.generated_rps, self.generated_at)
-        return {
-            "expected_rps": self.expected_rps,
-            "expected_error_rate": self.expected_error_rate,
-            "generated_rps": generated[0] if generated else None,
-            "generated_at": generated[1] if generated else "entry",
-        }
+        return runner_traffic(
+            self.expected_rps, generated, expected_error_rate=self.expected_error_rate
+        )
 
 
 @dataclass(frozen=True, slots=True)

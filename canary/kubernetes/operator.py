@@ -79,6 +79,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from analysis import Analyzer
+from canary.core.advice import runner_traffic
 from canary.core.fields import unknown_fields
 from canary.core.inputs import MAX_ANNOTATION_BYTES, InputError, check_tick, clip, load_json
 from canary.core.records import EndEntry, NoteEntry, StartEntry
@@ -963,10 +964,8 @@ class DeploymentWorker:
             tick_s=settings.tick_s,
             analyzer_factory=lambda: Analyzer(analysis_config),
             analysis=analysis_config,
-            expected_rps=spec.expected_rps,
-            # what a load-test rollout hook sends (webhook.rollout.metadata rps/at)
-            generated_rps=generated[0] if generated else None,
-            generated_at=generated[1] if generated else "entry",
+            # with what a load-test rollout hook sends (webhook.rollout.metadata rps/at)
+            **runner_traffic(spec.expected_rps, generated),
             revision=revision,
             primary_version=self.state.primary_revision,
             canary_version=revision,

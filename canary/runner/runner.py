@@ -45,6 +45,7 @@ from typing import Any, Literal, Protocol, runtime_checkable
 
 from analysis import AnalysisConfig, Snapshot, Verdict
 from canary.core.advice import (
+    ASSUMED_ERROR_RATE,
     RECHECK_S,
     Advice,
     LoadAt,
@@ -309,7 +310,7 @@ class RolloutRunner:
     # error rate for the estimate at the start (None: the first estimate waits for counts),
     # and the analysis settings to plan with (None: the analyzer's own `config`).
     expected_rps: float | None = None
-    expected_error_rate: float = 0.01
+    expected_error_rate: float = ASSUMED_ERROR_RATE
     # A load test run by a rollout hook (canary loadtest): req/s it adds, and where.
     generated_rps: float | None = None
     generated_at: LoadAt = "entry"

@@ -95,12 +95,18 @@ def test_a_services_expected_traffic_is_checked_by_name() -> None:
         "generated_rps": None,
         "generated_at": "entry",
     }
-    assert parsed.services[0].runner_traffic((5.0, "canary"))["generated_rps"] == 5.0
+    hook = (5.0, "canary")  # the load a rollout hook asks for
+    assert parsed.services[0].runner_traffic(hook)["generated_rps"] == 5.0
+    explicit = parse_topology(topology(generated_rps=20, generated_at="entry")).services[0]
+    assert explicit.runner_traffic(hook)["generated_rps"] == 20.0  # the config's wins
+    assert explicit.runner_traffic(hook)["generated_at"] == "entry"
     for key, bad in (
         ("expected_rps", 0),
         ("expected_rps", "fast"),
         ("expected_error_rate", 1.5),
+        ("generated_rps", -1),
         ("generated_at", "moon"),
     ):
-        with pytest.raises(ValueError, match=key):
+        # the key's own check, not an unknown key's refusal
+        with pytest.raises(ValueError, match=rf"services\[0\]\.{key}: Input should"):
             parse_topology(topology(**{key: bad}))
