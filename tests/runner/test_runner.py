@@ -765,6 +765,30 @@ class _AnalysisRecord(FileRecord):
         return await super().read()
 
 
+def _analysis_records(saved: dict[str, str], path: Path) -> Callable[..., FileRecord]:
+    """Opens _AnalysisRecords at `path` (or the saved status' ref) whose head is `saved`."""
+    return lambda rollout_id, *, ref=None: _AnalysisRecord(Path(ref) if ref else path, saved)
+
+
+async def _stopped_saving_its_analysis(
+    tmp_path: Path, saved: dict[str, str]
+) -> tuple[RolloutRunner, FakeMetrics]:
+    """A runner whose record saves its analysis state in `saved`, stopped at the fourth look
+    of its second step; and its metrics."""
+    first, _, metrics = make_runner(tmp_path, spec=SPEC.model_copy(update={"min_step_s": 200}))
+    first.records = _analysis_records(saved, tmp_path / "app.jsonl")
+    first.status_path = tmp_path / "app.status.json"
+    await _stop_at_the_fourth_look_of_step_1(first)
+    return first, metrics
+
+
+def _restarted(first: RolloutRunner, tmp_path: Path, saved: dict[str, str]) -> RolloutRunner:
+    """`first` built again, as a restarted process would, over the same saved head."""
+    second = _again(first, record_path=tmp_path / "elsewhere.jsonl")
+    second.records = _analysis_records(saved, tmp_path / "elsewhere.jsonl")
+    return second
+
+
 @pytest.mark.parametrize("damage", [None, "text", "since"])
 async def test_a_resume_takes_up_the_analysis_its_record_saved_without_reading_it(
     tmp_path: Path, damage: str | None
@@ -775,14 +799,7 @@ async def test_a_resume_takes_up_the_analysis_its_record_saved_without_reading_i
     or of another analysis than the saved status') is refused with the reason in the
     resumed note, and the record is read and replayed as before."""
     saved: dict[str, str] = {}
-
-    def opener(path: Path) -> Callable[..., FileRecord]:
-        return lambda rollout_id, *, ref=None: _AnalysisRecord(Path(ref) if ref else path, saved)
-
-    first, _, metrics = make_runner(tmp_path, spec=SPEC.model_copy(update={"min_step_s": 200}))
-    first.records = opener(tmp_path / "app.jsonl")
-    first.status_path = tmp_path / "app.status.json"
-    await _stop_at_the_fourth_look_of_step_1(first)
+    first, metrics = await _stopped_saving_its_analysis(tmp_path, saved)
     live = first._analyzer
     assert live is not None and first.status.step == 1 and saved["analysis"]
     looks = sum(
@@ -799,8 +816,7 @@ async def test_a_resume_takes_up_the_analysis_its_record_saved_without_reading_i
         status["status"]["analysis_started_at"] += 10.0
         (tmp_path / "app.status.json").write_text(json.dumps(status))
 
-    second = _again(first, record_path=tmp_path / "elsewhere.jsonl")
-    second.records = opener(tmp_path / "elsewhere.jsonl")
+    second = _restarted(first, tmp_path, saved)
     await second.prepare()
     assert await second._resume()
     record = second.record
@@ -848,21 +864,13 @@ async def test_a_resumed_rollouts_charts_carry_on_from_its_recorded_ticks(
     reading fails, leaves the charts to start at the resume, and the rollout goes on; a
     rollout superseded before its first look does not get the old one's ticks."""
     saved: dict[str, str] = {}
-
-    def opener(path: Path) -> Callable[..., FileRecord]:
-        return lambda rollout_id, *, ref=None: _AnalysisRecord(Path(ref) if ref else path, saved)
-
-    first, _, _ = make_runner(tmp_path, spec=SPEC.model_copy(update={"min_step_s": 200}))
-    first.records = opener(tmp_path / "app.jsonl")
-    first.status_path = tmp_path / "app.status.json"
-    await _stop_at_the_fourth_look_of_step_1(first)
+    first, _ = await _stopped_saving_its_analysis(tmp_path, saved)
     shown = first.history.points()
     assert len(shown) >= 6 and len({p["rollout"] for p in shown}) == 1
     if source == "record":
         saved["analysis"] = ""  # no state with the head: the record is read and replayed
 
-    second = _again(first, record_path=tmp_path / "elsewhere.jsonl")
-    second.records = opener(tmp_path / "elsewhere.jsonl")
+    second = _restarted(first, tmp_path, saved)
     await second.prepare()
     assert await second._resume()
     record = second.record
