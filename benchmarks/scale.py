@@ -199,6 +199,26 @@ def thread_cpu(pid: int) -> collections.Counter[str]:
     return by_name
 
 
+def cpu_segments(series: list[tuple[float, list[float]]], segment_s: float) -> list[dict[str, Any]]:
+    """Each replica's CPU share of a core in consecutive segments of about `segment_s`,
+    from (time, CPU seconds) samples: a segment ends at the first sample past its length."""
+    out: list[dict[str, Any]] = []
+    start = 0
+    for i in range(1, len(series)):
+        t0, c0 = series[start]
+        t1, c1 = series[i]
+        if t1 - t0 >= segment_s or i == len(series) - 1:
+            out.append(
+                {
+                    "from_s": round(t0 - series[0][0]),
+                    "to_s": round(t1 - series[0][0]),
+                    "cpu": [round((b - a) / (t1 - t0), 3) for a, b in zip(c0, c1, strict=True)],
+                }
+            )
+            start = i
+    return out
+
+
 def machine_cpu() -> list[int]:
     """The machine's CPU time so far, in ticks (/proc/stat's first line: user, nice, system,
     idle, iowait, irq, softirq, steal)."""
@@ -932,6 +952,8 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             time.sleep(args.settle_s)
             first = mark()
             rss_series = [first["rss"]]
+            # (time, each replica's CPU seconds) at every sample: the CPU by segment of age
+            cpu_series = [(first["t"], first["cpu"])]
             prof: dict[str, Any] = {}
             end = first["t"] + args.age_s
             profile_at = first["t"] + (args.age_s - args.profile_s) / 2
@@ -940,6 +962,7 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 if args.profile_s and not prof and time.monotonic() >= profile_at:
                     prof = profile(replicas[0].pid, args.profile_s, workdir / "profile")
                 rss_series.append([proc_rss_mib(r.pid) for r in replicas])
+                cpu_series.append((time.monotonic(), [proc_cpu(r.pid) for r in replicas]))
             last = mark()
             final = states(cluster)
             api = api_requests(cluster, first["audit"], last["audit"])
@@ -984,6 +1007,8 @@ def run_size(n: int, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         "window_s": round(wall),
         "settle_s": args.settle_s,
         "cpu_share_of_core": [round(c / wall, 3) for c in cpu],
+        # the same in consecutive segments of the window (a trend with the rollouts' age)
+        "cpu_share_of_core_by_segment": cpu_segments(cpu_series, args.segment_s),
         # the servers' (apiserver, etcd, Prometheus, kwok, ...): what the controllers' work
         # costs the rest of the machine, and what they compete with for its cores
         "servers_cpu_share_of_core": {
@@ -1070,6 +1095,9 @@ def main() -> None:
     parser.add_argument("--age-s", type=float, default=600)
     parser.add_argument("--tick-s", type=float, default=10)
     parser.add_argument("--scrape-s", type=float, default=5)
+    parser.add_argument(
+        "--segment-s", type=float, default=600, help="CPU by segment of this many seconds"
+    )
     parser.add_argument("--replicas", type=int, default=1)
     parser.add_argument("--shards", type=int, default=1)
     parser.add_argument(

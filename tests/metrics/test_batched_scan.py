@@ -10,6 +10,7 @@ import json
 import math
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -28,6 +29,7 @@ from canary.metrics.batched import (
     _count_series,
     _counts,
     _Registration,
+    _sample_numbers,
     _scan,
     _SeriesCache,
 )
@@ -601,3 +603,167 @@ def test_reasons_name_the_series_on_both_paths(case: str) -> None:
         "bad le": "bad le='x'",
     }[case]
     assert shown in got.reason, got.reason
+
+
+# --- a plan's rows counted together (_count_planned) against one by one (_count_series) ---
+
+ROW_VALUES = st.one_of(
+    st.integers(0, 60).map(str),
+    st.floats(0, 60).map(repr),
+    # a non-number anywhere sends the whole answer one by one: rarely, so that most are not
+    st.sampled_from(["NaN", "+Inf", "1e1", "-0", "7", "x", *["8"] * 14]),
+)
+# a series' samples: (time offset from since, value's text); its `_created`'s: (offset, birth)
+ROW = st.tuples(
+    st.lists(st.tuples(st.integers(-320, 40), ROW_VALUES), max_size=4),
+    st.lists(st.tuples(st.integers(-320, 40), st.sampled_from([900.0, 901.0, 902.0])), max_size=3),
+)
+
+
+def _columns_of(reg: _Registration) -> list[tuple[bytes, bytes, object, object, object]]:
+    return [
+        (sel.numbers.tobytes(), bytes(sel.born), sel.broken, sel.malformed, dict(sel.slots))
+        for sel in reg.selectors
+    ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(st.booleans(), min_size=1, max_size=4),  # each pod's series: listed twice or not
+    st.lists(st.lists(ROW, min_size=4, max_size=4), min_size=2, max_size=4),
+    st.integers(0, 30),
+    st.sampled_from([True, True, True, False]),  # births in time order (else one by one)
+)
+def test_a_plans_rows_counted_together_count_as_one_by_one(
+    twice: list[bool],
+    reads: list[list[tuple[list[tuple[int, str]], list[tuple[int, float]]]]],
+    later: int,
+    sort_births: bool,
+) -> None:
+    """The same answers read through plans, the rows counted all together (numpy) and one
+    series at a time (_count_series): the same columns, byte for byte, and the same reasons,
+    read after read. Samples before the lookback, at and around `since`, repeated and out of
+    order; births that match some samples' times and not others, changing (a new life) or
+    not; NaN, infinities and non-numbers; a series listed twice; two registrations with
+    different `since` in one answer."""
+    import unittest.mock
+
+    import canary.metrics.batched as batched
+
+    def regs() -> list[_Registration]:
+        return [
+            PrometheusBatcher("http://127.0.0.1:9")._register(
+                PromQueries(requests='reqs_total{service="{arm}"}', primary_arm=p, canary_arm=c),
+                1000.0 + since,
+            )
+            for p, c, since in (("p1", "c1", 0), ("p2", "c2", later))
+        ]
+
+    together, alone = regs(), regs()
+    caches = (_SeriesCache(), _SeriesCache())
+    arms = ("c1", "c2", "p1", "p2")
+    for n, rows in enumerate(reads):
+        result = []
+        for arm in arms:
+            for pod, listed_twice in enumerate(twice):
+                samples, births = rows[pod]
+                labels = {"pod": str(pod), "service": arm}
+                base = 1000.0 + 5 * n
+                values = [[base + t, v] for t, v in samples]
+                created = [[base + t, repr(b)] for t, b in births]
+                if sort_births:
+                    created = sorted({x[0]: x for x in created}.values())
+                result.append({"metric": {"__name__": "reqs_created", **labels}, "values": created})
+                for _ in range(2 if listed_twice else 1):
+                    result.append(
+                        {"metric": {"__name__": "reqs_total", **labels}, "values": values}
+                    )
+        raw = answer(sorted(result, key=lambda s: json.dumps(s["metric"])))
+        for group, cache, vector in ((together, caches[0], True), (alone, caches[1], False)):
+            family = group[0].selectors[0].family
+            members = [(r, s) for r in group for s in r.selectors if s.family == family]
+            for _, sel in members:
+                sel.malformed = None
+            off = None if vector else (lambda *_: None)
+            with unittest.mock.patch.object(
+                batched, "_count_planned", off or batched._count_planned
+            ):
+                assert _apply_family(family, raw, members, cache) is None
+        for a, b in zip(together, alone, strict=True):
+            assert _columns_of(a) == _columns_of(b)
+        caches[0].next_generation()
+        caches[1].next_generation()
+    assert caches[0].planned == caches[1].planned == len(reads) - 1
+
+
+# texts a time or a value may be: decimals of any shape, and what float() or _SAMPLE refuse
+NUMBER_TEXTS = st.one_of(
+    st.floats(allow_nan=False).map(repr),
+    st.floats(0, 2e9).map(lambda x: f"{x:.3f}"),
+    st.integers(-(10**17), 10**17).map(str),
+    st.from_regex(r"[-+]?[0-9]{0,17}\.?[0-9]{0,17}", fullmatch=True),
+    st.sampled_from(["NaN", "+Inf", "-Inf", "1e3", "1E-2", "", ".", "-", "1.2.3", "x", "1_0"]),
+    st.sampled_from(["0", "-0", "+0", "5.", ".5", "-.5", "007", "1733355555.123"]),
+    st.text(st.sampled_from('0123456789.-+eE[],"\\ x'), max_size=8),
+)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.lists(st.lists(st.tuples(NUMBER_TEXTS, NUMBER_TEXTS), max_size=4), max_size=6))
+def test_the_samples_parsed_in_numpy_are_what_sample_and_float_give(
+    series: list[list[tuple[str, str]]],
+) -> None:
+    """_sample_numbers gives each series' samples exactly as _SAMPLE and float() do, bit for
+    bit (-0.0 included), or declines where they would not take a sample as it is."""
+    result = [
+        {"metric": {"pod": str(i)}, "values": [[None, None]] * len(samples)}
+        for i, samples in enumerate(series)
+    ]
+    raw = answer(result)
+    for i, samples in enumerate(series):  # the texts as they are, not as JSON would write them
+        raw = raw.replace(
+            json.dumps(result[i]["values"], separators=(",", ":")).encode(),
+            ",".join(f'[{t},"{v}"]' for t, v in samples).join("[]").encode(),
+            1,
+        )
+    spans = _scan(raw)
+    if spans is None:
+        return  # not an answer _scan splits: nothing for _sample_numbers to read
+    table = np.frombuffer(spans, np.int64).reshape(-1, 4)
+    got = _sample_numbers(raw, table[:, 2], table[:, 3])
+    want_times, want_values, counts = [], [], []
+    taken = True
+    for a, b in zip(table[:, 2].tolist(), table[:, 3].tolist(), strict=True):
+        pairs = _SAMPLE.findall(raw, a, b)
+        counts.append(len(pairs))
+        if len(pairs) != raw.count(b"[", a, b):
+            taken = False
+        try:
+            want_times += [float(t) for t, _ in pairs]
+            want_values += [float(v) for _, v in pairs]
+        except ValueError:
+            taken = False
+    if got is None:
+        return
+    assert taken  # what it took, the series' own reading takes
+    per, times, values = got
+    assert per.tolist() == counts
+    assert times.tobytes() == np.array(want_times, np.float64).tobytes()
+    assert values.tobytes() == np.array(want_values, np.float64).tobytes()
+
+
+def test_prometheus_like_samples_are_parsed_in_numpy() -> None:
+    """The plain decimals Prometheus writes (and NaN, infinities, long fractions: float()'s
+    own) are taken, not declined: the counting above is then numpy's."""
+    samples = [[1733355555.123, "12"], [1733355560, "-0"], [1733355565.5, "NaN"]]
+    samples += [[1733355570.25, "+Inf"], [1733355575, "0.30000000000000004"], [7, "1e3"]]
+    raw = answer([{"metric": {"pod": "0"}, "values": samples}, {"metric": {}, "values": []}])
+    spans = _scan(raw)
+    assert spans is not None
+    table = np.frombuffer(spans, np.int64).reshape(-1, 4)
+    got = _sample_numbers(raw, table[:, 2], table[:, 3])
+    assert got is not None
+    per, times, values = got
+    assert per.tolist() == [6, 0]
+    assert times.tolist() == [float(t) for t, _ in samples]
+    assert [repr(v) for v in values.tolist()] == [repr(float(v)) for _, v in samples]
