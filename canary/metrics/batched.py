@@ -1635,8 +1635,8 @@ def _sample_numbers(
         return (per, np.zeros(0), np.zeros(0)) if bool((starts == ends).all()) else None
     quotes = np.flatnonzero(view == 0x22)  # "
     k = np.searchsorted(quotes, at)
-    if k[-1] + 1 >= len(quotes):
-        return None
+    if k[-1] + 1 >= len(quotes) or quotes[k[-1] + 1] + 1 >= len(view):
+        return None  # no closing quote, or nothing after it: not a sample
     q1, q2 = quotes[k], quotes[k + 1]  # the value's quotes: a time holds no quote
     after = q2 + 2  # past the sample's `"]`
     last = np.ones(len(at), bool)
@@ -1681,7 +1681,8 @@ def _decimals(
     width = int(min(max(lengths.max(initial=0), 1), 16))
     cols = np.arange(width)[:, None]
     chars = view[np.minimum(starts[None, :] + cols, len(view) - 1)]  # one row per character
-    chars[cols >= lengths[None, :]] = 0x20  # past the text: a space
+    pad = cols >= lengths[None, :]
+    chars[pad] = 0x20  # past the text: ignored; a space inside the text is not
     digits = np.zeros(n, np.int64)
     mantissa = np.zeros(n, np.int64)
     decimals = np.zeros(n, np.int64)
@@ -1696,11 +1697,9 @@ def _decimals(
         decimals += is_digit & (points > 0)
         point = ch == 0x2E
         points += point
-        other = ~(is_digit | point)
+        other = ~(is_digit | point | pad[c])
         if c == 0:
             other &= (ch != 0x2D) & (ch != 0x2B)  # a sign
-        else:
-            other &= ch != 0x20
         odd |= other
     plain = ~odd & (points <= 1) & (digits >= 1) & (digits <= 15) & (lengths <= width)
     out: npt.NDArray[np.float64] = mantissa / _POW10[np.minimum(decimals, 15)]

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from canary.metrics.base import ArmsCounts, NoData
@@ -710,6 +710,10 @@ NUMBER_TEXTS = st.one_of(
 
 @settings(max_examples=800, deadline=None)
 @given(st.lists(st.lists(st.tuples(NUMBER_TEXTS, NUMBER_TEXTS), max_size=4), max_size=6))
+@example([[("1 2", "5")]])  # a space inside a time, a value, a birth: not padding
+@example([[("5", "1 2")]])
+@example([[("5", ". 5")], [("7", "9 1")]])
+@example([[("5", "1 ")]])
 def test_the_samples_parsed_in_numpy_are_what_sample_and_float_give(
     series: list[list[tuple[str, str]]],
 ) -> None:
@@ -750,6 +754,18 @@ def test_the_samples_parsed_in_numpy_are_what_sample_and_float_give(
     assert per.tolist() == counts
     assert times.tobytes() == np.array(want_times, np.float64).tobytes()
     assert values.tobytes() == np.array(want_values, np.float64).tobytes()
+
+
+def test_a_quote_as_the_answers_last_byte_is_declined_not_an_index_error() -> None:
+    raw = b'x[1,"5"'
+    assert _sample_numbers(raw, np.array([1]), np.array([len(raw)])) is None
+
+
+def test_spaces_inside_numbers_are_declined() -> None:
+    """float() refuses `1 2`; read as padding it was 12."""
+    for sample in (b'[1 2,"5"]', b'[5,"1 2"]', b'[5,". 5"]'):
+        raw = b"x" + sample + b"y"
+        assert _sample_numbers(raw, np.array([1]), np.array([1 + len(sample)])) is None
 
 
 def test_prometheus_like_samples_are_parsed_in_numpy() -> None:
