@@ -50,7 +50,7 @@ from canary.clusters.topology import PowerDNSRouterConfig, Topology, load_topolo
 from canary.httpio import AnswerTooLarge, read_bounded
 from canary.kubernetes.client import Kube, KubeError
 from canary.reports.pages import register_routes
-from canary.runtime import tune_gc, tune_malloc, tune_tls_reads
+from canary.runtime import trimmed, tune_gc, tune_malloc, tune_tls_reads
 from canary.server.app import Server, make_app
 from canary.server.auth import TokenAccess
 from canary.server.live import register_live
@@ -149,12 +149,14 @@ def _cmd_clusters(args: argparse.Namespace) -> int:
     tune_tls_reads()  # many API connections, each with a read buffer (canary.runtime)
     try:
         asyncio.run(
-            serve_topology(
-                topology,
-                host=host,
-                port=port,
-                token=token,
-                allow_webhook_hosts=tuple(args.allow_webhook_host or ()),
+            trimmed(  # free memory back to the system (canary.runtime)
+                serve_topology(
+                    topology,
+                    host=host,
+                    port=port,
+                    token=token,
+                    allow_webhook_hosts=tuple(args.allow_webhook_host or ()),
+                )
             )
         )
     except KubeError as exc:

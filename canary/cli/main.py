@@ -86,7 +86,7 @@ from canary.cli.common import (
 from canary.cli.status import EXIT_CODES_HELP, add_status_flags
 from canary.core.logs import configure_logging
 from canary.httpio import AnswerTooLarge, read_bounded
-from canary.runtime import tune_gc, tune_malloc, tune_tls_reads
+from canary.runtime import trimmed, tune_gc, tune_malloc, tune_tls_reads
 
 __all__ = ["build_parser", "main"]
 
@@ -137,15 +137,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
     tune_tls_reads()  # its connections' read buffers (canary.runtime)
     try:
         return asyncio.run(
-            _run(
-                configs,
-                host,
-                port,
-                fresh=args.fresh,
-                linger_s=args.linger,
-                token=token,
-                public_reads=args.public_reads,
-                allow_webhook_hosts=tuple(args.allow_webhook_host or ()),
+            trimmed(  # free memory back to the system (canary.runtime)
+                _run(
+                    configs,
+                    host,
+                    port,
+                    fresh=args.fresh,
+                    linger_s=args.linger,
+                    token=token,
+                    public_reads=args.public_reads,
+                    allow_webhook_hosts=tuple(args.allow_webhook_host or ()),
+                )
             )
         )
     except BadTarget as exc:

@@ -54,3 +54,48 @@ def test_the_threads_share_the_arenas_it_allows() -> None:
 def test_the_environment_s_choice_wins() -> None:
     told, chosen = arenas(MALLOC_ARENA_MAX="4")
     assert told == "False" and 2 < chosen <= 4, (told, chosen)
+
+
+TRIM_CHILD = """
+import asyncio
+from canary.runtime import trimming_malloc
+
+def rss_kib():
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+
+# 200 MiB of malloc's blocks (under its mmap threshold: from the heap), every other one freed
+# and the last kept, so no free top of the heap is left to give back on its own
+held = [bytearray(64_000) for _ in range(3_200)]
+del held[::2]
+before = rss_kib()
+
+async def main():
+    async with trimming_malloc(period_s=0.05):
+        await asyncio.sleep(0.5)
+    return [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+
+left = asyncio.run(main())
+print(before, rss_kib(), len(left), len(held))
+"""
+
+
+def trim_child(**env: str) -> tuple[int, int, int]:
+    child = subprocess.run(
+        [sys.executable, "-c", TRIM_CHILD],
+        env=dict(os.environ) | env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    before, after, left, _ = (int(x) for x in child.stdout.split())
+    return before, after, left
+
+
+def test_the_free_memory_goes_back_to_the_system_while_trimming() -> None:
+    before, after, left = trim_child()
+    assert before - after > 80_000, (before, after)  # ~100 MiB freed in the heap's middle
+    assert left == 0  # the trimming task is cancelled and awaited on the way out
+    before, after, left = trim_child(CANARY_MALLOC_DEFAULTS="1")
+    assert before - after < 20_000, (before, after)  # glibc alone keeps it
