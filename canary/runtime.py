@@ -27,12 +27,12 @@ it), and CANARY_MALLOC_DEFAULTS=1 leaves glibc's own.
 
 `trimming_malloc()`: glibc keeps the memory a process frees (in its arenas' free lists, and
 between chunks still in use) for its next allocations, returning to the system only a free
-top of the heap larger than its trim threshold, and that threshold rises with the largest
-block freed (up to 64 MiB). A controller that decodes a few MiB of Prometheus answers every
-second thus keeps its high-water mark resident: at 2,000 rollouts over 2 shards one replica
-crept from 279 to ~295 MiB over 30 minutes, with peaks of 311 (issue 13's 300 MiB).
-`malloc_trim(0)` every TRIM_PERIOD_S gives every free page of every arena back (madvise),
-in well under a millisecond at that size. CANARY_MALLOC_DEFAULTS=1 leaves glibc's own.
+top of the heap larger than its trim threshold, which rises with the largest block freed.
+`malloc_trim(0)` every TRIM_PERIOD_S gives every free page of every arena back (madvise;
+0.1 ms in a 140 MiB process here). At 2,000 rollouts over 2 shards it changed the replicas'
+RSS by no more than the runs' noise (benchmarks/RESULTS.md, issue 13): what they hold is in
+use or in CPython's own arenas. It is kept for the free heap it does return (tested), at no
+measurable cost. CANARY_MALLOC_DEFAULTS=1 leaves glibc's own.
 
 `tune_tls_reads()`: asyncio's TLS protocol (Python 3.11's `asyncio.sslproto`) allocates a
 256 KiB read buffer for every connection when it is made, zero-filled, so resident: the
@@ -156,8 +156,8 @@ def malloc_trimmer() -> Callable[[], bool] | None:
 @contextlib.asynccontextmanager
 async def trimming_malloc(period_s: float = TRIM_PERIOD_S) -> AsyncIterator[None]:
     """While the block runs, give glibc's free memory back every `period_s` (see the
-    module's docstring). The trim runs on the loop: it takes well under a millisecond and
-    ctypes lets the pools' threads run meanwhile. Nothing happens where there is no trim."""
+    module's docstring). The trim runs on the loop: it is short, and ctypes lets the pools'
+    threads run meanwhile. Nothing happens where there is no trim."""
     trim = malloc_trimmer()
     if trim is None:
         yield

@@ -46,7 +46,7 @@ from canary.kubernetes.client import Kube, KubeError, NotFound
 from canary.kubernetes.commands import ACCEPTED, DEFAULT_WAIT_S, UNKNOWN, send_command
 from canary.kubernetes.operator import ENABLED, KubeState
 from canary.kubernetes.spec import ANNOTATION_SPEC_ERROR, ANNOTATION_STATUS, PREFIX, CanarySpec
-from canary.runtime import trimming_malloc, tune_gc, tune_malloc, tune_tls_reads
+from canary.runtime import trimmed, tune_gc, tune_malloc, tune_tls_reads
 
 __all__ = ["add_parser", "context_namespace", "manual_command", "run_kubernetes", "status"]
 
@@ -369,8 +369,7 @@ async def run_kubernetes(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         try:
-            async with trimming_malloc():  # free memory back to the system (canary.runtime)
-                await operator.run(stop)
+            await operator.run(stop)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -391,7 +390,8 @@ def lease_timings(lease_duration_s: int) -> dict[str, Any]:
 def _cmd_kubernetes(args: argparse.Namespace) -> int:
     tune_malloc()  # before any thread: one arena for them all (canary.runtime)
     try:
-        return asyncio.run(run_kubernetes(args))
+        # free memory back to the system (canary.runtime)
+        return asyncio.run(trimmed(run_kubernetes(args)))
     except KubeError as exc:
         return _fail("kubernetes", str(exc), EXIT_NO_ANSWER)
 
