@@ -118,39 +118,40 @@ def tune_gc() -> None:
     gc.set_threshold(YOUNG_THRESHOLD, middle, old)
 
 
-def tune_malloc() -> bool:
-    """At most MALLOC_ARENAS malloc arenas for the process (see the module's docstring).
-    True if set; False where glibc's mallopt is not there (musl, macOS), when the
-    environment chose, or when glibc refused."""
-    if os.environ.get("CANARY_MALLOC_DEFAULTS") == "1" or "MALLOC_ARENA_MAX" in os.environ:
-        return False
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    return bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
-
-
-def malloc_trimmer() -> Callable[[], bool] | None:
-    """glibc's `malloc_trim(0)` as a call (True when it gave memory back), or None where
-    there is none (musl, macOS) or CANARY_MALLOC_DEFAULTS=1 asks for glibc's defaults."""
+def _glibc(name: str, argtypes: list[Any]) -> Any | None:
+    """glibc's malloc function `name` (a ctypes function returning an int), or None where it
+    is not there (musl, macOS) or CANARY_MALLOC_DEFAULTS=1 asks for glibc's own settings."""
     if os.environ.get("CANARY_MALLOC_DEFAULTS") == "1":
         return None
     try:
         import ctypes
 
-        trim = ctypes.CDLL(None).malloc_trim
+        function = getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+    function.argtypes, function.restype = argtypes, ctypes.c_int
+    return function
 
-    def call() -> bool:
-        return bool(trim(0))
 
-    return call
+def tune_malloc() -> bool:
+    """At most MALLOC_ARENAS malloc arenas for the process (see the module's docstring).
+    True if set; False where glibc's mallopt is not there (musl, macOS), when the
+    environment chose, or when glibc refused."""
+    import ctypes
+
+    mallopt = None if "MALLOC_ARENA_MAX" in os.environ else _glibc("mallopt", [ctypes.c_int] * 2)
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, MALLOC_ARENAS))
+
+
+def malloc_trimmer() -> Callable[[], bool] | None:
+    """glibc's `malloc_trim(0)` as a call (True when it gave memory back), or None where
+    there is none (musl, macOS) or CANARY_MALLOC_DEFAULTS=1 asks for glibc's defaults."""
+    import ctypes
+
+    trim = _glibc("malloc_trim", [ctypes.c_size_t])
+    if trim is None:
+        return None
+    return lambda: bool(trim(0))
 
 
 @contextlib.asynccontextmanager
