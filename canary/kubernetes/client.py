@@ -274,7 +274,7 @@ class WatchEvent:
     object: JSON
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, weakref_slot=True)
 class Relist:
     """The whole current state: sent first, and again after a 410 Gone. Objects absent
     here are gone, whether or not their DELETED event was ever seen."""
@@ -532,25 +532,19 @@ class Kube:
             raise ValueError(f"replicas must be >= 0, got {replicas}")
         return await self.patch_deployment(namespace, name, {"spec": {"replicas": replicas}})
 
-    async def watch_deployments(
+    def watch_deployments(
         self, namespace: str | None = None, *, timeout_s: int = 300
     ) -> AsyncGenerator[Relist | WatchEvent, None]:
         """Deployments: see `_watch`."""
-        stream = self._watch("deployments", namespace, timeout_s=timeout_s)
-        async with contextlib.aclosing(stream):
-            async for item in stream:
-                yield item
+        return self._watch("deployments", namespace, timeout_s=timeout_s)
 
-    async def watch_hpas(
+    def watch_hpas(
         self, namespace: str | None = None, *, timeout_s: int = 300
     ) -> AsyncGenerator[Relist | WatchEvent, None]:
         """autoscaling/v2 HorizontalPodAutoscalers: see `_watch`."""
-        stream = self._watch("horizontalpodautoscalers", namespace, timeout_s=timeout_s)
-        async with contextlib.aclosing(stream):
-            async for item in stream:
-                yield item
+        return self._watch("horizontalpodautoscalers", namespace, timeout_s=timeout_s)
 
-    async def watch_ingresses(
+    def watch_ingresses(
         self,
         namespace: str | None = None,
         *,
@@ -558,12 +552,9 @@ class Kube:
         on_stream: Callable[[bool], None] | None = None,
     ) -> AsyncGenerator[Relist | WatchEvent, None]:
         """networking.k8s.io/v1 Ingresses: see `_watch`."""
-        stream = self._watch("ingresses", namespace, timeout_s=timeout_s, on_stream=on_stream)
-        async with contextlib.aclosing(stream):
-            async for item in stream:
-                yield item
+        return self._watch("ingresses", namespace, timeout_s=timeout_s, on_stream=on_stream)
 
-    async def watch_services(
+    def watch_services(
         self,
         namespace: str | None = None,
         *,
@@ -572,18 +563,15 @@ class Kube:
         label_selector: str | None = None,
     ) -> AsyncGenerator[Relist | WatchEvent, None]:
         """v1 Services (those `label_selector` selects): see `_watch`."""
-        stream = self._watch(
+        return self._watch(
             "services",
             namespace,
             timeout_s=timeout_s,
             on_stream=on_stream,
             label_selector=label_selector,
         )
-        async with contextlib.aclosing(stream):
-            async for item in stream:
-                yield item
 
-    async def watch_httproutes(
+    def watch_httproutes(
         self,
         namespace: str | None = None,
         *,
@@ -592,10 +580,7 @@ class Kube:
     ) -> AsyncGenerator[Relist | WatchEvent, None]:
         """gateway.networking.k8s.io/v1 HTTPRoutes: see `_watch`. Without the CRD, the
         first list raises NotFound."""
-        stream = self._watch("httproutes", namespace, timeout_s=timeout_s, on_stream=on_stream)
-        async with contextlib.aclosing(stream):
-            async for item in stream:
-                yield item
+        return self._watch("httproutes", namespace, timeout_s=timeout_s, on_stream=on_stream)
 
     def _listing(
         self, resource: _Watched, namespace: str | None
@@ -686,6 +671,9 @@ class Kube:
                 relist = await self._list(resource, namespace, label_selector)
                 resource_version = relist.resource_version
                 yield relist
+                # Not held while the watch waits: a quiet watch waits for ever, and a whole
+                # list of Deployments is ~12 KiB a Deployment decoded (issue 13's RSS).
+                del relist
             opened, events = time.monotonic(), 0
             try:
                 stream = self._watch_once(

@@ -183,6 +183,7 @@ class ObjectCache:
                     async for item in stream:
                         self.apply(item)
                         last_error = ""
+                        del item  # a whole list is not held while a quiet watch waits
             except NotFound as exc:
                 # Typically the HTTPRoute CRD is not installed: the routers GET as before.
                 pause = self.absent_retry_s
