@@ -659,7 +659,10 @@ class Kube:
 
         `on_stream(True)` is called once a watch stream is open (events flow from then on),
         `on_stream(False)` once it has ended, for whatever reason: in between, a cache fed by
-        these items is as current as the watch."""
+        these items is as current as the watch.
+
+        A consumer lets go of each item once applied (`del item` in its loop): a quiet watch
+        waits for hours, and a Relist kept meanwhile is every object decoded (issue 13)."""
         if timeout_s < 1:
             raise ValueError(f"timeout_s must be >= 1, got {timeout_s}")
         group, watch_fn, args = self._listing(resource, namespace)
